@@ -1,0 +1,262 @@
+"""`upstreams.toml` parsed into typed, frozen models; every check happens here, at load time.
+
+A malformed file raises `ConfigError` with one line naming the file, the table and the key. `${VAR}`
+in any string value is taken from the gateway's environment (`$${` writes a literal `${`); a missing
+variable is an error naming it. Relative paths resolve against the directory of the file, never the
+current directory: agent clients start the gateway from anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import ConfigError
+
+UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+SEPARATOR = re.compile(r"^[A-Za-z0-9_.-]{1,8}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_VARIABLE = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_duration(value: object) -> float:
+    """`"500ms"`, `"30s"`, `"2m"`, `"1h"` -> seconds."""
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match[1]) * _UNIT_SECONDS[match[2]]
+        if seconds > 0:
+            return seconds
+    raise ValueError(f'expected a positive duration such as "500ms", "30s" or "2m", got {value!r}')
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HttpSettings(_Model):
+    """`[gateway.http]`: the streamable HTTP front door (`mcp-armor serve --http`)."""
+
+    token: str | None = None
+    """Bearer token every HTTP request must carry; `None` serves without authentication."""
+    allowed_origins: tuple[str, ...] = ()
+    """Extra `Origin` values accepted besides the loopback ones (e.g. `"https://app.example"`)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Extra `Host` values accepted besides the bound address (e.g. `"gateway.internal:8765"`)."""
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 16:
+            raise ValueError("must be at least 16 characters (an empty or short token guards nothing)")
+        return value
+
+
+class GatewaySettings(_Model):
+    """`[gateway]`: settings of the gateway itself."""
+
+    name: str = "mcp-armor"
+    separator: str = "__"
+    call_timeout: Duration = 60.0
+    startup_timeout: Duration = 10.0
+    state: Path = Path(".mcp-armor")
+    http: HttpSettings = HttpSettings()
+
+    @field_validator("separator")
+    @classmethod
+    def _check_separator(cls, value: str) -> str:
+        if not SEPARATOR.match(value):
+            raise ValueError("must be 1 to 8 of the characters A-Z a-z 0-9 _ . -")
+        return value
+
+
+class UpstreamSpec(_Model):
+    """`[upstreams.NAME]`: one upstream MCP server, reached over stdio (`command`) or HTTP (`url`)."""
+
+    name: str
+    command: str | None = None
+    args: tuple[StrictStr, ...] = ()
+    env: Mapping[str, StrictStr] = Field(default_factory=dict)
+    cwd: Path | None = None
+    url: str | None = None
+    headers: Mapping[str, StrictStr] = Field(default_factory=dict)
+    enabled: StrictBool = True
+    timeout: Duration | None = None
+    """Per-call timeout; `[gateway] call_timeout` when unset."""
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> Self:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("give either 'command' (stdio) or 'url' (streamable HTTP), not both and not neither")
+        if self.url is not None:
+            if self.args or self.env or self.cwd is not None:
+                raise ValueError("'args', 'env' and 'cwd' apply to 'command' upstreams, not to 'url' ones")
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"'url' must be an http:// or https:// URL, got {self.url!r}")
+        elif self.headers:
+            raise ValueError("'headers' apply to 'url' upstreams, not to 'command' ones")
+        elif not self.command:
+            raise ValueError("'command' must not be empty")
+        for key in self.env:
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"env: {key!r} is not a valid environment variable name")
+        return self
+
+    @property
+    def transport(self) -> str:
+        return "stdio" if self.command is not None else "http"
+
+
+class Config(_Model):
+    """The whole of `upstreams.toml`, with paths made absolute."""
+
+    path: Path
+    gateway: GatewaySettings = GatewaySettings()
+    upstreams: Mapping[str, UpstreamSpec] = Field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    @property
+    def state_dir(self) -> Path:
+        return self.directory / self.gateway.state
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    def enabled_upstreams(self) -> list[UpstreamSpec]:
+        return [spec for spec in self.upstreams.values() if spec.enabled]
+
+    def call_timeout(self, upstream: str) -> float:
+        spec = self.upstreams[upstream]
+        return spec.timeout if spec.timeout is not None else self.gateway.call_timeout
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate `upstreams.toml`; raise `ConfigError` with one line on any fault."""
+    path = Path(path)
+    label = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: file not found (create one, or pass --config PATH)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{label}: cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{label}: not valid TOML: {exc}") from None
+    return parse_config(raw, path.resolve(), label=label, environ=os.environ if environ is None else environ)
+
+
+def parse_config(raw: Mapping[str, Any], path: Path, *, label: str, environ: Mapping[str, str]) -> Config:
+    """Validate already-parsed TOML data; `path` is the absolute location of the file it came from."""
+    data = _interpolate(raw, (), label, environ)
+    upstreams = data.get("upstreams", {})
+    if isinstance(upstreams, dict):
+        for name, table in upstreams.items():
+            if not UPSTREAM_NAME.match(name):
+                raise ConfigError(f"{label}: [upstreams.{name}] upstream names must match {UPSTREAM_NAME.pattern}")
+            if isinstance(table, dict):
+                if "name" in table:
+                    raise ConfigError(f"{label}: [upstreams.{name}] name: unknown key (the table name is the name)")
+                table["name"] = name
+    try:
+        config = Config.model_validate({**data, "path": path})
+    except ValidationError as exc:
+        raise ConfigError(f"{label}: {_describe(exc)}") from None
+    _check_names(config, label)
+    return _resolve_paths(config)
+
+
+def _interpolate(value: Any, where: tuple[str, ...], label: str, environ: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match[1]
+            if name is None:
+                return "${"
+            if not _ENV_NAME.match(name):
+                raise ConfigError(f"{label}: {_location(where)}: '${{{name}}}' is not a valid variable reference")
+            if name not in environ:
+                raise ConfigError(f"{label}: {_location(where)}: environment variable {name} is not set")
+            return environ[name]
+
+        return _VARIABLE.sub(substitute, value)
+    if isinstance(value, dict):
+        return {key: _interpolate(item, (*where, key), label, environ) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(item, (*where, str(index)), label, environ) for index, item in enumerate(value)]
+    return value
+
+
+def _check_names(config: Config, label: str) -> None:
+    """Refuse upstream names whose exposed tool names could collide (`a` + `__` is a prefix of `a__b`)."""
+    separator = config.gateway.separator
+    for first in config.upstreams:
+        for second in config.upstreams:
+            if first != second and second.startswith(first + separator):
+                raise ConfigError(
+                    f"{label}: [upstreams.{second}] tools of upstreams '{first}' and '{second}' could be exposed "
+                    f"under the same name (separator '{separator}'); rename one of them"
+                )
+
+
+def _resolve_paths(config: Config) -> Config:
+    base = config.directory
+    upstreams = {}
+    for name, spec in config.upstreams.items():
+        changes: dict[str, Any] = {}
+        if spec.command is not None:
+            changes["cwd"] = base / spec.cwd if spec.cwd is not None else base
+            if os.sep in spec.command and not Path(spec.command).is_absolute():
+                changes["command"] = str(base / spec.command)
+        upstreams[name] = spec.model_copy(update=changes)
+    return config.model_copy(update={"upstreams": upstreams})
+
+
+def _location(loc: tuple[str | int, ...]) -> str:
+    """Render a key path as `[table.sub] key.rest`."""
+    parts = [str(part) for part in loc]
+    if parts[:1] == ["upstreams"] and len(parts) >= 2:
+        table, rest = parts[:2], parts[2:]
+    elif parts[:2] == ["gateway", "http"]:
+        table, rest = parts[:2], parts[2:]
+    elif parts[:1] == ["gateway"]:
+        table, rest = parts[:1], parts[1:]
+    else:
+        table, rest = [], parts
+    head = f"[{'.'.join(table)}]" if table else "top level"
+    return f"{head} {'.'.join(rest)}" if rest else head
+
+
+def _describe(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    loc = tuple(part for part in error["loc"] if part != "function-after")
+    if error["type"] == "extra_forbidden":
+        return f"{_location(loc)}: unknown key"
+    if error["type"] == "missing":
+        return f"{_location(loc)}: required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{_location(loc)}: {message}"

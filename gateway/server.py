@@ -1,0 +1,220 @@
+"""The downstream MCP server: the one place where MCP types and gateway types meet.
+
+It answers both protocol eras (the SDK's dual-era `Server`), over stdio or streamable HTTP. A
+`tools/call` is resolved to its upstream tool, turned into a `ToolCall`, run through the pipeline,
+and its `Outcome` returned as the `CallToolResult`. Errors become MCP results or JSON-RPC errors here
+and nowhere else; an unexpected exception never reaches the wire with its text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import anyio
+import mcp_types as types
+from mcp.server import NotificationOptions, Server, ServerRequestContext
+from mcp.server.caching import CACHEABLE_METHODS, CacheHint
+from mcp.server.connection import Connection
+from mcp.server.models import InitializationOptions
+from mcp.server.subscriptions import (
+    InMemorySubscriptionBus,
+    ListenHandler,
+    PromptsListChanged,
+    ResourcesListChanged,
+    ToolsListChanged,
+)
+from mcp.shared.exceptions import MCPError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from gateway import __version__
+from gateway.calls import SessionInfo, ToolCall
+from gateway.catalog import Catalog
+from gateway.errors import GatewayError, UpstreamError
+from gateway.pipeline import Handler, build_pipeline
+from gateway.upstreams import UpstreamPool
+
+logger = logging.getLogger(__name__)
+
+Context = ServerRequestContext[Any, Any]
+
+
+class GatewayServer(Server[Any]):
+    """The SDK server, advertising list-changed on every transport (the HTTP app builds its own options)."""
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        changes = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
+        return super().create_initialization_options(changes, experimental_capabilities, extensions)
+
+
+class Gateway:
+    """Serves the pool's catalogue downstream and routes every tool call through the pipeline."""
+
+    def __init__(self, pool: UpstreamPool, *, transport: str, pipeline: Handler | None = None) -> None:
+        self.pool = pool
+        self.transport = transport
+        self.pipeline = pipeline if pipeline is not None else build_pipeline(pool)
+        self._startup_timeout = pool.config.gateway.startup_timeout
+        self._started = False
+        self._stdio_session = uuid.uuid4().hex
+        self._bus = InMemorySubscriptionBus()
+        self._listen = ListenHandler(self._bus)
+        self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self._published = pool.catalog
+        pool.set_listener(self._catalog_changed)
+        self.server = GatewayServer(
+            pool.config.gateway.name,
+            version=__version__,
+            # The catalogue can change at any moment and differs per caller: nothing is cacheable.
+            cache_hints={method: CacheHint() for method in CACHEABLE_METHODS},
+            on_list_tools=self._list_tools,
+            on_list_prompts=self._list_prompts,
+            on_list_resources=self._list_resources,
+            on_list_resource_templates=self._list_resource_templates,
+            on_subscriptions_listen=self._listen,
+            get_tool_input_schema=self._input_schema,
+        )
+        # These answer in wire form: upstream results pass through without a round trip via models.
+        self.server.add_request_handler("tools/call", types.CallToolRequestParams, self._call_tool)
+        self.server.add_request_handler("prompts/get", types.GetPromptRequestParams, self._get_prompt)
+        self.server.add_request_handler("resources/read", types.ReadResourceRequestParams, self._read_resource)
+        # Tracing middleware stays off unless someone installs it on purpose; the one below
+        # remembers handshake-era connections so list changes can reach them.
+        self.server.middleware = [self._remember_connection]
+
+    async def _remember_connection(self, ctx: Context, call_next: Callable[[Context], Awaitable[Any]]) -> Any:
+        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            # The SDK hands out a new session proxy per message; the connection behind it is stable.
+            connection = getattr(ctx.session, "_connection", None)
+            if isinstance(connection, Connection) and connection not in self._connections:
+                self._connections.add(connection)
+        return await call_next(ctx)
+
+    async def _catalog_changed(self, catalog: Catalog) -> None:
+        """Tell every downstream peer what changed: notifications (handshake era) and listen streams (2026)."""
+        before, self._published = self._published, catalog
+        events: list[Any] = []
+        if _tool_signature(before) != _tool_signature(catalog):
+            events.append(ToolsListChanged())
+        if set(before.prompts) != set(catalog.prompts):
+            events.append(PromptsListChanged())
+        if set(before.resources) != set(catalog.resources) or len(before.templates) != len(catalog.templates):
+            events.append(ResourcesListChanged())
+        for event in events:
+            await self._bus.publish(event)
+        for connection in list(self._connections):
+            for event in events:
+                if isinstance(event, ToolsListChanged):
+                    await connection.send_tool_list_changed()
+                elif isinstance(event, PromptsListChanged):
+                    await connection.send_prompt_list_changed()
+                else:
+                    await connection.send_resource_list_changed()
+
+    async def _wait_for_startup(self) -> None:
+        """The first lists wait for upstreams still starting, up to `startup_timeout`."""
+        if not self._started:
+            await self.pool.wait_settled(self._startup_timeout)
+            self._started = True
+
+    def _input_schema(self, name: str) -> dict[str, Any] | None:
+        tool = self.pool.catalog.tools.get(name)
+        return dict(tool.source.definition["inputSchema"]) if tool is not None else None
+
+    async def _list_tools(self, ctx: Context, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        await self._wait_for_startup()
+        return types.ListToolsResult(tools=self.pool.catalog.tool_models())
+
+    async def _call_tool(self, ctx: Context, params: types.CallToolRequestParams) -> dict[str, Any]:
+        await self._wait_for_startup()
+        tool = self.pool.catalog.tools.get(params.name)
+        if tool is None:
+            raise MCPError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
+        progress = None
+        if ctx.meta is not None and ctx.meta.get("progressToken") is not None:
+
+            async def progress(progress: float, total: float | None, message: str | None) -> None:
+                await ctx.session.report_progress(progress, total, message)
+
+        call = ToolCall(self._session_of(ctx), tool, params.arguments or {}, progress=progress)
+        try:
+            outcome = await self.pipeline(call)
+        except GatewayError as exc:
+            raise MCPError(types.INTERNAL_ERROR, str(exc)) from None
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:  # the boundary: an unexpected fault is logged, never sent with its text
+            logger.exception("tool call %s to %s failed inside the gateway", call.id, tool.name)
+            raise MCPError(types.INTERNAL_ERROR, f"internal gateway error (call {call.id})") from None
+        return _wire(ctx, outcome.result)
+
+    def _session_of(self, ctx: Context) -> SessionInfo:
+        """One downstream connection: the stdio pipe, the HTTP `mcp-session-id`, or for stateless HTTP the client."""
+        info = ctx.session.client_params.client_info if ctx.session.client_params is not None else None
+        name, version = (info.name, info.version) if info is not None else ("", "")
+        session_id = self._stdio_session
+        if self.transport == "http":
+            header = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else None
+            session_id = header or hashlib.sha256(f"{name}\0{version}".encode()).hexdigest()[:32]
+        return SessionInfo(session_id, self.transport, ctx.protocol_version, name, version)
+
+    async def _list_prompts(self, ctx: Context, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
+        await self._wait_for_startup()
+        return types.ListPromptsResult(prompts=[prompt.model for prompt in self.pool.catalog.prompts.values()])
+
+    async def _get_prompt(self, ctx: Context, params: types.GetPromptRequestParams) -> dict[str, Any]:
+        await self._wait_for_startup()
+        prompt = self.pool.catalog.prompts.get(params.name)
+        if prompt is None:
+            raise MCPError(types.INVALID_PARAMS, f"Unknown prompt: {params.name}")
+        request: dict[str, Any] = {"name": prompt.upstream_name}
+        if params.arguments:
+            request["arguments"] = params.arguments
+        return _wire(ctx, await self._forward(prompt.upstream, "prompts/get", request))
+
+    async def _list_resources(
+        self, ctx: Context, params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        await self._wait_for_startup()
+        return types.ListResourcesResult(resources=[resource for _, resource in self.pool.catalog.resources.values()])
+
+    async def _list_resource_templates(
+        self, ctx: Context, params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        await self._wait_for_startup()
+        templates = [template for _, _, template in self.pool.catalog.templates]
+        return types.ListResourceTemplatesResult(resource_templates=templates)
+
+    async def _read_resource(self, ctx: Context, params: types.ReadResourceRequestParams) -> dict[str, Any]:
+        await self._wait_for_startup()
+        upstream = self.pool.catalog.resource_upstream(params.uri)
+        if upstream is None:
+            raise MCPError(types.INVALID_PARAMS, f"Unknown resource: {params.uri}")
+        return _wire(ctx, await self._forward(upstream, "resources/read", {"uri": params.uri}))
+
+    async def _forward(self, upstream: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.pool.get(upstream).require_session().request(method, params)
+        except UpstreamError as exc:
+            raise MCPError(types.INTERNAL_ERROR, str(exc)) from None
+
+
+def _wire(ctx: Context, result: Mapping[str, Any]) -> dict[str, Any]:
+    """An upstream's handshake-era result, shaped for the era this downstream request speaks."""
+    wire = dict(result)
+    if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        wire.setdefault("resultType", "complete")
+    return wire
+
+
+def _tool_signature(catalog: Catalog) -> list[tuple[str, str]]:
+    return [(name, tool.source.digest) for name, tool in catalog.tools.items()]

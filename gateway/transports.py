@@ -1,0 +1,106 @@
+"""Running the gateway downstream: over stdio (the default), or streamable HTTP at `/mcp`.
+
+HTTP binds 127.0.0.1 unless told otherwise, checks `Host` and `Origin` against the bound address
+(DNS-rebinding protection), and with `[gateway.http] token` set, refuses any request that does not
+carry `Authorization: Bearer <token>` (compared in constant time) with 401.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+
+import anyio
+import uvicorn
+from mcp.server.stdio import stdio_server
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.config import Config
+from gateway.server import Gateway
+from gateway.upstreams import UpstreamPool
+
+logger = logging.getLogger(__name__)
+
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+async def serve_stdio(config: Config) -> None:
+    """Serve one agent over this process's stdin/stdout until it hangs up."""
+    pool = UpstreamPool(config)
+    gateway = Gateway(pool, transport="stdio")
+    async with anyio.create_task_group() as tg:
+        await tg.start(pool.run)
+        async with stdio_server() as (read, write):
+            await gateway.server.run(read, write, gateway.server.create_initialization_options())
+        tg.cancel_scope.cancel()
+
+
+async def serve_http(config: Config, host: str, port: int) -> None:
+    """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled."""
+    pool = UpstreamPool(config)
+    gateway = Gateway(pool, transport="http")
+    settings = config.gateway.http
+    if not _is_loopback(host) and settings.token is None:
+        logger.warning("serving on %s without [gateway.http] token: anyone who can reach it can use every tool", host)
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[*_host_patterns(host, port), *settings.allowed_hosts],
+        allowed_origins=[*(f"http://{name}:*" for name in _LOOPBACK_NAMES), *settings.allowed_origins],
+    )
+    app: ASGIApp = gateway.server.streamable_http_app(host=host, transport_security=security)
+    if settings.token is not None:
+        app = BearerTokenGuard(app, settings.token)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    async with anyio.create_task_group() as tg:
+        await tg.start(pool.run)
+        logger.info("serving streamable HTTP at http://%s:%d/mcp", host, port)
+        await server.serve()
+        tg.cancel_scope.cancel()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_patterns(host: str, port: int) -> list[str]:
+    if _is_loopback(host):
+        return [f"{name}:{port}" for name in _LOOPBACK_NAMES]
+    return [f"{host}:{port}"]
+
+
+class BearerTokenGuard:
+    """ASGI middleware: every HTTP request must carry the configured bearer token."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self._app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        supplied = next((value for key, value in scope["headers"] if key == b"authorization"), b"")
+        if hmac.compare_digest(supplied, self._expected):
+            await self._app(scope, receive, send)
+            return
+        body = json.dumps({"error": "unauthorized", "error_description": "a valid bearer token is required"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"www-authenticate", b'Bearer realm="mcp-armor"'),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,411 @@
+"""The upstream pool: one supervised JSON-RPC session per upstream server, restarted when it fails.
+
+Towards upstreams the gateway speaks the handshake era (`initialize`), which every MCP server
+speaks, TypeScript-SDK servers included; the protocol version is negotiated per upstream. It
+talks to them as a plain JSON-RPC client (the SDK's `JSONRPCDispatcher`: id correlation,
+progress, courtesy cancels, timeouts) and keeps results in wire form, so a call is not parsed
+into models and back on its way through.
+
+Each upstream is owned by one supervising task that connects, lists, serves until the connection
+ends, and reconnects with exponential backoff and jitter. An upstream that fails never takes the
+others down; its tools leave the catalogue and come back with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+import anyio.abc
+import httpx2
+import mcp_types as types
+from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._stream_protocols import ReadStream, WriteStream
+from mcp.shared.dispatcher import CallOptions, DispatchContext, ProgressFnT
+from mcp.shared.exceptions import MCPError
+from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
+from mcp.shared.message import SessionMessage
+from mcp.shared.transport_context import TransportContext
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
+from pydantic import ValidationError
+
+from gateway import __version__
+from gateway.catalog import Catalog, UpstreamListing, normalise_listing
+from gateway.config import Config, UpstreamSpec
+from gateway.errors import UpstreamFault, UpstreamTimeout, UpstreamUnavailable
+
+logger = logging.getLogger(__name__)
+
+INITIAL_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+HTTP_PING_INTERVAL = 30.0
+_LIST_PAGE_LIMIT = 1000
+_PROTOCOL_VERSION_HEADER = "mcp-protocol-version"
+_LIST_CHANGED = frozenset(
+    {
+        "notifications/tools/list_changed",
+        "notifications/prompts/list_changed",
+        "notifications/resources/list_changed",
+    }
+)
+
+
+def resolve_command(command: str, env_path: str | None) -> str:
+    """Find an upstream's executable: on PATH, then beside the gateway's own interpreter.
+
+    Agent clients often start the gateway by absolute path without activating its virtualenv,
+    so servers installed into that same environment are found too.
+    """
+    if "/" in command:
+        return command
+    search = [env_path or "", str(Path(sys.executable).parent)]
+    found = shutil.which(command, path=":".join(part for part in search if part))
+    if found is None:
+        raise FileNotFoundError(f"command '{command}' not found on PATH or beside {sys.executable}")
+    return found
+
+
+class UpstreamSession:
+    """An initialised JSON-RPC session with one upstream."""
+
+    def __init__(self, spec: UpstreamSpec, dispatcher: JSONRPCDispatcher[TransportContext], timeout: float) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.timeout = timeout
+        self._dispatcher = dispatcher
+        self._headers: dict[str, str] = {}
+        self.init: types.InitializeResult | None = None
+
+    @property
+    def protocol_version(self) -> str:
+        return self.init.protocol_version if self.init is not None else ""
+
+    async def initialize(self) -> types.InitializeResult:
+        params = {
+            "protocolVersion": LATEST_HANDSHAKE_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": "mcp-armor", "version": __version__},
+        }
+        raw = await self.request("initialize", params, cancel_on_abandon=False)
+        try:
+            result = types.InitializeResult.model_validate(raw, by_name=False)
+        except ValidationError as exc:
+            message = f"answered initialize with a malformed result: {exc.errors()[0]['msg']}"
+            raise UpstreamFault(self.name, message) from None
+        if result.protocol_version not in HANDSHAKE_PROTOCOL_VERSIONS:
+            message = f"offered protocol version {result.protocol_version!r}, which is unsupported"
+            raise UpstreamFault(self.name, message)
+        self.init = result
+        self._headers = {_PROTOCOL_VERSION_HEADER: result.protocol_version}
+        await self._dispatcher.notify("notifications/initialized", None, {"headers": dict(self._headers)})
+        return result
+
+    async def request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        *,
+        seconds: float | None = None,
+        on_progress: ProgressFnT | None = None,
+        cancel_on_abandon: bool = True,
+    ) -> dict[str, Any]:
+        """Send one request and return its raw result; upstream failures become `UpstreamError`s."""
+        seconds = self.timeout if seconds is None else seconds
+        opts: CallOptions = {"timeout": seconds, "cancel_on_abandon": cancel_on_abandon}
+        if self._headers:
+            opts["headers"] = dict(self._headers)
+        if on_progress is not None:
+            opts["on_progress"] = on_progress
+        try:
+            return await self._dispatcher.send_raw_request(method, params, opts)
+        except MCPError as exc:
+            if exc.error.code == types.REQUEST_TIMEOUT:
+                raise UpstreamTimeout(self.name, seconds) from None
+            if exc.error.code == types.CONNECTION_CLOSED:
+                raise UpstreamUnavailable(self.name, "closed the connection") from None
+            message = f"answered {method} with error {exc.error.code}: {exc.error.message}"
+            raise UpstreamFault(self.name, message) from None
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, httpx2.HTTPError) as exc:
+            raise UpstreamUnavailable(self.name, f"connection failed: {exc}") from None
+
+    async def list_all(self) -> UpstreamListing:
+        """Fetch every listing the upstream offers, following pagination."""
+        capabilities = self.init.capabilities if self.init is not None else types.ServerCapabilities()
+        tools = await self._paginate("tools/list", "tools") if capabilities.tools is not None else []
+        prompts = await self._paginate("prompts/list", "prompts") if capabilities.prompts is not None else []
+        resources: list[Any] = []
+        templates: list[Any] = []
+        if capabilities.resources is not None:
+            resources = await self._paginate("resources/list", "resources")
+            templates = await self._paginate("resources/templates/list", "resourceTemplates")
+        return normalise_listing(self.name, tools, prompts, resources, templates)
+
+    async def _paginate(self, method: str, key: str) -> list[Any]:
+        items: list[Any] = []
+        cursor: str | None = None
+        seen: set[str] = set()
+        for _ in range(_LIST_PAGE_LIMIT):
+            page = await self.request(method, {"cursor": cursor} if cursor is not None else None)
+            batch = page.get(key)
+            if not isinstance(batch, list):
+                raise UpstreamFault(self.name, f"answered {method} without a '{key}' list")
+            items.extend(batch)
+            cursor = page.get("nextCursor")
+            if not isinstance(cursor, str) or not cursor:
+                return items
+            if cursor in seen:
+                raise UpstreamFault(self.name, f"answered {method} with a cursor that repeats")
+            seen.add(cursor)
+        raise UpstreamFault(self.name, f"answered {method} with more than {_LIST_PAGE_LIMIT} pages")
+
+    async def ping(self) -> None:
+        await self.request("ping", None)
+
+
+async def _answer_upstream_request(
+    dctx: DispatchContext[TransportContext], method: str, params: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Requests an upstream sends the gateway: `ping` is answered; the gateway declares no other client capability."""
+    if method == "ping":
+        return {}
+    raise MCPError(code=types.METHOD_NOT_FOUND, message=f"mcp-armor does not serve '{method}' to upstream servers")
+
+
+class Upstream:
+    """The supervised state of one upstream: its live session (when up) and its latest listing."""
+
+    def __init__(self, spec: UpstreamSpec, timeout: float) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.timeout = timeout
+        self.session: UpstreamSession | None = None
+        self.listing: UpstreamListing | None = None
+        self.last_error: str | None = None
+        self.restarts = 0
+        self.settled = anyio.Event()
+        """Set once the first connection attempt has finished, whether it succeeded or not."""
+
+    @property
+    def is_up(self) -> bool:
+        return self.session is not None
+
+    def require_session(self) -> UpstreamSession:
+        if self.session is None:
+            reason = f": {self.last_error}" if self.last_error else ""
+            raise UpstreamUnavailable(self.name, f"is not connected{reason}")
+        return self.session
+
+
+CatalogListener = Callable[[Catalog], Awaitable[None]]
+
+
+class UpstreamPool:
+    """All upstreams of a config, each under its own supervisor, merged into one `Catalog`."""
+
+    def __init__(self, config: Config, *, on_catalog: CatalogListener | None = None) -> None:
+        self.config = config
+        self.upstreams = {
+            spec.name: Upstream(spec, config.call_timeout(spec.name)) for spec in config.enabled_upstreams()
+        }
+        self.catalog = Catalog()
+        self._on_catalog = on_catalog
+        self._catalog_lock = anyio.Lock()
+
+    def set_listener(self, listener: CatalogListener) -> None:
+        self._on_catalog = listener
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Supervise every upstream until cancelled. Reports started at once: upstreams join as they come up."""
+        self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        async with anyio.create_task_group() as tg:
+            for upstream in self.upstreams.values():
+                tg.start_soon(self._supervise, upstream, name=f"upstream {upstream.name}")
+            task_status.started()
+
+    async def wait_settled(self, within: float) -> None:
+        """Wait until every upstream's first connection attempt has finished, or `within` seconds pass."""
+        with anyio.move_on_after(within):
+            for upstream in self.upstreams.values():
+                await upstream.settled.wait()
+
+    def get(self, name: str) -> Upstream:
+        upstream = self.upstreams.get(name)
+        if upstream is None:
+            raise UpstreamUnavailable(name, "is not configured")
+        return upstream
+
+    async def _supervise(self, upstream: Upstream) -> None:
+        backoff = INITIAL_BACKOFF
+        while True:
+            was_up = False
+            try:
+                async with self._connect(upstream) as closed:
+                    was_up = True
+                    backoff = INITIAL_BACKOFF
+                    await closed.wait()
+                upstream.last_error = "closed the connection"
+            except Exception as exc:  # supervision boundary: any failure of one upstream restarts it
+                upstream.last_error = _describe_failure(exc)
+            finally:
+                upstream.settled.set()
+                if upstream.session is not None or upstream.listing is not None:
+                    upstream.session = None
+                    upstream.listing = None
+                    with anyio.CancelScope(shield=True):
+                        await self._publish()
+            delay = backoff * random.uniform(0.8, 1.2)
+            logger.warning(
+                "upstream '%s' %s %s; retrying in %.1fs (log: %s)",
+                upstream.name,
+                "went down:" if was_up else "failed to start:",
+                upstream.last_error,
+                delay,
+                self._log_path(upstream),
+            )
+            upstream.restarts += 1
+            await anyio.sleep(delay)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _log_path(self, upstream: Upstream) -> Path:
+        return self.config.log_dir / f"{upstream.name}.log"
+
+    @asynccontextmanager
+    async def _connect(self, upstream: Upstream) -> AsyncIterator[anyio.Event]:
+        """Connect, initialise and list one upstream; yield an event that is set when the connection ends."""
+        spec = upstream.spec
+        async with AsyncExitStack() as stack:
+            errlog = stack.enter_context(self._log_path(upstream).open("a", encoding="utf-8"))
+            read, write = await stack.enter_async_context(_open_transport(spec, errlog))
+            dispatcher: JSONRPCDispatcher[TransportContext] = JSONRPCDispatcher(read, write)
+            session = UpstreamSession(spec, dispatcher, upstream.timeout)
+            closed = anyio.Event()
+            relist = _Flag()
+
+            async def on_notify(
+                dctx: DispatchContext[TransportContext], method: str, params: Mapping[str, Any] | None
+            ) -> None:
+                if method in _LIST_CHANGED:
+                    relist.set()
+
+            async def run_dispatcher(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                try:
+                    await dispatcher.run(_answer_upstream_request, on_notify, task_status=task_status)
+                finally:
+                    closed.set()
+
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)
+            await tg.start(run_dispatcher)
+            await session.initialize()
+            upstream.listing = await session.list_all()
+            upstream.session = session
+            upstream.last_error = None
+            _log_problems(upstream.listing)
+            logger.info(
+                "upstream '%s' up (%s, protocol %s, %d tools)",
+                upstream.name,
+                spec.transport,
+                session.protocol_version,
+                len(upstream.listing.tools),
+            )
+            await self._publish()
+            upstream.settled.set()
+            tg.start_soon(self._relist_when_changed, upstream, session, relist)
+            if spec.transport == "http":
+                tg.start_soon(_keepalive, session)
+            yield closed
+
+    async def _relist_when_changed(self, upstream: Upstream, session: UpstreamSession, relist: _Flag) -> None:
+        while True:
+            await relist.wait()
+            try:
+                listing = await session.list_all()
+            except UpstreamTimeout as exc:
+                logger.warning("%s while re-listing after a change; keeping the previous listing", exc)
+                continue
+            _log_problems(listing)
+            upstream.listing = listing
+            await self._publish()
+
+    async def _publish(self) -> None:
+        """Rebuild the catalogue from every live listing and tell the listener."""
+        async with self._catalog_lock:
+            listings = [up.listing for up in self.upstreams.values() if up.listing is not None]
+            catalog = Catalog.build(listings, self.config.gateway.separator)
+            for problem in catalog.problems:
+                if problem not in self.catalog.problems:
+                    logger.error("catalogue: %s", problem)
+            self.catalog = catalog
+            if self._on_catalog is not None:
+                await self._on_catalog(catalog)
+
+
+class _Flag:
+    """A re-armable event: `set()` any number of times, `wait()` returns once per burst."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = anyio.Event()
+
+
+async def _keepalive(session: UpstreamSession) -> None:
+    """HTTP upstreams have no pipe whose end tells of their death: ping them now and then."""
+    while True:
+        await anyio.sleep(HTTP_PING_INTERVAL)
+        await session.ping()
+
+
+def _log_problems(listing: UpstreamListing) -> None:
+    for problem in listing.problems:
+        logger.warning("upstream '%s': %s", listing.upstream, problem)
+
+
+def _describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe_failure(inner) for inner in exc.exceptions)
+    if isinstance(exc, UpstreamTimeout | UpstreamUnavailable | UpstreamFault):
+        text = str(exc)
+        return text.split(" ", 2)[2] if text.startswith("upstream '") else text
+    if isinstance(exc, FileNotFoundError | PermissionError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"could not be started: {exc.strerror or exc}"
+    if isinstance(exc, httpx2.HTTPError):
+        return f"HTTP error: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+@asynccontextmanager
+async def _open_transport(
+    spec: UpstreamSpec, errlog: TextIO
+) -> AsyncIterator[tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]]:
+    if spec.command is not None:
+        env = dict(spec.env)
+        command = resolve_command(spec.command, env.get("PATH", os.environ.get("PATH")))
+        params = StdioServerParameters(command=command, args=list(spec.args), env=env or None, cwd=spec.cwd)
+        async with stdio_client(params, errlog=errlog) as streams:
+            yield streams
+        return
+    if spec.url is None:
+        raise ValueError(f"upstream '{spec.name}' has neither command nor url")
+    timeout = httpx2.Timeout(30, read=300)
+    async with (
+        httpx2.AsyncClient(headers=dict(spec.headers), timeout=timeout) as http,
+        streamable_http_client(spec.url, http_client=http) as streams,
+    ):
+        yield streams
