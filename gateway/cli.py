@@ -80,7 +80,7 @@ def _serve(parser: argparse.ArgumentParser, config: Config, http: str | None) ->
         anyio.run(serve_stdio, config)
         return 0
     host, _, port_text = http.rpartition(":")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         parser.error(f"--http: expected HOST:PORT (e.g. 127.0.0.1:8765), got {http!r}")
     anyio.run(serve_http, config, host or "127.0.0.1", int(port_text))
     return 0

@@ -140,7 +140,7 @@ class Gateway:
         if tool is None:
             raise MCPError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
         progress = None
-        if ctx.meta is not None and ctx.meta.get("progressToken") is not None:
+        if ctx.meta is not None and ctx.meta.get("progress_token") is not None:
 
             async def progress(progress: float, total: float | None, message: str | None) -> None:
                 await ctx.session.report_progress(progress, total, message)

@@ -11,6 +11,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 
 import anyio
 import uvicorn
@@ -19,6 +20,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Config
+from gateway.errors import GatewayError
 from gateway.server import Gateway
 from gateway.upstreams import UpstreamPool
 
@@ -54,11 +56,22 @@ async def serve_http(config: Config, host: str, port: int) -> None:
     if settings.token is not None:
         app = BearerTokenGuard(app, settings.token)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-    async with anyio.create_task_group() as tg:
-        await tg.start(pool.run)
-        logger.info("serving streamable HTTP at http://%s:%d/mcp", host, port)
-        await server.serve()
-        tg.cancel_scope.cancel()
+    # Bound before serving, so the address is taken (and the chosen port known, for port 0) up front.
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise GatewayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    with sock:
+        async with anyio.create_task_group() as tg:
+            await tg.start(pool.run)
+            logger.info("serving streamable HTTP at http://%s:%d/mcp", host, sock.getsockname()[1])
+            await server.serve(sockets=[sock])
+            tg.cancel_scope.cancel()
 
 
 def _is_loopback(host: str) -> bool:

@@ -252,16 +252,15 @@ class UpstreamPool:
                     was_up = True
                     backoff = INITIAL_BACKOFF
                     await closed.wait()
+                    # Withdraw its tools now: shutting the transport down can take seconds.
+                    await self._withdraw(upstream)
                 upstream.last_error = "closed the connection"
             except Exception as exc:  # supervision boundary: any failure of one upstream restarts it
                 upstream.last_error = _describe_failure(exc)
             finally:
                 upstream.settled.set()
-                if upstream.session is not None or upstream.listing is not None:
-                    upstream.session = None
-                    upstream.listing = None
-                    with anyio.CancelScope(shield=True):
-                        await self._publish()
+                with anyio.CancelScope(shield=True):
+                    await self._withdraw(upstream)
             delay = backoff * random.uniform(0.8, 1.2)
             logger.warning(
                 "upstream '%s' %s %s; retrying in %.1fs (log: %s)",
@@ -274,6 +273,12 @@ class UpstreamPool:
             upstream.restarts += 1
             await anyio.sleep(delay)
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _withdraw(self, upstream: Upstream) -> None:
+        if upstream.session is not None or upstream.listing is not None:
+            upstream.session = None
+            upstream.listing = None
+            await self._publish()
 
     def _log_path(self, upstream: Upstream) -> Path:
         return self.config.log_dir / f"{upstream.name}.log"

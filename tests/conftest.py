@@ -1,0 +1,119 @@
+"""Shared helpers: write a config, start the real gateway as a process, talk to it with the SDK client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import mcp_types as types
+import pytest
+import tomli_w
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).parent.parent
+NODE_BIN = REPO / ".ci" / "node" / "node_modules" / ".bin"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def fixture_upstream(script: str, **env: str) -> dict[str, Any]:
+    """An `[upstreams.NAME]` table that runs one of our fixture servers with this interpreter."""
+    table: dict[str, Any] = {"command": sys.executable, "args": [str(FIXTURES / script)]}
+    if env:
+        table["env"] = env
+    return table
+
+
+def node_server(name: str) -> str:
+    """Path of an npm-installed MCP server (installed by `.ci/run` / `scripts/dev`)."""
+    path = NODE_BIN / name
+    if not path.exists():
+        found = shutil.which(name)
+        if found is None:
+            pytest.fail(f"{name} is not installed: run `bash scripts/dev setup` first")
+        return found
+    return str(path)
+
+
+def write_config(directory: Path, upstreams: dict[str, Any], **gateway: Any) -> Path:
+    path = directory / "upstreams.toml"
+    data: dict[str, Any] = {"gateway": {"startup_timeout": "20s", **gateway}, "upstreams": upstreams}
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    return path
+
+
+def gateway_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gateway", "serve", "--config", str(config), *extra]
+
+
+def gateway_params(config: Path) -> StdioServerParameters:
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "gateway", "serve", "--config", str(config)],
+        env={"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")},
+    )
+
+
+class Notifications:
+    """Collects server notifications and lets a test wait for one kind without sleeping."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+        self._changed = anyio.Event()
+
+    async def __call__(self, message: Any) -> None:
+        self.seen.append(message)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_for(self, kind: type, *, seconds: float = 20) -> Any:
+        """Return (and consume) the oldest notification of `kind`, waiting for one if there is none yet."""
+        with anyio.fail_after(seconds):
+            while True:
+                for message in self.seen:
+                    if isinstance(message, kind):
+                        self.seen.remove(message)
+                        return message
+                await self._changed.wait()
+
+
+@asynccontextmanager
+async def gateway_client(
+    config: Path, *, mode: str = "legacy", notifications: Notifications | None = None
+) -> AsyncIterator[Client]:
+    """Start `mcp-armor serve` on `config` as a real process and connect a real SDK client over stdio."""
+    async with Client(
+        gateway_params(config), mode=mode, message_handler=notifications, read_timeout_seconds=60
+    ) as client:  # type: ignore[arg-type]
+        yield client
+
+
+def text_of(result: types.CallToolResult) -> str:
+    return "".join(block.text for block in result.content if isinstance(block, types.TextContent))
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+

@@ -1,0 +1,145 @@
+"""upstreams.toml: every malformed file is refused with one line naming file, table and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load_config, parse_duration
+from gateway.errors import ConfigError
+
+CASES = [
+    pytest.param('[upstreams.x]\ncomand = "a"\n', "[upstreams.x] comand: unknown key", id="unknown-upstream-key"),
+    pytest.param("[gateway]\nfoo = 1\n", "[gateway] foo: unknown key", id="unknown-gateway-key"),
+    pytest.param("[gateway.http]\nport = 1\n", "[gateway.http] port: unknown key", id="unknown-http-key"),
+    pytest.param("[extra]\nx = 1\n", "top level extra: unknown key", id="unknown-table"),
+    pytest.param(
+        '[upstreams.x]\ncommand = "a"\nurl = "http://127.0.0.1:1/mcp"\n',
+        "[upstreams.x]: give either 'command' (stdio) or 'url' (streamable HTTP), not both and not neither",
+        id="both-command-and-url",
+    ),
+    pytest.param(
+        "[upstreams.x]\nenabled = true\n",
+        "[upstreams.x]: give either 'command' (stdio) or 'url' (streamable HTTP), not both and not neither",
+        id="neither-command-nor-url",
+    ),
+    pytest.param(
+        '[upstreams.Files]\ncommand = "a"\n',
+        "[upstreams.Files] upstream names must match ^[a-z0-9][a-z0-9_-]*$",
+        id="bad-name-uppercase",
+    ),
+    pytest.param(
+        '[upstreams."my files"]\ncommand = "a"\n',
+        "[upstreams.my files] upstream names must match ^[a-z0-9][a-z0-9_-]*$",
+        id="bad-name-space",
+    ),
+    pytest.param(
+        '[upstreams.x]\ncommand = "a"\nenv = { TOKEN = "${MCP_ARMOR_TEST_UNSET}" }\n',
+        "[upstreams.x] env.TOKEN: environment variable MCP_ARMOR_TEST_UNSET is not set",
+        id="missing-env-var",
+    ),
+    pytest.param(
+        '[upstreams.x]\nurl = "http://127.0.0.1:1/mcp"\nheaders = { Authorization = "Bearer ${MCP_ARMOR_TEST_UNSET}" }\n',
+        "[upstreams.x] headers.Authorization: environment variable MCP_ARMOR_TEST_UNSET is not set",
+        id="missing-env-var-in-header",
+    ),
+    pytest.param(
+        '[upstreams.a]\ncommand = "a"\n[upstreams.a__b]\ncommand = "b"\n',
+        "[upstreams.a__b] tools of upstreams 'a' and 'a__b' could be exposed under the same name (separator '__')",
+        id="colliding-upstream-names",
+    ),
+    pytest.param(
+        '[upstreams.x]\nurl = "ftp://example.org/mcp"\n',
+        "[upstreams.x]: 'url' must be an http:// or https:// URL, got 'ftp://example.org/mcp'",
+        id="bad-url-scheme",
+    ),
+    pytest.param(
+        '[upstreams.x]\ncommand = "a"\nenv = { N = 1 }\n', "[upstreams.x] env.N: Input should be a valid string", id="env-int"
+    ),
+    pytest.param(
+        '[upstreams.x]\ncommand = "a"\nenabled = "yes"\n',
+        "[upstreams.x] enabled: Input should be a valid boolean",
+        id="enabled-string",
+    ),
+    pytest.param(
+        '[upstreams.x]\ncommand = "a"\nheaders = { A = "b" }\n',
+        "[upstreams.x]: 'headers' apply to 'url' upstreams, not to 'command' ones",
+        id="headers-on-stdio",
+    ),
+    pytest.param(
+        '[gateway]\ncall_timeout = "5"\n',
+        "[gateway] call_timeout: expected a positive duration such as \"500ms\", \"30s\" or \"2m\", got '5'",
+        id="duration-without-unit",
+    ),
+    pytest.param(
+        '[gateway]\nseparator = "/"\n', "[gateway] separator: must be 1 to 8 of the characters", id="bad-separator"
+    ),
+    pytest.param(
+        '[gateway.http]\ntoken = ""\n', "[gateway.http] token: must be at least 16 characters", id="empty-token"
+    ),
+    pytest.param('[upstreams.x\ncommand = "a"\n', "not valid TOML", id="toml-syntax"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), CASES)
+def test_malformed_config_is_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    line = str(caught.value)
+    assert "\n" not in line
+    assert line.startswith(f"{path}: ")
+    assert message in line
+
+
+def test_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="upstreams.toml: file not found"):
+        load_config(tmp_path / "upstreams.toml")
+
+
+def test_interpolation_and_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "upstreams.toml"
+    path.write_text(
+        '[upstreams.local]\ncommand = "./bin/server"\ncwd = "data"\nargs = ["--token", "${TOKEN}", "$${LITERAL}"]\n'
+        '[upstreams.remote]\nurl = "https://example.org/mcp"\nheaders = { Authorization = "Bearer ${TOKEN}" }\n'
+        'timeout = "500ms"\n'
+    )
+    config = load_config(path, environ={"TOKEN": "s3cret"})
+    local = config.upstreams["local"]
+    assert local.command == str(tmp_path / "sub" / "bin" / "server")
+    assert local.cwd == tmp_path / "sub" / "data"
+    assert local.args == ("--token", "s3cret", "${LITERAL}")
+    assert config.upstreams["remote"].headers == {"Authorization": "Bearer s3cret"}
+    assert config.call_timeout("remote") == 0.5
+    assert config.call_timeout("local") == 60.0
+    assert config.state_dir == tmp_path / "sub" / ".mcp-armor"
+
+
+def test_stdio_cwd_defaults_to_config_directory(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text('[upstreams.x]\ncommand = "server"\n')
+    assert load_config(path).upstreams["x"].cwd == tmp_path
+
+
+def test_config_models_are_frozen(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text('[upstreams.x]\ncommand = "server"\n')
+    config = load_config(path)
+    with pytest.raises(ValueError, match="frozen"):
+        config.upstreams["x"].command = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("500ms", 0.5), ("30s", 30.0), ("2m", 120.0), ("1h", 3600.0), ("1.5s", 1.5)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0s", "5", "-1s", "1d", 5])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError, match="expected a positive duration"):
+        parse_duration(text)
