@@ -13,12 +13,12 @@ import logging
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, get_args
 
 import anyio
 import mcp_types as types
 from mcp.server import NotificationOptions, Server, ServerRequestContext
-from mcp.server.caching import CACHEABLE_METHODS, CacheHint
+from mcp.server.caching import CacheableMethod, CacheHint
 from mcp.server.connection import Connection
 from mcp.server.models import InitializationOptions
 from mcp.server.subscriptions import (
@@ -75,7 +75,7 @@ class Gateway:
             pool.config.gateway.name,
             version=__version__,
             # The catalogue can change at any moment and differs per caller: nothing is cacheable.
-            cache_hints={method: CacheHint() for method in CACHEABLE_METHODS},
+            cache_hints={method: CacheHint() for method in get_args(CacheableMethod)},
             on_list_tools=self._list_tools,
             on_list_prompts=self._list_prompts,
             on_list_resources=self._list_resources,

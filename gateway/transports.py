@@ -41,37 +41,42 @@ async def serve_stdio(config: Config) -> None:
 
 
 async def serve_http(config: Config, host: str, port: int) -> None:
-    """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled."""
+    """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
     pool = UpstreamPool(config)
     gateway = Gateway(pool, transport="http")
     settings = config.gateway.http
     if not _is_loopback(host) and settings.token is None:
         logger.warning("serving on %s without [gateway.http] token: anyone who can reach it can use every tool", host)
-    security = TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=[*_host_patterns(host, port), *settings.allowed_hosts],
-        allowed_origins=[*(f"http://{name}:*" for name in _LOOPBACK_NAMES), *settings.allowed_origins],
-    )
-    app: ASGIApp = gateway.server.streamable_http_app(host=host, transport_security=security)
-    if settings.token is not None:
-        app = BearerTokenGuard(app, settings.token)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-    # Bound before serving, so the address is taken (and the chosen port known, for port 0) up front.
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    with _listen(host, port) as sock:
+        port = sock.getsockname()[1]
+        security = TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=[*_host_patterns(host, port), *settings.allowed_hosts],
+            allowed_origins=[*(f"http://{name}:*" for name in _LOOPBACK_NAMES), *settings.allowed_origins],
+        )
+        app: ASGIApp = gateway.server.streamable_http_app(host=host, transport_security=security)
+        if settings.token is not None:
+            app = BearerTokenGuard(app, settings.token)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        async with anyio.create_task_group() as tg:
+            await tg.start(pool.run)
+            logger.info("serving streamable HTTP at http://%s:%d/mcp", host, port)
+            await server.serve(sockets=[sock])
+            tg.cancel_scope.cancel()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before serving, so the address is taken (and a chosen port 0 known) up front."""
+    bare = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host.strip("[]"), port))
+        sock.bind((bare, port))
     except OSError as exc:
         sock.close()
         raise GatewayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.listen(128)
-    with sock:
-        async with anyio.create_task_group() as tg:
-            await tg.start(pool.run)
-            logger.info("serving streamable HTTP at http://%s:%d/mcp", host, sock.getsockname()[1])
-            await server.serve(sockets=[sock])
-            tg.cancel_scope.cancel()
+    return sock
 
 
 def _is_loopback(host: str) -> bool:

@@ -82,7 +82,9 @@ def test_collisions_withhold_both_sides_and_name_them() -> None:
     catalog = Catalog.build([first, second, third], "__")
     assert "a__b__c" not in catalog.tools
     assert set(catalog.tools) == {"a__Same", "x__ok"}
-    assert catalog.problems == ("tools 'a'.'b__c' and 'a__b'.'c' would be exposed as 'a__b__c'; none of them is exposed",)
+    assert catalog.problems == (
+        "tools 'a'.'b__c' and 'a__b'.'c' would be exposed as 'a__b__c'; none of them is exposed",
+    )
 
 
 def test_names_differing_only_in_case_collide() -> None:

@@ -86,13 +86,17 @@ ARGUMENT_CASES = [
 
 
 @pytest.mark.parametrize("mode", ERAS)
-async def test_arguments_violating_the_upstream_schema_never_reach_it(box_config: Path, record: Path, mode: str) -> None:
+async def test_arguments_violating_the_upstream_schema_never_reach_it(
+    box_config: Path, record: Path, mode: str
+) -> None:
     async with gateway_client(box_config, mode=mode) as client:
         for tool, arguments, message in ARGUMENT_CASES:
             result = await client.call_tool(tool, arguments)
             assert result.is_error, (tool, arguments)
             refusal = text_of(result)
-            assert refusal.startswith("Refused by the mcp-armor gateway: arguments do not match the tool's input schema")
+            assert refusal.startswith(
+                "Refused by the mcp-armor gateway: arguments do not match the tool's input schema"
+            )
             assert message in refusal
             assert "(call " in refusal
         accepted = await client.call_tool("box__write_note", {"path": "notes/a", "body": "hello"})

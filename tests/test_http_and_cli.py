@@ -1,0 +1,178 @@
+"""Streamable HTTP downstream (token, Host/Origin checks, both eras), npm upstreams, and the CLI's error lines."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.conftest import REPO, fixture_upstream, gateway_client, gateway_command, node_server, text_of, write_config
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+@asynccontextmanager
+async def http_gateway(config: Path) -> AsyncIterator[str]:
+    """Run `mcp-armor serve --http 127.0.0.1:0` and yield its /mcp URL once it is listening."""
+    async with await anyio.open_process(
+        gateway_command(config, "--http", "127.0.0.1:0"), stderr=subprocess.PIPE
+    ) as proc:
+        assert proc.stderr is not None
+        seen = b""
+        with anyio.fail_after(30):
+            while not (match := re.search(rb"serving streamable HTTP at (http://\S+/mcp)", seen)):
+                seen += await proc.stderr.receive()
+        try:
+            yield match[1].decode()
+        finally:
+            proc.terminate()
+            with anyio.fail_after(20):
+                await proc.wait()
+
+
+@pytest.fixture
+def http_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, http={"token": TOKEN})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_http_serves_both_eras_with_the_token(http_config: Path, mode: str) -> None:
+    async with http_gateway(http_config) as url:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=60)) as http,
+            Client(streamable_http_client(url, http_client=http), mode=mode) as client,
+        ):
+            assert client.protocol_version == ("2025-11-25" if mode == "legacy" else "2026-07-28")
+            assert "box__echo" in {tool.name for tool in (await client.list_tools()).tools}
+            assert text_of(await client.call_tool("box__echo", {"text": "over http"})) == "over http"
+            refused = await client.call_tool("box__add", {"a": "1", "b": 2})
+            assert refused.is_error and "at 'a'" in text_of(refused)
+
+
+@pytest.mark.anyio
+async def test_http_refuses_missing_or_wrong_token_and_foreign_host_or_origin(http_config: Path) -> None:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    async with http_gateway(http_config) as url, httpx2.AsyncClient(timeout=10) as http:
+        missing = await http.post(url, json=body, headers=headers)
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        wrong = await http.post(url, json=body, headers={**headers, "Authorization": "Bearer not-the-token-at-all"})
+        assert wrong.status_code == 401
+        authorised = {**headers, "Authorization": f"Bearer {TOKEN}"}
+        foreign_host = await http.post(url, json=body, headers={**authorised, "Host": "evil.example:80"})
+        assert foreign_host.status_code == 421
+        foreign_origin = await http.post(url, json=body, headers={**authorised, "Origin": "http://evil.example"})
+        assert foreign_origin.status_code == 403
+
+
+@pytest.mark.anyio
+async def test_npm_typescript_upstreams_through_the_gateway(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "hello.txt").write_text("hello from the filesystem server\n")
+    config = write_config(
+        tmp_path,
+        {
+            "everything": {"command": node_server("mcp-server-everything"), "args": ["stdio"]},
+            "files": {"command": node_server("mcp-server-filesystem"), "args": [str(shared)]},
+        },
+    )
+    async with gateway_client(config, mode="auto") as client:
+        names = {tool.name for tool in (await client.list_tools()).tools}
+        assert {"everything__echo", "files__read_text_file"} <= names
+        echoed = await client.call_tool("everything__echo", {"message": "through the gateway"})
+        assert "through the gateway" in text_of(echoed)
+        read = await client.call_tool("files__read_text_file", {"path": str(shared / "hello.txt")})
+        assert "hello from the filesystem server" in text_of(read)
+        outside = await client.call_tool("files__read_text_file", {"path": "/etc/hostname"})
+        assert outside.is_error
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+
+
+CLI_ERRORS = [
+    pytest.param('[upstreams.x]\ncomand = "a"\n', "[upstreams.x] comand: unknown key", id="unknown-key"),
+    pytest.param('[upstreams.Bad]\ncommand = "a"\n', "[upstreams.Bad] upstream names must match", id="bad-name"),
+    pytest.param(
+        '[upstreams.x]\ncommand = "a"\nenv = { K = "${MCP_ARMOR_TEST_UNSET}" }\n',
+        "environment variable MCP_ARMOR_TEST_UNSET is not set",
+        id="missing-env",
+    ),
+    pytest.param('[upstreams.x]\ncommand = "a"\nurl = "http://127.0.0.1:1/mcp"\n', "give either 'command'", id="both"),
+    pytest.param('[upstreams.a]\ncommand = "a"\n[upstreams.a__b]\ncommand = "b"\n', "could be exposed", id="collision"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), CLI_ERRORS)
+@pytest.mark.parametrize("command", ["serve", "tools"])
+def test_cli_config_errors_are_one_line_without_traceback(
+    tmp_path: Path, text: str, message: str, command: str
+) -> None:
+    (tmp_path / "upstreams.toml").write_text(text)
+    result = run_cli(command, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("mcp-armor: error: upstreams.toml: ")
+    assert message in lines[0]
+
+
+def test_cli_tools_lists_exposed_tools_and_reports_unreachable_upstreams(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        {"box": fixture_upstream("toolbox.py"), "remote": {"url": "http://127.0.0.1:9/mcp"}},
+        startup_timeout="2s",
+    )
+    result = run_cli("tools", "--config", str(config), "--json", cwd=REPO)
+    assert result.returncode == 1
+    listing = json.loads(result.stdout)
+    rows = {row["name"]: row for row in listing["tools"]}
+    assert rows["box__echo"] == {
+        "name": "box__echo",
+        "upstream": "box",
+        "upstream_tool": "echo",
+        "shortened": False,
+        "description": "Echo the text back.",
+    }
+    unreachable = [line for line in result.stderr.splitlines() if "upstream 'remote' unavailable" in line]
+    assert len(unreachable) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_tools_table(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    result = run_cli("tools", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["TOOL", "UPSTREAM", "UPSTREAM", "TOOL"]
+    assert any(line.split() == ["box__echo", "box", "echo"] for line in lines)
+
+
+def test_cli_bad_http_argument(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    result = run_cli("serve", "--config", str(config), "--http", "localhost:notaport", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--http: expected HOST:PORT" in result.stderr
