@@ -102,6 +102,8 @@ class Gateway:
     async def _catalog_changed(self, catalog: Catalog) -> None:
         """Tell every downstream peer what changed: notifications (handshake era) and listen streams (2026)."""
         before, self._published = self._published, catalog
+        if not self._started:
+            return  # nobody has listed yet: the first list, which waits for start-up, tells it all
         events: list[Any] = []
         if _tool_signature(before) != _tool_signature(catalog):
             events.append(ToolsListChanged())
