@@ -176,3 +176,21 @@ def test_cli_bad_http_argument(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", str(config), "--http", "localhost:notaport", cwd=tmp_path)
     assert result.returncode == 2
     assert "--http: expected HOST:PORT" in result.stderr
+
+
+@pytest.mark.anyio
+async def test_streamable_http_upstream_with_headers(tmp_path: Path) -> None:
+    """An upstream reached by URL: here another gateway serving HTTP, guarded by a token sent as a header."""
+    front = tmp_path / "front"
+    front.mkdir()
+    upstream_config = write_config(front, {"box": fixture_upstream("toolbox.py")}, http={"token": TOKEN})
+    async with http_gateway(upstream_config) as url:
+        config = write_config(
+            tmp_path, {"remote": {"url": url, "headers": {"Authorization": f"Bearer {TOKEN}"}, "timeout": "30s"}}
+        )
+        async with gateway_client(config, mode="auto") as client:
+            names = {tool.name for tool in (await client.list_tools()).tools}
+            assert "remote__box__echo" in names
+            assert text_of(await client.call_tool("remote__box__echo", {"text": "two hops"})) == "two hops"
+            refused = await client.call_tool("remote__box__add", {"a": 1})
+            assert refused.is_error and "'b' is a required property" in text_of(refused)
