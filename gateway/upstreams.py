@@ -190,7 +190,6 @@ class Upstream:
         self.session: UpstreamSession | None = None
         self.listing: UpstreamListing | None = None
         self.last_error: str | None = None
-        self.restarts = 0
         self.settled = anyio.Event()
         """Set once the first connection attempt has finished, whether it succeeded or not."""
 
@@ -270,7 +269,6 @@ class UpstreamPool:
                 delay,
                 self._log_path(upstream),
             )
-            upstream.restarts += 1
             await anyio.sleep(delay)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
