@@ -60,9 +60,10 @@ def gateway_command(config: Path, *extra: str) -> list[str]:
 
 
 def gateway_params(config: Path) -> StdioServerParameters:
+    command, *args = gateway_command(config)
     return StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "gateway", "serve", "--config", str(config)],
+        command=command,
+        args=args,
         env={"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")},
     )
 

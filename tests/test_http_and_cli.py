@@ -17,6 +17,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.conftest import REPO, fixture_upstream, gateway_client, gateway_command, node_server, text_of, write_config
+from tests.test_config import CASES as CONFIG_CASES
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -112,17 +113,15 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-CLI_ERRORS = [
-    pytest.param('[upstreams.x]\ncomand = "a"\n', "[upstreams.x] comand: unknown key", id="unknown-key"),
-    pytest.param('[upstreams.Bad]\ncommand = "a"\n', "[upstreams.Bad] upstream names must match", id="bad-name"),
-    pytest.param(
-        '[upstreams.x]\ncommand = "a"\nenv = { K = "${MCP_ARMOR_TEST_UNSET}" }\n',
-        "environment variable MCP_ARMOR_TEST_UNSET is not set",
-        id="missing-env",
-    ),
-    pytest.param('[upstreams.x]\ncommand = "a"\nurl = "http://127.0.0.1:1/mcp"\n', "give either 'command'", id="both"),
-    pytest.param('[upstreams.a]\ncommand = "a"\n[upstreams.a__b]\ncommand = "b"\n', "could be exposed", id="collision"),
-]
+# The config-loader table, through the command line: the same files, the same one-line messages.
+CLI_CASE_IDS = {
+    "unknown-upstream-key",
+    "bad-name-uppercase",
+    "missing-env-var",
+    "both-command-and-url",
+    "colliding-upstream-names",
+}
+CLI_ERRORS = [case for case in CONFIG_CASES if case.id in CLI_CASE_IDS]
 
 
 @pytest.mark.parametrize(("text", "message"), CLI_ERRORS)
