@@ -1,23 +1,78 @@
-"""The flow objects of one tool call: the `ToolCall` going in and the `Outcome` coming out.
+"""The flow objects of one tool call: the `ToolCall` going in, the policy's `Decision`, the `Outcome`.
 
-Both are frozen; a stage that changes a call passes a modified copy (`dataclasses.replace`). They are
-serialised only through their versioned `to_record()`.
+All are frozen; a stage that changes a call passes a modified copy (`dataclasses.replace`). They are
+serialised only through their versioned `to_record()`. Nothing here imports MCP at run time, so the
+sans-IO policy engine can build `Decision`s without it.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from mcp.shared.dispatcher import ProgressFnT
-
-from gateway.catalog import ExposedTool
+if TYPE_CHECKING:
+    from gateway.catalog import ExposedTool
 
 RECORD_VERSION = 1
+
+
+class ProgressFn(Protocol):
+    """Relays one progress notification to the agent."""
+
+    async def __call__(self, progress: float, total: float | None, message: str | None) -> None: ...
+
+
+class Effect(StrEnum):
+    """What the policy does with a call. `deny` beats `ask` beats `rewrite`/`allow`."""
+
+    ALLOW = "allow"
+    REWRITE = "rewrite"
+    ASK = "ask"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's verdict on one call, with everything needed to explain and audit it."""
+
+    effect: Effect
+    reason: str
+    revision: str
+    """The policy revision that decided: a hash of every loaded policy file."""
+    rules: tuple[str, ...] = ()
+    """Every enforcing rule that matched (for a default decision: none)."""
+    arguments: Mapping[str, Any] | None = None
+    """The arguments after `rewrite` rules; `None` when nothing was rewritten."""
+    would: Effect | None = None
+    """What the decision would have been with `monitor` rules (or monitor mode) enforcing, when it differs."""
+    monitored: tuple[str, ...] = ()
+    """The `monitor` rules that matched: recorded, never enforced."""
+    rated: tuple[str, ...] = ()
+    """Rules with a rate limit that this call counts against once it goes ahead."""
+
+    @property
+    def proceeds(self) -> bool:
+        return self.effect in (Effect.ALLOW, Effect.REWRITE)
+
+    def to_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "v": RECORD_VERSION,
+            "decision": self.effect.value,
+            "rules": list(self.rules),
+            "reason": self.reason,
+            "policy_revision": self.revision,
+        }
+        if self.arguments is not None:
+            record["rewritten_arguments"] = dict(self.arguments)
+        if self.would is not None:
+            record["would"] = self.would.value
+        if self.monitored:
+            record["monitored"] = list(self.monitored)
+        return record
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +84,8 @@ class SessionInfo:
     protocol_version: str
     client_name: str = ""
     client_version: str = ""
+    principal: str = ""
+    """Who authenticated the connection, when the transport knows (empty otherwise)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +97,19 @@ class ToolCall:
     arguments: Mapping[str, Any]
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     received: float = field(default_factory=time.time)
-    progress: ProgressFnT | None = field(default=None, compare=False, repr=False)
+    progress: ProgressFn | None = field(default=None, compare=False, repr=False)
     """Relays the upstream's progress notifications to the agent; `None` when the agent sent no token."""
+    approver: Approver | None = field(default=None, compare=False, repr=False)
+    """Asks a person to approve this call; `None` when the client cannot ask."""
+    decision: Decision | None = None
+    """The policy's decision, once the policy stage has made it."""
+
+    @property
+    def forwarded_arguments(self) -> Mapping[str, Any]:
+        """The arguments the upstream receives: rewritten by policy, or as the agent sent them."""
+        if self.decision is not None and self.decision.arguments is not None:
+            return self.decision.arguments
+        return self.arguments
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -57,12 +125,30 @@ class ToolCall:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """A person's answer to "may this call go ahead?".
+
+    `pending` carries an `input_required` result when the answer must come in a later round trip
+    (2026-07-28 connections): the agent's client asks the person and retries the call with the answer.
+    """
+
+    granted: bool
+    reason: str = ""
+    pending: Mapping[str, Any] | None = None
+
+
+Approver = Callable[[ToolCall, Decision], Awaitable[Approval]]
+
+
 class OutcomeKind(StrEnum):
     OK = "ok"
     ERROR = "error"
     REFUSED = "refused"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
+    INPUT_REQUIRED = "input_required"
+    """The call waits for a person's approval that the client collects and sends with its retry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +158,8 @@ class Outcome:
     kind: OutcomeKind
     result: Mapping[str, Any]
     reason: str = ""
+    rules: tuple[str, ...] = ()
+    """Result rules that withheld or redacted what the upstream returned."""
 
     @classmethod
     def completed(cls, result: Mapping[str, Any]) -> Outcome:
@@ -90,8 +178,18 @@ class Outcome:
         text = f"The mcp-armor gateway could not complete the call to '{call.tool.name}': {reason} (call {call.id})"
         return cls(kind, _error_result(text), reason)
 
+    @classmethod
+    def withheld(cls, call: ToolCall, reason: str, rule: str) -> Outcome:
+        """The upstream answered, but a result rule keeps the answer from the agent."""
+        text = f"The mcp-armor gateway withheld the result of this call: {reason} (call {call.id})"
+        return cls(OutcomeKind.REFUSED, _error_result(text), reason, (rule,))
+
+    @classmethod
+    def input_required(cls, pending: Mapping[str, Any]) -> Outcome:
+        return cls(OutcomeKind.INPUT_REQUIRED, pending, "waiting for a person's approval")
+
     def to_record(self) -> dict[str, Any]:
-        return {"v": RECORD_VERSION, "outcome": self.kind.value, "reason": self.reason}
+        return {"v": RECORD_VERSION, "outcome": self.kind.value, "reason": self.reason, "rules": list(self.rules)}
 
 
 def _error_result(text: str) -> dict[str, Any]:

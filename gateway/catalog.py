@@ -11,7 +11,6 @@ first-wins. Each tool's input schema is checked and compiled here, once.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,26 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import mcp_types as types
-from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import SchemaError
 from jsonschema.protocols import Validator
 from mcp.shared.uri_template import InvalidUriTemplate, UriTemplate
 from pydantic import ValidationError
+
+from gateway.schema import compile_schema, digest
 
 logger = logging.getLogger(__name__)
 
 EXPOSED_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _NAME_LIMIT = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-def canonical_json(value: Any) -> bytes:
-    """A canonical JSON form (sorted keys, no insignificant whitespace) for hashing definitions."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def digest(value: Any) -> str:
-    return hashlib.sha256(canonical_json(value)).hexdigest()
 
 
 def exposed_name(upstream: str, name: str, separator: str) -> str:
@@ -54,17 +45,6 @@ def exposed_name(upstream: str, name: str, separator: str) -> str:
     cleaned = _UNSAFE.sub("_", full)
     suffix = "-" + hashlib.sha256(full.encode()).hexdigest()[:8]
     return cleaned[: _NAME_LIMIT - len(suffix)] + suffix
-
-
-def compile_schema(schema: dict[str, Any]) -> Validator:
-    """Check a JSON Schema and compile a validator for it (draft from `$schema`, else 2020-12).
-
-    `format` is asserted, not just annotated. Raises `SchemaError` for a schema that is not valid.
-    """
-    cls = validators.validator_for(schema, default=Draft202012Validator)
-    cls.check_schema(schema)
-    validator: Validator = cls(schema, format_checker=cls.FORMAT_CHECKER or FormatChecker())
-    return validator
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -80,6 +80,12 @@ class GatewaySettings(_Model):
     call_timeout: Duration = 60.0
     startup_timeout: Duration = 10.0
     state: Path = Path(".mcp-armor")
+    policies: Path = Path("policies")
+    """Directory of the policy files (`*.toml`), relative to this file."""
+    mode: Literal["enforce", "monitor"] = "enforce"
+    """`monitor` records what policy would refuse or ask, and lets every call through."""
+    ask_timeout: Duration = 120.0
+    """How long a person has to approve an `ask` call before it is refused."""
     http: HttpSettings = HttpSettings()
 
     @field_validator("separator")
@@ -142,6 +148,10 @@ class Config(_Model):
     @property
     def state_dir(self) -> Path:
         return self.directory / self.gateway.state
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.directory / self.gateway.policies
 
     @property
     def log_dir(self) -> Path:

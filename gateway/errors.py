@@ -2,6 +2,7 @@
 
     GatewayError                  anything the gateway reports on purpose
      ├── ConfigError              a file the user wrote is wrong (names file, table and key)
+     │    └── PolicyError          a policy file is wrong (names file, rule id and key)
      └── UpstreamError            an upstream server could not serve a request (names the upstream)
           ├── UpstreamUnavailable not connected, failed to start, or died
           ├── UpstreamTimeout     no answer within the upstream's timeout
@@ -21,6 +22,10 @@ class GatewayError(Exception):
 
 class ConfigError(GatewayError):
     """A configuration file is malformed; the message is one line naming file, table and key."""
+
+
+class PolicyError(ConfigError):
+    """A policy file is malformed; the message is one line naming file, rule id and key."""
 
 
 class UpstreamError(GatewayError):

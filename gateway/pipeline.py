@@ -1,30 +1,32 @@
 """The stages a tool call passes through, composed once at start-up.
 
 A stage is `async (call, call_next) -> Outcome`; stages are listed outermost first and end in a
-terminal handler that forwards the call upstream. Today's path:
+terminal handler that forwards the call upstream:
 
-    check_arguments (the upstream tool's own inputSchema) -> forward
+    check_arguments (the upstream tool's own inputSchema) -> enforce_policy -> forward
 
-The policy engine and the audit recorder plug in as further stages.
+The audit recorder plugs in as a further stage.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 
+import anyio
 import mcp_types as types
-from jsonschema.exceptions import ValidationError as SchemaViolation
 from jsonschema.exceptions import best_match
 from pydantic import ValidationError
 
-from gateway.calls import Outcome, OutcomeKind, ToolCall
-from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.calls import Decision, Effect, Outcome, OutcomeKind, ToolCall
+from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
+from gateway.policy import PolicyEngine
+from gateway.schema import describe_violation
 from gateway.upstreams import UpstreamPool
 
 Handler = Callable[[ToolCall], Awaitable[Outcome]]
 Stage = Callable[[ToolCall, Handler], Awaitable[Outcome]]
-
-_MAX_DETAIL = 300
 
 
 def compose(stages: Sequence[Stage], terminal: Handler) -> Handler:
@@ -50,11 +52,75 @@ async def check_arguments(call: ToolCall, call_next: Handler) -> Outcome:
     return await call_next(call)
 
 
-def describe_violation(error: SchemaViolation) -> str:
-    """One line naming where in the arguments the schema was violated, and how."""
-    where = "/".join(str(part) for part in error.absolute_path)
-    message = error.message if len(error.message) <= _MAX_DETAIL else error.message[:_MAX_DETAIL] + "..."
-    return f"at '{where}': {message}" if where else message
+class EnforcePolicy:
+    """Decide the call under the current policies; refuse, ask a person, rewrite, or let it through.
+
+    After the upstream has answered, the result rules screen what goes back to the agent.
+    """
+
+    def __init__(
+        self, engine: PolicyEngine, *, ask_timeout: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.engine = engine
+        self.ask_timeout = ask_timeout
+        self._clock = clock
+
+    async def __call__(self, call: ToolCall, call_next: Handler) -> Outcome:
+        session = call.session
+        decision = self.engine.evaluate(
+            call.tool.name,
+            call.arguments,
+            now=self._clock(),
+            session=session.id,
+            client=session.client_name,
+            principal=session.principal,
+        )
+        call = replace(call, decision=decision)
+        if decision.effect is Effect.DENY:
+            return Outcome.refused(call, decision.reason)
+        if decision.arguments is not None:
+            error = best_match(call.tool.source.validator.iter_errors(decision.arguments))
+            if error is not None:
+                return Outcome.refused(
+                    call,
+                    f"{decision.reason}, but the rewritten arguments do not match the tool's input schema: "
+                    f"{describe_violation(error)}",
+                )
+        if decision.effect is Effect.ASK:
+            refusal = await self._ask(call, decision)
+            if refusal is not None:
+                return refusal
+        stamp = self._clock()
+        if not self.engine.charge(decision, session.id, stamp):
+            return Outcome.refused(call, "a rate limit of this call's rules was reached while it waited for approval")
+        outcome = await call_next(call)
+        if outcome.kind is OutcomeKind.REFUSED:
+            self.engine.refund(decision, session.id, stamp)  # refused later on: the call did not happen
+        elif outcome.kind in (OutcomeKind.OK, OutcomeKind.ERROR):
+            screening = self.engine.screen_result(
+                call.tool.name, outcome.result, client=session.client_name, principal=session.principal
+            )
+            if screening.withheld_by is not None:
+                return Outcome.withheld(call, screening.reason, screening.withheld_by)
+            if screening.redacted_by:
+                return replace(outcome, result=screening.result, rules=screening.redacted_by)
+        return outcome
+
+    async def _ask(self, call: ToolCall, decision: Decision) -> Outcome | None:
+        """Ask a person; `None` when they approved, else the outcome to return instead of the call's."""
+        if call.approver is None:
+            return Outcome.refused(
+                call, f"{decision.reason}; this client cannot ask a person (it does not support elicitation)"
+            )
+        with anyio.move_on_after(self.ask_timeout) as waited:
+            approval = await call.approver(call, decision)
+        if waited.cancelled_caught:
+            return Outcome.refused(call, f"{decision.reason}; no answer within {format_seconds(self.ask_timeout)}")
+        if approval.pending is not None:
+            return Outcome.input_required(approval.pending)
+        if not approval.granted:
+            return Outcome.refused(call, f"{decision.reason}; {approval.reason}")
+        return None
 
 
 class Forward:
@@ -64,7 +130,7 @@ class Forward:
         self._pool = pool
 
     async def __call__(self, call: ToolCall) -> Outcome:
-        params = {"name": call.tool.upstream_name, "arguments": dict(call.arguments)}
+        params = {"name": call.tool.upstream_name, "arguments": dict(call.forwarded_arguments)}
         try:
             session = self._pool.get(call.tool.upstream).require_session()
             raw = await session.request("tools/call", params, on_progress=call.progress)
@@ -82,5 +148,6 @@ class Forward:
         return Outcome.completed(raw)
 
 
-def build_pipeline(pool: UpstreamPool) -> Handler:
-    return compose([check_arguments], Forward(pool))
+def build_pipeline(pool: UpstreamPool, engine: PolicyEngine) -> Handler:
+    policy = EnforcePolicy(engine, ask_timeout=pool.config.gateway.ask_timeout)
+    return compose([check_arguments, policy], Forward(pool))

@@ -32,11 +32,14 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from gateway import __version__
-from gateway.calls import SessionInfo, ToolCall
-from gateway.catalog import Catalog
+from gateway.approvals import REQUEST_KEY, REQUESTED_SCHEMA, ApprovalDesk
+from gateway.calls import Approval, Approver, Decision, SessionInfo, ToolCall
+from gateway.catalog import Catalog, ExposedTool
 from gateway.errors import GatewayError, UpstreamError
 from gateway.pipeline import Handler, build_pipeline
+from gateway.policy import PolicyEngine, PolicySet
 from gateway.upstreams import UpstreamPool
+from gateway.watch import watch_policies
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +62,13 @@ class GatewayServer(Server[Any]):
 class Gateway:
     """Serves the pool's catalogue downstream and routes every tool call through the pipeline."""
 
-    def __init__(self, pool: UpstreamPool, *, transport: str, pipeline: Handler | None = None) -> None:
+    def __init__(self, pool: UpstreamPool, engine: PolicyEngine, *, transport: str) -> None:
         self.pool = pool
+        self.engine = engine
         self.transport = transport
-        self.pipeline = pipeline if pipeline is not None else build_pipeline(pool)
+        self.pipeline: Handler = build_pipeline(pool, engine)
+        self.desk = ApprovalDesk(pool.config.gateway.ask_timeout)
+        engine.index_tools(pool.catalog.tools)
         self._startup_timeout = pool.config.gateway.startup_timeout
         self._started = False
         self._stdio_session = uuid.uuid4().hex
@@ -91,6 +97,22 @@ class Gateway:
         # remembers handshake-era connections so list changes can reach them.
         self.server.middleware = [self._remember_connection]
 
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the upstream pool and the policy watcher until cancelled."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.pool.run)
+            tg.start_soon(watch_policies, self.pool.config.policy_dir, self._revision, self.install_policies)
+            task_status.started()
+
+    def _revision(self) -> str:
+        return self.engine.policies.revision
+
+    async def install_policies(self, policies: PolicySet) -> None:
+        """Put a new policy set in force; which tools are visible may change, so clients are told."""
+        self.engine.replace_policies(policies)
+        if self._started:
+            await self._announce([ToolsListChanged()])
+
     async def _remember_connection(self, ctx: Context, call_next: Callable[[Context], Awaitable[Any]]) -> Any:
         if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
             # The SDK hands out a new session proxy per message; the connection behind it is stable.
@@ -102,6 +124,7 @@ class Gateway:
     async def _catalog_changed(self, catalog: Catalog) -> None:
         """Tell every downstream peer what changed: notifications (handshake era) and listen streams (2026)."""
         before, self._published = self._published, catalog
+        self.engine.index_tools(catalog.tools)
         if not self._started:
             return  # nobody has listed yet: the first list, which waits for start-up, tells it all
         events: list[Any] = []
@@ -111,6 +134,9 @@ class Gateway:
             events.append(PromptsListChanged())
         if set(before.resources) != set(catalog.resources) or len(before.templates) != len(catalog.templates):
             events.append(ResourcesListChanged())
+        await self._announce(events)
+
+    async def _announce(self, events: list[Any]) -> None:
         for event in events:
             await self._bus.publish(event)
         for connection in list(self._connections):
@@ -134,12 +160,20 @@ class Gateway:
 
     async def _list_tools(self, ctx: Context, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
         await self._wait_for_startup()
-        return types.ListToolsResult(tools=self.pool.catalog.tool_models())
+        session = self._session_of(ctx)
+        return types.ListToolsResult(
+            tools=[tool.model for tool in self.pool.catalog.tools.values() if self._visible(tool, session)]
+        )
+
+    def _visible(self, tool: ExposedTool, session: SessionInfo) -> bool:
+        return self.engine.visible(tool.name, client=session.client_name, principal=session.principal)
 
     async def _call_tool(self, ctx: Context, params: types.CallToolRequestParams) -> dict[str, Any]:
         await self._wait_for_startup()
+        session = self._session_of(ctx)
         tool = self.pool.catalog.tools.get(params.name)
-        if tool is None:
+        if tool is None or not self._visible(tool, session):
+            # A tool no rule lets this client call is hidden, and refused like one that does not exist.
             raise MCPError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
         progress = None
         if ctx.meta is not None and ctx.meta.get("progress_token") is not None:
@@ -147,7 +181,7 @@ class Gateway:
             async def progress(progress: float, total: float | None, message: str | None) -> None:
                 await ctx.session.report_progress(progress, total, message)
 
-        call = ToolCall(self._session_of(ctx), tool, params.arguments or {}, progress=progress)
+        call = ToolCall(session, tool, params.arguments or {}, progress=progress, approver=self._approver(ctx, params))
         try:
             outcome = await self.pipeline(call)
         except GatewayError as exc:
@@ -158,6 +192,33 @@ class Gateway:
             logger.exception("tool call %s to %s failed inside the gateway", call.id, tool.name)
             raise MCPError(types.INTERNAL_ERROR, f"internal gateway error (call {call.id})") from None
         return _wire(ctx, outcome.result)
+
+    def _approver(self, ctx: Context, params: types.CallToolRequestParams) -> Approver | None:
+        """How this request can ask a person: elicitation now (handshake era) or input-required (2026)."""
+        capabilities = ctx.session.client_capabilities
+        if capabilities is None or capabilities.elicitation is None:
+            return None
+        desk = self.desk
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            responses = params.input_responses or {}
+            answer = responses.get(REQUEST_KEY)
+
+            async def by_round_trip(call: ToolCall, decision: Decision) -> Approval:
+                if params.request_state is None and answer is None:
+                    return desk.pending(call, decision)
+                response = answer.model_dump(by_alias=True, mode="json") if answer is not None else None
+                return desk.redeem(params.request_state, response, call)
+
+            return by_round_trip
+
+        async def by_elicitation(call: ToolCall, decision: Decision) -> Approval:
+            try:
+                result = await ctx.session.elicit_form(desk.message(call, decision), REQUESTED_SCHEMA, ctx.request_id)
+            except MCPError as exc:
+                return Approval(False, f"the client could not ask a person ({exc.error.message})")
+            return desk.answer(result.model_dump(by_alias=True, mode="json"))
+
+        return by_elicitation
 
     def _session_of(self, ctx: Context) -> SessionInfo:
         """One downstream connection: the stdio pipe, the HTTP `mcp-session-id`, or for stateless HTTP the client."""

@@ -21,6 +21,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Config
 from gateway.errors import GatewayError
+from gateway.policy import PolicyEngine
+from gateway.policy_files import load_policies
 from gateway.server import Gateway
 from gateway.upstreams import UpstreamPool
 
@@ -31,10 +33,9 @@ _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
 async def serve_stdio(config: Config) -> None:
     """Serve one agent over this process's stdin/stdout until it hangs up."""
-    pool = UpstreamPool(config)
-    gateway = Gateway(pool, transport="stdio")
+    gateway = build_gateway(config, transport="stdio")
     async with anyio.create_task_group() as tg:
-        await tg.start(pool.run)
+        await tg.start(gateway.run)
         async with stdio_server() as (read, write):
             await gateway.server.run(read, write, gateway.server.create_initialization_options())
         tg.cancel_scope.cancel()
@@ -42,8 +43,7 @@ async def serve_stdio(config: Config) -> None:
 
 async def serve_http(config: Config, host: str, port: int) -> None:
     """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
-    pool = UpstreamPool(config)
-    gateway = Gateway(pool, transport="http")
+    gateway = build_gateway(config, transport="http")
     settings = config.gateway.http
     if not _is_loopback(host) and settings.token is None:
         logger.warning("serving on %s without [gateway.http] token: anyone who can reach it can use every tool", host)
@@ -59,10 +59,19 @@ async def serve_http(config: Config, host: str, port: int) -> None:
             app = BearerTokenGuard(app, settings.token)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         async with anyio.create_task_group() as tg:
-            await tg.start(pool.run)
+            await tg.start(gateway.run)
             logger.info("serving streamable HTTP at http://%s:%d/mcp", host, port)
             await server.serve(sockets=[sock])
             tg.cancel_scope.cancel()
+
+
+def build_gateway(config: Config, *, transport: str) -> Gateway:
+    """Load the policies (a broken set stops start-up with one line) and assemble the gateway."""
+    policies = load_policies(config.policy_dir)
+    engine = PolicyEngine(policies, monitor_mode=config.gateway.mode == "monitor")
+    if config.gateway.mode == "monitor":
+        logger.warning("monitor mode: policy decisions are recorded, nothing is refused")
+    return Gateway(UpstreamPool(config), engine, transport=transport)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -48,10 +48,26 @@ def node_server(name: str) -> str:
     return str(path)
 
 
-def write_config(directory: Path, upstreams: dict[str, Any], **gateway: Any) -> Path:
+ALLOW_ALL = '[defaults]\neffect = "allow"\n'
+
+
+def write_config(directory: Path, upstreams: dict[str, Any], *, policy: str | None = ALLOW_ALL, **gateway: Any) -> Path:
+    """Write `upstreams.toml` (and, unless `policy` is None, `policies/test.toml` holding `policy`)."""
     path = directory / "upstreams.toml"
     data: dict[str, Any] = {"gateway": {"startup_timeout": "20s", **gateway}, "upstreams": upstreams}
     path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    if policy is not None:
+        write_policy(directory / "policies", policy)
+    return path
+
+
+def write_policy(directory: Path, text: str, name: str = "test.toml") -> Path:
+    """Write one policy file atomically (a reloading gateway never sees it half written)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    scratch = directory / f".{name}.tmp"
+    scratch.write_text(text, encoding="utf-8")
+    scratch.replace(path)
     return path
 
 

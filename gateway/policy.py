@@ -1,0 +1,437 @@
+"""The policy engine, sans-IO: compiled rules in, a `Decision` out, from data alone.
+
+No networking, no clock, no MCP: the caller passes the time, so decisions are deterministic and the
+engine is tested from tables and measured in microseconds. Rules are indexed per exposed tool whenever
+the catalogue changes; a call only looks at the rules whose `tools` globs match its tool.
+
+Precedence: `deny` beats `ask` beats `rewrite`/`allow`; no matching rule means the default effect;
+an error while evaluating means `deny`. `monitor` rules (and the whole gateway in monitor mode) only
+record what they would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from jsonschema.protocols import Validator
+
+from gateway.calls import Decision, Effect
+
+_PRECEDENCE = (Effect.DENY, Effect.ASK, Effect.REWRITE, Effect.ALLOW)
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most `limit` calls per `period` seconds, per session."""
+
+    limit: int
+    period: float
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One compiled `[[rule]]`."""
+
+    id: str
+    source: str
+    """The policy file it came from."""
+    tools: tuple[str, ...]
+    tools_pattern: re.Pattern[str] = field(repr=False)
+    effect: Effect | None
+    """The effect of a call rule, or `deny` for a result rule that withholds; `None` for a redacting one."""
+    clients: tuple[str, ...] | None = None
+    clients_pattern: re.Pattern[str] | None = field(default=None, repr=False)
+    when: Validator | None = field(default=None, repr=False)
+    when_schema: Mapping[str, Any] | None = field(default=None, repr=False)
+    reason: str = ""
+    monitor: bool = False
+    rate: Rate | None = None
+    patch: Mapping[str, Any] | None = None
+    on_result: bool = False
+    redact: tuple[re.Pattern[str], ...] = ()
+
+    def concerns(self, tool: str) -> bool:
+        return self.tools_pattern.fullmatch(tool) is not None
+
+    def concerns_client(self, client: str, principal: str) -> bool:
+        if self.clients_pattern is None:
+            return True
+        return self.clients_pattern.fullmatch(client) is not None or (
+            bool(principal) and self.clients_pattern.fullmatch(principal) is not None
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    """Every rule of every policy file, compiled, with the default effect and the revision."""
+
+    rules: tuple[Rule, ...]
+    default: Effect = Effect.DENY
+    revision: str = ""
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRules:
+    """The rules that can concern one exposed tool, in policy order."""
+
+    call: tuple[Rule, ...] = ()
+    result: tuple[Rule, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Screening:
+    """What the result rules made of an upstream result."""
+
+    result: Mapping[str, Any]
+    withheld_by: str | None = None
+    reason: str = ""
+    redacted_by: tuple[str, ...] = ()
+    monitored: tuple[str, ...] = ()
+
+
+class RateLimiter:
+    """Sliding-window counts per (session, rule). Only calls that go ahead are counted."""
+
+    def __init__(self) -> None:
+        self._hits: dict[tuple[str, str], deque[float]] = {}
+
+    def wait(self, session: str, rule: Rule, now: float) -> float:
+        """Seconds until `rule` lets another call of `session` through; 0 when it would now."""
+        rate = rule.rate
+        if rate is None:
+            return 0.0
+        hits = self._hits.get((session, rule.id))
+        if hits is None:
+            return 0.0
+        while hits and hits[0] <= now - rate.period:
+            hits.popleft()
+        if len(hits) < rate.limit:
+            return 0.0
+        return max(hits[len(hits) - rate.limit] + rate.period - now, 0.001)
+
+    def charge(self, session: str, rules: Sequence[Rule], now: float) -> bool:
+        """Count one call against every rule, all or none; `False` when one of them is at its limit."""
+        if any(self.wait(session, rule, now) for rule in rules):
+            return False
+        for rule in rules:
+            self._hits.setdefault((session, rule.id), deque()).append(now)
+        return True
+
+    def refund(self, session: str, rules: Sequence[Rule], now: float) -> None:
+        """Take back a charge made at `now` for a call that was refused after all."""
+        for rule in rules:
+            hits = self._hits.get((session, rule.id))
+            if hits and now in hits:
+                hits.remove(now)
+
+    def forget(self, session: str) -> None:
+        for key in [key for key in self._hits if key[0] == session]:
+            del self._hits[key]
+
+
+@dataclass(slots=True)
+class _Match:
+    rule: Rule
+    effect: Effect
+    note: str = ""
+
+
+class PolicyEngine:
+    """Decides calls and screens results under the current `PolicySet`; swapped whole on reload."""
+
+    def __init__(self, policies: PolicySet, *, monitor_mode: bool = False) -> None:
+        self.policies = policies
+        self.monitor_mode = monitor_mode
+        self.limiter = RateLimiter()
+        self._tools: tuple[str, ...] = ()
+        self._index: dict[str, ToolRules] = {}
+
+    # -- state changes -------------------------------------------------------------------------
+
+    def replace_policies(self, policies: PolicySet) -> None:
+        """Install a new, fully compiled set (atomically: one assignment, then the re-index)."""
+        self.policies = policies
+        self._index = {tool: self._rules_of(tool) for tool in self._tools}
+
+    def index_tools(self, tools: Iterable[str]) -> None:
+        """Re-index the rules for the exposed tools of a new catalogue."""
+        self._tools = tuple(tools)
+        self._index = {tool: self._rules_of(tool) for tool in self._tools}
+
+    def rules_for(self, tool: str) -> ToolRules:
+        found = self._index.get(tool)
+        return found if found is not None else self._rules_of(tool)
+
+    def _rules_of(self, tool: str) -> ToolRules:
+        concerned = [rule for rule in self.policies.rules if rule.concerns(tool)]
+        return ToolRules(
+            call=tuple(rule for rule in concerned if not rule.on_result),
+            result=tuple(rule for rule in concerned if rule.on_result),
+        )
+
+    # -- decisions -----------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        tool: str,
+        arguments: Mapping[str, Any],
+        *,
+        now: float,
+        session: str = "",
+        client: str = "",
+        principal: str = "",
+    ) -> Decision:
+        """The decision on one call. Never raises: an error while evaluating is a `deny`."""
+        return self._decide(tool, arguments, now, session, client, principal, None)
+
+    def explain(
+        self,
+        tool: str,
+        arguments: Mapping[str, Any],
+        *,
+        now: float,
+        session: str = "",
+        client: str = "",
+        principal: str = "",
+    ) -> tuple[Decision, list[tuple[str, str]]]:
+        """The decision, and for every rule of every file what it made of this call and why."""
+        trace: list[tuple[str, str]] = []
+        concerned = {rule.id for rule in self.rules_for(tool).call}
+        for rule in self.policies.rules:
+            if rule.on_result:
+                trace.append((rule.id, "result rule: applies to what the tool returns, not to the call"))
+            elif rule.id not in concerned:
+                trace.append((rule.id, f"tools {list(rule.tools)} do not match '{tool}'"))
+        decision = self._decide(tool, arguments, now, session, client, principal, trace)
+        order = {rule.id: index for index, rule in enumerate(self.policies.rules)}
+        trace.sort(key=lambda item: order.get(item[0], -1))
+        return decision, trace
+
+    def _decide(
+        self,
+        tool: str,
+        arguments: Mapping[str, Any],
+        now: float,
+        session: str,
+        client: str,
+        principal: str,
+        trace: list[tuple[str, str]] | None,
+    ) -> Decision:
+        enforced: list[_Match] = []
+        monitored: list[_Match] = []
+        rated: list[str] = []
+        unmatched: list[str] = []
+        for rule in self.rules_for(tool).call:
+            if not rule.concerns_client(client, principal):
+                if trace is not None:
+                    trace.append((rule.id, f"clients {list(rule.clients or ())} do not match {client!r}"))
+                continue
+            if rule.when is not None:
+                try:
+                    applies = rule.when.is_valid(arguments)
+                except Exception as exc:  # fail closed: a rule that cannot be evaluated denies
+                    reason = f"rule '{rule.id}' could not be evaluated ({type(exc).__name__}); refused to be safe"
+                    if trace is not None:
+                        trace.append((rule.id, reason))
+                    return Decision(Effect.DENY, reason, self.policies.revision, (rule.id,))
+                if not applies:
+                    unmatched.append(rule.id)
+                    if trace is not None:
+                        trace.append((rule.id, "matches the tool, but 'when' does not match the arguments"))
+                    continue
+            match = _Match(rule, rule.effect or Effect.DENY)  # call rules always have one (checked at load)
+            if rule.rate is not None:
+                wait = self.limiter.wait(session, rule, now)
+                if wait:
+                    match = _Match(rule, Effect.DENY, _rate_note(rule, wait))
+                else:
+                    rated.append(rule.id)
+            (monitored if rule.monitor else enforced).append(match)
+            if trace is not None:
+                verdict = match.note or f"matches: {match.effect.value}"
+                trace.append((rule.id, verdict + (" (monitor: recorded, not enforced)" if rule.monitor else "")))
+        decision = self._resolve(tool, arguments, enforced, unmatched)
+        would: Effect | None = None
+        if monitored:
+            with_monitored = self._resolve(tool, arguments, enforced + monitored, unmatched)
+            if with_monitored.effect is not decision.effect:
+                would = with_monitored.effect
+        if self.monitor_mode and not decision.proceeds:
+            would = decision.effect
+            effect = Effect.REWRITE if decision.arguments is not None else Effect.ALLOW
+            decision = replace(decision, effect=effect, reason=f"monitor mode, would {would.value}: {decision.reason}")
+        if would is None and not monitored and not rated:
+            return decision
+        return replace(decision, would=would, monitored=tuple(match.rule.id for match in monitored), rated=tuple(rated))
+
+    def _resolve(
+        self, tool: str, arguments: Mapping[str, Any], matches: list[_Match], unmatched: list[str]
+    ) -> Decision:
+        revision = self.policies.revision
+        if not matches:
+            default = self.policies.default
+            reason = f"no policy rule decides this call to '{tool}', and the default is {default.value}"
+            if unmatched:
+                reason += " (rules whose conditions these arguments do not meet: "
+                reason += ", ".join(f"'{rule_id}'" for rule_id in unmatched) + ")"
+            return Decision(default, reason, revision)
+        ids = tuple(match.rule.id for match in matches)
+        top = min(matches, key=lambda match: _PRECEDENCE.index(match.effect))
+        rewritten: Mapping[str, Any] | None = None
+        if top.effect in (Effect.ASK, Effect.REWRITE, Effect.ALLOW):
+            patched: Any = arguments
+            for match in matches:
+                if match.effect is Effect.REWRITE and match.rule.patch is not None:
+                    patched = merge_patch(patched, match.rule.patch)
+            if patched != arguments:
+                rewritten = patched
+        effect = top.effect
+        if effect is Effect.REWRITE and rewritten is None:
+            effect = Effect.ALLOW  # the arguments already were what the rewrite asks for
+        rule = top.rule
+        if top.note:
+            reason = top.note
+        elif top.effect is Effect.DENY:
+            reason = f"denied by rule '{rule.id}'" + (f": {rule.reason}" if rule.reason else "")
+        elif top.effect is Effect.ASK:
+            reason = f"rule '{rule.id}' needs a person's approval" + (f": {rule.reason}" if rule.reason else "")
+        elif top.effect is Effect.REWRITE:
+            by = ", ".join(f"'{match.rule.id}'" for match in matches if match.effect is Effect.REWRITE)
+            reason = f"arguments rewritten by rule {by}" + (f": {rule.reason}" if rule.reason else "")
+        else:
+            reason = f"allowed by rule '{rule.id}'" + (f": {rule.reason}" if rule.reason else "")
+        return Decision(effect, reason, revision, ids, rewritten)
+
+    def charge(self, decision: Decision, session: str, now: float) -> bool:
+        """Count a call that goes ahead against its rate-limited rules; `False` if one is now at its limit."""
+        return self.limiter.charge(session, self._rated(decision), now)
+
+    def refund(self, decision: Decision, session: str, now: float) -> None:
+        self.limiter.refund(session, self._rated(decision), now)
+
+    def _rated(self, decision: Decision) -> list[Rule]:
+        by_id = {rule.id: rule for rule in self.policies.rules}
+        return [by_id[rule_id] for rule_id in decision.rated if rule_id in by_id and by_id[rule_id].rate is not None]
+
+    # -- visibility ----------------------------------------------------------------------------
+
+    def visible(self, tool: str, *, client: str = "", principal: str = "") -> bool:
+        """False when no rule can ever let this client call `tool`: it is then hidden from `tools/list`."""
+        if self.monitor_mode:
+            return True
+        rules = [
+            rule for rule in self.rules_for(tool).call if not rule.monitor and rule.concerns_client(client, principal)
+        ]
+        if any(rule.effect is Effect.DENY and rule.when is None for rule in rules):
+            return False
+        if self.policies.default is not Effect.DENY:
+            return True
+        return any(rule.effect is not Effect.DENY for rule in rules)
+
+    # -- results -------------------------------------------------------------------------------
+
+    def screen_result(
+        self, tool: str, result: Mapping[str, Any], *, client: str = "", principal: str = ""
+    ) -> Screening:
+        """Apply the result rules to what the upstream returned: withhold it, or mask parts of its text."""
+        rules = [rule for rule in self.rules_for(tool).result if rule.concerns_client(client, principal)]
+        if not rules:
+            return Screening(result)
+        subject = _result_subject(result)
+        redacted: list[str] = []
+        monitored: list[str] = []
+        for rule in rules:
+            try:
+                applies = rule.when is None or rule.when.is_valid(subject)
+            except Exception as exc:  # fail closed: a result that cannot be screened is withheld
+                reason = f"result rule '{rule.id}' could not be evaluated ({type(exc).__name__})"
+                return Screening(result, rule.id, reason, tuple(redacted), tuple(monitored))
+            if not applies:
+                continue
+            if rule.monitor or self.monitor_mode:
+                monitored.append(rule.id)
+                continue
+            if rule.effect is Effect.DENY:
+                reason = f"result withheld by rule '{rule.id}'" + (f": {rule.reason}" if rule.reason else "")
+                return Screening(result, rule.id, reason, tuple(redacted), tuple(monitored))
+            masked = _redact(result, rule)
+            if masked != result:
+                result = masked
+                redacted.append(rule.id)
+        return Screening(result, None, "", tuple(redacted), tuple(monitored))
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge recursively, `null` removes a key, anything else replaces."""
+    if not isinstance(patch, Mapping):
+        return patch
+    merged = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
+def _rate_note(rule: Rule, wait: float) -> str:
+    limit = rule.rate.text if rule.rate is not None else "a limited number of calls"
+    return f"rule '{rule.id}' allows {limit} per session and that limit is reached; try again in {math.ceil(wait)}s"
+
+
+def _result_subject(result: Mapping[str, Any]) -> Any:
+    structured = result.get("structuredContent")
+    if structured is not None:
+        return structured
+    return {"text": "".join(_texts(result))}
+
+
+def _texts(result: Mapping[str, Any]) -> Iterable[str]:
+    for block in result.get("content") or ():
+        if isinstance(block, Mapping):
+            if block.get("type") == "text" and isinstance(block.get("text"), str):
+                yield block["text"]
+            resource = block.get("resource")
+            if isinstance(resource, Mapping) and isinstance(resource.get("text"), str):
+                yield resource["text"]
+
+
+def _redact(result: Mapping[str, Any], rule: Rule) -> Mapping[str, Any]:
+    mask = f"[redacted by mcp-armor rule '{rule.id}']"
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            for pattern in rule.redact:
+                value = pattern.sub(mask, value)
+            return value
+        if isinstance(value, Mapping):
+            return {key: scrub(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [scrub(item) for item in value]
+        return value
+
+    changed = dict(result)
+    content = result.get("content")
+    if isinstance(content, list):
+        changed["content"] = [_scrub_block(block, scrub) for block in content]
+    if result.get("structuredContent") is not None:
+        changed["structuredContent"] = scrub(result["structuredContent"])
+    return changed
+
+
+def _scrub_block(block: Any, scrub: Any) -> Any:
+    if not isinstance(block, Mapping):
+        return block
+    if block.get("type") == "text" and isinstance(block.get("text"), str):
+        return {**block, "text": scrub(block["text"])}
+    resource = block.get("resource")
+    if isinstance(resource, Mapping) and isinstance(resource.get("text"), str):
+        return {**block, "resource": {**resource, "text": scrub(resource["text"])}}
+    return block
