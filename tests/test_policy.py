@@ -1,0 +1,325 @@
+"""The policy engine from tables: effects, precedence, defaults, monitor mode, clients, rates, results, bypasses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.calls import Effect
+from gateway.policy import PolicyEngine, Rule, merge_patch
+from gateway.policy_files import load_policies
+from tests.conftest import REPO
+
+POLICY = r"""
+[[rule]]
+id = "read"
+tools = ["files__read_*", "files__list_directory"]
+effect = "allow"
+when = { required = ["path"], properties = { path = { "$ref" = "schemas/inside.json" } } }
+
+[[rule]]
+id = "no-secrets"
+tools = ["files__*"]
+effect = "deny"
+reason = "secret files stay off-limits"
+when = { required = ["path"], properties = { path = { type = "string", pattern = '(^|/)(\.env|\.ssh|id_rsa)' } } }
+
+[[rule]]
+id = "writes-need-approval"
+tools = ["files__write_file"]
+effect = "ask"
+
+[[rule]]
+id = "cap-results"
+tools = ["search__query"]
+effect = "rewrite"
+set = { max_results = 20 }
+when = { required = ["max_results"], properties = { max_results = { minimum = 21 } } }
+
+[[rule]]
+id = "search"
+tools = ["search__*"]
+effect = "allow"
+
+[[rule]]
+id = "fetch-budget"
+tools = ["fetch__*"]
+effect = "allow"
+rate = "3/minute"
+
+[[rule]]
+id = "shell-for-claude-code"
+tools = ["shell__*"]
+clients = ["claude-code*"]
+effect = "allow"
+
+[[rule]]
+id = "shell-trial-deny"
+tools = ["shell__run"]
+effect = "deny"
+mode = "monitor"
+when = { properties = { command = { type = "string", pattern = "^rm " } } }
+
+[[rule]]
+id = "counts"
+tools = ["stats__*"]
+effect = "allow"
+when = { properties = { n = { type = "integer", maximum = 100 }, tags = { type = "array", maxItems = 10 } } }
+
+[[rule]]
+id = "dates"
+tools = ["cal__*"]
+effect = "allow"
+when = { required = ["day"], properties = { day = { type = "string", format = "date" } } }
+
+[[rule]]
+id = "no-echo-secrets"
+tools = ["box__echo"]
+on = "result"
+effect = "deny"
+reason = "it carries a private key"
+when = { required = ["text"], properties = { text = { pattern = "PRIVATE KEY" } } }
+
+[[rule]]
+id = "mask-keys"
+tools = ["box__*"]
+on = "result"
+redact = ['AKIA[0-9A-Z]{16}']
+"""
+
+INSIDE = {"type": "string", "pattern": "^/srv/project/", "not": {"$ref": "escape.json"}}
+ESCAPE = {"type": "string", "pattern": "(^|/)\\.\\.(/|$)|%2[eEfF]|\\\\"}
+
+
+def make_engine(directory: Path, text: str = POLICY, *, monitor_mode: bool = False) -> PolicyEngine:
+    (directory / "schemas").mkdir(parents=True, exist_ok=True)
+    (directory / "schemas" / "inside.json").write_text(json.dumps(INSIDE))
+    (directory / "schemas" / "escape.json").write_text(json.dumps(ESCAPE))
+    (directory / "main.toml").write_text(text)
+    engine = PolicyEngine(load_policies(directory), monitor_mode=monitor_mode)
+    engine.index_tools(["files__read_file", "files__write_file", "search__query", "fetch__get", "shell__run"])
+    return engine
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> PolicyEngine:
+    return make_engine(tmp_path)
+
+
+DECISIONS = [
+    pytest.param("files__read_file", {"path": "/srv/project/a.txt"}, "", Effect.ALLOW, ("read",), id="allow"),
+    pytest.param(
+        "files__read_file",
+        {"path": "/srv/project/.env"},
+        "",
+        Effect.DENY,
+        ("read", "no-secrets"),
+        id="deny-beats-allow",
+    ),
+    pytest.param("files__write_file", {"path": "/srv/project/a"}, "", Effect.ASK, ("writes-need-approval",), id="ask"),
+    pytest.param(
+        "files__write_file",
+        {"path": "/srv/project/.ssh/config"},
+        "",
+        Effect.DENY,
+        ("no-secrets", "writes-need-approval"),
+        id="deny-beats-ask",
+    ),
+    pytest.param("search__query", {"max_results": 5}, "", Effect.ALLOW, ("search",), id="rewrite-when-not-met"),
+    pytest.param("search__query", {"max_results": 500}, "", Effect.REWRITE, ("cap-results", "search"), id="rewrite"),
+    pytest.param("files__delete", {"path": "/srv/project/a"}, "", Effect.DENY, (), id="default-deny"),
+    pytest.param("unknown__tool", {}, "", Effect.DENY, (), id="no-rule-at-all"),
+    pytest.param("shell__run", {"command": "ls"}, "claude-code", Effect.ALLOW, ("shell-for-claude-code",), id="client"),
+    pytest.param("shell__run", {"command": "ls"}, "claude-code-2", Effect.ALLOW, ("shell-for-claude-code",), id="glob"),
+    pytest.param("shell__run", {"command": "ls"}, "cursor", Effect.DENY, (), id="other-client"),
+    pytest.param("shell__run", {"command": "ls"}, "", Effect.DENY, (), id="anonymous-client"),
+    pytest.param("cal__add", {"day": "2026-11-23"}, "", Effect.ALLOW, ("dates",), id="format-date-ok"),
+    pytest.param("cal__add", {"day": "2026-13-45"}, "", Effect.DENY, (), id="format-is-asserted"),
+]
+
+
+@pytest.mark.parametrize(("tool", "arguments", "client", "effect", "rules"), DECISIONS)
+def test_decisions(
+    engine: PolicyEngine, tool: str, arguments: dict[str, Any], client: str, effect: Effect, rules: tuple[str, ...]
+) -> None:
+    decision = engine.evaluate(tool, arguments, now=0.0, session="s", client=client)
+    assert decision.effect is effect
+    assert decision.rules == rules
+    assert decision.revision == engine.policies.revision
+    assert decision.reason
+
+
+def test_reasons_name_the_rule_and_say_why(engine: PolicyEngine) -> None:
+    denied = engine.evaluate("files__read_file", {"path": "/srv/project/.env"}, now=0)
+    assert denied.reason == "denied by rule 'no-secrets': secret files stay off-limits"
+    default = engine.evaluate("files__read_file", {"path": "/etc/passwd"}, now=0)
+    assert "default is deny" in default.reason and "'read'" in default.reason
+
+
+def test_rewrite_is_a_merge_patch(engine: PolicyEngine) -> None:
+    decision = engine.evaluate("search__query", {"q": "x", "max_results": 500}, now=0)
+    assert decision.effect is Effect.REWRITE
+    assert decision.arguments == {"q": "x", "max_results": 20}
+    assert merge_patch({"a": {"b": 1, "c": 2}, "d": 1}, {"a": {"b": None}, "d": [1]}) == {"a": {"c": 2}, "d": [1]}
+
+
+def test_default_can_be_set(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, POLICY + '\n[defaults]\neffect = "allow"\n')
+    assert engine.evaluate("anything__else", {}, now=0).effect is Effect.ALLOW
+    assert engine.evaluate("files__read_file", {"path": "/srv/project/.env"}, now=0).effect is Effect.DENY
+
+
+def test_monitor_rules_record_but_never_change_the_outcome(engine: PolicyEngine) -> None:
+    decision = engine.evaluate("shell__run", {"command": "rm -rf /"}, now=0, client="claude-code")
+    assert decision.effect is Effect.ALLOW
+    assert decision.would is Effect.DENY
+    assert decision.monitored == ("shell-trial-deny",)
+    calm = engine.evaluate("shell__run", {"command": "ls"}, now=0, client="claude-code")
+    assert calm.would is None and calm.monitored == ()
+
+
+def test_monitor_mode_refuses_nothing_and_records_what_it_would(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, monitor_mode=True)
+    decision = engine.evaluate("files__read_file", {"path": "/srv/project/.env"}, now=0)
+    assert decision.effect is Effect.ALLOW
+    assert decision.would is Effect.DENY
+    assert decision.reason.startswith("monitor mode, would deny: denied by rule 'no-secrets'")
+    assert engine.visible("files__delete")
+
+
+def test_rate_limit_per_session_and_rule_with_a_fake_clock(engine: PolicyEngine) -> None:
+    def call(session: str, now: float) -> Effect:
+        decision = engine.evaluate("fetch__get", {}, now=now, session=session)
+        if decision.proceeds:
+            assert engine.charge(decision, session, now)
+        return decision.effect
+
+    assert [call("a", t) for t in (0, 1, 2)] == [Effect.ALLOW] * 3
+    limited = engine.evaluate("fetch__get", {}, now=3, session="a")
+    assert limited.effect is Effect.DENY
+    assert "allows 3 calls per minute" in limited.reason and "try again in 57s" in limited.reason
+    assert call("b", 3) is Effect.ALLOW  # another session has its own budget
+    assert call("a", 60.5) is Effect.ALLOW  # the first call left the window
+
+
+def test_refused_calls_do_not_consume_the_rate(engine: PolicyEngine) -> None:
+    for now in range(10):
+        decision = engine.evaluate("fetch__get", {}, now=now, session="s")
+        assert decision.effect is Effect.ALLOW
+        assert engine.charge(decision, "s", now)
+        engine.refund(decision, "s", now)  # refused later on (e.g. by an approval that never came)
+
+
+def test_hidden_tools(engine: PolicyEngine) -> None:
+    assert engine.visible("files__read_file")
+    assert engine.visible("files__write_file")  # ask can allow
+    assert not engine.visible("files__delete")  # default deny, no allowing rule
+    assert not engine.visible("shell__run", client="cursor")
+    assert engine.visible("shell__run", client="claude-code")
+
+
+def test_unconditional_deny_hides(tmp_path: Path) -> None:
+    engine = make_engine(
+        tmp_path, '[defaults]\neffect = "allow"\n[[rule]]\nid = "x"\ntools = ["a__*"]\neffect = "deny"\n'
+    )
+    assert not engine.visible("a__b")
+    assert engine.visible("b__c")
+
+
+def test_an_error_while_evaluating_denies(engine: PolicyEngine) -> None:
+    class Broken:
+        def is_valid(self, instance: object) -> bool:
+            raise RecursionError("maximum recursion depth exceeded")
+
+    rule = Rule(
+        id="broken",
+        source="x.toml",
+        tools=("box__*",),
+        tools_pattern=__import__("re").compile("box__.*"),
+        effect=Effect.ALLOW,
+        when=Broken(),  # type: ignore[arg-type]
+    )
+    engine.replace_policies(type(engine.policies)(rules=(rule,), default=Effect.ALLOW, revision="r"))
+    decision = engine.evaluate("box__echo", {"text": "x"}, now=0)
+    assert decision.effect is Effect.DENY
+    assert decision.rules == ("broken",)
+    assert "could not be evaluated (RecursionError)" in decision.reason
+
+
+def test_result_rules(engine: PolicyEngine) -> None:
+    key = "AKIA" + "A" * 16
+    result = {"content": [{"type": "text", "text": f"the key is {key}."}], "isError": False}
+    masked = engine.screen_result("box__echo", result)
+    assert masked.redacted_by == ("mask-keys",)
+    assert masked.result["content"][0]["text"] == "the key is [redacted by mcp-armor rule 'mask-keys']."
+    assert result["content"][0]["text"].endswith(f"{key}.")  # the original is not mutated
+
+    structured = {"content": [], "structuredContent": {"nested": [key]}}
+    assert engine.screen_result("box__echo", structured).result["structuredContent"] == {
+        "nested": ["[redacted by mcp-armor rule 'mask-keys']"]
+    }
+
+    secret = {"content": [{"type": "text", "text": "-----BEGIN PRIVATE KEY-----"}]}
+    withheld = engine.screen_result("box__echo", secret)
+    assert withheld.withheld_by == "no-echo-secrets"
+    assert withheld.reason == "result withheld by rule 'no-echo-secrets': it carries a private key"
+    assert engine.screen_result("other__tool", secret).withheld_by is None
+
+
+def test_explain_says_why_for_every_rule(engine: PolicyEngine) -> None:
+    decision, trace = engine.explain("files__read_file", {"path": "/srv/project/.env"}, now=0)
+    verdicts = dict(trace)
+    assert decision.effect is Effect.DENY
+    assert verdicts["read"] == "matches: allow"
+    assert verdicts["no-secrets"] == "matches: deny"
+    assert verdicts["writes-need-approval"].startswith("tools ['files__write_file'] do not match")
+    assert verdicts["mask-keys"].startswith("result rule")
+    assert [rule_id for rule_id, _ in trace] == [rule.id for rule in engine.policies.rules]
+
+
+def test_rules_that_do_not_concern_a_tool_are_not_looked_at(tmp_path: Path) -> None:
+    many = "".join(f'[[rule]]\nid = "r{i}"\ntools = ["other{i}__*"]\neffect = "deny"\n' for i in range(200))
+    engine = make_engine(tmp_path, POLICY + many)
+    assert len(engine.rules_for("files__read_file").call) == 2
+    assert len(engine.rules_for("files__read_file").result) == 0
+
+
+BYPASSES = [
+    pytest.param("FILES__read_file", {"path": "/srv/project/a"}, Effect.DENY, id="case-changed-tool"),
+    pytest.param("files__reаd_file", {"path": "/srv/project/a"}, Effect.DENY, id="cyrillic-a-in-tool"),
+    pytest.param("files__list_directory\u200b", {"path": "/srv/project/a"}, Effect.DENY, id="zero-width-in-tool"),
+    pytest.param("files__read_file", {"path": "/srv/project/../../etc/passwd"}, Effect.DENY, id="dot-dot"),
+    pytest.param("files__read_file", {"path": "/srv/project/%2e%2e/%2e%2e/etc"}, Effect.DENY, id="url-encoded"),
+    pytest.param("files__read_file", {"path": "/srv/project/%2E%2E%2Fetc"}, Effect.DENY, id="url-encoded-upper"),
+    pytest.param("files__read_file", {"path": "/srv/project/..\\..\\etc"}, Effect.DENY, id="backslashes"),
+    pytest.param("files__read_file", {"path": ["/srv/project/a"]}, Effect.DENY, id="array-for-string"),
+    pytest.param("files__read_file", {"path": {"$ref": "/srv/project/a"}}, Effect.DENY, id="object-for-string"),
+    pytest.param("files__read_file", {"path": "/srv/project/.env", "x": 1}, Effect.DENY, id="extra-property"),
+    pytest.param("files__read_file", {"path": "/srv/project/" + "a" * 1_000_000}, Effect.ALLOW, id="huge-string"),
+    pytest.param("files__read_file", {"path": "/srv/project/" + "a" * 500_000 + "/.env"}, Effect.DENY, id="huge-tail"),
+    pytest.param("stats__sum", {"n": "10"}, Effect.DENY, id="string-for-integer"),
+    pytest.param("stats__sum", {"n": 10.5}, Effect.DENY, id="float-for-integer"),
+    pytest.param("stats__sum", {"n": True}, Effect.DENY, id="boolean-for-integer"),
+    pytest.param("stats__sum", {"n": 10}, Effect.ALLOW, id="integer"),
+    pytest.param("stats__sum", {"tags": list(range(100_000))}, Effect.DENY, id="huge-array"),
+]
+
+
+@pytest.mark.parametrize(("tool", "arguments", "effect"), BYPASSES)
+def test_bypass_attempts(engine: PolicyEngine, tool: str, arguments: dict[str, Any], effect: Effect) -> None:
+    assert engine.evaluate(tool, arguments, now=0).effect is effect
+
+
+def test_the_engine_does_no_io() -> None:
+    code = (
+        "import sys, gateway.policy, gateway.policy_files\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mcp', 'mcp_types', 'anyio', 'asyncio'))\n"
+        "print(','.join(bad))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert found.stdout.strip() == ""

@@ -1,0 +1,170 @@
+"""Loading policy files: every mistake is refused at load with one line naming file, rule id and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.calls import Effect
+from gateway.errors import PolicyError
+from gateway.policy_files import load_policies, parse_rate
+
+RULE = '[[rule]]\nid = "r"\ntools = ["a__*"]\n'
+
+CASES = [
+    pytest.param({"p.toml": "[[rule]\n"}, "p.toml: not valid TOML", id="toml-syntax"),
+    pytest.param({"p.toml": "[rules]\n"}, "p.toml: rules: unknown key", id="unknown-top-level-key"),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\ncolour = 1\n'}, "p.toml: rule 'r': colour: unknown key", id="key"
+    ),
+    pytest.param(
+        {"p.toml": '[[rule]]\ntools = ["a"]\neffect = "allow"\n'}, "p.toml: rule #1: id: required", id="no-id"
+    ),
+    pytest.param({"p.toml": RULE}, "p.toml: rule 'r': effect: required key is missing", id="no-effect"),
+    pytest.param({"p.toml": RULE + 'effect = "permit"\n'}, "p.toml: rule 'r': effect: Input should be", id="effect"),
+    pytest.param(
+        {"p.toml": '[[rule]]\nid = "r"\ntools = []\neffect = "allow"\n'}, "p.toml: rule 'r': tools: ", id="no-tools"
+    ),
+    pytest.param(
+        {"p.toml": '[[rule]]\nid = "bad id"\ntools = ["a"]\neffect = "allow"\n'}, "rule 'bad id': id:", id="id"
+    ),
+    pytest.param(
+        {"a.toml": RULE + 'effect = "allow"\n', "b.toml": RULE + 'effect = "deny"\n'},
+        "b.toml: rule 'r': id: duplicate (first defined in a.toml)",
+        id="duplicate-id-across-files",
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\nwhen = { type = "strin" }\n'},
+        "p.toml: rule 'r': when: not a valid JSON Schema",
+        id="bad-schema",
+    ),
+    pytest.param(
+        {"p.toml": RULE + "effect = \"allow\"\nwhen = { properties = { p = { pattern = '([' } } }\n"},
+        "p.toml: rule 'r': when: not a valid JSON Schema: at 'properties/p/pattern'",
+        id="bad-schema-regex",
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\nwhen = { format = "iri-reference" }\n'},
+        "p.toml: rule 'r': when: format 'iri-reference' cannot be checked by the gateway",
+        id="unsupported-format",
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\nwhen = { "$ref" = "schemas/none.json" }\n'},
+        "p.toml: rule 'r': when: $ref 'schemas/none.json': file",
+        id="missing-ref-file",
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\nwhen = { "$ref" = "../outside.json" }\n'},
+        "points outside the policies directory",
+        id="ref-escapes",
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\nwhen = { "$ref" = "https://example.com/s.json" }\n'},
+        "only files inside the policies directory can be referenced",
+        id="remote-ref",
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\nwhen = { "$ref" = "s.json" }\n', "s.json": '{"type": "nope"}'},
+        "p.toml: rule 'r': when: $ref 's.json': ",
+        id="bad-ref-schema",
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\nwhen = { "$ref" = "s.json" }\n', "s.json": "{not json"},
+        "is not readable JSON",
+        id="ref-not-json",
+    ),
+    pytest.param({"p.toml": RULE + 'effect = "allow"\nrate = "lots"\n'}, "p.toml: rule 'r': rate: expected", id="rate"),
+    pytest.param({"p.toml": RULE + 'effect = "allow"\nrate = "0/minute"\n'}, "rule 'r': rate: the limit", id="rate-0"),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "deny"\nrate = "3/minute"\n'}, "rule 'r': rate: a deny rule", id="deny-rate"
+    ),
+    pytest.param({"p.toml": RULE + 'effect = "rewrite"\n'}, "p.toml: rule 'r': set: a rewrite rule needs", id="no-set"),
+    pytest.param({"p.toml": RULE + 'effect = "allow"\nset = { a = 1 }\n'}, "rule 'r': set: applies to", id="set-allow"),
+    pytest.param(
+        {"p.toml": RULE + "on = \"result\"\nredact = ['(']\n"},
+        "p.toml: rule 'r': redact[0]: invalid regular expression",
+        id="bad-redact-regex",
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'on = "result"\neffect = "allow"\n'}, "rule 'r': on: a result rule either", id="result-allow"
+    ),
+    pytest.param({"p.toml": RULE + 'on = "result"\n'}, "rule 'r': on: a result rule either", id="result-nothing"),
+    pytest.param(
+        {"p.toml": RULE + "effect = \"allow\"\nredact = ['x']\n"}, "rule 'r': redact: applies to", id="redact-on-call"
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\nmode = "audit"\n'}, "p.toml: rule 'r': mode: Input should be", id="mode"
+    ),
+    pytest.param({"p.toml": '[defaults]\neffect = "maybe"\n'}, "p.toml: [defaults] effect: Input should be", id="dflt"),
+    pytest.param(
+        {"a.toml": '[defaults]\neffect = "deny"\n', "b.toml": '[defaults]\neffect = "allow"\n'},
+        "b.toml: [defaults] already set in a.toml",
+        id="defaults-twice",
+    ),
+    pytest.param({"p.toml": "rule = 3\n"}, "p.toml: rule: must be an array of tables", id="rule-not-tables"),
+    pytest.param({"p.toml": RULE + 'effect = "allow"\nclients = [""]\n'}, "rule 'r': clients: empty glob", id="glob"),
+]
+
+
+def write(directory: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (directory / name).write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize(("files", "message"), CASES)
+def test_policy_errors(tmp_path: Path, files: dict[str, str], message: str) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    write(policies, files)
+    with pytest.raises(PolicyError) as raised:
+        load_policies(policies)
+    text = str(raised.value)
+    assert "\n" not in text
+    assert message in text
+    assert text.startswith(str(policies))
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="policies directory not found"):
+        load_policies(tmp_path / "nowhere")
+
+
+def test_empty_directory_denies_everything(tmp_path: Path) -> None:
+    policies = load_policies(tmp_path)
+    assert policies.rules == () and policies.default is Effect.DENY
+
+
+def test_revision_covers_every_file_and_referenced_schema(tmp_path: Path) -> None:
+    (tmp_path / "schemas").mkdir()
+    write(tmp_path, {"p.toml": RULE + 'effect = "allow"\nwhen = { "$ref" = "schemas/s.json" }\n'})
+    (tmp_path / "schemas" / "s.json").write_text('{"type": "object"}')
+    first = load_policies(tmp_path).revision
+    assert load_policies(tmp_path).revision == first
+    (tmp_path / "schemas" / "s.json").write_text('{"type": "object", "required": ["a"]}')
+    second = load_policies(tmp_path).revision
+    assert second != first
+    write(tmp_path, {"q.toml": "# a comment\n"})
+    assert load_policies(tmp_path).revision not in (first, second)
+
+
+def test_the_shipped_policies_load() -> None:
+    shipped = load_policies(Path(__file__).parent.parent / "policies")
+    assert shipped.default is Effect.DENY
+    assert {"ask", "deny", "allow", "rewrite"} <= {rule.effect.value for rule in shipped.rules if rule.effect}
+    assert any(rule.rate for rule in shipped.rules) and any(rule.on_result for rule in shipped.rules)
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "period"),
+    [
+        ("30/minute", 30, 60.0),
+        ("5/second", 5, 1.0),
+        ("100/hour", 100, 3600.0),
+        ("2/day", 2, 86400.0),
+        ("10/30s", 10, 30.0),
+    ],
+)
+def test_rates(text: str, limit: int, period: float) -> None:
+    rate = parse_rate(text)
+    assert (rate.limit, rate.period) == (limit, period)
