@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import mcp_types as types
 import pytest
 import tomli_w
@@ -109,13 +112,70 @@ class Notifications:
 
 @asynccontextmanager
 async def gateway_client(
-    config: Path, *, mode: str = "legacy", notifications: Notifications | None = None
+    config: Path, *, mode: str = "legacy", notifications: Notifications | None = None, elicitation: Any = None
 ) -> AsyncIterator[Client]:
     """Start `mcp-armor serve` on `config` as a real process and connect a real SDK client over stdio."""
     async with Client(
-        gateway_params(config), mode=mode, message_handler=notifications, read_timeout_seconds=60
-    ) as client:  # type: ignore[arg-type]
+        gateway_params(config),
+        mode=mode,  # type: ignore[arg-type]
+        message_handler=notifications,
+        read_timeout_seconds=60,
+        elicitation_callback=elicitation,
+    ) as client:
         yield client
+
+
+class ServerLog:
+    """The stderr of a gateway process, read as it comes; a test can wait for a line without sleeping."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self._changed = anyio.Event()
+
+    def add(self, chunk: bytes) -> None:
+        self.text += chunk.decode(errors="replace")
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_for(self, pattern: str, *, seconds: float = 20, after: int = 0) -> re.Match[str]:
+        """The first match of `pattern` in the log from offset `after`, waiting for it to appear."""
+        with anyio.fail_after(seconds):
+            while not (match := re.compile(pattern).search(self.text, after)):
+                await self._changed.wait()
+            return match
+
+
+@asynccontextmanager
+async def gateway_process(config: Path, *extra: str) -> AsyncIterator[tuple[anyio.abc.Process, ServerLog]]:
+    """Run `mcp-armor serve` with `extra` arguments as a process, its stderr collected in a `ServerLog`."""
+    log = ServerLog()
+    async with await anyio.open_process(gateway_command(config, *extra), stderr=subprocess.PIPE) as proc:
+        assert proc.stderr is not None
+        stderr = proc.stderr
+
+        async def pump() -> None:
+            async for chunk in stderr:
+                log.add(chunk)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump)
+            try:
+                yield proc, log
+            finally:
+                proc.terminate()
+                with anyio.fail_after(20):
+                    await proc.wait()
+                tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def http_gateway(config: Path, log: list[ServerLog] | None = None) -> AsyncIterator[str]:
+    """Run `mcp-armor serve --http 127.0.0.1:0` and yield its /mcp URL once it is listening."""
+    async with gateway_process(config, "--http", "127.0.0.1:0") as (_, server_log):
+        if log is not None:
+            log.append(server_log)
+        match = await server_log.wait_for(r"serving streamable HTTP at (http://\S+/mcp)", seconds=30)
+        yield match[1]
 
 
 def text_of(result: types.CallToolResult) -> str:

@@ -3,42 +3,27 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import anyio
 import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import REPO, fixture_upstream, gateway_client, gateway_command, node_server, text_of, write_config
+from tests.conftest import (
+    REPO,
+    fixture_upstream,
+    gateway_client,
+    http_gateway,
+    node_server,
+    text_of,
+    write_config,
+)
 from tests.test_config import CASES as CONFIG_CASES
 
 TOKEN = "test-token-0123456789abcdef"
-
-
-@asynccontextmanager
-async def http_gateway(config: Path) -> AsyncIterator[str]:
-    """Run `mcp-armor serve --http 127.0.0.1:0` and yield its /mcp URL once it is listening."""
-    async with await anyio.open_process(
-        gateway_command(config, "--http", "127.0.0.1:0"), stderr=subprocess.PIPE
-    ) as proc:
-        assert proc.stderr is not None
-        seen = b""
-        with anyio.fail_after(30):
-            while not (match := re.search(rb"serving streamable HTTP at (http://\S+/mcp)", seen)):
-                seen += await proc.stderr.receive()
-        try:
-            yield match[1].decode()
-        finally:
-            proc.terminate()
-            with anyio.fail_after(20):
-                await proc.wait()
 
 
 @pytest.fixture

@@ -291,7 +291,7 @@ def test_rules_that_do_not_concern_a_tool_are_not_looked_at(tmp_path: Path) -> N
 
 BYPASSES = [
     pytest.param("FILES__read_file", {"path": "/srv/project/a"}, Effect.DENY, id="case-changed-tool"),
-    pytest.param("files__reаd_file", {"path": "/srv/project/a"}, Effect.DENY, id="cyrillic-a-in-tool"),
+    pytest.param("files__re\u0430d_file", {"path": "/srv/project/a"}, Effect.DENY, id="cyrillic-a-in-tool"),
     pytest.param("files__list_directory\u200b", {"path": "/srv/project/a"}, Effect.DENY, id="zero-width-in-tool"),
     pytest.param("files__read_file", {"path": "/srv/project/../../etc/passwd"}, Effect.DENY, id="dot-dot"),
     pytest.param("files__read_file", {"path": "/srv/project/%2e%2e/%2e%2e/etc"}, Effect.DENY, id="url-encoded"),
