@@ -1,0 +1,309 @@
+"""Policy end to end: a real client drives the real gateway process in front of the real fixture upstream.
+
+The fixture records every call it receives, so each test proves what did, and did not, reach it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import mcp_types as types
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from tests.conftest import (
+    fixture_upstream,
+    gateway_client,
+    gateway_command,
+    gateway_process,
+    read_records,
+    text_of,
+    write_config,
+    write_policy,
+)
+
+pytestmark = pytest.mark.anyio
+
+ERAS = [pytest.param("legacy", id="handshake-era"), pytest.param("auto", id="2026-era")]
+AWS_KEY = "AKIA" + "Z" * 16
+
+POLICY = """
+[defaults]
+effect = "deny"
+
+[[rule]]
+id = "echo"
+tools = ["box__echo"]
+effect = "allow"
+
+[[rule]]
+id = "echo-rewrite"
+tools = ["box__echo"]
+effect = "rewrite"
+set = { text = "rewritten by the gateway" }
+when = { required = ["text"], properties = { text = { pattern = "^rewrite me" } } }
+
+[[rule]]
+id = "no-big-sums"
+tools = ["box__add"]
+effect = "deny"
+reason = "sums of 100 or more are not allowed"
+when = { properties = { a = { minimum = 100 } } }
+
+[[rule]]
+id = "add-budget"
+tools = ["box__add"]
+effect = "allow"
+rate = "3/minute"
+
+[[rule]]
+id = "add-breaks-schema"
+tools = ["box__add"]
+effect = "rewrite"
+set = { a = "seven" }
+when = { required = ["b"], properties = { b = { const = 7 } } }
+
+[[rule]]
+id = "notes-need-approval"
+tools = ["box__write_note"]
+effect = "ask"
+reason = "notes are written to disk"
+
+[[rule]]
+id = "pid-never"
+tools = ["box__pid"]
+effect = "deny"
+
+[[rule]]
+id = "mask-keys"
+tools = ["box__*"]
+on = "result"
+redact = ['AKIA[0-9A-Z]{16}']
+
+[[rule]]
+id = "withhold-private-keys"
+tools = ["box__echo"]
+on = "result"
+effect = "deny"
+reason = "it holds a private key"
+when = { required = ["text"], properties = { text = { pattern = "PRIVATE KEY" } } }
+"""
+
+
+@pytest.fixture
+def record(tmp_path: Path) -> Path:
+    return tmp_path / "calls.jsonl"
+
+
+@pytest.fixture
+def config(tmp_path: Path, record: Path) -> Path:
+    return write_config(tmp_path, {"box": fixture_upstream("toolbox.py", TOOLBOX_RECORD=str(record))}, policy=POLICY)
+
+
+def received(record: Path) -> list[tuple[str, dict[str, Any]]]:
+    return [(entry["tool"], entry["arguments"]) for entry in read_records(record)]
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_policy_in_the_call_path(config: Path, record: Path, mode: str) -> None:
+    async with gateway_client(config, mode=mode) as client:
+        names = {tool.name for tool in (await client.list_tools()).tools}
+        assert {"box__echo", "box__add", "box__write_note"} <= names
+        assert not names & {"box__pid", "box__crash", "box__fail", "box__slow"}  # hidden: nothing allows them
+
+        denied = await client.call_tool("box__add", {"a": 500, "b": 1})
+        assert denied.is_error
+        assert text_of(denied).startswith(
+            "Refused by the mcp-armor gateway: denied by rule 'no-big-sums': sums of 100 or more are not allowed (call "
+        )
+
+        with pytest.raises(MCPError, match="Unknown tool: box__pid"):
+            await client.call_tool("box__pid", {})
+
+        rewritten = await client.call_tool("box__echo", {"text": "rewrite me please"})
+        assert text_of(rewritten) == "rewritten by the gateway"
+
+        broken = await client.call_tool("box__add", {"a": 1, "b": 7})
+        assert broken.is_error
+        assert "rewritten arguments do not match the tool's input schema: at 'a'" in text_of(broken)
+
+        masked = await client.call_tool("box__echo", {"text": f"key {AWS_KEY} end"})
+        assert text_of(masked) == "key [redacted by mcp-armor rule 'mask-keys'] end"
+
+        withheld = await client.call_tool("box__echo", {"text": "-----BEGIN PRIVATE KEY----- abc"})
+        assert withheld.is_error
+        assert "withheld the result of this call: result withheld by rule 'withhold-private-keys'" in text_of(withheld)
+
+        # The rate counts only calls that went ahead: the refused ones above did not use the budget.
+        for a in (1, 2, 3):
+            assert (await client.call_tool("box__add", {"a": a, "b": 1})).structured_content == {"sum": a + 1}
+        limited = await client.call_tool("box__add", {"a": 4, "b": 1})
+        assert limited.is_error
+        assert "rule 'add-budget' allows 3 calls per minute per session and that limit is reached" in text_of(limited)
+
+    assert received(record) == [
+        ("echo", {"text": "rewritten by the gateway"}),
+        ("echo", {"text": f"key {AWS_KEY} end"}),
+        ("echo", {"text": "-----BEGIN PRIVATE KEY----- abc"}),
+        ("add", {"a": 1, "b": 1}),
+        ("add", {"a": 2, "b": 1}),
+        ("add", {"a": 3, "b": 1}),
+    ]
+
+
+class Person:
+    """Answers the gateway's approval requests like a person at the client would, and remembers them."""
+
+    def __init__(self, *answers: str) -> None:
+        self.answers = list(answers)
+        self.asked: list[types.ElicitRequestFormParams] = []
+
+    async def __call__(self, context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        assert isinstance(params, types.ElicitRequestFormParams)
+        self.asked.append(params)
+        answer = self.answers.pop(0)
+        if answer == "approve":
+            return types.ElicitResult(action="accept", content={"approve": True})
+        if answer == "unticked":
+            return types.ElicitResult(action="accept", content={"approve": False})
+        return types.ElicitResult(action="decline")
+
+
+NOTE = {"path": "notes/a.txt", "body": "hello"}
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_an_asked_call_is_forwarded_only_after_approval(config: Path, record: Path, mode: str) -> None:
+    person = Person("decline", "unticked", "approve")
+    async with gateway_client(config, mode=mode, elicitation=person) as client:
+        declined = await client.call_tool("box__write_note", NOTE)
+        assert declined.is_error
+        assert "rule 'notes-need-approval' needs a person's approval: notes are written to disk" in text_of(declined)
+        assert "the person declined it" in text_of(declined)
+        assert received(record) == []
+
+        unticked = await client.call_tool("box__write_note", NOTE)
+        assert "the person did not tick 'Allow this call'" in text_of(unticked)
+        assert received(record) == []
+
+        approved = await client.call_tool("box__write_note", {**NOTE, "body": "approved"})
+        assert not approved.is_error
+    assert received(record) == [("write_note", {**NOTE, "body": "approved"})]
+    assert len(person.asked) == 3
+    message = person.asked[-1].message
+    assert "'box__write_note'" in message and '"body": "approved"' in message
+    assert person.asked[-1].requested_schema["required"] == ["approve"]
+
+
+async def test_a_client_that_cannot_ask_is_refused(config: Path, record: Path) -> None:
+    async with gateway_client(config) as client:
+        refused = await client.call_tool("box__write_note", NOTE)
+        assert refused.is_error
+        assert "this client cannot ask a person (it does not support elicitation)" in text_of(refused)
+    assert received(record) == []
+
+
+async def test_an_approval_is_bound_to_its_call(config: Path, record: Path) -> None:
+    """2026-07-28: the sealed state of one call's approval does not approve another, nor twice."""
+    person = Person("approve", "approve", "approve")
+    async with gateway_client(config, mode="auto", elicitation=person) as client:
+        first = await client.session.call_tool("box__write_note", NOTE, allow_input_required=True)
+        assert isinstance(first, types.InputRequiredResult)
+        assert first.request_state is not None and first.input_requests is not None
+        (key,) = first.input_requests
+        yes = {key: types.ElicitResult(action="accept", content={"approve": True})}
+
+        other = {**NOTE, "body": "something else"}
+        swapped = await client.session.call_tool(
+            "box__write_note", other, input_responses=yes, request_state=first.request_state, allow_input_required=True
+        )
+        assert isinstance(swapped, types.CallToolResult) and swapped.is_error
+        assert "the approval was given for a different call" in text_of(swapped)
+
+        forged = await client.session.call_tool(
+            "box__write_note", NOTE, input_responses=yes, request_state=first.request_state + "0"
+        )
+        assert isinstance(forged, types.CallToolResult) and forged.is_error
+        assert "was not issued by this gateway" in text_of(forged)
+
+        done = await client.session.call_tool(
+            "box__write_note", NOTE, input_responses=yes, request_state=first.request_state
+        )
+        assert isinstance(done, types.CallToolResult) and not done.is_error
+
+        again = await client.session.call_tool(
+            "box__write_note", NOTE, input_responses=yes, request_state=first.request_state
+        )
+        assert isinstance(again, types.CallToolResult) and again.is_error
+        assert "already used" in text_of(again)
+    assert received(record) == [("write_note", NOTE)]
+
+
+async def test_reload_on_change_and_sighup_keeps_the_old_set_when_broken(tmp_path: Path, record: Path) -> None:
+    allow = '[[rule]]\nid = "echo"\ntools = ["box__echo"]\neffect = "allow"\n'
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py", TOOLBOX_RECORD=str(record))}, policy=allow)
+    policies = tmp_path / "policies"
+    async with gateway_process(config, "--http", "127.0.0.1:0") as (proc, log):
+        url = (await log.wait_for(r"serving streamable HTTP at (http://\S+/mcp)", seconds=30))[1]
+        async with (
+            httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60)) as http,
+            Client(streamable_http_client(url, http_client=http), mode="legacy") as client,
+        ):
+            assert text_of(await client.call_tool("box__echo", {"text": "one"})) == "one"
+
+            mark = len(log.text)
+            no_two = (
+                '[[rule]]\nid = "no-two"\ntools = ["box__echo"]\neffect = "deny"\n'
+                'when = { properties = { text = { const = "two" } } }\n'
+            )
+            write_policy(policies, allow + no_two)
+            await log.wait_for(r"policies reloaded \(a policy file changed\)", after=mark)
+            refused = await client.call_tool("box__echo", {"text": "two"})
+            assert "denied by rule 'no-two'" in text_of(refused)
+
+            mark = len(log.text)
+            write_policy(policies, "[[rule]]\nid = 'broken'\n", name="zz-broken.toml")
+            failed = await log.wait_for(
+                r"policy reload \(a policy file changed\) failed; revision (\w+) .*", after=mark
+            )
+            assert "zz-broken.toml: rule 'broken': tools: required key is missing" in failed[0]
+            still = await client.call_tool("box__echo", {"text": "two"})
+            assert "denied by rule 'no-two'" in text_of(still)
+
+            (policies / "zz-broken.toml").unlink()
+            (policies / "test.toml").write_text(allow)
+            mark = len(log.text)
+            os.kill(proc.pid, signal.SIGHUP)
+            await log.wait_for(r"policies reloaded \((SIGHUP|a policy file changed)\)", after=mark)
+            assert text_of(await client.call_tool("box__echo", {"text": "two"})) == "two"
+    assert received(record) == [("echo", {"text": "one"}), ("echo", {"text": "two"})]
+
+
+async def test_monitor_mode_lets_everything_through(tmp_path: Path, record: Path) -> None:
+    deny = '[[rule]]\nid = "no-echo"\ntools = ["box__echo"]\neffect = "deny"\n'
+    config = write_config(
+        tmp_path, {"box": fixture_upstream("toolbox.py", TOOLBOX_RECORD=str(record))}, policy=deny, mode="monitor"
+    )
+    async with gateway_client(config) as client:
+        assert "box__echo" in {tool.name for tool in (await client.list_tools()).tools}
+        assert text_of(await client.call_tool("box__echo", {"text": "still"})) == "still"
+    assert received(record) == [("echo", {"text": "still"})]
+
+
+async def test_a_broken_policy_stops_startup_with_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy='[[rule]]\nid = "x"\n')
+    with anyio.fail_after(30):
+        done = await anyio.run_process(gateway_command(config), check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    lines = done.stderr.decode().strip().splitlines()
+    assert lines == [
+        f"mcp-armor: error: {tmp_path / 'policies' / 'test.toml'}: rule 'x': tools: required key is missing"
+    ]
