@@ -69,8 +69,8 @@ def load_policies(directory: Path) -> PolicySet:
     """Read and compile every `*.toml` in `directory`; raise `PolicyError` with one line on any fault."""
     if not directory.is_dir():
         raise PolicyError(
-            f"{directory}: policies directory not found (create it, e.g. with `mcp-armor init`, "
-            "or set [gateway] policies)"
+            f"{directory}: policies directory not found (create it and put policy files in it, "
+            "or point [gateway] policies elsewhere)"
         )
     files = sorted(directory.glob("*.toml"))
     sources: list[_Source] = []

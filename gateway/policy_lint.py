@@ -1,0 +1,60 @@
+"""Warnings about policies that load but probably do not say what their author meant.
+
+Checked against the tools the upstreams expose now (upstreams change, so these are warnings, not
+errors): a `tools` glob that matches no exposed tool, and a `when` that names an argument the tool's
+own input schema does not have (a typo there silently turns a condition off).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from gateway.policy import PolicySet
+
+_BRANCHES = ("allOf", "anyOf", "oneOf")
+
+
+def lint(policies: PolicySet, tools: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per finding; `tools` maps exposed tool names to their input schemas."""
+    findings: list[str] = []
+    for rule in policies.rules:
+        where = f"{rule.source}: rule '{rule.id}'"
+        concerned = [name for name in tools if rule.concerns(name)]
+        for glob in rule.tools:
+            if not any(rule_matches(glob, name) for name in tools):
+                findings.append(f"{where}: tools: {glob!r} matches no exposed tool")
+        if rule.on_result or rule.when_schema is None:
+            continue
+        named = set(_argument_names(rule.when_schema))
+        for name in concerned:
+            known = tools[name].get("properties")
+            if not isinstance(known, Mapping):
+                continue
+            for argument in sorted(named - set(known)):
+                findings.append(f"{where}: when: names argument {argument!r}, which tool '{name}' does not have")
+    return findings
+
+
+def rule_matches(glob: str, tool: str) -> bool:
+    return fnmatch.fnmatchcase(tool, glob)
+
+
+def _argument_names(schema: Mapping[str, Any]) -> Iterator[str]:
+    """The top-level argument names a `when` schema talks about (through allOf/anyOf/oneOf/not too)."""
+    properties = schema.get("properties")
+    if isinstance(properties, Mapping):
+        yield from properties
+    required = schema.get("required")
+    if isinstance(required, list):
+        yield from (name for name in required if isinstance(name, str))
+    for key in _BRANCHES:
+        branches = schema.get(key)
+        if isinstance(branches, list):
+            for branch in branches:
+                if isinstance(branch, Mapping):
+                    yield from _argument_names(branch)
+    negated = schema.get("not")
+    if isinstance(negated, Mapping):
+        yield from _argument_names(negated)

@@ -1,0 +1,143 @@
+"""`mcp-armor policy check | explain` and the policy column of `mcp-armor tools`, run as real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, fixture_upstream, write_config
+
+POLICY = """
+[[rule]]
+id = "echo"
+tools = ["box__echo"]
+effect = "allow"
+when = { properties = { txt = { type = "string" } } }
+
+[[rule]]
+id = "typo"
+tools = ["box__ech0", "box__add"]
+effect = "allow"
+
+[[rule]]
+id = "notes"
+tools = ["box__write_note"]
+effect = "ask"
+"""
+
+
+def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=cwd, timeout=90, check=False
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=POLICY)
+
+
+def test_check_the_shipped_configuration() -> None:
+    done = run("policy", "check", "--config", str(REPO / "upstreams.toml"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok: ") and done.stdout.rstrip().endswith("(0 warnings)")
+
+
+def test_check_warns_about_globs_and_arguments_that_match_nothing(config: Path) -> None:
+    done = run("policy", "check", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    revision = json.loads(run("policy", "check", "--offline", "--json", "--config", str(config)).stdout)["revision"]
+    assert done.stdout.splitlines() == [
+        "warning: test.toml: rule 'echo': when: names argument 'txt', which tool 'box__echo' does not have",
+        "warning: test.toml: rule 'typo': tools: 'box__ech0' matches no exposed tool",
+        f"ok: 3 rules in 1 files, default deny, revision {revision} (2 warnings)",
+    ]
+
+
+def test_explain_names_every_rule_and_why(config: Path) -> None:
+    done = run(
+        "policy", "explain", "box__write_note", "--args", '{"path": "notes/a", "body": "b"}', "--config", str(config)
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "decision: ask"
+    assert lines[1] == "reason:   rule 'notes' needs a person's approval"
+    assert "  echo   tools ['box__echo'] do not match 'box__write_note'" in lines
+    assert "  notes  matches: ask" in lines
+
+    schema = run("policy", "explain", "box__add", "--args", '{"a": "1", "b": 2}', "--config", str(config), "--json")
+    record = json.loads(schema.stdout)
+    assert record["decision"] == "deny"
+    assert record["reason"] == "arguments do not match the tool's input schema: at 'a': '1' is not of type 'integer'"
+
+    hidden = run("policy", "explain", "box__pid", "--config", str(config), "--offline")
+    assert "note: no rule can ever allow it for this client: it is hidden from tools/list" in hidden.stdout
+
+
+def test_tools_shows_what_policy_does(config: Path) -> None:
+    done = run("tools", "--json", "--config", str(config))
+    policy = {row["name"]: row["policy"] for row in json.loads(done.stdout)["tools"]}
+    assert policy["box__echo"] == "allow (conditional)"
+    assert policy["box__add"] == "allow"
+    assert policy["box__write_note"] == "ask"
+    assert policy["box__pid"] == "hidden (no rule allows it)"
+
+
+ERRORS = [
+    pytest.param(
+        ["policy", "check", "--offline"],
+        {"bad.toml": "[[rule]]\nid = 'x'\ntools = ['a']\neffect = 'allow'\nrate = 'often'\n"},
+        "policies/bad.toml: rule 'x': rate: expected a rate such as \"30/minute\" or \"10/30s\", got 'often'",
+        id="check-bad-rate",
+    ),
+    pytest.param(
+        ["policy", "explain", "box__echo", "--offline"],
+        {"bad.toml": "[[rule]]\nid = 'x'\ntools = ['a']\neffect = 'allow'\nwhen = { type = 3 }\n"},
+        "policies/bad.toml: rule 'x': when: not a valid JSON Schema: at 'type': 3 is not valid under any of the given",
+        id="explain-bad-schema",
+    ),
+    pytest.param(
+        ["policy", "explain", "box__echo", "--offline", "--args", "{nope"],
+        {},
+        "--args: not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        id="explain-bad-json",
+    ),
+    pytest.param(
+        ["policy", "explain", "box__echo", "--offline", "--args", "[]"],
+        {},
+        "--args: must be a JSON object, got list",
+        id="explain-not-an-object",
+    ),
+    pytest.param(["tools"], {"a.toml": "x = 1\n"}, "policies/a.toml: x: unknown key", id="tools-bad-policy"),
+    pytest.param(
+        ["serve"], {"a.toml": "[defaults]\neffect = 'ask'\n[defaults]\n"}, "policies/a.toml: not valid TOML", id="serve"
+    ),
+]
+
+
+@pytest.mark.parametrize(("command", "files", "message"), ERRORS)
+def test_error_lines(tmp_path: Path, command: list[str], files: dict[str, str], message: str) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=None)
+    (tmp_path / "policies").mkdir()
+    for name, text in files.items():
+        (tmp_path / "policies" / name).write_text(text)
+    done = run(*command, "--config", str(config))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("mcp-armor: error: ")
+    assert message in lines[0]
+
+
+def test_missing_policies_directory(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=None)
+    done = run("policy", "check", "--offline", "--config", str(config))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"mcp-armor: error: {tmp_path / 'policies'}: policies directory not found "
+        "(create it and put policy files in it, or point [gateway] policies elsewhere)"
+    )
