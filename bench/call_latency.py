@@ -5,7 +5,7 @@
 Each round starts one direct upstream and one gateway (in front of the same kind of upstream process),
 then times N sequential calls on each, alternating direct and gateway. A plain JSON-RPC client over
 the pipes does the timing, so the client adds as little as possible. Prints p50/p99 in milliseconds
-for both and the gateway/direct ratio.
+for both and the gateway/direct ratio. The gateway runs with a realistic policy set of ~100 rules.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import tomli_w
 from anyio.abc import Process
+from policy_eval import TOOLS, rule
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLBOX = ROOT / "tests" / "fixtures" / "toolbox.py"
@@ -83,6 +84,35 @@ async def measure(command: list[str], tool: str, calls: int) -> list[float]:
         return samples
 
 
+POLICY = """
+# The call measured: two rules of its own and two result rules, among ~100 rules for other tools.
+[[rule]]
+id = "echo"
+tools = ["box__echo"]
+effect = "allow"
+when = { required = ["text"], properties = { text = { type = "string", maxLength = 10000 } } }
+
+[[rule]]
+id = "echo-no-secrets"
+tools = ["box__echo"]
+effect = "deny"
+when = { properties = { text = { pattern = "(?i)BEGIN [A-Z ]*PRIVATE KEY" } } }
+
+[[rule]]
+id = "mask"
+tools = ["box__*"]
+on = "result"
+redact = ['AKIA[0-9A-Z]{16}']
+
+[[rule]]
+id = "withhold"
+tools = ["box__*"]
+on = "result"
+effect = "deny"
+when = { required = ["text"], properties = { text = { pattern = "PRIVATE KEY" } } }
+"""
+
+
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -93,6 +123,10 @@ async def main(calls: int, rounds: int) -> None:
         config = Path(directory) / "upstreams.toml"
         config.write_text(
             tomli_w.dumps({"upstreams": {"box": {"command": sys.executable, "args": [str(TOOLBOX)]}}}), "utf-8"
+        )
+        (Path(directory) / "policies").mkdir()
+        (Path(directory) / "policies" / "bench.toml").write_text(
+            POLICY + "\n".join(rule(i, TOOLS[i % 50]) for i in range(96))
         )
         direct_cmd = [sys.executable, str(TOOLBOX)]
         gateway_cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]

@@ -18,9 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from jsonschema.protocols import Validator
-
 from gateway.calls import Decision, Effect
+from gateway.schema import Matcher
 
 _PRECEDENCE = (Effect.DENY, Effect.ASK, Effect.REWRITE, Effect.ALLOW)
 
@@ -47,7 +46,7 @@ class Rule:
     """The effect of a call rule, or `deny` for a result rule that withholds; `None` for a redacting one."""
     clients: tuple[str, ...] | None = None
     clients_pattern: re.Pattern[str] | None = field(default=None, repr=False)
-    when: Validator | None = field(default=None, repr=False)
+    when: Matcher | None = field(default=None, repr=False)
     when_schema: Mapping[str, Any] | None = field(default=None, repr=False)
     reason: str = ""
     monitor: bool = False

@@ -28,7 +28,7 @@ from gateway.calls import Effect
 from gateway.config import parse_duration
 from gateway.errors import PolicyError
 from gateway.policy import PolicySet, Rate, Rule
-from gateway.schema import FORMATS, compile_schema
+from gateway.schema import FORMATS, Matcher, compile_fast, compile_schema
 
 RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day|[0-9][0-9.]*\s*(?:ms|s|m|h))\s*$")
@@ -231,14 +231,16 @@ class _SchemaLoader:
         self._registry: Registry[Any] = Registry(retrieve=_refuse_retrieval)  # type: ignore[call-arg]
         self._loaded: set[str] = set()
 
-    def compile(self, schema: dict[str, Any], where: str) -> Any:
+    def compile(self, schema: dict[str, Any], where: str) -> Matcher:
+        """The fastest matcher with the validator's verdicts: plain predicates when the keywords allow."""
         self._load_references(schema, PurePosixPath("."), where)
         try:
             validator = compile_schema(schema, self._registry)
         except SchemaError as exc:
             raise PolicyError(f"{where}: not a valid JSON Schema: {_schema_problem(exc)}") from None
         _check_formats(schema, where)
-        return validator
+        fast = compile_fast(schema)
+        return fast if fast is not None else validator
 
     def _load_references(self, schema: Any, base: PurePosixPath, where: str) -> None:
         for ref in _references(schema):

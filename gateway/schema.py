@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError as SchemaViolation
@@ -77,3 +78,165 @@ def describe_violation(error: SchemaViolation) -> str:
     where = "/".join(str(part) for part in error.absolute_path)
     message = error.message if len(error.message) <= _MAX_DETAIL else error.message[:_MAX_DETAIL] + "..."
     return f"at '{where}': {message}" if where else message
+
+
+Check = Callable[[Any], bool]
+
+
+class Matcher(Protocol):
+    """Anything that says whether an instance satisfies a schema: a jsonschema validator, or a `FastSchema`."""
+
+    def is_valid(self, instance: Any) -> bool: ...
+
+
+_ANNOTATIONS = frozenset(
+    ("title", "description", "$comment", "default", "examples", "deprecated", "readOnly", "writeOnly")
+)
+_TYPES: dict[str, Check] = {
+    "string": lambda value: isinstance(value, str),
+    "object": lambda value: isinstance(value, dict),
+    "array": lambda value: isinstance(value, list),
+    "boolean": lambda value: isinstance(value, bool),
+    "null": lambda value: value is None,
+    "number": lambda value: isinstance(value, int | float) and not isinstance(value, bool),
+    "integer": lambda value: (
+        (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+    ),
+}
+
+
+class FastSchema:
+    """A JSON Schema compiled to plain Python predicates, for the keywords policies use most.
+
+    Same verdicts as the jsonschema validator (the tests compare them), several times faster. Made only
+    by `compile_fast`, which declines any schema using a keyword it does not implement.
+    """
+
+    __slots__ = ("_check", "schema")
+
+    def __init__(self, schema: dict[str, Any], check: Check) -> None:
+        self.schema = schema
+        self._check = check
+
+    def is_valid(self, instance: Any) -> bool:
+        return self._check(instance)
+
+
+def compile_fast(schema: dict[str, Any]) -> FastSchema | None:
+    """A `FastSchema` for `schema` (already checked), or `None` if it uses anything not implemented here."""
+    if schema.get("$schema") not in (None, "https://json-schema.org/draft/2020-12/schema"):
+        return None
+    check = _compile({key: value for key, value in schema.items() if key != "$schema"})
+    return FastSchema(schema, check) if check is not None else None
+
+
+def _compile(schema: Any) -> Check | None:
+    if schema is True or schema is False:
+        verdict = bool(schema)
+        return lambda _: verdict
+    if not isinstance(schema, dict):
+        return None
+    checks: list[Check] = []
+    for key, value in schema.items():
+        if key in _ANNOTATIONS:
+            continue
+        check = _keyword(key, value, schema)
+        if check is None:
+            return None  # a keyword not implemented here: the full validator decides
+        checks.append(check)
+    if len(checks) == 1:
+        return checks[0]
+    return lambda v: all(check(v) for check in checks)
+
+
+def _compile_all(schemas: Any) -> list[Check] | None:
+    compiled = [_compile(sub) for sub in schemas] if isinstance(schemas, list) else [None]
+    return None if any(sub is None for sub in compiled) else [sub for sub in compiled if sub is not None]
+
+
+def _keyword(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
+    """One keyword as a predicate, with jsonschema's semantics (a keyword ignores other JSON types)."""
+    if key == "type":
+        tests = [_TYPES[name] for name in ([value] if isinstance(value, str) else value)]
+        return lambda v: any(test(v) for test in tests)
+    if key == "required":
+        names = list(value)
+        return lambda v: not isinstance(v, dict) or all(name in v for name in names)
+    if key == "properties":
+        subs = {name: _compile(sub) for name, sub in value.items()}
+        if any(sub is None for sub in subs.values()):
+            return None
+        checks = {name: sub for name, sub in subs.items() if sub is not None}
+        return lambda v: not isinstance(v, dict) or all(sub(v[name]) for name, sub in checks.items() if name in v)
+    if key == "additionalProperties":
+        extra = _compile(value)
+        if extra is None or "patternProperties" in schema:
+            return None
+        known = frozenset(schema.get("properties", {}))
+        return lambda v: not isinstance(v, dict) or all(extra(item) for name, item in v.items() if name not in known)
+    if key == "pattern":
+        search = re.compile(value).search
+        return lambda v: not isinstance(v, str) or search(v) is not None
+    if key in ("enum", "const"):
+        options = list(value) if key == "enum" else [value]
+        return lambda v: any(_equal(v, option) for option in options)
+    if key in _BOUNDS:
+        compare, limit = _BOUNDS[key], value
+        return lambda v: not _TYPES["number"](v) or compare(v, limit)
+    if key in _SIZES:
+        kind, at_least, size = _SIZES[key][0], _SIZES[key][1], value
+
+        def sized(v: Any) -> bool:
+            return not isinstance(v, kind) or (len(v) >= size if at_least else len(v) <= size)
+
+        return sized
+    if key in ("items", "contains"):
+        item = _compile(value)
+        if item is None or {"prefixItems", "minContains", "maxContains"} & schema.keys():
+            return None
+        if key == "items":
+            return lambda v: not isinstance(v, list) or all(item(x) for x in v)
+        return lambda v: not isinstance(v, list) or any(item(x) for x in v)
+    if key == "format":
+        name = value
+        return lambda v: FORMATS.conforms(v, name)
+    if key == "not":
+        inner = _compile(value)
+        return None if inner is None else lambda v: not inner(v)
+    if key in ("allOf", "anyOf", "oneOf"):
+        branches = _compile_all(value)
+        if branches is None:
+            return None
+        if key == "allOf":
+            return lambda v: all(sub(v) for sub in branches)
+        if key == "anyOf":
+            return lambda v: any(sub(v) for sub in branches)
+        return lambda v: sum(1 for sub in branches if sub(v)) == 1
+    return None
+
+
+_BOUNDS: dict[str, Callable[[Any, Any], bool]] = {
+    "minimum": lambda v, limit: bool(v >= limit),
+    "maximum": lambda v, limit: bool(v <= limit),
+    "exclusiveMinimum": lambda v, limit: bool(v > limit),
+    "exclusiveMaximum": lambda v, limit: bool(v < limit),
+}
+_SIZES: dict[str, tuple[type[str] | type[list[Any]], bool]] = {
+    "minLength": (str, True),
+    "maxLength": (str, False),
+    "minItems": (list, True),
+    "maxItems": (list, False),
+}
+
+
+def _equal(one: Any, two: Any) -> bool:
+    """JSON equality: `true` is not `1`, `1.0` is `1`, arrays and objects compare member by member."""
+    if isinstance(one, bool) or isinstance(two, bool):
+        return isinstance(one, bool) and isinstance(two, bool) and one == two
+    if isinstance(one, list) and isinstance(two, list):
+        return len(one) == len(two) and all(_equal(a, b) for a, b in zip(one, two, strict=True))
+    if isinstance(one, dict) and isinstance(two, dict):
+        return one.keys() == two.keys() and all(_equal(one[key], two[key]) for key in one)
+    if isinstance(one, list | dict) or isinstance(two, list | dict):
+        return False
+    return bool(one == two)

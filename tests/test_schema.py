@@ -1,0 +1,113 @@
+"""The fast schema matcher gives the same verdict as the jsonschema validator on every case here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.schema import compile_fast, compile_schema
+
+SCHEMAS: list[dict[str, Any]] = [
+    {"type": "integer"},
+    {"type": ["string", "null"]},
+    {"type": "number", "minimum": 1, "exclusiveMaximum": 10},
+    {"type": "object", "required": ["path"], "properties": {"path": {"type": "string", "pattern": "^/srv/"}}},
+    {"properties": {"path": {"pattern": "(^|/)\\.\\.(/|$)"}}},
+    {"properties": {"a": {"enum": [1, "1", True, None, [1, 2], {"k": 1}]}}},
+    {"properties": {"a": {"const": 0}}},
+    {"properties": {"a": {"const": False}}},
+    {"properties": {"n": {"type": "integer", "maximum": 100}, "tags": {"type": "array", "maxItems": 2}}},
+    {"properties": {"s": {"minLength": 2, "maxLength": 3}}},
+    {"properties": {"files": {"type": "array", "contains": {"pattern": "\\.env$"}}}},
+    {"properties": {"files": {"items": {"type": "string"}, "minItems": 1}}},
+    {"additionalProperties": False, "properties": {"a": {}}},
+    {"additionalProperties": {"type": "integer"}},
+    {"not": {"required": ["debug"]}},
+    {"anyOf": [{"required": ["a"]}, {"required": ["b"]}]},
+    {"oneOf": [{"required": ["a"]}, {"required": ["b"]}]},
+    {"allOf": [{"required": ["a"]}, {"properties": {"a": {"type": "integer"}}}]},
+    {"properties": {"day": {"format": "date"}, "at": {"format": "date-time"}, "ip": {"format": "ipv4"}}},
+    {"title": "annotations only", "description": "x", "default": 1},
+    {"properties": {"x": True, "y": False}},
+]
+INSTANCES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    1.0,
+    1.5,
+    10,
+    "1",
+    "",
+    "ab",
+    "abcd",
+    "/srv/x",
+    "../x",
+    [],
+    [1, 2],
+    [1, 2, 3],
+    ["a", ".env"],
+    {},
+    {"a": 1},
+    {"a": True},
+    {"a": 1.0},
+    {"a": "1"},
+    {"a": [1, 2]},
+    {"a": [1.0, 2]},
+    {"a": {"k": 1}},
+    {"a": {"k": True}},
+    {"a": 0},
+    {"a": False},
+    {"b": 2},
+    {"a": 1, "b": 2},
+    {"a": 1, "debug": True},
+    {"path": "/srv/project"},
+    {"path": "/etc/passwd"},
+    {"path": "a/../b"},
+    {"path": 5},
+    {"n": 100},
+    {"n": 101},
+    {"n": "10"},
+    {"n": 10.0},
+    {"n": True},
+    {"tags": [1, 2, 3]},
+    {"s": "ab"},
+    {"s": "abcd"},
+    {"s": "äö"},
+    {"files": []},
+    {"files": ["a.py", "conf/.env"]},
+    {"files": [1]},
+    {"day": "2026-11-23", "at": "2026-11-23T10:00:00Z", "ip": "127.0.0.1"},
+    {"day": "2026-02-30"},
+    {"at": "2026-11-23 10:00"},
+    {"ip": "999.1.1.1"},
+    {"x": 1},
+    {"y": 1},
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=[str(index) for index in range(len(SCHEMAS))])
+def test_fast_matcher_agrees_with_jsonschema(schema: dict[str, Any]) -> None:
+    fast = compile_fast(schema)
+    assert fast is not None
+    reference = compile_schema(schema)
+    for instance in INSTANCES:
+        assert fast.is_valid(instance) == reference.is_valid(instance), instance
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "other.json"},
+        {"patternProperties": {"^x": {}}, "additionalProperties": False},
+        {"if": {"required": ["a"]}, "then": {"required": ["b"]}},
+        {"properties": {"a": {"multipleOf": 2}}},
+        {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object"},
+        {"prefixItems": [{}], "items": False},
+    ],
+)
+def test_anything_else_is_left_to_jsonschema(schema: dict[str, Any]) -> None:
+    assert compile_fast(schema) is None
