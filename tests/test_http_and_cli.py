@@ -139,6 +139,7 @@ def test_cli_tools_lists_exposed_tools_and_reports_unreachable_upstreams(tmp_pat
         "upstream": "box",
         "upstream_tool": "echo",
         "shortened": False,
+        "policy": "allow (default)",
         "description": "Echo the text back.",
     }
     unreachable = [line for line in result.stderr.splitlines() if "upstream 'remote' unavailable" in line]
@@ -151,8 +152,8 @@ def test_cli_tools_table(tmp_path: Path) -> None:
     result = run_cli("tools", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["TOOL", "UPSTREAM", "UPSTREAM", "TOOL"]
-    assert any(line.split() == ["box__echo", "box", "echo"] for line in lines)
+    assert lines[0].split() == ["TOOL", "UPSTREAM", "UPSTREAM", "TOOL", "POLICY"]
+    assert any(line.split() == ["box__echo", "box", "echo", "allow", "(default)"] for line in lines)
 
 
 def test_cli_bad_http_argument(tmp_path: Path) -> None:
