@@ -149,6 +149,7 @@ class PolicyEngine:
         self.policies = policies
         self.monitor_mode = monitor_mode
         self.limiter = RateLimiter()
+        self._by_id = {rule.id: rule for rule in policies.rules}
         self._tools: tuple[str, ...] = ()
         self._index: dict[str, ToolRules] = {}
 
@@ -157,6 +158,7 @@ class PolicyEngine:
     def replace_policies(self, policies: PolicySet) -> None:
         """Install a new, fully compiled set (atomically: one assignment, then the re-index)."""
         self.policies = policies
+        self._by_id = {rule.id: rule for rule in policies.rules}
         self._index = {tool: self._rules_of(tool) for tool in self._tools}
 
     def index_tools(self, tools: Iterable[str]) -> None:
@@ -316,8 +318,10 @@ class PolicyEngine:
         self.limiter.refund(session, self._rated(decision), now)
 
     def _rated(self, decision: Decision) -> list[Rule]:
-        by_id = {rule.id: rule for rule in self.policies.rules}
-        return [by_id[rule_id] for rule_id in decision.rated if rule_id in by_id and by_id[rule_id].rate is not None]
+        if not decision.rated:
+            return []
+        rules = (self._by_id.get(rule_id) for rule_id in decision.rated)
+        return [rule for rule in rules if rule is not None and rule.rate is not None]
 
     # -- visibility ----------------------------------------------------------------------------
 
