@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import mcp_types as types
-from jsonschema.exceptions import SchemaError
+from jsonschema.exceptions import SchemaError, best_match
 from jsonschema.protocols import Validator
 from mcp.shared.uri_template import InvalidUriTemplate, UriTemplate
 from pydantic import ValidationError
 
-from gateway.schema import compile_schema, digest
+from gateway.schema import compile_schema, describe_violation, digest
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class UpstreamTool:
     definition: Mapping[str, Any]
     validator: Validator = field(compare=False, repr=False)
     digest: str = ""
+
+    def violation(self, arguments: Mapping[str, Any]) -> str | None:
+        """One line saying how `arguments` break this tool's input schema; `None` when they don't."""
+        error = best_match(self.validator.iter_errors(arguments))
+        return None if error is None else describe_violation(error)
 
 
 @dataclass(frozen=True, slots=True)

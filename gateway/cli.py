@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from jsonschema.exceptions import best_match
 
 from gateway import __version__
 from gateway.catalog import Catalog
@@ -25,7 +24,6 @@ from gateway.errors import GatewayError
 from gateway.policy import PolicyEngine
 from gateway.policy_files import load_policies
 from gateway.policy_lint import lint
-from gateway.schema import describe_violation
 from gateway.upstreams import UpstreamPool
 
 DEFAULT_CONFIG = "upstreams.toml"
@@ -227,10 +225,9 @@ async def _policy_explain(config: Config, args: argparse.Namespace) -> int:
     tool = upstreams.catalog.tools.get(args.tool)
     if not args.offline and tool is None:
         notes.append(f"no upstream exposes '{args.tool}' now: a call to it is refused as an unknown tool")
-    if tool is not None:
-        error = best_match(tool.source.validator.iter_errors(arguments))
-        if error is not None:
-            refusal = f"arguments do not match the tool's input schema: {describe_violation(error)}"
+    violation = tool.source.violation(arguments) if tool is not None else None
+    if violation is not None:
+        refusal = f"arguments do not match the tool's input schema: {violation}"
     if not engine.visible(args.tool, client=args.client):
         notes.append("no rule can ever allow it for this client: it is hidden from tools/list")
     decision, trace = engine.explain(args.tool, arguments, now=time.monotonic(), client=args.client)

@@ -16,13 +16,11 @@ from dataclasses import replace
 
 import anyio
 import mcp_types as types
-from jsonschema.exceptions import best_match
 from pydantic import ValidationError
 
 from gateway.calls import Decision, Effect, Outcome, OutcomeKind, ToolCall
 from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy import PolicyEngine
-from gateway.schema import describe_violation
 from gateway.upstreams import UpstreamPool
 
 Handler = Callable[[ToolCall], Awaitable[Outcome]]
@@ -46,9 +44,9 @@ def _bind(stage: Stage, call_next: Handler) -> Handler:
 
 async def check_arguments(call: ToolCall, call_next: Handler) -> Outcome:
     """Refuse arguments that the upstream tool's own inputSchema rejects; they never reach it."""
-    error = best_match(call.tool.source.validator.iter_errors(call.arguments))
-    if error is not None:
-        return Outcome.refused(call, f"arguments do not match the tool's input schema: {describe_violation(error)}")
+    violation = call.tool.source.violation(call.arguments)
+    if violation is not None:
+        return Outcome.refused(call, f"arguments do not match the tool's input schema: {violation}")
     return await call_next(call)
 
 
@@ -79,12 +77,11 @@ class EnforcePolicy:
         if decision.effect is Effect.DENY:
             return Outcome.refused(call, decision.reason)
         if decision.arguments is not None:
-            error = best_match(call.tool.source.validator.iter_errors(decision.arguments))
-            if error is not None:
+            violation = call.tool.source.violation(decision.arguments)
+            if violation is not None:
                 return Outcome.refused(
                     call,
-                    f"{decision.reason}, but the rewritten arguments do not match the tool's input schema: "
-                    f"{describe_violation(error)}",
+                    f"{decision.reason}, but the rewritten arguments do not match the tool's input schema: {violation}",
                 )
         if decision.effect is Effect.ASK:
             refusal = await self._ask(call, decision)
