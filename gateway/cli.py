@@ -22,7 +22,7 @@ from gateway.catalog import Catalog
 from gateway.config import Config, load_config
 from gateway.errors import GatewayError
 from gateway.policy import PolicyEngine
-from gateway.policy_files import load_policies
+from gateway.policy_files import load_engine, load_policies
 from gateway.policy_lint import lint
 from gateway.upstreams import UpstreamPool
 
@@ -140,12 +140,8 @@ async def _connect(config: Config) -> _Upstreams:
     return _Upstreams(catalog, down)
 
 
-def _engine(config: Config) -> PolicyEngine:
-    return PolicyEngine(load_policies(config.policy_dir), monitor_mode=config.gateway.mode == "monitor")
-
-
 async def _tools(config: Config, as_json: bool) -> int:
-    engine = _engine(config)
+    engine = load_engine(config)
     upstreams = await _connect(config)
     engine.index_tools(upstreams.catalog.tools)
     rows: list[dict[str, Any]] = [
@@ -217,7 +213,7 @@ async def _policy_explain(config: Config, args: argparse.Namespace) -> int:
         raise GatewayError(f"--args: not valid JSON: {exc}") from None
     if not isinstance(arguments, dict):
         raise GatewayError(f"--args: must be a JSON object, got {type(arguments).__name__}")
-    engine = _engine(config)
+    engine = load_engine(config)
     upstreams = _Upstreams() if args.offline else await _connect(config)
     engine.index_tools(upstreams.catalog.tools)
     notes: list[str] = []

@@ -130,10 +130,6 @@ class RateLimiter:
             if hits and now in hits:
                 hits.remove(now)
 
-    def forget(self, session: str) -> None:
-        for key in [key for key in self._hits if key[0] == session]:
-            del self._hits[key]
-
 
 @dataclass(slots=True)
 class _Match:

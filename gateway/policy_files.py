@@ -25,9 +25,9 @@ from referencing.exceptions import NoSuchResource
 from referencing.jsonschema import DRAFT202012
 
 from gateway.calls import Effect
-from gateway.config import parse_duration
+from gateway.config import Config, parse_duration
 from gateway.errors import PolicyError
-from gateway.policy import PolicySet, Rate, Rule
+from gateway.policy import PolicyEngine, PolicySet, Rate, Rule
 from gateway.schema import FORMATS, Matcher, compile_fast, compile_schema
 
 RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
@@ -117,6 +117,11 @@ def load_policies(directory: Path) -> PolicySet:
         revision=revision.hexdigest()[:16],
         files=tuple(source.name for source in sources),
     )
+
+
+def load_engine(config: Config) -> PolicyEngine:
+    """The policy engine for a configuration: its policy directory, compiled, in its mode."""
+    return PolicyEngine(load_policies(config.policy_dir), monitor_mode=config.gateway.mode == "monitor")
 
 
 def parse_rate(text: str) -> Rate:
@@ -298,32 +303,34 @@ def _normalise(path: PurePosixPath) -> str | None:
     return "/".join(parts) if parts else None
 
 
-def _references(schema: Any) -> Iterator[str]:
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")
+"""Keywords whose values are instances, not schemas: nothing inside them is a keyword."""
+
+
+def _keywords(schema: Any) -> Iterator[tuple[str, Any]]:
+    """Every (keyword, value) pair of a schema and of the schemas nested in it."""
     if isinstance(schema, dict):
         for key, value in schema.items():
-            if key in ("$ref", "$dynamicRef") and isinstance(value, str):
-                yield value
-            elif key not in ("const", "enum", "default", "examples"):
-                yield from _references(value)
+            yield key, value
+            if key not in _DATA_KEYWORDS:
+                yield from _keywords(value)
     elif isinstance(schema, list):
         for item in schema:
-            yield from _references(item)
+            yield from _keywords(item)
+
+
+def _references(schema: Any) -> Iterator[str]:
+    for key, value in _keywords(schema):
+        if key in ("$ref", "$dynamicRef") and isinstance(value, str):
+            yield value
 
 
 def _check_formats(schema: Any, where: str) -> None:
     """A `format` this gateway cannot check would silently match everything: refuse it at load."""
-    if isinstance(schema, dict):
-        for key, value in schema.items():
-            if key == "format" and isinstance(value, str) and value not in FORMATS.checkers:
-                supported = ", ".join(sorted(FORMATS.checkers))
-                raise PolicyError(
-                    f"{where}: format {value!r} cannot be checked by the gateway (supported: {supported})"
-                )
-            if key not in ("const", "enum", "default", "examples"):
-                _check_formats(value, where)
-    elif isinstance(schema, list):
-        for item in schema:
-            _check_formats(item, where)
+    for key, value in _keywords(schema):
+        if key == "format" and isinstance(value, str) and value not in FORMATS.checkers:
+            supported = ", ".join(sorted(FORMATS.checkers))
+            raise PolicyError(f"{where}: format {value!r} cannot be checked by the gateway (supported: {supported})")
 
 
 def _schema_problem(exc: SchemaError) -> str:

@@ -23,7 +23,7 @@ def lint(policies: PolicySet, tools: Mapping[str, Mapping[str, Any]]) -> list[st
         where = f"{rule.source}: rule '{rule.id}'"
         concerned = [name for name in tools if rule.concerns(name)]
         for glob in rule.tools:
-            if not any(rule_matches(glob, name) for name in tools):
+            if not any(fnmatch.fnmatchcase(name, glob) for name in tools):
                 findings.append(f"{where}: tools: {glob!r} matches no exposed tool")
         if rule.on_result or rule.when_schema is None:
             continue
@@ -35,10 +35,6 @@ def lint(policies: PolicySet, tools: Mapping[str, Mapping[str, Any]]) -> list[st
             for argument in sorted(named - set(known)):
                 findings.append(f"{where}: when: names argument {argument!r}, which tool '{name}' does not have")
     return findings
-
-
-def rule_matches(glob: str, tool: str) -> bool:
-    return fnmatch.fnmatchcase(tool, glob)
 
 
 def _argument_names(schema: Mapping[str, Any]) -> Iterator[str]:

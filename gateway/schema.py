@@ -112,10 +112,9 @@ class FastSchema:
     by `compile_fast`, which declines any schema using a keyword it does not implement.
     """
 
-    __slots__ = ("_check", "schema")
+    __slots__ = ("_check",)
 
-    def __init__(self, schema: dict[str, Any], check: Check) -> None:
-        self.schema = schema
+    def __init__(self, check: Check) -> None:
         self._check = check
 
     def is_valid(self, instance: Any) -> bool:
@@ -127,7 +126,7 @@ def compile_fast(schema: dict[str, Any]) -> FastSchema | None:
     if schema.get("$schema") not in (None, "https://json-schema.org/draft/2020-12/schema"):
         return None
     check = _compile({key: value for key, value in schema.items() if key != "$schema"})
-    return FastSchema(schema, check) if check is not None else None
+    return FastSchema(check) if check is not None else None
 
 
 def _compile(schema: Any) -> Check | None:

@@ -21,8 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Config
 from gateway.errors import GatewayError
-from gateway.policy import PolicyEngine
-from gateway.policy_files import load_policies
+from gateway.policy_files import load_engine
 from gateway.server import Gateway
 from gateway.upstreams import UpstreamPool
 
@@ -67,9 +66,8 @@ async def serve_http(config: Config, host: str, port: int) -> None:
 
 def build_gateway(config: Config, *, transport: str) -> Gateway:
     """Load the policies (a broken set stops start-up with one line) and assemble the gateway."""
-    policies = load_policies(config.policy_dir)
-    engine = PolicyEngine(policies, monitor_mode=config.gateway.mode == "monitor")
-    if config.gateway.mode == "monitor":
+    engine = load_engine(config)
+    if engine.monitor_mode:
         logger.warning("monitor mode: policy decisions are recorded, nothing is refused")
     return Gateway(UpstreamPool(config), engine, transport=transport)
 
