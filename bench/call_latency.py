@@ -129,7 +129,7 @@ async def main(calls: int, rounds: int) -> None:
             POLICY + "\n".join(rule(i, TOOLS[i % 50]) for i in range(96))
         )
         direct_cmd = [sys.executable, str(TOOLBOX)]
-        gateway_cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+        gateway_cmd = [sys.executable, "-m", "gateway", "serve", "--quiet", "--config", str(config)]
         direct: list[float] = []
         gateway: list[float] = []
         for round_number in range(1, rounds + 1):

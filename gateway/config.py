@@ -30,6 +30,7 @@ from pydantic import (
 
 from gateway.errors import ConfigError
 
+IN_MEMORY = ":memory:"
 UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 SEPARATOR = re.compile(r"^[A-Za-z0-9_.-]{1,8}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
@@ -86,6 +87,11 @@ class GatewaySettings(_Model):
     """`monitor` records what policy would refuse or ask, and lets every call through."""
     ask_timeout: Duration = 120.0
     """How long a person has to approve an `ask` call before it is refused."""
+    audit: Path | None = None
+    """The audit database, relative to this file; `STATE/audit.db` when unset; `":memory:"` keeps
+    it in memory only (for trials and benchmarks: nothing survives the process)."""
+    audit_sync: Literal["normal", "full"] = "normal"
+    """`normal`: a committed event survives the gateway crashing or being killed; `full`: also power loss."""
     http: HttpSettings = HttpSettings()
 
     @field_validator("separator")
@@ -152,6 +158,13 @@ class Config(_Model):
     @property
     def policy_dir(self) -> Path:
         return self.directory / self.gateway.policies
+
+    @property
+    def audit_path(self) -> Path:
+        audit = self.gateway.audit
+        if audit is not None and str(audit) == IN_MEMORY:
+            return audit
+        return self.directory / audit if audit is not None else self.state_dir / "audit.db"
 
     @property
     def log_dir(self) -> Path:

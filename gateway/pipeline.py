@@ -3,9 +3,8 @@
 A stage is `async (call, call_next) -> Outcome`; stages are listed outermost first and end in a
 terminal handler that forwards the call upstream:
 
-    check_arguments (the upstream tool's own inputSchema) -> enforce_policy -> forward
-
-The audit recorder plugs in as a further stage.
+    audit outcomes -> check_arguments (the upstream tool's own inputSchema) -> enforce_policy
+        -> audit decisions (committed, or the call is refused) -> forward
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import anyio
 import mcp_types as types
@@ -22,6 +22,9 @@ from gateway.calls import Decision, Effect, Outcome, OutcomeKind, ToolCall
 from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy import PolicyEngine
 from gateway.upstreams import UpstreamPool
+
+if TYPE_CHECKING:
+    from gateway.audit import CallAudit
 
 Handler = Callable[[ToolCall], Awaitable[Outcome]]
 Stage = Callable[[ToolCall, Handler], Awaitable[Outcome]]
@@ -53,14 +56,21 @@ async def check_arguments(call: ToolCall, call_next: Handler) -> Outcome:
 class EnforcePolicy:
     """Decide the call under the current policies; refuse, ask a person, rewrite, or let it through.
 
-    After the upstream has answered, the result rules screen what goes back to the agent.
+    After the upstream has answered, the result rules screen what goes back to the agent. `observe`
+    sees every decision as soon as it is made (the audit records it, however the call ends).
     """
 
     def __init__(
-        self, engine: PolicyEngine, *, ask_timeout: float, clock: Callable[[], float] = time.monotonic
+        self,
+        engine: PolicyEngine,
+        *,
+        ask_timeout: float,
+        observe: Callable[[ToolCall, Decision], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.ask_timeout = ask_timeout
+        self._observe = observe
         self._clock = clock
 
     async def __call__(self, call: ToolCall, call_next: Handler) -> Outcome:
@@ -74,6 +84,8 @@ class EnforcePolicy:
             principal=session.principal,
         )
         call = replace(call, decision=decision)
+        if self._observe is not None:
+            self._observe(call, decision)
         if decision.effect is Effect.DENY:
             return Outcome.refused(call, decision.reason)
         if decision.arguments is not None:
@@ -145,6 +157,6 @@ class Forward:
         return Outcome.completed(raw)
 
 
-def build_pipeline(pool: UpstreamPool, engine: PolicyEngine) -> Handler:
-    policy = EnforcePolicy(engine, ask_timeout=pool.config.gateway.ask_timeout)
-    return compose([check_arguments, policy], Forward(pool))
+def build_pipeline(pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit) -> Handler:
+    policy = EnforcePolicy(engine, ask_timeout=pool.config.gateway.ask_timeout, observe=audit.observe)
+    return compose([audit.outcomes, check_arguments, policy, audit.decisions], Forward(pool))

@@ -54,6 +54,8 @@ class Rule:
     patch: Mapping[str, Any] | None = None
     on_result: bool = False
     redact: tuple[re.Pattern[str], ...] = ()
+    mask: tuple[tuple[str, ...], ...] = ()
+    """Argument paths the audit log stores masked (for every call of the rule's tools)."""
 
     def concerns(self, tool: str) -> bool:
         return self.tools_pattern.fullmatch(tool) is not None
@@ -82,6 +84,8 @@ class ToolRules:
 
     call: tuple[Rule, ...] = ()
     result: tuple[Rule, ...] = ()
+    mask: tuple[tuple[str, ...], ...] = ()
+    """Argument paths to mask in the audit log, from every rule naming the tool."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +126,11 @@ class RateLimiter:
         for rule in rules:
             self._hits.setdefault((session, rule.id), deque()).append(now)
         return True
+
+    def forget(self, session: str) -> None:
+        """Drop a finished session's counts."""
+        for key in [key for key in self._hits if key[0] == session]:
+            del self._hits[key]
 
     def refund(self, session: str, rules: Sequence[Rule], now: float) -> None:
         """Take back a charge made at `now` for a call that was refused after all."""
@@ -169,8 +178,9 @@ class PolicyEngine:
     def _rules_of(self, tool: str) -> ToolRules:
         concerned = [rule for rule in self.policies.rules if rule.concerns(tool)]
         return ToolRules(
-            call=tuple(rule for rule in concerned if not rule.on_result),
+            call=tuple(rule for rule in concerned if not rule.on_result and rule.effect is not None),
             result=tuple(rule for rule in concerned if rule.on_result),
+            mask=tuple(path for rule in concerned for path in rule.mask),
         )
 
     # -- decisions -----------------------------------------------------------------------------
@@ -204,6 +214,8 @@ class PolicyEngine:
         for rule in self.policies.rules:
             if rule.on_result:
                 trace.append((rule.id, "result rule: applies to what the tool returns, not to the call"))
+            elif rule.effect is None:
+                trace.append((rule.id, "masks argument paths in the audit log; decides nothing"))
             elif rule.id not in concerned:
                 trace.append((rule.id, f"tools {list(rule.tools)} do not match '{tool}'"))
         decision = self._decide(tool, arguments, now, session, client, principal, trace)

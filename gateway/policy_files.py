@@ -28,6 +28,7 @@ from gateway.calls import Effect
 from gateway.config import Config, parse_duration
 from gateway.errors import PolicyError
 from gateway.policy import PolicyEngine, PolicySet, Rate, Rule
+from gateway.redact import parse_mask_path
 from gateway.schema import FORMATS, Matcher, compile_fast, compile_schema
 
 RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
@@ -53,6 +54,8 @@ class RuleSpec(_Model):
     set: dict[str, Any] | None = None
     on: Literal["call", "result"] = "call"
     redact: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)
+    mask: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)
+    """Argument paths whose values the audit log stores masked (`"connection.password"`, `"items.*.token"`)."""
 
 
 class Defaults(_Model):
@@ -170,13 +173,19 @@ def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, l
             redact.append(re.compile(pattern))
         except re.error as exc:
             raise PolicyError(f"{where}: redact[{index}]: invalid regular expression: {exc}") from None
+    mask: list[tuple[str, ...]] = []
+    for index, text in enumerate(spec.mask or ()):
+        try:
+            mask.append(parse_mask_path(text))
+        except ValueError as exc:
+            raise PolicyError(f"{where}: mask[{index}]: {exc}") from None
     when = None
     if spec.when is not None:
         when = loader.compile(spec.when, f"{where}: when")
     if spec.on == "result":
         effect: Effect | None = Effect.DENY if spec.effect == "deny" else None
     else:
-        effect = Effect(spec.effect or "deny")  # present: checked above
+        effect = Effect(spec.effect) if spec.effect is not None else None  # None: a rule that only masks
     return Rule(
         id=spec.id,
         source=source,
@@ -193,6 +202,7 @@ def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, l
         patch=spec.set,
         on_result=spec.on == "result",
         redact=tuple(redact),
+        mask=tuple(mask),
     )
 
 
@@ -206,11 +216,16 @@ def _check_combination(spec: RuleSpec, where: str) -> None:
             )
         if spec.effect not in (None, "deny"):
             raise PolicyError(f'{where}: effect: a result rule can only "deny" (or redact)')
-        for key in ("rate", "set"):
+        for key in ("rate", "set", "mask"):
             if getattr(spec, key) is not None:
                 raise PolicyError(f'{where}: {key}: applies to call rules, not to on = "result" rules')
         return
     if spec.effect is None:
+        if spec.mask is not None:
+            for key in ("when", "rate", "set", "redact"):
+                if getattr(spec, key) is not None:
+                    raise PolicyError(f"{where}: {key}: a rule with only 'mask' decides nothing; give it an effect")
+            return
         raise PolicyError(f'{where}: effect: required key is missing ("allow", "deny", "ask" or "rewrite")')
     if spec.redact is not None:
         raise PolicyError(f'{where}: redact: applies to on = "result" rules only')

@@ -33,6 +33,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from gateway import __version__
 from gateway.approvals import REQUEST_KEY, REQUESTED_SCHEMA, ApprovalDesk
+from gateway.audit import CallAudit
 from gateway.calls import Approval, Approver, Decision, SessionInfo, ToolCall
 from gateway.catalog import Catalog, ExposedTool
 from gateway.errors import GatewayError, UpstreamError
@@ -62,21 +63,22 @@ class GatewayServer(Server[Any]):
 class Gateway:
     """Serves the pool's catalogue downstream and routes every tool call through the pipeline."""
 
-    def __init__(self, pool: UpstreamPool, engine: PolicyEngine, *, transport: str) -> None:
+    def __init__(self, pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit, *, transport: str) -> None:
         self.pool = pool
         self.engine = engine
+        self.audit = audit
         self.transport = transport
-        self.pipeline: Handler = build_pipeline(pool, engine)
+        self.pipeline: Handler = build_pipeline(pool, engine, audit)
         self.desk = ApprovalDesk(pool.config.gateway.ask_timeout)
         engine.index_tools(pool.catalog.tools)
         self._startup_timeout = pool.config.gateway.startup_timeout
         self._started = False
-        self._stdio_session = uuid.uuid4().hex
+        self.stdio_session = uuid.uuid4().hex
         self._bus = InMemorySubscriptionBus()
         self._listen = ListenHandler(self._bus)
         self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._published = pool.catalog
-        pool.set_listener(self._catalog_changed)
+        pool.set_listener(self._catalog_changed, audit.upstream_changed)
         self.server = GatewayServer(
             pool.config.gateway.name,
             version=__version__,
@@ -101,15 +103,19 @@ class Gateway:
         """Run the upstream pool and the policy watcher until cancelled."""
         async with anyio.create_task_group() as tg:
             await tg.start(self.pool.run)
-            tg.start_soon(watch_policies, self.pool.config.policy_dir, self._revision, self.install_policies)
+            policy_dir = self.pool.config.policy_dir
+            tg.start_soon(
+                watch_policies, policy_dir, self._revision, self.install_policies, self.audit.policy_reload_failed
+            )
             task_status.started()
 
     def _revision(self) -> str:
         return self.engine.policies.revision
 
-    async def install_policies(self, policies: PolicySet) -> None:
+    async def install_policies(self, policies: PolicySet, trigger: str) -> None:
         """Put a new policy set in force; which tools are visible may change, so clients are told."""
         self.engine.replace_policies(policies)
+        self.audit.policy_reloaded(policies.revision, len(policies.rules), list(policies.files), trigger)
         if self._started:
             await self._announce([ToolsListChanged()])
 
@@ -125,6 +131,7 @@ class Gateway:
         """Tell every downstream peer what changed: notifications (handshake era) and listen streams (2026)."""
         before, self._published = self._published, catalog
         self.engine.index_tools(catalog.tools)
+        self.audit.catalog_changed(_tool_definitions(before), _tool_definitions(catalog))
         if not self._started:
             return  # nobody has listed yet: the first list, which waits for start-up, tells it all
         events: list[Any] = []
@@ -174,6 +181,7 @@ class Gateway:
         tool = self.pool.catalog.tools.get(params.name)
         if tool is None or not self._visible(tool, session):
             # A tool no rule lets this client call is hidden, and refused like one that does not exist.
+            await self.audit.unknown_tool(session, params.name, params.arguments or {})
             raise MCPError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
         progress = None
         if ctx.meta is not None and ctx.meta.get("progress_token") is not None:
@@ -224,11 +232,13 @@ class Gateway:
         """One downstream connection: the stdio pipe, the HTTP `mcp-session-id`, or for stateless HTTP the client."""
         info = ctx.session.client_params.client_info if ctx.session.client_params is not None else None
         name, version = (info.name, info.version) if info is not None else ("", "")
-        session_id = self._stdio_session
+        session_id = self.stdio_session
         if self.transport == "http":
             header = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else None
             session_id = header or hashlib.sha256(f"{name}\0{version}".encode()).hexdigest()[:32]
-        return SessionInfo(session_id, self.transport, ctx.protocol_version, name, version)
+        session = SessionInfo(session_id, self.transport, ctx.protocol_version, name, version)
+        self.audit.session(session)
+        return session
 
     async def _list_prompts(self, ctx: Context, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
         await self._wait_for_startup()
@@ -277,6 +287,10 @@ def _wire(ctx: Context, result: Mapping[str, Any]) -> dict[str, Any]:
     if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
         wire.setdefault("resultType", "complete")
     return wire
+
+
+def _tool_definitions(catalog: Catalog) -> dict[str, tuple[str, str, Any]]:
+    return {name: (tool.upstream, tool.source.digest, tool.source.definition) for name, tool in catalog.tools.items()}
 
 
 def _tool_signature(catalog: Catalog) -> list[tuple[str, str]]:

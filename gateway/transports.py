@@ -11,7 +11,12 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
+import signal
 import socket
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 import uvicorn
@@ -19,6 +24,7 @@ from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.audit import CallAudit, Recorder
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.policy_files import load_engine
@@ -28,21 +34,28 @@ from gateway.upstreams import UpstreamPool
 logger = logging.getLogger(__name__)
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+STOP_GRACE = 3.0
+"""Seconds a signalled gateway has to stop in order before it exits regardless."""
 
 
 async def serve_stdio(config: Config) -> None:
-    """Serve one agent over this process's stdin/stdout until it hangs up."""
-    gateway = build_gateway(config, transport="stdio")
-    async with anyio.create_task_group() as tg:
+    """Serve one agent over this process's stdin/stdout until it hangs up (or SIGTERM / SIGINT)."""
+    async with gateway_for(config, transport="stdio") as gateway, anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, tg.cancel_scope)
         await tg.start(gateway.run)
         async with stdio_server() as (read, write):
             await gateway.server.run(read, write, gateway.server.create_initialization_options())
+        gateway.audit.end_session(gateway.stdio_session, "the client disconnected")
         tg.cancel_scope.cancel()
 
 
 async def serve_http(config: Config, host: str, port: int) -> None:
     """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
-    gateway = build_gateway(config, transport="http")
+    async with gateway_for(config, transport="http") as gateway:
+        await _serve_http(gateway, config, host, port)
+
+
+async def _serve_http(gateway: Gateway, config: Config, host: str, port: int) -> None:
     settings = config.gateway.http
     if not _is_loopback(host) and settings.token is None:
         logger.warning("serving on %s without [gateway.http] token: anyone who can reach it can use every tool", host)
@@ -54,6 +67,7 @@ async def serve_http(config: Config, host: str, port: int) -> None:
             allowed_origins=[*(f"http://{name}:*" for name in _LOOPBACK_NAMES), *settings.allowed_origins],
         )
         app: ASGIApp = gateway.server.streamable_http_app(host=host, transport_security=security)
+        app = SessionEnds(app, gateway.audit)
         if settings.token is not None:
             app = BearerTokenGuard(app, settings.token)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -64,12 +78,38 @@ async def serve_http(config: Config, host: str, port: int) -> None:
             tg.cancel_scope.cancel()
 
 
-def build_gateway(config: Config, *, transport: str) -> Gateway:
-    """Load the policies (a broken set stops start-up with one line) and assemble the gateway."""
+@asynccontextmanager
+async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gateway]:
+    """Load the policies (a broken set stops start-up with one line), open the audit log, assemble the gateway.
+
+    The audit recorder outlives everything that serves, so calls cancelled at shutdown still get
+    their outcome recorded; then every session still open is recorded as ended.
+    """
     engine = load_engine(config)
     if engine.monitor_mode:
         logger.warning("monitor mode: policy decisions are recorded, nothing is refused")
-    return Gateway(UpstreamPool(config), engine, transport=transport)
+    async with Recorder(config.audit_path, sync=config.gateway.audit_sync).running() as recorder:
+        audit = CallAudit(recorder, engine)
+        try:
+            yield Gateway(UpstreamPool(config), engine, audit, transport=transport)
+        finally:
+            audit.end_all("the gateway shut down")
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    """SIGTERM or SIGINT: stop serving in order (calls in flight are recorded as cancelled).
+
+    The stdio transport reads stdin in a worker thread that only returns when a line or the end of
+    input arrives; if the client keeps stdin open, the process exits after a grace period anyway.
+    """
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for received in signals:
+            logger.info("%s received: shutting down", signal.Signals(received).name)
+            scope.cancel()
+            deadline = threading.Timer(STOP_GRACE, os._exit, (128 + received,))
+            deadline.daemon = True
+            deadline.start()
+            return
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -99,6 +139,21 @@ def _host_patterns(host: str, port: int) -> list[str]:
     if _is_loopback(host):
         return [f"{name}:{port}" for name in _LOOPBACK_NAMES]
     return [f"{host}:{port}"]
+
+
+class SessionEnds:
+    """ASGI middleware: a `DELETE` of an MCP session (the client hanging up) ends its audit session."""
+
+    def __init__(self, app: ASGIApp, audit: CallAudit) -> None:
+        self._app = app
+        self._audit = audit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "DELETE":
+            session = next((value for key, value in scope["headers"] if key == b"mcp-session-id"), None)
+            if session is not None:
+                self._audit.end_session(session.decode("latin-1"), "the client ended the session")
 
 
 class BearerTokenGuard:

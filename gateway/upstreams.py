@@ -205,6 +205,8 @@ class Upstream:
 
 
 CatalogListener = Callable[[Catalog], Awaitable[None]]
+StatusListener = Callable[[str, bool, str], None]
+"""Told when an upstream comes up or goes down: its name, whether it is up, and a description."""
 
 
 class UpstreamPool:
@@ -217,10 +219,12 @@ class UpstreamPool:
         }
         self.catalog = Catalog()
         self._on_catalog = on_catalog
+        self._on_status: StatusListener | None = None
         self._catalog_lock = anyio.Lock()
 
-    def set_listener(self, listener: CatalogListener) -> None:
+    def set_listener(self, listener: CatalogListener, status: StatusListener | None = None) -> None:
         self._on_catalog = listener
+        self._on_status = status
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Supervise every upstream until cancelled. Reports started at once: upstreams join as they come up."""
@@ -261,6 +265,10 @@ class UpstreamPool:
                 with anyio.CancelScope(shield=True):
                     await self._withdraw(upstream)
             delay = backoff * random.uniform(0.8, 1.2)
+            if self._on_status is not None:
+                self._on_status(
+                    upstream.name, False, f"{'went down' if was_up else 'failed to start'}: {upstream.last_error}"
+                )
             logger.warning(
                 "upstream '%s' %s %s; retrying in %.1fs (log: %s)",
                 upstream.name,
@@ -320,6 +328,9 @@ class UpstreamPool:
                 session.protocol_version,
                 len(upstream.listing.tools),
             )
+            if self._on_status is not None:
+                detail = f"{spec.transport}, protocol {session.protocol_version}, {len(upstream.listing.tools)} tools"
+                self._on_status(upstream.name, True, detail)
             await self._publish()
             upstream.settled.set()
             tg.start_soon(self._relist_when_changed, upstream, session, relist)

@@ -1,7 +1,8 @@
 """Reloading the policies while serving: when a policy file changes, and on SIGHUP.
 
 The new set replaces the old one only if every file of it loads and compiles; otherwise the old set
-stays in force and the error is logged. Changes are noticed by polling the directory's file stamps
+stays in force and the error is logged and reported (the gateway audits both). Changes are noticed
+by polling the directory's file stamps
 (once a second: no extra dependency, works on every filesystem the gateway runs on).
 """
 
@@ -22,32 +23,38 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
 
-Install = Callable[[PolicySet], Awaitable[None]]
+Install = Callable[[PolicySet, str], Awaitable[None]]
+"""Puts a new set in force; called with the set and what triggered the reload."""
+Failed = Callable[[str, str], None]
+"""Reports a reload that failed: the trigger and the error."""
 
 
-async def watch_policies(directory: Path, current: Callable[[], str], install: Install) -> None:
+async def watch_policies(directory: Path, current: Callable[[], str], install: Install, failed: Failed) -> None:
     """Reload on change or SIGHUP until cancelled; `current` gives the revision in force."""
     async with anyio.create_task_group() as tg:
         if hasattr(signal, "SIGHUP"):
-            tg.start_soon(_on_hangup, directory, current, install)
+            tg.start_soon(_on_hangup, directory, current, install, failed)
         stamps = _stamps(directory)
         while True:
             await anyio.sleep(POLL_SECONDS)
             now = _stamps(directory)
             if now != stamps:
                 stamps = now
-                await reload_policies(directory, current, install, "a policy file changed")
+                await reload_policies(directory, current, install, failed, "a policy file changed")
 
 
-async def reload_policies(directory: Path, current: Callable[[], str], install: Install, trigger: str) -> bool:
+async def reload_policies(
+    directory: Path, current: Callable[[], str], install: Install, failed: Failed, trigger: str
+) -> bool:
     """Load the directory afresh and install it if it compiles and differs; `False` if it did not load."""
     try:
         policies = load_policies(directory)
     except PolicyError as exc:
         logger.error("policy reload (%s) failed; revision %s stays in force: %s", trigger, current(), exc)
+        failed(trigger, str(exc))
         return False
     if policies.revision != current():
-        await install(policies)
+        await install(policies, trigger)
         logger.info(
             "policies reloaded (%s): revision %s, %d rules from %d files",
             trigger,
@@ -58,10 +65,10 @@ async def reload_policies(directory: Path, current: Callable[[], str], install: 
     return True
 
 
-async def _on_hangup(directory: Path, current: Callable[[], str], install: Install) -> None:
+async def _on_hangup(directory: Path, current: Callable[[], str], install: Install, failed: Failed) -> None:
     with anyio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
-            await reload_policies(directory, current, install, "SIGHUP")
+            await reload_policies(directory, current, install, failed, "SIGHUP")
 
 
 def _stamps(directory: Path) -> frozenset[tuple[str, int, int]]:

@@ -162,7 +162,8 @@ async def gateway_process(config: Path, *extra: str) -> AsyncIterator[tuple[anyi
             try:
                 yield proc, log
             finally:
-                proc.terminate()
+                if proc.returncode is None:
+                    proc.terminate()
                 with anyio.fail_after(20):
                     await proc.wait()
                 tg.cancel_scope.cancel()
@@ -176,6 +177,24 @@ async def http_gateway(config: Path, log: list[ServerLog] | None = None) -> Asyn
             log.append(server_log)
         match = await server_log.wait_for(r"serving streamable HTTP at (http://\S+/mcp)", seconds=30)
         yield match[1]
+
+
+async def call_then_cancel(client: Client, tool: str, arguments: dict[str, Any]) -> None:
+    """Start a call, wait for its first progress notification (so it is under way), then cancel it."""
+    started = anyio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        started.set()
+
+    async with anyio.create_task_group() as tg:
+
+        async def long_call() -> None:
+            await client.call_tool(tool, arguments, progress_callback=on_progress)
+
+        tg.start_soon(long_call)
+        with anyio.fail_after(20):
+            await started.wait()
+        tg.cancel_scope.cancel()
 
 
 def text_of(result: types.CallToolResult) -> str:

@@ -10,6 +10,12 @@ from gateway.config import load_config, parse_duration
 from gateway.errors import ConfigError
 
 CASES = [
+    pytest.param(
+        '[gateway]\naudit_sync = "sometimes"\n',
+        "[gateway] audit_sync: Input should be 'normal' or 'full'",
+        id="audit-sync",
+    ),
+    pytest.param("[gateway]\naudit = 3\n", "[gateway] audit: Input is not a valid path", id="audit-not-a-path"),
     pytest.param('[upstreams.x]\ncomand = "a"\n', "[upstreams.x] comand: unknown key", id="unknown-upstream-key"),
     pytest.param("[gateway]\nfoo = 1\n", "[gateway] foo: unknown key", id="unknown-gateway-key"),
     pytest.param("[gateway.http]\nport = 1\n", "[gateway.http] port: unknown key", id="unknown-http-key"),
@@ -146,3 +152,13 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: object) -> None:
     with pytest.raises(ValueError, match="expected a positive duration"):
         parse_duration(text)
+
+
+def test_the_audit_log_defaults_beside_the_config_and_may_be_moved(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text("")
+    assert load_config(path, environ={}).audit_path == tmp_path / ".mcp-armor" / "audit.db"
+    path.write_text('[gateway]\naudit = "logs/a.db"\n')
+    assert load_config(path, environ={}).audit_path == tmp_path / "logs" / "a.db"
+    path.write_text('[gateway]\naudit = ":memory:"\n')
+    assert str(load_config(path, environ={}).audit_path) == ":memory:"

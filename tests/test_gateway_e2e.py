@@ -14,6 +14,7 @@ from mcp.shared.exceptions import MCPError
 
 from tests.conftest import (
     Notifications,
+    call_then_cancel,
     fixture_upstream,
     gateway_client,
     read_records,
@@ -139,20 +140,7 @@ async def test_upstream_error_comes_back_as_an_error_result_without_internals(bo
 
 async def test_cancellation_reaches_the_upstream(box_config: Path) -> None:
     async with gateway_client(box_config) as client:
-        started = anyio.Event()
-
-        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-            started.set()
-
-        async with anyio.create_task_group() as tg:
-
-            async def long_call() -> None:
-                await client.call_tool("box__slow", {"steps": 400}, progress_callback=on_progress)
-
-            tg.start_soon(long_call)
-            with anyio.fail_after(20):
-                await started.wait()
-            tg.cancel_scope.cancel()
+        await call_then_cancel(client, "box__slow", {"steps": 400})
         # The upstream tool itself observed the cancellation.
         assert text_of(await client.call_tool("box__cancelled", {})) == "1"
 

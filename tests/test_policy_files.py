@@ -8,6 +8,7 @@ import pytest
 
 from gateway.calls import Effect
 from gateway.errors import PolicyError
+from gateway.policy import PolicyEngine
 from gateway.policy_files import load_policies, parse_rate
 
 RULE = '[[rule]]\nid = "r"\ntools = ["a__*"]\n'
@@ -80,6 +81,18 @@ CASES = [
         {"p.toml": RULE + 'effect = "deny"\nrate = "3/minute"\n'}, "rule 'r': rate: a deny rule", id="deny-rate"
     ),
     pytest.param({"p.toml": RULE + 'effect = "rewrite"\n'}, "p.toml: rule 'r': set: a rewrite rule needs", id="no-set"),
+    pytest.param({"p.toml": RULE + 'mask = ["a..b"]\n'}, "mask[0]: expected a dotted argument path", id="mask"),
+    pytest.param({"p.toml": RULE + "mask = []\n"}, "mask: Tuple should have at least 1 item", id="mask-empty"),
+    pytest.param(
+        {"p.toml": RULE + 'mask = ["a"]\nwhen = { type = "object" }\n'},
+        "rule 'r': when: a rule with only 'mask' decides nothing",
+        id="mask-only-when",
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'on = "result"\neffect = "deny"\nmask = ["a"]\n'},
+        "rule 'r': mask: applies to call rules",
+        id="mask-result",
+    ),
     pytest.param({"p.toml": RULE + 'effect = "allow"\nset = { a = 1 }\n'}, "rule 'r': set: applies to", id="set-allow"),
     pytest.param(
         {"p.toml": RULE + "on = \"result\"\nredact = ['(']\n"},
@@ -123,6 +136,14 @@ def test_policy_errors(tmp_path: Path, files: dict[str, str], message: str) -> N
     assert "\n" not in text
     assert message in text
     assert text.startswith(str(policies))
+
+
+def test_a_mask_only_rule_masks_and_decides_nothing(tmp_path: Path) -> None:
+    (tmp_path / "p.toml").write_text(RULE + 'mask = ["token", "items.*.key"]\n[defaults]\neffect = "allow"\n')
+    engine = PolicyEngine(load_policies(tmp_path))
+    assert engine.rules_for("a__x").mask == (("token",), ("items", "*", "key"))
+    assert engine.rules_for("a__x").call == ()
+    assert engine.evaluate("a__x", {"token": "t"}, now=0).effect is Effect.ALLOW
 
 
 def test_missing_directory(tmp_path: Path) -> None:

@@ -1,0 +1,231 @@
+"""The `mcp-armor` command line: argument parsing and printing, no business logic.
+
+A mistake of the user's (bad config, bad argument) is one line on stderr and exit status 2; an
+upstream that could not be reached makes `tools` exit 1 after printing what it could; a broken
+audit chain makes `audit verify` exit 1. The commands live in `cli/policy.py` and `cli/audit.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from gateway import __version__
+from gateway.audit_store import Filters
+from gateway.cli import audit, policy
+from gateway.cli.common import connect, print_table
+from gateway.config import Config, load_config
+from gateway.errors import GatewayError
+from gateway.policy import PolicyEngine
+from gateway.policy_files import load_engine
+
+DEFAULT_CONFIG = "upstreams.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcp-armor", description="A guarding gateway for the Model Context Protocol.")
+    parser.add_argument("--version", action="version", version=f"mcp-armor {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", default=DEFAULT_CONFIG, metavar="PATH", help="the gateway's upstreams.toml (default: %(default)s)"
+    )
+
+    serve = commands.add_parser("serve", parents=[common], help="serve the gateway to an agent (stdio unless --http)")
+    serve.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio (HOST defaults to 127.0.0.1)",
+    )
+    serve.add_argument("--verbose", action="store_true", help="log upstream traffic details to stderr")
+    serve.add_argument("--quiet", action="store_true", help="do not print a line per tool call to stderr")
+
+    tools = commands.add_parser(
+        "tools", parents=[common], help="connect to the upstreams and list the tools the gateway exposes"
+    )
+    tools.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    policy = commands.add_parser("policy", help="check and explain the policies")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+    offline = argparse.ArgumentParser(add_help=False)
+    offline.add_argument(
+        "--offline", action="store_true", help="do not start the upstreams (skips the checks against their tools)"
+    )
+    offline.add_argument("--json", action="store_true", help="print JSON")
+    policy_commands.add_parser(
+        "check",
+        parents=[common, offline],
+        help="validate upstreams.toml and policies/, and warn about rules that match no tool or name unknown arguments",
+    )
+    explain = policy_commands.add_parser(
+        "explain", parents=[common, offline], help="show the decision on one call and every rule behind it"
+    )
+    explain.add_argument("tool", metavar="TOOL", help="the exposed tool name, e.g. git__git_log")
+    explain.add_argument("--args", default="{}", metavar="JSON", help="the call's arguments as a JSON object")
+    explain.add_argument("--client", default="", metavar="NAME", help="the client's name (for 'clients' globs)")
+
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("--tool", metavar="GLOB", help="only calls to tools matching this glob (e.g. 'git__*')")
+    filters.add_argument("--decision", choices=["allow", "rewrite", "ask", "deny"], help="only calls decided so")
+    filters.add_argument("--since", metavar="WHEN", help='only events since then: "15m", "2h", or an ISO 8601 time')
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON")
+
+    replay = policy_commands.add_parser(
+        "replay",
+        parents=[common, filters, as_json],
+        help="re-decide recorded calls under today's policies and list those whose decision would change",
+    )
+    replay.add_argument("--session", metavar="ID", help="only this session's calls")
+
+    audit_parser = commands.add_parser("audit", help="read the audit log: sessions, timelines, live tail, verify")
+    audit_commands = audit_parser.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    audit_commands.add_parser(
+        "sessions", parents=[common, as_json], help="every session: client, start, end, calls, refusals"
+    ).add_argument("--since", metavar="WHEN", help='only sessions with events since then ("2h", an ISO time)')
+    show = audit_commands.add_parser("show", parents=[common, filters, as_json], help="one session's timeline")
+    show.add_argument("session", metavar="SESSION", help="a session id (or a unique beginning of one)")
+    tail = audit_commands.add_parser("tail", parents=[common, filters, as_json], help="the latest events")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing events as they are recorded")
+    tail.add_argument("-n", "--lines", type=int, default=20, metavar="N", help="how many to show first (default 20)")
+    tail.add_argument("--session", metavar="ID", help="only this session's events")
+    verify = audit_commands.add_parser(
+        "verify", parents=[common, as_json], help="check the hash chain; exit 1 naming the first bad event"
+    )
+    verify.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        metavar="SEQ:HASH",
+        help="also check that this event (noted from an earlier verify) is still in the chain unchanged",
+    )
+    export = audit_commands.add_parser("export", parents=[common, filters], help="events as JSON lines")
+    export.add_argument("--format", choices=["jsonl"], default="jsonl", help="one event per line (the default)")
+    export.add_argument("--session", metavar="ID", help="only this session's events")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
+    try:
+        config = load_config(args.config)
+        if args.command == "serve":
+            return _serve(parser, config, args.http)
+        if args.command == "policy":
+            return _policy(config, args)
+        if args.command == "audit":
+            return _audit(config, args)
+        return anyio.run(_tools, config, args.json)
+    except GatewayError as exc:
+        print(f"mcp-armor: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _policy(config: Config, args: argparse.Namespace) -> int:
+    if args.policy_command == "check":
+        return anyio.run(policy.check, config, args.offline, args.json)
+    if args.policy_command == "explain":
+        return anyio.run(policy.explain, config, args)
+    return anyio.run(policy.replay, config, _filters(args), args.json)
+
+
+def _audit(config: Config, args: argparse.Namespace) -> int:
+    command = args.audit_command
+    if command == "sessions":
+        since = audit.parse_since(args.since) if args.since else None
+        return audit.sessions(config, Filters(since=since), args.json)
+    if command == "show":
+        return audit.show(config, args.session, _filters(args), args.json)
+    if command == "tail":
+        return audit.tail(config, _filters(args), args.lines, args.follow, args.json)
+    if command == "verify":
+        return audit.verify(config, args.anchor, args.json)
+    return audit.export(config, _filters(args))
+
+
+def _filters(args: argparse.Namespace) -> Filters:
+    since = audit.parse_since(args.since) if args.since else None
+    return Filters(session=getattr(args, "session", None), tool=args.tool, decision=args.decision, since=since)
+
+
+def _configure_logging(*, verbose: bool, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mcp-armor %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("gateway").setLevel(logging.DEBUG if verbose else logging.INFO)
+    calls = logging.StreamHandler(sys.stderr)
+    calls.setFormatter(logging.Formatter("mcp-armor: %(message)s"))
+    monitor = logging.getLogger("gateway.monitor")
+    monitor.handlers[:] = [calls]
+    monitor.propagate = False
+    monitor.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _serve(parser: argparse.ArgumentParser, config: Config, http: str | None) -> int:
+    from gateway.transports import serve_http, serve_stdio
+
+    if http is None:
+        anyio.run(serve_stdio, config)
+        return 0
+    host, _, port_text = http.rpartition(":")
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        parser.error(f"--http: expected HOST:PORT (e.g. 127.0.0.1:8765), got {http!r}")
+    anyio.run(serve_http, config, host or "127.0.0.1", int(port_text))
+    return 0
+
+
+async def _tools(config: Config, as_json: bool) -> int:
+    engine = load_engine(config)
+    upstreams = await connect(config)
+    engine.index_tools(upstreams.catalog.tools)
+    rows: list[dict[str, Any]] = [
+        {
+            "name": tool.name,
+            "upstream": tool.upstream,
+            "upstream_tool": tool.upstream_name,
+            "shortened": tool.name != f"{tool.upstream}{config.gateway.separator}{tool.upstream_name}",
+            "policy": _policy_summary(engine, tool.name),
+            "description": tool.model.description or "",
+        }
+        for tool in upstreams.catalog.tools.values()
+    ]
+    if as_json:
+        down, problems = upstreams.down, list(upstreams.catalog.problems)
+        print(json.dumps({"tools": rows, "unavailable": down, "problems": problems}, indent=2))
+    else:
+        _print_tools(rows)
+    upstreams.report()
+    return 1 if upstreams.down else 0
+
+
+def _policy_summary(engine: PolicyEngine, tool: str) -> str:
+    """What policy does to a tool, for a client that no `clients` glob names."""
+    if not engine.visible(tool):
+        return "hidden (no rule allows it)"
+    rules = engine.rules_for(tool).call
+    if not rules:
+        return f"{engine.policies.default.value} (default)"
+    effects = sorted({rule.effect.value for rule in rules if rule.effect is not None and not rule.monitor})
+    conditional = any(rule.when is not None or rule.rate is not None or rule.clients for rule in rules)
+    return "/".join(effects) + (" (conditional)" if conditional else "")
+
+
+def _print_tools(rows: list[dict[str, Any]]) -> None:
+    table = [
+        (row["name"], row["upstream"], row["upstream_tool"], row["policy"] + ("  (name shortened)" * row["shortened"]))
+        for row in rows
+    ]
+    print_table(("TOOL", "UPSTREAM", "UPSTREAM TOOL", "POLICY"), table, empty="(no tools exposed)")

@@ -1,0 +1,50 @@
+"""What the commands share: connecting to the upstreams once, printing tables."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+
+from gateway.catalog import Catalog
+from gateway.config import Config
+from gateway.upstreams import UpstreamPool
+
+
+@dataclass
+class Upstreams:
+    """What the upstreams offered when the command connected to them once."""
+
+    catalog: Catalog = field(default_factory=Catalog)
+    down: dict[str, str] = field(default_factory=dict)
+
+    def report(self) -> None:
+        for name, reason in self.down.items():
+            print(f"mcp-armor: upstream '{name}' unavailable: {reason}", file=sys.stderr)
+        for problem in self.catalog.problems:
+            print(f"mcp-armor: {problem}", file=sys.stderr)
+
+
+async def connect(config: Config) -> Upstreams:
+    pool = UpstreamPool(config)
+    async with anyio.create_task_group() as tg:
+        await tg.start(pool.run)
+        await pool.wait_settled(max(config.gateway.startup_timeout, 30.0))
+        catalog = pool.catalog  # taken now: closing the upstreams withdraws their tools
+        down = {up.name: up.last_error or "did not start in time" for up in pool.upstreams.values() if not up.is_up}
+        tg.cancel_scope.cancel()
+    return Upstreams(catalog, down)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, empty: str = "(none)") -> None:
+    """Columns padded to their widest cell; the last column is not padded."""
+    if not rows:
+        print(empty)
+        return
+    cells = [[("" if cell is None else str(cell)) for cell in row] for row in rows]
+    widths = [max(len(header), *(len(row[index]) for row in cells)) for index, header in enumerate(headers)]
+    for row in [list(headers), *cells]:
+        padded = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
+        print("  ".join([*padded, row[-1]]).rstrip())

@@ -1,0 +1,231 @@
+"""Masking secrets in call arguments before they are stored: sans-IO, from data alone.
+
+A value is masked when it looks like a secret (a private key, a cloud or service token, a bearer
+token, a password in a URL or in `password=...`, a long high-entropy token), when its key names a
+secret (`password`, `api_key`, `Authorization`, ...), or when a policy rule names its path. The
+value is replaced by `[masked:KIND:HASH]`, where HASH is a keyed hash of the secret (the same secret
+gives the same marker within one audit log, so uses can be correlated without revealing it), and
+the path and kind are reported so the record says what was masked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.schema import canonical_json
+
+# Each pattern masks its group "secret" (or the whole match when it has none).
+_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(pattern))
+    for kind, pattern in (
+        ("private-key", r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----(?:[\s\S]*?-----END [A-Z0-9 ]*-----|[\s\S]*)"),
+        ("aws-access-key", r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b"),
+        ("github-token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})"),
+        ("gitlab-token", r"\bglpat-[A-Za-z0-9_-]{20,}"),
+        ("slack-token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
+        ("google-api-key", r"\bAIza[0-9A-Za-z_-]{35}"),
+        ("stripe-key", r"\b[rs]k_(?:live|test)_[0-9A-Za-z]{16,}"),
+        ("api-key", r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,}"),
+        ("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+        ("bearer-token", r"(?i)\b(?:bearer|basic|token)\s+(?P<secret>[A-Za-z0-9._~+/=-]{12,})"),
+        ("url-password", r"\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:(?P<secret>[^/\s@]+)@"),
+        (
+            "password",
+            r"(?i)(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|client[_-]?secret)"
+            r"\s*[=:]\s*(?P<secret>[^\s&;,'\"]{4,})",
+        ),
+    )
+)
+_TOKEN = re.compile(r"[A-Za-z0-9+/_=.-]{20,}")
+_MARKER = re.compile(r"\[masked:[a-z-]+:[0-9a-f]{16}\]")
+_WORD_RUN = re.compile(r"[a-z]{4,}")
+_KEY_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
+_SECRET_WORDS = frozenset(
+    {"password", "passwd", "passphrase", "pwd", "secret", "token", "apikey", "credential", "credentials"}
+    | {"cookie", "authorization", "privatekey", "accesskey", "secretkey", "clientsecret", "signature"}
+)
+_SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key")})
+
+
+@dataclass(frozen=True, slots=True)
+class Masked:
+    """One masked value: where it was in the arguments and why."""
+
+    path: str
+    kind: str
+
+    def to_record(self) -> dict[str, str]:
+        return {"path": self.path, "kind": self.kind}
+
+
+@dataclass(frozen=True, slots=True)
+class Redaction:
+    """Arguments with secrets masked, what was masked, and the masked strings (to scrub them elsewhere)."""
+
+    value: Any
+    masked: tuple[Masked, ...] = ()
+    secrets: Mapping[str, str] | None = None
+    """Each masked string -> its marker."""
+
+    def scrub(self, text: str, redactor: Redactor) -> str:
+        """Mask, in free text such as a refusal reason, the secrets found in the arguments and any others."""
+        for secret, marker in (self.secrets or {}).items():
+            text = text.replace(secret, marker)
+        return redactor.mask_text(text, "", [], {})
+
+
+class Redactor:
+    """Masks secrets under a key (so markers correlate within one audit log, and only there)."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def marker(self, kind: str, secret: str) -> str:
+        mac = hmac.new(self._key, secret.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
+        return f"[masked:{kind}:{mac}]"
+
+    def redact(self, value: Any, paths: Sequence[tuple[str, ...]] = ()) -> Redaction:
+        """Mask `value` (call arguments); `paths` are extra paths named by policy rules (`*` = any key)."""
+        masked: list[Masked] = []
+        secrets: dict[str, str] = {}
+        result = self._walk(value, (), paths, masked, secrets, under_secret_key=False)
+        if not masked:
+            return Redaction(value)
+        return Redaction(result, tuple(masked), secrets)
+
+    def _walk(
+        self,
+        value: Any,
+        path: tuple[str, ...],
+        paths: Sequence[tuple[str, ...]],
+        masked: list[Masked],
+        secrets: dict[str, str],
+        *,
+        under_secret_key: bool,
+    ) -> Any:
+        if paths and any(_matches(rule_path, path) for rule_path in paths):
+            text = value if isinstance(value, str) else canonical_json(value).decode()
+            masked.append(Masked(_dotted(path), "policy"))
+            marker = self.marker("policy", text)
+            secrets[text] = marker
+            return marker
+        if isinstance(value, str):
+            if under_secret_key and value:
+                masked.append(Masked(_dotted(path), "key-name"))
+                marker = self.marker("key-name", value)
+                secrets[value] = marker
+                return marker
+            return self.mask_text(value, _dotted(path), masked, secrets)
+        if isinstance(value, Mapping):
+            return {
+                key: self._walk(
+                    item,
+                    (*path, str(key)),
+                    paths,
+                    masked,
+                    secrets,
+                    under_secret_key=under_secret_key or names_secret(str(key)),
+                )
+                for key, item in value.items()
+            }
+        if isinstance(value, list | tuple):
+            return [
+                self._walk(item, (*path, str(index)), paths, masked, secrets, under_secret_key=under_secret_key)
+                for index, item in enumerate(value)
+            ]
+        return value
+
+    def mask_text(self, text: str, where: str, masked: list[Masked], secrets: dict[str, str]) -> str:
+        """Mask every secret-looking part of one string (overlapping finds are masked once, as one)."""
+        spans: list[tuple[int, int, str]] = []
+        for kind, pattern in _PATTERNS:
+            for match in pattern.finditer(text):
+                group = "secret" if match.re.groupindex.get("secret") and match["secret"] is not None else 0
+                spans.append((*match.span(group), kind))
+        if len(text) >= 20:
+            spans += [(*match.span(), "high-entropy") for match in _TOKEN.finditer(text) if looks_random(match[0])]
+        if not spans:
+            return text
+        if "[masked:" in text:  # already masked parts stay as they are
+            markers = [match.span() for match in _MARKER.finditer(text)]
+            spans = [span for span in spans if not any(span[0] < end and start < span[1] for start, end in markers)]
+        spans.sort(key=lambda span: (span[0], -span[1], span[2] == "high-entropy"))  # a named kind wins
+        pieces: list[str] = []
+        end = 0
+        merged: list[tuple[int, int, str]] = []
+        for start, stop, kind in spans:
+            if merged and start < merged[-1][1]:
+                first, last, first_kind = merged[-1]
+                merged[-1] = (first, max(last, stop), first_kind)
+            else:
+                merged.append((start, stop, kind))
+        for start, stop, kind in merged:
+            secret = text[start:stop]
+            marker = self.marker(kind, secret)
+            secrets[secret] = marker
+            masked.append(Masked(where, kind))
+            pieces += [text[end:start], marker]
+            end = stop
+        pieces.append(text[end:])
+        return "".join(pieces)
+
+
+def names_secret(key: str) -> bool:
+    """Whether an argument's name says its value is a secret (`password`, `apiKey`, `X-Api-Key`, ...)."""
+    words = [word.lower() for word in _KEY_WORDS.findall(key)]
+    if not words:
+        return False
+    if any(word in _SECRET_WORDS for word in words) or "".join(words) in _SECRET_WORDS:
+        return True
+    return any(pair in _SECRET_PAIRS for pair in itertools.pairwise(words))
+
+
+def looks_random(token: str) -> bool:
+    """A long token of mixed letters and digits with the entropy of generated key material."""
+    if len(token) < 20:
+        return False
+    classes = any(c.islower() for c in token) + any(c.isupper() for c in token) + any(c.isdigit() for c in token)
+    if classes < 3:
+        return False
+    kinds = [_kind(c) for c in token if c.isalnum()]
+    changes = sum(1 for one, two in itertools.pairwise(kinds) if one != two)
+    if changes < 0.3 * len(kinds):
+        return False  # words, dates, branch names: few switches between lower, upper and digits
+    if sum(len(run) for run in _WORD_RUN.findall(token)) > 0.35 * len(kinds):
+        return False  # camelCase identifiers: mostly runs of lower-case letters
+    return _entropy(token) >= min(4.0, math.log2(len(token)) - 0.7)
+
+
+def _kind(char: str) -> int:
+    return 0 if char.islower() else 1 if char.isupper() else 2
+
+
+def _entropy(text: str) -> float:
+    size = len(text)
+    return -sum(count / size * math.log2(count / size) for count in Counter(text).values())
+
+
+def _matches(rule_path: tuple[str, ...], path: tuple[str, ...]) -> bool:
+    return len(rule_path) == len(path) and all(want in ("*", got) for want, got in zip(rule_path, path, strict=True))
+
+
+def _dotted(path: Iterable[str]) -> str:
+    return ".".join(path)
+
+
+def parse_mask_path(text: str) -> tuple[str, ...]:
+    """`"connection.password"`, `"headers.*"`, `"items.*.token"` -> path segments."""
+    parts = tuple(text.split("."))
+    if not text or any(not part for part in parts):
+        raise ValueError(
+            f'expected a dotted argument path such as "connection.password" or "items.*.token", got {text!r}'
+        )
+    return parts
