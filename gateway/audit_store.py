@@ -272,6 +272,7 @@ class AuditStore:
                     {
                         "session_id": session,
                         "client": client,
+                        "client_name": info.get("client_name") or "",
                         "transport": info.get("transport"),
                         "principal": info.get("principal") or None,
                         "start": info.get("ts", first),

@@ -441,6 +441,12 @@ async def test_replay_lists_the_calls_a_policy_change_would_decide_differently(c
     assert "allow -> deny" in table.stdout
     assert "2 recorded calls replayed" in table.stdout
 
+    # Rules for this client only: the replay knows each session's client even when filtering by tool.
+    for_client = POLICY + '[[rule]]\nid = "echo-for-mcp"\ntools = ["box__echo"]\nclients = ["mcp*"]\neffect = "allow"\n'
+    write_policy(config.parent / "policies", for_client.replace('"box__echo", ', ""))
+    filtered = json.loads(cli(config, "policy", "replay", "--tool", "box__echo", "--json").stdout)
+    assert filtered["replayed"] == 2 and filtered["changed"] == []
+
     exported = [json.loads(line) for line in cli(config, "audit", "export", "--format", "jsonl").stdout.splitlines()]
     assert [event["seq"] for event in exported] == list(range(1, len(exported) + 1))
     fixed = ["seq", "ts", "kind", "session_id", "call_id", "upstream", "tool", "arguments", "decision", "rules"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import closing
 from datetime import datetime
 from typing import Any
 
@@ -96,15 +97,12 @@ async def explain(config: Config, args: argparse.Namespace) -> int:
 async def replay(config: Config, filters: Filters, as_json: bool) -> int:
     """Re-decide recorded calls under today's policies; list those whose decision would change."""
     engine = load_engine(config)
-    store = AuditStore.open_reader(config.audit_path)
-    clients: dict[str, str] = {}
     changed: list[dict[str, Any]] = []
     replayed = skipped = 0
-    try:
+    with closing(AuditStore.open_reader(config.audit_path)) as store:
+        # Taken from the sessions, not the filtered events: a --tool or --decision filter leaves out session starts.
+        clients = {row["session_id"]: row["client_name"] for row in store.sessions()}
         for record in store.events(filters):
-            if record["kind"] == "session_start":
-                clients[record["session_id"]] = record.get("client_name") or ""
-                continue
             if record["kind"] != "decision":
                 continue
             if record.get("stage", "policy") != "policy":
@@ -137,8 +135,6 @@ async def replay(config: Config, filters: Filters, as_json: bool) -> int:
                         "masked_arguments": bool(record.get("masked")),
                     }
                 )
-    finally:
-        store.close()
     revision = engine.policies.revision
     if as_json:
         print(json.dumps({"policy_revision": revision, "replayed": replayed, "skipped": skipped, "changed": changed}))
