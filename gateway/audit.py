@@ -42,9 +42,9 @@ monitor = logging.getLogger("gateway.monitor")
 CHECKPOINT_EVERY = 2000
 """Events between WAL checkpoints (run in a worker thread, never on the event loop)."""
 SHUTDOWN_GRACE = 5.0
+"""How long a cancelled call waits to get its outcome recorded."""
 ToolEntry = tuple[str, str, Any]
 """An exposed tool as the catalogue events see it: upstream, definition digest, definition."""
-"""How long a cancelled call waits to get its outcome recorded."""
 
 
 def utc_now() -> str:

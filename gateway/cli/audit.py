@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -112,15 +113,8 @@ def export(config: Config, filters: Filters) -> int:
     return 0
 
 
-class _reader:
-    def __init__(self, config: Config) -> None:
-        self._store = AuditStore.open_reader(config.audit_path)
-
-    def __enter__(self) -> AuditStore:
-        return self._store
-
-    def __exit__(self, *exc: object) -> None:
-        self._store.close()
+def _reader(config: Config) -> closing[AuditStore]:
+    return closing(AuditStore.open_reader(config.audit_path))
 
 
 def _resolve_session(store: AuditStore, prefix: str) -> str:
