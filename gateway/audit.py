@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from gateway.audit_store import FIELDS, AuditError, AuditStore, canonical, is_locked
+from gateway.audit_store import FIELDS, AuditError, AuditStore, canonical, is_locked, iso_utc
 from gateway.calls import Decision, Effect, Outcome, OutcomeKind, SessionInfo, ToolCall
 from gateway.config import IN_MEMORY
 from gateway.pipeline import Handler
@@ -47,14 +47,10 @@ ToolEntry = tuple[str, str, Any]
 """An exposed tool as the catalogue events see it: upstream, definition digest, definition."""
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def event(kind: str, **fields: Any) -> dict[str, Any]:
     """An event body: every stable field present (null where it does not apply), then the kind's own."""
     body: dict[str, Any] = dict.fromkeys(FIELDS)
-    body["ts"] = utc_now()
+    body["ts"] = iso_utc(datetime.now(UTC))
     body["kind"] = kind
     body.update(fields)
     return body
@@ -363,7 +359,7 @@ class CallAudit:
             arguments=redaction.value,
             decision=decision.effect.value,
             rules=list(decision.rules),
-            reason=_scrub(reason, redaction, redactor),
+            reason=redaction.scrub(reason, redactor),
             policy_revision=decision.revision,
             upstream_tool=call.tool.upstream_name,
             tool_digest=call.tool.source.digest,
@@ -381,7 +377,7 @@ class CallAudit:
             **self._call_fields(call),
             outcome=outcome.kind.value,
             rules=list(outcome.rules),
-            reason=_scrub(outcome.reason, redaction, self.recorder.redactor) or None,
+            reason=redaction.scrub(outcome.reason, self.recorder.redactor) or None,
             duration_ms=duration_ms,
             result_size=len(data),
             result_sha256=hashlib.sha256(data).hexdigest(),
@@ -428,10 +424,6 @@ class CallAudit:
 
     def upstream_changed(self, name: str, up: bool, detail: str) -> None:
         self.recorder.queue(event("upstream", upstream=name, outcome="up" if up else "down", reason=detail))
-
-
-def _scrub(text: str, redaction: Redaction, redactor: Redactor) -> str:
-    return redaction.scrub(text, redactor) if text else text
 
 
 def _print_line(session: str, tool: str, decision: str, rules: str, outcome: str, duration_ms: float) -> None:

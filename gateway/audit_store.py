@@ -20,12 +20,15 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from gateway.config import IN_MEMORY
 from gateway.errors import GatewayError
+from gateway.schema import canonical_text
 
 SCHEMA_VERSION = 1
 GENESIS = "0" * 64
@@ -65,8 +68,14 @@ class AuditError(GatewayError):
 
 
 def canonical(event: Mapping[str, Any]) -> str:
-    """The canonical JSON form of an event body: what is stored and what is hashed."""
-    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """The canonical JSON form of an event body: what is stored and what is hashed (strict JSON: no NaN)."""
+    return canonical_text(event, allow_nan=False)
+
+
+def iso_utc(moment: datetime) -> str:
+    """The log's time format: ISO 8601 in UTC to the millisecond (`2026-11-23T10:42:07.123Z`), so
+    times compare as strings."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def chain_hash(prev_hash: str, body: str) -> str:
@@ -230,6 +239,13 @@ class AuditStore:
 
     # -- reading -------------------------------------------------------------------------------
 
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise AuditError(f"{self.path}: cannot read the audit log: {exc}") from None
+
     def events(self, filters: Filters = Filters(), *, newest: int | None = None) -> Iterator[dict[str, Any]]:
         """Events in chain order (with `newest`, only that many of the latest), as exported: the body's
         fields plus seq, prev_hash and hash."""
@@ -237,17 +253,13 @@ class AuditStore:
         sql = f"SELECT seq, prev_hash, hash, body FROM events WHERE {where} ORDER BY seq"
         if newest is not None:
             sql = f"SELECT * FROM ({sql} DESC LIMIT {int(newest)}) ORDER BY seq"
-        try:
+        with self._reading():
             for seq, prev_hash, digest, body in self._db.execute(sql, params):
                 yield {"seq": seq, **json.loads(body), "prev_hash": prev_hash, "hash": digest}
-        except sqlite3.Error as exc:
-            raise AuditError(f"{self.path}: cannot read the audit log: {exc}") from None
 
     def last_seq(self) -> int:
-        try:
+        with self._reading():
             row = self._db.execute("SELECT max(seq) FROM events").fetchone()
-        except sqlite3.Error as exc:
-            raise AuditError(f"{self.path}: cannot read the audit log: {exc}") from None
         return int(row[0] or 0)
 
     def sessions(self, filters: Filters = Filters()) -> list[dict[str, Any]]:
@@ -264,7 +276,7 @@ class AuditStore:
             GROUP BY session_id ORDER BY min(seq)
         """
         rows = []
-        try:
+        with self._reading():
             for session, first, last, start, ended, calls, refusals in self._db.execute(sql, params):
                 info = json.loads(start) if start is not None else {}
                 client = " ".join(part for part in (info.get("client_name"), info.get("client_version")) if part)
@@ -282,14 +294,12 @@ class AuditStore:
                         "refusals": refusals or 0,
                     }
                 )
-        except sqlite3.Error as exc:
-            raise AuditError(f"{self.path}: cannot read the audit log: {exc}") from None
         return rows
 
     def verify(self, anchors: Sequence[tuple[int, str]] = ()) -> Verification:
         """Walk the whole chain; the first sequence number where it breaks, if any."""
         db = self._db
-        try:
+        with self._reading():
             db.execute("BEGIN")  # one snapshot for the walk and the head
             try:
                 head_seq, head_hash = db.execute("SELECT seq, hash FROM head WHERE id = 1").fetchone()
@@ -312,8 +322,6 @@ class AuditStore:
                     problem = _check_anchors(anchors, hashes)
             finally:
                 db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise AuditError(f"{self.path}: cannot read the audit log: {exc}") from None
         return Verification(count, head_seq, head_hash, problem)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.schema import canonical_json
+from gateway.schema import canonical_text
 
 # Each pattern masks its group "secret" (or the whole match when it has none).
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
@@ -77,6 +77,8 @@ class Redaction:
 
     def scrub(self, text: str, redactor: Redactor) -> str:
         """Mask, in free text such as a refusal reason, the secrets found in the arguments and any others."""
+        if not text:
+            return text
         for secret, marker in (self.secrets or {}).items():
             text = text.replace(secret, marker)
         return redactor.mask_text(text, "", [], {})
@@ -112,7 +114,7 @@ class Redactor:
         under_secret_key: bool,
     ) -> Any:
         if paths and any(_matches(rule_path, path) for rule_path in paths):
-            text = value if isinstance(value, str) else canonical_json(value).decode()
+            text = value if isinstance(value, str) else canonical_text(value)
             masked.append(Masked(_dotted(path), "policy"))
             marker = self.marker("policy", text)
             secrets[text] = marker

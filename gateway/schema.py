@@ -50,9 +50,13 @@ def _is_hostname(value: object) -> bool:
     return not isinstance(value, str) or _HOSTNAME.match(value) is not None
 
 
+def canonical_text(value: Any, *, allow_nan: bool = True) -> str:
+    """A canonical JSON form (sorted keys, no insignificant whitespace, non-ASCII as is) for hashing."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan)
+
+
 def canonical_json(value: Any) -> bytes:
-    """A canonical JSON form (sorted keys, no insignificant whitespace) for hashing."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return canonical_text(value).encode()
 
 
 def digest(value: Any) -> str:

@@ -10,7 +10,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gateway.audit_store import FIELDS, AuditStore, Filters
+from gateway.audit_store import FIELDS, AuditStore, Filters, iso_utc
 from gateway.cli.common import print_table
 from gateway.config import Config, parse_duration
 from gateway.errors import GatewayError
@@ -33,7 +33,7 @@ def parse_since(text: str) -> str:
             ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(moment)
 
 
 def sessions(config: Config, filters: Filters, as_json: bool) -> int:
