@@ -1,8 +1,9 @@
 """`upstreams.toml` parsed into typed, frozen models; every check happens here, at load time.
 
 A malformed file raises `ConfigError` with one line naming the file, the table and the key. `${VAR}`
-in any string value is taken from the gateway's environment (`$${` writes a literal `${`); a missing
-variable is an error naming it. Relative paths resolve against the directory of the file, never the
+in any string value is taken from the gateway's environment, `${VAR:-default}` falls back to
+`default` when VAR is unset or empty, and `$${` writes a literal `${`; a missing variable without a
+default is an error naming it. Relative paths resolve against the directory of the file, never the
 current directory: agent clients start the gateway from anywhere.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
@@ -35,7 +36,7 @@ UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 SEPARATOR = re.compile(r"^[A-Za-z0-9_.-]{1,8}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_VARIABLE = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+_VARIABLE = re.compile(r"\$\$\{|\$\{([^}]*?)(?::-([^}]*))?\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -178,6 +179,25 @@ class Config(_Model):
         return spec.timeout if spec.timeout is not None else self.gateway.call_timeout
 
 
+class EveryVariable(Mapping[str, str]):
+    """The real environment, in which every missing variable reads as a placeholder.
+
+    For checking a file's shape without needing its secrets in the shell that edits it.
+    """
+
+    def __getitem__(self, key: str) -> str:
+        return os.environ.get(key, "placeholder")
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(os.environ)
+
+    def __len__(self) -> int:
+        return len(os.environ)
+
+
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read, interpolate and validate `upstreams.toml`; raise `ConfigError` with one line on any fault."""
     path = Path(path)
@@ -217,11 +237,13 @@ def _interpolate(value: Any, where: tuple[str, ...], label: str, environ: Mappin
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
-            name = match[1]
+            name, default = match[1], match[2]
             if name is None:
                 return "${"
             if not _ENV_NAME.match(name):
-                raise ConfigError(f"{label}: {_location(where)}: '${{{name}}}' is not a valid variable reference")
+                raise ConfigError(f"{label}: {_location(where)}: '{match[0]}' is not a valid variable reference")
+            if default is not None:
+                return environ.get(name) or default
             if name not in environ:
                 raise ConfigError(f"{label}: {_location(where)}: environment variable {name} is not set")
             return environ[name]
@@ -232,6 +254,20 @@ def _interpolate(value: Any, where: tuple[str, ...], label: str, environ: Mappin
     if isinstance(value, list):
         return [_interpolate(item, (*where, str(index)), label, environ) for index, item in enumerate(value)]
     return value
+
+
+def variables(raw: Any) -> dict[str, bool]:
+    """Every environment variable the raw (uninterpolated) data refers to, and whether each always has a default."""
+    found: dict[str, bool] = {}
+    if isinstance(raw, str):
+        for match in _VARIABLE.finditer(raw):
+            if match[1] is not None and _ENV_NAME.match(match[1]):
+                found[match[1]] = found.get(match[1], True) and match[2] is not None
+    elif isinstance(raw, Mapping | list):
+        for item in raw.values() if isinstance(raw, Mapping) else raw:
+            for name, has_default in variables(item).items():
+                found[name] = found.get(name, True) and has_default
+    return found
 
 
 def _check_names(config: Config, label: str) -> None:

@@ -52,6 +52,11 @@ CASES = [
         id="missing-env-var-in-header",
     ),
     pytest.param(
+        '[upstreams.x]\ncommand = "a"\nargs = ["${env:TOKEN}"]\n',
+        "[upstreams.x] args.0: '${env:TOKEN}' is not a valid variable reference",
+        id="foreign-variable-syntax",
+    ),
+    pytest.param(
         '[upstreams.a]\ncommand = "a"\n[upstreams.a__b]\ncommand = "b"\n',
         "[upstreams.a__b] tools of upstreams 'a' and 'a__b' could be exposed under the same name (separator '__')",
         id="colliding-upstream-names",
@@ -114,9 +119,11 @@ def test_interpolation_and_relative_paths(tmp_path: Path) -> None:
     path.write_text(
         '[upstreams.local]\ncommand = "./bin/server"\ncwd = "data"\nargs = ["--token", "${TOKEN}", "$${LITERAL}"]\n'
         '[upstreams.remote]\nurl = "https://example.org/mcp"\nheaders = { Authorization = "Bearer ${TOKEN}" }\n'
-        'timeout = "500ms"\n'
+        'timeout = "500ms"\n[upstreams.defaults]\ncommand = "x"\n'
+        'env = { A = "${UNSET:-fallback}", B = "${EMPTY:-fallback}", C = "${TOKEN:-fallback}", D = "${UNSET:-}" }\n'
     )
-    config = load_config(path, environ={"TOKEN": "s3cret"})
+    config = load_config(path, environ={"TOKEN": "s3cret", "EMPTY": ""})
+    assert config.upstreams["defaults"].env == {"A": "fallback", "B": "fallback", "C": "s3cret", "D": ""}
     local = config.upstreams["local"]
     assert local.command == str(tmp_path / "sub" / "bin" / "server")
     assert local.cwd == tmp_path / "sub" / "data"

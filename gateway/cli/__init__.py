@@ -1,8 +1,9 @@
 """The `mcp-armor` command line: argument parsing and printing, no business logic.
 
 A mistake of the user's (bad config, bad argument) is one line on stderr and exit status 2; an
-upstream that could not be reached makes `tools` exit 1 after printing what it could; a broken
-audit chain makes `audit verify` exit 1. The commands live in `cli/policy.py` and `cli/audit.py`.
+upstream that could not be reached makes `tools` (and `upstream add --check`) exit 1 after printing
+what it could; a broken audit chain makes `audit verify` exit 1; servers `import` had to leave in
+the client make it exit 1. The commands live in `cli/policy.py`, `cli/audit.py` and `cli/setup.py`.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
 
 from gateway import __version__
 from gateway.audit_store import Filters
-from gateway.cli import audit, policy
+from gateway.cli import audit, policy, setup
 from gateway.cli.common import connect, print_table
-from gateway.config import Config, load_config
+from gateway.clients import CLIENTS
+from gateway.config import Config, EveryVariable, load_config
 from gateway.errors import GatewayError
 from gateway.policy import PolicyEngine
 from gateway.policy_files import load_engine
@@ -109,15 +112,117 @@ def _parser() -> argparse.ArgumentParser:
     export = audit_commands.add_parser("export", parents=[common, filters], help="events as JSON lines")
     export.add_argument("--format", choices=["jsonl"], default="jsonl", help="one event per line (the default)")
     export.add_argument("--session", metavar="ID", help="only this session's events")
+    _setup_parsers(commands, common)
     return parser
+
+
+def _setup_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
+    clients = sorted(CLIENTS)
+    location = argparse.ArgumentParser(add_help=False)
+    location.add_argument(
+        "--path", type=Path, metavar="FILE", help="the client's configuration file, if not the usual one"
+    )
+    location.add_argument(
+        "--project",
+        action="store_true",
+        help="the project's file in the current directory (.mcp.json, .cursor/mcp.json, .vscode/mcp.json)",
+    )
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--offline", action="store_true", help="do not start the servers to list their tools")
+    where = argparse.ArgumentParser(add_help=False, parents=[location])
+    where.add_argument("client", metavar="CLIENT", choices=clients, help=f"one of: {', '.join(clients)}")
+    where.add_argument("--dry-run", action="store_true", help="print the change instead of making it")
+
+    registering = commands.add_parser(
+        "register",
+        parents=[common, where],
+        help="write the gateway into an agent client's MCP configuration",
+        description="Write the gateway's entry into an agent client's MCP configuration file, keeping everything "
+        "else in it. The original is backed up beside it; running it again changes nothing.",
+    )
+    registering.add_argument("--remove", action="store_true", help="take the gateway's entry out again")
+
+    importing = commands.add_parser(
+        "import",
+        parents=[common, where, listing],
+        help="move an agent client's MCP servers into upstreams.toml, behind the gateway",
+        description="Add the client's MCP servers to upstreams.toml (with a first policy each: tools the server "
+        "marks read-only allowed) and replace them in the client's file with the gateway. Servers that cannot be "
+        "fronted as they are stay in the client, and are named. Exit status 1 if any did.",
+    )
+    importing.add_argument("--keep", action="store_true", help="leave the client's file as it is")
+
+    init = commands.add_parser(
+        "init",
+        parents=[location, listing],
+        help="write a starter upstreams.toml and policies/ (default deny)",
+        description="Write a commented upstreams.toml and policies/ (default deny) into DIRECTORY. With --from, "
+        "declare a client's servers as upstreams (the client's file is not changed) with a first policy each.",
+    )
+    init.add_argument("directory", nargs="?", default=".", metavar="DIRECTORY", help="where (default: here)")
+    init.add_argument("--force", action="store_true", help="overwrite existing files (they are backed up)")
+    init.add_argument(
+        "--from", dest="from_client", choices=clients, metavar="CLIENT", help="declare this client's servers"
+    )
+
+    upstream = commands.add_parser(
+        "upstream",
+        help="add, remove and list upstreams in upstreams.toml",
+        description="Edit upstreams.toml. Comments are kept; where an edit cannot be made in place (an upstream "
+        "written as an inline table, say) the file is rewritten and its comments are lost, which is said.",
+    )
+    upstream_commands = upstream.add_subparsers(dest="upstream_command", required=True, metavar="SUBCOMMAND")
+    add = upstream_commands.add_parser(
+        "add",
+        parents=[common],
+        help="add an upstream: NAME -- COMMAND ARGS... (stdio) or NAME --url URL (streamable HTTP)",
+        usage="mcp-armor upstream add NAME [options] (-- COMMAND [ARGS...] | --url URL [--header K=V ...])",
+        description="Add an upstream to upstreams.toml; everything after -- is its command line. Comments in the "
+        "file are kept.",
+    )
+    add.add_argument("name", metavar="NAME", help="the upstream's name (its tools are exposed as NAME__TOOL)")
+    add.add_argument("--url", metavar="URL", help="a streamable HTTP server's URL")
+    add.add_argument("--header", action="append", default=[], metavar="K=V", help="an HTTP header (repeatable)")
+    add.add_argument(
+        "--env", action="append", default=[], metavar="K=V", help='an environment variable; "${VAR}" passes one on'
+    )
+    add.add_argument("--cwd", metavar="DIR", help="the command's working directory (relative to upstreams.toml)")
+    add.add_argument("--check", action="store_true", help="start it once and list its tools before writing")
+    upstream_commands.add_parser("remove", parents=[common], help="remove an upstream").add_argument(
+        "name", metavar="NAME"
+    )
+    upstream_commands.add_parser(
+        "list", parents=[common], help="the upstreams as written (no variable expanded, no secret shown)"
+    ).add_argument("--json", action="store_true", help="print JSON")
+
+
+SETUP_COMMANDS = {
+    "register": setup.register_command,
+    "import": setup.import_command,
+    "init": setup.init_command,
+    "upstream": setup.upstream_command,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # `upstream add NAME [options] -- COMMAND ARGS...`: what follows `--` is the upstream's command line,
+    # options and all (argparse would bind an optional positional list before the options are read).
+    command_line = words[words.index("--") + 1 :] if "--" in words else []
+    args = parser.parse_args(words[: words.index("--")] if "--" in words else words)
+    if "--" in words and (args.command, getattr(args, "upstream_command", None)) != ("upstream", "add"):
+        parser.error("'--' introduces an upstream's command line, in `upstream add NAME -- COMMAND ARGS...` only")
+    args.argv = command_line
     _configure_logging(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
     try:
-        config = load_config(args.config)
+        if args.command in SETUP_COMMANDS:
+            return SETUP_COMMANDS[args.command](args)
+        # Only commands that start upstreams need the variables their tables refer to.
+        starts_upstreams = args.command in ("serve", "tools") or (
+            args.command == "policy" and args.policy_command != "replay" and not args.offline
+        )
+        config = load_config(args.config, environ=None if starts_upstreams else EveryVariable())
         if args.command == "serve":
             return _serve(parser, config, args.http)
         if args.command == "policy":

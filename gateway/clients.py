@@ -1,0 +1,300 @@
+"""Agent clients' MCP configuration files: where they live, how to read them, and the two edits the
+gateway makes to them (`register`: put the gateway in; `import`: move the client's servers behind it).
+
+Every client keeps its servers in a JSON object of `name -> entry`: Claude Desktop, Claude Code,
+Cursor and Windsurf under `mcpServers`, VS Code under `servers` (in JSON with comments). They differ
+in where the file is, whether an entry names its transport (`type`), the key of a remote server's
+address (`url`, Windsurf's `serverUrl`) and how a value refers to an environment variable
+(`${VAR}` in Claude Code, `${env:VAR}` in Cursor, VS Code and Windsurf, nothing in Claude Desktop).
+An edit changes only the entries it is about; every other key of the file is kept as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import GatewayError
+
+
+class ClientFileError(GatewayError):
+    """A client's configuration file that cannot be read or edited; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ClientFormat:
+    name: str
+    title: str
+    servers_key: str = "mcpServers"
+    url_key: str = "url"
+    typed: bool = False
+    """Whether entries carry `"type": "stdio" | "http"` (Claude Code, VS Code)."""
+    env_syntax: str | None = "${{env:{}}}"
+    """How a value refers to an environment variable; `None`: the client does not expand variables."""
+    project_file: str | None = None
+    """The project-scoped file, relative to the project directory (`--project`)."""
+
+    def user_file(self, platform: str = sys.platform, environ: Mapping[str, str] = os.environ) -> Path:
+        """The user-wide file on this operating system."""
+        home = Path(environ.get("HOME") or Path.home())
+        if platform == "darwin":
+            app_support = home / "Library" / "Application Support"
+        elif platform == "win32":
+            app_support = Path(environ.get("APPDATA") or home / "AppData" / "Roaming")
+        else:
+            app_support = Path(environ.get("XDG_CONFIG_HOME") or home / ".config")
+        if self.name == "claude-desktop":
+            return app_support / "Claude" / "claude_desktop_config.json"
+        if self.name == "vscode":
+            return app_support / "Code" / "User" / "mcp.json"
+        if self.name == "claude-code":
+            return home / ".claude.json"
+        if self.name == "cursor":
+            return home / ".cursor" / "mcp.json"
+        return home / ".codeium" / "windsurf" / "mcp_config.json"
+
+    def reference(self, variable: str, *, has_default: bool = False) -> str | None:
+        """A value that makes the client pass its own `variable` on to the gateway."""
+        if self.env_syntax is None:
+            return None
+        if has_default and self.name == "claude-code":
+            return f"${{{variable}:-}}"
+        return self.env_syntax.format(variable)
+
+
+CLIENTS: dict[str, ClientFormat] = {
+    client.name: client
+    for client in (
+        ClientFormat("claude-desktop", "Claude Desktop", env_syntax=None),
+        ClientFormat("claude-code", "Claude Code", typed=True, env_syntax="${{{}}}", project_file=".mcp.json"),
+        ClientFormat("cursor", "Cursor", project_file=".cursor/mcp.json"),
+        ClientFormat("vscode", "VS Code", servers_key="servers", typed=True, project_file=".vscode/mcp.json"),
+        ClientFormat("windsurf", "Windsurf", url_key="serverUrl"),
+    )
+}
+
+
+def locate(client: ClientFormat, *, path: Path | None, project: bool, cwd: Path | None = None) -> Path:
+    """The file to read and edit: `--path`, the project's file (`--project`), or the user-wide one."""
+    if path is not None:
+        return path
+    if project:
+        if client.project_file is None:
+            raise ClientFileError(f"{client.title} has no project-scoped configuration file; drop --project")
+        return (cwd or Path.cwd()) / client.project_file
+    return client.user_file()
+
+
+@dataclass
+class ClientFile:
+    """A client's configuration file: its data, and what is needed to write it back in its own style."""
+
+    client: ClientFormat
+    path: Path
+    text: str | None
+    """The file as read; `None` if it does not exist yet."""
+    data: dict[str, Any]
+    indent: str = "  "
+    comments: bool = False
+    """The file had comments (JSON with comments); they cannot be kept when it is rewritten."""
+    project_dir: Path | None = None
+    """For Claude Code's `~/.claude.json`: the project whose local servers are also this file's."""
+
+    @classmethod
+    def read(cls, client: ClientFormat, path: Path, *, project_dir: Path | None = None) -> ClientFile:
+        try:
+            text: str | None = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            text = None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ClientFileError(f"{path}: cannot be read: {exc}") from None
+        data, comments = ({}, False) if text is None or not text.strip() else _parse(path, text)
+        servers = data.get(client.servers_key)
+        if servers is not None and not isinstance(servers, dict):
+            raise ClientFileError(f"{path}: '{client.servers_key}' must be an object of servers")
+        indent = match[1] if text and (match := re.match(r"\{\s*?\n([ \t]+)\S", text)) else "  "
+        return cls(client, path, text, data, indent, comments, project_dir)
+
+    def tables(self) -> list[dict[str, Any]]:
+        """The server tables in this file: the client's own, and (Claude Code) the project's local ones."""
+        found = []
+        own = self.data.get(self.client.servers_key)
+        if isinstance(own, dict):
+            found.append(own)
+        if self.client.name == "claude-code" and self.project_dir is not None:
+            project = self.data.get("projects", {}).get(str(self.project_dir))
+            if isinstance(project, dict) and isinstance(project.get("mcpServers"), dict):
+                found.append(project["mcpServers"])
+        return found
+
+    def servers(self) -> dict[str, Any]:
+        """The file's server table, created (empty) if it has none."""
+        table = self.data.setdefault(self.client.servers_key, {})
+        assert isinstance(table, dict)
+        return table
+
+    def render(self) -> str:
+        trailing = "\n" if self.text is None or self.text.endswith("\n") else ""
+        return json.dumps(self.data, indent=self.indent, ensure_ascii=False) + trailing
+
+
+def _parse(path: Path, text: str) -> tuple[dict[str, Any], bool]:
+    """The file's object, and whether it had comments; duplicate keys are an error, not last-wins."""
+    try:
+        try:
+            data, comments = json.loads(text, object_pairs_hook=_object), False
+        except json.JSONDecodeError as strict:
+            relaxed = _strip_comments(text)
+            if relaxed == text:
+                raise ClientFileError(_json_error(path, strict)) from None
+            try:
+                data, comments = json.loads(relaxed, object_pairs_hook=_object), True
+            except json.JSONDecodeError as exc:
+                raise ClientFileError(_json_error(path, exc)) from None
+    except _DuplicateKey as exc:
+        raise ClientFileError(f"{path}: not valid JSON: key {exc.args[0]!r} appears twice in one object") from None
+    if not isinstance(data, dict):
+        raise ClientFileError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data, comments
+
+
+def _json_error(path: Path, exc: json.JSONDecodeError) -> str:
+    return f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+_JSONC_TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|//[^\n]*|/\*[\s\S]*?\*/|,')
+_CLOSER = re.compile(r"\s*[}\]]")
+
+
+def _strip_comments(text: str) -> str:
+    """JSON with comments (VS Code's format) made JSON: comments and trailing commas become spaces.
+
+    Line and column numbers are kept, so an error still points into the user's file.
+    """
+    without = _JSONC_TOKEN.sub(lambda match: _blank(match[0]) if match[0][0] == "/" else match[0], text)
+    return _JSONC_TOKEN.sub(
+        lambda match: " " if match[0] == "," and _CLOSER.match(without, match.end()) else match[0], without
+    )
+
+
+def _blank(token: str) -> str:
+    return re.sub(r"[^\n]", " ", token)
+
+
+# The gateway's own entry ------------------------------------------------------------------------
+
+
+def launcher() -> list[str]:
+    """How a client starts this installation: its `mcp-armor` script, else `python -m gateway`.
+
+    `sys.executable` is deliberately not resolved: in a virtual environment it is a link whose own
+    directory (the environment's `bin/`) is what makes the gateway's packages importable.
+    """
+    interpreter = Path(os.path.abspath(sys.executable))
+    for name in ("mcp-armor", "mcp-armor.exe"):
+        script = interpreter.parent / name
+        if script.is_file() and os.access(script, os.X_OK):
+            return [str(script)]
+    return [str(interpreter), "-m", "gateway"]
+
+
+def gateway_entry(client: ClientFormat, config: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """The entry that starts the gateway on `config` (an absolute path): clients start it from anywhere."""
+    command, *args = launcher()
+    entry: dict[str, Any] = {"type": "stdio"} if client.typed else {}
+    entry["command"] = command
+    entry["args"] = [*args, "serve", "--config", str(config)]
+    if env:
+        entry["env"] = dict(env)
+    return entry
+
+
+def is_gateway_entry(entry: Any) -> bool:
+    """Whether a client's entry starts an mcp-armor gateway (so `import` never fronts the gateway itself)."""
+    if not isinstance(entry, dict):
+        return False
+    command, args = entry.get("command"), entry.get("args")
+    if not isinstance(command, str) or not isinstance(args, list):
+        return False
+    words = [Path(command).name.removesuffix(".exe"), *map(str, args)]
+    runs_gateway = "mcp-armor" in words or any(words[i : i + 2] == ["-m", "gateway"] for i in range(len(words)))
+    return runs_gateway and "serve" in words
+
+
+@dataclass
+class Registration:
+    """What `register` (or `--remove`) would do to a client's file."""
+
+    file: ClientFile
+    changed: bool
+    message: str
+    notes: list[str] = field(default_factory=list)
+
+
+def register(
+    file: ClientFile,
+    name: str,
+    config: Path,
+    variables: Mapping[str, bool],
+    passthrough: Mapping[str, str] | None = None,
+) -> Registration:
+    """Put the gateway's entry `name` into the file (in place of an older one of that name).
+
+    `variables` are those `upstreams.toml` refers to (name -> always has a default): each is passed
+    through from the client's environment unless the entry already sets it (values a person put
+    there are kept). `passthrough` gives client-specific values for some of them (VS Code inputs).
+    """
+    servers = file.servers()
+    previous = servers.get(name)
+    env: dict[str, str] = {}
+    if isinstance(previous, dict) and isinstance(previous.get("env"), dict):
+        env.update({key: value for key, value in previous["env"].items() if isinstance(value, str)})
+    notes = []
+    unpassed = []
+    for variable, has_default in sorted(variables.items()):
+        if variable in env:
+            continue
+        value = (passthrough or {}).get(variable) or file.client.reference(variable, has_default=has_default)
+        if value is None:
+            if not has_default:
+                unpassed.append(variable)
+        else:
+            env[variable] = value
+    if unpassed:
+        notes.append(
+            f"{file.client.title} does not expand variables: set {', '.join(unpassed)} in the 'env' of the "
+            f"'{name}' entry in {file.path} (upstreams.toml refers to them)"
+        )
+    entry = gateway_entry(file.client, config, env)
+    if previous == entry:
+        return Registration(file, False, f"{file.path}: '{name}' is already registered; nothing to change", notes)
+    servers[name] = entry
+    verb = "updated" if previous is not None else "added"
+    return Registration(file, True, f"{file.path}: {verb} '{name}' (serve --config {config})", notes)
+
+
+def unregister(file: ClientFile, name: str) -> Registration:
+    servers = file.data.get(file.client.servers_key)
+    if not isinstance(servers, dict) or name not in servers:
+        return Registration(file, False, f"{file.path}: '{name}' is not registered; nothing to remove")
+    del servers[name]
+    return Registration(file, True, f"{file.path}: removed '{name}'")
