@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import sqlite3
@@ -68,8 +69,25 @@ class AuditError(GatewayError):
 
 
 def canonical(event: Mapping[str, Any]) -> str:
-    """The canonical JSON form of an event body: what is stored and what is hashed (strict JSON: no NaN)."""
-    return canonical_text(event, allow_nan=False)
+    """The canonical JSON form of an event body: what is stored and what is hashed.
+
+    Strict JSON: a NaN or infinity (which a tool's arguments or result may carry) is written as the
+    string "NaN", "Infinity" or "-Infinity", so such a call is recorded like any other.
+    """
+    try:
+        return canonical_text(event, allow_nan=False)
+    except ValueError:
+        return canonical_text(_finite(event), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def iso_utc(moment: datetime) -> str:

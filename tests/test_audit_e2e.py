@@ -364,6 +364,27 @@ async def test_calls_in_flight_at_shutdown_are_recorded_as_cancelled(config: Pat
     assert kinds.count("session_end") == 1 and kinds.index("session_end") > kinds.index("outcome")
 
 
+async def test_nan_and_infinity_in_arguments_and_results_are_recorded(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"sloppy": fixture_upstream("sloppy.py")})
+    async with gateway_process(config) as (proc, _):
+        raw = RawSession(proc)
+        with anyio.fail_after(30):
+            await raw.initialize()
+            await raw.send(raw.call(1, "sloppy__loose", {"ratio": float("nan"), "cap": float("-inf")}))
+            await raw.send(raw.call(2, "sloppy__nan_result", {}))
+            answers = {}
+            while len(answers) < 2:
+                message = await raw.receive()
+                if "id" in message:
+                    answers[message["id"]] = message
+    assert all("result" in answer for answer in answers.values()), answers
+    seen = calls(tmp_path)
+    assert seen["sloppy__loose"]["decision"]["arguments"] == {"ratio": "NaN", "cap": "-Infinity"}
+    assert seen["sloppy__loose"]["outcome"]["outcome"] == "ok"
+    assert seen["sloppy__nan_result"]["outcome"]["outcome"] == "ok"
+    assert cli(config, "audit", "verify").returncode == 0
+
+
 async def test_kill_9_during_a_burst_leaves_a_valid_chain(config: Path) -> None:
     async with gateway_process(config) as (proc, _):
         raw = RawSession(proc)
