@@ -20,7 +20,7 @@ import anyio
 
 from gateway import __version__
 from gateway.audit_store import Filters
-from gateway.cli import audit, policy, setup
+from gateway.cli import audit, pins, policy, setup
 from gateway.cli.common import connect, print_table
 from gateway.clients import CLIENTS
 from gateway.config import Config, EveryVariable, load_config
@@ -113,6 +113,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["jsonl"], default="jsonl", help="one event per line (the default)")
     export.add_argument("--session", metavar="ID", help="only this session's events")
     _setup_parsers(commands, common)
+    commands.add_parser(
+        "scan",
+        parents=[common, as_json],
+        help="scan the upstreams' tool, prompt and template definitions for poisoning; exit 1 on a high finding",
+        description="Start the upstreams once and scan every string a model reads in their definitions for hidden "
+        "text (tag characters, zero-width and bidirectional characters, escapes, padding), instructions aimed at "
+        "the model, references to credential files, and mentions of other servers' tools.",
+    )
     return parser
 
 
@@ -219,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in SETUP_COMMANDS:
             return SETUP_COMMANDS[args.command](args)
         # Only commands that start upstreams need the variables their tables refer to.
-        starts_upstreams = args.command in ("serve", "tools") or (
+        starts_upstreams = args.command in ("serve", "tools", "scan") or (
             args.command == "policy" and args.policy_command != "replay" and not args.offline
         )
         config = load_config(args.config, environ=None if starts_upstreams else EveryVariable())
@@ -229,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _policy(config, args)
         if args.command == "audit":
             return _audit(config, args)
+        if args.command == "scan":
+            return anyio.run(pins.scan, config, args.json)
         return anyio.run(_tools, config, args.json)
     except GatewayError as exc:
         print(f"mcp-armor: error: {exc}", file=sys.stderr)

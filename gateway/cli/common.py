@@ -19,6 +19,8 @@ class Upstreams:
 
     catalog: Catalog = field(default_factory=Catalog)
     down: dict[str, str] = field(default_factory=dict)
+    instructions: dict[str, str] = field(default_factory=dict)
+    """What each upstream that answered said in its `initialize` instructions."""
 
     def report(self) -> None:
         for name, reason in self.down.items():
@@ -34,8 +36,13 @@ async def connect(config: Config) -> Upstreams:
         await pool.wait_settled(max(config.gateway.startup_timeout, 30.0))
         catalog = pool.catalog  # taken now: closing the upstreams withdraws their tools
         down = {up.name: up.last_error or "did not start in time" for up in pool.upstreams.values() if not up.is_up}
+        instructions = {
+            up.name: up.session.init.instructions
+            for up in pool.upstreams.values()
+            if up.session is not None and up.session.init is not None and up.session.init.instructions
+        }
         tg.cancel_scope.cancel()
-    return Upstreams(catalog, down)
+    return Upstreams(catalog, down, instructions)
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, empty: str = "(none)") -> None:
