@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +31,7 @@ import anyio.abc
 from gateway.audit_store import FIELDS, AuditError, AuditStore, canonical, is_locked, iso_utc
 from gateway.calls import Decision, Effect, Outcome, OutcomeKind, SessionInfo, ToolCall
 from gateway.config import IN_MEMORY
+from gateway.pins import Assessment
 from gateway.pipeline import Handler
 from gateway.policy import PolicyEngine
 from gateway.redact import Redaction, Redactor
@@ -199,6 +200,8 @@ class CallAudit:
         """Decisions made but not yet recorded, by call id."""
         self._recorded: dict[str, tuple[ToolCall, Redaction]] = {}
         """Calls whose decision is committed and whose outcome is not yet, with their masked arguments."""
+        self._pins: dict[tuple[str, str, str], tuple[str, str]] = {}
+        """(upstream, kind, name) -> (digest, state) last recorded for each definition on offer."""
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -268,11 +271,14 @@ class CallAudit:
             return Outcome.refused(call, f"the audit log cannot record this call, so it is not made ({exc})")
         return await call_next(call)
 
-    async def unknown_tool(self, session: SessionInfo, name: str, arguments: Mapping[str, Any]) -> None:
-        """A call to a tool that does not exist (or is hidden from this client): refused, and recorded."""
+    async def unknown_tool(
+        self, session: SessionInfo, name: str, arguments: Mapping[str, Any], *, quarantine: str | None = None
+    ) -> None:
+        """A call to a tool that does not exist, is hidden from this client, or is quarantined (`quarantine`
+        says why): refused, and recorded."""
         self.session(session)
         redaction = self.recorder.redactor.redact(arguments)
-        reason = redaction.scrub(f"unknown tool '{name}'", self.recorder.redactor)
+        reason = redaction.scrub(quarantine or f"unknown tool '{name}'", self.recorder.redactor)
         call_id = os.urandom(16).hex()
         common = {"session_id": session.id, "call_id": call_id, "tool": name}
         decision = event(
@@ -284,7 +290,7 @@ class CallAudit:
             reason=reason,
             policy_revision=self.engine.policies.revision,
             masked=[item.to_record() for item in redaction.masked] or None,
-            stage="unknown-tool",
+            stage="quarantine" if quarantine else "unknown-tool",
         )
         outcome = event("outcome", **common, outcome=OutcomeKind.REFUSED.value, reason=reason, duration_ms=0.0)
         try:
@@ -421,6 +427,45 @@ class CallAudit:
                 reason=f"{trigger}: {error}; the revision in force stays",
             )
         )
+
+    def assessed(self, assessments: Sequence[Assessment]) -> None:
+        """Definitions held back, released, or reported (warn mode, scan findings): one `pin` event per change."""
+        seen: set[tuple[str, str, str]] = set()
+        for assessment in assessments:
+            item = assessment.item
+            key = (item.upstream, str(item.kind), item.name)
+            seen.add(key)
+            state = "quarantined" if assessment.quarantined else "warned" if assessment.suspect else "clear"
+            previous = self._pins.get(key)
+            self._pins[key] = (item.digest, state)
+            if previous == (item.digest, state):
+                continue
+            if state != "clear":
+                change = state
+            elif previous is not None and previous[1] != "clear":
+                change = "released"
+            elif assessment.findings:
+                change = "findings"  # first seen, allowed, but the scan has something to say
+            else:
+                continue
+            self.recorder.queue(
+                event(
+                    "pin",
+                    upstream=item.upstream,
+                    tool=item.label if item.kind == "tool" else None,
+                    definition_kind=str(item.kind),
+                    name=item.name,
+                    change=change,
+                    reason=str(assessment.verdict),
+                    tool_digest=item.digest,
+                    findings=[finding.to_record() for finding in assessment.findings] or None,
+                )
+            )
+        for key in set(self._pins) - seen:
+            del self._pins[key]
+
+    def lock_reloaded(self, outcome: str, detail: str) -> None:
+        self.recorder.queue(event("pin", change="lock_reload", outcome=outcome, reason=detail))
 
     def upstream_changed(self, name: str, up: bool, detail: str) -> None:
         self.recorder.queue(event("upstream", upstream=name, outcome="up" if up else "down", reason=detail))

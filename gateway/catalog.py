@@ -90,6 +90,8 @@ class UpstreamListing:
     resources: tuple[types.Resource, ...] = ()
     templates: tuple[types.ResourceTemplate, ...] = ()
     problems: tuple[str, ...] = ()
+    server: Mapping[str, Any] = field(default_factory=dict)
+    """The server's `name`, `version` and `instructions` from its `initialize` answer."""
 
 
 def normalise_listing(
@@ -98,6 +100,7 @@ def normalise_listing(
     prompts: Iterable[Any] = (),
     resources: Iterable[Any] = (),
     templates: Iterable[Any] = (),
+    server: Mapping[str, Any] | None = None,
 ) -> UpstreamListing:
     """Turn an upstream's raw (wire-form) listings into checked definitions."""
     problems: list[str] = []
@@ -113,6 +116,7 @@ def normalise_listing(
         resources=tuple(_validated(types.Resource, "resource", resources, problems)),
         templates=tuple(_validated(types.ResourceTemplate, "resource template", templates, problems)),
         problems=tuple(problems),
+        server=dict(server or {}),
     )
 
 

@@ -92,6 +92,9 @@ class GatewaySettings(_Model):
     """The audit database, relative to this file; `STATE/audit.db` when unset; `":memory:"` keeps
     it in memory only (for trials and benchmarks: nothing survives the process)."""
     audit_sync: Literal["normal", "full"] = "normal"
+    pinning: Literal["enforce", "warn", "off"] = "enforce"
+    """Upstream definitions held against `upstreams.lock` and the poisoning scan: `enforce` quarantines
+    what is new, changed or poisoned; `warn` only reports it; `off` checks nothing."""
     """`normal`: a committed event survives the gateway crashing or being killed; `full`: also power loss."""
     http: HttpSettings = HttpSettings()
 
@@ -116,6 +119,8 @@ class UpstreamSpec(_Model):
     enabled: StrictBool = True
     timeout: Duration | None = None
     """Per-call timeout; `[gateway] call_timeout` when unset."""
+    pinning: Literal["enforce", "warn", "off"] | None = None
+    """This upstream's pinning mode; `[gateway] pinning` when unset."""
 
     @model_validator(mode="after")
     def _one_transport(self) -> Self:
@@ -166,6 +171,14 @@ class Config(_Model):
         if audit is not None and str(audit) == IN_MEMORY:
             return audit
         return self.directory / audit if audit is not None else self.state_dir / "audit.db"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.directory / "upstreams.lock"
+
+    def pinning(self, upstream: str) -> str:
+        spec = self.upstreams[upstream]
+        return spec.pinning if spec.pinning is not None else self.gateway.pinning
 
     @property
     def log_dir(self) -> Path:

@@ -37,10 +37,11 @@ from gateway.audit import CallAudit
 from gateway.calls import Approval, Approver, Decision, SessionInfo, ToolCall
 from gateway.catalog import Catalog, ExposedTool
 from gateway.errors import GatewayError, UpstreamError
+from gateway.pins import Lock, LockError
 from gateway.pipeline import Handler, build_pipeline
 from gateway.policy import PolicyEngine, PolicySet
 from gateway.upstreams import UpstreamPool
-from gateway.watch import watch_policies
+from gateway.watch import watch_file, watch_policies
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class Gateway:
         self._listen = ListenHandler(self._bus)
         self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._published = pool.catalog
-        pool.set_listener(self._catalog_changed, audit.upstream_changed)
+        pool.set_listener(self._catalog_changed, audit.upstream_changed, audit.assessed)
         self.server = GatewayServer(
             pool.config.gateway.name,
             version=__version__,
@@ -107,7 +108,22 @@ class Gateway:
             tg.start_soon(
                 watch_policies, policy_dir, self._revision, self.install_policies, self.audit.policy_reload_failed
             )
+            tg.start_soon(watch_file, self.pool.config.lock_path, self.reload_lock)
             task_status.started()
+
+    async def reload_lock(self) -> None:
+        """`upstreams.lock` changed (an approval, say): put its pins in force; a damaged one changes nothing."""
+        path = self.pool.config.lock_path
+        try:
+            lock = Lock.read(path)
+        except LockError as exc:
+            logger.error("%s; the pins in force stay", exc)
+            self.audit.lock_reloaded("error", f"{exc}; the pins in force stay")
+            return
+        await self.pool.install_lock(lock)
+        held = len(self.pool.quarantined)
+        logger.info("pins reloaded from %s: %d tools quarantined", path, held)
+        self.audit.lock_reloaded("ok", f"{held} tools quarantined")
 
     def _revision(self) -> str:
         return self.engine.policies.revision
@@ -179,6 +195,10 @@ class Gateway:
         await self._wait_for_startup()
         session = self._session_of(ctx)
         tool = self.pool.catalog.tools.get(params.name)
+        if tool is None and (held := self.pool.quarantined.get(params.name)) is not None:
+            reason = held.reason()
+            await self.audit.unknown_tool(session, params.name, params.arguments or {}, quarantine=reason)
+            raise MCPError(types.INVALID_PARAMS, f"Tool {params.name} is refused: {reason}")
         if tool is None or not self._visible(tool, session):
             # A tool no rule lets this client call is hidden, and refused like one that does not exist.
             await self.audit.unknown_tool(session, params.name, params.arguments or {})

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.audit import CallAudit, Recorder
 from gateway.config import Config
 from gateway.errors import GatewayError
+from gateway.pins import load_lock
 from gateway.policy_files import load_engine
 from gateway.server import Gateway
 from gateway.upstreams import UpstreamPool
@@ -88,10 +89,13 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
     engine = load_engine(config)
     if engine.monitor_mode:
         logger.warning("monitor mode: policy decisions are recorded, nothing is refused")
+    lock = load_lock(config)
     async with Recorder(config.audit_path, sync=config.gateway.audit_sync).running() as recorder:
         audit = CallAudit(recorder, engine)
         try:
-            yield Gateway(UpstreamPool(config), engine, audit, transport=transport)
+            pool = UpstreamPool(config)
+            pool.lock = lock
+            yield Gateway(pool, engine, audit, transport=transport)
         finally:
             audit.end_all("the gateway shut down")
 

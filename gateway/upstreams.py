@@ -39,9 +39,10 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 from pydantic import ValidationError
 
 from gateway import __version__
-from gateway.catalog import Catalog, UpstreamListing, normalise_listing
+from gateway.catalog import Catalog, UpstreamListing, exposed_name, normalise_listing
 from gateway.config import Config, UpstreamSpec
 from gateway.errors import UpstreamFault, UpstreamTimeout, UpstreamUnavailable
+from gateway.pins import Assessment, Lock, Mode, assess, screened
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,11 @@ class UpstreamSession:
         if capabilities.resources is not None:
             resources = await self._paginate("resources/list", "resources")
             templates = await self._paginate("resources/templates/list", "resourceTemplates")
-        return normalise_listing(self.name, tools, prompts, resources, templates)
+        server = {}
+        if self.init is not None:
+            info = self.init.server_info
+            server = {"name": info.name, "version": info.version, "instructions": self.init.instructions}
+        return normalise_listing(self.name, tools, prompts, resources, templates, server)
 
     async def _paginate(self, method: str, key: str) -> list[Any]:
         items: list[Any] = []
@@ -207,6 +212,8 @@ class Upstream:
 CatalogListener = Callable[[Catalog], Awaitable[None]]
 StatusListener = Callable[[str, bool, str], None]
 """Told when an upstream comes up or goes down: its name, whether it is up, and a description."""
+AssessmentListener = Callable[[list[Assessment]], None]
+"""Told, at every publish, how each definition on offer was judged against the lock and the scan."""
 
 
 class UpstreamPool:
@@ -218,13 +225,32 @@ class UpstreamPool:
             spec.name: Upstream(spec, config.call_timeout(spec.name)) for spec in config.enabled_upstreams()
         }
         self.catalog = Catalog()
+        self.lock: Lock | None = None
+        """The pins in force; `None`: no lock file (only poisoning findings quarantine)."""
+        self.assessments: list[Assessment] = []
+        """How every definition on offer was judged against the lock and the scan, at the last publish."""
+        self.quarantined: dict[str, Assessment] = {}
+        """Exposed tool name -> why that tool is held back."""
+        self._modes = {name: Mode(config.pinning(name)) for name in config.upstreams}
         self._on_catalog = on_catalog
         self._on_status: StatusListener | None = None
+        self._on_assessed: AssessmentListener | None = None
         self._catalog_lock = anyio.Lock()
 
-    def set_listener(self, listener: CatalogListener, status: StatusListener | None = None) -> None:
+    def set_listener(
+        self,
+        listener: CatalogListener,
+        status: StatusListener | None = None,
+        assessed: AssessmentListener | None = None,
+    ) -> None:
         self._on_catalog = listener
         self._on_status = status
+        self._on_assessed = assessed
+
+    async def install_lock(self, lock: Lock | None) -> None:
+        """Put new pins in force and expose (or withhold) the definitions accordingly."""
+        self.lock = lock
+        await self._publish()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Supervise every upstream until cancelled. Reports started at once: upstreams join as they come up."""
@@ -354,7 +380,17 @@ class UpstreamPool:
         """Rebuild the catalogue from every live listing and tell the listener."""
         async with self._catalog_lock:
             listings = [up.listing for up in self.upstreams.values() if up.listing is not None]
-            catalog = Catalog.build(listings, self.config.gateway.separator)
+            separator = self.config.gateway.separator
+            assessments = assess(listings, self.lock, self._modes, separator)
+            self.assessments = assessments
+            self.quarantined = {
+                exposed_name(a.item.upstream, a.item.name, separator): a
+                for a in assessments
+                if a.quarantined and a.item.kind == "tool"
+            }
+            if self._on_assessed is not None:
+                self._on_assessed(assessments)
+            catalog = Catalog.build(screened(listings, assessments), separator)
             for problem in catalog.problems:
                 if problem not in self.catalog.problems:
                     logger.error("catalogue: %s", problem)

@@ -1,4 +1,5 @@
-"""Reloading the policies while serving: when a policy file changes, and on SIGHUP.
+"""Reloading the policies while serving (when a policy file changes, and on SIGHUP), and noticing a
+changed file (`upstreams.lock`).
 
 The new set replaces the old one only if every file of it loads and compiles; otherwise the old set
 stays in force and the error is logged and reported (the gateway audits both). Changes are noticed
@@ -34,13 +35,11 @@ async def watch_policies(directory: Path, current: Callable[[], str], install: I
     async with anyio.create_task_group() as tg:
         if hasattr(signal, "SIGHUP"):
             tg.start_soon(_on_hangup, directory, current, install, failed)
-        stamps = _stamps(directory)
-        while True:
-            await anyio.sleep(POLL_SECONDS)
-            now = _stamps(directory)
-            if now != stamps:
-                stamps = now
-                await reload_policies(directory, current, install, failed, "a policy file changed")
+
+        async def changed() -> None:
+            await reload_policies(directory, current, install, failed, "a policy file changed")
+
+        await _poll(lambda: _stamps(directory), changed)
 
 
 async def reload_policies(
@@ -85,3 +84,26 @@ def _stamps(directory: Path) -> frozenset[tuple[str, int, int]]:
     except OSError:
         return frozenset()
     return frozenset(stamps)
+
+
+async def watch_file(path: Path, changed: Callable[[], Awaitable[None]]) -> None:
+    """Call `changed` whenever the file at `path` appears, changes or disappears, until cancelled."""
+    await _poll(lambda: _stamp(path), changed)
+
+
+async def _poll(stamp: Callable[[], object], changed: Callable[[], Awaitable[None]]) -> None:
+    before = stamp()
+    while True:
+        await anyio.sleep(POLL_SECONDS)
+        now = stamp()
+        if now != before:
+            before = now
+            await changed()
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size

@@ -121,6 +121,27 @@ def _parser() -> argparse.ArgumentParser:
         "text (tag characters, zero-width and bidirectional characters, escapes, padding), instructions aimed at "
         "the model, references to credential files, and mentions of other servers' tools.",
     )
+    commands.add_parser(
+        "lock",
+        parents=[common],
+        help="pin the upstreams' definitions in upstreams.lock (refuses to overwrite one without --force)",
+        description="Start the upstreams once and write upstreams.lock beside upstreams.toml: every tool, prompt "
+        "and resource-template definition on offer, hashed, except those with high-severity poisoning findings. "
+        "Once it exists, a definition that is new or differs is quarantined until approved.",
+    ).add_argument("--force", action="store_true", help="re-pin everything as it is now (the old lock is backed up)")
+    pins_parser = commands.add_parser("pins", help="review and approve definitions that are new, changed or poisoned")
+    pins_commands = pins_parser.add_subparsers(dest="pins_command", required=True, metavar="SUBCOMMAND")
+    pins_commands.add_parser(
+        "status", parents=[common, as_json], help="what is pinned, new, changed, missing or quarantined; exit 1 if any"
+    )
+    pins_commands.add_parser(
+        "diff", parents=[common], help="the pinned and the offered definition side by side, hidden characters shown"
+    ).add_argument("selector", nargs="?", metavar="UPSTREAM[.NAME]", help="only this upstream or definition")
+    pins_commands.add_parser(
+        "approve",
+        parents=[common],
+        help="pin what is offered now (recorded in the audit log); a running gateway follows",
+    ).add_argument("selector", metavar="UPSTREAM[.NAME]", help="a whole upstream, or one tool, prompt or template")
     return parser
 
 
@@ -227,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in SETUP_COMMANDS:
             return SETUP_COMMANDS[args.command](args)
         # Only commands that start upstreams need the variables their tables refer to.
-        starts_upstreams = args.command in ("serve", "tools", "scan") or (
+        starts_upstreams = args.command in ("serve", "tools", "scan", "lock", "pins") or (
             args.command == "policy" and args.policy_command != "replay" and not args.offline
         )
         config = load_config(args.config, environ=None if starts_upstreams else EveryVariable())
@@ -239,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _audit(config, args)
         if args.command == "scan":
             return anyio.run(pins.scan, config, args.json)
+        if args.command == "lock":
+            return anyio.run(pins.lock, config, args.force)
+        if args.command == "pins":
+            return _pins(config, args)
         return anyio.run(_tools, config, args.json)
     except GatewayError as exc:
         print(f"mcp-armor: error: {exc}", file=sys.stderr)
@@ -253,6 +278,14 @@ def _policy(config: Config, args: argparse.Namespace) -> int:
     if args.policy_command == "explain":
         return anyio.run(policy.explain, config, args)
     return anyio.run(policy.replay, config, _filters(args), args.json)
+
+
+def _pins(config: Config, args: argparse.Namespace) -> int:
+    if args.pins_command == "status":
+        return anyio.run(pins.status, config, args.json)
+    if args.pins_command == "diff":
+        return anyio.run(pins.diff, config, args.selector)
+    return anyio.run(pins.approve, config, args.selector)
 
 
 def _audit(config: Config, args: argparse.Namespace) -> int:
@@ -316,6 +349,17 @@ async def _tools(config: Config, as_json: bool) -> int:
             "description": tool.model.description or "",
         }
         for tool in upstreams.catalog.tools.values()
+    ]
+    rows += [
+        {
+            "name": name,
+            "upstream": held.item.upstream,
+            "upstream_tool": held.item.name,
+            "shortened": name != f"{held.item.upstream}{config.gateway.separator}{held.item.name}",
+            "policy": f"quarantined ({held.verdict}): see `mcp-armor pins diff {held.item.label}`",
+            "description": str(held.item.form.get("description", "")),
+        }
+        for name, held in upstreams.quarantined.items()
     ]
     if as_json:
         down, problems = upstreams.down, list(upstreams.catalog.problems)

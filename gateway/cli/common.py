@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, UpstreamListing
 from gateway.config import Config
+from gateway.pins import Assessment, load_lock
 from gateway.upstreams import UpstreamPool
 
 
@@ -18,9 +19,11 @@ class Upstreams:
     """What the upstreams offered when the command connected to them once."""
 
     catalog: Catalog = field(default_factory=Catalog)
+    """What the gateway would expose: quarantined definitions left out."""
     down: dict[str, str] = field(default_factory=dict)
-    instructions: dict[str, str] = field(default_factory=dict)
-    """What each upstream that answered said in its `initialize` instructions."""
+    listings: dict[str, UpstreamListing] = field(default_factory=dict)
+    """Everything each upstream that answered offered, quarantined or not."""
+    quarantined: dict[str, Assessment] = field(default_factory=dict)
 
     def report(self) -> None:
         for name, reason in self.down.items():
@@ -30,19 +33,18 @@ class Upstreams:
 
 
 async def connect(config: Config) -> Upstreams:
+    """Start the upstreams once, hold their definitions against `upstreams.lock` as serving would, list them."""
     pool = UpstreamPool(config)
+    pool.lock = load_lock(config)
     async with anyio.create_task_group() as tg:
         await tg.start(pool.run)
         await pool.wait_settled(max(config.gateway.startup_timeout, 30.0))
         catalog = pool.catalog  # taken now: closing the upstreams withdraws their tools
         down = {up.name: up.last_error or "did not start in time" for up in pool.upstreams.values() if not up.is_up}
-        instructions = {
-            up.name: up.session.init.instructions
-            for up in pool.upstreams.values()
-            if up.session is not None and up.session.init is not None and up.session.init.instructions
-        }
+        listings = {up.name: up.listing for up in pool.upstreams.values() if up.listing is not None}
+        quarantined = dict(pool.quarantined)
         tg.cancel_scope.cancel()
-    return Upstreams(catalog, down, instructions)
+    return Upstreams(catalog, down, listings, quarantined)
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, empty: str = "(none)") -> None:

@@ -1,18 +1,35 @@
-"""`scan`: what the upstreams' definitions say to the model, checked for tool poisoning."""
+"""`lock`, `pins status | diff | approve` and `scan`: the upstreams' definitions, pinned and reviewed.
+
+Each command starts the upstreams once and holds what they offer against `upstreams.lock`, as a
+serving gateway does. An approval is recorded in the audit log before the lock is written (if it
+cannot be recorded, nothing is approved); a running gateway picks the new lock up by itself.
+"""
 
 from __future__ import annotations
 
+import difflib
+import getpass
 import json
+import sys
+from collections.abc import Sequence
+from contextlib import closing
+from typing import Any
 
-from gateway.cli.common import connect, print_table
-from gateway.config import Config
-from gateway.scan import Finding, Severity, scan_definition
+from gateway.audit import event
+from gateway.audit_store import AuditError, AuditStore, canonical
+from gateway.catalog import Catalog, UpstreamListing
+from gateway.cli.common import Upstreams, connect, print_table
+from gateway.config import IN_MEMORY, Config
+from gateway.errors import ConfigError
+from gateway.files import backup, write_atomically
+from gateway.pins import Assessment, Lock, LockError, Mode, Verdict, assess, select, server_identity
+from gateway.scan import Finding, Severity, scan_definition, visible
 
 
 async def scan(config: Config, as_json: bool) -> int:
-    """Scan every definition the upstreams offer for poisoning; exit 1 if anything is high severity."""
+    """Scan every definition the upstreams offer (quarantined or not); exit 1 if anything is high severity."""
     upstreams = await connect(config)
-    catalog = upstreams.catalog
+    catalog = Catalog.build(list(upstreams.listings.values()), config.gateway.separator)
     findings: list[Finding] = []
     for tool in catalog.tools.values():
         others = [
@@ -27,9 +44,11 @@ async def scan(config: Config, as_json: bool) -> int:
     for upstream, _, template in catalog.templates:
         definition = template.model_dump(by_alias=True, exclude_none=True)
         findings += scan_definition("resource template", f"{upstream}: {template.uri_template}", definition)
-    for upstream, text in upstreams.instructions.items():
-        findings += scan_definition("server", upstream, {"instructions": text})
-    scanned = len(catalog.tools) + len(catalog.prompts) + len(catalog.templates) + len(upstreams.instructions)
+    instructions = {name: listing.server.get("instructions") for name, listing in upstreams.listings.items()}
+    for upstream, text in instructions.items():
+        if text:
+            findings += scan_definition("server", upstream, {"instructions": text})
+    scanned = len(catalog.tools) + len(catalog.prompts) + len(catalog.templates) + sum(map(bool, instructions.values()))
     if as_json:
         report = {"findings": [finding.to_record() for finding in findings], "unavailable": upstreams.down}
         print(json.dumps({**report, "scanned": scanned}))
@@ -39,3 +58,216 @@ async def scan(config: Config, as_json: bool) -> int:
     upstreams.report()
     high = any(finding.severity is Severity.HIGH for finding in findings)
     return 1 if high or upstreams.down else 0
+
+
+# lock -------------------------------------------------------------------------------------------
+
+
+async def lock(config: Config, force: bool) -> int:
+    """Write `upstreams.lock` pinning every definition on offer, except those with high findings."""
+    path = config.lock_path
+    try:
+        existing = Lock.read(path)
+    except LockError as exc:
+        if not force:
+            raise LockError(f"{exc}; pass --force to write a new one (the old one is backed up)") from None
+        existing = None
+    if existing is not None and not force:
+        raise ConfigError(
+            f"{path} exists: review what changed with `mcp-armor pins status` and `pins diff`, approve it with "
+            "`pins approve`; or pass --force to pin everything as it is now"
+        )
+    upstreams = await connect(config)
+    assessments = _assess(config, upstreams, None)
+    new_lock = Lock({name: pins for name, pins in (existing or Lock()).upstreams.items() if name in upstreams.down})
+    held: list[Assessment] = []
+    for name, listing in upstreams.listings.items():
+        mine = [a for a in assessments if a.item.upstream == name]
+        held += [a for a in mine if a.verdict is Verdict.POISONED]
+        clean = [a.item for a in mine if a.verdict is not Verdict.POISONED]
+        new_lock = new_lock.pinning(name, clean, server_identity(listing))
+        print(f"{name}: {len(clean)} definition{'s' * (len(clean) != 1)} pinned")
+    if path.exists():
+        saved = backup(path)
+        print(f"the previous {path.name} is in {saved}")
+    write_atomically(path, new_lock.render())
+    print(f"{path}: written")
+    for assessment in held:
+        print(
+            f"mcp-armor: not pinned: {assessment.item.kind} '{assessment.item.label}' has high-severity findings "
+            f"(see `mcp-armor scan`); it stays quarantined unless approved with "
+            f"`mcp-armor pins approve {assessment.item.label}`",
+            file=sys.stderr,
+        )
+    for name in upstreams.down:
+        print(f"mcp-armor: upstream '{name}' did not answer; its pins (if any) are kept as they were", file=sys.stderr)
+    upstreams.report()
+    return 1 if held or upstreams.down else 0
+
+
+# pins status / diff / approve ---------------------------------------------------------------------
+
+
+async def status(config: Config, as_json: bool) -> int:
+    current, upstreams, assessments = await _current(config)
+    rows: list[dict[str, Any]] = [
+        {
+            "upstream": a.item.upstream,
+            "kind": str(a.item.kind),
+            "name": a.item.name,
+            "state": "quarantined" if a.quarantined else str(a.verdict),
+            "verdict": str(a.verdict),
+            "mode": str(a.mode),
+            "findings": [finding.to_record() for finding in a.findings],
+        }
+        for a in assessments
+    ]
+    offered = {(a.item.upstream, a.item.kind, a.item.name) for a in assessments}
+    notes = []
+    for name, pins in (current.upstreams if current is not None else {}).items():
+        if name not in upstreams.listings:
+            continue
+        for kind, item in pins.pins:
+            if (name, kind, item) not in offered:
+                rows.append({"upstream": name, "kind": str(kind), "name": item, "state": "missing", "findings": []})
+        identity = server_identity(upstreams.listings[name])
+        if pins.server and identity != dict(pins.server):
+            notes.append(
+                f"upstream '{name}': the server is not the one pinned ({_server_change(pins.server, identity)})"
+            )
+    if as_json:
+        print(
+            json.dumps(
+                {"lock": current is not None, "definitions": rows, "notes": notes, "unavailable": upstreams.down}
+            )
+        )
+    else:
+        if current is None:
+            print(f"(no {config.lock_path.name}: nothing is pinned; `mcp-armor lock` pins what is on offer now)")
+        table = [
+            (row["upstream"], row["kind"], row["name"], row["state"], _summary(row["findings"]))
+            for row in rows
+            if row["state"] != "pinned" or row["findings"]
+        ]
+        pinned = sum(1 for row in rows if row["state"] == "pinned")
+        print_table(("UPSTREAM", "KIND", "NAME", "STATE", "FINDINGS"), table, empty="(nothing to review)")
+        print(f"{pinned} pinned, {sum(1 for a in assessments if a.suspect)} to review")
+        for text in notes:
+            print(f"mcp-armor: note: {text}", file=sys.stderr)
+    upstreams.report()
+    return 1 if any(a.suspect for a in assessments) or upstreams.down else 0
+
+
+async def diff(config: Config, selector: str | None) -> int:
+    current, _, assessments = await _current(config)
+    chosen = [a for a in select(assessments, selector) if a.suspect]
+    if not chosen:
+        print("(nothing to review)" if not selector else f"(nothing to review for {selector})")
+        return 0
+    for assessment in chosen:
+        item = assessment.item
+        pins = current.upstreams.get(item.upstream) if current is not None else None
+        pin = pins.pins.get((item.kind, item.name)) if pins is not None else None
+        before = _pretty(pin.definition) if pin is not None else []
+        print(f"== {item.kind} {item.label}: {assessment.verdict}")
+        lines = difflib.unified_diff(
+            before,
+            _pretty(item.form),
+            fromfile=f"pinned ({pin.digest[:12]})" if pin is not None else "(not pinned)",
+            tofile=f"offered now ({item.digest[:12]})",
+            lineterm="",
+        )
+        for line in lines:
+            print(visible(line))
+        for finding in assessment.findings:
+            print(f"   {finding.severity}: {finding.kind}: {finding.where}: {finding.detail}")
+    return 0
+
+
+async def approve(config: Config, selector: str) -> int:
+    if not config.lock_path.exists():
+        raise ConfigError(
+            f"there is no {config.lock_path.name} yet: run `mcp-armor lock` first (it pins everything on offer but "
+            "poisoned definitions), then approve those one by one"
+        )
+    current, upstreams, assessments = await _current(config)
+    upstream = selector.partition(".")[0]
+    if upstream not in config.upstreams:
+        raise ConfigError(f"there is no upstream named '{upstream}' (write UPSTREAM or UPSTREAM.NAME)")
+    if upstream not in upstreams.listings:
+        raise ConfigError(f"upstream '{upstream}' did not answer; nothing can be approved unseen")
+    chosen = [a for a in select(assessments, selector) if a.suspect]
+    whole = "." not in selector
+    if not chosen and not whole:
+        raise ConfigError(f"nothing to approve for {selector}: it is pinned as offered, or not offered at all")
+    identity = server_identity(upstreams.listings[upstream]) if whole else None
+    _record_approval(config, chosen, selector)
+    new_lock = (current or Lock()).pinning(upstream, [a.item for a in chosen], identity)
+    write_atomically(config.lock_path, new_lock.render())
+    for assessment in chosen:
+        print(
+            f"approved {assessment.item.kind} '{assessment.item.label}' "
+            f"({assessment.verdict}, {assessment.item.digest[:12]})"
+        )
+    if not chosen:
+        print(f"nothing of '{upstream}' needed approving; its server identity is pinned as it is now")
+    print(f"{config.lock_path}: written (a running gateway picks it up within a second or two)")
+    return 0
+
+
+async def _current(config: Config) -> tuple[Lock | None, Upstreams, list[Assessment]]:
+    current = Lock.read(config.lock_path)
+    upstreams = await connect(config)
+    return current, upstreams, _assess(config, upstreams, current)
+
+
+def _assess(config: Config, upstreams: Upstreams, current: Lock | None) -> list[Assessment]:
+    listings: Sequence[UpstreamListing] = list(upstreams.listings.values())
+    modes = {name: Mode(config.pinning(name)) for name in config.upstreams}
+    return assess(listings, current, modes, config.gateway.separator)
+
+
+def _record_approval(config: Config, chosen: Sequence[Assessment], selector: str) -> None:
+    """Record who approved what before the lock changes; if that cannot be recorded, nothing is approved."""
+    if str(config.audit_path) == IN_MEMORY:
+        return
+    who = getpass.getuser()
+    bodies = [
+        canonical(
+            event(
+                "pin",
+                upstream=a.item.upstream,
+                tool=a.item.label if a.item.kind == "tool" else None,
+                definition_kind=str(a.item.kind),
+                name=a.item.name,
+                change="approved",
+                reason=f"{a.verdict}; approved by {who} (`pins approve {selector}`)",
+                tool_digest=a.item.digest,
+            )
+        )
+        for a in chosen
+    ]
+    if not bodies:
+        return
+    try:
+        with closing(AuditStore.open_writer(config.audit_path, sync=config.gateway.audit_sync)) as store:
+            store.append_waiting(bodies)
+    except AuditError as exc:
+        raise ConfigError(f"the approval cannot be recorded in the audit log, so nothing was approved: {exc}") from None
+
+
+def _pretty(definition: Any) -> list[str]:
+    return json.dumps(definition, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
+
+
+def _summary(findings: list[dict[str, str]]) -> str:
+    return "; ".join(f"{f['severity']} {f['kind']}" for f in findings)
+
+
+def _server_change(pinned: Any, now: dict[str, str]) -> str:
+    changes = [
+        f"{key} {pinned.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(set(pinned) | set(now))
+        if pinned.get(key) != now.get(key)
+    ]
+    return ", ".join(changes)
