@@ -120,6 +120,10 @@ class Gateway:
             logger.error("%s; the pins in force stay", exc)
             self.audit.lock_reloaded("error", f"{exc}; the pins in force stay")
             return
+        if lock is None and self.pool.lock is not None:
+            logger.error("%s disappeared; the pins in force stay until the gateway restarts", path)
+            self.audit.lock_reloaded("error", "the lock file disappeared; the pins in force stay")
+            return
         await self.pool.install_lock(lock)
         held = len(self.pool.quarantined)
         logger.info("pins reloaded from %s: %d tools quarantined", path, held)

@@ -32,10 +32,12 @@ class Upstreams:
             print(f"mcp-armor: {problem}", file=sys.stderr)
 
 
-async def connect(config: Config) -> Upstreams:
-    """Start the upstreams once, hold their definitions against `upstreams.lock` as serving would, list them."""
+async def connect(config: Config, *, pinned: bool = True) -> Upstreams:
+    """Start the upstreams once, hold their definitions against `upstreams.lock` as serving would (unless
+    not `pinned`), and list them."""
     pool = UpstreamPool(config)
-    pool.lock = load_lock(config)
+    if pinned:
+        pool.lock = load_lock(config)
     async with anyio.create_task_group() as tg:
         await tg.start(pool.run)
         await pool.wait_settled(max(config.gateway.startup_timeout, 30.0))

@@ -28,7 +28,7 @@ from gateway.scan import Finding, Severity, scan_definition, visible
 
 async def scan(config: Config, as_json: bool) -> int:
     """Scan every definition the upstreams offer (quarantined or not); exit 1 if anything is high severity."""
-    upstreams = await connect(config)
+    upstreams = await connect(config, pinned=False)
     catalog = Catalog.build(list(upstreams.listings.values()), config.gateway.separator)
     findings: list[Finding] = []
     for tool in catalog.tools.values():
@@ -77,7 +77,7 @@ async def lock(config: Config, force: bool) -> int:
             f"{path} exists: review what changed with `mcp-armor pins status` and `pins diff`, approve it with "
             "`pins approve`; or pass --force to pin everything as it is now"
         )
-    upstreams = await connect(config)
+    upstreams = await connect(config, pinned=False)
     assessments = _assess(config, upstreams, None)
     new_lock = Lock({name: pins for name, pins in (existing or Lock()).upstreams.items() if name in upstreams.down})
     held: list[Assessment] = []
@@ -217,7 +217,7 @@ async def approve(config: Config, selector: str) -> int:
 
 async def _current(config: Config) -> tuple[Lock | None, Upstreams, list[Assessment]]:
     current = Lock.read(config.lock_path)
-    upstreams = await connect(config)
+    upstreams = await connect(config, pinned=False)
     return current, upstreams, _assess(config, upstreams, current)
 
 
