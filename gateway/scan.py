@@ -20,6 +20,7 @@ definitions of ordinary servers raise nothing high.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Collection, Iterator, Mapping
@@ -102,15 +103,35 @@ def scan_definition(
 ) -> list[Finding]:
     """Findings in one definition (`kind` is tool, prompt, resource template or server); `other_tools`
     are the names (exposed and upstream) of tools other servers offer."""
-    shadowed = [tool for tool in other_tools if _IDENTIFIER.match(tool) and tool != name]
+    shadows = _shadows(tuple(other_tools), identifiers_only=True)
     findings: list[Finding] = []
     for path, text in model_visible_strings(definition):
-        findings += scan_text(text, f"{kind} '{name}': {path or '(name)'}", shadowed)
+        findings += _scan(text, f"{kind} '{name}': {path or '(name)'}", shadows, name)
     return findings
 
 
 def scan_text(text: str, where: str, other_tools: Collection[str] = ()) -> list[Finding]:
     """Findings in one string a model will read."""
+    return _scan(text, where, _shadows(tuple(other_tools), identifiers_only=False), None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Shadows:
+    names: tuple[str, ...]
+    anywhere: re.Pattern[str] | None
+    """Matches where any of `names` is mentioned: one search per string instead of one per name."""
+
+
+@functools.lru_cache(maxsize=64)
+def _shadows(names: tuple[str, ...], *, identifiers_only: bool) -> _Shadows:
+    """The other servers' tool names worth looking for (cached: every definition of an upstream shares them)."""
+    kept = tuple(dict.fromkeys(name for name in names if not identifiers_only or _IDENTIFIER.match(name)))
+    if not kept:
+        return _Shadows((), None)
+    return _Shadows(kept, re.compile(rf"(?<![\w.-])(?:{'|'.join(map(re.escape, kept))})(?![\w-])"))
+
+
+def _scan(text: str, where: str, shadows: _Shadows, own_name: str | None) -> list[Finding]:
     found: list[Finding] = []
 
     def add(severity: Severity, kind: str, detail: str) -> None:
@@ -138,7 +159,11 @@ def scan_text(text: str, where: str, other_tools: Collection[str] = ()) -> list[
         add(Severity.HIGH, "secrets", f"refers to a credential file: {_excerpt(clean, match)}")
     elif (match := _SECRET_WORDS.search(clean)) and _URGENT.search(clean):
         add(Severity.MEDIUM, "secrets", f"speaks of secrets insistently: {_excerpt(clean, match)}")
-    for tool in other_tools:
+    if shadows.anywhere is None or not shadows.anywhere.search(clean):
+        return found
+    for tool in shadows.names:
+        if tool == own_name:
+            continue
         if match := re.search(rf"(?<![\w.-]){re.escape(tool)}(?![\w-])", clean):
             urgent = _URGENT.search(clean)
             severity = Severity.HIGH if urgent else Severity.MEDIUM
