@@ -92,10 +92,10 @@ class GatewaySettings(_Model):
     """The audit database, relative to this file; `STATE/audit.db` when unset; `":memory:"` keeps
     it in memory only (for trials and benchmarks: nothing survives the process)."""
     audit_sync: Literal["normal", "full"] = "normal"
+    """`normal`: a committed event survives the gateway crashing or being killed; `full`: also power loss."""
     pinning: Literal["enforce", "warn", "off"] = "enforce"
     """Upstream definitions held against `upstreams.lock` and the poisoning scan: `enforce` quarantines
     what is new, changed or poisoned; `warn` only reports it; `off` checks nothing."""
-    """`normal`: a committed event survives the gateway crashing or being killed; `full`: also power loss."""
     http: HttpSettings = HttpSettings()
 
     @field_validator("separator")

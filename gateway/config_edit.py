@@ -26,10 +26,14 @@ from gateway.errors import ConfigError
 
 @dataclass(frozen=True)
 class Edit:
-    """The new text of the file, and whether its comments survived."""
+    """The file as it would be after an edit, and whether its comments survived."""
 
-    text: str
+    file: ConfigText
     comments_kept: bool
+
+    @property
+    def text(self) -> str:
+        return self.file.text
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,11 @@ class ConfigText:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         return cls(path, text, data)
 
+    @classmethod
+    def of(cls, path: Path, text: str) -> ConfigText:
+        """Text this command wrote itself (a starter file), parsed."""
+        return cls(path, text, tomllib.loads(text))
+
     @property
     def upstreams(self) -> dict[str, Any]:
         tables = self.data.get("upstreams", {})
@@ -80,18 +89,15 @@ class ConfigText:
     def _settle(self, text: str, intended: dict[str, Any]) -> Edit:
         try:
             if _without_empty_upstreams(tomllib.loads(text)) == intended:
-                return Edit(text, comments_kept=True)
+                return Edit(ConfigText(self.path, text, intended), comments_kept=True)
         except tomllib.TOMLDecodeError:
             pass
-        return Edit(tomli_w.dumps(intended), comments_kept="#" not in self.text)
+        rewritten = ConfigText(self.path, tomli_w.dumps(intended), intended)
+        return Edit(rewritten, comments_kept="#" not in self.text)
 
-    def check(self, text: str) -> Config:
-        """Validate `text` as this file's new content, with placeholders for variables this shell lacks."""
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:  # pragma: no cover - edits are parsed before they get here
-            raise ConfigError(f"{self.path}: not valid TOML: {exc}") from None
-        return parse_config(raw, self.path.resolve(), label=str(self.path), environ=EveryVariable())
+    def check(self) -> Config:
+        """Validate this content as a configuration, with placeholders for variables this shell lacks."""
+        return parse_config(self.data, self.path.resolve(), label=str(self.path), environ=EveryVariable())
 
 
 def upstream_table(name: str, table: Mapping[str, Any]) -> str:

@@ -34,11 +34,10 @@ from gateway.catalog import UpstreamListing, exposed_name
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.scan import Finding, Severity, scan_definition
-from gateway.schema import canonical_text
+from gateway.schema import canonical_text, digest
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = "upstreams.lock"
 LOCK_VERSION = 1
 _HEADER = """\
 # upstreams.lock: the upstream tool, prompt and resource-template definitions approved for use.
@@ -77,10 +76,6 @@ def pinned_form(kind: Kind, definition: Mapping[str, Any]) -> dict[str, Any]:
     return {key: definition[key] for key in _FIELDS[kind] if definition.get(key) is not None}
 
 
-def definition_digest(form: Mapping[str, Any]) -> str:
-    return hashlib.sha256(canonical_text(form).encode()).hexdigest()
-
-
 @dataclass(frozen=True)
 class Item:
     """One definition an upstream offers, in pinned form."""
@@ -104,7 +99,7 @@ def listing_items(listing: UpstreamListing) -> list[Item]:
     raws += [(Kind.TEMPLATE, template.uri_template, _wire(template)) for template in listing.templates]
     for kind, name, definition in raws:
         form = pinned_form(kind, definition)
-        items.append(Item(listing.upstream, kind, name, form, definition_digest(form)))
+        items.append(Item(listing.upstream, kind, name, form, digest(form)))
     return items
 
 
@@ -204,16 +199,16 @@ def _parse_upstream(table: Any, where: str) -> UpstreamPins:
 def _parse_pin(entry: Any, where: str) -> Pin:
     if not isinstance(entry, dict) or set(entry) != {"sha256", "definition"}:
         raise LockError(f"{where}: expected exactly the keys sha256 and definition")
-    digest, text = entry["sha256"], entry["definition"]
-    if not isinstance(digest, str) or not isinstance(text, str):
+    recorded, text = entry["sha256"], entry["definition"]
+    if not isinstance(recorded, str) or not isinstance(text, str):
         raise LockError(f"{where}: sha256 and definition must be strings")
     try:
         definition = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LockError(f"{where} definition: not valid JSON: {exc.msg}") from None
-    if not isinstance(definition, dict) or definition_digest(definition) != digest:
+    if not isinstance(definition, dict) or digest(definition) != recorded:
         raise LockError(f"{where} sha256: does not match its definition (the lock was edited by hand or damaged)")
-    return Pin(digest, definition)
+    return Pin(recorded, definition)
 
 
 def load_lock(config: Config) -> Lock | None:

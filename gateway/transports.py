@@ -93,9 +93,7 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
     async with Recorder(config.audit_path, sync=config.gateway.audit_sync).running() as recorder:
         audit = CallAudit(recorder, engine)
         try:
-            pool = UpstreamPool(config)
-            pool.lock = lock
-            yield Gateway(pool, engine, audit, transport=transport)
+            yield Gateway(UpstreamPool(config, lock=lock), engine, audit, transport=transport)
         finally:
             audit.end_all("the gateway shut down")
 

@@ -219,16 +219,14 @@ AssessmentListener = Callable[[list[Assessment]], None]
 class UpstreamPool:
     """All upstreams of a config, each under its own supervisor, merged into one `Catalog`."""
 
-    def __init__(self, config: Config, *, on_catalog: CatalogListener | None = None) -> None:
+    def __init__(self, config: Config, *, lock: Lock | None = None, on_catalog: CatalogListener | None = None) -> None:
         self.config = config
         self.upstreams = {
             spec.name: Upstream(spec, config.call_timeout(spec.name)) for spec in config.enabled_upstreams()
         }
         self.catalog = Catalog()
-        self.lock: Lock | None = None
+        self.lock = lock
         """The pins in force; `None`: no lock file (only poisoning findings quarantine)."""
-        self.assessments: list[Assessment] = []
-        """How every definition on offer was judged against the lock and the scan, at the last publish."""
         self.quarantined: dict[str, Assessment] = {}
         """Exposed tool name -> why that tool is held back."""
         self._modes = {name: Mode(config.pinning(name)) for name in config.upstreams}
@@ -382,7 +380,6 @@ class UpstreamPool:
             listings = [up.listing for up in self.upstreams.values() if up.listing is not None]
             separator = self.config.gateway.separator
             assessments = assess(listings, self.lock, self._modes, separator)
-            self.assessments = assessments
             self.quarantined = {
                 exposed_name(a.item.upstream, a.item.name, separator): a
                 for a in assessments

@@ -35,9 +35,7 @@ class Upstreams:
 async def connect(config: Config, *, pinned: bool = True) -> Upstreams:
     """Start the upstreams once, hold their definitions against `upstreams.lock` as serving would (unless
     not `pinned`), and list them."""
-    pool = UpstreamPool(config)
-    if pinned:
-        pool.lock = load_lock(config)
+    pool = UpstreamPool(config, lock=load_lock(config) if pinned else None)
     async with anyio.create_task_group() as tg:
         await tg.start(pool.run)
         await pool.wait_settled(max(config.gateway.startup_timeout, 30.0))

@@ -12,7 +12,6 @@ import json
 import shutil
 import sys
 import tempfile
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ def note(text: str) -> None:
 def register_command(args: argparse.Namespace) -> int:
     client = CLIENTS[args.client]
     config_text = ConfigText.read(Path(args.config))
-    config = config_text.check(config_text.text)
+    config = config_text.check()
     path = locate(client, path=args.path, project=args.project)
     file = ClientFile.read(client, path, project_dir=Path.cwd())
     name = config.gateway.name
@@ -92,10 +91,10 @@ def import_command(args: argparse.Namespace) -> int:
     config_path = Path(args.config)
     starting = not config_path.exists()
     if starting:
-        config_text = ConfigText(config_path, starter_config({}), tomllib.loads(starter_config({})))
+        config_text = ConfigText.of(config_path, starter_config({}))
     else:
         config_text = ConfigText.read(config_path)
-    config = config_text.check(config_text.text)
+    config = config_text.check()
     plan = plan_import(
         file,
         config_text.upstreams,
@@ -105,9 +104,9 @@ def import_command(args: argparse.Namespace) -> int:
         move_secrets=not args.keep,
     )
     _report_plan(client.title, file, plan)
-    edit = config_text.adding(plan.adds) if plan.adds else Edit(config_text.text, comments_kept=True)
-    edited = ConfigText(config_path, edit.text, tomllib.loads(edit.text))
-    new_config = edited.check(edit.text)
+    edit = config_text.adding(plan.adds) if plan.adds else Edit(config_text, comments_kept=True)
+    edited = edit.file
+    new_config = edited.check()
     known = {name: value for name, value in plan.passthrough.items() if not value.startswith("${")}
     listings = {} if args.offline or not plan.adds else anyio.run(list_upstreams, edited, list(plan.adds), known)
     policies = _first_policies(new_config, plan.adds, listings, "import", starting=starting)
@@ -134,8 +133,7 @@ def import_command(args: argparse.Namespace) -> int:
         write_atomically(config_path, edit.text)
         added = f"added {len(plan.adds)} upstream{'s' * (len(plan.adds) != 1)}"
         print(f"{config_path}: {'created with the starter settings; ' if starting else ''}{added}")
-        if not edit.comments_kept:
-            note(f"{config_path} could not be edited in place; it was rewritten and its comments are gone")
+        _comments_note(config_path, edit)
     for policy, starter in policies.items():
         print(f"{policy}: {starter.summary}")
     if change is not None:
@@ -218,8 +216,8 @@ def init_command(args: argparse.Namespace) -> int:
         _report_plan(client.title, file, plan)
         upstreams = plan.adds
     text = starter_config(upstreams)
-    config_text = ConfigText(config_path, text, tomllib.loads(text))
-    config = config_text.check(text)
+    config_text = ConfigText.of(config_path, text)
+    config = config_text.check()
     listings = {} if args.offline or not upstreams else anyio.run(list_upstreams, config_text, list(upstreams))
     policies = {defaults: DEFAULTS}
     for name in upstreams:
@@ -246,7 +244,7 @@ def init_command(args: argparse.Namespace) -> int:
 
 def upstream_command(args: argparse.Namespace) -> int:
     config_text = ConfigText.read(Path(args.config))
-    config_text.check(config_text.text)
+    config_text.check()
     if args.upstream_command == "list":
         return _list(config_text, args.json)
     name = args.name
@@ -254,11 +252,11 @@ def upstream_command(args: argparse.Namespace) -> int:
         if name not in config_text.upstreams:
             raise ConfigError(f"{config_text.path}: there is no upstream named '{name}'")
         edit = config_text.removing(name)
-        config_text.check(edit.text)
+        remaining = edit.file.check()
         write_atomically(config_text.path, edit.text)
         print(f"{config_text.path}: removed upstream '{name}'")
         _comments_note(config_text.path, edit)
-        leftover = policy_path(config_text.check(edit.text).policy_dir, name)
+        leftover = policy_path(remaining.policy_dir, name)
         if leftover.exists():
             note(f"{leftover} still holds rules for its tools; remove it if the upstream is gone for good")
         return 0
@@ -277,10 +275,9 @@ async def _add(config_text: ConfigText, args: argparse.Namespace) -> int:
         )
     table = _table(args)
     edit = config_text.adding({name: table})
-    edited = ConfigText(config_text.path, edit.text, tomllib.loads(edit.text))
-    edited.check(edit.text)
+    edit.file.check()
     if args.check:
-        listing = (await list_upstreams(edited, [name]))[name]
+        listing = (await list_upstreams(edit.file, [name]))[name]
         if listing.problem is not None:
             print(
                 f"mcp-armor: error: upstream '{name}' did not answer: {listing.problem} (nothing written)",
