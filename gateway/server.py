@@ -13,6 +13,7 @@ import logging
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, get_args
 
 import anyio
@@ -34,7 +35,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from gateway import __version__
 from gateway.approvals import REQUEST_KEY, REQUESTED_SCHEMA, ApprovalDesk
 from gateway.audit import CallAudit
-from gateway.calls import Approval, Approver, Decision, SessionInfo, ToolCall
+from gateway.calls import Approval, Approver, Decision, ProgressFn, SessionInfo, ToolCall
 from gateway.catalog import Catalog, ExposedTool
 from gateway.errors import GatewayError, UpstreamError
 from gateway.pins import Lock, LockError
@@ -46,6 +47,22 @@ from gateway.watch import watch_file, watch_policies
 logger = logging.getLogger(__name__)
 
 Context = ServerRequestContext[Any, Any]
+Elicit = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+"""Sends `elicitation/create` (form mode) to the client and returns its result in wire form."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a `tools/call`, and what their connection can do."""
+
+    session: SessionInfo
+    modern: bool
+    """A 2026-07-28 request: approval goes by input-required round trips, never by a request to the client."""
+    can_elicit: bool
+    """The client declared the elicitation capability."""
+    progress: ProgressFn | None = None
+    """Relays progress to the caller; `None` when the request carried no progress token."""
+    elicit: Elicit | None = None
 
 
 class GatewayServer(Server[Any]):
@@ -196,8 +213,35 @@ class Gateway:
         return self.engine.visible(tool.name, client=session.client_name, principal=session.principal)
 
     async def _call_tool(self, ctx: Context, params: types.CallToolRequestParams) -> dict[str, Any]:
+        """`tools/call` as the SDK server delivers it (HTTP, and stdio requests the direct path hands over)."""
+        progress = None
+        if ctx.meta is not None and ctx.meta.get("progress_token") is not None:
+
+            async def progress(progress: float, total: float | None, message: str | None) -> None:
+                await ctx.session.report_progress(progress, total, message)
+
+        async def elicit(message: str, schema: dict[str, Any]) -> dict[str, Any]:
+            result = await ctx.session.elicit_form(message, schema, ctx.request_id)
+            return result.model_dump(by_alias=True, mode="json")
+
+        capabilities = ctx.session.client_capabilities
+        modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+        caller = Caller(
+            self._session_of(ctx),
+            modern=modern,
+            can_elicit=capabilities is not None and capabilities.elicitation is not None,
+            progress=progress,
+            elicit=None if modern else elicit,
+        )
+        return _wire(ctx, await self.call_tool(caller, params))
+
+    async def call_tool(self, caller: Caller, params: types.CallToolRequestParams) -> Mapping[str, Any]:
+        """One `tools/call`, on either path: resolve the tool, run the pipeline, return the result (wire form).
+
+        A tool that does not exist, is hidden from this caller or is quarantined raises `MCPError`.
+        """
         await self._wait_for_startup()
-        session = self._session_of(ctx)
+        session = caller.session
         tool = self.pool.catalog.tools.get(params.name)
         if tool is None and (held := self.pool.quarantined.get(params.name)) is not None:
             reason = held.reason()
@@ -207,13 +251,8 @@ class Gateway:
             # A tool no rule lets this client call is hidden, and refused like one that does not exist.
             await self.audit.unknown_tool(session, params.name, params.arguments or {})
             raise MCPError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
-        progress = None
-        if ctx.meta is not None and ctx.meta.get("progress_token") is not None:
-
-            async def progress(progress: float, total: float | None, message: str | None) -> None:
-                await ctx.session.report_progress(progress, total, message)
-
-        call = ToolCall(session, tool, params.arguments or {}, progress=progress, approver=self._approver(ctx, params))
+        approver = self._approver(caller, params)
+        call = ToolCall(session, tool, params.arguments or {}, progress=caller.progress, approver=approver)
         try:
             outcome = await self.pipeline(call)
         except GatewayError as exc:
@@ -223,15 +262,14 @@ class Gateway:
         except Exception:  # the boundary: an unexpected fault is logged, never sent with its text
             logger.exception("tool call %s to %s failed inside the gateway", call.id, tool.name)
             raise MCPError(types.INTERNAL_ERROR, f"internal gateway error (call {call.id})") from None
-        return _wire(ctx, outcome.result)
+        return outcome.result
 
-    def _approver(self, ctx: Context, params: types.CallToolRequestParams) -> Approver | None:
+    def _approver(self, caller: Caller, params: types.CallToolRequestParams) -> Approver | None:
         """How this request can ask a person: elicitation now (handshake era) or input-required (2026)."""
-        capabilities = ctx.session.client_capabilities
-        if capabilities is None or capabilities.elicitation is None:
+        if not caller.can_elicit:
             return None
         desk = self.desk
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        if caller.modern:
             responses = params.input_responses or {}
             answer = responses.get(REQUEST_KEY)
 
@@ -242,15 +280,24 @@ class Gateway:
                 return desk.redeem(params.request_state, response, call)
 
             return by_round_trip
+        elicit = caller.elicit
+        if elicit is None:
+            return None
 
         async def by_elicitation(call: ToolCall, decision: Decision) -> Approval:
             try:
-                result = await ctx.session.elicit_form(desk.message(call, decision), REQUESTED_SCHEMA, ctx.request_id)
+                result = await elicit(desk.message(call, decision), REQUESTED_SCHEMA)
             except MCPError as exc:
                 return Approval(False, f"the client could not ask a person ({exc.error.message})")
-            return desk.answer(result.model_dump(by_alias=True, mode="json"))
+            return desk.answer(result)
 
         return by_elicitation
+
+    def stdio_session_info(self, protocol_version: str, client_name: str, client_version: str) -> SessionInfo:
+        """The stdio connection as the direct path sees it (noted in the audit log the first time)."""
+        session = SessionInfo(self.stdio_session, "stdio", protocol_version, client_name, client_version)
+        self.audit.session(session)
+        return session
 
     def _session_of(self, ctx: Context) -> SessionInfo:
         """One downstream connection: the stdio pipe, the HTTP `mcp-session-id`, or for stateless HTTP the client."""

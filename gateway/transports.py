@@ -20,7 +20,6 @@ from contextlib import asynccontextmanager
 
 import anyio
 import uvicorn
-from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -30,6 +29,7 @@ from gateway.errors import GatewayError
 from gateway.pins import load_lock
 from gateway.policy_files import load_engine
 from gateway.server import Gateway
+from gateway.stdio import serve_stdio_connection
 from gateway.upstreams import UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,7 @@ async def serve_stdio(config: Config) -> None:
     async with gateway_for(config, transport="stdio") as gateway, anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signal, tg.cancel_scope)
         await tg.start(gateway.run)
-        async with stdio_server() as (read, write):
-            await gateway.server.run(read, write, gateway.server.create_initialization_options())
+        await serve_stdio_connection(gateway)
         gateway.audit.end_session(gateway.stdio_session, "the client disconnected")
         tg.cancel_scope.cancel()
 

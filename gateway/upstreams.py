@@ -2,9 +2,9 @@
 
 Towards upstreams the gateway speaks the handshake era (`initialize`), which every MCP server
 speaks, TypeScript-SDK servers included; the protocol version is negotiated per upstream. It
-talks to them as a plain JSON-RPC client (the SDK's `JSONRPCDispatcher`: id correlation,
-progress, courtesy cancels, timeouts) and keeps results in wire form, so a call is not parsed
-into models and back on its way through.
+talks to them as a plain JSON-RPC client (id correlation, progress, courtesy cancels, timeouts):
+straight over the child's pipes for a command (`gateway.pipes`), through the SDK's dispatcher for
+a URL. Results stay in wire form, so a call is not parsed into models and back on its way through.
 
 Each upstream is owned by one supervising task that connects, lists, serves until the connection
 ends, and reconnects with exponential backoff and jitter. An upstream that fails never takes the
@@ -21,19 +21,16 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import anyio
 import anyio.abc
 import httpx2
 import mcp_types as types
-from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.dispatcher import CallOptions, DispatchContext, ProgressFnT
 from mcp.shared.exceptions import MCPError
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
-from mcp.shared.message import SessionMessage
 from mcp.shared.transport_context import TransportContext
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 from pydantic import ValidationError
@@ -43,6 +40,7 @@ from gateway.catalog import Catalog, UpstreamListing, exposed_name, normalise_li
 from gateway.config import Config, UpstreamSpec
 from gateway.errors import UpstreamFault, UpstreamTimeout, UpstreamUnavailable
 from gateway.pins import Assessment, Lock, Mode, assess, screened
+from gateway.pipes import ChannelClosed, NotificationHandler, ProgressHandler, RemoteError, RequestTimeout, spawn
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +73,30 @@ def resolve_command(command: str, env_path: str | None) -> str:
     return found
 
 
+class Link(Protocol):
+    """One JSON-RPC connection to an upstream, seen from the requesting side."""
+
+    async def request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        *,
+        seconds: float,
+        on_progress: ProgressHandler | None = None,
+        cancel_on_abandon: bool = True,
+    ) -> dict[str, Any]: ...
+
+    async def notify(self, method: str, params: Mapping[str, Any] | None = None) -> None: ...
+
+
 class UpstreamSession:
     """An initialised JSON-RPC session with one upstream."""
 
-    def __init__(self, spec: UpstreamSpec, dispatcher: JSONRPCDispatcher[TransportContext], timeout: float) -> None:
+    def __init__(self, spec: UpstreamSpec, link: Link, timeout: float) -> None:
         self.spec = spec
         self.name = spec.name
         self.timeout = timeout
-        self._dispatcher = dispatcher
-        self._headers: dict[str, str] = {}
+        self._link = link
         self.init: types.InitializeResult | None = None
 
     @property
@@ -106,8 +119,12 @@ class UpstreamSession:
             message = f"offered protocol version {result.protocol_version!r}, which is unsupported"
             raise UpstreamFault(self.name, message)
         self.init = result
-        self._headers = {_PROTOCOL_VERSION_HEADER: result.protocol_version}
-        await self._dispatcher.notify("notifications/initialized", None, {"headers": dict(self._headers)})
+        if isinstance(self._link, HttpLink):
+            self._link.protocol_version = result.protocol_version
+        try:
+            await self._link.notify("notifications/initialized", None)
+        except (ChannelClosed, anyio.BrokenResourceError, anyio.ClosedResourceError, httpx2.HTTPError) as exc:
+            raise UpstreamUnavailable(self.name, f"connection failed: {exc}") from None
         return result
 
     async def request(
@@ -116,25 +133,21 @@ class UpstreamSession:
         params: Mapping[str, Any] | None,
         *,
         seconds: float | None = None,
-        on_progress: ProgressFnT | None = None,
+        on_progress: ProgressHandler | None = None,
         cancel_on_abandon: bool = True,
     ) -> dict[str, Any]:
         """Send one request and return its raw result; upstream failures become `UpstreamError`s."""
         seconds = self.timeout if seconds is None else seconds
-        opts: CallOptions = {"timeout": seconds, "cancel_on_abandon": cancel_on_abandon}
-        if self._headers:
-            opts["headers"] = dict(self._headers)
-        if on_progress is not None:
-            opts["on_progress"] = on_progress
         try:
-            return await self._dispatcher.send_raw_request(method, params, opts)
-        except MCPError as exc:
-            if exc.error.code == types.REQUEST_TIMEOUT:
-                raise UpstreamTimeout(self.name, seconds) from None
-            if exc.error.code == types.CONNECTION_CLOSED:
-                raise UpstreamUnavailable(self.name, "closed the connection") from None
-            message = f"answered {method} with error {exc.error.code}: {exc.error.message}"
-            raise UpstreamFault(self.name, message) from None
+            return await self._link.request(
+                method, params, seconds=seconds, on_progress=on_progress, cancel_on_abandon=cancel_on_abandon
+            )
+        except RequestTimeout:
+            raise UpstreamTimeout(self.name, seconds) from None
+        except ChannelClosed:
+            raise UpstreamUnavailable(self.name, "closed the connection") from None
+        except RemoteError as exc:
+            raise UpstreamFault(self.name, f"answered {method} with error {exc.code}: {exc.message}") from None
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, httpx2.HTTPError) as exc:
             raise UpstreamUnavailable(self.name, f"connection failed: {exc}") from None
 
@@ -176,13 +189,59 @@ class UpstreamSession:
         await self.request("ping", None)
 
 
-async def _answer_upstream_request(
-    dctx: DispatchContext[TransportContext], method: str, params: Mapping[str, Any] | None
-) -> dict[str, Any]:
+async def _answer_upstream_request(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
     """Requests an upstream sends the gateway: `ping` is answered; the gateway declares no other client capability."""
     if method == "ping":
         return {}
-    raise MCPError(code=types.METHOD_NOT_FOUND, message=f"mcp-armor does not serve '{method}' to upstream servers")
+    raise RemoteError(types.METHOD_NOT_FOUND, f"mcp-armor does not serve '{method}' to upstream servers")
+
+
+def _coroutine(relay: ProgressHandler) -> ProgressFnT:
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        await relay(progress, total, message)
+
+    return on_progress
+
+
+class HttpLink:
+    """A streamable-HTTP upstream through the SDK's JSON-RPC dispatcher, with `Link`'s errors."""
+
+    def __init__(self, dispatcher: JSONRPCDispatcher[TransportContext]) -> None:
+        self._dispatcher = dispatcher
+        self.protocol_version: str | None = None
+        """Sent as `mcp-protocol-version` on every request after `initialize`."""
+
+    def _options(self) -> CallOptions:
+        opts: CallOptions = {}
+        if self.protocol_version is not None:
+            opts["headers"] = {_PROTOCOL_VERSION_HEADER: self.protocol_version}
+        return opts
+
+    async def request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        *,
+        seconds: float,
+        on_progress: ProgressHandler | None = None,
+        cancel_on_abandon: bool = True,
+    ) -> dict[str, Any]:
+        opts = self._options()
+        opts["timeout"] = seconds
+        opts["cancel_on_abandon"] = cancel_on_abandon
+        if on_progress is not None:
+            opts["on_progress"] = _coroutine(on_progress)
+        try:
+            return await self._dispatcher.send_raw_request(method, params, opts)
+        except MCPError as exc:
+            if exc.error.code == types.REQUEST_TIMEOUT:
+                raise RequestTimeout() from None
+            if exc.error.code == types.CONNECTION_CLOSED:
+                raise ChannelClosed(exc.error.message) from None
+            raise RemoteError(exc.error.code, exc.error.message, exc.error.data) from None
+
+    async def notify(self, method: str, params: Mapping[str, Any] | None = None) -> None:
+        await self._dispatcher.notify(method, params, self._options())
 
 
 class Upstream:
@@ -314,32 +373,21 @@ class UpstreamPool:
         return self.config.log_dir / f"{upstream.name}.log"
 
     @asynccontextmanager
-    async def _connect(self, upstream: Upstream) -> AsyncIterator[anyio.Event]:
+    async def _connect(self, upstream: Upstream) -> AsyncIterator[Ended]:
         """Connect, initialise and list one upstream; yield an event that is set when the connection ends."""
         spec = upstream.spec
+        relist = _Flag()
+
+        def on_notify(method: str, params: Mapping[str, Any] | None) -> None:
+            if method in _LIST_CHANGED:
+                relist.set()
+
         async with AsyncExitStack() as stack:
             errlog = stack.enter_context(self._log_path(upstream).open("a", encoding="utf-8"))
-            read, write = await stack.enter_async_context(_open_transport(spec, errlog))
-            dispatcher: JSONRPCDispatcher[TransportContext] = JSONRPCDispatcher(read, write)
-            session = UpstreamSession(spec, dispatcher, upstream.timeout)
-            closed = anyio.Event()
-            relist = _Flag()
-
-            async def on_notify(
-                dctx: DispatchContext[TransportContext], method: str, params: Mapping[str, Any] | None
-            ) -> None:
-                if method in _LIST_CHANGED:
-                    relist.set()
-
-            async def run_dispatcher(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-                try:
-                    await dispatcher.run(_answer_upstream_request, on_notify, task_status=task_status)
-                finally:
-                    closed.set()
-
+            link, closed = await stack.enter_async_context(_open_link(spec, errlog, on_notify))
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
-            await tg.start(run_dispatcher)
+            session = UpstreamSession(spec, link, upstream.timeout)
             await session.initialize()
             upstream.listing = await session.list_all()
             upstream.session = session
@@ -437,22 +485,67 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class Ended(Protocol):
+    """Set when a connection to an upstream has ended."""
+
+    async def wait(self) -> Any: ...
+
+
 @asynccontextmanager
-async def _open_transport(
-    spec: UpstreamSpec, errlog: TextIO
-) -> AsyncIterator[tuple[ReadStream[SessionMessage | Exception], WriteStream[SessionMessage]]]:
+async def _open_link(
+    spec: UpstreamSpec, errlog: TextIO, on_notify: NotificationHandler
+) -> AsyncIterator[tuple[Link, Ended]]:
+    """The upstream's `Link`, and an event set when its connection ends.
+
+    A command runs as a child process spoken to over its pipes directly; a URL goes through the SDK's
+    streamable-HTTP client and JSON-RPC dispatcher.
+    """
     if spec.command is not None:
         env = dict(spec.env)
         command = resolve_command(spec.command, env.get("PATH", os.environ.get("PATH")))
-        params = StdioServerParameters(command=command, args=list(spec.args), env=env or None, cwd=spec.cwd)
-        async with stdio_client(params, errlog=errlog) as streams:
-            yield streams
+        async with spawn(
+            spec.name,
+            [command, *spec.args],
+            env=env,
+            cwd=spec.cwd,
+            stderr=errlog,
+            on_request=_answer_upstream_request,
+            on_notify=on_notify,
+        ) as child:
+            yield child.channel, child.ended
         return
     if spec.url is None:
         raise ValueError(f"upstream '{spec.name}' has neither command nor url")
     timeout = httpx2.Timeout(30, read=300)
+    closed = anyio.Event()
     async with (
         httpx2.AsyncClient(headers=dict(spec.headers), timeout=timeout) as http,
-        streamable_http_client(spec.url, http_client=http) as streams,
+        streamable_http_client(spec.url, http_client=http) as (read, write),
+        anyio.create_task_group() as link_tg,
     ):
-        yield streams
+        dispatcher: JSONRPCDispatcher[TransportContext] = JSONRPCDispatcher(read, write)
+
+        async def on_request(
+            dctx: DispatchContext[TransportContext], method: str, params: Mapping[str, Any] | None
+        ) -> dict[str, Any]:
+            try:
+                return await _answer_upstream_request(method, params)
+            except RemoteError as exc:
+                raise MCPError(code=exc.code, message=exc.message) from None
+
+        async def on_dispatched_notify(
+            dctx: DispatchContext[TransportContext], method: str, params: Mapping[str, Any] | None
+        ) -> None:
+            on_notify(method, params)
+
+        async def run_dispatcher(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            try:
+                await dispatcher.run(on_request, on_dispatched_notify, task_status=task_status)
+            finally:
+                closed.set()
+
+        await link_tg.start(run_dispatcher)
+        try:
+            yield HttpLink(dispatcher), closed
+        finally:
+            link_tg.cancel_scope.cancel()

@@ -1,0 +1,405 @@
+"""Newline-delimited JSON-RPC over pipes, straight on the event loop.
+
+The gateway's hot path crosses two pipes per call: the agent's (stdin/stdout) and the upstream's.
+Here both are asyncio protocols: bytes arrive in `data_received`, are split into lines and parsed
+there, and each message is routed at once (a response resolves the waiting future, a request starts
+its handler task). No reader task, worker thread or memory stream sits between the pipe and the
+code that acts on a message.
+
+`Channel` is the requesting side of a JSON-RPC peer: an id -> future map with timeouts, progress
+tokens, courtesy cancels and answers for the peer's own requests. `spawn` starts an upstream server
+as a child process (its own process group, a minimal environment, stderr to its log) and stops it
+the way MCP asks: close stdin, wait, SIGTERM the group, SIGKILL it.
+
+Nothing here imports MCP, so the gateway can start its upstreams before that import has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeGuard
+
+import anyio
+
+logger = logging.getLogger(__name__)
+
+MAX_LINE = 64 * 1024 * 1024
+"""The longest message accepted on a pipe (bytes); a longer one is a protocol fault."""
+INHERITED_ENVIRONMENT = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER")
+"""What an upstream child inherits from the gateway's environment, besides its own `env`."""
+STOP_GRACE = 2.0
+"""Seconds an upstream has to exit after its stdin closes, and again after SIGTERM."""
+
+INTERNAL_ERROR = -32603
+METHOD_NOT_FOUND = -32601
+
+Message = dict[str, Any]
+RequestHandler = Callable[[str, Mapping[str, Any] | None], Awaitable[Message]]
+"""Answers a request the peer sends: the result, or raises `RemoteError`."""
+NotificationHandler = Callable[[str, Mapping[str, Any] | None], None]
+ProgressHandler = Callable[[float, float | None, str | None], Awaitable[None]]
+
+
+class RemoteError(Exception):
+    """The peer answered a request with a JSON-RPC error (or, raised by a handler, the error to answer with)."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class RequestTimeout(Exception):
+    """No answer within the request's timeout (a courtesy cancel has been sent)."""
+
+
+class ChannelClosed(Exception):
+    """The pipe closed before the answer came."""
+
+
+def dumps(message: Any) -> bytes:
+    """One message as a line of compact UTF-8 JSON; NaN and infinities (not JSON) become null."""
+    try:
+        text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(message), separators=(",", ":"), ensure_ascii=False)
+    return text.encode() + b"\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+class LineBuffer:
+    """Splits a byte stream into lines; `feed` returns the complete ones."""
+
+    __slots__ = ("_partial",)
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._partial:
+            data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > MAX_LINE:
+            self._partial = b""
+            raise ValueError(f"a message longer than {MAX_LINE} bytes")
+        return lines
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[Message]
+    on_progress: ProgressHandler | None
+
+
+class Channel:
+    """The requesting side of one JSON-RPC connection over a pipe (sans pipe: `write` sends one line).
+
+    `receive` takes every message the peer sends, in order, from whoever reads the pipe.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        write: Callable[[bytes], None],
+        *,
+        on_request: RequestHandler | None = None,
+        on_notify: NotificationHandler | None = None,
+    ) -> None:
+        self.name = name
+        self._write = write
+        self._on_request = on_request
+        self._on_notify = on_notify
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed: str | None = None
+        """Why the channel closed; `None` while it is open."""
+
+    async def request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        *,
+        seconds: float,
+        on_progress: ProgressHandler | None = None,
+        cancel_on_abandon: bool = True,
+    ) -> Message:
+        """Send a request and wait for its result; `RemoteError`, `RequestTimeout` or `ChannelClosed` if none."""
+        if self.closed is not None:
+            raise ChannelClosed(self.closed)
+        self._next_id += 1
+        request_id = self._next_id
+        if on_progress is not None:
+            params = dict(params or {})
+            params["_meta"] = {**(params.get("_meta") or {}), "progressToken": request_id}
+        message: Message = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Message] = loop.create_future()
+        self._pending[request_id] = _Pending(future, on_progress)
+        timer = loop.call_later(seconds, _expire, future)
+        try:
+            self._write(dumps(message))
+            return await future
+        except RequestTimeout:
+            if cancel_on_abandon:
+                self._cancel(request_id, "timed out")
+            raise
+        except BaseException:
+            if cancel_on_abandon and (future.cancelled() or not future.done()):
+                self._cancel(request_id, "the caller cancelled")
+            raise
+        finally:
+            timer.cancel()
+            del self._pending[request_id]
+
+    async def notify(self, method: str, params: Mapping[str, Any] | None = None) -> None:
+        self.send_notification(method, params)
+
+    def send_notification(self, method: str, params: Mapping[str, Any] | None = None) -> None:
+        if self.closed is not None:
+            raise ChannelClosed(self.closed)
+        message: Message = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        self._write(dumps(message))
+
+    def _cancel(self, request_id: int, reason: str) -> None:
+        with suppress(Exception):
+            self.send_notification("notifications/cancelled", {"requestId": request_id, "reason": reason})
+
+    def receive(self, message: Any) -> None:
+        """Route one message from the peer: a response to its waiter, a request to its handler."""
+        if not isinstance(message, dict):
+            logger.warning("upstream '%s' sent a message that is not a JSON object; ignored", self.name)
+            return
+        method = message.get("method")
+        if isinstance(method, str):
+            params = message.get("params")
+            params = params if isinstance(params, dict) else None
+            if "id" in message:
+                self._spawn(self._answer(message["id"], method, params))
+            elif method == "notifications/progress":
+                self._progress(params)
+            elif self._on_notify is not None:
+                self._on_notify(method, params)
+            return
+        request_id = _as_int(message.get("id"))
+        pending = self._pending.get(request_id) if request_id is not None else None
+        if pending is None or pending.future.done():
+            logger.debug("upstream '%s' answered unknown or settled request %r; dropped", self.name, message.get("id"))
+            return
+        if isinstance(message.get("result"), dict):
+            pending.future.set_result(message["result"])
+        elif isinstance(error := message.get("error"), dict):
+            code = error.get("code")
+            pending.future.set_exception(
+                RemoteError(
+                    code if isinstance(code, int) else INTERNAL_ERROR, str(error.get("message", "")), error.get("data")
+                )
+            )
+        else:
+            malformed = RemoteError(INTERNAL_ERROR, "a response with neither an object result nor an error")
+            pending.future.set_exception(malformed)
+
+    def close(self, reason: str) -> None:
+        """The pipe is gone: every waiter gets `ChannelClosed`; tasks answering the peer are cancelled."""
+        if self.closed is not None:
+            return
+        self.closed = reason
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(ChannelClosed(reason))
+        for task in self._tasks:
+            task.cancel()
+
+    def _progress(self, params: Mapping[str, Any] | None) -> None:
+        if params is None:
+            return
+        token, progress = _as_int(params.get("progressToken")), params.get("progress")
+        if token is None or not _is_number(progress):
+            return
+        pending = self._pending.get(token)
+        if pending is None or pending.on_progress is None:
+            return
+        total, text = params.get("total"), params.get("message")
+        relay = pending.on_progress(
+            float(progress), float(total) if _is_number(total) else None, text if isinstance(text, str) else None
+        )
+        self._spawn(_contained(relay, f"relaying progress from upstream '{self.name}'"))
+
+    async def _answer(self, request_id: Any, method: str, params: Mapping[str, Any] | None) -> None:
+        reply: Message = {"jsonrpc": "2.0", "id": request_id}
+        try:
+            if self._on_request is None:
+                raise RemoteError(METHOD_NOT_FOUND, f"'{method}' is not served")
+            reply["result"] = await self._on_request(method, params)
+        except RemoteError as exc:
+            error: Message = {"code": exc.code, "message": exc.message}
+            if exc.data is not None:
+                error["data"] = exc.data
+            reply["error"] = error
+        if self.closed is None:
+            self._write(dumps(reply))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _expire(future: asyncio.Future[Message]) -> None:
+    if not future.done():
+        future.set_exception(RequestTimeout())
+
+
+def _as_int(value: Any) -> int | None:
+    """A request id or progress token the gateway issued (integers; some peers echo them as strings)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def _is_number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+async def _contained(work: Awaitable[None], what: str) -> None:
+    try:
+        await work
+    except Exception:
+        logger.exception("failed %s", what)
+
+
+class _ChildProtocol(asyncio.SubprocessProtocol):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.channel: Channel | None = None
+        self.lines = LineBuffer()
+        self.exited = asyncio.Event()
+        self.eof = asyncio.Event()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        channel = self.channel
+        if fd != 1 or channel is None:
+            return
+        try:
+            lines = self.lines.feed(data)
+        except ValueError as exc:
+            logger.warning("upstream '%s' sent %s; closing it", self.name, exc)
+            channel.close(f"sent {exc}")
+            self.eof.set()
+            return
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                message = json.loads(line)
+            except ValueError:
+                logger.warning("upstream '%s' wrote a line that is not JSON; ignored: %.200r", self.name, line)
+                continue
+            channel.receive(message)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1:
+            if self.channel is not None:
+                self.channel.close("closed the connection")
+            self.eof.set()
+
+    def process_exited(self) -> None:
+        self.exited.set()
+
+
+@dataclass(slots=True)
+class Child:
+    """A running upstream process and the channel over its pipes."""
+
+    channel: Channel
+    pid: int
+    ended: asyncio.Event
+    """Set when its stdout closes (it exited, or closed the pipe)."""
+
+
+@asynccontextmanager
+async def spawn(
+    name: str,
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | Path | None,
+    stderr: IO[Any],
+    on_request: RequestHandler | None = None,
+    on_notify: NotificationHandler | None = None,
+) -> AsyncIterator[Child]:
+    """Start an upstream server and yield its channel; on exit stop it (close stdin, SIGTERM, SIGKILL)."""
+    loop = asyncio.get_running_loop()
+    environment = {key: value for key in INHERITED_ENVIRONMENT if (value := os.environ.get(key)) is not None}
+    environment.update(env)
+    transport, protocol = await loop.subprocess_exec(
+        lambda: _ChildProtocol(name),
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        env=environment,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    stdin = transport.get_pipe_transport(0)
+    assert isinstance(stdin, asyncio.WriteTransport)
+
+    def write(line: bytes) -> None:
+        if stdin.is_closing():
+            raise ChannelClosed("its stdin is closed")
+        stdin.write(line)
+
+    channel = Channel(name, write, on_request=on_request, on_notify=on_notify)
+    protocol.channel = channel
+    pid = transport.get_pid()
+    try:
+        yield Child(channel, pid, protocol.eof)
+    finally:
+        channel.close("the gateway closed the connection")
+        with anyio.CancelScope(shield=True):
+            await _stop(transport, protocol, pid)
+
+
+async def _stop(transport: asyncio.SubprocessTransport, protocol: _ChildProtocol, pid: int) -> None:
+    """MCP's shutdown: close stdin and wait, then SIGTERM the process group and wait, then SIGKILL it."""
+    stdin = transport.get_pipe_transport(0)
+    if stdin is not None:
+        stdin.close()
+    for signum in (None, signal.SIGTERM, signal.SIGKILL):
+        if signum is not None:
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signum)
+        with anyio.move_on_after(STOP_GRACE):
+            await protocol.exited.wait()
+        if protocol.exited.is_set():
+            break
+    else:
+        logger.warning("upstream '%s' (pid %d) is still running after SIGKILL; abandoned", protocol.name, pid)
+    transport.close()
