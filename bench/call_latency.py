@@ -1,87 +1,224 @@
-"""Sequential `tools/call` latency: straight to an upstream vs through the gateway (stdio), interleaved.
+"""What the gateway costs per call: straight to an upstream vs through the gateway (stdio), interleaved.
 
-    .venv/bin/python bench/call_latency.py [--calls 500] [--rounds 3]
+    .venv/bin/python bench/call_latency.py [--calls 1000] [--rounds 3]
 
-Each round starts one direct upstream and one gateway (in front of the same kind of upstream process),
-then times N sequential calls on each, alternating direct and gateway. A plain JSON-RPC client over
-the pipes does the timing, so the client adds as little as possible. Prints p50/p99 in milliseconds
-for both and the gateway/direct ratio. The gateway runs with a realistic policy set of ~100 rules.
+Each round starts a direct upstream and a gateway in front of the same kind of upstream process
+(tests/fixtures/toolbox.py, an SDK server), one after the other, and measures on each:
+
+- cold start: spawn -> `initialize` -> `tools/list` answered;
+- sequential `tools/call` latency (p50, p99), with a plain JSON-RPC client over the pipes;
+- throughput with 1, 8 and 32 calls in flight on one session;
+- CPU time per call of the measured process (the gateway alone, not its upstream; for direct, the
+  upstream), from /proc over the sequential and throughput phases;
+- peak RSS (VmHWM) of the measured process at the end of the round;
+- sequential latency through the SDK's own client (`mcp.Client`, which picks the 2026-07-28 era).
+
+The gateway runs with a policy set of ~100 rules and its durable audit log on disk (SQLite, WAL,
+`audit_sync = "normal"`). Prints each figure for both, and the gateway/direct ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import tomli_w
-from anyio.abc import Process
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
 from policy_eval import TOOLS, rule
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLBOX = ROOT / "tests" / "fixtures" / "toolbox.py"
+IN_FLIGHT = (1, 8, 32)
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class RawClient:
-    """Newline-delimited JSON-RPC over a child's pipes, handshake era."""
+class Peer(asyncio.SubprocessProtocol):
+    """A plain JSON-RPC client over a child's pipes: requests by id, answers routed as they are read."""
 
-    def __init__(self, process: Process) -> None:
-        self.process = process
-        self.buffer = b""
+    def __init__(self) -> None:
+        self.partial = b""
+        self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.next_id = 0
+        self.transport: asyncio.SubprocessTransport | None = None
 
-    async def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self.transport = transport
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            message = json.loads(line)
+            future = self.waiting.pop(message.get("id"), None) if "method" not in message else None
+            if future is not None:
+                future.set_result(message)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        for future in self.waiting.values():
+            future.set_exception(ConnectionError("the process closed its output"))
+        self.waiting.clear()
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self.transport is not None
+        stdin = self.transport.get_pipe_transport(0)
+        assert isinstance(stdin, asyncio.WriteTransport)
+        stdin.write(json.dumps(message).encode() + b"\n")
+
+    def request(self, method: str, params: dict[str, Any] | None = None) -> asyncio.Future[dict[str, Any]]:
         self.next_id += 1
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.waiting[self.next_id] = future
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": self.next_id, "method": method}
         if params is not None:
             message["params"] = params
-        assert self.process.stdin is not None and self.process.stdout is not None
-        await self.process.stdin.send(json.dumps(message).encode() + b"\n")
-        while True:
-            while b"\n" not in self.buffer:
-                self.buffer += await self.process.stdout.receive()
-            line, _, self.buffer = self.buffer.partition(b"\n")
-            reply = json.loads(line)
-            if reply.get("id") == self.next_id:
-                return reply
+        self.send(message)
+        return future
 
-    async def initialize(self) -> None:
-        await self.request(
-            "initialize",
-            {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}},
-        )
-        assert self.process.stdin is not None
-        await self.process.stdin.send(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+    @property
+    def pid(self) -> int:
+        assert self.transport is not None
+        return self.transport.get_pid()
 
 
-async def time_calls(client: RawClient, tool: str, calls: int) -> list[float]:
-    await client.request("tools/list")
+async def spawn(command: list[str]) -> Peer:
+    loop = asyncio.get_running_loop()
+    _, peer = await loop.subprocess_exec(
+        Peer, *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None
+    )
+    return peer
+
+
+async def stop(peer: Peer) -> None:
+    assert peer.transport is not None
+    stdin = peer.transport.get_pipe_transport(0)
+    if stdin is not None:
+        stdin.close()
+    for _ in range(500):
+        if peer.transport.get_returncode() is not None:
+            break
+        await asyncio.sleep(0.01)
+    peer.transport.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def call(peer: Peer, tool: str, index: int) -> asyncio.Future[dict[str, Any]]:
+    return peer.request("tools/call", {"name": tool, "arguments": {"text": f"hello {index}"}})
+
+
+def check(reply: dict[str, Any], tool: str) -> None:
+    if "result" not in reply or reply["result"].get("isError"):
+        raise RuntimeError(f"{tool} failed: {reply}")
+
+
+async def sequential(peer: Peer, tool: str, calls: int) -> list[float]:
     samples = []
     for index in range(calls):
         started = time.perf_counter()
-        reply = await client.request("tools/call", {"name": tool, "arguments": {"text": f"hello {index}"}})
+        reply = await call(peer, tool, index)
         samples.append((time.perf_counter() - started) * 1000)
-        if "result" not in reply or reply["result"].get("isError"):
-            raise RuntimeError(f"{tool} failed: {reply}")
+        check(reply, tool)
     return samples
 
 
+async def throughput(peer: Peer, tool: str, calls: int, in_flight: int) -> float:
+    """Calls per second with `in_flight` requests outstanding at all times (pipelined on one session)."""
+    sent = 0
+
+    async def lane() -> None:
+        nonlocal sent
+        while sent < calls:
+            sent += 1
+            check(await call(peer, tool, sent), tool)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(in_flight)))
+    return calls / (time.perf_counter() - started)
+
+
+@dataclass
+class Figures:
+    cold_ms: list[float] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)
+    rate: dict[int, list[float]] = field(default_factory=lambda: {n: [] for n in IN_FLIGHT})
+    cpu_ms_per_call: list[float] = field(default_factory=list)
+    rss_mb: list[float] = field(default_factory=list)
+    sdk_ms: list[float] = field(default_factory=list)
+
+
+async def open_session(command: list[str], tool: str) -> Peer:
+    """Spawn, shake hands, and list the tools (which for the gateway waits until its upstream is up)."""
+    peer = await spawn(command)
+    await peer.request(
+        "initialize",
+        {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}},
+    )
+    peer.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    listed = await peer.request("tools/list")
+    if tool not in {item["name"] for item in listed["result"]["tools"]}:
+        raise RuntimeError(f"{tool} is not listed: {listed}")
+    return peer
+
+
 async def measure(command: list[str], tool: str, calls: int) -> list[float]:
-    async with await anyio.open_process(command, stderr=None) as process:
-        client = RawClient(process)
-        await client.initialize()
-        await time_calls(client, tool, min(50, calls))  # warm-up
-        samples = await time_calls(client, tool, calls)
-        assert process.stdin is not None
-        await process.stdin.aclose()
-        await process.wait()
-        return samples
+    """Sequential latency alone (for bench/audit_cost.py)."""
+    peer = await open_session(command, tool)
+    await sequential(peer, tool, min(100, calls))  # warm-up
+    samples = await sequential(peer, tool, calls)
+    await stop(peer)
+    return samples
+
+
+async def round_of(command: list[str], tool: str, calls: int, figures: Figures) -> None:
+    started = time.perf_counter()
+    peer = await open_session(command, tool)
+    figures.cold_ms.append((time.perf_counter() - started) * 1000)
+    await sequential(peer, tool, min(100, calls))  # warm-up
+    cpu_before = cpu_seconds(peer.pid)
+    figures.latency_ms += await sequential(peer, tool, calls)
+    measured = calls
+    for in_flight in IN_FLIGHT:
+        figures.rate[in_flight].append(await throughput(peer, tool, calls * 2, in_flight))
+        measured += calls * 2
+    figures.cpu_ms_per_call.append((cpu_seconds(peer.pid) - cpu_before) * 1000 / measured)
+    figures.rss_mb.append(peak_rss_mb(peer.pid))
+    await stop(peer)
+
+
+async def sdk_round(command: list[str], tool: str, calls: int, figures: Figures) -> None:
+    params = StdioServerParameters(command=command[0], args=command[1:], env=dict(os.environ))
+    async with Client(params) as client:
+        for index in range(min(50, calls)):
+            await client.call_tool(tool, {"text": f"warm {index}"})
+        for index in range(calls // 2):
+            started = time.perf_counter()
+            result = await client.call_tool(tool, {"text": f"hello {index}"})
+            figures.sdk_ms.append((time.perf_counter() - started) * 1000)
+            if result.is_error:
+                raise RuntimeError(f"{tool} failed through the SDK client: {result}")
 
 
 POLICY = """
@@ -118,39 +255,64 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def write_gateway(directory: Path) -> Path:
+    config = directory / "upstreams.toml"
+    data = {"gateway": {"audit": "audit.db"}, "upstreams": {"box": {"command": sys.executable, "args": [str(TOOLBOX)]}}}
+    config.write_text(tomli_w.dumps(data), "utf-8")
+    (directory / "policies").mkdir()
+    (directory / "policies" / "bench.toml").write_text(POLICY + "\n".join(rule(i, TOOLS[i % 50]) for i in range(96)))
+    return config
+
+
+def gateway_command(config: Path) -> list[str]:
+    return [sys.executable, "-m", "gateway", "serve", "--quiet", "--config", str(config)]
+
+
+def report(direct: Figures, gateway: Figures) -> None:
+    rows: list[tuple[str, Callable[[Figures], float], str, str]] = [
+        ("cold start ms (median)", lambda f: statistics.median(f.cold_ms), "lower", "<= 1.3x"),
+        ("latency p50 ms", lambda f: percentile(f.latency_ms, 0.5), "lower", "<= 1.5x"),
+        ("latency p99 ms", lambda f: percentile(f.latency_ms, 0.99), "lower", ""),
+        *(
+            (f"calls/s, {n} in flight", (lambda f, n=n: statistics.median(f.rate[n])), "higher", target)
+            for n, target in zip(IN_FLIGHT, (">= 0.7x", "", ">= 0.85x"), strict=True)
+        ),
+        ("CPU ms per call (process)", lambda f: statistics.median(f.cpu_ms_per_call), "lower", "gw <= 0.5"),
+        ("peak RSS MB (process)", lambda f: max(f.rss_mb), "lower", "gw <= 60"),
+        ("SDK client p50 ms", lambda f: percentile(f.sdk_ms, 0.5), "lower", ""),
+    ]
+    print(f"\n{'':28}{'direct':>10}{'gateway':>10}{'ratio':>9}  target")
+    for label, measure, _, target in rows:
+        mine, theirs = measure(gateway), measure(direct)
+        print(f"{label:28}{theirs:10.3f}{mine:10.3f}{mine / theirs:8.2f}x  {target}")
+
+
 async def main(calls: int, rounds: int) -> None:
+    direct, gateway = Figures(), Figures()
     with tempfile.TemporaryDirectory() as directory:
-        config = Path(directory) / "upstreams.toml"
-        config.write_text(
-            tomli_w.dumps({"upstreams": {"box": {"command": sys.executable, "args": [str(TOOLBOX)]}}}), "utf-8"
-        )
-        (Path(directory) / "policies").mkdir()
-        (Path(directory) / "policies" / "bench.toml").write_text(
-            POLICY + "\n".join(rule(i, TOOLS[i % 50]) for i in range(96))
-        )
-        direct_cmd = [sys.executable, str(TOOLBOX)]
-        gateway_cmd = [sys.executable, "-m", "gateway", "serve", "--quiet", "--config", str(config)]
-        direct: list[float] = []
-        gateway: list[float] = []
-        for round_number in range(1, rounds + 1):
-            direct += await measure(direct_cmd, "echo", calls)
-            gateway += await measure(gateway_cmd, "box__echo", calls)
-            print(f"round {round_number}/{rounds} done", file=sys.stderr)
-    print(f"sequential tools/call over stdio, {rounds} interleaved rounds x {calls} calls")
-    print(f"{'':10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
-    for label, samples in (("direct", direct), ("gateway", gateway)):
-        print(
-            f"{label:10}{percentile(samples, 0.5):10.3f}{percentile(samples, 0.99):10.3f}"
-            f"{statistics.fmean(samples):10.3f}"
-        )
-    p50 = percentile(gateway, 0.5) / percentile(direct, 0.5)
-    p99 = percentile(gateway, 0.99) / percentile(direct, 0.99)
-    print(f"{'ratio':10}{p50:10.2f}x{p99:9.2f}x")
+        config = write_gateway(Path(directory))
+        commands = {
+            "direct": ([sys.executable, str(TOOLBOX)], "echo", direct),
+            "gateway": (gateway_command(config), "box__echo", gateway),
+        }
+        for number in range(1, rounds + 1):
+            for command, tool, figures in commands.values():
+                await round_of(command, tool, calls, figures)
+            for command, tool, figures in commands.values():
+                await sdk_round(command, tool, calls, figures)
+            print(f"round {number}/{rounds} done", file=sys.stderr)
+    print(f"tools/call over stdio, {rounds} interleaved rounds x {calls} sequential calls (+ {2 * calls} per level)")
+    report(direct, gateway)
+
+
+def run_main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    anyio.run(main, args.calls, args.rounds)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=500)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    anyio.run(main, args.calls, args.rounds)
+    run_main()

@@ -1,10 +1,12 @@
 """The audit recorder: events built, secrets masked, and group-committed to the audit log.
 
-One writer task owns the SQLite connection. Callers queue events and, where the guarantee needs
-it, wait until theirs are committed; whatever queued while the previous commit ran goes into the
-next one (group commit), so durability does not serialise concurrent calls. With `audit_sync =
-"normal"` a commit is a WAL append that costs microseconds and runs on the event loop; when another
-process holds the write lock, or with `"full"` (an fsync per commit), it runs in a worker thread.
+Callers queue events and, where the guarantee needs it, wait until theirs are committed; a commit
+takes everything queued so far (group commit), so durability does not serialise concurrent calls.
+With `audit_sync = "normal"` a commit is a WAL append that costs microseconds: it runs on the event
+loop right after the callers already running have queued theirs (a callback, not a task hand-over).
+A writer task commits what is only queued, and takes over whenever that cannot work: with `"full"`
+(an fsync per commit) or while another process holds the write lock, it commits in a worker thread,
+and whatever queues meanwhile goes into its next group.
 
 `CallAudit` plugs the recorder into the call path as two pipeline stages: `decisions` commits the
 decision just before the call is forwarded (failing that, the call is refused), and `outcomes`
@@ -14,6 +16,7 @@ so each call has exactly one decision and one outcome.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -21,14 +24,14 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from gateway.audit_store import FIELDS, AuditError, AuditStore, canonical, is_locked, iso_utc
+from gateway.audit_store import FIELDS, AuditError, AuditStore, canonical, is_locked, now_iso
 from gateway.calls import Decision, Effect, Outcome, OutcomeKind, SessionInfo, ToolCall
 from gateway.config import IN_MEMORY
 from gateway.pins import Assessment
@@ -51,7 +54,7 @@ ToolEntry = tuple[str, str, Any]
 def event(kind: str, **fields: Any) -> dict[str, Any]:
     """An event body: every stable field present (null where it does not apply), then the kind's own."""
     body: dict[str, Any] = dict.fromkeys(FIELDS)
-    body["ts"] = iso_utc(datetime.now(UTC))
+    body["ts"] = now_iso()
     body["kind"] = kind
     body.update(fields)
     return body
@@ -63,7 +66,7 @@ class _Ticket:
     __slots__ = ("done", "error")
 
     def __init__(self) -> None:
-        self.done = anyio.Event()
+        self.done = asyncio.Event()
         self.error: str | None = None
 
 
@@ -79,8 +82,12 @@ class Recorder:
         self._store: AuditStore | None = None
         self._queue: list[str] = []
         self._tickets: list[_Ticket] = []
-        self._wake = anyio.Event()
+        self._wake = asyncio.Event()
         self._closing = False
+        self._commit_due = False
+        self._writing = False
+        """The writer task is committing (maybe in a worker thread): nobody else may touch the store."""
+        self._tg: anyio.abc.TaskGroup | None = None
         self._since_checkpoint = 0
         self._checkpointing = False
 
@@ -113,35 +120,70 @@ class Recorder:
         return self._store
 
     def queue(self, *bodies: Mapping[str, Any]) -> None:
-        """Queue events without waiting for their commit (order is kept with everything else queued)."""
+        """Queue events without waiting for their commit (order is kept with everything else queued): the
+        next commit takes them, the writer task's or a caller's."""
         self._queue.extend(canonical(body) for body in bodies)
         self._wake.set()
 
     async def record(self, *bodies: Mapping[str, Any]) -> None:
-        """Queue events and wait until they are committed; `AuditError` when they could not be."""
+        """Queue events and wait until they are committed; `AuditError` when they could not be.
+
+        With `audit_sync = "normal"` the commit runs on the event loop as soon as the callers already
+        running have had their turn, taking everything they queued (one commit for a burst of calls);
+        otherwise the writer task commits.
+        """
         if self._closing:
             raise AuditError(f"{self.path}: the audit log is closed (the gateway is shutting down)")
         ticket = _Ticket()
         self._tickets.append(ticket)
-        self.queue(*bodies)
+        self._queue.extend(canonical(body) for body in bodies)
+        if self.sync != "normal" or self._writing or self._store is None:
+            self._wake.set()
+        elif not self._commit_due:
+            self._commit_due = True
+            asyncio.get_running_loop().call_soon(self._commit_here)
         await ticket.done.wait()
         if ticket.error is not None:
             raise AuditError(ticket.error)
 
+    def _commit_here(self) -> None:
+        """Commit what is queued, on the event loop; anything but success goes to the writer task."""
+        self._commit_due = False
+        if self._writing or self._store is None or not self._queue:
+            return
+        bodies, self._queue = self._queue, []
+        tickets, self._tickets = self._tickets, []
+        try:
+            self._store.append(bodies)
+        except sqlite3.Error as exc:  # the write lock is taken, or worse: the writer task waits, or reports it
+            logger.debug("audit commit on the event loop failed, handing over to the writer: %s", exc)
+            self._queue[:0] = bodies
+            self._tickets[:0] = tickets
+            self._wake.set()
+            return
+        for ticket in tickets:
+            ticket.done.set()
+        self._committed(len(bodies))
+
     async def _write_loop(self, tg: anyio.abc.TaskGroup) -> None:
+        self._tg = tg
         while True:
             await self._wake.wait()
-            self._wake = anyio.Event()
+            self._wake = asyncio.Event()
             if self._queue:
                 bodies, self._queue = self._queue, []
                 tickets, self._tickets = self._tickets, []
-                with anyio.CancelScope(shield=True):
-                    error = await self._commit(bodies)
+                self._writing = True
+                try:
+                    with anyio.CancelScope(shield=True):
+                        error = await self._commit(bodies)
+                finally:
+                    self._writing = False
                 for ticket in tickets:
                     ticket.error = error
                     ticket.done.set()
                 if error is None:
-                    self._maybe_checkpoint(tg, len(bodies))
+                    self._committed(len(bodies))
             if self._closing and not self._queue:
                 return
 
@@ -165,12 +207,13 @@ class Recorder:
             return self.failure
         return None
 
-    def _maybe_checkpoint(self, tg: anyio.abc.TaskGroup, count: int) -> None:
+    def _committed(self, count: int) -> None:
         self._since_checkpoint += count
         if self._since_checkpoint >= CHECKPOINT_EVERY and not self._checkpointing and str(self.path) != IN_MEMORY:
             self._since_checkpoint = 0
-            self._checkpointing = True
-            tg.start_soon(self._checkpoint)
+            if self._tg is not None:
+                self._checkpointing = True
+                self._tg.start_soon(self._checkpoint)
 
     async def _checkpoint(self) -> None:
         try:

@@ -288,6 +288,8 @@ class StdioConnection(asyncio.Protocol):
     # -- the direct path -----------------------------------------------------------------------
 
     def _spawn(self, request_id: Any, params: dict[str, Any], version: str, caller: Caller) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("tools/call %r on the direct path (protocol %s)", request_id, version)
         token = _progress_token(params)
         if token is not None:
             caller = replace(caller, progress=self._progress_relay(token))

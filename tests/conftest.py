@@ -197,6 +197,49 @@ async def call_then_cancel(client: Client, tool: str, arguments: dict[str, Any])
         tg.cancel_scope.cancel()
 
 
+class RawSession:
+    """A bare JSON-RPC client over a gateway process's stdio pipes."""
+
+    def __init__(self, proc: anyio.abc.Process) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self.proc = proc
+        self._buffer = b""
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send((json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode())
+
+    async def receive(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        while b"\n" not in self._buffer:
+            self._buffer += await self.proc.stdout.receive()
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    async def initialize(self) -> None:
+        await self.send(
+            {
+                "id": 0,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "raw", "version": "1"},
+                },
+            }
+        )
+        while (await self.receive()).get("id") != 0:
+            pass
+        await self.send({"method": "notifications/initialized"})
+
+    def call(self, call_id: int, tool: str, arguments: dict[str, Any], **meta: Any) -> dict[str, Any]:
+        params: dict[str, Any] = {"name": tool, "arguments": arguments}
+        if meta:
+            params["_meta"] = meta
+        return {"id": call_id, "method": "tools/call", "params": params}
+
+
 def text_of(result: types.CallToolResult) -> str:
     return "".join(block.text for block in result.content if isinstance(block, types.TextContent))
 

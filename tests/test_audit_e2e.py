@@ -21,6 +21,7 @@ from mcp.shared.exceptions import MCPError
 from gateway.audit_store import AuditStore
 from tests.conftest import (
     REPO,
+    RawSession,
     ServerLog,
     call_then_cancel,
     fixture_upstream,
@@ -302,49 +303,6 @@ async def test_calls_resume_once_the_audit_log_can_be_written_again(tmp_path: Pa
     store = AuditStore.open_reader(tmp_path / "state" / "audit.db")
     decisions = [event for event in store.events() if event["kind"] == "decision"]
     assert [event["arguments"]["text"] for event in decisions] == ["recorded"]
-
-
-class RawSession:
-    """A bare JSON-RPC client over a gateway process's stdio pipes."""
-
-    def __init__(self, proc: anyio.abc.Process) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
-        self.proc = proc
-        self._buffer = b""
-
-    async def send(self, message: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        await self.proc.stdin.send((json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode())
-
-    async def receive(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        while b"\n" not in self._buffer:
-            self._buffer += await self.proc.stdout.receive()
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    async def initialize(self) -> None:
-        await self.send(
-            {
-                "id": 0,
-                "method": "initialize",
-                "params": {
-                    "protocolVersion": "2025-11-25",
-                    "capabilities": {},
-                    "clientInfo": {"name": "raw", "version": "1"},
-                },
-            }
-        )
-        while (await self.receive()).get("id") != 0:
-            pass
-        await self.send({"method": "notifications/initialized"})
-
-    def call(self, call_id: int, tool: str, arguments: dict[str, Any], **meta: Any) -> dict[str, Any]:
-        params: dict[str, Any] = {"name": tool, "arguments": arguments}
-        if meta:
-            params["_meta"] = meta
-        return {"id": call_id, "method": "tools/call", "params": params}
 
 
 async def test_calls_in_flight_at_shutdown_are_recorded_as_cancelled(config: Path) -> None:

@@ -1,0 +1,327 @@
+"""The call path the gateway runs itself: the upstream channel's id map, and `tools/call` on stdio.
+
+Unit tests drive `gateway.pipes.Channel` with a peer written inline (answers in any order, late,
+twice, or for ids never issued). End-to-end tests drive a real gateway process over its pipes with a
+plain JSON-RPC client: many calls in flight with mixed id types, a cancel racing its answer, and an
+upstream that answers out of order and writes stray lines.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from gateway.pipes import Channel, ChannelClosed, RemoteError, RequestTimeout, dumps
+from tests.conftest import RawSession, fixture_upstream, gateway_process, write_config
+from tests.test_audit_e2e import calls, events
+
+pytestmark = pytest.mark.anyio
+
+
+class Peer:
+    """The far end of a `Channel`: collects what the channel writes, answers when told to."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.arrived = anyio.Event()
+
+    def write(self, line: bytes) -> None:
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        self.sent.append(json.loads(line))
+        self.arrived.set()
+
+    def replies(self) -> dict[Any, dict[str, Any]]:
+        return {message["id"]: message for message in self.sent if "method" not in message}
+
+    async def wait_until(self, done: Callable[[], bool]) -> None:
+        with anyio.fail_after(5):
+            while not done():
+                self.arrived = anyio.Event()
+                await self.arrived.wait()
+
+    def requests(self, method: str = "tools/call") -> list[dict[str, Any]]:
+        return [message for message in self.sent if message.get("method") == method and "id" in message]
+
+    def cancels(self) -> list[Any]:
+        return [m["params"]["requestId"] for m in self.sent if m.get("method") == "notifications/cancelled"]
+
+    async def wait_for(self, count: int, method: str = "tools/call") -> list[dict[str, Any]]:
+        await self.wait_until(lambda: len(self.requests(method)) >= count)
+        return self.requests(method)
+
+
+def answer(request: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request["id"], "result": {"echo": request["params"]["arguments"]["n"]}}
+
+
+async def test_concurrent_requests_each_get_their_own_answer_whatever_the_order() -> None:
+    peer = Peer()
+    channel = Channel("test", peer.write)
+    results: dict[int, Any] = {}
+
+    async def ask(n: int) -> None:
+        reply = await channel.request("tools/call", {"name": "t", "arguments": {"n": n}}, seconds=5)
+        results[n] = reply["echo"]
+
+    async with anyio.create_task_group() as tg:
+        for n in range(64):
+            tg.start_soon(ask, n)
+        requests = await peer.wait_for(64)
+        assert len({request["id"] for request in requests}) == 64  # every request got an id of its own
+        random.Random(7).shuffle(requests)
+        for request in requests:
+            # Some peers echo ids as strings; both forms reach the right caller.
+            reply = answer(request)
+            if request["id"] % 3 == 0:
+                reply["id"] = str(request["id"])
+            channel.receive(reply)
+    assert results == {n: n for n in range(64)}
+
+
+async def test_an_answer_for_an_unknown_or_settled_id_is_dropped() -> None:
+    peer = Peer()
+    channel = Channel("test", peer.write)
+    channel.receive({"jsonrpc": "2.0", "id": 41, "result": {"stray": True}})  # never issued
+    channel.receive({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}})
+    channel.receive(["not", "an", "object"])
+    async with anyio.create_task_group() as tg:
+        got: list[Any] = []
+
+        async def ask() -> None:
+            got.append(await channel.request("tools/call", {"name": "t", "arguments": {"n": 1}}, seconds=5))
+
+        tg.start_soon(ask)
+        [request] = await peer.wait_for(1)
+        channel.receive(answer(request))
+        channel.receive({"jsonrpc": "2.0", "id": request["id"], "result": {"echo": "again"}})  # a second answer
+    assert got == [{"echo": 1}]
+
+
+async def test_a_cancel_racing_the_answer_leaves_the_channel_consistent() -> None:
+    peer = Peer()
+    channel = Channel("test", peer.write)
+    outcome: list[str] = []
+    async with anyio.create_task_group() as tg:
+        scope = anyio.CancelScope()
+
+        async def ask() -> None:
+            with scope:
+                outcome.append(
+                    str(await channel.request("tools/call", {"name": "t", "arguments": {"n": 1}}, seconds=5))
+                )
+            outcome.append("cancelled" if scope.cancelled_caught else "answered")
+
+        tg.start_soon(ask)
+        [request] = await peer.wait_for(1)
+        # The answer and the cancellation land in the same turn of the event loop.
+        channel.receive(answer(request))
+        scope.cancel()
+    # Either way the caller saw exactly one ending, and no cancel went out for an answered request.
+    assert outcome in (["{'echo': 1}", "answered"], ["cancelled"])
+    if outcome == ["cancelled"]:
+        assert peer.cancels() in ([], [request["id"]])
+    channel.receive(answer(request))  # the late duplicate is dropped
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(channel.request, "tools/call", {"name": "t", "arguments": {"n": 2}}, seconds=5))
+        second = (await peer.wait_for(2))[1]
+        channel.receive(answer(second))
+    assert second["id"] != request["id"]
+
+
+async def test_a_cancelled_caller_sends_a_courtesy_cancel_and_a_late_answer_is_dropped() -> None:
+    peer = Peer()
+    channel = Channel("test", peer.write)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(channel.request, "tools/call", {"name": "t", "arguments": {"n": 1}}, seconds=5))
+        [request] = await peer.wait_for(1)
+        tg.cancel_scope.cancel()
+    assert peer.cancels() == [request["id"]]
+    channel.receive(answer(request))
+
+
+async def test_a_timeout_raises_and_cancels_upstream() -> None:
+    peer = Peer()
+    channel = Channel("test", peer.write)
+    with pytest.raises(RequestTimeout):
+        await channel.request("tools/call", {"name": "t", "arguments": {"n": 1}}, seconds=0.05)
+    [request] = peer.requests()
+    assert peer.cancels() == [request["id"]]
+    without = await _ask_without_cancel(channel, peer)
+    assert without == []
+
+
+async def _ask_without_cancel(channel: Channel, peer: Peer) -> list[Any]:
+    before = len(peer.cancels())
+    with pytest.raises(RequestTimeout):
+        await channel.request("initialize", {}, seconds=0.05, cancel_on_abandon=False)
+    return peer.cancels()[before:]
+
+
+async def test_errors_closing_and_progress() -> None:
+    peer = Peer()
+    channel = Channel("test", peer.write)
+    progress: list[tuple[float, float | None, str | None]] = []
+    relayed = anyio.Event()
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append((done, total, message))
+        relayed.set()
+
+    async with anyio.create_task_group() as tg:
+        errors: list[BaseException] = []
+
+        async def ask(n: int) -> None:
+            try:
+                await channel.request(
+                    "tools/call", {"name": "t", "arguments": {"n": n}}, seconds=5, on_progress=on_progress
+                )
+            except (RemoteError, ChannelClosed) as exc:
+                errors.append(exc)
+
+        tg.start_soon(ask, 1)
+        tg.start_soon(ask, 2)
+        first, _ = await peer.wait_for(2)
+        token = first["params"]["_meta"]["progressToken"]
+        channel.receive(
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/progress",
+                "params": {"progressToken": token, "progress": 1, "total": 4},
+            }
+        )
+        channel.receive(
+            {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 999, "progress": 1}}
+        )
+        with anyio.fail_after(5):
+            await relayed.wait()
+        channel.receive({"jsonrpc": "2.0", "id": first["id"], "error": {"code": -32602, "message": "bad n"}})
+        channel.close("the pipe broke")
+    assert progress == [(1.0, 4.0, None)]
+    assert sorted(type(exc).__name__ for exc in errors) == ["ChannelClosed", "RemoteError"]
+    remote = next(exc for exc in errors if isinstance(exc, RemoteError))
+    assert (remote.code, remote.message) == (-32602, "bad n")
+    with pytest.raises(ChannelClosed):
+        await channel.request("ping", None, seconds=1)
+
+
+async def test_the_peers_own_requests_are_answered() -> None:
+    peer = Peer()
+
+    async def on_request(method: str, params: Any) -> dict[str, Any]:
+        if method == "ping":
+            return {}
+        raise RemoteError(-32601, f"'{method}' is not served")
+
+    channel = Channel("test", peer.write, on_request=on_request)
+    channel.receive({"jsonrpc": "2.0", "id": "p1", "method": "ping"})
+    channel.receive({"jsonrpc": "2.0", "id": 5, "method": "sampling/createMessage", "params": {}})
+    await peer.wait_until(lambda: len(peer.replies()) == 2)
+    replies = peer.replies()
+    assert replies["p1"] == {"jsonrpc": "2.0", "id": "p1", "result": {}}
+    assert replies[5]["error"]["code"] == -32601
+
+
+def test_lines_are_compact_and_never_carry_nan() -> None:
+    assert dumps({"a": [1, "é"]}) == '{"a":[1,"é"]}\n'.encode()
+    assert json.loads(dumps({"x": float("nan"), "y": [float("inf")]})) == {"x": None, "y": [None]}
+
+
+# -- end to end: the gateway's stdio front and its upstream channel ----------------------------------
+
+
+@pytest.fixture
+def shuffled(tmp_path: Path) -> Path:
+    return write_config(tmp_path, {"box": fixture_upstream("toolbox.py"), "mix": fixture_upstream("shuffler.py")})
+
+
+async def ready(raw: RawSession) -> None:
+    """Shake hands and list the tools (which waits until the upstreams are up), as an agent does."""
+    with anyio.fail_after(30):
+        await raw.initialize()
+        await raw.send({"id": "list", "method": "tools/list"})
+        while (await raw.receive()).get("id") != "list":
+            pass
+
+
+async def answers(raw: RawSession, ids: set[Any]) -> dict[Any, dict[str, Any]]:
+    found: dict[Any, dict[str, Any]] = {}
+    with anyio.fail_after(30):
+        while not ids <= found.keys():
+            message = await raw.receive()
+            if "id" in message and "method" not in message:
+                assert message["id"] not in found, f"answered twice: {message}"
+                found[message["id"]] = message
+    return found
+
+
+async def test_many_calls_in_flight_with_mixed_ids_are_answered_by_id(shuffled: Path) -> None:
+    async with gateway_process(shuffled) as (proc, _):
+        raw = RawSession(proc)
+        await ready(raw)
+        ids: list[Any] = [n if n % 2 else f"req-{n}" for n in range(1, 41)]
+        batch = b"".join(
+            (
+                json.dumps({"jsonrpc": "2.0", **raw.call(i, "box__echo" if n % 4 else "mix__echo", {"text": f"t{n}"})})
+                + "\n"
+            ).encode()  # type: ignore[arg-type]
+            for n, i in enumerate(ids, start=1)
+        )
+        assert proc.stdin is not None
+        await proc.stdin.send(batch)  # all forty at once, in one write
+        found = await answers(raw, set(ids))
+    for n, request_id in enumerate(ids, start=1):
+        assert found[request_id]["result"]["content"][0]["text"] == f"t{n}", found[request_id]
+    outcomes = [event for event in events(shuffled.parent) if event["kind"] == "outcome"]
+    assert len(outcomes) == 40 and {event["outcome"] for event in outcomes} == {"ok"}
+
+
+async def test_an_upstream_answering_out_of_order_with_stray_lines(shuffled: Path) -> None:
+    async with gateway_process(shuffled) as (proc, log):
+        raw = RawSession(proc)
+        await ready(raw)
+        with anyio.fail_after(30):
+            for n in range(1, 4):
+                await raw.send(raw.call(n, "mix__hold", {"n": n}))
+            await raw.send(raw.call(10, "mix__release", {}))
+        found = await answers(raw, {1, 2, 3, 10})
+        # The upstream's stray answer and garbage line cost nothing: the session goes on.
+        with anyio.fail_after(30):
+            await raw.send(raw.call(11, "mix__echo", {"text": "still here"}))
+            after = await answers(raw, {11})
+        await log.wait_for(r"upstream 'mix' wrote a line that is not JSON; ignored")
+    assert {n: found[n]["result"]["content"][0]["text"] for n in (1, 2, 3)} == {n: f"held {n}" for n in (1, 2, 3)}
+    assert found[10]["result"]["content"][0]["text"] == "released"
+    assert after[11]["result"]["content"][0]["text"] == "still here"
+
+
+async def test_a_cancel_racing_its_answer_ends_the_call_once(shuffled: Path) -> None:
+    async with gateway_process(shuffled) as (proc, _):
+        raw = RawSession(proc)
+        await ready(raw)
+        lines = []
+        for n in range(1, 21):
+            lines.append({"jsonrpc": "2.0", **raw.call(n, "box__echo", {"text": f"r{n}"})})
+            lines.append({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": n}})
+        assert proc.stdin is not None
+        await proc.stdin.send("".join(json.dumps(line) + "\n" for line in lines).encode())
+        with anyio.fail_after(30):
+            await raw.send(raw.call(99, "box__echo", {"text": "after"}))
+            found = await answers(raw, {99})
+    assert found[99]["result"]["content"][0]["text"] == "after"
+    # A call the cancel caught is never answered; one it missed is answered correctly, and only once.
+    for n in range(1, 21):
+        if n in found:
+            assert found[n]["result"]["content"][0]["text"] == f"r{n}"
+    per_call: dict[str, list[str]] = {}
+    for event in events(shuffled.parent):
+        if event["kind"] in ("decision", "outcome"):
+            per_call.setdefault(event["call_id"], []).append(event["kind"])
+    assert len(per_call) == 21 and all(kinds == ["decision", "outcome"] for kinds in per_call.values())
+    assert calls(shuffled.parent)["box__echo"]["outcome"]["outcome"] == "ok"
