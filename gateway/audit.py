@@ -125,18 +125,25 @@ class Recorder:
         self._queue.extend(canonical(body) for body in bodies)
         self._wake.set()
 
-    async def record(self, *bodies: Mapping[str, Any]) -> None:
+    async def record(self, *bodies: Mapping[str, Any], alone: bool = False) -> None:
         """Queue events and wait until they are committed; `AuditError` when they could not be.
 
         With `audit_sync = "normal"` the commit runs on the event loop as soon as the callers already
         running have had their turn, taking everything they queued (one commit for a burst of calls);
-        otherwise the writer task commits.
+        a caller that knows nobody else is about to record (`alone`) commits at once. Otherwise the
+        writer task commits.
         """
         if self._closing:
             raise AuditError(f"{self.path}: the audit log is closed (the gateway is shutting down)")
         ticket = _Ticket()
         self._tickets.append(ticket)
         self._queue.extend(canonical(body) for body in bodies)
+        if alone and self.sync == "normal" and not self._writing and self._store is not None:
+            self._commit_here()
+            if ticket.done.is_set():
+                if ticket.error is not None:
+                    raise AuditError(ticket.error)
+                return
         if self.sync != "normal" or self._writing or self._store is None:
             self._wake.set()
         elif not self._commit_due:
@@ -243,6 +250,9 @@ class CallAudit:
         """Decisions made but not yet recorded, by call id."""
         self._recorded: dict[str, tuple[ToolCall, Redaction]] = {}
         """Calls whose decision is committed and whose outcome is not yet, with their masked arguments."""
+        self._in_flight = 0
+        """Calls between entering the pipeline and getting their outcome: when one is alone, its events
+        are committed at once instead of waiting for company."""
         self._pins: dict[tuple[str, str, str], tuple[str, str]] = {}
         """(upstream, kind, name) -> (digest, state) last recorded for each definition on offer."""
 
@@ -289,6 +299,7 @@ class CallAudit:
     async def outcomes(self, call: ToolCall, call_next: Handler) -> Outcome:
         """Outermost stage: record how the call ended (and its decision, if it never got that far)."""
         started = time.perf_counter()
+        self._in_flight += 1
         try:
             outcome = await call_next(call)
         except anyio.get_cancelled_exc_class():
@@ -301,6 +312,8 @@ class CallAudit:
                 failed = Outcome.failed(call, OutcomeKind.ERROR, "internal gateway error")
                 await self._finish(call, failed, started)
             raise
+        finally:
+            self._in_flight -= 1
         return await self._finish(call, outcome, started)
 
     async def decisions(self, call: ToolCall, call_next: Handler) -> Outcome:
@@ -308,7 +321,7 @@ class CallAudit:
         body, redaction = self._decision_event(call, call.decision or self._decisions.get(call.id))
         self._recorded[call.id] = (call, redaction)  # before the wait: a cancelled wait still leaves it committed
         try:
-            await self.recorder.record(body)
+            await self.recorder.record(body, alone=self._in_flight == 1)
         except AuditError as exc:
             del self._recorded[call.id]
             return Outcome.refused(call, f"the audit log cannot record this call, so it is not made ({exc})")
@@ -357,7 +370,7 @@ class CallAudit:
             events.append(body)
         events.append(self._outcome_event(call, outcome, duration_ms, redaction))
         try:
-            await self.recorder.record(*events)
+            await self.recorder.record(*events, alone=self._in_flight == 0)
         except AuditError as exc:
             logger.error("the outcome of call %s to %s could not be recorded: %s", call.id, call.tool.name, exc)
             if outcome.kind in (OutcomeKind.OK, OutcomeKind.ERROR):

@@ -100,8 +100,9 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:
     """SIGTERM or SIGINT: stop serving in order (calls in flight are recorded as cancelled).
 
-    The stdio transport reads stdin in a worker thread that only returns when a line or the end of
-    input arrives; if the client keeps stdin open, the process exits after a grace period anyway.
+    Input that is not a pipe (a terminal, a file) is read by the SDK's transport in a worker thread
+    that only returns when a line or the end of input arrives; should shutting down stall on it, the
+    process exits after a grace period anyway.
     """
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for received in signals:
