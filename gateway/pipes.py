@@ -21,7 +21,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -38,6 +41,8 @@ INHERITED_ENVIRONMENT = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER")
 """What an upstream child inherits from the gateway's environment, besides its own `env`."""
 STOP_GRACE = 2.0
 """Seconds an upstream has to exit after its stdin closes, and again after SIGTERM."""
+EXIT_POLL = 0.01
+"""How often a stopping upstream is checked for having exited."""
 
 INTERNAL_ERROR = -32603
 METHOD_NOT_FOUND = -32601
@@ -84,6 +89,21 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
     return value
+
+
+def resolve_command(command: str, env_path: str | None) -> str:
+    """Find an upstream's executable: on PATH, then beside the gateway's own interpreter.
+
+    Agent clients often start the gateway by absolute path without activating its virtualenv,
+    so servers installed into that same environment are found too.
+    """
+    if "/" in command:
+        return command
+    search = [env_path or "", str(Path(sys.executable).parent)]
+    found = shutil.which(command, path=":".join(part for part in search if part))
+    if found is None:
+        raise FileNotFoundError(f"command '{command}' not found on PATH or beside {sys.executable}")
+    return found
 
 
 class LineBuffer:
@@ -294,23 +314,21 @@ async def _contained(work: Awaitable[None], what: str) -> None:
         logger.exception("failed %s", what)
 
 
-class _ChildProtocol(asyncio.SubprocessProtocol):
-    def __init__(self, name: str) -> None:
+class _ChildOutput(asyncio.Protocol):
+    """An upstream's stdout: lines parsed and handed to its channel as they arrive."""
+
+    def __init__(self, name: str, channel: Channel) -> None:
         self.name = name
-        self.channel: Channel | None = None
+        self.channel = channel
         self.lines = LineBuffer()
-        self.exited = asyncio.Event()
         self.eof = asyncio.Event()
 
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        channel = self.channel
-        if fd != 1 or channel is None:
-            return
+    def data_received(self, data: bytes) -> None:
         try:
             lines = self.lines.feed(data)
         except ValueError as exc:
             logger.warning("upstream '%s' sent %s; closing it", self.name, exc)
-            channel.close(f"sent {exc}")
+            self.channel.close(f"sent {exc}")
             self.eof.set()
             return
         for line in lines:
@@ -321,16 +339,18 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
             except ValueError:
                 logger.warning("upstream '%s' wrote a line that is not JSON; ignored: %.200r", self.name, line)
                 continue
-            channel.receive(message)
+            self.channel.receive(message)
 
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd == 1:
-            if self.channel is not None:
-                self.channel.close("closed the connection")
-            self.eof.set()
+    def eof_received(self) -> bool | None:
+        self._ended()
+        return None
 
-    def process_exited(self) -> None:
-        self.exited.set()
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended()
+
+    def _ended(self) -> None:
+        self.channel.close("closed the connection")
+        self.eof.set()
 
 
 @dataclass(slots=True)
@@ -341,6 +361,62 @@ class Child:
     pid: int
     ended: asyncio.Event
     """Set when its stdout closes (it exited, or closed the pipe)."""
+
+
+Launch = tuple[tuple[str, ...], tuple[tuple[str, str], ...], str | None]
+"""What identifies a start: argv, the full environment, the working directory."""
+_prestarted: dict[Launch, subprocess.Popen[bytes]] = {}
+
+
+def environment_for(env: Mapping[str, str]) -> dict[str, str]:
+    """An upstream's environment: the few inherited variables, then its own `env`."""
+    environment = {key: value for key in INHERITED_ENVIRONMENT if (value := os.environ.get(key)) is not None}
+    environment.update(env)
+    return environment
+
+
+def _start(
+    argv: list[str], environment: Mapping[str, str], cwd: str | Path | None, stderr: IO[Any]
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=dict(environment),
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
+def _launch(argv: list[str], environment: Mapping[str, str], cwd: str | Path | None) -> Launch:
+    return tuple(argv), tuple(sorted(environment.items())), str(cwd) if cwd is not None else None
+
+
+def prestart(argv: list[str], *, env: Mapping[str, str], cwd: str | Path | None, stderr: IO[Any]) -> None:
+    """Start an upstream now, before the rest of the gateway has loaded; `spawn` adopts it if it asks
+    for exactly the same start. Failures are left for `spawn` to meet and report."""
+    environment = environment_for(env)
+    try:
+        _prestarted[_launch(argv, environment, cwd)] = _start(argv, environment, cwd, stderr)
+    except (OSError, ValueError) as exc:
+        logger.debug("could not start %s ahead: %s", argv[0], exc)
+
+
+def discard_prestarted() -> None:
+    """Stop upstreams started ahead that nobody adopted (the config changed in between)."""
+    while _prestarted:
+        _, process = _prestarted.popitem()
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.close()
+        for signum in (signal.SIGTERM, signal.SIGKILL, None):
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(STOP_GRACE)
+                break
+            if signum is not None:
+                with suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signum)
+        process.stdout.close()
 
 
 @asynccontextmanager
@@ -354,22 +430,21 @@ async def spawn(
     on_request: RequestHandler | None = None,
     on_notify: NotificationHandler | None = None,
 ) -> AsyncIterator[Child]:
-    """Start an upstream server and yield its channel; on exit stop it (close stdin, SIGTERM, SIGKILL)."""
+    """Start an upstream server (or adopt the one started ahead for it) and yield its channel; on exit
+    stop it (close stdin, SIGTERM, SIGKILL)."""
     loop = asyncio.get_running_loop()
-    environment = {key: value for key in INHERITED_ENVIRONMENT if (value := os.environ.get(key)) is not None}
-    environment.update(env)
-    transport, protocol = await loop.subprocess_exec(
-        lambda: _ChildProtocol(name),
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=stderr,
-        env=environment,
-        cwd=cwd,
-        start_new_session=True,
-    )
-    stdin = transport.get_pipe_transport(0)
-    assert isinstance(stdin, asyncio.WriteTransport)
+    environment = environment_for(env)
+    process = _prestarted.pop(_launch(argv, environment, cwd), None)
+    if process is not None and process.poll() is None:
+        logger.debug("upstream '%s': adopted the process started ahead (pid %d)", name, process.pid)
+    else:
+        process = _start(argv, environment, cwd, stderr)
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, process.stdin)
+    except BaseException:
+        await _stop(process, None, name)
+        raise
 
     def write(line: bytes) -> None:
         if stdin.is_closing():
@@ -377,29 +452,33 @@ async def spawn(
         stdin.write(line)
 
     channel = Channel(name, write, on_request=on_request, on_notify=on_notify)
-    protocol.channel = channel
-    pid = transport.get_pid()
+    output = _ChildOutput(name, channel)
+    reader: asyncio.BaseTransport | None = None
     try:
-        yield Child(channel, pid, protocol.eof)
+        reader, _ = await loop.connect_read_pipe(lambda: output, process.stdout)
+        yield Child(channel, process.pid, output.eof)
     finally:
         channel.close("the gateway closed the connection")
         with anyio.CancelScope(shield=True):
-            await _stop(transport, protocol, pid)
+            await _stop(process, stdin, name)
+        if reader is not None:
+            reader.close()
 
 
-async def _stop(transport: asyncio.SubprocessTransport, protocol: _ChildProtocol, pid: int) -> None:
+async def _stop(process: subprocess.Popen[bytes], stdin: asyncio.BaseTransport | None, name: str) -> None:
     """MCP's shutdown: close stdin and wait, then SIGTERM the process group and wait, then SIGKILL it."""
-    stdin = transport.get_pipe_transport(0)
     if stdin is not None:
         stdin.close()
+    elif process.stdin is not None:
+        process.stdin.close()
     for signum in (None, signal.SIGTERM, signal.SIGKILL):
         if signum is not None:
             with suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signum)
+                os.killpg(process.pid, signum)
         with anyio.move_on_after(STOP_GRACE):
-            await protocol.exited.wait()
-        if protocol.exited.is_set():
-            break
-    else:
-        logger.warning("upstream '%s' (pid %d) is still running after SIGKILL; abandoned", protocol.name, pid)
-    transport.close()
+            # Polled: nothing signals a child's exit to the loop without a child watcher of its own.
+            while process.poll() is None:  # noqa: ASYNC110
+                await anyio.sleep(EXIT_POLL)
+        if process.returncode is not None:
+            return
+    logger.warning("upstream '%s' (pid %d) is still running after SIGKILL; abandoned", name, process.pid)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -40,7 +38,16 @@ from gateway.catalog import Catalog, UpstreamListing, exposed_name, normalise_li
 from gateway.config import Config, UpstreamSpec
 from gateway.errors import UpstreamFault, UpstreamTimeout, UpstreamUnavailable
 from gateway.pins import Assessment, Lock, Mode, assess, screened
-from gateway.pipes import ChannelClosed, NotificationHandler, ProgressHandler, RemoteError, RequestTimeout, spawn
+from gateway.pipes import (
+    ChannelClosed,
+    NotificationHandler,
+    ProgressHandler,
+    RemoteError,
+    RequestTimeout,
+    discard_prestarted,
+    resolve_command,
+    spawn,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +63,6 @@ _LIST_CHANGED = frozenset(
         "notifications/resources/list_changed",
     }
 )
-
-
-def resolve_command(command: str, env_path: str | None) -> str:
-    """Find an upstream's executable: on PATH, then beside the gateway's own interpreter.
-
-    Agent clients often start the gateway by absolute path without activating its virtualenv,
-    so servers installed into that same environment are found too.
-    """
-    if "/" in command:
-        return command
-    search = [env_path or "", str(Path(sys.executable).parent)]
-    found = shutil.which(command, path=":".join(part for part in search if part))
-    if found is None:
-        raise FileNotFoundError(f"command '{command}' not found on PATH or beside {sys.executable}")
-    return found
 
 
 class Link(Protocol):
@@ -315,7 +307,14 @@ class UpstreamPool:
         async with anyio.create_task_group() as tg:
             for upstream in self.upstreams.values():
                 tg.start_soon(self._supervise, upstream, name=f"upstream {upstream.name}")
+            tg.start_soon(self._discard_unadopted)
             task_status.started()
+
+    async def _discard_unadopted(self) -> None:
+        """Upstreams started ahead of the gateway (see gateway.launch) that no supervisor took are stopped."""
+        for upstream in self.upstreams.values():
+            await upstream.settled.wait()
+        await anyio.to_thread.run_sync(discard_prestarted)
 
     async def wait_settled(self, within: float) -> None:
         """Wait until every upstream's first connection attempt has finished, or `within` seconds pass."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -18,11 +19,22 @@ from typing import Any
 import anyio
 import pytest
 
-from gateway.pipes import Channel, ChannelClosed, RemoteError, RequestTimeout, dumps
-from tests.conftest import RawSession, fixture_upstream, gateway_process, write_config
+from gateway.pipes import (
+    Channel,
+    ChannelClosed,
+    RemoteError,
+    RequestTimeout,
+    _prestarted,
+    discard_prestarted,
+    dumps,
+    prestart,
+    spawn,
+)
+from tests.conftest import REPO, RawSession, fixture_upstream, gateway_process, write_config
 from tests.test_audit_e2e import calls, events
 
 pytestmark = pytest.mark.anyio
+TOOLBOX = REPO / "tests" / "fixtures" / "toolbox.py"
 
 
 class Peer:
@@ -325,3 +337,33 @@ async def test_a_cancel_racing_its_answer_ends_the_call_once(shuffled: Path) -> 
             per_call.setdefault(event["call_id"], []).append(event["kind"])
     assert len(per_call) == 21 and all(kinds == ["decision", "outcome"] for kinds in per_call.values())
     assert calls(shuffled.parent)["box__echo"]["outcome"]["outcome"] == "ok"
+
+
+# -- upstreams started ahead of the gateway ------------------------------------------------------------
+
+
+async def test_serve_adopts_the_upstream_it_started_ahead(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    async with gateway_process(config, "--verbose") as (proc, log):
+        raw = RawSession(proc)
+        await ready(raw)
+        match = await log.wait_for(r"upstream 'box': adopted the process started ahead \(pid (\d+)\)")
+        with anyio.fail_after(30):
+            await raw.send(raw.call(1, "box__pid", {}))
+            found = await answers(raw, {1})
+    assert found[1]["result"]["content"][0]["text"] == match.group(1)
+
+
+async def test_a_process_started_ahead_that_nobody_adopts_is_stopped(tmp_path: Path) -> None:
+    script = tmp_path / "idle.py"
+    script.write_text("import sys\nfor line in sys.stdin:\n    pass\n")
+    with (tmp_path / "idle.log").open("a") as log:
+        prestart([sys.executable, str(script)], env={}, cwd=None, stderr=log)
+    [process] = list(_prestarted.values())
+    assert process.poll() is None
+    # The pool asks for something else (the config changed in between): the early one is left over.
+    async with spawn("box", [sys.executable, str(TOOLBOX)], env={}, cwd=None, stderr=sys.stderr) as child:
+        assert child.pid != process.pid
+        assert list(_prestarted.values()) == [process]
+    await anyio.to_thread.run_sync(discard_prestarted)
+    assert process.poll() is not None and not _prestarted

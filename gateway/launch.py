@@ -1,0 +1,51 @@
+"""The `mcp-armor` command's entry point: `serve` starts its upstream servers before the rest loads.
+
+Loading the gateway (the MCP SDK above all) takes about half a second, and so does starting a
+Python upstream server. Started here, from the config alone, the upstreams boot while the gateway
+loads; the pool adopts each process whose command, environment and directory are still what it
+would start (anything else it starts afresh, and stops what was left unadopted). Any problem here
+is left for the normal start-up to meet and report.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["serve"] and "--help" not in words and "-h" not in words:
+        _prestart(words)
+    from gateway.cli import main as cli_main
+
+    return cli_main(words)
+
+
+def _prestart(words: list[str]) -> None:
+    from gateway.config import load_config
+    from gateway.errors import GatewayError
+    from gateway.pipes import prestart, resolve_command
+
+    path = "upstreams.toml"
+    for index, word in enumerate(words):
+        if word == "--config" and index + 1 < len(words):
+            path = words[index + 1]
+        elif word.startswith("--config="):
+            path = word.split("=", 1)[1]
+    try:
+        config = load_config(path)
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+    except (GatewayError, OSError):
+        return
+    for spec in config.enabled_upstreams():
+        if spec.command is None:
+            continue
+        env = dict(spec.env)
+        try:
+            command = resolve_command(spec.command, env.get("PATH", os.environ.get("PATH")))
+            with (config.log_dir / f"{spec.name}.log").open("a", encoding="utf-8") as log:
+                prestart([command, *spec.args], env=env, cwd=spec.cwd, stderr=log)
+        except OSError:
+            continue
