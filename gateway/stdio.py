@@ -102,7 +102,6 @@ class _Writer(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.WriteTransport | None = None
-        self.lost = asyncio.Event()
         self._resumed = asyncio.Event()
         self._resumed.set()
 
@@ -111,8 +110,7 @@ class _Writer(asyncio.Protocol):
         self.transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost.set()
-        self._resumed.set()
+        self._resumed.set()  # nothing waits for a pipe that is gone
 
     def pause_writing(self) -> None:
         self._resumed.clear()
@@ -143,8 +141,6 @@ class StdioConnection(asyncio.Protocol):
         self._client_params: dict[str, Any] | None = None
         self._legacy: Caller | None = None
         """The handshake-era caller once `initialize` succeeded (the direct path is open)."""
-        self._legacy_version = ""
-        self._modern_sessions: dict[tuple[str, str, str], Any] = {}
         self._in_flight: dict[Any, anyio.CancelScope] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._asked: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -247,7 +243,7 @@ class StdioConnection(asyncio.Protocol):
         if self._era == LEGACY:
             if self._legacy is None or _has_modern_envelope(params):
                 return False
-            self._spawn(request_id, params, self._legacy_version, self._legacy)
+            self._spawn(request_id, params, self._legacy)
             return True
         route = classify_inbound_request({"method": method, "params": params})
         if isinstance(route, InboundLadderRejection):
@@ -258,7 +254,7 @@ class StdioConnection(asyncio.Protocol):
         )
         capabilities = route.client_capabilities or {}
         caller = Caller(session, modern=True, can_elicit=capabilities.get("elicitation") is not None)
-        self._spawn(request_id, params, route.protocol_version, caller)
+        self._spawn(request_id, params, caller)
         return True
 
     def _cancel(self, params: Any) -> bool:
@@ -287,32 +283,33 @@ class StdioConnection(asyncio.Protocol):
 
     # -- the direct path -----------------------------------------------------------------------
 
-    def _spawn(self, request_id: Any, params: dict[str, Any], version: str, caller: Caller) -> None:
+    def _spawn(self, request_id: Any, params: dict[str, Any], caller: Caller) -> None:
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("tools/call %r on the direct path (protocol %s)", request_id, version)
+            logger.debug("tools/call %r on the direct path (protocol %s)", request_id, caller.session.protocol_version)
         token = _progress_token(params)
         if token is not None:
             caller = replace(caller, progress=self._progress_relay(token))
         scope = anyio.CancelScope()
         self._in_flight[_key(request_id)] = scope
-        task = asyncio.get_running_loop().create_task(self._serve_call(request_id, params, version, caller, scope))
+        task = asyncio.get_running_loop().create_task(self._serve_call(request_id, params, caller, scope))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _serve_call(
-        self, request_id: Any, params: dict[str, Any], version: str, caller: Caller, scope: anyio.CancelScope
+        self, request_id: Any, params: dict[str, Any], caller: Caller, scope: anyio.CancelScope
     ) -> None:
         reply: dict[str, Any] | None = None
         try:
             with scope:
-                reply = await self._answer(request_id, params, version, caller)
+                reply = await self._answer(request_id, params, caller)
         finally:
             if self._in_flight.get(_key(request_id)) is scope:
                 del self._in_flight[_key(request_id)]
         if reply is not None and not scope.cancel_called:
             self._writer.write(dumps(reply))
 
-    async def _answer(self, request_id: Any, params: dict[str, Any], version: str, caller: Caller) -> dict[str, Any]:
+    async def _answer(self, request_id: Any, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        version = caller.session.protocol_version
         try:
             spec_methods.validate_client_request("tools/call", version, params)
             typed = types.CallToolRequestParams.model_validate(params, by_name=False)
@@ -340,7 +337,6 @@ class StdioConnection(asyncio.Protocol):
                 logger.exception("tools/call produced an invalid result")
                 raise MCPError(types.INTERNAL_ERROR, "Handler returned an invalid result") from None
         if modern:
-            dumped.setdefault("resultType", "complete")
             meta = dumped.get("_meta")
             if meta is None:
                 dumped["_meta"] = {SERVER_INFO_META_KEY: self.gateway.server.server_info_stamp}
@@ -405,11 +401,10 @@ class StdioConnection(asyncio.Protocol):
         if self._legacy is not None:
             return
         version = result.get("protocolVersion")
-        self._legacy_version = version if isinstance(version, str) else ""
         client = self._client_params or {}
         info, capabilities = _object(client.get("clientInfo")), _object(client.get("capabilities"))
         session = self.gateway.stdio_session_info(
-            self._legacy_version, str(info.get("name", "")), str(info.get("version", ""))
+            version if isinstance(version, str) else "", str(info.get("name", "")), str(info.get("version", ""))
         )
         self._legacy = Caller(
             session, modern=False, can_elicit=capabilities.get("elicitation") is not None, elicit=self._elicit
