@@ -138,14 +138,10 @@ class Recorder:
         ticket = _Ticket()
         self._tickets.append(ticket)
         self._queue.extend(canonical(body) for body in bodies)
-        if alone and self.sync == "normal" and not self._writing and self._store is not None:
-            self._commit_here()
-            if ticket.done.is_set():
-                if ticket.error is not None:
-                    raise AuditError(ticket.error)
-                return
         if self.sync != "normal" or self._writing or self._store is None:
             self._wake.set()
+        elif alone:
+            self._commit_here()  # settles the ticket, or hands everything to the writer task
         elif not self._commit_due:
             self._commit_due = True
             asyncio.get_running_loop().call_soon(self._commit_here)
