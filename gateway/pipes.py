@@ -33,6 +33,8 @@ from typing import IO, Any, TypeGuard
 
 import anyio
 
+from gateway.calls import ProgressFn
+
 logger = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024 * 1024
@@ -51,7 +53,6 @@ Message = dict[str, Any]
 RequestHandler = Callable[[str, Mapping[str, Any] | None], Awaitable[Message]]
 """Answers a request the peer sends: the result, or raises `RemoteError`."""
 NotificationHandler = Callable[[str, Mapping[str, Any] | None], None]
-ProgressHandler = Callable[[float, float | None, str | None], Awaitable[None]]
 
 
 class RemoteError(Exception):
@@ -128,7 +129,7 @@ class LineBuffer:
 @dataclass(slots=True)
 class _Pending:
     future: asyncio.Future[Message]
-    on_progress: ProgressHandler | None
+    on_progress: ProgressFn | None
 
 
 class Channel:
@@ -161,7 +162,7 @@ class Channel:
         params: Mapping[str, Any] | None,
         *,
         seconds: float,
-        on_progress: ProgressHandler | None = None,
+        on_progress: ProgressFn | None = None,
         cancel_on_abandon: bool = True,
     ) -> Message:
         """Send a request and wait for its result; `RemoteError`, `RequestTimeout` or `ChannelClosed` if none."""

@@ -26,7 +26,7 @@ import anyio.abc
 import httpx2
 import mcp_types as types
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.dispatcher import CallOptions, DispatchContext, ProgressFnT
+from mcp.shared.dispatcher import CallOptions, DispatchContext
 from mcp.shared.exceptions import MCPError
 from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 from mcp.shared.transport_context import TransportContext
@@ -34,6 +34,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 from pydantic import ValidationError
 
 from gateway import __version__
+from gateway.calls import ProgressFn
 from gateway.catalog import Catalog, UpstreamListing, exposed_name, normalise_listing
 from gateway.config import Config, UpstreamSpec
 from gateway.errors import UpstreamFault, UpstreamTimeout, UpstreamUnavailable
@@ -41,7 +42,6 @@ from gateway.pins import Assessment, Lock, Mode, assess, screened
 from gateway.pipes import (
     ChannelClosed,
     NotificationHandler,
-    ProgressHandler,
     RemoteError,
     RequestTimeout,
     discard_prestarted,
@@ -74,7 +74,7 @@ class Link(Protocol):
         params: Mapping[str, Any] | None,
         *,
         seconds: float,
-        on_progress: ProgressHandler | None = None,
+        on_progress: ProgressFn | None = None,
         cancel_on_abandon: bool = True,
     ) -> dict[str, Any]: ...
 
@@ -111,8 +111,6 @@ class UpstreamSession:
             message = f"offered protocol version {result.protocol_version!r}, which is unsupported"
             raise UpstreamFault(self.name, message)
         self.init = result
-        if isinstance(self._link, HttpLink):
-            self._link.protocol_version = result.protocol_version
         try:
             await self._link.notify("notifications/initialized", None)
         except (ChannelClosed, anyio.BrokenResourceError, anyio.ClosedResourceError, httpx2.HTTPError) as exc:
@@ -125,7 +123,7 @@ class UpstreamSession:
         params: Mapping[str, Any] | None,
         *,
         seconds: float | None = None,
-        on_progress: ProgressHandler | None = None,
+        on_progress: ProgressFn | None = None,
         cancel_on_abandon: bool = True,
     ) -> dict[str, Any]:
         """Send one request and return its raw result; upstream failures become `UpstreamError`s."""
@@ -188,20 +186,13 @@ async def _answer_upstream_request(method: str, params: Mapping[str, Any] | None
     raise RemoteError(types.METHOD_NOT_FOUND, f"mcp-armor does not serve '{method}' to upstream servers")
 
 
-def _coroutine(relay: ProgressHandler) -> ProgressFnT:
-    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-        await relay(progress, total, message)
-
-    return on_progress
-
-
 class HttpLink:
     """A streamable-HTTP upstream through the SDK's JSON-RPC dispatcher, with `Link`'s errors."""
 
     def __init__(self, dispatcher: JSONRPCDispatcher[TransportContext]) -> None:
         self._dispatcher = dispatcher
         self.protocol_version: str | None = None
-        """Sent as `mcp-protocol-version` on every request after `initialize`."""
+        """Sent as `mcp-protocol-version` on every request after `initialize` (taken from its answer)."""
 
     def _options(self) -> CallOptions:
         opts: CallOptions = {}
@@ -215,22 +206,25 @@ class HttpLink:
         params: Mapping[str, Any] | None,
         *,
         seconds: float,
-        on_progress: ProgressHandler | None = None,
+        on_progress: ProgressFn | None = None,
         cancel_on_abandon: bool = True,
     ) -> dict[str, Any]:
         opts = self._options()
         opts["timeout"] = seconds
         opts["cancel_on_abandon"] = cancel_on_abandon
         if on_progress is not None:
-            opts["on_progress"] = _coroutine(on_progress)
+            opts["on_progress"] = on_progress
         try:
-            return await self._dispatcher.send_raw_request(method, params, opts)
+            result = await self._dispatcher.send_raw_request(method, params, opts)
         except MCPError as exc:
             if exc.error.code == types.REQUEST_TIMEOUT:
                 raise RequestTimeout() from None
             if exc.error.code == types.CONNECTION_CLOSED:
                 raise ChannelClosed(exc.error.message) from None
             raise RemoteError(exc.error.code, exc.error.message, exc.error.data) from None
+        if method == "initialize" and isinstance(version := result.get("protocolVersion"), str):
+            self.protocol_version = version
+        return result
 
     async def notify(self, method: str, params: Mapping[str, Any] | None = None) -> None:
         await self._dispatcher.notify(method, params, self._options())
