@@ -31,6 +31,8 @@ from pydantic import (
 
 from gateway.errors import ConfigError
 
+DEFAULT_CONFIG = "upstreams.toml"
+"""The config `mcp-armor` reads unless given `--config`."""
 IN_MEMORY = ":memory:"
 UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 SEPARATOR = re.compile(r"^[A-Za-z0-9_.-]{1,8}$")
@@ -183,6 +185,10 @@ class Config(_Model):
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    def log_path(self, upstream: str) -> Path:
+        """Where an upstream's stderr goes."""
+        return self.log_dir / f"{upstream}.log"
 
     def enabled_upstreams(self) -> list[UpstreamSpec]:
         return [spec for spec in self.upstreams.values() if spec.enabled]

@@ -9,7 +9,6 @@ is left for the normal start-up to meet and report.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
@@ -24,11 +23,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _prestart(words: list[str]) -> None:
-    from gateway.config import load_config
+    from gateway.config import DEFAULT_CONFIG, load_config
     from gateway.errors import GatewayError
-    from gateway.pipes import prestart, resolve_command
+    from gateway.pipes import command_line, prestart
 
-    path = "upstreams.toml"
+    path = DEFAULT_CONFIG
     for index, word in enumerate(words):
         if word == "--config" and index + 1 < len(words):
             path = words[index + 1]
@@ -42,10 +41,9 @@ def _prestart(words: list[str]) -> None:
     for spec in config.enabled_upstreams():
         if spec.command is None:
             continue
-        env = dict(spec.env)
         try:
-            command = resolve_command(spec.command, env.get("PATH", os.environ.get("PATH")))
-            with (config.log_dir / f"{spec.name}.log").open("a", encoding="utf-8") as log:
-                prestart([command, *spec.args], env=env, cwd=spec.cwd, stderr=log)
+            argv = command_line(spec.command, spec.args, spec.env)
+            with config.log_path(spec.name).open("a", encoding="utf-8") as log:
+                prestart(argv, env=spec.env, cwd=spec.cwd, stderr=log)
         except OSError:
             continue

@@ -25,7 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +105,12 @@ def resolve_command(command: str, env_path: str | None) -> str:
     if found is None:
         raise FileNotFoundError(f"command '{command}' not found on PATH or beside {sys.executable}")
     return found
+
+
+def command_line(command: str, args: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """An upstream's argv: its command found as `resolve_command` finds it (on its own PATH, when its
+    `env` sets one), then its arguments."""
+    return [resolve_command(command, env.get("PATH", os.environ.get("PATH"))), *args]
 
 
 class LineBuffer:

@@ -14,11 +14,9 @@ others down; its tools leave the catalogue and come back with it.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import anyio
@@ -44,8 +42,8 @@ from gateway.pipes import (
     NotificationHandler,
     RemoteError,
     RequestTimeout,
+    command_line,
     discard_prestarted,
-    resolve_command,
     spawn,
 )
 
@@ -351,7 +349,7 @@ class UpstreamPool:
                 "went down:" if was_up else "failed to start:",
                 upstream.last_error,
                 delay,
-                self._log_path(upstream),
+                self.config.log_path(upstream.name),
             )
             await anyio.sleep(delay)
             backoff = min(backoff * 2, MAX_BACKOFF)
@@ -361,9 +359,6 @@ class UpstreamPool:
             upstream.session = None
             upstream.listing = None
             await self._publish()
-
-    def _log_path(self, upstream: Upstream) -> Path:
-        return self.config.log_dir / f"{upstream.name}.log"
 
     @asynccontextmanager
     async def _connect(self, upstream: Upstream) -> AsyncIterator[Ended]:
@@ -376,7 +371,7 @@ class UpstreamPool:
                 relist.set()
 
         async with AsyncExitStack() as stack:
-            errlog = stack.enter_context(self._log_path(upstream).open("a", encoding="utf-8"))
+            errlog = stack.enter_context(self.config.log_path(upstream.name).open("a", encoding="utf-8"))
             link, closed = await stack.enter_async_context(_open_link(spec, errlog, on_notify))
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
@@ -494,12 +489,10 @@ async def _open_link(
     streamable-HTTP client and JSON-RPC dispatcher.
     """
     if spec.command is not None:
-        env = dict(spec.env)
-        command = resolve_command(spec.command, env.get("PATH", os.environ.get("PATH")))
         async with spawn(
             spec.name,
-            [command, *spec.args],
-            env=env,
+            command_line(spec.command, spec.args, spec.env),
+            env=spec.env,
             cwd=spec.cwd,
             stderr=errlog,
             on_request=_answer_upstream_request,

@@ -23,12 +23,10 @@ from gateway.audit_store import Filters
 from gateway.cli import audit, pins, policy, setup
 from gateway.cli.common import connect, print_table
 from gateway.clients import CLIENTS
-from gateway.config import Config, EveryVariable, load_config
+from gateway.config import DEFAULT_CONFIG, Config, EveryVariable, load_config
 from gateway.errors import GatewayError
 from gateway.policy import PolicyEngine
 from gateway.policy_files import load_engine
-
-DEFAULT_CONFIG = "upstreams.toml"
 
 
 def _parser() -> argparse.ArgumentParser:
