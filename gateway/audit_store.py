@@ -29,6 +29,7 @@ from typing import Any
 
 from gateway.config import IN_MEMORY
 from gateway.errors import GatewayError
+from gateway.pipes import replace_non_finite
 from gateway.schema import canonical_text
 
 SCHEMA_VERSION = 1
@@ -77,17 +78,11 @@ def canonical(event: Mapping[str, Any]) -> str:
     try:
         return canonical_text(event, allow_nan=False)
     except ValueError:
-        return canonical_text(_finite(event), allow_nan=False)
+        return canonical_text(replace_non_finite(event, _spelled), allow_nan=False)
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
-    if isinstance(value, Mapping):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
+def _spelled(value: float) -> str:
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
 
 
 def iso_utc(moment: datetime) -> str:

@@ -78,17 +78,18 @@ def dumps(message: Any) -> bytes:
     try:
         text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError:
-        text = json.dumps(_finite(message), separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(replace_non_finite(message, lambda _: None), separators=(",", ":"), ensure_ascii=False)
     return text.encode() + b"\n"
 
 
-def _finite(value: Any) -> Any:
+def replace_non_finite(value: Any, replacement: Callable[[float], Any]) -> Any:
+    """A JSON-like value with every NaN and infinity (which JSON cannot carry) replaced."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return replacement(value)
+    if isinstance(value, Mapping):
+        return {key: replace_non_finite(item, replacement) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
+        return [replace_non_finite(item, replacement) for item in value]
     return value
 
 
