@@ -1,14 +1,15 @@
-"""The audit recorder: events built, secrets masked, and group-committed to the audit log.
+"""The audit recorder: events built, secrets masked, made durable, and group-committed to the audit log.
 
-Callers queue events and, where the guarantee needs it, wait until theirs are committed; a commit
-takes everything queued so far (group commit), so durability does not serialise concurrent calls.
-With `audit_sync = "normal"` a commit is a WAL append that costs microseconds: it runs on the event
-loop right after the callers already running have queued theirs (a callback, not a task hand-over).
-A writer task commits what is only queued, and takes over whenever that cannot work: with `"full"`
-(an fsync per commit) or while another process holds the write lock, it commits in a worker thread,
-and whatever queues meanwhile goes into its next group.
+With `audit_sync = "normal"` and a log on disk, an event is durable once it is written to this
+process's journal (gateway/audit_journal.py: one `write`, no commit), and callers go on at once;
+journaled events are moved into the hash chain a few milliseconds later, many per commit, so a call
+pays for neither a commit nor the wait for one. Otherwise (`"full"`, a log in memory, or a log that
+is failing) callers wait until their events are committed: a commit takes everything queued so far
+(group commit), on the event loop right after the callers already running have queued theirs
+(`"normal"`), or in the writer task, which takes over whenever that cannot work: with `"full"` (an
+fsync per commit) or while another process holds the write lock, it commits in a worker thread.
 
-`CallAudit` plugs the recorder into the call path as two pipeline stages: `decisions` commits the
+`CallAudit` plugs the recorder into the call path as two pipeline stages: `decisions` records the
 decision just before the call is forwarded (failing that, the call is refused), and `outcomes`
 (outermost) records how every call ended, refusals, timeouts, cancellations and shutdown included,
 so each call has exactly one decision and one outcome.
@@ -31,7 +32,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from gateway.audit_store import FIELDS, AuditError, AuditStore, canonical, is_locked, now_iso
+from gateway.audit_journal import ROTATE_BYTES, Journal, journal_directory, recover, report_recovered
+from gateway.audit_store import FIELDS, AuditError, AuditStore, Mark, canonical, is_locked, now_iso
 from gateway.calls import Decision, Effect, Outcome, OutcomeKind, SessionInfo, ToolCall
 from gateway.config import IN_MEMORY
 from gateway.pins import Assessment
@@ -45,6 +47,10 @@ monitor = logging.getLogger("gateway.monitor")
 
 CHECKPOINT_EVERY = 2000
 """Events between WAL checkpoints (run in a worker thread, never on the event loop)."""
+DRAIN_DELAY = 0.02
+"""How long journaled events wait to be moved into the chain, so that one commit takes many."""
+DRAIN_BATCH = 256
+"""Journaled events that are moved at once, without waiting for the delay."""
 SHUTDOWN_GRACE = 5.0
 """How long a cancelled call waits to get its outcome recorded."""
 ToolEntry = tuple[str, str, Any]
@@ -71,7 +77,7 @@ class _Ticket:
 
 
 class Recorder:
-    """The single writer of one audit log."""
+    """The single writer of one audit log (and of this process's journal in front of it)."""
 
     def __init__(self, path: Path, *, sync: str = "normal") -> None:
         self.path = path
@@ -80,11 +86,16 @@ class Recorder:
         self.failure: str | None = None
         """Why the log cannot be written right now (`None` while it can)."""
         self._store: AuditStore | None = None
+        self._journal: Journal | None = None
+        """Where events become durable at once (`audit_sync = "normal"`, a log on disk, and it could be made)."""
         self._queue: list[str] = []
+        """Events to commit that are not in the journal (no journal, or the log is failing), after its own."""
         self._tickets: list[_Ticket] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._commit_due = False
+        self._drain: asyncio.TimerHandle | None = None
+        """The journal's next move into the chain, when one is scheduled."""
         self._writing = False
         """The writer task is committing (maybe in a worker thread): nobody else may touch the store."""
         self._tg: anyio.abc.TaskGroup | None = None
@@ -93,10 +104,11 @@ class Recorder:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Recorder]:
-        """Open the log and run the writer; on exit, commit everything still queued and close."""
-        self._open()
-        if self.failure is not None:
+        """Open the log and run the writer; on exit, commit everything still pending and close."""
+        if self._open() is None:
             logger.error("%s; every tool call will be refused until it can be written", self.failure)
+        else:
+            self._start_journal()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._write_loop, tg)
             try:
@@ -104,6 +116,7 @@ class Recorder:
             finally:
                 self._closing = True
                 self._wake.set()
+        self._close_journal()
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -119,78 +132,162 @@ class Recorder:
             self.failure = None
         return self._store
 
+    def _start_journal(self) -> None:
+        """Replay the journals of gone processes into the chain, then start this process's own."""
+        if self.sync != "normal" or str(self.path) == IN_MEMORY or self._store is None:
+            return
+        directory = journal_directory(self.path)
+        try:
+            moved = recover(self._store, directory)
+            self._journal = Journal.create(directory)
+        except (OSError, sqlite3.Error) as exc:
+            logger.warning("%s: no audit journal (%s); each call waits for its events' commit", directory, exc)
+            return
+        report_recovered(self.path, moved)
+
+    def _close_journal(self) -> None:
+        if self._drain is not None:
+            self._drain.cancel()
+            self._drain = None
+        journal, self._journal = self._journal, None
+        if journal is None:
+            return
+        if journal.pending:
+            logger.error(
+                "%s: %d events could not be moved into the audit log; the next gateway to open it does that",
+                journal.path,
+                len(journal.pending),
+            )
+            journal.close(remove=False)
+            return
+        journal.close(remove=True)
+        self._forget(journal)
+
+    def _forget(self, journal: Journal) -> None:
+        if self._store is not None:
+            try:
+                self._store.forget_journal(journal.name)
+            except sqlite3.Error as exc:  # a stale row names a file that is gone: harmless
+                logger.debug("could not forget journal %s: %s", journal.name, exc)
+
     def queue(self, *bodies: Mapping[str, Any]) -> None:
         """Queue events without waiting for their commit (order is kept with everything else queued): the
         next commit takes them, the writer task's or a caller's."""
-        self._queue.extend(canonical(body) for body in bodies)
+        texts = [canonical(body) for body in bodies]
+        if self._journal is not None:
+            try:
+                self._journal.write(texts)
+            except OSError as exc:
+                logger.error("%s: cannot write the audit journal (%s); the events wait in memory", self.path, exc)
+            else:
+                self._drain_later()
+                return
+        self._queue.extend(texts)
         self._wake.set()
 
     async def record(self, *bodies: Mapping[str, Any], alone: bool = False) -> None:
-        """Queue events and wait until they are committed; `AuditError` when they could not be.
+        """Record events before the caller goes on; `AuditError` when they could not be.
 
-        With `audit_sync = "normal"` the commit runs on the event loop as soon as the callers already
-        running have had their turn, taking everything they queued (one commit for a burst of calls);
-        a caller that knows nobody else is about to record (`alone`) commits at once. Otherwise the
-        writer task commits.
+        With a journal, the events are durable once written there (they are committed to the chain as
+        soon as the event loop has nothing else to run). Otherwise the caller waits for the commit: with
+        `audit_sync = "normal"` it runs on the event loop once the callers already running have had
+        their turn, taking everything they queued (one commit for a burst of calls); a caller that knows
+        nobody else is about to record (`alone`) commits at once. Otherwise the writer task commits.
+        While the log cannot be written, nothing goes to the journal and every caller waits for a commit
+        (and is told it failed): a call is never made on the strength of a log that is failing.
         """
         if self._closing:
             raise AuditError(f"{self.path}: the audit log is closed (the gateway is shutting down)")
+        texts = [canonical(body) for body in bodies]
+        if self._journal is not None and self.failure is None:
+            try:
+                self._journal.write(texts)
+            except OSError as exc:
+                raise AuditError(f"{self.path}: cannot write the audit journal: {exc}") from None
+            self._drain_later()
+            return
         ticket = _Ticket()
         self._tickets.append(ticket)
-        self._queue.extend(canonical(body) for body in bodies)
+        self._queue.extend(texts)
         if self.sync != "normal" or self._writing or self._store is None:
             self._wake.set()
         elif alone:
             self._commit_here()  # settles the ticket, or hands everything to the writer task
-        elif not self._commit_due:
-            self._commit_due = True
-            asyncio.get_running_loop().call_soon(self._commit_here)
+        else:
+            self._commit_soon()
         await ticket.done.wait()
         if ticket.error is not None:
             raise AuditError(ticket.error)
 
+    def _drain_later(self) -> None:
+        """Move the journal into the chain a little later, with whatever else is journaled meanwhile."""
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().call_later(DRAIN_DELAY, self._commit_here)
+        elif self._journal is not None and len(self._journal.pending) >= DRAIN_BATCH:
+            self._commit_soon()
+
+    def _commit_soon(self) -> None:
+        """Commit on the event loop once everything ready to run has run (queuing its events too)."""
+        if not self._commit_due:
+            self._commit_due = True
+            asyncio.get_running_loop().call_soon(self._commit_here)
+
+    def _pending(self) -> bool:
+        return bool(self._queue or (self._journal is not None and self._journal.pending))
+
+    def _take(self) -> _Batch:
+        journaled, mark = self._journal.take() if self._journal is not None else ([], None)
+        batch = _Batch(journaled, self._queue, mark, self._tickets)
+        self._queue, self._tickets = [], []
+        return batch
+
     def _commit_here(self) -> None:
-        """Commit what is queued, on the event loop; anything but success goes to the writer task."""
+        """Commit what is pending, on the event loop; anything but success goes to the writer task."""
         self._commit_due = False
-        if self._writing or self._store is None or not self._queue:
+        if self._drain is not None:
+            self._drain.cancel()
+            self._drain = None
+        if self._writing or self._store is None or not self._pending():
             return
-        bodies, self._queue = self._queue, []
-        tickets, self._tickets = self._tickets, []
+        batch = self._take()
         try:
-            self._store.append(bodies)
+            self._store.append(batch.bodies, journal=batch.mark)
         except sqlite3.Error as exc:  # the write lock is taken, or worse: the writer task waits, or reports it
             logger.debug("audit commit on the event loop failed, handing over to the writer: %s", exc)
-            self._queue[:0] = bodies
-            self._tickets[:0] = tickets
+            if self._journal is not None:
+                self._journal.put_back(batch.journaled)
+            self._queue[:0] = batch.queued
+            self._tickets[:0] = batch.tickets
             self._wake.set()
             return
-        for ticket in tickets:
-            ticket.done.set()
-        self._committed(len(bodies))
+        self.failure = None
+        batch.settle(None)
+        self._committed(len(batch.bodies))
 
     async def _write_loop(self, tg: anyio.abc.TaskGroup) -> None:
         self._tg = tg
         while True:
-            await self._wake.wait()
-            self._wake = asyncio.Event()
-            if self._queue:
-                bodies, self._queue = self._queue, []
-                tickets, self._tickets = self._tickets, []
+            if not self._closing:
+                await self._wake.wait()
+                self._wake = asyncio.Event()
+            error = None
+            if self._pending():
+                batch = self._take()
                 self._writing = True
                 try:
                     with anyio.CancelScope(shield=True):
-                        error = await self._commit(bodies)
+                        error = await self._commit(batch.bodies, batch.mark)
                 finally:
                     self._writing = False
-                for ticket in tickets:
-                    ticket.error = error
-                    ticket.done.set()
                 if error is None:
-                    self._committed(len(bodies))
-            if self._closing and not self._queue:
+                    self._committed(len(batch.bodies))
+                elif self._journal is not None:
+                    self._journal.put_back(batch.journaled)  # durable already: they wait for the log to recover
+                batch.settle(error)
+            if self._closing and (error is not None or not self._pending()):
                 return
 
-    async def _commit(self, bodies: list[str]) -> str | None:
+    async def _commit(self, bodies: list[str], mark: Mark | None) -> str | None:
         """Append one group; the reason when it could not be committed."""
         store = self._open()
         if store is None:
@@ -198,25 +295,39 @@ class Recorder:
         try:
             if self.sync == "normal":
                 try:
-                    store.append(bodies)  # a WAL append: tens of microseconds, cheaper than a thread hop
+                    store.append(bodies, journal=mark)  # a WAL append: tens of microseconds, cheaper than a thread hop
                     return None
                 except sqlite3.OperationalError as exc:
                     if not is_locked(exc):
                         raise
-            await anyio.to_thread.run_sync(store.append_waiting, bodies)
+            await anyio.to_thread.run_sync(lambda: store.append_waiting(bodies, journal=mark))
         except sqlite3.Error as exc:
             self.failure = f"{self.path}: cannot write the audit log: {exc}"
             logger.error("%s", self.failure)
             return self.failure
+        self.failure = None
         return None
 
     def _committed(self, count: int) -> None:
+        journal = self._journal
+        if journal is not None and not journal.pending and journal.size >= ROTATE_BYTES:
+            self._rotate(journal)
         self._since_checkpoint += count
         if self._since_checkpoint >= CHECKPOINT_EVERY and not self._checkpointing and str(self.path) != IN_MEMORY:
             self._since_checkpoint = 0
             if self._tg is not None:
                 self._checkpointing = True
                 self._tg.start_soon(self._checkpoint)
+
+    def _rotate(self, journal: Journal) -> None:
+        """Everything in the journal is in the chain: start a fresh one instead of growing it."""
+        try:
+            self._journal = Journal.create(journal.path.parent)
+        except OSError as exc:
+            logger.warning("%s: cannot start a new audit journal, this one keeps growing: %s", journal.path, exc)
+            return
+        journal.close(remove=True)
+        self._forget(journal)
 
     async def _checkpoint(self) -> None:
         try:
@@ -225,6 +336,27 @@ class Recorder:
             logger.warning("audit log checkpoint failed (the WAL file keeps growing until one succeeds): %s", exc)
         finally:
             self._checkpointing = False
+
+
+class _Batch:
+    """What one commit takes: journaled events first, then the others, and the callers waiting on it."""
+
+    __slots__ = ("journaled", "mark", "queued", "tickets")
+
+    def __init__(self, journaled: list[str], queued: list[str], mark: Mark | None, tickets: list[_Ticket]) -> None:
+        self.journaled = journaled
+        self.queued = queued
+        self.mark = mark
+        self.tickets = tickets
+
+    @property
+    def bodies(self) -> list[str]:
+        return self.journaled + self.queued
+
+    def settle(self, error: str | None) -> None:
+        for ticket in self.tickets:
+            ticket.error = error
+            ticket.done.set()
 
 
 def _checkpoint(path: Path) -> None:

@@ -32,7 +32,9 @@ from gateway.errors import GatewayError
 from gateway.pipes import replace_non_finite
 from gateway.schema import canonical_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = range(1, SCHEMA_VERSION + 1)
+"""Schemas a reader can query: they differ only in indexes."""
 GENESIS = "0" * 64
 FIELDS = (
     "ts",
@@ -62,7 +64,17 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX events_session ON events (session_id, seq)",
         "CREATE INDEX events_call ON events (call_id)",
     ),
+    2: (
+        # Every append paid for an index that no query uses (the decision filter reads a subquery).
+        "DROP INDEX IF EXISTS events_call",
+        # How far each journal (see gateway.audit_journal) has been moved into the chain.
+        "CREATE TABLE IF NOT EXISTS journals (name TEXT PRIMARY KEY, drained INTEGER NOT NULL)",
+    ),
 }
+
+
+Mark = tuple[str, int]
+"""A journal's name and a byte offset in it."""
 
 
 class AuditError(GatewayError):
@@ -187,7 +199,7 @@ class AuditStore:
             version = connection.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
             raise AuditError(f"{path}: cannot read the audit log: {exc}") from None
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             connection.close()
             raise AuditError(f"{path}: audit log schema {version}, this mcp-armor reads schema {SCHEMA_VERSION}")
         return cls(connection, path)
@@ -224,20 +236,22 @@ class AuditStore:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def append_waiting(self, bodies: Sequence[str], *, seconds: float = 10.0) -> int:
+    def append_waiting(self, bodies: Sequence[str], *, journal: Mark | None = None, seconds: float = 10.0) -> int:
         """`append`, waiting up to `seconds` for another process's write lock (blocks: run it in a thread)."""
         deadline = time.monotonic() + seconds
         while True:
             try:
-                return self.append(bodies)
+                return self.append(bodies, journal=journal)
             except sqlite3.OperationalError as exc:
                 if not is_locked(exc) or time.monotonic() > deadline:
                     raise
             time.sleep(0.002)
 
-    def append(self, bodies: Sequence[str]) -> int:
+    def append(self, bodies: Sequence[str], *, journal: Mark | None = None) -> int:
         """Append canonical event bodies to the chain in one transaction; the last sequence number.
 
+        `journal` (name, offset) says the bodies came from that journal, up to that byte: recorded in
+        the same transaction, so whatever replays the journal later starts exactly after them.
         Raises `sqlite3.OperationalError` at once when another process holds the write lock.
         """
         db = self._db
@@ -252,12 +266,26 @@ class AuditStore:
                 prev = digest
             db.executemany("INSERT INTO events (seq, prev_hash, hash, body) VALUES (?, ?, ?, ?)", rows)
             db.execute("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
+            if journal is not None:
+                db.execute(
+                    "INSERT INTO journals VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET drained = excluded.drained",
+                    journal,
+                )
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
         return int(seq)
+
+    def drained(self, journal: str) -> int:
+        """How many bytes of `journal` are in the chain already (0 for one never seen)."""
+        row = self._db.execute("SELECT drained FROM journals WHERE name = ?", (journal,)).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def forget_journal(self, journal: str) -> None:
+        """The journal file is gone: its offset is no longer needed."""
+        self._db.execute("DELETE FROM journals WHERE name = ?", (journal,))
 
     def checkpoint(self) -> None:
         """Copy the WAL into the main file (passive: never waits for readers)."""

@@ -7,8 +7,8 @@ sans-IO policy engine can build `Decision`s without it.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -95,7 +95,7 @@ class ToolCall:
     session: SessionInfo
     tool: ExposedTool
     arguments: Mapping[str, Any]
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: os.urandom(16).hex())
     received: float = field(default_factory=time.time)
     progress: ProgressFn | None = field(default=None, compare=False, repr=False)
     """Relays the upstream's progress notifications to the agent; `None` when the agent sent no token."""

@@ -157,6 +157,8 @@ class PolicyEngine:
         self._by_id = {rule.id: rule for rule in policies.rules}
         self._tools: tuple[str, ...] = ()
         self._index: dict[str, ToolRules] = {}
+        self._seen: dict[tuple[str, str, str], bool] = {}
+        """`visible` answers under the current rules, by (tool, client, principal)."""
 
     # -- state changes -------------------------------------------------------------------------
 
@@ -165,11 +167,13 @@ class PolicyEngine:
         self.policies = policies
         self._by_id = {rule.id: rule for rule in policies.rules}
         self._index = {tool: self._rules_of(tool) for tool in self._tools}
+        self._seen = {}
 
     def index_tools(self, tools: Iterable[str]) -> None:
         """Re-index the rules for the exposed tools of a new catalogue."""
         self._tools = tuple(tools)
         self._index = {tool: self._rules_of(tool) for tool in self._tools}
+        self._seen = {}
 
     def rules_for(self, tool: str) -> ToolRules:
         found = self._index.get(tool)
@@ -337,6 +341,15 @@ class PolicyEngine:
         """False when no rule can ever let this client call `tool`: it is then hidden from `tools/list`."""
         if self.monitor_mode:
             return True
+        key = (tool, client, principal)
+        seen = self._seen.get(key)
+        if seen is None:
+            if len(self._seen) >= 4096:
+                self._seen.clear()
+            seen = self._seen[key] = self._visible(tool, client, principal)
+        return seen
+
+    def _visible(self, tool: str, client: str, principal: str) -> bool:
         rules = [
             rule for rule in self.rules_for(tool).call if not rule.monitor and rule.concerns_client(client, principal)
         ]

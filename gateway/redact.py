@@ -10,6 +10,7 @@ the path and kind are reported so the record says what was masked.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import itertools
@@ -44,6 +45,10 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ),
     )
 )
+_SHORTEST = 15
+"""No pattern matches fewer characters, except those that need a ':' or '=' (URL passwords, `pwd=...`)."""
+_REMEMBERED = 256
+"""Strings up to this long that turned out clean are remembered (policy reasons recur with every call)."""
 _TOKEN = re.compile(r"[A-Za-z0-9+/_=.-]{20,}")
 _MARKER = re.compile(r"\[masked:[a-z-]+:[0-9a-f]{16}\]")
 _WORD_RUN = re.compile(r"[a-z]{4,}")
@@ -89,6 +94,8 @@ class Redactor:
 
     def __init__(self, key: bytes) -> None:
         self._key = key
+        self._clean: set[str] = set()
+        """Short strings found to hold nothing to mask (bounded: cleared when it fills up)."""
 
     def marker(self, kind: str, secret: str) -> str:
         mac = hmac.new(self._key, secret.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
@@ -147,6 +154,8 @@ class Redactor:
 
     def mask_text(self, text: str, where: str, masked: list[Masked], secrets: dict[str, str]) -> str:
         """Mask every secret-looking part of one string (overlapping finds are masked once, as one)."""
+        if text in self._clean or (len(text) < _SHORTEST and ":" not in text and "=" not in text):
+            return text
         spans: list[tuple[int, int, str]] = []
         for kind, pattern in _PATTERNS:
             for match in pattern.finditer(text):
@@ -155,6 +164,10 @@ class Redactor:
         if len(text) >= 20:
             spans += [(*match.span(), "high-entropy") for match in _TOKEN.finditer(text) if looks_random(match[0])]
         if not spans:
+            if len(text) <= _REMEMBERED:
+                if len(self._clean) >= 4096:
+                    self._clean.clear()
+                self._clean.add(text)
             return text
         if "[masked:" in text:  # already masked parts stay as they are
             markers = [match.span() for match in _MARKER.finditer(text)]
@@ -180,6 +193,7 @@ class Redactor:
         return "".join(pieces)
 
 
+@functools.lru_cache(maxsize=1024)
 def names_secret(key: str) -> bool:
     """Whether an argument's name says its value is a secret (`password`, `apiKey`, `X-Api-Key`, ...)."""
     words = [word.lower() for word in _KEY_WORDS.findall(key)]

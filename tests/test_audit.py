@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import itertools
 import json
+import os
 import random
 import sqlite3
 import subprocess
@@ -16,8 +18,9 @@ import anyio
 import pytest
 
 from gateway.audit import Recorder, event
+from gateway.audit_journal import Journal, journal_directory
 from gateway.audit_store import GENESIS, AuditError, AuditStore, canonical, chain_hash
-from gateway.redact import Redactor, looks_random, names_secret
+from gateway.redact import _PATTERNS, _SHORTEST, Redactor, looks_random, names_secret
 from tests.conftest import REPO, write_config
 
 
@@ -148,6 +151,23 @@ def test_a_newer_schema_is_refused_rather_than_overwritten(tmp_path: Path) -> No
         AuditStore.open_reader(path)
 
 
+def test_a_schema_1_log_is_readable_and_migrated_in_place_with_its_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    make_log(path, 3)
+    schema_1 = ("CREATE INDEX events_call ON events (call_id)", "DROP TABLE journals", "PRAGMA user_version = 1")
+    tamper(path, *schema_1)
+    reader = AuditStore.open_reader(path)  # a CLI older logs meet before a gateway migrates them
+    assert [item["call_id"] for item in reader.events()] == ["c0", "c1", "c2"]
+    reader.close()
+    make_log(path, 2)  # the writer migrates, and appends on the same chain
+    connection = sqlite3.connect(path)
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+    indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    connection.close()
+    assert "events_call" not in indexes and "events_session" in indexes
+    assert verify(path) == (None, "")
+
+
 @pytest.mark.anyio
 async def test_concurrent_records_are_committed_in_groups_in_one_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
@@ -180,6 +200,77 @@ async def test_a_record_that_cannot_be_committed_raises_for_its_caller(tmp_path:
         assert recorder.failure is not None and "cannot open the audit log" in recorder.failure
         with pytest.raises(AuditError, match="cannot open the audit log"):
             await recorder.record(event("decision", call_id="c"))
+
+
+# -- the journal ---------------------------------------------------------------------------------
+
+
+def chain_texts(path: Path) -> list[str]:
+    store = AuditStore.open_reader(path)
+    try:
+        return [item["call_id"] for item in store.events()]
+    finally:
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_recorded_events_are_journaled_at_once_and_in_the_chain_by_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    recorder = Recorder(path)
+    async with recorder.running():
+        for index in range(3):
+            await recorder.record(event("decision", call_id=f"c{index}", tool="t"))
+        (journal,) = journal_directory(path).glob("*.jsonl")
+        lines = journal.read_text().splitlines()
+        assert [json.loads(line)["call_id"] for line in lines] == ["c0", "c1", "c2"]  # durable before any commit
+    assert chain_texts(path) == ["c0", "c1", "c2"]
+    assert list(journal_directory(path).iterdir()) == []  # everything moved: the journal is removed
+    assert verify(path) == (None, "")
+
+
+@pytest.mark.anyio
+async def test_a_journal_left_by_a_gone_process_is_moved_into_the_chain_once(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    make_log(path, 2)
+    bodies = [canonical(event("decision", call_id=f"j{index}", tool="t")) for index in range(4)]
+    directory = journal_directory(path)
+    directory.mkdir()
+    dead = directory / "4242-0badc0de.jsonl"
+    dead.write_text("".join(f"{body}\n" for body in bodies) + '{"torn": ')  # a write cut short by the crash
+    store = AuditStore.open_writer(path)
+    store.append(bodies[:1], journal=(dead.name, len(bodies[0]) + 1))  # the first one was moved before it died
+    store.close()
+    live = directory / "4243-0ddba11.jsonl"
+    live.write_text(f"{canonical(event('decision', call_id='live', tool='t'))}\n")
+    held = os.open(live, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # its process is still running
+    try:
+        async with Recorder(path).running():
+            pass
+    finally:
+        os.close(held)
+    assert chain_texts(path) == ["c0", "c1", "j0", "j1", "j2", "j3"]
+    assert not dead.exists() and live.exists()
+    connection = sqlite3.connect(path)
+    assert connection.execute("SELECT count(*) FROM journals").fetchone()[0] == 0
+    connection.close()
+    assert verify(path) == (None, "")
+
+
+@pytest.mark.anyio
+async def test_a_journal_that_cannot_be_written_refuses_the_record_and_keeps_queued_events(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    recorder = Recorder(path)
+    async with recorder.running():
+        journal = recorder._journal
+        assert journal is not None
+        recorder._journal = Journal(journal.path, os.open("/dev/full", os.O_WRONLY))  # a full disk: ENOSPC
+        with pytest.raises(AuditError, match="cannot write the audit journal"):
+            await recorder.record(event("decision", call_id="refused", tool="t"))
+        recorder.queue(event("session_end", call_id="queued"))  # kept in memory, committed later
+        recorder._journal.close(remove=False)
+        recorder._journal = journal
+    assert chain_texts(path) == ["queued"]
 
 
 # -- masking -------------------------------------------------------------------------------------
@@ -245,6 +336,19 @@ def test_random_tokens_are_recognised_as_key_material() -> None:
     generator = random.Random(7)  # fixed, so the test cannot flake
     tokens = [base64.b64encode(generator.randbytes(30)).decode() for _ in range(300)]
     assert sum(looks_random(token) for token in tokens) >= 285
+
+
+def test_short_strings_skipped_by_the_quick_check_hold_nothing_any_pattern_finds() -> None:
+    rng = random.Random(7)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_ .@/+~\n"
+    words = ["AKIA", "ghp_", "glpat-", "xoxb-", "AIza", "sk_live_", "sk-", "eyJ", "bearer ", "token ", "pwd", "-----"]
+    for _ in range(20000):
+        parts = [rng.choice(words) if rng.random() < 0.3 else rng.choice(alphabet) for _ in range(rng.randint(1, 14))]
+        text = "".join(parts)[: _SHORTEST - 1]
+        assert not any(pattern.search(text) for _, pattern in _PATTERNS), text
+    redactor = Redactor(b"k" * 32)
+    for _ in range(2):  # a string with a secret is never remembered as clean
+        assert "[masked:password:" in redactor.mask_text("pwd=hunter2", "", [], {})
 
 
 def test_secret_names_mask_whole_values_and_markers_correlate() -> None:

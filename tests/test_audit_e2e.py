@@ -322,6 +322,35 @@ async def test_calls_in_flight_at_shutdown_are_recorded_as_cancelled(config: Pat
     assert kinds.count("session_end") == 1 and kinds.index("session_end") > kinds.index("outcome")
 
 
+async def test_calls_answered_just_before_the_gateway_is_killed_are_in_the_log_once(config: Path) -> None:
+    """Killed with events journaled but maybe not yet in the chain: the next gateway moves them in, once."""
+    async with gateway_process(config) as (proc, _):
+        raw = RawSession(proc)
+        with anyio.fail_after(30):
+            await raw.initialize()
+            for index in range(1, 4):
+                await raw.send(raw.call(index, "box__echo", {"text": f"before the crash {index}"}))
+                while (answer := await raw.receive()).get("id") != index:
+                    pass
+                assert "result" in answer, answer
+        proc.kill()  # no shutdown: nothing more is committed
+        await proc.wait()
+    journals = config.parent / ".mcp-armor" / "audit.journal"
+    assert len(list(journals.glob("*.jsonl"))) == 1  # the killed gateway's, left behind
+    async with gateway_client(config) as client:  # the next gateway recovers it while starting
+        assert "box__echo" in {tool.name for tool in (await client.list_tools()).tools}
+    assert list(journals.glob("*.jsonl")) == []
+    echoed = [event for event in events(config.parent) if event["tool"] == "box__echo"]
+    decisions = sorted(event["arguments"]["text"] for event in echoed if event["kind"] == "decision")
+    assert decisions == [f"before the crash {index}" for index in range(1, 4)]
+    assert [event["outcome"] for event in echoed if event["kind"] == "outcome"] == ["ok"] * 3
+    store = AuditStore.open_reader(config.parent / ".mcp-armor" / "audit.db")
+    try:
+        assert store.verify().problem is None
+    finally:
+        store.close()
+
+
 async def test_nan_and_infinity_in_arguments_and_results_are_recorded(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"sloppy": fixture_upstream("sloppy.py")})
     async with gateway_process(config) as (proc, _):

@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from gateway.audit_journal import open_settled
 from gateway.audit_store import FIELDS, AuditStore, Filters, iso_utc
 from gateway.cli.common import print_table
 from gateway.config import Config, parse_duration
@@ -114,7 +115,7 @@ def export(config: Config, filters: Filters) -> int:
 
 
 def _reader(config: Config) -> closing[AuditStore]:
-    return closing(AuditStore.open_reader(config.audit_path))
+    return closing(open_settled(config.audit_path))
 
 
 def _resolve_session(store: AuditStore, prefix: str) -> str:

@@ -9,7 +9,8 @@ from contextlib import closing
 from datetime import datetime
 from typing import Any
 
-from gateway.audit_store import AuditStore, Filters
+from gateway.audit_journal import open_settled
+from gateway.audit_store import Filters
 from gateway.calls import Effect
 from gateway.cli.common import Upstreams, connect, print_table
 from gateway.config import Config
@@ -99,7 +100,7 @@ async def replay(config: Config, filters: Filters, as_json: bool) -> int:
     engine = load_engine(config)
     changed: list[dict[str, Any]] = []
     replayed = skipped = 0
-    with closing(AuditStore.open_reader(config.audit_path)) as store:
+    with closing(open_settled(config.audit_path)) as store:
         # Taken from the sessions, not the filtered events: a --tool or --decision filter leaves out session starts.
         clients = {row["session_id"]: row["client_name"] for row in store.sessions()}
         for record in store.events(filters):
