@@ -1,12 +1,14 @@
-"""What the durable audit costs: sustained commit throughput, and the latency it adds per call.
+"""What the durable audit costs: sustained recording throughput, and the latency it adds per call.
 
     .venv/bin/python bench/audit_cost.py [--events 20000] [--calls 500] [--rounds 3]
 
-Throughput: the recorder writing to a real SQLite file, with one commit per event (each caller waits
-for its own commit before the next event: the baseline) against 64 concurrent callers sharing group
-commits, for `audit_sync = "normal"` and `"full"`. Latency: sequential `tools/call` through the gateway
-with its audit log on disk against the same gateway keeping the log in memory (`audit = ":memory:"`),
-interleaved, same policy set of ~100 rules as bench/call_latency.py.
+Throughput: the recorder writing to a real SQLite file, one caller recording events one after the
+other (each waits until its event is recorded: the baseline) against 64 concurrent callers, for
+`audit_sync = "normal"` (an event is recorded once it is in the journal; commits to the chain follow
+in groups) and `"full"` (each caller waits for an fsynced group commit). Latency: sequential
+`tools/call` through the gateway with its audit log on disk against the same gateway keeping the
+log in memory (`audit = ":memory:"`: no journal, so every event waits for its commit), interleaved,
+same policy set of ~100 rules as bench/call_latency.py.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ async def throughput(path: Path, sync: str, events: int, producers: int) -> floa
 async def main(events: int, calls: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
-        print(f"audit commit throughput, {events} events each (events committed per second)")
-        print(f"{'audit_sync':12}{'1 per commit':>14}{'group commit':>14}{'ratio':>8}")
+        print(f"audit recording throughput, {events} events each (events recorded per second)")
+        print(f"{'audit_sync':12}{'1 caller':>14}{f'{PRODUCERS} callers':>14}{'ratio':>8}")
         for sync in ("normal", "full"):
             count = events if sync == "normal" else events // 10
             single = await throughput(root / f"single-{sync}.db", sync, count, 1)
@@ -97,7 +99,7 @@ async def main(events: int, calls: int, rounds: int) -> None:
     added = (percentile(disk, 0.5) - percentile(memory, 0.5)) * 1000
     ratio = percentile(disk, 0.5) / percentile(memory, 0.5)
     print(f"{'ratio':12}{ratio:9.2f}x{percentile(disk, 0.99) / percentile(memory, 0.99):9.2f}x")
-    print(f"durable audit adds {added:.0f} us per call at p50")
+    print(f"the log on disk adds {added:.0f} us per call at p50 (negative: it saves that much)")
 
 
 if __name__ == "__main__":

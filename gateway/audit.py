@@ -188,18 +188,19 @@ class Recorder:
     async def record(self, *bodies: Mapping[str, Any], alone: bool = False) -> None:
         """Record events before the caller goes on; `AuditError` when they could not be.
 
-        With a journal, the events are durable once written there (they are committed to the chain as
-        soon as the event loop has nothing else to run). Otherwise the caller waits for the commit: with
-        `audit_sync = "normal"` it runs on the event loop once the callers already running have had
-        their turn, taking everything they queued (one commit for a burst of calls); a caller that knows
-        nobody else is about to record (`alone`) commits at once. Otherwise the writer task commits.
-        While the log cannot be written, nothing goes to the journal and every caller waits for a commit
-        (and is told it failed): a call is never made on the strength of a log that is failing.
+        A caller that knows nobody else is about to record (`alone`: one call at a time) writes its
+        events to the journal, where they are durable at once; the chain takes them a little later.
+        Otherwise (or without a journal) the caller waits for the commit: with `audit_sync = "normal"`
+        it runs on the event loop once the callers already running have had their turn, taking
+        everything they queued (for a burst of calls one commit costs less than a journal write each;
+        an `alone` caller without a journal commits at once); with `"full"` the writer task commits.
+        While the log cannot be written, nothing goes to the journal and every caller waits for a
+        commit (and is told it failed): a call is never made on the strength of a log that is failing.
         """
         if self._closing:
             raise AuditError(f"{self.path}: the audit log is closed (the gateway is shutting down)")
         texts = [canonical(body) for body in bodies]
-        if self._journal is not None and self.failure is None:
+        if alone and self._journal is not None and self.failure is None:
             try:
                 self._journal.write(texts)
             except OSError as exc:

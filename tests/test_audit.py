@@ -214,12 +214,12 @@ def chain_texts(path: Path) -> list[str]:
 
 
 @pytest.mark.anyio
-async def test_recorded_events_are_journaled_at_once_and_in_the_chain_by_the_end(tmp_path: Path) -> None:
+async def test_events_of_a_call_alone_are_journaled_at_once_and_in_the_chain_by_the_end(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
     recorder = Recorder(path)
     async with recorder.running():
         for index in range(3):
-            await recorder.record(event("decision", call_id=f"c{index}", tool="t"))
+            await recorder.record(event("decision", call_id=f"c{index}", tool="t"), alone=True)
         (journal,) = journal_directory(path).glob("*.jsonl")
         lines = journal.read_text().splitlines()
         assert [json.loads(line)["call_id"] for line in lines] == ["c0", "c1", "c2"]  # durable before any commit
@@ -266,7 +266,7 @@ async def test_a_journal_that_cannot_be_written_refuses_the_record_and_keeps_que
         assert journal is not None
         recorder._journal = Journal(journal.path, os.open("/dev/full", os.O_WRONLY))  # a full disk: ENOSPC
         with pytest.raises(AuditError, match="cannot write the audit journal"):
-            await recorder.record(event("decision", call_id="refused", tool="t"))
+            await recorder.record(event("decision", call_id="refused", tool="t"), alone=True)
         recorder.queue(event("session_end", call_id="queued"))  # kept in memory, committed later
         recorder._journal.close(remove=False)
         recorder._journal = journal
