@@ -1,11 +1,11 @@
 """The audit recorder: events built, secrets masked, made durable, and group-committed to the audit log.
 
-With `audit_sync = "normal"` and a log on disk, an event is durable once it is written to this
-process's journal (gateway/audit_journal.py: one `write`, no commit), and callers go on at once;
-journaled events are moved into the hash chain a few milliseconds later, many per commit, so a call
-pays for neither a commit nor the wait for one. Otherwise (`"full"`, a log in memory, or a log that
-is failing) callers wait until their events are committed: a commit takes everything queued so far
-(group commit), on the event loop right after the callers already running have queued theirs
+With `audit_sync = "normal"` and a log on disk, a call that is alone (one at a time) makes its
+events durable by writing them to this process's journal (gateway/audit_journal.py: one `write`, no
+commit) and goes on at once; journaled events are moved into the hash chain a few milliseconds
+later, many per commit. Otherwise (calls in flight together, `"full"`, a log in memory, or a log
+that is failing) callers wait until their events are committed: a commit takes everything pending
+so far (group commit), on the event loop right after the callers already running have queued theirs
 (`"normal"`), or in the writer task, which takes over whenever that cannot work: with `"full"` (an
 fsync per commit) or while another process holds the write lock, it commits in a worker thread.
 
@@ -342,17 +342,14 @@ class Recorder:
 class _Batch:
     """What one commit takes: journaled events first, then the others, and the callers waiting on it."""
 
-    __slots__ = ("journaled", "mark", "queued", "tickets")
+    __slots__ = ("bodies", "journaled", "mark", "queued", "tickets")
 
     def __init__(self, journaled: list[str], queued: list[str], mark: Mark | None, tickets: list[_Ticket]) -> None:
         self.journaled = journaled
         self.queued = queued
+        self.bodies = journaled + queued
         self.mark = mark
         self.tickets = tickets
-
-    @property
-    def bodies(self) -> list[str]:
-        return self.journaled + self.queued
 
     def settle(self, error: str | None) -> None:
         for ticket in self.tickets:

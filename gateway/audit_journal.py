@@ -81,10 +81,11 @@ class Journal:
         try:
             while written < len(data):
                 written += os.write(self._fd, data[written:])
-        finally:
+        except OSError:
             self.size += written
-            if written < len(data):
-                self._torn = self._torn or written > 0
+            self._torn = self._torn or written > 0
+            raise
+        self.size += written
         self._torn = False
         self.pending.extend(bodies)
 
@@ -132,18 +133,28 @@ def report_recovered(log: Path, moved: int) -> None:
 
 
 def _held(path: Path) -> bool:
-    """Whether a live process holds the journal at `path`."""
+    """Whether a live process holds the journal at `path` (or it is gone)."""
+    fd = _orphan(path)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def _orphan(path: Path) -> int | None:
+    """The journal at `path` opened and locked, if no live process holds it and it is still there."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return True  # gone meanwhile: nothing to do
+        return None  # recovered or removed by another process meanwhile
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+        if os.path.samestat(os.fstat(fd), path.stat()):
+            return fd
+    except (BlockingIOError, FileNotFoundError):  # its process is alive, or it was removed meanwhile
+        pass
+    os.close(fd)
+    return None
 
 
 def recover(store: AuditStore, directory: Path) -> int:
@@ -155,17 +166,10 @@ def recover(store: AuditStore, directory: Path) -> int:
         return 0
     moved = 0
     for path in sorted(directory.glob(f"*{SUFFIX}")):
+        fd = _orphan(path)
+        if fd is None:
+            continue
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue  # recovered or removed by another process meanwhile
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its process is alive
-            if not _still_there(fd, path):
-                continue
             start = store.drained(path.name)
             bodies, end = _complete_lines(path, _read_all(fd), start)
             if bodies:
@@ -176,13 +180,6 @@ def recover(store: AuditStore, directory: Path) -> int:
         finally:
             os.close(fd)
     return moved
-
-
-def _still_there(fd: int, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(fd), path.stat())
-    except FileNotFoundError:
-        return False
 
 
 def _read_all(fd: int) -> bytes:

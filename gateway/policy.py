@@ -11,6 +11,7 @@ record what they would have done.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import deque
@@ -157,8 +158,8 @@ class PolicyEngine:
         self._by_id = {rule.id: rule for rule in policies.rules}
         self._tools: tuple[str, ...] = ()
         self._index: dict[str, ToolRules] = {}
-        self._seen: dict[tuple[str, str, str], bool] = {}
-        """`visible` answers under the current rules, by (tool, client, principal)."""
+        self._seen = functools.lru_cache(maxsize=4096)(self._visible)
+        """`visible` answers under the current rules (cleared when the rules or the tools change)."""
 
     # -- state changes -------------------------------------------------------------------------
 
@@ -167,13 +168,13 @@ class PolicyEngine:
         self.policies = policies
         self._by_id = {rule.id: rule for rule in policies.rules}
         self._index = {tool: self._rules_of(tool) for tool in self._tools}
-        self._seen = {}
+        self._seen.cache_clear()
 
     def index_tools(self, tools: Iterable[str]) -> None:
         """Re-index the rules for the exposed tools of a new catalogue."""
         self._tools = tuple(tools)
         self._index = {tool: self._rules_of(tool) for tool in self._tools}
-        self._seen = {}
+        self._seen.cache_clear()
 
     def rules_for(self, tool: str) -> ToolRules:
         found = self._index.get(tool)
@@ -341,13 +342,7 @@ class PolicyEngine:
         """False when no rule can ever let this client call `tool`: it is then hidden from `tools/list`."""
         if self.monitor_mode:
             return True
-        key = (tool, client, principal)
-        seen = self._seen.get(key)
-        if seen is None:
-            if len(self._seen) >= 4096:
-                self._seen.clear()
-            seen = self._seen[key] = self._visible(tool, client, principal)
-        return seen
+        return self._seen(tool, client, principal)
 
     def _visible(self, tool: str, client: str, principal: str) -> bool:
         rules = [
