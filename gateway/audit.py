@@ -248,7 +248,10 @@ class Recorder:
         if self._drain is not None:
             self._drain.cancel()
             self._drain = None
-        if self._writing or self._store is None or not self._pending():
+        if self._writing:
+            self._wake.set()  # the writer task takes what is pending once its commit is done
+            return
+        if self._store is None or not self._pending():
             return
         batch = self._take()
         try:
