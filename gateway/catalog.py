@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 import mcp_types as types
 from jsonschema.exceptions import SchemaError, best_match
 from jsonschema.protocols import Validator
-from mcp.shared.uri_template import InvalidUriTemplate, UriTemplate
 from pydantic import ValidationError
 
 from gateway.schema import Matcher, compile_fast, compile_schema, describe_violation, digest
+from gateway.uri_template import InvalidUriTemplate, UriTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class Catalog:
         """The upstream that serves `uri`: a listed resource, else the one upstream whose template matches."""
         if (entry := self.resources.get(uri)) is not None:
             return entry[0]
-        owners = {upstream for upstream, template, _ in self.templates if template.match(uri) is not None}
+        owners = {upstream for upstream, template, _ in self.templates if template.match(uri)}
         return owners.pop() if len(owners) == 1 else None
 
 

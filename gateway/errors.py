@@ -3,17 +3,21 @@
     GatewayError                  anything the gateway reports on purpose
      ├── ConfigError              a file the user wrote is wrong (names file, table and key)
      │    └── PolicyError          a policy file is wrong (names file, rule id and key)
+     ├── ProtocolError            a request the gateway answers with a JSON-RPC error (code, message, data)
      └── UpstreamError            an upstream server could not serve a request (names the upstream)
           ├── UpstreamUnavailable not connected, failed to start, or died
           ├── UpstreamTimeout     no answer within the upstream's timeout
           └── UpstreamFault       answered, but with a JSON-RPC error or a malformed result
 
-Errors become MCP results or JSON-RPC errors in `gateway.server` only, and one line on stderr in
+Errors become MCP results or JSON-RPC errors where a transport answers a request (`gateway.stdio`,
+`gateway.sdk_server`), and one line on stderr in
 `gateway.cli` only. Their messages are written for the person or model reading them: they never carry
 a traceback or the text of an unexpected exception.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class GatewayError(Exception):
@@ -26,6 +30,23 @@ class ConfigError(GatewayError):
 
 class PolicyError(ConfigError):
     """A policy file is malformed; the message is one line naming file, rule id and key."""
+
+
+class ProtocolError(GatewayError):
+    """A request refused with a JSON-RPC error: an unknown tool or prompt, malformed parameters."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def wire(self) -> dict[str, Any]:
+        """The `error` member of a JSON-RPC response."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error
 
 
 class UpstreamError(GatewayError):

@@ -34,6 +34,7 @@ from typing import IO, Any, TypeGuard
 import anyio
 
 from gateway.calls import ProgressFn
+from gateway.errors import ProtocolError
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +56,8 @@ RequestHandler = Callable[[str, Mapping[str, Any] | None], Awaitable[Message]]
 NotificationHandler = Callable[[str, Mapping[str, Any] | None], None]
 
 
-class RemoteError(Exception):
+class RemoteError(ProtocolError):
     """The peer answered a request with a JSON-RPC error (or, raised by a handler, the error to answer with)."""
-
-    def __init__(self, code: int, message: str, data: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.data = data
 
 
 class RequestTimeout(Exception):
@@ -71,6 +66,10 @@ class RequestTimeout(Exception):
 
 class ChannelClosed(Exception):
     """The pipe closed before the answer came."""
+
+
+class ConnectionFailed(Exception):
+    """The connection to the peer failed underneath (a refused or broken HTTP request, say)."""
 
 
 def dumps(message: Any) -> bytes:
@@ -284,10 +283,7 @@ class Channel:
                 raise RemoteError(METHOD_NOT_FOUND, f"'{method}' is not served")
             reply["result"] = await self._on_request(method, params)
         except RemoteError as exc:
-            error: Message = {"code": exc.code, "message": exc.message}
-            if exc.data is not None:
-                error["data"] = exc.data
-            reply["error"] = error
+            reply["error"] = exc.wire()
         if self.closed is None:
             self._write(dumps(reply))
 

@@ -1,20 +1,23 @@
-"""Serving one agent over this process's stdin/stdout, with `tools/call` handled where it is read.
+"""Serving one agent over this process's stdin/stdout: MCP's server side, both protocol eras.
 
-Every line the agent sends is parsed once, as it arrives. A `tools/call` on an established
-connection takes the direct path: its own task runs the gateway's call (policy, audit, upstream)
-and writes the answer straight to the pipe. Everything else (the handshake, lists, prompts,
-resources, subscriptions, pings, malformed input) goes to the SDK server exactly as its own stdio
-transport would deliver it, and its answers are written to the same pipe. Both protocol eras are
-served: the first request decides the connection's era, as it does for the SDK server.
+Every line the agent sends is parsed once, as it arrives, and answered here; no SDK server (and
+none of the SDK's web stack) is loaded in the process. The first request decides the connection's
+era, as the MCP specification has it: `initialize` opens a handshake-era connection, a request
+carrying the 2026-07-28 `_meta` envelope opens a 2026 one, and a later claim from the other era is
+refused. Each request is checked with the specification's own per-version models (`mcp_types`),
+errors have the shapes the SDK server gives them, and results are sieved for the caller's version,
+so a client sees the same answers it would from an SDK server.
 
-The direct path keeps what the SDK path does for a call: the same parameter validation and error
-shapes, progress relayed to the caller's token, `notifications/cancelled` cancelling the call (a
-cancelled request is never answered), approval by elicitation (handshake era) or by input-required
-round trips (2026-07-28), and the same result sieve and server-info stamp.
+Served: `initialize` and `server/discover`, `ping` (handshake era), `tools/list`, `tools/call`,
+`prompts/list`, `prompts/get`, `resources/list`, `resources/templates/list`, `resources/read`, and
+`subscriptions/listen` (2026). List changes reach a handshake-era client as notifications and a
+2026 client on its listen streams. `notifications/cancelled` cancels any request in flight (a
+cancelled request is never answered). A `tools/call` relays progress to the caller's token and asks
+for approval by elicitation (handshake era) or input-required round trips (2026).
 
 While serving, fd 0 reads from the null device and fd 1 writes to stderr, so nothing else in the
-process (or a child that inherits them) can read the agent's input or corrupt its output. Input
-that is not a pipe or socket (a terminal, a file) is served by the SDK's own stdio transport.
+process (or a child that inherits them) can read the agent's input or corrupt its output. Input or
+output that is not a pipe or socket (a terminal, a file) is relayed through a pipe by a thread.
 """
 
 from __future__ import annotations
@@ -23,78 +26,134 @@ import asyncio
 import fcntl
 import json
 import logging
-import math
 import os
 import stat
+import threading
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
 import mcp_types as types
-from anyio.streams.memory import MemoryObjectReceiveStream
-from mcp.server.stdio import stdio_server
-from mcp.shared.exceptions import MCPError
-from mcp.shared.inbound import InboundLadderRejection, classify_inbound_request
-from mcp.shared.jsonrpc_dispatcher import handler_exception_to_error_data
-from mcp.shared.message import SessionMessage
-from mcp_types import CORE_RESULT_TYPES, PROTOCOL_VERSION_META_KEY, SERVER_INFO_META_KEY
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    CORE_RESULT_TYPES,
+    PROTOCOL_VERSION_META_KEY,
+    SERVER_INFO_META_KEY,
+)
 from mcp_types import methods as spec_methods
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from pydantic import ValidationError
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel, ValidationError
 
 from gateway.calls import ProgressFn
+from gateway.errors import ProtocolError
 from gateway.pipes import LineBuffer, dumps
-from gateway.server import Caller, Gateway
+from gateway.server import Caller, Gateway, ListKind
 
 logger = logging.getLogger(__name__)
 
-SDK_GRACE = 5.0
-"""Seconds the SDK server has, after the client hung up, to answer what it already received."""
 LEGACY = "handshake"
 MODERN = "2026-07-28"
+SUBSCRIPTION_ID_META_KEY = "io.modelcontextprotocol/subscriptionId"
+MAX_LISTEN_STREAMS = 1024
+_PARAMS: dict[str, type[BaseModel]] = {
+    "ping": types.RequestParams,
+    "server/discover": types.RequestParams,
+    "tools/list": types.PaginatedRequestParams,
+    "tools/call": types.CallToolRequestParams,
+    "prompts/list": types.PaginatedRequestParams,
+    "prompts/get": types.GetPromptRequestParams,
+    "resources/list": types.PaginatedRequestParams,
+    "resources/templates/list": types.PaginatedRequestParams,
+    "resources/read": types.ReadResourceRequestParams,
+    "subscriptions/listen": types.SubscriptionsListenRequestParams,
+}
+"""The requests served besides `initialize`, with the model their parameters must fit."""
+_LIST_FILTER: dict[ListKind, str] = {
+    "tools": "toolsListChanged",
+    "prompts": "promptsListChanged",
+    "resources": "resourcesListChanged",
+}
+_INVALID_PARAMS = ProtocolError(types.INVALID_PARAMS, "Invalid request parameters", "")
 
 
 async def serve_stdio_connection(gateway: Gateway) -> None:
     """Serve the agent on stdin/stdout until it hangs up."""
-    wire_in, wire_out = _claim_standard_streams()
-    if wire_in is None or wire_out is None:
-        async with stdio_server() as (read, write):
-            await gateway.server.run(read, write, gateway.server.create_initialization_options())
-        return
+    wire_in, wire_out, relays = _claim_standard_streams()
     try:
         await StdioConnection(gateway).serve(wire_in, wire_out)
     finally:
-        _restore_standard_streams(wire_in, wire_out)
+        for relay in relays:
+            relay.join(timeout=5.0)  # output relayed to a file or terminal is written out in full
+        _restore_standard_streams()
 
 
-def _claim_standard_streams() -> tuple[int | None, int | None]:
-    """Move the agent's pipes off fds 0 and 1 (which then read /dev/null and write to stderr).
+_saved_standard_streams: tuple[int, int] | None = None
 
-    `(None, None)`, claiming nothing, when either is not a pipe or socket.
+
+def _claim_standard_streams() -> tuple[int, int, list[threading.Thread]]:
+    """Move the agent's streams off fds 0 and 1 (which then read /dev/null and write to stderr).
+
+    Returns the read and write ends to serve on (pipes or sockets; anything else is relayed
+    through a pipe by a daemon thread) and the output relay to wait for at the end.
     """
-    for fd in (0, 1):
-        try:
-            mode = os.fstat(fd).st_mode
-        except OSError:
-            return None, None
-        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-            return None, None
+    global _saved_standard_streams
     wire_in = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
     wire_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+    _saved_standard_streams = (os.dup(wire_in), os.dup(wire_out))
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
     os.dup2(2, 1)
-    return wire_in, wire_out
+    relays: list[threading.Thread] = []
+    if not _is_stream(wire_in):
+        read_end, write_end = os.pipe()
+        _relay(wire_in, write_end, "stdin relay").start()
+        wire_in = read_end
+    if not _is_stream(wire_out):
+        read_end, write_end = os.pipe()
+        relay = _relay(read_end, wire_out, "stdout relay")
+        relay.start()
+        relays.append(relay)
+        wire_out = write_end
+    return wire_in, wire_out, relays
 
 
-def _restore_standard_streams(wire_in: int, wire_out: int) -> None:
-    for fd, wire in ((0, wire_in), (1, wire_out)):
+def _is_stream(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _relay(source: int, target: int, name: str) -> threading.Thread:
+    """A thread copying `source` to `target` until `source` ends; it closes both."""
+
+    def copy() -> None:
         try:
-            os.dup2(wire, fd)
+            while chunk := os.read(source, 65536):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(target, view) :]
+        except OSError as exc:
+            logger.debug("%s stopped: %s", name, exc)
+        finally:
+            os.close(source)
+            os.close(target)
+
+    return threading.Thread(target=copy, name=name, daemon=True)
+
+
+def _restore_standard_streams() -> None:
+    global _saved_standard_streams
+    if _saved_standard_streams is None:
+        return
+    for fd, saved in zip((0, 1), _saved_standard_streams, strict=True):
+        try:
+            os.dup2(saved, fd)
+            os.close(saved)
         except OSError:
             logger.debug("could not restore fd %d", fd)
+    _saved_standard_streams = None
 
 
 class _Writer(asyncio.Protocol):
@@ -126,6 +185,22 @@ class _Writer(asyncio.Protocol):
         await self._resumed.wait()
 
 
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """A request being served: its id, method and parameters, the protocol version it speaks, and who sent it."""
+
+    id: str | int
+    method: str
+    params: dict[str, Any] | None
+    version: str
+    caller: Caller | None
+    """`None` only for a handshake-era request before `initialize` (only `ping` gets that far)."""
+
+    @property
+    def modern(self) -> bool:
+        return self.version in MODERN_PROTOCOL_VERSIONS
+
+
 class StdioConnection(asyncio.Protocol):
     """One agent connection over a pair of pipes (the read side is this protocol)."""
 
@@ -134,48 +209,55 @@ class StdioConnection(asyncio.Protocol):
         self._lines = LineBuffer()
         self._writer = _Writer()
         self._ended = asyncio.Event()
-        send, receive = anyio.create_memory_object_stream[SessionMessage | Exception](math.inf)
-        self._to_sdk, self._sdk_input = send, receive
         self._era: str | None = None
-        self._initialize_id: Any = None
-        self._client_params: dict[str, Any] | None = None
+        self._version = LATEST_HANDSHAKE_VERSION
+        """The handshake era's negotiated version (the latest until `initialize` says otherwise)."""
         self._legacy: Caller | None = None
-        """The handshake-era caller once `initialize` succeeded (the direct path is open)."""
-        self._in_flight: dict[Any, anyio.CancelScope] = {}
+        """The handshake-era caller, once `initialize` succeeded."""
+        self._initialized = False
+        """`notifications/initialized` arrived (it opens the handshake-era gate too)."""
+        self._in_flight: dict[str, anyio.CancelScope] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._asked: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._next_ask = 0
+        self._listens: dict[str, tuple[dict[str, Any], frozenset[ListKind]]] = {}
+        """Open 2026 listen streams: their `_meta` stamp and the lists they follow."""
+        self._capabilities = {
+            era: _dump(
+                types.ServerCapabilities(
+                    prompts=types.PromptsCapability(list_changed=True),
+                    resources=types.ResourcesCapability(subscribe=era == MODERN, list_changed=True),
+                    tools=types.ToolsCapability(list_changed=True),
+                )
+            )
+            for era in (LEGACY, MODERN)
+        }
+        self._server_info = {"name": gateway.name, "version": gateway.version}
 
     async def serve(self, wire_in: int, wire_out: int) -> None:
         loop = asyncio.get_running_loop()
-        reader, _ = await loop.connect_read_pipe(lambda: self, os.fdopen(wire_in, "rb", buffering=0))
+        # The output first: reading starts as soon as the input is connected, and may answer at once.
         writer, _ = await loop.connect_write_pipe(lambda: self._writer, os.fdopen(wire_out, "wb", buffering=0))
-        sdk_output, sdk_replies = anyio.create_memory_object_stream[SessionMessage](0)
-        server = self.gateway.server
-        replied = anyio.Event()
+        reader: asyncio.BaseTransport | None = None
+        self.gateway.announcers.append(self._announce)
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._write_sdk_replies, sdk_replies, replied)
-                tg.start_soon(server.run, self._sdk_input, sdk_output, server.create_initialization_options())
-                await self._ended.wait()
-                self._to_sdk.close()
-                await self._finish_calls()
-                with anyio.move_on_after(SDK_GRACE):
-                    await replied.wait()  # the SDK server answered what it had and closed its output
-                tg.cancel_scope.cancel()
+            reader, _ = await loop.connect_read_pipe(lambda: self, os.fdopen(wire_in, "rb", buffering=0))
+            await self._ended.wait()
         finally:
+            self.gateway.announcers.remove(self._announce)
             with anyio.CancelScope(shield=True):
-                await self._finish_calls()
-            reader.close()
+                await self._finish()
+            if reader is not None:
+                reader.close()
             writer.close()
 
-    async def _finish_calls(self) -> None:
-        """Cancel the calls still running and wait until each has recorded its outcome."""
+    async def _finish(self) -> None:
+        """Cancel the requests still running and wait until each has ended (a call records its outcome)."""
         for scope in list(self._in_flight.values()):
             scope.cancel()
         for future in self._asked.values():
             if not future.done():
-                future.set_exception(MCPError(types.CONNECTION_CLOSED, "the client disconnected"))
+                future.set_exception(ProtocolError(types.CONNECTION_CLOSED, "the client disconnected"))
         if self._tasks:
             await asyncio.wait(list(self._tasks))
 
@@ -200,160 +282,276 @@ class StdioConnection(asyncio.Protocol):
         self._ended.set()
 
     def _route(self, line: bytes) -> None:
-        text = line.decode("utf-8", "replace")
         try:
-            message = json.loads(text)
+            message = json.loads(line)
         except ValueError:
-            message = None
-        if isinstance(message, dict) and self._take(message):
+            logger.warning("the client sent a line that is not JSON; ignored: %.200r", line)
             return
-        try:
-            item: SessionMessage | Exception = SessionMessage(
-                types.jsonrpc_message_adapter.validate_json(text, by_name=False)
-            )
-        except Exception as exc:  # handed to the SDK server, which answers a malformed message as it should
-            item = exc
-        try:
-            self._to_sdk.send_nowait(item)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            logger.debug("message after the SDK server stopped; dropped")
-
-    def _take(self, message: dict[str, Any]) -> bool:
-        """Handle `message` on the direct path; `False` hands it to the SDK server."""
+        problem = _malformed(message)
+        if problem is not None:
+            logger.warning("the client sent %s; ignored: %.200r", problem, line)
+            return
         method = message.get("method")
-        if "id" not in message:
-            if method == "notifications/cancelled":
-                return self._cancel(message.get("params"))
-            return False
-        request_id = message["id"]
-        if method is None:
-            return self._answered(request_id, message)
-        if self._era is None:
-            self._era = MODERN if method != "initialize" and _has_modern_envelope(message.get("params")) else LEGACY
-        if method == "initialize":
-            if self._era == LEGACY and self._legacy is None:
-                params = message.get("params")
-                self._initialize_id, self._client_params = request_id, params if isinstance(params, dict) else None
-            return False
-        if method != "tools/call" or not _is_request_id(request_id):
-            return False
         params = message.get("params")
-        if not isinstance(params, dict):
-            return False
-        if self._era == LEGACY:
-            if self._legacy is None or _has_modern_envelope(params):
-                return False
-            self._spawn(request_id, params, self._legacy)
-            return True
-        route = classify_inbound_request({"method": method, "params": params})
-        if isinstance(route, InboundLadderRejection):
-            return False
-        info = route.client_info or {}
-        session = self.gateway.stdio_session_info(
-            route.protocol_version, str(info.get("name", "")), str(info.get("version", ""))
-        )
-        capabilities = route.client_capabilities or {}
-        caller = Caller(session, modern=True, can_elicit=capabilities.get("elicitation") is not None)
-        self._spawn(request_id, params, caller)
-        return True
+        if method is None:
+            self._answered(message["id"], message)
+        elif "id" not in message:
+            self._notified(method, params)
+        else:
+            self._requested(message["id"], method, params)
 
-    def _cancel(self, params: Any) -> bool:
-        request_id = params.get("requestId") if isinstance(params, dict) else None
-        scope = self._in_flight.get(_key(request_id)) if _is_request_id(request_id) else None
-        if scope is None:
-            return False
-        scope.cancel()
-        return True
+    def _notified(self, method: str, params: dict[str, Any] | None) -> None:
+        if method == "notifications/cancelled":
+            request_id = params.get("requestId") if params is not None else None
+            scope = self._in_flight.get(_key(request_id)) if _is_request_id(request_id) else None
+            if scope is not None:
+                scope.cancel()
+        elif method == "notifications/initialized":
+            self._initialized = True
+            if self._legacy is None:  # the handshake skipped: the gate opens for a client that named nobody
+                session = self.gateway.session_info(self.gateway.stdio_session, self._version, "", "")
+                self._legacy = Caller(session, modern=False, can_elicit=False, elicit=self._elicit)
+        else:
+            logger.debug("notification %s from the client; nothing to do", method)
 
-    def _answered(self, request_id: Any, message: dict[str, Any]) -> bool:
-        """A reply to a request the direct path sent the client (elicitation)."""
+    def _answered(self, request_id: Any, message: dict[str, Any]) -> None:
+        """A reply to a request the gateway sent the client (elicitation)."""
         future = self._asked.pop(request_id, None) if isinstance(request_id, str) else None
         if future is None:
-            return False
+            logger.debug("the client answered %r, which is not a request in flight; ignored", request_id)
+            return
         if future.done():
-            return True
+            return
         if isinstance(message.get("result"), dict):
             future.set_result(message["result"])
         else:
             error = _object(message.get("error"))
             code = error.get("code")
             text = str(error.get("message", "the client answered with an error"))
-            future.set_exception(MCPError(code if isinstance(code, int) else types.INTERNAL_ERROR, text))
-        return True
+            future.set_exception(ProtocolError(code if isinstance(code, int) else types.INTERNAL_ERROR, text))
 
-    # -- the direct path -----------------------------------------------------------------------
+    # -- requests --------------------------------------------------------------------------------
 
-    def _spawn(self, request_id: Any, params: dict[str, Any], caller: Caller) -> None:
+    def _requested(self, request_id: str | int, method: str, params: dict[str, Any] | None) -> None:
+        if self._era is None:
+            self._era = MODERN if method != "initialize" and _has_modern_envelope(params) else LEGACY
+        try:
+            request = self._admit(request_id, method, params)
+        except ProtocolError as exc:
+            self._reply_error(request_id, exc.wire())
+            return
+        if request is not None:
+            self._spawn(request)
+
+    def _admit(self, request_id: str | int, method: str, params: dict[str, Any] | None) -> _Request | None:
+        """The request, ready to serve in a task of its own; `None` when answered here (`initialize`).
+
+        Raises `ProtocolError` for a request refused before it runs.
+        """
+        if self._era == LEGACY:
+            if method == "initialize":
+                self._initialize(request_id, params)
+                return None
+            if _has_modern_envelope(params):
+                raise ProtocolError(
+                    types.INVALID_REQUEST,
+                    "this connection serves the handshake protocol era; "
+                    "requests carrying the 2026-07-28 envelope are not accepted on it",
+                )
+            request = _Request(request_id, method, params, self._version, self._legacy)
+        else:
+            if method == "initialize":
+                raise ProtocolError(
+                    types.UNSUPPORTED_PROTOCOL_VERSION,
+                    "connection is serving the 2026-07-28 protocol; the initialize handshake is not accepted",
+                    _unsupported_data(params),
+                )
+            version, info, capabilities = _envelope(params)
+            session = self.gateway.session_info(
+                self.gateway.stdio_session, version, str(info.get("name", "")), str(info.get("version", ""))
+            )
+            caller = Caller(session, modern=True, can_elicit=capabilities.get("elicitation") is not None)
+            request = _Request(request_id, method, params, version, caller)
+        _check_spec(method, request.version, params)
+        if method not in _PARAMS:
+            raise ProtocolError(types.METHOD_NOT_FOUND, "Method not found", method)
+        if request.caller is None and method != "ping":
+            raise _INVALID_PARAMS  # the handshake-era gate: nothing but ping before initialize
+        return request
+
+    def _initialize(self, request_id: str | int, params: dict[str, Any] | None) -> None:
+        """The handshake, answered at once, so a request pipelined behind it finds the connection open."""
+        try:
+            _check_spec("initialize", self._version, params)
+            init = types.InitializeRequestParams.model_validate(params or {}, by_name=False)
+        except ValidationError:
+            self._reply_error(request_id, _INVALID_PARAMS.wire())
+            return
+        negotiated = init.protocol_version
+        if negotiated not in HANDSHAKE_PROTOCOL_VERSIONS:
+            negotiated = LATEST_HANDSHAKE_VERSION
+        result = {
+            "protocolVersion": negotiated,
+            "capabilities": self._capabilities[LEGACY],
+            "serverInfo": dict(self._server_info),
+        }
+        self._reply(request_id, self._serialize("initialize", self._version, result))
+        self._version = negotiated
+        info = init.client_info
+        session = self.gateway.session_info(self.gateway.stdio_session, negotiated, info.name, info.version)
+        can_elicit = init.capabilities.elicitation is not None
+        self._legacy = Caller(session, modern=False, can_elicit=can_elicit, elicit=self._elicit)
+
+    def _spawn(self, request: _Request) -> None:
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("tools/call %r on the direct path (protocol %s)", request_id, caller.session.protocol_version)
-        token = _progress_token(params)
-        if token is not None:
-            caller = replace(caller, progress=self._progress_relay(token))
+            logger.debug("%s %r (protocol %s)", request.method, request.id, request.version)
         scope = anyio.CancelScope()
-        self._in_flight[_key(request_id)] = scope
-        task = asyncio.get_running_loop().create_task(self._serve_call(request_id, params, caller, scope))
+        key = _key(request.id)
+        self._in_flight[key] = scope
+        task = asyncio.get_running_loop().create_task(self._serve(request, scope))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve_call(
-        self, request_id: Any, params: dict[str, Any], caller: Caller, scope: anyio.CancelScope
-    ) -> None:
+    async def _serve(self, request: _Request, scope: anyio.CancelScope) -> None:
         reply: dict[str, Any] | None = None
         try:
             with scope:
-                reply = await self._answer(request_id, params, caller)
+                reply = await self._answer(request)
         finally:
-            if self._in_flight.get(_key(request_id)) is scope:
-                del self._in_flight[_key(request_id)]
+            if self._in_flight.get(_key(request.id)) is scope:
+                del self._in_flight[_key(request.id)]
         if reply is not None and not scope.cancel_called:
             self._writer.write(dumps(reply))
 
-    async def _answer(self, request_id: Any, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
-        version = caller.session.protocol_version
+    async def _answer(self, request: _Request) -> dict[str, Any]:
         try:
-            spec_methods.validate_client_request("tools/call", version, params)
-            typed = types.CallToolRequestParams.model_validate(params, by_name=False)
-            result = await self.gateway.call_tool(caller, typed)
-            return {"jsonrpc": "2.0", "id": request_id, "result": self._serialize(version, result)}
+            typed = _PARAMS[request.method].model_validate(request.params or {}, by_name=False)
+            result = await self._handle(request, typed)
+            return {
+                "jsonrpc": "2.0",
+                "id": request.id,
+                "result": self._serialize(request.method, request.version, result),
+            }
         except Exception as exc:
-            error = handler_exception_to_error_data(exc)
-            if error is None:
-                logger.exception("tools/call %r failed", request_id)
-                error = types.ErrorData(code=types.INTERNAL_ERROR, message="Internal server error")
-            data = error.model_dump(by_alias=True, mode="json", exclude_unset=True)
-            return {"jsonrpc": "2.0", "id": request_id, "error": data}
+            return {"jsonrpc": "2.0", "id": request.id, "error": _error(exc, request.method)}
 
-    def _serialize(self, version: str, result: Mapping[str, Any]) -> dict[str, Any]:
-        """The result as the SDK server shapes one: sieved for the version; 2026 results typed and stamped."""
-        dumped = dict(result)
+    async def _handle(self, request: _Request, params: Any) -> BaseModel | Mapping[str, Any]:
+        gateway, method = self.gateway, request.method
+        if method == "tools/call":
+            assert request.caller is not None
+            caller = request.caller
+            token = _progress_token(request.params)
+            if token is not None:
+                caller = replace(caller, progress=self._progress_relay(token))
+            result = dict(await gateway.call_tool(caller, params))
+            if request.modern:
+                result.setdefault("resultType", "complete")
+            return result
+        if method == "tools/list":
+            assert request.caller is not None
+            return await gateway.list_tools(request.caller.session)
+        if method == "prompts/list":
+            return await gateway.list_prompts()
+        if method == "prompts/get":
+            return await gateway.get_prompt(params, modern=request.modern)
+        if method == "resources/list":
+            return await gateway.list_resources()
+        if method == "resources/templates/list":
+            return await gateway.list_resource_templates()
+        if method == "resources/read":
+            return await gateway.read_resource(params, modern=request.modern)
+        if method == "server/discover":
+            return {
+                "supportedVersions": list(MODERN_PROTOCOL_VERSIONS),
+                "capabilities": self._capabilities[MODERN],
+                "resultType": "complete",
+            }
+        if method == "subscriptions/listen":
+            return await self._listen(request, params)
+        return {}  # ping
+
+    def _serialize(self, method: str, version: str, result: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
+        """A result shaped as the SDK server shapes one: cache hints, the version's sieve, and for 2026 the
+        result type and the server-info stamp."""
+        if method in spec_methods.CACHEABLE_METHODS:
+            # The catalogue can change at any moment and differs per caller: nothing is cacheable.
+            if isinstance(result, types.CacheableResult):
+                hint = {"ttl_ms": 0, "cache_scope": "private"}
+                result = result.model_copy(update={k: v for k, v in hint.items() if k not in result.model_fields_set})
+            elif isinstance(result, Mapping) and not spec_methods.is_input_required(result):
+                result = {"ttlMs": 0, "cacheScope": "private", **result}
+        dumped = _dump(result) if isinstance(result, BaseModel) else dict(result)
         modern = version in MODERN_PROTOCOL_VERSIONS
-        if modern:
-            dumped.setdefault("resultType", "complete")
         result_type = dumped.get("resultType")
         if not modern or not isinstance(result_type, str) or result_type in CORE_RESULT_TYPES:
             try:
-                dumped = spec_methods.serialize_server_result("tools/call", version, dumped)
+                dumped = spec_methods.serialize_server_result(method, version, dumped)
             except ValidationError:
-                logger.exception("tools/call produced an invalid result")
-                raise MCPError(types.INTERNAL_ERROR, "Handler returned an invalid result") from None
+                logger.exception("%s produced an invalid result", method)
+                raise ProtocolError(types.INTERNAL_ERROR, "Handler returned an invalid result") from None
         if modern:
+            dumped.setdefault("resultType", "complete")
             meta = dumped.get("_meta")
             if meta is None:
-                dumped["_meta"] = {SERVER_INFO_META_KEY: self.gateway.server.server_info_stamp}
+                dumped["_meta"] = {SERVER_INFO_META_KEY: dict(self._server_info)}
             elif isinstance(meta, dict) and meta.get(SERVER_INFO_META_KEY) is None:
-                dumped["_meta"] = {**meta, SERVER_INFO_META_KEY: self.gateway.server.server_info_stamp}
+                dumped["_meta"] = {**meta, SERVER_INFO_META_KEY: dict(self._server_info)}
         return dumped
 
-    def _progress_relay(self, token: str | int) -> ProgressFn:
-        writer = self._writer
+    def _reply(self, request_id: str | int, result: dict[str, Any]) -> None:
+        self._writer.write(dumps({"jsonrpc": "2.0", "id": request_id, "result": result}))
 
+    def _reply_error(self, request_id: str | int, error: dict[str, Any]) -> None:
+        self._writer.write(dumps({"jsonrpc": "2.0", "id": request_id, "error": error}))
+
+    def _notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        self._writer.write(dumps(message))
+
+    # -- changes, progress, elicitation ----------------------------------------------------------
+
+    async def _listen(self, request: _Request, params: types.SubscriptionsListenRequestParams) -> dict[str, Any]:
+        """A 2026 listen stream: acknowledged at once, then open until the client cancels it."""
+        if len(self._listens) >= MAX_LISTEN_STREAMS:
+            raise ProtocolError(types.INTERNAL_ERROR, "Subscription limit reached")
+        asked = params.notifications
+        honored = types.SubscriptionFilter(
+            tools_list_changed=True if asked.tools_list_changed else None,
+            prompts_list_changed=True if asked.prompts_list_changed else None,
+            resources_list_changed=True if asked.resources_list_changed else None,
+            resource_subscriptions=list(asked.resource_subscriptions) if asked.resource_subscriptions else None,
+        )
+        meta = {SUBSCRIPTION_ID_META_KEY: request.id}
+        followed = frozenset(kind for kind, key in _LIST_FILTER.items() if key in _dump(honored))
+        key = _key(request.id)
+        self._notify("notifications/subscriptions/acknowledged", {"notifications": _dump(honored), "_meta": meta})
+        self._listens[key] = (meta, followed)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            del self._listens[key]
+        return {"_meta": meta}  # pragma: no cover (a listen stream ends only by cancellation)
+
+    async def _announce(self, changed: list[ListKind]) -> None:
+        if self._era == LEGACY:
+            for kind in changed:
+                self._notify(f"notifications/{kind}/list_changed")
+            return
+        for meta, followed in list(self._listens.values()):
+            for kind in changed:
+                if kind in followed:
+                    self._notify(f"notifications/{kind}/list_changed", {"_meta": meta})
+
+    def _progress_relay(self, token: str | int) -> ProgressFn:
         async def relay(progress: float, total: float | None, message: str | None) -> None:
             params: dict[str, Any] = {"progressToken": token, "progress": progress}
             if total is not None:
                 params["total"] = total
             if message is not None:
                 params["message"] = message
-            writer.write(dumps({"jsonrpc": "2.0", "method": "notifications/progress", "params": params}))
+            self._notify("notifications/progress", params)
 
         return relay
 
@@ -364,12 +562,7 @@ class StdioConnection(asyncio.Protocol):
         params = types.ElicitRequestFormParams(message=message, requested_schema=schema)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._asked[request_id] = future
-        request = {
-            "jsonrpc": "2.0",
-            "id": request_id,
-            "method": "elicitation/create",
-            "params": params.model_dump(by_alias=True, mode="json", exclude_unset=True),
-        }
+        request = {"jsonrpc": "2.0", "id": request_id, "method": "elicitation/create", "params": _dump(params)}
         try:
             self._writer.write(dumps(request))
             raw = await future
@@ -379,36 +572,87 @@ class StdioConnection(asyncio.Protocol):
             return types.ElicitResult.model_validate(raw, by_name=False).model_dump(by_alias=True, mode="json")
         except ValidationError:
             message = "the client answered elicitation/create with a malformed result"
-            raise MCPError(types.INVALID_PARAMS, message) from None
+            raise ProtocolError(types.INVALID_PARAMS, message) from None
 
-    # -- the SDK server's side -----------------------------------------------------------------
 
-    async def _write_sdk_replies(self, replies: MemoryObjectReceiveStream[SessionMessage], done: anyio.Event) -> None:
-        try:
-            async with replies:
-                async for item in replies:
-                    message = item.message
-                    if isinstance(message, types.JSONRPCResponse) and message.id == self._initialize_id:
-                        self._opened(message.result)
-                    self._writer.write(message.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n")
-                    await self._writer.drain()
-        finally:
-            done.set()
+def _dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(by_alias=True, mode="json", exclude_none=True)
 
-    def _opened(self, result: Mapping[str, Any]) -> None:
-        """The SDK server accepted `initialize`: the handshake-era direct path opens."""
-        self._initialize_id = None
-        if self._legacy is not None:
-            return
-        version = result.get("protocolVersion")
-        client = self._client_params or {}
-        info, capabilities = _object(client.get("clientInfo")), _object(client.get("capabilities"))
-        session = self.gateway.stdio_session_info(
-            version if isinstance(version, str) else "", str(info.get("name", "")), str(info.get("version", ""))
+
+def _check_spec(method: str, version: str, params: Mapping[str, Any] | None) -> None:
+    """The specification's check of a request's parameters for `version` (methods it defines only)."""
+    if method not in spec_methods.SPEC_CLIENT_METHODS:
+        return
+    try:
+        spec_methods.validate_client_request(method, version, params)
+    except KeyError:
+        raise ProtocolError(types.METHOD_NOT_FOUND, "Method not found", method) from None
+    except ValidationError:
+        raise _INVALID_PARAMS from None
+
+
+def _error(exc: Exception, method: str) -> dict[str, Any]:
+    """The JSON-RPC error a request's failure is answered with; an unexpected one never shows its text."""
+    if isinstance(exc, ProtocolError):
+        return exc.wire()
+    if isinstance(exc, ValidationError):
+        return _INVALID_PARAMS.wire()
+    logger.error("%s failed inside the gateway", method, exc_info=exc)
+    return {"code": types.INTERNAL_ERROR, "message": "Internal server error"}
+
+
+def _envelope(params: Mapping[str, Any] | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A 2026 request's envelope: protocol version, client info, client capabilities."""
+    meta = params.get("_meta") if params is not None else None
+    if not isinstance(meta, dict):
+        raise ProtocolError(
+            types.INVALID_PARAMS,
+            "params._meta must be an object carrying the required "
+            f"{PROTOCOL_VERSION_META_KEY!r} and {CLIENT_CAPABILITIES_META_KEY!r} envelope keys",
         )
-        self._legacy = Caller(
-            session, modern=False, can_elicit=capabilities.get("elicitation") is not None, elicit=self._elicit
+    missing = [key for key in (PROTOCOL_VERSION_META_KEY, CLIENT_CAPABILITIES_META_KEY) if key not in meta]
+    if missing:
+        raise ProtocolError(
+            types.INVALID_PARAMS, f"params._meta is missing the required envelope key(s): {', '.join(missing)}"
         )
+    version = meta[PROTOCOL_VERSION_META_KEY]
+    if not isinstance(version, str):
+        raise ProtocolError(types.INVALID_PARAMS, "the protocol-version envelope value must be a string")
+    if version not in MODERN_PROTOCOL_VERSIONS:
+        data = types.UnsupportedProtocolVersionErrorData(supported=list(MODERN_PROTOCOL_VERSIONS), requested=version)
+        raise ProtocolError(
+            types.UNSUPPORTED_PROTOCOL_VERSION, "Unsupported protocol version", data.model_dump(mode="json")
+        )
+    return version, _object(meta.get(CLIENT_INFO_META_KEY)), _object(meta[CLIENT_CAPABILITIES_META_KEY])
+
+
+def _unsupported_data(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What an `initialize` on a 2026 connection is told: the versions served (and what it asked for)."""
+    requested = (params or {}).get("protocolVersion")
+    if isinstance(requested, str):
+        data = types.UnsupportedProtocolVersionErrorData(supported=list(MODERN_PROTOCOL_VERSIONS), requested=requested)
+        return data.model_dump(mode="json")
+    return {"supported": list(MODERN_PROTOCOL_VERSIONS)}
+
+
+def _malformed(message: Any) -> str | None:
+    """What makes `message` not a JSON-RPC 2.0 message the gateway can act on; `None` when it is one."""
+    if not isinstance(message, dict):
+        return "a JSON value that is not a message object"
+    if message.get("jsonrpc") != "2.0":
+        return 'a message without "jsonrpc": "2.0"'
+    if "params" in message and not isinstance(message["params"], dict):
+        return "a message whose params are not an object"
+    method = message.get("method")
+    if method is None:
+        if not _is_request_id(message.get("id")) or not ("result" in message or "error" in message):
+            return "a response without a valid id and result or error"
+        return None
+    if not isinstance(method, str):
+        return "a message whose method is not a string"
+    if "id" in message and not _is_request_id(message["id"]):
+        return "a request whose id is not a string or an integer"
+    return None
 
 
 def _has_modern_envelope(params: Any) -> bool:
@@ -432,7 +676,7 @@ def _key(request_id: Any) -> str:
     return str(request_id)
 
 
-def _progress_token(params: dict[str, Any]) -> str | int | None:
-    meta = params.get("_meta")
+def _progress_token(params: dict[str, Any] | None) -> str | int | None:
+    meta = params.get("_meta") if params is not None else None
     token = meta.get("progressToken") if isinstance(meta, dict) else None
     return token if _is_request_id(token) else None

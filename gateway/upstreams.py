@@ -21,13 +21,7 @@ from typing import Any, Protocol, TextIO
 
 import anyio
 import anyio.abc
-import httpx2
 import mcp_types as types
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.dispatcher import CallOptions, DispatchContext
-from mcp.shared.exceptions import MCPError
-from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
-from mcp.shared.transport_context import TransportContext
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 from pydantic import ValidationError
 
@@ -39,6 +33,7 @@ from gateway.errors import UpstreamFault, UpstreamTimeout, UpstreamUnavailable
 from gateway.pins import Assessment, Lock, Mode, assess, screened
 from gateway.pipes import (
     ChannelClosed,
+    ConnectionFailed,
     NotificationHandler,
     RemoteError,
     RequestTimeout,
@@ -53,7 +48,6 @@ INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 HTTP_PING_INTERVAL = 30.0
 _LIST_PAGE_LIMIT = 1000
-_PROTOCOL_VERSION_HEADER = "mcp-protocol-version"
 _LIST_CHANGED = frozenset(
     {
         "notifications/tools/list_changed",
@@ -111,7 +105,7 @@ class UpstreamSession:
         self.init = result
         try:
             await self._link.notify("notifications/initialized", None)
-        except (ChannelClosed, anyio.BrokenResourceError, anyio.ClosedResourceError, httpx2.HTTPError) as exc:
+        except (ChannelClosed, ConnectionFailed, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             raise UpstreamUnavailable(self.name, f"connection failed: {exc}") from None
         return result
 
@@ -136,7 +130,7 @@ class UpstreamSession:
             raise UpstreamUnavailable(self.name, "closed the connection") from None
         except RemoteError as exc:
             raise UpstreamFault(self.name, f"answered {method} with error {exc.code}: {exc.message}") from None
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, httpx2.HTTPError) as exc:
+        except (ConnectionFailed, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             raise UpstreamUnavailable(self.name, f"connection failed: {exc}") from None
 
     async def list_all(self) -> UpstreamListing:
@@ -182,50 +176,6 @@ async def _answer_upstream_request(method: str, params: Mapping[str, Any] | None
     if method == "ping":
         return {}
     raise RemoteError(types.METHOD_NOT_FOUND, f"mcp-armor does not serve '{method}' to upstream servers")
-
-
-class HttpLink:
-    """A streamable-HTTP upstream through the SDK's JSON-RPC dispatcher, with `Link`'s errors."""
-
-    def __init__(self, dispatcher: JSONRPCDispatcher[TransportContext]) -> None:
-        self._dispatcher = dispatcher
-        self.protocol_version: str | None = None
-        """Sent as `mcp-protocol-version` on every request after `initialize` (taken from its answer)."""
-
-    def _options(self) -> CallOptions:
-        opts: CallOptions = {}
-        if self.protocol_version is not None:
-            opts["headers"] = {_PROTOCOL_VERSION_HEADER: self.protocol_version}
-        return opts
-
-    async def request(
-        self,
-        method: str,
-        params: Mapping[str, Any] | None,
-        *,
-        seconds: float,
-        on_progress: ProgressFn | None = None,
-        cancel_on_abandon: bool = True,
-    ) -> dict[str, Any]:
-        opts = self._options()
-        opts["timeout"] = seconds
-        opts["cancel_on_abandon"] = cancel_on_abandon
-        if on_progress is not None:
-            opts["on_progress"] = on_progress
-        try:
-            result = await self._dispatcher.send_raw_request(method, params, opts)
-        except MCPError as exc:
-            if exc.error.code == types.REQUEST_TIMEOUT:
-                raise RequestTimeout() from None
-            if exc.error.code == types.CONNECTION_CLOSED:
-                raise ChannelClosed(exc.error.message) from None
-            raise RemoteError(exc.error.code, exc.error.message, exc.error.data) from None
-        if method == "initialize" and isinstance(version := result.get("protocolVersion"), str):
-            self.protocol_version = version
-        return result
-
-    async def notify(self, method: str, params: Mapping[str, Any] | None = None) -> None:
-        await self._dispatcher.notify(method, params, self._options())
 
 
 class Upstream:
@@ -468,7 +418,7 @@ def _describe_failure(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, OSError):
         return f"could not be started: {exc.strerror or exc}"
-    if isinstance(exc, httpx2.HTTPError):
+    if type(exc).__module__.split(".")[0] == "httpx2":  # only ever raised once an HTTP upstream loaded it
         return f"HTTP error: {exc}"
     return f"{type(exc).__name__}: {exc}"
 
@@ -502,36 +452,7 @@ async def _open_link(
         return
     if spec.url is None:
         raise ValueError(f"upstream '{spec.name}' has neither command nor url")
-    timeout = httpx2.Timeout(30, read=300)
-    closed = anyio.Event()
-    async with (
-        httpx2.AsyncClient(headers=dict(spec.headers), timeout=timeout) as http,
-        streamable_http_client(spec.url, http_client=http) as (read, write),
-        anyio.create_task_group() as link_tg,
-    ):
-        dispatcher: JSONRPCDispatcher[TransportContext] = JSONRPCDispatcher(read, write)
+    from gateway.http_upstream import open_http_link  # the SDK's HTTP client loads only for URL upstreams
 
-        async def on_request(
-            dctx: DispatchContext[TransportContext], method: str, params: Mapping[str, Any] | None
-        ) -> dict[str, Any]:
-            try:
-                return await _answer_upstream_request(method, params)
-            except RemoteError as exc:
-                raise MCPError(code=exc.code, message=exc.message) from None
-
-        async def on_dispatched_notify(
-            dctx: DispatchContext[TransportContext], method: str, params: Mapping[str, Any] | None
-        ) -> None:
-            on_notify(method, params)
-
-        async def run_dispatcher(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-            try:
-                await dispatcher.run(on_request, on_dispatched_notify, task_status=task_status)
-            finally:
-                closed.set()
-
-        await link_tg.start(run_dispatcher)
-        try:
-            yield HttpLink(dispatcher), closed
-        finally:
-            link_tg.cancel_scope.cancel()
+    async with open_http_link(spec, _answer_upstream_request, on_notify) as (link, closed):
+        yield link, closed

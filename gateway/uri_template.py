@@ -1,0 +1,93 @@
+"""RFC 6570 URI templates, as far as routing a `resources/read` needs them: parse, then match a URI.
+
+A template is checked when an upstream lists it (a malformed one is dropped with a note), and
+compiled into one regular expression. Matching answers "could this upstream have made this URI":
+a simple `{name}` stays within one path segment, `{+path}` and `{#frag}` take anything, the
+`.` `/` `;` operators take their own separated pieces, and a `{?...}` / `{&...}` tail accepts any
+query. Values are not decoded or extracted; the upstream that owns the URI reads it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_LENGTH = 1024
+MAX_VARIABLES = 64
+_VARIABLE = re.compile(r"^(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2})(?:\.?(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2}))*$")
+_SEGMENT = r"[^/?#]*"
+_PIECE = {".": r"[^/?#.]*", "/": r"[^/?#]*", ";": r"[^/?#;]*"}
+_EXPLODED = {".": r"(?:\.[^/?#]*)*", "/": r"(?:/[^/?#]*)*", ";": r"(?:;[^/?#]*)*"}
+_QUERY = r"(?:[?&][^#]*)?"
+
+
+class InvalidUriTemplate(ValueError):
+    """A template that is not RFC 6570 (the message says where)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UriTemplate:
+    template: str
+    pattern: re.Pattern[str]
+
+    @classmethod
+    def parse(cls, template: str) -> UriTemplate:
+        if len(template) > MAX_LENGTH:
+            raise InvalidUriTemplate(f"template longer than {MAX_LENGTH} characters")
+        regex: list[str] = []
+        names: set[str] = set()
+        position = 0
+        while position < len(template):
+            opening = template.find("{", position)
+            literal = template[position : len(template) if opening == -1 else opening]
+            if "}" in literal:
+                raise InvalidUriTemplate(f"'}}' without '{{' at position {position + literal.index('}')}")
+            regex.append(re.escape(literal))
+            if opening == -1:
+                break
+            closing = template.find("}", opening)
+            if closing == -1:
+                raise InvalidUriTemplate(f"unclosed expression at position {opening}")
+            regex.append(_expression(template[opening + 1 : closing], opening, names))
+            position = closing + 1
+        return cls(template, re.compile("".join(regex), re.DOTALL))
+
+    def match(self, uri: str) -> bool:
+        return len(uri) <= 4 * MAX_LENGTH and self.pattern.fullmatch(uri) is not None
+
+
+def _expression(body: str, position: int, names: set[str]) -> str:
+    """The regular expression for one `{...}` (its body without braces)."""
+    if not body:
+        raise InvalidUriTemplate(f"empty expression at position {position}")
+    operator = body[0] if body[0] in "+#./;?&" else ""
+    if body[0] in "=,!@|":
+        raise InvalidUriTemplate(f"reserved operator '{body[0]}' at position {position}")
+    specs = body[len(operator) :].split(",")
+    exploded = False
+    for spec in specs:
+        name, _, prefix = spec.partition(":")
+        explode = name.endswith("*") and not prefix
+        name = name.removesuffix("*") if explode else name
+        if not _VARIABLE.match(name):
+            raise InvalidUriTemplate(f"invalid variable name {name!r} at position {position}")
+        if prefix and not (prefix.isdigit() and 0 < int(prefix) < 10000):
+            raise InvalidUriTemplate(f"invalid prefix length {prefix!r} at position {position}")
+        if name in names:
+            raise InvalidUriTemplate(f"variable {name!r} appears more than once")
+        names.add(name)
+        exploded = exploded or explode
+    if len(names) > MAX_VARIABLES:
+        raise InvalidUriTemplate(f"more than {MAX_VARIABLES} variables")
+    if operator in ("?", "&"):
+        return _QUERY
+    if operator == "+":
+        return ".*"
+    if operator == "":
+        return _SEGMENT
+    if operator == "#":
+        return "(?:#.*)?"
+    if exploded:
+        return _EXPLODED[operator]
+    lead = re.escape(operator)
+    return f"(?:{lead}{_PIECE[operator]}){{0,{len(specs)}}}"

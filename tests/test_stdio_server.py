@@ -1,0 +1,321 @@
+"""The stdio server the gateway runs itself: MCP's server side in both eras, with no SDK server loaded.
+
+A real gateway process, driven over its pipes by a plain JSON-RPC client, is asked what an SDK
+server is asked (the handshake and its gate, the 2026-07-28 envelope ladder, lists with their cache
+hints, listen streams, malformed input) and must answer exactly as the SDK server answers. Also:
+resource-template routing, and input and output that are files rather than pipes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp.shared.uri_template import InvalidUriTemplate as SdkInvalid
+from mcp.shared.uri_template import UriTemplate as SdkTemplate
+
+from gateway.uri_template import InvalidUriTemplate, UriTemplate
+from tests.conftest import RawSession, ServerLog, fixture_upstream, gateway_command, gateway_process, write_config
+
+pytestmark = pytest.mark.anyio
+VERSION = "io.modelcontextprotocol/protocolVersion"
+CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+INFO = "io.modelcontextprotocol/clientInfo"
+SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+SUBSCRIPTION = "io.modelcontextprotocol/subscriptionId"
+INIT = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+
+
+def envelope(**params: Any) -> dict[str, Any]:
+    """2026-07-28 request parameters: `params` plus the per-request envelope."""
+    meta = {VERSION: "2026-07-28", CAPABILITIES: {}, INFO: {"name": "raw", "version": "1"}}
+    return {**params, "_meta": meta}
+
+
+class Session(RawSession):
+    """A raw session that keeps the notifications seen while waiting for an answer."""
+
+    def __init__(self, proc: anyio.abc.Process) -> None:
+        super().__init__(proc)
+        self.notifications: list[dict[str, Any]] = []
+
+    async def ask(self, request_id: Any, method: str, params: Any = None) -> dict[str, Any]:
+        message: dict[str, Any] = {"id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        await self.send(message)
+        return await self.answer(request_id)
+
+    async def answer(self, request_id: Any) -> dict[str, Any]:
+        with anyio.fail_after(20):
+            while True:
+                message = await self.receive()
+                if "method" in message:
+                    self.notifications.append(message)
+                elif message.get("id") == request_id:
+                    return message
+
+    async def notification(self, method: str) -> dict[str, Any]:
+        with anyio.fail_after(20):
+            while True:
+                for message in self.notifications:
+                    if message["method"] == method:
+                        self.notifications.remove(message)
+                        return message
+                message = await self.receive()
+                if "method" in message:
+                    self.notifications.append(message)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+
+
+@asynccontextmanager
+async def session(config: Path) -> AsyncIterator[tuple[Session, ServerLog]]:
+    async with gateway_process(config) as (proc, log):
+        yield Session(proc), log
+
+
+def error_of(reply: dict[str, Any]) -> dict[str, Any]:
+    assert "error" in reply, reply
+    error: dict[str, Any] = reply["error"]
+    return error
+
+
+async def test_the_handshake_era_gate_errors_and_lists(config: Path) -> None:
+    async with session(config) as (raw, _):
+        assert (await raw.ask(1, "ping"))["result"] == {}  # ping needs no handshake
+        assert error_of(await raw.ask(2, "tools/list")) == {
+            "code": -32602,
+            "message": "Invalid request parameters",
+            "data": "",
+        }
+        assert error_of(await raw.ask(3, "foo/bar")) == {
+            "code": -32601,
+            "message": "Method not found",
+            "data": "foo/bar",
+        }
+        assert error_of(await raw.ask(4, "initialize", {"capabilities": {}}))["code"] == -32602
+
+        opened = (await raw.ask(5, "initialize", {**INIT, "protocolVersion": "1999-01-01"}))["result"]
+        assert opened == {
+            "protocolVersion": "2025-11-25",  # an unknown version is answered with the latest
+            "capabilities": {
+                "prompts": {"listChanged": True},
+                "resources": {"subscribe": False, "listChanged": True},
+                "tools": {"listChanged": True},
+            },
+            "serverInfo": {"name": "mcp-armor", "version": opened["serverInfo"]["version"]},
+        }
+        await raw.send({"method": "notifications/initialized"})
+
+        tools = (await raw.ask(6, "tools/list"))["result"]
+        assert "ttlMs" not in tools and "resultType" not in tools  # 2026 vocabulary is sieved out
+        assert "box__echo" in {tool["name"] for tool in tools["tools"]}
+        prompt = (await raw.ask(7, "prompts/get", {"name": "box__greet", "arguments": {"who": "Ann"}}))["result"]
+        assert prompt["messages"][0]["content"]["text"] == "Hello, Ann!"
+        assert error_of(await raw.ask(8, "prompts/get", {"name": "nope"})) == {
+            "code": -32602,
+            "message": "Unknown prompt: nope",
+        }
+        assert error_of(await raw.ask(9, "prompts/get", {}))["message"] == "Invalid request parameters"
+        read = (await raw.ask(10, "resources/read", {"uri": "toolbox://readme"}))["result"]
+        assert read["contents"][0]["text"] == "contents of toolbox://readme"
+        for method in ("resources/subscribe", "logging/setLevel", "server/discover", "subscriptions/listen"):
+            assert error_of(await raw.ask(11, method, {"uri": "x", "level": "info"}))["code"] == -32601
+        refused = error_of(await raw.ask(12, "tools/list", envelope()))
+        assert refused["code"] == -32600 and "handshake protocol era" in refused["message"]
+        assert (await raw.ask("s-1", "ping", {}))["result"] == {}  # string ids too
+
+
+async def test_malformed_lines_are_ignored_with_a_warning_and_serving_goes_on(config: Path) -> None:
+    async with session(config) as (raw, log):
+        assert raw.proc.stdin is not None
+        for line in (
+            b"not json",
+            b"[1, 2]",
+            b'{"jsonrpc": "2.0", "id": 4}',
+            b'{"jsonrpc": "1.0", "id": 5, "method": "ping"}',
+        ):
+            await raw.proc.stdin.send(line + b"\n")
+        await raw.send({"id": None, "method": "ping"})
+        await raw.send({"id": True, "method": "ping"})
+        await raw.send({"id": 6, "method": "tools/list", "params": "x"})
+        assert (await raw.ask(7, "ping"))["result"] == {}  # the first answer is to the first valid request
+        await log.wait_for(r"a line that is not JSON; ignored")
+        await log.wait_for(r"a JSON value that is not a message object")
+        await log.wait_for(r"a response without a valid id")
+        await log.wait_for(r'without "jsonrpc": "2.0"')
+        await log.wait_for(r"a request whose id is not a string or an integer")
+        await log.wait_for(r"a message whose params are not an object")
+
+
+async def test_the_2026_era_envelope_ladder_and_results(config: Path) -> None:
+    async with session(config) as (raw, _):
+        discovered = (await raw.ask(1, "server/discover", envelope()))["result"]
+        assert discovered["supportedVersions"] == ["2026-07-28"]
+        assert discovered["capabilities"]["resources"] == {"subscribe": True, "listChanged": True}
+        assert (discovered["ttlMs"], discovered["cacheScope"], discovered["resultType"]) == (0, "private", "complete")
+        assert discovered["_meta"][SERVER_INFO]["name"] == "mcp-armor"
+
+        missing = error_of(await raw.ask(2, "tools/list"))
+        assert missing["code"] == -32602 and "params._meta must be an object" in missing["message"]
+        half = error_of(await raw.ask(3, "tools/list", {"_meta": {VERSION: "2026-07-28"}}))
+        assert half["message"] == f"params._meta is missing the required envelope key(s): {CAPABILITIES}"
+        old = error_of(await raw.ask(4, "tools/list", {"_meta": {VERSION: "2025-06-18", CAPABILITIES: {}}}))
+        assert old == {
+            "code": -32022,
+            "message": "Unsupported protocol version",
+            "data": {"supported": ["2026-07-28"], "requested": "2025-06-18"},
+        }
+        handshake = error_of(await raw.ask(5, "initialize", INIT))
+        assert handshake["code"] == -32022 and handshake["data"]["requested"] == "2025-06-18"
+        assert error_of(await raw.ask(6, "ping", envelope()))["code"] == -32601  # no ping in 2026
+
+        tools = (await raw.ask(7, "tools/list", envelope()))["result"]
+        assert (tools["ttlMs"], tools["cacheScope"], tools["resultType"]) == (0, "private", "complete")
+        called = (await raw.ask(8, "tools/call", envelope(name="box__echo", arguments={"text": "hi"})))["result"]
+        assert called["content"] == [{"type": "text", "text": "hi"}] and called["resultType"] == "complete"
+        assert called["_meta"][SERVER_INFO]["name"] == "mcp-armor"
+        prompt = (await raw.ask(9, "prompts/get", envelope(name="box__greet", arguments={"who": "Bo"})))["result"]
+        assert "ttlMs" not in prompt and prompt["resultType"] == "complete"  # prompts/get is not cacheable
+        unknown = error_of(await raw.ask(10, "tools/call", envelope(name="nope")))
+        assert unknown == {"code": -32602, "message": "Unknown tool: nope"}
+
+
+async def test_listen_streams_carry_list_changes_until_cancelled(config: Path) -> None:
+    async with session(config) as (raw, _):
+        asked = {"toolsListChanged": True, "promptsListChanged": False, "resourceSubscriptions": ["toolbox://readme"]}
+        await raw.send({"id": 1, "method": "subscriptions/listen", "params": envelope(notifications=asked)})
+        acknowledged = await raw.notification("notifications/subscriptions/acknowledged")
+        assert acknowledged["params"] == {
+            "notifications": {"toolsListChanged": True, "resourceSubscriptions": ["toolbox://readme"]},
+            "_meta": {SUBSCRIPTION: 1},
+        }
+        await raw.ask(2, "tools/call", envelope(name="box__grow"))  # the upstream adds a tool and says so
+        changed = await raw.notification("notifications/tools/list_changed")
+        assert changed["params"] == {"_meta": {SUBSCRIPTION: 1}}
+        tools = (await raw.ask(3, "tools/list", envelope()))["result"]["tools"]
+        assert "box__grown" in {tool["name"] for tool in tools}
+
+        await raw.send({"method": "notifications/cancelled", "params": {"requestId": 1}})
+        assert (await raw.ask(4, "tools/list", envelope()))["id"] == 4
+        invalid = error_of(await raw.ask(5, "subscriptions/listen", envelope()))
+        assert invalid["message"] == "Invalid request parameters"
+    # The cancelled stream was never answered: every reply seen had an id asked for after it.
+
+
+async def test_handshake_era_clients_are_told_of_list_changes(config: Path) -> None:
+    async with session(config) as (raw, _):
+        await raw.initialize()
+        await raw.ask(1, "tools/call", {"name": "box__grow"})
+        changed = await raw.notification("notifications/tools/list_changed")
+        assert "params" not in changed
+
+
+async def test_stdio_serving_never_loads_the_sdk(config: Path) -> None:
+    """Every import the serving process makes is listed by `-X importtime`: none is the `mcp` package."""
+    command = gateway_command(config)
+    command[1:1] = ["-X", "importtime"]
+    async with await anyio.open_process(command, stderr=subprocess.PIPE) as proc:
+        raw = Session(proc)
+        await raw.initialize()
+        assert "box__echo" in json.dumps(await raw.ask(1, "tools/list"))
+        called = await raw.ask(2, "tools/call", raw.call(2, "box__echo", {"text": "x"})["params"])
+        assert called["result"]["content"][0]["text"] == "x"
+        assert proc.stdin is not None and proc.stderr is not None
+        await proc.stdin.aclose()
+        with anyio.fail_after(20):
+            stderr = b"".join([chunk async for chunk in proc.stderr]).decode()
+            await proc.wait()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+    assert "mcp_types" in imported and "gateway.stdio" in imported
+    assert not {name for name in imported if name == "mcp" or name.startswith("mcp.")}
+
+
+def test_input_and_output_that_are_files_are_relayed(config: Path, tmp_path: Path) -> None:
+    requests = tmp_path / "requests.jsonl"
+    echo = {"text": "f"}
+    lines = [
+        {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": INIT},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "box__echo", "arguments": {"text": "f"}},
+        },
+    ]
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    answers = tmp_path / "answers.jsonl"
+    with requests.open("rb") as stdin, answers.open("wb") as stdout:
+        subprocess.run(gateway_command(config), stdin=stdin, stdout=stdout, stderr=subprocess.DEVNULL, timeout=60)
+    replies = {reply["id"]: reply for reply in map(json.loads, answers.read_text().splitlines())}
+    assert replies[0]["result"]["serverInfo"]["name"] == "mcp-armor"
+    # Input ended right after the call: the call is cancelled at shutdown and never answered, or it won the race.
+    assert set(replies) <= {0, 1}
+    if 1 in replies:
+        assert replies[1]["result"]["content"][0]["text"] == "f"
+
+
+TEMPLATES = [
+    "toolbox://notes/{name}",
+    "file:///{+path}",
+    "logs://{service}{?since,level}",
+    "/files{/path*}",
+    "x://{a}/{b}.txt",
+    "api://v1{;id}",
+    "str://{a,b}",
+    "x://{.ext}",
+]
+URIS = [
+    "toolbox://notes/a",
+    "toolbox://notes/a/b",
+    "toolbox://notes/",
+    "file:///etc/passwd",
+    "logs://api",
+    "logs://api?level=e&since=5m",
+    "logs://a/b",
+    "/files/a/b/c",
+    "/files",
+    "x://1/2.txt",
+    "x://1/2/3.txt",
+    "api://v1;id=3",
+    "str://x,y",
+    "x://.tar",
+]
+
+
+def test_uri_templates_route_as_the_sdk_matches() -> None:
+    for template in TEMPLATES:
+        ours, theirs = UriTemplate.parse(template), SdkTemplate.parse(template)
+        for uri in URIS:
+            assert ours.match(uri) == (theirs.match(uri) is not None), (template, uri)
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("x://{}", "empty expression at position 4"),
+        ("x://{a", "unclosed expression at position 4"),
+        ("x://a}", "'}' without '{' at position 5"),
+        ("x://{1 bad}", "invalid variable name '1 bad'"),
+        ("x://{=a}", "reserved operator '='"),
+        ("x://{a}/{a}", "variable 'a' appears more than once"),
+        ("x://{a:0}", "invalid prefix length '0'"),
+    ],
+)
+def test_malformed_uri_templates_are_refused_saying_where(template: str, problem: str) -> None:
+    with pytest.raises(InvalidUriTemplate, match=problem.replace("{", r"\{").replace("}", r"\}")):
+        UriTemplate.parse(template)
+    if problem.startswith(("empty", "unclosed", "invalid variable", "variable")):
+        with pytest.raises(SdkInvalid):
+            SdkTemplate.parse(template)
