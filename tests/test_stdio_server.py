@@ -243,7 +243,6 @@ async def test_stdio_serving_never_loads_the_sdk(config: Path) -> None:
 
 def test_input_and_output_that_are_files_are_relayed(config: Path, tmp_path: Path) -> None:
     requests = tmp_path / "requests.jsonl"
-    echo = {"text": "f"}
     lines = [
         {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": INIT},
         {"jsonrpc": "2.0", "method": "notifications/initialized"},
