@@ -652,6 +652,18 @@ class CallAudit:
     def lock_reloaded(self, outcome: str, detail: str) -> None:
         self.recorder.queue(event("pin", change="lock_reload", outcome=outcome, reason=detail))
 
+    def relayed(self, upstream: str, method: str, call: ToolCall | None, refusal: str | None) -> None:
+        """An upstream's own request (sampling, elicitation), passed to the agent's client or refused."""
+        reason = method if refusal is None else f"{method}: {refusal}"
+        fields: dict[str, Any] = {
+            "upstream": upstream,
+            "reason": reason,
+            "outcome": "refused" if refusal else "relayed",
+        }
+        if call is not None:
+            fields.update(session_id=call.session.id, call_id=call.id, tool=call.tool.name)
+        self.recorder.queue(event("upstream_request", **fields))
+
     def upstream_changed(self, name: str, up: bool, detail: str) -> None:
         self.recorder.queue(event("upstream", upstream=name, outcome="up" if up else "down", reason=detail))
 

@@ -101,6 +101,8 @@ class ToolCall:
     """Relays the upstream's progress notifications to the agent; `None` when the agent sent no token."""
     approver: Approver | None = field(default=None, compare=False, repr=False)
     """Asks a person to approve this call; `None` when the client cannot ask."""
+    relay: Relay | None = field(default=None, compare=False, repr=False)
+    """Passes the upstream's own requests (sampling, elicitation) to the agent's client; `None`: it cannot take them."""
     decision: Decision | None = None
     """The policy's decision, once the policy stage has made it."""
 
@@ -139,6 +141,11 @@ class Approval:
 
 
 Approver = Callable[[ToolCall, Decision], Awaitable[Approval]]
+Relay = Callable[[str, Mapping[str, Any]], Awaitable[dict[str, Any]]]
+"""Sends a request (method, params) to the agent's client and returns its result in wire form; raises
+`ProtocolError` when the client cannot or will not answer it."""
+RELAYED_METHODS = frozenset({"sampling/createMessage", "elicitation/create"})
+"""The requests an upstream may send its client that the gateway passes on to the agent's client."""
 
 
 class OutcomeKind(StrEnum):

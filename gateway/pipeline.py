@@ -142,7 +142,8 @@ class Forward:
         params = {"name": call.tool.upstream_name, "arguments": dict(call.forwarded_arguments)}
         try:
             session = self._pool.get(call.tool.upstream).require_session()
-            raw = await session.request("tools/call", params, on_progress=call.progress)
+            with self._pool.relaying(call):
+                raw = await session.request("tools/call", params, on_progress=call.progress)
         except UpstreamTimeout as exc:
             return Outcome.failed(call, OutcomeKind.TIMEOUT, str(exc))
         except UpstreamError as exc:

@@ -24,7 +24,7 @@ import mcp_types as types
 from gateway import __version__
 from gateway.approvals import REQUEST_KEY, REQUESTED_SCHEMA, ApprovalDesk
 from gateway.audit import CallAudit
-from gateway.calls import Approval, Approver, Decision, ProgressFn, SessionInfo, ToolCall
+from gateway.calls import Approval, Approver, Decision, ProgressFn, Relay, SessionInfo, ToolCall
 from gateway.catalog import Catalog, ExposedTool
 from gateway.errors import GatewayError, ProtocolError, UpstreamError
 from gateway.pins import Lock, LockError
@@ -51,6 +51,8 @@ class Caller:
     progress: ProgressFn | None = None
     """Relays progress to the caller; `None` when the request carried no progress token."""
     elicit: Elicit | None = None
+    relay: Relay | None = None
+    """Passes an upstream's sampling and elicitation requests to this caller's client (handshake era)."""
 
 
 ListKind = Literal["tools", "prompts", "resources"]
@@ -75,6 +77,7 @@ class Gateway:
         self.announcers: list[Announcer] = []
         self._published = pool.catalog
         pool.set_listener(self._catalog_changed, audit.upstream_changed, audit.assessed)
+        pool.on_relayed = audit.relayed
         self.name = pool.config.gateway.name
         self.version = __version__
 
@@ -179,7 +182,8 @@ class Gateway:
             await self.audit.unknown_tool(session, params.name, params.arguments or {})
             raise ProtocolError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
         approver = self._approver(caller, params)
-        call = ToolCall(session, tool, params.arguments or {}, progress=caller.progress, approver=approver)
+        arguments = params.arguments or {}
+        call = ToolCall(session, tool, arguments, progress=caller.progress, approver=approver, relay=caller.relay)
         try:
             outcome = await self.pipeline(call)
         except ProtocolError:

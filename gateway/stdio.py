@@ -44,9 +44,9 @@ from mcp_types import (
 )
 from mcp_types import methods as spec_methods
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from gateway.calls import ProgressFn
+from gateway.calls import ProgressFn, Relay
 from gateway.errors import ProtocolError
 from gateway.pipes import LineBuffer, dumps
 from gateway.server import Caller, Gateway, ListKind
@@ -75,6 +75,15 @@ _LIST_FILTER: dict[ListKind, str] = {
     "prompts": "promptsListChanged",
     "resources": "resourcesListChanged",
 }
+_REQUESTS: dict[str, TypeAdapter[Any]] = {
+    "sampling/createMessage": TypeAdapter(types.CreateMessageRequestParams),
+    "elicitation/create": TypeAdapter(types.ElicitRequestParams),
+}
+_RESULTS: dict[str, type[BaseModel]] = {
+    "sampling/createMessage": types.CreateMessageResult,
+    "elicitation/create": types.ElicitResult,
+}
+"""The requests the gateway sends the client (handshake era), and the models their parameters and results fit."""
 _INVALID_PARAMS = ProtocolError(types.INVALID_PARAMS, "Invalid request parameters", "")
 
 
@@ -400,7 +409,8 @@ class StdioConnection(asyncio.Protocol):
         info = init.client_info
         session = self.gateway.session_info(self.gateway.stdio_session, negotiated, info.name, info.version)
         can_elicit = init.capabilities.elicitation is not None
-        self._legacy = Caller(session, modern=False, can_elicit=can_elicit, elicit=self._elicit)
+        relay = self._relay(init.capabilities)
+        self._legacy = Caller(session, modern=False, can_elicit=can_elicit, elicit=self._elicit, relay=relay)
 
     def _spawn(self, request: _Request) -> None:
         if logger.isEnabledFor(logging.DEBUG):
@@ -557,22 +567,42 @@ class StdioConnection(asyncio.Protocol):
 
     async def _elicit(self, message: str, schema: dict[str, Any]) -> dict[str, Any]:
         """Ask the client (handshake era) to have a person fill in a form; its `ElicitResult` in wire form."""
+        params = types.ElicitRequestFormParams(message=message, requested_schema=schema)
+        return await self._ask("elicitation/create", _dump(params))
+
+    def _relay(self, capabilities: types.ClientCapabilities) -> Relay:
+        """Passes an upstream's sampling and elicitation requests on, as far as the client declared it takes them."""
+        declared = {
+            "sampling/createMessage": capabilities.sampling is not None,
+            "elicitation/create": capabilities.elicitation is not None,
+        }
+
+        async def relay(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+            if not declared.get(method, False):
+                raise ProtocolError(types.INVALID_REQUEST, f"the agent's client does not take {method}")
+            try:
+                _REQUESTS[method].validate_python(params, by_name=False)
+            except ValidationError:
+                raise ProtocolError(types.INVALID_PARAMS, f"{method} with malformed parameters") from None
+            return await self._ask(method, params)
+
+        return relay
+
+    async def _ask(self, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Send the client (handshake era) a request; its result in wire form, checked against the method's model."""
         self._next_ask += 1
         request_id = f"mcp-armor-{self._next_ask}"
-        params = types.ElicitRequestFormParams(message=message, requested_schema=schema)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._asked[request_id] = future
-        request = {"jsonrpc": "2.0", "id": request_id, "method": "elicitation/create", "params": _dump(params)}
         try:
-            self._writer.write(dumps(request))
+            self._writer.write(dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
             raw = await future
         finally:
             self._asked.pop(request_id, None)
         try:
-            return types.ElicitResult.model_validate(raw, by_name=False).model_dump(by_alias=True, mode="json")
+            return _dump(_RESULTS[method].model_validate(raw, by_name=False))
         except ValidationError:
-            message = "the client answered elicitation/create with a malformed result"
-            raise ProtocolError(types.INVALID_PARAMS, message) from None
+            raise ProtocolError(types.INVALID_PARAMS, f"the client answered {method} with a malformed result") from None
 
 
 def _dump(model: BaseModel) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Any, Protocol, TextIO
 
 import anyio
@@ -26,16 +26,17 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 from pydantic import ValidationError
 
 from gateway import __version__
-from gateway.calls import ProgressFn
+from gateway.calls import RELAYED_METHODS, ProgressFn, Relay, ToolCall
 from gateway.catalog import Catalog, UpstreamListing, exposed_name, normalise_listing
 from gateway.config import Config, UpstreamSpec
-from gateway.errors import UpstreamFault, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import ProtocolError, UpstreamFault, UpstreamTimeout, UpstreamUnavailable
 from gateway.pins import Assessment, Lock, Mode, assess, screened
 from gateway.pipes import (
     ChannelClosed,
     ConnectionFailed,
     NotificationHandler,
     RemoteError,
+    RequestHandler,
     RequestTimeout,
     command_line,
     discard_prestarted,
@@ -90,7 +91,8 @@ class UpstreamSession:
     async def initialize(self) -> types.InitializeResult:
         params = {
             "protocolVersion": LATEST_HANDSHAKE_VERSION,
-            "capabilities": {},
+            # Passed on to the agent's client while a call is in flight (`UpstreamPool.relaying`).
+            "capabilities": {"sampling": {}, "elicitation": {"form": {}}},
             "clientInfo": {"name": "mcp-armor", "version": __version__},
         }
         raw = await self.request("initialize", params, cancel_on_abandon=False)
@@ -171,13 +173,6 @@ class UpstreamSession:
         await self.request("ping", None)
 
 
-async def _answer_upstream_request(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Requests an upstream sends the gateway: `ping` is answered; the gateway declares no other client capability."""
-    if method == "ping":
-        return {}
-    raise RemoteError(types.METHOD_NOT_FOUND, f"mcp-armor does not serve '{method}' to upstream servers")
-
-
 class Upstream:
     """The supervised state of one upstream: its live session (when up) and its latest listing."""
 
@@ -206,6 +201,9 @@ CatalogListener = Callable[[Catalog], Awaitable[None]]
 StatusListener = Callable[[str, bool, str], None]
 """Told when an upstream comes up or goes down: its name, whether it is up, and a description."""
 AssessmentListener = Callable[[list[Assessment]], None]
+RelayListener = Callable[[str, str, "ToolCall | None", "str | None"], None]
+"""Told of every sampling or elicitation request an upstream sent: upstream, method, the call it went to
+(`None`: none could take it), and why it was refused (`None`: the client answered)."""
 """Told, at every publish, how each definition on offer was judged against the lock and the scan."""
 
 
@@ -227,6 +225,9 @@ class UpstreamPool:
         self._on_status: StatusListener | None = None
         self._on_assessed: AssessmentListener | None = None
         self._catalog_lock = anyio.Lock()
+        self._relays: dict[str, list[tuple[ToolCall, Relay]]] = {}
+        """Per upstream, the calls in flight whose client can take the upstream's own requests."""
+        self.on_relayed: RelayListener | None = None
 
     def set_listener(
         self,
@@ -304,6 +305,56 @@ class UpstreamPool:
             await anyio.sleep(delay)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
+    @contextmanager
+    def relaying(self, call: ToolCall) -> Iterator[None]:
+        """While `call` is in flight, its upstream's sampling and elicitation requests go to its client."""
+        if call.relay is None:
+            yield
+            return
+        entry = (call, call.relay)
+        calls = self._relays.setdefault(call.tool.upstream, [])
+        calls.append(entry)
+        try:
+            yield
+        finally:
+            calls.remove(entry)
+
+    def _answerer(self, upstream: str) -> RequestHandler:
+        async def answer(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+            return await self._answer_upstream_request(upstream, method, params)
+
+        return answer
+
+    async def _answer_upstream_request(
+        self, upstream: str, method: str, params: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """A request an upstream sends the gateway: `ping` is answered here; sampling and elicitation go to
+        the client of the latest call in flight to that upstream (stdio upstreams cannot say which call
+        a request belongs to); anything else, or no such call, is refused."""
+        if method == "ping":
+            return {}
+        if method not in RELAYED_METHODS:
+            raise RemoteError(types.METHOD_NOT_FOUND, f"mcp-armor does not serve '{method}' to upstream servers")
+        calls = self._relays.get(upstream)
+        if not calls:
+            message = f"no call to '{upstream}' is in flight from a client that can answer {method}"
+            self._relayed(upstream, method, None, message)
+            raise RemoteError(types.INVALID_REQUEST, message)
+        call, relay = calls[-1]
+        try:
+            result = await relay(method, params or {})
+        except ProtocolError as exc:
+            self._relayed(upstream, method, call, exc.message)
+            raise RemoteError(exc.code, exc.message, exc.data) from None
+        self._relayed(upstream, method, call, None)
+        return result
+
+    def _relayed(self, upstream: str, method: str, call: ToolCall | None, refusal: str | None) -> None:
+        if refusal is not None:
+            logger.warning("upstream '%s' asked %s: refused (%s)", upstream, method, refusal)
+        if self.on_relayed is not None:
+            self.on_relayed(upstream, method, call, refusal)
+
     async def _withdraw(self, upstream: Upstream) -> None:
         if upstream.session is not None or upstream.listing is not None:
             upstream.session = None
@@ -322,7 +373,9 @@ class UpstreamPool:
 
         async with AsyncExitStack() as stack:
             errlog = stack.enter_context(self.config.log_path(upstream.name).open("a", encoding="utf-8"))
-            link, closed = await stack.enter_async_context(_open_link(spec, errlog, on_notify))
+            link, closed = await stack.enter_async_context(
+                _open_link(spec, errlog, self._answerer(spec.name), on_notify)
+            )
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
             session = UpstreamSession(spec, link, upstream.timeout)
@@ -431,7 +484,7 @@ class Ended(Protocol):
 
 @asynccontextmanager
 async def _open_link(
-    spec: UpstreamSpec, errlog: TextIO, on_notify: NotificationHandler
+    spec: UpstreamSpec, errlog: TextIO, answer: RequestHandler, on_notify: NotificationHandler
 ) -> AsyncIterator[tuple[Link, Ended]]:
     """The upstream's `Link`, and an event set when its connection ends.
 
@@ -445,7 +498,7 @@ async def _open_link(
             env=spec.env,
             cwd=spec.cwd,
             stderr=errlog,
-            on_request=_answer_upstream_request,
+            on_request=answer,
             on_notify=on_notify,
         ) as child:
             yield child.channel, child.ended
@@ -454,5 +507,5 @@ async def _open_link(
         raise ValueError(f"upstream '{spec.name}' has neither command nor url")
     from gateway.http_upstream import open_http_link  # the SDK's HTTP client loads only for URL upstreams
 
-    async with open_http_link(spec, _answer_upstream_request, on_notify) as (link, closed):
+    async with open_http_link(spec, answer, on_notify) as (link, closed):
         yield link, closed

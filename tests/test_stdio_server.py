@@ -2,7 +2,8 @@
 
 A real gateway process, driven over its pipes by a plain JSON-RPC client, is asked what an SDK
 server is asked (the handshake and its gate, the 2026-07-28 envelope ladder, lists with their cache
-hints, listen streams, malformed input) and must answer exactly as the SDK server answers. Also:
+hints, listen streams, malformed input) and must answer exactly as the SDK server answers. Also: an
+upstream's own sampling and elicitation requests relayed to the caller's client (and recorded),
 resource-template routing, and input and output that are files rather than pipes.
 """
 
@@ -16,12 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import mcp_types as types
 import pytest
+from mcp import Client
 from mcp.shared.uri_template import InvalidUriTemplate as SdkInvalid
 from mcp.shared.uri_template import UriTemplate as SdkTemplate
 
 from gateway.uri_template import InvalidUriTemplate, UriTemplate
-from tests.conftest import RawSession, ServerLog, fixture_upstream, gateway_command, gateway_process, write_config
+from tests.conftest import (
+    RawSession,
+    ServerLog,
+    fixture_upstream,
+    gateway_client,
+    gateway_command,
+    gateway_params,
+    gateway_process,
+    text_of,
+    write_config,
+)
+from tests.test_audit_e2e import events
 
 pytestmark = pytest.mark.anyio
 VERSION = "io.modelcontextprotocol/protocolVersion"
@@ -318,3 +332,44 @@ def test_malformed_uri_templates_are_refused_saying_where(template: str, problem
     if problem.startswith(("empty", "unclosed", "invalid variable", "variable")):
         with pytest.raises(SdkInvalid):
             SdkTemplate.parse(template)
+
+
+@pytest.fixture
+def asker_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, {"asker": fixture_upstream("asker.py")})
+
+
+async def test_an_upstreams_sampling_and_elicitation_reach_the_callers_client(asker_config: Path) -> None:
+    seen: list[str] = []
+
+    async def sample(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        seen.append(params.messages[0].content.text)  # type: ignore[union-attr]
+        return types.CreateMessageResult(role="assistant", content=types.TextContent(type="text", text="4"), model="m")
+
+    async def elicit(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        seen.append(params.message)
+        return types.ElicitResult(action="accept", content={"ok": True})
+
+    client = Client(gateway_params(asker_config), mode="legacy", sampling_callback=sample, elicitation_callback=elicit)
+    async with client:
+        sampled = json.loads(text_of(await client.call_tool("asker__sample", {})))
+        confirmed = json.loads(text_of(await client.call_tool("asker__confirm", {})))
+    assert seen == ["2+2?", "Go ahead?"]
+    assert sampled["content"] == {"type": "text", "text": "4"} and sampled["model"] == "m"
+    assert confirmed == {"action": "accept", "content": {"ok": True}}
+    relayed = [event for event in events(asker_config.parent) if event["kind"] == "upstream_request"]
+    outcomes = {event["call_id"]: event for event in events(asker_config.parent) if event["kind"] == "outcome"}
+    assert [(event["reason"], event["outcome"]) for event in relayed] == [
+        ("sampling/createMessage", "relayed"),
+        ("elicitation/create", "relayed"),
+    ]
+    assert [outcomes[event["call_id"]]["tool"] for event in relayed] == ["asker__sample", "asker__confirm"]
+
+
+async def test_a_client_that_cannot_take_a_request_has_it_refused_and_recorded(asker_config: Path) -> None:
+    async with gateway_client(asker_config) as client:  # declares neither sampling nor elicitation
+        answered = json.loads(text_of(await client.call_tool("asker__sample", {})))
+    assert answered == {"code": -32600, "message": "the agent's client does not take sampling/createMessage"}
+    relayed = [event for event in events(asker_config.parent) if event["kind"] == "upstream_request"]
+    assert [(event["outcome"], event["tool"]) for event in relayed] == [("refused", "asker__sample")]
+    assert "does not take sampling/createMessage" in relayed[0]["reason"]
