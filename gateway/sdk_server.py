@@ -19,7 +19,7 @@ import json
 import logging
 import socket
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, get_args
 
 import anyio
@@ -134,7 +134,7 @@ class GatewayServer(Server[Any]):
         return await self.gateway.list_prompts()
 
     async def _get_prompt(self, ctx: Context, params: types.GetPromptRequestParams) -> dict[str, Any]:
-        return await self.gateway.get_prompt(params, modern=ctx.protocol_version in MODERN_PROTOCOL_VERSIONS)
+        return _for_era(ctx, await self.gateway.get_prompt(params))
 
     async def _list_resources(
         self, ctx: Context, params: types.PaginatedRequestParams | None
@@ -147,7 +147,7 @@ class GatewayServer(Server[Any]):
         return await self.gateway.list_resource_templates()
 
     async def _read_resource(self, ctx: Context, params: types.ReadResourceRequestParams) -> dict[str, Any]:
-        return await self.gateway.read_resource(params, modern=ctx.protocol_version in MODERN_PROTOCOL_VERSIONS)
+        return _for_era(ctx, await self.gateway.read_resource(params))
 
     async def _call_tool(self, ctx: Context, params: types.CallToolRequestParams) -> dict[str, Any]:
         progress = None
@@ -172,10 +172,7 @@ class GatewayServer(Server[Any]):
             progress=progress,
             elicit=None if modern else elicit,
         )
-        result = dict(await self.gateway.call_tool(caller, params))
-        if modern:
-            result.setdefault("resultType", "complete")
-        return result
+        return _for_era(ctx, await self.gateway.call_tool(caller, params))
 
 
 async def serve_streamable_http(gateway: Gateway, config: Config, host: str, port: int) -> None:
@@ -200,6 +197,14 @@ async def serve_streamable_http(gateway: Gateway, config: Config, host: str, por
             logger.info("serving streamable HTTP at http://%s:%d/mcp", host, port)
             await server.serve(sockets=[sock])
             tg.cancel_scope.cancel()
+
+
+def _for_era(ctx: Context, result: Mapping[str, Any]) -> dict[str, Any]:
+    """An upstream's handshake-era result, shaped for the era this downstream request speaks."""
+    wire = dict(result)
+    if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        wire.setdefault("resultType", "complete")
+    return wire
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -238,7 +238,8 @@ class Gateway:
         await self.wait_for_startup()
         return types.ListPromptsResult(prompts=[prompt.model for prompt in self.pool.catalog.prompts.values()])
 
-    async def get_prompt(self, params: types.GetPromptRequestParams, *, modern: bool) -> dict[str, Any]:
+    async def get_prompt(self, params: types.GetPromptRequestParams) -> dict[str, Any]:
+        """The prompt from its upstream, in wire form (handshake era, as upstreams speak it)."""
         await self.wait_for_startup()
         prompt = self.pool.catalog.prompts.get(params.name)
         if prompt is None:
@@ -246,7 +247,7 @@ class Gateway:
         request: dict[str, Any] = {"name": prompt.upstream_name}
         if params.arguments:
             request["arguments"] = params.arguments
-        return _wire(await self._forward(prompt.upstream, "prompts/get", request), modern=modern)
+        return await self._forward(prompt.upstream, "prompts/get", request)
 
     async def list_resources(self) -> types.ListResourcesResult:
         await self.wait_for_startup()
@@ -257,26 +258,19 @@ class Gateway:
         templates = [template for _, _, template in self.pool.catalog.templates]
         return types.ListResourceTemplatesResult(resource_templates=templates)
 
-    async def read_resource(self, params: types.ReadResourceRequestParams, *, modern: bool) -> dict[str, Any]:
+    async def read_resource(self, params: types.ReadResourceRequestParams) -> dict[str, Any]:
+        """The resource from the upstream that serves it, in wire form (handshake era)."""
         await self.wait_for_startup()
         upstream = self.pool.catalog.resource_upstream(params.uri)
         if upstream is None:
             raise ProtocolError(types.INVALID_PARAMS, f"Unknown resource: {params.uri}")
-        return _wire(await self._forward(upstream, "resources/read", {"uri": params.uri}), modern=modern)
+        return await self._forward(upstream, "resources/read", {"uri": params.uri})
 
     async def _forward(self, upstream: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
         try:
             return await self.pool.get(upstream).require_session().request(method, params)
         except UpstreamError as exc:
             raise ProtocolError(types.INTERNAL_ERROR, str(exc)) from None
-
-
-def _wire(result: Mapping[str, Any], *, modern: bool) -> dict[str, Any]:
-    """An upstream's handshake-era result, shaped for the era the downstream request speaks."""
-    wire = dict(result)
-    if modern:
-        wire.setdefault("resultType", "complete")
-    return wire
 
 
 def _tool_definitions(catalog: Catalog) -> dict[str, tuple[str, str, Any]]:

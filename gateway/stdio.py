@@ -89,16 +89,14 @@ _INVALID_PARAMS = ProtocolError(types.INVALID_PARAMS, "Invalid request parameter
 
 async def serve_stdio_connection(gateway: Gateway) -> None:
     """Serve the agent on stdin/stdout until it hangs up."""
+    saved = (fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3), fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3))
     wire_in, wire_out, relays = _claim_standard_streams()
     try:
         await StdioConnection(gateway).serve(wire_in, wire_out)
     finally:
         for relay in relays:
             relay.join(timeout=5.0)  # output relayed to a file or terminal is written out in full
-        _restore_standard_streams()
-
-
-_saved_standard_streams: tuple[int, int] | None = None
+        _restore_standard_streams(saved)
 
 
 def _claim_standard_streams() -> tuple[int, int, list[threading.Thread]]:
@@ -107,10 +105,8 @@ def _claim_standard_streams() -> tuple[int, int, list[threading.Thread]]:
     Returns the read and write ends to serve on (pipes or sockets; anything else is relayed
     through a pipe by a daemon thread) and the output relay to wait for at the end.
     """
-    global _saved_standard_streams
     wire_in = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
     wire_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
-    _saved_standard_streams = (os.dup(wire_in), os.dup(wire_out))
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
@@ -152,46 +148,29 @@ def _relay(source: int, target: int, name: str) -> threading.Thread:
     return threading.Thread(target=copy, name=name, daemon=True)
 
 
-def _restore_standard_streams() -> None:
-    global _saved_standard_streams
-    if _saved_standard_streams is None:
-        return
-    for fd, saved in zip((0, 1), _saved_standard_streams, strict=True):
+def _restore_standard_streams(saved: tuple[int, int]) -> None:
+    """Put the agent's streams (copies taken before serving) back on fds 0 and 1."""
+    for fd, copy in zip((0, 1), saved, strict=True):
         try:
-            os.dup2(saved, fd)
-            os.close(saved)
+            os.dup2(copy, fd)
         except OSError:
             logger.debug("could not restore fd %d", fd)
-    _saved_standard_streams = None
+        os.close(copy)
 
 
 class _Writer(asyncio.Protocol):
-    """The agent's output pipe, with the transport's flow control."""
+    """The agent's output pipe; a line written after it closed is dropped."""
 
     def __init__(self) -> None:
         self.transport: asyncio.WriteTransport | None = None
-        self._resumed = asyncio.Event()
-        self._resumed.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
         self.transport = transport
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._resumed.set()  # nothing waits for a pipe that is gone
-
-    def pause_writing(self) -> None:
-        self._resumed.clear()
-
-    def resume_writing(self) -> None:
-        self._resumed.set()
-
     def write(self, line: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(line)
-
-    async def drain(self) -> None:
-        await self._resumed.wait()
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,10 +183,6 @@ class _Request:
     version: str
     caller: Caller | None
     """`None` only for a handshake-era request before `initialize` (only `ping` gets that far)."""
-
-    @property
-    def modern(self) -> bool:
-        return self.version in MODERN_PROTOCOL_VERSIONS
 
 
 class StdioConnection(asyncio.Protocol):
@@ -222,9 +197,7 @@ class StdioConnection(asyncio.Protocol):
         self._version = LATEST_HANDSHAKE_VERSION
         """The handshake era's negotiated version (the latest until `initialize` says otherwise)."""
         self._legacy: Caller | None = None
-        """The handshake-era caller, once `initialize` succeeded."""
-        self._initialized = False
-        """`notifications/initialized` arrived (it opens the handshake-era gate too)."""
+        """The handshake-era caller, once `initialize` (or a bare `notifications/initialized`) opened the gate."""
         self._in_flight: dict[str, anyio.CancelScope] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._asked: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -316,7 +289,6 @@ class StdioConnection(asyncio.Protocol):
             if scope is not None:
                 scope.cancel()
         elif method == "notifications/initialized":
-            self._initialized = True
             if self._legacy is None:  # the handshake skipped: the gate opens for a client that named nobody
                 session = self.gateway.session_info(self.gateway.stdio_session, self._version, "", "")
                 self._legacy = Caller(session, modern=False, can_elicit=False, elicit=self._elicit)
@@ -373,7 +345,7 @@ class StdioConnection(asyncio.Protocol):
                 raise ProtocolError(
                     types.UNSUPPORTED_PROTOCOL_VERSION,
                     "connection is serving the 2026-07-28 protocol; the initialize handshake is not accepted",
-                    _unsupported_data(params),
+                    _unsupported((params or {}).get("protocolVersion")),
                 )
             version, info, capabilities = _envelope(params)
             session = self.gateway.session_info(
@@ -453,28 +425,24 @@ class StdioConnection(asyncio.Protocol):
             token = _progress_token(request.params)
             if token is not None:
                 caller = replace(caller, progress=self._progress_relay(token))
-            result = dict(await gateway.call_tool(caller, params))
-            if request.modern:
-                result.setdefault("resultType", "complete")
-            return result
+            return await gateway.call_tool(caller, params)
         if method == "tools/list":
             assert request.caller is not None
             return await gateway.list_tools(request.caller.session)
         if method == "prompts/list":
             return await gateway.list_prompts()
         if method == "prompts/get":
-            return await gateway.get_prompt(params, modern=request.modern)
+            return await gateway.get_prompt(params)
         if method == "resources/list":
             return await gateway.list_resources()
         if method == "resources/templates/list":
             return await gateway.list_resource_templates()
         if method == "resources/read":
-            return await gateway.read_resource(params, modern=request.modern)
+            return await gateway.read_resource(params)
         if method == "server/discover":
             return {
                 "supportedVersions": list(MODERN_PROTOCOL_VERSIONS),
                 "capabilities": self._capabilities[MODERN],
-                "resultType": "complete",
             }
         if method == "subscriptions/listen":
             return await self._listen(request, params)
@@ -492,6 +460,8 @@ class StdioConnection(asyncio.Protocol):
                 result = {"ttlMs": 0, "cacheScope": "private", **result}
         dumped = _dump(result) if isinstance(result, BaseModel) else dict(result)
         modern = version in MODERN_PROTOCOL_VERSIONS
+        if modern:
+            dumped.setdefault("resultType", "complete")  # upstream results are handshake-era: they carry none
         result_type = dumped.get("resultType")
         if not modern or not isinstance(result_type, str) or result_type in CORE_RESULT_TYPES:
             try:
@@ -500,7 +470,6 @@ class StdioConnection(asyncio.Protocol):
                 logger.exception("%s produced an invalid result", method)
                 raise ProtocolError(types.INTERNAL_ERROR, "Handler returned an invalid result") from None
         if modern:
-            dumped.setdefault("resultType", "complete")
             meta = dumped.get("_meta")
             if meta is None:
                 dumped["_meta"] = {SERVER_INFO_META_KEY: dict(self._server_info)}
@@ -534,9 +503,10 @@ class StdioConnection(asyncio.Protocol):
             resource_subscriptions=list(asked.resource_subscriptions) if asked.resource_subscriptions else None,
         )
         meta = {SUBSCRIPTION_ID_META_KEY: request.id}
-        followed = frozenset(kind for kind, key in _LIST_FILTER.items() if key in _dump(honored))
+        wire = _dump(honored)
+        followed = frozenset(kind for kind, key in _LIST_FILTER.items() if key in wire)
         key = _key(request.id)
-        self._notify("notifications/subscriptions/acknowledged", {"notifications": _dump(honored), "_meta": meta})
+        self._notify("notifications/subscriptions/acknowledged", {"notifications": wire, "_meta": meta})
         self._listens[key] = (meta, followed)
         try:
             await anyio.sleep_forever()
@@ -649,16 +619,12 @@ def _envelope(params: Mapping[str, Any] | None) -> tuple[str, dict[str, Any], di
     if not isinstance(version, str):
         raise ProtocolError(types.INVALID_PARAMS, "the protocol-version envelope value must be a string")
     if version not in MODERN_PROTOCOL_VERSIONS:
-        data = types.UnsupportedProtocolVersionErrorData(supported=list(MODERN_PROTOCOL_VERSIONS), requested=version)
-        raise ProtocolError(
-            types.UNSUPPORTED_PROTOCOL_VERSION, "Unsupported protocol version", data.model_dump(mode="json")
-        )
+        raise ProtocolError(types.UNSUPPORTED_PROTOCOL_VERSION, "Unsupported protocol version", _unsupported(version))
     return version, _object(meta.get(CLIENT_INFO_META_KEY)), _object(meta[CLIENT_CAPABILITIES_META_KEY])
 
 
-def _unsupported_data(params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What an `initialize` on a 2026 connection is told: the versions served (and what it asked for)."""
-    requested = (params or {}).get("protocolVersion")
+def _unsupported(requested: Any) -> dict[str, Any]:
+    """The error data naming the versions served (and the one asked for, when it is a string)."""
     if isinstance(requested, str):
         data = types.UnsupportedProtocolVersionErrorData(supported=list(MODERN_PROTOCOL_VERSIONS), requested=requested)
         return data.model_dump(mode="json")

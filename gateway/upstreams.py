@@ -201,7 +201,7 @@ CatalogListener = Callable[[Catalog], Awaitable[None]]
 StatusListener = Callable[[str, bool, str], None]
 """Told when an upstream comes up or goes down: its name, whether it is up, and a description."""
 AssessmentListener = Callable[[list[Assessment]], None]
-RelayListener = Callable[[str, str, "ToolCall | None", "str | None"], None]
+RelayListener = Callable[[str, str, ToolCall | None, str | None], None]
 """Told of every sampling or elicitation request an upstream sent: upstream, method, the call it went to
 (`None`: none could take it), and why it was refused (`None`: the client answered)."""
 """Told, at every publish, how each definition on offer was judged against the lock and the scan."""
