@@ -10,15 +10,18 @@ terminal handler that forwards the call upstream:
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from functools import cache, partial
+from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 import anyio
 import mcp_types as types
-from pydantic import ValidationError
+from mcp_types import methods as spec_methods
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel, ValidationError
 
-from gateway.calls import Decision, Effect, Outcome, OutcomeKind, ToolCall
+from gateway.calls import Decision, Effect, Outcome, OutcomeKind, ToolCall, WireResult
 from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy import PolicyEngine
 from gateway.upstreams import UpstreamPool
@@ -27,22 +30,24 @@ if TYPE_CHECKING:
     from gateway.audit import CallAudit
 
 Handler = Callable[[ToolCall], Awaitable[Outcome]]
-Stage = Callable[[ToolCall, Handler], Awaitable[Outcome]]
+
+
+class Stage(Protocol):
+    """One step of the pipeline: it may pass the call on (`call_next`) or end it with an outcome."""
+
+    def __call__(self, call: ToolCall, call_next: Handler) -> Awaitable[Outcome]: ...
 
 
 def compose(stages: Sequence[Stage], terminal: Handler) -> Handler:
-    """Wrap `terminal` in `stages`, the first stage outermost."""
+    """Wrap `terminal` in `stages`, the first stage outermost.
+
+    Each stage is bound with `partial`, not a wrapping coroutine: a call then runs one coroutine
+    frame per stage, and every resumption of the call passes through no others.
+    """
     handler = terminal
     for stage in reversed(stages):
-        handler = _bind(stage, handler)
+        handler = partial(stage, call_next=handler)
     return handler
-
-
-def _bind(stage: Stage, call_next: Handler) -> Handler:
-    async def handle(call: ToolCall) -> Outcome:
-        return await stage(call, call_next)
-
-    return handle
 
 
 async def check_arguments(call: ToolCall, call_next: Handler) -> Outcome:
@@ -149,13 +154,37 @@ class Forward:
         except UpstreamError as exc:
             return Outcome.failed(call, OutcomeKind.ERROR, str(exc))
         try:
-            types.CallToolResult.model_validate(raw, by_name=False)
+            result = shape_result(raw, call.session.protocol_version)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             reason = f"upstream '{call.tool.upstream}' returned a malformed result ({where}: {first['msg']})"
             return Outcome.failed(call, OutcomeKind.ERROR, reason)
-        return Outcome.completed(raw)
+        return Outcome.completed(result)
+
+
+def shape_result(raw: Mapping[str, Any], version: str) -> Mapping[str, Any]:
+    """An upstream's `CallToolResult`, checked once: against the caller's protocol version, and dumped for
+    it (fields that version does not know dropped, as the specification's result sieve does; a
+    2026-07-28 caller's result is `complete`: an upstream speaks the handshake era, which has no other).
+
+    For a version not known here, checked against the latest model and returned as it came.
+    Raises `ValidationError` for a malformed result.
+    """
+    model = _result_model(version)
+    if model is None:
+        types.CallToolResult.model_validate(raw, by_name=False)
+        return raw
+    data = {**raw, "resultType": "complete"} if version in MODERN_PROTOCOL_VERSIONS else raw
+    checked = model.model_validate(data, by_name=False)
+    return WireResult(checked.model_dump(by_alias=True, mode="json", exclude_none=True))
+
+
+@cache
+def _result_model(version: str) -> type[BaseModel] | None:
+    surface = spec_methods.SERVER_RESULTS.get(("tools/call", version))
+    members = get_args(surface) or (surface,)
+    return next((m for m in members if isinstance(m, type) and m.__name__ == "CallToolResult"), None)
 
 
 def build_pipeline(pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit) -> Handler:

@@ -72,12 +72,15 @@ class ConnectionFailed(Exception):
     """The connection to the peer failed underneath (a refused or broken HTTP request, say)."""
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def dumps(message: Any) -> bytes:
     """One message as a line of compact UTF-8 JSON; NaN and infinities (not JSON) become null."""
     try:
-        text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _encode(message)
     except ValueError:
-        text = json.dumps(replace_non_finite(message, lambda _: None), separators=(",", ":"), ensure_ascii=False)
+        text = _encode(replace_non_finite(message, lambda _: None))
     return text.encode() + b"\n"
 
 

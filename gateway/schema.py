@@ -50,9 +50,16 @@ def _is_hostname(value: object) -> bool:
     return not isinstance(value, str) or _HOSTNAME.match(value) is not None
 
 
+_CANONICAL = {
+    allow_nan: json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan).encode
+    for allow_nan in (True, False)
+}
+"""Built once: `json.dumps` with any non-default option builds a new encoder on every call."""
+
+
 def canonical_text(value: Any, *, allow_nan: bool = True) -> str:
     """A canonical JSON form (sorted keys, no insignificant whitespace, non-ASCII as is) for hashing."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan)
+    return _CANONICAL[allow_nan](value)
 
 
 def canonical_json(value: Any) -> bytes:

@@ -46,7 +46,7 @@ from mcp_types import methods as spec_methods
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from gateway.calls import ProgressFn, Relay
+from gateway.calls import ProgressFn, Relay, WireResult
 from gateway.errors import ProtocolError
 from gateway.pipes import LineBuffer, dumps
 from gateway.server import Caller, Gateway, ListKind
@@ -198,7 +198,8 @@ class StdioConnection(asyncio.Protocol):
         """The handshake era's negotiated version (the latest until `initialize` says otherwise)."""
         self._legacy: Caller | None = None
         """The handshake-era caller, once `initialize` (or a bare `notifications/initialized`) opened the gate."""
-        self._in_flight: dict[str, anyio.CancelScope] = {}
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        """The task serving each request not yet answered or cancelled, by id."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._asked: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._next_ask = 0
@@ -235,8 +236,9 @@ class StdioConnection(asyncio.Protocol):
 
     async def _finish(self) -> None:
         """Cancel the requests still running and wait until each has ended (a call records its outcome)."""
-        for scope in list(self._in_flight.values()):
-            scope.cancel()
+        in_flight, self._in_flight = self._in_flight, {}
+        for task in in_flight.values():
+            _cancel(task)
         for future in self._asked.values():
             if not future.done():
                 future.set_exception(ProtocolError(types.CONNECTION_CLOSED, "the client disconnected"))
@@ -285,9 +287,9 @@ class StdioConnection(asyncio.Protocol):
     def _notified(self, method: str, params: dict[str, Any] | None) -> None:
         if method == "notifications/cancelled":
             request_id = params.get("requestId") if params is not None else None
-            scope = self._in_flight.get(_key(request_id)) if _is_request_id(request_id) else None
-            if scope is not None:
-                scope.cancel()
+            task = self._in_flight.pop(_key(request_id), None) if _is_request_id(request_id) else None
+            if task is not None:
+                _cancel(task)  # out of the map: it is never answered, even if it completes regardless
         elif method == "notifications/initialized":
             if self._legacy is None:  # the handshake skipped: the gate opens for a client that named nobody
                 session = self.gateway.session_info(self.gateway.stdio_session, self._version, "", "")
@@ -387,22 +389,28 @@ class StdioConnection(asyncio.Protocol):
     def _spawn(self, request: _Request) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s %r (protocol %s)", request.method, request.id, request.version)
-        scope = anyio.CancelScope()
-        key = _key(request.id)
-        self._in_flight[key] = scope
-        task = asyncio.get_running_loop().create_task(self._serve(request, scope))
+        task = asyncio.get_running_loop().create_task(self._serve(request))
+        self._in_flight[_key(request.id)] = task
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, request: _Request, scope: anyio.CancelScope) -> None:
+    async def _serve(self, request: _Request) -> None:
+        """Answer one request in its own task; a request cancelled (by the client, or at disconnection) is
+        cancelled as a task, with no cancel scope of its own to set up, and never answered."""
+        task = asyncio.current_task()
+        key = _key(request.id)
         reply: dict[str, Any] | None = None
         try:
-            with scope:
-                reply = await self._answer(request)
+            reply = await self._answer(request)
+        except asyncio.CancelledError:
+            pass
         finally:
-            if self._in_flight.get(_key(request.id)) is scope:
-                del self._in_flight[_key(request.id)]
-        if reply is not None and not scope.cancel_called:
+            answered = self._in_flight.get(key) is task
+            if answered:
+                del self._in_flight[key]
+            # Gone from the set here rather than by a done callback, which would cost a loop turn per request.
+            if task is not None:
+                self._tasks.discard(task)
+        if reply is not None and answered:
             self._writer.write(dumps(reply))
 
     async def _answer(self, request: _Request) -> dict[str, Any]:
@@ -451,6 +459,9 @@ class StdioConnection(asyncio.Protocol):
     def _serialize(self, method: str, version: str, result: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
         """A result shaped as the SDK server shapes one: cache hints, the version's sieve, and for 2026 the
         result type and the server-info stamp."""
+        modern = version in MODERN_PROTOCOL_VERSIONS
+        if isinstance(result, WireResult):  # an upstream's tool result, shaped for this version already
+            return self._stamped(dict(result)) if modern else result
         if method in spec_methods.CACHEABLE_METHODS:
             # The catalogue can change at any moment and differs per caller: nothing is cacheable.
             if isinstance(result, types.CacheableResult):
@@ -459,7 +470,6 @@ class StdioConnection(asyncio.Protocol):
             elif isinstance(result, Mapping) and not spec_methods.is_input_required(result):
                 result = {"ttlMs": 0, "cacheScope": "private", **result}
         dumped = _dump(result) if isinstance(result, BaseModel) else dict(result)
-        modern = version in MODERN_PROTOCOL_VERSIONS
         if modern:
             dumped.setdefault("resultType", "complete")  # upstream results are handshake-era: they carry none
         result_type = dumped.get("resultType")
@@ -469,12 +479,15 @@ class StdioConnection(asyncio.Protocol):
             except ValidationError:
                 logger.exception("%s produced an invalid result", method)
                 raise ProtocolError(types.INTERNAL_ERROR, "Handler returned an invalid result") from None
-        if modern:
-            meta = dumped.get("_meta")
-            if meta is None:
-                dumped["_meta"] = {SERVER_INFO_META_KEY: dict(self._server_info)}
-            elif isinstance(meta, dict) and meta.get(SERVER_INFO_META_KEY) is None:
-                dumped["_meta"] = {**meta, SERVER_INFO_META_KEY: dict(self._server_info)}
+        return self._stamped(dumped) if modern else dumped
+
+    def _stamped(self, dumped: dict[str, Any]) -> dict[str, Any]:
+        """A 2026-07-28 result with the server-info stamp in its `_meta` (unless it carries one)."""
+        meta = dumped.get("_meta")
+        if meta is None:
+            dumped["_meta"] = {SERVER_INFO_META_KEY: dict(self._server_info)}
+        elif isinstance(meta, dict) and meta.get(SERVER_INFO_META_KEY) is None:
+            dumped["_meta"] = {**meta, SERVER_INFO_META_KEY: dict(self._server_info)}
         return dumped
 
     def _reply(self, request_id: str | int, result: dict[str, Any]) -> None:
@@ -573,6 +586,12 @@ class StdioConnection(asyncio.Protocol):
             return _dump(_RESULTS[method].model_validate(raw, by_name=False))
         except ValidationError:
             raise ProtocolError(types.INVALID_PARAMS, f"the client answered {method} with a malformed result") from None
+
+
+def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel a request's task once it has run its first step: a request cancelled in the same read
+    that brought it still reaches its first wait (a call gets its decision and its outcome recorded)."""
+    task.get_loop().call_soon(task.cancel)
 
 
 def _dump(model: BaseModel) -> dict[str, Any]:

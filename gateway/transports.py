@@ -6,6 +6,7 @@ web stack (`gateway.sdk_server`), imported only when HTTP is asked for.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -60,8 +61,12 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
     lock = load_lock(config)
     async with Recorder(config.audit_path, sync=config.gateway.audit_sync).running() as recorder:
         audit = CallAudit(recorder, engine)
+        gateway = Gateway(UpstreamPool(config, lock=lock), engine, audit, transport=transport)
+        # What is loaded by now (modules, the protocol's models, the policies) lives as long as the
+        # process: kept out of the collector's sight, so its full collections do not walk it.
+        gc.freeze()
         try:
-            yield Gateway(UpstreamPool(config, lock=lock), engine, audit, transport=transport)
+            yield gateway
         finally:
             audit.end_all("the gateway shut down")
 
