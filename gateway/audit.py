@@ -562,7 +562,7 @@ class CallAudit:
     def _outcome_event(
         self, call: ToolCall, outcome: Outcome, duration_ms: float, redaction: Redaction
     ) -> dict[str, Any]:
-        data = canonical(outcome.result).encode()  # what the agent received
+        data = canonical(outcome.result).encode("utf-8", "surrogatepass")  # what the agent received, as stored
         return event(
             "outcome",
             **self._call_fields(call),

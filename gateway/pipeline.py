@@ -175,9 +175,43 @@ def shape_result(raw: Mapping[str, Any], version: str) -> Mapping[str, Any]:
     if model is None:
         types.CallToolResult.model_validate(raw, by_name=False)
         return raw
-    data = {**raw, "resultType": "complete"} if version in MODERN_PROTOCOL_VERSIONS else raw
+    modern = version in MODERN_PROTOCOL_VERSIONS
+    plain = _plain_text_result(raw, modern=modern)
+    if plain is not None:
+        return plain
+    data = {**raw, "resultType": "complete"} if modern else raw
     checked = model.model_validate(data, by_name=False)
     return WireResult(checked.model_dump(by_alias=True, mode="json", exclude_none=True))
+
+
+_PLAIN_KEYS = frozenset({"content", "isError"})
+_TEXT_BLOCK_KEYS = frozenset({"type", "text"})
+
+
+def _plain_text_result(raw: Mapping[str, Any], *, modern: bool) -> WireResult | None:
+    """The commonest result, text blocks and an error flag and nothing else, dumped as the version's
+    model dumps it (its key order too) without building the model; `None` for anything else, which the
+    model checks. (The tests hold the two to the same output.)"""
+    content = raw.get("content")
+    if type(content) is not list or not raw.keys() <= _PLAIN_KEYS:
+        return None
+    blocks = []
+    for block in content:
+        if type(block) is not dict or block.keys() != _TEXT_BLOCK_KEYS or block["type"] != "text":
+            return None
+        text = block["text"]
+        if type(text) is not str:
+            return None
+        blocks.append({"text": text, "type": "text"})
+    shaped = WireResult(content=blocks)
+    flag = raw.get("isError")
+    if flag is not None:
+        if type(flag) is not bool:
+            return None
+        shaped["isError"] = flag
+    if modern:
+        shaped["resultType"] = "complete"
+    return shaped
 
 
 @cache

@@ -75,13 +75,23 @@ class ConnectionFailed(Exception):
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
+_encode_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+
+
 def dumps(message: Any) -> bytes:
-    """One message as a line of compact UTF-8 JSON; NaN and infinities (not JSON) become null."""
+    """One message as a line of compact UTF-8 JSON; NaN and infinities (not JSON) become null.
+
+    A lone surrogate (JSON can carry one, escaped, and UTF-8 cannot) stays escaped, as it arrived.
+    """
     try:
         text = _encode(message)
     except ValueError:
-        text = _encode(replace_non_finite(message, lambda _: None))
-    return text.encode() + b"\n"
+        message = replace_non_finite(message, lambda _: None)
+        text = _encode(message)
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:
+        return _encode_ascii(message).encode() + b"\n"
 
 
 def replace_non_finite(value: Any, replacement: Callable[[float], Any]) -> Any:

@@ -154,9 +154,7 @@ def _compile(schema: Any) -> Check | None:
         if check is None:
             return None  # a keyword not implemented here: the full validator decides
         checks.append(check)
-    if len(checks) == 1:
-        return checks[0]
-    return lambda v: all(check(v) for check in checks)
+    return _every(checks)
 
 
 def _compile_all(schemas: Any) -> list[Check] | None:
@@ -167,23 +165,38 @@ def _compile_all(schemas: Any) -> list[Check] | None:
 def _keyword(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
     """One keyword as a predicate, with jsonschema's semantics (a keyword ignores other JSON types)."""
     if key == "type":
-        tests = [_TYPES[name] for name in ([value] if isinstance(value, str) else value)]
-        return lambda v: any(test(v) for test in tests)
+        return _some([_TYPES[name] for name in ([value] if isinstance(value, str) else value)])
     if key == "required":
-        names = list(value)
-        return lambda v: not isinstance(v, dict) or all(name in v for name in names)
+        names = frozenset(value)
+        return lambda v: not isinstance(v, dict) or names <= v.keys()
     if key == "properties":
         subs = {name: _compile(sub) for name, sub in value.items()}
         if any(sub is None for sub in subs.values()):
             return None
-        checks = {name: sub for name, sub in subs.items() if sub is not None}
-        return lambda v: not isinstance(v, dict) or all(sub(v[name]) for name, sub in checks.items() if name in v)
+        checks = [(name, sub) for name, sub in subs.items() if sub is not None]
+
+        def properties(v: Any) -> bool:
+            if isinstance(v, dict):
+                for name, sub in checks:
+                    if name in v and not sub(v[name]):
+                        return False
+            return True
+
+        return properties
     if key == "additionalProperties":
         extra = _compile(value)
         if extra is None or "patternProperties" in schema:
             return None
         known = frozenset(schema.get("properties", {}))
-        return lambda v: not isinstance(v, dict) or all(extra(item) for name, item in v.items() if name not in known)
+
+        def additional(v: Any) -> bool:
+            if isinstance(v, dict):
+                for name, item in v.items():
+                    if name not in known and not extra(item):
+                        return False
+            return True
+
+        return additional
     if key == "pattern":
         search = re.compile(value).search
         return lambda v: not isinstance(v, str) or search(v) is not None
@@ -205,8 +218,8 @@ def _keyword(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
         if item is None or {"prefixItems", "minContains", "maxContains"} & schema.keys():
             return None
         if key == "items":
-            return lambda v: not isinstance(v, list) or all(item(x) for x in v)
-        return lambda v: not isinstance(v, list) or any(item(x) for x in v)
+            return lambda v: not isinstance(v, list) or all(map(item, v))
+        return lambda v: not isinstance(v, list) or any(map(item, v))
     if key == "format":
         name = value
         return lambda v: FORMATS.conforms(v, name)
@@ -218,11 +231,42 @@ def _keyword(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
         if branches is None:
             return None
         if key == "allOf":
-            return lambda v: all(sub(v) for sub in branches)
+            return _every(branches)
         if key == "anyOf":
-            return lambda v: any(sub(v) for sub in branches)
+            return _some(branches)
         return lambda v: sum(1 for sub in branches if sub(v)) == 1
     return None
+
+
+def _every(checks: list[Check]) -> Check:
+    """All of `checks` (in order, stopping at the first that fails), with no generator per instance."""
+    if len(checks) == 1:
+        return checks[0]
+    if len(checks) == 2:
+        first, second = checks
+        return lambda v: first(v) and second(v)
+
+    def every(v: Any) -> bool:
+        for check in checks:
+            if not check(v):
+                return False
+        return True
+
+    return every
+
+
+def _some(checks: list[Check]) -> Check:
+    """Any of `checks` (in order, stopping at the first that passes)."""
+    if len(checks) == 1:
+        return checks[0]
+
+    def some(v: Any) -> bool:
+        for check in checks:
+            if check(v):
+                return True
+        return False
+
+    return some
 
 
 _BOUNDS: dict[str, Callable[[Any, Any], bool]] = {

@@ -372,6 +372,26 @@ async def test_nan_and_infinity_in_arguments_and_results_are_recorded(tmp_path: 
     assert cli(config, "audit", "verify").returncode == 0
 
 
+async def test_a_lone_surrogate_in_a_result_reaches_the_agent_escaped_and_is_recorded(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"sloppy": fixture_upstream("sloppy.py")})
+    async with gateway_process(config) as (proc, _):
+        raw = RawSession(proc)
+        with anyio.fail_after(30):
+            await raw.initialize()
+            await raw.send(raw.call(1, "sloppy__lone_surrogate", {}))
+            await raw.send(raw.call(2, "sloppy__loose", {}))
+            answers = {}
+            while len(answers) < 2:
+                message = await raw.receive()
+                if "id" in message:
+                    answers[message["id"]] = message
+    assert answers[1]["result"]["content"] == [{"type": "text", "text": "half \ud800 a pair"}]
+    assert answers[2]["result"]["content"][0]["text"] == "loose ok"  # and the gateway kept serving
+    seen = calls(tmp_path)
+    assert seen["sloppy__lone_surrogate"]["outcome"]["outcome"] == "ok"
+    assert cli(config, "audit", "verify").returncode == 0
+
+
 async def test_kill_9_during_a_burst_leaves_a_valid_chain(config: Path) -> None:
     async with gateway_process(config) as (proc, _):
         raw = RawSession(proc)

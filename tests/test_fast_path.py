@@ -18,7 +18,13 @@ from typing import Any
 
 import anyio
 import pytest
+from mcp_types import CallToolRequestParams
+from mcp_types.methods import serialize_server_result, validate_client_request
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+from pydantic import ValidationError
 
+from gateway.calls import WireResult
+from gateway.pipeline import _plain_text_result, shape_result
 from gateway.pipes import (
     Channel,
     ChannelClosed,
@@ -30,6 +36,7 @@ from gateway.pipes import (
     prestart,
     spawn,
 )
+from gateway.stdio import _plain_call
 from tests.conftest import REPO, RawSession, fixture_upstream, gateway_process, write_config
 from tests.test_audit_e2e import calls, events
 
@@ -243,6 +250,72 @@ async def test_the_peers_own_requests_are_answered() -> None:
 def test_lines_are_compact_and_never_carry_nan() -> None:
     assert dumps({"a": [1, "é"]}) == '{"a":[1,"é"]}\n'.encode()
     assert json.loads(dumps({"x": float("nan"), "y": [float("inf")]})) == {"x": None, "y": [None]}
+    # A lone surrogate cannot be UTF-8: it stays escaped, as JSON carried it.
+    assert dumps({"t": "a\ud800é"}) == b'{"t":"a\\ud800\\u00e9"}\n'
+    assert json.loads(dumps({"t": "a\ud800é"})) == {"t": "a\ud800é"}
+
+
+VERSIONS = [*HANDSHAKE_PROTOCOL_VERSIONS, *MODERN_PROTOCOL_VERSIONS]
+TEXT = {"type": "text", "text": "hello é"}
+PLAIN_RESULTS: list[dict[str, Any]] = [
+    {"content": [TEXT]},
+    {"content": [TEXT, {"type": "text", "text": ""}], "isError": False},
+    {"content": [], "isError": True},
+    {"content": [TEXT], "isError": None},
+]
+OTHER_RESULTS: list[dict[str, Any]] = [
+    {"content": [TEXT], "structuredContent": {"n": 1}},
+    {"content": [{**TEXT, "annotations": {"priority": 0.5}}]},
+    {"content": [{**TEXT, "extra": 1}], "isError": 0},
+    {"content": [{"type": "image", "data": "aGk=", "mimeType": "image/png"}]},
+    {"content": [TEXT], "_meta": {"k": "v"}, "unknown": 1},
+    {"content": [TEXT], "resultType": "input_required"},
+]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_upstream_result_is_shaped_as_the_specifications_sieve_shapes_it(version: str) -> None:
+    modern = version in MODERN_PROTOCOL_VERSIONS
+    for raw in PLAIN_RESULTS + OTHER_RESULTS:
+        expected = serialize_server_result("tools/call", version, {**raw, "resultType": "complete"} if modern else raw)
+        shaped = shape_result(raw, version)
+        assert isinstance(shaped, WireResult)
+        assert json.dumps(shaped) == json.dumps(expected), raw  # the same keys, in the same order
+        assert (_plain_text_result(raw, modern=modern) is not None) == (raw in PLAIN_RESULTS)
+    for malformed in ({"content": [{"type": "text", "text": 5}]}, {"content": "text"}, {"isError": False}):
+        with pytest.raises(ValidationError):
+            shape_result(malformed, version)
+
+
+def test_a_plain_call_gets_the_models_verdict_and_parameters() -> None:
+    plain = [
+        {"name": "box__echo", "arguments": {"text": "hi", "n": [1, {"a": None}]}},
+        {"name": "box__echo"},
+        {"name": "", "arguments": None},
+        {"name": "t", "arguments": {}, "_meta": {"progressToken": 7}},
+        {"name": "t", "_meta": {"progressToken": "p"}},
+    ]
+    others = [
+        None,
+        {},
+        {"name": 5},
+        {"name": "t", "arguments": []},
+        {"name": "t", "arguments": "x"},
+        {"name": "t", "_meta": {}},
+        {"name": "t", "_meta": {"progressToken": True}},
+        {"name": "t", "_meta": {"progressToken": 1.5}},
+        {"name": "t", "_meta": {"progressToken": 1, "other": 2}},
+        {"name": "t", "_meta": []},
+        {"name": "t", "task": {"ttl": 5}},
+    ]
+    for params in plain:
+        built = _plain_call(params)
+        assert built is not None, params
+        for version in HANDSHAKE_PROTOCOL_VERSIONS:
+            validate_client_request("tools/call", version, params)  # the specification admits it
+        assert built.model_dump() == CallToolRequestParams.model_validate(params, by_name=False).model_dump()
+    for params in others:
+        assert _plain_call(params) is None, params
 
 
 # -- end to end: the gateway's stdio front and its upstream channel ----------------------------------
