@@ -669,8 +669,10 @@ class CallAudit:
 
 
 def _print_line(session: str, tool: str, decision: str, rules: str, outcome: str, duration_ms: float) -> None:
+    """The call's line on the monitor, written once the loop has sent the agent its answer (not before)."""
     if monitor.isEnabledFor(logging.INFO):
         stamp = datetime.now().strftime("%H:%M:%S")
         rule = f" [{rules}]" if rules else ""
         took = f"{duration_ms / 1000:.2f}s" if duration_ms >= 1000 else f"{duration_ms:.1f}ms"
-        monitor.info("%s %s %s %s%s -> %s %s", stamp, session[:8], tool, decision, rule, outcome, took)
+        line = f"{stamp} {session[:8]} {tool} {decision}{rule} -> {outcome} {took}"
+        asyncio.get_running_loop().call_soon(monitor.info, "%s", line)

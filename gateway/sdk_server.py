@@ -46,7 +46,7 @@ from gateway.audit import CallAudit
 from gateway.calls import SessionInfo
 from gateway.config import Config
 from gateway.errors import GatewayError, ProtocolError
-from gateway.server import Caller, Gateway, ListKind
+from gateway.server import Caller, Gateway, ListKind, ToolRequest
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class GatewayServer(Server[Any]):
             progress=progress,
             elicit=None if modern else elicit,
         )
-        return _for_era(ctx, await self.gateway.call_tool(caller, params))
+        return _for_era(ctx, await self.gateway.call_tool(caller, ToolRequest.of(params)))
 
 
 async def serve_streamable_http(gateway: Gateway, config: Config, host: str, port: int) -> None:

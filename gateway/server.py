@@ -55,6 +55,29 @@ class Caller:
     """Passes an upstream's sampling and elicitation requests to this caller's client (handshake era)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ToolRequest:
+    """A `tools/call` as the gateway acts on it, whichever transport and protocol version carried it."""
+
+    name: str
+    arguments: Mapping[str, Any]
+    request_state: str | None = None
+    """A 2026-07-28 retry's approval state (`requestState`), as the gateway issued it."""
+    answer: Mapping[str, Any] | None = None
+    """A 2026-07-28 retry's answer to the gateway's approval request (its input response, wire form)."""
+
+    @classmethod
+    def of(cls, params: types.CallToolRequestParams) -> ToolRequest:
+        """From the parameters as the specification's model has checked and built them."""
+        answer = (params.input_responses or {}).get(REQUEST_KEY)
+        return cls(
+            params.name,
+            params.arguments or {},
+            params.request_state,
+            answer.model_dump(by_alias=True, mode="json") if answer is not None else None,
+        )
+
+
 ListKind = Literal["tools", "prompts", "resources"]
 Announcer = Callable[[list[ListKind]], Awaitable[None]]
 """Tells one transport's clients which lists changed."""
@@ -165,7 +188,7 @@ class Gateway:
     def _visible(self, tool: ExposedTool, session: SessionInfo) -> bool:
         return self.engine.visible(tool.name, client=session.client_name, principal=session.principal)
 
-    async def call_tool(self, caller: Caller, params: types.CallToolRequestParams) -> Mapping[str, Any]:
+    async def call_tool(self, caller: Caller, params: ToolRequest) -> Mapping[str, Any]:
         """One `tools/call`, on either path: resolve the tool, run the pipeline, return the result (wire form).
 
         A tool that does not exist, is hidden from this caller or is quarantined raises `ProtocolError`.
@@ -175,15 +198,15 @@ class Gateway:
         tool = self.pool.catalog.tools.get(params.name)
         if tool is None and (held := self.pool.quarantined.get(params.name)) is not None:
             reason = held.reason()
-            await self.audit.unknown_tool(session, params.name, params.arguments or {}, quarantine=reason)
+            await self.audit.unknown_tool(session, params.name, params.arguments, quarantine=reason)
             raise ProtocolError(types.INVALID_PARAMS, f"Tool {params.name} is refused: {reason}")
         if tool is None or not self._visible(tool, session):
             # A tool no rule lets this client call is hidden, and refused like one that does not exist.
-            await self.audit.unknown_tool(session, params.name, params.arguments or {})
+            await self.audit.unknown_tool(session, params.name, params.arguments)
             raise ProtocolError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
         approver = self._approver(caller, params)
-        arguments = params.arguments or {}
-        call = ToolCall(session, tool, arguments, progress=caller.progress, approver=approver, relay=caller.relay)
+        progress, relay = caller.progress, caller.relay
+        call = ToolCall(session, tool, params.arguments, progress=progress, approver=approver, relay=relay)
         try:
             outcome = await self.pipeline(call)
         except ProtocolError:
@@ -197,20 +220,17 @@ class Gateway:
             raise ProtocolError(types.INTERNAL_ERROR, f"internal gateway error (call {call.id})") from None
         return outcome.result
 
-    def _approver(self, caller: Caller, params: types.CallToolRequestParams) -> Approver | None:
+    def _approver(self, caller: Caller, params: ToolRequest) -> Approver | None:
         """How this request can ask a person: elicitation now (handshake era) or input-required (2026)."""
         if not caller.can_elicit:
             return None
         desk = self.desk
         if caller.modern:
-            responses = params.input_responses or {}
-            answer = responses.get(REQUEST_KEY)
 
             async def by_round_trip(call: ToolCall, decision: Decision) -> Approval:
-                if params.request_state is None and answer is None:
+                if params.request_state is None and params.answer is None:
                     return desk.pending(call, decision)
-                response = answer.model_dump(by_alias=True, mode="json") if answer is not None else None
-                return desk.redeem(params.request_state, response, call)
+                return desk.redeem(params.request_state, params.answer, call)
 
             return by_round_trip
         elicit = caller.elicit

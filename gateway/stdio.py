@@ -49,7 +49,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from gateway.calls import ProgressFn, Relay, WireResult
 from gateway.errors import ProtocolError
 from gateway.pipes import LineBuffer, dumps
-from gateway.server import Caller, Gateway, ListKind
+from gateway.server import Caller, Gateway, ListKind, ToolRequest
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +183,8 @@ class _Request:
     version: str
     caller: Caller | None
     """`None` only for a handshake-era request before `initialize` (only `ping` gets that far)."""
-    typed: BaseModel | None = None
-    """The parameters, checked and built already (the plainest `tools/call`); else checked when served."""
+    call: ToolRequest | None = None
+    """The plainest `tools/call`, checked and built already; else the parameters are checked when served."""
 
 
 class StdioConnection(asyncio.Protocol):
@@ -419,7 +419,7 @@ class StdioConnection(asyncio.Protocol):
 
     async def _answer(self, request: _Request) -> dict[str, Any]:
         try:
-            typed = request.typed
+            typed: BaseModel | ToolRequest | None = request.call
             if typed is None:
                 typed = _PARAMS[request.method].model_validate(request.params or {}, by_name=False)
             result = await self._handle(request, typed)
@@ -439,7 +439,8 @@ class StdioConnection(asyncio.Protocol):
             token = _progress_token(request.params)
             if token is not None:
                 caller = replace(caller, progress=self._progress_relay(token))
-            return await gateway.call_tool(caller, params)
+            call = params if isinstance(params, ToolRequest) else ToolRequest.of(params)
+            return await gateway.call_tool(caller, call)
         if method == "tools/list":
             assert request.caller is not None
             return await gateway.list_tools(request.caller.session)
@@ -607,10 +608,10 @@ def _dump(model: BaseModel) -> dict[str, Any]:
 _PLAIN_CALL_KEYS = frozenset({"name", "arguments", "_meta"})
 
 
-def _plain_call(params: dict[str, Any] | None) -> types.CallToolRequestParams | None:
-    """A handshake-era `tools/call` in its plainest form (a name, arguments, a progress token), built
+def _plain_call(params: dict[str, Any] | None) -> ToolRequest | None:
+    """A handshake-era `tools/call` in its plainest form (a name, arguments, a progress token), checked
     without the models; `None` for anything else, which the specification's models check. Whatever
-    passes here passes them (the tests hold the two to the same verdicts)."""
+    passes here passes them, with the same name and arguments (the tests hold the two to that)."""
     if params is None or not params.keys() <= _PLAIN_CALL_KEYS:
         return None
     name, arguments, meta = params.get("name"), params.get("arguments"), params.get("_meta")
@@ -620,8 +621,7 @@ def _plain_call(params: dict[str, Any] | None) -> types.CallToolRequestParams | 
         type(meta) is not dict or not meta.keys() <= {"progressToken"} or not _is_request_id(meta.get("progressToken"))
     ):
         return None
-    built = {"progress_token": meta["progressToken"]} if meta is not None else None
-    return types.CallToolRequestParams.model_construct(name=name, arguments=arguments, meta=built)
+    return ToolRequest(name, arguments or {})
 
 
 def _check_spec(method: str, version: str, params: Mapping[str, Any] | None) -> None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, Protocol, TextIO
 
 import anyio
@@ -197,6 +197,26 @@ class Upstream:
         return self.session
 
 
+class _Relaying:
+    """`UpstreamPool.relaying`: a plain context manager, as it is entered for every call."""
+
+    __slots__ = ("_call", "_relays")
+
+    def __init__(self, relays: dict[str, list[tuple[ToolCall, Relay]]], call: ToolCall) -> None:
+        self._relays = relays
+        self._call = call
+
+    def __enter__(self) -> None:
+        call = self._call
+        if call.relay is not None:
+            self._relays.setdefault(call.tool.upstream, []).append((call, call.relay))
+
+    def __exit__(self, *_: object) -> None:
+        call = self._call
+        if call.relay is not None:
+            self._relays[call.tool.upstream].remove((call, call.relay))
+
+
 CatalogListener = Callable[[Catalog], Awaitable[None]]
 StatusListener = Callable[[str, bool, str], None]
 """Told when an upstream comes up or goes down: its name, whether it is up, and a description."""
@@ -305,19 +325,9 @@ class UpstreamPool:
             await anyio.sleep(delay)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
-    @contextmanager
-    def relaying(self, call: ToolCall) -> Iterator[None]:
+    def relaying(self, call: ToolCall) -> _Relaying:
         """While `call` is in flight, its upstream's sampling and elicitation requests go to its client."""
-        if call.relay is None:
-            yield
-            return
-        entry = (call, call.relay)
-        calls = self._relays.setdefault(call.tool.upstream, [])
-        calls.append(entry)
-        try:
-            yield
-        finally:
-            calls.remove(entry)
+        return _Relaying(self._relays, call)
 
     def _answerer(self, upstream: str) -> RequestHandler:
         async def answer(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:

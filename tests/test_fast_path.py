@@ -36,6 +36,7 @@ from gateway.pipes import (
     prestart,
     spawn,
 )
+from gateway.server import ToolRequest
 from gateway.stdio import _plain_call
 from tests.conftest import REPO, RawSession, fixture_upstream, gateway_process, write_config
 from tests.test_audit_e2e import calls, events
@@ -313,7 +314,7 @@ def test_a_plain_call_gets_the_models_verdict_and_parameters() -> None:
         assert built is not None, params
         for version in HANDSHAKE_PROTOCOL_VERSIONS:
             validate_client_request("tools/call", version, params)  # the specification admits it
-        assert built.model_dump() == CallToolRequestParams.model_validate(params, by_name=False).model_dump()
+        assert built == ToolRequest.of(CallToolRequestParams.model_validate(params, by_name=False))
     for params in others:
         assert _plain_call(params) is None, params
 
