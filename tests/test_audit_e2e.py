@@ -351,19 +351,29 @@ async def test_calls_answered_just_before_the_gateway_is_killed_are_in_the_log_o
         store.close()
 
 
-async def test_nan_and_infinity_in_arguments_and_results_are_recorded(tmp_path: Path) -> None:
-    config = write_config(tmp_path, {"sloppy": fixture_upstream("sloppy.py")})
+async def call_sloppy(config: Path, *calls: tuple[str, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Make `calls` (tool, arguments) through a gateway over raw pipes; its answers by call number (1, 2, ...)."""
     async with gateway_process(config) as (proc, _):
         raw = RawSession(proc)
         with anyio.fail_after(30):
             await raw.initialize()
-            await raw.send(raw.call(1, "sloppy__loose", {"ratio": float("nan"), "cap": float("-inf")}))
-            await raw.send(raw.call(2, "sloppy__nan_result", {}))
-            answers = {}
-            while len(answers) < 2:
+            for number, (tool, arguments) in enumerate(calls, 1):
+                await raw.send(raw.call(number, tool, arguments))
+            answers: dict[int, dict[str, Any]] = {}
+            while len(answers) < len(calls):
                 message = await raw.receive()
                 if "id" in message:
                     answers[message["id"]] = message
+    return answers
+
+
+async def test_nan_and_infinity_in_arguments_and_results_are_recorded(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"sloppy": fixture_upstream("sloppy.py")})
+    answers = await call_sloppy(
+        config,
+        ("sloppy__loose", {"ratio": float("nan"), "cap": float("-inf")}),
+        ("sloppy__nan_result", {}),
+    )
     assert all("result" in answer for answer in answers.values()), answers
     seen = calls(tmp_path)
     assert seen["sloppy__loose"]["decision"]["arguments"] == {"ratio": "NaN", "cap": "-Infinity"}
@@ -374,17 +384,7 @@ async def test_nan_and_infinity_in_arguments_and_results_are_recorded(tmp_path: 
 
 async def test_a_lone_surrogate_in_a_result_reaches_the_agent_escaped_and_is_recorded(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"sloppy": fixture_upstream("sloppy.py")})
-    async with gateway_process(config) as (proc, _):
-        raw = RawSession(proc)
-        with anyio.fail_after(30):
-            await raw.initialize()
-            await raw.send(raw.call(1, "sloppy__lone_surrogate", {}))
-            await raw.send(raw.call(2, "sloppy__loose", {}))
-            answers = {}
-            while len(answers) < 2:
-                message = await raw.receive()
-                if "id" in message:
-                    answers[message["id"]] = message
+    answers = await call_sloppy(config, ("sloppy__lone_surrogate", {}), ("sloppy__loose", {}))
     assert answers[1]["result"]["content"] == [{"type": "text", "text": "half \ud800 a pair"}]
     assert answers[2]["result"]["content"][0]["text"] == "loose ok"  # and the gateway kept serving
     seen = calls(tmp_path)
