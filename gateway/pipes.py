@@ -73,9 +73,8 @@ class ConnectionFailed(Exception):
 
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-
-
 _encode_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+"""Built once (`json.dumps` with options builds an encoder per call); the second for lone surrogates."""
 
 
 def dumps(message: Any) -> bytes:

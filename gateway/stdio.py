@@ -419,8 +419,8 @@ class StdioConnection(asyncio.Protocol):
 
     async def _answer(self, request: _Request) -> dict[str, Any]:
         try:
-            typed: BaseModel | ToolRequest | None = request.call
-            if typed is None:
+            typed = None
+            if request.call is None:  # a plain call is checked already
                 typed = _PARAMS[request.method].model_validate(request.params or {}, by_name=False)
             result = await self._handle(request, typed)
             return {
@@ -439,8 +439,7 @@ class StdioConnection(asyncio.Protocol):
             token = _progress_token(request.params)
             if token is not None:
                 caller = replace(caller, progress=self._progress_relay(token))
-            call = params if isinstance(params, ToolRequest) else ToolRequest.of(params)
-            return await gateway.call_tool(caller, call)
+            return await gateway.call_tool(caller, request.call or ToolRequest.of(params))
         if method == "tools/list":
             assert request.caller is not None
             return await gateway.list_tools(request.caller.session)
