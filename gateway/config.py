@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -29,17 +28,23 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.config_source import (
+    DEFAULT_STATE,
+    ENV_NAME,
+    UPSTREAM_NAME,
+    interpolate,
+    location,
+    log_directory,
+    log_file,
+    placement,
+    read_toml,
+)
 from gateway.errors import ConfigError
 
-DEFAULT_CONFIG = "upstreams.toml"
-"""The config `mcp-armor` reads unless given `--config`."""
 IN_MEMORY = ":memory:"
-UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 SEPARATOR = re.compile(r"^[A-Za-z0-9_.-]{1,8}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_VARIABLE = re.compile(r"\$\$\{|\$\{([^}]*?)(?::-([^}]*))?\}")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def parse_duration(value: object) -> float:
@@ -83,7 +88,7 @@ class GatewaySettings(_Model):
     separator: str = "__"
     call_timeout: Duration = 60.0
     startup_timeout: Duration = 10.0
-    state: Path = Path(".mcp-armor")
+    state: Path = Path(DEFAULT_STATE)
     policies: Path = Path("policies")
     """Directory of the policy files (`*.toml`), relative to this file."""
     mode: Literal["enforce", "monitor"] = "enforce"
@@ -139,7 +144,7 @@ class UpstreamSpec(_Model):
         elif not self.command:
             raise ValueError("'command' must not be empty")
         for key in self.env:
-            if not _ENV_NAME.match(key):
+            if not ENV_NAME.match(key):
                 raise ValueError(f"env: {key!r} is not a valid environment variable name")
         return self
 
@@ -184,11 +189,11 @@ class Config(_Model):
 
     @property
     def log_dir(self) -> Path:
-        return self.state_dir / "logs"
+        return log_directory(self.state_dir)
 
     def log_path(self, upstream: str) -> Path:
         """Where an upstream's stderr goes."""
-        return self.log_dir / f"{upstream}.log"
+        return log_file(self.state_dir, upstream)
 
     def enabled_upstreams(self) -> list[UpstreamSpec]:
         return [spec for spec in self.upstreams.values() if spec.enabled]
@@ -220,21 +225,13 @@ class EveryVariable(Mapping[str, str]):
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read, interpolate and validate `upstreams.toml`; raise `ConfigError` with one line on any fault."""
     path = Path(path)
-    label = str(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{label}: file not found (create one, or pass --config PATH)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{label}: cannot be read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{label}: not valid TOML: {exc}") from None
-    return parse_config(raw, path.resolve(), label=label, environ=os.environ if environ is None else environ)
+    raw = read_toml(path)
+    return parse_config(raw, path.resolve(), label=str(path), environ=os.environ if environ is None else environ)
 
 
 def parse_config(raw: Mapping[str, Any], path: Path, *, label: str, environ: Mapping[str, str]) -> Config:
     """Validate already-parsed TOML data; `path` is the absolute location of the file it came from."""
-    data = _interpolate(raw, (), label, environ)
+    data = interpolate(raw, (), label, environ)
     upstreams = data.get("upstreams", {})
     if isinstance(upstreams, dict):
         for name, table in upstreams.items():
@@ -250,43 +247,6 @@ def parse_config(raw: Mapping[str, Any], path: Path, *, label: str, environ: Map
         raise ConfigError(f"{label}: {_describe(exc)}") from None
     _check_names(config, label)
     return _resolve_paths(config)
-
-
-def _interpolate(value: Any, where: tuple[str, ...], label: str, environ: Mapping[str, str]) -> Any:
-    if isinstance(value, str):
-
-        def substitute(match: re.Match[str]) -> str:
-            name, default = match[1], match[2]
-            if name is None:
-                return "${"
-            if not _ENV_NAME.match(name):
-                raise ConfigError(f"{label}: {_location(where)}: '{match[0]}' is not a valid variable reference")
-            if default is not None:
-                return environ.get(name) or default
-            if name not in environ:
-                raise ConfigError(f"{label}: {_location(where)}: environment variable {name} is not set")
-            return environ[name]
-
-        return _VARIABLE.sub(substitute, value)
-    if isinstance(value, dict):
-        return {key: _interpolate(item, (*where, key), label, environ) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(item, (*where, str(index)), label, environ) for index, item in enumerate(value)]
-    return value
-
-
-def variables(raw: Any) -> dict[str, bool]:
-    """Every environment variable the raw (uninterpolated) data refers to, and whether each always has a default."""
-    found: dict[str, bool] = {}
-    if isinstance(raw, str):
-        for match in _VARIABLE.finditer(raw):
-            if match[1] is not None and _ENV_NAME.match(match[1]):
-                found[match[1]] = found.get(match[1], True) and match[2] is not None
-    elif isinstance(raw, Mapping | list):
-        for item in raw.values() if isinstance(raw, Mapping) else raw:
-            for name, has_default in variables(item).items():
-                found[name] = found.get(name, True) and has_default
-    return found
 
 
 def _check_names(config: Config, label: str) -> None:
@@ -305,36 +265,19 @@ def _resolve_paths(config: Config) -> Config:
     base = config.directory
     upstreams = {}
     for name, spec in config.upstreams.items():
-        changes: dict[str, Any] = {}
         if spec.command is not None:
-            changes["cwd"] = base / spec.cwd if spec.cwd is not None else base
-            if os.sep in spec.command and not Path(spec.command).is_absolute():
-                changes["command"] = str(base / spec.command)
-        upstreams[name] = spec.model_copy(update=changes)
+            command, cwd = placement(base, spec.command, spec.cwd)
+            spec = spec.model_copy(update={"command": command, "cwd": cwd})
+        upstreams[name] = spec
     return config.model_copy(update={"upstreams": upstreams})
-
-
-def _location(loc: tuple[str | int, ...]) -> str:
-    """Render a key path as `[table.sub] key.rest`."""
-    parts = [str(part) for part in loc]
-    if parts[:1] == ["upstreams"] and len(parts) >= 2:
-        table, rest = parts[:2], parts[2:]
-    elif parts[:2] == ["gateway", "http"]:
-        table, rest = parts[:2], parts[2:]
-    elif parts[:1] == ["gateway"]:
-        table, rest = parts[:1], parts[1:]
-    else:
-        table, rest = [], parts
-    head = f"[{'.'.join(table)}]" if table else "top level"
-    return f"{head} {'.'.join(rest)}" if rest else head
 
 
 def _describe(exc: ValidationError) -> str:
     error = exc.errors()[0]
     loc = tuple(part for part in error["loc"] if part != "function-after")
     if error["type"] == "extra_forbidden":
-        return f"{_location(loc)}: unknown key"
+        return f"{location(loc)}: unknown key"
     if error["type"] == "missing":
-        return f"{_location(loc)}: required key is missing"
+        return f"{location(loc)}: required key is missing"
     message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{_location(loc)}: {message}"
+    return f"{location(loc)}: {message}"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.clients import ClientFile, ClientFormat, is_gateway_entry
-from gateway.config import UPSTREAM_NAME
+from gateway.config_source import UPSTREAM_NAME
 from gateway.redact import Redactor
 
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")

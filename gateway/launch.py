@@ -1,31 +1,42 @@
 """The `mcp-armor` command's entry point: `serve` starts its upstream servers before the rest loads.
 
 Loading the gateway (the MCP SDK above all) takes about half a second, and so does starting a
-Python upstream server. Started here, from the config alone, the upstreams boot while the gateway
-loads; the pool adopts each process whose command, environment and directory are still what it
-would start (anything else it starts afresh, and stops what was left unadopted). Any problem here
-is left for the normal start-up to meet and report.
+Python upstream server. Started here, from the file as written (gateway.config_source: the standard
+library only, no validation yet), the upstreams boot while the gateway loads. The pool adopts each
+process whose command, environment and directory are what the validated config asks for; whatever
+was started ahead and not adopted (the config turned out invalid, or said otherwise) is stopped
+before the command ends. Any problem reading the file here is left for the full reading to report.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    if words[:1] == ["serve"] and "--help" not in words and "-h" not in words:
-        _prestart(words)
-    from gateway.cli import main as cli_main
+    if words[:1] != ["serve"] or "--help" in words or "-h" in words:
+        from gateway.cli import main as cli_main
 
-    return cli_main(words)
+        return cli_main(words)
+    _start_ahead(words)
+    from gateway import children
+
+    try:
+        from gateway.cli import main as cli_main
+
+        return cli_main(words)
+    finally:
+        children.discard_ahead()
 
 
-def _prestart(words: list[str]) -> None:
-    from gateway.config import DEFAULT_CONFIG, load_config
+def _start_ahead(words: list[str]) -> None:
+    from gateway import children
+    from gateway.config_source import DEFAULT_CONFIG, early_starts
     from gateway.errors import GatewayError
-    from gateway.pipes import command_line, prestart
 
     path = DEFAULT_CONFIG
     for index, word in enumerate(words):
@@ -34,16 +45,14 @@ def _prestart(words: list[str]) -> None:
         elif word.startswith("--config="):
             path = word.split("=", 1)[1]
     try:
-        config = load_config(path)
-        config.log_dir.mkdir(parents=True, exist_ok=True)
-    except (GatewayError, OSError):
+        starts = early_starts(Path(path), os.environ)
+    except (GatewayError, OSError, RecursionError):
         return
-    for spec in config.enabled_upstreams():
-        if spec.command is None:
-            continue
+    for start in starts:
         try:
-            argv = command_line(spec.command, spec.args, spec.env)
-            with config.log_path(spec.name).open("a", encoding="utf-8") as log:
-                prestart(argv, env=spec.env, cwd=spec.cwd, stderr=log)
+            argv = children.command_line(start.command, start.args, start.env)
+            start.log.parent.mkdir(parents=True, exist_ok=True)
+            with start.log.open("a", encoding="utf-8") as log:
+                children.start_ahead(argv, env=start.env, cwd=start.cwd, stderr=log)
         except OSError:
             continue

@@ -8,10 +8,9 @@ code that acts on a message.
 
 `Channel` is the requesting side of a JSON-RPC peer: an id -> future map with timeouts, progress
 tokens, courtesy cancels and answers for the peer's own requests. `spawn` starts an upstream server
-as a child process (its own process group, a minimal environment, stderr to its log) and stops it
-the way MCP asks: close stdin, wait, SIGTERM the group, SIGKILL it.
-
-Nothing here imports MCP, so the gateway can start its upstreams before that import has finished.
+as a child process (gateway.children: its own process group, a minimal environment, stderr to its
+log), or adopts the one started ahead for it, and stops it the way MCP asks: close stdin, wait,
+SIGTERM the group, SIGKILL it.
 """
 
 from __future__ import annotations
@@ -21,11 +20,9 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +30,7 @@ from typing import IO, Any, TypeGuard
 
 import anyio
 
+from gateway import children
 from gateway.calls import ProgressFn
 from gateway.errors import ProtocolError
 
@@ -40,10 +38,6 @@ logger = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024 * 1024
 """The longest message accepted on a pipe (bytes); a longer one is a protocol fault."""
-INHERITED_ENVIRONMENT = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER")
-"""What an upstream child inherits from the gateway's environment, besides its own `env`."""
-STOP_GRACE = 2.0
-"""Seconds an upstream has to exit after its stdin closes, and again after SIGTERM."""
 EXIT_POLL = 0.01
 """How often a stopping upstream is checked for having exited."""
 
@@ -102,27 +96,6 @@ def replace_non_finite(value: Any, replacement: Callable[[float], Any]) -> Any:
     if isinstance(value, list | tuple):
         return [replace_non_finite(item, replacement) for item in value]
     return value
-
-
-def resolve_command(command: str, env_path: str | None) -> str:
-    """Find an upstream's executable: on PATH, then beside the gateway's own interpreter.
-
-    Agent clients often start the gateway by absolute path without activating its virtualenv,
-    so servers installed into that same environment are found too.
-    """
-    if "/" in command:
-        return command
-    search = [env_path or "", str(Path(sys.executable).parent)]
-    found = shutil.which(command, path=":".join(part for part in search if part))
-    if found is None:
-        raise FileNotFoundError(f"command '{command}' not found on PATH or beside {sys.executable}")
-    return found
-
-
-def command_line(command: str, args: Sequence[str], env: Mapping[str, str]) -> list[str]:
-    """An upstream's argv: its command found as `resolve_command` finds it (on its own PATH, when its
-    `env` sets one), then its arguments."""
-    return [resolve_command(command, env.get("PATH", os.environ.get("PATH"))), *args]
 
 
 class LineBuffer:
@@ -379,62 +352,6 @@ class Child:
     """Set when its stdout closes (it exited, or closed the pipe)."""
 
 
-Launch = tuple[tuple[str, ...], tuple[tuple[str, str], ...], str | None]
-"""What identifies a start: argv, the full environment, the working directory."""
-_prestarted: dict[Launch, subprocess.Popen[bytes]] = {}
-
-
-def environment_for(env: Mapping[str, str]) -> dict[str, str]:
-    """An upstream's environment: the few inherited variables, then its own `env`."""
-    environment = {key: value for key in INHERITED_ENVIRONMENT if (value := os.environ.get(key)) is not None}
-    environment.update(env)
-    return environment
-
-
-def _start(
-    argv: list[str], environment: Mapping[str, str], cwd: str | Path | None, stderr: IO[Any]
-) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        env=dict(environment),
-        cwd=cwd,
-        start_new_session=True,
-    )
-
-
-def _launch(argv: list[str], environment: Mapping[str, str], cwd: str | Path | None) -> Launch:
-    return tuple(argv), tuple(sorted(environment.items())), str(cwd) if cwd is not None else None
-
-
-def prestart(argv: list[str], *, env: Mapping[str, str], cwd: str | Path | None, stderr: IO[Any]) -> None:
-    """Start an upstream now, before the rest of the gateway has loaded; `spawn` adopts it if it asks
-    for exactly the same start. Failures are left for `spawn` to meet and report."""
-    environment = environment_for(env)
-    try:
-        _prestarted[_launch(argv, environment, cwd)] = _start(argv, environment, cwd, stderr)
-    except (OSError, ValueError) as exc:
-        logger.debug("could not start %s ahead: %s", argv[0], exc)
-
-
-def discard_prestarted() -> None:
-    """Stop upstreams started ahead that nobody adopted (the config changed in between)."""
-    while _prestarted:
-        _, process = _prestarted.popitem()
-        assert process.stdin is not None and process.stdout is not None
-        process.stdin.close()
-        for signum in (signal.SIGTERM, signal.SIGKILL, None):
-            with suppress(subprocess.TimeoutExpired):
-                process.wait(STOP_GRACE)
-                break
-            if signum is not None:
-                with suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, signum)
-        process.stdout.close()
-
-
 @asynccontextmanager
 async def spawn(
     name: str,
@@ -449,12 +366,7 @@ async def spawn(
     """Start an upstream server (or adopt the one started ahead for it) and yield its channel; on exit
     stop it (close stdin, SIGTERM, SIGKILL)."""
     loop = asyncio.get_running_loop()
-    environment = environment_for(env)
-    process = _prestarted.pop(_launch(argv, environment, cwd), None)
-    if process is not None and process.poll() is None:
-        logger.debug("upstream '%s': adopted the process started ahead (pid %d)", name, process.pid)
-    else:
-        process = _start(argv, environment, cwd, stderr)
+    process = children.start(name, argv, env=env, cwd=cwd, stderr=stderr)
     assert process.stdin is not None and process.stdout is not None
     try:
         stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, process.stdin)
@@ -491,7 +403,7 @@ async def _stop(process: subprocess.Popen[bytes], stdin: asyncio.BaseTransport |
         if signum is not None:
             with suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signum)
-        with anyio.move_on_after(STOP_GRACE):
+        with anyio.move_on_after(children.STOP_GRACE):
             # Polled: nothing signals a child's exit to the loop without a child watcher of its own.
             while process.poll() is None:  # noqa: ASYNC110
                 await anyio.sleep(EXIT_POLL)

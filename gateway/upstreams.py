@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from gateway import __version__
 from gateway.calls import RELAYED_METHODS, ProgressFn, Relay, ToolCall
 from gateway.catalog import Catalog, UpstreamListing, exposed_name, normalise_listing
+from gateway.children import command_line, discard_ahead
 from gateway.config import Config, UpstreamSpec
 from gateway.errors import ProtocolError, UpstreamFault, UpstreamTimeout, UpstreamUnavailable
 from gateway.pins import Assessment, Lock, Mode, assess, screened
@@ -38,8 +39,6 @@ from gateway.pipes import (
     RemoteError,
     RequestHandler,
     RequestTimeout,
-    command_line,
-    discard_prestarted,
     spawn,
 )
 
@@ -277,7 +276,7 @@ class UpstreamPool:
         """Upstreams started ahead of the gateway (see gateway.launch) that no supervisor took are stopped."""
         for upstream in self.upstreams.values():
             await upstream.settled.wait()
-        await anyio.to_thread.run_sync(discard_prestarted)
+        await anyio.to_thread.run_sync(discard_ahead)
 
     async def wait_settled(self, within: float) -> None:
         """Wait until every upstream's first connection attempt has finished, or `within` seconds pass."""

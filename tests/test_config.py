@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import load_config, parse_duration
+from gateway.config_source import early_starts
 from gateway.errors import ConfigError
 
 CASES = [
@@ -132,6 +133,51 @@ def test_interpolation_and_relative_paths(tmp_path: Path) -> None:
     assert config.call_timeout("remote") == 0.5
     assert config.call_timeout("local") == 60.0
     assert config.state_dir == tmp_path / "sub" / ".mcp-armor"
+
+
+def test_the_early_reading_starts_what_the_full_reading_would(tmp_path: Path) -> None:
+    """`serve` starts command upstreams from the file before validating it; for a valid file that
+    is exactly the start the validated config asks for (same command, args, env, directory, log)."""
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "upstreams.toml"
+    path.write_text(
+        '[gateway]\nstate = "${STATE:-run}"\n'
+        '[upstreams.local]\ncommand = "./bin/server"\ncwd = "data"\nargs = ["--token", "${TOKEN}", "$${LITERAL}"]\n'
+        '[upstreams.bare]\ncommand = "server"\nenv = { A = "${UNSET:-fallback}", B = "${TOKEN}" }\n'
+        '[upstreams.absolute]\ncommand = "/usr/bin/env"\ncwd = "/tmp"\ntimeout = "2s"\n'
+        '[upstreams.off]\ncommand = "server"\nenabled = false\n'
+        '[upstreams.remote]\nurl = "https://example.org/mcp"\n'
+    )
+    environ = {"TOKEN": "s3cret"}
+    config = load_config(path, environ=environ)
+    early = {start.name: start for start in early_starts(path, environ)}
+    assert set(early) == {spec.name for spec in config.enabled_upstreams() if spec.command is not None}
+    for name, start in early.items():
+        spec = config.upstreams[name]
+        assert (start.command, tuple(start.args), start.env, start.cwd) == (spec.command, spec.args, spec.env, spec.cwd)
+        assert start.log == config.log_path(name)
+    assert early["local"].log == tmp_path / "sub" / "run" / "logs" / "local.log"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[upstreams.x]\ncommand = 3\n",
+        '[upstreams.x]\ncommand = ""\n',
+        '[upstreams.x]\ncommand = "a"\nargs = ["b", 1]\n',
+        '[upstreams.x]\ncommand = "a"\nenv = ["A=1"]\n',
+        '[upstreams.x]\ncommand = "a"\ncwd = 1\n',
+        '[upstreams.x]\ncommand = "a"\nurl = "http://127.0.0.1:1/mcp"\n',
+        '[upstreams.x]\ncommand = "a"\nenabled = "yes"\n',
+        '[upstreams.X]\ncommand = "a"\n',
+        '[gateway]\nstate = 1\n[upstreams.x]\ncommand = "a"\n',
+        "upstreams = 1\n",
+    ],
+)
+def test_the_early_reading_starts_nothing_from_a_table_of_the_wrong_shape(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text(text)
+    assert early_starts(path, {}) == []
 
 
 def test_stdio_cwd_defaults_to_config_directory(tmp_path: Path) -> None:

@@ -24,16 +24,14 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSI
 from pydantic import ValidationError
 
 from gateway.calls import WireResult
+from gateway.children import discard_ahead, start_ahead, started_ahead
 from gateway.pipeline import _plain_text_result, shape_result
 from gateway.pipes import (
     Channel,
     ChannelClosed,
     RemoteError,
     RequestTimeout,
-    _prestarted,
-    discard_prestarted,
     dumps,
-    prestart,
     spawn,
 )
 from gateway.server import ToolRequest
@@ -432,12 +430,40 @@ async def test_a_process_started_ahead_that_nobody_adopts_is_stopped(tmp_path: P
     script = tmp_path / "idle.py"
     script.write_text("import sys\nfor line in sys.stdin:\n    pass\n")
     with (tmp_path / "idle.log").open("a") as log:
-        prestart([sys.executable, str(script)], env={}, cwd=None, stderr=log)
-    [process] = list(_prestarted.values())
+        start_ahead([sys.executable, str(script)], env={}, cwd=None, stderr=log)
+    [process] = started_ahead()
     assert process.poll() is None
     # The pool asks for something else (the config changed in between): the early one is left over.
     async with spawn("box", [sys.executable, str(TOOLBOX)], env={}, cwd=None, stderr=sys.stderr) as child:
         assert child.pid != process.pid
-        assert list(_prestarted.values()) == [process]
-    await anyio.to_thread.run_sync(discard_prestarted)
-    assert process.poll() is not None and not _prestarted
+        assert started_ahead() == [process]
+    await anyio.to_thread.run_sync(discard_ahead)
+    assert process.poll() is not None and not started_ahead()
+
+
+async def test_an_invalid_config_stops_what_was_started_ahead_from_it(tmp_path: Path) -> None:
+    """The early start reads the file unvalidated; when the full reading refuses it, the command says
+    why in one line and the process started ahead does not outlive it (even one that ignores EOF)."""
+    script = tmp_path / "stubborn.py"
+    pid_file = tmp_path / "pid"
+    script.write_text(
+        "import os, sys, time\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "sys.stdin.read()\n"
+        "time.sleep(60)\n"
+    )
+    config = write_config(tmp_path, {"stubborn": {"command": sys.executable, "args": [str(script)]}}, colour="red")
+    async with gateway_process(config) as (proc, log):
+        await log.wait_for("unknown key")
+        with anyio.fail_after(30):
+            assert await proc.wait() == 2
+    assert log.text.strip().splitlines() == [f"mcp-armor: error: {config}: [gateway] colour: unknown key"]
+    assert ended(int(pid_file.read_text()))
+
+
+def ended(pid: int) -> bool:
+    """Whether a process (not necessarily a child of ours) has exited: gone, or a zombie left unreaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

@@ -23,7 +23,8 @@ from gateway.audit_store import Filters
 from gateway.cli import audit, pins, policy, setup
 from gateway.cli.common import connect, print_table
 from gateway.clients import CLIENTS
-from gateway.config import DEFAULT_CONFIG, Config, EveryVariable, load_config
+from gateway.config import Config, EveryVariable, load_config
+from gateway.config_source import DEFAULT_CONFIG
 from gateway.errors import GatewayError
 from gateway.policy import PolicyEngine
 from gateway.policy_files import load_engine

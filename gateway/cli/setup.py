@@ -20,8 +20,9 @@ import anyio
 
 from gateway.cli.common import print_table
 from gateway.clients import CLIENTS, ClientFile, Registration, locate, register, unregister
-from gateway.config import UPSTREAM_NAME, Config, variables
+from gateway.config import Config
 from gateway.config_edit import ConfigText, Edit
+from gateway.config_source import UPSTREAM_NAME, variables
 from gateway.errors import ConfigError
 from gateway.files import backup, unified_diff, write_atomically
 from gateway.importing import ImportPlan, plan_import, without_moved
