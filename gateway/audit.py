@@ -461,9 +461,25 @@ class CallAudit:
     ) -> None:
         """A call to a tool that does not exist, is hidden from this client, or is quarantined (`quarantine`
         says why): refused, and recorded."""
+        reason = quarantine or f"unknown tool '{name}'"
+        stage = "quarantine" if quarantine else "unknown-tool"
+        await self.unresolved(session, name, arguments, stage=stage, reason=reason, outcome=OutcomeKind.REFUSED)
+
+    async def unresolved(
+        self,
+        session: SessionInfo,
+        name: str,
+        arguments: Mapping[str, Any],
+        *,
+        stage: str,
+        reason: str,
+        outcome: OutcomeKind,
+    ) -> None:
+        """A call that ended before it was resolved to a tool the pipeline could take (`stage` says where):
+        no policy decided it, and it was not forwarded; recorded as denied there, with its outcome."""
         self.session(session)
         redaction = self.recorder.redactor.redact(arguments)
-        reason = redaction.scrub(quarantine or f"unknown tool '{name}'", self.recorder.redactor)
+        reason = redaction.scrub(reason, self.recorder.redactor)
         call_id = os.urandom(16).hex()
         common = {"session_id": session.id, "call_id": call_id, "tool": name}
         decision = event(
@@ -475,14 +491,14 @@ class CallAudit:
             reason=reason,
             policy_revision=self.engine.policies.revision,
             masked=[item.to_record() for item in redaction.masked] or None,
-            stage="quarantine" if quarantine else "unknown-tool",
+            stage=stage,
         )
-        outcome = event("outcome", **common, outcome=OutcomeKind.REFUSED.value, reason=reason, duration_ms=0.0)
+        ended = event("outcome", **common, outcome=outcome.value, reason=reason, duration_ms=0.0)
         try:
-            await self.recorder.record(decision, outcome)
+            await self.recorder.record(decision, ended)
         except AuditError as exc:
-            logger.error("a call to unknown tool '%s' could not be recorded: %s", name, exc)
-        _print_line(session.id, name, "deny", "", "refused", 0.0)
+            logger.error("a call to '%s' (%s) could not be recorded: %s", name, stage, exc)
+        _print_line(session.id, name, "deny", "", outcome.value, 0.0)
 
     async def _finish(self, call: ToolCall, outcome: Outcome, started: float) -> Outcome:
         duration_ms = round((time.perf_counter() - started) * 1000, 3)

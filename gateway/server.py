@@ -23,8 +23,8 @@ import mcp_types as types
 
 from gateway import __version__
 from gateway.approvals import REQUEST_KEY, REQUESTED_SCHEMA, ApprovalDesk
-from gateway.audit import CallAudit
-from gateway.calls import Approval, Approver, Decision, ProgressFn, Relay, SessionInfo, ToolCall
+from gateway.audit import SHUTDOWN_GRACE, CallAudit
+from gateway.calls import Approval, Approver, Decision, OutcomeKind, ProgressFn, Relay, SessionInfo, ToolCall
 from gateway.catalog import Catalog, ExposedTool
 from gateway.errors import GatewayError, ProtocolError, UpstreamError
 from gateway.pins import Lock, LockError
@@ -193,8 +193,21 @@ class Gateway:
 
         A tool that does not exist, is hidden from this caller or is quarantined raises `ProtocolError`.
         """
-        await self.wait_for_startup()
         session = caller.session
+        try:
+            await self.wait_for_startup()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE):
+                reason = "cancelled while the gateway's upstreams were still starting, before any policy decision"
+                await self.audit.unresolved(
+                    session,
+                    params.name,
+                    params.arguments,
+                    stage="startup",
+                    reason=reason,
+                    outcome=OutcomeKind.CANCELLED,
+                )
+            raise
         tool = self.pool.catalog.tools.get(params.name)
         if tool is None and (held := self.pool.quarantined.get(params.name)) is not None:
             reason = held.reason()

@@ -492,3 +492,31 @@ async def test_replay_lists_the_calls_a_policy_change_would_decide_differently(c
         "CALLS",
         "REFUSED",
     ]
+
+
+@pytest.mark.parametrize("ended_by", ["cancel", "hang-up"])
+async def test_a_call_ended_while_upstreams_are_still_starting_is_recorded(tmp_path: Path, ended_by: str) -> None:
+    """The call waits for upstreams that have not answered `initialize` yet; cancelled (or the client
+    gone) before they do, it still gets its decision and its outcome, and nothing reached an upstream."""
+    mute = tmp_path / "mute.py"
+    mute.write_text("import sys\nsys.stdin.buffer.read()\n")  # never answers, ends when its stdin closes
+    config = write_config(tmp_path, {"box": {"command": sys.executable, "args": [str(mute)]}})
+    async with gateway_process(config) as (proc, _):
+        raw = RawSession(proc)
+        with anyio.fail_after(30):
+            await raw.initialize()
+            await raw.send(raw.call(1, "box__echo", {"text": "too early"}))
+            if ended_by == "cancel":
+                await raw.send({"method": "notifications/cancelled", "params": {"requestId": 1}})
+            assert proc.stdin is not None
+            await proc.stdin.aclose()
+            assert await proc.wait() == 0
+    seen = calls(tmp_path)
+    assert list(seen) == ["box__echo"]
+    decision, outcome = seen["box__echo"]["decision"], seen["box__echo"]["outcome"]
+    assert (decision["decision"], decision["stage"], decision["arguments"]) == (
+        "deny",
+        "startup",
+        {"text": "too early"},
+    )
+    assert outcome["outcome"] == "cancelled" and "still starting" in outcome["reason"]
