@@ -39,19 +39,26 @@ from mcp.server.subscriptions import (
 )
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
+from mcp.shared.message import ServerMessageMetadata
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.audit import CallAudit
 from gateway.calls import SessionInfo
 from gateway.config import Config
 from gateway.errors import GatewayError, ProtocolError
-from gateway.server import Caller, Gateway, ListKind, ToolRequest
+from gateway.server import RELAYED, Caller, Gateway, ListKind, ToolRequest, relay_for
 
 logger = logging.getLogger(__name__)
 
 Context = ServerRequestContext[Any, Any]
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_ASKED: dict[str, type[types.CreateMessageRequest] | type[types.ElicitRequest]] = {
+    "sampling/createMessage": types.CreateMessageRequest,
+    "elicitation/create": types.ElicitRequest,
+}
+"""The SDK's request models for what an upstream asks the agent's client (gateway.server.RELAYED)."""
 _EVENTS: dict[ListKind, ServerEvent] = {
     "tools": ToolsListChanged(),
     "prompts": PromptsListChanged(),
@@ -163,6 +170,20 @@ class GatewayServer(Server[Any]):
                 raise ProtocolError(exc.error.code, exc.error.message, exc.error.data) from None
             return result.model_dump(by_alias=True, mode="json")
 
+        async def ask(method: str, params: Mapping[str, Any], checked: Any) -> dict[str, Any]:
+            request = _ASKED[method](params=checked)
+            try:
+                result = await ctx.session.send_request(
+                    request, RELAYED[method][1], metadata=ServerMessageMetadata(related_request_id=ctx.request_id)
+                )
+            except MCPError as exc:  # the client's error, or no channel to ask it on (stateless HTTP)
+                raise ProtocolError(exc.error.code, exc.error.message, exc.error.data) from None
+            except ValidationError:
+                raise ProtocolError(
+                    types.INVALID_PARAMS, f"the client answered {method} with a malformed result"
+                ) from None
+            return result.model_dump(by_alias=True, mode="json", exclude_none=True)
+
         capabilities = ctx.session.client_capabilities
         modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
         caller = Caller(
@@ -171,6 +192,7 @@ class GatewayServer(Server[Any]):
             can_elicit=capabilities is not None and capabilities.elicitation is not None,
             progress=progress,
             elicit=None if modern else elicit,
+            relay=None if modern else relay_for(capabilities, ask),
         )
         return _for_era(ctx, await self.gateway.call_tool(caller, ToolRequest.of(params)))
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import anyio
 import mcp_types as types
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from gateway import __version__
 from gateway.approvals import REQUEST_KEY, REQUESTED_SCHEMA, ApprovalDesk
@@ -53,6 +54,37 @@ class Caller:
     elicit: Elicit | None = None
     relay: Relay | None = None
     """Passes an upstream's sampling and elicitation requests to this caller's client (handshake era)."""
+
+
+RELAYED: dict[str, tuple[TypeAdapter[Any], type[BaseModel]]] = {
+    "sampling/createMessage": (TypeAdapter(types.CreateMessageRequestParams), types.CreateMessageResult),
+    "elicitation/create": (TypeAdapter(types.ElicitRequestParams), types.ElicitResult),
+}
+"""The upstream requests a handshake-era caller's client may be asked: the models of their parameters and results."""
+
+Ask = Callable[[str, Mapping[str, Any], Any], Awaitable[dict[str, Any]]]
+"""Sends the caller's client one request (method, parameters as the upstream sent them, the same checked);
+returns its result, checked against the method's result model, in wire form."""
+
+
+def relay_for(capabilities: types.ClientCapabilities | None, ask: Ask) -> Relay:
+    """Passes an upstream's sampling and elicitation requests on through `ask`, as far as the client
+    declared it takes them, with their parameters checked first."""
+    declared = {
+        "sampling/createMessage": capabilities is not None and capabilities.sampling is not None,
+        "elicitation/create": capabilities is not None and capabilities.elicitation is not None,
+    }
+
+    async def relay(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        if not declared.get(method, False):
+            raise ProtocolError(types.INVALID_REQUEST, f"the agent's client does not take {method}")
+        try:
+            checked = RELAYED[method][0].validate_python(params, by_name=False)
+        except ValidationError:
+            raise ProtocolError(types.INVALID_PARAMS, f"{method} with malformed parameters") from None
+        return await ask(method, params, checked)
+
+    return relay
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,12 +44,12 @@ from mcp_types import (
 )
 from mcp_types import methods as spec_methods
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
-from gateway.calls import ProgressFn, Relay, WireResult
+from gateway.calls import ProgressFn, WireResult
 from gateway.errors import ProtocolError
 from gateway.pipes import LineBuffer, dumps
-from gateway.server import Caller, Gateway, ListKind, ToolRequest
+from gateway.server import RELAYED, Caller, Gateway, ListKind, ToolRequest, relay_for
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +75,6 @@ _LIST_FILTER: dict[ListKind, str] = {
     "prompts": "promptsListChanged",
     "resources": "resourcesListChanged",
 }
-_REQUESTS: dict[str, TypeAdapter[Any]] = {
-    "sampling/createMessage": TypeAdapter(types.CreateMessageRequestParams),
-    "elicitation/create": TypeAdapter(types.ElicitRequestParams),
-}
-_RESULTS: dict[str, type[BaseModel]] = {
-    "sampling/createMessage": types.CreateMessageResult,
-    "elicitation/create": types.ElicitResult,
-}
-"""The requests the gateway sends the client (handshake era), and the models their parameters and results fit."""
 _INVALID_PARAMS = ProtocolError(types.INVALID_PARAMS, "Invalid request parameters", "")
 
 
@@ -387,7 +378,7 @@ class StdioConnection(asyncio.Protocol):
         info = init.client_info
         session = self.gateway.session_info(self.gateway.stdio_session, negotiated, info.name, info.version)
         can_elicit = init.capabilities.elicitation is not None
-        relay = self._relay(init.capabilities)
+        relay = relay_for(init.capabilities, self._ask)
         self._legacy = Caller(session, modern=False, can_elicit=can_elicit, elicit=self._elicit, relay=relay)
 
     def _spawn(self, request: _Request) -> None:
@@ -559,26 +550,9 @@ class StdioConnection(asyncio.Protocol):
         params = types.ElicitRequestFormParams(message=message, requested_schema=schema)
         return await self._ask("elicitation/create", _dump(params))
 
-    def _relay(self, capabilities: types.ClientCapabilities) -> Relay:
-        """Passes an upstream's sampling and elicitation requests on, as far as the client declared it takes them."""
-        declared = {
-            "sampling/createMessage": capabilities.sampling is not None,
-            "elicitation/create": capabilities.elicitation is not None,
-        }
-
-        async def relay(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
-            if not declared.get(method, False):
-                raise ProtocolError(types.INVALID_REQUEST, f"the agent's client does not take {method}")
-            try:
-                _REQUESTS[method].validate_python(params, by_name=False)
-            except ValidationError:
-                raise ProtocolError(types.INVALID_PARAMS, f"{method} with malformed parameters") from None
-            return await self._ask(method, params)
-
-        return relay
-
-    async def _ask(self, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Send the client (handshake era) a request; its result in wire form, checked against the method's model."""
+    async def _ask(self, method: str, params: Mapping[str, Any], checked: Any = None) -> dict[str, Any]:
+        """Send the client (handshake era) a request (its parameters as given: `checked` is not needed
+        here); its result in wire form, checked against the method's model."""
         self._next_ask += 1
         request_id = f"mcp-armor-{self._next_ask}"
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -589,7 +563,7 @@ class StdioConnection(asyncio.Protocol):
         finally:
             self._asked.pop(request_id, None)
         try:
-            return _dump(_RESULTS[method].model_validate(raw, by_name=False))
+            return _dump(RELAYED[method][1].model_validate(raw, by_name=False))
         except ValidationError:
             raise ProtocolError(types.INVALID_PARAMS, f"the client answered {method} with a malformed result") from None
 

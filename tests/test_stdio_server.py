@@ -3,8 +3,8 @@
 A real gateway process, driven over its pipes by a plain JSON-RPC client, is asked what an SDK
 server is asked (the handshake and its gate, the 2026-07-28 envelope ladder, lists with their cache
 hints, listen streams, malformed input) and must answer exactly as the SDK server answers. Also: an
-upstream's own sampling and elicitation requests relayed to the caller's client (and recorded),
-resource-template routing, and input and output that are files rather than pipes.
+upstream's own sampling and elicitation requests relayed to the caller's client (and recorded; over
+streamable HTTP too), resource-template routing, and input and output that are files rather than pipes.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 import pytest
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.uri_template import InvalidUriTemplate as SdkInvalid
 from mcp.shared.uri_template import UriTemplate as SdkTemplate
 
@@ -28,10 +30,10 @@ from tests.conftest import (
     RawSession,
     ServerLog,
     fixture_upstream,
-    gateway_client,
     gateway_command,
     gateway_params,
     gateway_process,
+    http_gateway,
     text_of,
     write_config,
 )
@@ -339,7 +341,25 @@ def asker_config(tmp_path: Path) -> Path:
     return write_config(tmp_path, {"asker": fixture_upstream("asker.py")})
 
 
-async def test_an_upstreams_sampling_and_elicitation_reach_the_callers_client(asker_config: Path) -> None:
+@asynccontextmanager
+async def client_over(transport: str, config: Path, **callbacks: Any) -> AsyncIterator[Client]:
+    """A real SDK client (handshake era) of a gateway process, over stdio or streamable HTTP."""
+    if transport == "stdio":
+        async with Client(gateway_params(config), mode="legacy", **callbacks) as client:
+            yield client
+        return
+    async with (
+        http_gateway(config) as url,
+        httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60)) as http,
+        Client(streamable_http_client(url, http_client=http), mode="legacy", **callbacks) as client,
+    ):
+        yield client
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+async def test_an_upstreams_sampling_and_elicitation_reach_the_callers_client(
+    asker_config: Path, transport: str
+) -> None:
     seen: list[str] = []
 
     async def sample(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
@@ -350,8 +370,7 @@ async def test_an_upstreams_sampling_and_elicitation_reach_the_callers_client(as
         seen.append(params.message)
         return types.ElicitResult(action="accept", content={"ok": True})
 
-    client = Client(gateway_params(asker_config), mode="legacy", sampling_callback=sample, elicitation_callback=elicit)
-    async with client:
+    async with client_over(transport, asker_config, sampling_callback=sample, elicitation_callback=elicit) as client:
         sampled = json.loads(text_of(await client.call_tool("asker__sample", {})))
         confirmed = json.loads(text_of(await client.call_tool("asker__confirm", {})))
     assert seen == ["2+2?", "Go ahead?"]
@@ -366,8 +385,11 @@ async def test_an_upstreams_sampling_and_elicitation_reach_the_callers_client(as
     assert [outcomes[event["call_id"]]["tool"] for event in relayed] == ["asker__sample", "asker__confirm"]
 
 
-async def test_a_client_that_cannot_take_a_request_has_it_refused_and_recorded(asker_config: Path) -> None:
-    async with gateway_client(asker_config) as client:  # declares neither sampling nor elicitation
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+async def test_a_client_that_cannot_take_a_request_has_it_refused_and_recorded(
+    asker_config: Path, transport: str
+) -> None:
+    async with client_over(transport, asker_config) as client:  # declares neither sampling nor elicitation
         answered = json.loads(text_of(await client.call_tool("asker__sample", {})))
     assert answered == {"code": -32600, "message": "the agent's client does not take sampling/createMessage"}
     relayed = [event for event in events(asker_config.parent) if event["kind"] == "upstream_request"]
