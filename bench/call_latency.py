@@ -1,6 +1,6 @@
 """What the gateway costs per call: straight to an upstream vs through the gateway (stdio), interleaved.
 
-    .venv/bin/python bench/call_latency.py [--calls 1000] [--rounds 3]
+    .venv/bin/python bench/call_latency.py [--calls 1000] [--rounds 5]
 
 Each round starts a direct upstream and a gateway in front of the same kind of upstream process
 (tests/fixtures/toolbox.py, an SDK server), one after the other, and measures on each:
@@ -163,6 +163,7 @@ async def throughput(peer: Peer, tool: str, calls: int, in_flight: int) -> float
 class Figures:
     cold_ms: list[float] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
+    round_p50_ms: list[float] = field(default_factory=list)
     rate: dict[int, list[float]] = field(default_factory=lambda: {n: [] for n in IN_FLIGHT})
     cpu_ms_per_call: list[float] = field(default_factory=list)
     rss_mb: list[float] = field(default_factory=list)
@@ -198,7 +199,9 @@ async def round_of(command: list[str], tool: str, calls: int, figures: Figures) 
     figures.cold_ms.append((time.perf_counter() - started) * 1000)
     await sequential(peer, tool, min(100, calls))  # warm-up
     cpu_before = cpu_seconds(peer.pid)
-    figures.latency_ms += await sequential(peer, tool, calls)
+    samples = await sequential(peer, tool, calls)
+    figures.latency_ms += samples
+    figures.round_p50_ms.append(percentile(samples, 0.5))
     measured = calls
     for in_flight in IN_FLIGHT:
         figures.rate[in_flight].append(await throughput(peer, tool, calls * 2, in_flight))
@@ -285,6 +288,8 @@ def report(direct: Figures, gateway: Figures) -> None:
     for label, measure, _, target in rows:
         mine, theirs = measure(gateway), measure(direct)
         print(f"{label:28}{theirs:10.3f}{mine:10.3f}{mine / theirs:8.2f}x  {target}")
+    for name, figures in (("direct", direct), ("gateway", gateway)):
+        print(f"p50 of each round, {name}: " + ", ".join(f"{p50:.3f}" for p50 in figures.round_p50_ms) + " ms")
 
 
 async def main(calls: int, rounds: int) -> None:
@@ -308,7 +313,7 @@ async def main(calls: int, rounds: int) -> None:
 def run_main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     os.chdir(ROOT)
     anyio.run(main, args.calls, args.rounds)
