@@ -668,14 +668,11 @@ class CallAudit:
     def lock_reloaded(self, outcome: str, detail: str) -> None:
         self.recorder.queue(event("pin", change="lock_reload", outcome=outcome, reason=detail))
 
-    def relayed(self, upstream: str, method: str, call: ToolCall | None, refusal: str | None) -> None:
-        """An upstream's own request (sampling, elicitation), passed to the agent's client or refused."""
-        reason = method if refusal is None else f"{method}: {refusal}"
-        fields: dict[str, Any] = {
-            "upstream": upstream,
-            "reason": reason,
-            "outcome": "refused" if refusal else "relayed",
-        }
+    def relayed(self, upstream: str, method: str, call: ToolCall | None, outcome: str, detail: str | None) -> None:
+        """An upstream's own request (sampling, elicitation): passed to the agent's client, refused, or
+        withdrawn before the client answered."""
+        reason = method if detail is None else f"{method}: {detail}"
+        fields: dict[str, Any] = {"upstream": upstream, "reason": reason, "outcome": outcome}
         if call is not None:
             fields.update(session_id=call.session.id, call_id=call.id, tool=call.tool.name)
         self.recorder.queue(event("upstream_request", **fields))

@@ -144,6 +144,8 @@ class Channel:
         self._pending: dict[int, _Pending] = {}
         self._next_id = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._answering: dict[str, asyncio.Task[None]] = {}
+        """The peer's requests being answered, by id (as JSON): a `notifications/cancelled` cancels one."""
         self.closed: str | None = None
         """Why the channel closed; `None` while it is open."""
 
@@ -211,7 +213,12 @@ class Channel:
             params = message.get("params")
             params = params if isinstance(params, dict) else None
             if "id" in message:
-                self._spawn(self._answer(message["id"], method, params))
+                key = _id_key(message["id"])
+                task = self._spawn(self._answer(message["id"], method, params))
+                self._answering[key] = task
+                task.add_done_callback(lambda done: self._answered(key, done))
+            elif method == "notifications/cancelled":
+                self._withdrawn(params)
             elif method == "notifications/progress":
                 self._progress(params)
             elif self._on_notify is not None:
@@ -261,6 +268,18 @@ class Channel:
         )
         self._spawn(_contained(relay, f"relaying progress from upstream '{self.name}'"))
 
+    def _withdrawn(self, params: Mapping[str, Any] | None) -> None:
+        """The peer cancelled a request of its own: stop answering it (and, as MCP asks, send no answer)."""
+        request_id = params.get("requestId") if params is not None else None
+        task = self._answering.pop(_id_key(request_id), None) if isinstance(request_id, str | int) else None
+        if task is not None:
+            logger.debug("upstream '%s' cancelled its request %r", self.name, request_id)
+            task.cancel()
+
+    def _answered(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._answering.get(key) is task:
+            del self._answering[key]
+
     async def _answer(self, request_id: Any, method: str, params: Mapping[str, Any] | None) -> None:
         reply: Message = {"jsonrpc": "2.0", "id": request_id}
         try:
@@ -272,10 +291,16 @@ class Channel:
         if self.closed is None:
             self._write(dumps(reply))
 
-    def _spawn(self, work: Awaitable[None]) -> None:
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def _id_key(request_id: Any) -> str:
+    """A JSON-RPC id as a map key that keeps 1 and "1" apart."""
+    return json.dumps(request_id)
 
 
 def _expire(future: asyncio.Future[Message]) -> None:

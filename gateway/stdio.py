@@ -560,6 +560,11 @@ class StdioConnection(asyncio.Protocol):
         try:
             self._writer.write(dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
             raw = await future
+        except asyncio.CancelledError:  # withdrawn (by the upstream that asked, or as the gateway stops)
+            if future.cancelled() or not future.done():  # the client has not answered
+                reason = "no longer needed: what asked it was withdrawn or has ended"
+                self._notify("notifications/cancelled", {"requestId": request_id, "reason": reason})
+            raise
         finally:
             self._asked.pop(request_id, None)
         try:

@@ -220,9 +220,10 @@ CatalogListener = Callable[[Catalog], Awaitable[None]]
 StatusListener = Callable[[str, bool, str], None]
 """Told when an upstream comes up or goes down: its name, whether it is up, and a description."""
 AssessmentListener = Callable[[list[Assessment]], None]
-RelayListener = Callable[[str, str, ToolCall | None, str | None], None]
+RelayListener = Callable[[str, str, ToolCall | None, str, str | None], None]
 """Told of every sampling or elicitation request an upstream sent: upstream, method, the call it went to
-(`None`: none could take it), and why it was refused (`None`: the client answered)."""
+(`None`: none could take it), how it ended (`relayed`: the client answered; `refused`; `cancelled`:
+withdrawn by the upstream, or its connection ended, before the client answered), and why (or `None`)."""
 """Told, at every publish, how each definition on offer was judged against the lock and the scan."""
 
 
@@ -347,22 +348,25 @@ class UpstreamPool:
         calls = self._relays.get(upstream)
         if not calls:
             message = f"no call to '{upstream}' is in flight from a client that can answer {method}"
-            self._relayed(upstream, method, None, message)
+            self._relayed(upstream, method, None, "refused", message)
             raise RemoteError(types.INVALID_REQUEST, message)
         call, relay = calls[-1]
         try:
             result = await relay(method, params or {})
         except ProtocolError as exc:
-            self._relayed(upstream, method, call, exc.message)
+            self._relayed(upstream, method, call, "refused", exc.message)
             raise RemoteError(exc.code, exc.message, exc.data) from None
-        self._relayed(upstream, method, call, None)
+        except anyio.get_cancelled_exc_class():
+            self._relayed(upstream, method, call, "cancelled", "withdrawn before the client answered")
+            raise
+        self._relayed(upstream, method, call, "relayed", None)
         return result
 
-    def _relayed(self, upstream: str, method: str, call: ToolCall | None, refusal: str | None) -> None:
-        if refusal is not None:
-            logger.warning("upstream '%s' asked %s: refused (%s)", upstream, method, refusal)
+    def _relayed(self, upstream: str, method: str, call: ToolCall | None, outcome: str, detail: str | None) -> None:
+        if outcome == "refused":
+            logger.warning("upstream '%s' asked %s: refused (%s)", upstream, method, detail)
         if self.on_relayed is not None:
-            self.on_relayed(upstream, method, call, refusal)
+            self.on_relayed(upstream, method, call, outcome, detail)
 
     async def _withdraw(self, upstream: Upstream) -> None:
         if upstream.session is not None or upstream.listing is not None:

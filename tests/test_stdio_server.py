@@ -10,6 +10,7 @@ streamable HTTP too), resource-template routing, and input and output that are f
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -383,6 +384,39 @@ async def test_an_upstreams_sampling_and_elicitation_reach_the_callers_client(
         ("elicitation/create", "relayed"),
     ]
     assert [outcomes[event["call_id"]]["tool"] for event in relayed] == ["asker__sample", "asker__confirm"]
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+async def test_a_request_the_upstream_withdraws_is_withdrawn_from_the_client_and_never_answered(
+    tmp_path: Path, transport: str
+) -> None:
+    """Cancellation the other way: the upstream cancels its own sampling request while the client is
+    working on it; the client is told (its callback is cancelled), the upstream gets no answer for it,
+    the call goes on, and the log says the request was cancelled."""
+    gate, answers = tmp_path / "gate", tmp_path / "answers.jsonl"
+    os.mkfifo(gate)
+    config = write_config(
+        tmp_path, {"asker": fixture_upstream("asker.py", ASKER_GATE=str(gate), ASKER_LOG=str(answers))}
+    )
+    withdrawn = anyio.Event()
+
+    async def sample(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        await anyio.to_thread.run_sync(gate.write_bytes, b"x")  # the upstream may now withdraw it
+        try:
+            await anyio.sleep_forever()
+        finally:
+            withdrawn.set()
+        raise AssertionError("not reached")
+
+    async with client_over(transport, config, sampling_callback=sample) as client:
+        with anyio.fail_after(30):
+            assert text_of(await client.call_tool("asker__withdraw", {})) == "withdrew up-1"
+            await withdrawn.wait()
+            assert text_of(await client.call_tool("asker__confirm", {})) != ""  # the connection still serves
+    relayed = [event for event in events(tmp_path) if event["kind"] == "upstream_request"]
+    assert (relayed[0]["outcome"], relayed[0]["tool"]) == ("cancelled", "asker__withdraw")
+    logged = [json.loads(line) for line in answers.read_text().splitlines()] if answers.exists() else []
+    assert [answer["id"] for answer in logged if answer["id"] == "up-1"] == []
 
 
 @pytest.mark.parametrize("transport", ["stdio", "http"])
