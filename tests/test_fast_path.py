@@ -1,7 +1,9 @@
 """The call path the gateway runs itself: the upstream channel's id map, and `tools/call` on stdio.
 
 Unit tests drive `gateway.pipes.Channel` with a peer written inline (answers in any order, late,
-twice, or for ids never issued). End-to-end tests drive a real gateway process over its pipes with a
+twice, or for ids never issued). The checks that skip the specification's models for the plainest
+calls and results are held to the models' verdicts and output, on chosen cases and on thousands of
+seeded near misses. End-to-end tests drive a real gateway process over its pipes with a
 plain JSON-RPC client: many calls in flight with mixed id types, a cancel racing its answer, and an
 upstream that answers out of order and writes stray lines.
 """
@@ -315,6 +317,88 @@ def test_a_plain_call_gets_the_models_verdict_and_parameters() -> None:
         assert built == ToolRequest.of(CallToolRequestParams.model_validate(params, by_name=False))
     for params in others:
         assert _plain_call(params) is None, params
+
+
+Field = tuple[float, Callable[[random.Random], Any]]
+"""How often a field is present, and how its value is drawn."""
+
+
+def near_miss(rng: random.Random, fields: dict[str, Field]) -> dict[str, Any]:
+    """A dict with each field present as often as it says (and now and then a stray key)."""
+    drawn = {key: value(rng) for key, (present, value) in fields.items() if rng.random() < present}
+    if rng.random() < 0.05:
+        drawn["stray"] = any_value(rng)
+    return drawn
+
+
+def any_value(rng: random.Random, depth: int = 0) -> Any:
+    """A JSON value of any type, small, nested now and then."""
+    atoms = [None, True, False, 0, 7, -1, 1.5, "", "text", "é ☃", "\ud800"]
+    roll = rng.random()
+    if depth < 2 and roll < 0.15:
+        return [any_value(rng, depth + 1) for _ in range(rng.randrange(3))]
+    if depth < 2 and roll < 0.3:
+        return {rng.choice(["a", "text", "type", "n"]): any_value(rng, depth + 1) for _ in range(rng.randrange(3))}
+    return rng.choice(atoms)
+
+
+def mostly(right: Callable[[random.Random], Any], odds: float = 0.85) -> Callable[[random.Random], Any]:
+    """Draw with `right` most of the time, any value otherwise."""
+    return lambda rng: right(rng) if rng.random() < odds else any_value(rng)
+
+
+def text_block(rng: random.Random) -> dict[str, Any]:
+    block: dict[str, Any] = {"type": "text" if rng.random() < 0.9 else "image", "text": mostly(lambda _: "é")(rng)}
+    if rng.random() < 0.1:
+        block[rng.choice(["annotations", "_meta", "mimeType", "stray"])] = rng.choice([{}, {"priority": 0.5}, "x"])
+    if rng.random() < 0.05:
+        del block["text"]
+    return block
+
+
+CALL_FIELDS: dict[str, Field] = {
+    "name": (0.95, mostly(lambda rng: rng.choice(["box__echo", "", "é"]))),
+    "arguments": (0.7, mostly(lambda rng: rng.choice([{}, {"text": "hi", "n": [1, None]}, {"a": {"b": "\ud800"}}]))),
+    "_meta": (0.4, mostly(lambda rng: {"progressToken": rng.choice([1, "p", 0, True, 1.5, None, [], {}])}, 0.7)),
+    "task": (0.05, lambda rng: {"ttl": 5}),
+}
+RESULT_FIELDS: dict[str, Field] = {
+    "content": (0.95, mostly(lambda rng: [mostly(text_block, 0.9)(rng) for _ in range(rng.randrange(3))])),
+    "isError": (0.5, mostly(lambda rng: rng.choice([True, False, None]))),
+    "structuredContent": (0.05, lambda rng: {"n": 1}),
+    "_meta": (0.05, lambda rng: {"k": "v"}),
+}
+
+
+def test_random_near_misses_never_pass_the_fast_checks_wrongly() -> None:
+    """Thousands of seeded, almost-right calls and results: whatever the fast paths accept, the
+    specification's models accept too, with the same values (and the same bytes for a result)."""
+    rng = random.Random(20261124)
+    for _ in range(3000):
+        params = near_miss(rng, CALL_FIELDS)
+        built = _plain_call(params)
+        try:
+            expected = ToolRequest.of(CallToolRequestParams.model_validate(params, by_name=False))
+            for version in HANDSHAKE_PROTOCOL_VERSIONS:
+                validate_client_request("tools/call", version, params)
+        except ValidationError:
+            assert built is None, params
+            continue
+        assert built is None or built == expected, params
+    for _ in range(3000):
+        raw = near_miss(rng, RESULT_FIELDS)
+        for version in VERSIONS:
+            modern = version in MODERN_PROTOCOL_VERSIONS
+            fast = _plain_text_result(raw, modern=modern)
+            try:
+                expected = serialize_server_result(
+                    "tools/call", version, {**raw, "resultType": "complete"} if modern else raw
+                )
+            except ValidationError:
+                assert fast is None, raw
+                continue
+            if fast is not None:
+                assert json.dumps(fast) == json.dumps(expected), (version, raw)
 
 
 # -- end to end: the gateway's stdio front and its upstream channel ----------------------------------
