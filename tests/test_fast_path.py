@@ -248,6 +248,35 @@ async def test_the_peers_own_requests_are_answered() -> None:
     assert replies[5]["error"]["code"] == -32601
 
 
+async def test_a_request_the_peer_cancels_is_stopped_and_never_answered() -> None:
+    peer = Peer()
+    started, stopped = anyio.Event(), anyio.Event()
+
+    async def on_request(method: str, params: Any) -> dict[str, Any]:
+        if method == "ping":
+            return {}
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            stopped.set()
+        raise AssertionError("not reached")
+
+    channel = Channel("test", peer.write, on_request=on_request)
+    channel.receive({"jsonrpc": "2.0", "id": 1, "method": "sampling/createMessage", "params": {}})
+    with anyio.fail_after(5):
+        await started.wait()
+        # "1" is not 1: a cancel for another id leaves it running (the ping is answered after the
+        # cancelled task, had it been cancelled, would have stopped).
+        channel.receive({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "1"}})
+        channel.receive({"jsonrpc": "2.0", "id": "1", "method": "ping"})
+        await peer.wait_until(lambda: len(peer.replies()) == 1)
+        assert not stopped.is_set()
+        channel.receive({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}})
+        await stopped.wait()
+    assert peer.replies() == {"1": {"jsonrpc": "2.0", "id": "1", "result": {}}}  # never an answer for 1
+
+
 def test_lines_are_compact_and_never_carry_nan() -> None:
     assert dumps({"a": [1, "é"]}) == '{"a":[1,"é"]}\n'.encode()
     assert json.loads(dumps({"x": float("nan"), "y": [float("inf")]})) == {"x": None, "y": [None]}
