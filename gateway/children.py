@@ -70,9 +70,13 @@ def start(
     """Start an upstream, or adopt the process started ahead for exactly this start if it still runs."""
     environment = environment_for(env)
     process = _ahead.pop(_launch(argv, environment, cwd), None)
-    if process is not None and process.poll() is None:
-        logger.debug("upstream '%s': adopted the process started ahead (pid %d)", name, process.pid)
-        return process
+    if process is not None:
+        if process.poll() is None:
+            logger.debug("upstream '%s': adopted the process started ahead (pid %d)", name, process.pid)
+            return process
+        for pipe in (process.stdin, process.stdout):  # it ended already: start afresh
+            if pipe is not None:
+                pipe.close()
     return _popen(argv, environment, cwd, stderr)
 
 
