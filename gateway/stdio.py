@@ -351,6 +351,8 @@ class StdioConnection(asyncio.Protocol):
             caller = Caller(session, modern=True, can_elicit=capabilities.get("elicitation") is not None)
             request = _Request(request_id, method, params, version, caller)
         _check_spec(method, request.version, params)
+        if method == "tools/call" and request.call is None and (plain := _checked_plain_call(params)) is not None:
+            request = replace(request, call=plain)  # a 2026 call the specification's model has just passed
         if method not in _PARAMS:
             raise ProtocolError(types.METHOD_NOT_FOUND, "Method not found", method)
         if request.caller is None and method != "ping":
@@ -600,6 +602,18 @@ def _plain_call(params: dict[str, Any] | None) -> ToolRequest | None:
     ):
         return None
     return ToolRequest(name, arguments or {})
+
+
+def _checked_plain_call(params: dict[str, Any] | None) -> ToolRequest | None:
+    """A `tools/call` that the specification's model has checked already, and that carries nothing but
+    a name, arguments and `_meta` (no approval retry, no task): built from its parameters as they are,
+    without checking them a second time. (The tests hold it to what the SDK's model builds.)"""
+    if params is None or not params.keys() <= _PLAIN_CALL_KEYS:
+        return None
+    meta = params.get("_meta")
+    if isinstance(meta, dict) and "progressToken" in meta and not _is_request_id(meta["progressToken"]):
+        return None  # the SDK's model is stricter here than some versions' (a null token): it decides
+    return ToolRequest(params["name"], params.get("arguments") or {})
 
 
 def _check_spec(method: str, version: str, params: Mapping[str, Any] | None) -> None:

@@ -20,7 +20,12 @@ from typing import Any
 
 import anyio
 import pytest
-from mcp_types import CallToolRequestParams
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    PROTOCOL_VERSION_META_KEY,
+    CallToolRequestParams,
+)
 from mcp_types.methods import serialize_server_result, validate_client_request
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
@@ -37,7 +42,7 @@ from gateway.pipes import (
     spawn,
 )
 from gateway.server import ToolRequest
-from gateway.stdio import _plain_call
+from gateway.stdio import _checked_plain_call, _plain_call
 from tests.conftest import REPO, RawSession, fixture_upstream, gateway_process, write_config
 from tests.test_audit_e2e import calls, events
 
@@ -399,6 +404,14 @@ RESULT_FIELDS: dict[str, Field] = {
 }
 
 
+def envelope(version: str) -> dict[str, Any]:
+    return {
+        PROTOCOL_VERSION_META_KEY: version,
+        CLIENT_CAPABILITIES_META_KEY: {},
+        CLIENT_INFO_META_KEY: {"name": "near-miss", "version": "1"},
+    }
+
+
 def test_random_near_misses_never_pass_the_fast_checks_wrongly() -> None:
     """Thousands of seeded, almost-right calls and results: whatever the fast paths accept, the
     specification's models accept too, with the same values (and the same bytes for a result)."""
@@ -414,6 +427,25 @@ def test_random_near_misses_never_pass_the_fast_checks_wrongly() -> None:
             assert built is None, params
             continue
         assert built is None or built == expected, params
+    for _ in range(3000):
+        params = near_miss(rng, CALL_FIELDS)
+        version = rng.choice(VERSIONS)
+        if version in MODERN_PROTOCOL_VERSIONS:  # the 2026 envelope, and whatever else `_meta` was drawn with
+            meta = params["_meta"] if isinstance(params.get("_meta"), dict) else {}
+            params["_meta"] = {**meta, **envelope(version)}
+        try:
+            validate_client_request("tools/call", version, params)
+        except ValidationError:
+            continue
+        # Passed by the specification's model: built as it is, it is what the SDK's model builds, and
+        # where that model is stricter (a null progress token) it still decides.
+        checked = _checked_plain_call(params)
+        try:
+            expected = ToolRequest.of(CallToolRequestParams.model_validate(params, by_name=False))
+        except ValidationError:
+            assert checked is None, (version, params)
+            continue
+        assert checked is None or checked == expected, (version, params)
     for _ in range(3000):
         raw = near_miss(rng, RESULT_FIELDS)
         for version in VERSIONS:
