@@ -54,11 +54,6 @@ logger = logging.getLogger(__name__)
 
 Context = ServerRequestContext[Any, Any]
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
-_ASKED: dict[str, type[types.CreateMessageRequest] | type[types.ElicitRequest]] = {
-    "sampling/createMessage": types.CreateMessageRequest,
-    "elicitation/create": types.ElicitRequest,
-}
-"""The SDK's request models for what an upstream asks the agent's client (gateway.server.RELAYED)."""
 _EVENTS: dict[ListKind, ServerEvent] = {
     "tools": ToolsListChanged(),
     "prompts": PromptsListChanged(),
@@ -171,10 +166,12 @@ class GatewayServer(Server[Any]):
             return result.model_dump(by_alias=True, mode="json")
 
         async def ask(method: str, params: Mapping[str, Any], checked: Any) -> dict[str, Any]:
-            request = _ASKED[method](params=checked)
+            models = RELAYED[method]
             try:
                 result = await ctx.session.send_request(
-                    request, RELAYED[method][1], metadata=ServerMessageMetadata(related_request_id=ctx.request_id)
+                    models.request(params=checked),
+                    models.result,
+                    metadata=ServerMessageMetadata(related_request_id=ctx.request_id),
                 )
             except MCPError as exc:  # the client's error, or no channel to ask it on (stateless HTTP)
                 raise ProtocolError(exc.error.code, exc.error.message, exc.error.data) from None

@@ -16,7 +16,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import anyio
 import mcp_types as types
@@ -56,11 +56,22 @@ class Caller:
     """Passes an upstream's sampling and elicitation requests to this caller's client (handshake era)."""
 
 
-RELAYED: dict[str, tuple[TypeAdapter[Any], type[BaseModel]]] = {
-    "sampling/createMessage": (TypeAdapter(types.CreateMessageRequestParams), types.CreateMessageResult),
-    "elicitation/create": (TypeAdapter(types.ElicitRequestParams), types.ElicitResult),
+class Relayed(NamedTuple):
+    """The models of one request an upstream may have the caller's client asked."""
+
+    params: TypeAdapter[Any]
+    result: type[BaseModel]
+    request: type[types.CreateMessageRequest] | type[types.ElicitRequest]
+    """The whole request, as the SDK's server sends it (streamable HTTP)."""
+
+
+RELAYED: dict[str, Relayed] = {
+    "sampling/createMessage": Relayed(
+        TypeAdapter(types.CreateMessageRequestParams), types.CreateMessageResult, types.CreateMessageRequest
+    ),
+    "elicitation/create": Relayed(TypeAdapter(types.ElicitRequestParams), types.ElicitResult, types.ElicitRequest),
 }
-"""The upstream requests a handshake-era caller's client may be asked: the models of their parameters and results."""
+"""The upstream requests a handshake-era caller's client may be asked (`calls.RELAYED_METHODS`)."""
 
 Ask = Callable[[str, Mapping[str, Any], Any], Awaitable[dict[str, Any]]]
 """Sends the caller's client one request (method, parameters as the upstream sent them, the same checked);
@@ -79,7 +90,7 @@ def relay_for(capabilities: types.ClientCapabilities | None, ask: Ask) -> Relay:
         if not declared.get(method, False):
             raise ProtocolError(types.INVALID_REQUEST, f"the agent's client does not take {method}")
         try:
-            checked = RELAYED[method][0].validate_python(params, by_name=False)
+            checked = RELAYED[method].params.validate_python(params, by_name=False)
         except ValidationError:
             raise ProtocolError(types.INVALID_PARAMS, f"{method} with malformed parameters") from None
         return await ask(method, params, checked)

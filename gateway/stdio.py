@@ -570,7 +570,7 @@ class StdioConnection(asyncio.Protocol):
         finally:
             self._asked.pop(request_id, None)
         try:
-            return _dump(RELAYED[method][1].model_validate(raw, by_name=False))
+            return _dump(RELAYED[method].result.model_validate(raw, by_name=False))
         except ValidationError:
             raise ProtocolError(types.INVALID_PARAMS, f"the client answered {method} with a malformed result") from None
 
