@@ -18,19 +18,15 @@ from pathlib import Path
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    if words[:1] != ["serve"] or "--help" in words or "-h" in words:
-        from gateway.cli import main as cli_main
-
-        return cli_main(words)
-    _start_ahead(words)
+    if words[:1] == ["serve"] and "--help" not in words and "-h" not in words:
+        _start_ahead(words)
     from gateway import children
+    from gateway.cli import main as cli_main
 
     try:
-        from gateway.cli import main as cli_main
-
         return cli_main(words)
     finally:
-        children.discard_ahead()
+        children.discard_ahead()  # whatever was started ahead and not adopted (none unless serving)
 
 
 def _start_ahead(words: list[str]) -> None:
