@@ -1,6 +1,6 @@
 """What the gateway costs per call: straight to an upstream vs through the gateway (stdio), interleaved.
 
-    .venv/bin/python bench/call_latency.py [--calls 1000] [--rounds 5]
+    .venv/bin/python bench/call_latency.py [--calls 1000] [--rounds 5] [--poll-idle]
 
 Each round starts a direct upstream, a bare forwarder (bench/bare_forwarder.py: lines copied, nothing
 else) and a gateway in front of the same kind of upstream process (tests/fixtures/toolbox.py, an SDK
@@ -17,6 +17,11 @@ server), one after the other, and measures on each:
 The gateway runs with a policy set of ~100 rules and its durable audit log on disk (SQLite, WAL,
 `audit_sync = "normal"`). Prints each figure for the three, the gateway/direct ratio (the targets)
 and the gateway/bare ratio (what the gateway's own work costs, beyond crossing one more process).
+
+`--poll-idle` (root, Linux) holds `/dev/cpu_dma_latency` at 0 for the run, so idle CPUs poll instead
+of entering an idle state, as on a machine tuned for latency: a process woken by a pipe then runs at
+once, and the figures show what each process's own work costs rather than how slowly an idle CPU
+wakes.
 """
 
 from __future__ import annotations
@@ -315,13 +320,33 @@ async def main(calls: int, rounds: int) -> None:
     report(direct, bare, gateway)
 
 
+def hold_poll_idle() -> int:
+    """Ask the kernel for zero wake-up latency (PM QoS) until the returned descriptor is closed."""
+    try:
+        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+    except OSError as exc:
+        raise SystemExit(f"--poll-idle: cannot open /dev/cpu_dma_latency ({exc.strerror}; it needs root)") from None
+    os.write(fd, (0).to_bytes(4, sys.byteorder))
+    return fd
+
+
 def run_main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--poll-idle", action="store_true", help="hold /dev/cpu_dma_latency at 0: idle CPUs poll (root)"
+    )
     args = parser.parse_args()
     os.chdir(ROOT)
-    anyio.run(main, args.calls, args.rounds)
+    held = hold_poll_idle() if args.poll_idle else None
+    try:
+        anyio.run(main, args.calls, args.rounds)
+    finally:
+        if held is not None:
+            os.close(held)
+    if held is not None:
+        print("(idle CPUs polled for this run: /dev/cpu_dma_latency held at 0)")
 
 
 if __name__ == "__main__":
