@@ -220,11 +220,11 @@ CatalogListener = Callable[[Catalog], Awaitable[None]]
 StatusListener = Callable[[str, bool, str], None]
 """Told when an upstream comes up or goes down: its name, whether it is up, and a description."""
 AssessmentListener = Callable[[list[Assessment]], None]
+"""Told, at every publish, how each definition on offer was judged against the lock and the scan."""
 RelayListener = Callable[[str, str, ToolCall | None, str, str | None], None]
 """Told of every sampling or elicitation request an upstream sent: upstream, method, the call it went to
 (`None`: none could take it), how it ended (`relayed`: the client answered; `refused`; `cancelled`:
 withdrawn by the upstream, or its connection ended, before the client answered), and why (or `None`)."""
-"""Told, at every publish, how each definition on offer was judged against the lock and the scan."""
 
 
 class UpstreamPool:
