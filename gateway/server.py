@@ -57,8 +57,10 @@ class Caller:
 
 
 class Relayed(NamedTuple):
-    """The models of one request an upstream may have the caller's client asked."""
+    """One request an upstream may have the caller's client asked: the client capability that takes it,
+    and its models."""
 
+    capability: Literal["sampling", "elicitation"]
     params: TypeAdapter[Any]
     result: type[BaseModel]
     request: type[types.CreateMessageRequest] | type[types.ElicitRequest]
@@ -67,9 +69,14 @@ class Relayed(NamedTuple):
 
 RELAYED: dict[str, Relayed] = {
     "sampling/createMessage": Relayed(
-        TypeAdapter(types.CreateMessageRequestParams), types.CreateMessageResult, types.CreateMessageRequest
+        "sampling",
+        TypeAdapter(types.CreateMessageRequestParams),
+        types.CreateMessageResult,
+        types.CreateMessageRequest,
     ),
-    "elicitation/create": Relayed(TypeAdapter(types.ElicitRequestParams), types.ElicitResult, types.ElicitRequest),
+    "elicitation/create": Relayed(
+        "elicitation", TypeAdapter(types.ElicitRequestParams), types.ElicitResult, types.ElicitRequest
+    ),
 }
 """The upstream requests a handshake-era caller's client may be asked (`calls.RELAYED_METHODS`)."""
 
@@ -82,8 +89,8 @@ def relay_for(capabilities: types.ClientCapabilities | None, ask: Ask) -> Relay:
     """Passes an upstream's sampling and elicitation requests on through `ask`, as far as the client
     declared it takes them, with their parameters checked first."""
     declared = {
-        "sampling/createMessage": capabilities is not None and capabilities.sampling is not None,
-        "elicitation/create": capabilities is not None and capabilities.elicitation is not None,
+        method: capabilities is not None and getattr(capabilities, models.capability) is not None
+        for method, models in RELAYED.items()
     }
 
     async def relay(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
