@@ -30,9 +30,23 @@ from gateway.policy import PolicyEngine
 from gateway.policy_files import load_engine
 
 
+class _Version(argparse.Action):
+    """`--version`: the installed distribution's version, looked up only when asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("mcp-armor")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            installed = __version__
+        print(f"mcp-armor {installed}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcp-armor", description="A guarding gateway for the Model Context Protocol.")
-    parser.add_argument("--version", action="version", version=f"mcp-armor {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the installed version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = argparse.ArgumentParser(add_help=False)
