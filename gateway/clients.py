@@ -2,11 +2,20 @@
 gateway makes to them (`register`: put the gateway in; `import`: move the client's servers behind it).
 
 Every client keeps its servers in a JSON object of `name -> entry`: Claude Desktop, Claude Code,
-Cursor and Windsurf under `mcpServers`, VS Code under `servers` (in JSON with comments). They differ
-in where the file is, whether an entry names its transport (`type`), the key of a remote server's
-address (`url`, Windsurf's `serverUrl`) and how a value refers to an environment variable
-(`${VAR}` in Claude Code, `${env:VAR}` in Cursor, VS Code and Windsurf, nothing in Claude Desktop).
-An edit changes only the entries it is about; every other key of the file is kept as it was.
+Cursor, Windsurf and Gemini CLI under `mcpServers`, VS Code under `servers` (in JSON with comments).
+They differ in where the file is, whether an entry names its transport (`type`), the key of a remote
+server's address (`url`, Windsurf's `serverUrl`, Gemini CLI's `httpUrl`) and how a value refers to an
+environment variable (`${VAR}` in Claude Code and Gemini CLI, `${env:VAR}` in Cursor, VS Code and
+Windsurf, nothing in Claude Desktop). An edit changes only the entries it is about; every other key of
+the file is kept as it was.
+
+Gemini CLI, as its documentation (docs/tools/mcp-server.md) and source
+(packages/core/src/services/environmentSanitization.ts, packages/cli/src/utils/envVarResolver.ts)
+describe it: it removes variables whose names look like secrets (*TOKEN*, *SECRET*, *KEY*, *AUTH*,
+*PASSWORD*, *CREDENTIAL*, ...) from the environment a stdio server inherits, and passes those listed
+in the server's `env`; it expands `$VAR` and `${VAR}` (an unset one to nothing) in the strings of its
+settings, with no way to write a literal `$VAR`; it reads the project file from the directory it runs
+in, and starts stdio servers there. So the gateway's entry lists every variable `upstreams.toml` needs.
 """
 
 from __future__ import annotations
@@ -39,6 +48,13 @@ class ClientFormat:
     """How a value refers to an environment variable; `None`: the client does not expand variables."""
     project_file: str | None = None
     """The project-scoped file, relative to the project directory (`--project`)."""
+    project_root: str | None = None
+    """How an entry in the project file names the project directory, so the file works in any clone: a
+    variable the client expands, or "" where the client starts the project's servers in that directory."""
+    sse_url_key: str | None = None
+    """The key of a server the client reaches over SSE unless `type` says otherwise (Gemini CLI's `url`)."""
+    expands_bare: bool = False
+    """Whether `$VAR` is a reference too, in every string of the file (Gemini CLI): a `$` cannot be literal."""
 
     def user_file(self, platform: str = sys.platform, environ: Mapping[str, str] = os.environ) -> Path:
         """The user-wide file on this operating system."""
@@ -57,6 +73,8 @@ class ClientFormat:
             return home / ".claude.json"
         if self.name == "cursor":
             return home / ".cursor" / "mcp.json"
+        if self.name == "gemini":
+            return home / ".gemini" / "settings.json"
         return home / ".codeium" / "windsurf" / "mcp_config.json"
 
     def reference(self, variable: str, *, has_default: bool = False) -> str | None:
@@ -67,15 +85,43 @@ class ClientFormat:
             return f"${{{variable}:-}}"
         return self.env_syntax.format(variable)
 
+    def referenced(self, value: str) -> str | None:
+        """The variable of the client's environment that `value` passes on whole, if it is one reference."""
+        if self.env_syntax is None:
+            return None
+        before, _, after = (re.escape(part) for part in self.env_syntax.format("\0").partition("\0"))
+        match = re.fullmatch(f"{before}([A-Za-z_][A-Za-z0-9_]*)(?::-)?{after}", value)
+        return match[1] if match else None
+
 
 CLIENTS: dict[str, ClientFormat] = {
     client.name: client
     for client in (
         ClientFormat("claude-desktop", "Claude Desktop", env_syntax=None),
-        ClientFormat("claude-code", "Claude Code", typed=True, env_syntax="${{{}}}", project_file=".mcp.json"),
-        ClientFormat("cursor", "Cursor", project_file=".cursor/mcp.json"),
-        ClientFormat("vscode", "VS Code", servers_key="servers", typed=True, project_file=".vscode/mcp.json"),
+        # Claude Code starts a project's servers in the directory it runs in, the one holding `.mcp.json`.
+        ClientFormat(
+            "claude-code", "Claude Code", typed=True, env_syntax="${{{}}}", project_file=".mcp.json", project_root=""
+        ),
+        ClientFormat("cursor", "Cursor", project_file=".cursor/mcp.json", project_root="${workspaceFolder}"),
+        ClientFormat(
+            "vscode",
+            "VS Code",
+            servers_key="servers",
+            typed=True,
+            project_file=".vscode/mcp.json",
+            project_root="${workspaceFolder}",
+        ),
         ClientFormat("windsurf", "Windsurf", url_key="serverUrl"),
+        ClientFormat(
+            "gemini",
+            "Gemini CLI",
+            url_key="httpUrl",
+            env_syntax="${{{}}}",
+            project_file=".gemini/settings.json",
+            project_root="",
+            sse_url_key="url",
+            expands_bare=True,
+        ),
     )
 }
 
@@ -217,15 +263,41 @@ def launcher() -> list[str]:
     return [str(interpreter), "-m", "gateway"]
 
 
-def gateway_entry(client: ClientFormat, config: Path, env: Mapping[str, str]) -> dict[str, Any]:
-    """The entry that starts the gateway on `config` (an absolute path): clients start it from anywhere."""
-    command, *args = launcher()
+def gateway_entry(
+    client: ClientFormat, config: Path, env: Mapping[str, str], project_dir: Path | None = None
+) -> dict[str, Any]:
+    """The entry that starts the gateway on `config` (an absolute path): clients start it from anywhere.
+
+    In a project's file (`project_dir`), paths inside the project are written as the client names
+    the project directory, so the file still works in a clone elsewhere; the others stay absolute.
+    """
+    command, *args = (portable(client, word, project_dir) for word in launcher())
     entry: dict[str, Any] = {"type": "stdio"} if client.typed else {}
     entry["command"] = command
-    entry["args"] = [*args, "serve", "--config", str(config)]
+    entry["args"] = [*args, "serve", "--config", portable(client, str(config), project_dir)]
     if env:
         entry["env"] = dict(env)
     return entry
+
+
+def portable(client: ClientFormat, word: str, project_dir: Path | None) -> str:
+    """`word`, if it is a path inside `project_dir`, written relative to the project as the client allows."""
+    if project_dir is None or client.project_root is None or not os.path.isabs(word):
+        return word
+    path = Path(word)  # not resolved: a virtual environment's interpreter is a link that must stay one
+    root = next((root for root in (project_dir, project_dir.resolve()) if path.is_relative_to(root)), None)
+    if root is None:
+        return word
+    relative = path.relative_to(root).as_posix()
+    if client.project_root:
+        return f"{client.project_root}/{relative}"
+    return f"./{relative}"  # relative to where the client starts the server; a bare name is looked up on PATH
+
+
+def absolute_paths(entry: Mapping[str, Any]) -> list[str]:
+    """The absolute paths an entry holds (what ties a project's file to this machine)."""
+    words = [entry.get("command"), *entry.get("args", [])]
+    return [word for word in words if isinstance(word, str) and os.path.isabs(word)]
 
 
 def is_gateway_entry(entry: Any) -> bool:
@@ -256,15 +328,18 @@ def register(
     config: Path,
     variables: Mapping[str, bool],
     passthrough: Mapping[str, str] | None = None,
+    project_dir: Path | None = None,
 ) -> Registration:
     """Put the gateway's entry `name` into the file (in place of an older one of that name).
 
     `variables` are those `upstreams.toml` refers to (name -> always has a default): each is passed
     through from the client's environment unless the entry already sets it (values a person put
     there are kept). `passthrough` gives client-specific values for some of them (VS Code inputs).
+    An entry of that name that is not the gateway's is another server: it is never replaced.
     """
     servers = file.servers()
     previous = servers.get(name)
+    _own(file, name, previous)
     env: dict[str, str] = {}
     if isinstance(previous, dict) and isinstance(previous.get("env"), dict):
         env.update({key: value for key, value in previous["env"].items() if isinstance(value, str)})
@@ -284,7 +359,12 @@ def register(
             f"{file.client.title} does not expand variables: set {', '.join(unpassed)} in the 'env' of the "
             f"'{name}' entry in {file.path} (upstreams.toml refers to them)"
         )
-    entry = gateway_entry(file.client, config, env)
+    entry = gateway_entry(file.client, config, env, project_dir)
+    if file.client.expands_bare and any("$" in word for word in [entry["command"], *entry["args"]]):
+        raise ClientFileError(
+            f"{file.path}: {file.client.title} would expand the '$' in the gateway's path; "
+            f"install it, and keep upstreams.toml, where a path has no '$'"
+        )
     if previous == entry:
         return Registration(file, False, f"{file.path}: '{name}' is already registered; nothing to change", notes)
     servers[name] = entry
@@ -296,5 +376,14 @@ def unregister(file: ClientFile, name: str) -> Registration:
     servers = file.data.get(file.client.servers_key)
     if not isinstance(servers, dict) or name not in servers:
         return Registration(file, False, f"{file.path}: '{name}' is not registered; nothing to remove")
+    _own(file, name, servers[name])
     del servers[name]
     return Registration(file, True, f"{file.path}: removed '{name}'")
+
+
+def _own(file: ClientFile, name: str, entry: Any) -> None:
+    """Refuse to replace or remove a server of the user's that happens to have the gateway's name."""
+    if entry is not None and not is_gateway_entry(entry):
+        raise ClientFileError(
+            f"{file.path}: '{name}' is another server, not the gateway; nothing changed (pick another --name)"
+        )

@@ -23,10 +23,13 @@ from gateway.config_source import UPSTREAM_NAME
 from gateway.redact import Redactor
 
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")
+_BARE_OR_BRACED = re.compile(r"\$(?:(\w+)|\{([^}]+)\})")
+"""Gemini CLI's references (`$VAR`, `${VAR}`), in any string of its settings."""
 _CLAUDE_CODE_VARIABLE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
 _STDIO_KEYS = {"command", "args", "env", "cwd"}
 _IGNORED_SILENTLY = {"type", "disabled", "description"}
 _HTTP_TYPES = {"http", "streamable-http", "streamableHttp", "streamable_http"}
+_TOOL_FILTERS = {"includeTools", "excludeTools"}
 
 
 class Unsupported(Exception):
@@ -129,6 +132,13 @@ def convert(client: ClientFormat, key: str, entry: Any, *, project_dir: Path | N
     url = entry.get(client.url_key, entry.get("url"))
     if "envFile" in entry:
         raise Unsupported("'envFile' is not supported: put those variables in 'env' and import again")
+    if filters := sorted(_TOOL_FILTERS & set(entry)):
+        raise Unsupported(
+            f"its '{filters[0]}' limits which tools the client offers, and the gateway would offer them all: "
+            f"write that limit as policy rules, remove the key and import again"
+        )
+    if kind is None and client.sse_url_key in entry and client.url_key not in entry and "command" not in entry:
+        kind = "sse"  # Gemini CLI reaches a `url` (as against an `httpUrl`) over SSE
     if kind in _HTTP_TYPES or (kind is None and url is not None and "command" not in entry):
         if not isinstance(url, str):
             raise Unsupported(f"'{client.url_key}' must be a string")
@@ -181,9 +191,10 @@ def _translate(client: ClientFormat, value: str, upstream: Upstream, project_dir
     """A client's string in `upstreams.toml` syntax: literals escaped, references made gateway variables."""
     pieces: list[str] = []
     position = 0
-    for match in _REFERENCE.finditer(value):
+    for match in (_BARE_OR_BRACED if client.expands_bare else _REFERENCE).finditer(value):
         literal = value[position : match.start()]
-        reference = _reference(client, match[1], upstream, project_dir)
+        body = next(group for group in match.groups() if group is not None)
+        reference = _reference(client, body, upstream, project_dir)
         if literal.endswith("$") and reference.startswith("${"):
             raise Unsupported(f"a '$' directly before '{match[0]}' cannot be written in upstreams.toml")
         pieces += [_escape(literal), reference]
@@ -199,17 +210,20 @@ def _escape(literal: str) -> str:
 def _reference(client: ClientFormat, body: str, upstream: Upstream, project_dir: Path | None) -> str:
     if client.env_syntax is None:
         return _escape("${" + body + "}")  # this client does not expand variables: the text is literal
-    if client.name == "claude-code":
+    if client.env_syntax == "${{{}}}":  # Claude Code, Gemini CLI: `${VAR}`, `${VAR:-default}`
         match = _CLAUDE_CODE_VARIABLE.fullmatch(body)
+        if match is None and client.expands_bare:
+            raise Unsupported(f"'${{{body}}}' is not a variable the gateway can resolve")
         if match is None:
             return _escape("${" + body + "}")  # Claude Code leaves what is not a variable as it is
         variable, default = match[1], match[2]
+        passed = client.reference(variable, has_default=default is not None)
+        assert passed is not None  # a client with a syntax for variables
+        upstream.passthrough[variable] = passed
         if default is None:
-            upstream.passthrough[variable] = f"${{{variable}}}"
             return f"${{{variable}}}"
         if "$" in default:
             raise Unsupported(f"the nested default in '${{{body}}}' cannot be written in upstreams.toml")
-        upstream.passthrough[variable] = f"${{{variable}:-}}"
         return f"${{{variable}:-{default}}}"
     kind, _, argument = body.partition(":")
     if kind == "env" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", argument):

@@ -20,6 +20,7 @@ import pytest
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
+from gateway import clients
 from gateway.cli import main
 from gateway.clients import CLIENTS, ClientFormat, launcher
 from gateway.config import load_config
@@ -618,3 +619,260 @@ def test_init_from_a_client_allows_the_tools_its_servers_mark_read_only(
 def toolbox_command() -> list[str]:
     table = fixture_upstream("toolbox.py")
     return [table["command"], *table["args"]]
+
+
+# Gemini CLI -------------------------------------------------------------------------------------
+
+GEMINI_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY|AUTH|CREDENTIAL|CREDS|PRIVATE|CERT", re.IGNORECASE)
+
+
+def gemini_environment(entry: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
+    """The environment Gemini CLI gives a stdio server: what it inherits, less the variables whose names
+    look like secrets, plus the entry's `env` with `$VAR` / `${VAR}` expanded (an unset one to "")."""
+
+    def one(match: re.Match[str]) -> str:
+        return environ.get(match[1] or match[2], "")
+
+    inherited = {key: value for key, value in environ.items() if not GEMINI_SECRET_NAME.search(key)}
+    return {**inherited, **{k: re.sub(r"\$(?:(\w+)|\{([^}]+)\})", one, v) for k, v in entry.get("env", {}).items()}}
+
+
+def test_gemini_files() -> None:
+    gemini = CLIENTS["gemini"]
+    assert str(gemini.user_file("linux", {"HOME": "/home/ann"})) == "/home/ann/.gemini/settings.json"
+    assert str(gemini.user_file("darwin", {"HOME": "/Users/ann"})) == "/Users/ann/.gemini/settings.json"
+    assert gemini.project_file == ".gemini/settings.json"
+
+
+@pytest.mark.anyio
+async def test_register_gemini_passes_the_secrets_it_would_strip_and_the_gateway_reaches_the_upstream(
+    tmp_path: Path, project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record = tmp_path / "calls.jsonl"  # the "token": where the toolbox records calls, so its arrival is visible
+    box = fixture_upstream("toolbox.py", TOOLBOX_RECORD="${GITHUB_PERSONAL_ACCESS_TOKEN}", LEVEL="${LEVEL:-info}")
+    write_config(project, {"box": box})
+    monkeypatch.setenv("GITHUB_PERSONAL_ACCESS_TOKEN", str(record))
+    path = CLIENTS["gemini"].user_file()
+    write_client(path, {"theme": "GitHub", "mcpServers": {"other": {"httpUrl": "https://other.example/mcp"}}})
+
+    code, _, err = await anyio.to_thread.run_sync(run, capsys, "register", "gemini")
+    assert code == 0 and "warning" not in err
+    data = json.loads(path.read_text())
+    assert data["theme"] == "GitHub" and set(data["mcpServers"]) == {"other", "mcp-armor"}
+    entry = data["mcpServers"]["mcp-armor"]
+    assert entry["env"] == {"GITHUB_PERSONAL_ACCESS_TOKEN": "${GITHUB_PERSONAL_ACCESS_TOKEN}", "LEVEL": "${LEVEL}"}
+
+    # Started as Gemini CLI starts it: the token is stripped from what it inherits, and arrives only by `env`.
+    env = gemini_environment(entry, dict(os.environ))
+    assert env["GITHUB_PERSONAL_ACCESS_TOKEN"] == str(record)
+    assert "GITHUB_PERSONAL_ACCESS_TOKEN" not in gemini_environment({}, dict(os.environ))
+    params = StdioServerParameters(command=entry["command"], args=entry["args"], env=env, cwd="/")
+    async with Client(params, read_timeout_seconds=60) as session:
+        assert text_of(await session.call_tool("box__echo", {"text": "via gemini"})) == "via gemini"
+    assert json.loads(record.read_text().splitlines()[-1])["tool"] == "echo"
+
+
+def test_import_gemini_servers(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = CLIENTS["gemini"].user_file()
+    write_client(
+        path,
+        {
+            "general": {"vimMode": True},
+            "mcpServers": {
+                "files": {
+                    "command": "npx",
+                    "args": ["-y", "fs-server", "$PROJECTS/docs", "${HOME_DIR}/x", "costs $ 5"],
+                    "env": {"API_KEY": "$MY_API_KEY", "TOKEN": "ghp_" + "a" * 36},
+                    "timeout": 30000,
+                    "trust": True,
+                },
+                "remote": {"httpUrl": "https://remote.example/mcp", "headers": {"Authorization": "Bearer ${R_TOKEN}"}},
+                "typed": {"url": "https://typed.example/mcp", "type": "http"},
+                "events": {"url": "https://events.example/sse"},
+                "narrowed": {"command": "narrow", "includeTools": ["read"]},
+                "odd": {"command": "odd", "args": ["${not a name}"]},
+            },
+        },
+    )
+    code, _, err = run(capsys, "import", "gemini", "--offline")
+    assert code == 1
+    reasons = {line.split("'")[1]: line for line in err.splitlines() if line.startswith("mcp-armor: not imported:")}
+    assert set(reasons) == {"events", "narrowed", "odd"}
+    assert "SSE transport" in reasons["events"]
+    assert "'includeTools' limits which tools the client offers" in reasons["narrowed"]
+    assert "'${not a name}' is not a variable the gateway can resolve" in reasons["odd"]
+    assert "'files': key 'timeout' is not carried over" in err and "'files': key 'trust' is not carried over" in err
+
+    environ = {"PROJECTS": "/p", "HOME_DIR": "/h", "MY_API_KEY": "k", "R_TOKEN": "r", "TOKEN": "t"}
+    upstreams = load_config(project / "upstreams.toml", environ=environ).upstreams
+    assert upstreams["files"].args == ("-y", "fs-server", "/p/docs", "/h/x", "costs $ 5")
+    assert upstreams["files"].env == {"API_KEY": "k", "TOKEN": "t"}
+    assert upstreams["remote"].headers == {"Authorization": "Bearer r"}
+    assert upstreams["typed"].url == "https://typed.example/mcp"
+
+    data = json.loads(path.read_text())
+    assert data["general"] == {"vimMode": True}
+    assert set(data["mcpServers"]) == {"events", "narrowed", "odd", "mcp-armor"}
+    assert data["mcpServers"]["mcp-armor"]["env"] == {
+        "HOME_DIR": "${HOME_DIR}",
+        "MY_API_KEY": "${MY_API_KEY}",
+        "PROJECTS": "${PROJECTS}",
+        "R_TOKEN": "${R_TOKEN}",
+        "TOKEN": "ghp_" + "a" * 36,  # the written-out secret stays in Gemini's file, listed so it is not stripped
+    }
+
+
+def test_init_from_gemini_project_settings(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = write_client(
+        tmp_path / ".gemini" / "settings.json", {"mcpServers": {"web": {"httpUrl": "https://web.example/mcp"}}}
+    )
+    code, _, _ = run(capsys, "init", "fresh", "--from", "gemini", "--project", "--offline")
+    assert code == 0
+    assert load_config(tmp_path / "fresh" / "upstreams.toml").upstreams["web"].url == "https://web.example/mcp"
+    assert (tmp_path / ".gemini" / "settings.json").read_bytes() == settings
+
+
+def test_register_gemini_refuses_a_path_it_would_expand(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(clients, "launcher", lambda: ["/opt/$HOME/mcp-armor"])
+    code, _, err = run(capsys, "register", "gemini")
+    assert code == 2 and "Gemini CLI would expand the '$' in the gateway's path" in err
+    assert not CLIENTS["gemini"].user_file().exists()
+
+
+# register --name, scopes, variables set nowhere, project files ----------------------------------
+
+
+def test_register_name_adds_a_second_entry_and_removes_only_it(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = CLIENTS["cursor"].user_file()
+    write_client(path, other_servers(CLIENTS["cursor"]))
+    assert run(capsys, "register", "cursor")[0] == 0
+    code, out, _ = run(capsys, "register", "cursor", "--name", "armor-2")
+    assert code == 0 and "added 'armor-2'" in out
+    servers = servers_of(CLIENTS["cursor"], path)
+    assert {"mcp-armor", "armor-2", "files", "remote"} == set(servers)
+    assert servers["armor-2"] == servers["mcp-armor"]
+
+    code, out, _ = run(capsys, "register", "cursor", "--remove", "--name", "armor-2")
+    assert code == 0 and "removed 'armor-2'" in out
+    assert {"mcp-armor", "files", "remote"} == set(servers_of(CLIENTS["cursor"], path))
+
+
+@pytest.mark.parametrize("remove", [False, True], ids=["register", "remove"])
+def test_register_name_never_touches_another_server_of_that_name(
+    remove: bool, project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = CLIENTS["cursor"].user_file()
+    before = write_client(path, other_servers(CLIENTS["cursor"]))
+    code, out, err = run(capsys, "register", "cursor", "--name", "files", *(["--remove"] if remove else []))
+    assert code == 2 and out == ""
+    [line] = err.splitlines()
+    assert "'files' is another server, not the gateway; nothing changed" in line
+    assert path.read_bytes() == before and backups(path) == []
+
+
+def test_register_name_must_be_a_name(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "register", "cursor", "--name", "bad name")
+    assert code == 2 and "--name 'bad name': use letters, digits" in err
+    assert not CLIENTS["cursor"].user_file().exists()
+
+
+def test_register_claude_code_says_when_another_scope_has_the_name(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    user = CLIENTS["claude-code"].user_file()
+    local = {"type": "stdio", "command": "/old/mcp-armor", "args": ["serve", "--config", "/old/upstreams.toml"]}
+    write_client(user, {"projects": {str(project): {"mcpServers": {"mcp-armor": local}}}})
+    code, _, err = run(capsys, "register", "claude-code", "--project")
+    assert code == 0
+    [line] = [line for line in err.splitlines() if "also has a server named" in line]
+    assert f"Claude Code also has a server named 'mcp-armor' in {user}" in line and "another --name" in line
+
+    code, _, err = run(capsys, "register", "claude-code", "--project", "--name", "mcp-armor-project")
+    assert code == 0 and "also has a server named" not in err
+    assert set(servers_of(CLIENTS["claude-code"], project / ".mcp.json")) == {"mcp-armor", "mcp-armor-project"}
+
+
+def test_register_warns_of_a_variable_set_nowhere_the_client_can_see(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    box = {**fixture_upstream("toolbox.py"), "env": {"A": "${BOX_TOKEN}", "B": "${LEVEL:-info}"}}
+    http = {"token": "${GW_TOKEN}-0123456789abcdef"}  # the [gateway] table needs a variable too
+    write_config(project, {"box": box, "web": {"url": "https://web.example/mcp"}}, http=http)
+    for variable in ("BOX_TOKEN", "LEVEL", "GW_TOKEN"):
+        monkeypatch.delenv(variable, raising=False)
+    code, _, err = run(capsys, "register", "cursor")
+    assert code == 0
+    warnings = [line for line in err.splitlines() if line.startswith("mcp-armor: warning: ")]
+    assert len(warnings) == 2  # LEVEL has a default: it needs nothing
+    assert "BOX_TOKEN is set neither in this shell nor in the 'mcp-armor' entry" in warnings[0]
+    assert "upstream 'box' needs it" in warnings[0]
+    assert "GW_TOKEN" in warnings[1] and "the [gateway] table needs it" in warnings[1]
+
+    # Set in the shell, or written into the entry by hand: nothing to say.
+    monkeypatch.setenv("GW_TOKEN", "t")
+    path = CLIENTS["cursor"].user_file()
+    data = json.loads(path.read_text())
+    data["mcpServers"]["mcp-armor"]["env"]["BOX_TOKEN"] = "set-by-hand"
+    path.write_text(json.dumps(data))
+    code, _, err = run(capsys, "register", "cursor")
+    assert code == 0 and "warning" not in err
+
+
+# Where each client starts a project's servers, and how a project file names the project directory.
+PROJECT_CONFIG = {
+    "claude-code": "./upstreams.toml",
+    "cursor": "${workspaceFolder}/upstreams.toml",
+    "gemini": "./upstreams.toml",
+    "vscode": "${workspaceFolder}/upstreams.toml",
+}
+
+
+@pytest.mark.parametrize("name", PROJECT_CLIENTS)
+def test_register_project_file_names_paths_inside_the_project_portably(
+    name: str, project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = CLIENTS[name]
+    assert client.project_file is not None
+    code, _, err = run(capsys, "register", name, "--project")
+    assert code == 0
+    entry = servers_of(client, project / client.project_file)["mcp-armor"]
+    assert entry["args"][-1] == PROJECT_CONFIG[name]
+    [line] = [line for line in err.splitlines() if "machine-specific" in line]
+    assert f"it holds {launcher()[0]} (outside {project})" in line
+
+    # The gateway installed inside the project: nothing ties the file to this machine.
+    inside = project / ".venv" / "bin" / "mcp-armor"
+    monkeypatch.setattr(clients, "launcher", lambda: [str(inside)])
+    code, out, err = run(capsys, "register", name, "--project")
+    assert code == 0 and "updated 'mcp-armor'" in out and "machine-specific" not in err
+    entry = servers_of(client, project / client.project_file)["mcp-armor"]
+    root = client.project_root + "/" if client.project_root else "./"
+    assert entry["command"] == root + ".venv/bin/mcp-armor"
+
+    # A user-wide file keeps absolute paths.
+    if name != "claude-code":  # (its user file also holds the project's local scope; covered above)
+        assert run(capsys, "register", name)[0] == 0
+        assert servers_of(client, client.user_file())["mcp-armor"]["args"][-1] == str(project / "upstreams.toml")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["claude-code", "gemini"])
+async def test_project_file_with_a_relative_config_starts_the_gateway_in_the_project(
+    name: str, project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = CLIENTS[name]
+    assert client.project_file is not None
+    assert (await anyio.to_thread.run_sync(run, capsys, "register", name, "--project"))[0] == 0
+    entry = servers_of(client, project / client.project_file)["mcp-armor"]
+    params = StdioServerParameters(
+        command=entry["command"], args=entry["args"], env={"PATH": os.environ.get("PATH", "")}, cwd=str(project)
+    )
+    async with Client(params, read_timeout_seconds=60) as session:
+        assert text_of(await session.call_tool("box__echo", {"text": "from the project"})) == "from the project"

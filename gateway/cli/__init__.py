@@ -167,7 +167,8 @@ def _setup_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
     location.add_argument(
         "--project",
         action="store_true",
-        help="the project's file in the current directory (.mcp.json, .cursor/mcp.json, .vscode/mcp.json)",
+        help="the project's file in the current directory (.mcp.json, .cursor/mcp.json, .vscode/mcp.json, "
+        ".gemini/settings.json)",
     )
     listing = argparse.ArgumentParser(add_help=False)
     listing.add_argument("--offline", action="store_true", help="do not start the servers to list their tools")
@@ -183,6 +184,11 @@ def _setup_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
         "else in it. The original is backed up beside it; running it again changes nothing.",
     )
     registering.add_argument("--remove", action="store_true", help="take the gateway's entry out again")
+    registering.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the entry's name (default: [gateway] name, mcp-armor): a second entry, or one that no other scope has",
+    )
 
     importing = commands.add_parser(
         "import",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -19,7 +21,16 @@ from typing import Any
 import anyio
 
 from gateway.cli.common import print_table
-from gateway.clients import CLIENTS, ClientFile, Registration, locate, register, unregister
+from gateway.clients import (
+    CLIENTS,
+    ClientFile,
+    ClientFileError,
+    Registration,
+    absolute_paths,
+    locate,
+    register,
+    unregister,
+)
 from gateway.config import Config
 from gateway.config_edit import ConfigText, Edit
 from gateway.config_source import UPSTREAM_NAME, variables
@@ -43,12 +54,79 @@ def register_command(args: argparse.Namespace) -> int:
     config = config_text.check()
     path = locate(client, path=args.path, project=args.project)
     file = ClientFile.read(client, path, project_dir=Path.cwd())
-    name = config.gateway.name
+    name = config.gateway.name if args.name is None else args.name
+    if not ENTRY_NAME.match(name):
+        raise ConfigError(f"--name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
     if args.remove:
         change = unregister(file, name)
     else:
-        change = register(file, name, config.path, variables(config_text.data))
+        project_dir = Path.cwd() if args.project else None
+        change = register(file, name, config.path, variables(config_text.data), project_dir=project_dir)
+        _check_entry(change, name, config_text, project_dir)
+        _other_scopes(file, name)
     return _apply(change, args.dry_run, then=None if args.remove else _next_steps(client.title, config))
+
+
+ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""A name for the gateway's entry that every client accepts."""
+
+
+def _check_entry(change: Registration, name: str, config_text: ConfigText, project_dir: Path | None) -> None:
+    """Warn of what would keep the entry from working: a variable set nowhere the client can see it, and
+    (in a project's file) the absolute paths that tie the file to this machine."""
+    file = change.file
+    entry = file.servers()[name]
+    needs = _needed_by(config_text.data)
+    for variable, value in sorted(entry.get("env", {}).items()):
+        passed = file.client.referenced(value)
+        if variable in needs and passed is not None and passed not in os.environ:
+            print(
+                f"mcp-armor: warning: {passed} is set neither in this shell nor in the '{name}' entry of "
+                f"{file.path}, and {needs[variable]} needs it as {variable}",
+                file=sys.stderr,
+            )
+    if project_dir is not None and (paths := absolute_paths(entry)):
+        note(
+            f"{file.path} is machine-specific: it holds {', '.join(paths)} (outside {project_dir}); "
+            f"in a clone elsewhere run `mcp-armor register {file.client.name} --project` again"
+        )
+
+
+def _needed_by(data: Mapping[str, Any]) -> dict[str, str]:
+    """Each variable upstreams.toml refers to without a default -> who needs it (upstreams, or [gateway])."""
+    users: dict[str, list[str]] = {}
+    tables = {f"upstream '{key}'": table for key, table in data.get("upstreams", {}).items()}
+    for who, table in {"the [gateway] table": data.get("gateway", {}), **tables}.items():
+        for variable, has_default in variables(table).items():
+            if not has_default:
+                users.setdefault(variable, []).append(who)
+    return {variable: " and ".join(who) for variable, who in users.items()}
+
+
+def _other_scopes(file: ClientFile, name: str) -> None:
+    """Say where else the client defines a server of that name: it runs only one (Claude Code calls it
+    "defined in multiple scopes"), so another `--name` keeps both."""
+    client = file.client
+    here = [file.path]
+    if client.project_file is not None:
+        here.append(Path.cwd() / client.project_file)
+    here.append(client.user_file())
+    tables = file.tables()[1:]  # Claude Code's local scope for this project, in the same file
+    elsewhere = [str(file.path)] if any(name in table for table in tables) else []
+    for path in dict.fromkeys(here):
+        if path == file.path:
+            continue
+        try:
+            other = ClientFile.read(client, path, project_dir=Path.cwd())
+        except ClientFileError:
+            continue  # only a note: a file that cannot be read is reported when it is the one edited
+        if any(name in table for table in other.tables()):
+            elsewhere.append(str(path))
+    if elsewhere:
+        note(
+            f"{client.title} also has a server named '{name}' in {', '.join(elsewhere)}; it uses only one of "
+            f"them: register under another --name to keep both, or remove the other"
+        )
 
 
 def _apply(change: Registration, dry_run: bool, *, then: str | None) -> int:
@@ -114,7 +192,10 @@ def import_command(args: argparse.Namespace) -> int:
     change = None
     if not args.keep and plan.moved:
         without_moved(file, plan)
-        change = register(file, config.gateway.name, new_config.path, variables(edited.data), plan.passthrough)
+        project_dir = Path.cwd() if args.project else None
+        name = config.gateway.name
+        change = register(file, name, new_config.path, variables(edited.data), plan.passthrough, project_dir)
+        _check_entry(change, name, edited, project_dir)
         if plan.removals:
             moved = len(plan.removals)
             change.changed = True
