@@ -189,6 +189,8 @@ def test_the_commands_name_the_unset_variable_and_only_serving_http_needs_the_to
 
     checked = _cli(tmp_path, "policy", "check", "--offline")
     assert checked.returncode == 0, checked.stderr
+    registered = _cli(tmp_path, "register", "cursor", "--path", str(tmp_path / "mcp.json"), "--dry-run")
+    assert registered.returncode == 0, registered.stderr
 
     served = _cli(tmp_path, "serve", "--http", "127.0.0.1:0")
     assert served.returncode == 2
