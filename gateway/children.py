@@ -1,8 +1,8 @@
 """Upstream server processes: how one is started, and the starts made ahead of the rest of the gateway.
 
 A command upstream runs in a process group of its own (so that stopping it stops what it started),
-with a minimal environment (a few variables inherited from the gateway, then its own `env`), its
-stdin and stdout as pipes and its stderr to its log.
+with a minimal environment (the gateway's variables that `Passing` lets through, then its own `env`),
+its stdin and stdout as pipes and its stderr to its log.
 
 `mcp-armor serve` starts its upstreams before the gateway has loaded (gateway.launch): booting a
 Python server takes about as long as loading the gateway, and the two then overlap. `start` adopts
@@ -21,13 +21,31 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 logger = logging.getLogger(__name__)
 
-INHERITED_ENVIRONMENT = ("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER")
-"""What an upstream child inherits from the gateway's environment, besides its own `env`."""
+PASSED_ENVIRONMENT = (
+    *("HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER"),
+    *("LANG", "LANGUAGE", "LC_*", "TMPDIR"),
+    # Trust: a corporate CA is added through these (uv, Python, curl, Node), or uv told to use the system's.
+    *("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "UV_NATIVE_TLS"),
+    *("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy"),
+)
+"""What an upstream child inherits from the gateway's environment by default, besides its own `env`:
+who and where it is, locale and temporary files, and what reaching the network needs (names or globs)."""
+RUNTIME_ENVIRONMENT = (
+    *("LD_*", "DYLD_*", "GCONV_PATH", "GLIBC_TUNABLES"),
+    *("PYTHON*", "NODE_OPTIONS", "NODE_PATH", "PERL5OPT", "PERL5LIB", "PERLLIB", "RUBYOPT", "RUBYLIB"),
+    *("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "CLASSPATH"),
+    *("BASH_ENV", "ENV", "BASH_FUNC_*", "SHELLOPTS", "BASHOPTS", "PS4", "IFS"),
+)
+"""Variables that change how a child runs or what code it loads: passed on only when a `pass_env` entry
+names one exactly, never through a glob."""
+OWN_ENVIRONMENT = ("MCP_ARMOR_*",)
+"""The gateway's own variables (its credentials among them): never passed on, however named."""
 STOP_GRACE = 2.0
 """Seconds an upstream has to exit after its stdin closes, and again after SIGTERM."""
 
@@ -57,18 +75,49 @@ def command_line(command: str, args: Sequence[str], env: Mapping[str, str]) -> l
     return [resolve_command(command, env.get("PATH", os.environ.get("PATH"))), *args]
 
 
-def environment_for(env: Mapping[str, str]) -> dict[str, str]:
-    """An upstream's environment: the few inherited variables, then its own `env`."""
-    environment = {key: value for key in INHERITED_ENVIRONMENT if (value := os.environ.get(key)) is not None}
+class Passing(NamedTuple):
+    """Which of the gateway's environment variables an upstream inherits."""
+
+    names: tuple[str, ...] = ()
+    """`pass_env` entries (`[gateway]`'s, then the upstream's): names, or globs of names."""
+    withheld: frozenset[str] = frozenset()
+    """The variables the gateway's own settings are taken from: never passed on, however named."""
+
+    def passes(self, name: str) -> bool:
+        if name in self.withheld or _matches(name, OWN_ENVIRONMENT):
+            return False
+        if name in self.names:
+            return True
+        return not _matches(name, RUNTIME_ENVIRONMENT) and _matches(name, (*PASSED_ENVIRONMENT, *self.names))
+
+
+BY_DEFAULT = Passing()
+"""The default variables only (`PASSED_ENVIRONMENT`)."""
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def environment_for(env: Mapping[str, str], passing: Passing = BY_DEFAULT) -> dict[str, str]:
+    """An upstream's environment: the gateway's variables that pass, then its own `env` (which may set
+    any variable, a withheld one too: that is written out in its table)."""
+    environment = {key: value for key, value in os.environ.items() if passing.passes(key)}
     environment.update(env)
     return environment
 
 
 def start(
-    name: str, argv: list[str], *, env: Mapping[str, str], cwd: str | Path | None, stderr: IO[Any]
+    name: str,
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | Path | None,
+    stderr: IO[Any],
+    passing: Passing = BY_DEFAULT,
 ) -> subprocess.Popen[bytes]:
     """Start an upstream, or adopt the process started ahead for exactly this start if it still runs."""
-    environment = environment_for(env)
+    environment = environment_for(env, passing)
     process = _ahead.pop(_launch(argv, environment, cwd), None)
     if process is not None:
         if process.poll() is None:
@@ -80,10 +129,12 @@ def start(
     return _popen(argv, environment, cwd, stderr)
 
 
-def start_ahead(argv: list[str], *, env: Mapping[str, str], cwd: str | Path | None, stderr: IO[Any]) -> None:
+def start_ahead(
+    argv: list[str], *, env: Mapping[str, str], cwd: str | Path | None, stderr: IO[Any], passing: Passing = BY_DEFAULT
+) -> None:
     """Start an upstream now, before the rest of the gateway has loaded, for `start` to adopt.
     Failures are left for `start` to meet and report."""
-    environment = environment_for(env)
+    environment = environment_for(env, passing)
     try:
         _ahead[_launch(argv, environment, cwd)] = _popen(argv, environment, cwd, stderr)
     except (OSError, ValueError) as exc:

@@ -2,21 +2,24 @@
 
 A malformed file raises `ConfigError` with one line naming the file, the table and the key. `${VAR}`
 in any string value is taken from the gateway's environment, `${VAR:-default}` falls back to
-`default` when VAR is unset or empty, and `$${` writes a literal `${`; a missing variable without a
-default is an error naming it. Relative paths resolve against the directory of the file, never the
-current directory: agent clients start the gateway from anywhere.
+`default` when VAR is unset or empty, and `$${` writes a literal `${`. A missing variable without a
+default makes the upstream whose table takes it unavailable (the others are served), leaves
+`[gateway.http] token` out for `serve --http` to refuse, and is an error naming it anywhere else.
+Relative paths resolve against the directory of the file, never the current directory: agent
+clients start the gateway from anywhere.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -28,16 +31,18 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.children import Passing
 from gateway.config_source import (
     DEFAULT_STATE,
     ENV_NAME,
+    PASS_ENV_ENTRY,
     UPSTREAM_NAME,
-    interpolate,
     location,
     log_directory,
     log_file,
     placement,
     read_toml,
+    read_variables,
 )
 from gateway.errors import ConfigError
 
@@ -57,6 +62,16 @@ def parse_duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _pass_env_entry(value: str) -> str:
+    if not PASS_ENV_ENTRY.match(value):
+        raise ValueError(f'{value!r} is neither an environment variable name nor a glob of names (such as "AWS_*")')
+    return value
+
+
+PassEnv = tuple[Annotated[StrictStr, AfterValidator(_pass_env_entry)], ...]
+"""Variables of the gateway's environment an upstream also inherits: names, or globs of names."""
 
 
 class _Model(BaseModel):
@@ -104,6 +119,8 @@ class GatewaySettings(_Model):
     """Upstream definitions held against `upstreams.lock` and the poisoning scan: `enforce` quarantines
     what is new, changed or poisoned; `warn` only reports it; `off` checks nothing."""
     http: HttpSettings = HttpSettings()
+    pass_env: PassEnv = ()
+    """What every command upstream inherits besides the default variables (gateway.children)."""
 
     @field_validator("separator")
     @classmethod
@@ -128,6 +145,11 @@ class UpstreamSpec(_Model):
     """Per-call timeout; `[gateway] call_timeout` when unset."""
     pinning: Literal["enforce", "warn", "off"] | None = None
     """This upstream's pinning mode; `[gateway] pinning` when unset."""
+    pass_env: PassEnv = ()
+    """What this command upstream inherits besides the default variables and `[gateway] pass_env`."""
+    unavailable: str | None = None
+    """Set by the reading, never written: why the upstream cannot be started (a variable its table
+    takes is not set). Its values are then unknown: only the table's shape is checked."""
 
     @model_validator(mode="after")
     def _one_transport(self) -> Self:
@@ -136,12 +158,14 @@ class UpstreamSpec(_Model):
         if self.url is not None:
             if self.args or self.env or self.cwd is not None:
                 raise ValueError("'args', 'env' and 'cwd' apply to 'command' upstreams, not to 'url' ones")
+            if self.pass_env:
+                raise ValueError("'pass_env' applies to 'command' upstreams, not to 'url' ones")
             parts = urlsplit(self.url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
+            if self.unavailable is None and (parts.scheme not in ("http", "https") or not parts.netloc):
                 raise ValueError(f"'url' must be an http:// or https:// URL, got {self.url!r}")
         elif self.headers:
             raise ValueError("'headers' apply to 'url' upstreams, not to 'command' ones")
-        elif not self.command:
+        elif not self.command and self.unavailable is None:
             raise ValueError("'command' must not be empty")
         for key in self.env:
             if not ENV_NAME.match(key):
@@ -159,6 +183,11 @@ class Config(_Model):
     path: Path
     gateway: GatewaySettings = GatewaySettings()
     upstreams: Mapping[str, UpstreamSpec] = Field(default_factory=dict)
+    own_variables: frozenset[str] = frozenset()
+    """Set by the reading: the variables `[gateway]` values are taken from, never passed to an upstream."""
+    token_unset: str | None = None
+    """Set by the reading: why `[gateway.http] token` is missing (its variable is not set), the line
+    `serve --http` refuses to start with."""
 
     @property
     def directory(self) -> Path:
@@ -198,28 +227,13 @@ class Config(_Model):
     def enabled_upstreams(self) -> list[UpstreamSpec]:
         return [spec for spec in self.upstreams.values() if spec.enabled]
 
+    def passing(self, upstream: str) -> Passing:
+        """Which of the gateway's environment variables a command upstream inherits."""
+        return Passing((*self.gateway.pass_env, *self.upstreams[upstream].pass_env), self.own_variables)
+
     def call_timeout(self, upstream: str) -> float:
         spec = self.upstreams[upstream]
         return spec.timeout if spec.timeout is not None else self.gateway.call_timeout
-
-
-class EveryVariable(Mapping[str, str]):
-    """The real environment, in which every missing variable reads as a placeholder.
-
-    For checking a file's shape without needing its secrets in the shell that edits it.
-    """
-
-    def __getitem__(self, key: str) -> str:
-        return os.environ.get(key, "placeholder")
-
-    def __contains__(self, key: object) -> bool:
-        return True
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(os.environ)
-
-    def __len__(self) -> int:
-        return len(os.environ)
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -229,9 +243,21 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     return parse_config(raw, path.resolve(), label=str(path), environ=os.environ if environ is None else environ)
 
 
-def parse_config(raw: Mapping[str, Any], path: Path, *, label: str, environ: Mapping[str, str]) -> Config:
-    """Validate already-parsed TOML data; `path` is the absolute location of the file it came from."""
-    data = interpolate(raw, (), label, environ)
+_READ_KEYS = ("own_variables", "token_unset")
+"""`Config` fields the reading sets, which the file may not."""
+
+
+def parse_config(
+    raw: Mapping[str, Any], path: Path, *, label: str, environ: Mapping[str, str], stand_in: str | None = None
+) -> Config:
+    """Validate already-parsed TOML data; `path` is the absolute location of the file it came from.
+    `stand_in`: what a variable a `[gateway]` key takes reads as when unset, instead of an error
+    (checking a file's shape without this shell's secrets)."""
+    reading = read_variables(raw, label, environ, stand_in)
+    data = reading.data
+    for key in _READ_KEYS:
+        if key in data:
+            raise ConfigError(f"{label}: top level {key}: unknown key")
     upstreams = data.get("upstreams", {})
     if isinstance(upstreams, dict):
         for name, table in upstreams.items():
@@ -240,9 +266,15 @@ def parse_config(raw: Mapping[str, Any], path: Path, *, label: str, environ: Map
             if isinstance(table, dict):
                 if "name" in table:
                     raise ConfigError(f"{label}: [upstreams.{name}] name: unknown key (the table name is the name)")
+                if "unavailable" in table:
+                    raise ConfigError(f"{label}: [upstreams.{name}] unavailable: unknown key")
                 table["name"] = name
+                if name in reading.unavailable:
+                    table["unavailable"] = reading.unavailable[name]
     try:
-        config = Config.model_validate({**data, "path": path})
+        config = Config.model_validate(
+            {**data, "path": path, "own_variables": reading.own_variables, "token_unset": reading.token_unset}
+        )
     except ValidationError as exc:
         raise ConfigError(f"{label}: {_describe(exc)}") from None
     _check_names(config, label)

@@ -11,6 +11,7 @@ the edit says so. Either way the result is checked as a configuration before it 
 from __future__ import annotations
 
 import copy
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from typing import Any
 
 import tomli_w
 
-from gateway.config import Config, EveryVariable, parse_config
+from gateway.config import Config, parse_config
 from gateway.errors import ConfigError
 
 
@@ -96,8 +97,11 @@ class ConfigText:
         return Edit(rewritten, comments_kept="#" not in self.text)
 
     def check(self) -> Config:
-        """Validate this content as a configuration, with placeholders for variables this shell lacks."""
-        return parse_config(self.data, self.path.resolve(), label=str(self.path), environ=EveryVariable())
+        """Validate this content as a configuration, with placeholders for `[gateway]` variables this shell
+        lacks (an upstream whose variable it lacks is read as unavailable)."""
+        return parse_config(
+            self.data, self.path.resolve(), label=str(self.path), environ=os.environ, stand_in="placeholder"
+        )
 
 
 def upstream_table(name: str, table: Mapping[str, Any]) -> str:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from gateway.children import Passing
 from gateway.errors import ConfigError
 
 DEFAULT_CONFIG = "upstreams.toml"
@@ -24,6 +25,8 @@ DEFAULT_STATE = ".mcp-armor"
 """`[gateway] state` unless set: the gateway's own files, relative to the config's directory."""
 UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+PASS_ENV_ENTRY = re.compile(r"^[A-Za-z_*?][A-Za-z0-9_*?]*$")
+"""A `pass_env` entry: a variable's name, or a glob of names (`*`, `?`)."""
 _VARIABLE = re.compile(r"\$\$\{|\$\{([^}]*?)(?::-([^}]*))?\}")
 
 
@@ -39,8 +42,15 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def interpolate(value: Any, where: tuple[str, ...], label: str, environ: Mapping[str, str]) -> Any:
-    """`value` with `${VAR}`, `${VAR:-default}` and `$${` replaced in every string it holds."""
+Unset = Callable[[str, tuple[str, ...]], str]
+"""Told of a variable that is not set (its name, where it was met); returns what to read instead."""
+
+
+def interpolate(
+    value: Any, where: tuple[str, ...], label: str, environ: Mapping[str, str], unset: Unset | None = None
+) -> Any:
+    """`value` with `${VAR}`, `${VAR:-default}` and `$${` replaced in every string it holds. A variable
+    that is not set is an error naming it, unless `unset` says what to read instead."""
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
@@ -51,16 +61,88 @@ def interpolate(value: Any, where: tuple[str, ...], label: str, environ: Mapping
                 raise ConfigError(f"{label}: {location(where)}: '{match[0]}' is not a valid variable reference")
             if default is not None:
                 return environ.get(name) or default
-            if name not in environ:
+            if name in environ:
+                return environ[name]
+            if unset is None:
                 raise ConfigError(f"{label}: {location(where)}: environment variable {name} is not set")
-            return environ[name]
+            return unset(name, where)
 
         return _VARIABLE.sub(substitute, value)
     if isinstance(value, dict):
-        return {key: interpolate(item, (*where, key), label, environ) for key, item in value.items()}
+        return {key: interpolate(item, (*where, key), label, environ, unset) for key, item in value.items()}
     if isinstance(value, list):
-        return [interpolate(item, (*where, str(index)), label, environ) for index, item in enumerate(value)]
+        return [interpolate(item, (*where, str(index)), label, environ, unset) for index, item in enumerate(value)]
     return value
+
+
+class Reading(NamedTuple):
+    """The file's data with its variables in place, and what could not be read for want of one."""
+
+    data: dict[str, Any]
+    unavailable: dict[str, str]
+    """Upstream name -> why it cannot be started: a variable its table takes is not set."""
+    token_unset: str | None
+    """Why `[gateway.http] token` is left out (its variable is not set): the line `serve --http` stops with."""
+    own_variables: frozenset[str]
+    """The variables `[gateway]` values are taken from (its HTTP token's among them): never passed on."""
+
+
+def read_variables(
+    raw: Mapping[str, Any], label: str, environ: Mapping[str, str], stand_in: str | None = None
+) -> Reading:
+    """Interpolate the whole file. A variable an `[upstreams.NAME]` table takes that is not set makes
+    that upstream unavailable (the rest of its table is still read, the variable as empty); one
+    `[gateway.http] token` takes leaves the token out, for `serve --http` alone to refuse; one any other
+    `[gateway]` key takes is an error, unless `stand_in` is given to read instead (checking a file's shape
+    without this shell's secrets). Malformed references are errors everywhere."""
+    gateway, upstreams = raw.get("gateway"), raw.get("upstreams")
+    tables = ("gateway", "upstreams")  # read below, when they are tables
+    data = interpolate(
+        {key: value for key, value in raw.items() if not (key in tables and isinstance(value, dict))},
+        (),
+        label,
+        environ,
+    )
+    token_unset = None
+    if isinstance(gateway, dict):
+        http = gateway.get("http")
+        token = http.get("token") if isinstance(http, dict) else None
+        if isinstance(http, dict) and isinstance(token, str):
+            gateway = {**gateway, "http": {key: value for key, value in http.items() if key != "token"}}
+        data["gateway"] = interpolate(
+            gateway, ("gateway",), label, environ, None if stand_in is None else lambda _name, _where: stand_in
+        )
+        if isinstance(token, str):
+            missing: list[tuple[str, tuple[str, ...]]] = []
+            token = interpolate(token, ("gateway", "http", "token"), label, environ, _noting(missing))
+            if missing:
+                token_unset = (
+                    f"{label}: [gateway.http] token: environment variable {missing[0][0]} is not set "
+                    "(`serve --http` needs it)"
+                )
+            else:
+                data["gateway"]["http"]["token"] = token
+    unavailable: dict[str, str] = {}
+    if isinstance(upstreams, dict):
+        read = {}
+        for name, table in upstreams.items():
+            noted: list[tuple[str, tuple[str, ...]]] = []
+            read[name] = interpolate(table, ("upstreams", name), label, environ, _noting(noted))
+            if noted:
+                variable, where = noted[0]
+                unavailable[name] = f"environment variable {variable} is not set (in {location(where)})"
+        data["upstreams"] = read
+    return Reading(data, unavailable, token_unset, frozenset(variables(raw.get("gateway"))))
+
+
+def _noting(missing: list[tuple[str, tuple[str, ...]]]) -> Unset:
+    """An `Unset` that notes each variable not set, and where, and reads it as empty."""
+
+    def note(name: str, where: tuple[str, ...]) -> str:
+        missing.append((name, where))
+        return ""
+
+    return note
 
 
 def variables(raw: Any) -> dict[str, bool]:
@@ -119,35 +201,42 @@ class EarlyStart(NamedTuple):
     env: dict[str, str]
     cwd: Path
     log: Path
+    passing: Passing
 
 
 def early_starts(path: Path, environ: Mapping[str, str]) -> list[EarlyStart]:
-    """The enabled command upstreams of the file at `path`, where each runs and logs; those whose
-    table does not have the shape a valid one has are left out (the full reading reports them)."""
-    data = interpolate(read_toml(path), (), str(path), environ)
+    """The enabled command upstreams of the file at `path` that are not unavailable, where each runs and
+    logs and what it inherits; those whose table does not have the shape a valid one has are left out
+    (the full reading reports them)."""
+    reading = read_variables(read_toml(path), str(path), environ)
     directory = path.resolve().parent
-    gateway = data.get("gateway", {})
+    gateway = reading.data.get("gateway", {})
     state = gateway.get("state", DEFAULT_STATE) if isinstance(gateway, dict) else None
-    upstreams = data.get("upstreams", {})
-    if not isinstance(state, str) or not isinstance(upstreams, dict):
+    shared = gateway.get("pass_env", []) if isinstance(gateway, dict) else []
+    upstreams = reading.data.get("upstreams", {})
+    if not isinstance(state, str) or not isinstance(upstreams, dict) or not _strings(shared):
         return []
     starts = []
     for name, table in upstreams.items():
         if not (UPSTREAM_NAME.match(name) and isinstance(table, dict) and table.get("enabled", True) is True):
             continue
         command, args, env, cwd = table.get("command"), table.get("args", []), table.get("env", {}), table.get("cwd")
+        own = table.get("pass_env", [])
         if not (
-            isinstance(command, str)
+            name not in reading.unavailable
+            and isinstance(command, str)
             and command
             and "url" not in table
             and _strings(args)
             and isinstance(env, dict)
             and _strings(list(env.values()))
             and isinstance(cwd, str | None)
+            and _strings(own)
         ):
             continue
         command, where = placement(directory, command, cwd)
-        starts.append(EarlyStart(name, command, args, env, where, log_file(directory / state, name)))
+        log = log_file(directory / state, name)
+        starts.append(EarlyStart(name, command, args, env, where, log, Passing((*shared, *own), reading.own_variables)))
     return starts
 
 

@@ -49,6 +49,6 @@ def _start_ahead(words: list[str]) -> None:
             argv = children.command_line(start.command, start.args, start.env)
             start.log.parent.mkdir(parents=True, exist_ok=True)
             with start.log.open("a", encoding="utf-8") as log:
-                children.start_ahead(argv, env=start.env, cwd=start.cwd, stderr=log)
+                children.start_ahead(argv, env=start.env, cwd=start.cwd, stderr=log, passing=start.passing)
         except OSError:
             continue

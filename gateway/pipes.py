@@ -385,13 +385,14 @@ async def spawn(
     env: Mapping[str, str],
     cwd: str | Path | None,
     stderr: IO[Any],
+    passing: children.Passing = children.BY_DEFAULT,
     on_request: RequestHandler | None = None,
     on_notify: NotificationHandler | None = None,
 ) -> AsyncIterator[Child]:
     """Start an upstream server (or adopt the one started ahead for it) and yield its channel; on exit
     stop it (close stdin, SIGTERM, SIGKILL)."""
     loop = asyncio.get_running_loop()
-    process = children.start(name, argv, env=env, cwd=cwd, stderr=stderr)
+    process = children.start(name, argv, env=env, cwd=cwd, stderr=stderr, passing=passing)
     assert process.stdin is not None and process.stdout is not None
     try:
         stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, process.stdin)

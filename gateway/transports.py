@@ -18,6 +18,7 @@ import anyio
 
 from gateway.audit import CallAudit, Recorder
 from gateway.config import Config
+from gateway.errors import ConfigError
 from gateway.pins import load_lock
 from gateway.policy_files import load_engine
 from gateway.server import Gateway
@@ -42,6 +43,8 @@ async def serve_stdio(config: Config) -> None:
 
 async def serve_http(config: Config, host: str, port: int) -> None:
     """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
+    if config.token_unset is not None:  # never serve unguarded what the file meant to guard
+        raise ConfigError(config.token_unset)
     from gateway.sdk_server import serve_streamable_http  # the SDK and its web stack load only for HTTP
 
     async with gateway_for(config, transport="http") as gateway:

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from gateway import __version__
 from gateway.calls import RELAYED_METHODS, ProgressFn, Relay, ToolCall
 from gateway.catalog import Catalog, UpstreamListing, exposed_name, normalise_listing
-from gateway.children import command_line, discard_ahead
+from gateway.children import Passing, command_line, discard_ahead
 from gateway.config import Config, UpstreamSpec
 from gateway.errors import ProtocolError, UpstreamFault, UpstreamTimeout, UpstreamUnavailable
 from gateway.pins import Assessment, Lock, Mode, assess, screened
@@ -292,6 +292,13 @@ class UpstreamPool:
         return upstream
 
     async def _supervise(self, upstream: Upstream) -> None:
+        if upstream.spec.unavailable is not None:  # a variable it needs is not set: never started
+            upstream.last_error = upstream.spec.unavailable
+            upstream.settled.set()
+            logger.warning("upstream '%s' unavailable: %s", upstream.name, upstream.last_error)
+            if self._on_status is not None:
+                self._on_status(upstream.name, False, f"unavailable: {upstream.last_error}")
+            return
         backoff = INITIAL_BACKOFF
         while True:
             was_up = False
@@ -387,7 +394,7 @@ class UpstreamPool:
         async with AsyncExitStack() as stack:
             errlog = stack.enter_context(self.config.log_path(upstream.name).open("a", encoding="utf-8"))
             link, closed = await stack.enter_async_context(
-                _open_link(spec, errlog, self._answerer(spec.name), on_notify)
+                _open_link(spec, self.config.passing(spec.name), errlog, self._answerer(spec.name), on_notify)
             )
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
@@ -497,7 +504,7 @@ class Ended(Protocol):
 
 @asynccontextmanager
 async def _open_link(
-    spec: UpstreamSpec, errlog: TextIO, answer: RequestHandler, on_notify: NotificationHandler
+    spec: UpstreamSpec, passing: Passing, errlog: TextIO, answer: RequestHandler, on_notify: NotificationHandler
 ) -> AsyncIterator[tuple[Link, Ended]]:
     """The upstream's `Link`, and an event set when its connection ends.
 
@@ -511,6 +518,7 @@ async def _open_link(
             env=spec.env,
             cwd=spec.cwd,
             stderr=errlog,
+            passing=passing,
             on_request=answer,
             on_notify=on_notify,
         ) as child:

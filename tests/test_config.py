@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config, parse_duration
+from gateway.children import Passing
+from gateway.config import load_config, parse_config, parse_duration
 from gateway.config_source import early_starts
 from gateway.errors import ConfigError
 
@@ -42,15 +43,45 @@ CASES = [
         id="bad-name-space",
     ),
     pytest.param(
-        '[upstreams.x]\ncommand = "a"\nenv = { TOKEN = "${MCP_ARMOR_TEST_UNSET}" }\n',
-        "[upstreams.x] env.TOKEN: environment variable MCP_ARMOR_TEST_UNSET is not set",
+        '[gateway]\nstate = "${MCP_ARMOR_TEST_UNSET}"\n[upstreams.x]\ncommand = "a"\n',
+        "[gateway] state: environment variable MCP_ARMOR_TEST_UNSET is not set",
         id="missing-env-var",
     ),
     pytest.param(
-        '[upstreams.x]\nurl = "http://127.0.0.1:1/mcp"\n'
-        'headers = { Authorization = "Bearer ${MCP_ARMOR_TEST_UNSET}" }\n',
-        "[upstreams.x] headers.Authorization: environment variable MCP_ARMOR_TEST_UNSET is not set",
-        id="missing-env-var-in-header",
+        '[gateway.http]\nallowed_hosts = ["${MCP_ARMOR_TEST_UNSET}"]\n',
+        "[gateway.http] allowed_hosts.0: environment variable MCP_ARMOR_TEST_UNSET is not set",
+        id="missing-env-var-in-gateway-http",
+    ),
+    pytest.param(
+        '[upstreams.x]\ncommand = "a"\nenv = { TOKEN = "${1X}" }\n',
+        "[upstreams.x] env.TOKEN: '${1X}' is not a valid variable reference",
+        id="malformed-reference-in-upstream",
+    ),
+    pytest.param(
+        '[upstreams.x]\ncommand = "a"\nenv = { T = "${MCP_ARMOR_TEST_UNSET}" }\ncomand = "b"\n',
+        "[upstreams.x] comand: unknown key",
+        id="unavailable-upstream-shape-still-checked",
+    ),
+    pytest.param(
+        '[upstreams.x]\ncommand = "a"\nunavailable = "no"\n',
+        "[upstreams.x] unavailable: unknown key",
+        id="unavailable-key",
+    ),
+    pytest.param('own_variables = ["A"]\n', "top level own_variables: unknown key", id="own-variables-key"),
+    pytest.param(
+        '[gateway]\npass_env = ["AWS_*", "A-B"]\n',
+        "[gateway] pass_env.1: 'A-B' is neither an environment variable name nor a glob of names",
+        id="bad-pass-env-entry",
+    ),
+    pytest.param(
+        '[upstreams.x]\nurl = "http://127.0.0.1:1/mcp"\npass_env = ["A"]\n',
+        "[upstreams.x]: 'pass_env' applies to 'command' upstreams, not to 'url' ones",
+        id="pass-env-on-url",
+    ),
+    pytest.param(
+        '[gateway.http]\ntoken = "${MCP_ARMOR_TEST_SHORT}"\n',
+        "[gateway.http] token: must be at least 16 characters",
+        id="short-token-from-variable",
     ),
     pytest.param(
         '[upstreams.x]\ncommand = "a"\nargs = ["${env:TOKEN}"]\n',
@@ -102,7 +133,7 @@ def test_malformed_config_is_one_clear_line(tmp_path: Path, text: str, message: 
     path = tmp_path / "upstreams.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as caught:
-        load_config(path, environ={})
+        load_config(path, environ={"MCP_ARMOR_TEST_SHORT": "short"})
     line = str(caught.value)
     assert "\n" not in line
     assert line.startswith(f"{path}: ")
@@ -137,26 +168,91 @@ def test_interpolation_and_relative_paths(tmp_path: Path) -> None:
 
 def test_the_early_reading_starts_what_the_full_reading_would(tmp_path: Path) -> None:
     """`serve` starts command upstreams from the file before validating it; for a valid file that
-    is exactly the start the validated config asks for (same command, args, env, directory, log)."""
+    is exactly the start the validated config asks for (same command, args, env, directory, log, and
+    the same variables inherited); an upstream whose variable is not set is started by neither."""
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "upstreams.toml"
     path.write_text(
-        '[gateway]\nstate = "${STATE:-run}"\n'
+        '[gateway]\nstate = "${STATE:-run}"\npass_env = ["AWS_*", "CORP_CA"]\n'
+        '[gateway.http]\ntoken = "${GATEWAY_TOKEN}"\n'
         '[upstreams.local]\ncommand = "./bin/server"\ncwd = "data"\nargs = ["--token", "${TOKEN}", "$${LITERAL}"]\n'
         '[upstreams.bare]\ncommand = "server"\nenv = { A = "${UNSET:-fallback}", B = "${TOKEN}" }\n'
+        'pass_env = ["PYTHONPATH"]\n'
         '[upstreams.absolute]\ncommand = "/usr/bin/env"\ncwd = "/tmp"\ntimeout = "2s"\n'
         '[upstreams.off]\ncommand = "server"\nenabled = false\n'
         '[upstreams.remote]\nurl = "https://example.org/mcp"\n'
+        '[upstreams.needy]\ncommand = "server"\nenv = { GITHUB_TOKEN = "${GITHUB_TOKEN}" }\n'
     )
     environ = {"TOKEN": "s3cret"}
     config = load_config(path, environ=environ)
     early = {start.name: start for start in early_starts(path, environ)}
-    assert set(early) == {spec.name for spec in config.enabled_upstreams() if spec.command is not None}
+    startable = {spec.name for spec in config.enabled_upstreams() if spec.command is not None and not spec.unavailable}
+    assert set(early) == startable == {"local", "bare", "absolute"}
     for name, start in early.items():
         spec = config.upstreams[name]
         assert (start.command, tuple(start.args), start.env, start.cwd) == (spec.command, spec.args, spec.env, spec.cwd)
         assert start.log == config.log_path(name)
+        assert start.passing == config.passing(name)
     assert early["local"].log == tmp_path / "sub" / "run" / "logs" / "local.log"
+    assert early["bare"].passing == Passing(("AWS_*", "CORP_CA", "PYTHONPATH"), frozenset({"STATE", "GATEWAY_TOKEN"}))
+
+
+UNSET = "MCP_ARMOR_TEST_UNSET"
+
+
+@pytest.mark.parametrize(
+    ("table", "where"),
+    [
+        ('command = "a"\nenv = { GITHUB_TOKEN = "${VAR}" }', "env.GITHUB_TOKEN"),
+        ('url = "https://example.org/mcp"\nheaders = { Authorization = "Bearer ${VAR}" }', "headers.Authorization"),
+        ('command = "a"\nargs = ["--token", "${VAR}"]', "args.1"),
+        ('url = "${VAR}/mcp"', "url"),
+        ('command = "${VAR}"', "command"),
+        ('command = "a"\ncwd = "${VAR}/data"', "cwd"),
+    ],
+)
+def test_an_upstream_whose_variable_is_not_set_is_unavailable_and_the_others_are_read(
+    tmp_path: Path, table: str, where: str
+) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text(f'[upstreams.git]\n{table.replace("VAR", UNSET)}\n[upstreams.time]\ncommand = "t"\n')
+    config = load_config(path, environ={})
+    assert config.upstreams["git"].unavailable == (
+        f"environment variable {UNSET} is not set (in [upstreams.git] {where})"
+    )
+    assert config.upstreams["time"].unavailable is None
+    assert [spec.name for spec in config.enabled_upstreams()] == ["git", "time"]
+    assert [start.name for start in early_starts(path, {})] == ["time"]
+
+
+def test_the_first_unset_variable_is_the_reason_and_a_set_one_makes_it_available(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text('[upstreams.git]\ncommand = "a"\nargs = ["${FIRST}"]\nenv = { B = "${SECOND}" }\n')
+    reason = load_config(path, environ={}).upstreams["git"].unavailable
+    assert reason == "environment variable FIRST is not set (in [upstreams.git] args.0)"
+    assert load_config(path, environ={"FIRST": "1", "SECOND": "2"}).upstreams["git"].unavailable is None
+
+
+def test_the_http_token_is_needed_by_serving_http_alone(tmp_path: Path) -> None:
+    """An unset token variable leaves the token out and says why, instead of failing every command."""
+    path = tmp_path / "upstreams.toml"
+    path.write_text('[gateway.http]\ntoken = "${ARMOR_TOKEN}"\nallowed_hosts = ["h:1"]\n')
+    unset = load_config(path, environ={})
+    assert unset.gateway.http.token is None and unset.gateway.http.allowed_hosts == ("h:1",)
+    assert unset.token_unset == (
+        f"{path}: [gateway.http] token: environment variable ARMOR_TOKEN is not set (`serve --http` needs it)"
+    )
+    assert unset.own_variables == {"ARMOR_TOKEN"}
+    token = "t" * 20
+    found = load_config(path, environ={"ARMOR_TOKEN": token})
+    assert found.gateway.http.token == token and found.token_unset is None
+
+
+def test_a_stand_in_reads_for_unset_gateway_variables_only(tmp_path: Path) -> None:
+    raw = {"gateway": {"state": "${STATE}"}, "upstreams": {"x": {"command": "a", "env": {"A": "${A}"}}}}
+    config = parse_config(raw, tmp_path / "upstreams.toml", label="f", environ={}, stand_in="placeholder")
+    assert config.state_dir == tmp_path / "placeholder"
+    assert config.upstreams["x"].unavailable == "environment variable A is not set (in [upstreams.x] env.A)"
 
 
 @pytest.mark.parametrize(

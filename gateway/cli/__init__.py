@@ -23,7 +23,7 @@ from gateway.audit_store import Filters
 from gateway.cli import audit, pins, policy, setup
 from gateway.cli.common import connect, print_table
 from gateway.clients import CLIENTS
-from gateway.config import Config, EveryVariable, load_config
+from gateway.config import Config, load_config
 from gateway.config_source import DEFAULT_CONFIG
 from gateway.errors import GatewayError
 from gateway.policy import PolicyEngine
@@ -266,11 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in SETUP_COMMANDS:
             return SETUP_COMMANDS[args.command](args)
-        # Only commands that start upstreams need the variables their tables refer to.
-        starts_upstreams = args.command in ("serve", "tools", "scan", "lock", "pins") or (
-            args.command == "policy" and args.policy_command != "replay" and not args.offline
-        )
-        config = load_config(args.config, environ=None if starts_upstreams else EveryVariable())
+        # An upstream whose variable is not set is read as unavailable, and `[gateway.http] token` is needed
+        # by `serve --http` alone: no command needs the variables of what it does not use.
+        config = load_config(args.config)
         if args.command == "serve":
             return _serve(parser, config, args.http)
         if args.command == "policy":

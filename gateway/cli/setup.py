@@ -326,9 +326,9 @@ def init_command(args: argparse.Namespace) -> int:
 
 def upstream_command(args: argparse.Namespace) -> int:
     config_text = ConfigText.read(Path(args.config))
-    config_text.check()
+    config = config_text.check()
     if args.upstream_command == "list":
-        return _list(config_text, args.json)
+        return _list(config_text, config, args.json)
     name = args.name
     if args.upstream_command == "remove":
         if name not in config_text.upstreams:
@@ -416,8 +416,9 @@ def _comments_note(path: Path, edit: Edit) -> None:
         note(f"{path} could not be edited in place; it was rewritten and its comments are gone")
 
 
-def _list(config_text: ConfigText, as_json: bool) -> int:
-    """Upstreams as written (variables not expanded, so no secret is printed; env and header values hidden)."""
+def _list(config_text: ConfigText, config: Config, as_json: bool) -> int:
+    """Upstreams as written (variables not expanded, so no secret is printed; env and header values hidden),
+    and which are unavailable here for want of a variable."""
     rows = []
     for name, table in config_text.upstreams.items():
         if "url" in table:
@@ -432,6 +433,7 @@ def _list(config_text: ConfigText, as_json: bool) -> int:
                 "enabled": table.get("enabled", True),
                 "env": sorted(table.get("env", {})),
                 "headers": sorted(table.get("headers", {})),
+                "unavailable": config.upstreams[name].unavailable,
             }
         )
     if as_json:
@@ -442,6 +444,9 @@ def _list(config_text: ConfigText, as_json: bool) -> int:
         [(row["name"], row["transport"], "yes" if row["enabled"] else "no", row["target"]) for row in rows],
         empty="(no upstreams)",
     )
+    for row in rows:
+        if row["unavailable"] is not None:
+            print(f"{row['name']}: unavailable: {row['unavailable']}")
     return 0
 
 
