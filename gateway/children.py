@@ -82,13 +82,18 @@ class Passing(NamedTuple):
     """`pass_env` entries (`[gateway]`'s, then the upstream's): names, or globs of names."""
     withheld: frozenset[str] = frozenset()
     """The variables the gateway's own settings are taken from: never passed on, however named."""
+    guarded: frozenset[str] = frozenset()
+    """The variables other upstreams' tables take (their credentials): passed on only when a `pass_env`
+    entry names one exactly, never through a glob, so that one upstream's token does not reach another."""
 
     def passes(self, name: str) -> bool:
         if name in self.withheld or _matches(name, OWN_ENVIRONMENT):
             return False
         if name in self.names:
             return True
-        return not _matches(name, RUNTIME_ENVIRONMENT) and _matches(name, (*PASSED_ENVIRONMENT, *self.names))
+        if name in self.guarded or _matches(name, RUNTIME_ENVIRONMENT):
+            return False
+        return _matches(name, (*PASSED_ENVIRONMENT, *self.names))
 
 
 BY_DEFAULT = Passing()

@@ -40,6 +40,7 @@ from gateway.config_source import (
     location,
     log_directory,
     log_file,
+    passing_for,
     placement,
     read_toml,
     read_variables,
@@ -185,6 +186,9 @@ class Config(_Model):
     upstreams: Mapping[str, UpstreamSpec] = Field(default_factory=dict)
     own_variables: frozenset[str] = frozenset()
     """Set by the reading: the variables `[gateway]` values are taken from, never passed to an upstream."""
+    upstream_variables: Mapping[str, frozenset[str]] = Field(default_factory=dict)
+    """Set by the reading: the variables each upstream's table takes, passed to no other upstream unless
+    it names one exactly in `pass_env`."""
     token_unset: str | None = None
     """Set by the reading: why `[gateway.http] token` is missing (its variable is not set), the line
     `serve --http` refuses to start with."""
@@ -229,7 +233,8 @@ class Config(_Model):
 
     def passing(self, upstream: str) -> Passing:
         """Which of the gateway's environment variables a command upstream inherits."""
-        return Passing((*self.gateway.pass_env, *self.upstreams[upstream].pass_env), self.own_variables)
+        names = (*self.gateway.pass_env, *self.upstreams[upstream].pass_env)
+        return passing_for(upstream, names, self.own_variables, self.upstream_variables)
 
     def call_timeout(self, upstream: str) -> float:
         spec = self.upstreams[upstream]
@@ -243,7 +248,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     return parse_config(raw, path.resolve(), label=str(path), environ=os.environ if environ is None else environ)
 
 
-_READ_KEYS = ("own_variables", "token_unset")
+_READ_KEYS = ("own_variables", "token_unset", "upstream_variables")
 """`Config` fields the reading sets, which the file may not."""
 
 
@@ -273,7 +278,13 @@ def parse_config(
                     table["unavailable"] = reading.unavailable[name]
     try:
         config = Config.model_validate(
-            {**data, "path": path, "own_variables": reading.own_variables, "token_unset": reading.token_unset}
+            {
+                **data,
+                "path": path,
+                "own_variables": reading.own_variables,
+                "token_unset": reading.token_unset,
+                "upstream_variables": reading.upstream_variables,
+            }
         )
     except ValidationError as exc:
         raise ConfigError(f"{label}: {_describe(exc)}") from None

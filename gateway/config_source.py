@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -85,6 +85,20 @@ class Reading(NamedTuple):
     """Why `[gateway.http] token` is left out (its variable is not set): the line `serve --http` stops with."""
     own_variables: frozenset[str]
     """The variables `[gateway]` values are taken from (its HTTP token's among them): never passed on."""
+    upstream_variables: dict[str, frozenset[str]]
+    """Upstream name -> the variables its table takes."""
+
+    def passing(self, upstream: str, names: Sequence[str]) -> Passing:
+        """What `upstream` inherits, given its `pass_env` entries (`[gateway]`'s, then its own)."""
+        return passing_for(upstream, tuple(names), self.own_variables, self.upstream_variables)
+
+
+def passing_for(
+    upstream: str, names: tuple[str, ...], own: frozenset[str], per_upstream: Mapping[str, frozenset[str]]
+) -> Passing:
+    """Which variables `upstream` inherits: the gateway's own never, other upstreams' only by exact name."""
+    others = frozenset().union(*(taken for name, taken in per_upstream.items() if name != upstream))
+    return Passing(names, own, others - per_upstream.get(upstream, frozenset()))
 
 
 def read_variables(
@@ -132,7 +146,10 @@ def read_variables(
                 variable, where = noted[0]
                 unavailable[name] = f"environment variable {variable} is not set (in {location(where)})"
         data["upstreams"] = read
-    return Reading(data, unavailable, token_unset, frozenset(variables(raw.get("gateway"))))
+    taken = (
+        {name: frozenset(variables(table)) for name, table in upstreams.items()} if isinstance(upstreams, dict) else {}
+    )
+    return Reading(data, unavailable, token_unset, frozenset(variables(raw.get("gateway"))), taken)
 
 
 def _noting(missing: list[tuple[str, tuple[str, ...]]]) -> Unset:
@@ -236,7 +253,7 @@ def early_starts(path: Path, environ: Mapping[str, str]) -> list[EarlyStart]:
             continue
         command, where = placement(directory, command, cwd)
         log = log_file(directory / state, name)
-        starts.append(EarlyStart(name, command, args, env, where, log, Passing((*shared, *own), reading.own_variables)))
+        starts.append(EarlyStart(name, command, args, env, where, log, reading.passing(name, (*shared, *own))))
     return starts
 
 

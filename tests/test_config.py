@@ -194,7 +194,10 @@ def test_the_early_reading_starts_what_the_full_reading_would(tmp_path: Path) ->
         assert start.log == config.log_path(name)
         assert start.passing == config.passing(name)
     assert early["local"].log == tmp_path / "sub" / "run" / "logs" / "local.log"
-    assert early["bare"].passing == Passing(("AWS_*", "CORP_CA", "PYTHONPATH"), frozenset({"STATE", "GATEWAY_TOKEN"}))
+    # bare takes TOKEN itself; needy's GITHUB_TOKEN reaches it only if named exactly
+    assert early["bare"].passing == Passing(
+        ("AWS_*", "CORP_CA", "PYTHONPATH"), frozenset({"STATE", "GATEWAY_TOKEN"}), frozenset({"GITHUB_TOKEN"})
+    )
 
 
 UNSET = "MCP_ARMOR_TEST_UNSET"

@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from gateway.children import Passing, environment_for
+from gateway.config import load_config
 from tests.conftest import FIXTURES, RawSession, fixture_upstream, gateway_process, write_config
 from tests.test_audit_e2e import events
 from tests.test_fast_path import answers, ready
@@ -76,6 +77,24 @@ def test_the_gateways_own_secrets_never_pass_however_named_unless_an_upstream_se
     env = environment_for({}, passing)
     assert "GATEWAY_TOKEN" not in env and "MCP_ARMOR_OAUTH_SECRET" not in env
     assert environment_for({"GATEWAY_TOKEN": "given"}, passing)["GATEWAY_TOKEN"] == "given"
+
+
+@pytest.mark.usefixtures("gateway_environ")
+def test_another_upstreams_credential_passes_only_when_named_exactly(tmp_path: Path) -> None:
+    """A glob such as `"*"` or `"AWS_*"` never hands one upstream the variable another upstream's table
+    takes (its token): a confused deputy by configuration. Naming it exactly still passes it."""
+    path = tmp_path / "upstreams.toml"
+    path.write_text(
+        '[gateway]\npass_env = ["*"]\n'
+        '[upstreams.cloud]\ncommand = "server"\nenv = { KEY = "${AWS_SECRET_ACCESS_KEY}" }\n'
+        '[upstreams.other]\ncommand = "server"\n'
+        '[upstreams.named]\ncommand = "server"\npass_env = ["AWS_SECRET_ACCESS_KEY"]\n'
+    )
+    config = load_config(path)
+    assert "AWS_SECRET_ACCESS_KEY" not in environment_for({}, config.passing("other"))
+    assert environment_for({}, config.passing("other"))["AWS_REGION"] == "eu-west-1"
+    assert environment_for({}, config.passing("cloud"))["AWS_SECRET_ACCESS_KEY"] == "aws-secret"
+    assert environment_for({}, config.passing("named"))["AWS_SECRET_ACCESS_KEY"] == "aws-secret"
 
 
 async def _call_environ(raw: RawSession) -> dict[str, str]:
