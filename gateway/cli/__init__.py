@@ -3,7 +3,9 @@
 A mistake of the user's (bad config, bad argument) is one line on stderr and exit status 2; an
 upstream that could not be reached makes `tools` (and `upstream add --check`) exit 1 after printing
 what it could; a broken audit chain makes `audit verify` exit 1; servers `import` had to leave in
-the client make it exit 1. The commands live in `cli/policy.py`, `cli/audit.py` and `cli/setup.py`.
+the client make it exit 1. Output cut short by its reader (`mcp-armor audit export | head`) ends
+quietly with status 141, as a process killed by SIGPIPE would (`set -o pipefail` scripts see it the
+same way). The commands live in `cli/policy.py`, `cli/audit.py` and `cli/setup.py`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -243,6 +246,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("'--' introduces an upstream's command line, in `upstream add NAME -- COMMAND ARGS...` only")
     args.argv = command_line
     _configure_logging(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
+    try:
+        status = _run(parser, args)
+        sys.stdout.flush()  # here, so that a reader gone early is seen below and not at the interpreter's exit
+    except BrokenPipeError:
+        # The final flush at exit would fail again on the closed pipe: hand it /dev/null instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE
+    return status
+
+
+BROKEN_PIPE = 128 + 13
+"""The exit status of a command whose reader closed its output early (a shell's status for SIGPIPE)."""
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.command in SETUP_COMMANDS:
             return SETUP_COMMANDS[args.command](args)
