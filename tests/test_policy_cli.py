@@ -72,7 +72,7 @@ def test_explain_names_every_rule_and_why(config: Path) -> None:
     schema = run("policy", "explain", "box__add", "--args", '{"a": "1", "b": 2}', "--config", str(config), "--json")
     record = json.loads(schema.stdout)
     assert record["decision"] == "deny"
-    assert record["reason"] == "arguments do not match the tool's input schema: at 'a': '1' is not of type 'integer'"
+    assert record["reason"] == "arguments do not match the tool's input schema: at 'a': \"1\" is not of type 'integer'"
 
     hidden = run("policy", "explain", "box__pid", "--config", str(config), "--offline")
     assert "note: no rule can ever allow it for this client: it is hidden from tools/list" in hidden.stdout
