@@ -78,6 +78,20 @@ def test_explain_names_every_rule_and_why(config: Path) -> None:
     assert "note: no rule can ever allow it for this client: it is hidden from tools/list" in hidden.stdout
 
 
+def test_explain_offline_says_the_input_schema_was_not_checked(config: Path) -> None:
+    args = ("policy", "explain", "box__write_note", "--args", '{"path": 3}', "--config", str(config))
+    live = json.loads(run(*args, "--json").stdout)
+    assert live["decision"] == "deny" and live["input_schema_checked"] is True
+    offline = json.loads(run(*args, "--json", "--offline").stdout)
+    assert offline["decision"] == "ask" and offline["input_schema_checked"] is False
+    human = run(*args, "--offline").stdout.splitlines()
+    assert human[0] == "decision: ask"
+    assert (
+        "note: offline: the arguments were not checked against the tool's input schema, "
+        "which a live call must pass first (it may be refused there)"
+    ) in human
+
+
 def test_tools_shows_what_policy_does(config: Path) -> None:
     done = run("tools", "--json", "--config", str(config))
     policy = {row["name"]: row["policy"] for row in json.loads(done.stdout)["tools"]}

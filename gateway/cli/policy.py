@@ -62,7 +62,12 @@ async def explain(config: Config, args: argparse.Namespace) -> int:
     notes: list[str] = []
     refusal = ""
     tool = upstreams.catalog.tools.get(args.tool)
-    if not args.offline and tool is None:
+    if args.offline:
+        notes.append(
+            "offline: the arguments were not checked against the tool's input schema, "
+            "which a live call must pass first (it may be refused there)"
+        )
+    elif tool is None:
         notes.append(f"no upstream exposes '{args.tool}' now: a call to it is refused as an unknown tool")
     violation = tool.source.violation(arguments) if tool is not None else None
     if violation is not None:
@@ -74,6 +79,7 @@ async def explain(config: Config, args: argparse.Namespace) -> int:
     reason = refusal or decision.reason
     if args.json:
         record = {**decision.to_record(), "decision": effect, "reason": reason, "notes": notes}
+        record["input_schema_checked"] = tool is not None
         record["considered"] = [{"rule": rule_id, "verdict": verdict} for rule_id, verdict in trace]
         print(json.dumps(record, indent=2))
     else:
