@@ -16,7 +16,7 @@ from gateway.cli.common import Upstreams, connect, print_table
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.policy_files import load_engine, load_policies
-from gateway.policy_lint import lint
+from gateway.policy_lint import hidden_upstreams, lint
 
 
 async def check(config: Config, offline: bool, as_json: bool) -> int:
@@ -24,6 +24,9 @@ async def check(config: Config, offline: bool, as_json: bool) -> int:
     upstreams = Upstreams() if offline else await connect(config)
     schemas = {name: tool.source.definition["inputSchema"] for name, tool in upstreams.catalog.tools.items()}
     warnings = [] if offline else lint(policies, schemas)
+    if config.gateway.mode != "monitor":  # in monitor mode nothing is hidden
+        exposed = [(name, tool.upstream) for name, tool in upstreams.catalog.tools.items()]
+        warnings += hidden_upstreams(policies, exposed)
     warnings += [
         f"upstream '{name}' unavailable ({reason}): its tools were not checked"
         for name, reason in upstreams.down.items()
