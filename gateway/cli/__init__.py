@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing events as they are recorded")
     tail.add_argument("-n", "--lines", type=int, default=20, metavar="N", help="how many to show first (default 20)")
     tail.add_argument("--session", metavar="ID", help="only this session's events")
+    tail.add_argument(
+        "--kind",
+        action="append",
+        metavar="KIND",
+        help="only events of this kind (repeatable, or KIND,KIND), each on its own line; without it, the "
+        "catalogue events of one upstream change are folded into one line",
+    )
     verify = audit_commands.add_parser(
         "verify", parents=[common, as_json], help="check the hash chain; exit 1 naming the first bad event"
     )
@@ -323,7 +330,9 @@ def _audit(config: Config, args: argparse.Namespace) -> int:
 
 def _filters(args: argparse.Namespace) -> Filters:
     since = audit.parse_since(args.since) if args.since else None
-    return Filters(session=getattr(args, "session", None), tool=args.tool, decision=args.decision, since=since)
+    kinds = audit.parse_kinds(getattr(args, "kind", None))
+    session = getattr(args, "session", None)
+    return Filters(session=session, tool=args.tool, decision=args.decision, since=since, kinds=kinds)
 
 
 def _configure_logging(*, verbose: bool, quiet: bool) -> None:
