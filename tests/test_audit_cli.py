@@ -3,6 +3,7 @@ stops early, catalogue changes folded, `--kind`, following a log that does not e
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -13,12 +14,13 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import mcp_types as types
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from gateway.audit import event
 from gateway.audit_store import KINDS, AuditStore, canonical
-from tests.conftest import REPO, fixture_upstream, write_config
+from tests.conftest import REPO, fixture_upstream, gateway_client, write_config
 
 SESSION = "5e5510a0" * 4
 
@@ -181,3 +183,50 @@ async def test_tail_follow_waits_for_a_log_that_does_not_exist_yet(config: Path)
         assert (await tail.line()).startswith("1 ")
         record(config, event("upstream", upstream="git", outcome="down", reason="stopped"))
         assert (await tail.line()).startswith("2 ")
+
+
+class Answer:
+    """A person answering the gateway's approval request in the client."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+
+    async def __call__(self, context: Any, params: Any) -> types.ElicitResult:
+        return types.ElicitResult(action=self.action, content={"approve": True} if self.action == "accept" else None)
+
+
+ASKING = """
+[defaults]
+effect = "allow"
+
+[[rule]]
+id = "notes-asked"
+tools = ["box__write_note"]
+effect = "ask"
+"""
+
+
+@pytest.mark.anyio
+async def test_show_says_what_became_of_each_approval_and_where_it_was_asked(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=ASKING)
+    note = {"path": "notes/a", "body": "x"}
+    async with gateway_client(config, elicitation=Answer("accept")) as client:
+        assert not (await client.call_tool("box__write_note", note)).is_error
+        assert not (await client.call_tool("box__echo", {"text": "x"})).is_error
+    async with gateway_client(config, elicitation=Answer("decline")) as client:
+        assert (await client.call_tool("box__write_note", note)).is_error
+    async with gateway_client(config, mode="auto", elicitation=Answer("accept")) as client:
+        assert not (await client.call_tool("box__write_note", note)).is_error  # a round trip, then the retry
+    sessions = json.loads(cli(config, "audit", "sessions", "--json").stdout)
+    client = sessions[0]["client"]
+    assert client and len(sessions) == 3
+    approvals = []
+    for row in sessions:
+        header, *lines = cli(config, "audit", "show", row["session_id"]).stdout.splitlines()
+        start, end = header.index("APPROVAL"), header.index("RULES")
+        approvals.append([line[start:end].strip() for line in lines if line[start:end].strip()])
+    assert approvals == [
+        [f"granted by a person at {client}"],
+        ["refused: the person declined it"],
+        [f"asked a person at {client}", f"granted by a person at {client}"],
+    ]

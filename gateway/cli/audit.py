@@ -65,14 +65,38 @@ def sessions(config: Config, filters: Filters, as_json: bool) -> int:
 
 def show(config: Config, session: str, filters: Filters, as_json: bool) -> int:
     with _reader(config) as store:
-        session_id = _resolve_session(store, session)
-        events = list(store.events(replace(filters, session=session_id)))
+        info = _resolve_session(store, session)
+        events = list(store.events(replace(filters, session=info["session_id"])))
     if as_json:
         for record in events:
             print(json.dumps(record))
         return 0
-    print_table(("SEQ", "TIME", "KIND", "TOOL", "DECISION", "RULES", "TOOK", "DETAIL"), [_row(e) for e in events])
+    asker = info["client"] or "an unnamed client"
+    if info["principal"]:
+        asker += f" ({info['principal']})"
+    outcomes = {record["call_id"]: record["outcome"] for record in events if record["kind"] == "outcome"}
+    rows = [
+        (*row[:5], _approval(record, outcomes.get(record["call_id"]), asker), *row[5:])
+        for record in events
+        for row in [_row(record)]
+    ]
+    print_table(("SEQ", "TIME", "KIND", "TOOL", "DECISION", "APPROVAL", "RULES", "TOOK", "DETAIL"), rows)
     return 0
+
+
+def _approval(record: dict[str, Any], outcome: str | None, asker: str) -> str:
+    """What became of the person's approval an `ask` decision needed; `outcome` is the call's, `asker` the
+    session's client."""
+    approval = record.get("approval")
+    if record["kind"] != "decision" or approval is None:
+        return ""
+    if approval == "granted":
+        return f"granted by a person at {asker}"
+    if outcome == "input_required":  # a 2026-07-28 round trip: the client's retry is a call of its own
+        return f"asked a person at {asker}"
+    reason = str(record.get("reason") or "")
+    # A refusal's reason is the policy's reason, then why no approval came: "...; the person declined it".
+    return f"refused: {reason.rpartition('; ')[2]}"
 
 
 def tail(config: Config, filters: Filters, lines: int, follow: bool, as_json: bool) -> int:
@@ -227,10 +251,11 @@ def _reader(config: Config) -> closing[AuditStore]:
     return closing(open_settled(config.audit_path))
 
 
-def _resolve_session(store: AuditStore, prefix: str) -> str:
-    matches = [row["session_id"] for row in store.sessions() if row["session_id"].startswith(prefix)]
+def _resolve_session(store: AuditStore, prefix: str) -> dict[str, Any]:
+    """The `sessions` row of the one session whose id begins with `prefix`."""
+    matches = [row for row in store.sessions() if row["session_id"].startswith(prefix)]
     if len(matches) == 1:
-        return str(matches[0])
+        return matches[0]
     if not matches:
         raise GatewayError(f"no session {prefix!r} in {store.path} (see 'mcp-armor audit sessions')")
     raise GatewayError(f"session {prefix!r} is ambiguous: it begins {len(matches)} session ids; give more of it")
