@@ -51,6 +51,18 @@ FIELDS = (
     "duration_ms",
 )
 """Every event body has these keys (null where they do not apply); an export adds seq, prev_hash, hash."""
+KINDS = (
+    "session_start",
+    "session_end",
+    "decision",
+    "outcome",
+    "catalog",
+    "policy_reload",
+    "pin",
+    "upstream",
+    "upstream_request",
+)
+"""Every kind of event the gateway records."""
 
 _COLUMNS = ("kind", "session_id", "call_id", "tool", "decision", "outcome", "ts")
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -79,6 +91,10 @@ Mark = tuple[str, int]
 
 class AuditError(GatewayError):
     """The audit log cannot be opened, written or read."""
+
+
+class NoLogYet(AuditError):
+    """There is no audit log at the path (yet): nothing there, or a file still being created."""
 
 
 def canonical(event: Mapping[str, Any]) -> str:
@@ -147,6 +163,8 @@ class Filters:
     """Only the events of calls with this decision."""
     since: str | None = None
     """An ISO 8601 UTC time; events at or after it."""
+    kinds: tuple[str, ...] | None = None
+    """Only events of these kinds."""
     after_seq: int = 0
 
 
@@ -191,14 +209,18 @@ class AuditStore:
     @classmethod
     def open_reader(cls, path: Path) -> AuditStore:
         """Open read-only, for queries and verification."""
+        missing = f"{path}: no audit log here (it is created when the gateway first serves)"
         if not path.is_file():
-            raise AuditError(f"{path}: no audit log here (it is created when the gateway first serves)")
+            raise NoLogYet(missing)
         try:
             connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
             connection.execute("PRAGMA busy_timeout = 10000")
             version = connection.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
             raise AuditError(f"{path}: cannot read the audit log: {exc}") from None
+        if version == 0:  # created, and its schema not committed yet (or an empty file)
+            connection.close()
+            raise NoLogYet(missing)
         if version not in READABLE_VERSIONS:
             connection.close()
             raise AuditError(f"{path}: audit log schema {version}, this mcp-armor reads schema {SCHEMA_VERSION}")
@@ -432,4 +454,7 @@ def _where(filters: Filters) -> tuple[str, list[Any]]:
     if filters.since is not None:
         clauses.append("ts >= ?")
         params.append(filters.since)
+    if filters.kinds is not None:
+        clauses.append(f"kind IN ({', '.join('?' for _ in filters.kinds)})")
+        params.extend(filters.kinds)
     return " AND ".join(clauses), params

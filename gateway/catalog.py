@@ -22,7 +22,7 @@ from jsonschema.exceptions import SchemaError, best_match
 from jsonschema.protocols import Validator
 from pydantic import ValidationError
 
-from gateway.schema import Matcher, compile_fast, compile_schema, describe_violation, digest
+from gateway.schema import Matcher, compile_fast, compile_schema, describe_violation, digest, json_message
 from gateway.uri_template import InvalidUriTemplate, UriTemplate
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def _normalise_tool(upstream: str, raw: Any, problems: list[str]) -> UpstreamToo
     try:
         validator = compile_schema(schema)
     except SchemaError as exc:
-        problems.append(f"tool '{name}' dropped: inputSchema is not a valid JSON Schema: {exc.message}")
+        problems.append(f"tool '{name}' dropped: inputSchema is not a valid JSON Schema: {json_message(exc)}")
         return None
     definition["inputSchema"] = schema
     output = definition.get("outputSchema")
@@ -159,7 +159,7 @@ def _normalise_tool(upstream: str, raw: Any, problems: list[str]) -> UpstreamToo
                 raise SchemaError("outputSchema must describe an object")
             compile_schema(output)
         except SchemaError as exc:
-            problems.append(f"tool '{name}': outputSchema removed: {exc.message}")
+            problems.append(f"tool '{name}': outputSchema removed: {json_message(exc)}")
             del definition["outputSchema"]
     try:
         types.Tool.model_validate(definition, by_name=False)

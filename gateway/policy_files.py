@@ -29,7 +29,7 @@ from gateway.config import Config, parse_duration
 from gateway.errors import PolicyError
 from gateway.policy import PolicyEngine, PolicySet, Rate, Rule
 from gateway.redact import parse_mask_path
-from gateway.schema import FORMATS, Matcher, compile_fast, compile_schema
+from gateway.schema import FORMATS, Matcher, compile_fast, compile_schema, describe_violation
 
 RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day|[0-9][0-9.]*\s*(?:ms|s|m|h))\s*$")
@@ -257,7 +257,7 @@ class _SchemaLoader:
         try:
             validator = compile_schema(schema, self._registry)
         except SchemaError as exc:
-            raise PolicyError(f"{where}: not a valid JSON Schema: {_schema_problem(exc)}") from None
+            raise PolicyError(f"{where}: not a valid JSON Schema: {describe_violation(exc)}") from None
         _check_formats(schema, where)
         fast = compile_fast(schema)
         return fast if fast is not None else validator
@@ -289,7 +289,7 @@ class _SchemaLoader:
                 validators.validator_for(contents, default=validators.Draft202012Validator).check_schema(contents)
             except SchemaError as exc:
                 raise PolicyError(
-                    f"{where}: $ref {ref!r}: {path} is not a valid JSON Schema: {_schema_problem(exc)}"
+                    f"{where}: $ref {ref!r}: {path} is not a valid JSON Schema: {describe_violation(exc)}"
                 ) from None
             _check_formats(contents, f"{where}: $ref {ref!r}")
             self._loaded.add(uri)
@@ -346,11 +346,6 @@ def _check_formats(schema: Any, where: str) -> None:
         if key == "format" and isinstance(value, str) and value not in FORMATS.checkers:
             supported = ", ".join(sorted(FORMATS.checkers))
             raise PolicyError(f"{where}: format {value!r} cannot be checked by the gateway (supported: {supported})")
-
-
-def _schema_problem(exc: SchemaError) -> str:
-    where = "/".join(str(part) for part in exc.absolute_path)
-    return f"at '{where}': {exc.message}" if where else exc.message
 
 
 def _describe(exc: ValidationError) -> str:

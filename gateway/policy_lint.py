@@ -1,16 +1,18 @@
 """Warnings about policies that load but probably do not say what their author meant.
 
 Checked against the tools the upstreams expose now (upstreams change, so these are warnings, not
-errors): a `tools` glob that matches no exposed tool, and a `when` that names an argument the tool's
-own input schema does not have (a typo there silently turns a condition off).
+errors): a `tools` glob that matches no exposed tool, a `when` that names an argument the tool's
+own input schema does not have (a typo there silently turns a condition off), and an upstream whose
+every tool is hidden (declared, started, and of no use to any client).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from gateway.calls import Effect
 from gateway.policy import PolicySet
 
 _BRANCHES = ("allOf", "anyOf", "oneOf")
@@ -35,6 +37,34 @@ def lint(policies: PolicySet, tools: Mapping[str, Mapping[str, Any]]) -> list[st
             for argument in sorted(named - set(known)):
                 findings.append(f"{where}: when: names argument {argument!r}, which tool '{name}' does not have")
     return findings
+
+
+def hidden_upstreams(policies: PolicySet, tools: Iterable[tuple[str, str]]) -> list[str]:
+    """One line per upstream none of whose tools any client can call; `tools` are (exposed name, upstream)."""
+    per_upstream: dict[str, list[str]] = {}
+    for name, upstream in tools:
+        per_upstream.setdefault(upstream, []).append(name)
+    findings: list[str] = []
+    for upstream, names in sorted(per_upstream.items()):
+        if all(_hidden_from_everyone(policies, name) for name in names):
+            which = "the only tool" if len(names) == 1 else f"all {len(names)} tools"
+            verb = "is" if len(names) == 1 else "are"
+            findings.append(f"{which} of '{upstream}' {verb} hidden: no rule allows, asks or rewrites a call to it")
+    return findings
+
+
+def _hidden_from_everyone(policies: PolicySet, tool: str) -> bool:
+    """Whether no client can ever call `tool`: a rule denies it to every client whatever the arguments, or
+    the default is deny and no rule (for any client) allows, asks or rewrites it. Monitoring rules decide
+    nothing."""
+    rules = [
+        rule
+        for rule in policies.rules
+        if not rule.on_result and not rule.monitor and rule.effect is not None and rule.concerns(tool)
+    ]
+    if any(rule.effect is Effect.DENY and rule.when is None and rule.clients is None for rule in rules):
+        return True
+    return policies.default is Effect.DENY and all(rule.effect is Effect.DENY for rule in rules)
 
 
 def _argument_names(schema: Mapping[str, Any]) -> Iterator[str]:

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from jsonschema import Draft202012Validator, FormatChecker, validators
+from jsonschema.exceptions import SchemaError
 from jsonschema.exceptions import ValidationError as SchemaViolation
 from jsonschema.protocols import Validator
 from referencing import Registry
@@ -84,11 +85,43 @@ def compile_schema(schema: dict[str, Any], registry: Registry[Any] | None = None
     return validator
 
 
-def describe_violation(error: SchemaViolation) -> str:
-    """One line naming where in the instance the schema was violated, and how."""
+def describe_violation(error: SchemaViolation | SchemaError) -> str:
+    """One line naming where in the instance (or, for a `SchemaError`, the schema) it went wrong, and how."""
     where = "/".join(str(part) for part in error.absolute_path)
-    message = error.message if len(error.message) <= _MAX_DETAIL else error.message[:_MAX_DETAIL] + "..."
+    text = json_message(error)
+    message = text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL] + "..."
     return f"at '{where}': {message}" if where else message
+
+
+_FALSE_SCHEMA = "False schema does not allow "
+_VALUE_KEYWORDS = frozenset(("const", "enum", "not"))
+"""Keywords whose own value (a JSON value or schema) jsonschema's message quotes, at its start or end."""
+
+
+def json_message(error: SchemaViolation | SchemaError) -> str:
+    """jsonschema's message with the values it quotes written as JSON (`null`, `true`, `"x"`), not as Python
+    (`None`, `True`, `'x'`): these lines reach agents and people who wrote JSON. Names (`'integer'`, a
+    required property) keep their quotes, as everywhere else in the gateway's messages."""
+    message = error.message
+    python, spoken = repr(error.instance), _as_json(error.instance)
+    if message.startswith(python):
+        message = spoken + message[len(python) :]
+    elif message == _FALSE_SCHEMA + python:
+        message = _FALSE_SCHEMA + spoken
+    if error.validator in _VALUE_KEYWORDS:
+        python, spoken = repr(error.validator_value), _as_json(error.validator_value)
+        if message.endswith(python):
+            message = message[: len(message) - len(python)] + spoken
+        elif message.startswith(python):
+            message = spoken + message[len(python) :]
+    return message
+
+
+def _as_json(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):  # not JSON (a TOML date in a policy's schema, say): as Python wrote it
+        return repr(value)
 
 
 Check = Callable[[Any], bool]

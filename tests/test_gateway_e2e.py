@@ -73,15 +73,15 @@ async def test_aggregates_fixture_and_pypi_upstreams(box_config: Path, mode: str
 
 
 ARGUMENT_CASES = [
-    ("box__add", {"a": 1, "b": "two"}, "at 'b': 'two' is not of type 'integer'"),
+    ("box__add", {"a": 1, "b": "two"}, "at 'b': \"two\" is not of type 'integer'"),
     ("box__add", {"a": 1}, "'b' is a required property"),
     ("box__add", {"a": 1, "b": 2, "c": 3}, "Additional properties are not allowed ('c' was unexpected)"),
-    ("box__write_note", {"path": "/etc/passwd", "body": "x"}, "at 'path': '/etc/passwd' does not match '^notes/'"),
-    ("box__write_note", {"path": "notes/a", "body": "x", "when": "someday"}, "at 'when': 'someday' is not a 'date'"),
+    ("box__write_note", {"path": "/etc/passwd", "body": "x"}, "at 'path': \"/etc/passwd\" does not match '^notes/'"),
+    ("box__write_note", {"path": "notes/a", "body": "x", "when": "someday"}, "at 'when': \"someday\" is not a 'date'"),
     (
         "box__write_note",
         {"path": "notes/a", "body": "x", "options": {"mode": "wipe"}},
-        "at 'options/mode': 'wipe' is not one of ['append', 'replace']",
+        'at \'options/mode\': "wipe" is not one of ["append", "replace"]',
     ),
 ]
 

@@ -58,6 +58,36 @@ def test_check_warns_about_globs_and_arguments_that_match_nothing(config: Path) 
     ]
 
 
+HIDING = """
+[[rule]]
+id = "echo-for-claude"
+tools = ["box__echo"]
+clients = ["claude*"]
+effect = "allow"
+
+[[rule]]
+id = "no-other"
+tools = ["other__*"]
+effect = "deny"
+"""
+
+
+def test_check_warns_about_an_upstream_whose_every_tool_is_hidden(tmp_path: Path) -> None:
+    box = fixture_upstream("toolbox.py")
+    config = write_config(tmp_path, {"box": box, "other": box, "third": box}, policy=HIDING)
+    listed = json.loads(run("tools", "--json", "--config", str(config)).stdout)["tools"]
+    count = sum(1 for row in listed if row["upstream"] == "third")
+    warnings = json.loads(run("policy", "check", "--json", "--config", str(config)).stdout)["warnings"]
+    hidden = [warning for warning in warnings if " hidden: " in warning]
+    assert hidden == [  # box: one tool can be called by some client, so it is not named
+        f"all {count} tools of 'other' are hidden: no rule allows, asks or rewrites a call to it",
+        f"all {count} tools of 'third' are hidden: no rule allows, asks or rewrites a call to it",
+    ]
+    (tmp_path / "policies" / "test.toml").write_text(HIDING.replace('"deny"', '"allow"'))
+    warnings = json.loads(run("policy", "check", "--json", "--config", str(config)).stdout)["warnings"]
+    assert [warning for warning in warnings if " hidden: " in warning] == [hidden[1]]
+
+
 def test_explain_names_every_rule_and_why(config: Path) -> None:
     done = run(
         "policy", "explain", "box__write_note", "--args", '{"path": "notes/a", "body": "b"}', "--config", str(config)
@@ -72,10 +102,24 @@ def test_explain_names_every_rule_and_why(config: Path) -> None:
     schema = run("policy", "explain", "box__add", "--args", '{"a": "1", "b": 2}', "--config", str(config), "--json")
     record = json.loads(schema.stdout)
     assert record["decision"] == "deny"
-    assert record["reason"] == "arguments do not match the tool's input schema: at 'a': '1' is not of type 'integer'"
+    assert record["reason"] == "arguments do not match the tool's input schema: at 'a': \"1\" is not of type 'integer'"
 
     hidden = run("policy", "explain", "box__pid", "--config", str(config), "--offline")
     assert "note: no rule can ever allow it for this client: it is hidden from tools/list" in hidden.stdout
+
+
+def test_explain_offline_says_the_input_schema_was_not_checked(config: Path) -> None:
+    args = ("policy", "explain", "box__write_note", "--args", '{"path": 3}', "--config", str(config))
+    live = json.loads(run(*args, "--json").stdout)
+    assert live["decision"] == "deny" and live["input_schema_checked"] is True
+    offline = json.loads(run(*args, "--json", "--offline").stdout)
+    assert offline["decision"] == "ask" and offline["input_schema_checked"] is False
+    human = run(*args, "--offline").stdout.splitlines()
+    assert human[0] == "decision: ask"
+    assert (
+        "note: offline: the arguments were not checked against the tool's input schema, "
+        "which a live call must pass first (it may be refused there)"
+    ) in human
 
 
 def test_tools_shows_what_policy_does(config: Path) -> None:

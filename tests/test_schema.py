@@ -1,12 +1,14 @@
-"""The fast schema matcher gives the same verdict as the jsonschema validator on every case here."""
+"""The fast schema matcher gives the same verdict as the jsonschema validator on every case here; violations
+are described in JSON's spelling."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+from jsonschema.exceptions import SchemaError, best_match
 
-from gateway.schema import compile_fast, compile_schema
+from gateway.schema import compile_fast, compile_schema, describe_violation
 
 SCHEMAS: list[dict[str, Any]] = [
     {"type": "integer"},
@@ -111,3 +113,34 @@ def test_fast_matcher_agrees_with_jsonschema(schema: dict[str, Any]) -> None:
 )
 def test_anything_else_is_left_to_jsonschema(schema: dict[str, Any]) -> None:
     assert compile_fast(schema) is None
+
+
+MESSAGES = [
+    pytest.param({"type": "number"}, None, "at 'a': null is not of type 'number'", id="null"),
+    pytest.param({"type": "string"}, True, "at 'a': true is not of type 'string'", id="true"),
+    pytest.param({"type": "integer"}, "1", "at 'a': \"1\" is not of type 'integer'", id="string"),
+    pytest.param({"type": "string"}, {"k": None}, "at 'a': {\"k\": null} is not of type 'string'", id="object"),
+    pytest.param({"enum": ["x", None, False]}, "y", 'at \'a\': "y" is not one of ["x", null, false]', id="enum"),
+    pytest.param({"const": None}, 0, "at 'a': null was expected", id="const"),
+    pytest.param(
+        {"not": {"type": "string"}}, "y", 'at \'a\': "y" should not be valid under {"type": "string"}', id="not"
+    ),
+    pytest.param({"pattern": "^z"}, "y", "at 'a': \"y\" does not match '^z'", id="pattern"),
+    pytest.param({"minimum": 2}, 1.5, "at 'a': 1.5 is less than the minimum of 2", id="number"),
+]
+
+
+@pytest.mark.parametrize(("schema", "value", "message"), MESSAGES)
+def test_violations_quote_values_as_json(schema: dict[str, Any], value: Any, message: str) -> None:
+    validator = compile_schema({"type": "object", "properties": {"a": schema}})
+    error = best_match(validator.iter_errors({"a": value}))
+    assert error is not None
+    assert describe_violation(error) == message
+
+
+def test_schema_errors_quote_values_as_json() -> None:
+    with pytest.raises(SchemaError) as raised:
+        compile_schema({"properties": {"a": {"type": None}}})
+    assert (
+        describe_violation(raised.value) == "at 'properties/a/type': null is not valid under any of the given schemas"
+    )

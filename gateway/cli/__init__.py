@@ -3,7 +3,9 @@
 A mistake of the user's (bad config, bad argument) is one line on stderr and exit status 2; an
 upstream that could not be reached makes `tools` (and `upstream add --check`) exit 1 after printing
 what it could; a broken audit chain makes `audit verify` exit 1; servers `import` had to leave in
-the client make it exit 1. The commands live in `cli/policy.py`, `cli/audit.py` and `cli/setup.py`.
+the client make it exit 1. Output cut short by its reader (`mcp-armor audit export | head`) ends
+quietly with status 141, as a process killed by SIGPIPE would (`set -o pipefail` scripts see it the
+same way). The commands live in `cli/policy.py`, `cli/audit.py` and `cli/setup.py`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing events as they are recorded")
     tail.add_argument("-n", "--lines", type=int, default=20, metavar="N", help="how many to show first (default 20)")
     tail.add_argument("--session", metavar="ID", help="only this session's events")
+    tail.add_argument(
+        "--kind",
+        action="append",
+        metavar="KIND",
+        help="only events of this kind (repeatable, or KIND,KIND), each on its own line; without it, the "
+        "catalogue events of one upstream change are folded into one line",
+    )
     verify = audit_commands.add_parser(
         "verify", parents=[common, as_json], help="check the hash chain; exit 1 naming the first bad event"
     )
@@ -264,6 +274,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = command_line
     _configure_logging(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
     try:
+        status = _run(parser, args)
+        sys.stdout.flush()  # here, so that a reader gone early is seen below and not at the interpreter's exit
+    except BrokenPipeError:
+        # The final flush at exit would fail again on the closed pipe: hand it /dev/null instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE
+    return status
+
+
+BROKEN_PIPE = 128 + 13
+"""The exit status of a command whose reader closed its output early (a shell's status for SIGPIPE)."""
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
         if args.command in SETUP_COMMANDS:
             return SETUP_COMMANDS[args.command](args)
         # An upstream whose variable is not set is read as unavailable, and `[gateway.http] token` is needed
@@ -321,7 +348,9 @@ def _audit(config: Config, args: argparse.Namespace) -> int:
 
 def _filters(args: argparse.Namespace) -> Filters:
     since = audit.parse_since(args.since) if args.since else None
-    return Filters(session=getattr(args, "session", None), tool=args.tool, decision=args.decision, since=since)
+    kinds = audit.parse_kinds(getattr(args, "kind", None))
+    session = getattr(args, "session", None)
+    return Filters(session=session, tool=args.tool, decision=args.decision, since=since, kinds=kinds)
 
 
 def _configure_logging(*, verbose: bool, quiet: bool) -> None:

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
+from collections import Counter
 from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.audit_journal import open_settled
-from gateway.audit_store import FIELDS, AuditStore, Filters, iso_utc
+from gateway.audit_store import FIELDS, KINDS, AuditStore, Filters, NoLogYet, iso_utc
 from gateway.cli.common import print_table
-from gateway.config import Config, parse_duration
+from gateway.config import IN_MEMORY, Config, parse_duration
 from gateway.errors import GatewayError
 
 FOLLOW_POLL = 0.25
+_NAMED = 3
+"""A folded catalogue change of at most this many tools names them."""
 _HEAD = ("seq", *FIELDS)
 _ANCHOR = re.compile(r"^(\d+):([0-9a-f]{64})$")
 
@@ -61,26 +65,155 @@ def sessions(config: Config, filters: Filters, as_json: bool) -> int:
 
 def show(config: Config, session: str, filters: Filters, as_json: bool) -> int:
     with _reader(config) as store:
-        session_id = _resolve_session(store, session)
-        events = list(store.events(replace(filters, session=session_id)))
+        info = _resolve_session(store, session)
+        events = list(store.events(replace(filters, session=info["session_id"])))
     if as_json:
         for record in events:
             print(json.dumps(record))
         return 0
-    print_table(("SEQ", "TIME", "KIND", "TOOL", "DECISION", "RULES", "TOOK", "DETAIL"), [_row(e) for e in events])
+    asker = info["client"] or "an unnamed client"
+    if info["principal"]:
+        asker += f" ({info['principal']})"
+    outcomes = {record["call_id"]: record["outcome"] for record in events if record["kind"] == "outcome"}
+    rows = [
+        (*row[:5], _approval(record, outcomes.get(record["call_id"]), asker), *row[5:])
+        for record in events
+        for row in [_row(record)]
+    ]
+    print_table(("SEQ", "TIME", "KIND", "TOOL", "DECISION", "APPROVAL", "RULES", "TOOK", "DETAIL"), rows)
     return 0
+
+
+def _approval(record: dict[str, Any], outcome: str | None, asker: str) -> str:
+    """What became of the person's approval an `ask` decision needed; `outcome` is the call's, `asker` the
+    session's client."""
+    approval = record.get("approval")
+    if record["kind"] != "decision" or approval is None:
+        return ""
+    if approval == "granted":
+        return f"granted by a person at {asker}"
+    if outcome == "input_required":  # a 2026-07-28 round trip: the client's retry is a call of its own
+        return f"asked a person at {asker}"
+    reason = str(record.get("reason") or "")
+    # A refusal's reason is the policy's reason, then why no approval came: "...; the person declined it".
+    return f"refused: {reason.rpartition('; ')[2]}"
 
 
 def tail(config: Config, filters: Filters, lines: int, follow: bool, as_json: bool) -> int:
-    """The last events, then (with `follow`) every new one as it is committed, until interrupted."""
-    with _reader(config) as store:
+    """The last events, then (with `follow`) every new one as it is committed, until interrupted.
+
+    Unless `--kind` or `--json` asks for events as they are, a run of catalogue events of one upstream
+    (the tools it offers changed) is one line: a gateway starting records one event per tool.
+    """
+    if lines < 0:
+        raise GatewayError(f"-n: expected how many lines to show (0 or more), got {lines}")
+    fold = not as_json and filters.kinds is None
+    store, created = _following(config) if follow else (open_settled(config.audit_path), False)
+    with closing(store):
         head = store.last_seq()
-        last = _print_events(store, filters, as_json, 0, newest=lines) if lines else 0
+        count = head if created else lines  # a log created while waiting: every event in it is new
+        last = _show_latest(store, filters, count, as_json, fold) if count else 0
         last = last or head
+        shown = _Lines(as_json, fold)
         while follow:
             time.sleep(FOLLOW_POLL)
-            last = _print_events(store, replace(filters, after_seq=last), as_json, last)
+            records = list(store.events(replace(filters, after_seq=last)))
+            for record in records:
+                _emit(shown.add(record))
+            if records:
+                last = records[-1]["seq"]
+            else:
+                _emit(shown.flush())  # a quiet moment: the catalogue change under way has been recorded
     return 0
+
+
+def parse_kinds(values: list[str] | None) -> tuple[str, ...] | None:
+    """`--kind` values (repeated, or comma-separated) -> the kinds asked for, each one the log knows."""
+    kinds = tuple(dict.fromkeys(kind.strip() for value in values or () for kind in value.split(",") if kind.strip()))
+    for kind in kinds:
+        if kind not in KINDS:
+            raise GatewayError(f"--kind: unknown kind {kind!r} (one of: {', '.join(KINDS)})")
+    return kinds or None
+
+
+def _following(config: Config) -> tuple[AuditStore, bool]:
+    """The log to follow, waiting for it to be created if there is none yet; whether it was waited for."""
+    path = config.audit_path
+    if str(path) == IN_MEMORY:
+        raise GatewayError('the audit log is kept in memory (audit = ":memory:"): there is no file to follow')
+    try:
+        return open_settled(path), False
+    except NoLogYet:
+        print(f"mcp-armor: waiting for {path} (there is no audit log yet)", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(FOLLOW_POLL)
+        try:
+            return open_settled(path), True
+        except NoLogYet:
+            continue
+
+
+def _show_latest(store: AuditStore, filters: Filters, lines: int, as_json: bool, fold: bool) -> int:
+    """Print the last `lines` lines (folded lines count once); the sequence number of the last event shown."""
+    fetch = lines
+    while True:
+        records = list(store.events(filters, newest=fetch))
+        texts = _Lines(as_json, fold).all(records)
+        # More lines than asked for: the first, perhaps a fold cut short, is left out. Fewer: look further back.
+        if len(texts) > lines or len(records) < fetch:
+            break
+        fetch *= 4
+    _emit(texts[-lines:])
+    return int(records[-1]["seq"]) if records else 0
+
+
+def _emit(texts: list[str]) -> None:
+    for text in texts:
+        print(text, flush=True)
+
+
+class _Lines:
+    """Events as `tail` prints them: JSON, or a line each, with (when folding) a run of catalogue events of
+    one upstream held back and printed as one line once the run ends."""
+
+    def __init__(self, as_json: bool, fold: bool) -> None:
+        self._json = as_json
+        self._fold = fold
+        self._run: list[dict[str, Any]] = []
+
+    def add(self, record: dict[str, Any]) -> list[str]:
+        if self._fold and record["kind"] == "catalog":
+            ended = self.flush() if self._run and self._run[-1].get("upstream") != record.get("upstream") else []
+            self._run.append(record)
+            return ended
+        return [*self.flush(), self._line(record)]
+
+    def flush(self) -> list[str]:
+        run, self._run = self._run, []
+        return [_folded(run)] if run else []
+
+    def all(self, records: list[dict[str, Any]]) -> list[str]:
+        return [text for record in records for text in self.add(record)] + self.flush()
+
+    def _line(self, record: dict[str, Any]) -> str:
+        if self._json:
+            return json.dumps(record)
+        seq, ts, kind, tool, decision, rules, took, detail = _row(record)
+        session = (record.get("session_id") or "-")[:8]
+        return f"{seq} {ts} {session} {kind} {tool} {decision} {rules} {took} {detail}".replace("  ", " ")
+
+
+def _folded(run: list[dict[str, Any]]) -> str:
+    """One line for a run of catalogue events of one upstream: `catalog: git +26 tools, -3 tools, ~2 changed`."""
+    counts = Counter(record.get("change") for record in run)
+    parts = [
+        f"{sign}{counts[change]} {'changed' if change == 'changed' else 'tool' if counts[change] == 1 else 'tools'}"
+        for change, sign in (("added", "+"), ("removed", "-"), ("changed", "~"))
+        if counts[change]
+    ]
+    seqs = f"{run[0]['seq']}" + (f"-{run[-1]['seq']}" if len(run) > 1 else "")
+    names = f" ({', '.join(str(record.get('tool')) for record in run)})" if len(run) <= _NAMED else ""
+    return f"{seqs} {run[0]['ts']} - catalog: {run[0].get('upstream') or '?'} {', '.join(parts)}{names}"
 
 
 def verify(config: Config, anchors: list[str], as_json: bool) -> int:
@@ -118,27 +251,14 @@ def _reader(config: Config) -> closing[AuditStore]:
     return closing(open_settled(config.audit_path))
 
 
-def _resolve_session(store: AuditStore, prefix: str) -> str:
-    matches = [row["session_id"] for row in store.sessions() if row["session_id"].startswith(prefix)]
+def _resolve_session(store: AuditStore, prefix: str) -> dict[str, Any]:
+    """The `sessions` row of the one session whose id begins with `prefix`."""
+    matches = [row for row in store.sessions() if row["session_id"].startswith(prefix)]
     if len(matches) == 1:
-        return str(matches[0])
+        return matches[0]
     if not matches:
         raise GatewayError(f"no session {prefix!r} in {store.path} (see 'mcp-armor audit sessions')")
     raise GatewayError(f"session {prefix!r} is ambiguous: it begins {len(matches)} session ids; give more of it")
-
-
-def _print_events(store: AuditStore, filters: Filters, as_json: bool, last: int, newest: int | None = None) -> int:
-    for record in store.events(filters, newest=newest):
-        last = record["seq"]
-        if as_json:
-            print(json.dumps(record), flush=True)
-        else:
-            seq, ts, kind, tool, decision, rules, took, detail = _row(record)
-            session = (record.get("session_id") or "-")[:8]
-            print(
-                f"{seq} {ts} {session} {kind} {tool} {decision} {rules} {took} {detail}".replace("  ", " "), flush=True
-            )
-    return last
 
 
 def _row(record: dict[str, Any]) -> tuple[str, ...]:

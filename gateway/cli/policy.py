@@ -16,7 +16,7 @@ from gateway.cli.common import Upstreams, connect, print_table
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.policy_files import load_engine, load_policies
-from gateway.policy_lint import lint
+from gateway.policy_lint import hidden_upstreams, lint
 
 
 async def check(config: Config, offline: bool, as_json: bool) -> int:
@@ -24,6 +24,9 @@ async def check(config: Config, offline: bool, as_json: bool) -> int:
     upstreams = Upstreams() if offline else await connect(config)
     schemas = {name: tool.source.definition["inputSchema"] for name, tool in upstreams.catalog.tools.items()}
     warnings = [] if offline else lint(policies, schemas)
+    if config.gateway.mode != "monitor":  # in monitor mode nothing is hidden
+        exposed = [(name, tool.upstream) for name, tool in upstreams.catalog.tools.items()]
+        warnings += hidden_upstreams(policies, exposed)
     warnings += [
         f"upstream '{name}' unavailable ({reason}): its tools were not checked"
         for name, reason in upstreams.down.items()
@@ -62,7 +65,12 @@ async def explain(config: Config, args: argparse.Namespace) -> int:
     notes: list[str] = []
     refusal = ""
     tool = upstreams.catalog.tools.get(args.tool)
-    if not args.offline and tool is None:
+    if args.offline:
+        notes.append(
+            "offline: the arguments were not checked against the tool's input schema, "
+            "which a live call must pass first (it may be refused there)"
+        )
+    elif tool is None:
         notes.append(f"no upstream exposes '{args.tool}' now: a call to it is refused as an unknown tool")
     violation = tool.source.violation(arguments) if tool is not None else None
     if violation is not None:
@@ -74,6 +82,7 @@ async def explain(config: Config, args: argparse.Namespace) -> int:
     reason = refusal or decision.reason
     if args.json:
         record = {**decision.to_record(), "decision": effect, "reason": reason, "notes": notes}
+        record["input_schema_checked"] = tool is not None
         record["considered"] = [{"rule": rule_id, "verdict": verdict} for rule_id, verdict in trace]
         print(json.dumps(record, indent=2))
     else:
