@@ -349,6 +349,39 @@ async def test_calls_still_running_when_the_piped_input_ends_are_cancelled_after
     assert _session_end_after_every_outcome(tmp_path)["reason"] == "the client disconnected"
 
 
+async def test_an_approval_cannot_be_asked_once_the_piped_input_ended(tmp_path: Path) -> None:
+    """The client declared elicitation, but its input has ended: nobody can answer, so the call is refused."""
+    policy = '[defaults]\neffect = "allow"\n\n[[rule]]\nid = "asked"\ntools = ["box__write_note"]\neffect = "ask"\n'
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=policy)
+    lines = [
+        {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {**INIT, "capabilities": {"elicitation": {}}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "box__write_note", "arguments": {"path": "notes/a", "body": "x"}},
+        },
+    ]
+    replies = await _pipe_whole_session(config, lines)
+    refused = replies[1]["result"]
+    assert refused["isError"] and "the client could not ask a person" in refused["content"][0]["text"]
+    assert calls(tmp_path)["box__write_note"]["outcome"]["outcome"] == "refused"
+
+
+async def test_listen_streams_end_unanswered_once_the_piped_input_ended(tmp_path: Path) -> None:
+    """A listen stream never ends by itself: once the input ended it is closed at once (never answered),
+    and the gateway exits as soon as the rest is answered, not `call_timeout` later."""
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, call_timeout="10m")
+    listen, echo = envelope(notifications={"toolsListChanged": True}), {"text": "after listen"}
+    lines = [
+        {"jsonrpc": "2.0", "id": 1, "method": "subscriptions/listen", "params": listen},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": envelope(name="box__echo", arguments=echo)},
+    ]
+    replies = await _pipe_whole_session(config, lines)
+    assert set(replies) == {2} and replies[2]["result"]["content"][0]["text"] == "after listen"
+
+
 def _session_end_after_every_outcome(config_dir: Path) -> dict[str, Any]:
     """The one `session_end` in the log, asserted to come after every call's outcome."""
     logged = events(config_dir)
