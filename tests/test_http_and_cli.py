@@ -133,8 +133,11 @@ async def _session_end(config_dir: Path, session_id: str) -> str:
 
 
 @pytest.mark.anyio
-async def test_http_sessions_open_when_the_gateway_is_stopped_are_recorded_as_ended(tmp_path: Path) -> None:
-    """SIGTERM: both open sessions get their `session_end`, the one holding a GET stream open too."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_http_sessions_open_when_the_gateway_is_stopped_are_recorded_as_ended(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    """Both open sessions get their `session_end`, the one holding a GET stream open too."""
     config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
     async with (
         gateway_process(config, "--http", "127.0.0.1:0") as (proc, log),
@@ -147,9 +150,9 @@ async def test_http_sessions_open_when_the_gateway_is_stopped_are_recorded_as_en
         listening = await streams.enter_async_context(http.stream("GET", url, headers=second.headers()))
         assert listening.status_code == 200
         assert _session_ends(tmp_path) == {}
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         with anyio.fail_after(20):
-            await proc.wait()
+            assert await proc.wait() == 0  # stopped in order, as over stdio
     assert _session_ends(tmp_path) == dict.fromkeys(opened, "the gateway shut down")
 
 
@@ -164,9 +167,9 @@ async def test_an_idle_http_session_is_closed_and_recorded_as_ended(tmp_path: Pa
         httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60)) as http,
     ):
         idle, deleted = RawHttpSession(http, url), RawHttpSession(http, url)
-        await idle.open()
         await deleted.open()
         assert (await http.delete(url, headers=deleted.headers())).status_code == 200
+        await idle.open()
         slow = await idle.ask(2, "tools/call", {"name": "box__slow", "arguments": {"steps": 60}})  # 3 s
         assert slow["content"] == [{"type": "text", "text": "slept 60 steps"}]
         assert await _session_end(tmp_path, idle.id) == "no request for 2s ([gateway.http] session_idle_timeout)"
