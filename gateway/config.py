@@ -88,6 +88,8 @@ class HttpSettings(_Model):
     """Extra `Origin` values accepted besides the loopback ones (e.g. `"https://app.example"`)."""
     allowed_hosts: tuple[str, ...] = ()
     """Extra `Host` values accepted besides the bound address (e.g. `"gateway.internal:8765"`)."""
+    session_idle_timeout: Duration = 1800.0
+    """A handshake-era session with no request in flight for this long is closed (and its end recorded)."""
 
     @field_validator("token")
     @classmethod

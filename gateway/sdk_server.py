@@ -5,6 +5,11 @@ from the HTTP `mcp-session-id` (or, stateless, from the client's name), a `Proto
 the SDK's `MCPError`, and list changes reach handshake-era sessions as notifications and 2026-07-28
 peers on their `subscriptions/listen` streams.
 
+A handshake-era session with no request in flight for `[gateway.http] session_idle_timeout` is
+closed by the SDK (its id then answers 404) and its end recorded; SIGTERM or SIGINT stops the server
+in order (open requests get `STOP_REQUESTS_GRACE` to finish), and the gateway then records the end
+of every session still open.
+
 HTTP binds 127.0.0.1 unless told otherwise, checks `Host` and `Origin` against the bound address
 (DNS-rebinding protection), and with `[gateway.http] token` set, refuses any request that does not
 carry `Authorization: Bearer <token>` (compared in constant time) with 401.
@@ -12,14 +17,18 @@ carry `Authorization: Bearer <token>` (compared in constant time) with 401.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import json
 import logging
+import signal
 import socket
+import threading
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from types import FrameType
 from typing import Any, get_args
 
 import anyio
@@ -47,13 +56,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.audit import CallAudit
 from gateway.calls import SessionInfo
 from gateway.config import Config
-from gateway.errors import GatewayError, ProtocolError
+from gateway.errors import GatewayError, ProtocolError, format_seconds
 from gateway.server import RELAYED, Caller, Gateway, ListKind, ToolRequest, relay_for
+from gateway.transports import exit_after_grace
 
 logger = logging.getLogger(__name__)
 
 Context = ServerRequestContext[Any, Any]
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+STOP_REQUESTS_GRACE = 1
+"""Seconds open HTTP requests have to finish once the gateway is stopping (a GET stream never does by
+itself); then they are cancelled, and so are the calls they wait for."""
 _EVENTS: dict[ListKind, ServerEvent] = {
     "tools": ToolsListChanged(),
     "prompts": PromptsListChanged(),
@@ -104,10 +117,29 @@ class GatewayServer(Server[Any]):
             connection = getattr(ctx.session, "_connection", None)
             if isinstance(connection, Connection) and connection not in self._connections:
                 self._connections.add(connection)
+                self._end_when_idle(connection)
         try:
             return await call_next(ctx)
         except ProtocolError as exc:
             raise MCPError(exc.code, exc.message, exc.data) from None
+
+    def _end_when_idle(self, connection: Connection) -> None:
+        """Record the end of this handshake-era session should the SDK close it for being idle (a client's
+        `DELETE` and the gateway stopping record theirs elsewhere, with their own reasons)."""
+        session_id = connection.session_id
+        # The SDK keeps each session's transport only in its manager; the transport's idle scope,
+        # cancelled once nothing has been in flight for the idle timeout, is what says why it closed.
+        transport = self.session_manager._server_instances.get(session_id) if session_id is not None else None
+        if session_id is None or transport is None:
+            return
+        timeout = self.gateway.pool.config.gateway.http.session_idle_timeout
+        reason = f"no request for {format_seconds(timeout)} ([gateway.http] session_idle_timeout)"
+
+        def closed() -> None:
+            if transport.idle_scope is not None and transport.idle_scope.cancel_called:
+                self.gateway.audit.end_session(session_id, reason)
+
+        connection.exit_stack.callback(closed)
 
     async def _announce(self, changed: list[ListKind]) -> None:
         for kind in changed:
@@ -206,16 +238,43 @@ async def serve_streamable_http(gateway: Gateway, config: Config, host: str, por
             allowed_hosts=[*_host_patterns(host, port), *settings.allowed_hosts],
             allowed_origins=[*(f"http://{name}:*" for name in _LOOPBACK_NAMES), *settings.allowed_origins],
         )
-        app: ASGIApp = GatewayServer(gateway).streamable_http_app(host=host, transport_security=security)
+        app: ASGIApp = GatewayServer(gateway).streamable_http_app(
+            host=host, transport_security=security, session_idle_timeout=settings.session_idle_timeout
+        )
         app = SessionEnds(app, gateway.audit)
         if settings.token is not None:
             app = BearerTokenGuard(app, settings.token)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        server = _StoppingInOrder(
+            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=STOP_REQUESTS_GRACE)
+        )
         async with anyio.create_task_group() as tg:
             await tg.start(gateway.run)
             logger.info("serving streamable HTTP at http://%s:%d/mcp", host, port)
             await server.serve(sockets=[sock])
             tg.cancel_scope.cancel()
+
+
+class _StoppingInOrder(uvicorn.Server):
+    """uvicorn, stopping in order on SIGTERM or SIGINT, but without raising the signal again once stopped
+    (which would end the process before the gateway records the end of every session and commits it)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            logger.info("%s received: shutting down", signal.Signals(sig).name)
+            exit_after_grace(sig)
+        super().handle_exit(sig, frame)
 
 
 def _for_era(ctx: Context, result: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,11 @@ Served: `initialize` and `server/discover`, `ping` (handshake era), `tools/list`
 cancelled request is never answered). A `tools/call` relays progress to the caller's token and asks
 for approval by elicitation (handshake era) or input-required round trips (2026).
 
+When the input ends (`cat session.jsonl | mcp-armor serve`, or a client that closes the gateway's
+stdin and reads on), the requests already read are still answered, for up to `[gateway]
+call_timeout`; what is still running then is cancelled. Nothing can be asked of the client any more:
+an approval it would have to give is refused, and listen streams end unanswered.
+
 While serving, fd 0 reads from the null device and fd 1 writes to stderr, so nothing else in the
 process (or a child that inherits them) can read the agent's input or corrupt its output. Input or
 output that is not a pipe or socket (a terminal, a file) is relayed through a pipe by a thread.
@@ -47,7 +52,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 from pydantic import BaseModel, ValidationError
 
 from gateway.calls import ProgressFn, WireResult
-from gateway.errors import ProtocolError
+from gateway.errors import ProtocolError, format_seconds
 from gateway.pipes import LineBuffer, dumps
 from gateway.server import RELAYED, Caller, Gateway, ListKind, ToolRequest, relay_for
 
@@ -57,6 +62,8 @@ LEGACY = "handshake"
 MODERN = "2026-07-28"
 SUBSCRIPTION_ID_META_KEY = "io.modelcontextprotocol/subscriptionId"
 MAX_LISTEN_STREAMS = 1024
+FLUSH_GRACE = 5.0
+"""Seconds the answers written last have to reach the agent's output before the gateway goes on to exit."""
 _PARAMS: dict[str, type[BaseModel]] = {
     "ping": types.RequestParams,
     "server/discover": types.RequestParams,
@@ -154,10 +161,15 @@ class _Writer(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.WriteTransport | None = None
+        self.closed = asyncio.Event()
+        """Set once the pipe is closed: everything written went out, or the reader is gone."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
         self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
 
     def write(self, line: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -186,6 +198,8 @@ class StdioConnection(asyncio.Protocol):
         self._lines = LineBuffer()
         self._writer = _Writer()
         self._ended = asyncio.Event()
+        self._input_ended = False
+        """The agent closed its end of the input: the requests read are answered, nothing more is read."""
         self._era: str | None = None
         self._version = LATEST_HANDSHAKE_VERSION
         """The handshake era's negotiated version (the latest until `initialize` says otherwise)."""
@@ -219,6 +233,8 @@ class StdioConnection(asyncio.Protocol):
         try:
             reader, _ = await loop.connect_read_pipe(lambda: self, os.fdopen(wire_in, "rb", buffering=0))
             await self._ended.wait()
+            if self._input_ended:
+                await self._drain(self.gateway.pool.config.gateway.call_timeout)
         finally:
             self.gateway.announcers.remove(self._announce)
             with anyio.CancelScope(shield=True):
@@ -226,17 +242,50 @@ class StdioConnection(asyncio.Protocol):
             if reader is not None:
                 reader.close()
             writer.close()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(FLUSH_GRACE):
+                await self._writer.closed.wait()  # the answers are out before the gateway goes on to exit
+
+    async def _drain(self, seconds: float) -> None:
+        """The input ended: let the requests already read finish (for up to `seconds`) and be answered.
+
+        Nobody can answer a request sent to the client now, and a listen stream would never end: those
+        end at once. Waiting stops early should the output close (nobody would read the answers).
+        """
+        self._withdraw_asked()
+        for key in list(self._listens):
+            task = self._in_flight.pop(key, None)
+            if task is not None:
+                _cancel(task)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        output_closed = loop.create_task(self._writer.closed.wait())
+        try:
+            while self._in_flight and not output_closed.done() and (left := deadline - loop.time()) > 0:
+                waiting = {*self._in_flight.values(), output_closed}
+                await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            output_closed.cancel()
+        if self._in_flight:
+            logger.warning(
+                "the input ended; %d requests still unanswered after %s are cancelled",
+                len(self._in_flight),
+                format_seconds(seconds),
+            )
 
     async def _finish(self) -> None:
         """Cancel the requests still running and wait until each has ended (a call records its outcome)."""
         in_flight, self._in_flight = self._in_flight, {}
         for task in in_flight.values():
             _cancel(task)
+        self._withdraw_asked()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    def _withdraw_asked(self) -> None:
+        """The client can no longer answer: whatever waits for its answer is told so."""
         for future in self._asked.values():
             if not future.done():
                 future.set_exception(ProtocolError(types.CONNECTION_CLOSED, "the client disconnected"))
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -252,6 +301,7 @@ class StdioConnection(asyncio.Protocol):
                 self._route(line)
 
     def eof_received(self) -> bool | None:
+        self._input_ended = True
         self._ended.set()
         return None
 
@@ -555,6 +605,8 @@ class StdioConnection(asyncio.Protocol):
     async def _ask(self, method: str, params: Mapping[str, Any], checked: Any = None) -> dict[str, Any]:
         """Send the client (handshake era) a request (its parameters as given: `checked` is not needed
         here); its result in wire form, checked against the method's model."""
+        if self._input_ended:
+            raise ProtocolError(types.CONNECTION_CLOSED, "the client disconnected")
         self._next_ask += 1
         request_id = f"mcp-armor-{self._next_ask}"
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()

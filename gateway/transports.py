@@ -84,7 +84,12 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
         async for received in signals:
             logger.info("%s received: shutting down", signal.Signals(received).name)
             scope.cancel()
-            deadline = threading.Timer(STOP_GRACE, os._exit, (128 + received,))
-            deadline.daemon = True
-            deadline.start()
+            exit_after_grace(received)
             return
+
+
+def exit_after_grace(received: int) -> None:
+    """Exit the process `STOP_GRACE` seconds from now (status 128 + the signal), stopped in order or not."""
+    deadline = threading.Timer(STOP_GRACE, os._exit, (128 + received,))
+    deadline.daemon = True
+    deadline.start()

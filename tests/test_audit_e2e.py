@@ -313,8 +313,8 @@ async def test_calls_in_flight_at_shutdown_are_recorded_as_cancelled(config: Pat
             await raw.send(raw.call(1, "box__slow", {"steps": 400}, progressToken="p"))
             while (await raw.receive()).get("method") != "notifications/progress":
                 pass
-            assert proc.stdin is not None
-            await proc.stdin.aclose()  # the client hangs up, as clients stop stdio servers
+            # Stopped: a client that closed the gateway's input and saw it go on answering stops it so.
+            proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
     seen = calls(config.parent)
     assert seen["box__slow"]["outcome"]["outcome"] == "cancelled"
@@ -500,7 +500,8 @@ async def test_a_call_ended_while_upstreams_are_still_starting_is_recorded(tmp_p
     gone) before they do, it still gets its decision and its outcome, and nothing reached an upstream."""
     mute = tmp_path / "mute.py"
     mute.write_text("import sys\nsys.stdin.buffer.read()\n")  # never answers, ends when its stdin closes
-    config = write_config(tmp_path, {"box": {"command": sys.executable, "args": [str(mute)]}})
+    # Once the client hung up, a call read before is given `call_timeout` to finish, then cancelled.
+    config = write_config(tmp_path, {"box": {"command": sys.executable, "args": [str(mute)]}}, call_timeout="1s")
     async with gateway_process(config) as (proc, _):
         raw = RawSession(proc)
         with anyio.fail_after(30):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
+import anyio
 import httpx2
 import pytest
 from mcp import Client
@@ -16,11 +20,13 @@ from tests.conftest import (
     REPO,
     fixture_upstream,
     gateway_client,
+    gateway_process,
     http_gateway,
     node_server,
     text_of,
     write_config,
 )
+from tests.test_audit_e2e import events
 from tests.test_config import CASES as CONFIG_CASES
 
 TOKEN = "test-token-0123456789abcdef"
@@ -62,6 +68,117 @@ async def test_http_refuses_missing_or_wrong_token_and_foreign_host_or_origin(ht
         assert foreign_host.status_code == 421
         foreign_origin = await http.post(url, json=body, headers={**authorised, "Origin": "http://evil.example"})
         assert foreign_origin.status_code == 403
+
+
+_JSON_OR_SSE = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+class RawHttpSession:
+    """A handshake-era session over plain HTTP requests, as a health check holds one: no GET stream."""
+
+    def __init__(self, http: httpx2.AsyncClient, url: str) -> None:
+        self.http = http
+        self.url = url
+        self.id = ""
+
+    async def open(self) -> str:
+        """Initialize, and list the tools (the gateway records a session once it lists or calls)."""
+        params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+        opened = await self.http.post(
+            self.url, json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params}, headers=_JSON_OR_SSE
+        )
+        assert opened.status_code == 200, opened.text
+        self.id = opened.headers["mcp-session-id"]
+        initialized = await self.post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        assert initialized.status_code == 202
+        assert "box__echo" in json.dumps(await self.ask(1, "tools/list"))
+        return self.id
+
+    def headers(self) -> dict[str, str]:
+        return {**_JSON_OR_SSE, "mcp-session-id": self.id, "mcp-protocol-version": "2025-11-25"}
+
+    async def post(self, message: dict[str, Any]) -> httpx2.Response:
+        return await self.http.post(self.url, json=message, headers=self.headers())
+
+    async def ask(self, request_id: int, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The result of one request (its answer comes as a server-sent event)."""
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        response = await self.post(message)
+        assert response.status_code == 200, response.text
+        for line in response.text.splitlines():
+            if line.startswith("data:") and (answer := json.loads(line[5:])).get("id") == request_id:
+                result: dict[str, Any] = answer["result"]
+                return result
+        raise AssertionError(f"no answer to {method} in {response.text!r}")
+
+
+async def _serving_url(log: Any) -> str:
+    match = await log.wait_for(r"serving streamable HTTP at (http://\S+/mcp)", seconds=30)
+    return str(match[1])
+
+
+def _session_ends(config_dir: Path) -> dict[str, str]:
+    return {event["session_id"]: event["reason"] for event in events(config_dir) if event["kind"] == "session_end"}
+
+
+async def _session_end(config_dir: Path, session_id: str) -> str:
+    """The reason recorded for the session's end, polling the log (another process writes it) until there is one."""
+    with anyio.fail_after(30):
+        while True:
+            if (reason := _session_ends(config_dir).get(session_id)) is not None:
+                return reason
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_http_sessions_open_when_the_gateway_is_stopped_are_recorded_as_ended(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    """Both open sessions get their `session_end`, the one holding a GET stream open too."""
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    async with (
+        gateway_process(config, "--http", "127.0.0.1:0") as (proc, log),
+        httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60)) as http,
+        AsyncExitStack() as streams,
+    ):
+        url = await _serving_url(log)
+        first, second = RawHttpSession(http, url), RawHttpSession(http, url)
+        opened = {await first.open(), await second.open()}
+        listening = await streams.enter_async_context(http.stream("GET", url, headers=second.headers()))
+        assert listening.status_code == 200
+        assert _session_ends(tmp_path) == {}
+        proc.send_signal(stop)
+        with anyio.fail_after(20):
+            assert await proc.wait() == 0  # stopped in order, as over stdio
+    assert _session_ends(tmp_path) == dict.fromkeys(opened, "the gateway shut down")
+
+
+@pytest.mark.anyio
+async def test_an_idle_http_session_is_closed_and_recorded_as_ended(tmp_path: Path) -> None:
+    """A session that goes quiet is closed after `session_idle_timeout` (its id then unknown: 404) and its
+    end recorded; a request in flight longer than that keeps it open, and another session's DELETE is
+    recorded as the client's."""
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, http={"session_idle_timeout": "2s"})
+    async with (
+        http_gateway(config) as url,
+        httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60)) as http,
+    ):
+        idle, deleted = RawHttpSession(http, url), RawHttpSession(http, url)
+        await deleted.open()
+        assert (await http.delete(url, headers=deleted.headers())).status_code == 200
+        await idle.open()
+        slow = await idle.ask(2, "tools/call", {"name": "box__slow", "arguments": {"steps": 60}})  # 3 s
+        assert slow["content"] == [{"type": "text", "text": "slept 60 steps"}]
+        assert await _session_end(tmp_path, idle.id) == "no request for 2s ([gateway.http] session_idle_timeout)"
+        assert _session_ends(tmp_path)[deleted.id] == "the client ended the session"
+        gone = await idle.post({"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+        assert gone.status_code == 404
+    logged = events(tmp_path)
+    kinds = [(event["kind"], event["session_id"]) for event in logged]
+    assert kinds.index(("session_end", idle.id)) > kinds.index(("outcome", idle.id))  # not ended during the call
 
 
 @pytest.mark.anyio

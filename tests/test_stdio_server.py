@@ -38,7 +38,7 @@ from tests.conftest import (
     text_of,
     write_config,
 )
-from tests.test_audit_e2e import events
+from tests.test_audit_e2e import calls, events
 
 pytestmark = pytest.mark.anyio
 VERSION = "io.modelcontextprotocol/protocolVersion"
@@ -280,6 +280,115 @@ def test_input_and_output_that_are_files_are_relayed(config: Path, tmp_path: Pat
     assert set(replies) <= {0, 1}
     if 1 in replies:
         assert replies[1]["result"]["content"][0]["text"] == "f"
+
+
+def _piped_session(era: str) -> list[dict[str, Any]]:
+    """A whole session as a client would have written it, in one era: lists, then several calls."""
+    requests: list[tuple[str, dict[str, Any]]] = [
+        ("tools/list", {}),
+        ("tools/call", {"name": "box__echo", "arguments": {"text": "piped"}}),
+        ("tools/call", {"name": "box__slow", "arguments": {"steps": 4}, "_meta": {"progressToken": "p"}}),
+        ("tools/call", {"name": "box__add", "arguments": {"a": 2, "b": 3}}),
+    ]
+    lines: list[dict[str, Any]] = []
+    if era == "handshake":
+        lines += [
+            {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": INIT},
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        ]
+    for number, (method, params) in enumerate(requests, start=1):
+        if era == "2026-07-28":
+            params = {**params, "_meta": {**params.get("_meta", {}), **envelope()["_meta"]}}
+        lines.append({"jsonrpc": "2.0", "id": number, "method": method, "params": params})
+    return lines
+
+
+async def _pipe_whole_session(config: Path, lines: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """Run `mcp-armor serve`, write `lines` and close its input at once; its answers, by id, once it exited."""
+    async with await anyio.open_process(gateway_command(config), stderr=subprocess.DEVNULL) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        with anyio.fail_after(60):
+            await proc.stdin.send("".join(json.dumps(line) + "\n" for line in lines).encode())
+            await proc.stdin.aclose()
+            output = b"".join([chunk async for chunk in proc.stdout])
+            assert await proc.wait() == 0
+    messages = [json.loads(line) for line in output.decode().splitlines()]
+    return {message["id"]: message for message in messages if "id" in message}
+
+
+@pytest.mark.parametrize("era", ["handshake", "2026-07-28"])
+async def test_a_whole_session_piped_in_is_answered_before_the_gateway_exits(config: Path, era: str) -> None:
+    """`cat session.jsonl | mcp-armor serve`: the input ends right after the last request, and every
+    request read is still answered, each call recorded as decided and completed, then the session ended."""
+    lines = _piped_session(era)
+    replies = await _pipe_whole_session(config, lines)
+    assert set(replies) == {line["id"] for line in lines if "id" in line}
+    assert "box__echo" in {tool["name"] for tool in replies[1]["result"]["tools"]}
+    assert replies[2]["result"]["content"] == [{"type": "text", "text": "piped"}]
+    assert replies[3]["result"]["content"] == [{"type": "text", "text": "slept 4 steps"}]
+    assert replies[4]["result"]["structuredContent"] == {"sum": 5}
+    seen = calls(config.parent)
+    assert sorted(seen) == ["box__add", "box__echo", "box__slow"]
+    assert {(call["decision"]["decision"], call["outcome"]["outcome"]) for call in seen.values()} == {("allow", "ok")}
+    assert _session_end_after_every_outcome(config.parent)["reason"] == "the client disconnected"
+
+
+async def test_calls_still_running_when_the_piped_input_ends_are_cancelled_after_call_timeout(tmp_path: Path) -> None:
+    """What the gateway still has running `call_timeout` after the input ended is cancelled (and
+    recorded so), never answered; what finished in time was answered."""
+    box = {**fixture_upstream("toolbox.py"), "timeout": "2m"}  # the upstream would wait; the gateway does not
+    config = write_config(tmp_path, {"box": box}, call_timeout="1s")
+    lines = _piped_session("handshake")
+    lines[4]["params"]["arguments"]["steps"] = 2000  # box__slow: 100 seconds
+    replies = await _pipe_whole_session(config, lines)
+    assert set(replies) == {0, 1, 2, 4}
+    seen = calls(tmp_path)
+    assert seen["box__slow"]["decision"]["decision"] == "allow"
+    assert seen["box__slow"]["outcome"]["outcome"] == "cancelled"
+    assert seen["box__echo"]["outcome"]["outcome"] == seen["box__add"]["outcome"]["outcome"] == "ok"
+    assert _session_end_after_every_outcome(tmp_path)["reason"] == "the client disconnected"
+
+
+async def test_an_approval_cannot_be_asked_once_the_piped_input_ended(tmp_path: Path) -> None:
+    """The client declared elicitation, but its input has ended: nobody can answer, so the call is refused."""
+    policy = '[defaults]\neffect = "allow"\n\n[[rule]]\nid = "asked"\ntools = ["box__write_note"]\neffect = "ask"\n'
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=policy)
+    lines = [
+        {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {**INIT, "capabilities": {"elicitation": {}}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "box__write_note", "arguments": {"path": "notes/a", "body": "x"}},
+        },
+    ]
+    replies = await _pipe_whole_session(config, lines)
+    refused = replies[1]["result"]
+    assert refused["isError"] and "the client could not ask a person" in refused["content"][0]["text"]
+    assert calls(tmp_path)["box__write_note"]["outcome"]["outcome"] == "refused"
+
+
+async def test_listen_streams_end_unanswered_once_the_piped_input_ended(tmp_path: Path) -> None:
+    """A listen stream never ends by itself: once the input ended it is closed at once (never answered),
+    and the gateway exits as soon as the rest is answered, not `call_timeout` later."""
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, call_timeout="10m")
+    listen, echo = envelope(notifications={"toolsListChanged": True}), {"text": "after listen"}
+    lines = [
+        {"jsonrpc": "2.0", "id": 1, "method": "subscriptions/listen", "params": listen},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": envelope(name="box__echo", arguments=echo)},
+    ]
+    replies = await _pipe_whole_session(config, lines)
+    assert set(replies) == {2} and replies[2]["result"]["content"][0]["text"] == "after listen"
+
+
+def _session_end_after_every_outcome(config_dir: Path) -> dict[str, Any]:
+    """The one `session_end` in the log, asserted to come after every call's outcome."""
+    logged = events(config_dir)
+    kinds = [event["kind"] for event in logged]
+    assert kinds.count("session_end") == 1
+    assert kinds.index("session_end") > max(index for index, kind in enumerate(kinds) if kind == "outcome")
+    return logged[kinds.index("session_end")]
 
 
 TEMPLATES = [
