@@ -672,6 +672,25 @@ async def test_register_gemini_passes_the_secrets_it_would_strip_and_the_gateway
     assert json.loads(record.read_text().splitlines()[-1])["tool"] == "echo"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: register lists only ${VAR} references in the Gemini entry's env, not pass_env names, which"
+    " Gemini CLI then strips when they look like secrets",
+)
+def test_register_gemini_passes_what_pass_env_names_too(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = {**fixture_upstream("toolbox.py"), "pass_env": ["GITHUB_TOKEN"]}
+    write_config(project, {"box": table})
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp-value")
+    path = CLIENTS["gemini"].user_file()
+    write_client(path, {"mcpServers": {}})
+    code, _, _ = run(capsys, "register", "gemini")
+    assert code == 0
+    entry = json.loads(path.read_text())["mcpServers"]["mcp-armor"]
+    assert gemini_environment(entry, dict(os.environ)).get("GITHUB_TOKEN") == "ghp-value"
+
+
 def test_import_gemini_servers(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = CLIENTS["gemini"].user_file()
     write_client(
