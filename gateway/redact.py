@@ -14,6 +14,7 @@ import functools
 import hashlib
 import hmac
 import itertools
+import json
 import math
 import re
 from collections import Counter
@@ -85,7 +86,8 @@ class Redaction:
         if not text:
             return text
         for secret, marker in (self.secrets or {}).items():
-            text = text.replace(secret, marker)
+            # As a JSON-spelled message quotes it ('"', '\\' and control characters escaped), then as is.
+            text = text.replace(json.dumps(secret, ensure_ascii=False)[1:-1], marker).replace(secret, marker)
         return redactor.mask_text(text, "", [], {})
 
 

@@ -21,6 +21,7 @@ from gateway.audit import Recorder, event
 from gateway.audit_journal import Journal, journal_directory
 from gateway.audit_store import GENESIS, AuditError, AuditStore, canonical, chain_hash
 from gateway.redact import _PATTERNS, _SHORTEST, Redactor, looks_random, names_secret
+from gateway.schema import compile_schema, describe_violation
 from tests.conftest import REPO, write_config
 
 
@@ -378,6 +379,21 @@ def test_secret_names_mask_whole_values_and_markers_correlate() -> None:
         False,
         False,
     ]
+
+
+@pytest.mark.parametrize("secret", ['hunter"2-secret', "hunter\\2-secret", "hunter\n2-secret"])
+def test_a_secret_quoted_in_a_schema_violation_is_scrubbed_however_json_escapes_it(secret: str) -> None:
+    # An input-schema refusal quotes the argument as JSON: a '"', '\\' or newline in it is escaped there.
+    arguments = {"password": secret, "creds": {"password": secret}}
+    validator = compile_schema(
+        {"type": "object", "properties": {"password": {"maxLength": 4}, "creds": {"type": "string"}}}
+    )
+    redaction = REDACTOR.redact(arguments)
+    for error in validator.iter_errors(arguments):
+        scrubbed = redaction.scrub(
+            f"arguments do not match the tool's input schema: {describe_violation(error)}", REDACTOR
+        )
+        assert "hunter" not in scrubbed and "[masked:key-name:" in scrubbed, scrubbed
 
 
 def test_paths_named_by_policy_are_masked_whatever_their_type() -> None:

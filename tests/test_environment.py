@@ -218,3 +218,25 @@ def test_the_commands_name_the_unset_variable_and_only_serving_http_needs_the_to
         f"{tmp_path / 'upstreams.toml'}: [gateway.http] token: environment variable ARMOR_TEST_UNSET_TOKEN is not set "
         "(`serve --http` needs it)"
     ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review: a default variable (HOME, PATH) that [gateway] or another upstream refers to is withheld from"
+    " every upstream, even one that names it in pass_env",
+)
+def test_referring_to_home_or_path_elsewhere_does_not_take_them_from_an_upstream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", "/home/ann")
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin")
+    path = tmp_path / "upstreams.toml"
+    path.write_text(
+        '[gateway]\nstate = "${HOME}/.cache/mcp-armor"\n'
+        '[upstreams.a]\ncommand = "a"\nenv = { PATH = "${PATH}:/opt/a/bin" }\n'
+        '[upstreams.b]\ncommand = "b"\npass_env = ["HOME"]\n'
+    )
+    config = load_config(path)
+    env = environment_for(config.upstreams["b"].env, config.passing("b"))
+    assert env.get("PATH") == "/usr/local/bin:/usr/bin"
+    assert env.get("HOME") == "/home/ann"
