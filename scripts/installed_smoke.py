@@ -4,7 +4,9 @@
 
 Standard library only, and it never imports the gateway: everything goes through the `mcp-armor` on
 PATH (the fresh virtualenv's), run in the current directory, which holds the shipped `upstreams.toml`
-and `policies/` beside a git repository. Exits non-zero with one line naming the first failure.
+and `policies/` beside a git repository: `--version`, `--help` of every command, a stdio session and a
+streamable HTTP session, then the audit log they wrote. Exits non-zero with one line naming the first
+failure.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,48 @@ class Session:
         return self.proc.stderr.read().strip()[-2000:]
 
 
+class HttpSession:
+    """A streamable HTTP session (handshake era) with `mcp-armor serve --http 127.0.0.1:0`."""
+
+    def __init__(self) -> None:
+        command = ["mcp-armor", "serve", "--config", "upstreams.toml", "--quiet", "--http", "127.0.0.1:0"]
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            if match := re.search(r"serving streamable HTTP at (http://\S+/mcp)", line):
+                self.url = match[1]
+                break
+        else:
+            fail(f"serve --http exited {self.proc.wait()} before serving")
+        self.headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+        self.next_id = 0
+
+    def post(self, message: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any] | None]:
+        request = urllib.request.Request(self.url, json.dumps(message).encode(), self.headers, method="POST")
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            body = response.read().decode()
+            headers = {key.lower(): value for key, value in response.headers.items()}
+        if not body.strip():
+            return headers, None
+        if headers.get("content-type", "").startswith("text/event-stream"):
+            body = [line[5:].strip() for line in body.splitlines() if line.startswith("data:")][-1]
+        return headers, json.loads(body)
+
+    def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        self.next_id += 1
+        headers, answer = self.post({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params})
+        if answer is None or "result" not in answer:
+            fail(f"{method} over HTTP was answered with {answer}")
+        if "mcp-session-id" in headers:
+            self.headers["mcp-session-id"] = headers["mcp-session-id"]
+        return dict(answer["result"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        if self.proc.wait(timeout=TIMEOUT) != 0:
+            fail(f"serve --http exited {self.proc.returncode} on SIGTERM")
+
+
 def main() -> None:
     expected_version = sys.argv[1]
     where = shutil.which("mcp-armor")
@@ -139,12 +184,26 @@ def main() -> None:
         file=sys.stderr,
     )
 
+    http = HttpSession()
+    http.request(
+        "initialize",
+        {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "smoke-http", "version": "1"}},
+    )
+    http.post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    listed = {tool["name"] for tool in http.request("tools/list", {})["tools"]}
+    answer = http.request("tools/call", {"name": "time__get_current_time", "arguments": {"timezone": "UTC"}})
+    http.stop()
+    if listed != tools or answer.get("isError"):
+        fail(f"over HTTP: {len(listed)} tools listed, the allowed call answered {answer}")
+    print(f"installed smoke: served streamable HTTP at {http.url}: one call allowed", file=sys.stderr)
+
     verified = run("audit", "verify", "--config", "upstreams.toml")
     export = run("audit", "export", "--config", "upstreams.toml", "--format", "jsonl").stdout
     events = [json.loads(line) for line in export.splitlines() if line.strip()]
     decisions = [(event["tool"], event["decision"]) for event in events if event["kind"] == "decision"]
     outcomes = [event for event in events if event["kind"] == "outcome"]
-    if decisions != [("time__get_current_time", "allow"), ("git__git_show", "deny")] or len(outcomes) != 2:
+    expected = [("time__get_current_time", "allow"), ("git__git_show", "deny"), ("time__get_current_time", "allow")]
+    if decisions != expected or len(outcomes) != 3:
         fail(f"the audit log holds decisions {decisions} and {len(outcomes)} outcomes")
     print(f"installed smoke: {verified.stdout.strip() or verified.stderr.strip()}", file=sys.stderr)
 
