@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gateway.children import Passing
+from gateway.children import Passing, passed_by_default
 from gateway.errors import ConfigError
 
 DEFAULT_CONFIG = "upstreams.toml"
@@ -84,7 +84,8 @@ class Reading(NamedTuple):
     token_unset: str | None
     """Why `[gateway.http] token` is left out (its variable is not set): the line `serve --http` stops with."""
     own_variables: frozenset[str]
-    """The variables `[gateway]` values are taken from (its HTTP token's among them): never passed on."""
+    """The variables `[gateway.http]` values are taken from (its token's): the gateway's secrets, never
+    passed on. The other `[gateway]` keys (paths, durations) hold none."""
     upstream_variables: dict[str, frozenset[str]]
     """Upstream name -> the variables its table takes."""
 
@@ -96,9 +97,15 @@ class Reading(NamedTuple):
 def passing_for(
     upstream: str, names: tuple[str, ...], own: frozenset[str], per_upstream: Mapping[str, frozenset[str]]
 ) -> Passing:
-    """Which variables `upstream` inherits: the gateway's own never, other upstreams' only by exact name."""
+    """Which variables `upstream` inherits: the gateway's own never, other upstreams' only by exact name;
+    the ones every upstream inherits by default (HOME, PATH...) stay so, whoever else refers to them."""
     others = frozenset().union(*(taken for name, taken in per_upstream.items() if name != upstream))
-    return Passing(names, own, others - per_upstream.get(upstream, frozenset()))
+    guarded = others - per_upstream.get(upstream, frozenset())
+    return Passing(names, _not_default(own), _not_default(guarded))
+
+
+def _not_default(names: frozenset[str]) -> frozenset[str]:
+    return frozenset(name for name in names if not passed_by_default(name))
 
 
 def read_variables(
@@ -149,7 +156,8 @@ def read_variables(
     taken = (
         {name: frozenset(variables(table)) for name, table in upstreams.items()} if isinstance(upstreams, dict) else {}
     )
-    return Reading(data, unavailable, token_unset, frozenset(variables(raw.get("gateway"))), taken)
+    http = raw["gateway"].get("http") if isinstance(raw.get("gateway"), dict) else None  # with its token
+    return Reading(data, unavailable, token_unset, frozenset(variables(http)), taken)
 
 
 def _noting(missing: list[tuple[str, tuple[str, ...]]]) -> Unset:
