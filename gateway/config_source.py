@@ -229,11 +229,14 @@ class EarlyStart(NamedTuple):
     passing: Passing
 
 
-def early_starts(path: Path, environ: Mapping[str, str]) -> list[EarlyStart]:
+def early_starts(path: Path, environ: Mapping[str, str], *, serving_http: bool = False) -> list[EarlyStart]:
     """The enabled command upstreams of the file at `path` that are not unavailable, where each runs and
     logs and what it inherits; those whose table does not have the shape a valid one has are left out
-    (the full reading reports them)."""
+    (the full reading reports them). None when `serving_http` and the HTTP token's variable is not set:
+    that serving is refused, and no upstream should run (or get its credentials) for it."""
     reading = read_variables(read_toml(path), str(path), environ)
+    if serving_http and reading.token_unset is not None:
+        return []
     directory = path.resolve().parent
     gateway = reading.data.get("gateway", {})
     state = gateway.get("state", DEFAULT_STATE) if isinstance(gateway, dict) else None

@@ -248,6 +248,14 @@ def test_referring_to_default_variables_withholds_and_guards_none_of_them(tmp_pa
     assert early["a"] == Passing((), frozenset({"GATEWAY_TOKEN", "GATEWAY_HOST"}), frozenset())
 
 
+def test_serving_http_without_its_token_starts_nothing_early(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text('[gateway.http]\ntoken = "${GATEWAY_TOKEN}"\n[upstreams.a]\ncommand = "a"\n')
+    assert early_starts(path, {}, serving_http=True) == []
+    assert [start.name for start in early_starts(path, {})] == ["a"]
+    assert [start.name for start in early_starts(path, {"GATEWAY_TOKEN": "t" * 20}, serving_http=True)] == ["a"]
+
+
 def test_the_first_unset_variable_is_the_reason_and_a_set_one_makes_it_available(tmp_path: Path) -> None:
     path = tmp_path / "upstreams.toml"
     path.write_text('[upstreams.git]\ncommand = "a"\nargs = ["${FIRST}"]\nenv = { B = "${SECOND}" }\n')
