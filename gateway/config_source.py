@@ -27,6 +27,9 @@ UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PASS_ENV_ENTRY = re.compile(r"^[A-Za-z_*?][A-Za-z0-9_*?]*$")
 """A `pass_env` entry: a variable's name, or a glob of names (`*`, `?`)."""
+TYPED_KEYS = ("enabled", "timeout", "pinning", "pass_env")
+"""`[upstreams.NAME]` keys whose value is not free text: one that holds a variable that is not set is left
+out (the upstream is unavailable, so the value would never be used, and an empty one would not be valid)."""
 _VARIABLE = re.compile(r"\$\$\{|\$\{([^}]*?)(?::-([^}]*))?\}")
 
 
@@ -112,10 +115,11 @@ def read_variables(
     raw: Mapping[str, Any], label: str, environ: Mapping[str, str], stand_in: str | None = None
 ) -> Reading:
     """Interpolate the whole file. A variable an `[upstreams.NAME]` table takes that is not set makes
-    that upstream unavailable (the rest of its table is still read, the variable as empty); one
-    `[gateway.http] token` takes leaves the token out, for `serve --http` alone to refuse; one any other
-    `[gateway]` key takes is an error, unless `stand_in` is given to read instead (checking a file's shape
-    without this shell's secrets). Malformed references are errors everywhere."""
+    that upstream unavailable (the rest of its table is still read, the variable as empty, a `TYPED_KEYS`
+    key holding it left out); one `[gateway.http] token` takes leaves the token out, for `serve --http`
+    alone to refuse; one any other `[gateway]` key takes is an error, unless `stand_in` is given to read
+    instead (checking a file's shape without this shell's secrets). Malformed references are errors
+    everywhere."""
     gateway, upstreams = raw.get("gateway"), raw.get("upstreams")
     tables = ("gateway", "upstreams")  # read below, when they are tables
     data = interpolate(
@@ -152,6 +156,8 @@ def read_variables(
             if noted:
                 variable, where = noted[0]
                 unavailable[name] = f"environment variable {variable} is not set (in {location(where)})"
+                for key in {place[2] for _, place in noted if len(place) > 2 and place[2] in TYPED_KEYS}:
+                    del read[name][key]
         data["upstreams"] = read
     taken = (
         {name: frozenset(variables(table)) for name, table in upstreams.items()} if isinstance(upstreams, dict) else {}

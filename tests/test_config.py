@@ -213,6 +213,10 @@ UNSET = "MCP_ARMOR_TEST_UNSET"
         ('url = "${VAR}/mcp"', "url"),
         ('command = "${VAR}"', "command"),
         ('command = "a"\ncwd = "${VAR}/data"', "cwd"),
+        ('command = "a"\ntimeout = "${VAR}"', "timeout"),
+        ('command = "a"\npass_env = ["AWS_*", "${VAR}"]', "pass_env.1"),
+        ('command = "a"\nenabled = "${VAR}"', "enabled"),
+        ('url = "https://example.org/mcp"\npinning = "${VAR}"', "pinning"),
     ],
 )
 def test_an_upstream_whose_variable_is_not_set_is_unavailable_and_the_others_are_read(
@@ -227,6 +231,15 @@ def test_an_upstream_whose_variable_is_not_set_is_unavailable_and_the_others_are
     assert config.upstreams["time"].unavailable is None
     assert [spec.name for spec in config.enabled_upstreams()] == ["git", "time"]
     assert [start.name for start in early_starts(path, {})] == ["time"]
+
+
+def test_a_typed_key_takes_its_variable_when_set_and_is_still_checked(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text('[upstreams.git]\ncommand = "a"\ntimeout = "${T}"\npass_env = ["${P}"]\n')
+    config = load_config(path, environ={"T": "5s", "P": "GIT_AUTHOR_NAME"})
+    assert config.call_timeout("git") == 5.0 and config.upstreams["git"].pass_env == ("GIT_AUTHOR_NAME",)
+    with pytest.raises(ConfigError, match=r"\[upstreams.git\] timeout: expected a positive duration"):
+        load_config(path, environ={"T": "soon", "P": "X"})
 
 
 def test_referring_to_default_variables_withholds_and_guards_none_of_them(tmp_path: Path) -> None:
