@@ -38,12 +38,16 @@ PASSED_ENVIRONMENT = (
 who and where it is, locale and temporary files, and what reaching the network needs (names or globs)."""
 RUNTIME_ENVIRONMENT = (
     *("LD_*", "DYLD_*", "GCONV_PATH", "GLIBC_TUNABLES"),
-    *("PYTHON*", "NODE_OPTIONS", "NODE_PATH", "PERL5OPT", "PERL5LIB", "PERLLIB", "RUBYOPT", "RUBYLIB"),
+    *("PYTHON*", "NODE_*", "PERL5OPT", "PERL5LIB", "PERLLIB", "RUBYOPT", "RUBYLIB", "LUA_INIT*"),
     *("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "CLASSPATH"),
     *("BASH_ENV", "ENV", "BASH_FUNC_*", "SHELLOPTS", "BASHOPTS", "PS4", "IFS"),
+    # What `npx`, `uvx` and git fetch and run: their registry, index, hooks, ssh command or config.
+    *("NPM_CONFIG_*", "YARN_*", "COREPACK_*", "UV_*", "PIP_*", "PIPX_*", "GIT_*"),
 )
-"""Variables that change how a child runs or what code it loads: passed on only when a `pass_env` entry
-names one exactly, never through a glob."""
+"""Variables that change how a child runs, what code it loads or where its package manager fetches it
+from (matched ignoring case, as npm reads its `npm_config_*`): passed on only when a `pass_env` entry
+names one exactly, never through a glob. The defaults (`UV_NATIVE_TLS`, `NODE_EXTRA_CA_CERTS`) still pass."""
+_RUNTIME_UPPER = tuple(pattern.upper() for pattern in RUNTIME_ENVIRONMENT)
 OWN_ENVIRONMENT = ("MCP_ARMOR_*",)
 """The gateway's own variables (its credentials among them): never passed on, however named."""
 STOP_GRACE = 2.0
@@ -81,7 +85,7 @@ class Passing(NamedTuple):
     names: tuple[str, ...] = ()
     """`pass_env` entries (`[gateway]`'s, then the upstream's): names, or globs of names."""
     withheld: frozenset[str] = frozenset()
-    """The variables the gateway's own settings are taken from: never passed on, however named."""
+    """The variables the gateway's own secrets are taken from: never passed on, however named."""
     guarded: frozenset[str] = frozenset()
     """The variables other upstreams' tables take (their credentials): passed on only when a `pass_env`
     entry names one exactly, never through a glob, so that one upstream's token does not reach another."""
@@ -89,15 +93,20 @@ class Passing(NamedTuple):
     def passes(self, name: str) -> bool:
         if name in self.withheld or _matches(name, OWN_ENVIRONMENT):
             return False
-        if name in self.names:
+        if name in self.names or passed_by_default(name):
             return True
-        if name in self.guarded or _matches(name, RUNTIME_ENVIRONMENT):
+        if name in self.guarded or _matches(name.upper(), _RUNTIME_UPPER):
             return False
-        return _matches(name, (*PASSED_ENVIRONMENT, *self.names))
+        return _matches(name, self.names)
 
 
 BY_DEFAULT = Passing()
 """The default variables only (`PASSED_ENVIRONMENT`)."""
+
+
+def passed_by_default(name: str) -> bool:
+    """Whether every upstream inherits `name` (`PASSED_ENVIRONMENT`), whatever the config says."""
+    return _matches(name, PASSED_ENVIRONMENT)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

@@ -187,7 +187,7 @@ class Config(_Model):
     gateway: GatewaySettings = GatewaySettings()
     upstreams: Mapping[str, UpstreamSpec] = Field(default_factory=dict)
     own_variables: frozenset[str] = frozenset()
-    """Set by the reading: the variables `[gateway]` values are taken from, never passed to an upstream."""
+    """Set by the reading: the variables `[gateway.http]` values are taken from, never passed to an upstream."""
     upstream_variables: Mapping[str, frozenset[str]] = Field(default_factory=dict)
     """Set by the reading: the variables each upstream's table takes, passed to no other upstream unless
     it names one exactly in `pass_env`."""

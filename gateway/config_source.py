@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gateway.children import Passing
+from gateway.children import Passing, passed_by_default
 from gateway.errors import ConfigError
 
 DEFAULT_CONFIG = "upstreams.toml"
@@ -27,6 +27,9 @@ UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PASS_ENV_ENTRY = re.compile(r"^[A-Za-z_*?][A-Za-z0-9_*?]*$")
 """A `pass_env` entry: a variable's name, or a glob of names (`*`, `?`)."""
+TYPED_KEYS = ("enabled", "timeout", "pinning", "pass_env")
+"""`[upstreams.NAME]` keys whose value is not free text: one that holds a variable that is not set is left
+out (the upstream is unavailable, so the value would never be used, and an empty one would not be valid)."""
 _VARIABLE = re.compile(r"\$\$\{|\$\{([^}]*?)(?::-([^}]*))?\}")
 
 
@@ -84,7 +87,8 @@ class Reading(NamedTuple):
     token_unset: str | None
     """Why `[gateway.http] token` is left out (its variable is not set): the line `serve --http` stops with."""
     own_variables: frozenset[str]
-    """The variables `[gateway]` values are taken from (its HTTP token's among them): never passed on."""
+    """The variables `[gateway.http]` values are taken from (its token's): the gateway's secrets, never
+    passed on. The other `[gateway]` keys (paths, durations) hold none."""
     upstream_variables: dict[str, frozenset[str]]
     """Upstream name -> the variables its table takes."""
 
@@ -96,19 +100,26 @@ class Reading(NamedTuple):
 def passing_for(
     upstream: str, names: tuple[str, ...], own: frozenset[str], per_upstream: Mapping[str, frozenset[str]]
 ) -> Passing:
-    """Which variables `upstream` inherits: the gateway's own never, other upstreams' only by exact name."""
+    """Which variables `upstream` inherits: the gateway's own never, other upstreams' only by exact name;
+    the ones every upstream inherits by default (HOME, PATH...) stay so, whoever else refers to them."""
     others = frozenset().union(*(taken for name, taken in per_upstream.items() if name != upstream))
-    return Passing(names, own, others - per_upstream.get(upstream, frozenset()))
+    guarded = others - per_upstream.get(upstream, frozenset())
+    return Passing(names, _not_default(own), _not_default(guarded))
+
+
+def _not_default(names: frozenset[str]) -> frozenset[str]:
+    return frozenset(name for name in names if not passed_by_default(name))
 
 
 def read_variables(
     raw: Mapping[str, Any], label: str, environ: Mapping[str, str], stand_in: str | None = None
 ) -> Reading:
     """Interpolate the whole file. A variable an `[upstreams.NAME]` table takes that is not set makes
-    that upstream unavailable (the rest of its table is still read, the variable as empty); one
-    `[gateway.http] token` takes leaves the token out, for `serve --http` alone to refuse; one any other
-    `[gateway]` key takes is an error, unless `stand_in` is given to read instead (checking a file's shape
-    without this shell's secrets). Malformed references are errors everywhere."""
+    that upstream unavailable (the rest of its table is still read, the variable as empty, a `TYPED_KEYS`
+    key holding it left out); one `[gateway.http] token` takes leaves the token out, for `serve --http`
+    alone to refuse; one any other `[gateway]` key takes is an error, unless `stand_in` is given to read
+    instead (checking a file's shape without this shell's secrets). Malformed references are errors
+    everywhere."""
     gateway, upstreams = raw.get("gateway"), raw.get("upstreams")
     tables = ("gateway", "upstreams")  # read below, when they are tables
     data = interpolate(
@@ -145,11 +156,14 @@ def read_variables(
             if noted:
                 variable, where = noted[0]
                 unavailable[name] = f"environment variable {variable} is not set (in {location(where)})"
+                for key in {place[2] for _, place in noted if len(place) > 2 and place[2] in TYPED_KEYS}:
+                    del read[name][key]
         data["upstreams"] = read
     taken = (
         {name: frozenset(variables(table)) for name, table in upstreams.items()} if isinstance(upstreams, dict) else {}
     )
-    return Reading(data, unavailable, token_unset, frozenset(variables(raw.get("gateway"))), taken)
+    http = raw["gateway"].get("http") if isinstance(raw.get("gateway"), dict) else None  # with its token
+    return Reading(data, unavailable, token_unset, frozenset(variables(http)), taken)
 
 
 def _noting(missing: list[tuple[str, tuple[str, ...]]]) -> Unset:
@@ -221,11 +235,14 @@ class EarlyStart(NamedTuple):
     passing: Passing
 
 
-def early_starts(path: Path, environ: Mapping[str, str]) -> list[EarlyStart]:
+def early_starts(path: Path, environ: Mapping[str, str], *, serving_http: bool = False) -> list[EarlyStart]:
     """The enabled command upstreams of the file at `path` that are not unavailable, where each runs and
     logs and what it inherits; those whose table does not have the shape a valid one has are left out
-    (the full reading reports them)."""
+    (the full reading reports them). None when `serving_http` and the HTTP token's variable is not set:
+    that serving is refused, and no upstream should run (or get its credentials) for it."""
     reading = read_variables(read_toml(path), str(path), environ)
+    if serving_http and reading.token_unset is not None:
+        return []
     directory = path.resolve().parent
     gateway = reading.data.get("gateway", {})
     state = gateway.get("state", DEFAULT_STATE) if isinstance(gateway, dict) else None

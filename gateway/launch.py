@@ -18,7 +18,7 @@ from pathlib import Path
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    if words[:1] == ["serve"] and "--help" not in words and "-h" not in words:
+    if words[:1] == ["serve"] and "-h" not in words and not any(_spells(word, "--help") for word in words):
         _start_ahead(words)
     from gateway import children
     from gateway.cli import main as cli_main
@@ -34,14 +34,15 @@ def _start_ahead(words: list[str]) -> None:
     from gateway.config_source import DEFAULT_CONFIG, early_starts
     from gateway.errors import GatewayError
 
-    path = DEFAULT_CONFIG
+    path, serving_http = DEFAULT_CONFIG, False
     for index, word in enumerate(words):
-        if word == "--config" and index + 1 < len(words):
-            path = words[index + 1]
-        elif word.startswith("--config="):
-            path = word.split("=", 1)[1]
+        option, equals, value = word.partition("=")
+        if _spells(option, "--config") and (equals or index + 1 < len(words)):
+            path = value if equals else words[index + 1]
+        elif _spells(option, "--http"):
+            serving_http = True
     try:
-        starts = early_starts(Path(path), os.environ)
+        starts = early_starts(Path(path), os.environ, serving_http=serving_http)
     except (GatewayError, OSError, RecursionError):
         return
     for start in starts:
@@ -52,3 +53,9 @@ def _start_ahead(words: list[str]) -> None:
                 children.start_ahead(argv, env=start.env, cwd=start.cwd, stderr=log, passing=start.passing)
         except OSError:
             continue
+
+
+def _spells(word: str, option: str) -> bool:
+    """Whether argparse could read `word` as `option`: it accepts any prefix of a long option (`--ht`), and
+    an ambiguous one (`--h`) is refused anyway, so starting nothing for it loses nothing."""
+    return len(word) > 2 and option.startswith(word)

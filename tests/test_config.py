@@ -194,9 +194,10 @@ def test_the_early_reading_starts_what_the_full_reading_would(tmp_path: Path) ->
         assert start.log == config.log_path(name)
         assert start.passing == config.passing(name)
     assert early["local"].log == tmp_path / "sub" / "run" / "logs" / "local.log"
-    # bare takes TOKEN itself; needy's GITHUB_TOKEN reaches it only if named exactly
+    # bare takes TOKEN itself; needy's GITHUB_TOKEN reaches it only if named exactly; the HTTP token's
+    # variable is withheld, STATE (a path, no secret) is not
     assert early["bare"].passing == Passing(
-        ("AWS_*", "CORP_CA", "PYTHONPATH"), frozenset({"STATE", "GATEWAY_TOKEN"}), frozenset({"GITHUB_TOKEN"})
+        ("AWS_*", "CORP_CA", "PYTHONPATH"), frozenset({"GATEWAY_TOKEN"}), frozenset({"GITHUB_TOKEN"})
     )
 
 
@@ -212,6 +213,10 @@ UNSET = "MCP_ARMOR_TEST_UNSET"
         ('url = "${VAR}/mcp"', "url"),
         ('command = "${VAR}"', "command"),
         ('command = "a"\ncwd = "${VAR}/data"', "cwd"),
+        ('command = "a"\ntimeout = "${VAR}"', "timeout"),
+        ('command = "a"\npass_env = ["AWS_*", "${VAR}"]', "pass_env.1"),
+        ('command = "a"\nenabled = "${VAR}"', "enabled"),
+        ('url = "https://example.org/mcp"\npinning = "${VAR}"', "pinning"),
     ],
 )
 def test_an_upstream_whose_variable_is_not_set_is_unavailable_and_the_others_are_read(
@@ -226,6 +231,42 @@ def test_an_upstream_whose_variable_is_not_set_is_unavailable_and_the_others_are
     assert config.upstreams["time"].unavailable is None
     assert [spec.name for spec in config.enabled_upstreams()] == ["git", "time"]
     assert [start.name for start in early_starts(path, {})] == ["time"]
+
+
+def test_a_typed_key_takes_its_variable_when_set_and_is_still_checked(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text('[upstreams.git]\ncommand = "a"\ntimeout = "${T}"\npass_env = ["${P}"]\n')
+    config = load_config(path, environ={"T": "5s", "P": "GIT_AUTHOR_NAME"})
+    assert config.call_timeout("git") == 5.0 and config.upstreams["git"].pass_env == ("GIT_AUTHOR_NAME",)
+    with pytest.raises(ConfigError, match=r"\[upstreams.git\] timeout: expected a positive duration"):
+        load_config(path, environ={"T": "soon", "P": "X"})
+
+
+def test_referring_to_default_variables_withholds_and_guards_none_of_them(tmp_path: Path) -> None:
+    """HOME, PATH and the other default variables reach every upstream whoever refers to them; only the
+    `[gateway.http]` values' variables are withheld, not those of paths such as `state`; and both readings agree."""
+    path = tmp_path / "upstreams.toml"
+    path.write_text(
+        '[gateway]\nstate = "${HOME}/${STATE_DIR}"\naudit = "${AUDIT_DB}"\n'
+        '[gateway.http]\ntoken = "${GATEWAY_TOKEN}"\nallowed_hosts = ["${GATEWAY_HOST}:8765"]\n'
+        '[upstreams.a]\ncommand = "a"\nenv = { PATH = "${PATH}:/opt/a/bin", KEY = "${A_KEY}", L = "${LC_ALL}" }\n'
+        '[upstreams.b]\ncommand = "b"\n'
+    )
+    environ = {"HOME": "/home/ann", "STATE_DIR": "s", "AUDIT_DB": "a.db", "GATEWAY_HOST": "h", "PATH": "/bin"}
+    environ |= {"A_KEY": "k", "LC_ALL": "C"}
+    config = load_config(path, environ=environ)
+    early = {start.name: start.passing for start in early_starts(path, environ)}
+    assert early == {name: config.passing(name) for name in ("a", "b")}
+    assert early["b"] == Passing((), frozenset({"GATEWAY_TOKEN", "GATEWAY_HOST"}), frozenset({"A_KEY"}))
+    assert early["a"] == Passing((), frozenset({"GATEWAY_TOKEN", "GATEWAY_HOST"}), frozenset())
+
+
+def test_serving_http_without_its_token_starts_nothing_early(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text('[gateway.http]\ntoken = "${GATEWAY_TOKEN}"\n[upstreams.a]\ncommand = "a"\n')
+    assert early_starts(path, {}, serving_http=True) == []
+    assert [start.name for start in early_starts(path, {})] == ["a"]
+    assert [start.name for start in early_starts(path, {"GATEWAY_TOKEN": "t" * 20}, serving_http=True)] == ["a"]
 
 
 def test_the_first_unset_variable_is_the_reason_and_a_set_one_makes_it_available(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from gateway.children import Passing, environment_for
+from gateway.children import BY_DEFAULT, Passing, environment_for
 from gateway.config import load_config
 from tests.conftest import FIXTURES, RawSession, fixture_upstream, gateway_process, write_config
 from tests.test_audit_e2e import events
@@ -69,6 +69,39 @@ def test_pass_env_globs_never_reach_what_changes_how_a_child_runs_but_exact_name
     for name in ["LD_PRELOAD", "LD_LIBRARY_PATH", "DYLD_INSERT_LIBRARIES", "PYTHONPATH", "PYTHONSTARTUP", "BASH_ENV"]:
         assert name not in env
     assert environment_for({}, Passing(("PYTHONPATH",)))["PYTHONPATH"] == RUNTIME["PYTHONPATH"]
+
+
+REDIRECTING = {
+    "UV_INDEX_URL": "https://evil.example/simple",
+    "UV_PYTHON": "/tmp/python",
+    "PIP_INDEX_URL": "https://evil.example/simple",
+    "PIPX_HOME": "/tmp/pipx",
+    "npm_config_registry": "https://evil.example/",
+    "NPM_CONFIG_NODE_OPTIONS": "--require /tmp/hook.js",
+    "Npm_Config_Userconfig": "/tmp/npmrc",  # npm reads its variables ignoring case
+    "NODE_TLS_REJECT_UNAUTHORIZED": "0",
+    "COREPACK_NPM_REGISTRY": "https://evil.example/",
+    "YARN_NPM_REGISTRY_SERVER": "https://evil.example/",
+    "GIT_SSH_COMMAND": "/tmp/ssh",
+    "GIT_CONFIG_COUNT": "1",
+    "GIT_CONFIG_KEY_0": "core.fsmonitor",
+    "GIT_EXEC_PATH": "/tmp/git",
+    "LUA_INIT": "@/tmp/init.lua",
+}
+
+
+def test_a_glob_never_hands_over_what_redirects_a_package_manager_or_tool_but_the_defaults_still_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in {**REDIRECTING, "UV_NATIVE_TLS": "1", "NODE_EXTRA_CA_CERTS": "/etc/corp/ca.pem"}.items():
+        monkeypatch.setenv(name, value)
+    env = environment_for({}, Passing(("*", "UV_*", "PIP_*", "NPM_CONFIG_*", "npm_config_*", "GIT_*", "LUA_*")))
+    assert [name for name in REDIRECTING if name in env] == []
+    assert env["UV_NATIVE_TLS"] == "1" and env["NODE_EXTRA_CA_CERTS"] == "/etc/corp/ca.pem"
+    assert environment_for({}, BY_DEFAULT)["UV_NATIVE_TLS"] == "1"
+    named = environment_for({}, Passing(("npm_config_registry", "GIT_SSH_COMMAND")))
+    assert named["npm_config_registry"] == REDIRECTING["npm_config_registry"]
+    assert named["GIT_SSH_COMMAND"] == REDIRECTING["GIT_SSH_COMMAND"]
 
 
 @pytest.mark.usefixtures("gateway_environ")
@@ -220,11 +253,6 @@ def test_the_commands_name_the_unset_variable_and_only_serving_http_needs_the_to
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: a default variable (HOME, PATH) that [gateway] or another upstream refers to is withheld from"
-    " every upstream, even one that names it in pass_env",
-)
 def test_referring_to_home_or_path_elsewhere_does_not_take_them_from_an_upstream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,3 +268,20 @@ def test_referring_to_home_or_path_elsewhere_does_not_take_them_from_an_upstream
     env = environment_for(config.upstreams["b"].env, config.passing("b"))
     assert env.get("PATH") == "/usr/local/bin:/usr/bin"
     assert env.get("HOME") == "/home/ann"
+
+
+def test_only_the_http_settings_variables_are_withheld_not_those_of_other_gateway_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`state` and `audit` are paths, not secrets: a glob still passes their variables; the HTTP token's
+    variable never passes, not even by exact name."""
+    monkeypatch.setenv("CORP_STATE", "/var/lib/armor")
+    monkeypatch.setenv("CORP_TOKEN", "t" * 24)
+    path = tmp_path / "upstreams.toml"
+    path.write_text(
+        '[gateway]\nstate = "${CORP_STATE}"\npass_env = ["CORP_*", "CORP_TOKEN"]\n'
+        '[gateway.http]\ntoken = "${CORP_TOKEN}"\n[upstreams.b]\ncommand = "b"\n'
+    )
+    env = environment_for({}, load_config(path).passing("b"))
+    assert env["CORP_STATE"] == "/var/lib/armor"
+    assert "CORP_TOKEN" not in env

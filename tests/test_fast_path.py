@@ -614,11 +614,6 @@ def ended(pid: int) -> bool:
         return True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: `serve --http` whose [gateway.http] token variable is unset still starts its upstreams ahead"
-    " (the early reading used to stop at the unset variable)",
-)
 def test_serve_http_without_its_token_starts_nothing_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gateway.launch import _start_ahead
 
@@ -633,5 +628,37 @@ def test_serve_http_without_its_token_starts_nothing_ahead(tmp_path: Path, monke
     try:
         _start_ahead(["serve", "--http", "127.0.0.1:0", "--config", str(path)])
         assert started_ahead() == []
+    finally:
+        discard_ahead()
+
+
+@pytest.mark.parametrize(
+    ("words", "token", "started"),
+    [
+        (["serve", "--ht=127.0.0.1:0", "--config", "CONFIG"], None, 0),  # argparse reads `--ht` as `--http`
+        (["serve", "--conf=CONFIG"], None, 1),  # serving stdio needs no token
+        (["serve", "--http", "127.0.0.1:0", "--config", "CONFIG"], "t" * 24, 1),
+    ],
+    ids=["abbreviated-http-unset-token", "stdio-unset-token", "http-token-set"],
+)
+def test_serving_http_is_recognised_however_spelled_and_only_it_needs_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, words: list[str], token: str | None, started: int
+) -> None:
+    from gateway.launch import _start_ahead
+
+    if token is None:
+        monkeypatch.delenv("ARMOR_TEST_AHEAD_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("ARMOR_TEST_AHEAD_TOKEN", token)
+    script = tmp_path / "idle.py"
+    script.write_text("import sys\nfor line in sys.stdin:\n    pass\n")
+    path = tmp_path / "upstreams.toml"
+    path.write_text(
+        '[gateway.http]\ntoken = "${ARMOR_TEST_AHEAD_TOKEN}"\n'
+        f"[upstreams.idle]\ncommand = {json.dumps(sys.executable)}\nargs = [{json.dumps(str(script))}]\n"
+    )
+    try:
+        _start_ahead([word.replace("CONFIG", str(path)) for word in words])
+        assert len(started_ahead()) == started
     finally:
         discard_ahead()
