@@ -40,6 +40,7 @@ RUNTIME_ENVIRONMENT = (
     *("LD_*", "DYLD_*", "GCONV_PATH", "GLIBC_TUNABLES"),
     *("PYTHON*", "NODE_*", "PERL5OPT", "PERL5LIB", "PERLLIB", "RUBYOPT", "RUBYLIB", "LUA_INIT*"),
     *("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "CLASSPATH"),
+    *("DOTNET_STARTUP_HOOKS", "DOTNET_ADDITIONAL_DEPS", "CORECLR_*", "COR_*", "GOFLAGS", "GOTOOLCHAIN"),
     *("BASH_ENV", "ENV", "BASH_FUNC_*", "SHELLOPTS", "BASHOPTS", "PS4", "IFS"),
     # What `npx`, `uvx` and git fetch and run: their registry, index, hooks, ssh command or config.
     *("NPM_CONFIG_*", "YARN_*", "COREPACK_*", "UV_*", "PIP_*", "PIPX_*", "GIT_*"),
