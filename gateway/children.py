@@ -114,10 +114,18 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatchcase(name, pattern) for pattern in patterns)
 
 
+def unset_reference(name: str, value: str) -> bool:
+    """Whether `value` is `name`'s own reference, as a client that leaves an unset variable as written
+    (Gemini CLI) passes it on: the variable is not set."""
+    return value in (f"${{{name}}}", f"${name}", f"${{env:{name}}}")
+
+
 def environment_for(env: Mapping[str, str], passing: Passing = BY_DEFAULT) -> dict[str, str]:
-    """An upstream's environment: the gateway's variables that pass, then its own `env` (which may set
-    any variable, a withheld one too: that is written out in its table)."""
-    environment = {key: value for key, value in os.environ.items() if passing.passes(key)}
+    """An upstream's environment: the gateway's variables that pass (and are set), then its own `env`
+    (which may set any variable, a withheld one too: that is written out in its table)."""
+    environment = {
+        key: value for key, value in os.environ.items() if passing.passes(key) and not unset_reference(key, value)
+    }
     environment.update(env)
     return environment
 

@@ -13,9 +13,10 @@ Gemini CLI, as its documentation (docs/tools/mcp-server.md) and source
 (packages/core/src/services/environmentSanitization.ts, packages/cli/src/utils/envVarResolver.ts)
 describe it: it removes variables whose names look like secrets (*TOKEN*, *SECRET*, *KEY*, *AUTH*,
 *PASSWORD*, *CREDENTIAL*, ...) from the environment a stdio server inherits, and passes those listed
-in the server's `env`; it expands `$VAR` and `${VAR}` (an unset one to nothing) in the strings of its
-settings, with no way to write a literal `$VAR`; it reads the project file from the directory it runs
-in, and starts stdio servers there. So the gateway's entry lists every variable `upstreams.toml` needs.
+in the server's `env`; it expands `$VAR` and `${VAR}` in the strings of its settings (an unset one is
+left as written: the gateway reads a variable set to its own reference as unset), with no way to write
+a literal `$VAR`; it reads the project file from the directory it runs in, and starts stdio servers
+there. So the gateway's entry lists every variable `upstreams.toml` refers to or `pass_env` names.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from gateway.children import RUNTIME_ENVIRONMENT
 from gateway.errors import GatewayError
 
 
@@ -55,6 +58,9 @@ class ClientFormat:
     """The key of a server the client reaches over SSE unless `type` says otherwise (Gemini CLI's `url`)."""
     expands_bare: bool = False
     """Whether `$VAR` is a reference too, in every string of the file (Gemini CLI): a `$` cannot be literal."""
+    strips_secrets: bool = False
+    """Whether a stdio server inherits only the variables whose names do not look like secrets, unless its
+    `env` lists them (Gemini CLI): the entry then lists what `pass_env` names too."""
 
     def user_file(self, platform: str = sys.platform, environ: Mapping[str, str] = os.environ) -> Path:
         """The user-wide file on this operating system."""
@@ -121,6 +127,7 @@ CLIENTS: dict[str, ClientFormat] = {
             project_root="",
             sse_url_key="url",
             expands_bare=True,
+            strips_secrets=True,
         ),
     )
 }
@@ -320,6 +327,7 @@ class Registration:
     changed: bool
     message: str
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def register(
@@ -329,21 +337,37 @@ def register(
     variables: Mapping[str, bool],
     passthrough: Mapping[str, str] | None = None,
     project_dir: Path | None = None,
+    pass_env: Mapping[str, Sequence[str]] | None = None,
 ) -> Registration:
     """Put the gateway's entry `name` into the file (in place of an older one of that name).
 
     `variables` are those `upstreams.toml` refers to (name -> always has a default): each is passed
     through from the client's environment unless the entry already sets it (values a person put
-    there are kept). `passthrough` gives client-specific values for some of them (VS Code inputs).
-    An entry of that name that is not the gateway's is another server: it is never replaced.
+    there are kept, but for those that change how the gateway runs or what it loads). `passthrough`
+    gives client-specific values for some of them (VS Code inputs). `pass_env` (where -> its entries)
+    names more, for a client that strips secret-looking variables. An entry of that name that is not
+    the gateway's is another server: it is never replaced.
     """
     servers = file.servers()
     previous = servers.get(name)
     _own(file, name, previous)
-    env: dict[str, str] = {}
+    kept: dict[str, str] = {}
     if isinstance(previous, dict) and isinstance(previous.get("env"), dict):
-        env.update({key: value for key, value in previous["env"].items() if isinstance(value, str)})
+        kept = {key: value for key, value in previous["env"].items() if isinstance(value, str)}
+    env = {key: value for key, value in kept.items() if not _runtime(key)}
     notes = []
+    warnings = []
+    variables = dict(variables)
+    if file.client.strips_secrets:
+        for where, entries in (pass_env or {}).items():
+            for given in entries:
+                if "*" in given or "?" in given:
+                    warnings.append(
+                        f"{where} pass_env '{given}': {file.client.title} strips the variables it matches whose "
+                        f"names look like secrets (*TOKEN*, *KEY*, ...); name each such variable exactly"
+                    )
+                else:
+                    variables.setdefault(given, True)
     unpassed = []
     for variable, has_default in sorted(variables.items()):
         if variable in env:
@@ -354,6 +378,11 @@ def register(
                 unpassed.append(variable)
         else:
             env[variable] = value
+    for variable in sorted(key for key in kept if _runtime(key) and env.get(key) != kept[key]):
+        warnings.append(
+            f"{file.path}: dropped {variable} from the 'env' of the '{name}' entry: it changes how the gateway "
+            f"runs or what code it loads"
+        )
     if unpassed:
         notes.append(
             f"{file.client.title} does not expand variables: set {', '.join(unpassed)} in the 'env' of the "
@@ -366,10 +395,16 @@ def register(
             f"install it, and keep upstreams.toml, where a path has no '$'"
         )
     if previous == entry:
-        return Registration(file, False, f"{file.path}: '{name}' is already registered; nothing to change", notes)
+        message = f"{file.path}: '{name}' is already registered; nothing to change"
+        return Registration(file, False, message, notes, warnings)
     servers[name] = entry
     verb = "updated" if previous is not None else "added"
-    return Registration(file, True, f"{file.path}: {verb} '{name}' (serve --config {config})", notes)
+    return Registration(file, True, f"{file.path}: {verb} '{name}' (serve --config {config})", notes, warnings)
+
+
+def _runtime(variable: str) -> bool:
+    """Whether `variable` changes how a program runs or what code it loads (gateway.children)."""
+    return any(fnmatchcase(variable, pattern) for pattern in RUNTIME_ENVIRONMENT)
 
 
 def unregister(file: ClientFile, name: str) -> Registration:

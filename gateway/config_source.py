@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gateway.children import Passing, passed_by_default
+from gateway.children import Passing, passed_by_default, unset_reference
 from gateway.errors import ConfigError
 
 DEFAULT_CONFIG = "upstreams.toml"
@@ -53,7 +53,8 @@ def interpolate(
     value: Any, where: tuple[str, ...], label: str, environ: Mapping[str, str], unset: Unset | None = None
 ) -> Any:
     """`value` with `${VAR}`, `${VAR:-default}` and `$${` replaced in every string it holds. A variable
-    that is not set is an error naming it, unless `unset` says what to read instead."""
+    that is not set is an error naming it, unless `unset` says what to read instead. A variable set to
+    its own reference is not set: a client (Gemini CLI) leaves `${VAR}` as written when VAR is unset."""
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
@@ -62,10 +63,13 @@ def interpolate(
                 return "${"
             if not ENV_NAME.match(name):
                 raise ConfigError(f"{label}: {location(where)}: '{match[0]}' is not a valid variable reference")
+            found = environ.get(name)
+            if found is not None and unset_reference(name, found):
+                found = None
             if default is not None:
-                return environ.get(name) or default
-            if name in environ:
-                return environ[name]
+                return found or default
+            if found is not None:
+                return found
             if unset is None:
                 raise ConfigError(f"{label}: {location(where)}: environment variable {name} is not set")
             return unset(name, where)

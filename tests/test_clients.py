@@ -21,6 +21,7 @@ from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
 from gateway import clients
+from gateway.children import environment_for
 from gateway.cli import main
 from gateway.clients import CLIENTS, ClientFormat, launcher
 from gateway.config import load_config
@@ -628,10 +629,10 @@ GEMINI_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY|AUTH|CREDENTI
 
 def gemini_environment(entry: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
     """The environment Gemini CLI gives a stdio server: what it inherits, less the variables whose names
-    look like secrets, plus the entry's `env` with `$VAR` / `${VAR}` expanded (an unset one to "")."""
+    look like secrets, plus the entry's `env` with `$VAR` / `${VAR}` expanded (an unset one left as written)."""
 
     def one(match: re.Match[str]) -> str:
-        return environ.get(match[1] or match[2], "")
+        return environ.get(match[1] or match[2], match[0])
 
     inherited = {key: value for key, value in environ.items() if not GEMINI_SECRET_NAME.search(key)}
     return {**inherited, **{k: re.sub(r"\$(?:(\w+)|\{([^}]+)\})", one, v) for k, v in entry.get("env", {}).items()}}
@@ -672,11 +673,6 @@ async def test_register_gemini_passes_the_secrets_it_would_strip_and_the_gateway
     assert json.loads(record.read_text().splitlines()[-1])["tool"] == "echo"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: register lists only ${VAR} references in the Gemini entry's env, not pass_env names, which"
-    " Gemini CLI then strips when they look like secrets",
-)
 def test_register_gemini_passes_what_pass_env_names_too(
     project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -691,11 +687,36 @@ def test_register_gemini_passes_what_pass_env_names_too(
     assert gemini_environment(entry, dict(os.environ)).get("GITHUB_TOKEN") == "ghp-value"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: Gemini CLI keeps '${VAR}' as written when VAR is unset (packages/cli/src/utils/envVarResolver.ts:"
-    " 'the original placeholder is preserved'), so the gateway reads the unset variable as set to its own reference",
-)
+def test_register_gemini_warns_of_each_pass_env_glob_and_other_clients_list_no_pass_env_names(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = {**fixture_upstream("toolbox.py"), "pass_env": ["NPM_CONFIG_*", "GITHUB_TOKEN"]}
+    write_config(project, {"box": table}, pass_env=["AWS_*", "AWS_SECRET_ACCESS_KEY"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
+    code, _, err = run(capsys, "register", "gemini")
+    assert code == 0
+    warnings = [line for line in err.splitlines() if line.startswith("mcp-armor: warning: ")]
+    assert len(warnings) == 2
+    assert "[gateway] pass_env 'AWS_*': Gemini CLI strips the variables it matches" in warnings[0]
+    assert "[upstreams.box] pass_env 'NPM_CONFIG_*'" in warnings[1] and "name each such variable exactly" in warnings[1]
+    entry = servers_of(CLIENTS["gemini"], CLIENTS["gemini"].user_file())["mcp-armor"]
+    assert entry["env"] == {"AWS_SECRET_ACCESS_KEY": "${AWS_SECRET_ACCESS_KEY}", "GITHUB_TOKEN": "${GITHUB_TOKEN}"}
+
+    # Unset in Gemini's environment, a listed name reaches the gateway as its own reference: not passed on.
+    monkeypatch.delenv("GITHUB_TOKEN", raising=False)
+    for name, value in gemini_environment(entry, dict(os.environ)).items():
+        monkeypatch.setenv(name, value)
+    assert os.environ["GITHUB_TOKEN"] == "${GITHUB_TOKEN}"
+    config = load_config(project / "upstreams.toml")
+    inherited = environment_for({}, config.passing("box"))
+    assert inherited["AWS_SECRET_ACCESS_KEY"] == "aws-secret" and "GITHUB_TOKEN" not in inherited
+
+    # A client that leaves the environment alone gets only what upstreams.toml refers to, and no warning.
+    code, _, err = run(capsys, "register", "cursor")
+    assert code == 0 and "warning" not in err
+    assert "env" not in servers_of(CLIENTS["cursor"], CLIENTS["cursor"].user_file())["mcp-armor"]
+
+
 def test_register_gemini_an_unset_variable_stays_unset_for_the_gateway(
     project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -708,11 +729,7 @@ def test_register_gemini_an_unset_variable_stays_unset_for_the_gateway(
     write_client(path, {"mcpServers": {}})
     assert run(capsys, "register", "gemini")[0] == 0
     entry = json.loads(path.read_text())["mcpServers"]["mcp-armor"]
-
-    def gemini_resolves(value: str) -> str:  # as Gemini CLI does: an unset variable's reference is kept
-        return re.sub(r"\$(?:(\w+)|\{([^}]+)\})", lambda m: os.environ.get(m[1] or m[2], m[0]), value)
-
-    environ = {**os.environ, **{key: gemini_resolves(value) for key, value in entry.get("env", {}).items()}}
+    environ = gemini_environment(entry, dict(os.environ))  # an unset variable's reference is kept as written
     loaded = load_config(config, environ=environ)
     assert loaded.upstreams["gh"].unavailable is not None  # not started with GITHUB_TOKEN="${GITHUB_TOKEN}"
     assert loaded.upstreams["box"].env["LEVEL"] == "info"
@@ -869,6 +886,36 @@ def test_register_warns_of_a_variable_set_nowhere_the_client_can_see(
     path.write_text(json.dumps(data))
     code, _, err = run(capsys, "register", "cursor")
     assert code == 0 and "warning" not in err
+
+
+def test_register_drops_what_changes_how_the_gateway_runs_from_the_entry_it_keeps(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A project file from a clone may carry `PYTHONPATH` in the gateway's entry: the gateway would load its code."""
+    box = {**fixture_upstream("toolbox.py"), "env": {"LIB": "${PYTHONPATH}"}}
+    write_config(project, {"box": box})
+    path = project / ".mcp.json"
+    env = {"PYTHONPATH": "./evil", "NODE_OPTIONS": "--require ./evil.js", "LD_PRELOAD": "./evil.so", "LEVEL": "debug"}
+    before = write_client(path, {"mcpServers": {"mcp-armor": {"command": "mcp-armor", "args": ["serve"], "env": env}}})
+
+    code, out, err = run(capsys, "register", "claude-code", "--project", "--dry-run")
+    assert code == 0 and "dry run: nothing written" in out
+    assert '-        "NODE_OPTIONS": "--require ./evil.js",' in out and '+        "PYTHONPATH": "${PYTHONPATH}"' in out
+    dropped = [line for line in err.splitlines() if "dropped" in line]
+    assert [line.split("dropped ")[1].split()[0] for line in dropped] == ["LD_PRELOAD", "NODE_OPTIONS", "PYTHONPATH"]
+    assert dropped[0] == (
+        f"mcp-armor: warning: {path}: dropped LD_PRELOAD from the 'env' of the 'mcp-armor' entry: "
+        "it changes how the gateway runs or what code it loads"
+    )
+    assert path.read_bytes() == before
+
+    code, _, err = run(capsys, "register", "claude-code", "--project")
+    assert code == 0 and err.count("dropped") == 3
+    entry = servers_of(CLIENTS["claude-code"], path)["mcp-armor"]
+    assert entry["env"] == {"LEVEL": "debug", "PYTHONPATH": "${PYTHONPATH}"}  # the client's own, passed on
+
+    code, out, err = run(capsys, "register", "claude-code", "--project")
+    assert code == 0 and "already registered" in out and "dropped" not in err
 
 
 # Where each client starts a project's servers, and how a project file names the project directory.

@@ -277,6 +277,35 @@ def test_the_first_unset_variable_is_the_reason_and_a_set_one_makes_it_available
     assert load_config(path, environ={"FIRST": "1", "SECOND": "2"}).upstreams["git"].unavailable is None
 
 
+@pytest.mark.parametrize("placeholder", ["${VAR}", "$VAR", "${env:VAR}"])
+def test_a_variable_set_to_its_own_reference_is_not_set(tmp_path: Path, placeholder: str) -> None:
+    """What a client that leaves an unset variable's reference as written (Gemini CLI) hands the gateway."""
+    path = tmp_path / "upstreams.toml"
+    path.write_text(
+        '[gateway]\nstate = "${STATE:-.state}"\n'
+        '[upstreams.gh]\ncommand = "gh"\nenv = { GITHUB_TOKEN = "${GITHUB_TOKEN}" }\n'
+        '[upstreams.box]\ncommand = "box"\nenv = { LEVEL = "${LEVEL:-info}" }\n'
+    )
+    environ = {name: placeholder.replace("VAR", name) for name in ("STATE", "GITHUB_TOKEN", "LEVEL")}
+    config = load_config(path, environ=environ)
+    assert config.upstreams["gh"].unavailable == (
+        "environment variable GITHUB_TOKEN is not set (in [upstreams.gh] env.GITHUB_TOKEN)"
+    )
+    assert config.upstreams["box"].env == {"LEVEL": "info"}
+    assert config.state_dir == tmp_path / ".state"
+    assert [start.name for start in early_starts(path, environ)] == ["box"]
+
+    # Another variable's reference, or one inside a longer value, is a value like any other.
+    config = load_config(path, environ={"GITHUB_TOKEN": "${LEVEL}", "LEVEL": "x${LEVEL}"})
+    assert config.upstreams["gh"].env == {"GITHUB_TOKEN": "${LEVEL}"}
+    assert config.upstreams["box"].env == {"LEVEL": "x${LEVEL}"}
+
+    # In a [gateway] value it is an error, as when the variable is not there at all.
+    path.write_text('[gateway]\nstate = "${STATE}"\n')
+    with pytest.raises(ConfigError, match="environment variable STATE is not set"):
+        load_config(path, environ=environ)
+
+
 def test_the_http_token_is_needed_by_serving_http_alone(tmp_path: Path) -> None:
     """An unset token variable leaves the token out and says why, instead of failing every command."""
     path = tmp_path / "upstreams.toml"

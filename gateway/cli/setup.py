@@ -61,7 +61,9 @@ def register_command(args: argparse.Namespace) -> int:
         change = unregister(file, name)
     else:
         project_dir = Path.cwd() if args.project else None
-        change = register(file, name, config.path, variables(config_text.data), project_dir=project_dir)
+        change = register(
+            file, name, config.path, variables(config_text.data), project_dir=project_dir, pass_env=_pass_env(config)
+        )
         _check_entry(change, name, config_text, project_dir)
         _other_scopes(file, name)
     return _apply(change, args.dry_run, then=None if args.remove else _next_steps(client.title, config))
@@ -69,6 +71,12 @@ def register_command(args: argparse.Namespace) -> int:
 
 ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 """A name for the gateway's entry that every client accepts."""
+
+
+def _pass_env(config: Config) -> dict[str, tuple[str, ...]]:
+    """Where each `pass_env` is (`[gateway]`, `[upstreams.NAME]`) -> its entries."""
+    tables = {f"[upstreams.{name}]": upstream.pass_env for name, upstream in config.upstreams.items()}
+    return {"[gateway]": config.gateway.pass_env, **tables}
 
 
 def _check_entry(change: Registration, name: str, config_text: ConfigText, project_dir: Path | None) -> None:
@@ -129,9 +137,15 @@ def _other_scopes(file: ClientFile, name: str) -> None:
         )
 
 
-def _apply(change: Registration, dry_run: bool, *, then: str | None) -> int:
+def _tell(change: Registration) -> None:
+    for text in change.warnings:
+        print(f"mcp-armor: warning: {text}", file=sys.stderr)
     for text in change.notes:
         note(text)
+
+
+def _apply(change: Registration, dry_run: bool, *, then: str | None) -> int:
+    _tell(change)
     if not change.changed:
         print(change.message)
         return 0
@@ -194,7 +208,9 @@ def import_command(args: argparse.Namespace) -> int:
         without_moved(file, plan)
         project_dir = Path.cwd() if args.project else None
         name = config.gateway.name
-        change = register(file, name, new_config.path, variables(edited.data), plan.passthrough, project_dir)
+        change = register(
+            file, name, new_config.path, variables(edited.data), plan.passthrough, project_dir, _pass_env(new_config)
+        )
         _check_entry(change, name, edited, project_dir)
         if plan.removals:
             moved = len(plan.removals)
@@ -207,6 +223,7 @@ def import_command(args: argparse.Namespace) -> int:
         for policy, starter in policies.items():
             print(unified_diff(policy, None, starter.text), end="")
         if change is not None:
+            _tell(change)
             print(unified_diff(file.path, file.text, file.render()), end="")
         print("(dry run: nothing written)")
         return 1 if plan.left else 0
