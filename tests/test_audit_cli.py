@@ -19,6 +19,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from gateway.audit import event
+from gateway.audit_journal import SUFFIX, journal_directory
 from gateway.audit_store import KINDS, AuditStore, canonical
 from tests.conftest import REPO, fixture_upstream, gateway_client, write_config
 
@@ -206,6 +207,12 @@ effect = "ask"
 """
 
 
+def approvals_shown(config: Path, session: str) -> list[str]:
+    header, *lines = cli(config, "audit", "show", session).stdout.splitlines()
+    start, end = header.index("APPROVAL"), header.index("RULES")
+    return [line[start:end].strip() for line in lines if line[start:end].strip()]
+
+
 @pytest.mark.anyio
 async def test_show_says_what_became_of_each_approval_and_where_it_was_asked(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=ASKING)
@@ -220,11 +227,7 @@ async def test_show_says_what_became_of_each_approval_and_where_it_was_asked(tmp
     sessions = json.loads(cli(config, "audit", "sessions", "--json").stdout)
     client = sessions[0]["client"]
     assert client and len(sessions) == 3
-    approvals = []
-    for row in sessions:
-        header, *lines = cli(config, "audit", "show", row["session_id"]).stdout.splitlines()
-        start, end = header.index("APPROVAL"), header.index("RULES")
-        approvals.append([line[start:end].strip() for line in lines if line[start:end].strip()])
+    approvals = [approvals_shown(config, row["session_id"]) for row in sessions]
     assert approvals == [
         [f"granted by a person at {client}"],
         ["refused: the person declined it"],
@@ -232,11 +235,6 @@ async def test_show_says_what_became_of_each_approval_and_where_it_was_asked(tmp
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: an audit log emptied to 0 bytes reads as 'no audit log here (it is created when the gateway"
-    " first serves)', which hides its destruction",
-)
 def test_verify_says_an_emptied_audit_log_is_empty_not_absent(config: Path) -> None:
     record(config, *calls(3))
     log = config.parent / ".mcp-armor" / "audit.db"
@@ -246,3 +244,55 @@ def test_verify_says_an_emptied_audit_log_is_empty_not_absent(config: Path) -> N
     result = cli(config, "audit", "verify")
     assert result.returncode != 0
     assert "no audit log here" not in result.stderr and "created when the gateway first serves" not in result.stderr
+    assert result.stderr == f"mcp-armor: error: {log} is empty: it holds no audit log (was it emptied?)\n"
+
+
+def emptied(config: Path) -> Path:
+    """Empty the configuration's audit log as `: > audit.db` would (its WAL checkpointed into it first)."""
+    log = config.parent / ".mcp-armor" / "audit.db"
+    for leftover in (log.with_name("audit.db-wal"), log.with_name("audit.db-shm")):
+        leftover.unlink(missing_ok=True)
+    log.write_bytes(b"")
+    return log
+
+
+def test_an_emptied_log_is_not_filled_anew_from_the_journals_a_stopped_gateway_left(config: Path) -> None:
+    record(config, *calls(3))
+    log = emptied(config)
+    journal = journal_directory(log) / f"{'0' * 32}{SUFFIX}"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text(canonical(event("upstream", upstream="git", outcome="up", reason="started")) + "\n")
+    for args in (["verify"], ["export"], ["sessions"], ["show", SESSION[:8]], ["tail"]):
+        result = cli(config, "audit", *args)
+        assert (result.returncode, result.stdout) == (2, ""), args
+        assert "is empty: it holds no audit log (was it emptied?)" in result.stderr, args
+    assert log.read_bytes() == b""  # no reader made a fresh log of it
+    assert journal.exists()
+
+
+@pytest.mark.anyio
+async def test_tail_follow_reports_an_emptied_log_instead_of_waiting_for_it(config: Path) -> None:
+    record(config, *calls(3))
+    log = emptied(config)
+    with anyio.fail_after(30):
+        result = await anyio.run_process(command(config, "audit", "tail", "-f"), cwd=REPO, check=False)
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert result.stderr.decode() == f"mcp-armor: error: {log} is empty: it holds no audit log (was it emptied?)\n"
+
+
+@pytest.mark.anyio
+async def test_tail_follow_waits_for_the_schema_of_a_log_file_just_created(config: Path) -> None:
+    log = config.parent / ".mcp-armor" / "audit.db"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"")  # as a gateway's connection leaves it until its first transaction commits
+    async with following(config) as tail:
+        record(config, event("upstream", upstream="git", outcome="up", reason="started"))
+        assert (await tail.line()).startswith("1 ")
+
+
+def test_tail_refuses_an_empty_kind(config: Path) -> None:
+    record(config, *STARTUP)
+    for kinds in ([""], ["decision,"], ["decision", " "]):
+        result = cli(config, "audit", "tail", *(arg for kind in kinds for arg in ("--kind", kind)))
+        assert (result.returncode, result.stdout) == (2, ""), kinds
+        assert result.stderr == "mcp-armor: error: --kind: empty kind (one of: " + ", ".join(KINDS) + ")\n"
