@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.audit_journal import open_settled
 from gateway.audit_store import FIELDS, KINDS, AuditStore, EmptyLog, Filters, NoLogYet, iso_utc
+from gateway.calls import Answer
 from gateway.cli.common import print_table
 from gateway.config import IN_MEMORY, Config, parse_duration
 from gateway.errors import GatewayError
@@ -89,12 +90,20 @@ def show(config: Config, session: str, filters: Filters, as_json: bool) -> int:
 def _approval(record: dict[str, Any], outcome: str | None, asker: str) -> str:
     """What became of the person's approval an `ask` decision needed; `outcome` is the call's, `asker` the
     session's client."""
-    approval = record.get("approval")
-    if record["kind"] != "decision" or approval is None:
+    approval, request = record.get("approval"), record.get("approval_request")
+    if record["kind"] != "decision" or (approval is None and request is None):
         return ""
+    if isinstance(request, dict):  # what the person answered, whatever then became of the call
+        answer = request.get("answer")
+        if answer == Answer.GRANTED:
+            return f"granted by a person at {asker}"
+        if answer == Answer.PENDING:  # a 2026-07-28 round trip: the client's retry is a call of its own
+            return f"asked a person at {asker}"
+        return f"refused: {request.get('reason') or answer}"
+    # Recorded before `approval_request` was: "granted" said only that the call went on past its approval.
     if approval == "granted":
         return f"granted by a person at {asker}"
-    if outcome == "input_required":  # a 2026-07-28 round trip: the client's retry is a call of its own
+    if outcome == "input_required":
         return f"asked a person at {asker}"
     reason = str(record.get("reason") or "")
     # A refusal's reason is the policy's reason, then why no approval came: "...; the person declined it".
