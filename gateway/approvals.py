@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gateway.calls import Approval, Decision, ToolCall
+from gateway.calls import Answer, Approval, Channel, Decision, ToolCall
 from gateway.errors import format_seconds
 from gateway.schema import canonical_json, digest
 
@@ -65,19 +65,20 @@ class ApprovalDesk:
             f"Approve this exact call? (call {call.id}; expires in {format_seconds(self.ttl)})"
         )
 
-    def answer(self, response: Mapping[str, Any] | None) -> Approval:
-        """Read a person's elicitation answer: only an accepted form with `approve` ticked approves."""
+    def answer(self, response: Mapping[str, Any] | None, via: Channel = Channel.ELICITATION) -> Approval:
+        """Read a person's elicitation answer (asked through `via`): only an accepted form with `approve`
+        ticked approves."""
         if not isinstance(response, Mapping):
-            return Approval(False, "no answer came from the person")
+            return Approval(Answer.NO_ANSWER, "no answer came from the person", via)
         action = response.get("action")
         content = response.get("content")
         if action == "accept" and isinstance(content, Mapping) and content.get("approve") is True:
-            return Approval(True, "approved by a person")
+            return Approval(Answer.GRANTED, "approved by a person", via)
         if action == "accept":
-            return Approval(False, "the person did not tick 'Allow this call'")
+            return Approval(Answer.DECLINED, "the person did not tick 'Allow this call'", via)
         if action == "decline":
-            return Approval(False, "the person declined it")
-        return Approval(False, "the person dismissed the request without approving it")
+            return Approval(Answer.DECLINED, "the person declined it", via)
+        return Approval(Answer.DECLINED, "the person dismissed the request without approving it", via)
 
     def pending(self, call: ToolCall, decision: Decision) -> Approval:
         """The `input_required` result that asks the client to collect the person's answer."""
@@ -90,7 +91,7 @@ class ApprovalDesk:
             "inputRequests": {REQUEST_KEY: request},
             "requestState": self.seal(call),
         }
-        return Approval(False, "waiting for a person's approval", pending=result)
+        return Approval(Answer.PENDING, "waiting for a person's approval", Channel.ROUND_TRIP, pending=result)
 
     def seal(self, call: ToolCall) -> str:
         now = self._clock()
@@ -101,26 +102,30 @@ class ApprovalDesk:
     def redeem(self, state: str | None, response: Mapping[str, Any] | None, call: ToolCall) -> Approval:
         """Check a retried call's `requestState` and the person's answer; each state approves once."""
         if not state:
-            return Approval(False, "the retry carried no approval state")
+            return _invalid("the retry carried no approval state")
         body, _, signature = state.partition(".")
         if not hmac.compare_digest(signature, self._sign(body)):
-            return Approval(False, "the approval state was not issued by this gateway (or was altered)")
+            return _invalid("the approval state was not issued by this gateway (or was altered)")
         try:
             claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
             bound, expires, nonce = str(claims["b"]), float(claims["exp"]), str(claims["n"])
         except (ValueError, KeyError, TypeError):
-            return Approval(False, "the approval state is malformed")
+            return _invalid("the approval state is malformed")
         now = self._clock()
         self._used = {key: until for key, until in self._used.items() if until > now}
         if expires <= now:
-            return Approval(False, "the approval expired; call again to ask anew")
+            return _invalid("the approval expired; call again to ask anew")
         if not hmac.compare_digest(bound, self.binding(call)):
-            return Approval(False, "the approval was given for a different call (tool or arguments changed)")
+            return _invalid("the approval was given for a different call (tool or arguments changed)")
         if nonce in self._used:
-            return Approval(False, "this approval was already used; each approval covers one call")
-        verdict = self.answer(response)
+            return _invalid("this approval was already used; each approval covers one call")
+        verdict = self.answer(response, Channel.ROUND_TRIP)
         self._used[nonce] = expires
         return verdict
 
     def _sign(self, body: str) -> str:
         return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+
+
+def _invalid(reason: str) -> Approval:
+    return Approval(Answer.INVALID, reason, Channel.ROUND_TRIP)

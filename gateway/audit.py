@@ -34,7 +34,7 @@ import anyio.abc
 
 from gateway.audit_journal import ROTATE_BYTES, Journal, journal_directory, recover, report_recovered
 from gateway.audit_store import FIELDS, AuditError, AuditStore, Mark, canonical, is_locked, now_iso
-from gateway.calls import Decision, Effect, Outcome, OutcomeKind, SessionInfo, ToolCall
+from gateway.calls import Approval, Decision, Effect, Outcome, OutcomeKind, SessionInfo, ToolCall
 from gateway.config import IN_MEMORY
 from gateway.pins import Assessment
 from gateway.pipeline import Handler
@@ -377,6 +377,8 @@ class CallAudit:
         self._sessions: dict[str, SessionInfo] = {}
         self._decisions: dict[str, Decision] = {}
         """Decisions made but not yet recorded, by call id."""
+        self._answers: dict[str, Approval] = {}
+        """What came of asking a person about a call, by call id, until the call's outcome is recorded."""
         self._recorded: dict[str, tuple[ToolCall, Redaction]] = {}
         """Calls whose decision is committed and whose outcome is not yet, with their masked arguments."""
         self._in_flight = 0
@@ -425,6 +427,10 @@ class CallAudit:
         """The policy stage's decision on a call, kept until it is recorded."""
         self._decisions[call.id] = decision
 
+    def answered(self, call: ToolCall, approval: Approval) -> None:
+        """What came of asking a person about a call, kept until its decision is recorded."""
+        self._answers[call.id] = approval
+
     async def outcomes(self, call: ToolCall, call_next: Handler) -> Outcome:
         """Outermost stage: record how the call ended (and its decision, if it never got that far)."""
         started = time.perf_counter()
@@ -447,7 +453,8 @@ class CallAudit:
 
     async def decisions(self, call: ToolCall, call_next: Handler) -> Outcome:
         """Just before forwarding: commit the decision, or refuse the call."""
-        body, redaction = self._decision_event(call, call.decision or self._decisions.get(call.id))
+        decision = call.decision or self._decisions.get(call.id)
+        body, redaction = self._decision_event(call, decision, approval=self._answers.get(call.id))
         self._recorded[call.id] = (call, redaction)  # before the wait: a cancelled wait still leaves it committed
         try:
             await self.recorder.record(body, alone=self._in_flight == 1)
@@ -505,13 +512,14 @@ class CallAudit:
         events = []
         decision = self._decisions.pop(call.id, None)
         recorded = self._recorded.pop(call.id, None)
+        approval = self._answers.pop(call.id, None)
         if recorded is not None:
             redaction = recorded[1]
         else:
             # No policy decision: the tool's own input schema (checked first) refused the arguments.
             stage = "policy" if decision is not None else "input-schema"
             decision = decision or Decision(Effect.DENY, outcome.reason, self.engine.policies.revision)
-            body, redaction = self._decision_event(call, decision, refusal=outcome, stage=stage)
+            body, redaction = self._decision_event(call, decision, refusal=outcome, stage=stage, approval=approval)
             events.append(body)
         events.append(self._outcome_event(call, outcome, duration_ms, redaction))
         try:
@@ -539,7 +547,13 @@ class CallAudit:
         }
 
     def _decision_event(
-        self, call: ToolCall, decision: Decision | None, *, refusal: Outcome | None = None, stage: str = "policy"
+        self,
+        call: ToolCall,
+        decision: Decision | None,
+        *,
+        refusal: Outcome | None = None,
+        stage: str = "policy",
+        approval: Approval | None = None,
     ) -> tuple[dict[str, Any], Redaction]:
         if decision is None:  # cannot happen: the policy stage always decides before this stage runs
             decision = Decision(Effect.DENY, "no policy decision was made", self.engine.policies.revision)
@@ -555,7 +569,13 @@ class CallAudit:
         reason = refusal.reason if refusal is not None and refusal.reason else decision.reason
         fields["stage"] = stage
         if decision.effect is Effect.ASK:
+            # `approval` says whether the call went on past its approval; `approval_request` what the
+            # person answered, and how they were asked (granted, then refused by a rate limit: both).
             fields["approval"] = "granted" if refusal is None else "not granted"
+            if approval is not None:
+                request = approval.to_record()
+                request["reason"] = redaction.scrub(request["reason"], redactor)
+                fields["approval_request"] = request
         if decision.would is not None:
             fields["would"] = decision.would.value
         if decision.monitored:

@@ -113,7 +113,9 @@ def open_settled(log: Path) -> AuditStore:
     written by this user, it is read as it is, with a warning.
     """
     directory = journal_directory(log)
-    if log.is_file() and any(not _held(path) for path in directory.glob(f"*{SUFFIX}")):
+    # Read first: an emptied log is reported as such, never filled anew from journals by a reader.
+    AuditStore.open_reader(log).close()
+    if any(not _held(path) for path in directory.glob(f"*{SUFFIX}")):
         try:
             store = AuditStore.open_writer(log)
             try:

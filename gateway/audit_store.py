@@ -94,7 +94,11 @@ class AuditError(GatewayError):
 
 
 class NoLogYet(AuditError):
-    """There is no audit log at the path (yet): nothing there, or a file still being created."""
+    """There is no audit log at the path (yet): no file there."""
+
+
+class EmptyLog(AuditError):
+    """The file at the path holds no audit log: emptied, or (for a moment) just created by a gateway."""
 
 
 def canonical(event: Mapping[str, Any]) -> str:
@@ -208,19 +212,22 @@ class AuditStore:
 
     @classmethod
     def open_reader(cls, path: Path) -> AuditStore:
-        """Open read-only, for queries and verification."""
-        missing = f"{path}: no audit log here (it is created when the gateway first serves)"
-        if not path.is_file():
-            raise NoLogYet(missing)
+        """Open read-only, for queries and verification.
+
+        Only a missing file is "no log yet": an existing file without the schema is an error, since a
+        log emptied (`: > audit.db`) must not pass for one never created.
+        """
+        if not path.exists():
+            raise NoLogYet(f"{path}: no audit log here (it is created when the gateway first serves)")
         try:
             connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
             connection.execute("PRAGMA busy_timeout = 10000")
             version = connection.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
             raise AuditError(f"{path}: cannot read the audit log: {exc}") from None
-        if version == 0:  # created, and its schema not committed yet (or an empty file)
+        if version == 0:  # emptied, or created by a gateway that has not committed the schema yet
             connection.close()
-            raise NoLogYet(missing)
+            raise EmptyLog(f"{path} is empty: it holds no audit log (was it emptied?)")
         if version not in READABLE_VERSIONS:
             connection.close()
             raise AuditError(f"{path}: audit log schema {version}, this mcp-armor reads schema {SCHEMA_VERSION}")

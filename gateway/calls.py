@@ -127,6 +127,30 @@ class ToolCall:
         }
 
 
+class Answer(StrEnum):
+    """What came of asking a person, as the audit log records it (whatever then became of the call)."""
+
+    GRANTED = "granted"
+    DECLINED = "declined"
+    """Declined, dismissed, or the "Allow this call" box left unticked."""
+    NO_ANSWER = "no answer"
+    CANNOT_ASK = "could not ask"
+    """The client cannot elicit, or failed to ask."""
+    INVALID = "invalid"
+    """A 2026-07-28 retry whose approval state is missing, forged, expired, for another call or used."""
+    PENDING = "pending"
+    """Asked by an `input_required` round trip: the answer comes with the client's retry, a call of its own."""
+
+
+class Channel(StrEnum):
+    """How the person was asked."""
+
+    ELICITATION = "elicitation"
+    """An elicitation request while the call waits (handshake-era connections)."""
+    ROUND_TRIP = "input_required"
+    """An `input_required` result and the client's retry (2026-07-28 connections)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Approval:
     """A person's answer to "may this call go ahead?".
@@ -135,9 +159,18 @@ class Approval:
     (2026-07-28 connections): the agent's client asks the person and retries the call with the answer.
     """
 
-    granted: bool
+    answer: Answer
     reason: str = ""
+    via: Channel | None = None
+    """`None`: no channel reached a person."""
     pending: Mapping[str, Any] | None = None
+
+    @property
+    def granted(self) -> bool:
+        return self.answer is Answer.GRANTED
+
+    def to_record(self) -> dict[str, Any]:
+        return {"answer": self.answer.value, "via": self.via.value if self.via else None, "reason": self.reason}
 
 
 Approver = Callable[[ToolCall, Decision], Awaitable[Approval]]

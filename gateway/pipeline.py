@@ -21,7 +21,7 @@ from mcp_types import methods as spec_methods
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ValidationError
 
-from gateway.calls import Decision, Effect, Outcome, OutcomeKind, ToolCall, WireResult
+from gateway.calls import Answer, Approval, Channel, Decision, Effect, Outcome, OutcomeKind, ToolCall, WireResult
 from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy import PolicyEngine
 from gateway.upstreams import UpstreamPool
@@ -62,7 +62,8 @@ class EnforcePolicy:
     """Decide the call under the current policies; refuse, ask a person, rewrite, or let it through.
 
     After the upstream has answered, the result rules screen what goes back to the agent. `observe`
-    sees every decision as soon as it is made (the audit records it, however the call ends).
+    sees every decision as soon as it is made, and `answered` what came of asking a person (the audit
+    records both, however the call ends).
     """
 
     def __init__(
@@ -71,11 +72,13 @@ class EnforcePolicy:
         *,
         ask_timeout: float,
         observe: Callable[[ToolCall, Decision], None] | None = None,
+        answered: Callable[[ToolCall, Approval], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.ask_timeout = ask_timeout
         self._observe = observe
+        self._answered = answered
         self._clock = clock
 
     async def __call__(self, call: ToolCall, call_next: Handler) -> Outcome:
@@ -122,19 +125,25 @@ class EnforcePolicy:
 
     async def _ask(self, call: ToolCall, decision: Decision) -> Outcome | None:
         """Ask a person; `None` when they approved, else the outcome to return instead of the call's."""
-        if call.approver is None:
-            return Outcome.refused(
-                call, f"{decision.reason}; this client cannot ask a person (it does not support elicitation)"
-            )
-        with anyio.move_on_after(self.ask_timeout) as waited:
-            approval = await call.approver(call, decision)
-        if waited.cancelled_caught:
-            return Outcome.refused(call, f"{decision.reason}; no answer within {format_seconds(self.ask_timeout)}")
+        approval = await self._approval(call, decision)
+        if self._answered is not None:
+            self._answered(call, approval)
         if approval.pending is not None:
             return Outcome.input_required(approval.pending)
         if not approval.granted:
             return Outcome.refused(call, f"{decision.reason}; {approval.reason}")
         return None
+
+    async def _approval(self, call: ToolCall, decision: Decision) -> Approval:
+        if call.approver is None:
+            return Approval(Answer.CANNOT_ASK, "this client cannot ask a person (it does not support elicitation)")
+        with anyio.move_on_after(self.ask_timeout) as waited:
+            approval = await call.approver(call, decision)
+        if waited.cancelled_caught:
+            # Only an elicitation waits for the person: a round trip's approver answers at once.
+            no_answer = f"no answer within {format_seconds(self.ask_timeout)}"
+            return Approval(Answer.NO_ANSWER, no_answer, Channel.ELICITATION)
+        return approval
 
 
 class Forward:
@@ -222,5 +231,6 @@ def _result_model(version: str) -> type[BaseModel] | None:
 
 
 def build_pipeline(pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit) -> Handler:
-    policy = EnforcePolicy(engine, ask_timeout=pool.config.gateway.ask_timeout, observe=audit.observe)
+    ask_timeout = pool.config.gateway.ask_timeout
+    policy = EnforcePolicy(engine, ask_timeout=ask_timeout, observe=audit.observe, answered=audit.answered)
     return compose([audit.outcomes, check_arguments, policy, audit.decisions], Forward(pool))

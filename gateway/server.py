@@ -25,7 +25,18 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from gateway import __version__
 from gateway.approvals import REQUEST_KEY, REQUESTED_SCHEMA, ApprovalDesk
 from gateway.audit import SHUTDOWN_GRACE, CallAudit
-from gateway.calls import Approval, Approver, Decision, OutcomeKind, ProgressFn, Relay, SessionInfo, ToolCall
+from gateway.calls import (
+    Answer,
+    Approval,
+    Approver,
+    Channel,
+    Decision,
+    OutcomeKind,
+    ProgressFn,
+    Relay,
+    SessionInfo,
+    ToolCall,
+)
 from gateway.catalog import Catalog, ExposedTool
 from gateway.errors import GatewayError, ProtocolError, UpstreamError
 from gateway.pins import Lock, LockError
@@ -304,7 +315,8 @@ class Gateway:
             try:
                 result = await elicit(desk.message(call, decision), REQUESTED_SCHEMA)
             except ProtocolError as exc:
-                return Approval(False, f"the client could not ask a person ({exc.message})")
+                failed = f"the client could not ask a person ({exc.message})"
+                return Approval(Answer.CANNOT_ASK, failed, Channel.ELICITATION)
             return desk.answer(result)
 
         return by_elicitation

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.approvals import REQUEST_KEY, ApprovalDesk
-from gateway.calls import Decision, Effect, SessionInfo, ToolCall
+from gateway.audit import CallAudit, Recorder
+from gateway.audit_store import AuditError, AuditStore
+from gateway.calls import Answer, Approval, Channel, Decision, Effect, Outcome, OutcomeKind, SessionInfo, ToolCall
 from gateway.catalog import Catalog, normalise_listing
+from gateway.pipeline import EnforcePolicy, compose
+from gateway.policy import PolicyEngine
+from gateway.policy_files import load_policies
 
 ACCEPT = {"action": "accept", "content": {"approve": True}}
 
@@ -89,3 +97,62 @@ def test_a_forged_or_mangled_state_is_refused(call: ToolCall) -> None:
     assert "not issued by this gateway" in desk.redeem(ApprovalDesk(60).seal(call), ACCEPT, call).reason
     assert "no approval state" in desk.redeem(None, ACCEPT, call).reason
     assert "not issued" in desk.redeem("garbage", ACCEPT, call).reason
+
+
+@pytest.mark.anyio
+async def test_an_approval_granted_stays_granted_in_the_log_when_the_audit_then_refuses_the_call(
+    tmp_path: Path, call: ToolCall
+) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "ask.toml").write_text('[[rule]]\nid = "w"\ntools = ["box__write"]\neffect = "ask"\n')
+    engine = PolicyEngine(load_policies(tmp_path / "policies"))
+    engine.index_tools(["box__write"])
+    recorder = Recorder(tmp_path / "audit.db")
+    failed: list[str] = []
+    real_record = recorder.record
+
+    async def record_failing_once(*bodies: Mapping[str, Any], alone: bool = False) -> None:
+        if not failed:
+            failed.append(bodies[0]["kind"])
+            raise AuditError("disk full")
+        await real_record(*bodies, alone=alone)
+
+    async def approve(call: ToolCall, decision: Decision) -> Approval:
+        return Approval(Answer.GRANTED, "approved by a person", Channel.ELICITATION)
+
+    async def forward(call: ToolCall) -> Outcome:
+        raise AssertionError("a call whose decision was not recorded was forwarded")
+
+    async with recorder.running():
+        recorder.record = record_failing_once  # type: ignore[method-assign]
+        audit = CallAudit(recorder, engine)
+        policy = EnforcePolicy(engine, ask_timeout=10, observe=audit.observe, answered=audit.answered)
+        outcome = await compose([audit.outcomes, policy, audit.decisions], forward)(replace(call, approver=approve))
+    assert failed == ["decision"]
+    assert outcome.kind is OutcomeKind.REFUSED and "the audit log cannot record this call" in outcome.reason
+    store = AuditStore.open_reader(tmp_path / "audit.db")
+    try:
+        (decision,) = [record for record in store.events() if record["kind"] == "decision"]
+    finally:
+        store.close()
+    assert decision["approval"] == "not granted"  # the call did not go on
+    assert decision["approval_request"] == {"answer": "granted", "via": "elicitation", "reason": "approved by a person"}
+
+
+def test_answers_say_what_the_person_did_and_how_they_were_asked(call: ToolCall) -> None:
+    desk = ApprovalDesk(60)
+    heard = [desk.answer({"action": "decline"}), desk.answer(None), desk.answer(ACCEPT)]
+    assert [(item.answer, item.via) for item in heard] == [
+        (Answer.DECLINED, Channel.ELICITATION),
+        (Answer.NO_ANSWER, Channel.ELICITATION),
+        (Answer.GRANTED, Channel.ELICITATION),
+    ]
+    pending = desk.pending(call, DECISION)
+    assert (pending.answer, pending.via, pending.granted) == (Answer.PENDING, Channel.ROUND_TRIP, False)
+    assert pending.pending is not None
+    state = pending.pending["requestState"]
+    retried = [desk.redeem(state, {"action": "decline"}, call), desk.redeem(state, ACCEPT, call)]
+    assert [(item.answer, item.via) for item in retried] == [
+        (Answer.DECLINED, Channel.ROUND_TRIP),
+        (Answer.INVALID, Channel.ROUND_TRIP),  # already used
+    ]

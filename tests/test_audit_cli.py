@@ -19,6 +19,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from gateway.audit import event
+from gateway.audit_journal import SUFFIX, journal_directory
 from gateway.audit_store import KINDS, AuditStore, canonical
 from tests.conftest import REPO, fixture_upstream, gateway_client, write_config
 
@@ -206,6 +207,12 @@ effect = "ask"
 """
 
 
+def approvals_shown(config: Path, session: str) -> list[str]:
+    header, *lines = cli(config, "audit", "show", session).stdout.splitlines()
+    start, end = header.index("APPROVAL"), header.index("RULES")
+    return [line[start:end].strip() for line in lines if line[start:end].strip()]
+
+
 @pytest.mark.anyio
 async def test_show_says_what_became_of_each_approval_and_where_it_was_asked(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=ASKING)
@@ -220,11 +227,7 @@ async def test_show_says_what_became_of_each_approval_and_where_it_was_asked(tmp
     sessions = json.loads(cli(config, "audit", "sessions", "--json").stdout)
     client = sessions[0]["client"]
     assert client and len(sessions) == 3
-    approvals = []
-    for row in sessions:
-        header, *lines = cli(config, "audit", "show", row["session_id"]).stdout.splitlines()
-        start, end = header.index("APPROVAL"), header.index("RULES")
-        approvals.append([line[start:end].strip() for line in lines if line[start:end].strip()])
+    approvals = [approvals_shown(config, row["session_id"]) for row in sessions]
     assert approvals == [
         [f"granted by a person at {client}"],
         ["refused: the person declined it"],
@@ -232,11 +235,6 @@ async def test_show_says_what_became_of_each_approval_and_where_it_was_asked(tmp
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: an audit log emptied to 0 bytes reads as 'no audit log here (it is created when the gateway"
-    " first serves)', which hides its destruction",
-)
 def test_verify_says_an_emptied_audit_log_is_empty_not_absent(config: Path) -> None:
     record(config, *calls(3))
     log = config.parent / ".mcp-armor" / "audit.db"
@@ -246,3 +244,164 @@ def test_verify_says_an_emptied_audit_log_is_empty_not_absent(config: Path) -> N
     result = cli(config, "audit", "verify")
     assert result.returncode != 0
     assert "no audit log here" not in result.stderr and "created when the gateway first serves" not in result.stderr
+    assert result.stderr == f"mcp-armor: error: {log} is empty: it holds no audit log (was it emptied?)\n"
+
+
+def emptied(config: Path) -> Path:
+    """Empty the configuration's audit log as `: > audit.db` would (its WAL checkpointed into it first)."""
+    log = config.parent / ".mcp-armor" / "audit.db"
+    for leftover in (log.with_name("audit.db-wal"), log.with_name("audit.db-shm")):
+        leftover.unlink(missing_ok=True)
+    log.write_bytes(b"")
+    return log
+
+
+def test_an_emptied_log_is_not_filled_anew_from_the_journals_a_stopped_gateway_left(config: Path) -> None:
+    record(config, *calls(3))
+    log = emptied(config)
+    journal = journal_directory(log) / f"{'0' * 32}{SUFFIX}"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text(canonical(event("upstream", upstream="git", outcome="up", reason="started")) + "\n")
+    for args in (["verify"], ["export"], ["sessions"], ["show", SESSION[:8]], ["tail"]):
+        result = cli(config, "audit", *args)
+        assert (result.returncode, result.stdout) == (2, ""), args
+        assert "is empty: it holds no audit log (was it emptied?)" in result.stderr, args
+    assert log.read_bytes() == b""  # no reader made a fresh log of it
+    assert journal.exists()
+
+
+@pytest.mark.anyio
+async def test_tail_follow_reports_an_emptied_log_instead_of_waiting_for_it(config: Path) -> None:
+    record(config, *calls(3))
+    log = emptied(config)
+    with anyio.fail_after(30):
+        result = await anyio.run_process(command(config, "audit", "tail", "-f"), cwd=REPO, check=False)
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert result.stderr.decode() == f"mcp-armor: error: {log} is empty: it holds no audit log (was it emptied?)\n"
+
+
+@pytest.mark.anyio
+async def test_tail_follow_waits_for_the_schema_of_a_log_file_just_created(config: Path) -> None:
+    log = config.parent / ".mcp-armor" / "audit.db"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"")  # as a gateway's connection leaves it until its first transaction commits
+    async with following(config) as tail:
+        record(config, event("upstream", upstream="git", outcome="up", reason="started"))
+        assert (await tail.line()).startswith("1 ")
+
+
+def test_tail_refuses_an_empty_kind(config: Path) -> None:
+    record(config, *STARTUP)
+    for kinds in ([""], ["decision,"], ["decision", " "]):
+        result = cli(config, "audit", "tail", *(arg for kind in kinds for arg in ("--kind", kind)))
+        assert (result.returncode, result.stdout) == (2, ""), kinds
+        assert result.stderr == "mcp-armor: error: --kind: empty kind (one of: " + ", ".join(KINDS) + ")\n"
+
+
+LIMITED = (
+    ASKING
+    + """reason = "notes are kept; a person reads them"
+rate = "1/minute"
+"""
+)
+
+
+class Together:
+    """A person who answers only once `count` approval requests are open, accepting or declining each."""
+
+    def __init__(self, count: int, action: str) -> None:
+        self.count, self.action = count, action
+        self.asked = 0
+        self.all_asked = anyio.Event()
+
+    async def __call__(self, context: Any, params: Any) -> types.ElicitResult:
+        self.asked += 1
+        if self.asked == self.count:
+            self.all_asked.set()
+        with anyio.fail_after(30):
+            await self.all_asked.wait()
+        return types.ElicitResult(action=self.action, content={"approve": True} if self.action == "accept" else None)
+
+
+@pytest.mark.anyio
+async def test_show_tells_an_approval_granted_from_a_call_then_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=LIMITED)
+    person = Together(2, "accept")
+    async with gateway_client(config, elicitation=person) as client, anyio.create_task_group() as group:
+        results: list[bool] = []
+
+        async def write(path: str) -> None:
+            results.append((await client.call_tool("box__write_note", {"path": path, "body": "x"})).is_error)
+
+        group.start_soon(write, "notes/a")
+        group.start_soon(write, "notes/b")
+    assert sorted(results) == [False, True]  # both approved; the rate (1/minute) lets one go ahead
+    async with gateway_client(config, elicitation=Answer("decline")) as client:
+        assert (await client.call_tool("box__write_note", {"path": "notes/c", "body": "x"})).is_error
+    sessions = json.loads(cli(config, "audit", "sessions", "--json").stdout)
+    client_name = sessions[0]["client"]
+    decisions = [
+        record
+        for record in map(json.loads, cli(config, "audit", "export").stdout.splitlines())
+        if record["kind"] == "decision"
+    ]
+    requests = [(record["approval"], record["approval_request"]) for record in decisions]
+    granted = {"answer": "granted", "via": "elicitation", "reason": "approved by a person"}
+    assert sorted(requests[:2], key=str) == [("granted", granted), ("not granted", granted)]
+    declined = {"answer": "declined", "via": "elicitation", "reason": "the person declined it"}
+    assert requests[2] == ("not granted", declined)
+    assert approvals_shown(config, sessions[0]["session_id"]) == [f"granted by a person at {client_name}"] * 2
+    assert approvals_shown(config, sessions[1]["session_id"]) == ["refused: the person declined it"]
+
+
+@pytest.mark.anyio
+async def test_show_records_a_refused_round_trip_retry_whole(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=ASKING)
+    async with gateway_client(config, mode="auto", elicitation=Answer("accept")) as client:
+        assert not (await client.call_tool("box__write_note", {"path": "notes/a", "body": "x"})).is_error
+    (session,) = json.loads(cli(config, "audit", "sessions", "--json").stdout)
+    requests = [
+        record["approval_request"]
+        for record in map(json.loads, cli(config, "audit", "export").stdout.splitlines())
+        if record["kind"] == "decision"
+    ]
+    assert [(request["answer"], request["via"]) for request in requests] == [
+        ("pending", "input_required"),
+        ("granted", "input_required"),
+    ]
+    # A reason with "; " in it is shown whole.
+    expired = {"answer": "invalid", "via": "input_required", "reason": "the approval expired; call again to ask anew"}
+    record(
+        config,
+        event(
+            "decision",
+            session_id=session["session_id"],
+            call_id="c-late",
+            tool="box__write_note",
+            decision="ask",
+            reason="rule 'notes-asked' needs a person's approval; the approval expired; call again to ask anew",
+            approval="not granted",
+            approval_request=expired,
+        ),
+    )
+    assert approvals_shown(config, session["session_id"])[-1] == "refused: the approval expired; call again to ask anew"
+
+
+def test_show_reads_approvals_recorded_before_their_answer_was(config: Path) -> None:
+    asked = {"session_id": SESSION, "tool": "box__write_note", "decision": "ask"}
+    record(
+        config,
+        event("session_start", session_id=SESSION, client_name="claude-code", transport="stdio"),
+        event("decision", **asked, call_id="c1", approval="granted", reason="rule 'w' needs a person's approval"),
+        event(
+            "decision",
+            **asked,
+            call_id="c2",
+            approval="not granted",
+            reason="rule 'w' needs...; the person declined it",
+        ),
+    )
+    assert approvals_shown(config, SESSION[:8]) == [
+        "granted by a person at claude-code",
+        "refused: the person declined it",
+    ]

@@ -13,12 +13,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.audit_journal import open_settled
-from gateway.audit_store import FIELDS, KINDS, AuditStore, Filters, NoLogYet, iso_utc
+from gateway.audit_store import FIELDS, KINDS, AuditStore, EmptyLog, Filters, NoLogYet, iso_utc
+from gateway.calls import Answer
 from gateway.cli.common import print_table
 from gateway.config import IN_MEMORY, Config, parse_duration
 from gateway.errors import GatewayError
 
 FOLLOW_POLL = 0.25
+SCHEMA_WAIT = 5.0
+"""How long `tail -f` waits for the schema of a log file that exists without one."""
 _NAMED = 3
 """A folded catalogue change of at most this many tools names them."""
 _HEAD = ("seq", *FIELDS)
@@ -87,12 +90,20 @@ def show(config: Config, session: str, filters: Filters, as_json: bool) -> int:
 def _approval(record: dict[str, Any], outcome: str | None, asker: str) -> str:
     """What became of the person's approval an `ask` decision needed; `outcome` is the call's, `asker` the
     session's client."""
-    approval = record.get("approval")
-    if record["kind"] != "decision" or approval is None:
+    approval, request = record.get("approval"), record.get("approval_request")
+    if record["kind"] != "decision" or (approval is None and request is None):
         return ""
+    if isinstance(request, dict):  # what the person answered, whatever then became of the call
+        answer = request.get("answer")
+        if answer == Answer.GRANTED:
+            return f"granted by a person at {asker}"
+        if answer == Answer.PENDING:  # a 2026-07-28 round trip: the client's retry is a call of its own
+            return f"asked a person at {asker}"
+        return f"refused: {request.get('reason') or answer}"
+    # Recorded before `approval_request` was: "granted" said only that the call went on past its approval.
     if approval == "granted":
         return f"granted by a person at {asker}"
-    if outcome == "input_required":  # a 2026-07-28 round trip: the client's retry is a call of its own
+    if outcome == "input_required":
         return f"asked a person at {asker}"
     reason = str(record.get("reason") or "")
     # A refusal's reason is the policy's reason, then why no approval came: "...; the person declined it".
@@ -129,7 +140,9 @@ def tail(config: Config, filters: Filters, lines: int, follow: bool, as_json: bo
 
 def parse_kinds(values: list[str] | None) -> tuple[str, ...] | None:
     """`--kind` values (repeated, or comma-separated) -> the kinds asked for, each one the log knows."""
-    kinds = tuple(dict.fromkeys(kind.strip() for value in values or () for kind in value.split(",") if kind.strip()))
+    kinds = tuple(dict.fromkeys(kind.strip() for value in values or () for kind in value.split(",")))
+    if "" in kinds:  # never read as "every kind"
+        raise GatewayError(f"--kind: empty kind (one of: {', '.join(KINDS)})")
     for kind in kinds:
         if kind not in KINDS:
             raise GatewayError(f"--kind: unknown kind {kind!r} (one of: {', '.join(KINDS)})")
@@ -137,20 +150,29 @@ def parse_kinds(values: list[str] | None) -> tuple[str, ...] | None:
 
 
 def _following(config: Config) -> tuple[AuditStore, bool]:
-    """The log to follow, waiting for it to be created if there is none yet; whether it was waited for."""
+    """The log to follow, waiting for it to be created if there is none yet; whether it was waited for.
+
+    It waits as long as there is no file. A file without the log's schema is given `SCHEMA_WAIT`
+    seconds (a gateway creates the file, then the schema in its first transaction) and is then
+    reported as empty: a log emptied after the fact must not look like one still to come.
+    """
     path = config.audit_path
     if str(path) == IN_MEMORY:
         raise GatewayError('the audit log is kept in memory (audit = ":memory:"): there is no file to follow')
-    try:
-        return open_settled(path), False
-    except NoLogYet:
-        print(f"mcp-armor: waiting for {path} (there is no audit log yet)", file=sys.stderr, flush=True)
+    waited, schemaless_until = False, None
     while True:
-        time.sleep(FOLLOW_POLL)
         try:
-            return open_settled(path), True
+            return open_settled(path), waited
         except NoLogYet:
-            continue
+            if not waited:
+                print(f"mcp-armor: waiting for {path} (there is no audit log yet)", file=sys.stderr, flush=True)
+            schemaless_until = None
+        except EmptyLog:
+            schemaless_until = schemaless_until or time.monotonic() + SCHEMA_WAIT
+            if time.monotonic() > schemaless_until:
+                raise
+        waited = True
+        time.sleep(FOLLOW_POLL)
 
 
 def _show_latest(store: AuditStore, filters: Filters, lines: int, as_json: bool, fold: bool) -> int:
