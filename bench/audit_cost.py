@@ -27,7 +27,7 @@ from policy_eval import TOOLS, rule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.audit import Recorder, event
+from gateway.audit.recorder import Recorder, event
 
 PRODUCERS = 64
 

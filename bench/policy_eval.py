@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.policy import PolicyEngine
-from gateway.policy_files import load_policies
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.files import load_policies
 
 TOOLS = [f"up{index % 5}__tool{index}" for index in range(50)]
 ARGUMENTS = {"path": "/srv/project/src/module.py", "limit": 20, "mode": "read"}

@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from gateway.catalog import ExposedTool
+    from gateway.catalog.listing import ExposedTool
 
 RECORD_VERSION = 1
 
@@ -239,3 +239,7 @@ class Outcome:
 
 def _error_result(text: str) -> dict[str, Any]:
     return {"content": [{"type": "text", "text": text}], "isError": True}
+
+
+Handler = Callable[[ToolCall], Awaitable[Outcome]]
+"""The rest of the pipeline, as a stage sees it: hand it the call, get the outcome."""

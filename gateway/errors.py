@@ -9,8 +9,8 @@
           ├── UpstreamTimeout     no answer within the upstream's timeout
           └── UpstreamFault       answered, but with a JSON-RPC error or a malformed result
 
-Errors become MCP results or JSON-RPC errors where a transport answers a request (`gateway.stdio`,
-`gateway.sdk_server`), and one line on stderr in
+Errors become MCP results or JSON-RPC errors where a transport answers a request (`gateway.downstream.stdio`,
+`gateway.downstream.http`), and one line on stderr in
 `gateway.cli` only. Their messages are written for the person or model reading them: they never carry
 a traceback or the text of an unexpected exception.
 """

@@ -1,7 +1,7 @@
 """The `mcp-armor` command's entry point: `serve` starts its upstream servers before the rest loads.
 
 Loading the gateway (the MCP SDK above all) takes about half a second, and so does starting a
-Python upstream server. Started here, from the file as written (gateway.config_source: the standard
+Python upstream server. Started here, from the file as written (gateway.config.source: the standard
 library only, no validation yet), the upstreams boot while the gateway loads. The pool adopts each
 process whose command, environment and directory are what the validated config asks for; whatever
 was started ahead and not adopted (the config turned out invalid, or said otherwise) is stopped
@@ -20,19 +20,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["serve"] and "-h" not in words and not any(_spells(word, "--help") for word in words):
         _start_ahead(words)
-    from gateway import children
     from gateway.cli import main as cli_main
+    from gateway.upstream import processes
 
     try:
         return cli_main(words)
     finally:
-        children.discard_ahead()  # whatever was started ahead and not adopted (none unless serving)
+        processes.discard_ahead()  # whatever was started ahead and not adopted (none unless serving)
 
 
 def _start_ahead(words: list[str]) -> None:
-    from gateway import children
-    from gateway.config_source import DEFAULT_CONFIG, early_starts
+    from gateway.config.source import DEFAULT_CONFIG, early_starts
     from gateway.errors import GatewayError
+    from gateway.upstream import processes
 
     path, serving_http = DEFAULT_CONFIG, False
     for index, word in enumerate(words):
@@ -47,10 +47,10 @@ def _start_ahead(words: list[str]) -> None:
         return
     for start in starts:
         try:
-            argv = children.command_line(start.command, start.args, start.env)
+            argv = processes.command_line(start.command, start.args, start.env)
             start.log.parent.mkdir(parents=True, exist_ok=True)
             with start.log.open("a", encoding="utf-8") as log:
-                children.start_ahead(argv, env=start.env, cwd=start.cwd, stderr=log, passing=start.passing)
+                processes.start_ahead(argv, env=start.env, cwd=start.cwd, stderr=log, passing=start.passing)
         except OSError:
             continue
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -327,3 +328,14 @@ def _equal(one: Any, two: Any) -> bool:
     if isinstance(one, list | dict) or isinstance(two, list | dict):
         return False
     return bool(one == two)
+
+
+def replace_non_finite(value: Any, replacement: Callable[[float], Any]) -> Any:
+    """A JSON-like value with every NaN and infinity (which JSON cannot carry) replaced."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return replacement(value)
+    if isinstance(value, Mapping):
+        return {key: replace_non_finite(item, replacement) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [replace_non_finite(item, replacement) for item in value]
+    return value

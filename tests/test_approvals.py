@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from gateway.approvals import REQUEST_KEY, ApprovalDesk
-from gateway.audit import CallAudit, Recorder
-from gateway.audit_store import AuditError, AuditStore
+from gateway.audit.recorder import CallAudit, Recorder
+from gateway.audit.store import AuditError, AuditStore
 from gateway.calls import Answer, Approval, Channel, Decision, Effect, Outcome, OutcomeKind, SessionInfo, ToolCall
-from gateway.catalog import Catalog, normalise_listing
-from gateway.pipeline import EnforcePolicy, compose
-from gateway.policy import PolicyEngine
-from gateway.policy_files import load_policies
+from gateway.catalog.listing import Catalog, normalise_listing
+from gateway.core.approvals import REQUEST_KEY, ApprovalDesk
+from gateway.core.pipeline import EnforcePolicy, compose
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.files import load_policies
 
 ACCEPT = {"action": "accept", "content": {"approve": True}}
 

@@ -17,10 +17,10 @@ from typing import Any
 import anyio
 import pytest
 
-from gateway.audit import Recorder, event
-from gateway.audit_journal import Journal, journal_directory
-from gateway.audit_store import GENESIS, AuditError, AuditStore, canonical, chain_hash
-from gateway.redact import _PATTERNS, _SHORTEST, Redactor, looks_random, names_secret
+from gateway.audit.journal import Journal, journal_directory
+from gateway.audit.recorder import Recorder, event
+from gateway.audit.store import GENESIS, AuditError, AuditStore, canonical, chain_hash
+from gateway.policy.redact import _PATTERNS, _SHORTEST, Redactor, looks_random, names_secret
 from gateway.schema import compile_schema, describe_violation
 from tests.conftest import REPO, write_config
 

@@ -18,9 +18,9 @@ import mcp_types as types
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from gateway.audit import event
-from gateway.audit_journal import SUFFIX, journal_directory
-from gateway.audit_store import KINDS, AuditStore, canonical
+from gateway.audit.journal import SUFFIX, journal_directory
+from gateway.audit.recorder import event
+from gateway.audit.store import KINDS, AuditStore, canonical
 from tests.conftest import REPO, fixture_upstream, gateway_client, write_config
 
 SESSION = "5e5510a0" * 4

@@ -18,7 +18,7 @@ import pytest
 from mcp.client.client import Client
 from mcp.shared.exceptions import MCPError
 
-from gateway.audit_store import AuditStore
+from gateway.audit.store import AuditStore
 from tests.conftest import (
     REPO,
     RawSession,

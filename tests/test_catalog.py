@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.catalog import EXPOSED_NAME, Catalog, exposed_name, normalise_listing
+from gateway.catalog.listing import EXPOSED_NAME, Catalog, exposed_name, normalise_listing
 
 
 @pytest.mark.parametrize(

@@ -20,11 +20,11 @@ import pytest
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
-from gateway import clients
-from gateway.children import environment_for
 from gateway.cli import main
-from gateway.clients import CLIENTS, ClientFormat, launcher
-from gateway.config import load_config
+from gateway.config.environment import environment_for
+from gateway.config.models import load_config
+from gateway.setup import clients
+from gateway.setup.clients import CLIENTS, ClientFormat, launcher
 from tests.conftest import fixture_upstream, http_gateway, text_of, write_config
 
 CLIENT_NAMES = sorted(CLIENTS)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.children import Passing
-from gateway.config import load_config, parse_config, parse_duration
-from gateway.config_source import early_starts
+from gateway.config.environment import Passing
+from gateway.config.models import load_config, parse_config, parse_duration
+from gateway.config.source import early_starts
 from gateway.errors import ConfigError
 
 CASES = [

@@ -11,8 +11,8 @@ from typing import Any
 import anyio
 import pytest
 
-from gateway.children import BY_DEFAULT, Passing, environment_for
-from gateway.config import load_config
+from gateway.config.environment import BY_DEFAULT, Passing, environment_for
+from gateway.config.models import load_config
 from tests.conftest import FIXTURES, RawSession, fixture_upstream, gateway_process, write_config
 from tests.test_audit_e2e import events
 from tests.test_fast_path import answers, ready

@@ -1,6 +1,6 @@
 """The call path the gateway runs itself: the upstream channel's id map, and `tools/call` on stdio.
 
-Unit tests drive `gateway.pipes.Channel` with a peer written inline (answers in any order, late,
+Unit tests drive `gateway.wire.channel.Channel` with a peer written inline (answers in any order, late,
 twice, or for ids never issued). The checks that skip the specification's models for the plainest
 calls and results are held to the models' verdicts and output, on chosen cases and on thousands of
 seeded near misses. End-to-end tests drive a real gateway process over its pipes with a
@@ -31,18 +31,18 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSI
 from pydantic import ValidationError
 
 from gateway.calls import WireResult
-from gateway.children import discard_ahead, start_ahead, started_ahead
-from gateway.pipeline import _plain_text_result, shape_result
-from gateway.pipes import (
+from gateway.core.gateway import ToolRequest
+from gateway.core.pipeline import _plain_text_result, shape_result
+from gateway.downstream.stdio import _checked_plain_call, _plain_call
+from gateway.upstream.processes import discard_ahead, start_ahead, started_ahead
+from gateway.upstream.spawn import spawn
+from gateway.wire.channel import (
     Channel,
     ChannelClosed,
     RemoteError,
     RequestTimeout,
     dumps,
-    spawn,
 )
-from gateway.server import ToolRequest
-from gateway.stdio import _checked_plain_call, _plain_call
 from tests.conftest import REPO, RawSession, fixture_upstream, gateway_process, write_config
 from tests.test_audit_e2e import calls, events
 

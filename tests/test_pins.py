@@ -15,8 +15,8 @@ import mcp_types as types
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from gateway.catalog import normalise_listing
-from gateway.pins import Lock, LockError, Mode, Verdict, assess, listing_items, screened
+from gateway.catalog.listing import normalise_listing
+from gateway.catalog.pins import Lock, LockError, Mode, Verdict, assess, listing_items, screened
 from tests.conftest import (
     REPO,
     Notifications,

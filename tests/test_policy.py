@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from gateway.calls import Effect
-from gateway.policy import PolicyEngine, Rule, merge_patch
-from gateway.policy_files import load_policies
+from gateway.policy.engine import PolicyEngine, Rule, merge_patch
+from gateway.policy.files import load_policies
 from tests.conftest import REPO
 
 POLICY = r"""
@@ -317,7 +317,7 @@ def test_bypass_attempts(engine: PolicyEngine, tool: str, arguments: dict[str, A
 
 def test_the_engine_does_no_io() -> None:
     code = (
-        "import sys, gateway.policy, gateway.policy_files\n"
+        "import sys, gateway.policy.engine, gateway.policy.files\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mcp', 'mcp_types', 'anyio', 'asyncio'))\n"
         "print(','.join(bad))"
     )

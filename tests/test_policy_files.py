@@ -8,8 +8,8 @@ import pytest
 
 from gateway.calls import Effect
 from gateway.errors import PolicyError
-from gateway.policy import PolicyEngine
-from gateway.policy_files import load_policies, parse_rate
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.files import load_policies, parse_rate
 
 RULE = '[[rule]]\nid = "r"\ntools = ["a__*"]\n'
 

@@ -26,7 +26,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.uri_template import InvalidUriTemplate as SdkInvalid
 from mcp.shared.uri_template import UriTemplate as SdkTemplate
 
-from gateway.uri_template import InvalidUriTemplate, UriTemplate
+from gateway.catalog.uri_template import InvalidUriTemplate, UriTemplate
 from tests.conftest import (
     RawSession,
     ServerLog,
@@ -254,7 +254,7 @@ async def test_stdio_serving_never_loads_the_sdk(config: Path) -> None:
             stderr = b"".join([chunk async for chunk in proc.stderr]).decode()
             await proc.wait()
     imported = {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
-    assert "mcp_types" in imported and "gateway.stdio" in imported
+    assert "mcp_types" in imported and "gateway.downstream.stdio" in imported
     assert not {name for name in imported if name == "mcp" or name.startswith("mcp.")}
 
 

@@ -22,15 +22,16 @@ from typing import Any
 import anyio
 
 from gateway import __version__
-from gateway.audit_store import Filters
+from gateway.audit.store import Filters
 from gateway.cli import audit, pins, policy, setup
-from gateway.cli.common import connect, print_table
-from gateway.clients import CLIENTS
-from gateway.config import Config, load_config
-from gateway.config_source import DEFAULT_CONFIG
+from gateway.cli.common import print_table
+from gateway.config.models import Config, load_config
+from gateway.config.source import DEFAULT_CONFIG
 from gateway.errors import GatewayError
-from gateway.policy import PolicyEngine
-from gateway.policy_files import load_engine
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.files import load_engine
+from gateway.setup.clients import CLIENTS
+from gateway.upstream.connect import connect
 
 
 class _Version(argparse.Action):
@@ -369,7 +370,7 @@ def _configure_logging(*, verbose: bool, quiet: bool) -> None:
 
 
 def _serve(parser: argparse.ArgumentParser, config: Config, http: str | None) -> int:
-    from gateway.transports import serve_http, serve_stdio
+    from gateway.downstream.serve import serve_http, serve_stdio
 
     if http is None:
         anyio.run(serve_stdio, config)

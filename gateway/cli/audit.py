@@ -12,11 +12,11 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gateway.audit_journal import open_settled
-from gateway.audit_store import FIELDS, KINDS, AuditStore, EmptyLog, Filters, NoLogYet, iso_utc
+from gateway.audit.journal import open_settled
+from gateway.audit.store import FIELDS, KINDS, AuditStore, EmptyLog, Filters, NoLogYet, iso_utc
 from gateway.calls import Answer
 from gateway.cli.common import print_table
-from gateway.config import IN_MEMORY, Config, parse_duration
+from gateway.config.models import IN_MEMORY, Config, parse_duration
 from gateway.errors import GatewayError
 
 FOLLOW_POLL = 0.25

@@ -15,15 +15,16 @@ from collections.abc import Sequence
 from contextlib import closing
 from typing import Any
 
-from gateway.audit import event
-from gateway.audit_store import AuditError, AuditStore, canonical
-from gateway.catalog import Catalog, UpstreamListing
-from gateway.cli.common import Upstreams, connect, print_table
-from gateway.config import IN_MEMORY, Config
+from gateway.audit.recorder import event
+from gateway.audit.store import AuditError, AuditStore, canonical
+from gateway.catalog.listing import Catalog, UpstreamListing
+from gateway.catalog.pins import Assessment, Lock, LockError, Mode, Verdict, assess, select, server_identity
+from gateway.catalog.scan import Finding, Severity, scan_definition, visible
+from gateway.cli.common import print_table
+from gateway.config.models import IN_MEMORY, Config
 from gateway.errors import ConfigError
-from gateway.files import backup, write_atomically
-from gateway.pins import Assessment, Lock, LockError, Mode, Verdict, assess, select, server_identity
-from gateway.scan import Finding, Severity, scan_definition, visible
+from gateway.setup.files import backup, write_atomically
+from gateway.upstream.connect import Upstreams, connect
 
 
 async def scan(config: Config, as_json: bool) -> int:

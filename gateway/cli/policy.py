@@ -9,14 +9,15 @@ from contextlib import closing
 from datetime import datetime
 from typing import Any
 
-from gateway.audit_journal import open_settled
-from gateway.audit_store import Filters
+from gateway.audit.journal import open_settled
+from gateway.audit.store import Filters
 from gateway.calls import Effect
-from gateway.cli.common import Upstreams, connect, print_table
-from gateway.config import Config
+from gateway.cli.common import print_table
+from gateway.config.models import Config
 from gateway.errors import GatewayError
-from gateway.policy_files import load_engine, load_policies
-from gateway.policy_lint import hidden_upstreams, lint
+from gateway.policy.files import load_engine, load_policies
+from gateway.policy.lint import hidden_upstreams, lint
+from gateway.upstream.connect import Upstreams, connect
 
 
 async def check(config: Config, offline: bool, as_json: bool) -> int:

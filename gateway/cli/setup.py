@@ -21,7 +21,12 @@ from typing import Any
 import anyio
 
 from gateway.cli.common import print_table
-from gateway.clients import (
+from gateway.config.edit import ConfigText, Edit
+from gateway.config.models import Config
+from gateway.config.source import UPSTREAM_NAME, variables
+from gateway.errors import ConfigError
+from gateway.policy.files import load_policies
+from gateway.setup.clients import (
     CLIENTS,
     ClientFile,
     ClientFileError,
@@ -31,14 +36,17 @@ from gateway.clients import (
     register,
     unregister,
 )
-from gateway.config import Config
-from gateway.config_edit import ConfigText, Edit
-from gateway.config_source import UPSTREAM_NAME, variables
-from gateway.errors import ConfigError
-from gateway.files import backup, unified_diff, write_atomically
-from gateway.importing import ImportPlan, plan_import, without_moved
-from gateway.policy_files import load_policies
-from gateway.starter import DEFAULTS, Listing, StarterFile, list_upstreams, policy_path, starter_config, upstream_policy
+from gateway.setup.files import backup, unified_diff, write_atomically
+from gateway.setup.importing import ImportPlan, plan_import, without_moved
+from gateway.setup.starter import (
+    DEFAULTS,
+    Listing,
+    StarterFile,
+    list_upstreams,
+    policy_path,
+    starter_config,
+    upstream_policy,
+)
 
 
 def note(text: str) -> None:

@@ -1,0 +1,215 @@
+"""The audit journal: events made durable in one write, ahead of the hash-chained log.
+
+The gateway promises that a call's decision is recorded before the call is forwarded, and its
+outcome before the agent sees the result. That needs each event to be durable at that moment, not
+yet chained: a SQLite commit (tens of microseconds of page writes and locks) can follow a little
+later, off the call's critical path. So with `audit_sync = "normal"` every event is first appended
+to this process's journal with one `write` (no fsync: the durability of a WAL commit with
+`synchronous=NORMAL`, which survives the process but not the machine), and the recorder moves
+journaled events into the chain in groups as soon as the event loop waits on the network.
+
+Each commit records how many bytes of the journal it holds (`journals` table, same transaction),
+so a journal is replayed exactly once: a journal left behind by a process that died is moved into
+the chain by the next gateway that opens the log, then removed. Journals are files
+`<pid>-<random>.jsonl` in the directory `<log stem>.journal` beside the log, one canonical event
+body per line, each held with an exclusive `flock` while its process lives (a lock that can be
+taken marks a journal whose process is gone).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import secrets
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.audit.store import AuditError, AuditStore, Mark
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".jsonl"
+ROTATE_BYTES = 8 * 1024 * 1024
+"""A journal this large, once fully moved into the chain, is replaced by a fresh one."""
+
+
+def journal_directory(log: Path) -> Path:
+    """Where the journals of the log at `log` live (`.mcp-armor/audit.journal` for `.mcp-armor/audit.db`)."""
+    directory = log.with_name(f"{log.stem}.journal")
+    return directory if directory != log else log.with_name(f"{log.name}.d")
+
+
+class Journal:
+    """This process's journal: appended to, and remembering what is not in the chain yet."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self.size = 0
+        """Bytes written so far (the file's length)."""
+        self.pending: list[str] = []
+        """Bodies written here and not yet committed to the chain, oldest first."""
+        self._torn = False
+        """A write failed part-way: the next one starts on a new line, so the torn one stays apart."""
+
+    @classmethod
+    def create(cls, directory: Path) -> Journal:
+        """A new, empty journal in `directory`, locked as this process's."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return cls(path, fd)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def write(self, bodies: Sequence[str]) -> None:
+        """Append `bodies` (canonical event bodies) in one write; `OSError` when they are not all written."""
+        text = "".join(f"{body}\n" for body in bodies)
+        data = ("\n" + text if self._torn else text).encode("utf-8", "surrogatepass")
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except OSError:
+            self.size += written
+            self._torn = self._torn or written > 0
+            raise
+        self.size += written
+        self._torn = False
+        self.pending.extend(bodies)
+
+    def take(self) -> tuple[list[str], Mark | None]:
+        """Everything pending, and the mark that says the journal is in the chain up to here."""
+        bodies, self.pending = self.pending, []
+        return bodies, ((self.name, self.size) if bodies else None)
+
+    def put_back(self, bodies: list[str]) -> None:
+        """Bodies `take` returned that could not be committed: first in line for the next commit."""
+        self.pending[:0] = bodies
+
+    def close(self, *, remove: bool) -> None:
+        """Release the journal; `remove` deletes it (only when everything in it is in the chain)."""
+        if remove:
+            self.path.unlink(missing_ok=True)  # before the lock goes, so no other process replays it
+        os.close(self._fd)
+
+
+def open_settled(log: Path) -> AuditStore:
+    """Open the log for reading, first moving in what journals of gateways that stopped still hold.
+
+    A gateway killed before its journal reached the chain leaves events only there; a reader (the
+    audit commands) completes the log first, so it sees every event recorded. If the log cannot be
+    written by this user, it is read as it is, with a warning.
+    """
+    directory = journal_directory(log)
+    # Read first: an emptied log is reported as such, never filled anew from journals by a reader.
+    AuditStore.open_reader(log).close()
+    if any(not _held(path) for path in directory.glob(f"*{SUFFIX}")):
+        try:
+            store = AuditStore.open_writer(log)
+            try:
+                moved = recover(store, directory)
+            finally:
+                store.close()
+        except (AuditError, OSError, sqlite3.Error) as exc:
+            logger.warning("%s: journals of a gateway that stopped early are not in the log yet: %s", directory, exc)
+        else:
+            report_recovered(log, moved)
+    return AuditStore.open_reader(log)
+
+
+def report_recovered(log: Path, moved: int) -> None:
+    if moved:
+        logger.warning("%s: %d events journaled by a gateway that stopped early are now in it", log, moved)
+
+
+def _held(path: Path) -> bool:
+    """Whether a live process holds the journal at `path` (or it is gone)."""
+    fd = _orphan(path)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def _orphan(path: Path) -> int | None:
+    """The journal at `path` opened and locked, if no live process holds it and it is still there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # recovered or removed by another process meanwhile
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.fstat(fd), path.stat()):
+            return fd
+    except (BlockingIOError, FileNotFoundError):  # its process is alive, or it was removed meanwhile
+        pass
+    os.close(fd)
+    return None
+
+
+def recover(store: AuditStore, directory: Path) -> int:
+    """Move into the chain what journals of gone processes still hold, and remove them; how many events.
+
+    Blocks (it may wait for another process's write lock): run it before serving.
+    """
+    if not directory.is_dir():
+        return 0
+    moved = 0
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
+        fd = _orphan(path)
+        if fd is None:
+            continue
+        try:
+            start = store.drained(path.name)
+            bodies, end = _complete_lines(path, _read_all(fd), start)
+            if bodies:
+                store.append_waiting(bodies, journal=(path.name, end))
+                moved += len(bodies)
+            path.unlink()
+            store.forget_journal(path.name)
+        finally:
+            os.close(fd)
+    return moved
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _complete_lines(path: Path, data: bytes, start: int) -> tuple[list[str], int]:
+    """The event bodies after byte `start`, and the offset after the last complete line.
+
+    A line that is not a JSON object (a write torn by a crash or a full disk) is skipped, with a warning.
+    """
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        logger.warning("%s: an incomplete last line (%d bytes) is not an event; skipped", path, len(data) - end)
+    bodies = []
+    for line in data[start:end].split(b"\n"):
+        if not line:
+            continue
+        try:
+            text = line.decode("utf-8", "surrogatepass")
+            valid = isinstance(json.loads(text), dict)
+        except ValueError:  # UnicodeDecodeError included
+            text, valid = "", False
+        if valid:
+            bodies.append(text)
+        else:
+            logger.warning("%s: a torn line (%d bytes) is not an event; skipped", path, len(line))
+    return bodies, max(end, start)

@@ -1,0 +1,466 @@
+"""The audit log's SQLite file: schema and migrations, the hash chain, queries and verification.
+
+Synchronous (stdlib `sqlite3`) and free of the event loop: the recorder decides where a commit
+runs. The file is in WAL mode, so readers (the CLI) never block the writer, and several gateway
+processes can append to one file: each batch is appended inside `BEGIN IMMEDIATE`, continuing the
+chain from whatever head the file has at that moment.
+
+The chain: every event is stored as its canonical JSON `body` (sorted keys, no insignificant
+whitespace, UTF-8) with `hash = SHA-256(bytes(prev_hash) + body)`, where `prev_hash` is the hash of
+the event before it (64 zeros for the first). The `head` row, updated in the same transaction,
+records the last sequence number and hash, so removing events from the end is detected too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.config.models import IN_MEMORY
+from gateway.errors import GatewayError
+from gateway.schema import canonical_text, replace_non_finite
+
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = range(1, SCHEMA_VERSION + 1)
+"""Schemas a reader can query: they differ only in indexes."""
+GENESIS = "0" * 64
+FIELDS = (
+    "ts",
+    "kind",
+    "session_id",
+    "call_id",
+    "upstream",
+    "tool",
+    "arguments",
+    "decision",
+    "rules",
+    "reason",
+    "outcome",
+    "duration_ms",
+)
+"""Every event body has these keys (null where they do not apply); an export adds seq, prev_hash, hash."""
+KINDS = (
+    "session_start",
+    "session_end",
+    "decision",
+    "outcome",
+    "catalog",
+    "policy_reload",
+    "pin",
+    "upstream",
+    "upstream_request",
+)
+"""Every kind of event the gateway records."""
+
+_COLUMNS = ("kind", "session_id", "call_id", "tool", "decision", "outcome", "ts")
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE events (seq INTEGER PRIMARY KEY, prev_hash TEXT NOT NULL, hash TEXT NOT NULL, "
+        "body TEXT NOT NULL, "
+        + ", ".join(f"{name} TEXT GENERATED ALWAYS AS (json_extract(body, '$.{name}')) VIRTUAL" for name in _COLUMNS)
+        + ")",
+        "CREATE TABLE head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL)",
+        "CREATE INDEX events_session ON events (session_id, seq)",
+        "CREATE INDEX events_call ON events (call_id)",
+    ),
+    2: (
+        # Every append paid for an index that no query uses (the decision filter reads a subquery).
+        "DROP INDEX IF EXISTS events_call",
+        # How far each journal (see gateway.audit.journal) has been moved into the chain.
+        "CREATE TABLE IF NOT EXISTS journals (name TEXT PRIMARY KEY, drained INTEGER NOT NULL)",
+    ),
+}
+
+
+Mark = tuple[str, int]
+"""A journal's name and a byte offset in it."""
+
+
+class AuditError(GatewayError):
+    """The audit log cannot be opened, written or read."""
+
+
+class NoLogYet(AuditError):
+    """There is no audit log at the path (yet): no file there."""
+
+
+class EmptyLog(AuditError):
+    """The file at the path holds no audit log: emptied, or (for a moment) just created by a gateway."""
+
+
+def canonical(event: Mapping[str, Any]) -> str:
+    """The canonical JSON form of an event body: what is stored and what is hashed.
+
+    Strict JSON: a NaN or infinity (which a tool's arguments or result may carry) is written as the
+    string "NaN", "Infinity" or "-Infinity", so such a call is recorded like any other.
+    """
+    try:
+        return canonical_text(event, allow_nan=False)
+    except ValueError:
+        return canonical_text(replace_non_finite(event, _spelled), allow_nan=False)
+
+
+def _spelled(value: float) -> str:
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+
+
+def iso_utc(moment: datetime) -> str:
+    """The log's time format: ISO 8601 in UTC to the millisecond (`2026-11-23T10:42:07.123Z`), so
+    times compare as strings."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_second: list[Any] = [-1, ""]
+"""The last whole second `now_iso` formatted, and its text."""
+
+
+def now_iso() -> str:
+    """The current time in the log's format (as `iso_utc`), formatting each second only once."""
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
+
+
+def chain_hash(prev_hash: str, body: str) -> str:
+    return hashlib.sha256(bytes.fromhex(prev_hash) + body.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """The first place where the chain does not hold."""
+
+    seq: int
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    events: int
+    head_seq: int
+    head_hash: str
+    problem: Problem | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Which events a query returns; `None` means no restriction."""
+
+    session: str | None = None
+    tool: str | None = None
+    """A glob over exposed tool names (`git__*`)."""
+    decision: str | None = None
+    """Only the events of calls with this decision."""
+    since: str | None = None
+    """An ISO 8601 UTC time; events at or after it."""
+    kinds: tuple[str, ...] | None = None
+    """Only events of these kinds."""
+    after_seq: int = 0
+
+
+class AuditStore:
+    """One connection to the audit file: the writer's (`open_writer`) or a reader's (`open_reader`)."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open_writer(cls, path: Path, *, sync: str = "normal") -> AuditStore:
+        """Open (creating and migrating as needed) for appending."""
+        in_memory = str(path) == IN_MEMORY
+        try:
+            if not in_memory:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise AuditError(f"{path}: cannot open the audit log: {exc}") from None
+        store = cls(connection, path)
+        try:
+            connection.execute("PRAGMA busy_timeout = 10000")
+            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal" and not in_memory:
+                raise AuditError(f"{path}: cannot switch the audit log to WAL mode (it stays {mode})")
+            connection.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
+            connection.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run off the event loop
+            store._migrate()
+            # From here on a locked file fails at once; `append_waiting` (off the event loop) retries.
+            connection.execute("PRAGMA busy_timeout = 0")
+        except sqlite3.Error as exc:
+            connection.close()
+            raise AuditError(f"{path}: cannot write the audit log: {exc}") from None
+        except AuditError:
+            connection.close()
+            raise
+        return store
+
+    @classmethod
+    def open_reader(cls, path: Path) -> AuditStore:
+        """Open read-only, for queries and verification.
+
+        Only a missing file is "no log yet": an existing file without the schema is an error, since a
+        log emptied (`: > audit.db`) must not pass for one never created.
+        """
+        if not path.exists():
+            raise NoLogYet(f"{path}: no audit log here (it is created when the gateway first serves)")
+        try:
+            connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            connection.execute("PRAGMA busy_timeout = 10000")
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise AuditError(f"{path}: cannot read the audit log: {exc}") from None
+        if version == 0:  # emptied, or created by a gateway that has not committed the schema yet
+            connection.close()
+            raise EmptyLog(f"{path} is empty: it holds no audit log (was it emptied?)")
+        if version not in READABLE_VERSIONS:
+            connection.close()
+            raise AuditError(f"{path}: audit log schema {version}, this mcp-armor reads schema {SCHEMA_VERSION}")
+        return cls(connection, path)
+
+    def _migrate(self) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise AuditError(
+                    f"{self.path}: audit log schema {version} was written by a newer mcp-armor "
+                    f"(this one writes schema {SCHEMA_VERSION})"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('mask_key', ?)", (secrets.token_hex(32),))
+                db.execute("INSERT OR IGNORE INTO head VALUES (1, 0, ?)", (GENESIS,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self._db.close()
+
+    def mask_key(self) -> bytes:
+        """The key of the masking markers: one per audit log, so markers correlate within it only."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'mask_key'").fetchone()
+        return bytes.fromhex(row[0]) if row is not None else os.urandom(32)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def append_waiting(self, bodies: Sequence[str], *, journal: Mark | None = None, seconds: float = 10.0) -> int:
+        """`append`, waiting up to `seconds` for another process's write lock (blocks: run it in a thread)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                return self.append(bodies, journal=journal)
+            except sqlite3.OperationalError as exc:
+                if not is_locked(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.002)
+
+    def append(self, bodies: Sequence[str], *, journal: Mark | None = None) -> int:
+        """Append canonical event bodies to the chain in one transaction; the last sequence number.
+
+        `journal` (name, offset) says the bodies came from that journal, up to that byte: recorded in
+        the same transaction, so whatever replays the journal later starts exactly after them.
+        Raises `sqlite3.OperationalError` at once when another process holds the write lock.
+        """
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            seq, prev = db.execute("SELECT seq, hash FROM head WHERE id = 1").fetchone()
+            rows = []
+            for body in bodies:
+                seq += 1
+                digest = chain_hash(prev, body)
+                rows.append((seq, prev, digest, body))
+                prev = digest
+            db.executemany("INSERT INTO events (seq, prev_hash, hash, body) VALUES (?, ?, ?, ?)", rows)
+            db.execute("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (seq, prev))
+            if journal is not None:
+                db.execute(
+                    "INSERT INTO journals VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET drained = excluded.drained",
+                    journal,
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return int(seq)
+
+    def drained(self, journal: str) -> int:
+        """How many bytes of `journal` are in the chain already (0 for one never seen)."""
+        row = self._db.execute("SELECT drained FROM journals WHERE name = ?", (journal,)).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def forget_journal(self, journal: str) -> None:
+        """The journal file is gone: its offset is no longer needed."""
+        self._db.execute("DELETE FROM journals WHERE name = ?", (journal,))
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the main file (passive: never waits for readers)."""
+        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise AuditError(f"{self.path}: cannot read the audit log: {exc}") from None
+
+    def events(self, filters: Filters = Filters(), *, newest: int | None = None) -> Iterator[dict[str, Any]]:
+        """Events in chain order (with `newest`, only that many of the latest), as exported: the body's
+        fields plus seq, prev_hash and hash."""
+        where, params = _where(filters)
+        sql = f"SELECT seq, prev_hash, hash, body FROM events WHERE {where} ORDER BY seq"
+        if newest is not None:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT {int(newest)}) ORDER BY seq"
+        with self._reading():
+            for seq, prev_hash, digest, body in self._db.execute(sql, params):
+                yield {"seq": seq, **json.loads(body), "prev_hash": prev_hash, "hash": digest}
+
+    def last_seq(self) -> int:
+        with self._reading():
+            row = self._db.execute("SELECT max(seq) FROM events").fetchone()
+        return int(row[0] or 0)
+
+    def sessions(self, filters: Filters = Filters()) -> list[dict[str, Any]]:
+        """One row per session: who, when, how many calls and refusals."""
+        where, params = _where(filters)
+        sql = f"""
+            SELECT session_id, min(ts), max(ts),
+                   (SELECT body FROM events s WHERE s.session_id = e.session_id AND s.kind = 'session_start'
+                    ORDER BY s.seq LIMIT 1),
+                   (SELECT ts FROM events s WHERE s.session_id = e.session_id AND s.kind = 'session_end'
+                    ORDER BY s.seq DESC LIMIT 1),
+                   sum(kind = 'decision'), sum(kind = 'outcome' AND outcome = 'refused')
+            FROM events e WHERE session_id IS NOT NULL AND {where}
+            GROUP BY session_id ORDER BY min(seq)
+        """
+        rows = []
+        with self._reading():
+            for session, first, last, start, ended, calls, refusals in self._db.execute(sql, params):
+                info = json.loads(start) if start is not None else {}
+                client = " ".join(part for part in (info.get("client_name"), info.get("client_version")) if part)
+                rows.append(
+                    {
+                        "session_id": session,
+                        "client": client,
+                        "client_name": info.get("client_name") or "",
+                        "transport": info.get("transport"),
+                        "principal": info.get("principal") or None,
+                        "start": info.get("ts", first),
+                        "end": ended,
+                        "last_event": last,
+                        "calls": calls or 0,
+                        "refusals": refusals or 0,
+                    }
+                )
+        return rows
+
+    def verify(self, anchors: Sequence[tuple[int, str]] = ()) -> Verification:
+        """Walk the whole chain; the first sequence number where it breaks, if any."""
+        db = self._db
+        with self._reading():
+            db.execute("BEGIN")  # one snapshot for the walk and the head
+            try:
+                head_seq, head_hash = db.execute("SELECT seq, hash FROM head WHERE id = 1").fetchone()
+                expected, prev, count = 1, GENESIS, 0
+                problem: Problem | None = None
+                hashes: dict[int, str] = {}
+                wanted = {seq for seq, _ in anchors}
+                for seq, prev_hash, digest, body in db.execute(
+                    "SELECT seq, prev_hash, hash, body FROM events ORDER BY seq"
+                ):
+                    problem = _check_row(seq, prev_hash, digest, body, expected, prev)
+                    if problem is not None:
+                        break
+                    if seq in wanted:
+                        hashes[seq] = digest
+                    expected, prev, count = seq + 1, digest, count + 1
+                if problem is None:
+                    problem = _check_head(expected - 1, prev, head_seq, head_hash)
+                if problem is None:
+                    problem = _check_anchors(anchors, hashes)
+            finally:
+                db.execute("COMMIT")
+        return Verification(count, head_seq, head_hash, problem)
+
+
+def is_locked(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _check_row(seq: int, prev_hash: str, digest: str, body: str, expected: int, prev: str) -> Problem | None:
+    if seq != expected:
+        span = f"{expected}" if seq == expected + 1 else f"{expected}-{seq - 1}"
+        return Problem(expected, f"event{'s' if seq > expected + 1 else ''} {span} missing (deleted)")
+    if prev_hash != prev:
+        return Problem(seq, "prev_hash does not match the event before it (events deleted, reordered or replaced)")
+    try:
+        recomputed = chain_hash(prev, canonical(json.loads(body)))
+    except ValueError:
+        return Problem(seq, "body is not valid JSON (edited)")
+    if recomputed != digest:
+        return Problem(seq, "hash does not match the event's content (edited)")
+    return None
+
+
+def _check_head(last_seq: int, last_hash: str, head_seq: int, head_hash: str) -> Problem | None:
+    if head_seq > last_seq:
+        return Problem(last_seq + 1, f"events {last_seq + 1}-{head_seq} missing (the log was truncated)")
+    if head_seq < last_seq:
+        return Problem(head_seq + 1, f"events after {head_seq} were not appended through the chain head")
+    if head_hash != last_hash:
+        return Problem(last_seq, "the chain head's hash does not match the last event")
+    return None
+
+
+def _check_anchors(anchors: Sequence[tuple[int, str]], hashes: Mapping[int, str]) -> Problem | None:
+    for seq, digest in anchors:
+        if hashes.get(seq) != digest:
+            found = hashes.get(seq)
+            what = "missing" if found is None else f"has hash {found[:16]}..., not the anchored {digest[:16]}..."
+            return Problem(seq, f"anchored event {what} (the log was rewritten after the anchor was taken)")
+    return None
+
+
+def _where(filters: Filters) -> tuple[str, list[Any]]:
+    clauses: list[str] = ["seq > ?"]
+    params: list[Any] = [filters.after_seq]
+    if filters.session is not None:
+        clauses.append("session_id = ?")
+        params.append(filters.session)
+    if filters.tool is not None:
+        clauses.append("tool GLOB ?")
+        params.append(filters.tool)
+    if filters.decision is not None:
+        clauses.append("call_id IN (SELECT call_id FROM events WHERE kind = 'decision' AND decision = ?)")
+        params.append(filters.decision)
+    if filters.since is not None:
+        clauses.append("ts >= ?")
+        params.append(filters.since)
+    if filters.kinds is not None:
+        clauses.append(f"kind IN ({', '.join('?' for _ in filters.kinds)})")
+        params.extend(filters.kinds)
+    return " AND ".join(clauses), params

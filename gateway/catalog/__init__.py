@@ -1,0 +1,1 @@
+"""What upstreams offer: naming and merging, URI templates, pins and the poisoning scan."""

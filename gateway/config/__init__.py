@@ -1,0 +1,1 @@
+"""upstreams.toml: the file as written, its typed models, in-place edits, and what a child inherits."""

@@ -1,0 +1,328 @@
+"""`upstreams.toml` parsed into typed, frozen models; every check happens here, at load time.
+
+A malformed file raises `ConfigError` with one line naming the file, the table and the key. `${VAR}`
+in any string value is taken from the gateway's environment, `${VAR:-default}` falls back to
+`default` when VAR is unset or empty, and `$${` writes a literal `${`. A missing variable without a
+default makes the upstream whose table takes it unavailable (the others are served), leaves
+`[gateway.http] token` out for `serve --http` to refuse, and is an error naming it anywhere else.
+Relative paths resolve against the directory of the file, never the current directory: agent
+clients start the gateway from anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.config.environment import Passing
+from gateway.config.source import (
+    DEFAULT_STATE,
+    ENV_NAME,
+    PASS_ENV_ENTRY,
+    UPSTREAM_NAME,
+    location,
+    log_directory,
+    log_file,
+    passing_for,
+    placement,
+    read_toml,
+    read_variables,
+)
+from gateway.errors import ConfigError
+
+IN_MEMORY = ":memory:"
+SEPARATOR = re.compile(r"^[A-Za-z0-9_.-]{1,8}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: object) -> float:
+    """`"500ms"`, `"30s"`, `"2m"`, `"1h"` -> seconds."""
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match[1]) * _UNIT_SECONDS[match[2]]
+        if seconds > 0:
+            return seconds
+    raise ValueError(f'expected a positive duration such as "500ms", "30s" or "2m", got {value!r}')
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _pass_env_entry(value: str) -> str:
+    if not PASS_ENV_ENTRY.match(value):
+        raise ValueError(f'{value!r} is neither an environment variable name nor a glob of names (such as "AWS_*")')
+    return value
+
+
+PassEnv = tuple[Annotated[StrictStr, AfterValidator(_pass_env_entry)], ...]
+"""Variables of the gateway's environment an upstream also inherits: names, or globs of names."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HttpSettings(_Model):
+    """`[gateway.http]`: the streamable HTTP front door (`mcp-armor serve --http`)."""
+
+    token: str | None = None
+    """Bearer token every HTTP request must carry; `None` serves without authentication."""
+    allowed_origins: tuple[str, ...] = ()
+    """Extra `Origin` values accepted besides the loopback ones (e.g. `"https://app.example"`)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Extra `Host` values accepted besides the bound address (e.g. `"gateway.internal:8765"`)."""
+    session_idle_timeout: Duration = 1800.0
+    """A handshake-era session with no request in flight for this long is closed (and its end recorded)."""
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 16:
+            raise ValueError("must be at least 16 characters (an empty or short token guards nothing)")
+        return value
+
+
+class GatewaySettings(_Model):
+    """`[gateway]`: settings of the gateway itself."""
+
+    name: str = "mcp-armor"
+    separator: str = "__"
+    call_timeout: Duration = 60.0
+    startup_timeout: Duration = 10.0
+    state: Path = Path(DEFAULT_STATE)
+    policies: Path = Path("policies")
+    """Directory of the policy files (`*.toml`), relative to this file."""
+    mode: Literal["enforce", "monitor"] = "enforce"
+    """`monitor` records what policy would refuse or ask, and lets every call through."""
+    ask_timeout: Duration = 120.0
+    """How long a person has to approve an `ask` call before it is refused."""
+    audit: Path | None = None
+    """The audit database, relative to this file; `STATE/audit.db` when unset; `":memory:"` keeps
+    it in memory only (for trials and benchmarks: nothing survives the process)."""
+    audit_sync: Literal["normal", "full"] = "normal"
+    """`normal`: a committed event survives the gateway crashing or being killed; `full`: also power loss."""
+    pinning: Literal["enforce", "warn", "off"] = "enforce"
+    """Upstream definitions held against `upstreams.lock` and the poisoning scan: `enforce` quarantines
+    what is new, changed or poisoned; `warn` only reports it; `off` checks nothing."""
+    http: HttpSettings = HttpSettings()
+    pass_env: PassEnv = ()
+    """What every command upstream inherits besides the default variables (gateway.config.environment)."""
+
+    @field_validator("separator")
+    @classmethod
+    def _check_separator(cls, value: str) -> str:
+        if not SEPARATOR.match(value):
+            raise ValueError("must be 1 to 8 of the characters A-Z a-z 0-9 _ . -")
+        return value
+
+
+class UpstreamSpec(_Model):
+    """`[upstreams.NAME]`: one upstream MCP server, reached over stdio (`command`) or HTTP (`url`)."""
+
+    name: str
+    command: str | None = None
+    args: tuple[StrictStr, ...] = ()
+    env: Mapping[str, StrictStr] = Field(default_factory=dict)
+    cwd: Path | None = None
+    url: str | None = None
+    headers: Mapping[str, StrictStr] = Field(default_factory=dict)
+    enabled: StrictBool = True
+    timeout: Duration | None = None
+    """Per-call timeout; `[gateway] call_timeout` when unset."""
+    pinning: Literal["enforce", "warn", "off"] | None = None
+    """This upstream's pinning mode; `[gateway] pinning` when unset."""
+    pass_env: PassEnv = ()
+    """What this command upstream inherits besides the default variables and `[gateway] pass_env`."""
+    unavailable: str | None = None
+    """Set by the reading, never written: why the upstream cannot be started (a variable its table
+    takes is not set). Its values are then unknown: only the table's shape is checked."""
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> Self:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("give either 'command' (stdio) or 'url' (streamable HTTP), not both and not neither")
+        if self.url is not None:
+            if self.args or self.env or self.cwd is not None:
+                raise ValueError("'args', 'env' and 'cwd' apply to 'command' upstreams, not to 'url' ones")
+            if self.pass_env:
+                raise ValueError("'pass_env' applies to 'command' upstreams, not to 'url' ones")
+            parts = urlsplit(self.url)
+            if self.unavailable is None and (parts.scheme not in ("http", "https") or not parts.netloc):
+                raise ValueError(f"'url' must be an http:// or https:// URL, got {self.url!r}")
+        elif self.headers:
+            raise ValueError("'headers' apply to 'url' upstreams, not to 'command' ones")
+        elif not self.command and self.unavailable is None:
+            raise ValueError("'command' must not be empty")
+        for key in self.env:
+            if not ENV_NAME.match(key):
+                raise ValueError(f"env: {key!r} is not a valid environment variable name")
+        return self
+
+    @property
+    def transport(self) -> str:
+        return "stdio" if self.command is not None else "http"
+
+
+class Config(_Model):
+    """The whole of `upstreams.toml`, with paths made absolute."""
+
+    path: Path
+    gateway: GatewaySettings = GatewaySettings()
+    upstreams: Mapping[str, UpstreamSpec] = Field(default_factory=dict)
+    own_variables: frozenset[str] = frozenset()
+    """Set by the reading: the variables `[gateway.http]` values are taken from, never passed to an upstream."""
+    upstream_variables: Mapping[str, frozenset[str]] = Field(default_factory=dict)
+    """Set by the reading: the variables each upstream's table takes, passed to no other upstream unless
+    it names one exactly in `pass_env`."""
+    token_unset: str | None = None
+    """Set by the reading: why `[gateway.http] token` is missing (its variable is not set), the line
+    `serve --http` refuses to start with."""
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    @property
+    def state_dir(self) -> Path:
+        return self.directory / self.gateway.state
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.directory / self.gateway.policies
+
+    @property
+    def audit_path(self) -> Path:
+        audit = self.gateway.audit
+        if audit is not None and str(audit) == IN_MEMORY:
+            return audit
+        return self.directory / audit if audit is not None else self.state_dir / "audit.db"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.directory / "upstreams.lock"
+
+    def pinning(self, upstream: str) -> str:
+        spec = self.upstreams[upstream]
+        return spec.pinning if spec.pinning is not None else self.gateway.pinning
+
+    @property
+    def log_dir(self) -> Path:
+        return log_directory(self.state_dir)
+
+    def log_path(self, upstream: str) -> Path:
+        """Where an upstream's stderr goes."""
+        return log_file(self.state_dir, upstream)
+
+    def enabled_upstreams(self) -> list[UpstreamSpec]:
+        return [spec for spec in self.upstreams.values() if spec.enabled]
+
+    def passing(self, upstream: str) -> Passing:
+        """Which of the gateway's environment variables a command upstream inherits."""
+        names = (*self.gateway.pass_env, *self.upstreams[upstream].pass_env)
+        return passing_for(upstream, names, self.own_variables, self.upstream_variables)
+
+    def call_timeout(self, upstream: str) -> float:
+        spec = self.upstreams[upstream]
+        return spec.timeout if spec.timeout is not None else self.gateway.call_timeout
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate `upstreams.toml`; raise `ConfigError` with one line on any fault."""
+    path = Path(path)
+    raw = read_toml(path)
+    return parse_config(raw, path.resolve(), label=str(path), environ=os.environ if environ is None else environ)
+
+
+_READ_KEYS = ("own_variables", "token_unset", "upstream_variables")
+"""`Config` fields the reading sets, which the file may not."""
+
+
+def parse_config(
+    raw: Mapping[str, Any], path: Path, *, label: str, environ: Mapping[str, str], stand_in: str | None = None
+) -> Config:
+    """Validate already-parsed TOML data; `path` is the absolute location of the file it came from.
+    `stand_in`: what a variable a `[gateway]` key takes reads as when unset, instead of an error
+    (checking a file's shape without this shell's secrets)."""
+    reading = read_variables(raw, label, environ, stand_in)
+    data = reading.data
+    for key in _READ_KEYS:
+        if key in data:
+            raise ConfigError(f"{label}: top level {key}: unknown key")
+    upstreams = data.get("upstreams", {})
+    if isinstance(upstreams, dict):
+        for name, table in upstreams.items():
+            if not UPSTREAM_NAME.match(name):
+                raise ConfigError(f"{label}: [upstreams.{name}] upstream names must match {UPSTREAM_NAME.pattern}")
+            if isinstance(table, dict):
+                if "name" in table:
+                    raise ConfigError(f"{label}: [upstreams.{name}] name: unknown key (the table name is the name)")
+                if "unavailable" in table:
+                    raise ConfigError(f"{label}: [upstreams.{name}] unavailable: unknown key")
+                table["name"] = name
+                if name in reading.unavailable:
+                    table["unavailable"] = reading.unavailable[name]
+    try:
+        config = Config.model_validate(
+            {
+                **data,
+                "path": path,
+                "own_variables": reading.own_variables,
+                "token_unset": reading.token_unset,
+                "upstream_variables": reading.upstream_variables,
+            }
+        )
+    except ValidationError as exc:
+        raise ConfigError(f"{label}: {_describe(exc)}") from None
+    _check_names(config, label)
+    return _resolve_paths(config)
+
+
+def _check_names(config: Config, label: str) -> None:
+    """Refuse upstream names whose exposed tool names could collide (`a` + `__` is a prefix of `a__b`)."""
+    separator = config.gateway.separator
+    for first in config.upstreams:
+        for second in config.upstreams:
+            if first != second and second.startswith(first + separator):
+                raise ConfigError(
+                    f"{label}: [upstreams.{second}] tools of upstreams '{first}' and '{second}' could be exposed "
+                    f"under the same name (separator '{separator}'); rename one of them"
+                )
+
+
+def _resolve_paths(config: Config) -> Config:
+    base = config.directory
+    upstreams = {}
+    for name, spec in config.upstreams.items():
+        if spec.command is not None:
+            command, cwd = placement(base, spec.command, spec.cwd)
+            spec = spec.model_copy(update={"command": command, "cwd": cwd})
+        upstreams[name] = spec
+    return config.model_copy(update={"upstreams": upstreams})
+
+
+def _describe(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    loc = tuple(part for part in error["loc"] if part != "function-after")
+    if error["type"] == "extra_forbidden":
+        return f"{location(loc)}: unknown key"
+    if error["type"] == "missing":
+        return f"{location(loc)}: required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{location(loc)}: {message}"

@@ -1,0 +1,131 @@
+"""Asking a person: what they are shown, and how an approval is bound to the exact call it approves.
+
+An approval covers one call: its session, exposed tool and a SHA-256 of its arguments. On handshake-era
+connections the person answers an elicitation while the call waits. On 2026-07-28 connections the call
+returns `input_required` with an elicitation and a sealed `requestState` (HMAC-SHA256 under a key that
+never leaves this process, with an expiry and a one-time nonce); the client retries with the person's
+answer, and the retry is approved only if the state is authentic, unexpired, unused and names this
+very call. MCP-free: `gateway.core.gateway` does the talking.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gateway.calls import Answer, Approval, Channel, Decision, ToolCall
+from gateway.errors import format_seconds
+from gateway.schema import canonical_json, digest
+
+REQUEST_KEY = "mcp-armor-approval"
+"""The key of the gateway's elicitation in `inputRequests` / `inputResponses`."""
+
+REQUESTED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "approve": {
+            "type": "boolean",
+            "title": "Allow this call",
+            "description": "Tick to let this exact call go ahead once.",
+            "default": False,
+        }
+    },
+    "required": ["approve"],
+}
+_SHOWN_ARGUMENTS = 2000
+
+
+class ApprovalDesk:
+    """Phrases approval requests, seals the state of pending ones, and checks the answers."""
+
+    def __init__(self, ttl: float, *, clock: Callable[[], float] = time.time) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._key = secrets.token_bytes(32)
+        self._used: dict[str, float] = {}
+
+    @staticmethod
+    def binding(call: ToolCall) -> str:
+        """What an approval is bound to: the session, the exposed tool and a hash of the arguments."""
+        return digest({"session": call.session.id, "tool": call.tool.name, "arguments": call.arguments})
+
+    def message(self, call: ToolCall, decision: Decision) -> str:
+        shown = json.dumps(call.forwarded_arguments, ensure_ascii=False, indent=2, sort_keys=True)
+        if len(shown) > _SHOWN_ARGUMENTS:
+            shown = shown[:_SHOWN_ARGUMENTS] + "\n... (truncated)"
+        return (
+            f"The agent wants to call '{call.tool.name}' (tool '{call.tool.upstream_name}' of upstream "
+            f"'{call.tool.upstream}'). Policy: {decision.reason}.\n\nArguments:\n{shown}\n\n"
+            f"Approve this exact call? (call {call.id}; expires in {format_seconds(self.ttl)})"
+        )
+
+    def answer(self, response: Mapping[str, Any] | None, via: Channel = Channel.ELICITATION) -> Approval:
+        """Read a person's elicitation answer (asked through `via`): only an accepted form with `approve`
+        ticked approves."""
+        if not isinstance(response, Mapping):
+            return Approval(Answer.NO_ANSWER, "no answer came from the person", via)
+        action = response.get("action")
+        content = response.get("content")
+        if action == "accept" and isinstance(content, Mapping) and content.get("approve") is True:
+            return Approval(Answer.GRANTED, "approved by a person", via)
+        if action == "accept":
+            return Approval(Answer.DECLINED, "the person did not tick 'Allow this call'", via)
+        if action == "decline":
+            return Approval(Answer.DECLINED, "the person declined it", via)
+        return Approval(Answer.DECLINED, "the person dismissed the request without approving it", via)
+
+    def pending(self, call: ToolCall, decision: Decision) -> Approval:
+        """The `input_required` result that asks the client to collect the person's answer."""
+        request = {
+            "method": "elicitation/create",
+            "params": {"mode": "form", "message": self.message(call, decision), "requestedSchema": REQUESTED_SCHEMA},
+        }
+        result = {
+            "resultType": "input_required",
+            "inputRequests": {REQUEST_KEY: request},
+            "requestState": self.seal(call),
+        }
+        return Approval(Answer.PENDING, "waiting for a person's approval", Channel.ROUND_TRIP, pending=result)
+
+    def seal(self, call: ToolCall) -> str:
+        now = self._clock()
+        claims = {"b": self.binding(call), "exp": now + self.ttl, "n": secrets.token_hex(16)}
+        body = base64.urlsafe_b64encode(canonical_json(claims)).decode().rstrip("=")
+        return f"{body}.{self._sign(body)}"
+
+    def redeem(self, state: str | None, response: Mapping[str, Any] | None, call: ToolCall) -> Approval:
+        """Check a retried call's `requestState` and the person's answer; each state approves once."""
+        if not state:
+            return _invalid("the retry carried no approval state")
+        body, _, signature = state.partition(".")
+        if not hmac.compare_digest(signature, self._sign(body)):
+            return _invalid("the approval state was not issued by this gateway (or was altered)")
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            bound, expires, nonce = str(claims["b"]), float(claims["exp"]), str(claims["n"])
+        except (ValueError, KeyError, TypeError):
+            return _invalid("the approval state is malformed")
+        now = self._clock()
+        self._used = {key: until for key, until in self._used.items() if until > now}
+        if expires <= now:
+            return _invalid("the approval expired; call again to ask anew")
+        if not hmac.compare_digest(bound, self.binding(call)):
+            return _invalid("the approval was given for a different call (tool or arguments changed)")
+        if nonce in self._used:
+            return _invalid("this approval was already used; each approval covers one call")
+        verdict = self.answer(response, Channel.ROUND_TRIP)
+        self._used[nonce] = expires
+        return verdict
+
+    def _sign(self, body: str) -> str:
+        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+
+
+def _invalid(reason: str) -> Approval:
+    return Approval(Answer.INVALID, reason, Channel.ROUND_TRIP)

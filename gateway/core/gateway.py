@@ -1,0 +1,377 @@
+"""The gateway as a downstream MCP server sees it, whatever the transport: catalogue, calls, changes.
+
+A `tools/call` is resolved to its upstream tool, turned into a `ToolCall`, run through the pipeline,
+and its `Outcome` returned as the result in wire form. Lists are built from the catalogue snapshot
+for the caller; prompts and resources are forwarded to their upstream. A request the gateway
+refuses raises `ProtocolError`; an unexpected exception never reaches the wire with its text.
+
+The transports answer the protocol around it: `gateway.downstream.stdio` serves both eras over the agent's
+pipes with no SDK server in the process; `gateway.downstream.http` adapts it to the SDK's `Server` for
+streamable HTTP. Each registers an `Announcer` to hear which lists changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import anyio
+import mcp_types as types
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from gateway import __version__
+from gateway.audit.recorder import SHUTDOWN_GRACE, CallAudit
+from gateway.calls import (
+    Answer,
+    Approval,
+    Approver,
+    Channel,
+    Decision,
+    Handler,
+    OutcomeKind,
+    ProgressFn,
+    Relay,
+    SessionInfo,
+    ToolCall,
+)
+from gateway.catalog.listing import Catalog, ExposedTool
+from gateway.catalog.pins import Lock, LockError
+from gateway.core.approvals import REQUEST_KEY, REQUESTED_SCHEMA, ApprovalDesk
+from gateway.core.pipeline import build_pipeline
+from gateway.core.watch import watch_file, watch_policies
+from gateway.errors import GatewayError, ProtocolError, UpstreamError
+from gateway.policy.engine import PolicyEngine, PolicySet
+from gateway.upstream.pool import UpstreamPool
+
+logger = logging.getLogger(__name__)
+
+Elicit = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+"""Sends `elicitation/create` (form mode) to the client and returns its result in wire form."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a `tools/call`, and what their connection can do."""
+
+    session: SessionInfo
+    modern: bool
+    """A 2026-07-28 request: approval goes by input-required round trips, never by a request to the client."""
+    can_elicit: bool
+    """The client declared the elicitation capability."""
+    progress: ProgressFn | None = None
+    """Relays progress to the caller; `None` when the request carried no progress token."""
+    elicit: Elicit | None = None
+    relay: Relay | None = None
+    """Passes an upstream's sampling and elicitation requests to this caller's client (handshake era)."""
+
+
+class Relayed(NamedTuple):
+    """One request an upstream may have the caller's client asked: the client capability that takes it,
+    and its models."""
+
+    capability: Literal["sampling", "elicitation"]
+    params: TypeAdapter[Any]
+    result: type[BaseModel]
+    request: type[types.CreateMessageRequest] | type[types.ElicitRequest]
+    """The whole request, as the SDK's server sends it (streamable HTTP)."""
+
+
+RELAYED: dict[str, Relayed] = {
+    "sampling/createMessage": Relayed(
+        "sampling",
+        TypeAdapter(types.CreateMessageRequestParams),
+        types.CreateMessageResult,
+        types.CreateMessageRequest,
+    ),
+    "elicitation/create": Relayed(
+        "elicitation", TypeAdapter(types.ElicitRequestParams), types.ElicitResult, types.ElicitRequest
+    ),
+}
+"""The upstream requests a handshake-era caller's client may be asked (`calls.RELAYED_METHODS`)."""
+
+Ask = Callable[[str, Mapping[str, Any], Any], Awaitable[dict[str, Any]]]
+"""Sends the caller's client one request (method, parameters as the upstream sent them, the same checked);
+returns its result, checked against the method's result model, in wire form."""
+
+
+def relay_for(capabilities: types.ClientCapabilities | None, ask: Ask) -> Relay:
+    """Passes an upstream's sampling and elicitation requests on through `ask`, as far as the client
+    declared it takes them, with their parameters checked first."""
+    declared = {
+        method: capabilities is not None and getattr(capabilities, models.capability) is not None
+        for method, models in RELAYED.items()
+    }
+
+    async def relay(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        if not declared.get(method, False):
+            raise ProtocolError(types.INVALID_REQUEST, f"the agent's client does not take {method}")
+        try:
+            checked = RELAYED[method].params.validate_python(params, by_name=False)
+        except ValidationError:
+            raise ProtocolError(types.INVALID_PARAMS, f"{method} with malformed parameters") from None
+        return await ask(method, params, checked)
+
+    return relay
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRequest:
+    """A `tools/call` as the gateway acts on it, whichever transport and protocol version carried it."""
+
+    name: str
+    arguments: Mapping[str, Any]
+    request_state: str | None = None
+    """A 2026-07-28 retry's approval state (`requestState`), as the gateway issued it."""
+    answer: Mapping[str, Any] | None = None
+    """A 2026-07-28 retry's answer to the gateway's approval request (its input response, wire form)."""
+
+    @classmethod
+    def of(cls, params: types.CallToolRequestParams) -> ToolRequest:
+        """From the parameters as the specification's model has checked and built them."""
+        answer = (params.input_responses or {}).get(REQUEST_KEY)
+        return cls(
+            params.name,
+            params.arguments or {},
+            params.request_state,
+            answer.model_dump(by_alias=True, mode="json") if answer is not None else None,
+        )
+
+
+ListKind = Literal["tools", "prompts", "resources"]
+Announcer = Callable[[list[ListKind]], Awaitable[None]]
+"""Tells one transport's clients which lists changed."""
+
+
+class Gateway:
+    """Serves the pool's catalogue downstream and routes every tool call through the pipeline."""
+
+    def __init__(self, pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit, *, transport: str) -> None:
+        self.pool = pool
+        self.engine = engine
+        self.audit = audit
+        self.transport = transport
+        self.pipeline: Handler = build_pipeline(pool, engine, audit)
+        self.desk = ApprovalDesk(pool.config.gateway.ask_timeout)
+        engine.index_tools(pool.catalog.tools)
+        self._startup_timeout = pool.config.gateway.startup_timeout
+        self._started = False
+        self.stdio_session = uuid.uuid4().hex
+        self.announcers: list[Announcer] = []
+        self._published = pool.catalog
+        pool.set_listener(self._catalog_changed, audit.upstream_changed, audit.assessed)
+        pool.on_relayed = audit.relayed
+        self.name = pool.config.gateway.name
+        self.version = __version__
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the upstream pool and the policy watcher until cancelled."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.pool.run)
+            policy_dir = self.pool.config.policy_dir
+            tg.start_soon(
+                watch_policies, policy_dir, self._revision, self.install_policies, self.audit.policy_reload_failed
+            )
+            tg.start_soon(watch_file, self.pool.config.lock_path, self.reload_lock)
+            task_status.started()
+
+    async def reload_lock(self) -> None:
+        """`upstreams.lock` changed (an approval, say): put its pins in force; a damaged one changes nothing."""
+        path = self.pool.config.lock_path
+        try:
+            lock = Lock.read(path)
+        except LockError as exc:
+            logger.error("%s; the pins in force stay", exc)
+            self.audit.lock_reloaded("error", f"{exc}; the pins in force stay")
+            return
+        if lock is None and self.pool.lock is not None:
+            logger.error("%s disappeared; the pins in force stay until the gateway restarts", path)
+            self.audit.lock_reloaded("error", "the lock file disappeared; the pins in force stay")
+            return
+        await self.pool.install_lock(lock)
+        held = len(self.pool.quarantined)
+        logger.info("pins reloaded from %s: %d tools quarantined", path, held)
+        self.audit.lock_reloaded("ok", f"{held} tools quarantined")
+
+    def _revision(self) -> str:
+        return self.engine.policies.revision
+
+    async def install_policies(self, policies: PolicySet, trigger: str) -> None:
+        """Put a new policy set in force; which tools are visible may change, so clients are told."""
+        self.engine.replace_policies(policies)
+        self.audit.policy_reloaded(policies.revision, len(policies.rules), list(policies.files), trigger)
+        if self._started:
+            await self._announce(["tools"])
+
+    async def _catalog_changed(self, catalog: Catalog) -> None:
+        """Tell every downstream peer what changed: notifications (handshake era) and listen streams (2026)."""
+        before, self._published = self._published, catalog
+        self.engine.index_tools(catalog.tools)
+        self.audit.catalog_changed(_tool_definitions(before), _tool_definitions(catalog))
+        if not self._started:
+            return  # nobody has listed yet: the first list, which waits for start-up, tells it all
+        changed: list[ListKind] = []
+        if _tool_signature(before) != _tool_signature(catalog):
+            changed.append("tools")
+        if set(before.prompts) != set(catalog.prompts):
+            changed.append("prompts")
+        if set(before.resources) != set(catalog.resources) or len(before.templates) != len(catalog.templates):
+            changed.append("resources")
+        await self._announce(changed)
+
+    async def _announce(self, changed: list[ListKind]) -> None:
+        if not changed:
+            return
+        for announce in list(self.announcers):
+            try:
+                await announce(changed)
+            except Exception:  # one transport's failure never keeps the others uninformed
+                logger.exception("announcing changed lists failed")
+
+    async def wait_for_startup(self) -> None:
+        """The first lists wait for upstreams still starting, up to `startup_timeout`."""
+        if not self._started:
+            await self.pool.wait_settled(self._startup_timeout)
+            self._started = True
+
+    def input_schema(self, name: str) -> dict[str, Any] | None:
+        tool = self.pool.catalog.tools.get(name)
+        return dict(tool.source.definition["inputSchema"]) if tool is not None else None
+
+    async def list_tools(self, session: SessionInfo) -> types.ListToolsResult:
+        """The tools this caller may see (the first list waits for upstreams still starting)."""
+        await self.wait_for_startup()
+        return types.ListToolsResult(
+            tools=[tool.model for tool in self.pool.catalog.tools.values() if self._visible(tool, session)]
+        )
+
+    def _visible(self, tool: ExposedTool, session: SessionInfo) -> bool:
+        return self.engine.visible(tool.name, client=session.client_name, principal=session.principal)
+
+    async def call_tool(self, caller: Caller, params: ToolRequest) -> Mapping[str, Any]:
+        """One `tools/call`, on either path: resolve the tool, run the pipeline, return the result (wire form).
+
+        A tool that does not exist, is hidden from this caller or is quarantined raises `ProtocolError`.
+        """
+        session = caller.session
+        try:
+            await self.wait_for_startup()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE):
+                reason = "cancelled while the gateway's upstreams were still starting, before any policy decision"
+                await self.audit.unresolved(
+                    session,
+                    params.name,
+                    params.arguments,
+                    stage="startup",
+                    reason=reason,
+                    outcome=OutcomeKind.CANCELLED,
+                )
+            raise
+        tool = self.pool.catalog.tools.get(params.name)
+        if tool is None and (held := self.pool.quarantined.get(params.name)) is not None:
+            reason = held.reason()
+            await self.audit.unknown_tool(session, params.name, params.arguments, quarantine=reason)
+            raise ProtocolError(types.INVALID_PARAMS, f"Tool {params.name} is refused: {reason}")
+        if tool is None or not self._visible(tool, session):
+            # A tool no rule lets this client call is hidden, and refused like one that does not exist.
+            await self.audit.unknown_tool(session, params.name, params.arguments)
+            raise ProtocolError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
+        approver = self._approver(caller, params)
+        progress, relay = caller.progress, caller.relay
+        call = ToolCall(session, tool, params.arguments, progress=progress, approver=approver, relay=relay)
+        try:
+            outcome = await self.pipeline(call)
+        except ProtocolError:
+            raise
+        except GatewayError as exc:
+            raise ProtocolError(types.INTERNAL_ERROR, str(exc)) from None
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:  # the boundary: an unexpected fault is logged, never sent with its text
+            logger.exception("tool call %s to %s failed inside the gateway", call.id, tool.name)
+            raise ProtocolError(types.INTERNAL_ERROR, f"internal gateway error (call {call.id})") from None
+        return outcome.result
+
+    def _approver(self, caller: Caller, params: ToolRequest) -> Approver | None:
+        """How this request can ask a person: elicitation now (handshake era) or input-required (2026)."""
+        if not caller.can_elicit:
+            return None
+        desk = self.desk
+        if caller.modern:
+
+            async def by_round_trip(call: ToolCall, decision: Decision) -> Approval:
+                if params.request_state is None and params.answer is None:
+                    return desk.pending(call, decision)
+                return desk.redeem(params.request_state, params.answer, call)
+
+            return by_round_trip
+        elicit = caller.elicit
+        if elicit is None:
+            return None
+
+        async def by_elicitation(call: ToolCall, decision: Decision) -> Approval:
+            try:
+                result = await elicit(desk.message(call, decision), REQUESTED_SCHEMA)
+            except ProtocolError as exc:
+                failed = f"the client could not ask a person ({exc.message})"
+                return Approval(Answer.CANNOT_ASK, failed, Channel.ELICITATION)
+            return desk.answer(result)
+
+        return by_elicitation
+
+    def session_info(
+        self, session_id: str, protocol_version: str, client_name: str, client_version: str
+    ) -> SessionInfo:
+        """One downstream connection (noted in the audit log the first time it is seen)."""
+        session = SessionInfo(session_id, self.transport, protocol_version, client_name, client_version)
+        self.audit.session(session)
+        return session
+
+    async def list_prompts(self) -> types.ListPromptsResult:
+        await self.wait_for_startup()
+        return types.ListPromptsResult(prompts=[prompt.model for prompt in self.pool.catalog.prompts.values()])
+
+    async def get_prompt(self, params: types.GetPromptRequestParams) -> dict[str, Any]:
+        """The prompt from its upstream, in wire form (handshake era, as upstreams speak it)."""
+        await self.wait_for_startup()
+        prompt = self.pool.catalog.prompts.get(params.name)
+        if prompt is None:
+            raise ProtocolError(types.INVALID_PARAMS, f"Unknown prompt: {params.name}")
+        request: dict[str, Any] = {"name": prompt.upstream_name}
+        if params.arguments:
+            request["arguments"] = params.arguments
+        return await self._forward(prompt.upstream, "prompts/get", request)
+
+    async def list_resources(self) -> types.ListResourcesResult:
+        await self.wait_for_startup()
+        return types.ListResourcesResult(resources=[resource for _, resource in self.pool.catalog.resources.values()])
+
+    async def list_resource_templates(self) -> types.ListResourceTemplatesResult:
+        await self.wait_for_startup()
+        templates = [template for _, _, template in self.pool.catalog.templates]
+        return types.ListResourceTemplatesResult(resource_templates=templates)
+
+    async def read_resource(self, params: types.ReadResourceRequestParams) -> dict[str, Any]:
+        """The resource from the upstream that serves it, in wire form (handshake era)."""
+        await self.wait_for_startup()
+        upstream = self.pool.catalog.resource_upstream(params.uri)
+        if upstream is None:
+            raise ProtocolError(types.INVALID_PARAMS, f"Unknown resource: {params.uri}")
+        return await self._forward(upstream, "resources/read", {"uri": params.uri})
+
+    async def _forward(self, upstream: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.pool.get(upstream).require_session().request(method, params)
+        except UpstreamError as exc:
+            raise ProtocolError(types.INTERNAL_ERROR, str(exc)) from None
+
+
+def _tool_definitions(catalog: Catalog) -> dict[str, tuple[str, str, Any]]:
+    return {name: (tool.upstream, tool.source.digest, tool.source.definition) for name, tool in catalog.tools.items()}
+
+
+def _tool_signature(catalog: Catalog) -> list[tuple[str, str]]:
+    return [(name, tool.source.digest) for name, tool in catalog.tools.items()]

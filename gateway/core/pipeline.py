@@ -1,0 +1,245 @@
+"""The stages a tool call passes through, composed once at start-up.
+
+A stage is `async (call, call_next) -> Outcome`; stages are listed outermost first and end in a
+terminal handler that forwards the call upstream:
+
+    audit outcomes -> check_arguments (the upstream tool's own inputSchema) -> enforce_policy
+        -> audit decisions (committed, or the call is refused) -> forward
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
+from functools import cache, partial
+from typing import TYPE_CHECKING, Any, Protocol, get_args
+
+import anyio
+import mcp_types as types
+from mcp_types import methods as spec_methods
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel, ValidationError
+
+from gateway.calls import (
+    Answer,
+    Approval,
+    Channel,
+    Decision,
+    Effect,
+    Handler,
+    Outcome,
+    OutcomeKind,
+    ToolCall,
+    WireResult,
+)
+from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
+from gateway.policy.engine import PolicyEngine
+from gateway.upstream.pool import UpstreamPool
+
+if TYPE_CHECKING:
+    from gateway.audit.recorder import CallAudit
+
+
+class Stage(Protocol):
+    """One step of the pipeline: it may pass the call on (`call_next`) or end it with an outcome."""
+
+    def __call__(self, call: ToolCall, call_next: Handler) -> Awaitable[Outcome]: ...
+
+
+def compose(stages: Sequence[Stage], terminal: Handler) -> Handler:
+    """Wrap `terminal` in `stages`, the first stage outermost.
+
+    Each stage is bound with `partial`, not a wrapping coroutine: a call then runs one coroutine
+    frame per stage, and every resumption of the call passes through no others.
+    """
+    handler = terminal
+    for stage in reversed(stages):
+        handler = partial(stage, call_next=handler)
+    return handler
+
+
+async def check_arguments(call: ToolCall, call_next: Handler) -> Outcome:
+    """Refuse arguments that the upstream tool's own inputSchema rejects; they never reach it."""
+    violation = call.tool.source.violation(call.arguments)
+    if violation is not None:
+        return Outcome.refused(call, f"arguments do not match the tool's input schema: {violation}")
+    return await call_next(call)
+
+
+class EnforcePolicy:
+    """Decide the call under the current policies; refuse, ask a person, rewrite, or let it through.
+
+    After the upstream has answered, the result rules screen what goes back to the agent. `observe`
+    sees every decision as soon as it is made, and `answered` what came of asking a person (the audit
+    records both, however the call ends).
+    """
+
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        *,
+        ask_timeout: float,
+        observe: Callable[[ToolCall, Decision], None] | None = None,
+        answered: Callable[[ToolCall, Approval], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.ask_timeout = ask_timeout
+        self._observe = observe
+        self._answered = answered
+        self._clock = clock
+
+    async def __call__(self, call: ToolCall, call_next: Handler) -> Outcome:
+        session = call.session
+        decision = self.engine.evaluate(
+            call.tool.name,
+            call.arguments,
+            now=self._clock(),
+            session=session.id,
+            client=session.client_name,
+            principal=session.principal,
+        )
+        call = replace(call, decision=decision)
+        if self._observe is not None:
+            self._observe(call, decision)
+        if decision.effect is Effect.DENY:
+            return Outcome.refused(call, decision.reason)
+        if decision.arguments is not None:
+            violation = call.tool.source.violation(decision.arguments)
+            if violation is not None:
+                return Outcome.refused(
+                    call,
+                    f"{decision.reason}, but the rewritten arguments do not match the tool's input schema: {violation}",
+                )
+        if decision.effect is Effect.ASK:
+            refusal = await self._ask(call, decision)
+            if refusal is not None:
+                return refusal
+        stamp = self._clock()
+        if not self.engine.charge(decision, session.id, stamp):
+            return Outcome.refused(call, "a rate limit of this call's rules was reached while it waited for approval")
+        outcome = await call_next(call)
+        if outcome.kind is OutcomeKind.REFUSED:
+            self.engine.refund(decision, session.id, stamp)  # refused later on: the call did not happen
+        elif outcome.kind in (OutcomeKind.OK, OutcomeKind.ERROR):
+            screening = self.engine.screen_result(
+                call.tool.name, outcome.result, client=session.client_name, principal=session.principal
+            )
+            if screening.withheld_by is not None:
+                return Outcome.withheld(call, screening.reason, screening.withheld_by)
+            if screening.redacted_by:
+                return replace(outcome, result=screening.result, rules=screening.redacted_by)
+        return outcome
+
+    async def _ask(self, call: ToolCall, decision: Decision) -> Outcome | None:
+        """Ask a person; `None` when they approved, else the outcome to return instead of the call's."""
+        approval = await self._approval(call, decision)
+        if self._answered is not None:
+            self._answered(call, approval)
+        if approval.pending is not None:
+            return Outcome.input_required(approval.pending)
+        if not approval.granted:
+            return Outcome.refused(call, f"{decision.reason}; {approval.reason}")
+        return None
+
+    async def _approval(self, call: ToolCall, decision: Decision) -> Approval:
+        if call.approver is None:
+            return Approval(Answer.CANNOT_ASK, "this client cannot ask a person (it does not support elicitation)")
+        with anyio.move_on_after(self.ask_timeout) as waited:
+            approval = await call.approver(call, decision)
+        if waited.cancelled_caught:
+            # Only an elicitation waits for the person: a round trip's approver answers at once.
+            no_answer = f"no answer within {format_seconds(self.ask_timeout)}"
+            return Approval(Answer.NO_ANSWER, no_answer, Channel.ELICITATION)
+        return approval
+
+
+class Forward:
+    """The terminal handler: send the call to its upstream and shape whatever comes back."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+
+    async def __call__(self, call: ToolCall) -> Outcome:
+        params = {"name": call.tool.upstream_name, "arguments": dict(call.forwarded_arguments)}
+        try:
+            session = self._pool.get(call.tool.upstream).require_session()
+            with self._pool.relaying(call):
+                raw = await session.request("tools/call", params, on_progress=call.progress)
+        except UpstreamTimeout as exc:
+            return Outcome.failed(call, OutcomeKind.TIMEOUT, str(exc))
+        except UpstreamError as exc:
+            return Outcome.failed(call, OutcomeKind.ERROR, str(exc))
+        try:
+            result = shape_result(raw, call.session.protocol_version)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            reason = f"upstream '{call.tool.upstream}' returned a malformed result ({where}: {first['msg']})"
+            return Outcome.failed(call, OutcomeKind.ERROR, reason)
+        return Outcome.completed(result)
+
+
+def shape_result(raw: Mapping[str, Any], version: str) -> Mapping[str, Any]:
+    """An upstream's `CallToolResult`, checked once: against the caller's protocol version, and dumped for
+    it (fields that version does not know dropped, as the specification's result sieve does; a
+    2026-07-28 caller's result is `complete`: an upstream speaks the handshake era, which has no other).
+
+    For a version not known here, checked against the latest model and returned as it came.
+    Raises `ValidationError` for a malformed result.
+    """
+    model = _result_model(version)
+    if model is None:
+        types.CallToolResult.model_validate(raw, by_name=False)
+        return raw
+    modern = version in MODERN_PROTOCOL_VERSIONS
+    plain = _plain_text_result(raw, modern=modern)
+    if plain is not None:
+        return plain
+    data = {**raw, "resultType": "complete"} if modern else raw
+    checked = model.model_validate(data, by_name=False)
+    return WireResult(checked.model_dump(by_alias=True, mode="json", exclude_none=True))
+
+
+_PLAIN_KEYS = frozenset({"content", "isError"})
+_TEXT_BLOCK_KEYS = frozenset({"type", "text"})
+
+
+def _plain_text_result(raw: Mapping[str, Any], *, modern: bool) -> WireResult | None:
+    """The commonest result, text blocks and an error flag and nothing else, dumped as the version's
+    model dumps it (its key order too) without building the model; `None` for anything else, which the
+    model checks. (The tests hold the two to the same output.)"""
+    content = raw.get("content")
+    if type(content) is not list or not raw.keys() <= _PLAIN_KEYS:
+        return None
+    blocks = []
+    for block in content:
+        if type(block) is not dict or block.keys() != _TEXT_BLOCK_KEYS or block["type"] != "text":
+            return None
+        text = block["text"]
+        if type(text) is not str:
+            return None
+        blocks.append({"text": text, "type": "text"})
+    shaped = WireResult(content=blocks)
+    flag = raw.get("isError")
+    if flag is not None:
+        if type(flag) is not bool:
+            return None
+        shaped["isError"] = flag
+    if modern:
+        shaped["resultType"] = "complete"
+    return shaped
+
+
+@cache
+def _result_model(version: str) -> type[BaseModel] | None:
+    surface = spec_methods.SERVER_RESULTS.get(("tools/call", version))
+    members = get_args(surface) or (surface,)
+    return next((m for m in members if isinstance(m, type) and m.__name__ == "CallToolResult"), None)
+
+
+def build_pipeline(pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit) -> Handler:
+    ask_timeout = pool.config.gateway.ask_timeout
+    policy = EnforcePolicy(engine, ask_timeout=ask_timeout, observe=audit.observe, answered=audit.answered)
+    return compose([audit.outcomes, check_arguments, policy, audit.decisions], Forward(pool))

@@ -1,0 +1,1 @@
+"""The faces agents reach: stdio and streamable HTTP, and running them."""

@@ -1,0 +1,365 @@
+"""Streamable HTTP: the gateway served by the SDK's dual-era `Server` and its ASGI app.
+
+`GatewayServer` adapts the transport-neutral `Gateway` to the SDK's handler shapes: sessions come
+from the HTTP `mcp-session-id` (or, stateless, from the client's name), a `ProtocolError` becomes
+the SDK's `MCPError`, and list changes reach handshake-era sessions as notifications and 2026-07-28
+peers on their `subscriptions/listen` streams.
+
+A handshake-era session with no request in flight for `[gateway.http] session_idle_timeout` is
+closed by the SDK (its id then answers 404) and its end recorded; SIGTERM or SIGINT stops the server
+in order (open requests get `STOP_REQUESTS_GRACE` to finish), and the gateway then records the end
+of every session still open.
+
+HTTP binds 127.0.0.1 unless told otherwise, checks `Host` and `Origin` against the bound address
+(DNS-rebinding protection), and with `[gateway.http] token` set, refuses any request that does not
+carry `Authorization: Bearer <token>` (compared in constant time) with 401.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from types import FrameType
+from typing import Any, get_args
+
+import anyio
+import mcp_types as types
+import uvicorn
+from mcp.server import NotificationOptions, Server, ServerRequestContext
+from mcp.server.caching import CacheableMethod, CacheHint
+from mcp.server.connection import Connection
+from mcp.server.models import InitializationOptions
+from mcp.server.subscriptions import (
+    InMemorySubscriptionBus,
+    ListenHandler,
+    PromptsListChanged,
+    ResourcesListChanged,
+    ServerEvent,
+    ToolsListChanged,
+)
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+from mcp.shared.message import ServerMessageMetadata
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.audit.recorder import CallAudit
+from gateway.calls import SessionInfo
+from gateway.config.models import Config
+from gateway.core.gateway import RELAYED, Caller, Gateway, ListKind, ToolRequest, relay_for
+from gateway.downstream.shutdown import exit_after_grace
+from gateway.errors import GatewayError, ProtocolError, format_seconds
+
+logger = logging.getLogger(__name__)
+
+Context = ServerRequestContext[Any, Any]
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+STOP_REQUESTS_GRACE = 1
+"""Seconds open HTTP requests have to finish once the gateway is stopping (a GET stream never does by
+itself); then they are cancelled, and so are the calls they wait for."""
+_EVENTS: dict[ListKind, ServerEvent] = {
+    "tools": ToolsListChanged(),
+    "prompts": PromptsListChanged(),
+    "resources": ResourcesListChanged(),
+}
+
+
+class GatewayServer(Server[Any]):
+    """The SDK server in front of a `Gateway`, advertising list-changed (the HTTP app builds its own options)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._bus = InMemorySubscriptionBus()
+        self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        super().__init__(
+            gateway.name,
+            version=gateway.version,
+            # The catalogue can change at any moment and differs per caller: nothing is cacheable.
+            cache_hints={method: CacheHint() for method in get_args(CacheableMethod)},
+            on_list_tools=self._list_tools,
+            on_list_prompts=self._list_prompts,
+            on_list_resources=self._list_resources,
+            on_list_resource_templates=self._list_resource_templates,
+            on_subscriptions_listen=ListenHandler(self._bus),
+            get_tool_input_schema=gateway.input_schema,
+        )
+        # These answer in wire form: upstream results pass through without a round trip via models.
+        self.add_request_handler("tools/call", types.CallToolRequestParams, self._call_tool)
+        self.add_request_handler("prompts/get", types.GetPromptRequestParams, self._get_prompt)
+        self.add_request_handler("resources/read", types.ReadResourceRequestParams, self._read_resource)
+        # Tracing middleware stays off unless someone installs it on purpose; the one below
+        # remembers handshake-era connections so list changes can reach them.
+        self.middleware = [self._remember_connection]
+        gateway.announcers.append(self._announce)
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        changes = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
+        return super().create_initialization_options(changes, experimental_capabilities, extensions)
+
+    async def _remember_connection(self, ctx: Context, call_next: Callable[[Context], Awaitable[Any]]) -> Any:
+        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            # The SDK hands out a new session proxy per message; the connection behind it is stable.
+            connection = getattr(ctx.session, "_connection", None)
+            if isinstance(connection, Connection) and connection not in self._connections:
+                self._connections.add(connection)
+                self._end_when_idle(connection)
+        try:
+            return await call_next(ctx)
+        except ProtocolError as exc:
+            raise MCPError(exc.code, exc.message, exc.data) from None
+
+    def _end_when_idle(self, connection: Connection) -> None:
+        """Record the end of this handshake-era session should the SDK close it for being idle (a client's
+        `DELETE` and the gateway stopping record theirs elsewhere, with their own reasons)."""
+        session_id = connection.session_id
+        # The SDK keeps each session's transport only in its manager; the transport's idle scope,
+        # cancelled once nothing has been in flight for the idle timeout, is what says why it closed.
+        transport = self.session_manager._server_instances.get(session_id) if session_id is not None else None
+        if session_id is None or transport is None:
+            return
+        timeout = self.gateway.pool.config.gateway.http.session_idle_timeout
+        reason = f"no request for {format_seconds(timeout)} ([gateway.http] session_idle_timeout)"
+
+        def closed() -> None:
+            if transport.idle_scope is not None and transport.idle_scope.cancel_called:
+                self.gateway.audit.end_session(session_id, reason)
+
+        connection.exit_stack.callback(closed)
+
+    async def _announce(self, changed: list[ListKind]) -> None:
+        for kind in changed:
+            await self._bus.publish(_EVENTS[kind])
+        for connection in list(self._connections):
+            for kind in changed:
+                if kind == "tools":
+                    await connection.send_tool_list_changed()
+                elif kind == "prompts":
+                    await connection.send_prompt_list_changed()
+                else:
+                    await connection.send_resource_list_changed()
+
+    def _session_of(self, ctx: Context) -> SessionInfo:
+        """One HTTP session: its `mcp-session-id`, or for stateless HTTP the client's name and version."""
+        info = ctx.session.client_params.client_info if ctx.session.client_params is not None else None
+        name, version = (info.name, info.version) if info is not None else ("", "")
+        header = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else None
+        session_id = header or hashlib.sha256(f"{name}\0{version}".encode()).hexdigest()[:32]
+        return self.gateway.session_info(session_id, ctx.protocol_version, name, version)
+
+    async def _list_tools(self, ctx: Context, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        return await self.gateway.list_tools(self._session_of(ctx))
+
+    async def _list_prompts(self, ctx: Context, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
+        return await self.gateway.list_prompts()
+
+    async def _get_prompt(self, ctx: Context, params: types.GetPromptRequestParams) -> dict[str, Any]:
+        return _for_era(ctx, await self.gateway.get_prompt(params))
+
+    async def _list_resources(
+        self, ctx: Context, params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        return await self.gateway.list_resources()
+
+    async def _list_resource_templates(
+        self, ctx: Context, params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        return await self.gateway.list_resource_templates()
+
+    async def _read_resource(self, ctx: Context, params: types.ReadResourceRequestParams) -> dict[str, Any]:
+        return _for_era(ctx, await self.gateway.read_resource(params))
+
+    async def _call_tool(self, ctx: Context, params: types.CallToolRequestParams) -> dict[str, Any]:
+        progress = None
+        if ctx.meta is not None and ctx.meta.get("progress_token") is not None:
+
+            async def progress(progress: float, total: float | None, message: str | None) -> None:
+                await ctx.session.report_progress(progress, total, message)
+
+        async def elicit(message: str, schema: dict[str, Any]) -> dict[str, Any]:
+            try:
+                result = await ctx.session.elicit_form(message, schema, ctx.request_id)
+            except MCPError as exc:
+                raise ProtocolError(exc.error.code, exc.error.message, exc.error.data) from None
+            return result.model_dump(by_alias=True, mode="json")
+
+        async def ask(method: str, params: Mapping[str, Any], checked: Any) -> dict[str, Any]:
+            models = RELAYED[method]
+            try:
+                result = await ctx.session.send_request(
+                    models.request(params=checked),
+                    models.result,
+                    metadata=ServerMessageMetadata(related_request_id=ctx.request_id),
+                )
+            except MCPError as exc:  # the client's error, or no channel to ask it on (stateless HTTP)
+                raise ProtocolError(exc.error.code, exc.error.message, exc.error.data) from None
+            except ValidationError:
+                raise ProtocolError(
+                    types.INVALID_PARAMS, f"the client answered {method} with a malformed result"
+                ) from None
+            return result.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+        capabilities = ctx.session.client_capabilities
+        modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+        caller = Caller(
+            self._session_of(ctx),
+            modern=modern,
+            can_elicit=capabilities is not None and capabilities.elicitation is not None,
+            progress=progress,
+            elicit=None if modern else elicit,
+            relay=None if modern else relay_for(capabilities, ask),
+        )
+        return _for_era(ctx, await self.gateway.call_tool(caller, ToolRequest.of(params)))
+
+
+async def serve_streamable_http(gateway: Gateway, config: Config, host: str, port: int) -> None:
+    """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
+    settings = config.gateway.http
+    if not _is_loopback(host) and settings.token is None:
+        logger.warning("serving on %s without [gateway.http] token: anyone who can reach it can use every tool", host)
+    with listening_socket(host, port) as sock:
+        port = sock.getsockname()[1]
+        security = TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=[*_host_patterns(host, port), *settings.allowed_hosts],
+            allowed_origins=[*(f"http://{name}:*" for name in _LOOPBACK_NAMES), *settings.allowed_origins],
+        )
+        app: ASGIApp = GatewayServer(gateway).streamable_http_app(
+            host=host, transport_security=security, session_idle_timeout=settings.session_idle_timeout
+        )
+        app = SessionEnds(app, gateway.audit)
+        if settings.token is not None:
+            app = BearerTokenGuard(app, settings.token)
+        server = _StoppingInOrder(
+            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=STOP_REQUESTS_GRACE)
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(gateway.run)
+            logger.info("serving streamable HTTP at http://%s:%d/mcp", host, port)
+            await server.serve(sockets=[sock])
+            tg.cancel_scope.cancel()
+
+
+class _StoppingInOrder(uvicorn.Server):
+    """uvicorn, stopping in order on SIGTERM or SIGINT, but without raising the signal again once stopped
+    (which would end the process before the gateway records the end of every session and commits it)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            logger.info("%s received: shutting down", signal.Signals(sig).name)
+            exit_after_grace(sig)
+        super().handle_exit(sig, frame)
+
+
+def _for_era(ctx: Context, result: Mapping[str, Any]) -> dict[str, Any]:
+    """An upstream's handshake-era result, shaped for the era this downstream request speaks."""
+    wire = dict(result)
+    if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        wire.setdefault("resultType", "complete")
+    return wire
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bind before serving, so the address is taken (and a chosen port 0 known) up front.
+
+    The socket is made with its protocol named (`IPPROTO_TCP`, not 0): the connections it accepts
+    inherit it, and asyncio turns Nagle's algorithm off (`TCP_NODELAY`) only on sockets that say they
+    are TCP. Without it a response's body, written after its headers, waits for the client's delayed
+    ACK: about 40 ms for every request after the first on a keep-alive connection.
+    """
+    bare = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bare, port))
+    except OSError as exc:
+        sock.close()
+        raise GatewayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_patterns(host: str, port: int) -> list[str]:
+    if _is_loopback(host):
+        return [f"{name}:{port}" for name in _LOOPBACK_NAMES]
+    return [f"{host}:{port}"]
+
+
+class SessionEnds:
+    """ASGI middleware: a `DELETE` of an MCP session (the client hanging up) ends its audit session."""
+
+    def __init__(self, app: ASGIApp, audit: CallAudit) -> None:
+        self._app = app
+        self._audit = audit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "DELETE":
+            session = next((value for key, value in scope["headers"] if key == b"mcp-session-id"), None)
+            if session is not None:
+                self._audit.end_session(session.decode("latin-1"), "the client ended the session")
+
+
+class BearerTokenGuard:
+    """ASGI middleware: every HTTP request must carry the configured bearer token."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self._app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        supplied = next((value for key, value in scope["headers"] if key == b"authorization"), b"")
+        if hmac.compare_digest(supplied, self._expected):
+            await self._app(scope, receive, send)
+            return
+        body = json.dumps({"error": "unauthorized", "error_description": "a valid bearer token is required"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"www-authenticate", b'Bearer realm="mcp-armor"'),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

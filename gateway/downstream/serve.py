@@ -1,0 +1,69 @@
+"""Running the gateway downstream: over stdio (the default), or streamable HTTP at `/mcp`.
+
+stdio is served by `gateway.downstream.stdio`, without the SDK in the process; HTTP by the SDK's server and
+web stack (`gateway.downstream.http`), imported only when HTTP is asked for.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+
+from gateway.audit.recorder import CallAudit, Recorder
+from gateway.catalog.pins import load_lock
+from gateway.config.models import Config
+from gateway.core.gateway import Gateway
+from gateway.downstream.shutdown import stop_on_signal
+from gateway.downstream.stdio import serve_stdio_connection
+from gateway.errors import ConfigError
+from gateway.policy.files import load_engine
+from gateway.upstream.pool import UpstreamPool
+
+logger = logging.getLogger(__name__)
+
+
+async def serve_stdio(config: Config) -> None:
+    """Serve one agent over this process's stdin/stdout until it hangs up (or SIGTERM / SIGINT)."""
+    async with gateway_for(config, transport="stdio") as gateway, anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_signal, tg.cancel_scope)
+        await tg.start(gateway.run)
+        await serve_stdio_connection(gateway)
+        gateway.audit.end_session(gateway.stdio_session, "the client disconnected")
+        tg.cancel_scope.cancel()
+
+
+async def serve_http(config: Config, host: str, port: int) -> None:
+    """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
+    if config.token_unset is not None:  # never serve unguarded what the file meant to guard
+        raise ConfigError(config.token_unset)
+    from gateway.downstream.http import serve_streamable_http  # the SDK and its web stack load only for HTTP
+
+    async with gateway_for(config, transport="http") as gateway:
+        await serve_streamable_http(gateway, config, host, port)
+
+
+@asynccontextmanager
+async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gateway]:
+    """Load the policies (a broken set stops start-up with one line), open the audit log, assemble the gateway.
+
+    The audit recorder outlives everything that serves, so calls cancelled at shutdown still get
+    their outcome recorded; then every session still open is recorded as ended.
+    """
+    engine = load_engine(config)
+    if engine.monitor_mode:
+        logger.warning("monitor mode: policy decisions are recorded, nothing is refused")
+    lock = load_lock(config)
+    async with Recorder(config.audit_path, sync=config.gateway.audit_sync).running() as recorder:
+        audit = CallAudit(recorder, engine)
+        gateway = Gateway(UpstreamPool(config, lock=lock), engine, audit, transport=transport)
+        # What is loaded by now (modules, the protocol's models, the policies) lives as long as the
+        # process: kept out of the collector's sight, so its full collections do not walk it.
+        gc.freeze()
+        try:
+            yield gateway
+        finally:
+            audit.end_all("the gateway shut down")

@@ -1,0 +1,1 @@
+"""The policy: the sans-IO engine, policy files, lint, and secret masking."""

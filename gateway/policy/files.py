@@ -1,0 +1,358 @@
+"""`policies/*.toml` read, checked and compiled into a `PolicySet`; every check happens here, at load.
+
+Every file in the directory is loaded (their order does not matter for the decision; rewrites apply
+in file-name order). A fault anywhere raises `PolicyError` with one line naming the file, the rule id
+and the key, and nothing of the new set is used: a reload replaces the old set only as a whole.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from jsonschema import validators
+from jsonschema.exceptions import SchemaError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from referencing import Registry, Resource
+from referencing.exceptions import NoSuchResource
+from referencing.jsonschema import DRAFT202012
+
+from gateway.calls import Effect
+from gateway.config.models import Config, parse_duration
+from gateway.errors import PolicyError
+from gateway.policy.engine import PolicyEngine, PolicySet, Rate, Rule
+from gateway.policy.redact import parse_mask_path
+from gateway.schema import FORMATS, Matcher, compile_fast, compile_schema, describe_violation
+
+RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day|[0-9][0-9.]*\s*(?:ms|s|m|h))\s*$")
+_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RuleSpec(_Model):
+    """One `[[rule]]` as written."""
+
+    id: StrictStr
+    tools: tuple[StrictStr, ...] = Field(min_length=1)
+    effect: Literal["allow", "deny", "ask", "rewrite"] | None = None
+    clients: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)
+    when: dict[str, Any] | None = None
+    reason: StrictStr = ""
+    mode: Literal["enforce", "monitor"] = "enforce"
+    rate: StrictStr | None = None
+    set: dict[str, Any] | None = None
+    on: Literal["call", "result"] = "call"
+    redact: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)
+    mask: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)
+    """Argument paths whose values the audit log stores masked (`"connection.password"`, `"items.*.token"`)."""
+
+
+class Defaults(_Model):
+    effect: Literal["allow", "deny", "ask"] = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    name: str
+    data: bytes
+
+
+def load_policies(directory: Path) -> PolicySet:
+    """Read and compile every `*.toml` in `directory`; raise `PolicyError` with one line on any fault."""
+    if not directory.is_dir():
+        raise PolicyError(
+            f"{directory}: policies directory not found (create it and put policy files in it, "
+            "or point [gateway] policies elsewhere)"
+        )
+    files = sorted(directory.glob("*.toml"))
+    sources: list[_Source] = []
+    rules: list[Rule] = []
+    seen: dict[str, str] = {}
+    default: tuple[Effect, str] | None = None
+    loader = _SchemaLoader(directory)
+    for path in files:
+        label = str(path)
+        data = _read(path, label)
+        sources.append(_Source(path.name, data))
+        try:
+            raw = tomllib.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise PolicyError(f"{label}: not UTF-8 text: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"{label}: not valid TOML: {exc}") from None
+        for key in raw:
+            if key not in ("rule", "defaults"):
+                raise PolicyError(f"{label}: {key}: unknown key (a policy file holds [[rule]] and [defaults])")
+        if "defaults" in raw:
+            try:
+                effect = Effect(Defaults.model_validate(raw["defaults"]).effect)
+            except ValidationError as exc:
+                raise PolicyError(f"{label}: [defaults] {_describe(exc)}") from None
+            if default is not None and default[1] != path.name:
+                raise PolicyError(f"{label}: [defaults] already set in {default[1]}; set it in one file only")
+            default = (effect, path.name)
+        raw_rules = raw.get("rule", [])
+        if not isinstance(raw_rules, list) or not all(isinstance(item, dict) for item in raw_rules):
+            raise PolicyError(f"{label}: rule: must be an array of tables ([[rule]])")
+        for position, raw_rule in enumerate(raw_rules, 1):
+            rule = _compile_rule(raw_rule, position, path.name, label, loader)
+            if rule.id in seen:
+                raise PolicyError(f"{label}: rule '{rule.id}': id: duplicate (first defined in {seen[rule.id]})")
+            seen[rule.id] = path.name
+            rules.append(rule)
+    revision = hashlib.sha256()
+    for source in sorted([*sources, *loader.sources], key=lambda source: source.name):
+        revision.update(source.name.encode() + b"\0" + hashlib.sha256(source.data).digest())
+    return PolicySet(
+        rules=tuple(rules),
+        default=default[0] if default is not None else Effect.DENY,
+        revision=revision.hexdigest()[:16],
+        files=tuple(source.name for source in sources),
+    )
+
+
+def load_engine(config: Config) -> PolicyEngine:
+    """The policy engine for a configuration: its policy directory, compiled, in its mode."""
+    return PolicyEngine(load_policies(config.policy_dir), monitor_mode=config.gateway.mode == "monitor")
+
+
+def parse_rate(text: str) -> Rate:
+    """`"30/minute"`, `"5/second"`, `"100/hour"`, `"1000/day"` or `"10/30s"` -> `Rate`."""
+    match = _RATE.match(text)
+    if match is None:
+        raise ValueError(f'expected a rate such as "30/minute" or "10/30s", got {text!r}')
+    limit = int(match[1])
+    unit = match[2]
+    period = _PERIODS[unit] if unit in _PERIODS else parse_duration(unit.replace(" ", ""))
+    if limit < 1:
+        raise ValueError(f"the limit must be at least 1, got {text!r}")
+    per = unit if unit in _PERIODS else unit.replace(" ", "")
+    return Rate(limit, period, f"{limit} call{'s' if limit != 1 else ''} per {per}")
+
+
+def _read(path: Path, label: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{label}: cannot be read: {exc}") from None
+
+
+def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, loader: _SchemaLoader) -> Rule:
+    rule_id = raw.get("id")
+    where = f"{label}: rule '{rule_id}'" if isinstance(rule_id, str) else f"{label}: rule #{position}"
+    try:
+        spec = RuleSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise PolicyError(f"{where}: {_describe(exc)}") from None
+    if not RULE_ID.match(spec.id):
+        raise PolicyError(f"{where}: id: must match {RULE_ID.pattern}")
+    for glob in (*spec.tools, *(spec.clients or ())):
+        if not glob.strip():
+            raise PolicyError(f"{where}: {'tools' if glob in spec.tools else 'clients'}: empty glob")
+    _check_combination(spec, where)
+    rate = None
+    if spec.rate is not None:
+        try:
+            rate = parse_rate(spec.rate)
+        except ValueError as exc:
+            raise PolicyError(f"{where}: rate: {exc}") from None
+    redact: list[re.Pattern[str]] = []
+    for index, pattern in enumerate(spec.redact or ()):
+        try:
+            redact.append(re.compile(pattern))
+        except re.error as exc:
+            raise PolicyError(f"{where}: redact[{index}]: invalid regular expression: {exc}") from None
+    mask: list[tuple[str, ...]] = []
+    for index, text in enumerate(spec.mask or ()):
+        try:
+            mask.append(parse_mask_path(text))
+        except ValueError as exc:
+            raise PolicyError(f"{where}: mask[{index}]: {exc}") from None
+    when = None
+    if spec.when is not None:
+        when = loader.compile(spec.when, f"{where}: when")
+    if spec.on == "result":
+        effect: Effect | None = Effect.DENY if spec.effect == "deny" else None
+    else:
+        effect = Effect(spec.effect) if spec.effect is not None else None  # None: a rule that only masks
+    return Rule(
+        id=spec.id,
+        source=source,
+        tools=spec.tools,
+        tools_pattern=_globs(spec.tools),
+        effect=effect,
+        clients=spec.clients,
+        clients_pattern=_globs(spec.clients) if spec.clients is not None else None,
+        when=when,
+        when_schema=spec.when,
+        reason=spec.reason,
+        monitor=spec.mode == "monitor",
+        rate=rate,
+        patch=spec.set,
+        on_result=spec.on == "result",
+        redact=tuple(redact),
+        mask=tuple(mask),
+    )
+
+
+def _check_combination(spec: RuleSpec, where: str) -> None:
+    """The keys that only make sense together, or never together."""
+    if spec.on == "result":
+        if (spec.effect == "deny") == (spec.redact is not None):
+            raise PolicyError(
+                f'{where}: on: a result rule either withholds (effect = "deny") or masks (redact = [...]), '
+                "one of the two"
+            )
+        if spec.effect not in (None, "deny"):
+            raise PolicyError(f'{where}: effect: a result rule can only "deny" (or redact)')
+        for key in ("rate", "set", "mask"):
+            if getattr(spec, key) is not None:
+                raise PolicyError(f'{where}: {key}: applies to call rules, not to on = "result" rules')
+        return
+    if spec.effect is None:
+        if spec.mask is not None:
+            for key in ("when", "rate", "set", "redact"):
+                if getattr(spec, key) is not None:
+                    raise PolicyError(f"{where}: {key}: a rule with only 'mask' decides nothing; give it an effect")
+            return
+        raise PolicyError(f'{where}: effect: required key is missing ("allow", "deny", "ask" or "rewrite")')
+    if spec.redact is not None:
+        raise PolicyError(f'{where}: redact: applies to on = "result" rules only')
+    if spec.effect == "rewrite" and not spec.set:
+        raise PolicyError(f"{where}: set: a rewrite rule needs a non-empty 'set' (a JSON merge patch)")
+    if spec.effect != "rewrite" and spec.set is not None:
+        raise PolicyError(f'{where}: set: applies to effect = "rewrite" rules only')
+    if spec.effect == "deny" and spec.rate is not None:
+        raise PolicyError(f"{where}: rate: a deny rule refuses every call it matches; a rate limits allowed calls")
+
+
+def _globs(globs: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled regex for a list of fnmatch globs (case-sensitive, like `fnmatchcase`)."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(glob)})" for glob in globs))
+
+
+class _SchemaLoader:
+    """Compiles `when` schemas; `{"$ref" = "schemas/x.json"}` loads files from the policies directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory.resolve()
+        self.sources: list[_Source] = []
+        self._registry: Registry[Any] = Registry(retrieve=_refuse_retrieval)  # type: ignore[call-arg]
+        self._loaded: set[str] = set()
+
+    def compile(self, schema: dict[str, Any], where: str) -> Matcher:
+        """The fastest matcher with the validator's verdicts: plain predicates when the keywords allow."""
+        self._load_references(schema, PurePosixPath("."), where)
+        try:
+            validator = compile_schema(schema, self._registry)
+        except SchemaError as exc:
+            raise PolicyError(f"{where}: not a valid JSON Schema: {describe_violation(exc)}") from None
+        _check_formats(schema, where)
+        fast = compile_fast(schema)
+        return fast if fast is not None else validator
+
+    def _load_references(self, schema: Any, base: PurePosixPath, where: str) -> None:
+        for ref in _references(schema):
+            target = ref.split("#", 1)[0]
+            if not target:
+                continue
+            if "://" in target or target.startswith("/"):
+                raise PolicyError(f"{where}: $ref {ref!r}: only files inside the policies directory can be referenced")
+            relative = PurePosixPath(*(base / target).parts)
+            uri = _normalise(relative)
+            if uri is None:
+                raise PolicyError(f"{where}: $ref {ref!r}: points outside the policies directory")
+            if uri in self._loaded:
+                continue
+            path = self.directory / uri
+            try:
+                data = path.read_bytes()
+                contents = json.loads(data)
+            except FileNotFoundError:
+                raise PolicyError(f"{where}: $ref {ref!r}: file {path} not found") from None
+            except (OSError, ValueError) as exc:
+                raise PolicyError(f"{where}: $ref {ref!r}: {path} is not readable JSON: {exc}") from None
+            if not isinstance(contents, dict):
+                raise PolicyError(f"{where}: $ref {ref!r}: {path} must hold a JSON object (a schema)")
+            try:
+                validators.validator_for(contents, default=validators.Draft202012Validator).check_schema(contents)
+            except SchemaError as exc:
+                raise PolicyError(
+                    f"{where}: $ref {ref!r}: {path} is not a valid JSON Schema: {describe_violation(exc)}"
+                ) from None
+            _check_formats(contents, f"{where}: $ref {ref!r}")
+            self._loaded.add(uri)
+            self.sources.append(_Source(uri, data))
+            resource = Resource.from_contents(contents, default_specification=DRAFT202012)
+            self._registry = self._registry.with_resource(uri, resource)
+            self._load_references(contents, PurePosixPath(uri).parent, where)
+
+
+def _refuse_retrieval(uri: str) -> Resource[Any]:
+    """Nothing is fetched at decision time: every reference was loaded (and checked) at load."""
+    raise NoSuchResource(ref=uri)  # type: ignore[call-arg]
+
+
+def _normalise(path: PurePosixPath) -> str | None:
+    parts: list[str] = []
+    for part in path.parts:
+        if part in (".", ""):
+            continue
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+        else:
+            parts.append(part)
+    return "/".join(parts) if parts else None
+
+
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")
+"""Keywords whose values are instances, not schemas: nothing inside them is a keyword."""
+
+
+def _keywords(schema: Any) -> Iterator[tuple[str, Any]]:
+    """Every (keyword, value) pair of a schema and of the schemas nested in it."""
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            yield key, value
+            if key not in _DATA_KEYWORDS:
+                yield from _keywords(value)
+    elif isinstance(schema, list):
+        for item in schema:
+            yield from _keywords(item)
+
+
+def _references(schema: Any) -> Iterator[str]:
+    for key, value in _keywords(schema):
+        if key in ("$ref", "$dynamicRef") and isinstance(value, str):
+            yield value
+
+
+def _check_formats(schema: Any, where: str) -> None:
+    """A `format` this gateway cannot check would silently match everything: refuse it at load."""
+    for key, value in _keywords(schema):
+        if key == "format" and isinstance(value, str) and value not in FORMATS.checkers:
+            supported = ", ".join(sorted(FORMATS.checkers))
+            raise PolicyError(f"{where}: format {value!r} cannot be checked by the gateway (supported: {supported})")
+
+
+def _describe(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or "(table)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    return f"{key}: {str(error['msg']).removeprefix('Value error, ')}"

@@ -1,0 +1,86 @@
+"""Warnings about policies that load but probably do not say what their author meant.
+
+Checked against the tools the upstreams expose now (upstreams change, so these are warnings, not
+errors): a `tools` glob that matches no exposed tool, a `when` that names an argument the tool's
+own input schema does not have (a typo there silently turns a condition off), and an upstream whose
+every tool is hidden (declared, started, and of no use to any client).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from gateway.calls import Effect
+from gateway.policy.engine import PolicySet
+
+_BRANCHES = ("allOf", "anyOf", "oneOf")
+
+
+def lint(policies: PolicySet, tools: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per finding; `tools` maps exposed tool names to their input schemas."""
+    findings: list[str] = []
+    for rule in policies.rules:
+        where = f"{rule.source}: rule '{rule.id}'"
+        concerned = [name for name in tools if rule.concerns(name)]
+        for glob in rule.tools:
+            if not any(fnmatch.fnmatchcase(name, glob) for name in tools):
+                findings.append(f"{where}: tools: {glob!r} matches no exposed tool")
+        if rule.on_result or rule.when_schema is None:
+            continue
+        named = set(_argument_names(rule.when_schema))
+        for name in concerned:
+            known = tools[name].get("properties")
+            if not isinstance(known, Mapping):
+                continue
+            for argument in sorted(named - set(known)):
+                findings.append(f"{where}: when: names argument {argument!r}, which tool '{name}' does not have")
+    return findings
+
+
+def hidden_upstreams(policies: PolicySet, tools: Iterable[tuple[str, str]]) -> list[str]:
+    """One line per upstream none of whose tools any client can call; `tools` are (exposed name, upstream)."""
+    per_upstream: dict[str, list[str]] = {}
+    for name, upstream in tools:
+        per_upstream.setdefault(upstream, []).append(name)
+    findings: list[str] = []
+    for upstream, names in sorted(per_upstream.items()):
+        if all(_hidden_from_everyone(policies, name) for name in names):
+            which = "the only tool" if len(names) == 1 else f"all {len(names)} tools"
+            verb = "is" if len(names) == 1 else "are"
+            findings.append(f"{which} of '{upstream}' {verb} hidden: no rule allows, asks or rewrites a call to it")
+    return findings
+
+
+def _hidden_from_everyone(policies: PolicySet, tool: str) -> bool:
+    """Whether no client can ever call `tool`: a rule denies it to every client whatever the arguments, or
+    the default is deny and no rule (for any client) allows, asks or rewrites it. Monitoring rules decide
+    nothing."""
+    rules = [
+        rule
+        for rule in policies.rules
+        if not rule.on_result and not rule.monitor and rule.effect is not None and rule.concerns(tool)
+    ]
+    if any(rule.effect is Effect.DENY and rule.when is None and rule.clients is None for rule in rules):
+        return True
+    return policies.default is Effect.DENY and all(rule.effect is Effect.DENY for rule in rules)
+
+
+def _argument_names(schema: Mapping[str, Any]) -> Iterator[str]:
+    """The top-level argument names a `when` schema talks about (through allOf/anyOf/oneOf/not too)."""
+    properties = schema.get("properties")
+    if isinstance(properties, Mapping):
+        yield from properties
+    required = schema.get("required")
+    if isinstance(required, list):
+        yield from (name for name in required if isinstance(name, str))
+    for key in _BRANCHES:
+        branches = schema.get(key)
+        if isinstance(branches, list):
+            for branch in branches:
+                if isinstance(branch, Mapping):
+                    yield from _argument_names(branch)
+    negated = schema.get("not")
+    if isinstance(negated, Mapping):
+        yield from _argument_names(negated)

@@ -1,0 +1,1 @@
+"""Upstream servers: the supervised pool, stdio and HTTP links, processes, one-off connections."""

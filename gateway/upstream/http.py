@@ -1,0 +1,125 @@
+"""Upstreams at a URL: streamable HTTP through the SDK's client transport and JSON-RPC dispatcher.
+
+Imported only when the config names a URL upstream, so a gateway fronting commands alone never
+loads the SDK's HTTP client. The link raises what `gateway.wire.channel.Channel` raises (`RemoteError`,
+`RequestTimeout`, `ChannelClosed`, and `ConnectionFailed` for an HTTP failure underneath).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx2
+import mcp_types as types
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.dispatcher import CallOptions, DispatchContext
+from mcp.shared.exceptions import MCPError
+from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
+from mcp.shared.transport_context import TransportContext
+
+from gateway.calls import ProgressFn
+from gateway.config.models import UpstreamSpec
+from gateway.wire.channel import (
+    ChannelClosed,
+    ConnectionFailed,
+    NotificationHandler,
+    RemoteError,
+    RequestHandler,
+    RequestTimeout,
+)
+
+_PROTOCOL_VERSION_HEADER = "mcp-protocol-version"
+
+
+class HttpLink:
+    """A streamable-HTTP upstream through the SDK's JSON-RPC dispatcher, with `Link`'s errors."""
+
+    def __init__(self, dispatcher: JSONRPCDispatcher[TransportContext]) -> None:
+        self._dispatcher = dispatcher
+        self.protocol_version: str | None = None
+        """Sent as `mcp-protocol-version` on every request after `initialize` (taken from its answer)."""
+
+    def _options(self) -> CallOptions:
+        opts: CallOptions = {}
+        if self.protocol_version is not None:
+            opts["headers"] = {_PROTOCOL_VERSION_HEADER: self.protocol_version}
+        return opts
+
+    async def request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        *,
+        seconds: float,
+        on_progress: ProgressFn | None = None,
+        cancel_on_abandon: bool = True,
+    ) -> dict[str, Any]:
+        opts = self._options()
+        opts["timeout"] = seconds
+        opts["cancel_on_abandon"] = cancel_on_abandon
+        if on_progress is not None:
+            opts["on_progress"] = on_progress
+        try:
+            result = await self._dispatcher.send_raw_request(method, params, opts)
+        except httpx2.HTTPError as exc:
+            raise ConnectionFailed(str(exc)) from None
+        except MCPError as exc:
+            if exc.error.code == types.REQUEST_TIMEOUT:
+                raise RequestTimeout() from None
+            if exc.error.code == types.CONNECTION_CLOSED:
+                raise ChannelClosed(exc.error.message) from None
+            raise RemoteError(exc.error.code, exc.error.message, exc.error.data) from None
+        if method == "initialize" and isinstance(version := result.get("protocolVersion"), str):
+            self.protocol_version = version
+        return result
+
+    async def notify(self, method: str, params: Mapping[str, Any] | None = None) -> None:
+        try:
+            await self._dispatcher.notify(method, params, self._options())
+        except httpx2.HTTPError as exc:
+            raise ConnectionFailed(str(exc)) from None
+
+
+@asynccontextmanager
+async def open_http_link(
+    spec: UpstreamSpec, answer: RequestHandler, on_notify: NotificationHandler
+) -> AsyncIterator[tuple[HttpLink, anyio.Event]]:
+    """Connect to `spec.url`; yield the link and an event set when the connection ends."""
+    assert spec.url is not None
+    timeout = httpx2.Timeout(30, read=300)
+    closed = anyio.Event()
+    async with (
+        httpx2.AsyncClient(headers=dict(spec.headers), timeout=timeout) as http,
+        streamable_http_client(spec.url, http_client=http) as (read, write),
+        anyio.create_task_group() as link_tg,
+    ):
+        dispatcher: JSONRPCDispatcher[TransportContext] = JSONRPCDispatcher(read, write)
+
+        async def on_request(
+            dctx: DispatchContext[TransportContext], method: str, params: Mapping[str, Any] | None
+        ) -> dict[str, Any]:
+            try:
+                return await answer(method, params)
+            except RemoteError as exc:
+                raise MCPError(code=exc.code, message=exc.message) from None
+
+        async def on_dispatched_notify(
+            dctx: DispatchContext[TransportContext], method: str, params: Mapping[str, Any] | None
+        ) -> None:
+            on_notify(method, params)
+
+        async def run_dispatcher(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            try:
+                await dispatcher.run(on_request, on_dispatched_notify, task_status=task_status)
+            finally:
+                closed.set()
+
+        await link_tg.start(run_dispatcher)
+        try:
+            yield HttpLink(dispatcher), closed
+        finally:
+            link_tg.cancel_scope.cancel()

@@ -1,0 +1,142 @@
+"""An upstream server as a child process, spoken to over its pipes through a `Channel`.
+
+`spawn` starts one (gateway.upstream.processes: its own process group, a minimal environment, stderr
+to its log), or adopts the one started ahead for it, and stops it the way MCP asks: close stdin,
+wait, SIGTERM the group, SIGKILL it. Its stdout is an asyncio protocol: lines are parsed and handed to
+the channel as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+
+from gateway.config.environment import BY_DEFAULT, Passing
+from gateway.upstream import processes
+from gateway.wire.channel import Channel, ChannelClosed, LineBuffer, NotificationHandler, RequestHandler
+
+logger = logging.getLogger(__name__)
+
+EXIT_POLL = 0.01
+"""How often a stopping upstream is checked for having exited."""
+
+
+class _ChildOutput(asyncio.Protocol):
+    """An upstream's stdout: lines parsed and handed to its channel as they arrive."""
+
+    def __init__(self, name: str, channel: Channel) -> None:
+        self.name = name
+        self.channel = channel
+        self.lines = LineBuffer()
+        self.eof = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            lines = self.lines.feed(data)
+        except ValueError as exc:
+            logger.warning("upstream '%s' sent %s; closing it", self.name, exc)
+            self.channel.close(f"sent {exc}")
+            self.eof.set()
+            return
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                message = json.loads(line)
+            except ValueError:
+                logger.warning("upstream '%s' wrote a line that is not JSON; ignored: %.200r", self.name, line)
+                continue
+            self.channel.receive(message)
+
+    def eof_received(self) -> bool | None:
+        self._ended()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended()
+
+    def _ended(self) -> None:
+        self.channel.close("closed the connection")
+        self.eof.set()
+
+
+@dataclass(slots=True)
+class Child:
+    """A running upstream process and the channel over its pipes."""
+
+    channel: Channel
+    pid: int
+    ended: asyncio.Event
+    """Set when its stdout closes (it exited, or closed the pipe)."""
+
+
+@asynccontextmanager
+async def spawn(
+    name: str,
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str | Path | None,
+    stderr: IO[Any],
+    passing: Passing = BY_DEFAULT,
+    on_request: RequestHandler | None = None,
+    on_notify: NotificationHandler | None = None,
+) -> AsyncIterator[Child]:
+    """Start an upstream server (or adopt the one started ahead for it) and yield its channel; on exit
+    stop it (close stdin, SIGTERM, SIGKILL)."""
+    loop = asyncio.get_running_loop()
+    process = processes.start(name, argv, env=env, cwd=cwd, stderr=stderr, passing=passing)
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, process.stdin)
+    except BaseException:
+        await _stop(process, None, name)
+        raise
+
+    def write(line: bytes) -> None:
+        if stdin.is_closing():
+            raise ChannelClosed("its stdin is closed")
+        stdin.write(line)
+
+    channel = Channel(name, write, on_request=on_request, on_notify=on_notify)
+    output = _ChildOutput(name, channel)
+    reader: asyncio.BaseTransport | None = None
+    try:
+        reader, _ = await loop.connect_read_pipe(lambda: output, process.stdout)
+        yield Child(channel, process.pid, output.eof)
+    finally:
+        channel.close("the gateway closed the connection")
+        with anyio.CancelScope(shield=True):
+            await _stop(process, stdin, name)
+        if reader is not None:
+            reader.close()
+
+
+async def _stop(process: subprocess.Popen[bytes], stdin: asyncio.BaseTransport | None, name: str) -> None:
+    """MCP's shutdown: close stdin and wait, then SIGTERM the process group and wait, then SIGKILL it."""
+    if stdin is not None:
+        stdin.close()
+    elif process.stdin is not None:
+        process.stdin.close()
+    for signum in (None, signal.SIGTERM, signal.SIGKILL):
+        if signum is not None:
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signum)
+        with anyio.move_on_after(processes.STOP_GRACE):
+            # Polled: nothing signals a child's exit to the loop without a child watcher of its own.
+            while process.poll() is None:  # noqa: ASYNC110
+                await anyio.sleep(EXIT_POLL)
+        if process.returncode is not None:
+            return
+    logger.warning("upstream '%s' (pid %d) is still running after SIGKILL; abandoned", name, process.pid)

@@ -1,0 +1,1 @@
+"""JSON-RPC on the wire: newline framing and the request/response peer."""
