@@ -382,6 +382,20 @@ async def test_listen_streams_end_unanswered_once_the_piped_input_ended(tmp_path
     assert set(replies) == {2} and replies[2]["result"]["content"][0]["text"] == "after listen"
 
 
+async def test_a_request_whose_id_a_later_one_reused_does_not_keep_the_gateway_from_exiting(tmp_path: Path) -> None:
+    """A client that reuses the id of a request still in flight leaves the first one never to be answered:
+    once the input ends it is cancelled like the rest (a listen stream would otherwise be waited for forever)."""
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, call_timeout="10m")
+    listen, echo = envelope(notifications={"toolsListChanged": True}), {"text": "after listens"}
+    lines = [
+        {"jsonrpc": "2.0", "id": 1, "method": "subscriptions/listen", "params": listen},
+        {"jsonrpc": "2.0", "id": 1, "method": "subscriptions/listen", "params": listen},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": envelope(name="box__echo", arguments=echo)},
+    ]
+    replies = await _pipe_whole_session(config, lines)
+    assert set(replies) == {2} and replies[2]["result"]["content"][0]["text"] == "after listens"
+
+
 def _session_end_after_every_outcome(config_dir: Path) -> dict[str, Any]:
     """The one `session_end` in the log, asserted to come after every call's outcome."""
     logged = events(config_dir)
