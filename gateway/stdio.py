@@ -303,6 +303,7 @@ class StdioConnection(asyncio.Protocol):
                 self._route(line)
 
     def eof_received(self) -> bool | None:
+        self.data_received(b"\n")  # a last line without its newline is read too, as the SDK's stdio server reads it
         self._input_ended = True
         self._ended.set()
         return None
