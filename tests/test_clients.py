@@ -717,6 +717,32 @@ def test_register_gemini_warns_of_each_pass_env_glob_and_other_clients_list_no_p
     assert "env" not in servers_of(CLIENTS["cursor"], CLIENTS["cursor"].user_file())["mcp-armor"]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="register lists a runtime variable named in pass_env (PYTHONPATH) in Gemini's entry: unset, it reaches "
+    "the gateway as '${PYTHONPATH}', a directory of the working directory put first on the gateway's sys.path",
+)
+def test_register_gemini_lists_no_variable_that_changes_how_the_gateway_runs(
+    tmp_path: Path, project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = {**fixture_upstream("toolbox.py"), "pass_env": ["PYTHONPATH"]}
+    write_config(project, {"box": table})
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    path = CLIENTS["gemini"].user_file()
+    write_client(path, {"mcpServers": {}})
+    assert run(capsys, "register", "gemini")[0] == 0
+    entry = json.loads(path.read_text())["mcpServers"]["mcp-armor"]
+    # Gemini CLI starts the gateway in the project it runs in: a directory named as the reference is code there.
+    workdir = tmp_path / "cloned-repository"
+    (workdir / "${PYTHONPATH}").mkdir(parents=True)
+    (workdir / "${PYTHONPATH}" / "sitecustomize.py").write_text("print('imported from the working directory')\n")
+    environ = gemini_environment(entry, dict(os.environ))
+    probe = subprocess.run(
+        [sys.executable, "-c", "pass"], env=environ, cwd=workdir, capture_output=True, text=True, check=True
+    )
+    assert "imported from the working directory" not in probe.stdout
+
+
 def test_register_gemini_an_unset_variable_stays_unset_for_the_gateway(
     project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

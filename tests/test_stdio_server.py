@@ -303,12 +303,16 @@ def _piped_session(era: str) -> list[dict[str, Any]]:
     return lines
 
 
-async def _pipe_whole_session(config: Path, lines: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
-    """Run `mcp-armor serve`, write `lines` and close its input at once; its answers, by id, once it exited."""
+async def _pipe_whole_session(
+    config: Path, lines: list[dict[str, Any]], *, last_newline: bool = True
+) -> dict[Any, dict[str, Any]]:
+    """Run `mcp-armor serve`, write `lines` (the last one without its newline unless `last_newline`) and
+    close its input at once; its answers, by id, once it exited."""
     async with await anyio.open_process(gateway_command(config), stderr=subprocess.DEVNULL) as proc:
         assert proc.stdin is not None and proc.stdout is not None
         with anyio.fail_after(60):
-            await proc.stdin.send("".join(json.dumps(line) + "\n" for line in lines).encode())
+            text = "\n".join(json.dumps(line) for line in lines) + ("\n" if last_newline else "")
+            await proc.stdin.send(text.encode())
             await proc.stdin.aclose()
             output = b"".join([chunk async for chunk in proc.stdout])
             assert await proc.wait() == 0
@@ -380,6 +384,29 @@ async def test_listen_streams_end_unanswered_once_the_piped_input_ended(tmp_path
     ]
     replies = await _pipe_whole_session(config, lines)
     assert set(replies) == {2} and replies[2]["result"]["content"][0]["text"] == "after listen"
+
+
+async def test_a_request_whose_id_a_later_one_reused_does_not_keep_the_gateway_from_exiting(tmp_path: Path) -> None:
+    """A client that reuses the id of a request still in flight leaves the first one never to be answered:
+    once the input ends it is cancelled like the rest (a listen stream would otherwise be waited for forever)."""
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, call_timeout="10m")
+    listen, echo = envelope(notifications={"toolsListChanged": True}), {"text": "after listens"}
+    lines = [
+        {"jsonrpc": "2.0", "id": 1, "method": "subscriptions/listen", "params": listen},
+        {"jsonrpc": "2.0", "id": 1, "method": "subscriptions/listen", "params": listen},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": envelope(name="box__echo", arguments=echo)},
+    ]
+    replies = await _pipe_whole_session(config, lines)
+    assert set(replies) == {2} and replies[2]["result"]["content"][0]["text"] == "after listens"
+
+
+async def test_a_last_request_without_its_newline_is_answered(config: Path) -> None:
+    """A file that does not end in a newline (`printf`, an editor's): its last request is read at the end
+    of the input and answered, as the SDK's stdio server reads it."""
+    lines = _piped_session("handshake")
+    replies = await _pipe_whole_session(config, lines, last_newline=False)
+    assert replies[4]["result"]["structuredContent"] == {"sum": 5}
+    assert "box__add" in calls(config.parent)
 
 
 def _session_end_after_every_outcome(config_dir: Path) -> dict[str, Any]:

@@ -275,7 +275,9 @@ class StdioConnection(asyncio.Protocol):
     async def _finish(self) -> None:
         """Cancel the requests still running and wait until each has ended (a call records its outcome)."""
         in_flight, self._in_flight = self._in_flight, {}
-        for task in in_flight.values():
+        # Every task, not only those in flight: one whose id a later request reused is answered never,
+        # and would otherwise be waited for (a listen stream: forever).
+        for task in {*in_flight.values(), *self._tasks}:
             _cancel(task)
         self._withdraw_asked()
         if self._tasks:
@@ -301,6 +303,7 @@ class StdioConnection(asyncio.Protocol):
                 self._route(line)
 
     def eof_received(self) -> bool | None:
+        self.data_received(b"\n")  # a last line without its newline is read too, as the SDK's stdio server reads it
         self._input_ended = True
         self._ended.set()
         return None
@@ -573,7 +576,7 @@ class StdioConnection(asyncio.Protocol):
         try:
             await anyio.sleep_forever()
         finally:
-            del self._listens[key]
+            self._listens.pop(key, None)  # a stream whose id a later one reused has lost its entry already
         return {"_meta": meta}  # pragma: no cover (a listen stream ends only by cancellation)
 
     async def _announce(self, changed: list[ListKind]) -> None:
