@@ -717,11 +717,6 @@ def test_register_gemini_warns_of_each_pass_env_glob_and_other_clients_list_no_p
     assert "env" not in servers_of(CLIENTS["cursor"], CLIENTS["cursor"].user_file())["mcp-armor"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="register lists a runtime variable named in pass_env (PYTHONPATH) in Gemini's entry: unset, it reaches "
-    "the gateway as '${PYTHONPATH}', a directory of the working directory put first on the gateway's sys.path",
-)
 def test_register_gemini_lists_no_variable_that_changes_how_the_gateway_runs(
     tmp_path: Path, project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -926,7 +921,9 @@ def test_register_drops_what_changes_how_the_gateway_runs_from_the_entry_it_keep
 
     code, out, err = run(capsys, "register", "claude-code", "--project", "--dry-run")
     assert code == 0 and "dry run: nothing written" in out
-    assert '-        "NODE_OPTIONS": "--require ./evil.js",' in out and '+        "PYTHONPATH": "${PYTHONPATH}"' in out
+    assert '-        "NODE_OPTIONS": "--require ./evil.js",' in out and '+        "PYTHONPATH"' not in out
+    # upstreams.toml refers to PYTHONPATH too: it is still not put back into the gateway's own environment
+    assert "upstreams.toml refers to PYTHONPATH, which changes how a program runs" in err
     dropped = [line for line in err.splitlines() if "dropped" in line]
     assert [line.split("dropped ")[1].split()[0] for line in dropped] == ["LD_PRELOAD", "NODE_OPTIONS", "PYTHONPATH"]
     assert dropped[0] == (
@@ -938,7 +935,7 @@ def test_register_drops_what_changes_how_the_gateway_runs_from_the_entry_it_keep
     code, _, err = run(capsys, "register", "claude-code", "--project")
     assert code == 0 and err.count("dropped") == 3
     entry = servers_of(CLIENTS["claude-code"], path)["mcp-armor"]
-    assert entry["env"] == {"LEVEL": "debug", "PYTHONPATH": "${PYTHONPATH}"}  # the client's own, passed on
+    assert entry["env"] == {"LEVEL": "debug"}
 
     code, out, err = run(capsys, "register", "claude-code", "--project")
     assert code == 0 and "already registered" in out and "dropped" not in err

@@ -267,6 +267,9 @@ def test_serving_http_without_its_token_starts_nothing_early(tmp_path: Path) -> 
     assert early_starts(path, {}, serving_http=True) == []
     assert [start.name for start in early_starts(path, {})] == ["a"]
     assert [start.name for start in early_starts(path, {"GATEWAY_TOKEN": "t" * 20}, serving_http=True)] == ["a"]
+    # a token too short to serve with refuses serving just the same: nothing starts for it
+    assert early_starts(path, {"GATEWAY_TOKEN": "short"}, serving_http=True) == []
+    assert [start.name for start in early_starts(path, {"GATEWAY_TOKEN": "short"})] == ["a"]
 
 
 def test_the_first_unset_variable_is_the_reason_and_a_set_one_makes_it_available(tmp_path: Path) -> None:

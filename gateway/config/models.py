@@ -35,6 +35,7 @@ from gateway.config.environment import Passing
 from gateway.config.source import (
     DEFAULT_STATE,
     ENV_NAME,
+    MIN_TOKEN_LENGTH,
     PASS_ENV_ENTRY,
     UPSTREAM_NAME,
     location,
@@ -94,8 +95,8 @@ class HttpSettings(_Model):
     @field_validator("token")
     @classmethod
     def _token_not_empty(cls, value: str | None) -> str | None:
-        if value is not None and len(value) < 16:
-            raise ValueError("must be at least 16 characters (an empty or short token guards nothing)")
+        if value is not None and len(value) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} characters (an empty or short token guards nothing)")
         return value
 
 

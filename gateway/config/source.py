@@ -21,6 +21,8 @@ from gateway.errors import ConfigError
 
 DEFAULT_CONFIG = "upstreams.toml"
 """The config `mcp-armor` reads unless given `--config`."""
+MIN_TOKEN_LENGTH = 16
+"""The shortest `[gateway.http] token` accepted: an empty or short one guards nothing."""
 DEFAULT_STATE = ".mcp-armor"
 """`[gateway] state` unless set: the gateway's own files, relative to the config's directory."""
 UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -242,13 +244,14 @@ class EarlyStart(NamedTuple):
 def early_starts(path: Path, environ: Mapping[str, str], *, serving_http: bool = False) -> list[EarlyStart]:
     """The enabled command upstreams of the file at `path` that are not unavailable, where each runs and
     logs and what it inherits; those whose table does not have the shape a valid one has are left out
-    (the full reading reports them). None when `serving_http` and the HTTP token's variable is not set:
-    that serving is refused, and no upstream should run (or get its credentials) for it."""
+    (the full reading reports them). None when `serving_http` and the HTTP token's variable is not set, or
+    the token is too short: that serving is refused, and no upstream should run (or get its credentials)
+    for it."""
     reading = read_variables(read_toml(path), str(path), environ)
-    if serving_http and reading.token_unset is not None:
+    gateway = reading.data.get("gateway", {})
+    if serving_http and (reading.token_unset is not None or not _token_fits(gateway)):
         return []
     directory = path.resolve().parent
-    gateway = reading.data.get("gateway", {})
     state = gateway.get("state", DEFAULT_STATE) if isinstance(gateway, dict) else None
     shared = gateway.get("pass_env", []) if isinstance(gateway, dict) else []
     upstreams = reading.data.get("upstreams", {})
@@ -276,6 +279,13 @@ def early_starts(path: Path, environ: Mapping[str, str], *, serving_http: bool =
         log = log_file(directory / state, name)
         starts.append(EarlyStart(name, command, args, env, where, log, reading.passing(name, (*shared, *own))))
     return starts
+
+
+def _token_fits(gateway: object) -> bool:
+    """Whether `[gateway.http] token`, when given, is long enough to be served with (`MIN_TOKEN_LENGTH`)."""
+    http = gateway.get("http") if isinstance(gateway, dict) else None
+    token = http.get("token") if isinstance(http, dict) else None
+    return token is None or (isinstance(token, str) and len(token) >= MIN_TOKEN_LENGTH)
 
 
 def _strings(value: object) -> bool:

@@ -372,6 +372,14 @@ def register(
     for variable, has_default in sorted(variables.items()):
         if variable in env:
             continue
+        if _runtime(variable):
+            # Listed, it would reach the gateway itself (where a client leaves an unset one as its own
+            # reference, `${PYTHONPATH}` names a directory of the project the gateway starts in).
+            warnings.append(
+                f"upstreams.toml refers to {variable}, which changes how a program runs or what code it loads: "
+                f"it is not passed through the '{name}' entry; write its value into upstreams.toml instead"
+            )
+            continue
         value = (passthrough or {}).get(variable) or file.client.reference(variable, has_default=has_default)
         if value is None:
             if not has_default:
@@ -403,8 +411,9 @@ def register(
 
 
 def _runtime(variable: str) -> bool:
-    """Whether `variable` changes how a program runs or what code it loads (gateway.config.environment)."""
-    return any(fnmatchcase(variable, pattern) for pattern in RUNTIME_ENVIRONMENT)
+    """Whether `variable` changes how a program runs or what code it loads (gateway.config.environment;
+    matched ignoring case, as npm reads its `npm_config_*`)."""
+    return any(fnmatchcase(variable.upper(), pattern.upper()) for pattern in RUNTIME_ENVIRONMENT)
 
 
 def unregister(file: ClientFile, name: str) -> Registration:
