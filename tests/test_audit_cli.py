@@ -405,3 +405,17 @@ def test_show_reads_approvals_recorded_before_their_answer_was(config: Path) -> 
         "granted by a person at claude-code",
         "refused: the person declined it",
     ]
+
+
+@pytest.mark.parametrize("args", [["audit", "tail"], ["audit", "show", SESSION[:8]], ["audit", "sessions"]], ids=str)
+def test_what_an_agent_or_upstream_wrote_cannot_drive_the_terminal(config: Path, args: list[str]) -> None:
+    """Tool names, reasons and client names come from agents and upstreams: escape sequences, line
+    breaks and bidi overrides in them are written out, never sent to the terminal as they are."""
+    hostile = "box__echo\x1b[2J\x1b]0;owned\x07\nforged line\u202etxt.exe"
+    start = event("session_start", session_id=SESSION, client_name="claude\x1b[31m", transport="stdio")
+    decision = event("decision", session_id=SESSION, call_id="c1", tool=hostile, decision="deny", reason="no\r\x1b[K")
+    record(config, start, decision)
+    result = cli(config, *args)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout and "\u202e" not in result.stdout
+    assert "\\x1b" in result.stdout  # written out, so a reader still sees it was there

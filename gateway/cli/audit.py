@@ -15,7 +15,7 @@ from typing import Any
 from gateway.audit.journal import open_settled
 from gateway.audit.store import FIELDS, KINDS, AuditStore, EmptyLog, Filters, NoLogYet, iso_utc
 from gateway.calls import Answer
-from gateway.cli.common import print_table
+from gateway.cli.common import print_table, visible
 from gateway.config.models import IN_MEMORY, Config, parse_duration
 from gateway.errors import GatewayError
 
@@ -191,7 +191,7 @@ def _show_latest(store: AuditStore, filters: Filters, lines: int, as_json: bool,
 
 def _emit(texts: list[str]) -> None:
     for text in texts:
-        print(text, flush=True)
+        print(visible(text), flush=True)
 
 
 class _Lines:

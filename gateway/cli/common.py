@@ -1,8 +1,26 @@
-"""What the commands share: printing tables."""
+"""What the commands share: printing tables, and text an agent or upstream wrote made safe for a terminal."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
+
+
+def visible(text: str) -> str:
+    """`text` with every control and format character (escape sequences, line breaks, bidi overrides,
+    zero-width characters) written out as an escape, so what an agent or an upstream chose (tool
+    names, arguments, reasons, client names) cannot move the cursor, recolour or reorder a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(_escaped(char) if unicodedata.category(char) in _HIDDEN else char for char in text)
+
+
+_HIDDEN = ("Cc", "Cf", "Zl", "Zp")
+"""Control, format (bidi, zero-width), line and paragraph separator characters."""
+
+
+def _escaped(char: str) -> str:
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, empty: str = "(none)") -> None:
@@ -10,7 +28,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, emp
     if not rows:
         print(empty)
         return
-    cells = [[("" if cell is None else str(cell)) for cell in row] for row in rows]
+    cells = [[("" if cell is None else visible(str(cell))) for cell in row] for row in rows]
     widths = [max(len(header), *(len(row[index]) for row in cells)) for index, header in enumerate(headers)]
     for row in [list(headers), *cells]:
         padded = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]

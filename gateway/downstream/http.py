@@ -129,8 +129,10 @@ class GatewayServer(Server[Any]):
         session_id = connection.session_id
         # The SDK keeps each session's transport only in its manager; the transport's idle scope,
         # cancelled once nothing has been in flight for the idle timeout, is what says why it closed.
-        transport = self.session_manager._server_instances.get(session_id) if session_id is not None else None
-        if session_id is None or transport is None:
+        # Read defensively: an SDK that keeps them otherwise leaves idle ends recorded at shutdown instead.
+        instances = getattr(self.session_manager, "_server_instances", None)
+        transport = instances.get(session_id) if isinstance(instances, dict) and session_id is not None else None
+        if session_id is None or transport is None or not hasattr(transport, "idle_scope"):
             return
         timeout = self.gateway.pool.config.gateway.http.session_idle_timeout
         reason = f"no request for {format_seconds(timeout)} ([gateway.http] session_idle_timeout)"
