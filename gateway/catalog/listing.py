@@ -22,7 +22,8 @@ from jsonschema.exceptions import SchemaError, best_match
 from jsonschema.protocols import Validator
 from pydantic import ValidationError
 
-from gateway.catalog.uri_template import InvalidUriTemplate, UriTemplate
+from gateway.catalog.uri_template import UriTemplate
+from gateway.errors import InvalidUriTemplate
 from gateway.schema import Matcher, compile_fast, compile_schema, describe_violation, digest, json_message
 
 logger = logging.getLogger(__name__)
