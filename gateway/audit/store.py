@@ -303,10 +303,6 @@ class AuditStore:
         """The journal file is gone: its offset is no longer needed."""
         self._db.execute("DELETE FROM journals WHERE name = ?", (journal,))
 
-    def checkpoint(self) -> None:
-        """Copy the WAL into the main file (passive: never waits for readers)."""
-        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-
     # -- reading -------------------------------------------------------------------------------
 
     @contextmanager

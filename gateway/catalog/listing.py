@@ -239,9 +239,6 @@ class Catalog:
                     problems.append(f"upstream '{listing.upstream}' resource template dropped: {exc}")
         return cls(tools, prompts, resources, tuple(templates), tuple(problems))
 
-    def tool_models(self) -> list[types.Tool]:
-        return [tool.model for tool in self.tools.values()]
-
     def resource_upstream(self, uri: str) -> str | None:
         """The upstream that serves `uri`: a listed resource, else the one upstream whose template matches."""
         if (entry := self.resources.get(uri)) is not None:
