@@ -1,8 +1,8 @@
 """The flow objects of one tool call: the `ToolCall` going in, the policy's `Decision`, the `Outcome`.
 
-All are frozen; a stage that changes a call passes a modified copy (`dataclasses.replace`). They are
-serialised only through their versioned `to_record()`. Nothing here imports MCP at run time, so the
-sans-IO policy engine can build `Decision`s without it.
+All are frozen; a stage that changes a call passes a modified copy (`dataclasses.replace`). A `Decision`
+and an `Approval` are serialised through their versioned `to_record()`. Nothing here imports MCP at run
+time, so the sans-IO policy engine can build `Decision`s without it.
 """
 
 from __future__ import annotations
@@ -113,19 +113,6 @@ class ToolCall:
             return self.decision.arguments
         return self.arguments
 
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "v": RECORD_VERSION,
-            "call_id": self.id,
-            "session_id": self.session.id,
-            "tool": self.tool.name,
-            "upstream": self.tool.upstream,
-            "upstream_tool": self.tool.upstream_name,
-            "tool_digest": self.tool.source.digest,
-            "arguments": dict(self.arguments),
-            "received": self.received,
-        }
-
 
 class Answer(StrEnum):
     """What came of asking a person, as the audit log records it (whatever then became of the call)."""
@@ -232,9 +219,6 @@ class Outcome:
     @classmethod
     def input_required(cls, pending: Mapping[str, Any]) -> Outcome:
         return cls(OutcomeKind.INPUT_REQUIRED, pending, "waiting for a person's approval")
-
-    def to_record(self) -> dict[str, Any]:
-        return {"v": RECORD_VERSION, "outcome": self.kind.value, "reason": self.reason, "rules": list(self.rules)}
 
 
 def _error_result(text: str) -> dict[str, Any]:

@@ -1,13 +1,30 @@
-"""The gateway's error tree.
+"""The gateway's error tree: every exception class the gateway raises on purpose is defined here.
 
     GatewayError                  anything the gateway reports on purpose
      ├── ConfigError              a file the user wrote is wrong (names file, table and key)
-     │    └── PolicyError          a policy file is wrong (names file, rule id and key)
+     │    ├── PolicyError          a policy file is wrong (names file, rule id and key)
+     │    └── LockError            `upstreams.lock` cannot be read or does not hold together
      ├── ProtocolError            a request the gateway answers with a JSON-RPC error (code, message, data)
-     └── UpstreamError            an upstream server could not serve a request (names the upstream)
-          ├── UpstreamUnavailable not connected, failed to start, or died
-          ├── UpstreamTimeout     no answer within the upstream's timeout
-          └── UpstreamFault       answered, but with a JSON-RPC error or a malformed result
+     │    └── RemoteError          the peer of a JSON-RPC channel answered (or is answered) with an error
+     ├── UpstreamError            an upstream server could not serve a request (names the upstream)
+     │    ├── UpstreamUnavailable not connected, failed to start, or died
+     │    ├── UpstreamTimeout     no answer within the upstream's timeout
+     │    └── UpstreamFault       answered, but with a JSON-RPC error or a malformed result
+     ├── AuditError               the audit log cannot be opened, written or read
+     │    ├── NoLogYet             no audit log at the path (yet)
+     │    └── EmptyLog             the file at the path holds no audit log
+     ├── ClientFileError          an agent client's configuration file cannot be read or edited
+     ├── Unsupported              a client's server entry the gateway cannot front as the client ran it
+     └── InvalidUriTemplate       a resource template that is not RFC 6570 (also a ValueError)
+
+    ChannelError (Exception)      a JSON-RPC link failed underneath; never reported as it is
+     ├── RequestTimeout           no answer within the request's timeout
+     ├── ChannelClosed            the pipe closed before the answer came
+     └── ConnectionFailed         the connection failed underneath (a refused or broken HTTP request)
+
+The channel errors stand apart from `GatewayError` on purpose: `gateway.upstream.pool` turns each
+into an `UpstreamError` naming the upstream, and one that escaped would be an unexpected fault
+(logged, its text never sent to a client), not a message for the reader.
 
 Errors become MCP results or JSON-RPC errors where a transport answers a request (`gateway.downstream.stdio`,
 `gateway.downstream.http`), and one line on stderr in
@@ -32,6 +49,10 @@ class PolicyError(ConfigError):
     """A policy file is malformed; the message is one line naming file, rule id and key."""
 
 
+class LockError(ConfigError):
+    """`upstreams.lock` cannot be read or does not hold together; the message is one line."""
+
+
 class ProtocolError(GatewayError):
     """A request refused with a JSON-RPC error: an unknown tool or prompt, malformed parameters."""
 
@@ -47,6 +68,10 @@ class ProtocolError(GatewayError):
         if self.data is not None:
             error["data"] = self.data
         return error
+
+
+class RemoteError(ProtocolError):
+    """The peer answered a request with a JSON-RPC error (or, raised by a handler, the error to answer with)."""
 
 
 class UpstreamError(GatewayError):
@@ -71,6 +96,46 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamFault(UpstreamError):
     """The upstream answered with a JSON-RPC error or a result that breaks the protocol."""
+
+
+class AuditError(GatewayError):
+    """The audit log cannot be opened, written or read."""
+
+
+class NoLogYet(AuditError):
+    """There is no audit log at the path (yet): no file there."""
+
+
+class EmptyLog(AuditError):
+    """The file at the path holds no audit log: emptied, or (for a moment) just created by a gateway."""
+
+
+class ClientFileError(GatewayError):
+    """A client's configuration file that cannot be read or edited; the message is one line."""
+
+
+class Unsupported(GatewayError):
+    """A server entry the gateway cannot front as the client ran it; the message says why."""
+
+
+class InvalidUriTemplate(GatewayError, ValueError):
+    """A template that is not RFC 6570 (the message says where)."""
+
+
+class ChannelError(Exception):
+    """A JSON-RPC link failed underneath; the pool reports it as an `UpstreamError` naming the upstream."""
+
+
+class RequestTimeout(ChannelError):
+    """No answer within the request's timeout (a courtesy cancel has been sent)."""
+
+
+class ChannelClosed(ChannelError):
+    """The pipe closed before the answer came."""
+
+
+class ConnectionFailed(ChannelError):
+    """The connection to the peer failed underneath (a refused or broken HTTP request, say)."""
 
 
 def format_seconds(seconds: float) -> str:

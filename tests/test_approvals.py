@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 
 from gateway.audit.recorder import CallAudit, Recorder
-from gateway.audit.store import AuditError, AuditStore
+from gateway.audit.store import AuditStore
 from gateway.calls import Answer, Approval, Channel, Decision, Effect, Outcome, OutcomeKind, SessionInfo, ToolCall
 from gateway.catalog.listing import Catalog, normalise_listing
 from gateway.core.approvals import REQUEST_KEY, ApprovalDesk
 from gateway.core.pipeline import EnforcePolicy, compose
+from gateway.errors import AuditError
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.files import load_policies
 

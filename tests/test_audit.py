@@ -19,7 +19,8 @@ import pytest
 
 from gateway.audit.journal import Journal, journal_directory
 from gateway.audit.recorder import Recorder, event
-from gateway.audit.store import GENESIS, AuditError, AuditStore, canonical, chain_hash
+from gateway.audit.store import GENESIS, AuditStore, canonical, chain_hash
+from gateway.errors import AuditError
 from gateway.policy.redact import _PATTERNS, _SHORTEST, Redactor, looks_random, names_secret
 from gateway.schema import compile_schema, describe_violation
 from tests.conftest import REPO, write_config

@@ -34,15 +34,10 @@ from gateway.calls import WireResult
 from gateway.core.gateway import ToolRequest
 from gateway.core.pipeline import _plain_text_result, shape_result
 from gateway.downstream.stdio import _checked_plain_call, _plain_call
+from gateway.errors import ChannelClosed, RemoteError, RequestTimeout
 from gateway.upstream.processes import discard_ahead, start_ahead, started_ahead
 from gateway.upstream.spawn import spawn
-from gateway.wire.channel import (
-    Channel,
-    ChannelClosed,
-    RemoteError,
-    RequestTimeout,
-    dumps,
-)
+from gateway.wire.channel import Channel, dumps
 from tests.conftest import REPO, RawSession, fixture_upstream, gateway_process, write_config
 from tests.test_audit_e2e import calls, events
 

@@ -16,7 +16,8 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from gateway.catalog.listing import normalise_listing
-from gateway.catalog.pins import Lock, LockError, Mode, Verdict, assess, listing_items, screened
+from gateway.catalog.pins import Lock, Mode, Verdict, assess, listing_items, screened
+from gateway.errors import LockError
 from tests.conftest import (
     REPO,
     Notifications,

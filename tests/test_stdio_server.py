@@ -26,7 +26,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.uri_template import InvalidUriTemplate as SdkInvalid
 from mcp.shared.uri_template import UriTemplate as SdkTemplate
 
-from gateway.catalog.uri_template import InvalidUriTemplate, UriTemplate
+from gateway.catalog.uri_template import UriTemplate
+from gateway.errors import InvalidUriTemplate
 from tests.conftest import (
     RawSession,
     ServerLog,

@@ -27,7 +27,8 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.audit.store import AuditError, AuditStore, Mark
+from gateway.audit.store import AuditStore, Mark
+from gateway.errors import AuditError
 
 logger = logging.getLogger(__name__)
 

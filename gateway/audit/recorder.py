@@ -33,10 +33,11 @@ import anyio
 import anyio.abc
 
 from gateway.audit.journal import ROTATE_BYTES, Journal, journal_directory, recover, report_recovered
-from gateway.audit.store import FIELDS, AuditError, AuditStore, Mark, canonical, is_locked, now_iso
+from gateway.audit.store import FIELDS, AuditStore, Mark, canonical, is_locked, now_iso
 from gateway.calls import Approval, Decision, Effect, Handler, Outcome, OutcomeKind, SessionInfo, ToolCall
 from gateway.catalog.pins import Assessment
 from gateway.config.models import IN_MEMORY
+from gateway.errors import AuditError
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.redact import Redaction, Redactor
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.models import IN_MEMORY
-from gateway.errors import GatewayError
+from gateway.errors import AuditError, EmptyLog, NoLogYet
 from gateway.schema import canonical_text, replace_non_finite
 
 SCHEMA_VERSION = 2
@@ -86,18 +86,6 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 Mark = tuple[str, int]
 """A journal's name and a byte offset in it."""
-
-
-class AuditError(GatewayError):
-    """The audit log cannot be opened, written or read."""
-
-
-class NoLogYet(AuditError):
-    """There is no audit log at the path (yet): no file there."""
-
-
-class EmptyLog(AuditError):
-    """The file at the path holds no audit log: emptied, or (for a moment) just created by a gateway."""
 
 
 def canonical(event: Mapping[str, Any]) -> str:
@@ -314,10 +302,6 @@ class AuditStore:
     def forget_journal(self, journal: str) -> None:
         """The journal file is gone: its offset is no longer needed."""
         self._db.execute("DELETE FROM journals WHERE name = ?", (journal,))
-
-    def checkpoint(self) -> None:
-        """Copy the WAL into the main file (passive: never waits for readers)."""
-        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from jsonschema.exceptions import SchemaError, best_match
 from jsonschema.protocols import Validator
 from pydantic import ValidationError
 
-from gateway.catalog.uri_template import InvalidUriTemplate, UriTemplate
+from gateway.catalog.uri_template import UriTemplate
+from gateway.errors import InvalidUriTemplate
 from gateway.schema import Matcher, compile_fast, compile_schema, describe_violation, digest, json_message
 
 logger = logging.getLogger(__name__)
@@ -237,9 +238,6 @@ class Catalog:
                 except InvalidUriTemplate as exc:
                     problems.append(f"upstream '{listing.upstream}' resource template dropped: {exc}")
         return cls(tools, prompts, resources, tuple(templates), tuple(problems))
-
-    def tool_models(self) -> list[types.Tool]:
-        return [tool.model for tool in self.tools.values()]
 
     def resource_upstream(self, uri: str) -> str | None:
         """The upstream that serves `uri`: a listed resource, else the one upstream whose template matches."""

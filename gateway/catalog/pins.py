@@ -33,7 +33,7 @@ import tomli_w
 from gateway.catalog.listing import UpstreamListing, exposed_name
 from gateway.catalog.scan import Finding, Severity, scan_definition
 from gateway.config.models import Config
-from gateway.errors import ConfigError
+from gateway.errors import LockError
 from gateway.schema import canonical_text, digest
 
 logger = logging.getLogger(__name__)
@@ -45,10 +45,6 @@ _HEADER = """\
 # A definition that differs from its pin is quarantined until approved (see `mcp-armor pins status`).
 
 """
-
-
-class LockError(ConfigError):
-    """`upstreams.lock` cannot be read or does not hold together; the message is one line."""
 
 
 class Mode(StrEnum):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gateway.errors import InvalidUriTemplate
+
 MAX_LENGTH = 1024
 MAX_VARIABLES = 64
 _VARIABLE = re.compile(r"^(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2})(?:\.?(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2}))*$")
@@ -19,10 +21,6 @@ _SEGMENT = r"[^/?#]*"
 _PIECE = {".": r"[^/?#.]*", "/": r"[^/?#]*", ";": r"[^/?#;]*"}
 _EXPLODED = {".": r"(?:\.[^/?#]*)*", "/": r"(?:/[^/?#]*)*", ";": r"(?:;[^/?#]*)*"}
 _QUERY = r"(?:[?&][^#]*)?"
-
-
-class InvalidUriTemplate(ValueError):
-    """A template that is not RFC 6570 (the message says where)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,11 +13,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.audit.journal import open_settled
-from gateway.audit.store import FIELDS, KINDS, AuditStore, EmptyLog, Filters, NoLogYet, iso_utc
+from gateway.audit.store import FIELDS, KINDS, AuditStore, Filters, iso_utc
 from gateway.calls import Answer
 from gateway.cli.common import print_table, visible
 from gateway.config.models import IN_MEMORY, Config, parse_duration
-from gateway.errors import GatewayError
+from gateway.errors import EmptyLog, GatewayError, NoLogYet
 
 FOLLOW_POLL = 0.25
 SCHEMA_WAIT = 5.0

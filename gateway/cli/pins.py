@@ -16,13 +16,13 @@ from contextlib import closing
 from typing import Any
 
 from gateway.audit.recorder import event
-from gateway.audit.store import AuditError, AuditStore, canonical
+from gateway.audit.store import AuditStore, canonical
 from gateway.catalog.listing import Catalog, UpstreamListing
-from gateway.catalog.pins import Assessment, Lock, LockError, Mode, Verdict, assess, select, server_identity
+from gateway.catalog.pins import Assessment, Lock, Mode, Verdict, assess, select, server_identity
 from gateway.catalog.scan import Finding, Severity, scan_definition, visible
 from gateway.cli.common import print_table
 from gateway.config.models import IN_MEMORY, Config
-from gateway.errors import ConfigError
+from gateway.errors import AuditError, ConfigError, LockError
 from gateway.setup.files import backup, write_atomically
 from gateway.upstream.connect import Upstreams, connect
 

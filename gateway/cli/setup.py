@@ -24,12 +24,11 @@ from gateway.cli.common import print_table
 from gateway.config.edit import ConfigText, Edit
 from gateway.config.models import Config
 from gateway.config.source import UPSTREAM_NAME, variables
-from gateway.errors import ConfigError
+from gateway.errors import ClientFileError, ConfigError
 from gateway.policy.files import load_policies
 from gateway.setup.clients import (
     CLIENTS,
     ClientFile,
-    ClientFileError,
     Registration,
     absolute_paths,
     locate,

@@ -38,11 +38,11 @@ from gateway.calls import (
     ToolCall,
 )
 from gateway.catalog.listing import Catalog, ExposedTool
-from gateway.catalog.pins import Lock, LockError
+from gateway.catalog.pins import Lock
 from gateway.core.approvals import REQUEST_KEY, REQUESTED_SCHEMA, ApprovalDesk
 from gateway.core.pipeline import build_pipeline
 from gateway.core.watch import watch_file, watch_policies
-from gateway.errors import GatewayError, ProtocolError, UpstreamError
+from gateway.errors import GatewayError, LockError, ProtocolError, UpstreamError
 from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.upstream.pool import UpstreamPool
 

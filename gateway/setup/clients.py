@@ -32,11 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.environment import RUNTIME_ENVIRONMENT
-from gateway.errors import GatewayError
-
-
-class ClientFileError(GatewayError):
-    """A client's configuration file that cannot be read or edited; the message is one line."""
+from gateway.errors import ClientFileError
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.source import UPSTREAM_NAME
+from gateway.errors import Unsupported
 from gateway.policy.redact import Redactor
 from gateway.setup.clients import ClientFile, ClientFormat, is_gateway_entry
 
@@ -30,10 +31,6 @@ _STDIO_KEYS = {"command", "args", "env", "cwd"}
 _IGNORED_SILENTLY = {"type", "disabled", "description"}
 _HTTP_TYPES = {"http", "streamable-http", "streamableHttp", "streamable_http"}
 _TOOL_FILTERS = {"includeTools", "excludeTools"}
-
-
-class Unsupported(Exception):
-    """A server entry the gateway cannot front as the client ran it; the message says why."""
 
 
 @dataclass

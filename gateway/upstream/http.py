@@ -23,14 +23,8 @@ from mcp.shared.transport_context import TransportContext
 
 from gateway.calls import ProgressFn
 from gateway.config.models import UpstreamSpec
-from gateway.wire.channel import (
-    ChannelClosed,
-    ConnectionFailed,
-    NotificationHandler,
-    RemoteError,
-    RequestHandler,
-    RequestTimeout,
-)
+from gateway.errors import ChannelClosed, ConnectionFailed, RemoteError, RequestTimeout
+from gateway.wire.channel import NotificationHandler, RequestHandler
 
 _PROTOCOL_VERSION_HEADER = "mcp-protocol-version"
 

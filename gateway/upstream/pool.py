@@ -31,17 +31,19 @@ from gateway.catalog.listing import Catalog, UpstreamListing, exposed_name, norm
 from gateway.catalog.pins import Assessment, Lock, Mode, assess, screened
 from gateway.config.environment import Passing
 from gateway.config.models import Config, UpstreamSpec
-from gateway.errors import ProtocolError, UpstreamFault, UpstreamTimeout, UpstreamUnavailable
-from gateway.upstream.processes import command_line, discard_ahead
-from gateway.upstream.spawn import spawn
-from gateway.wire.channel import (
+from gateway.errors import (
     ChannelClosed,
     ConnectionFailed,
-    NotificationHandler,
+    ProtocolError,
     RemoteError,
-    RequestHandler,
     RequestTimeout,
+    UpstreamFault,
+    UpstreamTimeout,
+    UpstreamUnavailable,
 )
+from gateway.upstream.processes import command_line, discard_ahead
+from gateway.upstream.spawn import spawn
+from gateway.wire.channel import NotificationHandler, RequestHandler
 
 logger = logging.getLogger(__name__)
 

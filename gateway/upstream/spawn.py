@@ -23,8 +23,9 @@ from typing import IO, Any
 import anyio
 
 from gateway.config.environment import BY_DEFAULT, Passing
+from gateway.errors import ChannelClosed
 from gateway.upstream import processes
-from gateway.wire.channel import Channel, ChannelClosed, LineBuffer, NotificationHandler, RequestHandler
+from gateway.wire.channel import Channel, LineBuffer, NotificationHandler, RequestHandler
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from gateway.calls import ProgressFn
-from gateway.errors import ProtocolError
+from gateway.errors import ChannelClosed, RemoteError, RequestTimeout
 from gateway.schema import replace_non_finite
 
 logger = logging.getLogger(__name__)
@@ -37,22 +37,6 @@ Message = dict[str, Any]
 RequestHandler = Callable[[str, Mapping[str, Any] | None], Awaitable[Message]]
 """Answers a request the peer sends: the result, or raises `RemoteError`."""
 NotificationHandler = Callable[[str, Mapping[str, Any] | None], None]
-
-
-class RemoteError(ProtocolError):
-    """The peer answered a request with a JSON-RPC error (or, raised by a handler, the error to answer with)."""
-
-
-class RequestTimeout(Exception):
-    """No answer within the request's timeout (a courtesy cancel has been sent)."""
-
-
-class ChannelClosed(Exception):
-    """The pipe closed before the answer came."""
-
-
-class ConnectionFailed(Exception):
-    """The connection to the peer failed underneath (a refused or broken HTTP request, say)."""
 
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
