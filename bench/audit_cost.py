@@ -27,7 +27,8 @@ from policy_eval import TOOLS, rule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.audit.recorder import Recorder, event
+from gateway.audit.events import event
+from gateway.audit.recorder import Recorder
 
 PRODUCERS = 64
 

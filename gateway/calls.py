@@ -105,6 +105,8 @@ class ToolCall:
     """Passes the upstream's own requests (sampling, elicitation) to the agent's client; `None`: it cannot take them."""
     decision: Decision | None = None
     """The policy's decision, once the policy stage has made it."""
+    approval: Approval | None = None
+    """What came of asking a person, once the policy stage has asked (`ask` decisions only)."""
 
     @property
     def forwarded_arguments(self) -> Mapping[str, Any]:
@@ -192,6 +194,10 @@ class Outcome:
     reason: str = ""
     rules: tuple[str, ...] = ()
     """Result rules that withheld or redacted what the upstream returned."""
+    call: ToolCall | None = field(default=None, compare=False, repr=False)
+    """The call as the policy stage left it (its decision, and the person's answer): the policy stage
+    sets it on every outcome it returns, so the audit's outer stage learns what was decided; `None`
+    for an outcome that never passed through the policy stage."""
 
     @classmethod
     def completed(cls, result: Mapping[str, Any]) -> Outcome:
@@ -227,3 +233,17 @@ def _error_result(text: str) -> dict[str, Any]:
 
 Handler = Callable[[ToolCall], Awaitable[Outcome]]
 """The rest of the pipeline, as a stage sees it: hand it the call, get the outcome."""
+
+
+class Interrupted(BaseException):
+    """An exception (a cancellation included) leaving the policy stage after it decided, carrying the
+    decided call up to the audit's outer stage, which records it and re-raises `error` itself.
+
+    Only the pipeline's stages see it: nothing between the policy stage and the audit's outer stage
+    waits on a cancel scope, and the outer stage always unwraps it.
+    """
+
+    def __init__(self, call: ToolCall, error: BaseException) -> None:
+        super().__init__(error)
+        self.call = call
+        self.error = error

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from gateway.audit.recorder import CallAudit, Recorder
+from gateway.audit.recorder import Recorder
+from gateway.audit.stages import CallAudit
 from gateway.audit.store import AuditStore
 from gateway.calls import Answer, Approval, Channel, Decision, Effect, Outcome, OutcomeKind, SessionInfo, ToolCall
 from gateway.catalog.listing import Catalog, normalise_listing
@@ -127,7 +128,7 @@ async def test_an_approval_granted_stays_granted_in_the_log_when_the_audit_then_
     async with recorder.running():
         recorder.record = record_failing_once  # type: ignore[method-assign]
         audit = CallAudit(recorder, engine)
-        policy = EnforcePolicy(engine, ask_timeout=10, observe=audit.observe, answered=audit.answered)
+        policy = EnforcePolicy(engine, ask_timeout=10)
         outcome = await compose([audit.outcomes, policy, audit.decisions], forward)(replace(call, approver=approve))
     assert failed == ["decision"]
     assert outcome.kind is OutcomeKind.REFUSED and "the audit log cannot record this call" in outcome.reason

@@ -17,8 +17,9 @@ from typing import Any
 import anyio
 import pytest
 
+from gateway.audit.events import event
 from gateway.audit.journal import Journal, journal_directory
-from gateway.audit.recorder import Recorder, event
+from gateway.audit.recorder import Recorder
 from gateway.audit.store import GENESIS, AuditStore, canonical, chain_hash
 from gateway.errors import AuditError
 from gateway.policy.redact import _PATTERNS, _SHORTEST, Redactor, looks_random, names_secret

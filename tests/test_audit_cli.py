@@ -18,8 +18,8 @@ import mcp_types as types
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from gateway.audit.events import event
 from gateway.audit.journal import SUFFIX, journal_directory
-from gateway.audit.recorder import event
 from gateway.audit.store import KINDS, AuditStore, canonical
 from tests.conftest import REPO, fixture_upstream, gateway_client, write_config
 

@@ -1,4 +1,4 @@
-"""The audit recorder: events built, secrets masked, made durable, and group-committed to the audit log.
+"""The audit recorder: events made durable and group-committed to the audit log, in order.
 
 With `audit_sync = "normal"` and a log on disk, a call that is alone (one at a time) makes its
 events durable by writing them to this process's journal (gateway/audit/journal.py: one `write`, no
@@ -9,23 +9,18 @@ so far (group commit), on the event loop right after the callers already running
 (`"normal"`), or in the writer task, which takes over whenever that cannot work: with `"full"` (an
 fsync per commit) or while another process holds the write lock, it commits in a worker thread.
 
-`CallAudit` plugs the recorder into the call path as two pipeline stages: `decisions` records the
-decision just before the call is forwarded (failing that, the call is refused), and `outcomes`
-(outermost) records how every call ended, refusals, timeouts, cancellations and shutdown included,
-so each call has exactly one decision and one outcome.
+What the events say is built in gateway/audit/events.py; the call path's audit stages are
+gateway/audit/stages.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import sqlite3
-import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +28,12 @@ import anyio
 import anyio.abc
 
 from gateway.audit.journal import ROTATE_BYTES, Journal, journal_directory, recover, report_recovered
-from gateway.audit.store import FIELDS, AuditStore, Mark, canonical, is_locked, now_iso
-from gateway.calls import Approval, Decision, Effect, Handler, Outcome, OutcomeKind, SessionInfo, ToolCall
-from gateway.catalog.pins import Assessment
+from gateway.audit.store import AuditStore, Mark, canonical, is_locked
 from gateway.config.models import IN_MEMORY
 from gateway.errors import AuditError
-from gateway.policy.engine import PolicyEngine
-from gateway.policy.redact import Redaction, Redactor
+from gateway.policy.redact import Redactor
 
 logger = logging.getLogger(__name__)
-monitor = logging.getLogger("gateway.monitor")
-"""One line per decided call (`mcp-armor serve` prints it to stderr unless `--quiet`)."""
 
 CHECKPOINT_EVERY = 2000
 """Events between WAL checkpoints (run in a worker thread, never on the event loop)."""
@@ -51,19 +41,6 @@ DRAIN_DELAY = 0.02
 """How long journaled events wait to be moved into the chain, so that one commit takes many."""
 DRAIN_BATCH = 256
 """Journaled events that are moved at once, without waiting for the delay."""
-SHUTDOWN_GRACE = 5.0
-"""How long a cancelled call waits to get its outcome recorded."""
-ToolEntry = tuple[str, str, Any]
-"""An exposed tool as the catalogue events see it: upstream, definition digest, definition."""
-
-
-def event(kind: str, **fields: Any) -> dict[str, Any]:
-    """An event body: every stable field present (null where it does not apply), then the kind's own."""
-    body: dict[str, Any] = dict.fromkeys(FIELDS)
-    body["ts"] = now_iso()
-    body["kind"] = kind
-    body.update(fields)
-    return body
 
 
 class _Ticket:
@@ -366,346 +343,3 @@ def _checkpoint(path: Path) -> None:
         connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
     finally:
         connection.close()
-
-
-class CallAudit:
-    """The recorder in the call path, and the gateway's other events (sessions, catalogue, policy, upstreams)."""
-
-    def __init__(self, recorder: Recorder, engine: PolicyEngine) -> None:
-        self.recorder = recorder
-        self.engine = engine
-        self._sessions: dict[str, SessionInfo] = {}
-        self._decisions: dict[str, Decision] = {}
-        """Decisions made but not yet recorded, by call id."""
-        self._answers: dict[str, Approval] = {}
-        """What came of asking a person about a call, by call id, until the call's outcome is recorded."""
-        self._recorded: dict[str, tuple[ToolCall, Redaction]] = {}
-        """Calls whose decision is committed and whose outcome is not yet, with their masked arguments."""
-        self._in_flight = 0
-        """Calls between entering the pipeline and getting their outcome: when one is alone, its events
-        are committed at once instead of waiting for company."""
-        self._pins: dict[tuple[str, str, str], tuple[str, str]] = {}
-        """(upstream, kind, name) -> (digest, state) last recorded for each definition on offer."""
-
-    # -- sessions ------------------------------------------------------------------------------
-
-    def session(self, session: SessionInfo) -> None:
-        """Note a session the first time it is seen (its start is committed before any of its calls)."""
-        if session.id in self._sessions:
-            return
-        self._sessions[session.id] = session
-        self.recorder.queue(
-            event(
-                "session_start",
-                session_id=session.id,
-                transport=session.transport,
-                protocol_version=session.protocol_version,
-                client_name=session.client_name,
-                client_version=session.client_version,
-                principal=session.principal or None,
-                pid=os.getpid(),
-            )
-        )
-
-    def end_session(self, session_id: str, reason: str) -> None:
-        if self._sessions.pop(session_id, None) is not None:
-            self.engine.limiter.forget(session_id)
-            self.recorder.queue(event("session_end", session_id=session_id, reason=reason))
-
-    def end_all(self, reason: str) -> None:
-        """At shutdown: every open session ends, and any call still without an outcome gets one."""
-        for call, redaction in self._recorded.values():
-            outcome = Outcome.failed(call, OutcomeKind.CANCELLED, reason)
-            self.recorder.queue(self._outcome_event(call, outcome, 0.0, redaction))
-        self._recorded.clear()
-        for session_id in list(self._sessions):
-            self.end_session(session_id, reason)
-
-    # -- the call path -------------------------------------------------------------------------
-
-    def observe(self, call: ToolCall, decision: Decision) -> None:
-        """The policy stage's decision on a call, kept until it is recorded."""
-        self._decisions[call.id] = decision
-
-    def answered(self, call: ToolCall, approval: Approval) -> None:
-        """What came of asking a person about a call, kept until its decision is recorded."""
-        self._answers[call.id] = approval
-
-    async def outcomes(self, call: ToolCall, call_next: Handler) -> Outcome:
-        """Outermost stage: record how the call ended (and its decision, if it never got that far)."""
-        started = time.perf_counter()
-        self._in_flight += 1
-        try:
-            outcome = await call_next(call)
-        except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE):
-                reason = "cancelled before it completed (by the client, or the gateway shutting down)"
-                await self._finish(call, Outcome.failed(call, OutcomeKind.CANCELLED, reason), started)
-            raise
-        except BaseException:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE):
-                failed = Outcome.failed(call, OutcomeKind.ERROR, "internal gateway error")
-                await self._finish(call, failed, started)
-            raise
-        finally:
-            self._in_flight -= 1
-        return await self._finish(call, outcome, started)
-
-    async def decisions(self, call: ToolCall, call_next: Handler) -> Outcome:
-        """Just before forwarding: commit the decision, or refuse the call."""
-        decision = call.decision or self._decisions.get(call.id)
-        body, redaction = self._decision_event(call, decision, approval=self._answers.get(call.id))
-        self._recorded[call.id] = (call, redaction)  # before the wait: a cancelled wait still leaves it committed
-        try:
-            await self.recorder.record(body, alone=self._in_flight == 1)
-        except AuditError as exc:
-            del self._recorded[call.id]
-            return Outcome.refused(call, f"the audit log cannot record this call, so it is not made ({exc})")
-        return await call_next(call)
-
-    async def unknown_tool(
-        self, session: SessionInfo, name: str, arguments: Mapping[str, Any], *, quarantine: str | None = None
-    ) -> None:
-        """A call to a tool that does not exist, is hidden from this client, or is quarantined (`quarantine`
-        says why): refused, and recorded."""
-        reason = quarantine or f"unknown tool '{name}'"
-        stage = "quarantine" if quarantine else "unknown-tool"
-        await self.unresolved(session, name, arguments, stage=stage, reason=reason, outcome=OutcomeKind.REFUSED)
-
-    async def unresolved(
-        self,
-        session: SessionInfo,
-        name: str,
-        arguments: Mapping[str, Any],
-        *,
-        stage: str,
-        reason: str,
-        outcome: OutcomeKind,
-    ) -> None:
-        """A call that ended before it was resolved to a tool the pipeline could take (`stage` says where):
-        no policy decided it, and it was not forwarded; recorded as denied there, with its outcome."""
-        self.session(session)
-        redaction = self.recorder.redactor.redact(arguments)
-        reason = redaction.scrub(reason, self.recorder.redactor)
-        call_id = os.urandom(16).hex()
-        common = {"session_id": session.id, "call_id": call_id, "tool": name}
-        decision = event(
-            "decision",
-            **common,
-            arguments=redaction.value,
-            decision=Effect.DENY.value,
-            rules=[],
-            reason=reason,
-            policy_revision=self.engine.policies.revision,
-            masked=[item.to_record() for item in redaction.masked] or None,
-            stage=stage,
-        )
-        ended = event("outcome", **common, outcome=outcome.value, reason=reason, duration_ms=0.0)
-        try:
-            await self.recorder.record(decision, ended)
-        except AuditError as exc:
-            logger.error("a call to '%s' (%s) could not be recorded: %s", name, stage, exc)
-        _print_line(session.id, name, "deny", "", outcome.value, 0.0)
-
-    async def _finish(self, call: ToolCall, outcome: Outcome, started: float) -> Outcome:
-        duration_ms = round((time.perf_counter() - started) * 1000, 3)
-        events = []
-        decision = self._decisions.pop(call.id, None)
-        recorded = self._recorded.pop(call.id, None)
-        approval = self._answers.pop(call.id, None)
-        if recorded is not None:
-            redaction = recorded[1]
-        else:
-            # No policy decision: the tool's own input schema (checked first) refused the arguments.
-            stage = "policy" if decision is not None else "input-schema"
-            decision = decision or Decision(Effect.DENY, outcome.reason, self.engine.policies.revision)
-            body, redaction = self._decision_event(call, decision, refusal=outcome, stage=stage, approval=approval)
-            events.append(body)
-        events.append(self._outcome_event(call, outcome, duration_ms, redaction))
-        try:
-            await self.recorder.record(*events, alone=self._in_flight == 0)
-        except AuditError as exc:
-            logger.error("the outcome of call %s to %s could not be recorded: %s", call.id, call.tool.name, exc)
-            if outcome.kind in (OutcomeKind.OK, OutcomeKind.ERROR):
-                reason = f"the call ran, but its outcome cannot be recorded in the audit log, so it is withheld ({exc})"
-                outcome = Outcome.refused(call, reason)
-        effect = decision.effect.value if decision is not None else "?"
-        rules = ",".join(decision.rules) if decision is not None else ""
-        if decision is not None and decision.would is not None:
-            effect += f" (would {decision.would.value})"
-        _print_line(call.session.id, call.tool.name, effect, rules, outcome.kind.value, duration_ms)
-        return outcome
-
-    # -- events --------------------------------------------------------------------------------
-
-    def _call_fields(self, call: ToolCall) -> dict[str, Any]:
-        return {
-            "session_id": call.session.id,
-            "call_id": call.id,
-            "upstream": call.tool.upstream,
-            "tool": call.tool.name,
-        }
-
-    def _decision_event(
-        self,
-        call: ToolCall,
-        decision: Decision | None,
-        *,
-        refusal: Outcome | None = None,
-        stage: str = "policy",
-        approval: Approval | None = None,
-    ) -> tuple[dict[str, Any], Redaction]:
-        if decision is None:  # cannot happen: the policy stage always decides before this stage runs
-            decision = Decision(Effect.DENY, "no policy decision was made", self.engine.policies.revision)
-        redactor = self.recorder.redactor
-        paths = self.engine.rules_for(call.tool.name).mask
-        redaction = redactor.redact(call.arguments, paths)
-        fields: dict[str, Any] = {}
-        masked = list(redaction.masked)
-        if decision.arguments is not None:
-            rewritten = redactor.redact(decision.arguments, paths)
-            fields["rewritten_arguments"] = rewritten.value
-            masked += rewritten.masked
-        reason = refusal.reason if refusal is not None and refusal.reason else decision.reason
-        fields["stage"] = stage
-        if decision.effect is Effect.ASK:
-            # `approval` says whether the call went on past its approval; `approval_request` what the
-            # person answered, and how they were asked (granted, then refused by a rate limit: both).
-            fields["approval"] = "granted" if refusal is None else "not granted"
-            if approval is not None:
-                request = approval.to_record()
-                request["reason"] = redaction.scrub(request["reason"], redactor)
-                fields["approval_request"] = request
-        if decision.would is not None:
-            fields["would"] = decision.would.value
-        if decision.monitored:
-            fields["monitored"] = list(decision.monitored)
-        body = event(
-            "decision",
-            **self._call_fields(call),
-            arguments=redaction.value,
-            decision=decision.effect.value,
-            rules=list(decision.rules),
-            reason=redaction.scrub(reason, redactor),
-            policy_revision=decision.revision,
-            upstream_tool=call.tool.upstream_name,
-            tool_digest=call.tool.source.digest,
-            masked=[item.to_record() for item in masked] or None,
-            **fields,
-        )
-        return body, redaction
-
-    def _outcome_event(
-        self, call: ToolCall, outcome: Outcome, duration_ms: float, redaction: Redaction
-    ) -> dict[str, Any]:
-        data = canonical(outcome.result).encode("utf-8", "surrogatepass")  # what the agent received, as stored
-        return event(
-            "outcome",
-            **self._call_fields(call),
-            outcome=outcome.kind.value,
-            rules=list(outcome.rules),
-            reason=redaction.scrub(outcome.reason, self.recorder.redactor) or None,
-            duration_ms=duration_ms,
-            result_size=len(data),
-            result_sha256=hashlib.sha256(data).hexdigest(),
-        )
-
-    # -- the gateway's own events --------------------------------------------------------------
-
-    def catalog_changed(self, before: Mapping[str, ToolEntry], after: Mapping[str, ToolEntry]) -> None:
-        """Tools added, removed or changed: name -> (upstream, definition digest, definition)."""
-        for name in sorted(before.keys() | after.keys()):
-            old, new = before.get(name), after.get(name)
-            if old is not None and new is not None and old[1] == new[1]:
-                continue
-            change = "added" if old is None else "removed" if new is None else "changed"
-            upstream, digest, definition = new if new is not None else old  # type: ignore[misc]
-            self.recorder.queue(
-                event(
-                    "catalog",
-                    upstream=upstream,
-                    tool=name,
-                    change=change,
-                    tool_digest=digest,
-                    previous_digest=old[1] if old is not None and new is not None else None,
-                    definition=definition if new is not None else None,
-                )
-            )
-
-    def policy_reloaded(self, revision: str, rules: int, files: list[str], trigger: str) -> None:
-        self.recorder.queue(
-            event(
-                "policy_reload", outcome="ok", policy_revision=revision, rule_count=rules, files=files, reason=trigger
-            )
-        )
-
-    def policy_reload_failed(self, trigger: str, error: str) -> None:
-        self.recorder.queue(
-            event(
-                "policy_reload",
-                outcome="error",
-                policy_revision=self.engine.policies.revision,
-                reason=f"{trigger}: {error}; the revision in force stays",
-            )
-        )
-
-    def assessed(self, assessments: Sequence[Assessment]) -> None:
-        """Definitions held back, released, or reported (warn mode, scan findings): one `pin` event per change."""
-        seen: set[tuple[str, str, str]] = set()
-        for assessment in assessments:
-            item = assessment.item
-            key = (item.upstream, str(item.kind), item.name)
-            seen.add(key)
-            state = "quarantined" if assessment.quarantined else "warned" if assessment.suspect else "clear"
-            previous = self._pins.get(key)
-            self._pins[key] = (item.digest, state)
-            if previous == (item.digest, state):
-                continue
-            if state != "clear":
-                change = state
-            elif previous is not None and previous[1] != "clear":
-                change = "released"
-            elif assessment.findings:
-                change = "findings"  # first seen, allowed, but the scan has something to say
-            else:
-                continue
-            self.recorder.queue(
-                event(
-                    "pin",
-                    upstream=item.upstream,
-                    tool=item.label if item.kind == "tool" else None,
-                    definition_kind=str(item.kind),
-                    name=item.name,
-                    change=change,
-                    reason=str(assessment.verdict),
-                    tool_digest=item.digest,
-                    findings=[finding.to_record() for finding in assessment.findings] or None,
-                )
-            )
-        for key in set(self._pins) - seen:
-            del self._pins[key]
-
-    def lock_reloaded(self, outcome: str, detail: str) -> None:
-        self.recorder.queue(event("pin", change="lock_reload", outcome=outcome, reason=detail))
-
-    def relayed(self, upstream: str, method: str, call: ToolCall | None, outcome: str, detail: str | None) -> None:
-        """An upstream's own request (sampling, elicitation): passed to the agent's client, refused, or
-        withdrawn before the client answered."""
-        reason = method if detail is None else f"{method}: {detail}"
-        fields: dict[str, Any] = {"upstream": upstream, "reason": reason, "outcome": outcome}
-        if call is not None:
-            fields.update(session_id=call.session.id, call_id=call.id, tool=call.tool.name)
-        self.recorder.queue(event("upstream_request", **fields))
-
-    def upstream_changed(self, name: str, up: bool, detail: str) -> None:
-        self.recorder.queue(event("upstream", upstream=name, outcome="up" if up else "down", reason=detail))
-
-
-def _print_line(session: str, tool: str, decision: str, rules: str, outcome: str, duration_ms: float) -> None:
-    """The call's line on the monitor, written once the loop has sent the agent its answer (not before)."""
-    if monitor.isEnabledFor(logging.INFO):
-        stamp = datetime.now().strftime("%H:%M:%S")
-        rule = f" [{rules}]" if rules else ""
-        took = f"{duration_ms / 1000:.2f}s" if duration_ms >= 1000 else f"{duration_ms:.1f}ms"
-        line = f"{stamp} {session[:8]} {tool} {decision}{rule} -> {outcome} {took}"
-        asyncio.get_running_loop().call_soon(monitor.info, "%s", line)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from contextlib import closing
 from typing import Any
 
-from gateway.audit.recorder import event
+from gateway.audit.events import event
 from gateway.audit.store import AuditStore, canonical
 from gateway.catalog.listing import Catalog, UpstreamListing
 from gateway.catalog.pins import Assessment, Lock, Mode, Verdict, assess, select, server_identity

@@ -23,7 +23,8 @@ import mcp_types as types
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from gateway import __version__
-from gateway.audit.recorder import SHUTDOWN_GRACE, CallAudit
+from gateway.audit.events import GatewayEvents
+from gateway.audit.stages import SHUTDOWN_GRACE, CallAudit
 from gateway.calls import (
     Answer,
     Approval,
@@ -41,6 +42,7 @@ from gateway.catalog.listing import Catalog, ExposedTool
 from gateway.catalog.pins import Lock
 from gateway.core.approvals import REQUEST_KEY, REQUESTED_SCHEMA, ApprovalDesk
 from gateway.core.pipeline import build_pipeline
+from gateway.core.sessions import Sessions
 from gateway.core.watch import watch_file, watch_policies
 from gateway.errors import GatewayError, LockError, ProtocolError, UpstreamError
 from gateway.policy.engine import PolicyEngine, PolicySet
@@ -148,10 +150,14 @@ Announcer = Callable[[list[ListKind]], Awaitable[None]]
 class Gateway:
     """Serves the pool's catalogue downstream and routes every tool call through the pipeline."""
 
-    def __init__(self, pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit, *, transport: str) -> None:
+    def __init__(
+        self, pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit, events: GatewayEvents, *, transport: str
+    ) -> None:
         self.pool = pool
         self.engine = engine
         self.audit = audit
+        self.events = events
+        self.sessions = Sessions(events, engine)
         self.transport = transport
         self.pipeline: Handler = build_pipeline(pool, engine, audit)
         self.desk = ApprovalDesk(pool.config.gateway.ask_timeout)
@@ -161,8 +167,8 @@ class Gateway:
         self.stdio_session = uuid.uuid4().hex
         self.announcers: list[Announcer] = []
         self._published = pool.catalog
-        pool.set_listener(self._catalog_changed, audit.upstream_changed, audit.assessed)
-        pool.on_relayed = audit.relayed
+        pool.set_listener(self._catalog_changed, events.upstream_changed, events.assessed)
+        pool.on_relayed = events.relayed
         self.name = pool.config.gateway.name
         self.version = __version__
 
@@ -172,7 +178,7 @@ class Gateway:
             await tg.start(self.pool.run)
             policy_dir = self.pool.config.policy_dir
             tg.start_soon(
-                watch_policies, policy_dir, self._revision, self.install_policies, self.audit.policy_reload_failed
+                watch_policies, policy_dir, self._revision, self.install_policies, self.events.policy_reload_failed
             )
             tg.start_soon(watch_file, self.pool.config.lock_path, self.reload_lock)
             task_status.started()
@@ -184,16 +190,16 @@ class Gateway:
             lock = Lock.read(path)
         except LockError as exc:
             logger.error("%s; the pins in force stay", exc)
-            self.audit.lock_reloaded("error", f"{exc}; the pins in force stay")
+            self.events.lock_reloaded("error", f"{exc}; the pins in force stay")
             return
         if lock is None and self.pool.lock is not None:
             logger.error("%s disappeared; the pins in force stay until the gateway restarts", path)
-            self.audit.lock_reloaded("error", "the lock file disappeared; the pins in force stay")
+            self.events.lock_reloaded("error", "the lock file disappeared; the pins in force stay")
             return
         await self.pool.install_lock(lock)
         held = len(self.pool.quarantined)
         logger.info("pins reloaded from %s: %d tools quarantined", path, held)
-        self.audit.lock_reloaded("ok", f"{held} tools quarantined")
+        self.events.lock_reloaded("ok", f"{held} tools quarantined")
 
     def _revision(self) -> str:
         return self.engine.policies.revision
@@ -201,7 +207,7 @@ class Gateway:
     async def install_policies(self, policies: PolicySet, trigger: str) -> None:
         """Put a new policy set in force; which tools are visible may change, so clients are told."""
         self.engine.replace_policies(policies)
-        self.audit.policy_reloaded(policies.revision, len(policies.rules), list(policies.files), trigger)
+        self.events.policy_reloaded(policies.revision, len(policies.rules), list(policies.files), trigger)
         if self._started:
             await self._announce(["tools"])
 
@@ -209,7 +215,7 @@ class Gateway:
         """Tell every downstream peer what changed: notifications (handshake era) and listen streams (2026)."""
         before, self._published = self._published, catalog
         self.engine.index_tools(catalog.tools)
-        self.audit.catalog_changed(_tool_definitions(before), _tool_definitions(catalog))
+        self.events.catalog_changed(_tool_definitions(before), _tool_definitions(catalog))
         if not self._started:
             return  # nobody has listed yet: the first list, which waits for start-up, tells it all
         changed: list[ListKind] = []
@@ -261,6 +267,7 @@ class Gateway:
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(SHUTDOWN_GRACE):
                 reason = "cancelled while the gateway's upstreams were still starting, before any policy decision"
+                self.sessions.note(session)
                 await self.audit.unresolved(
                     session,
                     params.name,
@@ -273,10 +280,12 @@ class Gateway:
         tool = self.pool.catalog.tools.get(params.name)
         if tool is None and (held := self.pool.quarantined.get(params.name)) is not None:
             reason = held.reason()
+            self.sessions.note(session)
             await self.audit.unknown_tool(session, params.name, params.arguments, quarantine=reason)
             raise ProtocolError(types.INVALID_PARAMS, f"Tool {params.name} is refused: {reason}")
         if tool is None or not self._visible(tool, session):
             # A tool no rule lets this client call is hidden, and refused like one that does not exist.
+            self.sessions.note(session)
             await self.audit.unknown_tool(session, params.name, params.arguments)
             raise ProtocolError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
         approver = self._approver(caller, params)
@@ -327,7 +336,7 @@ class Gateway:
     ) -> SessionInfo:
         """One downstream connection (noted in the audit log the first time it is seen)."""
         session = SessionInfo(session_id, self.transport, protocol_version, client_name, client_version)
-        self.audit.session(session)
+        self.sessions.note(session)
         return session
 
     async def list_prompts(self) -> types.ListPromptsResult:

@@ -28,6 +28,7 @@ from gateway.calls import (
     Decision,
     Effect,
     Handler,
+    Interrupted,
     Outcome,
     OutcomeKind,
     ToolCall,
@@ -38,7 +39,7 @@ from gateway.policy.engine import PolicyEngine
 from gateway.upstream.pool import UpstreamPool
 
 if TYPE_CHECKING:
-    from gateway.audit.recorder import CallAudit
+    from gateway.audit.stages import CallAudit
 
 
 class Stage(Protocol):
@@ -70,24 +71,17 @@ async def check_arguments(call: ToolCall, call_next: Handler) -> Outcome:
 class EnforcePolicy:
     """Decide the call under the current policies; refuse, ask a person, rewrite, or let it through.
 
-    After the upstream has answered, the result rules screen what goes back to the agent. `observe`
-    sees every decision as soon as it is made, and `answered` what came of asking a person (the audit
-    records both, however the call ends).
+    After the upstream has answered, the result rules screen what goes back to the agent. The decision,
+    and what came of asking a person, ride on the call (`ToolCall.decision`, `ToolCall.approval`): it
+    goes on with them, and every outcome returned carries it (`Outcome.call`), as does any exception
+    leaving after the decision (`Interrupted`), so the audit records them however the call ends.
     """
 
     def __init__(
-        self,
-        engine: PolicyEngine,
-        *,
-        ask_timeout: float,
-        observe: Callable[[ToolCall, Decision], None] | None = None,
-        answered: Callable[[ToolCall, Approval], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        self, engine: PolicyEngine, *, ask_timeout: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.engine = engine
         self.ask_timeout = ask_timeout
-        self._observe = observe
-        self._answered = answered
         self._clock = clock
 
     async def __call__(self, call: ToolCall, call_next: Handler) -> Outcome:
@@ -101,8 +95,19 @@ class EnforcePolicy:
             principal=session.principal,
         )
         call = replace(call, decision=decision)
-        if self._observe is not None:
-            self._observe(call, decision)
+        refusal = self._refusal(call, decision)
+        if refusal is not None:
+            return replace(refusal, call=call)
+        try:
+            if decision.effect is Effect.ASK:
+                call = replace(call, approval=await self._approval(call, decision))
+            outcome = await self._proceed(call, decision, call_next)
+        except BaseException as exc:
+            raise Interrupted(call, exc) from None
+        return replace(outcome, call=call)
+
+    def _refusal(self, call: ToolCall, decision: Decision) -> Outcome | None:
+        """The outcome of a call the decision itself refuses; `None` when it may go on."""
         if decision.effect is Effect.DENY:
             return Outcome.refused(call, decision.reason)
         if decision.arguments is not None:
@@ -112,10 +117,17 @@ class EnforcePolicy:
                     call,
                     f"{decision.reason}, but the rewritten arguments do not match the tool's input schema: {violation}",
                 )
-        if decision.effect is Effect.ASK:
-            refusal = await self._ask(call, decision)
-            if refusal is not None:
-                return refusal
+        return None
+
+    async def _proceed(self, call: ToolCall, decision: Decision, call_next: Handler) -> Outcome:
+        """After the person's answer (if asked): charge the rate limits, forward, screen the result."""
+        session = call.session
+        approval = call.approval
+        if approval is not None:
+            if approval.pending is not None:
+                return Outcome.input_required(approval.pending)
+            if not approval.granted:
+                return Outcome.refused(call, f"{decision.reason}; {approval.reason}")
         stamp = self._clock()
         if not self.engine.charge(decision, session.id, stamp):
             return Outcome.refused(call, "a rate limit of this call's rules was reached while it waited for approval")
@@ -131,17 +143,6 @@ class EnforcePolicy:
             if screening.redacted_by:
                 return replace(outcome, result=screening.result, rules=screening.redacted_by)
         return outcome
-
-    async def _ask(self, call: ToolCall, decision: Decision) -> Outcome | None:
-        """Ask a person; `None` when they approved, else the outcome to return instead of the call's."""
-        approval = await self._approval(call, decision)
-        if self._answered is not None:
-            self._answered(call, approval)
-        if approval.pending is not None:
-            return Outcome.input_required(approval.pending)
-        if not approval.granted:
-            return Outcome.refused(call, f"{decision.reason}; {approval.reason}")
-        return None
 
     async def _approval(self, call: ToolCall, decision: Decision) -> Approval:
         if call.approver is None:
@@ -241,5 +242,5 @@ def _result_model(version: str) -> type[BaseModel] | None:
 
 def build_pipeline(pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit) -> Handler:
     ask_timeout = pool.config.gateway.ask_timeout
-    policy = EnforcePolicy(engine, ask_timeout=ask_timeout, observe=audit.observe, answered=audit.answered)
+    policy = EnforcePolicy(engine, ask_timeout=ask_timeout)
     return compose([audit.outcomes, check_arguments, policy, audit.decisions], Forward(pool))

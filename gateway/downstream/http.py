@@ -53,10 +53,10 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.audit.recorder import CallAudit
 from gateway.calls import SessionInfo
 from gateway.config.models import Config
 from gateway.core.gateway import RELAYED, Caller, Gateway, ListKind, ToolRequest, relay_for
+from gateway.core.sessions import Sessions
 from gateway.downstream.shutdown import exit_after_grace
 from gateway.errors import GatewayError, ProtocolError, format_seconds
 
@@ -139,7 +139,7 @@ class GatewayServer(Server[Any]):
 
         def closed() -> None:
             if transport.idle_scope is not None and transport.idle_scope.cancel_called:
-                self.gateway.audit.end_session(session_id, reason)
+                self.gateway.sessions.end(session_id, reason)
 
         connection.exit_stack.callback(closed)
 
@@ -243,7 +243,7 @@ async def serve_streamable_http(gateway: Gateway, config: Config, host: str, por
         app: ASGIApp = GatewayServer(gateway).streamable_http_app(
             host=host, transport_security=security, session_idle_timeout=settings.session_idle_timeout
         )
-        app = SessionEnds(app, gateway.audit)
+        app = SessionEnds(app, gateway.sessions)
         if settings.token is not None:
             app = BearerTokenGuard(app, settings.token)
         server = _StoppingInOrder(
@@ -325,16 +325,16 @@ def _host_patterns(host: str, port: int) -> list[str]:
 class SessionEnds:
     """ASGI middleware: a `DELETE` of an MCP session (the client hanging up) ends its audit session."""
 
-    def __init__(self, app: ASGIApp, audit: CallAudit) -> None:
+    def __init__(self, app: ASGIApp, sessions: Sessions) -> None:
         self._app = app
-        self._audit = audit
+        self._sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._app(scope, receive, send)
         if scope["type"] == "http" and scope["method"] == "DELETE":
             session = next((value for key, value in scope["headers"] if key == b"mcp-session-id"), None)
             if session is not None:
-                self._audit.end_session(session.decode("latin-1"), "the client ended the session")
+                self._sessions.end(session.decode("latin-1"), "the client ended the session")
 
 
 class BearerTokenGuard:

@@ -13,7 +13,9 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from gateway.audit.recorder import CallAudit, Recorder
+from gateway.audit.events import GatewayEvents
+from gateway.audit.recorder import Recorder
+from gateway.audit.stages import CallAudit
 from gateway.catalog.pins import load_lock
 from gateway.config.models import Config
 from gateway.core.gateway import Gateway
@@ -32,7 +34,7 @@ async def serve_stdio(config: Config) -> None:
         tg.start_soon(stop_on_signal, tg.cancel_scope)
         await tg.start(gateway.run)
         await serve_stdio_connection(gateway)
-        gateway.audit.end_session(gateway.stdio_session, "the client disconnected")
+        gateway.sessions.end(gateway.stdio_session, "the client disconnected")
         tg.cancel_scope.cancel()
 
 
@@ -59,11 +61,13 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
     lock = load_lock(config)
     async with Recorder(config.audit_path, sync=config.gateway.audit_sync).running() as recorder:
         audit = CallAudit(recorder, engine)
-        gateway = Gateway(UpstreamPool(config, lock=lock), engine, audit, transport=transport)
+        events = GatewayEvents(recorder, engine)
+        gateway = Gateway(UpstreamPool(config, lock=lock), engine, audit, events, transport=transport)
         # What is loaded by now (modules, the protocol's models, the policies) lives as long as the
         # process: kept out of the collector's sight, so its full collections do not walk it.
         gc.freeze()
         try:
             yield gateway
         finally:
-            audit.end_all("the gateway shut down")
+            audit.end_calls("the gateway shut down")
+            gateway.sessions.end_all("the gateway shut down")

@@ -1,0 +1,34 @@
+"""The downstream sessions open now: each noted in the audit log the first time it is seen, and ended once."""
+
+from __future__ import annotations
+
+from gateway.audit.events import GatewayEvents
+from gateway.calls import SessionInfo
+from gateway.policy.engine import PolicyEngine
+
+
+class Sessions:
+    """Which sessions are open; a session's end also forgets its rate-limit windows."""
+
+    def __init__(self, events: GatewayEvents, engine: PolicyEngine) -> None:
+        self._events = events
+        self._engine = engine
+        self._open: dict[str, SessionInfo] = {}
+
+    def note(self, session: SessionInfo) -> None:
+        """Note a session the first time it is seen (its start is committed before any of its calls)."""
+        if session.id in self._open:
+            return
+        self._open[session.id] = session
+        self._events.session_started(session)
+
+    def end(self, session_id: str, reason: str) -> None:
+        """The session is over (a session not open, or ended already, is left alone)."""
+        if self._open.pop(session_id, None) is not None:
+            self._engine.limiter.forget(session_id)
+            self._events.session_ended(session_id, reason)
+
+    def end_all(self, reason: str) -> None:
+        """At shutdown: every session still open ends."""
+        for session_id in list(self._open):
+            self.end(session_id, reason)
