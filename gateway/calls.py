@@ -233,17 +233,3 @@ def _error_result(text: str) -> dict[str, Any]:
 
 Handler = Callable[[ToolCall], Awaitable[Outcome]]
 """The rest of the pipeline, as a stage sees it: hand it the call, get the outcome."""
-
-
-class Interrupted(BaseException):
-    """An exception (a cancellation included) leaving the policy stage after it decided, carrying the
-    decided call up to the audit's outer stage, which records it and re-raises `error` itself.
-
-    Only the pipeline's stages see it: nothing between the policy stage and the audit's outer stage
-    waits on a cancel scope, and the outer stage always unwraps it.
-    """
-
-    def __init__(self, call: ToolCall, error: BaseException) -> None:
-        super().__init__(error)
-        self.call = call
-        self.error = error

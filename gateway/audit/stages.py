@@ -20,8 +20,8 @@ import anyio
 
 from gateway.audit.events import decision_event, event, outcome_event
 from gateway.audit.recorder import Recorder
-from gateway.calls import Decision, Effect, Handler, Interrupted, Outcome, OutcomeKind, SessionInfo, ToolCall
-from gateway.errors import AuditError
+from gateway.calls import Decision, Effect, Handler, Outcome, OutcomeKind, SessionInfo, ToolCall
+from gateway.errors import AuditError, Interrupted
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.redact import Redaction
 
@@ -60,7 +60,8 @@ class CallAudit:
         try:
             outcome = await call_next(call)
         except Interrupted as exc:  # the policy had decided: record the call as it decided it
-            await self._failed(exc.call, exc.error, started)
+            decided: ToolCall = exc.call
+            await self._failed(decided, exc.error, started)
             raise exc.error from exc.error.__cause__
         except BaseException as exc:
             await self._failed(call, exc, started)

@@ -28,13 +28,12 @@ from gateway.calls import (
     Decision,
     Effect,
     Handler,
-    Interrupted,
     Outcome,
     OutcomeKind,
     ToolCall,
     WireResult,
 )
-from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
+from gateway.errors import Interrupted, UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy.engine import PolicyEngine
 from gateway.upstream.pool import UpstreamPool
 
