@@ -1,6 +1,6 @@
 """What the gateway costs per call: straight to an upstream vs through the gateway (stdio), interleaved.
 
-    .venv/bin/python bench/call_latency.py [--calls 1000] [--rounds 5] [--poll-idle]
+    .venv/bin/python bench/call_latency.py [--calls 1000] [--rounds 5] [--poll-idle] [--against DIR]
 
 Each round starts a direct upstream, a bare forwarder (bench/bare_forwarder.py: lines copied, nothing
 else) and a gateway in front of the same kind of upstream process (tests/fixtures/toolbox.py, an SDK
@@ -17,6 +17,10 @@ server), one after the other, and measures on each:
 The gateway runs with a policy set of ~100 rules and its durable audit log on disk (SQLite, WAL,
 `audit_sync = "normal"`). Prints each figure for the three, the gateway/direct ratio (the targets)
 and the gateway/bare ratio (what the gateway's own work costs, beyond crossing one more process).
+
+`--against DIR` measures, in the same interleaved rounds, the gateway of another checkout too (its
+`gateway/` package imported from DIR, e.g. `git worktree add /tmp/before REV`), and prints the two
+side by side: a change's cost, with the round-to-round noise shared.
 
 `--poll-idle` (root, Linux) holds `/dev/cpu_dma_latency` at 0 for the run, so idle CPUs poll instead
 of entering an idle state, as on a machine tuned for latency: a process woken by a pipe then runs at
@@ -275,8 +279,12 @@ def write_gateway(directory: Path) -> Path:
     return config
 
 
-def gateway_command(config: Path) -> list[str]:
-    return [sys.executable, "-m", "gateway", "serve", "--quiet", "--config", str(config)]
+def gateway_command(config: Path, source: Path | None = None) -> list[str]:
+    """The gateway of this checkout, or the one whose `gateway/` package is in `source`."""
+    if source is None:
+        return [sys.executable, "-m", "gateway", "serve", "--quiet", "--config", str(config)]
+    run = f"import sys; sys.path.insert(0, {str(source)!r}); from gateway.launch import main; raise SystemExit(main())"
+    return [sys.executable, "-c", run, "serve", "--quiet", "--config", str(config)]
 
 
 def report(direct: Figures, bare: Figures, gateway: Figures) -> None:
@@ -301,8 +309,8 @@ def report(direct: Figures, bare: Figures, gateway: Figures) -> None:
         print(f"p50 of each round, {name}: " + ", ".join(f"{p50:.3f}" for p50 in figures.round_p50_ms) + " ms")
 
 
-async def main(calls: int, rounds: int) -> None:
-    direct, bare, gateway = Figures(), Figures(), Figures()
+async def main(calls: int, rounds: int, against: Path | None = None) -> None:
+    direct, bare, gateway, before = Figures(), Figures(), Figures(), Figures()
     with tempfile.TemporaryDirectory() as directory:
         config = write_gateway(Path(directory))
         commands = {
@@ -310,6 +318,8 @@ async def main(calls: int, rounds: int) -> None:
             "bare": ([sys.executable, str(BARE), sys.executable, str(TOOLBOX)], "echo", bare),
             "gateway": (gateway_command(config), "box__echo", gateway),
         }
+        if against is not None:
+            commands["before"] = (gateway_command(config, source=against), "box__echo", before)
         for number in range(1, rounds + 1):
             for command, tool, figures in commands.values():
                 await round_of(command, tool, calls, figures)
@@ -318,6 +328,26 @@ async def main(calls: int, rounds: int) -> None:
             print(f"round {number}/{rounds} done", file=sys.stderr)
     print(f"tools/call over stdio, {rounds} interleaved rounds x {calls} sequential calls (+ {2 * calls} per level)")
     report(direct, bare, gateway)
+    if against is not None:
+        compare(gateway, before, against)
+
+
+def compare(gateway: Figures, before: Figures, against: Path) -> None:
+    """The gateway of this checkout beside the one in `against`, measured in the same rounds."""
+    rows: list[tuple[str, Callable[[Figures], float]]] = [
+        ("cold start ms (median)", lambda f: statistics.median(f.cold_ms)),
+        ("latency p50 ms", lambda f: percentile(f.latency_ms, 0.5)),
+        ("latency p99 ms", lambda f: percentile(f.latency_ms, 0.99)),
+        *((f"calls/s, {n} in flight", (lambda f, n=n: statistics.median(f.rate[n]))) for n in IN_FLIGHT),
+        ("CPU ms per call (process)", lambda f: statistics.median(f.cpu_ms_per_call)),
+        ("peak RSS MB (process)", lambda f: max(f.rss_mb)),
+        ("SDK client p50 ms", lambda f: percentile(f.sdk_ms, 0.5)),
+    ]
+    print(f"\nthis checkout against {against}")
+    print(f"{'':28}{'before':>10}{'now':>10}{'now/before':>12}")
+    for label, measure in rows:
+        theirs, mine = measure(before), measure(gateway)
+        print(f"{label:28}{theirs:10.3f}{mine:10.3f}{mine / theirs:11.2f}x")
 
 
 def hold_poll_idle() -> int:
@@ -337,11 +367,17 @@ def run_main() -> None:
     parser.add_argument(
         "--poll-idle", action="store_true", help="hold /dev/cpu_dma_latency at 0: idle CPUs poll (root)"
     )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        metavar="DIR",
+        help="also measure, in the same rounds, the gateway of another checkout (e.g. a worktree of an older commit)",
+    )
     args = parser.parse_args()
     os.chdir(ROOT)
     held = hold_poll_idle() if args.poll_idle else None
     try:
-        anyio.run(main, args.calls, args.rounds)
+        anyio.run(main, args.calls, args.rounds, args.against and args.against.resolve())
     finally:
         if held is not None:
             os.close(held)
