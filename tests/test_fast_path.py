@@ -37,7 +37,8 @@ from gateway.downstream.stdio import _checked_plain_call, _plain_call
 from gateway.errors import ChannelClosed, RemoteError, RequestTimeout
 from gateway.upstream.processes import discard_ahead, start_ahead, started_ahead
 from gateway.upstream.spawn import spawn
-from gateway.wire.channel import Channel, dumps
+from gateway.wire.channel import Channel
+from gateway.wire.framing import dumps
 from tests.conftest import REPO, RawSession, fixture_upstream, gateway_process, write_config
 from tests.test_audit_e2e import calls, events
 
@@ -97,11 +98,7 @@ async def test_concurrent_requests_each_get_their_own_answer_whatever_the_order(
         assert len({request["id"] for request in requests}) == 64  # every request got an id of its own
         random.Random(7).shuffle(requests)
         for request in requests:
-            # Some peers echo ids as strings; both forms reach the right caller.
-            reply = answer(request)
-            if request["id"] % 3 == 0:
-                reply["id"] = str(request["id"])
-            channel.receive(reply)
+            channel.receive(answer(request))
     assert results == {n: n for n in range(64)}
 
 
@@ -504,6 +501,29 @@ async def test_many_calls_in_flight_with_mixed_ids_are_answered_by_id(shuffled: 
         assert found[request_id]["result"]["content"][0]["text"] == f"t{n}", found[request_id]
     outcomes = [event for event in events(shuffled.parent) if event["kind"] == "outcome"]
     assert len(outcomes) == 40 and {event["outcome"] for event in outcomes} == {"ok"}
+
+
+async def test_a_clients_ids_7_and_string_7_are_two_requests_and_a_cancel_names_one(shuffled: Path) -> None:
+    """Ids of different types are different ids: 7 and "7" are both answered, and a cancel naming "7"
+    withdraws that request alone (a cancel naming "8" leaves request 8 running). They used to share one
+    entry: a cancel naming "7" withdrew both, and neither was answered."""
+    async with gateway_process(shuffled) as (proc, _):
+        raw = RawSession(proc)
+        await ready(raw)
+        with anyio.fail_after(30):
+            await raw.send(raw.call(7, "mix__hold", {"n": 7}))
+            await raw.send({**raw.call(0, "mix__hold", {"n": 70}), "id": "7"})
+            await raw.send(raw.call(8, "mix__hold", {"n": 8}))
+            await raw.send({"method": "notifications/cancelled", "params": {"requestId": "7"}})
+            await raw.send({"method": "notifications/cancelled", "params": {"requestId": "8"}})
+            await raw.send(raw.call(10, "mix__release", {}))
+        found = await answers(raw, {7, 8, 10})
+        with anyio.fail_after(30):
+            await raw.send(raw.call(11, "mix__echo", {"text": "after"}))
+            found.update(await answers(raw, {11}))
+    assert found[7]["result"]["content"][0]["text"] == "held 7"
+    assert found[8]["result"]["content"][0]["text"] == "held 8"
+    assert "7" not in found  # the cancelled one is never answered
 
 
 async def test_an_upstream_answering_out_of_order_with_stray_lines(shuffled: Path) -> None:

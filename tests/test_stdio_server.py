@@ -566,3 +566,34 @@ async def test_a_client_that_cannot_take_a_request_has_it_refused_and_recorded(
     relayed = [event for event in events(asker_config.parent) if event["kind"] == "upstream_request"]
     assert [(event["outcome"], event["tool"]) for event in relayed] == [("refused", "asker__sample")]
     assert "does not take sampling/createMessage" in relayed[0]["reason"]
+
+
+async def test_a_client_answering_with_an_id_of_another_type_is_not_taken_as_the_answer(tmp_path: Path) -> None:
+    """The gateway asks for approval as request "mcp-armor-1": an answer naming 1 (a number, not that
+    string) is another id, logged and dropped; the answer naming the string itself decides."""
+    policy = '[defaults]\neffect = "allow"\n\n[[rule]]\nid = "asked"\ntools = ["box__write_note"]\neffect = "ask"\n'
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=policy)
+    async with gateway_process(config) as (proc, log):
+        raw = RawSession(proc)
+        with anyio.fail_after(30):
+            await raw.send({"id": 0, "method": "initialize", "params": {**INIT, "capabilities": {"elicitation": {}}}})
+            while (await raw.receive()).get("id") != 0:
+                pass
+            await raw.send({"method": "notifications/initialized"})
+            await raw.send(
+                {
+                    "id": 7,
+                    "method": "tools/call",
+                    "params": {"name": "box__write_note", "arguments": {"path": "notes/a", "body": "x"}},
+                }
+            )
+            while (asked := await raw.receive()).get("method") != "elicitation/create":
+                pass
+            assert asked["id"] == "mcp-armor-1"
+            await raw.send({"id": 1, "result": {"action": "accept", "content": {"approve": True}}})
+            await log.wait_for(r"the client answered with id 1, which names no request sent to it")
+            await raw.send({"id": asked["id"], "result": {"action": "decline"}})
+            while (reply := await raw.receive()).get("id") != 7:
+                pass
+    assert reply["result"]["isError"]
+    assert calls(tmp_path)["box__write_note"]["outcome"]["outcome"] == "refused"

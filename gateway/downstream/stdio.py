@@ -53,8 +53,9 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.calls import ProgressFn, WireResult
 from gateway.core.gateway import RELAYED, Caller, Gateway, ListKind, ToolRequest, relay_for
-from gateway.errors import ProtocolError, format_seconds
-from gateway.wire.channel import LineBuffer, dumps
+from gateway.errors import ChannelClosed, ProtocolError, RemoteError, format_seconds
+from gateway.wire.framing import LineBuffer, dumps
+from gateway.wire.peer import Peer, RequestId, is_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class _Writer(asyncio.Protocol):
 class _Request:
     """A request being served: its id, method and parameters, the protocol version it speaks, and who sent it."""
 
-    id: str | int
+    id: RequestId
     method: str
     params: dict[str, Any] | None
     version: str
@@ -205,12 +206,17 @@ class StdioConnection(asyncio.Protocol):
         """The handshake era's negotiated version (the latest until `initialize` says otherwise)."""
         self._legacy: Caller | None = None
         """The handshake-era caller, once `initialize` (or a bare `notifications/initialized`) opened the gate."""
-        self._in_flight: dict[str, asyncio.Task[None]] = {}
-        """The task serving each request not yet answered or cancelled, by id."""
+        self._in_flight: dict[RequestId, asyncio.Task[None]] = {}
+        """The task serving each request not yet answered or cancelled, by id (`7` and `"7"` are two)."""
         self._tasks: set[asyncio.Task[None]] = set()
-        self._asked: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._next_ask = 0
-        self._listens: dict[str, tuple[dict[str, Any], frozenset[ListKind]]] = {}
+        self._client = Peer(
+            "the client",
+            self._writer.write,
+            id_prefix="mcp-armor-",
+            abandoned="no longer needed: what asked it was withdrawn or has ended",
+        )
+        """The requests the gateway sends the client (elicitation, relayed sampling and elicitation)."""
+        self._listens: dict[RequestId, tuple[dict[str, Any], frozenset[ListKind]]] = {}
         """Open 2026 listen streams: their `_meta` stamp and the lists they follow."""
         self._capabilities = {
             era: _dump(
@@ -285,9 +291,7 @@ class StdioConnection(asyncio.Protocol):
 
     def _withdraw_asked(self) -> None:
         """The client can no longer answer: whatever waits for its answer is told so."""
-        for future in self._asked.values():
-            if not future.done():
-                future.set_exception(ProtocolError(types.CONNECTION_CLOSED, "the client disconnected"))
+        self._client.close("the client disconnected")
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -324,7 +328,7 @@ class StdioConnection(asyncio.Protocol):
         method = message.get("method")
         params = message.get("params")
         if method is None:
-            self._answered(message["id"], message)
+            self._client.receive(message)  # an answer to a request the gateway sent the client
         elif "id" not in message:
             self._notified(method, params)
         else:
@@ -333,7 +337,7 @@ class StdioConnection(asyncio.Protocol):
     def _notified(self, method: str, params: dict[str, Any] | None) -> None:
         if method == "notifications/cancelled":
             request_id = params.get("requestId") if params is not None else None
-            task = self._in_flight.pop(_key(request_id), None) if _is_request_id(request_id) else None
+            task = self._in_flight.pop(request_id, None) if is_request_id(request_id) else None
             if task is not None:
                 _cancel(task)  # out of the map: it is never answered, even if it completes regardless
         elif method == "notifications/initialized":
@@ -343,25 +347,9 @@ class StdioConnection(asyncio.Protocol):
         else:
             logger.debug("notification %s from the client; nothing to do", method)
 
-    def _answered(self, request_id: Any, message: dict[str, Any]) -> None:
-        """A reply to a request the gateway sent the client (elicitation)."""
-        future = self._asked.pop(request_id, None) if isinstance(request_id, str) else None
-        if future is None:
-            logger.debug("the client answered %r, which is not a request in flight; ignored", request_id)
-            return
-        if future.done():
-            return
-        if isinstance(message.get("result"), dict):
-            future.set_result(message["result"])
-        else:
-            error = _object(message.get("error"))
-            code = error.get("code")
-            text = str(error.get("message", "the client answered with an error"))
-            future.set_exception(ProtocolError(code if isinstance(code, int) else types.INTERNAL_ERROR, text))
-
     # -- requests --------------------------------------------------------------------------------
 
-    def _requested(self, request_id: str | int, method: str, params: dict[str, Any] | None) -> None:
+    def _requested(self, request_id: RequestId, method: str, params: dict[str, Any] | None) -> None:
         if self._era is None:
             self._era = MODERN if method != "initialize" and _has_modern_envelope(params) else LEGACY
         try:
@@ -372,7 +360,7 @@ class StdioConnection(asyncio.Protocol):
         if request is not None:
             self._spawn(request)
 
-    def _admit(self, request_id: str | int, method: str, params: dict[str, Any] | None) -> _Request | None:
+    def _admit(self, request_id: RequestId, method: str, params: dict[str, Any] | None) -> _Request | None:
         """The request, ready to serve in a task of its own; `None` when answered here (`initialize`).
 
         Raises `ProtocolError` for a request refused before it runs.
@@ -412,7 +400,7 @@ class StdioConnection(asyncio.Protocol):
             raise _INVALID_PARAMS  # the handshake-era gate: nothing but ping before initialize
         return request
 
-    def _initialize(self, request_id: str | int, params: dict[str, Any] | None) -> None:
+    def _initialize(self, request_id: RequestId, params: dict[str, Any] | None) -> None:
         """The handshake, answered at once, so a request pipelined behind it finds the connection open."""
         try:
             _check_spec("initialize", self._version, params)
@@ -440,14 +428,14 @@ class StdioConnection(asyncio.Protocol):
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s %r (protocol %s)", request.method, request.id, request.version)
         task = asyncio.get_running_loop().create_task(self._serve(request))
-        self._in_flight[_key(request.id)] = task
+        self._in_flight[request.id] = task
         self._tasks.add(task)
 
     async def _serve(self, request: _Request) -> None:
         """Answer one request in its own task; a request cancelled (by the client, or at disconnection) is
         cancelled as a task, with no cancel scope of its own to set up, and never answered."""
         task = asyncio.current_task()
-        key = _key(request.id)
+        key = request.id
         reply: dict[str, Any] | None = None
         try:
             reply = await self._answer(request)
@@ -542,10 +530,10 @@ class StdioConnection(asyncio.Protocol):
             dumped["_meta"] = {**meta, SERVER_INFO_META_KEY: dict(self._server_info)}
         return dumped
 
-    def _reply(self, request_id: str | int, result: dict[str, Any]) -> None:
+    def _reply(self, request_id: RequestId, result: dict[str, Any]) -> None:
         self._writer.write(dumps({"jsonrpc": "2.0", "id": request_id, "result": result}))
 
-    def _reply_error(self, request_id: str | int, error: dict[str, Any]) -> None:
+    def _reply_error(self, request_id: RequestId, error: dict[str, Any]) -> None:
         self._writer.write(dumps({"jsonrpc": "2.0", "id": request_id, "error": error}))
 
     def _notify(self, method: str, params: dict[str, Any] | None = None) -> None:
@@ -570,7 +558,7 @@ class StdioConnection(asyncio.Protocol):
         meta = {SUBSCRIPTION_ID_META_KEY: request.id}
         wire = _dump(honored)
         followed = frozenset(kind for kind, key in _LIST_FILTER.items() if key in wire)
-        key = _key(request.id)
+        key = request.id
         self._notify("notifications/subscriptions/acknowledged", {"notifications": wire, "_meta": meta})
         self._listens[key] = (meta, followed)
         try:
@@ -589,7 +577,7 @@ class StdioConnection(asyncio.Protocol):
                 if kind in followed:
                     self._notify(f"notifications/{kind}/list_changed", {"_meta": meta})
 
-    def _progress_relay(self, token: str | int) -> ProgressFn:
+    def _progress_relay(self, token: RequestId) -> ProgressFn:
         async def relay(progress: float, total: float | None, message: str | None) -> None:
             params: dict[str, Any] = {"progressToken": token, "progress": progress}
             if total is not None:
@@ -610,20 +598,12 @@ class StdioConnection(asyncio.Protocol):
         here); its result in wire form, checked against the method's model."""
         if self._input_ended:
             raise ProtocolError(types.CONNECTION_CLOSED, "the client disconnected")
-        self._next_ask += 1
-        request_id = f"mcp-armor-{self._next_ask}"
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._asked[request_id] = future
-        try:
-            self._writer.write(dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}))
-            raw = await future
-        except asyncio.CancelledError:  # withdrawn (by the upstream that asked, or as the gateway stops)
-            if future.cancelled() or not future.done():  # the client has not answered
-                reason = "no longer needed: what asked it was withdrawn or has ended"
-                self._notify("notifications/cancelled", {"requestId": request_id, "reason": reason})
-            raise
-        finally:
-            self._asked.pop(request_id, None)
+        try:  # withdrawn (by the upstream that asked, or as the gateway stops): the client is told to stop
+            raw = await self._client.request(method, params, seconds=None)
+        except ChannelClosed as exc:
+            raise ProtocolError(types.CONNECTION_CLOSED, str(exc)) from None
+        except RemoteError as exc:  # the client's error, without its data (which goes no further)
+            raise ProtocolError(exc.code, exc.message or "the client answered with an error") from None
         try:
             return _dump(RELAYED[method].result.model_validate(raw, by_name=False))
         except ValidationError:
@@ -653,7 +633,7 @@ def _plain_call(params: dict[str, Any] | None) -> ToolRequest | None:
     if type(name) is not str or (arguments is not None and type(arguments) is not dict):
         return None
     if meta is not None and (
-        type(meta) is not dict or not meta.keys() <= {"progressToken"} or not _is_request_id(meta.get("progressToken"))
+        type(meta) is not dict or not meta.keys() <= {"progressToken"} or not is_request_id(meta.get("progressToken"))
     ):
         return None
     return ToolRequest(name, arguments or {})
@@ -666,7 +646,7 @@ def _checked_plain_call(params: dict[str, Any] | None) -> ToolRequest | None:
     if params is None or not params.keys() <= _PLAIN_CALL_KEYS:
         return None
     meta = params.get("_meta")
-    if isinstance(meta, dict) and "progressToken" in meta and not _is_request_id(meta["progressToken"]):
+    if isinstance(meta, dict) and "progressToken" in meta and not is_request_id(meta["progressToken"]):
         return None  # the SDK's model is stricter here than some versions' (a null token): it decides
     return ToolRequest(params["name"], params.get("arguments") or {})
 
@@ -733,12 +713,12 @@ def _malformed(message: Any) -> str | None:
         return "a message whose params are not an object"
     method = message.get("method")
     if method is None:
-        if not _is_request_id(message.get("id")) or not ("result" in message or "error" in message):
+        if not is_request_id(message.get("id")) or not ("result" in message or "error" in message):
             return "a response without a valid id and result or error"
         return None
     if not isinstance(method, str):
         return "a message whose method is not a string"
-    if "id" in message and not _is_request_id(message["id"]):
+    if "id" in message and not is_request_id(message["id"]):
         return "a request whose id is not a string or an integer"
     return None
 
@@ -755,16 +735,7 @@ def _object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _is_request_id(value: Any) -> bool:
-    return isinstance(value, str | int) and not isinstance(value, bool)
-
-
-def _key(request_id: Any) -> str:
-    """Ids compared as the SDK compares them (a cancel may name `7` as `"7"`)."""
-    return str(request_id)
-
-
-def _progress_token(params: dict[str, Any] | None) -> str | int | None:
+def _progress_token(params: dict[str, Any] | None) -> RequestId | None:
     meta = params.get("_meta") if params is not None else None
     token = meta.get("progressToken") if isinstance(meta, dict) else None
-    return token if _is_request_id(token) else None
+    return token if is_request_id(token) else None

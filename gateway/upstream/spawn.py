@@ -25,7 +25,8 @@ import anyio
 from gateway.config.environment import BY_DEFAULT, Passing
 from gateway.errors import ChannelClosed
 from gateway.upstream import processes
-from gateway.wire.channel import Channel, LineBuffer, NotificationHandler, RequestHandler
+from gateway.wire.channel import Channel, NotificationHandler, RequestHandler
+from gateway.wire.framing import LineBuffer
 
 logger = logging.getLogger(__name__)
 

@@ -6,87 +6,34 @@ there, and each message is routed at once (a response resolves the waiting futur
 its handler task). No reader task, worker thread or memory stream sits between the pipe and the
 code that acts on a message.
 
-`Channel` is the requesting side of a JSON-RPC peer: an id -> future map with timeouts, progress
-tokens, courtesy cancels and answers for the peer's own requests. Over an upstream's pipes it is
-driven by gateway.upstream.spawn.
+`Channel` is a whole JSON-RPC peer over an upstream's pipes: the requesting side of
+`gateway.wire.peer.Peer` (its id rule, timeouts, progress tokens and courtesy cancels), and answers
+for the upstream's own requests, which its cancels withdraw by the same id rule. Over an upstream's
+pipes it is driven by gateway.upstream.spawn.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import suppress
-from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any
 
-from gateway.calls import ProgressFn
-from gateway.errors import ChannelClosed, RemoteError, RequestTimeout
-from gateway.schema import replace_non_finite
+from gateway.errors import RemoteError
+from gateway.wire.framing import dumps
+from gateway.wire.peer import Message, Peer, RequestId, is_request_id
 
 logger = logging.getLogger(__name__)
 
-MAX_LINE = 64 * 1024 * 1024
-"""The longest message accepted on a pipe (bytes); a longer one is a protocol fault."""
-
-INTERNAL_ERROR = -32603
 METHOD_NOT_FOUND = -32601
 
-Message = dict[str, Any]
 RequestHandler = Callable[[str, Mapping[str, Any] | None], Awaitable[Message]]
 """Answers a request the peer sends: the result, or raises `RemoteError`."""
 NotificationHandler = Callable[[str, Mapping[str, Any] | None], None]
 
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-_encode_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
-"""Built once (`json.dumps` with options builds an encoder per call); the second for lone surrogates."""
-
-
-def dumps(message: Any) -> bytes:
-    """One message as a line of compact UTF-8 JSON; NaN and infinities (not JSON) become null.
-
-    A lone surrogate (JSON can carry one, escaped, and UTF-8 cannot) stays escaped, as it arrived.
-    """
-    try:
-        text = _encode(message)
-    except ValueError:
-        message = replace_non_finite(message, lambda _: None)
-        text = _encode(message)
-    try:
-        return text.encode() + b"\n"
-    except UnicodeEncodeError:
-        return _encode_ascii(message).encode() + b"\n"
-
-
-class LineBuffer:
-    """Splits a byte stream into lines; `feed` returns the complete ones."""
-
-    __slots__ = ("_partial",)
-
-    def __init__(self) -> None:
-        self._partial = b""
-
-    def feed(self, data: bytes) -> list[bytes]:
-        if self._partial:
-            data = self._partial + data
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
-        if len(self._partial) > MAX_LINE:
-            self._partial = b""
-            raise ValueError(f"a message longer than {MAX_LINE} bytes")
-        return lines
-
-
-@dataclass(slots=True)
-class _Pending:
-    future: asyncio.Future[Message]
-    on_progress: ProgressFn | None
-
-
-class Channel:
-    """The requesting side of one JSON-RPC connection over a pipe (sans pipe: `write` sends one line).
+class Channel(Peer):
+    """One JSON-RPC connection to an upstream over a pipe (sans pipe: `write` sends one line).
 
     `receive` takes every message the peer sends, in order, from whoever reads the pipe.
     """
@@ -99,148 +46,55 @@ class Channel:
         on_request: RequestHandler | None = None,
         on_notify: NotificationHandler | None = None,
     ) -> None:
+        super().__init__(f"upstream '{name}'", write)
         self.name = name
-        self._write = write
         self._on_request = on_request
         self._on_notify = on_notify
-        self._pending: dict[int, _Pending] = {}
-        self._next_id = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._answering: dict[str, asyncio.Task[None]] = {}
-        """The peer's requests being answered, by id (as JSON): a `notifications/cancelled` cancels one."""
-        self.closed: str | None = None
-        """Why the channel closed; `None` while it is open."""
-
-    async def request(
-        self,
-        method: str,
-        params: Mapping[str, Any] | None,
-        *,
-        seconds: float,
-        on_progress: ProgressFn | None = None,
-        cancel_on_abandon: bool = True,
-    ) -> Message:
-        """Send a request and wait for its result; `RemoteError`, `RequestTimeout` or `ChannelClosed` if none."""
-        if self.closed is not None:
-            raise ChannelClosed(self.closed)
-        self._next_id += 1
-        request_id = self._next_id
-        if on_progress is not None:
-            params = dict(params or {})
-            params["_meta"] = {**(params.get("_meta") or {}), "progressToken": request_id}
-        message: Message = {"jsonrpc": "2.0", "id": request_id, "method": method}
-        if params is not None:
-            message["params"] = params
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Message] = loop.create_future()
-        self._pending[request_id] = _Pending(future, on_progress)
-        timer = loop.call_later(seconds, _expire, future)
-        try:
-            self._write(dumps(message))
-            return await future
-        except RequestTimeout:
-            if cancel_on_abandon:
-                self._cancel(request_id, "timed out")
-            raise
-        except BaseException:
-            if cancel_on_abandon and (future.cancelled() or not future.done()):
-                self._cancel(request_id, "the caller cancelled")
-            raise
-        finally:
-            timer.cancel()
-            del self._pending[request_id]
+        self._answering: dict[RequestId, asyncio.Task[None]] = {}
+        """The peer's requests being answered, by id: a `notifications/cancelled` naming one cancels it."""
 
     async def notify(self, method: str, params: Mapping[str, Any] | None = None) -> None:
         self.send_notification(method, params)
 
-    def send_notification(self, method: str, params: Mapping[str, Any] | None = None) -> None:
-        if self.closed is not None:
-            raise ChannelClosed(self.closed)
-        message: Message = {"jsonrpc": "2.0", "method": method}
-        if params is not None:
-            message["params"] = params
-        self._write(dumps(message))
-
-    def _cancel(self, request_id: int, reason: str) -> None:
-        with suppress(Exception):
-            self.send_notification("notifications/cancelled", {"requestId": request_id, "reason": reason})
-
-    def receive(self, message: Any) -> None:
-        """Route one message from the peer: a response to its waiter, a request to its handler."""
-        if not isinstance(message, dict):
-            logger.warning("upstream '%s' sent a message that is not a JSON object; ignored", self.name)
-            return
-        method = message.get("method")
-        if isinstance(method, str):
-            params = message.get("params")
-            params = params if isinstance(params, dict) else None
-            if "id" in message:
-                key = _id_key(message["id"])
-                task = self._spawn(self._answer(message["id"], method, params))
-                self._answering[key] = task
-                task.add_done_callback(lambda done: self._answered(key, done))
-            elif method == "notifications/cancelled":
-                self._withdrawn(params)
-            elif method == "notifications/progress":
-                self._progress(params)
-            elif self._on_notify is not None:
-                self._on_notify(method, params)
-            return
-        request_id = _as_int(message.get("id"))
-        pending = self._pending.get(request_id) if request_id is not None else None
-        if pending is None or pending.future.done():
-            logger.debug("upstream '%s' answered unknown or settled request %r; dropped", self.name, message.get("id"))
-            return
-        if isinstance(message.get("result"), dict):
-            pending.future.set_result(message["result"])
-        elif isinstance(error := message.get("error"), dict):
-            code = error.get("code")
-            pending.future.set_exception(
-                RemoteError(
-                    code if isinstance(code, int) else INTERNAL_ERROR, str(error.get("message", "")), error.get("data")
-                )
-            )
-        else:
-            malformed = RemoteError(INTERNAL_ERROR, "a response with neither an object result nor an error")
-            pending.future.set_exception(malformed)
+    def _received(self, method: str, message: Message) -> None:
+        """A request from the peer goes to its handler in a task; a notification is acted on here."""
+        params = message.get("params")
+        params = params if isinstance(params, dict) else None
+        if "id" in message:
+            request_id = message["id"]
+            task = self._spawn(self._answer(request_id, method, params))
+            if is_request_id(request_id):  # any other id cannot be named by a cancel
+                self._answering[request_id] = task
+                task.add_done_callback(lambda done: self._answered(request_id, done))
+        elif method == "notifications/cancelled":
+            self._withdrawn(params)
+        elif method == "notifications/progress":
+            relay = self._progress(params)
+            if relay is not None:
+                self._spawn(_contained(relay, f"relaying progress from upstream '{self.name}'"))
+        elif self._on_notify is not None:
+            self._on_notify(method, params)
 
     def close(self, reason: str) -> None:
         """The pipe is gone: every waiter gets `ChannelClosed`; tasks answering the peer are cancelled."""
         if self.closed is not None:
             return
-        self.closed = reason
-        for pending in self._pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(ChannelClosed(reason))
+        super().close(reason)
         for task in self._tasks:
             task.cancel()
-
-    def _progress(self, params: Mapping[str, Any] | None) -> None:
-        if params is None:
-            return
-        token, progress = _as_int(params.get("progressToken")), params.get("progress")
-        if token is None or not _is_number(progress):
-            return
-        pending = self._pending.get(token)
-        if pending is None or pending.on_progress is None:
-            return
-        total, text = params.get("total"), params.get("message")
-        relay = pending.on_progress(
-            float(progress), float(total) if _is_number(total) else None, text if isinstance(text, str) else None
-        )
-        self._spawn(_contained(relay, f"relaying progress from upstream '{self.name}'"))
 
     def _withdrawn(self, params: Mapping[str, Any] | None) -> None:
         """The peer cancelled a request of its own: stop answering it (and, as MCP asks, send no answer)."""
         request_id = params.get("requestId") if params is not None else None
-        task = self._answering.pop(_id_key(request_id), None) if isinstance(request_id, str | int) else None
+        task = self._answering.pop(request_id, None) if is_request_id(request_id) else None
         if task is not None:
             logger.debug("upstream '%s' cancelled its request %r", self.name, request_id)
             task.cancel()
 
-    def _answered(self, key: str, task: asyncio.Task[None]) -> None:
-        if self._answering.get(key) is task:
-            del self._answering[key]
+    def _answered(self, request_id: RequestId, task: asyncio.Task[None]) -> None:
+        if self._answering.get(request_id) is task:
+            del self._answering[request_id]
 
     async def _answer(self, request_id: Any, method: str, params: Mapping[str, Any] | None) -> None:
         reply: Message = {"jsonrpc": "2.0", "id": request_id}
@@ -258,29 +112,6 @@ class Channel:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-
-def _id_key(request_id: Any) -> str:
-    """A JSON-RPC id as a map key that keeps 1 and "1" apart."""
-    return json.dumps(request_id)
-
-
-def _expire(future: asyncio.Future[Message]) -> None:
-    if not future.done():
-        future.set_exception(RequestTimeout())
-
-
-def _as_int(value: Any) -> int | None:
-    """A request id or progress token the gateway issued (integers; some peers echo them as strings)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
-
-
-def _is_number(value: Any) -> TypeGuard[float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 async def _contained(work: Awaitable[None], what: str) -> None:
