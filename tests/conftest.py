@@ -22,6 +22,8 @@ import tomli_w
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
+from gateway.audit.store import AuditStore
+
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
 NODE_BIN = REPO / ".ci" / "node" / "node_modules" / ".bin"
@@ -255,3 +257,57 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def events(config_dir: Path) -> list[dict[str, Any]]:
+    store = AuditStore.open_reader(config_dir / ".mcp-armor" / "audit.db")
+    try:
+        return list(store.events())
+    finally:
+        store.close()
+
+
+def calls(config_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per tool (last call wins): the decision and outcome events of each call; asserts one of each per call."""
+    per_call: dict[str, list[dict[str, Any]]] = {}
+    for event in events(config_dir):
+        if event["kind"] in ("decision", "outcome"):
+            per_call.setdefault(event["call_id"], []).append(event)
+    by_tool: dict[str, dict[str, Any]] = {}
+    for call_id, pair in per_call.items():
+        assert [event["kind"] for event in pair] == ["decision", "outcome"], (call_id, pair)
+        decision, outcome = pair
+        assert decision["session_id"] == outcome["session_id"]
+        by_tool[decision["tool"]] = {"decision": decision, "outcome": outcome}
+    return by_tool
+
+
+async def ready(raw: RawSession) -> None:
+    """Shake hands and list the tools (which waits until the upstreams are up), as an agent does."""
+    with anyio.fail_after(30):
+        await raw.initialize()
+        await raw.send({"id": "list", "method": "tools/list"})
+        while (await raw.receive()).get("id") != "list":
+            pass
+
+
+async def answers(raw: RawSession, ids: set[Any]) -> dict[Any, dict[str, Any]]:
+    found: dict[Any, dict[str, Any]] = {}
+    with anyio.fail_after(30):
+        while not ids <= found.keys():
+            message = await raw.receive()
+            if "id" in message and "method" not in message:
+                assert message["id"] not in found, f"answered twice: {message}"
+                found[message["id"]] = message
+    return found
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )

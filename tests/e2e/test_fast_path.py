@@ -39,8 +39,17 @@ from gateway.upstream.processes import discard_ahead, start_ahead, started_ahead
 from gateway.upstream.spawn import spawn
 from gateway.wire.channel import Channel
 from gateway.wire.framing import dumps
-from tests.conftest import REPO, RawSession, fixture_upstream, gateway_process, write_config
-from tests.test_audit_e2e import calls, events
+from tests.conftest import (
+    REPO,
+    RawSession,
+    answers,
+    calls,
+    events,
+    fixture_upstream,
+    gateway_process,
+    ready,
+    write_config,
+)
 
 pytestmark = pytest.mark.anyio
 TOOLBOX = REPO / "tests" / "fixtures" / "toolbox.py"
@@ -460,26 +469,6 @@ def test_random_near_misses_never_pass_the_fast_checks_wrongly() -> None:
 @pytest.fixture
 def shuffled(tmp_path: Path) -> Path:
     return write_config(tmp_path, {"box": fixture_upstream("toolbox.py"), "mix": fixture_upstream("shuffler.py")})
-
-
-async def ready(raw: RawSession) -> None:
-    """Shake hands and list the tools (which waits until the upstreams are up), as an agent does."""
-    with anyio.fail_after(30):
-        await raw.initialize()
-        await raw.send({"id": "list", "method": "tools/list"})
-        while (await raw.receive()).get("id") != "list":
-            pass
-
-
-async def answers(raw: RawSession, ids: set[Any]) -> dict[Any, dict[str, Any]]:
-    found: dict[Any, dict[str, Any]] = {}
-    with anyio.fail_after(30):
-        while not ids <= found.keys():
-            message = await raw.receive()
-            if "id" in message and "method" not in message:
-                assert message["id"] not in found, f"answered twice: {message}"
-                found[message["id"]] = message
-    return found
 
 
 async def test_many_calls_in_flight_with_mixed_ids_are_answered_by_id(shuffled: Path) -> None:

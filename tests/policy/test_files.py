@@ -10,6 +10,7 @@ from gateway.calls import Effect
 from gateway.errors import PolicyError
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.files import load_policies, parse_rate
+from tests.conftest import REPO
 
 RULE = '[[rule]]\nid = "r"\ntools = ["a__*"]\n'
 
@@ -170,7 +171,7 @@ def test_revision_covers_every_file_and_referenced_schema(tmp_path: Path) -> Non
 
 
 def test_the_shipped_policies_load() -> None:
-    shipped = load_policies(Path(__file__).parent.parent / "policies")
+    shipped = load_policies(REPO / "policies")
     assert shipped.default is Effect.DENY
     assert {"ask", "deny", "allow", "rewrite"} <= {rule.effect.value for rule in shipped.rules if rule.effect}
     assert any(rule.rate for rule in shipped.rules) and any(rule.on_result for rule in shipped.rules)

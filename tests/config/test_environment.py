@@ -13,10 +13,17 @@ import pytest
 
 from gateway.config.environment import BY_DEFAULT, Passing, environment_for
 from gateway.config.models import load_config
-from tests.conftest import FIXTURES, RawSession, fixture_upstream, gateway_process, write_config
-from tests.test_audit_e2e import events
-from tests.test_fast_path import answers, ready
-from tests.test_http_and_cli import run_cli
+from tests.conftest import (
+    FIXTURES,
+    RawSession,
+    answers,
+    events,
+    fixture_upstream,
+    gateway_process,
+    ready,
+    run_cli,
+    write_config,
+)
 
 NETWORK_AND_LOCALE = {
     "SSL_CERT_FILE": "/etc/corp/ca.pem",

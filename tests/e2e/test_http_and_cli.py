@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -16,18 +14,19 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from tests.config.test_models import CASES as CONFIG_CASES
 from tests.conftest import (
     REPO,
+    events,
     fixture_upstream,
     gateway_client,
     gateway_process,
     http_gateway,
     node_server,
+    run_cli,
     text_of,
     write_config,
 )
-from tests.test_audit_e2e import events
-from tests.test_config import CASES as CONFIG_CASES
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -202,17 +201,6 @@ async def test_npm_typescript_upstreams_through_the_gateway(tmp_path: Path) -> N
         assert "hello from the filesystem server" in text_of(read)
         outside = await client.call_tool("files__read_text_file", {"path": "/etc/hostname"})
         assert outside.is_error
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
 
 
 # The config-loader table, through the command line: the same files, the same one-line messages.

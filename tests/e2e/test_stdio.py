@@ -31,6 +31,8 @@ from gateway.errors import InvalidUriTemplate
 from tests.conftest import (
     RawSession,
     ServerLog,
+    calls,
+    events,
     fixture_upstream,
     gateway_command,
     gateway_params,
@@ -39,7 +41,6 @@ from tests.conftest import (
     text_of,
     write_config,
 )
-from tests.test_audit_e2e import calls, events
 
 pytestmark = pytest.mark.anyio
 VERSION = "io.modelcontextprotocol/protocolVersion"

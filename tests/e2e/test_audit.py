@@ -24,6 +24,8 @@ from tests.conftest import (
     RawSession,
     ServerLog,
     call_then_cancel,
+    calls,
+    events,
     fixture_upstream,
     gateway_client,
     gateway_process,
@@ -68,29 +70,6 @@ id = "mask-note-body"
 tools = ["box__write_note"]
 mask = ["body"]
 """
-
-
-def events(config_dir: Path) -> list[dict[str, Any]]:
-    store = AuditStore.open_reader(config_dir / ".mcp-armor" / "audit.db")
-    try:
-        return list(store.events())
-    finally:
-        store.close()
-
-
-def calls(config_dir: Path) -> dict[str, dict[str, Any]]:
-    """Per tool (last call wins): the decision and outcome events of each call; asserts one of each per call."""
-    per_call: dict[str, list[dict[str, Any]]] = {}
-    for event in events(config_dir):
-        if event["kind"] in ("decision", "outcome"):
-            per_call.setdefault(event["call_id"], []).append(event)
-    by_tool: dict[str, dict[str, Any]] = {}
-    for call_id, pair in per_call.items():
-        assert [event["kind"] for event in pair] == ["decision", "outcome"], (call_id, pair)
-        decision, outcome = pair
-        assert decision["session_id"] == outcome["session_id"]
-        by_tool[decision["tool"]] = {"decision": decision, "outcome": outcome}
-    return by_tool
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
