@@ -233,3 +233,26 @@ def _error_result(text: str) -> dict[str, Any]:
 
 Handler = Callable[[ToolCall], Awaitable[Outcome]]
 """The rest of the pipeline, as a stage sees it: hand it the call, get the outcome."""
+
+
+_DECIDED = "_mcp_armor_decided"
+"""The attribute of an exception under which `mark_decided` keeps the decided calls it left, by call id."""
+
+
+def mark_decided(error: BaseException, call: ToolCall) -> None:
+    """Note on `error`, as it leaves the policy stage, the call as decided (and asked): the audit's outer
+    stage records that one. The exception itself goes on unchanged, so a cancel scope still knows its
+    own cancellation and a fault keeps its context; keyed by call, since one exception object can end
+    several calls (a closed channel's)."""
+    decided = getattr(error, _DECIDED, None)
+    if not isinstance(decided, dict):
+        decided = {}
+        setattr(error, _DECIDED, decided)
+    decided[call.id] = call
+
+
+def decided_call(error: BaseException, call_id: str) -> ToolCall | None:
+    """The call `call_id` as the policy stage had decided it when `error` left it; `None` if it had not."""
+    decided = getattr(error, _DECIDED, None)
+    found = decided.get(call_id) if isinstance(decided, dict) else None
+    return found if isinstance(found, ToolCall) else None

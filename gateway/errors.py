@@ -22,12 +22,6 @@
      ├── ChannelClosed            the pipe closed before the answer came
      └── ConnectionFailed         the connection failed underneath (a refused or broken HTTP request)
 
-    Interrupted (BaseException)   carries the decided call past the pipeline's stages to the audit
-
-`Interrupted` is no error of its own: it wraps whatever (a cancellation included) leaves the policy
-stage after it decided, so that the audit's outer stage records the call as decided and re-raises the
-original; only the pipeline's stages ever see it.
-
 The channel errors stand apart from `GatewayError` on purpose: `gateway.upstream.pool` turns each
 into an `UpstreamError` naming the upstream, and one that escaped would be an unexpected fault
 (logged, its text never sent to a client), not a message for the reader.
@@ -151,18 +145,3 @@ def format_seconds(seconds: float) -> str:
     if seconds < 120 or seconds % 60:
         return f"{seconds:g}s"
     return f"{seconds / 60:g}m"
-
-
-class Interrupted(BaseException):
-    """An exception (a cancellation included) leaving the policy stage after it decided, carrying the
-    decided call (a `gateway.calls.ToolCall`) up to the audit's outer stage, which records it and
-    re-raises `error` itself.
-
-    Only the pipeline's stages see it: nothing between the policy stage and the audit's outer stage
-    waits on a cancel scope, and the outer stage always unwraps it.
-    """
-
-    def __init__(self, call: Any, error: BaseException) -> None:
-        super().__init__(error)
-        self.call = call
-        self.error = error

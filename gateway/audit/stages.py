@@ -3,7 +3,7 @@
 `decisions` records the decision just before the call is forwarded (failing that, the call is
 refused); `outcomes` (outermost) records how every call ended, refusals, timeouts, cancellations
 and shutdown included, with its decision when it never got as far as `decisions`. What was decided
-comes up with the outcome (`Outcome.call`), or with an exception (`Interrupted`).
+comes up with the outcome (`Outcome.call`), or noted on an exception (`calls.mark_decided`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import anyio
 
 from gateway.audit.events import decision_event, event, outcome_event
 from gateway.audit.recorder import Recorder
-from gateway.calls import Decision, Effect, Handler, Outcome, OutcomeKind, SessionInfo, ToolCall
-from gateway.errors import AuditError, Interrupted
+from gateway.calls import Decision, Effect, Handler, Outcome, OutcomeKind, SessionInfo, ToolCall, decided_call
+from gateway.errors import AuditError
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.redact import Redaction
 
@@ -59,12 +59,8 @@ class CallAudit:
         self._in_flight += 1
         try:
             outcome = await call_next(call)
-        except Interrupted as exc:  # the policy had decided: record the call as it decided it
-            decided: ToolCall = exc.call
-            await self._failed(decided, exc.error, started)
-            raise exc.error from exc.error.__cause__
-        except BaseException as exc:
-            await self._failed(call, exc, started)
+        except BaseException as exc:  # recorded as the policy had decided it, if it got that far
+            await self._failed(decided_call(exc, call.id) or call, exc, started)
             raise
         finally:
             self._in_flight -= 1

@@ -32,8 +32,9 @@ from gateway.calls import (
     OutcomeKind,
     ToolCall,
     WireResult,
+    mark_decided,
 )
-from gateway.errors import Interrupted, UpstreamError, UpstreamTimeout, format_seconds
+from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy.engine import PolicyEngine
 from gateway.upstream.pool import UpstreamPool
 
@@ -73,7 +74,7 @@ class EnforcePolicy:
     After the upstream has answered, the result rules screen what goes back to the agent. The decision,
     and what came of asking a person, ride on the call (`ToolCall.decision`, `ToolCall.approval`): it
     goes on with them, and every outcome returned carries it (`Outcome.call`), as does any exception
-    leaving after the decision (`Interrupted`), so the audit records them however the call ends.
+    leaving after the decision (`mark_decided`), so the audit records them however the call ends.
     """
 
     def __init__(
@@ -94,15 +95,16 @@ class EnforcePolicy:
             principal=session.principal,
         )
         call = replace(call, decision=decision)
-        refusal = self._refusal(call, decision)
-        if refusal is not None:
-            return replace(refusal, call=call)
         try:
+            refusal = self._refusal(call, decision)
+            if refusal is not None:
+                return replace(refusal, call=call)
             if decision.effect is Effect.ASK:
                 call = replace(call, approval=await self._approval(call, decision))
             outcome = await self._proceed(call, decision, call_next)
         except BaseException as exc:
-            raise Interrupted(call, exc) from None
+            mark_decided(exc, call)
+            raise
         return replace(outcome, call=call)
 
     def _refusal(self, call: ToolCall, decision: Decision) -> Outcome | None:

@@ -176,3 +176,62 @@ async def test_a_session_starts_once_ends_once_and_its_rate_windows_go_with_it(t
         ("session_start", "s2", None),
         ("session_end", "s2", "the gateway shut down"),
     ]
+
+
+class _BrokenRefusalCheck(EnforcePolicy):
+    """A policy stage whose check of a decided call (the rewritten arguments' schema check) faults."""
+
+    def _refusal(self, call: ToolCall, decision: Decision) -> Outcome | None:
+        raise RuntimeError("the schema check broke")
+
+
+@pytest.mark.anyio
+async def test_a_fault_right_after_the_decision_is_recorded_with_the_decision(tmp_path: Path) -> None:
+    engine = _engine(tmp_path)
+    async with Recorder(tmp_path / "audit.db").running() as recorder:
+        audit = CallAudit(recorder, engine)
+        pipeline = compose([audit.outcomes, _BrokenRefusalCheck(engine, ask_timeout=60), audit.decisions], _forward)
+        with pytest.raises(RuntimeError, match="the schema check broke"):
+            await pipeline(_call("read"))
+    decision, outcome = _events(tmp_path)
+    assert (decision["decision"], decision["stage"], decision["rules"]) == ("allow", "policy", ["slow-down"])
+    assert outcome["outcome"] == "error"
+
+
+@pytest.mark.anyio
+async def test_a_fault_after_the_decision_is_raised_with_its_own_context(tmp_path: Path) -> None:
+    async def crash(call: ToolCall) -> Outcome:
+        try:
+            {}["missing"]
+        except KeyError:
+            raise RuntimeError("forwarding broke")  # noqa: B904
+        raise AssertionError("unreachable")
+
+    async with _pipeline(tmp_path, crash) as pipeline:
+        with pytest.raises(RuntimeError, match="forwarding broke") as raised:
+            await pipeline(_call("read"))
+    assert isinstance(raised.value.__context__, KeyError)
+    assert not raised.value.__suppress_context__
+
+
+@pytest.mark.anyio
+async def test_a_stage_bounding_the_call_with_a_timeout_gets_its_own_timeout(tmp_path: Path) -> None:
+    async def slow(call: ToolCall) -> Outcome:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def bounded(call: ToolCall, call_next: Handler) -> Outcome:
+        with anyio.move_on_after(0.05):
+            return await call_next(call)
+        return Outcome.refused(call, "took too long")
+
+    engine = _engine(tmp_path)
+    async with Recorder(tmp_path / "audit.db").running() as recorder:
+        audit = CallAudit(recorder, engine)
+        pipeline = compose([audit.outcomes, bounded, EnforcePolicy(engine, ask_timeout=60), audit.decisions], slow)
+        outcome: Outcome | None = None
+        with anyio.fail_after(10):
+            outcome = await pipeline(_call("read"))
+    # The scope's own cancellation must come back to it as it left (not wrapped, not lost to a scope
+    # further out), however deep in the pipeline the decision was taken.
+    assert outcome is not None and outcome.reason == "took too long"
