@@ -84,6 +84,7 @@ _LIST_FILTER: dict[ListKind, str] = {
     "resources": "resourcesListChanged",
 }
 _INVALID_PARAMS = ProtocolError(types.INVALID_PARAMS, "Invalid request parameters", "")
+_ID_IN_FLIGHT = ProtocolError(types.INVALID_REQUEST, "a request with this id is still in flight; ids must be unique")
 
 
 async def serve_stdio_connection(gateway: Gateway) -> None:
@@ -352,6 +353,10 @@ class StdioConnection(asyncio.Protocol):
     def _requested(self, request_id: RequestId, method: str, params: dict[str, Any] | None) -> None:
         if self._era is None:
             self._era = MODERN if method != "initialize" and _has_modern_envelope(params) else LEGACY
+        if request_id in self._in_flight:
+            # Its answer could not be told from the first one's, nor could a cancel name just one of them.
+            self._reply_error(request_id, _ID_IN_FLIGHT.wire())
+            return
         try:
             request = self._admit(request_id, method, params)
         except ProtocolError as exc:

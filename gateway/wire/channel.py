@@ -21,7 +21,7 @@ from typing import Any
 
 from gateway.errors import RemoteError
 from gateway.wire.framing import dumps
-from gateway.wire.peer import Message, Peer, RequestId, is_request_id
+from gateway.wire.peer import INTERNAL_ERROR, Message, Peer, RequestId, is_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,9 @@ class Channel(Peer):
             reply["result"] = await self._on_request(method, params)
         except RemoteError as exc:
             reply["error"] = exc.wire()
+        except Exception:  # a fault of the gateway's: the upstream is still answered, never left waiting
+            logger.exception("failed answering %s from upstream '%s'", method, self.name)
+            reply["error"] = {"code": INTERNAL_ERROR, "message": "the gateway failed to answer this request"}
         if self.closed is None:
             self._write(dumps(reply))
 

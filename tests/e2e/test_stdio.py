@@ -388,9 +388,10 @@ async def test_listen_streams_end_unanswered_once_the_piped_input_ended(tmp_path
     assert set(replies) == {2} and replies[2]["result"]["content"][0]["text"] == "after listen"
 
 
-async def test_a_request_whose_id_a_later_one_reused_does_not_keep_the_gateway_from_exiting(tmp_path: Path) -> None:
-    """A client that reuses the id of a request still in flight leaves the first one never to be answered:
-    once the input ends it is cancelled like the rest (a listen stream would otherwise be waited for forever)."""
+async def test_a_request_reusing_the_id_of_one_in_flight_is_refused_and_the_gateway_still_exits(tmp_path: Path) -> None:
+    """A client that reuses the id of a request still in flight gets an Invalid Request error for the second
+    (its answer could not be told from the first's); the first, a listen stream, is cancelled like the rest
+    once the input ends, so the gateway exits."""
     config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, call_timeout="10m")
     listen, echo = envelope(notifications={"toolsListChanged": True}), {"text": "after listens"}
     lines = [
@@ -399,7 +400,8 @@ async def test_a_request_whose_id_a_later_one_reused_does_not_keep_the_gateway_f
         {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": envelope(name="box__echo", arguments=echo)},
     ]
     replies = await _pipe_whole_session(config, lines)
-    assert set(replies) == {2} and replies[2]["result"]["content"][0]["text"] == "after listens"
+    assert set(replies) == {1, 2} and replies[2]["result"]["content"][0]["text"] == "after listens"
+    assert replies[1]["error"]["code"] == -32600 and "still in flight" in replies[1]["error"]["message"]
 
 
 async def test_a_last_request_without_its_newline_is_answered(config: Path) -> None:

@@ -158,3 +158,25 @@ async def test_a_request_with_no_timeout_waits_until_answered_or_closed() -> Non
             peer.close("the client disconnected")
     with pytest.raises(ChannelClosed):
         await peer.request("elicitation/create", {}, seconds=None)
+
+
+async def test_an_upstreams_request_is_answered_even_when_the_gateway_faults_on_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fault of the gateway's while answering an upstream's own request is an Internal error answer, so the
+    upstream is not left waiting out its own timeout (and the fault is logged, not lost in a task)."""
+    far = FarEnd()
+
+    async def on_request(method: str, params: Any) -> dict[str, Any]:
+        raise RuntimeError("broke while relaying")
+
+    channel = Channel("asker", far.write, on_request=on_request)
+    channel.receive({"jsonrpc": "2.0", "id": 9, "method": "sampling/createMessage", "params": {}})
+    with anyio.fail_after(5):
+        while not far.sent:
+            far.arrived = anyio.Event()
+            await far.arrived.wait()
+    (reply,) = far.sent
+    assert reply["id"] == 9 and reply["error"]["code"] == -32603 and "result" not in reply
+    assert "broke while relaying" not in json.dumps(reply)  # the fault's text stays in the gateway's log
+    assert any("failed answering sampling/createMessage" in record.message for record in caplog.records)
