@@ -55,13 +55,18 @@ class Passing(NamedTuple):
             return False
         if name in self.names or passed_by_default(name):
             return True
-        if name in self.guarded or _matches(name.upper(), _RUNTIME_UPPER):
+        if name in self.guarded or changes_runtime(name):
             return False
         return _matches(name, self.names)
 
 
 BY_DEFAULT = Passing()
 """The default variables only (`PASSED_ENVIRONMENT`)."""
+
+
+def changes_runtime(name: str) -> bool:
+    """Whether `name` is one of `RUNTIME_ENVIRONMENT` (matched ignoring case)."""
+    return _matches(name.upper(), _RUNTIME_UPPER)
 
 
 def passed_by_default(name: str) -> bool:

@@ -27,11 +27,10 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from gateway.config.environment import RUNTIME_ENVIRONMENT
+from gateway.config.environment import changes_runtime
 from gateway.errors import ClientFileError
 
 
@@ -350,7 +349,7 @@ def register(
     kept: dict[str, str] = {}
     if isinstance(previous, dict) and isinstance(previous.get("env"), dict):
         kept = {key: value for key, value in previous["env"].items() if isinstance(value, str)}
-    env = {key: value for key, value in kept.items() if not _runtime(key)}
+    env = {key: value for key, value in kept.items() if not changes_runtime(key)}
     notes = []
     warnings = []
     variables = dict(variables)
@@ -368,7 +367,7 @@ def register(
     for variable, has_default in sorted(variables.items()):
         if variable in env:
             continue
-        if _runtime(variable):
+        if changes_runtime(variable):
             # Listed, it would reach the gateway itself (where a client leaves an unset one as its own
             # reference, `${PYTHONPATH}` names a directory of the project the gateway starts in).
             warnings.append(
@@ -382,7 +381,7 @@ def register(
                 unpassed.append(variable)
         else:
             env[variable] = value
-    for variable in sorted(key for key in kept if _runtime(key) and env.get(key) != kept[key]):
+    for variable in sorted(key for key in kept if changes_runtime(key) and env.get(key) != kept[key]):
         warnings.append(
             f"{file.path}: dropped {variable} from the 'env' of the '{name}' entry: it changes how the gateway "
             f"runs or what code it loads"
@@ -404,12 +403,6 @@ def register(
     servers[name] = entry
     verb = "updated" if previous is not None else "added"
     return Registration(file, True, f"{file.path}: {verb} '{name}' (serve --config {config})", notes, warnings)
-
-
-def _runtime(variable: str) -> bool:
-    """Whether `variable` changes how a program runs or what code it loads (gateway.config.environment;
-    matched ignoring case, as npm reads its `npm_config_*`)."""
-    return any(fnmatchcase(variable.upper(), pattern.upper()) for pattern in RUNTIME_ENVIRONMENT)
 
 
 def unregister(file: ClientFile, name: str) -> Registration:
