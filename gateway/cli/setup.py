@@ -87,18 +87,17 @@ def _pass_env(config: Config) -> dict[str, tuple[str, ...]]:
 
 
 def _check_entry(change: Registration, name: str, config_text: ConfigText, project_dir: Path | None) -> None:
-    """Warn of what would keep the entry from working: a variable set nowhere the client can see it, and
-    (in a project's file) the absolute paths that tie the file to this machine."""
+    """Warn of what would keep the entry from working: a variable set nowhere the client can see it (among
+    the change's warnings), and (in a project's file) the absolute paths that tie the file to this machine."""
     file = change.file
     entry = file.servers()[name]
     needs = _needed_by(config_text.data)
     for variable, value in sorted(entry.get("env", {}).items()):
         passed = file.client.referenced(value)
         if variable in needs and passed is not None and passed not in os.environ:
-            print(
-                f"mcp-armor: warning: {passed} is set neither in this shell nor in the '{name}' entry of "
-                f"{file.path}, and {needs[variable]} needs it as {variable}",
-                file=sys.stderr,
+            change.warnings.append(
+                f"{passed} is set neither in this shell nor in the '{name}' entry of "
+                f"{file.path}, and {needs[variable]} needs it as {variable}"
             )
     if project_dir is not None and (paths := absolute_paths(entry)):
         note(
