@@ -15,19 +15,19 @@ from gateway.calls import Effect
 from gateway.cli.common import print_table
 from gateway.config.models import Config
 from gateway.errors import GatewayError
-from gateway.policy.files import load_engine, load_policies
+from gateway.policy.files import load_engine
 from gateway.policy.lint import hidden_upstreams, lint
 from gateway.upstream.connect import Upstreams, connect
 
 
 async def check(config: Config, offline: bool, as_json: bool) -> int:
-    policies = load_policies(config.policy_dir)
+    engine = load_engine(config)
+    policies = engine.policies
     upstreams = Upstreams() if offline else await connect(config)
     schemas = {name: tool.source.definition["inputSchema"] for name, tool in upstreams.catalog.tools.items()}
     warnings = [] if offline else lint(policies, schemas)
-    if config.gateway.mode != "monitor":  # in monitor mode nothing is hidden
-        exposed = [(name, tool.upstream) for name, tool in upstreams.catalog.tools.items()]
-        warnings += hidden_upstreams(policies, exposed)
+    exposed = [(name, tool.upstream) for name, tool in upstreams.catalog.tools.items()]
+    warnings += hidden_upstreams(engine, exposed)  # none in monitor mode, where nothing is hidden
     warnings += [
         f"upstream '{name}' unavailable ({reason}): its tools were not checked"
         for name, reason in upstreams.down.items()

@@ -344,11 +344,22 @@ class PolicyEngine:
             return True
         return self._seen(tool, client, principal)
 
-    def _visible(self, tool: str, client: str, principal: str) -> bool:
+    def reachable(self, tool: str) -> bool:
+        """False when no client at all can ever call `tool` (`policy check` warns of an upstream whose every
+        tool is so): a rule denies it to every client whatever the arguments, or none allows it to any."""
+        return self.monitor_mode or self._visible(tool, None, "")
+
+    def _visible(self, tool: str, client: str | None, principal: str) -> bool:
+        """`client` None: any client, for whom a rule limited to some clients allows but never denies."""
         rules = [
-            rule for rule in self.rules_for(tool).call if not rule.monitor and rule.concerns_client(client, principal)
+            rule
+            for rule in self.rules_for(tool).call
+            if not rule.monitor and (client is None or rule.concerns_client(client, principal))
         ]
-        if any(rule.effect is Effect.DENY and rule.when is None for rule in rules):
+        if any(
+            rule.effect is Effect.DENY and rule.when is None and (client is not None or rule.clients is None)
+            for rule in rules
+        ):
             return False
         if self.policies.default is not Effect.DENY:
             return True

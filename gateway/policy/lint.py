@@ -12,8 +12,7 @@ import fnmatch
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from gateway.calls import Effect
-from gateway.policy.engine import PolicySet
+from gateway.policy.engine import PolicyEngine, PolicySet
 
 _BRANCHES = ("allOf", "anyOf", "oneOf")
 
@@ -39,32 +38,19 @@ def lint(policies: PolicySet, tools: Mapping[str, Mapping[str, Any]]) -> list[st
     return findings
 
 
-def hidden_upstreams(policies: PolicySet, tools: Iterable[tuple[str, str]]) -> list[str]:
-    """One line per upstream none of whose tools any client can call; `tools` are (exposed name, upstream)."""
+def hidden_upstreams(engine: PolicyEngine, tools: Iterable[tuple[str, str]]) -> list[str]:
+    """One line per upstream none of whose tools any client can call (`PolicyEngine.reachable`); `tools`
+    are (exposed name, upstream)."""
     per_upstream: dict[str, list[str]] = {}
     for name, upstream in tools:
         per_upstream.setdefault(upstream, []).append(name)
     findings: list[str] = []
     for upstream, names in sorted(per_upstream.items()):
-        if all(_hidden_from_everyone(policies, name) for name in names):
+        if not any(engine.reachable(name) for name in names):
             which = "the only tool" if len(names) == 1 else f"all {len(names)} tools"
             verb = "is" if len(names) == 1 else "are"
             findings.append(f"{which} of '{upstream}' {verb} hidden: no rule allows, asks or rewrites a call to it")
     return findings
-
-
-def _hidden_from_everyone(policies: PolicySet, tool: str) -> bool:
-    """Whether no client can ever call `tool`: a rule denies it to every client whatever the arguments, or
-    the default is deny and no rule (for any client) allows, asks or rewrites it. Monitoring rules decide
-    nothing."""
-    rules = [
-        rule
-        for rule in policies.rules
-        if not rule.on_result and not rule.monitor and rule.effect is not None and rule.concerns(tool)
-    ]
-    if any(rule.effect is Effect.DENY and rule.when is None and rule.clients is None for rule in rules):
-        return True
-    return policies.default is Effect.DENY and all(rule.effect is Effect.DENY for rule in rules)
 
 
 def _argument_names(schema: Mapping[str, Any]) -> Iterator[str]:
