@@ -57,7 +57,7 @@ from gateway.calls import SessionInfo
 from gateway.config.models import Config
 from gateway.core.gateway import RELAYED, Caller, Gateway, ListKind, ToolRequest, relay_for
 from gateway.core.sessions import Sessions
-from gateway.downstream.shutdown import exit_after_grace
+from gateway.downstream.shutdown import stopping
 from gateway.errors import GatewayError, ProtocolError, format_seconds
 
 logger = logging.getLogger(__name__)
@@ -274,8 +274,7 @@ class _StoppingInOrder(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
-            logger.info("%s received: shutting down", signal.Signals(sig).name)
-            exit_after_grace(sig)
+            stopping(sig)
         super().handle_exit(sig, frame)
 
 

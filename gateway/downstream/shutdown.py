@@ -23,14 +23,15 @@ async def stop_on_signal(scope: anyio.CancelScope) -> None:
     """
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for received in signals:
-            logger.info("%s received: shutting down", signal.Signals(received).name)
             scope.cancel()
-            exit_after_grace(received)
+            stopping(received)
             return
 
 
-def exit_after_grace(received: int) -> None:
-    """Exit the process `STOP_GRACE` seconds from now (status 128 + the signal), stopped in order or not."""
+def stopping(received: int) -> None:
+    """The signal `received` asks the gateway to stop: say so, and exit the process `STOP_GRACE` seconds
+    from now (status 128 + the signal), stopped in order or not."""
+    logger.info("%s received: shutting down", signal.Signals(received).name)
     deadline = threading.Timer(STOP_GRACE, os._exit, (128 + received,))
     deadline.daemon = True
     deadline.start()
