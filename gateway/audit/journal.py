@@ -115,18 +115,20 @@ def open_settled(log: Path) -> AuditStore:
     """
     directory = journal_directory(log)
     # Read first: an emptied log is reported as such, never filled anew from journals by a reader.
-    AuditStore.open_reader(log).close()
-    if any(not _held(path) for path in directory.glob(f"*{SUFFIX}")):
+    reader = AuditStore.open_reader(log)
+    if all(_held(path) for path in directory.glob(f"*{SUFFIX}")):
+        return reader
+    reader.close()
+    try:
+        store = AuditStore.open_writer(log)
         try:
-            store = AuditStore.open_writer(log)
-            try:
-                moved = recover(store, directory)
-            finally:
-                store.close()
-        except (AuditError, OSError, sqlite3.Error) as exc:
-            logger.warning("%s: journals of a gateway that stopped early are not in the log yet: %s", directory, exc)
-        else:
-            report_recovered(log, moved)
+            moved = recover(store, directory)
+        finally:
+            store.close()
+    except (AuditError, OSError, sqlite3.Error) as exc:
+        logger.warning("%s: journals of a gateway that stopped early are not in the log yet: %s", directory, exc)
+    else:
+        report_recovered(log, moved)
     return AuditStore.open_reader(log)
 
 
