@@ -281,10 +281,8 @@ class StdioConnection(asyncio.Protocol):
 
     async def _finish(self) -> None:
         """Cancel the requests still running and wait until each has ended (a call records its outcome)."""
-        in_flight, self._in_flight = self._in_flight, {}
-        # Every task, not only those in flight: one whose id a later request reused is answered never,
-        # and would otherwise be waited for (a listen stream: forever).
-        for task in {*in_flight.values(), *self._tasks}:
+        self._in_flight = {}  # none of them is answered now
+        for task in list(self._tasks):  # those in flight, and those withdrawn but still finishing
             _cancel(task)
         self._withdraw_asked()
         if self._tasks:
@@ -565,11 +563,14 @@ class StdioConnection(asyncio.Protocol):
         followed = frozenset(kind for kind, key in _LIST_FILTER.items() if key in wire)
         key = request.id
         self._notify("notifications/subscriptions/acknowledged", {"notifications": wire, "_meta": meta})
-        self._listens[key] = (meta, followed)
+        self._listens[key] = entry = (meta, followed)
         try:
             await anyio.sleep_forever()
         finally:
-            self._listens.pop(key, None)  # a stream whose id a later one reused has lost its entry already
+            # Only its own: a stream the client cancelled and opened again under the same id in one read
+            # has its successor's entry here by the time it ends.
+            if self._listens.get(key) is entry:
+                del self._listens[key]
         return {"_meta": meta}  # pragma: no cover (a listen stream ends only by cancellation)
 
     async def _announce(self, changed: list[ListKind]) -> None:
