@@ -170,11 +170,6 @@ RELAYED_METHODS = frozenset({"sampling/createMessage", "elicitation/create"})
 """The requests an upstream may send its client that the gateway passes on to the agent's client."""
 
 
-class WireResult(dict[str, Any]):
-    """A `CallToolResult` from an upstream, checked against and dumped for the caller's protocol version
-    (as the specification's result sieve does): a transport sends it as it is."""
-
-
 class OutcomeKind(StrEnum):
     OK = "ok"
     ERROR = "error"

@@ -95,6 +95,13 @@ class CallAudit:
         stage = "quarantine" if quarantine else "unknown-tool"
         await self.unresolved(session, name, arguments, stage=stage, reason=reason, outcome=OutcomeKind.REFUSED)
 
+    async def unrouted(self, session: SessionInfo, method: str, params: Mapping[str, Any]) -> None:
+        """A request for a method the gateway does not serve: refused (default deny), and recorded."""
+        reason = f"no handler for method '{method}': the gateway refuses what it does not serve"
+        await self.unresolved(
+            session, method, params, stage="unknown-method", reason=reason, outcome=OutcomeKind.REFUSED, method=method
+        )
+
     async def unresolved(
         self,
         session: SessionInfo,
@@ -104,13 +111,19 @@ class CallAudit:
         stage: str,
         reason: str,
         outcome: OutcomeKind,
+        method: str | None = None,
     ) -> None:
         """A call that ended before it was resolved to a tool the pipeline could take (`stage` says where):
-        no policy decided it, and it was not forwarded; recorded as denied there, with its outcome."""
+        no policy decided it, and it was not forwarded; recorded as denied there, with its outcome.
+
+        With `method`, a request for a method the gateway does not serve (`name` is the method too):
+        recorded with its method and parameters, and no tool.
+        """
         redaction = self.recorder.redactor.redact(arguments)
         reason = redaction.scrub(reason, self.recorder.redactor)
         call_id = os.urandom(16).hex()
-        common = {"session_id": session.id, "call_id": call_id, "tool": name}
+        common = {"session_id": session.id, "call_id": call_id}
+        common.update({"tool": name} if method is None else {"method": method})
         decision = event(
             "decision",
             **common,

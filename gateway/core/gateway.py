@@ -15,12 +15,10 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import anyio
 import mcp_types as types
-from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from gateway import __version__
 from gateway.audit.events import GatewayEvents
@@ -33,15 +31,14 @@ from gateway.calls import (
     Decision,
     Handler,
     OutcomeKind,
-    ProgressFn,
-    Relay,
     SessionInfo,
     ToolCall,
 )
 from gateway.catalog.listing import Catalog, ExposedTool
 from gateway.catalog.pins import Lock
-from gateway.core.approvals import REQUEST_KEY, REQUESTED_SCHEMA, ApprovalDesk
+from gateway.core.approvals import REQUESTED_SCHEMA, ApprovalDesk
 from gateway.core.pipeline import build_pipeline
+from gateway.core.requests import Caller, ToolRequest
 from gateway.core.sessions import Sessions
 from gateway.core.watch import watch_file, watch_policies
 from gateway.errors import GatewayError, LockError, ProtocolError, UpstreamError
@@ -49,98 +46,6 @@ from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
-
-Elicit = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
-"""Sends `elicitation/create` (form mode) to the client and returns its result in wire form."""
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who sent a `tools/call`, and what their connection can do."""
-
-    session: SessionInfo
-    modern: bool
-    """A 2026-07-28 request: approval goes by input-required round trips, never by a request to the client."""
-    can_elicit: bool
-    """The client declared the elicitation capability."""
-    progress: ProgressFn | None = None
-    """Relays progress to the caller; `None` when the request carried no progress token."""
-    elicit: Elicit | None = None
-    relay: Relay | None = None
-    """Passes an upstream's sampling and elicitation requests to this caller's client (handshake era)."""
-
-
-class Relayed(NamedTuple):
-    """One request an upstream may have the caller's client asked: the client capability that takes it,
-    and its models."""
-
-    capability: Literal["sampling", "elicitation"]
-    params: TypeAdapter[Any]
-    result: type[BaseModel]
-    request: type[types.CreateMessageRequest] | type[types.ElicitRequest]
-    """The whole request, as the SDK's server sends it (streamable HTTP)."""
-
-
-RELAYED: dict[str, Relayed] = {
-    "sampling/createMessage": Relayed(
-        "sampling",
-        TypeAdapter(types.CreateMessageRequestParams),
-        types.CreateMessageResult,
-        types.CreateMessageRequest,
-    ),
-    "elicitation/create": Relayed(
-        "elicitation", TypeAdapter(types.ElicitRequestParams), types.ElicitResult, types.ElicitRequest
-    ),
-}
-"""The upstream requests a handshake-era caller's client may be asked (`calls.RELAYED_METHODS`)."""
-
-Ask = Callable[[str, Mapping[str, Any], Any], Awaitable[dict[str, Any]]]
-"""Sends the caller's client one request (method, parameters as the upstream sent them, the same checked);
-returns its result, checked against the method's result model, in wire form."""
-
-
-def relay_for(capabilities: types.ClientCapabilities | None, ask: Ask) -> Relay:
-    """Passes an upstream's sampling and elicitation requests on through `ask`, as far as the client
-    declared it takes them, with their parameters checked first."""
-    declared = {
-        method: capabilities is not None and getattr(capabilities, models.capability) is not None
-        for method, models in RELAYED.items()
-    }
-
-    async def relay(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        if not declared.get(method, False):
-            raise ProtocolError(types.INVALID_REQUEST, f"the agent's client does not take {method}")
-        try:
-            checked = RELAYED[method].params.validate_python(params, by_name=False)
-        except ValidationError:
-            raise ProtocolError(types.INVALID_PARAMS, f"{method} with malformed parameters") from None
-        return await ask(method, params, checked)
-
-    return relay
-
-
-@dataclass(frozen=True, slots=True)
-class ToolRequest:
-    """A `tools/call` as the gateway acts on it, whichever transport and protocol version carried it."""
-
-    name: str
-    arguments: Mapping[str, Any]
-    request_state: str | None = None
-    """A 2026-07-28 retry's approval state (`requestState`), as the gateway issued it."""
-    answer: Mapping[str, Any] | None = None
-    """A 2026-07-28 retry's answer to the gateway's approval request (its input response, wire form)."""
-
-    @classmethod
-    def of(cls, params: types.CallToolRequestParams) -> ToolRequest:
-        """From the parameters as the specification's model has checked and built them."""
-        answer = (params.input_responses or {}).get(REQUEST_KEY)
-        return cls(
-            params.name,
-            params.arguments or {},
-            params.request_state,
-            answer.model_dump(by_alias=True, mode="json") if answer is not None else None,
-        )
-
 
 ListKind = Literal["tools", "prompts", "resources"]
 Announcer = Callable[[list[ListKind]], Awaitable[None]]

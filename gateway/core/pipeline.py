@@ -10,16 +10,13 @@ terminal handler that forwards the call upstream:
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from functools import cache, partial
-from typing import TYPE_CHECKING, Any, Protocol, get_args
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
-import mcp_types as types
-from mcp_types import methods as spec_methods
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from gateway.calls import (
     Answer,
@@ -31,12 +28,12 @@ from gateway.calls import (
     Outcome,
     OutcomeKind,
     ToolCall,
-    WireResult,
     mark_decided,
 )
 from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy.engine import PolicyEngine
 from gateway.upstream.pool import UpstreamPool
+from gateway.wire.results import check_tool_result
 
 if TYPE_CHECKING:
     from gateway.audit.stages import CallAudit
@@ -158,7 +155,8 @@ class EnforcePolicy:
 
 
 class Forward:
-    """The terminal handler: send the call to its upstream and shape whatever comes back."""
+    """The terminal handler: send the call to its upstream and check what comes back (the dispatcher
+    shapes it for the caller, as it shapes every result)."""
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
@@ -174,71 +172,13 @@ class Forward:
         except UpstreamError as exc:
             return Outcome.failed(call, OutcomeKind.ERROR, str(exc))
         try:
-            result = shape_result(raw, call.session.protocol_version)
+            result = check_tool_result(raw, call.session.protocol_version)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             reason = f"upstream '{call.tool.upstream}' returned a malformed result ({where}: {first['msg']})"
             return Outcome.failed(call, OutcomeKind.ERROR, reason)
         return Outcome.completed(result)
-
-
-def shape_result(raw: Mapping[str, Any], version: str) -> Mapping[str, Any]:
-    """An upstream's `CallToolResult`, checked once: against the caller's protocol version, and dumped for
-    it (fields that version does not know dropped, as the specification's result sieve does; a
-    2026-07-28 caller's result is `complete`: an upstream speaks the handshake era, which has no other).
-
-    For a version not known here, checked against the latest model and returned as it came.
-    Raises `ValidationError` for a malformed result.
-    """
-    model = _result_model(version)
-    if model is None:
-        types.CallToolResult.model_validate(raw, by_name=False)
-        return raw
-    modern = version in MODERN_PROTOCOL_VERSIONS
-    plain = _plain_text_result(raw, modern=modern)
-    if plain is not None:
-        return plain
-    data = {**raw, "resultType": "complete"} if modern else raw
-    checked = model.model_validate(data, by_name=False)
-    return WireResult(checked.model_dump(by_alias=True, mode="json", exclude_none=True))
-
-
-_PLAIN_KEYS = frozenset({"content", "isError"})
-_TEXT_BLOCK_KEYS = frozenset({"type", "text"})
-
-
-def _plain_text_result(raw: Mapping[str, Any], *, modern: bool) -> WireResult | None:
-    """The commonest result, text blocks and an error flag and nothing else, dumped as the version's
-    model dumps it (its key order too) without building the model; `None` for anything else, which the
-    model checks. (The tests hold the two to the same output.)"""
-    content = raw.get("content")
-    if type(content) is not list or not raw.keys() <= _PLAIN_KEYS:
-        return None
-    blocks = []
-    for block in content:
-        if type(block) is not dict or block.keys() != _TEXT_BLOCK_KEYS or block["type"] != "text":
-            return None
-        text = block["text"]
-        if type(text) is not str:
-            return None
-        blocks.append({"text": text, "type": "text"})
-    shaped = WireResult(content=blocks)
-    flag = raw.get("isError")
-    if flag is not None:
-        if type(flag) is not bool:
-            return None
-        shaped["isError"] = flag
-    if modern:
-        shaped["resultType"] = "complete"
-    return shaped
-
-
-@cache
-def _result_model(version: str) -> type[BaseModel] | None:
-    surface = spec_methods.SERVER_RESULTS.get(("tools/call", version))
-    members = get_args(surface) or (surface,)
-    return next((m for m in members if isinstance(m, type) and m.__name__ == "CallToolResult"), None)
 
 
 def build_pipeline(pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit) -> Handler:

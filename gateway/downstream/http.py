@@ -28,6 +28,7 @@ import socket
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from functools import partial
 from types import FrameType
 from typing import Any, get_args
 
@@ -55,10 +56,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.calls import SessionInfo
 from gateway.config.models import Config
-from gateway.core.gateway import RELAYED, Caller, Gateway, ListKind, ToolRequest, relay_for
+from gateway.core.dispatch import Dispatcher
+from gateway.core.gateway import Gateway, ListKind
+from gateway.core.requests import RELAYED, Caller, Request, relay_for
 from gateway.core.sessions import Sessions
+from gateway.downstream.messages import check_spec
 from gateway.downstream.shutdown import stopping
 from gateway.errors import GatewayError, ProtocolError, format_seconds
+from gateway.wire.results import dump
 
 logger = logging.getLogger(__name__)
 
@@ -81,25 +86,21 @@ class GatewayServer(Server[Any]):
         self.gateway = gateway
         self._bus = InMemorySubscriptionBus()
         self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self.dispatcher = Dispatcher(gateway)
         super().__init__(
             gateway.name,
             version=gateway.version,
             # The catalogue can change at any moment and differs per caller: nothing is cacheable.
             cache_hints={method: CacheHint() for method in get_args(CacheableMethod)},
-            on_list_tools=self._list_tools,
-            on_list_prompts=self._list_prompts,
-            on_list_resources=self._list_resources,
-            on_list_resource_templates=self._list_resource_templates,
             on_subscriptions_listen=ListenHandler(self._bus),
             get_tool_input_schema=gateway.input_schema,
         )
-        # These answer in wire form: upstream results pass through without a round trip via models.
-        self.add_request_handler("tools/call", types.CallToolRequestParams, self._call_tool)
-        self.add_request_handler("prompts/get", types.GetPromptRequestParams, self._get_prompt)
-        self.add_request_handler("resources/read", types.ReadResourceRequestParams, self._read_resource)
-        # Tracing middleware stays off unless someone installs it on purpose; the one below
-        # remembers handshake-era connections so list changes can reach them.
-        self.middleware = [self._remember_connection]
+        # Every method the gateway serves is the dispatcher's (the SDK answers the connection's own).
+        for method, route in self.dispatcher.routes.items():
+            self.add_request_handler(method, route.params, partial(self._dispatch, method))
+        # Tracing middleware stays off unless someone installs it on purpose; the one below refuses
+        # what the gateway does not serve and remembers handshake-era connections for list changes.
+        self.middleware = [self._guard]
         gateway.announcers.append(self._announce)
 
     def create_initialization_options(
@@ -111,7 +112,16 @@ class GatewayServer(Server[Any]):
         changes = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
         return super().create_initialization_options(changes, experimental_capabilities, extensions)
 
-    async def _remember_connection(self, ctx: Context, call_next: Callable[[Context], Awaitable[Any]]) -> Any:
+    async def _guard(self, ctx: Context, call_next: Callable[[Context], Awaitable[Any]]) -> Any:
+        if ctx.request_id is not None and not self.dispatcher.serves(ctx.method):
+            # Refused here, before the SDK could route it: default deny, recorded. Malformed parameters of
+            # a method the specification defines are invalid parameters first, as the stdio face has it.
+            try:
+                check_spec(ctx.method, ctx.protocol_version, ctx.params)
+                refusal = await self.dispatcher.refuse(self._session_of(ctx), ctx.method, ctx.params)
+            except ProtocolError as exc:
+                refusal = exc
+            raise MCPError(refusal.code, refusal.message, refusal.data)
         if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
             # The SDK hands out a new session proxy per message; the connection behind it is stable.
             connection = getattr(ctx.session, "_connection", None)
@@ -163,29 +173,11 @@ class GatewayServer(Server[Any]):
         session_id = header or hashlib.sha256(f"{name}\0{version}".encode()).hexdigest()[:32]
         return self.gateway.session_info(session_id, ctx.protocol_version, name, version)
 
-    async def _list_tools(self, ctx: Context, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
-        return await self.gateway.list_tools(self._session_of(ctx))
+    async def _dispatch(self, method: str, ctx: Context, params: Any) -> dict[str, Any]:
+        return await self.dispatcher.dispatch(Request(self._caller(ctx), method, ctx.params, params))
 
-    async def _list_prompts(self, ctx: Context, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
-        return await self.gateway.list_prompts()
-
-    async def _get_prompt(self, ctx: Context, params: types.GetPromptRequestParams) -> dict[str, Any]:
-        return _for_era(ctx, await self.gateway.get_prompt(params))
-
-    async def _list_resources(
-        self, ctx: Context, params: types.PaginatedRequestParams | None
-    ) -> types.ListResourcesResult:
-        return await self.gateway.list_resources()
-
-    async def _list_resource_templates(
-        self, ctx: Context, params: types.PaginatedRequestParams | None
-    ) -> types.ListResourceTemplatesResult:
-        return await self.gateway.list_resource_templates()
-
-    async def _read_resource(self, ctx: Context, params: types.ReadResourceRequestParams) -> dict[str, Any]:
-        return _for_era(ctx, await self.gateway.read_resource(params))
-
-    async def _call_tool(self, ctx: Context, params: types.CallToolRequestParams) -> dict[str, Any]:
+    def _caller(self, ctx: Context) -> Caller:
+        """Who sent this request, and how the gateway reaches back to their client on this connection."""
         progress = None
         if ctx.meta is not None and ctx.meta.get("progress_token") is not None:
 
@@ -197,7 +189,8 @@ class GatewayServer(Server[Any]):
                 result = await ctx.session.elicit_form(message, schema, ctx.request_id)
             except MCPError as exc:
                 raise ProtocolError(exc.error.code, exc.error.message, exc.error.data) from None
-            return result.model_dump(by_alias=True, mode="json")
+            dumped: dict[str, Any] = result.model_dump(by_alias=True, mode="json")
+            return dumped
 
         async def ask(method: str, params: Mapping[str, Any], checked: Any) -> dict[str, Any]:
             models = RELAYED[method]
@@ -213,11 +206,11 @@ class GatewayServer(Server[Any]):
                 raise ProtocolError(
                     types.INVALID_PARAMS, f"the client answered {method} with a malformed result"
                 ) from None
-            return result.model_dump(by_alias=True, mode="json", exclude_none=True)
+            return dump(result)
 
         capabilities = ctx.session.client_capabilities
         modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
-        caller = Caller(
+        return Caller(
             self._session_of(ctx),
             modern=modern,
             can_elicit=capabilities is not None and capabilities.elicitation is not None,
@@ -225,7 +218,6 @@ class GatewayServer(Server[Any]):
             elicit=None if modern else elicit,
             relay=None if modern else relay_for(capabilities, ask),
         )
-        return _for_era(ctx, await self.gateway.call_tool(caller, ToolRequest.of(params)))
 
 
 async def serve_streamable_http(gateway: Gateway, config: Config, host: str, port: int) -> None:
@@ -276,14 +268,6 @@ class _StoppingInOrder(uvicorn.Server):
         if not self.should_exit:
             stopping(sig)
         super().handle_exit(sig, frame)
-
-
-def _for_era(ctx: Context, result: Mapping[str, Any]) -> dict[str, Any]:
-    """An upstream's handshake-era result, shaped for the era this downstream request speaks."""
-    wire = dict(result)
-    if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
-        wire.setdefault("resultType", "complete")
-    return wire
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -30,10 +30,9 @@ from mcp_types.methods import serialize_server_result, validate_client_request
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
-from gateway.calls import WireResult
-from gateway.core.gateway import ToolRequest
-from gateway.core.pipeline import _plain_text_result, shape_result
-from gateway.downstream.stdio import _checked_plain_call, _plain_call
+from gateway.core.requests import ToolRequest
+from gateway.downstream.messages import checked_plain_call, plain_call
+from gateway.wire.results import check_tool_result, plain_text_result, shape
 from gateway.errors import ChannelClosed, RemoteError, RequestTimeout
 from gateway.upstream.processes import discard_ahead, start_ahead, started_ahead
 from gateway.upstream.spawn import spawn
@@ -314,13 +313,13 @@ def test_an_upstream_result_is_shaped_as_the_specifications_sieve_shapes_it(vers
     modern = version in MODERN_PROTOCOL_VERSIONS
     for raw in PLAIN_RESULTS + OTHER_RESULTS:
         expected = serialize_server_result("tools/call", version, {**raw, "resultType": "complete"} if modern else raw)
-        shaped = shape_result(raw, version)
-        assert isinstance(shaped, WireResult)
-        assert json.dumps(shaped) == json.dumps(expected), raw  # the same keys, in the same order
-        assert (_plain_text_result(raw, modern=modern) is not None) == (raw in PLAIN_RESULTS)
+        checked = check_tool_result(raw, version)
+        assert json.dumps(checked) == json.dumps(expected), raw  # the same keys, in the same order
+        assert json.dumps(shape("tools/call", version, checked)) == json.dumps(expected), raw
+        assert (plain_text_result(raw, modern=modern) is not None) == (raw in PLAIN_RESULTS)
     for malformed in ({"content": [{"type": "text", "text": 5}]}, {"content": "text"}, {"isError": False}):
         with pytest.raises(ValidationError):
-            shape_result(malformed, version)
+            check_tool_result(malformed, version)
 
 
 def test_a_plain_call_gets_the_models_verdict_and_parameters() -> None:
@@ -345,13 +344,13 @@ def test_a_plain_call_gets_the_models_verdict_and_parameters() -> None:
         {"name": "t", "task": {"ttl": 5}},
     ]
     for params in plain:
-        built = _plain_call(params)
+        built = plain_call(params)
         assert built is not None, params
         for version in HANDSHAKE_PROTOCOL_VERSIONS:
             validate_client_request("tools/call", version, params)  # the specification admits it
         assert built == ToolRequest.of(CallToolRequestParams.model_validate(params, by_name=False))
     for params in others:
-        assert _plain_call(params) is None, params
+        assert plain_call(params) is None, params
 
 
 Field = tuple[float, Callable[[random.Random], Any]]
@@ -419,7 +418,7 @@ def test_random_near_misses_never_pass_the_fast_checks_wrongly() -> None:
     rng = random.Random(20261124)
     for _ in range(3000):
         params = near_miss(rng, CALL_FIELDS)
-        built = _plain_call(params)
+        built = plain_call(params)
         try:
             expected = ToolRequest.of(CallToolRequestParams.model_validate(params, by_name=False))
             for version in HANDSHAKE_PROTOCOL_VERSIONS:
@@ -440,7 +439,7 @@ def test_random_near_misses_never_pass_the_fast_checks_wrongly() -> None:
             continue
         # Passed by the specification's model: built as it is, it is what the SDK's model builds, and
         # where that model is stricter (a null progress token) it still decides.
-        checked = _checked_plain_call(params)
+        checked = checked_plain_call(params)
         try:
             expected = ToolRequest.of(CallToolRequestParams.model_validate(params, by_name=False))
         except ValidationError:
@@ -451,7 +450,7 @@ def test_random_near_misses_never_pass_the_fast_checks_wrongly() -> None:
         raw = near_miss(rng, RESULT_FIELDS)
         for version in VERSIONS:
             modern = version in MODERN_PROTOCOL_VERSIONS
-            fast = _plain_text_result(raw, modern=modern)
+            fast = plain_text_result(raw, modern=modern)
             try:
                 expected = serialize_server_result(
                     "tools/call", version, {**raw, "resultType": "complete"} if modern else raw
