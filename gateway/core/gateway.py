@@ -39,10 +39,11 @@ from gateway.calls import (
     ToolCall,
 )
 from gateway.catalog.listing import Catalog, ExposedTool
-from gateway.catalog.pins import Lock
+from gateway.catalog.pins import Assessment, Lock
 from gateway.core.approvals import REQUEST_KEY, REQUESTED_SCHEMA, ApprovalDesk
 from gateway.core.pipeline import build_pipeline
 from gateway.core.sessions import Sessions
+from gateway.core.upstream_requests import answer_upstream_request
 from gateway.core.watch import watch_file, watch_policies
 from gateway.errors import GatewayError, LockError, ProtocolError, UpstreamError
 from gateway.policy.engine import PolicyEngine, PolicySet
@@ -167,8 +168,7 @@ class Gateway:
         self.stdio_session = uuid.uuid4().hex
         self.announcers: list[Announcer] = []
         self._published = pool.catalog
-        pool.set_listener(self._catalog_changed, events.upstream_changed, events.assessed)
-        pool.on_relayed = events.relayed
+        pool.listen(self)
         self.name = pool.config.gateway.name
         self.version = __version__
 
@@ -210,6 +210,22 @@ class Gateway:
         self.events.policy_reloaded(policies.revision, len(policies.rules), list(policies.files), trigger)
         if self._started:
             await self._announce(["tools"])
+
+    # The pool's `UpstreamListener`.
+
+    async def catalog_changed(self, catalog: Catalog) -> None:
+        await self._catalog_changed(catalog)
+
+    def upstream_changed(self, upstream: str, up: bool, description: str) -> None:
+        self.events.upstream_changed(upstream, up, description)
+
+    def assessed(self, assessments: list[Assessment]) -> None:
+        self.events.assessed(assessments)
+
+    async def upstream_request(
+        self, upstream: str, method: str, params: Mapping[str, Any], call: ToolCall | None
+    ) -> dict[str, Any]:
+        return await answer_upstream_request(upstream, method, params, call, record=self.events.relayed)
 
     async def _catalog_changed(self, catalog: Catalog) -> None:
         """Tell every downstream peer what changed: notifications (handshake era) and listen streams (2026)."""
