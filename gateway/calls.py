@@ -166,8 +166,6 @@ Approver = Callable[[ToolCall, Decision], Awaitable[Approval]]
 Relay = Callable[[str, Mapping[str, Any]], Awaitable[dict[str, Any]]]
 """Sends a request (method, params) to the agent's client and returns its result in wire form; raises
 `ProtocolError` when the client cannot or will not answer it."""
-RELAYED_METHODS = frozenset({"sampling/createMessage", "elicitation/create"})
-"""The requests an upstream may send its client that the gateway passes on to the agent's client."""
 
 
 class OutcomeKind(StrEnum):

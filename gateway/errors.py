@@ -22,7 +22,7 @@
      ├── ChannelClosed            the pipe closed before the answer came
      └── ConnectionFailed         the connection failed underneath (a refused or broken HTTP request)
 
-The channel errors stand apart from `GatewayError` on purpose: `gateway.upstream.pool` turns each
+The channel errors stand apart from `GatewayError` on purpose: `gateway.upstream.session` turns each
 into an `UpstreamError` naming the upstream, and one that escaped would be an unexpected fault
 (logged, its text never sent to a client), not a message for the reader.
 

@@ -35,10 +35,11 @@ from gateway.calls import (
     ToolCall,
 )
 from gateway.catalog.listing import Catalog, ExposedTool
-from gateway.catalog.pins import Lock
+from gateway.catalog.pins import Assessment, Lock
 from gateway.core.approvals import REQUESTED_SCHEMA, ApprovalDesk
+from gateway.core.dispatch import Dispatcher, Route
 from gateway.core.pipeline import build_pipeline
-from gateway.core.requests import Caller, ToolRequest
+from gateway.core.requests import Caller, Request, ToolRequest
 from gateway.core.sessions import Sessions
 from gateway.core.watch import watch_file, watch_policies
 from gateway.errors import GatewayError, LockError, ProtocolError, UpstreamError
@@ -72,8 +73,21 @@ class Gateway:
         self.stdio_session = uuid.uuid4().hex
         self.announcers: list[Announcer] = []
         self._published = pool.catalog
-        pool.set_listener(self._catalog_changed, events.upstream_changed, events.assessed)
-        pool.on_relayed = events.relayed
+        self.dispatcher = Dispatcher(
+            {
+                "tools/list": Route(types.PaginatedRequestParams, self.list_tools),
+                "tools/call": Route(types.CallToolRequestParams, self.call_tool),
+                "prompts/list": Route(types.PaginatedRequestParams, self.list_prompts),
+                "prompts/get": Route(types.GetPromptRequestParams, self.get_prompt),
+                "resources/list": Route(types.PaginatedRequestParams, self.list_resources),
+                "resources/templates/list": Route(types.PaginatedRequestParams, self.list_resource_templates),
+                "resources/read": Route(types.ReadResourceRequestParams, self.read_resource),
+            },
+            audit,
+            events.relayed,
+        )
+        """Every downstream request, and every request an upstream sends, goes through it."""
+        pool.listen(self)
         self.name = pool.config.gateway.name
         self.version = __version__
 
@@ -116,7 +130,20 @@ class Gateway:
         if self._started:
             await self._announce(["tools"])
 
-    async def _catalog_changed(self, catalog: Catalog) -> None:
+    # The pool's `UpstreamListener`.
+
+    def upstream_changed(self, upstream: str, up: bool, description: str) -> None:
+        self.events.upstream_changed(upstream, up, description)
+
+    def assessed(self, assessments: list[Assessment]) -> None:
+        self.events.assessed(assessments)
+
+    async def upstream_request(
+        self, upstream: str, method: str, params: Mapping[str, Any], call: ToolCall | None
+    ) -> dict[str, Any]:
+        return await self.dispatcher.upstream_request(upstream, method, params, call)
+
+    async def catalog_changed(self, catalog: Catalog) -> None:
         """Tell every downstream peer what changed: notifications (handshake era) and listen streams (2026)."""
         before, self._published = self._published, catalog
         self.engine.index_tools(catalog.tools)
@@ -151,8 +178,9 @@ class Gateway:
         tool = self.pool.catalog.tools.get(name)
         return dict(tool.source.definition["inputSchema"]) if tool is not None else None
 
-    async def list_tools(self, session: SessionInfo) -> types.ListToolsResult:
+    async def list_tools(self, request: Request, params: types.PaginatedRequestParams) -> types.ListToolsResult:
         """The tools this caller may see (the first list waits for upstreams still starting)."""
+        session = request.caller.session
         await self.wait_for_startup()
         return types.ListToolsResult(
             tools=[tool.model for tool in self.pool.catalog.tools.values() if self._visible(tool, session)]
@@ -161,12 +189,15 @@ class Gateway:
     def _visible(self, tool: ExposedTool, session: SessionInfo) -> bool:
         return self.engine.visible(tool.name, client=session.client_name, principal=session.principal)
 
-    async def call_tool(self, caller: Caller, params: ToolRequest) -> Mapping[str, Any]:
+    async def call_tool(
+        self, request: Request, checked: ToolRequest | types.CallToolRequestParams
+    ) -> Mapping[str, Any]:
         """One `tools/call`, on either path: resolve the tool, run the pipeline, return the result (wire form).
 
         A tool that does not exist, is hidden from this caller or is quarantined raises `ProtocolError`.
         """
-        session = caller.session
+        caller, session = request.caller, request.caller.session
+        params = checked if isinstance(checked, ToolRequest) else ToolRequest.of(checked)
         try:
             await self.wait_for_startup()
         except anyio.get_cancelled_exc_class():
@@ -244,31 +275,33 @@ class Gateway:
         self.sessions.note(session)
         return session
 
-    async def list_prompts(self) -> types.ListPromptsResult:
+    async def list_prompts(self, request: Request, params: types.PaginatedRequestParams) -> types.ListPromptsResult:
         await self.wait_for_startup()
         return types.ListPromptsResult(prompts=[prompt.model for prompt in self.pool.catalog.prompts.values()])
 
-    async def get_prompt(self, params: types.GetPromptRequestParams) -> dict[str, Any]:
+    async def get_prompt(self, request: Request, params: types.GetPromptRequestParams) -> dict[str, Any]:
         """The prompt from its upstream, in wire form (handshake era, as upstreams speak it)."""
         await self.wait_for_startup()
         prompt = self.pool.catalog.prompts.get(params.name)
         if prompt is None:
             raise ProtocolError(types.INVALID_PARAMS, f"Unknown prompt: {params.name}")
-        request: dict[str, Any] = {"name": prompt.upstream_name}
+        forwarded: dict[str, Any] = {"name": prompt.upstream_name}
         if params.arguments:
-            request["arguments"] = params.arguments
-        return await self._forward(prompt.upstream, "prompts/get", request)
+            forwarded["arguments"] = params.arguments
+        return await self._forward(prompt.upstream, "prompts/get", forwarded)
 
-    async def list_resources(self) -> types.ListResourcesResult:
+    async def list_resources(self, request: Request, params: types.PaginatedRequestParams) -> types.ListResourcesResult:
         await self.wait_for_startup()
         return types.ListResourcesResult(resources=[resource for _, resource in self.pool.catalog.resources.values()])
 
-    async def list_resource_templates(self) -> types.ListResourceTemplatesResult:
+    async def list_resource_templates(
+        self, request: Request, params: types.PaginatedRequestParams
+    ) -> types.ListResourceTemplatesResult:
         await self.wait_for_startup()
         templates = [template for _, _, template in self.pool.catalog.templates]
         return types.ListResourceTemplatesResult(resource_templates=templates)
 
-    async def read_resource(self, params: types.ReadResourceRequestParams) -> dict[str, Any]:
+    async def read_resource(self, request: Request, params: types.ReadResourceRequestParams) -> dict[str, Any]:
         """The resource from the upstream that serves it, in wire form (handshake era)."""
         await self.wait_for_startup()
         upstream = self.pool.catalog.resource_upstream(params.uri)

@@ -56,7 +56,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.calls import SessionInfo
 from gateway.config.models import Config
-from gateway.core.dispatch import Dispatcher
 from gateway.core.gateway import Gateway, ListKind
 from gateway.core.requests import RELAYED, Caller, Request, relay_for
 from gateway.core.sessions import Sessions
@@ -86,7 +85,7 @@ class GatewayServer(Server[Any]):
         self.gateway = gateway
         self._bus = InMemorySubscriptionBus()
         self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
-        self.dispatcher = Dispatcher(gateway)
+        self.dispatcher = gateway.dispatcher
         super().__init__(
             gateway.name,
             version=gateway.version,

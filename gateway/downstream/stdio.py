@@ -42,7 +42,6 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 from pydantic import BaseModel, ValidationError
 
 from gateway.calls import ProgressFn, SessionInfo
-from gateway.core.dispatch import Dispatcher
 from gateway.core.gateway import Gateway, ListKind
 from gateway.core.requests import RELAYED, Caller, Request, ToolRequest, relay_for
 from gateway.downstream.messages import (
@@ -112,7 +111,7 @@ class StdioConnection(asyncio.Protocol):
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self._dispatcher = Dispatcher(gateway)
+        self._dispatcher = gateway.dispatcher
         self._lines = LineBuffer()
         self._writer = Writer()
         self._ended = asyncio.Event()

@@ -32,12 +32,12 @@ from pydantic import ValidationError
 
 from gateway.core.requests import ToolRequest
 from gateway.downstream.messages import checked_plain_call, plain_call
-from gateway.wire.results import check_tool_result, plain_text_result, shape
 from gateway.errors import ChannelClosed, RemoteError, RequestTimeout
 from gateway.upstream.processes import discard_ahead, start_ahead, started_ahead
 from gateway.upstream.spawn import spawn
 from gateway.wire.channel import Channel
 from gateway.wire.framing import dumps
+from gateway.wire.results import check_tool_result, plain_text_result, shape
 from tests.conftest import (
     REPO,
     RawSession,

@@ -1,0 +1,73 @@
+"""The dispatcher: what it answers the requests upstreams send (`ping`, relayed requests, refusals)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import mcp_types as types
+import pytest
+
+from gateway.calls import SessionInfo, ToolCall
+from gateway.catalog.listing import Catalog, normalise_listing
+from gateway.core.dispatch import answer_upstream_request
+from gateway.errors import ProtocolError
+
+pytestmark = pytest.mark.anyio
+
+Recorded = list[tuple[str, str, ToolCall | None, str, str | None]]
+
+
+def _call(answer: dict[str, Any] | ProtocolError) -> ToolCall:
+    async def relay(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        if isinstance(answer, ProtocolError):
+            raise answer
+        return answer
+
+    catalog = Catalog.build([normalise_listing("box", [{"name": "ask", "inputSchema": {"type": "object"}}])], "__")
+    return ToolCall(SessionInfo("s1", "stdio", "2025-11-25"), catalog.tools["box__ask"], {}, relay=relay)
+
+
+async def test_ping_is_answered_whether_or_not_a_call_is_in_flight() -> None:
+    recorded: Recorded = []
+    assert await answer_upstream_request("box", "ping", {}, None, record=lambda *e: recorded.append(e)) == {}
+    assert await answer_upstream_request("box", "ping", {}, _call({}), record=lambda *e: recorded.append(e)) == {}
+    assert recorded == []
+
+
+@pytest.mark.parametrize("method", ["roots/list", "tools/call", "notifications/message"])
+async def test_a_method_not_relayed_is_refused_as_not_found(method: str) -> None:
+    recorded: Recorded = []
+    with pytest.raises(ProtocolError) as caught:
+        await answer_upstream_request("box", method, {}, _call({}), record=lambda *e: recorded.append(e))
+    assert caught.value.code == types.METHOD_NOT_FOUND
+    message = f"mcp-armor does not serve '{method}' to upstream servers"
+    assert caught.value.message == message
+    assert [(upstream, asked, outcome, why) for upstream, asked, _, outcome, why in recorded] == [
+        ("box", method, "refused", message)
+    ]
+
+
+async def test_a_relayed_request_with_no_call_in_flight_is_refused_and_recorded() -> None:
+    recorded: Recorded = []
+    with pytest.raises(ProtocolError) as caught:
+        await answer_upstream_request("box", "sampling/createMessage", {}, None, record=lambda *e: recorded.append(e))
+    message = "no call to 'box' is in flight from a client that can answer sampling/createMessage"
+    assert (caught.value.code, caught.value.message) == (types.INVALID_REQUEST, message)
+    assert recorded == [("box", "sampling/createMessage", None, "refused", message)]
+
+
+async def test_a_relayed_request_goes_to_the_call_and_is_recorded_however_it_ends() -> None:
+    recorded: Recorded = []
+    answered = _call({"action": "decline"})
+    result = await answer_upstream_request(
+        "box", "elicitation/create", {"message": "?"}, answered, record=lambda *e: recorded.append(e)
+    )
+    assert result == {"action": "decline"}
+    refusing = _call(ProtocolError(types.INVALID_REQUEST, "the agent's client does not take elicitation/create"))
+    with pytest.raises(ProtocolError, match="does not take"):
+        await answer_upstream_request("box", "elicitation/create", {}, refusing, record=lambda *e: recorded.append(e))
+    assert recorded == [
+        ("box", "elicitation/create", answered, "relayed", None),
+        ("box", "elicitation/create", refusing, "refused", "the agent's client does not take elicitation/create"),
+    ]
