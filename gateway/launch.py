@@ -19,7 +19,7 @@ from pathlib import Path
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["serve"] and "-h" not in words and not any(_spells(word, "--help") for word in words):
-        _start_ahead(words)
+        start_ahead(words)
     from gateway.cli import main as cli_main
     from gateway.upstream import processes
 
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         processes.discard_ahead()  # whatever was started ahead and not adopted (none unless serving)
 
 
-def _start_ahead(words: list[str]) -> None:
+def start_ahead(words: list[str]) -> None:
     from gateway.config.source import DEFAULT_CONFIG, early_starts
     from gateway.errors import GatewayError
     from gateway.upstream import processes

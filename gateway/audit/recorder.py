@@ -62,8 +62,9 @@ class Recorder:
         self.redactor = Redactor(os.urandom(32))
         self.failure: str | None = None
         """Why the log cannot be written right now (`None` while it can)."""
-        self._store: AuditStore | None = None
-        self._journal: Journal | None = None
+        self.store: AuditStore | None = None
+        """The log, while open (the single writer's own connection)."""
+        self.journal: Journal | None = None
         """Where events become durable at once (`audit_sync = "normal"`, a log on disk, and it could be made)."""
         self._queue: list[str] = []
         """Events to commit that are not in the journal (no journal, or the log is failing), after its own."""
@@ -94,29 +95,29 @@ class Recorder:
                 self._closing = True
                 self._wake.set()
         self._close_journal()
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
     def _open(self) -> AuditStore | None:
-        if self._store is None:
+        if self.store is None:
             try:
-                self._store = AuditStore.open_writer(self.path, sync=self.sync)
+                self.store = AuditStore.open_writer(self.path, sync=self.sync)
             except AuditError as exc:
                 self.failure = str(exc)
                 return None
-            self.redactor = Redactor(self._store.mask_key())
+            self.redactor = Redactor(self.store.mask_key())
             self.failure = None
-        return self._store
+        return self.store
 
     def _start_journal(self) -> None:
         """Replay the journals of gone processes into the chain, then start this process's own."""
-        if self.sync != "normal" or str(self.path) == IN_MEMORY or self._store is None:
+        if self.sync != "normal" or str(self.path) == IN_MEMORY or self.store is None:
             return
         directory = journal_directory(self.path)
         try:
-            moved = recover(self._store, directory)
-            self._journal = Journal.create(directory)
+            moved = recover(self.store, directory)
+            self.journal = Journal.create(directory)
         except (OSError, sqlite3.Error) as exc:
             logger.warning("%s: no audit journal (%s); each call waits for its events' commit", directory, exc)
             return
@@ -126,7 +127,7 @@ class Recorder:
         if self._drain is not None:
             self._drain.cancel()
             self._drain = None
-        journal, self._journal = self._journal, None
+        journal, self.journal = self.journal, None
         if journal is None:
             return
         if journal.pending:
@@ -141,9 +142,9 @@ class Recorder:
         self._forget(journal)
 
     def _forget(self, journal: Journal) -> None:
-        if self._store is not None:
+        if self.store is not None:
             try:
-                self._store.forget_journal(journal.name)
+                self.store.forget_journal(journal.name)
             except sqlite3.Error as exc:  # a stale row names a file that is gone: harmless
                 logger.debug("could not forget journal %s: %s", journal.name, exc)
 
@@ -151,9 +152,9 @@ class Recorder:
         """Queue events without waiting for their commit (order is kept with everything else queued): the
         next commit takes them, the writer task's or a caller's."""
         texts = [canonical(body) for body in bodies]
-        if self._journal is not None:
+        if self.journal is not None:
             try:
-                self._journal.write(texts)
+                self.journal.write(texts)
             except OSError as exc:
                 logger.error("%s: cannot write the audit journal (%s); the events wait in memory", self.path, exc)
             else:
@@ -177,9 +178,9 @@ class Recorder:
         if self._closing:
             raise AuditError(f"{self.path}: the audit log is closed (the gateway is shutting down)")
         texts = [canonical(body) for body in bodies]
-        if alone and self._journal is not None and self.failure is None:
+        if alone and self.journal is not None and self.failure is None:
             try:
-                self._journal.write(texts)
+                self.journal.write(texts)
             except OSError as exc:
                 raise AuditError(f"{self.path}: cannot write the audit journal: {exc}") from None
             self._drain_later()
@@ -187,7 +188,7 @@ class Recorder:
         ticket = _Ticket()
         self._tickets.append(ticket)
         self._queue.extend(texts)
-        if self.sync != "normal" or self._writing or self._store is None:
+        if self.sync != "normal" or self._writing or self.store is None:
             self._wake.set()
         elif alone:
             self._commit_here()  # settles the ticket, or hands everything to the writer task
@@ -201,7 +202,7 @@ class Recorder:
         """Move the journal into the chain a little later, with whatever else is journaled meanwhile."""
         if self._drain is None:
             self._drain = asyncio.get_running_loop().call_later(DRAIN_DELAY, self._commit_here)
-        elif self._journal is not None and len(self._journal.pending) >= DRAIN_BATCH:
+        elif self.journal is not None and len(self.journal.pending) >= DRAIN_BATCH:
             self._commit_soon()
 
     def _commit_soon(self) -> None:
@@ -211,10 +212,10 @@ class Recorder:
             asyncio.get_running_loop().call_soon(self._commit_here)
 
     def _pending(self) -> bool:
-        return bool(self._queue or (self._journal is not None and self._journal.pending))
+        return bool(self._queue or (self.journal is not None and self.journal.pending))
 
     def _take(self) -> _Batch:
-        journaled, mark = self._journal.take() if self._journal is not None else ([], None)
+        journaled, mark = self.journal.take() if self.journal is not None else ([], None)
         batch = _Batch(journaled, self._queue, mark, self._tickets)
         self._queue, self._tickets = [], []
         return batch
@@ -228,15 +229,15 @@ class Recorder:
         if self._writing:
             self._wake.set()  # the writer task takes what is pending once its commit is done
             return
-        if self._store is None or not self._pending():
+        if self.store is None or not self._pending():
             return
         batch = self._take()
         try:
-            self._store.append(batch.bodies, journal=batch.mark)
+            self.store.append(batch.bodies, journal=batch.mark)
         except sqlite3.Error as exc:  # the write lock is taken, or worse: the writer task waits, or reports it
             logger.debug("audit commit on the event loop failed, handing over to the writer: %s", exc)
-            if self._journal is not None:
-                self._journal.put_back(batch.journaled)
+            if self.journal is not None:
+                self.journal.put_back(batch.journaled)
             self._queue[:0] = batch.queued
             self._tickets[:0] = batch.tickets
             self._wake.set()
@@ -262,8 +263,8 @@ class Recorder:
                     self._writing = False
                 if error is None:
                     self._committed(len(batch.bodies))
-                elif self._journal is not None:
-                    self._journal.put_back(batch.journaled)  # durable already: they wait for the log to recover
+                elif self.journal is not None:
+                    self.journal.put_back(batch.journaled)  # durable already: they wait for the log to recover
                 batch.settle(error)
             if self._closing and (error is not None or not self._pending()):
                 return
@@ -290,7 +291,7 @@ class Recorder:
         return None
 
     def _committed(self, count: int) -> None:
-        journal = self._journal
+        journal = self.journal
         if journal is not None and not journal.pending and journal.size >= ROTATE_BYTES:
             self._rotate(journal)
         self._since_checkpoint += count
@@ -303,7 +304,7 @@ class Recorder:
     def _rotate(self, journal: Journal) -> None:
         """Everything in the journal is in the chain: start a fresh one instead of growing it."""
         try:
-            self._journal = Journal.create(journal.path.parent)
+            self.journal = Journal.create(journal.path.parent)
         except OSError as exc:
             logger.warning("%s: cannot start a new audit journal, this one keeps growing: %s", journal.path, exc)
             return

@@ -304,7 +304,7 @@ def _row(record: dict[str, Any]) -> tuple[str, ...]:
         str(record["seq"]),
         record["ts"],
         kind,
-        record.get("tool") or record.get("upstream") or "",
+        record.get("tool") or record.get("method") or record.get("upstream") or "",
         decision,
         ",".join(record.get("rules") or []),
         took,

@@ -59,7 +59,7 @@ from gateway.config.models import Config
 from gateway.core.gateway import Gateway, ListKind
 from gateway.core.requests import RELAYED, Caller, Request, relay_for
 from gateway.core.sessions import Sessions
-from gateway.downstream.messages import check_spec
+from gateway.downstream.messages import check_spec, defined
 from gateway.downstream.shutdown import stopping
 from gateway.errors import GatewayError, ProtocolError, format_seconds
 from gateway.wire.results import dump
@@ -112,12 +112,15 @@ class GatewayServer(Server[Any]):
         return super().create_initialization_options(changes, experimental_capabilities, extensions)
 
     async def _guard(self, ctx: Context, call_next: Callable[[Context], Awaitable[Any]]) -> Any:
-        if ctx.request_id is not None and not self.dispatcher.serves(ctx.method):
+        method = ctx.method
+        if ctx.request_id is not None and (
+            not self.dispatcher.serves(method) or not defined(method, ctx.protocol_version)
+        ):
             # Refused here, before the SDK could route it: default deny, recorded. Malformed parameters of
             # a method the specification defines are invalid parameters first, as the stdio face has it.
             try:
-                check_spec(ctx.method, ctx.protocol_version, ctx.params)
-                refusal = await self.dispatcher.refuse(self._session_of(ctx), ctx.method, ctx.params)
+                check_spec(method, ctx.protocol_version, ctx.params)
+                refusal = await self.dispatcher.refuse(self._session_of(ctx), method, ctx.params)
             except ProtocolError as exc:
                 refusal = exc
             raise MCPError(refusal.code, refusal.message, refusal.data)

@@ -56,6 +56,12 @@ def checked_plain_call(params: dict[str, Any] | None) -> ToolRequest | None:
     return ToolRequest(params["name"], params.get("arguments") or {})
 
 
+def defined(method: str, version: str) -> bool:
+    """Whether `version` of the specification defines `method` (a method it does not name is the server's
+    to serve or refuse)."""
+    return method not in spec_methods.SPEC_CLIENT_METHODS or (method, version) in spec_methods.CLIENT_REQUESTS
+
+
 def check_spec(method: str, version: str, params: Mapping[str, Any] | None) -> bool:
     """The specification's check of a request's parameters for `version` (methods it defines only):
     `False` for a method of the specification that `version` does not define. Raises `ProtocolError`

@@ -25,7 +25,7 @@ from typing import Any
 from gateway.schema import canonical_text
 
 # Each pattern masks its group "secret" (or the whole match when it has none).
-_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (kind, re.compile(pattern))
     for kind, pattern in (
         ("private-key", r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----(?:[\s\S]*?-----END [A-Z0-9 ]*-----|[\s\S]*)"),
@@ -46,7 +46,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ),
     )
 )
-_SHORTEST = 15
+SHORTEST = 15
 """No pattern matches fewer characters, except those that need a ':' or '=' (URL passwords, `pwd=...`)."""
 _REMEMBERED = 256
 """Strings up to this long that turned out clean are remembered (policy reasons recur with every call)."""
@@ -156,10 +156,10 @@ class Redactor:
 
     def mask_text(self, text: str, where: str, masked: list[Masked], secrets: dict[str, str]) -> str:
         """Mask every secret-looking part of one string (overlapping finds are masked once, as one)."""
-        if text in self._clean or (len(text) < _SHORTEST and ":" not in text and "=" not in text):
+        if text in self._clean or (len(text) < SHORTEST and ":" not in text and "=" not in text):
             return text
         spans: list[tuple[int, int, str]] = []
-        for kind, pattern in _PATTERNS:
+        for kind, pattern in PATTERNS:
             for match in pattern.finditer(text):
                 group = "secret" if match.re.groupindex.get("secret") and match["secret"] is not None else 0
                 spans.append((*match.span(group), kind))

@@ -22,7 +22,7 @@ from gateway.audit.journal import Journal, journal_directory
 from gateway.audit.recorder import Recorder
 from gateway.audit.store import GENESIS, AuditStore, canonical, chain_hash
 from gateway.errors import AuditError
-from gateway.policy.redact import _PATTERNS, _SHORTEST, Redactor, looks_random, names_secret
+from gateway.policy.redact import PATTERNS, SHORTEST, Redactor, looks_random, names_secret
 from gateway.schema import compile_schema, describe_violation
 from tests.conftest import REPO, write_config
 
@@ -177,7 +177,7 @@ async def test_concurrent_records_are_committed_in_groups_in_one_chain(tmp_path:
     recorder = Recorder(path)
     commits: list[int] = []
     async with recorder.running():
-        store = recorder._store
+        store = recorder.store
         assert store is not None
         append = store.append
 
@@ -265,14 +265,14 @@ async def test_a_journal_that_cannot_be_written_refuses_the_record_and_keeps_que
     path = tmp_path / "audit.db"
     recorder = Recorder(path)
     async with recorder.running():
-        journal = recorder._journal
+        journal = recorder.journal
         assert journal is not None
-        recorder._journal = Journal(journal.path, os.open("/dev/full", os.O_WRONLY))  # a full disk: ENOSPC
+        recorder.journal = Journal(journal.path, os.open("/dev/full", os.O_WRONLY))  # a full disk: ENOSPC
         with pytest.raises(AuditError, match="cannot write the audit journal"):
             await recorder.record(event("decision", call_id="refused", tool="t"), alone=True)
         recorder.queue(event("session_end", call_id="queued"))  # kept in memory, committed later
-        recorder._journal.close(remove=False)
-        recorder._journal = journal
+        recorder.journal.close(remove=False)
+        recorder.journal = journal
     assert chain_texts(path) == ["queued"]
 
 
@@ -347,8 +347,8 @@ def test_short_strings_skipped_by_the_quick_check_hold_nothing_any_pattern_finds
     words = ["AKIA", "ghp_", "glpat-", "xoxb-", "AIza", "sk_live_", "sk-", "eyJ", "bearer ", "token ", "pwd", "-----"]
     for _ in range(20000):
         parts = [rng.choice(words) if rng.random() < 0.3 else rng.choice(alphabet) for _ in range(rng.randint(1, 14))]
-        text = "".join(parts)[: _SHORTEST - 1]
-        assert not any(pattern.search(text) for _, pattern in _PATTERNS), text
+        text = "".join(parts)[: SHORTEST - 1]
+        assert not any(pattern.search(text) for _, pattern in PATTERNS), text
     redactor = Redactor(b"k" * 32)
     for _ in range(2):  # a string with a secret is never remembered as clean
         assert "[masked:password:" in redactor.mask_text("pwd=hunter2", "", [], {})

@@ -618,7 +618,7 @@ def ended(pid: int) -> bool:
 
 
 def test_serve_http_without_its_token_starts_nothing_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.launch import _start_ahead
+    from gateway.launch import start_ahead
 
     monkeypatch.delenv("REVIEW_UNSET_TOKEN", raising=False)
     script = tmp_path / "idle.py"
@@ -629,7 +629,7 @@ def test_serve_http_without_its_token_starts_nothing_ahead(tmp_path: Path, monke
         f"[upstreams.idle]\ncommand = {json.dumps(sys.executable)}\nargs = [{json.dumps(str(script))}]\n"
     )
     try:
-        _start_ahead(["serve", "--http", "127.0.0.1:0", "--config", str(path)])
+        start_ahead(["serve", "--http", "127.0.0.1:0", "--config", str(path)])
         assert started_ahead() == []
     finally:
         discard_ahead()
@@ -647,7 +647,7 @@ def test_serve_http_without_its_token_starts_nothing_ahead(tmp_path: Path, monke
 def test_serving_http_is_recognised_however_spelled_and_only_it_needs_the_token(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, words: list[str], token: str | None, started: int
 ) -> None:
-    from gateway.launch import _start_ahead
+    from gateway.launch import start_ahead
 
     if token is None:
         monkeypatch.delenv("ARMOR_TEST_AHEAD_TOKEN", raising=False)
@@ -661,7 +661,7 @@ def test_serving_http_is_recognised_however_spelled_and_only_it_needs_the_token(
         f"[upstreams.idle]\ncommand = {json.dumps(sys.executable)}\nargs = [{json.dumps(str(script))}]\n"
     )
     try:
-        _start_ahead([word.replace("CONFIG", str(path)) for word in words])
+        start_ahead([word.replace("CONFIG", str(path)) for word in words])
         assert len(started_ahead()) == started
     finally:
         discard_ahead()

@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import httpx2
+import mcp_types as types
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -101,16 +102,28 @@ class RawHttpSession:
 
     async def ask(self, request_id: int, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """The result of one request (its answer comes as a server-sent event)."""
+        answer = await self.reply(request_id, method, params)
+        result: dict[str, Any] = answer["result"]
+        return result
+
+    async def reply(self, request_id: int, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The whole answer to one request: its result or its error."""
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
         if params is not None:
             message["params"] = params
-        response = await self.post(message)
-        assert response.status_code == 200, response.text
-        for line in response.text.splitlines():
-            if line.startswith("data:") and (answer := json.loads(line[5:])).get("id") == request_id:
-                result: dict[str, Any] = answer["result"]
-                return result
-        raise AssertionError(f"no answer to {method} in {response.text!r}")
+        return answer_of(await self.post(message), request_id)
+
+
+def answer_of(response: httpx2.Response, request_id: int) -> dict[str, Any]:
+    """The JSON-RPC answer to `request_id` in an HTTP response, sent as JSON or as a server-sent event."""
+    assert response.status_code in (200, 400, 404), response.text
+    if response.headers["content-type"].startswith("application/json"):
+        answer: dict[str, Any] = response.json()
+        return answer
+    for line in response.text.splitlines():
+        if line.startswith("data:") and (answer := json.loads(line[5:])).get("id") == request_id:
+            return answer
+    raise AssertionError(f"no answer to request {request_id} in {response.text!r}")
 
 
 async def _serving_url(log: Any) -> str:
@@ -284,3 +297,42 @@ async def test_streamable_http_upstream_with_headers(tmp_path: Path) -> None:
             assert text_of(await client.call_tool("remote__box__echo", {"text": "two hops"})) == "two hops"
             refused = await client.call_tool("remote__box__add", {"a": 1})
             assert refused.is_error and "'b' is a required property" in text_of(refused)
+
+
+UNSERVED = {
+    "completion/complete": {
+        "ref": {"type": "ref/prompt", "name": "box__greet"},
+        "argument": {"name": "a", "value": ""},
+    },
+    "logging/setLevel": {"level": "info"},
+    "vendor/anything": {"path": "/etc/passwd"},
+}
+MODERN_META = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+    "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
+}
+
+
+@pytest.mark.anyio
+async def test_http_refuses_and_records_a_method_the_gateway_does_not_serve_in_both_eras(http_config: Path) -> None:
+    authorised = {"Authorization": f"Bearer {TOKEN}"}
+    async with http_gateway(http_config) as url, httpx2.AsyncClient(headers=authorised, timeout=30) as http:
+        legacy = RawHttpSession(http, url)
+        await legacy.open()
+        modern_headers = {**_JSON_OR_SSE, "mcp-protocol-version": "2026-07-28"}
+        for number, (method, params) in enumerate(UNSERVED.items(), start=2):
+            answered = [await legacy.reply(number, method, params)]
+            message = {"jsonrpc": "2.0", "id": number, "method": method, "params": {**params, "_meta": MODERN_META}}
+            modern = await http.post(url, json=message, headers={**modern_headers, "mcp-method": method})
+            answered.append(answer_of(modern, number))
+            for answer in answered:
+                assert answer["error"]["code"] == types.METHOD_NOT_FOUND, answer
+        assert "still here" in json.dumps(
+            await legacy.ask(9, "tools/call", {"name": "box__echo", "arguments": {"text": "still here"}})
+        )
+    recorded = [event for event in events(http_config.parent) if event.get("method") is not None]
+    decisions = sorted(event["method"] for event in recorded if event["kind"] == "decision")
+    outcomes = sorted(event["method"] for event in recorded if event["kind"] == "outcome")
+    assert decisions == outcomes == sorted([*UNSERVED, *UNSERVED])
+    assert all(event["stage"] == "unknown-method" for event in recorded if event["kind"] == "decision")

@@ -600,3 +600,59 @@ async def test_a_client_answering_with_an_id_of_another_type_is_not_taken_as_the
                 pass
     assert reply["result"]["isError"]
     assert calls(tmp_path)["box__write_note"]["outcome"]["outcome"] == "refused"
+
+
+UNSERVED = {
+    "completion/complete": {
+        "ref": {"type": "ref/prompt", "name": "box__greet"},
+        "argument": {"name": "a", "value": ""},
+    },
+    "logging/setLevel": {"level": "info"},
+    "resources/subscribe": {"uri": "toolbox://readme"},
+    "vendor/anything": {"path": "/etc/passwd"},
+}
+
+
+def refusals_of(config_dir: Path) -> dict[str, list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """Per method refused as unserved: the decision and outcome events of each refusal."""
+    per_call: dict[str, list[dict[str, Any]]] = {}
+    for event in events(config_dir):
+        if event.get("method") is not None:
+            per_call.setdefault(event["call_id"], []).append(event)
+    found: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for pair in per_call.values():
+        assert [event["kind"] for event in pair] == ["decision", "outcome"], pair
+        found.setdefault(pair[0]["method"], []).append((pair[0], pair[1]))
+    return found
+
+
+async def test_a_method_the_gateway_does_not_serve_is_refused_and_recorded_in_both_eras(config: Path) -> None:
+    async with session(config) as (raw, _):
+        before = error_of(await raw.ask(1, "vendor/early", {}))  # before the handshake too
+        assert before == {"code": -32601, "message": "Method not found", "data": "vendor/early"}
+        await raw.initialize()
+        for number, (method, params) in enumerate(UNSERVED.items(), start=2):
+            assert error_of(await raw.ask(number, method, params)) == {
+                "code": -32601,
+                "message": "Method not found",
+                "data": method,
+            }
+        echoed = (await raw.ask(9, "tools/call", {"name": "box__echo", "arguments": {"text": "still here"}}))["result"]
+        assert echoed["content"][0]["text"] == "still here"
+    async with session(config) as (raw, _):
+        modern = error_of(await raw.ask(1, "completion/complete", envelope(**UNSERVED["completion/complete"])))
+        assert modern["code"] == -32601 and modern["data"] == "completion/complete"
+    refused = refusals_of(config.parent)
+    assert {method: len(pairs) for method, pairs in refused.items()} == {
+        "vendor/early": 1,
+        "completion/complete": 2,
+        "logging/setLevel": 1,
+        "resources/subscribe": 1,
+        "vendor/anything": 1,
+    }
+    for method, pairs in refused.items():
+        for decision, outcome in pairs:
+            assert decision["decision"] == "deny" and decision["tool"] is None and decision["rules"] == []
+            assert decision["stage"] == "unknown-method" and method in decision["reason"]
+            assert outcome["outcome"] == "refused"
+    assert refused["vendor/anything"][0][0]["arguments"] == {"path": "/etc/passwd"}
