@@ -1,8 +1,9 @@
 """Streamable HTTP: the gateway served by the SDK's dual-era `Server` and its ASGI app.
 
-`GatewayServer` adapts the transport-neutral `Gateway` to the SDK's handler shapes: sessions come
-from the HTTP `mcp-session-id` (or, stateless, from the client's name), a `ProtocolError` becomes
-the SDK's `MCPError`, and list changes reach handshake-era sessions as notifications and 2026-07-28
+`GatewayServer` registers the dispatcher's routes, and only those, as the SDK server's handlers;
+its middleware refuses (and records) any other method before the SDK routes it. Sessions come from
+the HTTP `mcp-session-id` (or, stateless, from the client's name), a `ProtocolError` becomes the
+SDK's `MCPError`, and list changes reach handshake-era sessions as notifications and 2026-07-28
 peers on their `subscriptions/listen` streams.
 
 A handshake-era session with no request in flight for `[gateway.http] session_idle_timeout` is
@@ -10,26 +11,18 @@ closed by the SDK (its id then answers 404) and its end recorded; SIGTERM or SIG
 in order (open requests get `STOP_REQUESTS_GRACE` to finish), and the gateway then records the end
 of every session still open.
 
-HTTP binds 127.0.0.1 unless told otherwise, checks `Host` and `Origin` against the bound address
-(DNS-rebinding protection), and with `[gateway.http] token` set, refuses any request that does not
-carry `Authorization: Bearer <token>` (compared in constant time) with 401.
+HTTP binds 127.0.0.1 unless told otherwise and checks `Host` and `Origin` against the bound address
+(DNS-rebinding protection); the socket and the guards in front of the app are
+`gateway.downstream.http_edge`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import hmac
-import ipaddress
-import json
 import logging
-import signal
-import socket
-import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from types import FrameType
 from typing import Any, get_args
 
 import anyio
@@ -52,22 +45,28 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from gateway.calls import SessionInfo
 from gateway.config.models import Config
 from gateway.core.gateway import Gateway, ListKind
 from gateway.core.requests import RELAYED, Caller, Request, relay_for
-from gateway.core.sessions import Sessions
+from gateway.downstream.http_edge import (
+    LOOPBACK_NAMES,
+    BearerTokenGuard,
+    SessionEnds,
+    StoppingInOrder,
+    host_patterns,
+    is_loopback,
+    listening_socket,
+)
 from gateway.downstream.messages import check_spec, defined
-from gateway.downstream.shutdown import stopping
-from gateway.errors import GatewayError, ProtocolError, format_seconds
+from gateway.errors import ProtocolError, format_seconds
 from gateway.wire.results import dump
 
 logger = logging.getLogger(__name__)
 
 Context = ServerRequestContext[Any, Any]
-_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 STOP_REQUESTS_GRACE = 1
 """Seconds open HTTP requests have to finish once the gateway is stopping (a GET stream never does by
 itself); then they are cancelled, and so are the calls they wait for."""
@@ -225,14 +224,14 @@ class GatewayServer(Server[Any]):
 async def serve_streamable_http(gateway: Gateway, config: Config, host: str, port: int) -> None:
     """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
     settings = config.gateway.http
-    if not _is_loopback(host) and settings.token is None:
+    if not is_loopback(host) and settings.token is None:
         logger.warning("serving on %s without [gateway.http] token: anyone who can reach it can use every tool", host)
     with listening_socket(host, port) as sock:
         port = sock.getsockname()[1]
         security = TransportSecuritySettings(
             enable_dns_rebinding_protection=True,
-            allowed_hosts=[*_host_patterns(host, port), *settings.allowed_hosts],
-            allowed_origins=[*(f"http://{name}:*" for name in _LOOPBACK_NAMES), *settings.allowed_origins],
+            allowed_hosts=[*host_patterns(host, port), *settings.allowed_hosts],
+            allowed_origins=[*(f"http://{name}:*" for name in LOOPBACK_NAMES), *settings.allowed_origins],
         )
         app: ASGIApp = GatewayServer(gateway).streamable_http_app(
             host=host, transport_security=security, session_idle_timeout=settings.session_idle_timeout
@@ -240,7 +239,7 @@ async def serve_streamable_http(gateway: Gateway, config: Config, host: str, por
         app = SessionEnds(app, gateway.sessions)
         if settings.token is not None:
             app = BearerTokenGuard(app, settings.token)
-        server = _StoppingInOrder(
+        server = StoppingInOrder(
             uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=STOP_REQUESTS_GRACE)
         )
         async with anyio.create_task_group() as tg:
@@ -248,105 +247,3 @@ async def serve_streamable_http(gateway: Gateway, config: Config, host: str, por
             logger.info("serving streamable HTTP at http://%s:%d/mcp", host, port)
             await server.serve(sockets=[sock])
             tg.cancel_scope.cancel()
-
-
-class _StoppingInOrder(uvicorn.Server):
-    """uvicorn, stopping in order on SIGTERM or SIGINT, but without raising the signal again once stopped
-    (which would end the process before the gateway records the end of every session and commits it)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.should_exit:
-            stopping(sig)
-        super().handle_exit(sig, frame)
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """Bind before serving, so the address is taken (and a chosen port 0 known) up front.
-
-    The socket is made with its protocol named (`IPPROTO_TCP`, not 0): the connections it accepts
-    inherit it, and asyncio turns Nagle's algorithm off (`TCP_NODELAY`) only on sockets that say they
-    are TCP. Without it a response's body, written after its headers, waits for the client's delayed
-    ACK: about 40 ms for every request after the first on a keep-alive connection.
-    """
-    bare = host.strip("[]")
-    sock = socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((bare, port))
-    except OSError as exc:
-        sock.close()
-        raise GatewayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.listen(128)
-    return sock
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _host_patterns(host: str, port: int) -> list[str]:
-    if _is_loopback(host):
-        return [f"{name}:{port}" for name in _LOOPBACK_NAMES]
-    return [f"{host}:{port}"]
-
-
-class SessionEnds:
-    """ASGI middleware: a `DELETE` of an MCP session (the client hanging up) ends its audit session."""
-
-    def __init__(self, app: ASGIApp, sessions: Sessions) -> None:
-        self._app = app
-        self._sessions = sessions
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._app(scope, receive, send)
-        if scope["type"] == "http" and scope["method"] == "DELETE":
-            session = next((value for key, value in scope["headers"] if key == b"mcp-session-id"), None)
-            if session is not None:
-                self._sessions.end(session.decode("latin-1"), "the client ended the session")
-
-
-class BearerTokenGuard:
-    """ASGI middleware: every HTTP request must carry the configured bearer token."""
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self._app = app
-        self._expected = f"Bearer {token}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-        supplied = next((value for key, value in scope["headers"] if key == b"authorization"), b"")
-        if hmac.compare_digest(supplied, self._expected):
-            await self._app(scope, receive, send)
-            return
-        body = json.dumps({"error": "unauthorized", "error_description": "a valid bearer token is required"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", b'Bearer realm="mcp-armor"'),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})

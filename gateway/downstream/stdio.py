@@ -44,6 +44,7 @@ from pydantic import BaseModel, ValidationError
 from gateway.calls import ProgressFn, SessionInfo
 from gateway.core.gateway import Gateway, ListKind
 from gateway.core.requests import RELAYED, Caller, Request, ToolRequest, relay_for
+from gateway.downstream.listening import ListenStreams
 from gateway.downstream.messages import (
     INVALID_PARAMS,
     check_spec,
@@ -66,8 +67,6 @@ logger = logging.getLogger(__name__)
 
 LEGACY = "handshake"
 MODERN = "2026-07-28"
-SUBSCRIPTION_ID_META_KEY = "io.modelcontextprotocol/subscriptionId"
-MAX_LISTEN_STREAMS = 1024
 FLUSH_GRACE = 5.0
 """Seconds the answers written last have to reach the agent's output before the gateway goes on to exit."""
 _CONNECTION_PARAMS: dict[str, type[BaseModel]] = {
@@ -76,11 +75,6 @@ _CONNECTION_PARAMS: dict[str, type[BaseModel]] = {
     "subscriptions/listen": types.SubscriptionsListenRequestParams,
 }
 """The requests this face answers itself (besides `initialize`), with the model their parameters must fit."""
-_LIST_FILTER: dict[ListKind, str] = {
-    "tools": "toolsListChanged",
-    "prompts": "promptsListChanged",
-    "resources": "resourcesListChanged",
-}
 _ID_IN_FLIGHT = ProtocolError(types.INVALID_REQUEST, "a request with this id is still in flight; ids must be unique")
 
 
@@ -132,8 +126,8 @@ class StdioConnection(asyncio.Protocol):
             abandoned="no longer needed: what asked it was withdrawn or has ended",
         )
         """The requests the gateway sends the client (elicitation, relayed sampling and elicitation)."""
-        self._listens: dict[RequestId, tuple[dict[str, Any], frozenset[ListKind]]] = {}
-        """Open 2026 listen streams: their `_meta` stamp and the lists they follow."""
+        self._listens = ListenStreams(self._notify)
+        """Open 2026 listen streams."""
         self._capabilities = {
             era: dump(
                 types.ServerCapabilities(
@@ -174,7 +168,7 @@ class StdioConnection(asyncio.Protocol):
         end at once. Waiting stops early should the output close (nobody would read the answers).
         """
         self._withdraw_asked()
-        for key in list(self._listens):
+        for key in self._listens.ids():
             task = self._in_flight.pop(key, None)
             if task is not None:
                 _cancel(task)
@@ -404,7 +398,7 @@ class StdioConnection(asyncio.Protocol):
                 "capabilities": self._capabilities[MODERN],
             }
         if request.method == "subscriptions/listen":
-            return await self._listen(request, params)
+            return await self._listens.listen(request.id, params)
         return {}  # ping
 
     def _reply(self, request_id: RequestId, result: dict[str, Any]) -> None:
@@ -421,41 +415,12 @@ class StdioConnection(asyncio.Protocol):
 
     # -- changes, progress, elicitation ----------------------------------------------------------
 
-    async def _listen(self, request: _Request, params: types.SubscriptionsListenRequestParams) -> dict[str, Any]:
-        """A 2026 listen stream: acknowledged at once, then open until the client cancels it."""
-        if len(self._listens) >= MAX_LISTEN_STREAMS:
-            raise ProtocolError(types.INTERNAL_ERROR, "Subscription limit reached")
-        asked = params.notifications
-        honored = types.SubscriptionFilter(
-            tools_list_changed=True if asked.tools_list_changed else None,
-            prompts_list_changed=True if asked.prompts_list_changed else None,
-            resources_list_changed=True if asked.resources_list_changed else None,
-            resource_subscriptions=list(asked.resource_subscriptions) if asked.resource_subscriptions else None,
-        )
-        meta = {SUBSCRIPTION_ID_META_KEY: request.id}
-        wire = dump(honored)
-        followed = frozenset(kind for kind, key in _LIST_FILTER.items() if key in wire)
-        key = request.id
-        self._notify("notifications/subscriptions/acknowledged", {"notifications": wire, "_meta": meta})
-        self._listens[key] = entry = (meta, followed)
-        try:
-            await anyio.sleep_forever()
-        finally:
-            # Only its own: a stream the client cancelled and opened again under the same id in one read
-            # has its successor's entry here by the time it ends.
-            if self._listens.get(key) is entry:
-                del self._listens[key]
-        return {"_meta": meta}  # pragma: no cover (a listen stream ends only by cancellation)
-
     async def _announce(self, changed: list[ListKind]) -> None:
         if self._era == LEGACY:
             for kind in changed:
                 self._notify(f"notifications/{kind}/list_changed")
             return
-        for meta, followed in list(self._listens.values()):
-            for kind in changed:
-                if kind in followed:
-                    self._notify(f"notifications/{kind}/list_changed", {"_meta": meta})
+        self._listens.announce(changed)
 
     def _progress_relay(self, token: RequestId) -> ProgressFn:
         async def relay(progress: float, total: float | None, message: str | None) -> None:

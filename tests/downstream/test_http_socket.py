@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from gateway.downstream.http import listening_socket
+from gateway.downstream.http_edge import listening_socket
 
 
 async def _hello(scope: Scope, receive: Receive, send: Send) -> None:
