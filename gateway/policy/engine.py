@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.calls import Decision, Effect
 from gateway.policy.rates import RateLimiter
+from gateway.policy.results import Screening, screen
 from gateway.policy.rules import Rule, ToolRules
 
 _PRECEDENCE = (Effect.DENY, Effect.ASK, Effect.REWRITE, Effect.ALLOW)
@@ -32,17 +33,6 @@ class PolicySet:
     default: Effect = Effect.DENY
     revision: str = ""
     files: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Screening:
-    """What the result rules made of an upstream result."""
-
-    result: Mapping[str, Any]
-    withheld_by: str | None = None
-    reason: str = ""
-    redacted_by: tuple[str, ...] = ()
-    monitored: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -276,30 +266,7 @@ class PolicyEngine:
     ) -> Screening:
         """Apply the result rules to what the upstream returned: withhold it, or mask parts of its text."""
         rules = [rule for rule in self.rules_for(tool).result if rule.concerns_client(client, principal)]
-        if not rules:
-            return Screening(result)
-        subject = _result_subject(result)
-        redacted: list[str] = []
-        monitored: list[str] = []
-        for rule in rules:
-            try:
-                applies = rule.when is None or rule.when.is_valid(subject)
-            except Exception as exc:  # fail closed: a result that cannot be screened is withheld
-                reason = f"result rule '{rule.id}' could not be evaluated ({type(exc).__name__})"
-                return Screening(result, rule.id, reason, tuple(redacted), tuple(monitored))
-            if not applies:
-                continue
-            if rule.monitor or self.monitor_mode:
-                monitored.append(rule.id)
-                continue
-            if rule.effect is Effect.DENY:
-                reason = f"result withheld by rule '{rule.id}'" + (f": {rule.reason}" if rule.reason else "")
-                return Screening(result, rule.id, reason, tuple(redacted), tuple(monitored))
-            masked = _redact(result, rule)
-            if masked != result:
-                result = masked
-                redacted.append(rule.id)
-        return Screening(result, None, "", tuple(redacted), tuple(monitored))
+        return screen(rules, result, monitor_mode=self.monitor_mode)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -318,54 +285,3 @@ def merge_patch(target: Any, patch: Any) -> Any:
 def _rate_note(rule: Rule, wait: float) -> str:
     limit = rule.rate.text if rule.rate is not None else "a limited number of calls"
     return f"rule '{rule.id}' allows {limit} per session and that limit is reached; try again in {math.ceil(wait)}s"
-
-
-def _result_subject(result: Mapping[str, Any]) -> Any:
-    structured = result.get("structuredContent")
-    if structured is not None:
-        return structured
-    return {"text": "".join(_texts(result))}
-
-
-def _texts(result: Mapping[str, Any]) -> Iterable[str]:
-    for block in result.get("content") or ():
-        if isinstance(block, Mapping):
-            if block.get("type") == "text" and isinstance(block.get("text"), str):
-                yield block["text"]
-            resource = block.get("resource")
-            if isinstance(resource, Mapping) and isinstance(resource.get("text"), str):
-                yield resource["text"]
-
-
-def _redact(result: Mapping[str, Any], rule: Rule) -> Mapping[str, Any]:
-    mask = f"[redacted by mcp-armor rule '{rule.id}']"
-
-    def scrub(value: Any) -> Any:
-        if isinstance(value, str):
-            for pattern in rule.redact:
-                value = pattern.sub(mask, value)
-            return value
-        if isinstance(value, Mapping):
-            return {key: scrub(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [scrub(item) for item in value]
-        return value
-
-    changed = dict(result)
-    content = result.get("content")
-    if isinstance(content, list):
-        changed["content"] = [_scrub_block(block, scrub) for block in content]
-    if result.get("structuredContent") is not None:
-        changed["structuredContent"] = scrub(result["structuredContent"])
-    return changed
-
-
-def _scrub_block(block: Any, scrub: Any) -> Any:
-    if not isinstance(block, Mapping):
-        return block
-    if block.get("type") == "text" and isinstance(block.get("text"), str):
-        return {**block, "text": scrub(block["text"])}
-    resource = block.get("resource")
-    if isinstance(resource, Mapping) and isinstance(resource.get("text"), str):
-        return {**block, "resource": {**resource, "text": scrub(resource["text"])}}
-    return block
