@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.audit.queries import EVERY, Filters, where_clause
 from gateway.config.models import IN_MEMORY
 from gateway.errors import AuditError, EmptyLog, NoLogYet
 from gateway.schema import canonical_text, replace_non_finite
@@ -141,22 +142,6 @@ class Verification:
     head_seq: int
     head_hash: str
     problem: Problem | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Filters:
-    """Which events a query returns; `None` means no restriction."""
-
-    session: str | None = None
-    tool: str | None = None
-    """A glob over exposed tool names (`git__*`)."""
-    decision: str | None = None
-    """Only the events of calls with this decision."""
-    since: str | None = None
-    """An ISO 8601 UTC time; events at or after it."""
-    kinds: tuple[str, ...] | None = None
-    """Only events of these kinds."""
-    after_seq: int = 0
 
 
 class AuditStore:
@@ -312,10 +297,10 @@ class AuditStore:
         except sqlite3.Error as exc:
             raise AuditError(f"{self.path}: cannot read the audit log: {exc}") from None
 
-    def events(self, filters: Filters = Filters(), *, newest: int | None = None) -> Iterator[dict[str, Any]]:
+    def events(self, filters: Filters = EVERY, *, newest: int | None = None) -> Iterator[dict[str, Any]]:
         """Events in chain order (with `newest`, only that many of the latest), as exported: the body's
         fields plus seq, prev_hash and hash."""
-        where, params = _where(filters)
+        where, params = where_clause(filters)
         sql = f"SELECT seq, prev_hash, hash, body FROM events WHERE {where} ORDER BY seq"
         if newest is not None:
             sql = f"SELECT * FROM ({sql} DESC LIMIT {int(newest)}) ORDER BY seq"
@@ -328,9 +313,9 @@ class AuditStore:
             row = self._db.execute("SELECT max(seq) FROM events").fetchone()
         return int(row[0] or 0)
 
-    def sessions(self, filters: Filters = Filters()) -> list[dict[str, Any]]:
+    def sessions(self, filters: Filters = EVERY) -> list[dict[str, Any]]:
         """One row per session: who, when, how many calls and refusals."""
-        where, params = _where(filters)
+        where, params = where_clause(filters)
         sql = f"""
             SELECT session_id, min(ts), max(ts),
                    (SELECT body FROM events s WHERE s.session_id = e.session_id AND s.kind = 'session_start'
@@ -427,24 +412,3 @@ def _check_anchors(anchors: Sequence[tuple[int, str]], hashes: Mapping[int, str]
             what = "missing" if found is None else f"has hash {found[:16]}..., not the anchored {digest[:16]}..."
             return Problem(seq, f"anchored event {what} (the log was rewritten after the anchor was taken)")
     return None
-
-
-def _where(filters: Filters) -> tuple[str, list[Any]]:
-    clauses: list[str] = ["seq > ?"]
-    params: list[Any] = [filters.after_seq]
-    if filters.session is not None:
-        clauses.append("session_id = ?")
-        params.append(filters.session)
-    if filters.tool is not None:
-        clauses.append("tool GLOB ?")
-        params.append(filters.tool)
-    if filters.decision is not None:
-        clauses.append("call_id IN (SELECT call_id FROM events WHERE kind = 'decision' AND decision = ?)")
-        params.append(filters.decision)
-    if filters.since is not None:
-        clauses.append("ts >= ?")
-        params.append(filters.since)
-    if filters.kinds is not None:
-        clauses.append(f"kind IN ({', '.join('?' for _ in filters.kinds)})")
-        params.extend(filters.kinds)
-    return " AND ".join(clauses), params

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 
 from gateway import __version__
-from gateway.audit.store import Filters
+from gateway.audit.queries import Filters
 from gateway.cli import audit, pins, policy, setup
 from gateway.cli.common import print_table
 from gateway.config.models import Config, load_config
