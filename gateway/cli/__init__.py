@@ -5,7 +5,8 @@ upstream that could not be reached makes `tools` (and `upstream add --check`) ex
 what it could; a broken audit chain makes `audit verify` exit 1; servers `import` had to leave in
 the client make it exit 1. Output cut short by its reader (`mcp-armor audit export | head`) ends
 quietly with status 141, as a process killed by SIGPIPE would (`set -o pipefail` scripts see it the
-same way). The commands live in `cli/policy.py`, `cli/audit.py` and `cli/setup.py`.
+same way). The commands live in `cli/policy.py`, `cli/audit.py`, `cli/pins.py`, `cli/register.py`,
+`cli/importing.py` and `cli/upstreams.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import anyio
 
 from gateway import __version__
 from gateway.audit.queries import Filters
-from gateway.cli import audit, pins, policy, setup
+from gateway.cli import audit, importing, pins, policy, register, upstreams
 from gateway.cli.common import print_table
 from gateway.config.models import Config, load_config
 from gateway.config.source import DEFAULT_CONFIG
@@ -256,10 +257,10 @@ def _setup_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 SETUP_COMMANDS = {
-    "register": setup.register_command,
-    "import": setup.import_command,
-    "init": setup.init_command,
-    "upstream": setup.upstream_command,
+    "register": register.register_command,
+    "import": importing.import_command,
+    "init": importing.init_command,
+    "upstream": upstreams.upstream_command,
 }
 
 
