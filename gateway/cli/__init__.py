@@ -5,31 +5,26 @@ upstream that could not be reached makes `tools` (and `upstream add --check`) ex
 what it could; a broken audit chain makes `audit verify` exit 1; servers `import` had to leave in
 the client make it exit 1. Output cut short by its reader (`mcp-armor audit export | head`) ends
 quietly with status 141, as a process killed by SIGPIPE would (`set -o pipefail` scripts see it the
-same way). The arguments are declared in `cli/parser.py`; the commands live in `cli/policy.py`, `cli/audit.py`,
-`cli/pins.py`, `cli/register.py`, `cli/importing.py` and `cli/upstreams.py`.
+same way). The arguments are declared in `cli/parser.py`; the commands live in `cli/serve.py`, `cli/tools.py`,
+`cli/policy.py`, `cli/audit.py`, `cli/pins.py`, `cli/register.py`, `cli/importing.py` and
+`cli/upstreams.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import anyio
 
 from gateway.audit.queries import Filters
-from gateway.cli import audit, importing, pins, policy, register, upstreams
+from gateway.cli import audit, importing, pins, policy, register, serve, tools, upstreams
 from gateway.cli import parser as arguments
-from gateway.cli.common import print_table
 from gateway.config.models import Config, load_config
 from gateway.errors import GatewayError
-from gateway.policy.engine import PolicyEngine
-from gateway.policy.files import load_engine
-from gateway.upstream.connect import connect
 
 SETUP_COMMANDS = {
     "register": register.register_command,
@@ -74,7 +69,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         # by `serve --http` alone: no command needs the variables of what it does not use.
         config = load_config(args.config)
         if args.command == "serve":
-            return _serve(parser, config, args.http)
+            return serve.serve(parser, config, args.http)
         if args.command == "policy":
             return _policy(config, args)
         if args.command == "audit":
@@ -85,7 +80,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return anyio.run(pins.lock, config, args.force)
         if args.command == "pins":
             return _pins(config, args)
-        return anyio.run(_tools, config, args.json)
+        return anyio.run(tools.tools, config, args.json)
     except GatewayError as exc:
         print(f"mcp-armor: error: {exc}", file=sys.stderr)
         return 2
@@ -143,71 +138,3 @@ def _configure_logging(*, verbose: bool, quiet: bool) -> None:
     monitor.handlers[:] = [calls]
     monitor.propagate = False
     monitor.setLevel(logging.WARNING if quiet else logging.INFO)
-
-
-def _serve(parser: argparse.ArgumentParser, config: Config, http: str | None) -> int:
-    from gateway.downstream.serve import serve_http, serve_stdio
-
-    if http is None:
-        anyio.run(serve_stdio, config)
-        return 0
-    host, _, port_text = http.rpartition(":")
-    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        parser.error(f"--http: expected HOST:PORT (e.g. 127.0.0.1:8765), got {http!r}")
-    anyio.run(serve_http, config, host or "127.0.0.1", int(port_text))
-    return 0
-
-
-async def _tools(config: Config, as_json: bool) -> int:
-    engine = load_engine(config)
-    upstreams = await connect(config)
-    engine.index_tools(upstreams.catalog.tools)
-    rows: list[dict[str, Any]] = [
-        {
-            "name": tool.name,
-            "upstream": tool.upstream,
-            "upstream_tool": tool.upstream_name,
-            "shortened": tool.name != f"{tool.upstream}{config.gateway.separator}{tool.upstream_name}",
-            "policy": _policy_summary(engine, tool.name),
-            "description": tool.model.description or "",
-        }
-        for tool in upstreams.catalog.tools.values()
-    ]
-    rows += [
-        {
-            "name": name,
-            "upstream": held.item.upstream,
-            "upstream_tool": held.item.name,
-            "shortened": name != f"{held.item.upstream}{config.gateway.separator}{held.item.name}",
-            "policy": f"quarantined ({held.verdict}): see `mcp-armor pins diff {held.item.label}`",
-            "description": str(held.item.form.get("description", "")),
-        }
-        for name, held in upstreams.quarantined.items()
-    ]
-    if as_json:
-        down, problems = upstreams.down, list(upstreams.catalog.problems)
-        print(json.dumps({"tools": rows, "unavailable": down, "problems": problems}, indent=2))
-    else:
-        _print_tools(rows)
-    upstreams.report()
-    return 1 if upstreams.down else 0
-
-
-def _policy_summary(engine: PolicyEngine, tool: str) -> str:
-    """What policy does to a tool, for a client that no `clients` glob names."""
-    if not engine.visible(tool):
-        return "hidden (no rule allows it)"
-    rules = engine.rules_for(tool).call
-    if not rules:
-        return f"{engine.policies.default.value} (default)"
-    effects = sorted({rule.effect.value for rule in rules if rule.effect is not None and not rule.monitor})
-    conditional = any(rule.when is not None or rule.rate is not None or rule.clients for rule in rules)
-    return "/".join(effects) + (" (conditional)" if conditional else "")
-
-
-def _print_tools(rows: list[dict[str, Any]]) -> None:
-    table = [
-        (row["name"], row["upstream"], row["upstream_tool"], row["policy"] + ("  (name shortened)" * row["shortened"]))
-        for row in rows
-    ]
-    print_table(("TOOL", "UPSTREAM", "UPSTREAM TOOL", "POLICY"), table, empty="(no tools exposed)")
