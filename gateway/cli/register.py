@@ -19,16 +19,9 @@ from gateway.config.edit import ConfigText
 from gateway.config.models import Config
 from gateway.config.source import variables
 from gateway.errors import ClientFileError, ConfigError
-from gateway.setup.clients import (
-    CLIENTS,
-    ClientFile,
-    Registration,
-    absolute_paths,
-    locate,
-    register,
-    unregister,
-)
+from gateway.setup.clients import CLIENTS, ClientFile, locate
 from gateway.setup.files import backup, unified_diff, write_atomically
+from gateway.setup.registration import Registration, absolute_paths, register, unregister
 
 
 def register_command(args: argparse.Namespace) -> int:
