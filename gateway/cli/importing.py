@@ -25,7 +25,8 @@ from gateway.config.models import Config
 from gateway.config.source import variables
 from gateway.errors import ConfigError
 from gateway.policy.files import load_policies
-from gateway.setup.clients import CLIENTS, ClientFile, locate
+from gateway.setup.client_files import ClientFile
+from gateway.setup.clients import CLIENTS, locate
 from gateway.setup.files import backup, unified_diff, write_atomically
 from gateway.setup.importing import ImportPlan, plan_import, without_moved
 from gateway.setup.registration import register

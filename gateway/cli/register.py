@@ -19,7 +19,8 @@ from gateway.config.edit import ConfigText
 from gateway.config.models import Config
 from gateway.config.source import variables
 from gateway.errors import ClientFileError, ConfigError
-from gateway.setup.clients import CLIENTS, ClientFile, locate
+from gateway.setup.client_files import ClientFile
+from gateway.setup.clients import CLIENTS, locate
 from gateway.setup.files import backup, unified_diff, write_atomically
 from gateway.setup.registration import Registration, absolute_paths, register, unregister
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from gateway.config.environment import changes_runtime
 from gateway.errors import ClientFileError
-from gateway.setup.clients import ClientFile, ClientFormat
+from gateway.setup.client_files import ClientFile
+from gateway.setup.clients import ClientFormat
 
 
 def launcher() -> list[str]:
