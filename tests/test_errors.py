@@ -67,7 +67,7 @@ def test_every_exception_class_is_defined_in_errors_py() -> None:
 
 def test_the_walk_finds_private_helpers_and_the_tree_itself() -> None:
     found = _classes_defined_under_gateway()
-    assert found["_DuplicateKey"] == "gateway/setup/clients.py"
+    assert found["_DuplicateKey"] == "gateway/setup/client_files.py"
     assert found["UpstreamTimeout"] == "gateway/errors.py"
 
 

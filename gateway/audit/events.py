@@ -12,8 +12,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gateway.audit.chain import canonical
 from gateway.audit.recorder import Recorder
-from gateway.audit.store import FIELDS, canonical, now_iso
+from gateway.audit.store import FIELDS, now_iso
 from gateway.calls import Decision, Effect, Outcome, SessionInfo, ToolCall
 from gateway.catalog.pins import Assessment
 from gateway.policy.engine import PolicyEngine

@@ -27,8 +27,9 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from gateway.audit.chain import canonical
 from gateway.audit.journal import ROTATE_BYTES, Journal, journal_directory, recover, report_recovered
-from gateway.audit.store import AuditStore, Mark, canonical, is_locked
+from gateway.audit.store import AuditStore, Mark, is_locked
 from gateway.config.models import IN_MEMORY
 from gateway.errors import AuditError
 from gateway.policy.redact import Redactor

@@ -1,40 +1,35 @@
-"""The audit log's SQLite file: schema and migrations, the hash chain, queries and verification.
+"""The audit log's SQLite file: schema and migrations, appending to the chain, queries and verification.
 
 Synchronous (stdlib `sqlite3`) and free of the event loop: the recorder decides where a commit
 runs. The file is in WAL mode, so readers (the CLI) never block the writer, and several gateway
 processes can append to one file: each batch is appended inside `BEGIN IMMEDIATE`, continuing the
 chain from whatever head the file has at that moment.
 
-The chain: every event is stored as its canonical JSON `body` (sorted keys, no insignificant
-whitespace, UTF-8) with `hash = SHA-256(bytes(prev_hash) + body)`, where `prev_hash` is the hash of
-the event before it (64 zeros for the first). The `head` row, updated in the same transaction,
+The chain (see `audit/chain.py`): the `head` row, updated in the same transaction as the events,
 records the last sequence number and hash, so removing events from the end is detected too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.audit.chain import GENESIS, Verification, chain_hash, walk
+from gateway.audit.queries import EVERY, Filters, where_clause
 from gateway.config.models import IN_MEMORY
 from gateway.errors import AuditError, EmptyLog, NoLogYet
-from gateway.schema import canonical_text, replace_non_finite
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = range(1, SCHEMA_VERSION + 1)
 """Schemas a reader can query: they differ only in indexes."""
-GENESIS = "0" * 64
 FIELDS = (
     "ts",
     "kind",
@@ -88,22 +83,6 @@ Mark = tuple[str, int]
 """A journal's name and a byte offset in it."""
 
 
-def canonical(event: Mapping[str, Any]) -> str:
-    """The canonical JSON form of an event body: what is stored and what is hashed.
-
-    Strict JSON: a NaN or infinity (which a tool's arguments or result may carry) is written as the
-    string "NaN", "Infinity" or "-Infinity", so such a call is recorded like any other.
-    """
-    try:
-        return canonical_text(event, allow_nan=False)
-    except ValueError:
-        return canonical_text(replace_non_finite(event, _spelled), allow_nan=False)
-
-
-def _spelled(value: float) -> str:
-    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
-
-
 def iso_utc(moment: datetime) -> str:
     """The log's time format: ISO 8601 in UTC to the millisecond (`2026-11-23T10:42:07.123Z`), so
     times compare as strings."""
@@ -121,42 +100,6 @@ def now_iso() -> str:
     if second != _second[0]:
         _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
     return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
-
-
-def chain_hash(prev_hash: str, body: str) -> str:
-    return hashlib.sha256(bytes.fromhex(prev_hash) + body.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """The first place where the chain does not hold."""
-
-    seq: int
-    what: str
-
-
-@dataclass(frozen=True, slots=True)
-class Verification:
-    events: int
-    head_seq: int
-    head_hash: str
-    problem: Problem | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Filters:
-    """Which events a query returns; `None` means no restriction."""
-
-    session: str | None = None
-    tool: str | None = None
-    """A glob over exposed tool names (`git__*`)."""
-    decision: str | None = None
-    """Only the events of calls with this decision."""
-    since: str | None = None
-    """An ISO 8601 UTC time; events at or after it."""
-    kinds: tuple[str, ...] | None = None
-    """Only events of these kinds."""
-    after_seq: int = 0
 
 
 class AuditStore:
@@ -312,10 +255,10 @@ class AuditStore:
         except sqlite3.Error as exc:
             raise AuditError(f"{self.path}: cannot read the audit log: {exc}") from None
 
-    def events(self, filters: Filters = Filters(), *, newest: int | None = None) -> Iterator[dict[str, Any]]:
+    def events(self, filters: Filters = EVERY, *, newest: int | None = None) -> Iterator[dict[str, Any]]:
         """Events in chain order (with `newest`, only that many of the latest), as exported: the body's
         fields plus seq, prev_hash and hash."""
-        where, params = _where(filters)
+        where, params = where_clause(filters)
         sql = f"SELECT seq, prev_hash, hash, body FROM events WHERE {where} ORDER BY seq"
         if newest is not None:
             sql = f"SELECT * FROM ({sql} DESC LIMIT {int(newest)}) ORDER BY seq"
@@ -328,9 +271,9 @@ class AuditStore:
             row = self._db.execute("SELECT max(seq) FROM events").fetchone()
         return int(row[0] or 0)
 
-    def sessions(self, filters: Filters = Filters()) -> list[dict[str, Any]]:
+    def sessions(self, filters: Filters = EVERY) -> list[dict[str, Any]]:
         """One row per session: who, when, how many calls and refusals."""
-        where, params = _where(filters)
+        where, params = where_clause(filters)
         sql = f"""
             SELECT session_id, min(ts), max(ts),
                    (SELECT body FROM events s WHERE s.session_id = e.session_id AND s.kind = 'session_start'
@@ -364,87 +307,9 @@ class AuditStore:
 
     def verify(self, anchors: Sequence[tuple[int, str]] = ()) -> Verification:
         """Walk the whole chain; the first sequence number where it breaks, if any."""
-        db = self._db
         with self._reading():
-            db.execute("BEGIN")  # one snapshot for the walk and the head
-            try:
-                head_seq, head_hash = db.execute("SELECT seq, hash FROM head WHERE id = 1").fetchone()
-                expected, prev, count = 1, GENESIS, 0
-                problem: Problem | None = None
-                hashes: dict[int, str] = {}
-                wanted = {seq for seq, _ in anchors}
-                for seq, prev_hash, digest, body in db.execute(
-                    "SELECT seq, prev_hash, hash, body FROM events ORDER BY seq"
-                ):
-                    problem = _check_row(seq, prev_hash, digest, body, expected, prev)
-                    if problem is not None:
-                        break
-                    if seq in wanted:
-                        hashes[seq] = digest
-                    expected, prev, count = seq + 1, digest, count + 1
-                if problem is None:
-                    problem = _check_head(expected - 1, prev, head_seq, head_hash)
-                if problem is None:
-                    problem = _check_anchors(anchors, hashes)
-            finally:
-                db.execute("COMMIT")
-        return Verification(count, head_seq, head_hash, problem)
+            return walk(self._db, anchors)
 
 
 def is_locked(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
-
-
-def _check_row(seq: int, prev_hash: str, digest: str, body: str, expected: int, prev: str) -> Problem | None:
-    if seq != expected:
-        span = f"{expected}" if seq == expected + 1 else f"{expected}-{seq - 1}"
-        return Problem(expected, f"event{'s' if seq > expected + 1 else ''} {span} missing (deleted)")
-    if prev_hash != prev:
-        return Problem(seq, "prev_hash does not match the event before it (events deleted, reordered or replaced)")
-    try:
-        recomputed = chain_hash(prev, canonical(json.loads(body)))
-    except ValueError:
-        return Problem(seq, "body is not valid JSON (edited)")
-    if recomputed != digest:
-        return Problem(seq, "hash does not match the event's content (edited)")
-    return None
-
-
-def _check_head(last_seq: int, last_hash: str, head_seq: int, head_hash: str) -> Problem | None:
-    if head_seq > last_seq:
-        return Problem(last_seq + 1, f"events {last_seq + 1}-{head_seq} missing (the log was truncated)")
-    if head_seq < last_seq:
-        return Problem(head_seq + 1, f"events after {head_seq} were not appended through the chain head")
-    if head_hash != last_hash:
-        return Problem(last_seq, "the chain head's hash does not match the last event")
-    return None
-
-
-def _check_anchors(anchors: Sequence[tuple[int, str]], hashes: Mapping[int, str]) -> Problem | None:
-    for seq, digest in anchors:
-        if hashes.get(seq) != digest:
-            found = hashes.get(seq)
-            what = "missing" if found is None else f"has hash {found[:16]}..., not the anchored {digest[:16]}..."
-            return Problem(seq, f"anchored event {what} (the log was rewritten after the anchor was taken)")
-    return None
-
-
-def _where(filters: Filters) -> tuple[str, list[Any]]:
-    clauses: list[str] = ["seq > ?"]
-    params: list[Any] = [filters.after_seq]
-    if filters.session is not None:
-        clauses.append("session_id = ?")
-        params.append(filters.session)
-    if filters.tool is not None:
-        clauses.append("tool GLOB ?")
-        params.append(filters.tool)
-    if filters.decision is not None:
-        clauses.append("call_id IN (SELECT call_id FROM events WHERE kind = 'decision' AND decision = ?)")
-        params.append(filters.decision)
-    if filters.since is not None:
-        clauses.append("ts >= ?")
-        params.append(filters.since)
-    if filters.kinds is not None:
-        clauses.append(f"kind IN ({', '.join('?' for _ in filters.kinds)})")
-        params.extend(filters.kinds)
-    return " AND ".join(clauses), params

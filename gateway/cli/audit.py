@@ -13,7 +13,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.audit.journal import open_settled
-from gateway.audit.store import FIELDS, KINDS, AuditStore, Filters, iso_utc
+from gateway.audit.queries import Filters
+from gateway.audit.store import FIELDS, KINDS, AuditStore, iso_utc
 from gateway.calls import Answer
 from gateway.cli.common import print_table, visible
 from gateway.config.models import IN_MEMORY, Config, parse_duration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import unicodedata
 from collections.abc import Sequence
 
@@ -33,3 +34,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, emp
     for row in [list(headers), *cells]:
         padded = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
         print("  ".join([*padded, row[-1]]).rstrip())
+
+
+def note(text: str) -> None:
+    print(f"mcp-armor: note: {text}", file=sys.stderr)

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from contextlib import closing
 from typing import Any
 
+from gateway.audit.chain import canonical
 from gateway.audit.events import event
-from gateway.audit.store import AuditStore, canonical
+from gateway.audit.store import AuditStore
 from gateway.catalog.listing import Catalog, UpstreamListing
 from gateway.catalog.pins import Assessment, Lock, Mode, Verdict, assess, select, server_identity
 from gateway.catalog.scan import Finding, Severity, scan_definition, visible

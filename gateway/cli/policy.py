@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.audit.journal import open_settled
-from gateway.audit.store import Filters
+from gateway.audit.queries import Filters
 from gateway.calls import Effect
 from gateway.cli.common import print_table
 from gateway.config.models import Config

@@ -13,60 +13,16 @@ from __future__ import annotations
 
 import functools
 import math
-import re
-from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway.calls import Decision, Effect
-from gateway.schema import Matcher
+from gateway.policy.rates import RateLimiter
+from gateway.policy.results import Screening, screen
+from gateway.policy.rules import Rule, ToolRules
 
 _PRECEDENCE = (Effect.DENY, Effect.ASK, Effect.REWRITE, Effect.ALLOW)
-
-
-@dataclass(frozen=True, slots=True)
-class Rate:
-    """At most `limit` calls per `period` seconds, per session."""
-
-    limit: int
-    period: float
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One compiled `[[rule]]`."""
-
-    id: str
-    source: str
-    """The policy file it came from."""
-    tools: tuple[str, ...]
-    tools_pattern: re.Pattern[str] = field(repr=False)
-    effect: Effect | None
-    """The effect of a call rule, or `deny` for a result rule that withholds; `None` for a redacting one."""
-    clients: tuple[str, ...] | None = None
-    clients_pattern: re.Pattern[str] | None = field(default=None, repr=False)
-    when: Matcher | None = field(default=None, repr=False)
-    when_schema: Mapping[str, Any] | None = field(default=None, repr=False)
-    reason: str = ""
-    monitor: bool = False
-    rate: Rate | None = None
-    patch: Mapping[str, Any] | None = None
-    on_result: bool = False
-    redact: tuple[re.Pattern[str], ...] = ()
-    mask: tuple[tuple[str, ...], ...] = ()
-    """Argument paths the audit log stores masked (for every call of the rule's tools)."""
-
-    def concerns(self, tool: str) -> bool:
-        return self.tools_pattern.fullmatch(tool) is not None
-
-    def concerns_client(self, client: str, principal: str) -> bool:
-        if self.clients_pattern is None:
-            return True
-        return self.clients_pattern.fullmatch(client) is not None or (
-            bool(principal) and self.clients_pattern.fullmatch(principal) is not None
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,68 +33,6 @@ class PolicySet:
     default: Effect = Effect.DENY
     revision: str = ""
     files: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ToolRules:
-    """The rules that can concern one exposed tool, in policy order."""
-
-    call: tuple[Rule, ...] = ()
-    result: tuple[Rule, ...] = ()
-    mask: tuple[tuple[str, ...], ...] = ()
-    """Argument paths to mask in the audit log, from every rule naming the tool."""
-
-
-@dataclass(frozen=True, slots=True)
-class Screening:
-    """What the result rules made of an upstream result."""
-
-    result: Mapping[str, Any]
-    withheld_by: str | None = None
-    reason: str = ""
-    redacted_by: tuple[str, ...] = ()
-    monitored: tuple[str, ...] = ()
-
-
-class RateLimiter:
-    """Sliding-window counts per (session, rule). Only calls that go ahead are counted."""
-
-    def __init__(self) -> None:
-        self._hits: dict[tuple[str, str], deque[float]] = {}
-
-    def wait(self, session: str, rule: Rule, now: float) -> float:
-        """Seconds until `rule` lets another call of `session` through; 0 when it would now."""
-        rate = rule.rate
-        if rate is None:
-            return 0.0
-        hits = self._hits.get((session, rule.id))
-        if hits is None:
-            return 0.0
-        while hits and hits[0] <= now - rate.period:
-            hits.popleft()
-        if len(hits) < rate.limit:
-            return 0.0
-        return max(hits[len(hits) - rate.limit] + rate.period - now, 0.001)
-
-    def charge(self, session: str, rules: Sequence[Rule], now: float) -> bool:
-        """Count one call against every rule, all or none; `False` when one of them is at its limit."""
-        if any(self.wait(session, rule, now) for rule in rules):
-            return False
-        for rule in rules:
-            self._hits.setdefault((session, rule.id), deque()).append(now)
-        return True
-
-    def forget(self, session: str) -> None:
-        """Drop a finished session's counts."""
-        for key in [key for key in self._hits if key[0] == session]:
-            del self._hits[key]
-
-    def refund(self, session: str, rules: Sequence[Rule], now: float) -> None:
-        """Take back a charge made at `now` for a call that was refused after all."""
-        for rule in rules:
-            hits = self._hits.get((session, rule.id))
-            if hits and now in hits:
-                hits.remove(now)
 
 
 @dataclass(slots=True)
@@ -372,30 +266,7 @@ class PolicyEngine:
     ) -> Screening:
         """Apply the result rules to what the upstream returned: withhold it, or mask parts of its text."""
         rules = [rule for rule in self.rules_for(tool).result if rule.concerns_client(client, principal)]
-        if not rules:
-            return Screening(result)
-        subject = _result_subject(result)
-        redacted: list[str] = []
-        monitored: list[str] = []
-        for rule in rules:
-            try:
-                applies = rule.when is None or rule.when.is_valid(subject)
-            except Exception as exc:  # fail closed: a result that cannot be screened is withheld
-                reason = f"result rule '{rule.id}' could not be evaluated ({type(exc).__name__})"
-                return Screening(result, rule.id, reason, tuple(redacted), tuple(monitored))
-            if not applies:
-                continue
-            if rule.monitor or self.monitor_mode:
-                monitored.append(rule.id)
-                continue
-            if rule.effect is Effect.DENY:
-                reason = f"result withheld by rule '{rule.id}'" + (f": {rule.reason}" if rule.reason else "")
-                return Screening(result, rule.id, reason, tuple(redacted), tuple(monitored))
-            masked = _redact(result, rule)
-            if masked != result:
-                result = masked
-                redacted.append(rule.id)
-        return Screening(result, None, "", tuple(redacted), tuple(monitored))
+        return screen(rules, result, monitor_mode=self.monitor_mode)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -414,54 +285,3 @@ def merge_patch(target: Any, patch: Any) -> Any:
 def _rate_note(rule: Rule, wait: float) -> str:
     limit = rule.rate.text if rule.rate is not None else "a limited number of calls"
     return f"rule '{rule.id}' allows {limit} per session and that limit is reached; try again in {math.ceil(wait)}s"
-
-
-def _result_subject(result: Mapping[str, Any]) -> Any:
-    structured = result.get("structuredContent")
-    if structured is not None:
-        return structured
-    return {"text": "".join(_texts(result))}
-
-
-def _texts(result: Mapping[str, Any]) -> Iterable[str]:
-    for block in result.get("content") or ():
-        if isinstance(block, Mapping):
-            if block.get("type") == "text" and isinstance(block.get("text"), str):
-                yield block["text"]
-            resource = block.get("resource")
-            if isinstance(resource, Mapping) and isinstance(resource.get("text"), str):
-                yield resource["text"]
-
-
-def _redact(result: Mapping[str, Any], rule: Rule) -> Mapping[str, Any]:
-    mask = f"[redacted by mcp-armor rule '{rule.id}']"
-
-    def scrub(value: Any) -> Any:
-        if isinstance(value, str):
-            for pattern in rule.redact:
-                value = pattern.sub(mask, value)
-            return value
-        if isinstance(value, Mapping):
-            return {key: scrub(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [scrub(item) for item in value]
-        return value
-
-    changed = dict(result)
-    content = result.get("content")
-    if isinstance(content, list):
-        changed["content"] = [_scrub_block(block, scrub) for block in content]
-    if result.get("structuredContent") is not None:
-        changed["structuredContent"] = scrub(result["structuredContent"])
-    return changed
-
-
-def _scrub_block(block: Any, scrub: Any) -> Any:
-    if not isinstance(block, Mapping):
-        return block
-    if block.get("type") == "text" and isinstance(block.get("text"), str):
-        return {**block, "text": scrub(block["text"])}
-    resource = block.get("resource")
-    if isinstance(resource, Mapping) and isinstance(resource.get("text"), str):
-        return {**block, "resource": {**resource, "text": scrub(resource["text"])}}
-    return block

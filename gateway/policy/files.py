@@ -27,8 +27,9 @@ from referencing.jsonschema import DRAFT202012
 from gateway.calls import Effect
 from gateway.config.models import Config, parse_duration
 from gateway.errors import PolicyError
-from gateway.policy.engine import PolicyEngine, PolicySet, Rate, Rule
+from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.policy.redact import parse_mask_path
+from gateway.policy.rules import Rate, Rule
 from gateway.schema import FORMATS, Matcher, compile_fast, compile_schema, describe_violation
 
 RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")

@@ -21,7 +21,9 @@ from typing import Any
 from gateway.config.source import UPSTREAM_NAME
 from gateway.errors import Unsupported
 from gateway.policy.redact import Redactor
-from gateway.setup.clients import ClientFile, ClientFormat, is_gateway_entry
+from gateway.setup.client_files import ClientFile
+from gateway.setup.clients import ClientFormat
+from gateway.setup.registration import is_gateway_entry
 
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")
 _BARE_OR_BRACED = re.compile(r"\$(?:(\w+)|\{([^}]+)\})")

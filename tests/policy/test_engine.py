@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from gateway.calls import Effect
-from gateway.policy.engine import PolicyEngine, Rule, merge_patch
+from gateway.policy.engine import PolicyEngine, merge_patch
 from gateway.policy.files import load_policies
+from gateway.policy.rules import Rule
 from tests.conftest import REPO
 
 POLICY = r"""

@@ -23,8 +23,9 @@ from mcp.client.stdio import StdioServerParameters
 from gateway.cli import main
 from gateway.config.environment import environment_for
 from gateway.config.models import load_config
-from gateway.setup import clients
-from gateway.setup.clients import CLIENTS, ClientFormat, launcher
+from gateway.setup import registration as clients
+from gateway.setup.clients import CLIENTS, ClientFormat
+from gateway.setup.registration import launcher
 from tests.conftest import fixture_upstream, http_gateway, text_of, write_config
 
 CLIENT_NAMES = sorted(CLIENTS)

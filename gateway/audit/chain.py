@@ -1,0 +1,115 @@
+"""The audit log's hash chain: the canonical form of an event body, its hash, and checking a stored chain.
+
+Every event is stored as its canonical JSON `body` (sorted keys, no insignificant whitespace, UTF-8)
+with `hash = SHA-256(bytes(prev_hash) + body)`, where `prev_hash` is the hash of the event before it
+(64 zeros for the first); the `head` row records the last sequence number and hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.schema import canonical_text, replace_non_finite
+
+GENESIS = "0" * 64
+
+
+def canonical(event: Mapping[str, Any]) -> str:
+    """The canonical JSON form of an event body: what is stored and what is hashed.
+
+    Strict JSON: a NaN or infinity (which a tool's arguments or result may carry) is written as the
+    string "NaN", "Infinity" or "-Infinity", so such a call is recorded like any other.
+    """
+    try:
+        return canonical_text(event, allow_nan=False)
+    except ValueError:
+        return canonical_text(replace_non_finite(event, _spelled), allow_nan=False)
+
+
+def _spelled(value: float) -> str:
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+
+
+def chain_hash(prev_hash: str, body: str) -> str:
+    return hashlib.sha256(bytes.fromhex(prev_hash) + body.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """The first place where the chain does not hold."""
+
+    seq: int
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    events: int
+    head_seq: int
+    head_hash: str
+    problem: Problem | None = None
+
+
+def _check_row(seq: int, prev_hash: str, digest: str, body: str, expected: int, prev: str) -> Problem | None:
+    if seq != expected:
+        span = f"{expected}" if seq == expected + 1 else f"{expected}-{seq - 1}"
+        return Problem(expected, f"event{'s' if seq > expected + 1 else ''} {span} missing (deleted)")
+    if prev_hash != prev:
+        return Problem(seq, "prev_hash does not match the event before it (events deleted, reordered or replaced)")
+    try:
+        recomputed = chain_hash(prev, canonical(json.loads(body)))
+    except ValueError:
+        return Problem(seq, "body is not valid JSON (edited)")
+    if recomputed != digest:
+        return Problem(seq, "hash does not match the event's content (edited)")
+    return None
+
+
+def _check_head(last_seq: int, last_hash: str, head_seq: int, head_hash: str) -> Problem | None:
+    if head_seq > last_seq:
+        return Problem(last_seq + 1, f"events {last_seq + 1}-{head_seq} missing (the log was truncated)")
+    if head_seq < last_seq:
+        return Problem(head_seq + 1, f"events after {head_seq} were not appended through the chain head")
+    if head_hash != last_hash:
+        return Problem(last_seq, "the chain head's hash does not match the last event")
+    return None
+
+
+def _check_anchors(anchors: Sequence[tuple[int, str]], hashes: Mapping[int, str]) -> Problem | None:
+    for seq, digest in anchors:
+        if hashes.get(seq) != digest:
+            found = hashes.get(seq)
+            what = "missing" if found is None else f"has hash {found[:16]}..., not the anchored {digest[:16]}..."
+            return Problem(seq, f"anchored event {what} (the log was rewritten after the anchor was taken)")
+    return None
+
+
+def walk(db: sqlite3.Connection, anchors: Sequence[tuple[int, str]] = ()) -> Verification:
+    """Walk the whole chain in `db`; the first sequence number where it breaks, if any."""
+    db.execute("BEGIN")  # one snapshot for the walk and the head
+    try:
+        head_seq, head_hash = db.execute("SELECT seq, hash FROM head WHERE id = 1").fetchone()
+        expected, prev, count = 1, GENESIS, 0
+        problem: Problem | None = None
+        hashes: dict[int, str] = {}
+        wanted = {seq for seq, _ in anchors}
+        for seq, prev_hash, digest, body in db.execute("SELECT seq, prev_hash, hash, body FROM events ORDER BY seq"):
+            problem = _check_row(seq, prev_hash, digest, body, expected, prev)
+            if problem is not None:
+                break
+            if seq in wanted:
+                hashes[seq] = digest
+            expected, prev, count = seq + 1, digest, count + 1
+        if problem is None:
+            problem = _check_head(expected - 1, prev, head_seq, head_hash)
+        if problem is None:
+            problem = _check_anchors(anchors, hashes)
+    finally:
+        db.execute("COMMIT")
+    return Verification(count, head_seq, head_hash, problem)

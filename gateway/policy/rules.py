@@ -1,0 +1,68 @@
+"""Compiled policy rules: one `[[rule]]` as the engine reads it, and the rules that concern one tool.
+
+Built by `policy/files.py` at load time, read by the engine; plain data, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.calls import Effect
+from gateway.schema import Matcher
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most `limit` calls per `period` seconds, per session."""
+
+    limit: int
+    period: float
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One compiled `[[rule]]`."""
+
+    id: str
+    source: str
+    """The policy file it came from."""
+    tools: tuple[str, ...]
+    tools_pattern: re.Pattern[str] = field(repr=False)
+    effect: Effect | None
+    """The effect of a call rule, or `deny` for a result rule that withholds; `None` for a redacting one."""
+    clients: tuple[str, ...] | None = None
+    clients_pattern: re.Pattern[str] | None = field(default=None, repr=False)
+    when: Matcher | None = field(default=None, repr=False)
+    when_schema: Mapping[str, Any] | None = field(default=None, repr=False)
+    reason: str = ""
+    monitor: bool = False
+    rate: Rate | None = None
+    patch: Mapping[str, Any] | None = None
+    on_result: bool = False
+    redact: tuple[re.Pattern[str], ...] = ()
+    mask: tuple[tuple[str, ...], ...] = ()
+    """Argument paths the audit log stores masked (for every call of the rule's tools)."""
+
+    def concerns(self, tool: str) -> bool:
+        return self.tools_pattern.fullmatch(tool) is not None
+
+    def concerns_client(self, client: str, principal: str) -> bool:
+        if self.clients_pattern is None:
+            return True
+        return self.clients_pattern.fullmatch(client) is not None or (
+            bool(principal) and self.clients_pattern.fullmatch(principal) is not None
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRules:
+    """The rules that can concern one exposed tool, in policy order."""
+
+    call: tuple[Rule, ...] = ()
+    result: tuple[Rule, ...] = ()
+    mask: tuple[tuple[str, ...], ...] = ()
+    """Argument paths to mask in the audit log, from every rule naming the tool."""
