@@ -2,11 +2,10 @@
 
 Every line the agent sends is parsed once, as it arrives, and answered here; no SDK server (and
 none of the SDK's web stack) is loaded in the process. The first request decides the connection's
-era, as the MCP specification has it: `initialize` opens a handshake-era connection, a request
-carrying the 2026-07-28 `_meta` envelope opens a 2026 one, and a later claim from the other era is
-refused. Each request is checked with the specification's own per-version models (`mcp_types`),
-errors have the shapes the SDK server gives them, and results are sieved for the caller's version,
-so a client sees the same answers it would from an SDK server.
+era (`gateway.downstream.eras` keeps it, and admits each request). Each request is checked with
+the specification's own per-version models (`mcp_types`), errors have the shapes the SDK server
+gives them, and results are sieved for the caller's version, so a client sees the same answers it
+would from an SDK server.
 
 The connection answers `initialize` and `server/discover`, `ping` (handshake era) and
 `subscriptions/listen` (2026); everything else is the dispatcher's. List changes reach a
@@ -22,8 +21,8 @@ an approval it would have to give is refused, and listen streams end unanswered.
 
 Each request goes to the dispatcher (`gateway.core.dispatch`), which routes it, refuses and records a
 method it does not serve, and shapes the result; this face parses, frames and writes, and answers
-the connection's own methods (the handshake, `ping`, discovery and listen streams). The agent's
-pipes are taken as `gateway.downstream.pipes` says.
+the connection's own methods (the handshake, `ping`, discovery and listen streams,
+`gateway.downstream.listening`). The agent's pipes are taken as `gateway.downstream.pipes` says.
 """
 
 from __future__ import annotations
@@ -33,29 +32,22 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import anyio
 import mcp_types as types
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ValidationError
 
 from gateway.calls import ProgressFn, SessionInfo
 from gateway.core.gateway import Gateway, ListKind
-from gateway.core.requests import RELAYED, Caller, Request, ToolRequest, relay_for
+from gateway.core.requests import RELAYED, Request
+from gateway.downstream.eras import LEGACY, Admitted, Eras
 from gateway.downstream.listening import ListenStreams
 from gateway.downstream.messages import (
-    INVALID_PARAMS,
-    check_spec,
-    checked_plain_call,
-    envelope,
     error_reply,
-    has_modern_envelope,
     malformed,
-    plain_call,
     progress_token,
-    unsupported,
 )
 from gateway.downstream.pipes import Writer, agent_pipes
 from gateway.errors import ChannelClosed, ProtocolError, RemoteError, format_seconds
@@ -65,8 +57,6 @@ from gateway.wire.results import dump, shape
 
 logger = logging.getLogger(__name__)
 
-LEGACY = "handshake"
-MODERN = "2026-07-28"
 FLUSH_GRACE = 5.0
 """Seconds the answers written last have to reach the agent's output before the gateway goes on to exit."""
 _CONNECTION_PARAMS: dict[str, type[BaseModel]] = {
@@ -84,22 +74,6 @@ async def serve_stdio_connection(gateway: Gateway) -> None:
         await StdioConnection(gateway).serve(wire_in, wire_out)
 
 
-@dataclass(frozen=True, slots=True)
-class _Request:
-    """A request being served: its id, method and parameters, the protocol version it speaks, and who sent it."""
-
-    id: RequestId
-    method: str
-    params: dict[str, Any] | None
-    version: str
-    caller: Caller | None
-    """`None` only for a handshake-era request before `initialize` (only `ping` gets that far)."""
-    call: ToolRequest | None = None
-    """The plainest `tools/call`, checked and built already; else the parameters are checked when served."""
-    served: bool = True
-    """`False`: a method the gateway does not serve here, refused (and recorded) by the dispatcher."""
-
-
 class StdioConnection(asyncio.Protocol):
     """One agent connection over a pair of pipes (the read side is this protocol)."""
 
@@ -111,11 +85,6 @@ class StdioConnection(asyncio.Protocol):
         self._ended = asyncio.Event()
         self._input_ended = False
         """The agent closed its end of the input: the requests read are answered, nothing more is read."""
-        self._era: str | None = None
-        self._version = LATEST_HANDSHAKE_VERSION
-        """The handshake era's negotiated version (the latest until `initialize` says otherwise)."""
-        self._legacy: Caller | None = None
-        """The handshake-era caller, once `initialize` (or a bare `notifications/initialized`) opened the gate."""
         self._in_flight: dict[RequestId, asyncio.Task[None]] = {}
         """The task serving each request not yet answered or cancelled, by id (`7` and `"7"` are two)."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -128,17 +97,8 @@ class StdioConnection(asyncio.Protocol):
         """The requests the gateway sends the client (elicitation, relayed sampling and elicitation)."""
         self._listens = ListenStreams(self._notify)
         """Open 2026 listen streams."""
-        self._capabilities = {
-            era: dump(
-                types.ServerCapabilities(
-                    prompts=types.PromptsCapability(list_changed=True),
-                    resources=types.ResourcesCapability(subscribe=era == MODERN, list_changed=True),
-                    tools=types.ToolsCapability(list_changed=True),
-                )
-            )
-            for era in (LEGACY, MODERN)
-        }
-        self._server_info = {"name": gateway.name, "version": gateway.version}
+        self._eras = Eras(gateway, ask=self._ask, elicit=self._elicit)
+        """Which protocol era the connection speaks, and who is calling."""
 
     async def serve(self, wire_in: int, wire_out: int) -> None:
         loop = asyncio.get_running_loop()
@@ -249,100 +209,37 @@ class StdioConnection(asyncio.Protocol):
             if task is not None:
                 _cancel(task)  # out of the map: it is never answered, even if it completes regardless
         elif method == "notifications/initialized":
-            if self._legacy is None:  # the handshake skipped: the gate opens for a client that named nobody
-                session = self.gateway.session_info(self.gateway.stdio_session, self._version, "", "")
-                self._legacy = Caller(session, modern=False, can_elicit=False, elicit=self._elicit)
+            self._eras.initialized()
         else:
             logger.debug("notification %s from the client; nothing to do", method)
 
     # -- requests --------------------------------------------------------------------------------
 
     def _requested(self, request_id: RequestId, method: str, params: dict[str, Any] | None) -> None:
-        if self._era is None:
-            self._era = MODERN if method != "initialize" and has_modern_envelope(params) else LEGACY
+        self._eras.opened_by(method, params)
         if request_id in self._in_flight:
             # Its answer could not be told from the first one's, nor could a cancel name just one of them.
             self._reply_error(request_id, _ID_IN_FLIGHT.wire())
             return
         try:
-            request = self._admit(request_id, method, params)
+            if method == "initialize" and self._eras.era == LEGACY:
+                # Answered at once, so a request pipelined behind it finds the connection open.
+                self._reply(request_id, self._eras.initialize(params))
+                return
+            request = self._eras.admit(request_id, method, params)
         except ProtocolError as exc:
             self._reply_error(request_id, exc.wire())
             return
-        if request is not None:
-            self._spawn(request)
+        self._spawn(request)
 
-    def _admit(self, request_id: RequestId, method: str, params: dict[str, Any] | None) -> _Request | None:
-        """The request, ready to serve in a task of its own; `None` when answered here (`initialize`).
-
-        Raises `ProtocolError` for a request refused before it runs.
-        """
-        if self._era == LEGACY:
-            if method == "initialize":
-                self._initialize(request_id, params)
-                return None
-            if has_modern_envelope(params):
-                raise ProtocolError(
-                    types.INVALID_REQUEST,
-                    "this connection serves the handshake protocol era; "
-                    "requests carrying the 2026-07-28 envelope are not accepted on it",
-                )
-            if method == "tools/call" and self._legacy is not None and (plain := plain_call(params)) is not None:
-                return _Request(request_id, method, params, self._version, self._legacy, plain)
-            request = _Request(request_id, method, params, self._version, self._legacy)
-        else:
-            if method == "initialize":
-                raise ProtocolError(
-                    types.UNSUPPORTED_PROTOCOL_VERSION,
-                    "connection is serving the 2026-07-28 protocol; the initialize handshake is not accepted",
-                    unsupported((params or {}).get("protocolVersion")),
-                )
-            version, info, capabilities = envelope(params)
-            session = self.gateway.session_info(
-                self.gateway.stdio_session, version, str(info.get("name", "")), str(info.get("version", ""))
-            )
-            caller = Caller(session, modern=True, can_elicit=capabilities.get("elicitation") is not None)
-            request = _Request(request_id, method, params, version, caller)
-        if not check_spec(method, request.version, params) or not self._dispatcher.serves(method):
-            return replace(request, served=False)  # refused, and recorded, ahead of the gate (as the SDK orders it)
-        if method == "tools/call" and request.call is None and (plain := checked_plain_call(params)) is not None:
-            request = replace(request, call=plain)  # a 2026 call the specification's model has just passed
-        if request.caller is None and method != "ping":
-            raise INVALID_PARAMS  # the handshake-era gate: nothing but ping before initialize
-        return request
-
-    def _initialize(self, request_id: RequestId, params: dict[str, Any] | None) -> None:
-        """The handshake, answered at once, so a request pipelined behind it finds the connection open."""
-        try:
-            check_spec("initialize", self._version, params)
-            init = types.InitializeRequestParams.model_validate(params or {}, by_name=False)
-        except (ProtocolError, ValidationError):
-            self._reply_error(request_id, INVALID_PARAMS.wire())
-            return
-        negotiated = init.protocol_version
-        if negotiated not in HANDSHAKE_PROTOCOL_VERSIONS:
-            negotiated = LATEST_HANDSHAKE_VERSION
-        result = {
-            "protocolVersion": negotiated,
-            "capabilities": self._capabilities[LEGACY],
-            "serverInfo": dict(self._server_info),
-        }
-        self._reply(request_id, shape("initialize", self._version, result))
-        self._version = negotiated
-        info = init.client_info
-        session = self.gateway.session_info(self.gateway.stdio_session, negotiated, info.name, info.version)
-        can_elicit = init.capabilities.elicitation is not None
-        relay = relay_for(init.capabilities, self._ask)
-        self._legacy = Caller(session, modern=False, can_elicit=can_elicit, elicit=self._elicit, relay=relay)
-
-    def _spawn(self, request: _Request) -> None:
+    def _spawn(self, request: Admitted) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s %r (protocol %s)", request.method, request.id, request.version)
         task = asyncio.get_running_loop().create_task(self._serve(request))
         self._in_flight[request.id] = task
         self._tasks.add(task)
 
-    async def _serve(self, request: _Request) -> None:
+    async def _serve(self, request: Admitted) -> None:
         """Answer one request in its own task; a request cancelled (by the client, or at disconnection) is
         cancelled as a task, with no cancel scope of its own to set up, and never answered."""
         task = asyncio.current_task()
@@ -362,20 +259,20 @@ class StdioConnection(asyncio.Protocol):
         if reply is not None and answered:
             self._writer.write(dumps(reply))
 
-    async def _answer(self, request: _Request) -> dict[str, Any]:
+    async def _answer(self, request: Admitted) -> dict[str, Any]:
         try:
             if not request.served:
                 raise await self._dispatcher.refuse(self._session_of(request), request.method, request.params)
             if request.method in _CONNECTION_PARAMS:
                 typed = _CONNECTION_PARAMS[request.method].model_validate(request.params or {}, by_name=False)
-                result = shape(request.method, request.version, await self._own(request, typed), self._server_info)
+                result = shape(request.method, request.version, await self._own(request, typed), self._eras.server_info)
             else:
-                result = await self._dispatcher.dispatch(self._request(request), self._server_info)
+                result = await self._dispatcher.dispatch(self._request(request), self._eras.server_info)
             return {"jsonrpc": "2.0", "id": request.id, "result": result}
         except Exception as exc:
             return {"jsonrpc": "2.0", "id": request.id, "error": error_reply(exc, request.method)}
 
-    def _request(self, request: _Request) -> Request:
+    def _request(self, request: Admitted) -> Request:
         """The request as the dispatcher takes it: a call's progress relayed to the token it carries."""
         caller = request.caller
         assert caller is not None
@@ -383,20 +280,17 @@ class StdioConnection(asyncio.Protocol):
             caller = replace(caller, progress=self._progress_relay(token))
         return Request(caller, request.method, request.params, request.call)
 
-    def _session_of(self, request: _Request) -> SessionInfo:
+    def _session_of(self, request: Admitted) -> SessionInfo:
         """Who sent a refused request: its caller's session, or before `initialize` this connection's,
         with no client named yet (not noted as started: the handshake does that)."""
         if request.caller is not None:
             return request.caller.session
         return SessionInfo(self.gateway.stdio_session, self.gateway.transport, request.version)
 
-    async def _own(self, request: _Request, params: Any) -> dict[str, Any]:
+    async def _own(self, request: Admitted, params: Any) -> dict[str, Any]:
         """The connection's own methods: `ping`, discovery, and listen streams."""
         if request.method == "server/discover":
-            return {
-                "supportedVersions": list(MODERN_PROTOCOL_VERSIONS),
-                "capabilities": self._capabilities[MODERN],
-            }
+            return self._eras.discover()
         if request.method == "subscriptions/listen":
             return await self._listens.listen(request.id, params)
         return {}  # ping
@@ -416,7 +310,7 @@ class StdioConnection(asyncio.Protocol):
     # -- changes, progress, elicitation ----------------------------------------------------------
 
     async def _announce(self, changed: list[ListKind]) -> None:
-        if self._era == LEGACY:
+        if self._eras.era == LEGACY:
             for kind in changed:
                 self._notify(f"notifications/{kind}/list_changed")
             return
