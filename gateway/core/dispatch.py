@@ -25,7 +25,8 @@ from typing import Any
 
 import anyio
 import mcp_types as types
-from pydantic import BaseModel
+from mcp_types import methods as spec_methods
+from pydantic import BaseModel, ValidationError
 
 from gateway.audit.stages import CallAudit
 from gateway.calls import SessionInfo, ToolCall
@@ -35,8 +36,17 @@ from gateway.wire.results import shape
 
 logger = logging.getLogger(__name__)
 
-CONNECTION_METHODS = frozenset({"initialize", "ping", "server/discover", "subscriptions/listen"})
-"""Answered by the connection itself: they reach no upstream and carry no agent data."""
+CONNECTION_METHODS: dict[str, type[BaseModel]] = {
+    "initialize": types.InitializeRequestParams,
+    "ping": types.RequestParams,
+    "server/discover": types.RequestParams,
+    "subscriptions/listen": types.SubscriptionsListenRequestParams,
+}
+"""Answered by the connection itself, with the model their parameters must fit: they reach no upstream
+and carry no agent data."""
+INVALID_PARAMS = ProtocolError(types.INVALID_PARAMS, "Invalid request parameters", "")
+MAX_METHOD_SHOWN = 200
+"""Characters of an unserved method's name kept in its record (the rest is cut)."""
 
 Serve = Callable[[Request, Any], Awaitable[BaseModel | Mapping[str, Any]]]
 """A route's handler: the request and its checked parameters; the result (a model, or wire form)."""
@@ -67,14 +77,31 @@ class Dispatcher:
         self._audit = audit
         self._record = record
 
-    def serves(self, method: str) -> bool:
-        """Whether `method` is routed here or answered by the connection (anything else is refused)."""
-        return method in self.routes or method in CONNECTION_METHODS
-
-    async def refuse(self, session: SessionInfo, method: str, params: Mapping[str, Any] | None) -> ProtocolError:
-        """Record a request for a method the gateway does not serve; the error to answer it with."""
-        await self._audit.unrouted(session, method, params or {})
+    def unserved(self, method: str, version: str, params: Mapping[str, Any] | None) -> ProtocolError | None:
+        """`None` when a request for `method`, speaking `version`, is served: routed here or answered by the
+        connection, and defined by that version where the specification names the method. Otherwise the
+        error it is refused with (see `refuse`): invalid parameters when the specification's check rejects
+        them, as the SDK server orders it, else "Method not found"."""
+        if (method in self.routes or method in CONNECTION_METHODS) and defined(method, version):
+            return None
+        try:
+            check_spec(method, version, params)
+        except ProtocolError as exc:
+            return exc
         return ProtocolError(types.METHOD_NOT_FOUND, "Method not found", method)
+
+    async def refuse(
+        self, session: SessionInfo, method: str, params: Mapping[str, Any] | None, error: ProtocolError
+    ) -> ProtocolError:
+        """Record a request the gateway does not serve (its parameters without the protocol's `_meta`);
+        returns `error`, to answer it with. A record that cannot be made is logged: the refusal stands."""
+        recorded = {key: value for key, value in (params or {}).items() if key != "_meta"}
+        shown = method if method.isprintable() else method.encode("unicode_escape").decode("ascii")
+        try:
+            await self._audit.unrouted(session, shown[:MAX_METHOD_SHOWN], recorded)
+        except Exception as exc:
+            logger.error("a refused request for an unserved method could not be recorded (%s)", type(exc).__name__)
+        return error
 
     async def dispatch(self, request: Request, server_info: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Serve one request; its result in wire form, shaped for the caller's version (with `server_info`
@@ -85,7 +112,8 @@ class Dispatcher:
         """
         route = self.routes.get(request.method)
         if route is None:
-            raise await self.refuse(request.caller.session, request.method, request.params)
+            unserved = ProtocolError(types.METHOD_NOT_FOUND, "Method not found", request.method)
+            raise await self.refuse(request.caller.session, request.method, request.params, unserved)
         parsed = request.parsed
         if parsed is None:
             parsed = route.params.model_validate(request.params or {}, by_name=False)
@@ -99,6 +127,30 @@ class Dispatcher:
         return await answer_upstream_request(upstream, method, params, call, record=self._record)
 
 
+def shown(method: str) -> str:
+    """A method's name as a record or a log line shows it: control characters escaped, at most
+    `MAX_METHOD_SHOWN` characters (the name is the sender's choice)."""
+    text = method if method.isprintable() else method.encode("unicode_escape").decode("ascii")
+    return text[:MAX_METHOD_SHOWN]
+
+
+def defined(method: str, version: str) -> bool:
+    """Whether `version` of the specification defines `method` (a method it does not name is the server's
+    to serve or refuse)."""
+    return method not in spec_methods.SPEC_CLIENT_METHODS or (method, version) in spec_methods.CLIENT_REQUESTS
+
+
+def check_spec(method: str, version: str, params: Mapping[str, Any] | None) -> None:
+    """The specification's check of a request's parameters for `version`, where it defines the method.
+    Raises `ProtocolError` (invalid parameters) when they do not fit."""
+    if (method, version) not in spec_methods.CLIENT_REQUESTS:
+        return
+    try:
+        spec_methods.validate_client_request(method, version, params)
+    except ValidationError:
+        raise INVALID_PARAMS from None
+
+
 async def answer_upstream_request(
     upstream: str, method: str, params: Mapping[str, Any], call: ToolCall | None, *, record: Record
 ) -> dict[str, Any]:
@@ -108,6 +160,7 @@ async def answer_upstream_request(
     if method == "ping":
         return {}
     if method not in UPSTREAM_METHODS:
+        method = shown(method)
         message = f"mcp-armor does not serve '{method}' to upstream servers"
         _relayed(record, upstream, method, call, "refused", message)
         raise ProtocolError(types.METHOD_NOT_FOUND, message)

@@ -18,11 +18,10 @@ import mcp_types as types
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
+from gateway.core.dispatch import INVALID_PARAMS, check_spec
 from gateway.core.gateway import Gateway
 from gateway.core.requests import Ask, Caller, Elicit, ToolRequest, relay_for
 from gateway.downstream.messages import (
-    INVALID_PARAMS,
-    check_spec,
     checked_plain_call,
     envelope,
     has_modern_envelope,
@@ -49,8 +48,8 @@ class Admitted:
     """`None` only for a handshake-era request before `initialize` (only `ping` gets that far)."""
     call: ToolRequest | None = None
     """The plainest `tools/call`, checked and built already; else the parameters are checked when served."""
-    served: bool = True
-    """`False`: a method the gateway does not serve here, refused (and recorded) by the dispatcher."""
+    refusal: ProtocolError | None = None
+    """A method the gateway does not serve here: refused (and recorded) by the dispatcher, with this error."""
 
 
 class Eras:
@@ -140,8 +139,10 @@ class Eras:
             )
             caller = Caller(session, modern=True, can_elicit=capabilities.get("elicitation") is not None)
             request = Admitted(request_id, method, params, version, caller)
-        if not check_spec(method, request.version, params) or not self.gateway.dispatcher.serves(method):
-            return replace(request, served=False)
+        refusal = self.gateway.dispatcher.unserved(method, request.version, params)
+        if refusal is not None:
+            return replace(request, refusal=refusal)
+        check_spec(method, request.version, params)
         if method == "tools/call" and request.call is None and (plain := checked_plain_call(params)) is not None:
             request = replace(request, call=plain)  # a 2026 call the specification's model has just passed
         if request.caller is None and method != "ping":

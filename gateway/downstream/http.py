@@ -60,7 +60,6 @@ from gateway.downstream.http_edge import (
     is_loopback,
     listening_socket,
 )
-from gateway.downstream.messages import check_spec, defined
 from gateway.errors import ProtocolError, format_seconds
 from gateway.wire.results import dump
 
@@ -112,16 +111,12 @@ class GatewayServer(Server[Any]):
 
     async def _guard(self, ctx: Context, call_next: Callable[[Context], Awaitable[Any]]) -> Any:
         method = ctx.method
-        if ctx.request_id is not None and (
-            not self.dispatcher.serves(method) or not defined(method, ctx.protocol_version)
-        ):
-            # Refused here, before the SDK could route it: default deny, recorded. Malformed parameters of
-            # a method the specification defines are invalid parameters first, as the stdio face has it.
-            try:
-                check_spec(method, ctx.protocol_version, ctx.params)
-                refusal = await self.dispatcher.refuse(self._session_of(ctx), method, ctx.params)
-            except ProtocolError as exc:
-                refusal = exc
+        unserved = None
+        if ctx.request_id is not None:  # a request: notifications pass to the SDK, which drops those it does not take
+            unserved = self.dispatcher.unserved(method, ctx.protocol_version, ctx.params)
+        if unserved is not None:
+            # Refused here, before the SDK could route it: default deny, recorded.
+            refusal = await self.dispatcher.refuse(self._session_of(ctx), method, ctx.params, unserved)
             raise MCPError(refusal.code, refusal.message, refusal.data)
         if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
             # The SDK hands out a new session proxy per message; the connection behind it is stable.

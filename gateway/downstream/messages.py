@@ -12,17 +12,15 @@ from typing import Any
 
 import mcp_types as types
 from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
-from mcp_types import methods as spec_methods
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
+from gateway.core.dispatch import INVALID_PARAMS
 from gateway.core.requests import ToolRequest
 from gateway.errors import ProtocolError
 from gateway.wire.peer import RequestId, is_request_id
 
 logger = logging.getLogger(__name__)
-
-INVALID_PARAMS = ProtocolError(types.INVALID_PARAMS, "Invalid request parameters", "")
 
 
 _PLAIN_CALL_KEYS = frozenset({"name", "arguments", "_meta"})
@@ -54,27 +52,6 @@ def checked_plain_call(params: dict[str, Any] | None) -> ToolRequest | None:
     if isinstance(meta, dict) and "progressToken" in meta and not is_request_id(meta["progressToken"]):
         return None  # the SDK's model is stricter here than some versions' (a null token): it decides
     return ToolRequest(params["name"], params.get("arguments") or {})
-
-
-def defined(method: str, version: str) -> bool:
-    """Whether `version` of the specification defines `method` (a method it does not name is the server's
-    to serve or refuse)."""
-    return method not in spec_methods.SPEC_CLIENT_METHODS or (method, version) in spec_methods.CLIENT_REQUESTS
-
-
-def check_spec(method: str, version: str, params: Mapping[str, Any] | None) -> bool:
-    """The specification's check of a request's parameters for `version` (methods it defines only):
-    `False` for a method of the specification that `version` does not define. Raises `ProtocolError`
-    (invalid parameters) when they do not fit."""
-    if method not in spec_methods.SPEC_CLIENT_METHODS:
-        return True
-    try:
-        spec_methods.validate_client_request(method, version, params)
-    except KeyError:
-        return False
-    except ValidationError:
-        raise INVALID_PARAMS from None
-    return True
 
 
 def error_reply(exc: Exception, method: str) -> dict[str, Any]:

@@ -37,9 +37,10 @@ from typing import Any
 
 import anyio
 import mcp_types as types
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from gateway.calls import ProgressFn, SessionInfo
+from gateway.core.dispatch import CONNECTION_METHODS
 from gateway.core.gateway import Gateway, ListKind
 from gateway.core.requests import RELAYED, Request
 from gateway.downstream.eras import LEGACY, Admitted, Eras
@@ -59,12 +60,6 @@ logger = logging.getLogger(__name__)
 
 FLUSH_GRACE = 5.0
 """Seconds the answers written last have to reach the agent's output before the gateway goes on to exit."""
-_CONNECTION_PARAMS: dict[str, type[BaseModel]] = {
-    "ping": types.RequestParams,
-    "server/discover": types.RequestParams,
-    "subscriptions/listen": types.SubscriptionsListenRequestParams,
-}
-"""The requests this face answers itself (besides `initialize`), with the model their parameters must fit."""
 _ID_IN_FLIGHT = ProtocolError(types.INVALID_REQUEST, "a request with this id is still in flight; ids must be unique")
 
 
@@ -261,10 +256,11 @@ class StdioConnection(asyncio.Protocol):
 
     async def _answer(self, request: Admitted) -> dict[str, Any]:
         try:
-            if not request.served:
-                raise await self._dispatcher.refuse(self._session_of(request), request.method, request.params)
-            if request.method in _CONNECTION_PARAMS:
-                typed = _CONNECTION_PARAMS[request.method].model_validate(request.params or {}, by_name=False)
+            if request.refusal is not None:
+                session = self._session_of(request)
+                raise await self._dispatcher.refuse(session, request.method, request.params, request.refusal)
+            if request.method in CONNECTION_METHODS:
+                typed = CONNECTION_METHODS[request.method].model_validate(request.params or {}, by_name=False)
                 result = shape(request.method, request.version, await self._own(request, typed), self._eras.server_info)
             else:
                 result = await self._dispatcher.dispatch(self._request(request), self._eras.server_info)
@@ -282,10 +278,10 @@ class StdioConnection(asyncio.Protocol):
 
     def _session_of(self, request: Admitted) -> SessionInfo:
         """Who sent a refused request: its caller's session, or before `initialize` this connection's,
-        with no client named yet (not noted as started: the handshake does that)."""
+        with no client named yet (its start recorded now, so that its end is too)."""
         if request.caller is not None:
             return request.caller.session
-        return SessionInfo(self.gateway.stdio_session, self.gateway.transport, request.version)
+        return self.gateway.session_info(self.gateway.stdio_session, request.version, "", "")
 
     async def _own(self, request: Admitted, params: Any) -> dict[str, Any]:
         """The connection's own methods: `ping`, discovery, and listen streams."""

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.calls import SessionInfo, ToolCall
 from gateway.catalog.listing import Catalog, normalise_listing
-from gateway.core.dispatch import answer_upstream_request
+from gateway.core.dispatch import MAX_METHOD_SHOWN, Dispatcher, Route, answer_upstream_request
 from gateway.errors import ProtocolError
 
 pytestmark = pytest.mark.anyio
@@ -71,3 +71,58 @@ async def test_a_relayed_request_goes_to_the_call_and_is_recorded_however_it_end
         ("box", "elicitation/create", answered, "relayed", None),
         ("box", "elicitation/create", refusing, "refused", "the agent's client does not take elicitation/create"),
     ]
+
+
+class _Audit:
+    """The audit as the dispatcher sees it, recording refusals, or failing to."""
+
+    def __init__(self, failure: Exception | None = None) -> None:
+        self.failure = failure
+        self.refused: list[tuple[str, str, Mapping[str, Any]]] = []
+
+    async def unrouted(self, session: SessionInfo, method: str, params: Mapping[str, Any]) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.refused.append((session.id, method, params))
+
+
+SESSION = SessionInfo("s1", "stdio", "2025-11-25")
+
+
+def _dispatcher(audit: _Audit) -> Dispatcher:
+    async def serve(request: Any, params: Any) -> dict[str, Any]:
+        return {}
+
+    routes = {"tools/list": Route(types.PaginatedRequestParams, serve)}
+    return Dispatcher(routes, audit, lambda *event: None)  # type: ignore[arg-type]
+
+
+def test_what_is_served_depends_on_the_route_and_the_version() -> None:
+    dispatcher = _dispatcher(_Audit())
+    assert dispatcher.unserved("tools/list", "2025-11-25", {}) is None
+    assert dispatcher.unserved("ping", "2025-11-25", {}) is None  # answered by the connection
+    unrouted = {"tools/call": {"name": "echo"}, "vendor/x": {}, "server/discover": {}}  # discover: 2026 only
+    for method, params in unrouted.items():
+        refusal = dispatcher.unserved(method, "2025-11-25", params)
+        assert refusal is not None and (refusal.code, refusal.data) == (types.METHOD_NOT_FOUND, method)
+    # Malformed parameters of a method the specification defines are invalid first, as the SDK orders it.
+    malformed = dispatcher.unserved("resources/subscribe", "2025-11-25", {"nope": 1})
+    assert malformed is not None and malformed.code == types.INVALID_PARAMS
+
+
+async def test_a_refusal_is_recorded_without_the_envelope_and_with_a_safe_method_name() -> None:
+    audit = _Audit()
+    dispatcher = _dispatcher(audit)
+    error = ProtocolError(types.METHOD_NOT_FOUND, "Method not found", "x")
+    params = {"path": "/etc/passwd", "_meta": {"io.modelcontextprotocol/clientInfo": {"name": "n"}}}
+    assert await dispatcher.refuse(SESSION, "vendor/\x1b[2Jx\n" + "y" * 500, params, error) is error
+    [(session, method, recorded)] = audit.refused
+    assert session == "s1" and recorded == {"path": "/etc/passwd"}
+    assert method.startswith("vendor/\\x1b[2Jx\\n") and len(method) == MAX_METHOD_SHOWN and method.isprintable()
+
+
+async def test_a_refusal_stands_when_its_record_cannot_be_made(caplog: pytest.LogCaptureFixture) -> None:
+    dispatcher = _dispatcher(_Audit(RecursionError("nested too deep")))
+    error = ProtocolError(types.METHOD_NOT_FOUND, "Method not found", "vendor/x")
+    assert await dispatcher.refuse(SESSION, "vendor/x", {}, error) is error
+    assert "could not be recorded (RecursionError)" in caplog.text

@@ -637,6 +637,8 @@ async def test_a_method_the_gateway_does_not_serve_is_refused_and_recorded_in_bo
                 "message": "Method not found",
                 "data": method,
             }
+        malformed = error_of(await raw.ask(8, "resources/subscribe", {"nope": 1}))
+        assert malformed["code"] == -32602  # invalid parameters first, as the SDK server orders it: recorded too
         echoed = (await raw.ask(9, "tools/call", {"name": "box__echo", "arguments": {"text": "still here"}}))["result"]
         assert echoed["content"][0]["text"] == "still here"
     async with session(config) as (raw, _):
@@ -647,7 +649,7 @@ async def test_a_method_the_gateway_does_not_serve_is_refused_and_recorded_in_bo
         "vendor/early": 1,
         "completion/complete": 2,
         "logging/setLevel": 1,
-        "resources/subscribe": 1,
+        "resources/subscribe": 2,
         "vendor/anything": 1,
     }
     for method, pairs in refused.items():
@@ -656,3 +658,8 @@ async def test_a_method_the_gateway_does_not_serve_is_refused_and_recorded_in_bo
             assert decision["stage"] == "unknown-method" and method in decision["reason"]
             assert outcome["outcome"] == "refused"
     assert refused["vendor/anything"][0][0]["arguments"] == {"path": "/etc/passwd"}
+    assert refused["completion/complete"][1][0]["arguments"] == UNSERVED["completion/complete"]  # no envelope
+    # A connection refused before its handshake is a session started (by nobody named yet) and ended.
+    early = refused["vendor/early"][0][0]["session_id"]
+    kinds = [event["kind"] for event in events(config.parent) if event["session_id"] == early]
+    assert kinds[0] == "session_start" and kinds[-1] == "session_end"
