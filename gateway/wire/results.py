@@ -94,6 +94,7 @@ def check_tool_result(raw: Mapping[str, Any], version: str) -> dict[str, Any]:
 
 
 _PLAIN_KEYS = frozenset({"content", "isError"})
+_MODERN_PLAIN_KEYS = _PLAIN_KEYS | {"resultType"}
 _TEXT_BLOCK_KEYS = frozenset({"type", "text"})
 
 
@@ -102,8 +103,10 @@ def plain_text_result(raw: Mapping[str, Any], *, modern: bool) -> dict[str, Any]
     model dumps it (its key order too) without building the model; `None` for anything else, which the
     model checks."""
     content = raw.get("content")
-    if type(content) is not list or not raw.keys() <= _PLAIN_KEYS:
+    if type(content) is not list or not raw.keys() <= (_MODERN_PLAIN_KEYS if modern else _PLAIN_KEYS):
         return None
+    if modern and raw.get("resultType", "complete") != "complete":
+        return None  # a 2026 result checked already carries `complete`; anything else the model decides
     blocks = []
     for block in content:
         if type(block) is not dict or block.keys() != _TEXT_BLOCK_KEYS or block["type"] != "text":
