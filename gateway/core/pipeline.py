@@ -27,6 +27,7 @@ from gateway.calls import (
     Handler,
     Outcome,
     OutcomeKind,
+    ProgressFn,
     ToolCall,
     mark_decided,
 )
@@ -129,6 +130,9 @@ class EnforcePolicy:
         stamp = self._clock()
         if not self.engine.charge(decision, session.id, stamp):
             return Outcome.refused(call, "a rate limit of this call's rules was reached while it waited for approval")
+        screened: list[str] = []
+        if call.progress is not None:
+            call = replace(call, progress=self._screened_progress(call, call.progress, screened))
         outcome = await call_next(call)
         if outcome.kind is OutcomeKind.REFUSED:
             self.engine.refund(decision, session.id, stamp)  # refused later on: the call did not happen
@@ -138,9 +142,29 @@ class EnforcePolicy:
             )
             if screening.withheld_by is not None:
                 return Outcome.withheld(call, screening.reason, screening.withheld_by)
-            if screening.redacted_by:
-                return replace(outcome, result=screening.result, rules=screening.redacted_by)
+            if screening.redacted_by or screened:
+                rules = tuple(dict.fromkeys((*screened, *screening.redacted_by)))
+                return replace(outcome, result=screening.result, rules=rules)
         return outcome
+
+    def _screened_progress(self, call: ToolCall, relay_to: ProgressFn, screened: list[str]) -> ProgressFn:
+        """`relay_to` with each message screened by the call's result rules, as a result of one text block:
+        masked, or not relayed at all when a rule withholds it. The rules that acted join `screened`."""
+        engine, session, tool = self.engine, call.session, call.tool.name
+
+        async def relay(progress: float, total: float | None, message: str | None) -> None:
+            if message is not None:
+                result = {"content": [{"type": "text", "text": message}]}
+                screening = engine.screen_result(tool, result, client=session.client_name, principal=session.principal)
+                for rule in (screening.withheld_by, *screening.redacted_by):
+                    if rule is not None and rule not in screened:
+                        screened.append(rule)
+                if screening.withheld_by is not None:
+                    return
+                message = screening.result["content"][0]["text"]
+            await relay_to(progress, total, message)
+
+        return relay
 
     async def _approval(self, call: ToolCall, decision: Decision) -> Approval:
         if call.approver is None:

@@ -1,8 +1,18 @@
-"""Screening what a tool returned under the result rules: withhold it, or mask parts of its text. Sans-IO."""
+"""Screening what a tool returned under the result rules: withhold it, or mask what matches. Sans-IO.
+
+A result rule sees every channel of a result (`subject`): its `text` is all the text the result
+carries, in order (text blocks; embedded resources' `text`; embedded resources' `blob`, images' and
+audio's `data` wherever the bytes decode as UTF-8 text, whatever MIME type the upstream claims), and
+beside it the fields of `structuredContent`. Masking (`redact`) reaches the same places: a decoded
+blob is masked and encoded again. A progress message relayed while a call runs is screened as a
+result of its own, one text block (`gateway.core.pipeline`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import base64
+import binascii
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +35,12 @@ def screen(rules: Sequence[Rule], result: Mapping[str, Any], *, monitor_mode: bo
     """Apply `rules` (the result rules that concern this call) to what the upstream returned."""
     if not rules:
         return Screening(result)
-    subject = _result_subject(result)
+    seen = subject(result)
     redacted: list[str] = []
     monitored: list[str] = []
     for rule in rules:
         try:
-            applies = rule.when is None or rule.when.is_valid(subject)
+            applies = rule.when is None or rule.when.is_valid(seen)
         except Exception as exc:  # fail closed: a result that cannot be screened is withheld
             reason = f"result rule '{rule.id}' could not be evaluated ({type(exc).__name__})"
             return Screening(result, rule.id, reason, tuple(redacted), tuple(monitored))
@@ -49,21 +59,49 @@ def screen(rules: Sequence[Rule], result: Mapping[str, Any], *, monitor_mode: bo
     return Screening(result, None, "", tuple(redacted), tuple(monitored))
 
 
-def _result_subject(result: Mapping[str, Any]) -> Any:
+def subject(result: Mapping[str, Any]) -> dict[str, Any]:
+    """What a result rule's `when` is checked against: the fields of `structuredContent` (when it is an
+    object) and `text`, every text the result carries (a `text` field of the structured content first)."""
+    texts = list(_texts(result))
     structured = result.get("structuredContent")
-    if structured is not None:
-        return structured
-    return {"text": "".join(_texts(result))}
+    if not isinstance(structured, Mapping):
+        return {"text": "".join(texts)}
+    if isinstance(structured.get("text"), str):
+        texts.insert(0, structured["text"])
+    return {**structured, "text": "".join(texts)}
 
 
 def _texts(result: Mapping[str, Any]) -> Iterable[str]:
     for block in result.get("content") or ():
-        if isinstance(block, Mapping):
-            if block.get("type") == "text" and isinstance(block.get("text"), str):
-                yield block["text"]
-            resource = block.get("resource")
-            if isinstance(resource, Mapping) and isinstance(resource.get("text"), str):
+        if not isinstance(block, Mapping):
+            continue
+        if block.get("type") == "text" and isinstance(block.get("text"), str):
+            yield block["text"]
+        elif isinstance(block.get("data"), str):  # image, audio
+            decoded = _decoded(block["data"])
+            if decoded is not None:
+                yield decoded
+        resource = block.get("resource")
+        if isinstance(resource, Mapping):
+            if isinstance(resource.get("text"), str):
                 yield resource["text"]
+            if isinstance(resource.get("blob"), str) and (decoded := _decoded(resource["blob"])) is not None:
+                yield decoded
+
+
+def _decoded(data: str) -> str | None:
+    """Base64 `data` as text, when its bytes are UTF-8; `None` for anything else (binary, or not base64)."""
+    try:
+        return base64.b64decode(data, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _encoded(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+Scrub = Callable[[Any], Any]
 
 
 def _redact(result: Mapping[str, Any], rule: Rule) -> Mapping[str, Any]:
@@ -89,12 +127,28 @@ def _redact(result: Mapping[str, Any], rule: Rule) -> Mapping[str, Any]:
     return changed
 
 
-def _scrub_block(block: Any, scrub: Any) -> Any:
+def _scrub_block(block: Any, scrub: Scrub) -> Any:
     if not isinstance(block, Mapping):
         return block
     if block.get("type") == "text" and isinstance(block.get("text"), str):
         return {**block, "text": scrub(block["text"])}
+    if isinstance(block.get("data"), str):
+        return {**block, "data": _scrub_encoded(block["data"], scrub)}
     resource = block.get("resource")
-    if isinstance(resource, Mapping) and isinstance(resource.get("text"), str):
-        return {**block, "resource": {**resource, "text": scrub(resource["text"])}}
+    if isinstance(resource, Mapping):
+        scrubbed = dict(resource)
+        if isinstance(resource.get("text"), str):
+            scrubbed["text"] = scrub(resource["text"])
+        if isinstance(resource.get("blob"), str):
+            scrubbed["blob"] = _scrub_encoded(resource["blob"], scrub)
+        return {**block, "resource": scrubbed}
     return block
+
+
+def _scrub_encoded(data: str, scrub: Scrub) -> str:
+    """Base64 `data` masked where its bytes are UTF-8 text (and encoded again only when that changed it)."""
+    decoded = _decoded(data)
+    if decoded is None:
+        return data
+    masked = scrub(decoded)
+    return data if masked == decoded else _encoded(masked)

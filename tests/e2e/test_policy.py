@@ -5,7 +5,9 @@ The fixture records every call it receives, so each test proves what did, and di
 
 from __future__ import annotations
 
+import base64
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -20,6 +22,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from tests.conftest import (
+    REPO,
+    calls,
     fixture_upstream,
     gateway_client,
     gateway_command,
@@ -307,3 +311,107 @@ async def test_a_broken_policy_stops_startup_with_one_line(tmp_path: Path) -> No
     assert lines == [
         f"mcp-armor: error: {tmp_path / 'policies' / 'test.toml'}: rule 'x': tools: required key is missing"
     ]
+
+
+LEAKY_POLICY = """
+[defaults]
+effect = "allow"
+
+[[rule]]
+id = "mask-keys"
+tools = ["*"]
+on = "result"
+redact = ['AKIA[0-9A-Z]{16}']
+
+[[rule]]
+id = "no-private-keys"
+tools = ["*"]
+on = "result"
+effect = "deny"
+reason = "it carries a private key"
+when = { required = ["text"], properties = { text = { pattern = "PRIVATE KEY" } } }
+"""
+LEAKED_KEY = "AKIAABCDEFGHIJKLMNOP"  # what tests/fixtures/leaky.py puts in every channel
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_every_channel_of_a_result_is_screened(tmp_path: Path, mode: str) -> None:
+    config = write_config(tmp_path, {"leak": fixture_upstream("leaky.py")}, policy=LEAKY_POLICY)
+    updates: list[tuple[float, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        updates.append((progress, message))
+
+    async with gateway_client(config, mode=mode) as client:
+        done = await client.call_tool("leak__progress_leak", {}, progress_callback=on_progress)
+        blobs = await client.call_tool("leak__blob_leak", {})
+        beside = await client.call_tool("leak__structured_leak", {})
+    assert text_of(done) == "done"
+    # The key is masked in the message that carried it; the message carrying a private key is not relayed.
+    assert sorted(updates) == [(1.0, "key [redacted by mcp-armor rule 'mask-keys']"), (3.0, "nearly done")]
+    decoded = []
+    for block in blobs.content:
+        if isinstance(block, types.EmbeddedResource):
+            resource = block.resource
+            decoded.append(
+                resource.text if isinstance(resource, types.TextResourceContents) else b64decode(resource.blob)
+            )
+        elif isinstance(block, types.ImageContent):
+            decoded.append(b64decode(block.data))
+    assert len(decoded) == 5 and not any(LEAKED_KEY in str(part) for part in decoded)
+    assert "[redacted by mcp-armor rule 'mask-keys']" in str(decoded[0])
+    assert beside.is_error and "result withheld by rule 'no-private-keys'" in text_of(beside)
+    recorded = calls(tmp_path)
+    assert recorded["leak__progress_leak"]["outcome"]["rules"] == ["mask-keys", "no-private-keys"]
+    assert recorded["leak__blob_leak"]["outcome"]["rules"] == ["mask-keys"]
+    assert recorded["leak__structured_leak"]["outcome"]["outcome"] == "refused"
+
+
+def b64decode(data: str) -> str:
+    return base64.b64decode(data).decode("utf-8", errors="replace")
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+async def test_the_shipped_git_policies_hold_against_the_real_server(tmp_path: Path) -> None:
+    """Secret files by any spelling, by sha and by diff; option-like arguments; counts git reads as "all"."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "config", "user.email", "dev@example.com")
+    _git(repo, "config", "user.name", "Dev")
+    (repo / "README.md").write_text("hello\n")
+    _git(repo, "add", "README.md")
+    _git(repo, "commit", "-qm", "readme")
+    plain = _git(repo, "rev-parse", "HEAD")
+    (repo / ".env").write_text(f"AWS_SECRET={AWS_KEY}\n")
+    _git(repo, "add", ".env")
+    _git(repo, "commit", "-qm", "settings")
+    secret = _git(repo, "rev-parse", "HEAD")
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    git = {"command": shutil.which("mcp-server-git") or "mcp-server-git", "args": ["--repository", str(repo)]}
+    config = write_config(tmp_path, {"git": git}, policy=None)
+    shown: dict[str, types.CallToolResult] = {}
+    async with gateway_client(config) as client:
+        for name, revision in [
+            ("plain", plain),
+            ("by-sha", secret),
+            ("by-path", "HEAD:.env/"),
+            ("option", "--output=x"),
+        ]:
+            shown[name] = await client.call_tool("git__git_show", {"repo_path": str(repo), "revision": revision})
+        diff = await client.call_tool("git__git_diff", {"repo_path": str(repo), "target": plain})
+        await client.call_tool("git__git_log", {"repo_path": str(repo), "max_count": -1})
+    assert not shown["plain"].is_error and "README.md" in text_of(shown["plain"])
+    for name in ("by-path", "option"):
+        assert shown[name].is_error and "Refused by the mcp-armor gateway" in text_of(shown[name]), name
+    for withheld in (shown["by-sha"], diff):  # the commit and the diff that show the file: withheld
+        assert withheld.is_error and "it shows the contents of a secret file" in text_of(withheld)
+    assert not any(AWS_KEY in text_of(result) for result in [*shown.values(), diff])
+    recorded = calls(tmp_path)
+    assert recorded["git__git_diff"]["outcome"]["rules"] == ["git-no-secret-diffs"]
+    log = recorded["git__git_log"]["decision"]
+    assert log["decision"] == "rewrite" and log["rewritten_arguments"]["max_count"] == 50

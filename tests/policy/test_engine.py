@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -324,3 +325,42 @@ def test_the_engine_does_no_io() -> None:
     )
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert found.stdout.strip() == ""
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_result_rules_see_and_mask_every_channel_of_a_result(engine: PolicyEngine) -> None:
+    key = "AKIA" + "B" * 16
+    binary = base64.b64encode(b"\x89PNG\r\n\x1a\n\xff\xfe").decode()
+    result = {
+        "content": [
+            {"type": "resource", "resource": {"uri": "file:///ws/.env", "mimeType": "text/plain", "blob": _b64(key)}},
+            {"type": "resource", "resource": {"uri": "file:///ws/k", "blob": _b64(f"k={key}")}},  # no MIME type
+            {"type": "resource", "resource": {"uri": "file:///ws/a", "text": f"inline {key}"}},
+            {"type": "image", "mimeType": "image/png", "data": _b64(f"png? {key}")},
+            {"type": "image", "mimeType": "image/png", "data": binary},
+        ]
+    }
+    screened = engine.screen_result("box__echo", result)
+    assert screened.redacted_by == ("mask-keys",)
+    mask = "[redacted by mcp-armor rule 'mask-keys']"
+    blocks = screened.result["content"]
+    assert base64.b64decode(blocks[0]["resource"]["blob"]).decode() == mask
+    assert base64.b64decode(blocks[1]["resource"]["blob"]).decode() == f"k={mask}"
+    assert blocks[2]["resource"]["text"] == f"inline {mask}"
+    assert base64.b64decode(blocks[3]["data"]).decode() == f"png? {mask}"
+    assert blocks[4]["data"] == binary  # bytes that are not text are left as they are
+    assert blocks[0]["resource"]["mimeType"] == "text/plain" and blocks[0]["resource"]["uri"] == "file:///ws/.env"
+
+
+def test_a_text_rule_sees_the_text_beside_structured_content_and_blobs(engine: PolicyEngine) -> None:
+    private = "-----BEGIN PRIVATE KEY-----"
+    beside = {"content": [{"type": "text", "text": private}], "structuredContent": {"ok": True}}
+    assert engine.screen_result("box__echo", beside).withheld_by == "no-echo-secrets"
+    as_blob = {"content": [{"type": "resource", "resource": {"uri": "file:///k", "blob": _b64(private)}}]}
+    assert engine.screen_result("box__echo", as_blob).withheld_by == "no-echo-secrets"
+    in_structure = {"content": [], "structuredContent": {"text": private, "n": 1}}
+    assert engine.screen_result("box__echo", in_structure).withheld_by == "no-echo-secrets"
+    assert engine.screen_result("box__echo", {"content": [], "structuredContent": {"ok": True}}).withheld_by is None

@@ -190,3 +190,16 @@ def test_the_shipped_policies_load() -> None:
 def test_rates(text: str, limit: int, period: float) -> None:
     rate = parse_rate(text)
     assert (rate.limit, rate.period) == (limit, period)
+
+
+def test_the_shipped_secret_file_schema_matches_every_spelling_a_server_resolves() -> None:
+    shipped = {rule.id: rule for rule in load_policies(REPO / "policies").rules}
+    when = shipped["git-show-no-secret-files"].when
+    assert when is not None
+    for revision in ("HEAD:.env", "HEAD:.env/", "HEAD:.env/.", "HEAD:.env//", "HEAD:app/.env/./", "HEAD:.env.local"):
+        assert when.is_valid({"revision": revision}), revision
+    for revision in ("HEAD:README.md", "HEAD:.environment", "HEAD:.env/../README.md", "main"):
+        assert not when.is_valid({"revision": revision}), revision
+    cap = shipped["git-log-cap"].when
+    assert cap is not None
+    assert [count for count in (-1, 0, 1, 50, 51, 10**6) if cap.is_valid({"max_count": count})] == [-1, 0, 51, 10**6]
