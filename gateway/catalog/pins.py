@@ -1,7 +1,7 @@
 """Pinning upstream definitions (`upstreams.lock`) and quarantining what changed or looks poisoned.
 
 `mcp-armor lock` records, for every upstream, its server name, version and a hash of its
-instructions, and for every tool, prompt and resource template a SHA-256 over a canonical JSON form
+instructions, and for every tool, prompt, resource and resource template a SHA-256 over a canonical JSON form
 of what a model reads of it (for a tool: name, title, description, input and output schemas,
 annotations), together with that form, so a later change can be shown as a diff. The file is TOML,
 meant to be committed like a package lock.
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_VERSION = 1
 _HEADER = """\
-# upstreams.lock: the upstream tool, prompt and resource-template definitions approved for use.
+# upstreams.lock: the upstream tool, prompt, resource and resource-template definitions approved for use.
 # Written by `mcp-armor lock` and `mcp-armor pins approve`; commit it, and review changes to it like code.
 # A definition that differs from its pin is quarantined until approved (see `mcp-armor pins status`).
 
@@ -56,13 +56,15 @@ class Mode(StrEnum):
 class Kind(StrEnum):
     TOOL = "tool"
     PROMPT = "prompt"
+    RESOURCE = "resource"
     TEMPLATE = "resource template"
 
 
-_SECTIONS = {Kind.TOOL: "tools", Kind.PROMPT: "prompts", Kind.TEMPLATE: "templates"}
+_SECTIONS = {Kind.TOOL: "tools", Kind.PROMPT: "prompts", Kind.RESOURCE: "resources", Kind.TEMPLATE: "templates"}
 _FIELDS = {
     Kind.TOOL: ("name", "title", "description", "inputSchema", "outputSchema", "annotations"),
     Kind.PROMPT: ("name", "title", "description", "arguments"),
+    Kind.RESOURCE: ("uri", "name", "title", "description", "mimeType"),
     Kind.TEMPLATE: ("uriTemplate", "name", "title", "description", "mimeType"),
 }
 
@@ -92,6 +94,7 @@ def listing_items(listing: UpstreamListing) -> list[Item]:
     items = []
     raws: list[tuple[Kind, str, Mapping[str, Any]]] = [(Kind.TOOL, t.name, t.definition) for t in listing.tools]
     raws += [(Kind.PROMPT, prompt.name, _wire(prompt)) for prompt in listing.prompts]
+    raws += [(Kind.RESOURCE, str(resource.uri), _wire(resource)) for resource in listing.resources]
     raws += [(Kind.TEMPLATE, template.uri_template, _wire(template)) for template in listing.templates]
     for kind, name, definition in raws:
         form = pinned_form(kind, definition)
@@ -99,7 +102,7 @@ def listing_items(listing: UpstreamListing) -> list[Item]:
     return items
 
 
-def _wire(model: types.Prompt | types.ResourceTemplate) -> dict[str, Any]:
+def _wire(model: types.Prompt | types.Resource | types.ResourceTemplate) -> dict[str, Any]:
     data: dict[str, Any] = model.model_dump(by_alias=True, exclude_none=True, mode="json")
     return data
 
@@ -327,6 +330,9 @@ def screened(listings: Sequence[UpstreamListing], assessments: Iterable[Assessme
                 listing,
                 tools=tuple(t for t in listing.tools if (listing.upstream, Kind.TOOL, t.name) not in held),
                 prompts=tuple(p for p in listing.prompts if (listing.upstream, Kind.PROMPT, p.name) not in held),
+                resources=tuple(
+                    r for r in listing.resources if (listing.upstream, Kind.RESOURCE, str(r.uri)) not in held
+                ),
                 templates=tuple(
                     t for t in listing.templates if (listing.upstream, Kind.TEMPLATE, t.uri_template) not in held
                 ),

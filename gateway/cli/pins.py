@@ -43,6 +43,9 @@ async def scan(config: Config, as_json: bool) -> int:
         findings += scan_definition("tool", tool.name, tool.source.definition, others)
     for prompt in catalog.prompts.values():
         findings += scan_definition("prompt", prompt.name, prompt.model.model_dump(by_alias=True, exclude_none=True))
+    for uri, (upstream, resource) in catalog.resources.items():
+        definition = resource.model_dump(by_alias=True, mode="json", exclude_none=True)
+        findings += scan_definition("resource", f"{upstream}: {uri}", definition)
     for upstream, _, template in catalog.templates:
         definition = template.model_dump(by_alias=True, exclude_none=True)
         findings += scan_definition("resource template", f"{upstream}: {template.uri_template}", definition)
@@ -50,7 +53,8 @@ async def scan(config: Config, as_json: bool) -> int:
     for upstream, text in instructions.items():
         if text:
             findings += scan_definition("server", upstream, {"instructions": text})
-    scanned = len(catalog.tools) + len(catalog.prompts) + len(catalog.templates) + sum(map(bool, instructions.values()))
+    offered = len(catalog.tools) + len(catalog.prompts) + len(catalog.resources) + len(catalog.templates)
+    scanned = offered + sum(map(bool, instructions.values()))
     if as_json:
         report = {"findings": [finding.to_record() for finding in findings], "unavailable": upstreams.down}
         print(json.dumps({**report, "scanned": scanned}))
