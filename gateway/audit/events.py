@@ -18,7 +18,7 @@ from gateway.audit.store import FIELDS, now_iso
 from gateway.calls import Decision, Effect, Outcome, SessionInfo, ToolCall
 from gateway.catalog.pins import Assessment
 from gateway.policy.engine import PolicyEngine
-from gateway.policy.redact import Redaction
+from gateway.policy.redact import Redaction, Redactor
 
 ToolEntry = tuple[str, str, Any]
 """An exposed tool as the catalogue events see it: upstream, definition digest, definition."""
@@ -33,13 +33,10 @@ def event(kind: str, **fields: Any) -> dict[str, Any]:
     return body
 
 
-def call_fields(call: ToolCall) -> dict[str, Any]:
-    return {
-        "session_id": call.session.id,
-        "call_id": call.id,
-        "upstream": call.tool.upstream,
-        "tool": call.tool.name,
-    }
+def call_fields(call: ToolCall, redaction: Redaction, redactor: Redactor) -> dict[str, Any]:
+    """Who called what. A resource's name holds its URI, which the agent chose: masked like its arguments."""
+    name = call.tool.name if call.tool.kind == "tool" else redaction.scrub(call.tool.name, redactor)
+    return {"session_id": call.session.id, "call_id": call.id, "upstream": call.tool.upstream, "tool": name}
 
 
 def decision_event(
@@ -78,15 +75,18 @@ def decision_event(
         fields["would"] = decision.would.value
     if decision.monitored:
         fields["monitored"] = list(decision.monitored)
+    upstream_tool = call.tool.upstream_name
+    if call.tool.kind != "tool":
+        upstream_tool = redaction.scrub(upstream_tool, redactor)
     body = event(
         "decision",
-        **call_fields(call),
+        **call_fields(call, redaction, redactor),
         arguments=redaction.value,
         decision=decision.effect.value,
         rules=list(decision.rules),
         reason=redaction.scrub(reason, redactor),
         policy_revision=decision.revision,
-        upstream_tool=call.tool.upstream_name,
+        upstream_tool=upstream_tool,
         tool_digest=call.tool.source.digest,
         masked=[item.to_record() for item in masked] or None,
         **fields,
@@ -101,7 +101,7 @@ def outcome_event(
     data = canonical(outcome.result).encode("utf-8", "surrogatepass")  # what the agent received, as stored
     return event(
         "outcome",
-        **call_fields(call),
+        **call_fields(call, redaction, recorder.redactor),
         outcome=outcome.kind.value,
         rules=list(outcome.rules),
         reason=redaction.scrub(outcome.reason, recorder.redactor) or None,

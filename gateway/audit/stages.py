@@ -123,7 +123,9 @@ class CallAudit:
         reason = redaction.scrub(reason, self.recorder.redactor)
         call_id = os.urandom(16).hex()
         common = {"session_id": session.id, "call_id": call_id}
-        common.update({"tool": name} if method is None else {"method": method})
+        # The name is the agent's choice (an unknown tool, a resource's URI): masked like its arguments.
+        shown = redaction.scrub(name, self.recorder.redactor)
+        common.update({"tool": shown} if method is None else {"method": shown})
         decision = event(
             "decision",
             **common,
@@ -140,7 +142,7 @@ class CallAudit:
             await self.recorder.record(decision, ended)
         except AuditError as exc:
             logger.error("a call to '%s' (%s) could not be recorded: %s", name, stage, exc)
-        _print_line(session.id, name, "deny", "", outcome.value, 0.0)
+        _print_line(session.id, common.get("tool") or common.get("method", ""), "deny", "", outcome.value, 0.0)
 
     async def _finish(self, call: ToolCall, outcome: Outcome, started: float) -> Outcome:
         """Record the outcome of `call` (as decided, when the policy got to it), and its decision if that
@@ -169,7 +171,7 @@ class CallAudit:
         rules = ",".join(decision.rules) if decision is not None else ""
         if decision is not None and decision.would is not None:
             effect += f" (would {decision.would.value})"
-        _print_line(call.session.id, call.tool.name, effect, rules, outcome.kind.value, duration_ms)
+        _print_line(call.session.id, events[-1]["tool"], effect, rules, outcome.kind.value, duration_ms)
         return outcome
 
 

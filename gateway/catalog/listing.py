@@ -75,6 +75,8 @@ class ExposedTool:
     name: str
     source: UpstreamTool
     model: types.Tool = field(compare=False, repr=False)
+    kind: str = "tool"
+    """What the pipeline forwards: a `tool` call, a `resource` read or a `prompt` get (see `core/targets.py`)."""
 
     @property
     def upstream(self) -> str:
@@ -241,10 +243,16 @@ class Catalog:
 
     def resource_upstream(self, uri: str) -> str | None:
         """The upstream that serves `uri`: a listed resource, else the one upstream whose template matches."""
+        found = self.resource_source(uri)
+        return found[0] if found is not None else None
+
+    def resource_source(self, uri: str) -> tuple[str, types.Resource | types.ResourceTemplate] | None:
+        """The upstream that serves `uri` and the definition it falls under: the listed resource, else the
+        template of the one upstream whose templates match it."""
         if (entry := self.resources.get(uri)) is not None:
-            return entry[0]
-        owners = {upstream for upstream, template, _ in self.templates if template.match(uri)}
-        return owners.pop() if len(owners) == 1 else None
+            return entry
+        owners = {upstream: definition for upstream, template, definition in self.templates if template.match(uri)}
+        return owners.popitem() if len(owners) == 1 else None
 
 
 _T = TypeVar("_T")

@@ -30,6 +30,7 @@ from gateway.calls import (
     Channel,
     Decision,
     Handler,
+    Outcome,
     OutcomeKind,
     SessionInfo,
     ToolCall,
@@ -41,9 +42,11 @@ from gateway.core.dispatch import Dispatcher, Route
 from gateway.core.pipeline import build_pipeline
 from gateway.core.requests import Caller, Request, ToolRequest
 from gateway.core.sessions import Sessions
+from gateway.core.targets import prompt_target, resource_target
 from gateway.core.watch import watch_file, watch_policies
-from gateway.errors import GatewayError, LockError, ProtocolError, UpstreamError
+from gateway.errors import GatewayError, LockError, ProtocolError
 from gateway.policy.engine import PolicyEngine, PolicySet
+from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX
 from gateway.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -225,27 +228,51 @@ class Gateway:
             await self.audit.unknown_tool(session, params.name, params.arguments)
             raise ProtocolError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
         approver = self._approver(caller, params)
-        progress, relay = caller.progress, caller.relay
-        call = ToolCall(session, tool, params.arguments, progress=progress, approver=approver, relay=relay)
+        call = ToolCall(
+            session, tool, params.arguments, progress=caller.progress, approver=approver, relay=caller.relay
+        )
+        return (await self._run(call)).result
+
+    async def _run(self, call: ToolCall) -> Outcome:
+        """The pipeline, with its boundary: an unexpected fault is logged, never sent with its text."""
         try:
-            outcome = await self.pipeline(call)
+            return await self.pipeline(call)
         except ProtocolError:
             raise
         except GatewayError as exc:
             raise ProtocolError(types.INTERNAL_ERROR, str(exc)) from None
         except anyio.get_cancelled_exc_class():
             raise
-        except Exception:  # the boundary: an unexpected fault is logged, never sent with its text
-            logger.exception("tool call %s to %s failed inside the gateway", call.id, tool.name)
+        except Exception:
+            logger.exception("call %s to %s failed inside the gateway", call.id, call.tool.name)
             raise ProtocolError(types.INTERNAL_ERROR, f"internal gateway error (call {call.id})") from None
-        return outcome.result
 
-    def _approver(self, caller: Caller, params: ToolRequest) -> Approver | None:
-        """How this request can ask a person: elicitation now (handshake era) or input-required (2026)."""
+    async def _mediated(self, caller: Caller, target: ExposedTool, arguments: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A resource read or a prompt get through the pipeline, as a tool call goes: its result, or what
+        ended it as a JSON-RPC error (these results cannot say "refused" themselves)."""
+        approver = self._approver(caller, None)
+        call = ToolCall(
+            caller.session, target, arguments, progress=caller.progress, approver=approver, relay=caller.relay
+        )
+        outcome = await self._run(call)
+        if outcome.kind is OutcomeKind.OK:
+            return outcome.result
+        text = outcome.result["content"][0]["text"] if outcome.result.get("content") else outcome.reason
+        code = types.INVALID_PARAMS if outcome.kind is OutcomeKind.REFUSED else types.INTERNAL_ERROR
+        raise ProtocolError(code, text)
+
+    def _sees(self, name: str, session: SessionInfo) -> bool:
+        return self.engine.visible(name, client=session.client_name, principal=session.principal)
+
+    def _approver(self, caller: Caller, params: ToolRequest | None) -> Approver | None:
+        """How this request can ask a person: elicitation now (handshake era) or input-required (2026,
+        tool calls only: `params` carries the retry's answer)."""
         if not caller.can_elicit:
             return None
         desk = self.desk
         if caller.modern:
+            if params is None:
+                return None
 
             async def by_round_trip(call: ToolCall, decision: Decision) -> Approval:
                 if params.request_state is None and params.answer is None:
@@ -276,44 +303,58 @@ class Gateway:
         return session
 
     async def list_prompts(self, request: Request, params: types.PaginatedRequestParams) -> types.ListPromptsResult:
+        """The prompts this caller may get (a prompt no rule can let it get is hidden, as tools are)."""
+        session = request.caller.session
         await self.wait_for_startup()
-        return types.ListPromptsResult(prompts=[prompt.model for prompt in self.pool.catalog.prompts.values()])
+        prompts = self.pool.catalog.prompts.values()
+        return types.ListPromptsResult(
+            prompts=[p.model for p in prompts if self._sees(PROMPT_PREFIX + p.name, session)]
+        )
 
-    async def get_prompt(self, request: Request, params: types.GetPromptRequestParams) -> dict[str, Any]:
-        """The prompt from its upstream, in wire form (handshake era, as upstreams speak it)."""
+    async def get_prompt(self, request: Request, params: types.GetPromptRequestParams) -> Mapping[str, Any]:
+        """The prompt from its upstream, decided, recorded and screened like a tool call."""
+        session = request.caller.session
         await self.wait_for_startup()
         prompt = self.pool.catalog.prompts.get(params.name)
-        if prompt is None:
+        arguments = dict(params.arguments or {})
+        if prompt is None or not self._sees(PROMPT_PREFIX + params.name, session):
+            self.sessions.note(session)
+            await self.audit.unknown_tool(session, PROMPT_PREFIX + params.name, arguments)
             raise ProtocolError(types.INVALID_PARAMS, f"Unknown prompt: {params.name}")
-        forwarded: dict[str, Any] = {"name": prompt.upstream_name}
-        if params.arguments:
-            forwarded["arguments"] = params.arguments
-        return await self._forward(prompt.upstream, "prompts/get", forwarded)
+        return await self._mediated(request.caller, prompt_target(prompt), arguments)
 
     async def list_resources(self, request: Request, params: types.PaginatedRequestParams) -> types.ListResourcesResult:
+        """The listed resources this caller may read (one no rule can let it read is hidden)."""
+        session = request.caller.session
         await self.wait_for_startup()
-        return types.ListResourcesResult(resources=[resource for _, resource in self.pool.catalog.resources.values()])
+        listed = self.pool.catalog.resources.items()
+        shown = [resource for uri, (_, resource) in listed if self._sees(RESOURCE_PREFIX + uri, session)]
+        return types.ListResourcesResult(resources=shown)
 
     async def list_resource_templates(
         self, request: Request, params: types.PaginatedRequestParams
     ) -> types.ListResourceTemplatesResult:
+        """The templates, when some rule (or the default) can let this caller read what they stand for."""
+        session = request.caller.session
         await self.wait_for_startup()
-        templates = [template for _, _, template in self.pool.catalog.templates]
+        templates: list[types.ResourceTemplate] = []
+        if self.engine.lists_templates(client=session.client_name, principal=session.principal):
+            templates = [template for _, _, template in self.pool.catalog.templates]
         return types.ListResourceTemplatesResult(resource_templates=templates)
 
-    async def read_resource(self, request: Request, params: types.ReadResourceRequestParams) -> dict[str, Any]:
-        """The resource from the upstream that serves it, in wire form (handshake era)."""
+    async def read_resource(self, request: Request, params: types.ReadResourceRequestParams) -> Mapping[str, Any]:
+        """The resource from the upstream that serves it, decided, recorded and screened like a tool call."""
+        session = request.caller.session
         await self.wait_for_startup()
-        upstream = self.pool.catalog.resource_upstream(params.uri)
-        if upstream is None:
-            raise ProtocolError(types.INVALID_PARAMS, f"Unknown resource: {params.uri}")
-        return await self._forward(upstream, "resources/read", {"uri": params.uri})
-
-    async def _forward(self, upstream: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return await self.pool.get(upstream).require_session().request(method, params)
-        except UpstreamError as exc:
-            raise ProtocolError(types.INTERNAL_ERROR, str(exc)) from None
+        uri = str(params.uri)
+        source = self.pool.catalog.resource_source(uri)
+        if source is None or not self._sees(RESOURCE_PREFIX + uri, session):
+            self.sessions.note(session)
+            await self.audit.unknown_tool(session, RESOURCE_PREFIX + uri, {"uri": uri})
+            raise ProtocolError(types.INVALID_PARAMS, f"Unknown resource: {uri}")
+        upstream, definition = source
+        target = resource_target(upstream, uri, definition.model_dump(by_alias=True, mode="json", exclude_none=True))
+        return await self._mediated(request.caller, target, {"uri": uri})
 
 
 def _tool_definitions(catalog: Catalog) -> dict[str, tuple[str, str, Any]]:

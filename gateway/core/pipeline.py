@@ -13,10 +13,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-from pydantic import ValidationError
+import mcp_types as types
+from pydantic import BaseModel, ValidationError
 
 from gateway.calls import (
     Answer,
@@ -186,23 +187,47 @@ class Forward:
         self._pool = pool
 
     async def __call__(self, call: ToolCall) -> Outcome:
-        params = {"name": call.tool.upstream_name, "arguments": dict(call.forwarded_arguments)}
+        method, params = _request(call)
         try:
             session = self._pool.get(call.tool.upstream).require_session()
             with self._pool.relaying(call):
-                raw = await session.request("tools/call", params, on_progress=call.progress)
+                raw = await session.request(method, params, on_progress=call.progress)
         except UpstreamTimeout as exc:
             return Outcome.failed(call, OutcomeKind.TIMEOUT, str(exc))
         except UpstreamError as exc:
             return Outcome.failed(call, OutcomeKind.ERROR, str(exc))
         try:
-            result = check_tool_result(raw, call.session.protocol_version)
+            if call.tool.kind == "tool":
+                result = check_tool_result(raw, call.session.protocol_version)
+            else:
+                result = (
+                    _RESULTS[call.tool.kind]
+                    .model_validate(raw, by_name=False)
+                    .model_dump(by_alias=True, mode="json", exclude_none=True)
+                )
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             reason = f"upstream '{call.tool.upstream}' returned a malformed result ({where}: {first['msg']})"
             return Outcome.failed(call, OutcomeKind.ERROR, reason)
         return Outcome.completed(result)
+
+
+_RESULTS: dict[str, type[BaseModel]] = {"resource": types.ReadResourceResult, "prompt": types.GetPromptResult}
+"""What a resource read and a prompt get must answer (a tool's result is checked for the caller's version)."""
+
+
+def _request(call: ToolCall) -> tuple[str, dict[str, Any]]:
+    """The request the upstream receives for `call`, with the arguments as policy left them."""
+    arguments = dict(call.forwarded_arguments)
+    if call.tool.kind == "resource":
+        return "resources/read", {"uri": call.tool.upstream_name}
+    if call.tool.kind == "prompt":
+        params: dict[str, Any] = {"name": call.tool.upstream_name}
+        if arguments:
+            params["arguments"] = arguments
+        return "prompts/get", params
+    return "tools/call", {"name": call.tool.upstream_name, "arguments": arguments}
 
 
 def build_pipeline(pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit) -> Handler:

@@ -238,6 +238,21 @@ class PolicyEngine:
             return True
         return self._seen(tool, client, principal)
 
+    def lists_templates(self, *, client: str = "", principal: str = "") -> bool:
+        """Whether resource templates are listed for this client: a template stands for URIs known only
+        when they are read (each read is then decided on its own), so it is listed when the default, or
+        some rule naming resources, can let a read go ahead."""
+        if self.monitor_mode or self.policies.default is not Effect.DENY:
+            return True
+        return any(
+            rule.resources
+            and not rule.on_result
+            and not rule.monitor
+            and rule.effect not in (None, Effect.DENY)
+            and rule.concerns_client(client, principal)
+            for rule in self.policies.rules
+        )
+
     def reachable(self, tool: str) -> bool:
         """False when no client at all can ever call `tool` (`policy check` warns of an upstream whose every
         tool is so): a rule denies it to every client whatever the arguments, or none allows it to any."""

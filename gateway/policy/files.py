@@ -29,7 +29,7 @@ from gateway.config.models import Config, parse_duration
 from gateway.errors import PolicyError
 from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.policy.redact import parse_mask_path
-from gateway.policy.rules import Rate, Rule
+from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX, Rate, Rule
 from gateway.schema import FORMATS, Matcher, compile_fast, compile_schema, describe_violation
 
 RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
@@ -45,7 +45,11 @@ class RuleSpec(_Model):
     """One `[[rule]]` as written."""
 
     id: StrictStr
-    tools: tuple[StrictStr, ...] = Field(min_length=1)
+    tools: tuple[StrictStr, ...] = ()
+    resources: tuple[StrictStr, ...] = ()
+    """Resource URI globs (`resources/read`)."""
+    prompts: tuple[StrictStr, ...] = ()
+    """Exposed prompt name globs (`prompts/get`)."""
     effect: Literal["allow", "deny", "ask", "rewrite"] | None = None
     clients: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)
     when: dict[str, Any] | None = None
@@ -158,9 +162,11 @@ def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, l
         raise PolicyError(f"{where}: {_describe(exc)}") from None
     if not RULE_ID.match(spec.id):
         raise PolicyError(f"{where}: id: must match {RULE_ID.pattern}")
-    for glob in (*spec.tools, *(spec.clients or ())):
-        if not glob.strip():
-            raise PolicyError(f"{where}: {'tools' if glob in spec.tools else 'clients'}: empty glob")
+    if not (spec.tools or spec.resources or spec.prompts):
+        raise PolicyError(f"{where}: tools: required key is missing (or name resources = [...] or prompts = [...])")
+    for key in ("tools", "resources", "prompts", "clients"):
+        if any(not glob.strip() for glob in getattr(spec, key) or ()):
+            raise PolicyError(f"{where}: {key}: empty glob")
     _check_combination(spec, where)
     rate = None
     if spec.rate is not None:
@@ -191,7 +197,9 @@ def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, l
         id=spec.id,
         source=source,
         tools=spec.tools,
-        tools_pattern=_globs(spec.tools),
+        tools_pattern=subjects_pattern(spec.tools, spec.resources, spec.prompts),
+        resources=spec.resources,
+        prompts=spec.prompts,
         effect=effect,
         clients=spec.clients,
         clients_pattern=_globs(spec.clients) if spec.clients is not None else None,
@@ -236,6 +244,15 @@ def _check_combination(spec: RuleSpec, where: str) -> None:
         raise PolicyError(f'{where}: set: applies to effect = "rewrite" rules only')
     if spec.effect == "deny" and spec.rate is not None:
         raise PolicyError(f"{where}: rate: a deny rule refuses every call it matches; a rate limits allowed calls")
+
+
+def subjects_pattern(tools: tuple[str, ...], resources: tuple[str, ...], prompts: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled regex for what a rule names: exposed tool names (which never hold a colon), and
+    `resource:URI` and `prompt:NAME`, the names the engine knows a resource read and a prompt by."""
+    parts = [f"(?=[^:]*$)(?:{fnmatch.translate(glob)})" for glob in tools]
+    parts += [f"{RESOURCE_PREFIX}(?:{fnmatch.translate(glob)})" for glob in resources]
+    parts += [f"{PROMPT_PREFIX}(?:{fnmatch.translate(glob)})" for glob in prompts]
+    return re.compile("|".join(parts))
 
 
 def _globs(globs: tuple[str, ...]) -> re.Pattern[str]:

@@ -2,8 +2,9 @@
 
 A result rule sees every channel of a result (`subject`): its `text` is all the text the result
 carries, in order (text blocks; embedded resources' `text`; embedded resources' `blob`, images' and
-audio's `data` wherever the bytes decode as UTF-8 text, whatever MIME type the upstream claims), and
-beside it the fields of `structuredContent`. Masking (`redact`) reaches the same places: a decoded
+audio's `data` wherever the bytes decode as UTF-8 text, whatever MIME type the upstream claims; a
+resource read's `contents` and a prompt's `messages` the same way), and beside it the fields of
+`structuredContent`. Masking (`redact`) reaches the same places: a decoded
 blob is masked and encoded again. A progress message relayed while a call runs is screened as a
 result of its own, one text block (`gateway.core.pipeline`).
 """
@@ -72,7 +73,7 @@ def subject(result: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _texts(result: Mapping[str, Any]) -> Iterable[str]:
-    for block in result.get("content") or ():
+    for block in _blocks(result):
         if not isinstance(block, Mapping):
             continue
         if block.get("type") == "text" and isinstance(block.get("text"), str):
@@ -87,6 +88,17 @@ def _texts(result: Mapping[str, Any]) -> Iterable[str]:
                 yield resource["text"]
             if isinstance(resource.get("blob"), str) and (decoded := _decoded(resource["blob"])) is not None:
                 yield decoded
+
+
+def _blocks(result: Mapping[str, Any]) -> Iterable[Any]:
+    """Every content block of a result: a tool's `content`, a resource read's `contents` (each as an
+    embedded resource) and a prompt's `messages`."""
+    yield from result.get("content") or ()
+    for contents in result.get("contents") or ():
+        yield {"type": "resource", "resource": contents}
+    for message in result.get("messages") or ():
+        if isinstance(message, Mapping):
+            yield message.get("content")
 
 
 def _decoded(data: str) -> str | None:
@@ -122,9 +134,26 @@ def _redact(result: Mapping[str, Any], rule: Rule) -> Mapping[str, Any]:
     content = result.get("content")
     if isinstance(content, list):
         changed["content"] = [_scrub_block(block, scrub) for block in content]
+    contents = result.get("contents")
+    if isinstance(contents, list):
+        changed["contents"] = [_scrub_resource(item, scrub) for item in contents]
+    messages = result.get("messages")
+    if isinstance(messages, list):
+        changed["messages"] = [
+            {**message, "content": _scrub_block(message.get("content"), scrub)}
+            if isinstance(message, Mapping)
+            else message
+            for message in messages
+        ]
     if result.get("structuredContent") is not None:
         changed["structuredContent"] = scrub(result["structuredContent"])
     return changed
+
+
+def _scrub_message(message: Any, scrub: Scrub) -> Any:
+    if not isinstance(message, Mapping):
+        return message
+    return {**message, "content": _scrub_block(message.get("content"), scrub)}
 
 
 def _scrub_block(block: Any, scrub: Scrub) -> Any:
@@ -134,15 +163,20 @@ def _scrub_block(block: Any, scrub: Scrub) -> Any:
         return {**block, "text": scrub(block["text"])}
     if isinstance(block.get("data"), str):
         return {**block, "data": _scrub_encoded(block["data"], scrub)}
-    resource = block.get("resource")
-    if isinstance(resource, Mapping):
-        scrubbed = dict(resource)
-        if isinstance(resource.get("text"), str):
-            scrubbed["text"] = scrub(resource["text"])
-        if isinstance(resource.get("blob"), str):
-            scrubbed["blob"] = _scrub_encoded(resource["blob"], scrub)
-        return {**block, "resource": scrubbed}
+    if isinstance(block.get("resource"), Mapping):
+        return {**block, "resource": _scrub_resource(block["resource"], scrub)}
     return block
+
+
+def _scrub_resource(resource: Any, scrub: Scrub) -> Any:
+    if not isinstance(resource, Mapping):
+        return resource
+    scrubbed = dict(resource)
+    if isinstance(resource.get("text"), str):
+        scrubbed["text"] = scrub(resource["text"])
+    if isinstance(resource.get("blob"), str):
+        scrubbed["blob"] = _scrub_encoded(resource["blob"], scrub)
+    return scrubbed
 
 
 def _scrub_encoded(data: str, scrub: Scrub) -> str:

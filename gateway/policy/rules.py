@@ -13,6 +13,11 @@ from typing import Any
 from gateway.calls import Effect
 from gateway.schema import Matcher
 
+RESOURCE_PREFIX = "resource:"
+"""The engine knows a resource read by `resource:` and its URI (`rules.resources` globs match the URI)."""
+PROMPT_PREFIX = "prompt:"
+"""The engine knows a prompt by `prompt:` and its exposed name (`rules.prompts` globs match the name)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Rate:
@@ -46,6 +51,8 @@ class Rule:
     redact: tuple[re.Pattern[str], ...] = ()
     mask: tuple[tuple[str, ...], ...] = ()
     """Argument paths the audit log stores masked (for every call of the rule's tools)."""
+    resources: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
 
     def concerns(self, tool: str) -> bool:
         return self.tools_pattern.fullmatch(tool) is not None

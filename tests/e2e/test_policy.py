@@ -6,6 +6,7 @@ The fixture records every call it receives, so each test proves what did, and di
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from mcp.shared.exceptions import MCPError
 from tests.conftest import (
     REPO,
     calls,
+    events,
     fixture_upstream,
     gateway_client,
     gateway_command,
@@ -415,3 +417,100 @@ async def test_the_shipped_git_policies_hold_against_the_real_server(tmp_path: P
     assert recorded["git__git_diff"]["outcome"]["rules"] == ["git-no-secret-diffs"]
     log = recorded["git__git_log"]["decision"]
     assert log["decision"] == "rewrite" and log["rewritten_arguments"]["max_count"] == 50
+
+
+MEDIATION_POLICY = """
+[defaults]
+effect = "deny"
+
+[[rule]]
+id = "tools"
+tools = ["box__*"]
+effect = "allow"
+
+[[rule]]
+id = "notes"
+resources = ["toolbox://readme", "toolbox://notes/*"]
+effect = "allow"
+
+[[rule]]
+id = "no-secret-notes"
+resources = ["toolbox://notes/*"]
+effect = "deny"
+reason = "secret notes stay private"
+when = { properties = { uri = { pattern = "/secret" } } }
+
+[[rule]]
+id = "greet"
+prompts = ["box__greet"]
+effect = "allow"
+when = { required = ["who"], properties = { who = { not = { const = "Mallory" } } } }
+
+[[rule]]
+id = "mask-keys"
+tools = ["*"]
+resources = ["*"]
+prompts = ["*"]
+on = "result"
+redact = ['AKIA[0-9A-Z]{16}']
+"""
+MASKED = "[redacted by mcp-armor rule 'mask-keys']"
+
+
+async def _refusal(pending: Any) -> str:
+    with pytest.raises(MCPError) as caught:
+        await pending
+    return caught.value.error.message
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_resources_and_prompts_are_decided_recorded_and_screened(tmp_path: Path, mode: str) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=MEDIATION_POLICY)
+    async with gateway_client(config, mode=mode) as client:
+        listed = [str(resource.uri) for resource in (await client.list_resources()).resources]
+        templates = (await client.list_resource_templates()).resource_templates
+        prompts = [prompt.name for prompt in (await client.list_prompts()).prompts]
+        readme = await client.read_resource("toolbox://readme")
+        keyed = await client.read_resource(f"toolbox://notes/{AWS_KEY}")
+        secret = await _refusal(client.read_resource("toolbox://notes/secret-plans"))
+        unknown = await _refusal(client.read_resource("elsewhere://x"))
+        hello = await client.get_prompt("box__greet", {"who": "Ann"})
+        masked = await client.get_prompt("box__greet", {"who": AWS_KEY})
+        mallory = await _refusal(client.get_prompt("box__greet", {"who": "Mallory"}))
+    assert listed == ["toolbox://readme"] and [t.uri_template for t in templates] == ["toolbox://notes/{name}"]
+    assert prompts == ["box__greet"]
+    assert readme.contents[0].text == "contents of toolbox://readme"  # type: ignore[union-attr]
+    assert keyed.contents[0].text == f"contents of toolbox://notes/{MASKED}"  # type: ignore[union-attr]
+    assert "Refused by the mcp-armor gateway: denied by rule 'no-secret-notes': secret notes stay private" in secret
+    assert unknown == "Unknown resource: elsewhere://x"
+    assert hello.messages[0].content.text == "Hello, Ann!"  # type: ignore[union-attr]
+    assert masked.messages[0].content.text == f"Hello, {MASKED}!"  # type: ignore[union-attr]
+    assert mallory.startswith("Refused by the mcp-armor gateway")
+    decisions = [event for event in events(tmp_path) if event["kind"] == "decision"]
+    by_target = {(event["tool"], json.dumps(event["arguments"])): event for event in decisions}
+    assert by_target[("resource:toolbox://readme", '{"uri": "toolbox://readme"}')]["decision"] == "allow"
+    secret_read = by_target[("resource:toolbox://notes/secret-plans", '{"uri": "toolbox://notes/secret-plans"}')]
+    assert secret_read["decision"] == "deny" and secret_read["rules"] == ["notes", "no-secret-notes"]
+    assert by_target[("prompt:box__greet", '{"who": "Mallory"}')]["decision"] == "deny"
+    assert by_target[("resource:elsewhere://x", '{"uri": "elsewhere://x"}')]["stage"] == "unknown-tool"
+    outcomes = {event["call_id"]: event for event in events(tmp_path) if event["kind"] == "outcome"}
+    assert all(event["call_id"] in outcomes for event in decisions)  # every decision has its outcome
+    greeted = [outcomes[event["call_id"]] for event in decisions if event["tool"] == "prompt:box__greet"]
+    assert [outcome["rules"] for outcome in greeted] == [[], ["mask-keys"], []]  # Ann, the key (masked), Mallory
+    assert AWS_KEY not in json.dumps(events(tmp_path))  # the audit masks it in what it stores, too
+
+
+async def test_with_no_rule_naming_them_resources_and_prompts_are_hidden_and_refused(tmp_path: Path) -> None:
+    policy = '[defaults]\neffect = "deny"\n\n[[rule]]\nid = "tools"\ntools = ["box__*"]\neffect = "allow"\n'
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=policy)
+    async with gateway_client(config) as client:
+        assert (await client.list_resources()).resources == []
+        assert (await client.list_resource_templates()).resource_templates == []
+        assert (await client.list_prompts()).prompts == []
+        assert await _refusal(client.read_resource("toolbox://readme")) == "Unknown resource: toolbox://readme"
+        assert await _refusal(client.get_prompt("box__greet", {"who": "Ann"})) == "Unknown prompt: box__greet"
+        assert not (await client.call_tool("box__echo", {"text": "tools still work"})).is_error
+    refused = {
+        event["tool"] for event in events(tmp_path) if event["kind"] == "decision" and event["decision"] == "deny"
+    }
+    assert refused == {"resource:toolbox://readme", "prompt:box__greet"}
