@@ -116,7 +116,9 @@ class PolicyEngine:
             elif rule.effect is None:
                 trace.append((rule.id, "masks argument paths in the audit log; decides nothing"))
             elif rule.id not in concerned:
-                trace.append((rule.id, f"tools {list(rule.tools)} do not match '{tool}'"))
+                named = (("tools", rule.tools), ("resources", rule.resources), ("prompts", rule.prompts))
+                globs = ", ".join(f"{key} {list(values)}" for key, values in named if values)
+                trace.append((rule.id, f"{globs} do not match '{tool}'"))
         decision = self._decide(tool, arguments, now, session, client, principal, trace)
         order = {rule.id: index for index, rule in enumerate(self.policies.rules)}
         trace.sort(key=lambda item: order.get(item[0], -1))

@@ -163,7 +163,7 @@ def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, l
     if not RULE_ID.match(spec.id):
         raise PolicyError(f"{where}: id: must match {RULE_ID.pattern}")
     if not (spec.tools or spec.resources or spec.prompts):
-        raise PolicyError(f"{where}: tools: required key is missing (or name resources = [...] or prompts = [...])")
+        raise PolicyError(f"{where}: tools: required key is missing")  # or resources, or prompts
     for key in ("tools", "resources", "prompts", "clients"):
         if any(not glob.strip() for glob in getattr(spec, key) or ()):
             raise PolicyError(f"{where}: {key}: empty glob")

@@ -63,10 +63,13 @@ DEFAULTS_TEMPLATE = """\
 [defaults]
 effect = "deny"
 
-# Mask credentials in whatever any tool returns, before the agent (and its model provider) sees it.
+# Mask credentials in whatever any tool, resource or prompt returns, before the agent (and its model
+# provider) sees it.
 [[rule]]
 id = "redact-credentials"
 tools = ["*"]
+resources = ["*"]
+prompts = ["*"]
 on = "result"
 redact = [
     'AKIA[0-9A-Z]{16}',                                                   # AWS access key ids

@@ -203,3 +203,20 @@ def test_the_shipped_secret_file_schema_matches_every_spelling_a_server_resolves
     cap = shipped["git-log-cap"].when
     assert cap is not None
     assert [count for count in (-1, 0, 1, 50, 51, 10**6) if cap.is_valid({"max_count": count})] == [-1, 0, 51, 10**6]
+
+
+def test_rules_name_tools_resources_and_prompts_apart(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.toml").write_text(
+        '[[rule]]\nid = "every-tool"\ntools = ["*"]\neffect = "allow"\n\n'
+        '[[rule]]\nid = "docs"\nresources = ["docs://*"]\nprompts = ["box__*"]\neffect = "allow"\n'
+    )
+    every_tool, docs = load_policies(policies).rules
+    assert every_tool.concerns("box__echo") and not every_tool.concerns("resource:docs://a")
+    assert not every_tool.concerns("prompt:box__greet")
+    assert docs.concerns("resource:docs://a/b") and docs.concerns("prompt:box__greet")
+    assert not docs.concerns("resource:file:///etc/passwd") and not docs.concerns("box__echo")
+    (policies / "p.toml").write_text('[[rule]]\nid = "nothing"\neffect = "allow"\n')
+    with pytest.raises(PolicyError, match="rule 'nothing': tools: required key is missing"):
+        load_policies(policies)
