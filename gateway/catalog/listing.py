@@ -23,6 +23,7 @@ from jsonschema.protocols import Validator
 from pydantic import ValidationError
 
 from gateway.catalog.uri_template import UriTemplate
+from gateway.catalog.uris import normal_uri
 from gateway.errors import InvalidUriTemplate
 from gateway.schema import Matcher, compile_fast, compile_schema, describe_violation, digest, json_message
 
@@ -247,10 +248,14 @@ class Catalog:
         return found[0] if found is not None else None
 
     def resource_source(self, uri: str) -> tuple[str, types.Resource | types.ResourceTemplate] | None:
-        """The upstream that serves `uri` and the definition it falls under: the listed resource, else the
-        template of the one upstream whose templates match it."""
+        """The upstream that serves `uri` (in normal form, `catalog.uris`) and the definition it falls under:
+        the listed resource of that URI however it was spelt, else the template of the one upstream whose
+        templates match it."""
         if (entry := self.resources.get(uri)) is not None:
             return entry
+        listed = [entry for listed_uri, entry in self.resources.items() if normal_uri(listed_uri) == uri]
+        if len(listed) == 1:
+            return listed[0]
         owners = {upstream: definition for upstream, template, definition in self.templates if template.match(uri)}
         return owners.popitem() if len(owners) == 1 else None
 

@@ -37,6 +37,7 @@ from gateway.calls import (
 )
 from gateway.catalog.listing import Catalog, ExposedTool
 from gateway.catalog.pins import Assessment, Lock
+from gateway.catalog.uris import normal_uri
 from gateway.core.approvals import REQUESTED_SCHEMA, ApprovalDesk
 from gateway.core.dispatch import Dispatcher, Route
 from gateway.core.pipeline import build_pipeline
@@ -328,7 +329,7 @@ class Gateway:
         session = request.caller.session
         await self.wait_for_startup()
         listed = self.pool.catalog.resources.items()
-        shown = [resource for uri, (_, resource) in listed if self._sees(RESOURCE_PREFIX + uri, session)]
+        shown = [resource for uri, (_, resource) in listed if self._sees(RESOURCE_PREFIX + normal_uri(uri), session)]
         return types.ListResourcesResult(resources=shown)
 
     async def list_resource_templates(
@@ -346,7 +347,7 @@ class Gateway:
         """The resource from the upstream that serves it, decided, recorded and screened like a tool call."""
         session = request.caller.session
         await self.wait_for_startup()
-        uri = str(params.uri)
+        uri = normal_uri(str(params.uri))
         source = self.pool.catalog.resource_source(uri)
         if source is None or not self._sees(RESOURCE_PREFIX + uri, session):
             self.sessions.note(session)

@@ -2,8 +2,8 @@
 screened like a tool call.
 
 A `resources/read` becomes a `ToolCall` on an `ExposedTool` of kind `resource`, named as the policy
-engine knows it, `resource:URI`, with the arguments `{"uri": URI}` (and the variables of the
-template the URI matched, when it is not a listed resource); a `prompts/get` becomes one of kind
+engine knows it, `resource:URI`, with the arguments `{"uri": URI}`, the URI in RFC 3986 normal form
+(`catalog/uris.py`), so that what is decided is what the upstream reads; a `prompts/get` becomes one of kind
 `prompt`, named `prompt:NAME`, with the prompt's arguments. Their "input schemas" are what the
 protocol allows (a URI; string arguments), and their digests are those of the definitions the agent
 was shown.
@@ -17,6 +17,7 @@ from typing import Any
 import mcp_types as types
 
 from gateway.catalog.listing import ExposedPrompt, ExposedTool, UpstreamTool
+from gateway.catalog.uris import normal_uri
 from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX
 from gateway.schema import compile_fast, compile_schema, digest
 
@@ -43,8 +44,11 @@ _PROMPT = _Kind("prompt", PROMPT_SCHEMA)
 
 
 def resource_target(upstream: str, uri: str, definition: Mapping[str, Any]) -> ExposedTool:
-    """A read of `uri` from `upstream`; `definition` is the listed resource or template it falls under."""
-    return _target(_RESOURCE, RESOURCE_PREFIX + uri, upstream, uri, definition)
+    """A read of `uri` (in normal form) from `upstream`; `definition` is the listed resource or the
+    template it falls under. The upstream is asked for the URI as it listed it, else in normal form."""
+    listed = definition.get("uri")
+    forwarded = listed if isinstance(listed, str) and normal_uri(listed) == uri else uri
+    return _target(_RESOURCE, RESOURCE_PREFIX + uri, upstream, forwarded, definition)
 
 
 def prompt_target(prompt: ExposedPrompt) -> ExposedTool:

@@ -473,6 +473,13 @@ async def test_resources_and_prompts_are_decided_recorded_and_screened(tmp_path:
         readme = await client.read_resource("toolbox://readme")
         keyed = await client.read_resource(f"toolbox://notes/{AWS_KEY}")
         secret = await _refusal(client.read_resource("toolbox://notes/secret-plans"))
+        for spelling in (
+            "toolbox://notes/%73ecret-plans",
+            "TOOLBOX://notes/./secret-plans",
+            "toolbox://notes/x/../secret",
+        ):
+            assert "denied by rule 'no-secret-notes'" in await _refusal(client.read_resource(spelling)), spelling
+        decoded = await client.read_resource("toolbox://notes/%41bc")  # the upstream reads what was decided
         unknown = await _refusal(client.read_resource("elsewhere://x"))
         hello = await client.get_prompt("box__greet", {"who": "Ann"})
         masked = await client.get_prompt("box__greet", {"who": AWS_KEY})
@@ -480,6 +487,7 @@ async def test_resources_and_prompts_are_decided_recorded_and_screened(tmp_path:
     assert listed == ["toolbox://readme"] and [t.uri_template for t in templates] == ["toolbox://notes/{name}"]
     assert prompts == ["box__greet"]
     assert readme.contents[0].text == "contents of toolbox://readme"  # type: ignore[union-attr]
+    assert decoded.contents[0].text == "contents of toolbox://notes/Abc"  # type: ignore[union-attr]
     assert keyed.contents[0].text == f"contents of toolbox://notes/{MASKED}"  # type: ignore[union-attr]
     assert "Refused by the mcp-armor gateway: denied by rule 'no-secret-notes': secret notes stay private" in secret
     assert unknown == "Unknown resource: elsewhere://x"

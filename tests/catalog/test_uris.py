@@ -1,0 +1,40 @@
+"""Resource URIs in RFC 3986 normal form: every spelling of one resource is one URI."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.catalog.uris import normal_uri
+
+
+@pytest.mark.parametrize(
+    ("spelt", "normal"),
+    [
+        ("file:///ws/%2Eenv", "file:///ws/.env"),
+        ("file:///ws/%2e%65nv", "file:///ws/.env"),
+        ("FILE://localhost/ws/./.env", "file:///ws/.env"),
+        ("file:///ws/a/../.env", "file:///ws/.env"),
+        ("file:///ws/a/b/../../.env", "file:///ws/.env"),
+        ("file:///../../etc/passwd", "file:///etc/passwd"),
+        ("file:///ws/%7euser", "file:///ws/~user"),
+        ("HTTP://Example.COM/a/%c3%A9?q=%7e#F", "http://example.com/a/%C3%A9?q=~#F"),
+        ("mem:/a/./b", "mem:/a/b"),
+    ],
+)
+def test_spellings_of_one_resource_are_one_uri(spelt: str, normal: str) -> None:
+    assert normal_uri(spelt) == normal
+    assert normal_uri(normal) == normal  # idempotent
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        "file:///ws%2F.env",  # an encoded slash is not a separator: it stays encoded
+        "file:///Ws/Read.ME",  # a path's case is the store's business
+        "docs:readme/../x",  # an opaque path is the scheme's own
+        "toolbox://notes/x",
+        "file:///ws/.env//",
+    ],
+)
+def test_what_normal_form_does_not_touch(kept: str) -> None:
+    assert normal_uri(kept) == kept
