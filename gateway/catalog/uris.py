@@ -4,8 +4,10 @@ Two spellings of one resource (`file:///ws/%2Eenv`, `FILE://localhost/ws/./.env`
 are one URI here, `file:///ws/.env`: the gateway decides, records and forwards that form. Normalised
 (RFC 3986, section 6.2.2, and RFC 8089 for `file`): the scheme and host lower-cased, percent-encodings
 upper-cased and those of unreserved characters decoded, dot segments removed, `file://localhost/`
-written `file:///`. Nothing else is changed: an encoded `/` (`%2F`) stays encoded, and a path's case
-is kept (a rule for a case-insensitive store says so itself).
+written `file:///`, the fragment dropped. Beyond the RFC, because upstreams decode before they split:
+an encoded `/` (`%2F`) in a hierarchical path is a `/`, and in a `file` path so are a backslash and `%5C`,
+repeated slashes are one and a trailing one is dropped. A path's case is kept (a rule for a
+case-insensitive store says so itself).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import re
 
 _URI = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):(?P<rest>.*)$", re.DOTALL)
 _ENCODED = re.compile(r"%([0-9A-Fa-f]{2})")
+_ENCODED_SLASH = re.compile(r"%2F")
+_FILE_SEPARATORS = re.compile(r"%5C")
+_REPEATED = re.compile(r"/{2,}")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -24,7 +29,7 @@ def normal_uri(uri: str) -> str:
     if match is None:
         return _percent(uri)
     scheme, rest = match["scheme"].lower(), match["rest"]
-    rest, _, fragment = rest.partition("#") if "#" in rest else (rest, "", None)
+    rest = rest.partition("#")[0]
     rest, _, query = rest.partition("?") if "?" in rest else (rest, "", None)
     authority = None
     path = rest
@@ -33,7 +38,15 @@ def normal_uri(uri: str) -> str:
         authority, path = rest[2:end], rest[end:]
     path = _percent(path)
     if authority is not None or path.startswith("/"):  # hierarchical; an opaque path is the scheme's own
+        # An encoded separator is one to an upstream that decodes the path before it splits it.
+        path = _ENCODED_SLASH.sub("/", path)
+        if scheme == "file":
+            path = _FILE_SEPARATORS.sub("/", path.replace("\\", "/"))
         path = _remove_dot_segments(path)
+        if scheme == "file":
+            path = _REPEATED.sub("/", path)
+            if len(path) > 1:
+                path = path.rstrip("/") or "/"
     if authority is not None:
         userinfo, at, host = authority.rpartition("@")
         host = _percent(host).lower()
@@ -43,9 +56,7 @@ def normal_uri(uri: str) -> str:
     normal = f"{scheme}:" + (f"//{authority}" if authority is not None else "") + path
     if query is not None:
         normal += "?" + _percent(query)
-    if fragment is not None:
-        normal += "#" + _percent(fragment)
-    return normal
+    return normal  # a fragment is the client's own: no upstream reads it
 
 
 def _percent(text: str) -> str:

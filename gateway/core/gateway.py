@@ -245,7 +245,7 @@ class Gateway:
         except anyio.get_cancelled_exc_class():
             raise
         except Exception:
-            logger.exception("call %s to %s failed inside the gateway", call.id, call.tool.name)
+            logger.exception("call %s (a %s) failed inside the gateway", call.id, call.tool.kind)
             raise ProtocolError(types.INTERNAL_ERROR, f"internal gateway error (call {call.id})") from None
 
     async def _mediated(self, caller: Caller, target: ExposedTool, arguments: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -9,6 +9,7 @@ terminal handler that forwards the call upstream:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -36,6 +37,8 @@ from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy.engine import PolicyEngine
 from gateway.upstream.pool import UpstreamPool
 from gateway.wire.results import check_tool_result
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from gateway.audit.stages import CallAudit
@@ -151,12 +154,17 @@ class EnforcePolicy:
     def _screened_progress(self, call: ToolCall, relay_to: ProgressFn, screened: list[str]) -> ProgressFn:
         """`relay_to` with each message screened by the call's result rules, as a result of one text block:
         masked, or not relayed at all when a rule withholds it. The rules that acted join `screened`."""
-        engine, session, tool = self.engine, call.session, call.tool.name
+        engine, tool = self.engine, call.tool.name
+        client, principal = call.session.client_name, call.session.principal
 
         async def relay(progress: float, total: float | None, message: str | None) -> None:
             if message is not None:
                 result = {"content": [{"type": "text", "text": message}]}
-                screening = engine.screen_result(tool, result, client=session.client_name, principal=session.principal)
+                try:
+                    screening = engine.screen_result(tool, result, client=client, principal=principal)
+                except Exception:  # fail closed: a message that cannot be screened is not relayed
+                    logger.exception("a progress message of call %s could not be screened; not relayed", call.id)
+                    return
                 for rule in (screening.withheld_by, *screening.redacted_by):
                     if rule is not None and rule not in screened:
                         screened.append(rule)

@@ -229,6 +229,8 @@ def _check_combination(spec: RuleSpec, where: str) -> None:
             if getattr(spec, key) is not None:
                 raise PolicyError(f'{where}: {key}: applies to call rules, not to on = "result" rules')
         return
+    if spec.effect == "rewrite" and spec.resources:
+        raise PolicyError(f"{where}: resources: a rewrite changes arguments; a resource read's URI is never rewritten")
     if spec.effect is None:
         if spec.mask is not None:
             for key in ("when", "rate", "set", "redact"):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,10 +64,13 @@ def screen(rules: Sequence[Rule], result: Mapping[str, Any], *, monitor_mode: bo
 
 def subject(result: Mapping[str, Any]) -> dict[str, Any]:
     """What a result rule's `when` is checked against: the fields of `structuredContent` (when it is an
-    object) and `text`, every text the result carries (a `text` field of the structured content first)."""
+    object) and `text`, every text the result carries (a `text` field of the structured content first,
+    or structured content that is not an object, as JSON)."""
     texts = list(_texts(result))
     structured = result.get("structuredContent")
     if not isinstance(structured, Mapping):
+        if structured is not None:
+            texts.insert(0, json.dumps(structured, ensure_ascii=False))
         return {"text": "".join(texts)}
     if isinstance(structured.get("text"), str):
         texts.insert(0, structured["text"])
@@ -75,42 +80,81 @@ def subject(result: Mapping[str, Any]) -> dict[str, Any]:
 def _texts(result: Mapping[str, Any]) -> Iterable[str]:
     for block in _blocks(result):
         if not isinstance(block, Mapping):
-            continue
-        if block.get("type") == "text" and isinstance(block.get("text"), str):
+            yield from _strings(block)
+        elif block.get("type") == "text" and isinstance(block.get("text"), str):
             yield block["text"]
         elif isinstance(block.get("data"), str):  # image, audio
-            decoded = _decoded(block["data"])
-            if decoded is not None:
-                yield decoded
-        resource = block.get("resource")
-        if isinstance(resource, Mapping):
+            if (decoded := _decoded(block["data"])) is not None:
+                yield decoded.text
+        elif isinstance(block.get("resource"), Mapping):
+            resource = block["resource"]
             if isinstance(resource.get("text"), str):
                 yield resource["text"]
             if isinstance(resource.get("blob"), str) and (decoded := _decoded(resource["blob"])) is not None:
-                yield decoded
+                yield decoded.text
+        else:  # a resource link, or a kind of block this gateway does not know: every string in it
+            yield from _strings(block)
 
 
 def _blocks(result: Mapping[str, Any]) -> Iterable[Any]:
     """Every content block of a result: a tool's `content`, a resource read's `contents` (each as an
-    embedded resource) and a prompt's `messages`."""
+    embedded resource) and a prompt's `messages` (a message's content, one block or a list)."""
     yield from result.get("content") or ()
     for contents in result.get("contents") or ():
         yield {"type": "resource", "resource": contents}
     for message in result.get("messages") or ():
         if isinstance(message, Mapping):
-            yield message.get("content")
+            content = message.get("content")
+            yield from content if isinstance(content, list) else (content,)
 
 
-def _decoded(data: str) -> str | None:
-    """Base64 `data` as text, when its bytes are UTF-8; `None` for anything else (binary, or not base64)."""
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    """Base64 data read as text: the text, and how to write it back."""
+
+    text: str
+    encoding: str
+    urlsafe: bool
+
+
+_BOMS = ((b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _decoded(data: str) -> _Decoded | None:
+    """Base64 `data` (standard or URL-safe, padded or not, wrapped in lines or not) as text: UTF-16 when
+    it starts with a byte-order mark, else UTF-8, any byte that is not UTF-8 kept as an escape (so one
+    bad byte hides nothing). `None` for data that is not base64."""
+    compact = _WHITESPACE.sub("", data)
+    urlsafe = "-" in compact or "_" in compact
+    padded = compact + "=" * (-len(compact) % 4)
     try:
-        return base64.b64decode(data, validate=True).decode("utf-8")
+        raw = base64.b64decode(padded, altchars=b"-_" if urlsafe else None, validate=True)
     except (binascii.Error, ValueError):
         return None
+    for bom, encoding in _BOMS:
+        if raw.startswith(bom):
+            try:
+                return _Decoded(raw.decode(encoding), encoding, urlsafe)
+            except UnicodeDecodeError:
+                break
+    return _Decoded(raw.decode("utf-8", errors="surrogateescape"), "utf-8", urlsafe)
 
 
-def _encoded(text: str) -> str:
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+def _encoded(decoded: _Decoded, text: str) -> str:
+    raw = text.encode(decoded.encoding, errors="surrogateescape")
+    return base64.b64encode(raw, altchars=b"-_" if decoded.urlsafe else None).decode("ascii")
 
 
 Scrub = Callable[[Any], Any]
@@ -139,12 +183,7 @@ def _redact(result: Mapping[str, Any], rule: Rule) -> Mapping[str, Any]:
         changed["contents"] = [_scrub_resource(item, scrub) for item in contents]
     messages = result.get("messages")
     if isinstance(messages, list):
-        changed["messages"] = [
-            {**message, "content": _scrub_block(message.get("content"), scrub)}
-            if isinstance(message, Mapping)
-            else message
-            for message in messages
-        ]
+        changed["messages"] = [_scrub_message(message, scrub) for message in messages]
     if result.get("structuredContent") is not None:
         changed["structuredContent"] = scrub(result["structuredContent"])
     return changed
@@ -152,20 +191,23 @@ def _redact(result: Mapping[str, Any], rule: Rule) -> Mapping[str, Any]:
 
 def _scrub_message(message: Any, scrub: Scrub) -> Any:
     if not isinstance(message, Mapping):
-        return message
-    return {**message, "content": _scrub_block(message.get("content"), scrub)}
+        return scrub(message)
+    content = message.get("content")
+    if isinstance(content, list):
+        return {**message, "content": [_scrub_block(block, scrub) for block in content]}
+    return {**message, "content": _scrub_block(content, scrub)}
 
 
 def _scrub_block(block: Any, scrub: Scrub) -> Any:
     if not isinstance(block, Mapping):
-        return block
+        return scrub(block)
     if block.get("type") == "text" and isinstance(block.get("text"), str):
         return {**block, "text": scrub(block["text"])}
     if isinstance(block.get("data"), str):
         return {**block, "data": _scrub_encoded(block["data"], scrub)}
     if isinstance(block.get("resource"), Mapping):
         return {**block, "resource": _scrub_resource(block["resource"], scrub)}
-    return block
+    return scrub(block)
 
 
 def _scrub_resource(resource: Any, scrub: Scrub) -> Any:
@@ -180,9 +222,9 @@ def _scrub_resource(resource: Any, scrub: Scrub) -> Any:
 
 
 def _scrub_encoded(data: str, scrub: Scrub) -> str:
-    """Base64 `data` masked where its bytes are UTF-8 text (and encoded again only when that changed it)."""
+    """Base64 `data` masked where it reads as text (and encoded again only when that changed it)."""
     decoded = _decoded(data)
     if decoded is None:
         return data
-    masked = scrub(decoded)
-    return data if masked == decoded else _encoded(masked)
+    masked = scrub(decoded.text)
+    return data if masked == decoded.text else _encoded(decoded, masked)

@@ -17,8 +17,14 @@ from gateway.catalog.uris import normal_uri
         ("file:///ws/a/b/../../.env", "file:///ws/.env"),
         ("file:///../../etc/passwd", "file:///etc/passwd"),
         ("file:///ws/%7euser", "file:///ws/~user"),
-        ("HTTP://Example.COM/a/%c3%A9?q=%7e#F", "http://example.com/a/%C3%A9?q=~#F"),
+        ("HTTP://Example.COM/a/%c3%A9?q=%7e#F", "http://example.com/a/%C3%A9?q=~"),
         ("mem:/a/./b", "mem:/a/b"),
+        ("file:///ws/..%2F..%2Fetc%2Fpasswd", "file:///etc/passwd"),  # decoded before it is split
+        ("toolbox://notes/%2Fsecret", "toolbox://notes//secret"),
+        ("file:///ws//.env/", "file:///ws/.env"),
+        ("file:///ws\\.env", "file:///ws/.env"),
+        ("file:///ws%5C.env", "file:///ws/.env"),
+        ("file:///ws/.env#f", "file:///ws/.env"),
     ],
 )
 def test_spellings_of_one_resource_are_one_uri(spelt: str, normal: str) -> None:
@@ -29,11 +35,11 @@ def test_spellings_of_one_resource_are_one_uri(spelt: str, normal: str) -> None:
 @pytest.mark.parametrize(
     "kept",
     [
-        "file:///ws%2F.env",  # an encoded slash is not a separator: it stays encoded
         "file:///Ws/Read.ME",  # a path's case is the store's business
         "docs:readme/../x",  # an opaque path is the scheme's own
         "toolbox://notes/x",
-        "file:///ws/.env//",
+        "file:///ws/.env?x",  # the query is the upstream's to read
+        "http://example.com/a//b/",  # repeated and trailing slashes mean something beyond file
     ],
 )
 def test_what_normal_form_does_not_touch(kept: str) -> None:

@@ -479,6 +479,9 @@ async def test_resources_and_prompts_are_decided_recorded_and_screened(tmp_path:
             "toolbox://notes/x/../secret",
         ):
             assert "denied by rule 'no-secret-notes'" in await _refusal(client.read_resource(spelling)), spelling
+        # Decoded before it is split, an encoded slash makes it two segments: no template's, so unknown.
+        split = await _refusal(client.read_resource("toolbox://notes/%2Fsecret"))
+        assert split == "Unknown resource: toolbox://notes//secret"
         decoded = await client.read_resource("toolbox://notes/%41bc")  # the upstream reads what was decided
         unknown = await _refusal(client.read_resource("elsewhere://x"))
         hello = await client.get_prompt("box__greet", {"who": "Ann"})

@@ -364,3 +364,26 @@ def test_a_text_rule_sees_the_text_beside_structured_content_and_blobs(engine: P
     in_structure = {"content": [], "structuredContent": {"text": private, "n": 1}}
     assert engine.screen_result("box__echo", in_structure).withheld_by == "no-echo-secrets"
     assert engine.screen_result("box__echo", {"content": [], "structuredContent": {"ok": True}}).withheld_by is None
+
+
+def test_blobs_are_read_however_they_are_encoded_and_odd_structures_are_seen(engine: PolicyEngine) -> None:
+    key = "AKIA" + "C" * 16
+    spellings = {
+        "wrapped": base64.encodebytes(f"k={key}\n".encode() * 8).decode(),
+        "urlsafe": base64.urlsafe_b64encode(f"\xff\xfe?>k={key}".encode()).decode(),
+        "unpadded": base64.b64encode(f"k={key}!".encode()).decode().rstrip("="),
+        "utf16": base64.b64encode(f"k={key}".encode("utf-16")).decode(),
+        "bad-byte": base64.b64encode(b"\xff" + f"k={key}".encode()).decode(),
+    }
+    for name, blob in spellings.items():
+        result = {"content": [{"type": "resource", "resource": {"uri": "file:///k", "blob": blob}}]}
+        screened = engine.screen_result("box__echo", result)
+        assert screened.redacted_by == ("mask-keys",), name
+        assert key not in json.dumps(screened.result), name
+    private = "-----BEGIN PRIVATE KEY-----"
+    for odd in (
+        {"content": [], "structuredContent": [private]},
+        {"content": [{"type": "resource_link", "uri": "file:///k", "name": "k", "description": private}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": private}]}]},
+    ):
+        assert engine.screen_result("box__echo", odd).withheld_by == "no-echo-secrets", odd

@@ -220,3 +220,13 @@ def test_rules_name_tools_resources_and_prompts_apart(tmp_path: Path) -> None:
     (policies / "p.toml").write_text('[[rule]]\nid = "nothing"\neffect = "allow"\n')
     with pytest.raises(PolicyError, match="rule 'nothing': tools: required key is missing"):
         load_policies(policies)
+
+
+def test_a_rewrite_cannot_name_resources(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.toml").write_text(
+        '[[rule]]\nid = "redirect"\nresources = ["docs://*"]\neffect = "rewrite"\nset = { uri = "docs://x" }\n'
+    )
+    with pytest.raises(PolicyError, match="rule 'redirect': resources: a rewrite changes arguments"):
+        load_policies(policies)
