@@ -19,6 +19,7 @@ with "Method not found". Every one of them but `ping` is recorded, however it en
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,10 @@ from mcp_types import methods as spec_methods
 from pydantic import BaseModel, ValidationError
 
 from gateway.audit.stages import CallAudit
-from gateway.calls import SessionInfo, ToolCall
+from gateway.calls import Decision, SessionInfo, ToolCall
 from gateway.core.requests import RELAYED, Request
 from gateway.errors import ProtocolError
+from gateway.policy.rules import UPSTREAM_PREFIXES
 from gateway.wire.results import shape
 
 logger = logging.getLogger(__name__)
@@ -123,8 +125,26 @@ class Dispatcher:
     async def upstream_request(
         self, upstream: str, method: str, params: Mapping[str, Any], call: ToolCall | None
     ) -> dict[str, Any]:
-        """`upstream`'s request answered, or refused with `ProtocolError` (see `answer_upstream_request`)."""
-        return await answer_upstream_request(upstream, method, params, call, record=self._record)
+        """`upstream`'s request answered, or refused with `ProtocolError` (see `answer_upstream_request`),
+        decided by policy as `sampling:UPSTREAM` or `elicitation:UPSTREAM` over its parameters."""
+        return await answer_upstream_request(
+            upstream, method, params, call, record=self._record, decide=self._decide_upstream
+        )
+
+    def _decide_upstream(self, upstream: str, method: str, params: Mapping[str, Any], call: ToolCall) -> Decision:
+        engine, session = self._audit.engine, call.session
+        now = time.monotonic()
+        decision = engine.evaluate(
+            UPSTREAM_PREFIXES[method] + upstream,
+            params,
+            now=now,
+            session=session.id,
+            client=session.client_name,
+            principal=session.principal,
+        )
+        if decision.proceeds:
+            engine.charge(decision, session.id, now)
+        return decision
 
 
 def shown(method: str) -> str:
@@ -151,12 +171,25 @@ def check_spec(method: str, version: str, params: Mapping[str, Any] | None) -> N
         raise INVALID_PARAMS from None
 
 
+Decide = Callable[[str, str, Mapping[str, Any], ToolCall], Decision]
+"""The policy's decision on an upstream's request (upstream, method, parameters, the call it came with)."""
+
+
 async def answer_upstream_request(
-    upstream: str, method: str, params: Mapping[str, Any], call: ToolCall | None, *, record: Record
+    upstream: str,
+    method: str,
+    params: Mapping[str, Any],
+    call: ToolCall | None,
+    *,
+    record: Record,
+    decide: Decide | None = None,
 ) -> dict[str, Any]:
     """`upstream`'s request answered, or refused with `ProtocolError`. `call`: the latest call in flight to
     that upstream whose client can take relayed requests (stdio upstreams cannot say which call a request
-    belongs to), the one a sampling or elicitation request goes to; `None`: there is none."""
+    belongs to), the one a sampling or elicitation request goes to; `None`: there is none. `decide`: the
+    policy, which must let the request go ahead (an `ask` cannot: a person is not asked about an
+    upstream's question). An elicitation reaches the person saying which upstream asks, so it cannot
+    pass for the gateway's own approval prompt."""
     if method == "ping":
         return {}
     if method not in UPSTREAM_METHODS:
@@ -168,6 +201,17 @@ async def answer_upstream_request(
         message = f"no call to '{upstream}' is in flight from a client that can answer {method}"
         _relayed(record, upstream, method, None, "refused", message)
         raise ProtocolError(types.INVALID_REQUEST, message)
+    if decide is not None:
+        decision = decide(upstream, method, params, call)
+        if not decision.proceeds:
+            message = f"refused by the mcp-armor gateway's policy: {decision.reason}"
+            _relayed(record, upstream, method, call, "refused", message)
+            raise ProtocolError(types.INVALID_REQUEST, message)
+    if method == "elicitation/create" and isinstance(params.get("message"), str):
+        params = {
+            **params,
+            "message": f"[asked by the upstream server '{upstream}', not by mcp-armor] {params['message']}",
+        }
     try:
         result = await call.relay(method, params)
     except ProtocolError as exc:

@@ -116,7 +116,13 @@ class PolicyEngine:
             elif rule.effect is None:
                 trace.append((rule.id, "masks argument paths in the audit log; decides nothing"))
             elif rule.id not in concerned:
-                named = (("tools", rule.tools), ("resources", rule.resources), ("prompts", rule.prompts))
+                named = (
+                    ("tools", rule.tools),
+                    ("resources", rule.resources),
+                    ("prompts", rule.prompts),
+                    ("sampling", rule.sampling),
+                    ("elicitation", rule.elicitation),
+                )
                 globs = ", ".join(f"{key} {list(values)}" for key, values in named if values)
                 trace.append((rule.id, f"{globs} do not match '{tool}'"))
         decision = self._decide(tool, arguments, now, session, client, principal, trace)

@@ -29,7 +29,7 @@ from gateway.config.models import Config, parse_duration
 from gateway.errors import PolicyError
 from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.policy.redact import parse_mask_path
-from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX, Rate, Rule
+from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX, UPSTREAM_PREFIXES, Rate, Rule
 from gateway.schema import FORMATS, Matcher, compile_fast, compile_schema, describe_violation
 
 RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
@@ -50,6 +50,10 @@ class RuleSpec(_Model):
     """Resource URI globs (`resources/read`)."""
     prompts: tuple[StrictStr, ...] = ()
     """Exposed prompt name globs (`prompts/get`)."""
+    sampling: tuple[StrictStr, ...] = ()
+    """Upstream name globs: their `sampling/createMessage` requests to the agent's client."""
+    elicitation: tuple[StrictStr, ...] = ()
+    """Upstream name globs: their `elicitation/create` requests to the agent's client."""
     effect: Literal["allow", "deny", "ask", "rewrite"] | None = None
     clients: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)
     when: dict[str, Any] | None = None
@@ -162,9 +166,9 @@ def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, l
         raise PolicyError(f"{where}: {_describe(exc)}") from None
     if not RULE_ID.match(spec.id):
         raise PolicyError(f"{where}: id: must match {RULE_ID.pattern}")
-    if not (spec.tools or spec.resources or spec.prompts):
+    if not (spec.tools or spec.resources or spec.prompts or spec.sampling or spec.elicitation):
         raise PolicyError(f"{where}: tools: required key is missing")  # or resources, or prompts
-    for key in ("tools", "resources", "prompts", "clients"):
+    for key in ("tools", "resources", "prompts", "sampling", "elicitation", "clients"):
         if any(not glob.strip() for glob in getattr(spec, key) or ()):
             raise PolicyError(f"{where}: {key}: empty glob")
     _check_combination(spec, where)
@@ -197,9 +201,11 @@ def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, l
         id=spec.id,
         source=source,
         tools=spec.tools,
-        tools_pattern=subjects_pattern(spec.tools, spec.resources, spec.prompts),
+        tools_pattern=subjects_pattern(spec.tools, spec.resources, spec.prompts, spec.sampling, spec.elicitation),
         resources=spec.resources,
         prompts=spec.prompts,
+        sampling=spec.sampling,
+        elicitation=spec.elicitation,
         effect=effect,
         clients=spec.clients,
         clients_pattern=_globs(spec.clients) if spec.clients is not None else None,
@@ -248,12 +254,24 @@ def _check_combination(spec: RuleSpec, where: str) -> None:
         raise PolicyError(f"{where}: rate: a deny rule refuses every call it matches; a rate limits allowed calls")
 
 
-def subjects_pattern(tools: tuple[str, ...], resources: tuple[str, ...], prompts: tuple[str, ...]) -> re.Pattern[str]:
-    """One compiled regex for what a rule names: exposed tool names (which never hold a colon), and
-    `resource:URI` and `prompt:NAME`, the names the engine knows a resource read and a prompt by."""
+def subjects_pattern(
+    tools: tuple[str, ...],
+    resources: tuple[str, ...] = (),
+    prompts: tuple[str, ...] = (),
+    sampling: tuple[str, ...] = (),
+    elicitation: tuple[str, ...] = (),
+) -> re.Pattern[str]:
+    """One compiled regex for what a rule names: exposed tool names (which never hold a colon), and the
+    names the engine knows the rest by: `resource:URI`, `prompt:NAME`, `sampling:UPSTREAM` and
+    `elicitation:UPSTREAM`."""
     parts = [f"(?=[^:]*$)(?:{fnmatch.translate(glob)})" for glob in tools]
-    parts += [f"{RESOURCE_PREFIX}(?:{fnmatch.translate(glob)})" for glob in resources]
-    parts += [f"{PROMPT_PREFIX}(?:{fnmatch.translate(glob)})" for glob in prompts]
+    for prefix, globs in (
+        (RESOURCE_PREFIX, resources),
+        (PROMPT_PREFIX, prompts),
+        (UPSTREAM_PREFIXES["sampling/createMessage"], sampling),
+        (UPSTREAM_PREFIXES["elicitation/create"], elicitation),
+    ):
+        parts += [f"{prefix}(?:{fnmatch.translate(glob)})" for glob in globs]
     return re.compile("|".join(parts))
 
 

@@ -17,6 +17,9 @@ RESOURCE_PREFIX = "resource:"
 """The engine knows a resource read by `resource:` and its URI (`rules.resources` globs match the URI)."""
 PROMPT_PREFIX = "prompt:"
 """The engine knows a prompt by `prompt:` and its exposed name (`rules.prompts` globs match the name)."""
+UPSTREAM_PREFIXES = {"sampling/createMessage": "sampling:", "elicitation/create": "elicitation:"}
+"""An upstream's own request, by `sampling:` or `elicitation:` and the upstream's name (`rules.sampling`,
+`rules.elicitation` globs match the name)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,8 @@ class Rule:
     """Argument paths the audit log stores masked (for every call of the rule's tools)."""
     resources: tuple[str, ...] = ()
     prompts: tuple[str, ...] = ()
+    sampling: tuple[str, ...] = ()
+    elicitation: tuple[str, ...] = ()
 
     def concerns(self, tool: str) -> bool:
         return self.tools_pattern.fullmatch(tool) is not None

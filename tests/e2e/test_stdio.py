@@ -514,7 +514,8 @@ async def test_an_upstreams_sampling_and_elicitation_reach_the_callers_client(
     async with client_over(transport, asker_config, sampling_callback=sample, elicitation_callback=elicit) as client:
         sampled = json.loads(text_of(await client.call_tool("asker__sample", {})))
         confirmed = json.loads(text_of(await client.call_tool("asker__confirm", {})))
-    assert seen == ["2+2?", "Go ahead?"]
+    # The person sees which upstream asks: an upstream's form cannot pass for the gateway's approval prompt.
+    assert seen == ["2+2?", "[asked by the upstream server 'asker', not by mcp-armor] Go ahead?"]
     assert sampled["content"] == {"type": "text", "text": "4"} and sampled["model"] == "m"
     assert confirmed == {"action": "accept", "content": {"ok": True}}
     relayed = [event for event in events(asker_config.parent) if event["kind"] == "upstream_request"]
@@ -663,3 +664,45 @@ async def test_a_method_the_gateway_does_not_serve_is_refused_and_recorded_in_bo
     early = refused["vendor/early"][0][0]["session_id"]
     kinds = [event["kind"] for event in events(config.parent) if event["session_id"] == early]
     assert kinds[0] == "session_start" and kinds[-1] == "session_end"
+
+
+ASKER_POLICY = """
+[defaults]
+effect = "allow"
+
+[[rule]]
+id = "no-sampling-for-asker"
+sampling = ["asker"]
+effect = "deny"
+reason = "this server may not use the agent's model"
+
+[[rule]]
+id = "plain-questions-only"
+elicitation = ["*"]
+effect = "deny"
+reason = "no upstream asks the person for secrets"
+when = { properties = { message = { pattern = "(?i)password|token" } } }
+"""
+
+
+async def test_policy_decides_an_upstreams_sampling_and_elicitation(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"asker": fixture_upstream("asker.py")}, policy=ASKER_POLICY)
+    reached: list[str] = []
+
+    async def sample(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        reached.append("sampling")
+        return types.CreateMessageResult(role="assistant", content=types.TextContent(type="text", text="4"), model="m")
+
+    async def elicit(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        reached.append(params.message)
+        return types.ElicitResult(action="accept", content={"ok": True})
+
+    async with client_over("stdio", config, sampling_callback=sample, elicitation_callback=elicit) as client:
+        sampled = text_of(await client.call_tool("asker__sample", {}))
+        confirmed = json.loads(text_of(await client.call_tool("asker__confirm", {})))
+    assert reached == ["[asked by the upstream server 'asker', not by mcp-armor] Go ahead?"]  # no sampling
+    assert "this server may not use the agent's model" in sampled
+    assert confirmed["action"] == "accept"
+    relayed = [event for event in events(tmp_path) if event["kind"] == "upstream_request"]
+    assert [event["outcome"] for event in relayed] == ["refused", "relayed"]
+    assert "denied by rule 'no-sampling-for-asker'" in relayed[0]["reason"]
