@@ -237,6 +237,9 @@ def _check_combination(spec: RuleSpec, where: str) -> None:
         return
     if spec.effect == "rewrite" and spec.resources:
         raise PolicyError(f"{where}: resources: a rewrite changes arguments; a resource read's URI is never rewritten")
+    if spec.effect == "rewrite" and (spec.sampling or spec.elicitation):
+        key = "sampling" if spec.sampling else "elicitation"
+        raise PolicyError(f"{where}: {key}: a rewrite changes arguments; an upstream's request is never rewritten")
     if spec.effect is None:
         if spec.mask is not None:
             for key in ("when", "rate", "set", "redact"):

@@ -230,3 +230,19 @@ def test_a_rewrite_cannot_name_resources(tmp_path: Path) -> None:
     )
     with pytest.raises(PolicyError, match="rule 'redirect': resources: a rewrite changes arguments"):
         load_policies(policies)
+
+
+def test_a_rule_can_name_an_upstreams_requests_but_not_rewrite_them(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "p.toml").write_text(
+        '[[rule]]\nid = "quiet"\nsampling = ["git"]\nelicitation = ["*"]\neffect = "deny"\n'
+    )
+    [quiet] = load_policies(policies).rules
+    assert quiet.concerns("sampling:git") and quiet.concerns("elicitation:time") and not quiet.concerns("sampling:time")
+    assert not quiet.concerns("git__git_log")
+    (policies / "p.toml").write_text(
+        '[[rule]]\nid = "odd"\nsampling = ["*"]\neffect = "rewrite"\nset = { maxTokens = 1 }\n'
+    )
+    with pytest.raises(PolicyError, match="rule 'odd': sampling: a rewrite changes arguments"):
+        load_policies(policies)
