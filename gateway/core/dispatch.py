@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,12 +123,12 @@ class Dispatcher:
         return shape(request.method, request.version, result, server_info)
 
     async def upstream_request(
-        self, upstream: str, method: str, params: Mapping[str, Any], call: ToolCall | None
+        self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]
     ) -> dict[str, Any]:
         """`upstream`'s request answered, or refused with `ProtocolError` (see `answer_upstream_request`),
         decided by policy as `sampling:UPSTREAM` or `elicitation:UPSTREAM` over its parameters."""
         return await answer_upstream_request(
-            upstream, method, params, call, record=self._record, decide=self._decide_upstream
+            upstream, method, params, calls, record=self._record, decide=self._decide_upstream
         )
 
     def _decide_upstream(self, upstream: str, method: str, params: Mapping[str, Any], call: ToolCall) -> Decision:
@@ -179,24 +179,31 @@ async def answer_upstream_request(
     upstream: str,
     method: str,
     params: Mapping[str, Any],
-    call: ToolCall | None,
+    calls: Sequence[ToolCall],
     *,
     record: Record,
     decide: Decide | None = None,
 ) -> dict[str, Any]:
-    """`upstream`'s request answered, or refused with `ProtocolError`. `call`: the latest call in flight to
-    that upstream whose client can take relayed requests (stdio upstreams cannot say which call a request
-    belongs to), the one a sampling or elicitation request goes to; `None`: there is none. `decide`: the
+    """`upstream`'s request answered, or refused with `ProtocolError`. `calls`: every call in flight to that
+    upstream, oldest first. A stdio upstream cannot say which call a request belongs to, so it goes to
+    the client of the latest, and only while every call in flight is one session's: with calls of
+    several sessions in flight, which one asks cannot be told, and it is refused rather than shown to
+    another session's person or model. `decide`: the
     policy, which must let the request go ahead (an `ask` cannot: a person is not asked about an
     upstream's question). An elicitation reaches the person saying which upstream asks, so it cannot
     pass for the gateway's own approval prompt."""
     if method == "ping":
         return {}
+    call = calls[-1] if calls else None
     if method not in UPSTREAM_METHODS:
         method = shown(method)
         message = f"mcp-armor does not serve '{method}' to upstream servers"
         _relayed(record, upstream, method, call, "refused", message)
         raise ProtocolError(types.METHOD_NOT_FOUND, message)
+    if len({in_flight.session.id for in_flight in calls}) > 1:
+        message = f"calls of several sessions are in flight to '{upstream}', and which one asks {method} cannot be told"
+        _relayed(record, upstream, method, None, "refused", message)
+        raise ProtocolError(types.INVALID_REQUEST, message)
     if call is None or call.relay is None:
         message = f"no call to '{upstream}' is in flight from a client that can answer {method}"
         _relayed(record, upstream, method, None, "refused", message)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import anyio
@@ -143,9 +143,9 @@ class Gateway:
         self.events.assessed(assessments)
 
     async def upstream_request(
-        self, upstream: str, method: str, params: Mapping[str, Any], call: ToolCall | None
+        self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]
     ) -> dict[str, Any]:
-        return await self.dispatcher.upstream_request(upstream, method, params, call)
+        return await self.dispatcher.upstream_request(upstream, method, params, calls)
 
     async def catalog_changed(self, catalog: Catalog) -> None:
         """Tell every downstream peer what changed: notifications (handshake era) and listen streams (2026)."""

@@ -6,7 +6,7 @@ sends over to `UpstreamListener.upstream_request`, and refuses them all while no
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from gateway.calls import ToolCall
@@ -27,9 +27,8 @@ class UpstreamListener(Protocol):
         """At every publish: how each definition on offer was judged against the lock and the scan."""
 
     async def upstream_request(
-        self, upstream: str, method: str, params: Mapping[str, Any], call: ToolCall | None
+        self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]
     ) -> dict[str, Any]:
         """A request `upstream` sent the gateway (a `ping`, sampling, elicitation, anything): its result in
-        wire form, or `ProtocolError` to refuse it. `call`: the latest call in flight to that upstream whose
-        client can take relayed requests (stdio upstreams cannot say which call a request belongs to), or
-        `None` when there is none."""
+        wire form, or `ProtocolError` to refuse it. `calls`: every call in flight to that upstream, oldest
+        first (a stdio upstream cannot say which call a request belongs to)."""

@@ -58,14 +58,10 @@ class _Relaying:
         self._call = call
 
     def __enter__(self) -> None:
-        call = self._call
-        if call.relay is not None:
-            self._relays.setdefault(call.tool.upstream, []).append(call)
+        self._relays.setdefault(self._call.tool.upstream, []).append(self._call)
 
     def __exit__(self, *_: object) -> None:
-        call = self._call
-        if call.relay is not None:
-            self._relays[call.tool.upstream].remove(call)
+        self._relays[self._call.tool.upstream].remove(self._call)
 
 
 class UpstreamPool:
@@ -85,7 +81,7 @@ class UpstreamPool:
         self._listener: UpstreamListener | None = None
         self._catalog_lock = anyio.Lock()
         self._relays: dict[str, list[ToolCall]] = {}
-        """Per upstream, the calls in flight whose client can take the upstream's own requests."""
+        """Per upstream, every call in flight to it, oldest first (its requests are handed over with them)."""
 
     def listen(self, listener: UpstreamListener) -> None:
         """Tell `listener` of every change from now on, and hand it every request an upstream sends."""
@@ -165,7 +161,7 @@ class UpstreamPool:
             backoff = min(backoff * 2, MAX_BACKOFF)
 
     def relaying(self, call: ToolCall) -> _Relaying:
-        """While `call` is in flight, its upstream's requests are handed to the listener with it (the latest one)."""
+        """While `call` is in flight, its upstream's requests are handed to the listener with it."""
         return _Relaying(self._relays, call)
 
     def _answerer(self, upstream: str) -> RequestHandler:
@@ -175,15 +171,14 @@ class UpstreamPool:
         return answer
 
     async def answer(self, upstream: str, method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-        """What the gateway answers a request `upstream` sent it: the listener's result, asked with the latest
-        call in flight to that upstream whose client can take relayed requests. With no listener attached,
-        every request is refused."""
+        """What the gateway answers a request `upstream` sent it: the listener's result, asked with every call
+        in flight to that upstream, oldest first. With no listener attached, every request is refused."""
         listener = self._listener
         if listener is None:
             raise RemoteError(types.METHOD_NOT_FOUND, f"mcp-armor does not serve '{method}' to upstream servers")
         calls = self._relays.get(upstream)
         try:
-            return await listener.upstream_request(upstream, method, params or {}, calls[-1] if calls else None)
+            return await listener.upstream_request(upstream, method, params or {}, tuple(calls or ()))
         except ProtocolError as exc:
             raise RemoteError(exc.code, exc.message, exc.data) from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import mcp_types as types
@@ -30,8 +31,8 @@ def _call(answer: dict[str, Any] | ProtocolError) -> ToolCall:
 
 async def test_ping_is_answered_whether_or_not_a_call_is_in_flight() -> None:
     recorded: Recorded = []
-    assert await answer_upstream_request("box", "ping", {}, None, record=lambda *e: recorded.append(e)) == {}
-    assert await answer_upstream_request("box", "ping", {}, _call({}), record=lambda *e: recorded.append(e)) == {}
+    assert await answer_upstream_request("box", "ping", {}, (), record=lambda *e: recorded.append(e)) == {}
+    assert await answer_upstream_request("box", "ping", {}, (_call({}),), record=lambda *e: recorded.append(e)) == {}
     assert recorded == []
 
 
@@ -39,7 +40,7 @@ async def test_ping_is_answered_whether_or_not_a_call_is_in_flight() -> None:
 async def test_a_method_not_relayed_is_refused_as_not_found(method: str) -> None:
     recorded: Recorded = []
     with pytest.raises(ProtocolError) as caught:
-        await answer_upstream_request("box", method, {}, _call({}), record=lambda *e: recorded.append(e))
+        await answer_upstream_request("box", method, {}, (_call({}),), record=lambda *e: recorded.append(e))
     assert caught.value.code == types.METHOD_NOT_FOUND
     message = f"mcp-armor does not serve '{method}' to upstream servers"
     assert caught.value.message == message
@@ -51,7 +52,7 @@ async def test_a_method_not_relayed_is_refused_as_not_found(method: str) -> None
 async def test_a_relayed_request_with_no_call_in_flight_is_refused_and_recorded() -> None:
     recorded: Recorded = []
     with pytest.raises(ProtocolError) as caught:
-        await answer_upstream_request("box", "sampling/createMessage", {}, None, record=lambda *e: recorded.append(e))
+        await answer_upstream_request("box", "sampling/createMessage", {}, (), record=lambda *e: recorded.append(e))
     message = "no call to 'box' is in flight from a client that can answer sampling/createMessage"
     assert (caught.value.code, caught.value.message) == (types.INVALID_REQUEST, message)
     assert recorded == [("box", "sampling/createMessage", None, "refused", message)]
@@ -61,12 +62,14 @@ async def test_a_relayed_request_goes_to_the_call_and_is_recorded_however_it_end
     recorded: Recorded = []
     answered = _call({"action": "decline"})
     result = await answer_upstream_request(
-        "box", "elicitation/create", {"message": "?"}, answered, record=lambda *e: recorded.append(e)
+        "box", "elicitation/create", {"message": "?"}, (answered,), record=lambda *e: recorded.append(e)
     )
     assert result == {"action": "decline"}
     refusing = _call(ProtocolError(types.INVALID_REQUEST, "the agent's client does not take elicitation/create"))
     with pytest.raises(ProtocolError, match="does not take"):
-        await answer_upstream_request("box", "elicitation/create", {}, refusing, record=lambda *e: recorded.append(e))
+        await answer_upstream_request(
+            "box", "elicitation/create", {}, (refusing,), record=lambda *e: recorded.append(e)
+        )
     assert recorded == [
         ("box", "elicitation/create", answered, "relayed", None),
         ("box", "elicitation/create", refusing, "refused", "the agent's client does not take elicitation/create"),
@@ -126,3 +129,19 @@ async def test_a_refusal_stands_when_its_record_cannot_be_made(caplog: pytest.Lo
     error = ProtocolError(types.METHOD_NOT_FOUND, "Method not found", "vendor/x")
     assert await dispatcher.refuse(SESSION, "vendor/x", {}, error) is error
     assert "could not be recorded (RecursionError)" in caplog.text
+
+
+async def test_an_upstream_request_is_refused_while_calls_of_several_sessions_are_in_flight() -> None:
+    recorded: Recorded = []
+    mine, theirs = _call({"action": "accept"}), _call({"action": "accept"})
+    theirs = replace(theirs, session=SessionInfo("s2", "http", "2025-11-25"))
+    with pytest.raises(ProtocolError, match="calls of several sessions are in flight to 'box'"):
+        await answer_upstream_request(
+            "box", "elicitation/create", {"message": "?"}, (mine, theirs), record=lambda *e: recorded.append(e)
+        )
+    assert [(event[2], event[3]) for event in recorded] == [(None, "refused")]
+    same = replace(mine, id="another-call-of-s1")
+    result = await answer_upstream_request(
+        "box", "elicitation/create", {"message": "?"}, (mine, same), record=lambda *e: recorded.append(e)
+    )
+    assert result == {"action": "accept"} and recorded[-1][2] is same  # one session's: the latest call's client

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ class Listener:
 
     def __init__(self, refusal: ProtocolError | None = None) -> None:
         self.refusal = refusal
-        self.requests: list[tuple[str, str, Mapping[str, Any], ToolCall | None]] = []
+        self.requests: list[tuple[str, str, Mapping[str, Any], tuple[ToolCall, ...]]] = []
 
     async def catalog_changed(self, catalog: Catalog) -> None:
         pass
@@ -49,9 +49,9 @@ class Listener:
         pass
 
     async def upstream_request(
-        self, upstream: str, method: str, params: Mapping[str, Any], call: ToolCall | None
+        self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]
     ) -> dict[str, Any]:
-        self.requests.append((upstream, method, params, call))
+        self.requests.append((upstream, method, params, tuple(calls)))
         if self.refusal is not None:
             raise self.refusal
         return {"answered": method}
@@ -65,7 +65,7 @@ async def test_a_pool_with_no_listener_refuses_every_upstream_request(tmp_path: 
     assert caught.value.message == f"mcp-armor does not serve '{method}' to upstream servers"
 
 
-async def test_the_listener_is_handed_every_request_with_the_latest_call_that_can_take_it(tmp_path: Path) -> None:
+async def test_the_listener_is_handed_every_request_with_every_call_in_flight(tmp_path: Path) -> None:
     pool, listener = _pool(tmp_path), Listener()
     pool.listen(listener)
     first, second, deaf = _call("s1"), _call("s2"), _call("s3", relaying=False)
@@ -75,10 +75,10 @@ async def test_the_listener_is_handed_every_request_with_the_latest_call_that_ca
         await pool.answer("other", "elicitation/create", {})
     await pool.answer("box", "sampling/createMessage", {})
     assert listener.requests == [
-        ("box", "ping", {}, None),
-        ("box", "sampling/createMessage", {"messages": []}, second),
-        ("other", "elicitation/create", {}, None),
-        ("box", "sampling/createMessage", {}, None),
+        ("box", "ping", {}, ()),
+        ("box", "sampling/createMessage", {"messages": []}, (first, second, deaf)),
+        ("other", "elicitation/create", {}, ()),
+        ("box", "sampling/createMessage", {}, ()),
     ]
 
 
