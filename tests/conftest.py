@@ -16,11 +16,13 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import httpx2
 import mcp_types as types
 import pytest
 import tomli_w
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 
 from gateway.audit.store import AuditStore
 
@@ -179,6 +181,21 @@ async def http_gateway(config: Path, log: list[ServerLog] | None = None) -> Asyn
             log.append(server_log)
         match = await server_log.wait_for(r"serving streamable HTTP at (http://\S+/mcp)", seconds=30)
         yield match[1]
+
+
+@asynccontextmanager
+async def client_over(transport: str, config: Path, mode: str = "legacy", **callbacks: Any) -> AsyncIterator[Client]:
+    """A real SDK client of a gateway process, over stdio or streamable HTTP, in `mode`'s era."""
+    if transport == "stdio":
+        async with Client(gateway_params(config), mode=mode, **callbacks) as client:  # type: ignore[arg-type]
+            yield client
+        return
+    async with (
+        http_gateway(config) as url,
+        httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60)) as http,
+        Client(streamable_http_client(url, http_client=http), mode=mode, **callbacks) as client,  # type: ignore[arg-type]
+    ):
+        yield client
 
 
 async def call_then_cancel(client: Client, tool: str, arguments: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from mcp.shared.exceptions import MCPError
 from tests.conftest import (
     REPO,
     calls,
+    client_over,
     events,
     fixture_upstream,
     gateway_client,
@@ -463,10 +464,13 @@ async def _refusal(pending: Any) -> str:
     return caught.value.error.message
 
 
+@pytest.mark.parametrize("transport", ["stdio", "http"])
 @pytest.mark.parametrize("mode", ERAS)
-async def test_resources_and_prompts_are_decided_recorded_and_screened(tmp_path: Path, mode: str) -> None:
+async def test_resources_and_prompts_are_decided_recorded_and_screened(
+    tmp_path: Path, mode: str, transport: str
+) -> None:
     config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=MEDIATION_POLICY)
-    async with gateway_client(config, mode=mode) as client:
+    async with client_over(transport, config, mode) as client:
         listed = [str(resource.uri) for resource in (await client.list_resources()).resources]
         templates = (await client.list_resource_templates()).resource_templates
         prompts = [prompt.name for prompt in (await client.list_prompts()).prompts]

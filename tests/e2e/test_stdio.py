@@ -18,11 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx2
 import mcp_types as types
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.uri_template import InvalidUriTemplate as SdkInvalid
 from mcp.shared.uri_template import UriTemplate as SdkTemplate
 
@@ -32,12 +29,11 @@ from tests.conftest import (
     RawSession,
     ServerLog,
     calls,
+    client_over,
     events,
     fixture_upstream,
     gateway_command,
-    gateway_params,
     gateway_process,
-    http_gateway,
     text_of,
     write_config,
 )
@@ -480,21 +476,6 @@ def test_malformed_uri_templates_are_refused_saying_where(template: str, problem
 @pytest.fixture
 def asker_config(tmp_path: Path) -> Path:
     return write_config(tmp_path, {"asker": fixture_upstream("asker.py")})
-
-
-@asynccontextmanager
-async def client_over(transport: str, config: Path, **callbacks: Any) -> AsyncIterator[Client]:
-    """A real SDK client (handshake era) of a gateway process, over stdio or streamable HTTP."""
-    if transport == "stdio":
-        async with Client(gateway_params(config), mode="legacy", **callbacks) as client:
-            yield client
-        return
-    async with (
-        http_gateway(config) as url,
-        httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60)) as http,
-        Client(streamable_http_client(url, http_client=http), mode="legacy", **callbacks) as client,
-    ):
-        yield client
 
 
 @pytest.mark.parametrize("transport", ["stdio", "http"])
