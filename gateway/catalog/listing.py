@@ -247,17 +247,26 @@ class Catalog:
         found = self.resource_source(uri)
         return found[0] if found is not None else None
 
-    def resource_source(self, uri: str) -> tuple[str, types.Resource | types.ResourceTemplate] | None:
-        """The upstream that serves `uri` (in normal form, `catalog.uris`) and the definition it falls under:
-        the listed resource of that URI however it was spelt, else the template of the one upstream whose
-        templates match it."""
+    def resource_source(
+        self, uri: str
+    ) -> tuple[str, types.Resource | types.ResourceTemplate, Mapping[str, str]] | None:
+        """The upstream that serves `uri` (in normal form, `catalog.uris`), the definition it falls under, and
+        the template variables it carries: the listed resource of that URI however it was spelt (no
+        variables), else the first matching template of the one upstream whose templates match it."""
         if (entry := self.resources.get(uri)) is not None:
-            return entry
+            return (*entry, {})
         listed = [entry for listed_uri, entry in self.resources.items() if normal_uri(listed_uri) == uri]
         if len(listed) == 1:
-            return listed[0]
-        owners = {upstream: definition for upstream, template, definition in self.templates if template.match(uri)}
-        return owners.popitem() if len(owners) == 1 else None
+            return (*listed[0], {})
+        owners: dict[str, tuple[types.ResourceTemplate, Mapping[str, str]]] = {}
+        for upstream, template, definition in self.templates:
+            found = template.variables(uri)
+            if found is not None:
+                owners.setdefault(upstream, (definition, found))
+        if len(owners) != 1:
+            return None
+        owner, (template_definition, variables) = owners.popitem()
+        return owner, template_definition, variables
 
 
 _T = TypeVar("_T")

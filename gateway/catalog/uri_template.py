@@ -4,13 +4,15 @@ A template is checked when an upstream lists it (a malformed one is dropped with
 compiled into one regular expression. Matching answers "could this upstream have made this URI":
 a simple `{name}` stays within one path segment, `{+path}` and `{#frag}` take anything, the
 `.` `/` `;` operators take their own separated pieces, and a `{?...}` / `{&...}` tail accepts any
-query. Values are not decoded or extracted; the upstream that owns the URI reads it.
+query. The value of a lone simple or reserved variable (`{name}`, `{+path}`) is extracted, decoded,
+for the policy to see (`variables`); the upstream that owns the URI reads the rest.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from gateway.errors import InvalidUriTemplate
 
@@ -27,6 +29,8 @@ _QUERY = r"(?:[?&][^#]*)?"
 class UriTemplate:
     template: str
     pattern: re.Pattern[str]
+    captured: tuple[str, ...] = ()
+    """The variables whose values `variables` extracts, in the order of their groups (`v0`, `v1`, ...)."""
 
     @classmethod
     def parse(cls, template: str) -> UriTemplate:
@@ -34,6 +38,7 @@ class UriTemplate:
             raise InvalidUriTemplate(f"template longer than {MAX_LENGTH} characters")
         regex: list[str] = []
         names: set[str] = set()
+        captured: list[str] = []
         position = 0
         while position < len(template):
             opening = template.find("{", position)
@@ -46,12 +51,25 @@ class UriTemplate:
             closing = template.find("}", opening)
             if closing == -1:
                 raise InvalidUriTemplate(f"unclosed expression at position {opening}")
-            regex.append(_expression(template[opening + 1 : closing], opening, names))
+            body = template[opening + 1 : closing]
+            expression = _expression(body, opening, names)
+            lone = body.removeprefix("+")  # a simple or reserved expansion of one variable, no prefix, no explode
+            if lone and lone[0] not in "#./;?&" and not any(mark in lone for mark in ",:*"):
+                expression = f"(?P<v{len(captured)}>{expression})"
+                captured.append(lone)
+            regex.append(expression)
             position = closing + 1
-        return cls(template, re.compile("".join(regex), re.DOTALL))
+        return cls(template, re.compile("".join(regex), re.DOTALL), tuple(captured))
 
     def match(self, uri: str) -> bool:
         return len(uri) <= 4 * MAX_LENGTH and self.pattern.fullmatch(uri) is not None
+
+    def variables(self, uri: str) -> dict[str, str] | None:
+        """The decoded values of the lone variables in `uri`; `None` when the template does not match."""
+        found = self.pattern.fullmatch(uri) if len(uri) <= 4 * MAX_LENGTH else None
+        if found is None:
+            return None
+        return {name: unquote(found[f"v{index}"]) for index, name in enumerate(self.captured)}
 
 
 def _expression(body: str, position: int, names: set[str]) -> str:

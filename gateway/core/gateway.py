@@ -353,9 +353,9 @@ class Gateway:
             self.sessions.note(session)
             await self.audit.unknown_tool(session, RESOURCE_PREFIX + uri, {"uri": uri})
             raise ProtocolError(types.INVALID_PARAMS, f"Unknown resource: {uri}")
-        upstream, definition = source
+        upstream, definition, variables = source
         target = resource_target(upstream, uri, definition.model_dump(by_alias=True, mode="json", exclude_none=True))
-        return await self._mediated(request.caller, target, {"uri": uri})
+        return await self._mediated(request.caller, target, {**variables, "uri": uri})
 
 
 def _tool_definitions(catalog: Catalog) -> dict[str, tuple[str, str, Any]]:

@@ -2,8 +2,9 @@
 screened like a tool call.
 
 A `resources/read` becomes a `ToolCall` on an `ExposedTool` of kind `resource`, named as the policy
-engine knows it, `resource:URI`, with the arguments `{"uri": URI}`, the URI in RFC 3986 normal form
-(`catalog/uris.py`), so that what is decided is what the upstream reads; a `prompts/get` becomes one of kind
+engine knows it, `resource:URI`, with the arguments `{"uri": URI}` (and the decoded values of the
+variables of the template it matched), the URI in RFC 3986 normal form (`catalog/uris.py`), so that
+what is decided is what the upstream reads; a `prompts/get` becomes one of kind
 `prompt`, named `prompt:NAME`, with the prompt's arguments. Their "input schemas" are what the
 protocol allows (a URI; string arguments), and their digests are those of the definitions the agent
 was shown.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.catalog.uri_template import UriTemplate
 from gateway.catalog.uris import normal_uri
 
 
@@ -44,3 +45,11 @@ def test_spellings_of_one_resource_are_one_uri(spelt: str, normal: str) -> None:
 )
 def test_what_normal_form_does_not_touch(kept: str) -> None:
     assert normal_uri(kept) == kept
+
+
+def test_a_template_gives_the_decoded_values_of_its_lone_variables() -> None:
+    assert UriTemplate.parse("toolbox://notes/{name}").variables("toolbox://notes/a%20b") == {"name": "a b"}
+    assert UriTemplate.parse("file:///{+path}").variables("file:///ws/.env") == {"path": "ws/.env"}
+    assert UriTemplate.parse("x://{a}/{b}{?q}").variables("x://1/2?q=3") == {"a": "1", "b": "2"}
+    assert UriTemplate.parse("x://{a,b}").variables("x://1,2") == {}  # a list of variables: matched, not split
+    assert UriTemplate.parse("x://{a}").variables("y://1") is None

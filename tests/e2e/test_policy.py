@@ -442,6 +442,13 @@ reason = "secret notes stay private"
 when = { properties = { uri = { pattern = "/secret" } } }
 
 [[rule]]
+id = "no-private-notes"
+resources = ["toolbox://notes/*"]
+effect = "deny"
+reason = "private notes stay private"
+when = { required = ["name"], properties = { name = { pattern = "^private " } } }
+
+[[rule]]
 id = "greet"
 prompts = ["box__greet"]
 effect = "allow"
@@ -484,6 +491,8 @@ async def test_resources_and_prompts_are_decided_recorded_and_screened(
         ):
             assert "denied by rule 'no-secret-notes'" in await _refusal(client.read_resource(spelling)), spelling
         # Decoded before it is split, an encoded slash makes it two segments: no template's, so unknown.
+        private = await _refusal(client.read_resource("toolbox://notes/private%20diary"))  # its template's name
+        assert "denied by rule 'no-private-notes'" in private
         split = await _refusal(client.read_resource("toolbox://notes/%2Fsecret"))
         assert split == "Unknown resource: toolbox://notes//secret"
         decoded = await client.read_resource("toolbox://notes/%41bc")  # the upstream reads what was decided
@@ -504,7 +513,8 @@ async def test_resources_and_prompts_are_decided_recorded_and_screened(
     decisions = [event for event in events(tmp_path) if event["kind"] == "decision"]
     by_target = {(event["tool"], json.dumps(event["arguments"])): event for event in decisions}
     assert by_target[("resource:toolbox://readme", '{"uri": "toolbox://readme"}')]["decision"] == "allow"
-    secret_read = by_target[("resource:toolbox://notes/secret-plans", '{"uri": "toolbox://notes/secret-plans"}')]
+    secret_args = json.dumps({"name": "secret-plans", "uri": "toolbox://notes/secret-plans"})  # its variable too
+    secret_read = by_target[("resource:toolbox://notes/secret-plans", secret_args)]
     assert secret_read["decision"] == "deny" and secret_read["rules"] == ["notes", "no-secret-notes"]
     assert by_target[("prompt:box__greet", '{"who": "Mallory"}')]["decision"] == "deny"
     assert by_target[("resource:elsewhere://x", '{"uri": "elsewhere://x"}')]["stage"] == "unknown-tool"
