@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway.calls import Decision, Effect
+from gateway.policy.items import when_holds
 from gateway.policy.rates import RateLimiter
 from gateway.policy.results import Screening, screen
 from gateway.policy.rules import Rule, ToolRules
@@ -151,7 +152,7 @@ class PolicyEngine:
                 continue
             if rule.when is not None:
                 try:
-                    applies = rule.when.is_valid(arguments)
+                    applies = when_holds(rule, arguments)
                 except Exception as exc:  # fail closed: a rule that cannot be evaluated denies
                     reason = f"rule '{rule.id}' could not be evaluated ({type(exc).__name__}); refused to be safe"
                     if trace is not None:

@@ -387,3 +387,43 @@ def test_blobs_are_read_however_they_are_encoded_and_odd_structures_are_seen(eng
         {"messages": [{"role": "user", "content": [{"type": "text", "text": private}]}]},
     ):
         assert engine.screen_result("box__echo", odd).withheld_by == "no-echo-secrets", odd
+
+
+ITEMS_POLICY = """
+[defaults]
+effect = "deny"
+
+[[rule]]
+id = "inside-ws"
+tools = ["files__read"]
+effect = "allow"
+when = { properties = { path = { pattern = "^/ws/" } } }
+
+[[rule]]
+id = "no-env"
+tools = ["files__read"]
+effect = "deny"
+when = { required = ["path"], properties = { path = { type = "string", pattern = '\\.env$' } } }
+
+[[rule]]
+id = "batch-inside-ws"
+tools = ["files__batch"]
+effect = "allow"
+when = { properties = { paths = { type = "array", items = { pattern = "^/ws/" } } } }
+"""
+
+
+def test_an_argument_given_as_an_array_stands_for_each_of_its_items(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, ITEMS_POLICY)
+
+    def effect(tool: str, **arguments: Any) -> str:
+        return engine.evaluate(tool, arguments, now=0).effect.value
+
+    assert effect("files__read", path="/ws/a") == "allow"
+    assert effect("files__read", path="/ws/.env") == "deny"
+    assert effect("files__read", path=["/ws/a", "/ws/.env"]) == "deny"  # the deny holds for one item
+    assert effect("files__read", path=["/ws/a", "/etc/passwd"]) == "deny"  # the allow fails for one item
+    assert effect("files__read", path=["/ws/a", "/ws/b"]) == "allow"
+    assert effect("files__read", path=["/ws/a"] * 300) == "deny"  # too many to look at: no permission
+    assert effect("files__batch", paths=["/ws/a", "/ws/b"]) == "allow"  # a rule written for the array
+    assert effect("files__batch", paths=["/ws/a", "/etc/passwd"]) == "deny"
