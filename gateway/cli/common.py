@@ -1,10 +1,14 @@
-"""What the commands share: printing tables, and text an agent or upstream wrote made safe for a terminal."""
+"""What the commands share: printing tables, text an agent or upstream wrote made safe for a terminal, and
+warnings more than one command gives."""
 
 from __future__ import annotations
 
 import sys
 import unicodedata
 from collections.abc import Sequence
+
+from gateway.config.models import Config
+from gateway.config.packages import unpinned_package
 
 
 def visible(text: str) -> str:
@@ -38,3 +42,17 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, emp
 
 def note(text: str) -> None:
     print(f"mcp-armor: note: {text}", file=sys.stderr)
+
+
+def package_warnings(config: Config) -> list[str]:
+    """One line per command upstream that fetches a package with its version left open."""
+    lines = []
+    for spec in config.enabled_upstreams():
+        found = unpinned_package(spec.command, spec.args) if spec.command is not None else None
+        if found is not None:
+            package, pinned = found
+            lines.append(
+                f"upstream '{spec.name}' runs package '{package}' with no exact version: its code can change "
+                f"under the pins without any definition changing; name it as {pinned}"
+            )
+    return lines

@@ -21,7 +21,7 @@ from gateway.audit.store import AuditStore
 from gateway.catalog.listing import Catalog, UpstreamListing
 from gateway.catalog.pins import Assessment, Lock, Mode, Verdict, assess, select, server_identity
 from gateway.catalog.scan import Finding, Severity, scan_definition, visible
-from gateway.cli.common import print_table
+from gateway.cli.common import package_warnings, print_table
 from gateway.config.models import IN_MEMORY, Config
 from gateway.errors import AuditError, ConfigError, LockError
 from gateway.setup.files import backup, write_atomically
@@ -107,6 +107,8 @@ async def lock(config: Config, force: bool) -> int:
         )
     for name in upstreams.down:
         print(f"mcp-armor: upstream '{name}' did not answer; its pins (if any) are kept as they were", file=sys.stderr)
+    for warning in package_warnings(config):
+        print(f"mcp-armor: warning: {warning}", file=sys.stderr)
     upstreams.report()
     return 1 if held or upstreams.down else 0
 

@@ -12,7 +12,7 @@ from typing import Any
 from gateway.audit.journal import open_settled
 from gateway.audit.queries import Filters
 from gateway.calls import Effect
-from gateway.cli.common import print_table
+from gateway.cli.common import package_warnings, print_table
 from gateway.config.models import Config
 from gateway.errors import GatewayError
 from gateway.policy.files import load_engine
@@ -32,6 +32,7 @@ async def check(config: Config, offline: bool, as_json: bool) -> int:
         f"upstream '{name}' unavailable ({reason}): its tools were not checked"
         for name, reason in upstreams.down.items()
     ]
+    warnings += package_warnings(config)
     summary = {
         "ok": True,
         "policies": str(config.policy_dir),

@@ -185,3 +185,15 @@ def test_missing_policies_directory(tmp_path: Path) -> None:
         f"mcp-armor: error: {tmp_path / 'policies'}: policies directory not found "
         "(create it and put policy files in it, or point [gateway] policies elsewhere)"
     )
+
+
+def test_check_warns_of_a_package_fetched_with_its_version_open(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, {"everything": {"command": "npx", "args": ["-y", "@example/server"]}}, policy=POLICY
+    )
+    done = run("policy", "check", "--offline", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert (
+        "warning: upstream 'everything' runs package '@example/server' with no exact version: its code can change "
+        "under the pins without any definition changing; name it as @example/server@X.Y.Z"
+    ) in done.stdout.splitlines()
