@@ -41,7 +41,7 @@ from gateway.catalog.uris import normal_uri
 from gateway.core.approvals import REQUESTED_SCHEMA, ApprovalDesk
 from gateway.core.dispatch import Dispatcher, Route
 from gateway.core.pipeline import build_pipeline
-from gateway.core.requests import Caller, Request, ToolRequest
+from gateway.core.requests import Caller, Request, RoundTrip, ToolRequest
 from gateway.core.sessions import Sessions
 from gateway.core.targets import prompt_target, resource_target
 from gateway.core.watch import watch_file, watch_policies
@@ -248,15 +248,18 @@ class Gateway:
             logger.exception("call %s (a %s) failed inside the gateway", call.id, call.tool.kind)
             raise ProtocolError(types.INTERNAL_ERROR, f"internal gateway error (call {call.id})") from None
 
-    async def _mediated(self, caller: Caller, target: ExposedTool, arguments: Mapping[str, Any]) -> Mapping[str, Any]:
-        """A resource read or a prompt get through the pipeline, as a tool call goes: its result, or what
-        ended it as a JSON-RPC error (these results cannot say "refused" themselves)."""
-        approver = self._approver(caller, None)
+    async def _mediated(
+        self, caller: Caller, target: ExposedTool, arguments: Mapping[str, Any], retry: RoundTrip
+    ) -> Mapping[str, Any]:
+        """A resource read or a prompt get through the pipeline, as a tool call goes: its result (or, asking
+        a person on a 2026-07-28 connection, its `input_required` result), or what ended it as a JSON-RPC
+        error (these results cannot say "refused" themselves)."""
+        approver = self._approver(caller, retry)
         call = ToolCall(
             caller.session, target, arguments, progress=caller.progress, approver=approver, relay=caller.relay
         )
         outcome = await self._run(call)
-        if outcome.kind is OutcomeKind.OK:
+        if outcome.kind in (OutcomeKind.OK, OutcomeKind.INPUT_REQUIRED):
             return outcome.result
         text = outcome.result["content"][0]["text"] if outcome.result.get("content") else outcome.reason
         code = types.INVALID_PARAMS if outcome.kind is OutcomeKind.REFUSED else types.INTERNAL_ERROR
@@ -265,15 +268,13 @@ class Gateway:
     def _sees(self, name: str, session: SessionInfo) -> bool:
         return self.engine.visible(name, client=session.client_name, principal=session.principal)
 
-    def _approver(self, caller: Caller, params: ToolRequest | None) -> Approver | None:
-        """How this request can ask a person: elicitation now (handshake era) or input-required (2026,
-        tool calls only: `params` carries the retry's answer)."""
+    def _approver(self, caller: Caller, params: ToolRequest | RoundTrip) -> Approver | None:
+        """How this request can ask a person: elicitation now (handshake era) or input-required (2026:
+        `params` carries the retry's state and answer)."""
         if not caller.can_elicit:
             return None
         desk = self.desk
         if caller.modern:
-            if params is None:
-                return None
 
             async def by_round_trip(call: ToolCall, decision: Decision) -> Approval:
                 if params.request_state is None and params.answer is None:
@@ -322,7 +323,7 @@ class Gateway:
             self.sessions.note(session)
             await self.audit.unknown_tool(session, PROMPT_PREFIX + params.name, arguments)
             raise ProtocolError(types.INVALID_PARAMS, f"Unknown prompt: {params.name}")
-        return await self._mediated(request.caller, prompt_target(prompt), arguments)
+        return await self._mediated(request.caller, prompt_target(prompt), arguments, RoundTrip.of(params))
 
     async def list_resources(self, request: Request, params: types.PaginatedRequestParams) -> types.ListResourcesResult:
         """The listed resources this caller may read (one no rule can let it read is hidden)."""
@@ -355,7 +356,7 @@ class Gateway:
             raise ProtocolError(types.INVALID_PARAMS, f"Unknown resource: {uri}")
         upstream, definition, variables = source
         target = resource_target(upstream, uri, definition.model_dump(by_alias=True, mode="json", exclude_none=True))
-        return await self._mediated(request.caller, target, {**variables, "uri": uri})
+        return await self._mediated(request.caller, target, {**variables, "uri": uri}, RoundTrip.of(params))
 
 
 def _tool_definitions(catalog: Catalog) -> dict[str, tuple[str, str, Any]]:

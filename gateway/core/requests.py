@@ -88,6 +88,20 @@ def relay_for(capabilities: types.ClientCapabilities | None, ask: Ask) -> Relay:
 
 
 @dataclass(frozen=True, slots=True)
+class RoundTrip:
+    """A 2026-07-28 retry's approval state and answer, on any request that can be input-required
+    (`tools/call`, `resources/read`, `prompts/get`)."""
+
+    request_state: str | None = None
+    answer: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of(cls, params: types.ReadResourceRequestParams | types.GetPromptRequestParams) -> RoundTrip:
+        answer = (params.input_responses or {}).get(REQUEST_KEY)
+        return cls(params.request_state, answer.model_dump(by_alias=True, mode="json") if answer is not None else None)
+
+
+@dataclass(frozen=True, slots=True)
 class ToolRequest:
     """A `tools/call` as the gateway acts on it, whichever transport and protocol version carried it."""
 

@@ -539,3 +539,45 @@ async def test_with_no_rule_naming_them_resources_and_prompts_are_hidden_and_ref
         event["tool"] for event in events(tmp_path) if event["kind"] == "decision" and event["decision"] == "deny"
     }
     assert refused == {"resource:toolbox://readme", "prompt:box__greet"}
+
+
+ASK_POLICY = """
+[defaults]
+effect = "deny"
+
+[[rule]]
+id = "a-person-approves"
+resources = ["toolbox://notes/*"]
+prompts = ["box__greet"]
+effect = "ask"
+reason = "a person approves each read"
+"""
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+async def test_a_person_approves_a_resource_read_and_a_prompt_in_both_eras(tmp_path: Path, transport: str) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=ASK_POLICY)
+    async with client_over(transport, config, "auto", elicitation_callback=Person()) as client:  # 2026: round trips
+        first = await client.session.read_resource("toolbox://notes/a", allow_input_required=True)
+        assert isinstance(first, types.InputRequiredResult) and first.input_requests is not None
+        (key,) = first.input_requests
+        yes = {key: types.ElicitResult(action="accept", content={"approve": True})}
+        state = first.request_state
+        read = await client.session.read_resource("toolbox://notes/a", input_responses=yes, request_state=state)
+        assert read.contents[0].text == "contents of toolbox://notes/a"  # type: ignore[union-attr]
+        elsewhere = await _refusal(
+            client.session.read_resource("toolbox://notes/b", input_responses=yes, request_state=state)
+        )
+        assert "the approval was given for a different call" in elsewhere
+        asked = await client.session.get_prompt("box__greet", {"who": "Ann"}, allow_input_required=True)
+        assert isinstance(asked, types.InputRequiredResult)
+        greeted = await client.session.get_prompt(
+            "box__greet", {"who": "Ann"}, input_responses=yes, request_state=asked.request_state
+        )
+        assert greeted.messages[0].content.text == "Hello, Ann!"  # type: ignore[union-attr]
+    person = Person("approve", "decline")
+    async with client_over(transport, config, "legacy", elicitation_callback=person) as client:  # elicitation
+        read = await client.read_resource("toolbox://notes/a")
+        assert read.contents[0].text == "contents of toolbox://notes/a"  # type: ignore[union-attr]
+        assert "the person declined" in await _refusal(client.get_prompt("box__greet", {"who": "Ann"}))
+    assert len(person.asked) == 2 and "resource:toolbox://notes/a" in person.asked[0].message
