@@ -52,8 +52,10 @@ class ApprovalDesk:
 
     @staticmethod
     def binding(call: ToolCall) -> str:
-        """What an approval is bound to: the session, the exposed tool and a hash of the arguments."""
-        return digest({"session": call.session.id, "tool": call.tool.name, "arguments": call.arguments})
+        """What an approval is bound to: the session, the exposed name and the upstream behind it, the
+        definition the agent was shown, and a hash of the arguments."""
+        target = {"tool": call.tool.name, "upstream": call.tool.upstream, "definition": call.tool.source.digest}
+        return digest({"session": call.session.id, **target, "arguments": call.arguments})
 
     def message(self, call: ToolCall, decision: Decision) -> str:
         shown = json.dumps(call.forwarded_arguments, ensure_ascii=False, indent=2, sort_keys=True)

@@ -17,6 +17,11 @@ from gateway.config.packages import unpinned_package
         ("uvx", ["mcp-server-git>=1"], "mcp-server-git==X.Y.Z"),
         ("pipx", ["run", "black"], "black==X.Y.Z"),
         ("uv", ["tool", "run", "ruff"], "ruff==X.Y.Z"),
+        ("uvx", ["--with", "dep==1.0", "tool"], "tool==X.Y.Z"),  # an option's value is not the package
+        ("uvx", ["--python", "3.12", "tool"], "tool==X.Y.Z"),
+        ("uvx", ["tool==1.*"], "tool==X.Y.Z"),  # a wildcard is not an exact version
+        ("C:\\tools\\npx.cmd", ["-y", "pkg"], "pkg@X.Y.Z"),
+        ("pnpm", ["--silent", "dlx", "pkg"], "pkg@X.Y.Z"),
     ],
 )
 def test_a_package_fetched_with_its_version_open_is_named(command: str, args: list[str], open_version: str) -> None:
@@ -35,6 +40,9 @@ def test_a_package_fetched_with_its_version_open_is_named(command: str, args: li
         ("mcp-server-time", ["--local-timezone", "UTC"]),  # installed: nothing fetched
         ("python", ["-m", "server"]),
         ("pipx", ["install", "black"]),
+        ("npx", ["--registry", "https://registry.example", "pkg@1.2.3"]),
+        ("uvx", ["tool@1.2.3"]),  # uv's own spelling of an exact version
+        ("uvx", ["--from=tool==1.0.0", "tool"]),
     ],
 )
 def test_an_exact_version_or_nothing_fetched_is_not_named(command: str, args: list[str]) -> None:

@@ -406,6 +406,18 @@ effect = "deny"
 when = { required = ["path"], properties = { path = { type = "string", pattern = '\\.env$' } } }
 
 [[rule]]
+id = "move-inside-ws"
+tools = ["files__move"]
+effect = "allow"
+when = { properties = { source = { pattern = "^/ws/" }, target = { pattern = "^/ws/" } } }
+
+[[rule]]
+id = "no-move-onto-env"
+tools = ["files__move"]
+effect = "deny"
+when = { required = ["source", "target"], properties = { source = { type = "string" }, target = { pattern = 'env$' } } }
+
+[[rule]]
 id = "batch-inside-ws"
 tools = ["files__batch"]
 effect = "allow"
@@ -427,3 +439,7 @@ def test_an_argument_given_as_an_array_stands_for_each_of_its_items(tmp_path: Pa
     assert effect("files__read", path=["/ws/a"] * 300) == "deny"  # too many to look at: no permission
     assert effect("files__batch", paths=["/ws/a", "/ws/b"]) == "allow"  # a rule written for the array
     assert effect("files__batch", paths=["/ws/a", "/etc/passwd"]) == "deny"
+    assert effect("files__read", path=[["/ws/.env"]]) == "deny"  # arrays in the array are opened too
+    assert effect("files__read", path=["/ws/a", ["/etc/passwd"]]) == "deny"
+    assert effect("files__move", source=["/ws/a"], target=["/ws/.env"]) == "deny"  # every combination
+    assert effect("files__move", source=["/ws/a"], target=["/ws/b"]) == "allow"
