@@ -2,10 +2,10 @@
 
 A result rule sees every channel of a result (`subject`): its `text` is all the text the result
 carries, in order (text blocks; embedded resources' `text`; embedded resources' `blob`, images' and
-audio's `data` wherever the bytes decode as UTF-8 text, whatever MIME type the upstream claims; a
-resource read's `contents` and a prompt's `messages` the same way), and beside it the fields of
-`structuredContent`. Masking (`redact`) reaches the same places: a decoded
-blob is masked and encoded again. A progress message relayed while a call runs is screened as a
+audio's `data` read as text whatever MIME type the upstream claims; every string of a block of another
+kind; a resource read's `contents` and a prompt's `messages` the same way), and beside it the fields
+of `structuredContent`. Masking (`redact`) reaches the same places by the same walk (`_edited`): a
+decoded blob is masked and encoded again. A progress message relayed while a call runs is screened as a
 result of its own, one text block (`gateway.core.pipeline`).
 """
 
@@ -15,7 +15,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,46 +77,16 @@ def subject(result: Mapping[str, Any]) -> dict[str, Any]:
     return {**structured, "text": "".join(texts)}
 
 
-def _texts(result: Mapping[str, Any]) -> Iterable[str]:
-    for block in _blocks(result):
-        if not isinstance(block, Mapping):
-            yield from _strings(block)
-        elif block.get("type") == "text" and isinstance(block.get("text"), str):
-            yield block["text"]
-        elif isinstance(block.get("data"), str):  # image, audio
-            if (decoded := _decoded(block["data"])) is not None:
-                yield decoded.text
-        elif isinstance(block.get("resource"), Mapping):
-            resource = block["resource"]
-            if isinstance(resource.get("text"), str):
-                yield resource["text"]
-            if isinstance(resource.get("blob"), str) and (decoded := _decoded(resource["blob"])) is not None:
-                yield decoded.text
-        else:  # a resource link, or a kind of block this gateway does not know: every string in it
-            yield from _strings(block)
+def _texts(result: Mapping[str, Any]) -> list[str]:
+    """Every text `result` carries, in order: what masking reaches, read by the same walk."""
+    texts: list[str] = []
 
+    def keep(text: str) -> str:
+        texts.append(text)
+        return text
 
-def _blocks(result: Mapping[str, Any]) -> Iterable[Any]:
-    """Every content block of a result: a tool's `content`, a resource read's `contents` (each as an
-    embedded resource) and a prompt's `messages` (a message's content, one block or a list)."""
-    yield from result.get("content") or ()
-    for contents in result.get("contents") or ():
-        yield {"type": "resource", "resource": contents}
-    for message in result.get("messages") or ():
-        if isinstance(message, Mapping):
-            content = message.get("content")
-            yield from content if isinstance(content, list) else (content,)
-
-
-def _strings(value: Any) -> Iterable[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
+    _edited(result, keep)
+    return texts
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,74 +127,85 @@ def _encoded(decoded: _Decoded, text: str) -> str:
     return base64.b64encode(raw, altchars=b"-_" if decoded.urlsafe else None).decode("ascii")
 
 
-Scrub = Callable[[Any], Any]
+Edit = Callable[[str], str]
+"""Applied to each text a result carries; returns the text as it is to read now."""
 
 
 def _redact(result: Mapping[str, Any], rule: Rule) -> Mapping[str, Any]:
     mask = f"[redacted by mcp-armor rule '{rule.id}']"
 
-    def scrub(value: Any) -> Any:
-        if isinstance(value, str):
-            for pattern in rule.redact:
-                value = pattern.sub(mask, value)
-            return value
-        if isinstance(value, Mapping):
-            return {key: scrub(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [scrub(item) for item in value]
-        return value
+    def scrub(text: str) -> str:
+        for pattern in rule.redact:
+            text = pattern.sub(mask, text)
+        return text
 
-    changed = dict(result)
-    content = result.get("content")
-    if isinstance(content, list):
-        changed["content"] = [_scrub_block(block, scrub) for block in content]
-    contents = result.get("contents")
-    if isinstance(contents, list):
-        changed["contents"] = [_scrub_resource(item, scrub) for item in contents]
-    messages = result.get("messages")
-    if isinstance(messages, list):
-        changed["messages"] = [_scrub_message(message, scrub) for message in messages]
+    changed = _edited(result, scrub)
     if result.get("structuredContent") is not None:
-        changed["structuredContent"] = scrub(result["structuredContent"])
+        changed["structuredContent"] = _edited_strings(result["structuredContent"], scrub)
     return changed
 
 
-def _scrub_message(message: Any, scrub: Scrub) -> Any:
+def _edited(result: Mapping[str, Any], edit: Edit) -> dict[str, Any]:
+    """`result` with `edit` applied to every text its blocks carry: a tool's `content`, a resource read's
+    `contents` and a prompt's `messages`. Reading (`_texts`) and masking (`_redact`) both take this one
+    walk, so nothing one of them reaches escapes the other."""
+    changed = dict(result)
+    if isinstance(result.get("content"), list):
+        changed["content"] = [_edited_block(block, edit) for block in result["content"]]
+    if isinstance(result.get("contents"), list):
+        changed["contents"] = [_edited_resource(item, edit) for item in result["contents"]]
+    if isinstance(result.get("messages"), list):
+        changed["messages"] = [_edited_message(message, edit) for message in result["messages"]]
+    return changed
+
+
+def _edited_message(message: Any, edit: Edit) -> Any:
     if not isinstance(message, Mapping):
-        return scrub(message)
+        return _edited_strings(message, edit)
     content = message.get("content")
     if isinstance(content, list):
-        return {**message, "content": [_scrub_block(block, scrub) for block in content]}
-    return {**message, "content": _scrub_block(content, scrub)}
+        return {**message, "content": [_edited_block(block, edit) for block in content]}
+    return {**message, "content": _edited_block(content, edit)}
 
 
-def _scrub_block(block: Any, scrub: Scrub) -> Any:
+def _edited_block(block: Any, edit: Edit) -> Any:
     if not isinstance(block, Mapping):
-        return scrub(block)
+        return _edited_strings(block, edit)
     if block.get("type") == "text" and isinstance(block.get("text"), str):
-        return {**block, "text": scrub(block["text"])}
-    if isinstance(block.get("data"), str):
-        return {**block, "data": _scrub_encoded(block["data"], scrub)}
+        return {**block, "text": edit(block["text"])}
+    if isinstance(block.get("data"), str):  # image, audio
+        return {**block, "data": _edited_encoded(block["data"], edit)}
     if isinstance(block.get("resource"), Mapping):
-        return {**block, "resource": _scrub_resource(block["resource"], scrub)}
-    return scrub(block)
+        return {**block, "resource": _edited_resource(block["resource"], edit)}
+    return _edited_strings(block, edit)  # a resource link, or a kind of block this gateway does not know
 
 
-def _scrub_resource(resource: Any, scrub: Scrub) -> Any:
+def _edited_resource(resource: Any, edit: Edit) -> Any:
     if not isinstance(resource, Mapping):
-        return resource
-    scrubbed = dict(resource)
+        return _edited_strings(resource, edit)
+    edited = dict(resource)
     if isinstance(resource.get("text"), str):
-        scrubbed["text"] = scrub(resource["text"])
+        edited["text"] = edit(resource["text"])
     if isinstance(resource.get("blob"), str):
-        scrubbed["blob"] = _scrub_encoded(resource["blob"], scrub)
-    return scrubbed
+        edited["blob"] = _edited_encoded(resource["blob"], edit)
+    return edited
 
 
-def _scrub_encoded(data: str, scrub: Scrub) -> str:
-    """Base64 `data` masked where it reads as text (and encoded again only when that changed it)."""
+def _edited_strings(value: Any, edit: Edit) -> Any:
+    """Every string in `value`, at any depth, edited."""
+    if isinstance(value, str):
+        return edit(value)
+    if isinstance(value, Mapping):
+        return {key: _edited_strings(item, edit) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_edited_strings(item, edit) for item in value]
+    return value
+
+
+def _edited_encoded(data: str, edit: Edit) -> str:
+    """Base64 `data` edited where it reads as text (and encoded again only when that changed it)."""
     decoded = _decoded(data)
     if decoded is None:
         return data
-    masked = scrub(decoded.text)
-    return data if masked == decoded.text else _encoded(decoded, masked)
+    text = edit(decoded.text)
+    return data if text == decoded.text else _encoded(decoded, text)
