@@ -90,7 +90,7 @@ class Dispatcher:
             check_spec(method, version, params)
         except ProtocolError as exc:
             return exc
-        return ProtocolError(types.METHOD_NOT_FOUND, "Method not found", method)
+        return _not_found(method)
 
     async def refuse(
         self, session: SessionInfo, method: str, params: Mapping[str, Any] | None, error: ProtocolError
@@ -98,9 +98,8 @@ class Dispatcher:
         """Record a request the gateway does not serve (its parameters without the protocol's `_meta`);
         returns `error`, to answer it with. A record that cannot be made is logged: the refusal stands."""
         recorded = {key: value for key, value in (params or {}).items() if key != "_meta"}
-        shown = method if method.isprintable() else method.encode("unicode_escape").decode("ascii")
         try:
-            await self._audit.unrouted(session, shown[:MAX_METHOD_SHOWN], recorded)
+            await self._audit.unrouted(session, shown(method), recorded)
         except Exception as exc:
             logger.error("a refused request for an unserved method could not be recorded (%s)", type(exc).__name__)
         return error
@@ -114,8 +113,7 @@ class Dispatcher:
         """
         route = self.routes.get(request.method)
         if route is None:
-            unserved = ProtocolError(types.METHOD_NOT_FOUND, "Method not found", request.method)
-            raise await self.refuse(request.caller.session, request.method, request.params, unserved)
+            raise await self.refuse(request.caller.session, request.method, request.params, _not_found(request.method))
         parsed = request.parsed
         if parsed is None:
             parsed = route.params.model_validate(request.params or {}, by_name=False)
@@ -145,6 +143,10 @@ class Dispatcher:
         if decision.proceeds:
             engine.charge(decision, session.id, now)
         return decision
+
+
+def _not_found(method: str) -> ProtocolError:
+    return ProtocolError(types.METHOD_NOT_FOUND, "Method not found", method)
 
 
 def shown(method: str) -> str:
@@ -188,32 +190,27 @@ async def answer_upstream_request(
     upstream, oldest first. A stdio upstream cannot say which call a request belongs to, so it goes to
     the client of the latest, and only while every call in flight is one session's: with calls of
     several sessions in flight, which one asks cannot be told, and it is refused rather than shown to
-    another session's person or model. `decide`: the
-    policy, which must let the request go ahead (an `ask` cannot: a person is not asked about an
-    upstream's question). An elicitation reaches the person saying which upstream asks, so it cannot
-    pass for the gateway's own approval prompt."""
+    another session's person or model. `decide`: the policy, which must let the request go ahead (an
+    `ask` cannot: a person is not asked about an upstream's question). An elicitation reaches the
+    person saying which upstream asks, so it cannot pass for the gateway's own approval prompt."""
     if method == "ping":
         return {}
     call = calls[-1] if calls else None
     if method not in UPSTREAM_METHODS:
         method = shown(method)
-        message = f"mcp-armor does not serve '{method}' to upstream servers"
-        _relayed(record, upstream, method, call, "refused", message)
-        raise ProtocolError(types.METHOD_NOT_FOUND, message)
+        why = f"mcp-armor does not serve '{method}' to upstream servers"
+        raise _refused(record, upstream, method, call, types.METHOD_NOT_FOUND, why)
     if len({in_flight.session.id for in_flight in calls}) > 1:
-        message = f"calls of several sessions are in flight to '{upstream}', and which one asks {method} cannot be told"
-        _relayed(record, upstream, method, None, "refused", message)
-        raise ProtocolError(types.INVALID_REQUEST, message)
+        why = f"calls of several sessions are in flight to '{upstream}', and which one asks {method} cannot be told"
+        raise _refused(record, upstream, method, None, types.INVALID_REQUEST, why)
     if call is None or call.relay is None:
-        message = f"no call to '{upstream}' is in flight from a client that can answer {method}"
-        _relayed(record, upstream, method, None, "refused", message)
-        raise ProtocolError(types.INVALID_REQUEST, message)
+        why = f"no call to '{upstream}' is in flight from a client that can answer {method}"
+        raise _refused(record, upstream, method, None, types.INVALID_REQUEST, why)
     if decide is not None:
         decision = decide(upstream, method, params, call)
         if not decision.proceeds:
-            message = f"refused by the mcp-armor gateway's policy: {decision.reason}"
-            _relayed(record, upstream, method, call, "refused", message)
-            raise ProtocolError(types.INVALID_REQUEST, message)
+            why = f"refused by the mcp-armor gateway's policy: {decision.reason}"
+            raise _refused(record, upstream, method, call, types.INVALID_REQUEST, why)
     if method == "elicitation/create" and isinstance(params.get("message"), str):
         params = {
             **params,
@@ -229,6 +226,12 @@ async def answer_upstream_request(
         raise
     _relayed(record, upstream, method, call, "relayed", None)
     return result
+
+
+def _refused(record: Record, upstream: str, method: str, call: ToolCall | None, code: int, why: str) -> ProtocolError:
+    """Record an upstream's request as refused; the error it is answered with."""
+    _relayed(record, upstream, method, call, "refused", why)
+    return ProtocolError(code, why)
 
 
 def _relayed(
