@@ -187,11 +187,21 @@ class Gateway:
         session = request.caller.session
         await self.wait_for_startup()
         return types.ListToolsResult(
-            tools=[tool.model for tool in self.pool.catalog.tools.values() if self._visible(tool, session)]
+            tools=[tool.model for tool in self.pool.catalog.tools.values() if self._visible(tool.name, session)]
         )
 
-    def _visible(self, tool: ExposedTool, session: SessionInfo) -> bool:
-        return self.engine.visible(tool.name, client=session.client_name, principal=session.principal)
+    async def _unknown(
+        self, session: SessionInfo, name: str, arguments: Mapping[str, Any], message: str, quarantine: str | None = None
+    ) -> ProtocolError:
+        """Record a call to something that does not exist, is hidden from this caller or is quarantined;
+        the error it is answered with."""
+        self.sessions.note(session)
+        await self.audit.unknown_tool(session, name, arguments, quarantine=quarantine)
+        return ProtocolError(types.INVALID_PARAMS, message)
+
+    def _visible(self, name: str, session: SessionInfo) -> bool:
+        """Whether policy can ever let this caller reach `name` (a tool, `resource:URI` or `prompt:NAME`)."""
+        return self.engine.visible(name, client=session.client_name, principal=session.principal)
 
     async def call_tool(
         self, request: Request, checked: ToolRequest | types.CallToolRequestParams
@@ -220,14 +230,12 @@ class Gateway:
         tool = self.pool.catalog.tools.get(params.name)
         if tool is None and (held := self.pool.quarantined.get(params.name)) is not None:
             reason = held.reason()
-            self.sessions.note(session)
-            await self.audit.unknown_tool(session, params.name, params.arguments, quarantine=reason)
-            raise ProtocolError(types.INVALID_PARAMS, f"Tool {params.name} is refused: {reason}")
-        if tool is None or not self._visible(tool, session):
+            raise await self._unknown(
+                session, params.name, params.arguments, f"Tool {params.name} is refused: {reason}", reason
+            )
+        if tool is None or not self._visible(tool.name, session):
             # A tool no rule lets this client call is hidden, and refused like one that does not exist.
-            self.sessions.note(session)
-            await self.audit.unknown_tool(session, params.name, params.arguments)
-            raise ProtocolError(types.INVALID_PARAMS, f"Unknown tool: {params.name}")
+            raise await self._unknown(session, params.name, params.arguments, f"Unknown tool: {params.name}")
         approver = self._approver(caller, params)
         call = ToolCall(
             session, tool, params.arguments, progress=caller.progress, approver=approver, relay=caller.relay
@@ -264,9 +272,6 @@ class Gateway:
         text = outcome.result["content"][0]["text"] if outcome.result.get("content") else outcome.reason
         code = types.INVALID_PARAMS if outcome.kind is OutcomeKind.REFUSED else types.INTERNAL_ERROR
         raise ProtocolError(code, text)
-
-    def _sees(self, name: str, session: SessionInfo) -> bool:
-        return self.engine.visible(name, client=session.client_name, principal=session.principal)
 
     def _approver(self, caller: Caller, params: ToolRequest | RoundTrip) -> Approver | None:
         """How this request can ask a person: elicitation now (handshake era) or input-required (2026:
@@ -310,7 +315,7 @@ class Gateway:
         await self.wait_for_startup()
         prompts = self.pool.catalog.prompts.values()
         return types.ListPromptsResult(
-            prompts=[p.model for p in prompts if self._sees(PROMPT_PREFIX + p.name, session)]
+            prompts=[p.model for p in prompts if self._visible(PROMPT_PREFIX + p.name, session)]
         )
 
     async def get_prompt(self, request: Request, params: types.GetPromptRequestParams) -> Mapping[str, Any]:
@@ -319,10 +324,8 @@ class Gateway:
         await self.wait_for_startup()
         prompt = self.pool.catalog.prompts.get(params.name)
         arguments = dict(params.arguments or {})
-        if prompt is None or not self._sees(PROMPT_PREFIX + params.name, session):
-            self.sessions.note(session)
-            await self.audit.unknown_tool(session, PROMPT_PREFIX + params.name, arguments)
-            raise ProtocolError(types.INVALID_PARAMS, f"Unknown prompt: {params.name}")
+        if prompt is None or not self._visible(PROMPT_PREFIX + params.name, session):
+            raise await self._unknown(session, PROMPT_PREFIX + params.name, arguments, f"Unknown prompt: {params.name}")
         return await self._mediated(request.caller, prompt_target(prompt), arguments, RoundTrip.of(params))
 
     async def list_resources(self, request: Request, params: types.PaginatedRequestParams) -> types.ListResourcesResult:
@@ -330,7 +333,7 @@ class Gateway:
         session = request.caller.session
         await self.wait_for_startup()
         listed = self.pool.catalog.resources.items()
-        shown = [resource for uri, (_, resource) in listed if self._sees(RESOURCE_PREFIX + normal_uri(uri), session)]
+        shown = [resource for uri, (_, resource) in listed if self._visible(RESOURCE_PREFIX + normal_uri(uri), session)]
         return types.ListResourcesResult(resources=shown)
 
     async def list_resource_templates(
@@ -350,10 +353,8 @@ class Gateway:
         await self.wait_for_startup()
         uri = normal_uri(str(params.uri))
         source = self.pool.catalog.resource_source(uri)
-        if source is None or not self._sees(RESOURCE_PREFIX + uri, session):
-            self.sessions.note(session)
-            await self.audit.unknown_tool(session, RESOURCE_PREFIX + uri, {"uri": uri})
-            raise ProtocolError(types.INVALID_PARAMS, f"Unknown resource: {uri}")
+        if source is None or not self._visible(RESOURCE_PREFIX + uri, session):
+            raise await self._unknown(session, RESOURCE_PREFIX + uri, {"uri": uri}, f"Unknown resource: {uri}")
         upstream, definition, variables = source
         target = resource_target(upstream, uri, definition.model_dump(by_alias=True, mode="json", exclude_none=True))
         return await self._mediated(request.caller, target, {**variables, "uri": uri}, RoundTrip.of(params))
