@@ -227,9 +227,9 @@ _RESULTS: dict[str, type[BaseModel]] = {"resource": types.ReadResourceResult, "p
 
 def _request(call: ToolCall) -> tuple[str, dict[str, Any]]:
     """The request the upstream receives for `call`, with the arguments as policy left them."""
-    arguments = dict(call.forwarded_arguments)
     if call.tool.kind == "resource":
         return "resources/read", {"uri": call.tool.upstream_name}
+    arguments = dict(call.forwarded_arguments)
     if call.tool.kind == "prompt":
         params: dict[str, Any] = {"name": call.tool.upstream_name}
         if arguments:
