@@ -26,6 +26,12 @@ class ProgressFn(Protocol):
     async def __call__(self, progress: float, total: float | None, message: str | None) -> None: ...
 
 
+class LogFn(Protocol):
+    """Relays one upstream log message (`notifications/message`) to the agent, at the agent's chosen level."""
+
+    async def __call__(self, level: str, data: Any, logger: str | None) -> None: ...
+
+
 class Effect(StrEnum):
     """What the policy does with a call. `deny` beats `ask` beats `rewrite`/`allow`."""
 
@@ -99,6 +105,8 @@ class ToolCall:
     received: float = field(default_factory=time.time)
     progress: ProgressFn | None = field(default=None, compare=False, repr=False)
     """Relays the upstream's progress notifications to the agent; `None` when the agent sent no token."""
+    log: LogFn | None = field(default=None, compare=False, repr=False)
+    """Relays the upstream's log messages sent while the call is in flight; `None`: the agent takes none."""
     approver: Approver | None = field(default=None, compare=False, repr=False)
     """Asks a person to approve this call; `None` when the client cannot ask."""
     relay: Relay | None = field(default=None, compare=False, repr=False)

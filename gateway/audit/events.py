@@ -39,6 +39,10 @@ def call_fields(call: ToolCall, redaction: Redaction, redactor: Redactor) -> dic
     return {"session_id": call.session.id, "call_id": call.id, "upstream": call.tool.upstream, "tool": name}
 
 
+_DECIDED_AS = {"completion": "completion/complete", "subscription": "resources/subscribe"}
+"""Requests decided under the name of what they reach (a prompt, a resource), by the method they were."""
+
+
 def decision_event(
     call: ToolCall,
     decision: Decision | None,
@@ -63,6 +67,8 @@ def decision_event(
         masked += rewritten.masked
     reason = refusal.reason if refusal is not None and refusal.reason else decision.reason
     fields["stage"] = stage
+    if call.tool.kind in _DECIDED_AS:
+        fields["method"] = _DECIDED_AS[call.tool.kind]  # decided as the get or read it reaches: say what it was
     if decision.effect is Effect.ASK:
         # `approval` says whether the call went on past its approval; `approval_request` what the
         # person answered, and how they were asked (granted, then refused by a rate limit: both).

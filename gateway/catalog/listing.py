@@ -247,6 +247,11 @@ class Catalog:
         found = self.resource_source(uri)
         return found[0] if found is not None else None
 
+    def template(self, uri_template: str) -> tuple[str, UriTemplate, types.ResourceTemplate] | None:
+        """The one upstream's template spelt `uri_template` (`None`: none, or several upstreams offer it)."""
+        found = [entry for entry in self.templates if entry[1].template == uri_template]
+        return found[0] if len({upstream for upstream, _, _ in found}) == 1 else None
+
     def resource_source(
         self, uri: str
     ) -> tuple[str, types.Resource | types.ResourceTemplate, Mapping[str, str]] | None:

@@ -11,8 +11,9 @@ for the policy to see (`variables`); the upstream that owns the URI reads the re
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from gateway.errors import InvalidUriTemplate
 
@@ -70,6 +71,24 @@ class UriTemplate:
         if found is None:
             return None
         return {name: unquote(found[f"v{index}"]) for index, name in enumerate(self.captured)}
+
+    def expand(self, values: Mapping[str, str]) -> str:
+        """The URI these values make: a lone `{name}` percent-encoded, a lone `{+name}` with reserved
+        characters kept (RFC 6570 levels 1 and 2); any other expression, or a variable without a value,
+        expands to nothing."""
+
+        def one(found: re.Match[str]) -> str:
+            body = found[1]
+            name = body.removeprefix("+")
+            if name not in values or not name or name[0] in "#./;?&" or any(mark in name for mark in ",:*"):
+                return ""
+            return quote(values[name], safe=_RESERVED if body.startswith("+") else "")
+
+        return _EXPRESSION.sub(one, self.template)
+
+
+_EXPRESSION = re.compile(r"\{([^}]*)\}")
+_RESERVED = ":/?#[]@!$&'()*+,;=%"
 
 
 def _expression(body: str, position: int, names: set[str]) -> str:

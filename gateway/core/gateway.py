@@ -40,10 +40,17 @@ from gateway.catalog.pins import Assessment, Lock
 from gateway.catalog.uris import normal_uri
 from gateway.core.approvals import REQUESTED_SCHEMA, ApprovalDesk
 from gateway.core.dispatch import Dispatcher, Route
+from gateway.core.notices import Notices
 from gateway.core.pipeline import build_pipeline
 from gateway.core.requests import Caller, Request, RoundTrip, ToolRequest
 from gateway.core.sessions import Sessions
-from gateway.core.targets import prompt_target, resource_target
+from gateway.core.targets import (
+    prompt_completion,
+    prompt_target,
+    resource_target,
+    subscription_target,
+    template_completion,
+)
 from gateway.core.watch import watch_file, watch_policies
 from gateway.errors import GatewayError, LockError, ProtocolError
 from gateway.policy.engine import PolicyEngine, PolicySet
@@ -68,6 +75,9 @@ class Gateway:
         self.audit = audit
         self.events = events
         self.sessions = Sessions(events, engine)
+        self.notices = Notices(engine, pool.set_log_level, pool.unsubscribe)
+        """Log levels and resource subscriptions per session; what upstreams send on their own."""
+        self.sessions.on_end.append(self.notices.forget)
         self.transport = transport
         self.pipeline: Handler = build_pipeline(pool, engine, audit)
         self.desk = ApprovalDesk(pool.config.gateway.ask_timeout)
@@ -86,6 +96,10 @@ class Gateway:
                 "resources/list": Route(types.PaginatedRequestParams, self.list_resources),
                 "resources/templates/list": Route(types.PaginatedRequestParams, self.list_resource_templates),
                 "resources/read": Route(types.ReadResourceRequestParams, self.read_resource),
+                "resources/subscribe": Route(types.SubscribeRequestParams, self.subscribe),
+                "resources/unsubscribe": Route(types.UnsubscribeRequestParams, self.unsubscribe),
+                "completion/complete": Route(types.CompleteRequestParams, self.complete),
+                "logging/setLevel": Route(types.SetLevelRequestParams, self.set_log_level),
             },
             audit,
             events.relayed,
@@ -146,6 +160,11 @@ class Gateway:
         self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]
     ) -> dict[str, Any]:
         return await self.dispatcher.upstream_request(upstream, method, params, calls)
+
+    async def upstream_notification(
+        self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]
+    ) -> None:
+        await self.notices.relay(upstream, method, params, calls)
 
     async def catalog_changed(self, catalog: Catalog) -> None:
         """Tell every downstream peer what changed: notifications (handshake era) and listen streams (2026)."""
@@ -236,10 +255,7 @@ class Gateway:
         if tool is None or not self._visible(tool.name, session):
             # A tool no rule lets this client call is hidden, and refused like one that does not exist.
             raise await self._unknown(session, params.name, params.arguments, f"Unknown tool: {params.name}")
-        approver = self._approver(caller, params)
-        call = ToolCall(
-            session, tool, params.arguments, progress=caller.progress, approver=approver, relay=caller.relay
-        )
+        call = await self._call(caller, tool, params.arguments, self._approver(caller, params))
         return (await self._run(call)).result
 
     async def _run(self, call: ToolCall) -> Outcome:
@@ -262,16 +278,29 @@ class Gateway:
         """A resource read or a prompt get through the pipeline, as a tool call goes: its result (or, asking
         a person on a 2026-07-28 connection, its `input_required` result), or what ended it as a JSON-RPC
         error (these results cannot say "refused" themselves)."""
-        approver = self._approver(caller, retry)
-        call = ToolCall(
-            caller.session, target, arguments, progress=caller.progress, approver=approver, relay=caller.relay
-        )
+        call = await self._call(caller, target, arguments, self._approver(caller, retry))
         outcome = await self._run(call)
         if outcome.kind in (OutcomeKind.OK, OutcomeKind.INPUT_REQUIRED):
             return outcome.result
         text = outcome.result["content"][0]["text"] if outcome.result.get("content") else outcome.reason
         code = types.INVALID_PARAMS if outcome.kind is OutcomeKind.REFUSED else types.INTERNAL_ERROR
         raise ProtocolError(code, text)
+
+    async def _call(
+        self, caller: Caller, target: ExposedTool, arguments: Mapping[str, Any], approver: Approver | None
+    ) -> ToolCall:
+        """The call `caller` makes of `target`, with everything that reaches back to its client."""
+        if caller.log is not None and caller.log_level is not None:
+            await self.notices.want_level(caller.log_level)
+        return ToolCall(
+            caller.session,
+            target,
+            arguments,
+            progress=caller.progress,
+            log=caller.log,
+            approver=approver,
+            relay=caller.relay,
+        )
 
     def _approver(self, caller: Caller, params: ToolRequest | RoundTrip) -> Approver | None:
         """How this request can ask a person: elicitation now (handshake era) or input-required (2026:
@@ -349,15 +378,71 @@ class Gateway:
 
     async def read_resource(self, request: Request, params: types.ReadResourceRequestParams) -> Mapping[str, Any]:
         """The resource from the upstream that serves it, decided, recorded and screened like a tool call."""
+        uri, upstream, definition, variables = await self._resource(request, str(params.uri))
+        target = resource_target(upstream, uri, definition)
+        return await self._mediated(request.caller, target, {**variables, "uri": uri}, RoundTrip.of(params))
+
+    async def _resource(self, request: Request, asked: str) -> tuple[str, str, dict[str, Any], Mapping[str, str]]:
+        """The resource a request names: its URI in normal form, the upstream serving it, the definition
+        it falls under and its template variables. One unknown, or hidden from this caller, is recorded
+        and refused."""
         session = request.caller.session
         await self.wait_for_startup()
-        uri = normal_uri(str(params.uri))
+        uri = normal_uri(asked)
         source = self.pool.catalog.resource_source(uri)
         if source is None or not self._visible(RESOURCE_PREFIX + uri, session):
             raise await self._unknown(session, RESOURCE_PREFIX + uri, {"uri": uri}, f"Unknown resource: {uri}")
         upstream, definition, variables = source
-        target = resource_target(upstream, uri, definition.model_dump(by_alias=True, mode="json", exclude_none=True))
-        return await self._mediated(request.caller, target, {**variables, "uri": uri}, RoundTrip.of(params))
+        return uri, upstream, definition.model_dump(by_alias=True, mode="json", exclude_none=True), variables
+
+    async def subscribe(self, request: Request, params: types.SubscribeRequestParams) -> Mapping[str, Any]:
+        """A subscription to a resource, decided as a read of it (only an allow lets it go ahead) and
+        recorded; its updates then reach this session alone (`Notices`)."""
+        caller = request.caller
+        if caller.updated is None:
+            raise ProtocolError(types.INVALID_REQUEST, "this connection cannot receive resource updates")
+        uri, upstream, definition, variables = await self._resource(request, str(params.uri))
+        target = subscription_target(upstream, uri, definition)
+        await self._mediated(caller, target, {**variables, "uri": uri}, RoundTrip())
+        self.notices.follow(upstream, uri, target.upstream_name, str(params.uri), caller.session, caller.updated)
+        return {}
+
+    async def unsubscribe(self, request: Request, params: types.UnsubscribeRequestParams) -> Mapping[str, Any]:
+        """This session stops following a resource (nothing is decided: it only gives something up)."""
+        await self.notices.unfollow(normal_uri(str(params.uri)), request.caller.session.id)
+        return {}
+
+    async def set_log_level(self, request: Request, params: types.SetLevelRequestParams) -> Mapping[str, Any]:
+        """The level from which this session receives the log messages of its calls' upstreams."""
+        await self.notices.choose_level(request.caller.session, params.level)
+        return {}
+
+    async def complete(self, request: Request, params: types.CompleteRequestParams) -> Mapping[str, Any]:
+        """Completing a prompt's or a resource template's argument: decided as the get or the read the
+        value would make (only an allow lets it go ahead), recorded, and each value suggested kept only
+        when the policy lets this caller reach what it would make."""
+        session = request.caller.session
+        await self.wait_for_startup()
+        values = dict(params.context.arguments or {}) if params.context is not None else {}
+        values[params.argument.name] = params.argument.value
+        ref = params.ref
+        if isinstance(ref, types.PromptReference):
+            prompt = self.pool.catalog.prompts.get(ref.name)
+            if prompt is None or not self._visible(PROMPT_PREFIX + ref.name, session):
+                raise await self._unknown(session, PROMPT_PREFIX + ref.name, values, f"Unknown prompt: {ref.name}")
+            target, arguments = prompt_completion(prompt, params.argument.name, values)
+        else:
+            found = self.pool.catalog.template(ref.uri)
+            if found is None:
+                raise await self._unknown(
+                    session, RESOURCE_PREFIX + ref.uri, values, f"Unknown resource template: {ref.uri}"
+                )
+            upstream, template, definition = found
+            dumped = definition.model_dump(by_alias=True, mode="json", exclude_none=True)
+            target, arguments = template_completion(upstream, template, dumped, params.argument.name, values)
+            if not self._visible(target.name, session):
+                raise await self._unknown(session, target.name, arguments, f"Unknown resource template: {ref.uri}")
+        return await self._mediated(request.caller, target, arguments, RoundTrip())
 
 
 def _tool_definitions(catalog: Catalog) -> dict[str, tuple[str, str, Any]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,18 +27,23 @@ from gateway.calls import (
     Decision,
     Effect,
     Handler,
+    LogFn,
     Outcome,
     OutcomeKind,
     ProgressFn,
     ToolCall,
     mark_decided,
 )
+from gateway.core.targets import candidate, completion_params
 from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy.engine import PolicyEngine
 from gateway.upstream.pool import UpstreamPool
 from gateway.wire.results import check_tool_result
 
 logger = logging.getLogger(__name__)
+
+ALLOW_ONLY = frozenset({"completion", "subscription"})
+"""Kinds of call that only an `allow` lets through (see `EnforcePolicy._refusal`)."""
 
 if TYPE_CHECKING:
     from gateway.audit.stages import CallAudit
@@ -113,6 +118,10 @@ class EnforcePolicy:
         """The outcome of a call the decision itself refuses; `None` when it may go on."""
         if decision.effect is Effect.DENY:
             return Outcome.refused(call, decision.reason)
+        if call.tool.kind in ALLOW_ONLY and decision.effect is not Effect.ALLOW:
+            # Nobody is asked about a completion or a subscription, and their requests are never
+            # rewritten: a person approves (and a rule rewrites) the get or the read itself.
+            return Outcome.refused(call, f"{decision.reason}; only an allow lets a {call.tool.kind} go ahead")
         if decision.arguments is not None:
             violation = call.tool.source.violation(decision.arguments)
             if violation is not None:
@@ -137,6 +146,8 @@ class EnforcePolicy:
         screened: list[str] = []
         if call.progress is not None:
             call = replace(call, progress=self._screened_progress(call, call.progress, screened))
+        if call.log is not None:
+            call = replace(call, log=self._screened_log(call, call.log, screened))
         outcome = await call_next(call)
         if outcome.kind is OutcomeKind.REFUSED:
             self.engine.refund(decision, session.id, stamp)  # refused later on: the call did not happen
@@ -146,34 +157,87 @@ class EnforcePolicy:
             )
             if screening.withheld_by is not None:
                 return Outcome.withheld(call, screening.reason, screening.withheld_by)
-            if screening.redacted_by or screened:
+            result = screening.result
+            if call.tool.kind == "completion":
+                result = self._reachable_values(call, result)
+            if screening.redacted_by or screened or result is not screening.result:
                 rules = tuple(dict.fromkeys((*screened, *screening.redacted_by)))
-                return replace(outcome, result=screening.result, rules=rules)
+                return replace(outcome, result=result, rules=rules)
         return outcome
+
+    def _reachable_values(self, call: ToolCall, result: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A completion's values, each kept only when the get or read it would make could go ahead for
+        this caller (a value the policy would refuse is not suggested: its name is data too)."""
+        completion = result.get("completion")
+        if not isinstance(completion, Mapping) or not isinstance(completion.get("values"), list):
+            return result
+        session, engine = call.session, self.engine
+        kept: list[Any] = []
+        for value in completion["values"]:
+            name, arguments = candidate(call.tool, call.forwarded_arguments, str(value))
+            if not engine.visible(name, client=session.client_name, principal=session.principal):
+                continue
+            decision = engine.evaluate(
+                name,
+                arguments,
+                now=self._clock(),
+                session=session.id,
+                client=session.client_name,
+                principal=session.principal,
+            )
+            if decision.effect is not Effect.DENY:
+                kept.append(value)
+        if len(kept) == len(completion["values"]):
+            return result
+        trimmed = {key: item for key, item in completion.items() if key not in ("total", "hasMore")}
+        return {**result, "completion": {**trimmed, "values": kept}}
 
     def _screened_progress(self, call: ToolCall, relay_to: ProgressFn, screened: list[str]) -> ProgressFn:
         """`relay_to` with each message screened by the call's result rules, as a result of one text block:
         masked, or not relayed at all when a rule withholds it. The rules that acted join `screened`."""
-        engine, tool = self.engine, call.tool.name
-        client, principal = call.session.client_name, call.session.principal
 
         async def relay(progress: float, total: float | None, message: str | None) -> None:
             if message is not None:
-                result = {"content": [{"type": "text", "text": message}]}
-                try:
-                    screening = engine.screen_result(tool, result, client=client, principal=principal)
-                except Exception:  # fail closed: a message that cannot be screened is not relayed
-                    logger.exception("a progress message of call %s could not be screened; not relayed", call.id)
+                result = self._screened_message(call, {"content": [{"type": "text", "text": message}]}, screened)
+                if result is None:
                     return
-                for rule in (screening.withheld_by, *screening.redacted_by):
-                    if rule is not None and rule not in screened:
-                        screened.append(rule)
-                if screening.withheld_by is not None:
-                    return
-                message = screening.result["content"][0]["text"]
+                message = result["content"][0]["text"]
             await relay_to(progress, total, message)
 
         return relay
+
+    def _screened_log(self, call: ToolCall, relay_to: LogFn, screened: list[str]) -> LogFn:
+        """`relay_to` with each log message's data screened by the call's result rules like a progress
+        message (a text as one text block; any other data as structured content)."""
+
+        async def relay(level: str, data: Any, logger: str | None) -> None:
+            text = isinstance(data, str)
+            message = (
+                {"content": [{"type": "text", "text": data}]} if text else {"content": [], "structuredContent": data}
+            )
+            result = self._screened_message(call, message, screened)
+            if result is not None:
+                await relay_to(level, result["content"][0]["text"] if text else result["structuredContent"], logger)
+
+        return relay
+
+    def _screened_message(
+        self, call: ToolCall, message: Mapping[str, Any], screened: list[str]
+    ) -> Mapping[str, Any] | None:
+        """A message relayed while `call` runs, screened as a result of its own: masked, or `None` when a
+        rule withholds it (or it cannot be screened: fail closed). The rules that acted join `screened`."""
+        session = call.session
+        try:
+            screening = self.engine.screen_result(
+                call.tool.name, message, client=session.client_name, principal=session.principal
+            )
+        except Exception:
+            logger.exception("a message relayed during call %s could not be screened; not relayed", call.id)
+            return None
+        for rule in (screening.withheld_by, *screening.redacted_by):
+            if rule is not None and rule not in screened:
+                screened.append(rule)
+        return None if screening.withheld_by is not None else screening.result
 
     async def _approval(self, call: ToolCall, decision: Decision) -> Approval:
         if call.approver is None:
@@ -200,6 +264,7 @@ class Forward:
             session = self._pool.get(call.tool.upstream).require_session()
             with self._pool.relaying(call):
                 raw = await session.request(method, params, on_progress=call.progress)
+                await self._pool.notices_passed(call.tool.upstream)
         except UpstreamTimeout as exc:
             return Outcome.failed(call, OutcomeKind.TIMEOUT, str(exc))
         except UpstreamError as exc:
@@ -221,7 +286,12 @@ class Forward:
         return Outcome.completed(result)
 
 
-_RESULTS: dict[str, type[BaseModel]] = {"resource": types.ReadResourceResult, "prompt": types.GetPromptResult}
+_RESULTS: dict[str, type[BaseModel]] = {
+    "resource": types.ReadResourceResult,
+    "prompt": types.GetPromptResult,
+    "subscription": types.EmptyResult,
+    "completion": types.CompleteResult,
+}
 """What a resource read and a prompt get must answer (a tool's result is checked for the caller's version)."""
 
 
@@ -229,6 +299,10 @@ def _request(call: ToolCall) -> tuple[str, dict[str, Any]]:
     """The request the upstream receives for `call`, with the arguments as policy left them."""
     if call.tool.kind == "resource":
         return "resources/read", {"uri": call.tool.upstream_name}
+    if call.tool.kind == "subscription":
+        return "resources/subscribe", {"uri": call.tool.upstream_name}
+    if call.tool.kind == "completion":
+        return "completion/complete", completion_params(call.forwarded_arguments, call.tool.source.definition)
     arguments = dict(call.forwarded_arguments)
     if call.tool.kind == "prompt":
         params: dict[str, Any] = {"name": call.tool.upstream_name}

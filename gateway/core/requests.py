@@ -14,12 +14,14 @@ from typing import Any, Literal, NamedTuple
 import mcp_types as types
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from gateway.calls import ProgressFn, Relay, SessionInfo
+from gateway.calls import LogFn, ProgressFn, Relay, SessionInfo
 from gateway.core.approvals import REQUEST_KEY
 from gateway.errors import ProtocolError
 
 Elicit = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 """Sends `elicitation/create` (form mode) to the client and returns its result in wire form."""
+Updated = Callable[[str], Awaitable[None]]
+"""Tells the client's connection that a resource it subscribed to changed (`notifications/resources/updated`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,12 @@ class Caller:
     elicit: Elicit | None = None
     relay: Relay | None = None
     """Passes an upstream's sampling and elicitation requests to this caller's client (handshake era)."""
+    log: LogFn | None = None
+    """Relays upstream log messages to this request's caller, at the level it chose; `None`: it takes none."""
+    log_level: str | None = None
+    """The level this request asked for itself (2026-07-28's per-request opt-in), which upstreams are asked for."""
+    updated: Updated | None = None
+    """Reaches this caller's connection outside any request, for its resource subscriptions (handshake era)."""
 
 
 class Relayed(NamedTuple):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gateway.audit.events import GatewayEvents
 from gateway.calls import SessionInfo
 from gateway.policy.engine import PolicyEngine
@@ -14,6 +16,8 @@ class Sessions:
         self._events = events
         self._engine = engine
         self._open: dict[str, SessionInfo] = {}
+        self.on_end: list[Callable[[str], None]] = []
+        """Told of each session's end (by id), to forget what they kept for it."""
 
     def note(self, session: SessionInfo) -> None:
         """Note a session the first time it is seen (its start is committed before any of its calls)."""
@@ -26,6 +30,8 @@ class Sessions:
         """The session is over (a session not open, or ended already, is left alone)."""
         if self._open.pop(session_id, None) is not None:
             self._engine.limiter.forget(session_id)
+            for forget in self.on_end:
+                forget(session_id)
             self._events.session_ended(session_id, reason)
 
     def end_all(self, reason: str) -> None:

@@ -68,8 +68,11 @@ class Eras:
             era: dump(
                 types.ServerCapabilities(
                     prompts=types.PromptsCapability(list_changed=True),
-                    resources=types.ResourcesCapability(subscribe=era == MODERN, list_changed=True),
+                    # 2026-07-28: listen streams (whose acknowledgement honours list changes only).
+                    resources=types.ResourcesCapability(subscribe=True, list_changed=True),
                     tools=types.ToolsCapability(list_changed=True),
+                    logging=types.LoggingCapability(),
+                    completions=types.CompletionsCapability(),
                 )
             )
             for era in (LEGACY, MODERN)

@@ -89,7 +89,7 @@ class GatewayServer(Server[Any]):
             version=gateway.version,
             # The catalogue can change at any moment and differs per caller: nothing is cacheable.
             cache_hints={method: CacheHint() for method in get_args(CacheableMethod)},
-            on_subscriptions_listen=ListenHandler(self._bus),
+            on_subscriptions_listen=partial(_list_changes_only, ListenHandler(self._bus)),
             get_tool_input_schema=gateway.input_schema,
         )
         # Every method the gateway serves is the dispatcher's (the SDK answers the connection's own).
@@ -204,16 +204,35 @@ class GatewayServer(Server[Any]):
                 ) from None
             return dump(result)
 
+        async def send_log(params: dict[str, Any]) -> None:
+            message = types.LoggingMessageNotification(params=types.LoggingMessageNotificationParams(**params))
+            await ctx.session.send_notification(message, related_request_id=ctx.request_id)
+
         capabilities = ctx.session.client_capabilities
         modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
-        return Caller(
+        connection = getattr(ctx.session, "_connection", None)
+        updated = None
+        if not modern and isinstance(connection, Connection):
+            updated = connection.send_resource_updated
+        caller = Caller(
             self._session_of(ctx),
             modern=modern,
             can_elicit=capabilities is not None and capabilities.elicitation is not None,
             progress=progress,
             elicit=None if modern else elicit,
             relay=None if modern else relay_for(capabilities, ask),
+            updated=updated,
         )
+        return self.gateway.notices.with_logs(caller, ctx.method, ctx.params, send_log)
+
+
+async def _list_changes_only(
+    listen: ListenHandler, ctx: Context, params: types.SubscriptionsListenRequestParams
+) -> types.SubscriptionsListenResult:
+    """A listen stream honours list changes; resource subscriptions are not honoured on it (no update
+    would ever be sent there), so the acknowledgement does not claim them."""
+    notifications = params.notifications.model_copy(update={"resource_subscriptions": None})
+    return await listen(ctx, params.model_copy(update={"notifications": notifications}))
 
 
 async def serve_streamable_http(gateway: Gateway, config: Config, host: str, port: int) -> None:

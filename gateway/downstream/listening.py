@@ -51,8 +51,7 @@ class ListenStreams:
             tools_list_changed=True if asked.tools_list_changed else None,
             prompts_list_changed=True if asked.prompts_list_changed else None,
             resources_list_changed=True if asked.resources_list_changed else None,
-            resource_subscriptions=list(asked.resource_subscriptions) if asked.resource_subscriptions else None,
-        )
+        )  # resource subscriptions are not honoured on listen streams: the gateway would have nothing to send
         meta = {SUBSCRIPTION_ID_META_KEY: request_id}
         wire = dump(honored)
         followed = frozenset(kind for kind, key in _LIST_FILTER.items() if key in wire)

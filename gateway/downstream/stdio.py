@@ -269,12 +269,24 @@ class StdioConnection(asyncio.Protocol):
             return {"jsonrpc": "2.0", "id": request.id, "error": error_reply(exc, request.method)}
 
     def _request(self, request: Admitted) -> Request:
-        """The request as the dispatcher takes it: a call's progress relayed to the token it carries."""
+        """The request as the dispatcher takes it: a call's progress relayed to the token it carries, its
+        upstream's log messages at the level asked for, and resource updates (handshake era)."""
         caller = request.caller
         assert caller is not None
         if request.method == "tools/call" and (token := progress_token(request.params)) is not None:
             caller = replace(caller, progress=self._progress_relay(token))
+        caller = self.gateway.notices.with_logs(caller, request.method, request.params, self._send_log)
+        if request.method == "resources/subscribe" and not caller.modern:
+            caller = replace(caller, updated=self._send_updated)
         return Request(caller, request.method, request.params, request.call)
+
+    async def _send_log(self, params: dict[str, Any]) -> None:
+        self._notify("notifications/message", params)
+
+    async def _send_updated(self, uri: str) -> None:
+        if self._input_ended:
+            raise ProtocolError(types.CONNECTION_CLOSED, "the client disconnected")
+        self._notify("notifications/resources/updated", {"uri": uri})
 
     def _session_of(self, request: Admitted) -> SessionInfo:
         """Who sent a refused request: its caller's session, or before `initialize` this connection's,

@@ -3,10 +3,10 @@
 A result rule sees every channel of a result (`subject`): its `text` is all the text the result
 carries, in order (text blocks; embedded resources' `text`; embedded resources' `blob`, images' and
 audio's `data` read as text whatever MIME type the upstream claims; every string of a block of another
-kind; a resource read's `contents` and a prompt's `messages` the same way), and beside it the fields
-of `structuredContent`. Masking (`redact`) reaches the same places by the same walk (`_edited`): a
-decoded blob is masked and encoded again. A progress message relayed while a call runs is screened as a
-result of its own, one text block (`gateway.core.pipeline`).
+kind; a resource read's `contents`, a prompt's `messages` and a completion's `values` the same way),
+and beside it the fields of `structuredContent`. Masking (`redact`) reaches the same places by the
+same walk (`_edited`): a decoded blob is masked and encoded again. A progress or log message relayed
+while a call runs is screened as a result of its own (`gateway.core.pipeline`).
 """
 
 from __future__ import annotations
@@ -156,6 +156,8 @@ def _edited(result: Mapping[str, Any], edit: Edit) -> dict[str, Any]:
         changed["contents"] = [_edited_resource(item, edit) for item in result["contents"]]
     if isinstance(result.get("messages"), list):
         changed["messages"] = [_edited_message(message, edit) for message in result["messages"]]
+    if isinstance(result.get("completion"), Mapping):
+        changed["completion"] = _edited_strings(result["completion"], edit)
     return changed
 
 

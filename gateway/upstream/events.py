@@ -32,3 +32,9 @@ class UpstreamListener(Protocol):
         """A request `upstream` sent the gateway (a `ping`, sampling, elicitation, anything): its result in
         wire form, or `ProtocolError` to refuse it. `calls`: every call in flight to that upstream, oldest
         first (a stdio upstream cannot say which call a request belongs to)."""
+
+    async def upstream_notification(
+        self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]
+    ) -> None:
+        """A log message or resource update `upstream` sent; `calls`: every call in flight to it when it
+        arrived, oldest first."""

@@ -28,7 +28,7 @@ from gateway.calls import ToolCall
 from gateway.catalog.listing import Catalog, UpstreamListing, exposed_name
 from gateway.catalog.pins import Assessment, Lock, Mode, assess, screened
 from gateway.config.models import Config
-from gateway.errors import ProtocolError, RemoteError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import ProtocolError, RemoteError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.events import UpstreamListener
 from gateway.upstream.links import Ended, describe_failure, open_link
 from gateway.upstream.processes import discard_ahead
@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
+NOTICES = frozenset({"notifications/message", "notifications/resources/updated"})
+"""What an upstream sends on its own that is handed to the listener (in order, per upstream)."""
+NOTICE_BACKLOG = 256
+"""Notices of one upstream waiting for the listener; more are dropped (with a warning)."""
 _LIST_CHANGED = frozenset(
     {
         "notifications/tools/list_changed",
@@ -82,6 +86,10 @@ class UpstreamPool:
         self._catalog_lock = anyio.Lock()
         self._relays: dict[str, list[ToolCall]] = {}
         """Per upstream, every call in flight to it, oldest first (its requests are handed over with them)."""
+        self._notices: dict[str, _Notices] = {}
+        """Per connected upstream, its notices on their way to the listener."""
+        self._log_level: str | None = None
+        """The log level upstreams are asked for (`set_log_level`), also when they connect later."""
 
     def listen(self, listener: UpstreamListener) -> None:
         """Tell `listener` of every change from now on, and hand it every request an upstream sends."""
@@ -182,6 +190,35 @@ class UpstreamPool:
         except ProtocolError as exc:
             raise RemoteError(exc.code, exc.message, exc.data) from None
 
+    async def set_log_level(self, level: str) -> None:
+        """Ask every upstream that logs for messages from `level` up (and each that connects later)."""
+        self._log_level = level
+        for upstream in self.upstreams.values():
+            if upstream.session is not None:
+                await _set_level(upstream.session, level)
+
+    async def unsubscribe(self, upstream: str, uri: str) -> None:
+        """Withdraw the gateway's subscription to `uri` (as the upstream spells it) at `upstream`."""
+        await self.get(upstream).require_session().request("resources/unsubscribe", {"uri": uri})
+
+    async def notices_passed(self, upstream: str) -> None:
+        """Wait until every notice `upstream` sent so far has been handed to the listener: an answer goes
+        to the agent after the log messages the upstream sent before it, as the upstream ordered them."""
+        notices = self._notices.get(upstream)
+        if notices is not None:
+            await notices.passed()
+
+    async def _hand_over(self, upstream: str, notices: _Notices) -> None:
+        """Give the listener each notice of `upstream`, in the order they came."""
+        async for method, params, calls in notices.received:
+            try:
+                if self._listener is not None:
+                    await self._listener.upstream_notification(upstream, method, params, calls)
+            except Exception:  # one notice that cannot be passed on never stops the next
+                logger.exception("a %s from upstream '%s' could not be passed on", method, upstream)
+            finally:
+                notices.handed_over()
+
     async def _withdraw(self, upstream: Upstream) -> None:
         if upstream.session is not None or upstream.listing is not None:
             upstream.session = None
@@ -193,10 +230,15 @@ class UpstreamPool:
         """Connect, initialise and list one upstream; yield an event that is set when the connection ends."""
         spec = upstream.spec
         relist = _Flag()
+        notices = _Notices()
 
         def on_notify(method: str, params: Mapping[str, Any] | None) -> None:
             if method in _LIST_CHANGED:
                 relist.set()
+            elif method in NOTICES:
+                # Whose it is depends on the calls in flight now, as it arrives.
+                if not notices.send((method, dict(params or {}), tuple(self._relays.get(spec.name, ())))):
+                    logger.warning("upstream '%s' sends notices faster than they are passed on; one dropped", spec.name)
 
         async with AsyncExitStack() as stack:
             errlog = stack.enter_context(self.config.log_path(upstream.name).open("a", encoding="utf-8"))
@@ -205,8 +247,14 @@ class UpstreamPool:
             )
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
+            self._notices[spec.name] = notices
+            stack.callback(self._notices.pop, spec.name, None)
+            stack.callback(notices.close)
+            tg.start_soon(self._hand_over, spec.name, notices)
             session = UpstreamSession(spec, link, upstream.timeout)
             await session.initialize()
+            if self._log_level is not None:
+                await _set_level(session, self._log_level)
             upstream.listing = await session.list_all()
             upstream.session = session
             upstream.last_error = None
@@ -274,6 +322,56 @@ class _Flag:
     async def wait(self) -> None:
         await self._event.wait()
         self._event = anyio.Event()
+
+
+_Notice = tuple[str, dict[str, Any], tuple[ToolCall, ...]]
+"""A notice as the pool hands it over: method, parameters, the calls in flight when it came."""
+
+
+class _Notices:
+    """One connection's notices on their way to the listener, and how many have been handed over."""
+
+    def __init__(self) -> None:
+        self._send, self.received = anyio.create_memory_object_stream[_Notice](NOTICE_BACKLOG)
+        self._sent = 0
+        self._handed = 0
+        self._progress = anyio.Event()
+
+    def send(self, notice: _Notice) -> bool:
+        """Queue a notice; `False` when the backlog is full (it is dropped)."""
+        try:
+            self._send.send_nowait(notice)
+        except (anyio.WouldBlock, anyio.ClosedResourceError):
+            return False
+        self._sent += 1
+        return True
+
+    def handed_over(self) -> None:
+        self._handed += 1
+        self._progress.set()
+        self._progress = anyio.Event()
+
+    async def passed(self) -> None:
+        """Until every notice queued so far has been handed over (or the connection ended)."""
+        mark = self._sent
+        while self._handed < mark:
+            await self._progress.wait()
+
+    def close(self) -> None:
+        """The connection ended: nothing more is handed over, and nobody waits for it."""
+        self._send.close()
+        self._handed = self._sent
+        self._progress.set()
+
+
+async def _set_level(session: UpstreamSession, level: str) -> None:
+    """Ask one upstream for log messages from `level` up, if it logs at all."""
+    if session.init is None or session.init.capabilities.logging is None:
+        return
+    try:
+        await session.request("logging/setLevel", {"level": level})
+    except UpstreamError as exc:
+        logger.warning("%s (setting its log level)", exc)
 
 
 def _log_problems(listing: UpstreamListing) -> None:

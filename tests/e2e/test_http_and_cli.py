@@ -299,14 +299,9 @@ async def test_streamable_http_upstream_with_headers(tmp_path: Path) -> None:
             assert refused.is_error and "'b' is a required property" in text_of(refused)
 
 
-UNSERVED = {
-    "completion/complete": {
-        "ref": {"type": "ref/prompt", "name": "box__greet"},
-        "argument": {"name": "a", "value": ""},
-    },
-    "logging/setLevel": {"level": "info"},
-    "vendor/anything": {"path": "/etc/passwd"},
-}
+UNSERVED = {"vendor/anything": {"path": "/etc/passwd"}}
+UNSERVED_IN_2026 = {"logging/setLevel": {"level": "info"}, "resources/subscribe": {"uri": "toolbox://readme"}}
+"""Served on handshake-era connections; the 2026-07-28 specification does not define them."""
 MODERN_META = {
     "io.modelcontextprotocol/protocolVersion": "2026-07-28",
     "io.modelcontextprotocol/clientCapabilities": {},
@@ -321,8 +316,8 @@ async def test_http_refuses_and_records_a_method_the_gateway_does_not_serve_in_b
         legacy = RawHttpSession(http, url)
         await legacy.open()
         modern_headers = {**_JSON_OR_SSE, "mcp-protocol-version": "2026-07-28"}
-        for number, (method, params) in enumerate(UNSERVED.items(), start=2):
-            answered = [await legacy.reply(number, method, params)]
+        for number, (method, params) in enumerate({**UNSERVED, **UNSERVED_IN_2026}.items(), start=2):
+            answered = [await legacy.reply(number, method, params)] if method in UNSERVED else []
             message = {"jsonrpc": "2.0", "id": number, "method": method, "params": {**params, "_meta": MODERN_META}}
             modern = await http.post(url, json=message, headers={**modern_headers, "mcp-method": method})
             answered.append(answer_of(modern, number))
@@ -334,5 +329,5 @@ async def test_http_refuses_and_records_a_method_the_gateway_does_not_serve_in_b
     recorded = [event for event in events(http_config.parent) if event.get("method") is not None]
     decisions = sorted(event["method"] for event in recorded if event["kind"] == "decision")
     outcomes = sorted(event["method"] for event in recorded if event["kind"] == "outcome")
-    assert decisions == outcomes == sorted([*UNSERVED, *UNSERVED])
+    assert decisions == outcomes == sorted([*UNSERVED, *UNSERVED, *UNSERVED_IN_2026])
     assert all(event["stage"] == "unknown-method" for event in recorded if event["kind"] == "decision")

@@ -125,8 +125,10 @@ async def test_the_handshake_era_gate_errors_and_lists(config: Path) -> None:
             "protocolVersion": "2025-11-25",  # an unknown version is answered with the latest
             "capabilities": {
                 "prompts": {"listChanged": True},
-                "resources": {"subscribe": False, "listChanged": True},
+                "resources": {"subscribe": True, "listChanged": True},
                 "tools": {"listChanged": True},
+                "logging": {},
+                "completions": {},
             },
             "serverInfo": {"name": "mcp-armor", "version": opened["serverInfo"]["version"]},
         }
@@ -144,8 +146,10 @@ async def test_the_handshake_era_gate_errors_and_lists(config: Path) -> None:
         assert error_of(await raw.ask(9, "prompts/get", {}))["message"] == "Invalid request parameters"
         read = (await raw.ask(10, "resources/read", {"uri": "toolbox://readme"}))["result"]
         assert read["contents"][0]["text"] == "contents of toolbox://readme"
-        for method in ("resources/subscribe", "logging/setLevel", "server/discover", "subscriptions/listen"):
+        for method in ("server/discover", "subscriptions/listen"):  # 2026-07-28's own
             assert error_of(await raw.ask(11, method, {"uri": "x", "level": "info"}))["code"] == -32601
+        assert (await raw.ask(11, "logging/setLevel", {"level": "info"}))["result"] == {}
+        assert error_of(await raw.ask(11, "resources/subscribe", {"uri": "x"}))["message"] == "Unknown resource: x"
         refused = error_of(await raw.ask(12, "tools/list", envelope()))
         assert refused["code"] == -32600 and "handshake protocol era" in refused["message"]
         assert (await raw.ask("s-1", "ping", {}))["result"] == {}  # string ids too
@@ -211,8 +215,8 @@ async def test_listen_streams_carry_list_changes_until_cancelled(config: Path) -
         asked = {"toolsListChanged": True, "promptsListChanged": False, "resourceSubscriptions": ["toolbox://readme"]}
         await raw.send({"id": 1, "method": "subscriptions/listen", "params": envelope(notifications=asked)})
         acknowledged = await raw.notification("notifications/subscriptions/acknowledged")
-        assert acknowledged["params"] == {
-            "notifications": {"toolsListChanged": True, "resourceSubscriptions": ["toolbox://readme"]},
+        assert acknowledged["params"] == {  # resource subscriptions are not honoured on listen streams
+            "notifications": {"toolsListChanged": True},
             "_meta": {SUBSCRIPTION: 1},
         }
         await raw.ask(2, "tools/call", envelope(name="box__grow"))  # the upstream adds a tool and says so
@@ -584,15 +588,9 @@ async def test_a_client_answering_with_an_id_of_another_type_is_not_taken_as_the
     assert calls(tmp_path)["box__write_note"]["outcome"]["outcome"] == "refused"
 
 
-UNSERVED = {
-    "completion/complete": {
-        "ref": {"type": "ref/prompt", "name": "box__greet"},
-        "argument": {"name": "a", "value": ""},
-    },
-    "logging/setLevel": {"level": "info"},
-    "resources/subscribe": {"uri": "toolbox://readme"},
-    "vendor/anything": {"path": "/etc/passwd"},
-}
+UNSERVED = {"vendor/anything": {"path": "/etc/passwd"}}
+UNSERVED_IN_2026 = {"logging/setLevel": {"level": "info"}, "resources/subscribe": {"uri": "toolbox://readme"}}
+"""Served on handshake-era connections; the 2026-07-28 specification does not define them."""
 
 
 def refusals_of(config_dir: Path) -> dict[str, list[tuple[dict[str, Any], dict[str, Any]]]]:
@@ -619,20 +617,18 @@ async def test_a_method_the_gateway_does_not_serve_is_refused_and_recorded_in_bo
                 "message": "Method not found",
                 "data": method,
             }
-        malformed = error_of(await raw.ask(8, "resources/subscribe", {"nope": 1}))
-        assert malformed["code"] == -32602  # invalid parameters first, as the SDK server orders it: recorded too
         echoed = (await raw.ask(9, "tools/call", {"name": "box__echo", "arguments": {"text": "still here"}}))["result"]
         assert echoed["content"][0]["text"] == "still here"
     async with session(config) as (raw, _):
-        modern = error_of(await raw.ask(1, "completion/complete", envelope(**UNSERVED["completion/complete"])))
-        assert modern["code"] == -32601 and modern["data"] == "completion/complete"
+        for number, (method, params) in enumerate({**UNSERVED, **UNSERVED_IN_2026}.items(), start=1):
+            modern = error_of(await raw.ask(number, method, envelope(**params)))
+            assert modern["code"] == -32601 and modern["data"] == method
     refused = refusals_of(config.parent)
     assert {method: len(pairs) for method, pairs in refused.items()} == {
         "vendor/early": 1,
-        "completion/complete": 2,
         "logging/setLevel": 1,
-        "resources/subscribe": 2,
-        "vendor/anything": 1,
+        "resources/subscribe": 1,
+        "vendor/anything": 2,
     }
     for method, pairs in refused.items():
         for decision, outcome in pairs:
@@ -640,7 +636,7 @@ async def test_a_method_the_gateway_does_not_serve_is_refused_and_recorded_in_bo
             assert decision["stage"] == "unknown-method" and method in decision["reason"]
             assert outcome["outcome"] == "refused"
     assert refused["vendor/anything"][0][0]["arguments"] == {"path": "/etc/passwd"}
-    assert refused["completion/complete"][1][0]["arguments"] == UNSERVED["completion/complete"]  # no envelope
+    assert refused["vendor/anything"][1][0]["arguments"] == UNSERVED["vendor/anything"]  # no envelope
     # A connection refused before its handshake is a session started (by nobody named yet) and ended.
     early = refused["vendor/early"][0][0]["session_id"]
     kinds = [event["kind"] for event in events(config.parent) if event["session_id"] == early]

@@ -1,0 +1,213 @@
+"""What upstreams send on their own, routed to the one session it belongs to: log messages and
+resource updates; and what sessions ask to receive: their log level, their resource subscriptions.
+
+Upstream connections are shared by every session, so nothing an upstream sends outside an answer goes
+to "everyone":
+
+- A log message (`notifications/message`) goes to the session whose call is in flight to that
+  upstream, screened by that call's result rules like a progress message, and only at the level that
+  session asked for (`logging/setLevel` on a handshake-era connection; the request's own
+  `io.modelcontextprotocol/logLevel` in 2026-07-28, without which it gets none). With calls of several
+  sessions in flight, or none, which session it concerns cannot be told: it is dropped.
+- A resource update (`notifications/resources/updated`) goes to each session that subscribed to that
+  URI at that upstream (a subscription is decided as a read of the URI), and only while the policy in
+  force still lets that session read it.
+
+Each upstream is asked for the most verbose level any session has asked for; each session then
+receives only what its own level admits. An upstream is subscribed to a URI while any session follows
+it, and unsubscribed when the last one stops (or ends).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import mcp_types as types
+from pydantic import ValidationError
+
+from gateway.calls import LogFn, SessionInfo, ToolCall
+from gateway.catalog.uris import normal_uri
+from gateway.core.requests import Caller
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.rules import RESOURCE_PREFIX
+
+logger = logging.getLogger(__name__)
+
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+"""The protocol's log levels (RFC 5424's severities), least severe first."""
+
+
+def admits(threshold: str | None, level: str) -> bool:
+    """Whether a message at `level` passes a session's chosen `threshold` (`None`: nothing chosen, all pass)."""
+    if threshold is None:
+        return True
+    return level in LOG_LEVELS and threshold in LOG_LEVELS and LOG_LEVELS.index(level) >= LOG_LEVELS.index(threshold)
+
+
+LOGGED = frozenset({"tools/call", "resources/read", "prompts/get", "completion/complete"})
+"""The requests during which an upstream's log messages reach the caller."""
+SendLog = Callable[[dict[str, Any]], Awaitable[None]]
+"""Writes one `notifications/message` (its parameters) to the caller, with the request it belongs to."""
+
+
+def requested_log_level(params: Mapping[str, Any] | None) -> str | None:
+    """A 2026-07-28 request's own log level (`_meta`), when it names a valid one."""
+    meta = params.get("_meta") if params is not None else None
+    level = meta.get(types.LOG_LEVEL_META_KEY) if isinstance(meta, Mapping) else None
+    return level if level in LOG_LEVELS else None
+
+
+Updated = Callable[[str], Awaitable[None]]
+Unsubscribe = Callable[[str, str], Awaitable[None]]
+"""Withdraws the gateway's subscription to a URI (as the upstream spelt it) at an upstream."""
+SetLevel = Callable[[str], Awaitable[None]]
+"""Asks every upstream for log messages from this level up."""
+
+
+def _log_relay(send: SendLog, threshold: Callable[[], str | None]) -> LogFn:
+    async def relay(level: str, data: Any, logger: str | None) -> None:
+        if admits(threshold(), level):
+            params: dict[str, Any] = {"level": level, "data": data}
+            if logger is not None:
+                params["logger"] = logger
+            await send(params)
+
+    return relay
+
+
+@dataclass(frozen=True, slots=True)
+class _Follower:
+    session: SessionInfo
+    updated: Updated
+    forwarded: str
+    """The URI as the upstream was asked to follow it."""
+    asked: str
+    """The URI as the session asked to follow it (its updates name it so)."""
+
+
+class Notices:
+    """Per session: its log level and its resource subscriptions; per upstream: what it was asked for."""
+
+    def __init__(self, engine: PolicyEngine, set_level: SetLevel, unsubscribe: Unsubscribe) -> None:
+        self._engine = engine
+        self._set_level = set_level
+        self._unsubscribe = unsubscribe
+        self.levels: dict[str, str] = {}
+        """Each handshake-era session's chosen level (`logging/setLevel`)."""
+        self._asked: str | None = None
+        """The level upstreams were last asked for."""
+        self._followers: dict[tuple[str, str], dict[str, _Follower]] = {}
+        """(upstream, URI in normal form) -> session id -> the session following it."""
+
+    # -- log levels ----------------------------------------------------------------------------
+
+    async def choose_level(self, session: SessionInfo, level: str) -> None:
+        """A handshake-era session's `logging/setLevel`: from now on it receives messages from `level` up."""
+        self.levels[session.id] = level
+        await self.want_level(level)
+
+    async def want_level(self, level: str) -> None:
+        """Some session wants messages from `level` up: upstreams are asked for that much, at least."""
+        if self._asked is not None and LOG_LEVELS.index(self._asked) <= LOG_LEVELS.index(level):
+            return
+        self._asked = level
+        await self._set_level(level)
+
+    def with_logs(self, caller: Caller, method: str, params: Mapping[str, Any] | None, send: SendLog) -> Caller:
+        """`caller`, taking the log messages of its request's upstream at its level: a handshake-era
+        session's `logging/setLevel` (all until it chose one), a 2026-07-28 request's own (none without)."""
+        if method not in LOGGED:
+            return caller
+        if caller.modern:
+            level = requested_log_level(params)
+            if level is None:
+                return caller
+            return replace(caller, log=_log_relay(send, lambda: level), log_level=level)
+        session_id = caller.session.id
+        return replace(caller, log=_log_relay(send, lambda: self.levels.get(session_id)))
+
+    # -- subscriptions -------------------------------------------------------------------------
+
+    def follow(
+        self, upstream: str, uri: str, forwarded: str, asked: str, session: SessionInfo, updated: Updated
+    ) -> None:
+        """`session` now receives the updates of `uri` (normal form) from `upstream`."""
+        self._followers.setdefault((upstream, uri), {})[session.id] = _Follower(session, updated, forwarded, asked)
+
+    async def unfollow(self, uri: str, session_id: str) -> None:
+        """`session_id` stops following `uri` (normal form); the last to stop has the upstream unsubscribed."""
+        for key in [key for key in self._followers if key[1] == uri]:
+            await self._drop(key, session_id)
+
+    def forget(self, session_id: str) -> None:
+        """A session ended: its level and its subscriptions go with it (an upstream subscription nobody
+        follows any more is withdrawn when its next update comes)."""
+        self.levels.pop(session_id, None)
+        for followers in self._followers.values():
+            followers.pop(session_id, None)
+
+    async def _drop(self, key: tuple[str, str], session_id: str) -> None:
+        followers = self._followers.get(key, {})
+        follower = followers.pop(session_id, None)
+        if follower is None or followers:
+            return
+        del self._followers[key]
+        await self._withdraw(key[0], follower.forwarded)
+
+    async def _withdraw(self, upstream: str, forwarded: str) -> None:
+        try:
+            await self._unsubscribe(upstream, forwarded)
+        except Exception as exc:  # the upstream may be gone; its subscriptions went with it
+            logger.info("unsubscribing '%s' from %s failed (%s)", upstream, forwarded, exc)
+
+    def following(self, session_id: str) -> list[str]:
+        return sorted(uri for (_, uri), followers in self._followers.items() if session_id in followers)
+
+    # -- what upstreams send -------------------------------------------------------------------
+
+    async def relay(self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]) -> None:
+        """A notification `upstream` sent, to the session it belongs to (see the module's docstring)."""
+        if method == "notifications/message":
+            await self._log(upstream, params, calls)
+        elif method == "notifications/resources/updated":
+            await self._updated(upstream, params)
+
+    async def _log(self, upstream: str, params: Mapping[str, Any], calls: Sequence[ToolCall]) -> None:
+        try:
+            message = types.LoggingMessageNotificationParams.model_validate(params, by_name=False)
+        except ValidationError:
+            logger.warning("upstream '%s' sent a malformed log message; dropped", upstream)
+            return
+        if len({call.session.id for call in calls}) != 1:
+            logger.debug("a log message from '%s' concerns no one session's call; dropped", upstream)
+            return
+        for call in reversed(calls):
+            if call.log is not None:
+                await call.log(message.level, message.data, message.logger)
+                return
+
+    async def _updated(self, upstream: str, params: Mapping[str, Any]) -> None:
+        uri = params.get("uri")
+        if not isinstance(uri, str):
+            logger.warning("upstream '%s' sent a resource update without a URI; dropped", upstream)
+            return
+        key = (upstream, normal_uri(uri))
+        followers = self._followers.get(key)
+        if followers is not None and not followers:  # every session following it has ended
+            del self._followers[key]
+            await self._withdraw(upstream, uri)
+            return
+        for session_id, follower in list((followers or {}).items()):
+            session = follower.session
+            if not self._engine.visible(
+                RESOURCE_PREFIX + key[1], client=session.client_name, principal=session.principal
+            ):
+                continue  # the policy in force no longer lets this session read it
+            try:
+                await follower.updated(follower.asked)
+            except Exception as exc:  # its connection is gone: so is its subscription
+                logger.info("session %s could not be told of an update (%s); unsubscribed", session_id, exc)
+                await self._drop(key, session_id)
