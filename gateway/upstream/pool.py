@@ -14,6 +14,7 @@ others down; its tools leave the catalogue and come back with it. What changes i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Mapping
@@ -209,15 +210,16 @@ class UpstreamPool:
             await notices.passed()
 
     async def _hand_over(self, upstream: str, notices: _Notices) -> None:
-        """Give the listener each notice of `upstream`, in the order they came."""
-        async for method, params, calls in notices.received:
-            try:
-                if self._listener is not None:
-                    await self._listener.upstream_notification(upstream, method, params, calls)
-            except Exception:  # one notice that cannot be passed on never stops the next
-                logger.exception("a %s from upstream '%s' could not be passed on", method, upstream)
-            finally:
-                notices.handed_over()
+        """Give the listener each notice of `upstream`, in the order they came (until the connection ends)."""
+        with contextlib.suppress(anyio.ClosedResourceError):
+            async for method, params, calls in notices.received:
+                try:
+                    if self._listener is not None:
+                        await self._listener.upstream_notification(upstream, method, params, calls)
+                except Exception:  # one notice that cannot be passed on never stops the next
+                    logger.exception("a %s from upstream '%s' could not be passed on", method, upstream)
+                finally:
+                    notices.handed_over()
 
     async def _withdraw(self, upstream: Upstream) -> None:
         if upstream.session is not None or upstream.listing is not None:
@@ -241,6 +243,7 @@ class UpstreamPool:
                     logger.warning("upstream '%s' sends notices faster than they are passed on; one dropped", spec.name)
 
         async with AsyncExitStack() as stack:
+            stack.callback(notices.close)
             errlog = stack.enter_context(self.config.log_path(upstream.name).open("a", encoding="utf-8"))
             link, closed = await stack.enter_async_context(
                 open_link(spec, self.config.passing(spec.name), errlog, self._answerer(spec.name), on_notify)
@@ -249,7 +252,6 @@ class UpstreamPool:
             stack.callback(tg.cancel_scope.cancel)
             self._notices[spec.name] = notices
             stack.callback(self._notices.pop, spec.name, None)
-            stack.callback(notices.close)
             tg.start_soon(self._hand_over, spec.name, notices)
             session = UpstreamSession(spec, link, upstream.timeout)
             await session.initialize()
@@ -360,6 +362,7 @@ class _Notices:
     def close(self) -> None:
         """The connection ended: nothing more is handed over, and nobody waits for it."""
         self._send.close()
+        self.received.close()
         self._handed = self._sent
         self._progress.set()
 
