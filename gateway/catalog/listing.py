@@ -3,7 +3,8 @@
 An upstream's raw listings are normalised into an `UpstreamListing` (one sloppy definition is
 repaired or dropped with a note; it never breaks the listing for everyone), then all listings are
 merged into an immutable `Catalog` snapshot. Exposed tool and prompt names are
-`<upstream><separator><name>`, kept within `^[A-Za-z0-9_.-]{1,64}$` by a deterministic shortening.
+`<upstream><separator><name>` (`<prefix><separator><name>` for an upstream given a prefix, the bare
+name for one given `prefix = ""`: `Naming`), kept within `^[A-Za-z0-9_.-]{1,64}$` by a deterministic shortening.
 Two definitions that would be exposed under the same name (ignoring case) are both withheld, never
 first-wins. Each tool's input schema is checked and compiled here, once.
 """
@@ -24,6 +25,7 @@ from pydantic import ValidationError
 
 from gateway.catalog.uri_template import UriTemplate
 from gateway.catalog.uris import normal_uri
+from gateway.config.models import Config
 from gateway.errors import InvalidUriTemplate
 from gateway.schema import Matcher, compile_fast, compile_schema, describe_violation, digest, json_message
 
@@ -47,6 +49,33 @@ def exposed_name(upstream: str, name: str, separator: str) -> str:
     cleaned = _UNSAFE.sub("_", full)
     suffix = "-" + hashlib.sha256(full.encode()).hexdigest()[:8]
     return cleaned[: _NAME_LIMIT - len(suffix)] + suffix
+
+
+@dataclass(frozen=True, slots=True)
+class Naming:
+    """How each upstream's tool and prompt names are exposed: under its prefix (its name unless
+    `prefixes` says otherwise) and the separator, or as they are for an empty prefix."""
+
+    separator: str = "__"
+    prefixes: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, config: Config) -> Naming:
+        return cls(config.gateway.separator, config.prefixes)
+
+    def written(self, upstream: str, name: str) -> str:
+        """The exposed name before it is made safe and short (`exposed`)."""
+        prefix = self.prefixes.get(upstream, upstream)
+        return f"{prefix}{self.separator}{name}" if prefix else name
+
+    def exposed(self, upstream: str, name: str) -> str:
+        prefix = self.prefixes.get(upstream, upstream)
+        return exposed_name(prefix, name, self.separator if prefix else "")
+
+
+def naming(value: Naming | str) -> Naming:
+    """A `Naming`; a bare separator names every upstream's items under its own name."""
+    return value if isinstance(value, Naming) else Naming(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,10 +237,11 @@ class Catalog:
     problems: tuple[str, ...] = ()
 
     @classmethod
-    def build(cls, listings: Sequence[UpstreamListing], separator: str) -> Catalog:
+    def build(cls, listings: Sequence[UpstreamListing], names: Naming | str) -> Catalog:
         problems: list[str] = []
+        names = naming(names)
         tool_candidates = [
-            (exposed_name(tool.upstream, tool.name, separator), tool) for listing in listings for tool in listing.tools
+            (names.exposed(tool.upstream, tool.name), tool) for listing in listings for tool in listing.tools
         ]
         tools: dict[str, ExposedTool] = {}
         for name, tool in _without_collisions(tool_candidates, "tool", problems):
@@ -219,7 +249,7 @@ class Catalog:
             tools[name] = ExposedTool(name, tool, model)
 
         prompt_candidates = [
-            (exposed_name(listing.upstream, prompt.name, separator), (listing.upstream, prompt))
+            (names.exposed(listing.upstream, prompt.name), (listing.upstream, prompt))
             for listing in listings
             for prompt in listing.prompts
         ]

@@ -30,7 +30,7 @@ from typing import Any
 import mcp_types as types
 import tomli_w
 
-from gateway.catalog.listing import UpstreamListing, exposed_name
+from gateway.catalog.listing import Naming, UpstreamListing, naming
 from gateway.catalog.scan import Finding, Severity, scan_definition
 from gateway.config.models import Config
 from gateway.errors import LockError
@@ -284,13 +284,12 @@ class Assessment:
 
 
 def assess(
-    listings: Sequence[UpstreamListing], lock: Lock | None, modes: Mapping[str, Mode], separator: str
+    listings: Sequence[UpstreamListing], lock: Lock | None, modes: Mapping[str, Mode], names: Naming | str
 ) -> list[Assessment]:
     """Hold every definition of these listings against the lock and the poisoning scan."""
+    names = naming(names)
     tool_names = {
-        listing.upstream: {
-            name for t in listing.tools for name in (t.name, exposed_name(t.upstream, t.name, separator))
-        }
+        listing.upstream: {name for t in listing.tools for name in (t.name, names.exposed(t.upstream, t.name))}
         for listing in listings
     }
     assessments = []

@@ -6,8 +6,8 @@ what it could; a broken audit chain makes `audit verify` exit 1; servers `import
 the client make it exit 1. Output cut short by its reader (`mcp-armor audit export | head`) ends
 quietly with status 141, as a process killed by SIGPIPE would (`set -o pipefail` scripts see it the
 same way). The arguments are declared in `cli/parser.py`; the commands live in `cli/serve.py`, `cli/tools.py`,
-`cli/policy.py`, `cli/audit.py`, `cli/pins.py`, `cli/register.py`, `cli/importing.py` and
-`cli/upstreams.py`.
+`cli/policy.py`, `cli/audit.py`, `cli/pins.py`, `cli/register.py`, `cli/importing.py`,
+`cli/upstreams.py` and `cli/wrap.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import anyio
 
 from gateway.audit.queries import Filters
-from gateway.cli import audit, importing, pins, policy, register, serve, tools, upstreams
+from gateway.cli import audit, importing, pins, policy, register, serve, tools, upstreams, wrap
 from gateway.cli import parser as arguments
 from gateway.config.models import Config, load_config
 from gateway.errors import GatewayError
@@ -33,16 +33,23 @@ SETUP_COMMANDS = {
     "upstream": upstreams.upstream_command,
 }
 
+WRAPPING = (("upstream", "add"), ("wrap", None))
+"""The commands a server's command line follows `--` in."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = arguments.parser()
     words = list(sys.argv[1:] if argv is None else argv)
-    # `upstream add NAME [options] -- COMMAND ARGS...`: what follows `--` is the upstream's command line,
-    # options and all (argparse would bind an optional positional list before the options are read).
+    # `upstream add NAME [options] -- COMMAND ARGS...` and `wrap [options] -- COMMAND ARGS...`: what follows
+    # `--` is the upstream's command line, options and all (argparse would bind an optional positional list
+    # before the options are read).
     command_line = words[words.index("--") + 1 :] if "--" in words else []
     args = parser.parse_args(words[: words.index("--")] if "--" in words else words)
-    if "--" in words and (args.command, getattr(args, "upstream_command", None)) != ("upstream", "add"):
-        parser.error("'--' introduces an upstream's command line, in `upstream add NAME -- COMMAND ARGS...` only")
+    if "--" in words and (args.command, getattr(args, "upstream_command", None)) not in WRAPPING:
+        parser.error(
+            "'--' introduces an upstream's command line, in `upstream add NAME -- COMMAND ARGS...` "
+            "and `wrap -- COMMAND ARGS...` only"
+        )
     args.argv = command_line
     _configure_logging(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
     try:
@@ -65,6 +72,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.command in SETUP_COMMANDS:
             return SETUP_COMMANDS[args.command](args)
+        if args.command == "wrap":
+            return wrap.wrap(parser, args)
         # An upstream whose variable is not set is read as unavailable, and `[gateway.http] token` is needed
         # by `serve --http` alone: no command needs the variables of what it does not use.
         config = load_config(args.config)

@@ -44,6 +44,19 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--verbose", action="store_true", help="log upstream traffic details to stderr")
     serve.add_argument("--quiet", action="store_true", help="do not print a line per tool call to stderr")
 
+    wrap = commands.add_parser(
+        "wrap",
+        help="guard one server in place over stdio: mcp-armor wrap [OPTIONS] -- COMMAND ARGS...",
+        description="Serve one MCP server (the command line after '--') through the gateway over stdio, "
+        "its tool and prompt names unchanged. Settings, policies and the audit log come from --config, "
+        "else from ~/.mcp-armor/wrap/ (written on first use; its policy denies everything until edited).",
+    )
+    wrap.add_argument("--config", metavar="PATH", help="take the gateway's settings from this upstreams.toml")
+    wrap.add_argument("--policies", metavar="DIR", help="the policy directory (instead of the config's)")
+    wrap.add_argument("--name", metavar="NAME", help="the server's upstream name (default: its command's name)")
+    wrap.add_argument("--verbose", action="store_true", help="log upstream traffic details to stderr")
+    wrap.add_argument("--quiet", action="store_true", help="do not print a line per tool call to stderr")
+
     tools = commands.add_parser(
         "tools", parents=[common], help="connect to the upstreams and list the tools the gateway exposes"
     )

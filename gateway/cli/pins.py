@@ -18,7 +18,7 @@ from typing import Any
 from gateway.audit.chain import canonical
 from gateway.audit.events import event
 from gateway.audit.store import AuditStore
-from gateway.catalog.listing import Catalog, UpstreamListing
+from gateway.catalog.listing import Catalog, Naming, UpstreamListing
 from gateway.catalog.pins import Assessment, Lock, Mode, Verdict, assess, select, server_identity
 from gateway.catalog.scan import Finding, Severity, scan_definition, visible
 from gateway.cli.common import package_warnings, print_table
@@ -31,7 +31,7 @@ from gateway.upstream.connect import Upstreams, connect
 async def scan(config: Config, as_json: bool) -> int:
     """Scan every definition the upstreams offer (quarantined or not); exit 1 if anything is high severity."""
     upstreams = await connect(config, pinned=False)
-    catalog = Catalog.build(list(upstreams.listings.values()), config.gateway.separator)
+    catalog = Catalog.build(list(upstreams.listings.values()), Naming.of(config))
     findings: list[Finding] = []
     for tool in catalog.tools.values():
         others = [
@@ -232,7 +232,7 @@ async def _current(config: Config) -> tuple[Lock | None, Upstreams, list[Assessm
 def _assess(config: Config, upstreams: Upstreams, current: Lock | None) -> list[Assessment]:
     listings: Sequence[UpstreamListing] = list(upstreams.listings.values())
     modes = {name: Mode(config.pinning(name)) for name in config.upstreams}
-    return assess(listings, current, modes, config.gateway.separator)
+    return assess(listings, current, modes, Naming.of(config))
 
 
 def _record_approval(config: Config, chosen: Sequence[Assessment], selector: str) -> None:

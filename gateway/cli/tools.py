@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gateway.catalog.listing import Naming
 from gateway.cli.common import print_table
 from gateway.config.models import Config
 from gateway.policy.engine import PolicyEngine
@@ -16,12 +17,13 @@ async def tools(config: Config, as_json: bool) -> int:
     engine = load_engine(config)
     upstreams = await connect(config)
     engine.index_tools(upstreams.catalog.tools)
+    names = Naming.of(config)
     rows: list[dict[str, Any]] = [
         {
             "name": tool.name,
             "upstream": tool.upstream,
             "upstream_tool": tool.upstream_name,
-            "shortened": tool.name != f"{tool.upstream}{config.gateway.separator}{tool.upstream_name}",
+            "shortened": tool.name != names.written(tool.upstream, tool.upstream_name),
             "policy": _policy_summary(engine, tool.name),
             "description": tool.model.description or "",
         }
@@ -32,7 +34,7 @@ async def tools(config: Config, as_json: bool) -> int:
             "name": name,
             "upstream": held.item.upstream,
             "upstream_tool": held.item.name,
-            "shortened": name != f"{held.item.upstream}{config.gateway.separator}{held.item.name}",
+            "shortened": name != names.written(held.item.upstream, held.item.name),
             "policy": f"quarantined ({held.verdict}): see `mcp-armor pins diff {held.item.label}`",
             "description": str(held.item.form.get("description", "")),
         }

@@ -138,6 +138,9 @@ class UpstreamSpec(_Model):
     """`[upstreams.NAME]`: one upstream MCP server, reached over stdio (`command`) or HTTP (`url`)."""
 
     name: str
+    prefix: StrictStr | None = None
+    """What this upstream's tool and prompt names are exposed under (`<prefix><separator><name>`); its
+    name when unset; `""` exposes them as they are (a name another upstream also exposes is withheld)."""
     command: str | None = None
     args: tuple[StrictStr, ...] = ()
     env: Mapping[str, StrictStr] = Field(default_factory=dict)
@@ -154,6 +157,13 @@ class UpstreamSpec(_Model):
     unavailable: str | None = None
     """Set by the reading, never written: why the upstream cannot be started (a variable its table
     takes is not set). Its values are then unknown: only the table's shape is checked."""
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str | None) -> str | None:
+        if value and not UPSTREAM_NAME.match(value):
+            raise ValueError(f'must be "" (names exposed as they are) or match {UPSTREAM_NAME.pattern}')
+        return value
 
     @model_validator(mode="after")
     def _one_transport(self) -> Self:
@@ -218,6 +228,11 @@ class Config(_Model):
     @property
     def lock_path(self) -> Path:
         return self.directory / "upstreams.lock"
+
+    @property
+    def prefixes(self) -> Mapping[str, str]:
+        """Each upstream's exposed-name prefix (`UpstreamSpec.prefix`): its name unless set."""
+        return {name: spec.name if spec.prefix is None else spec.prefix for name, spec in self.upstreams.items()}
 
     def pinning(self, upstream: str) -> str:
         spec = self.upstreams[upstream]
@@ -296,11 +311,15 @@ def parse_config(
 
 
 def _check_names(config: Config, label: str) -> None:
-    """Refuse upstream names whose exposed tool names could collide (`a` + `__` is a prefix of `a__b`)."""
+    """Refuse upstream prefixes whose exposed names could collide (`a` + `__` is a prefix of `a__b`, or two
+    upstreams share one). An unprefixed upstream's names can meet anyone's: the catalogue withholds those."""
     separator = config.gateway.separator
-    for first in config.upstreams:
-        for second in config.upstreams:
-            if first != second and second.startswith(first + separator):
+    prefixes = config.prefixes
+    for first, first_prefix in prefixes.items():
+        for second, second_prefix in prefixes.items():
+            if first == second or not first_prefix or not second_prefix:
+                continue
+            if second_prefix.startswith(first_prefix + separator) or (first < second and first_prefix == second_prefix):
                 raise ConfigError(
                     f"{label}: [upstreams.{second}] tools of upstreams '{first}' and '{second}' could be exposed "
                     f"under the same name (separator '{separator}'); rename one of them"

@@ -26,7 +26,7 @@ import anyio.abc
 import mcp_types as types
 
 from gateway.calls import ToolCall
-from gateway.catalog.listing import Catalog, UpstreamListing, exposed_name
+from gateway.catalog.listing import Catalog, Naming, UpstreamListing
 from gateway.catalog.pins import Assessment, Lock, Mode, assess, screened
 from gateway.config.models import Config
 from gateway.errors import ProtocolError, RemoteError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
@@ -294,16 +294,16 @@ class UpstreamPool:
         """Rebuild the catalogue from every live listing and tell the listener."""
         async with self._catalog_lock:
             listings = [up.listing for up in self.upstreams.values() if up.listing is not None]
-            separator = self.config.gateway.separator
-            assessments = assess(listings, self.lock, self._modes, separator)
+            names = Naming.of(self.config)
+            assessments = assess(listings, self.lock, self._modes, names)
             self.quarantined = {
-                exposed_name(a.item.upstream, a.item.name, separator): a
+                names.exposed(a.item.upstream, a.item.name): a
                 for a in assessments
                 if a.quarantined and a.item.kind == "tool"
             }
             if self._listener is not None:
                 self._listener.assessed(assessments)
-            catalog = Catalog.build(screened(listings, assessments), separator)
+            catalog = Catalog.build(screened(listings, assessments), names)
             for problem in catalog.problems:
                 if problem not in self.catalog.problems:
                     logger.error("catalogue: %s", problem)

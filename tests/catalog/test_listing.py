@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.catalog.listing import EXPOSED_NAME, Catalog, exposed_name, normalise_listing
+from gateway.catalog.listing import EXPOSED_NAME, Catalog, Naming, exposed_name, normalise_listing
 
 
 @pytest.mark.parametrize(
@@ -113,3 +113,29 @@ def test_prompts_are_prefixed() -> None:
     catalog = Catalog.build([listing], "__")
     assert catalog.prompts["up__greet"].upstream_name == "greet"
     assert catalog.prompts["up__greet"].model.name == "up__greet"
+
+
+def test_an_unprefixed_upstream_exposes_its_names_as_they_are() -> None:
+    bare = normalise_listing("bare", tools=[{"name": "read"}], prompts=[{"name": "greet"}])
+    other = normalise_listing("other", tools=[{"name": "read"}])
+    catalog = Catalog.build([bare, other], Naming("__", {"bare": "", "other": "o"}))
+    assert set(catalog.tools) == {"read", "o__read"}
+    assert (catalog.tools["read"].upstream, catalog.tools["read"].upstream_name) == ("bare", "read")
+    assert catalog.tools["o__read"].upstream == "other"
+    assert catalog.prompts["greet"].upstream == "bare"
+    assert Naming("__", {"bare": ""}).written("bare", "read") == "read"
+    assert Naming("__", {"bare": ""}).written("x", "read") == "x__read"
+
+
+def test_names_an_unprefixed_upstream_shares_with_another_are_withheld_on_both_sides() -> None:
+    bare = normalise_listing("bare", tools=[{"name": "x__y"}, {"name": "Mine"}], prompts=[{"name": "greet"}])
+    x = normalise_listing("x", tools=[{"name": "y"}])
+    also = normalise_listing("also", tools=[{"name": "mine"}], prompts=[{"name": "greet"}])
+    catalog = Catalog.build([bare, x, also], Naming("__", {"bare": "", "also": ""}))
+    assert catalog.tools == {}
+    assert catalog.prompts == {}
+    assert set(catalog.problems) == {
+        "tools 'bare'.'x__y' and 'x'.'y' would be exposed as 'x__y'; none of them is exposed",
+        "tools 'bare'.'Mine' and 'also'.'mine' would be exposed as 'Mine'; none of them is exposed",
+        "prompts 'bare'.'greet' and 'also'.'greet' would be exposed as 'greet'; none of them is exposed",
+    }

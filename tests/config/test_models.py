@@ -94,6 +94,21 @@ CASES = [
         id="colliding-upstream-names",
     ),
     pytest.param(
+        '[upstreams.a]\ncommand = "a"\n[upstreams.b]\ncommand = "b"\nprefix = "a__c"\n',
+        "[upstreams.b] tools of upstreams 'a' and 'b' could be exposed under the same name (separator '__')",
+        id="prefix-colliding-with-an-upstream-name",
+    ),
+    pytest.param(
+        '[upstreams.a]\ncommand = "a"\nprefix = "p"\n[upstreams.b]\ncommand = "b"\nprefix = "p"\n',
+        "[upstreams.b] tools of upstreams 'a' and 'b' could be exposed under the same name (separator '__')",
+        id="shared-prefix",
+    ),
+    pytest.param(
+        '[upstreams.a]\ncommand = "a"\nprefix = "no way"\n',
+        '[upstreams.a] prefix: must be "" (names exposed as they are) or match',
+        id="bad-prefix",
+    ),
+    pytest.param(
         '[upstreams.x]\nurl = "ftp://example.org/mcp"\n',
         "[upstreams.x]: 'url' must be an http:// or https:// URL, got 'ftp://example.org/mcp'",
         id="bad-url-scheme",
@@ -387,3 +402,12 @@ def test_the_audit_log_defaults_beside_the_config_and_may_be_moved(tmp_path: Pat
     assert load_config(path, environ={}).audit_path == tmp_path / "logs" / "a.db"
     path.write_text('[gateway]\naudit = ":memory:"\n')
     assert str(load_config(path, environ={}).audit_path) == ":memory:"
+
+
+def test_an_empty_prefix_is_accepted_beside_any_upstream_name(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text('[upstreams.a]\ncommand = "a"\nprefix = ""\n[upstreams.b]\ncommand = "b"\nprefix = ""\n')
+    config = load_config(path)
+    assert config.prefixes == {"a": "", "b": ""}
+    path.write_text('[upstreams.a]\ncommand = "a"\n[upstreams.b]\ncommand = "b"\nprefix = "other"\n')
+    assert load_config(path).prefixes == {"a": "a", "b": "other"}

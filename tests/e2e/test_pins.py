@@ -262,3 +262,18 @@ def test_static_resources_are_scanned_pinned_and_quarantined_like_tools(tmp_path
     changed = normalise_listing("files", [TOOL], [], [{**honest, "description": "Now different."}], [], {})
     [resource] = [a for a in assess([changed], lock, {}, "__") if a.item.kind == "resource"]
     assert resource.verdict is Verdict.CHANGED and resource.quarantined
+
+
+@pytest.mark.anyio
+async def test_an_unprefixed_upstreams_quarantine_names_its_bare_tools_and_pins_name_the_upstream(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, {"bare": {**fixture_upstream("poisoned.py"), "prefix": ""}})
+    listed = json.loads((await cli(config, "tools", "--json")).stdout)["tools"]
+    rows = {row["name"]: row for row in listed}
+    assert rows["add"]["upstream"] == "bare" and not rows["add"]["shortened"]
+    assert rows["add"]["policy"].startswith("quarantined")
+    assert "pins diff bare.add" in rows["add"]["policy"]
+    assert {row["upstream"] for row in listed} == {"bare"}
+    assert not any(name.startswith("bare") for name in rows)
+    assert (await cli(config, "pins", "diff", "bare.add")).returncode == 0
