@@ -203,7 +203,7 @@ class GatewayEvents:
                     definition_kind=str(item.kind),
                     name=item.name,
                     change=change,
-                    reason=str(assessment.verdict),
+                    reason=assessment.cause,
                     tool_digest=item.digest,
                     findings=[finding.to_record() for finding in assessment.findings] or None,
                 )
