@@ -26,9 +26,11 @@ import mcp_types as types
 
 from gateway.calls import ToolCall
 from gateway.catalog.listing import Catalog, UpstreamListing, exposed_name
-from gateway.catalog.pins import Assessment, Lock, Mode, assess, screened
+from gateway.catalog.pins import Assessment, Kind, Lock, Mode, assess, screened
+from gateway.catalog.uri_template import UriTemplate
+from gateway.catalog.uris import normal_uri
 from gateway.config.models import Config
-from gateway.errors import ProtocolError, RemoteError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import InvalidUriTemplate, ProtocolError, RemoteError, UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.events import UpstreamListener
 from gateway.upstream.links import Ended, describe_failure, open_link
 from gateway.upstream.processes import discard_ahead
@@ -77,6 +79,9 @@ class UpstreamPool:
         """The pins in force; `None`: no lock file (only poisoning findings quarantine)."""
         self.quarantined: dict[str, Assessment] = {}
         """Exposed tool name -> why that tool is held back."""
+        self.quarantined_prompts: dict[str, Assessment] = {}
+        """Exposed prompt name -> why that prompt is held back."""
+        self._quarantined_reads: list[Assessment] = []
         self._modes = {name: Mode(config.pinning(name)) for name in config.upstreams}
         self._listener: UpstreamListener | None = None
         self._catalog_lock = anyio.Lock()
@@ -91,6 +96,21 @@ class UpstreamPool:
         """Put new pins in force and expose (or withhold) the definitions accordingly."""
         self.lock = lock
         await self._publish()
+
+    def quarantined_read(self, uri: str) -> Assessment | None:
+        """Why a read of `uri` (in normal form) is held back: a quarantined resource of that URI, or a
+        quarantined template it falls under; `None` when neither."""
+        for held in self._quarantined_reads:
+            if held.item.kind is Kind.RESOURCE and normal_uri(held.item.name) == uri:
+                return held
+        for held in self._quarantined_reads:
+            if held.item.kind is Kind.TEMPLATE:
+                try:
+                    if UriTemplate.parse(held.item.name).variables(uri) is not None:
+                        return held
+                except InvalidUriTemplate:
+                    continue  # a template that cannot be parsed serves nothing anyway
+        return None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Supervise every upstream until cancelled. Reports started at once: upstreams join as they come up."""
@@ -251,6 +271,12 @@ class UpstreamPool:
                 for a in assessments
                 if a.quarantined and a.item.kind == "tool"
             }
+            self.quarantined_prompts = {
+                exposed_name(a.item.upstream, a.item.name, separator): a
+                for a in assessments
+                if a.quarantined and a.item.kind == "prompt"
+            }
+            self._quarantined_reads = [a for a in assessments if a.quarantined and a.item.kind in _READS]
             if self._listener is not None:
                 self._listener.assessed(assessments)
             catalog = Catalog.build(screened(listings, assessments), separator)
@@ -260,6 +286,9 @@ class UpstreamPool:
             self.catalog = catalog
             if self._listener is not None:
                 await self._listener.catalog_changed(catalog)
+
+
+_READS = (Kind.RESOURCE, Kind.TEMPLATE)
 
 
 class _Flag:

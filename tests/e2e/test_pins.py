@@ -388,3 +388,25 @@ async def test_a_lock_without_a_recorded_server_holds_the_definitions_only(tmp_p
     assert "records no server for it; `mcp-armor pins approve shifty` records it" in report["notes"][0]
     async with gateway_client(config) as client:
         assert text_of(await client.call_tool("shifty__stable", {})) == "stable done"
+
+
+@pytest.mark.anyio
+async def test_prompts_and_resources_of_a_server_other_than_the_one_pinned_are_refused_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    assert (await cli(config, "lock")).returncode == 0
+    path = tmp_path / "upstreams.lock"
+    path.write_text(path.read_text().replace('version = "1.0.0"', 'version = "0.9.0"'))  # as if pinned at 0.9.0
+    async with gateway_client(config) as client:
+        assert (await client.list_prompts()).prompts == [] and (await client.list_resources()).resources == []
+        assert (await client.list_resource_templates()).resource_templates == []
+        why = r"is refused: .*not the server pinned \(version '0.9.0' -> '1.0.0'\).*`mcp-armor pins approve box`"
+        with pytest.raises(MCPError, match="Prompt box__greet " + why):
+            await client.get_prompt("box__greet", {"who": "x"})
+        with pytest.raises(MCPError, match="Resource toolbox://readme " + why):
+            await client.read_resource("toolbox://readme")
+        with pytest.raises(MCPError, match="Resource toolbox://notes/a " + why):
+            await client.read_resource("toolbox://notes/a")
+    stages = [e["stage"] for e in exported(tmp_path) if e["kind"] == "decision"]
+    assert stages == ["quarantine"] * 3
