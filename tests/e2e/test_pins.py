@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -17,6 +18,7 @@ import pytest
 import tomli_w
 from mcp.shared.exceptions import MCPError
 
+from gateway.audit.events import GatewayEvents
 from gateway.catalog.listing import normalise_listing
 from gateway.catalog.pins import (
     Kind,
@@ -410,3 +412,24 @@ async def test_prompts_and_resources_of_a_server_other_than_the_one_pinned_are_r
             await client.read_resource("toolbox://notes/a")
     stages = [e["stage"] for e in exported(tmp_path) if e["kind"] == "decision"]
     assert stages == ["quarantine"] * 3
+
+
+def test_a_definition_held_for_a_new_cause_is_recorded_again() -> None:
+    queued: list[dict[str, Any]] = []
+    recorder = SimpleNamespace(queue=lambda *bodies: queued.extend(bodies))
+    events = GatewayEvents(recorder, None)  # type: ignore[arg-type]
+    first = listing()
+    lock = Lock().pinning("files", listing_items(first), server_identity(first))
+
+    def served(version: str) -> Any:
+        return normalise_listing(
+            "files", [TOOL], [], [], [], {"name": "files", "version": version, "instructions": "Hi"}
+        )
+
+    for version in ("1.0", "2.0", "2.0", "3.0", "1.0"):
+        events.assessed(assess([served(version)], lock, {}, "__"))
+    assert [(body["change"], body["reason"]) for body in queued] == [
+        ("quarantined", "server changed (version '1.0' -> '2.0')"),
+        ("quarantined", "server changed (version '1.0' -> '3.0')"),
+        ("released", "pinned"),
+    ]
