@@ -124,8 +124,8 @@ class GatewayEvents:
     def __init__(self, recorder: Recorder, engine: PolicyEngine) -> None:
         self.recorder = recorder
         self.engine = engine
-        self._pins: dict[tuple[str, str, str], tuple[str, str]] = {}
-        """(upstream, kind, name) -> (digest, state) last recorded for each definition on offer."""
+        self._pins: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+        """(upstream, kind, name) -> (digest, state, why it is held) last recorded for each definition on offer."""
 
     def session_started(self, session: SessionInfo) -> None:
         self.recorder.queue(
@@ -190,8 +190,10 @@ class GatewayEvents:
             seen.add(key)
             state = "quarantined" if assessment.quarantined else "warned" if assessment.suspect else "clear"
             previous = self._pins.get(key)
-            self._pins[key] = (item.digest, state)
-            if previous == (item.digest, state):
+            # Held for a new cause (its server changed again, say): recorded again, with the new reason.
+            now = (item.digest, state, assessment.cause if state != "clear" else "")
+            self._pins[key] = now
+            if previous == now:
                 continue
             if state != "clear":
                 change = state
@@ -209,7 +211,7 @@ class GatewayEvents:
                     definition_kind=str(item.kind),
                     name=item.name,
                     change=change,
-                    reason=str(assessment.verdict),
+                    reason=assessment.cause,
                     tool_digest=item.digest,
                     findings=[finding.to_record() for finding in assessment.findings] or None,
                 )

@@ -10,7 +10,11 @@ While serving, every listing (at start-up, after a reconnect, after a list-chang
 is screened before it is exposed. In `enforce` mode a definition that is not in the lock (new),
 differs from it (changed), or carries a high-severity poisoning finding is quarantined: hidden from
 the agent and refused if called, until a person approves it (`mcp-armor pins approve`), which
-writes its digest into the lock; the running gateway reads the lock again when it changes. `warn`
+writes its digest into the lock; the running gateway reads the lock again when it changes. An
+upstream whose server (name, version, instructions) is not the one the lock recorded has all its
+definitions quarantined until `mcp-armor pins approve UPSTREAM` records the new server: an upgrade
+is reviewed like a changed definition, even when every definition reads the same. A lock that
+records no server for an upstream (written before servers were recorded) holds only its definitions. `warn`
 reports the same and quarantines nothing; `off` does neither. Without a lock file nothing is
 pinned, and only poisoning findings quarantine.
 """
@@ -240,6 +244,27 @@ def server_identity(listing: UpstreamListing) -> dict[str, str]:
     return identity
 
 
+def server_change(lock: Lock | None, listing: UpstreamListing) -> str:
+    """How the upstream's server differs from the one the lock recorded (`version '1' -> '2'`); empty
+    when it is the same, or when the lock records no server for it (nothing to hold it against)."""
+    pins = lock.upstreams.get(listing.upstream) if lock is not None else None
+    if pins is None or not pins.server:
+        return ""
+    before, now = pins.server, server_identity(listing)
+    keys = sorted(set(before) | set(now))
+    return ", ".join(
+        f"{key} {_shown(key, before.get(key))} -> {_shown(key, now.get(key))}"
+        for key in keys
+        if before.get(key) != now.get(key)
+    )
+
+
+def _shown(key: str, value: str | None) -> str:
+    if value is None:
+        return "(none)"
+    return repr(value[:12] + "...") if key.endswith("sha256") else repr(value)
+
+
 # Screening --------------------------------------------------------------------------------------
 
 
@@ -251,6 +276,8 @@ class Verdict(StrEnum):
     """Not pinned (or no lock at all) and carrying a high-severity finding."""
     UNCHECKED = "unchecked"
     """No lock file and nothing found: there is nothing to hold it against."""
+    SERVER = "server changed"
+    """Pinned as offered, but served by a server that is not the one pinned."""
 
 
 @dataclass(frozen=True)
@@ -259,15 +286,25 @@ class Assessment:
     verdict: Verdict
     findings: tuple[Finding, ...] = ()
     mode: Mode = Mode.ENFORCE
+    server: str = ""
+    """How its upstream's server differs from the one pinned (see `server_change`); empty: it does not."""
 
     @property
     def suspect(self) -> bool:
         """Whether a person has to approve it before it may be used."""
-        return self.verdict in (Verdict.NEW, Verdict.CHANGED, Verdict.POISONED)
+        return bool(self.server) or self.verdict in (Verdict.NEW, Verdict.CHANGED, Verdict.POISONED)
 
     @property
     def quarantined(self) -> bool:
         return self.suspect and self.mode is Mode.ENFORCE
+
+    @property
+    def cause(self) -> str:
+        """Why it is held, in a few words (what the audit log records): the verdict, and the server's change."""
+        if not self.server:
+            return str(self.verdict)
+        change = f"server changed ({self.server})"
+        return change if self.verdict is Verdict.SERVER else f"{self.verdict}; {change}"
 
     def reason(self) -> str:
         what = {
@@ -277,9 +314,14 @@ class Assessment:
             + "; ".join(f.detail[:80] for f in self.findings if f.severity is Severity.HIGH)[:200]
             + ")",
         }.get(self.verdict, "")
+        # A server change is approved for the whole upstream at once, so the commands name the upstream.
+        target = self.item.upstream if self.server else self.item.label
+        if self.server:
+            server = f"upstream '{self.item.upstream}' is not the server pinned ({self.server})"
+            what = f"{server}, and {what}" if what else server
         return (
             f"{self.item.kind} '{self.item.label}' is quarantined: {what}; review it with "
-            f"`mcp-armor pins diff {self.item.label}` and approve it with `mcp-armor pins approve {self.item.label}`"
+            f"`mcp-armor pins diff {target}` and approve it with `mcp-armor pins approve {target}`"
         )
 
 
@@ -299,10 +341,13 @@ def assess(
             continue
         others = [name for upstream, names in tool_names.items() if upstream != listing.upstream for name in names]
         pins = lock.upstreams.get(listing.upstream) if lock is not None else None
+        server = server_change(lock, listing)
         for item in listing_items(listing):
             pin = pins.pins.get((item.kind, item.name)) if pins is not None else None
             if pin is not None and pin.digest == item.digest:
-                assessments.append(Assessment(item, Verdict.PINNED, mode=mode))
+                assessments.append(
+                    Assessment(item, Verdict.SERVER if server else Verdict.PINNED, mode=mode, server=server)
+                )
                 continue
             findings = tuple(scan_definition(str(item.kind), item.label, item.form, others))
             if pin is not None:
@@ -313,7 +358,7 @@ def assess(
                 verdict = Verdict.POISONED
             else:
                 verdict = Verdict.UNCHECKED
-            assessments.append(Assessment(item, verdict, findings, mode))
+            assessments.append(Assessment(item, verdict, findings, mode, server))
     return assessments
 
 

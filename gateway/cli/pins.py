@@ -19,7 +19,7 @@ from gateway.audit.chain import canonical
 from gateway.audit.events import event
 from gateway.audit.store import AuditStore
 from gateway.catalog.listing import Catalog, Naming, UpstreamListing
-from gateway.catalog.pins import Assessment, Lock, Mode, Verdict, assess, select, server_identity
+from gateway.catalog.pins import Assessment, Lock, Mode, Verdict, assess, select, server_change, server_identity
 from gateway.catalog.scan import Finding, Severity, scan_definition, visible
 from gateway.cli.common import package_warnings, print_table
 from gateway.config.models import IN_MEMORY, Config
@@ -131,28 +131,26 @@ async def status(config: Config, as_json: bool) -> int:
         for a in assessments
     ]
     offered = {(a.item.upstream, a.item.kind, a.item.name) for a in assessments}
-    notes = []
     for name, pins in (current.upstreams if current is not None else {}).items():
         if name not in upstreams.listings:
             continue
         for kind, item in pins.pins:
             if (name, kind, item) not in offered:
                 rows.append({"upstream": name, "kind": str(kind), "name": item, "state": "missing", "findings": []})
-        identity = server_identity(upstreams.listings[name])
-        if pins.server and identity != dict(pins.server):
-            notes.append(
-                f"upstream '{name}': the server is not the one pinned ({_server_change(pins.server, identity)})"
-            )
+    servers = _servers(config, current, upstreams)
+    notes = [_server_note(config, server) for server in servers if server["state"] != "pinned"]
+    to_review = [server for server in servers if server["state"] in ("quarantined", "warned")]
     if as_json:
-        print(
-            json.dumps(
-                {"lock": current is not None, "definitions": rows, "notes": notes, "unavailable": upstreams.down}
-            )
-        )
+        report = {"lock": current is not None, "definitions": rows, "servers": servers, "notes": notes}
+        print(json.dumps({**report, "unavailable": upstreams.down}))
     else:
         if current is None:
             print(f"(no {config.lock_path.name}: nothing is pinned; `mcp-armor lock` pins what is on offer now)")
         table = [
+            (server["upstream"], "server", server["offered"]["name"], server["state"], server["change"])
+            for server in to_review
+        ]
+        table += [
             (row["upstream"], row["kind"], row["name"], row["state"], _summary(row["findings"]))
             for row in rows
             if row["state"] != "pinned" or row["findings"]
@@ -163,15 +161,62 @@ async def status(config: Config, as_json: bool) -> int:
         for text in notes:
             print(f"mcp-armor: note: {text}", file=sys.stderr)
     upstreams.report()
-    return 1 if any(a.suspect for a in assessments) or upstreams.down else 0
+    return 1 if any(a.suspect for a in assessments) or to_review or upstreams.down else 0
+
+
+def _servers(config: Config, current: Lock | None, upstreams: Upstreams) -> list[dict[str, Any]]:
+    """Each answering upstream's server held against the one the lock recorded (`unrecorded`: a lock
+    written before servers were recorded; its definitions are held, its version is not)."""
+    servers = []
+    for name, listing in upstreams.listings.items():
+        pins = current.upstreams.get(name) if current is not None else None
+        if pins is None:
+            continue  # not in the lock at all: everything of it is new
+        mode = Mode(config.pinning(name))
+        change = server_change(current, listing)
+        state = "unrecorded" if not pins.server else "pinned" if not change else _HELD[mode]
+        servers.append(
+            {
+                "upstream": name,
+                "state": state,
+                "mode": str(mode),
+                "pinned": dict(pins.server),
+                "offered": server_identity(listing),
+                "change": change,
+            }
+        )
+    return servers
+
+
+_HELD = {Mode.ENFORCE: "quarantined", Mode.WARN: "warned", Mode.OFF: "ignored"}
+
+
+def _server_note(config: Config, server: dict[str, Any]) -> str:
+    name, approve = server["upstream"], f"`mcp-armor pins approve {server['upstream']}`"
+    if server["state"] == "unrecorded":
+        return f"upstream '{name}': {config.lock_path.name} records no server for it; {approve} records it"
+    held = {"quarantined": "everything of it is quarantined", "warned": 'reported only (pinning = "warn")'}
+    what = held.get(server["state"], 'not checked (pinning = "off")')
+    return (
+        f"upstream '{name}': the server is not the one pinned ({server['change']}): {what}; approve it with {approve}"
+    )
 
 
 async def diff(config: Config, selector: str | None) -> int:
-    current, _, assessments = await _current(config)
+    current, upstreams, assessments = await _current(config)
     chosen = [a for a in select(assessments, selector) if a.suspect]
-    if not chosen:
+    upstream = (selector or "").partition(".")[0]
+    servers = [s for s in _servers(config, current, upstreams) if s["change"] and upstream in ("", s["upstream"])]
+    if not chosen and not servers:
         print("(nothing to review)" if not selector else f"(nothing to review for {selector})")
         return 0
+    for server in servers:
+        print(f"== server {server['upstream']}: not the server pinned ({server['state']})")
+        lines = difflib.unified_diff(
+            _pretty(server["pinned"]), _pretty(server["offered"]), "pinned", "offered now", lineterm=""
+        )
+        for line in lines:
+            print(visible(line))
     for assessment in chosen:
         item = assessment.item
         pins = current.upstreams.get(item.upstream) if current is not None else None
@@ -206,10 +251,16 @@ async def approve(config: Config, selector: str) -> int:
         raise ConfigError(f"upstream '{upstream}' did not answer; nothing can be approved unseen")
     chosen = [a for a in select(assessments, selector) if a.suspect]
     whole = "." not in selector
+    changed = server_change(current, upstreams.listings[upstream])
+    if changed and not whole:
+        raise ConfigError(
+            f"upstream '{upstream}' is not the server pinned ({changed}): review it with `mcp-armor pins diff "
+            f"{upstream}` and approve the server and its definitions at once with `mcp-armor pins approve {upstream}`"
+        )
     if not chosen and not whole:
         raise ConfigError(f"nothing to approve for {selector}: it is pinned as offered, or not offered at all")
     identity = server_identity(upstreams.listings[upstream]) if whole else None
-    _record_approval(config, chosen, selector)
+    _record_approval(config, chosen, selector, (upstream, identity["name"], changed) if identity and changed else None)
     new_lock = (current or Lock()).pinning(upstream, [a.item for a in chosen], identity)
     write_atomically(config.lock_path, new_lock.render())
     for assessment in chosen:
@@ -217,7 +268,9 @@ async def approve(config: Config, selector: str) -> int:
             f"approved {assessment.item.kind} '{assessment.item.label}' "
             f"({assessment.verdict}, {assessment.item.digest[:12]})"
         )
-    if not chosen:
+    if changed and whole:
+        print(f"approved the server of '{upstream}' ({changed})")
+    elif not chosen:
         print(f"nothing of '{upstream}' needed approving; its server identity is pinned as it is now")
     print(f"{config.lock_path}: written (a running gateway picks it up within a second or two)")
     return 0
@@ -235,12 +288,24 @@ def _assess(config: Config, upstreams: Upstreams, current: Lock | None) -> list[
     return assess(listings, current, modes, Naming.of(config))
 
 
-def _record_approval(config: Config, chosen: Sequence[Assessment], selector: str) -> None:
-    """Record who approved what before the lock changes; if that cannot be recorded, nothing is approved."""
+def _record_approval(
+    config: Config, chosen: Sequence[Assessment], selector: str, server: tuple[str, str, str] | None
+) -> None:
+    """Record who approved what before the lock changes; if that cannot be recorded, nothing is approved.
+    `server`: the upstream, server name and change of a server approved with it."""
     if str(config.audit_path) == IN_MEMORY:
         return
     who = getpass.getuser()
-    bodies = [
+    bodies = []
+    if server is not None:
+        upstream, name, change = server
+        reason = f"server changed ({change}); approved by {who} (`pins approve {selector}`)"
+        bodies.append(
+            canonical(
+                event("pin", upstream=upstream, definition_kind="server", name=name, change="approved", reason=reason)
+            )
+        )
+    bodies += [
         canonical(
             event(
                 "pin",
@@ -249,7 +314,7 @@ def _record_approval(config: Config, chosen: Sequence[Assessment], selector: str
                 definition_kind=str(a.item.kind),
                 name=a.item.name,
                 change="approved",
-                reason=f"{a.verdict}; approved by {who} (`pins approve {selector}`)",
+                reason=f"{a.cause}; approved by {who} (`pins approve {selector}`)",
                 tool_digest=a.item.digest,
             )
         )
@@ -270,12 +335,3 @@ def _pretty(definition: Any) -> list[str]:
 
 def _summary(findings: list[dict[str, str]]) -> str:
     return "; ".join(f"{f['severity']} {f['kind']}" for f in findings)
-
-
-def _server_change(pinned: Any, now: dict[str, str]) -> str:
-    changes = [
-        f"{key} {pinned.get(key)!r} -> {now.get(key)!r}"
-        for key in sorted(set(pinned) | set(now))
-        if pinned.get(key) != now.get(key)
-    ]
-    return ", ".join(changes)

@@ -218,6 +218,13 @@ class Gateway:
         await self.audit.unknown_tool(session, name, arguments, quarantine=quarantine)
         return ProtocolError(types.INVALID_PARAMS, message)
 
+    async def _quarantined(
+        self, session: SessionInfo, name: str, arguments: Mapping[str, Any], what: str, held: Assessment
+    ) -> ProtocolError:
+        """Record a call to a quarantined definition; the error, saying why and how to release it."""
+        reason = held.reason()
+        return await self._unknown(session, name, arguments, f"{what} is refused: {reason}", reason)
+
     def _visible(self, name: str, session: SessionInfo) -> bool:
         """Whether policy can ever let this caller reach `name` (a tool, `resource:URI` or `prompt:NAME`)."""
         return self.engine.visible(name, client=session.client_name, principal=session.principal)
@@ -248,10 +255,7 @@ class Gateway:
             raise
         tool = self.pool.catalog.tools.get(params.name)
         if tool is None and (held := self.pool.quarantined.get(params.name)) is not None:
-            reason = held.reason()
-            raise await self._unknown(
-                session, params.name, params.arguments, f"Tool {params.name} is refused: {reason}", reason
-            )
+            raise await self._quarantined(session, params.name, params.arguments, f"Tool {params.name}", held)
         if tool is None or not self._visible(tool.name, session):
             # A tool no rule lets this client call is hidden, and refused like one that does not exist.
             raise await self._unknown(session, params.name, params.arguments, f"Unknown tool: {params.name}")
@@ -353,6 +357,10 @@ class Gateway:
         await self.wait_for_startup()
         prompt = self.pool.catalog.prompts.get(params.name)
         arguments = dict(params.arguments or {})
+        if prompt is None and (held := self.pool.quarantined_prompts.get(params.name)) is not None:
+            raise await self._quarantined(
+                session, PROMPT_PREFIX + params.name, arguments, f"Prompt {params.name}", held
+            )
         if prompt is None or not self._visible(PROMPT_PREFIX + params.name, session):
             raise await self._unknown(session, PROMPT_PREFIX + params.name, arguments, f"Unknown prompt: {params.name}")
         return await self._mediated(request.caller, prompt_target(prompt), arguments, RoundTrip.of(params))
@@ -390,6 +398,8 @@ class Gateway:
         await self.wait_for_startup()
         uri = normal_uri(asked)
         source = self.pool.catalog.resource_source(uri)
+        if source is None and (held := self.pool.quarantined_read(uri)) is not None:
+            raise await self._quarantined(session, RESOURCE_PREFIX + uri, {"uri": uri}, f"Resource {uri}", held)
         if source is None or not self._visible(RESOURCE_PREFIX + uri, session):
             raise await self._unknown(session, RESOURCE_PREFIX + uri, {"uri": uri}, f"Unknown resource: {uri}")
         upstream, definition, variables = source

@@ -77,6 +77,20 @@ redact = [
     '-----BEGIN [A-Z ]*PRIVATE KEY-----[\\s\\S]*?-----END [A-Z ]*PRIVATE KEY-----',
     '(?i)(password|passwd|secret|api[_-]?key)\\s*[:=]\\s*\\S+',
 ]
+
+# Withhold any result carrying binary content (images, audio, blobs of a type that is not text, or that
+# do not read as text), which patterns cannot read reliably: uncomment to turn it on. It is off because
+# screenshots and other media are what some tools are for; `binary = { contains = { pattern =
+# "^image/" } }` under `when.properties` narrows it to images.
+# [[rule]]
+# id = "no-binary-results"
+# tools = ["*"]
+# resources = ["*"]
+# prompts = ["*"]
+# on = "result"
+# effect = "deny"
+# reason = "it carries binary content"
+# when = { required = ["binary"] }
 """
 
 

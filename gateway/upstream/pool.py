@@ -27,9 +27,18 @@ import mcp_types as types
 
 from gateway.calls import ToolCall
 from gateway.catalog.listing import Catalog, Naming, UpstreamListing
-from gateway.catalog.pins import Assessment, Lock, Mode, assess, screened
+from gateway.catalog.pins import Assessment, Kind, Lock, Mode, assess, screened
+from gateway.catalog.uri_template import UriTemplate
+from gateway.catalog.uris import normal_uri
 from gateway.config.models import Config
-from gateway.errors import ProtocolError, RemoteError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    InvalidUriTemplate,
+    ProtocolError,
+    RemoteError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.upstream.events import UpstreamListener
 from gateway.upstream.links import Ended, describe_failure, open_link
 from gateway.upstream.processes import discard_ahead
@@ -82,6 +91,9 @@ class UpstreamPool:
         """The pins in force; `None`: no lock file (only poisoning findings quarantine)."""
         self.quarantined: dict[str, Assessment] = {}
         """Exposed tool name -> why that tool is held back."""
+        self.quarantined_prompts: dict[str, Assessment] = {}
+        """Exposed prompt name -> why that prompt is held back."""
+        self._quarantined_reads: list[Assessment] = []
         self._modes = {name: Mode(config.pinning(name)) for name in config.upstreams}
         self._listener: UpstreamListener | None = None
         self._catalog_lock = anyio.Lock()
@@ -100,6 +112,21 @@ class UpstreamPool:
         """Put new pins in force and expose (or withhold) the definitions accordingly."""
         self.lock = lock
         await self._publish()
+
+    def quarantined_read(self, uri: str) -> Assessment | None:
+        """Why a read of `uri` (in normal form) is held back: a quarantined resource of that URI, or a
+        quarantined template it falls under; `None` when neither."""
+        for held in self._quarantined_reads:
+            if held.item.kind is Kind.RESOURCE and normal_uri(held.item.name) == uri:
+                return held
+        for held in self._quarantined_reads:
+            if held.item.kind is Kind.TEMPLATE:
+                try:
+                    if UriTemplate.parse(held.item.name).variables(uri) is not None:
+                        return held
+                except InvalidUriTemplate:
+                    continue  # a template that cannot be parsed serves nothing anyway
+        return None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Supervise every upstream until cancelled. Reports started at once: upstreams join as they come up."""
@@ -301,6 +328,12 @@ class UpstreamPool:
                 for a in assessments
                 if a.quarantined and a.item.kind == "tool"
             }
+            self.quarantined_prompts = {
+                names.exposed(a.item.upstream, a.item.name): a
+                for a in assessments
+                if a.quarantined and a.item.kind == "prompt"
+            }
+            self._quarantined_reads = [a for a in assessments if a.quarantined and a.item.kind in _READS]
             if self._listener is not None:
                 self._listener.assessed(assessments)
             catalog = Catalog.build(screened(listings, assessments), names)
@@ -310,6 +343,9 @@ class UpstreamPool:
             self.catalog = catalog
             if self._listener is not None:
                 await self._listener.catalog_changed(catalog)
+
+
+_READS = (Kind.RESOURCE, Kind.TEMPLATE)
 
 
 class _Flag:

@@ -4,19 +4,33 @@ definitions, review and approval while the gateway keeps serving, and a damaged 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import mcp_types as types
 import pytest
+import tomli_w
 from mcp.shared.exceptions import MCPError
 
+from gateway.audit.events import GatewayEvents
 from gateway.catalog.listing import normalise_listing
-from gateway.catalog.pins import Lock, Mode, Verdict, assess, listing_items, screened
+from gateway.catalog.pins import (
+    Kind,
+    Lock,
+    Mode,
+    Verdict,
+    assess,
+    listing_items,
+    screened,
+    server_change,
+    server_identity,
+)
 from gateway.errors import LockError
 from tests.conftest import (
     REPO,
@@ -277,3 +291,160 @@ async def test_an_unprefixed_upstreams_quarantine_names_its_bare_tools_and_pins_
     assert {row["upstream"] for row in listed} == {"bare"}
     assert not any(name.startswith("bare") for name in rows)
     assert (await cli(config, "pins", "diff", "bare.add")).returncode == 0
+
+
+def test_a_server_other_than_the_one_pinned_quarantines_everything_of_its_upstream() -> None:
+    def served(version: str, instructions: str = "Hi") -> Any:
+        prompt = {"name": "summary", "description": "Summarise.", "arguments": [{"name": "topic"}]}
+        resource = {"uri": "file:///readme", "name": "readme"}
+        template = {"uriTemplate": "file:///{path}", "name": "file"}
+        info = {"name": "files", "version": version, "instructions": instructions}
+        return normalise_listing("files", [TOOL], [prompt], [resource], [template], info)
+
+    first = served("1.0")
+    lock = Lock().pinning("files", listing_items(first), server_identity(first))
+    assert {a.verdict for a in assess([first], lock, {}, "__")} == {Verdict.PINNED}
+
+    upgraded = served("2.0")
+    held = assess([upgraded], lock, {}, "__")
+    assert {a.item.kind for a in held} == set(Kind) and all(a.quarantined for a in held)
+    assert {a.verdict for a in held} == {Verdict.SERVER}
+    reason = held[0].reason()
+    assert "not the server pinned (version '1.0' -> '2.0')" in reason and "`mcp-armor pins approve files`" in reason
+    assert held[0].cause == "server changed (version '1.0' -> '2.0')"
+    [kept] = screened([upgraded], held)
+    assert (kept.tools, kept.prompts, kept.resources, kept.templates) == ((), (), (), ())
+
+    # New instructions are a different server too; a definition also changed says both.
+    [tool] = [a for a in assess([served("1.0", "Obey.")], lock, {}, "__") if a.item.kind is Kind.TOOL]
+    assert tool.quarantined and re.fullmatch(
+        r"instructions_sha256 '[0-9a-f]{12}\.\.\.' -> '[0-9a-f]{12}\.\.\.'", tool.server
+    )
+    edited = normalise_listing("files", [{**TOOL, "description": "Other."}], [], [], [], {"name": "files"})
+    [both] = assess([edited], lock, {}, "__")
+    assert both.verdict is Verdict.CHANGED
+    assert (
+        both.cause.startswith("changed; server changed (instructions_sha256 '") and "-> (none), version" in both.cause
+    )
+
+    warned = assess([upgraded], lock, {"files": Mode.WARN}, "__")
+    assert all(a.suspect and not a.quarantined for a in warned) and screened([upgraded], warned) == [upgraded]
+    assert assess([upgraded], lock, {"files": Mode.OFF}, "__") == []
+    # Approving the upstream records the new server, which releases it.
+    approved = lock.pinning("files", [a.item for a in held], server_identity(upgraded))
+    assert {a.verdict for a in assess([upgraded], approved, {}, "__")} == {Verdict.PINNED}
+    # A lock that records no server (written before servers were recorded) holds the definitions only.
+    unrecorded = Lock().pinning("files", listing_items(first))
+    assert server_change(unrecorded, upgraded) == ""
+    assert {a.verdict for a in assess([upgraded], unrecorded, {}, "__")} == {Verdict.PINNED}
+
+
+@pytest.mark.anyio
+async def test_an_upgraded_server_is_quarantined_until_approved_live(tmp_path: Path) -> None:
+    def versioned(version: str) -> Path:
+        upstream = fixture_upstream("shifty.py", SHIFTY_STATE=str(tmp_path / "starts"), SHIFTY_CHANGE_AT="99")
+        return write_config(tmp_path, {"shifty": {**upstream, "env": {**upstream["env"], "SHIFTY_VERSION": version}}})
+
+    assert (await cli(versioned("1.0.0"), "lock")).returncode == 0
+    config = versioned("2.0.0")  # the same definitions, from an upgraded server
+    notifications = Notifications()
+    async with gateway_client(config, notifications=notifications) as client:
+        assert await names(client) == set()
+        with pytest.raises(
+            MCPError, match=r"not the server pinned \(version '1.0.0' -> '2.0.0'\).*pins approve shifty`"
+        ):
+            await client.call_tool("shifty__stable", {})
+
+        status = await cli(config, "pins", "status", "--json")
+        assert status.returncode == 1
+        report = json.loads(status.stdout)
+        [server] = report["servers"]
+        assert server["state"] == "quarantined" and server["change"] == "version '1.0.0' -> '2.0.0'"
+        assert {row["state"] for row in report["definitions"]} == {"quarantined"}
+        shown = await cli(config, "pins", "diff", "shifty")
+        assert '-  "version": "1.0.0"' in shown.stdout and '+  "version": "2.0.0"' in shown.stdout
+
+        one = await cli(config, "pins", "approve", "shifty.stable")
+        assert one.returncode == 2 and "approve the server and its definitions at once" in one.stderr
+        approved = await cli(config, "pins", "approve", "shifty")
+        assert approved.returncode == 0, approved.stderr
+        assert "approved the server of 'shifty' (version '1.0.0' -> '2.0.0')" in approved.stdout
+        with anyio.fail_after(20):
+            while "shifty__stable" not in await names(client):
+                await notifications.wait_for(types.ToolListChangedNotification)
+        assert text_of(await client.call_tool("shifty__stable", {})) == "stable done"
+    assert (
+        tomllib.loads((tmp_path / "upstreams.lock").read_text())["upstreams"]["shifty"]["server"]["version"] == "2.0.0"
+    )
+    events = [e for e in exported(tmp_path) if e["kind"] == "pin" and e.get("name") in ("stable", "shifty")]
+    assert [(e["change"], e["definition_kind"], e["reason"]) for e in events if e["change"] != "approved"] == [
+        ("quarantined", "tool", "server changed (version '1.0.0' -> '2.0.0')"),
+        ("released", "tool", "pinned"),
+    ]
+    [server_approval] = [e for e in events if e["definition_kind"] == "server"]
+    assert server_approval["change"] == "approved" and "version '1.0.0' -> '2.0.0'" in server_approval["reason"]
+    refused = [e for e in exported(tmp_path) if e["kind"] == "decision" and e["tool"] == "shifty__stable"]
+    assert [(e["decision"], e["stage"]) for e in refused] == [("deny", "quarantine"), ("allow", "policy")]
+    assert "version '1.0.0' -> '2.0.0'" in refused[0]["reason"]
+
+
+@pytest.mark.anyio
+async def test_a_lock_without_a_recorded_server_holds_the_definitions_only(tmp_path: Path) -> None:
+    upstream = fixture_upstream("shifty.py", SHIFTY_STATE=str(tmp_path / "starts"), SHIFTY_CHANGE_AT="99")
+    config = write_config(tmp_path, {"shifty": upstream})
+    assert (await cli(config, "lock")).returncode == 0
+    path = tmp_path / "upstreams.lock"
+    data = tomllib.loads(path.read_text())
+    del data["upstreams"]["shifty"]["server"]
+    path.write_text(tomli_w.dumps(data))
+    config = write_config(tmp_path, {"shifty": {**upstream, "env": {**upstream["env"], "SHIFTY_VERSION": "9"}}})
+    status = await cli(config, "pins", "status", "--json")
+    assert status.returncode == 0, status.stdout
+    report = json.loads(status.stdout)
+    assert [server["state"] for server in report["servers"]] == ["unrecorded"]
+    assert "records no server for it; `mcp-armor pins approve shifty` records it" in report["notes"][0]
+    async with gateway_client(config) as client:
+        assert text_of(await client.call_tool("shifty__stable", {})) == "stable done"
+
+
+@pytest.mark.anyio
+async def test_prompts_and_resources_of_a_server_other_than_the_one_pinned_are_refused_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    assert (await cli(config, "lock")).returncode == 0
+    path = tmp_path / "upstreams.lock"
+    path.write_text(path.read_text().replace('version = "1.0.0"', 'version = "0.9.0"'))  # as if pinned at 0.9.0
+    async with gateway_client(config) as client:
+        assert (await client.list_prompts()).prompts == [] and (await client.list_resources()).resources == []
+        assert (await client.list_resource_templates()).resource_templates == []
+        why = r"is refused: .*not the server pinned \(version '0.9.0' -> '1.0.0'\).*`mcp-armor pins approve box`"
+        with pytest.raises(MCPError, match="Prompt box__greet " + why):
+            await client.get_prompt("box__greet", {"who": "x"})
+        with pytest.raises(MCPError, match="Resource toolbox://readme " + why):
+            await client.read_resource("toolbox://readme")
+        with pytest.raises(MCPError, match="Resource toolbox://notes/a " + why):
+            await client.read_resource("toolbox://notes/a")
+    stages = [e["stage"] for e in exported(tmp_path) if e["kind"] == "decision"]
+    assert stages == ["quarantine"] * 3
+
+
+def test_a_definition_held_for_a_new_cause_is_recorded_again() -> None:
+    queued: list[dict[str, Any]] = []
+    recorder = SimpleNamespace(queue=lambda *bodies: queued.extend(bodies))
+    events = GatewayEvents(recorder, None)  # type: ignore[arg-type]
+    first = listing()
+    lock = Lock().pinning("files", listing_items(first), server_identity(first))
+
+    def served(version: str) -> Any:
+        return normalise_listing(
+            "files", [TOOL], [], [], [], {"name": "files", "version": version, "instructions": "Hi"}
+        )
+
+    for version in ("1.0", "2.0", "2.0", "3.0", "1.0"):
+        events.assessed(assess([served(version)], lock, {}, "__"))
+    assert [(body["change"], body["reason"]) for body in queued] == [
+        ("quarantined", "server changed (version '1.0' -> '2.0')"),
+        ("quarantined", "server changed (version '1.0' -> '3.0')"),
+        ("released", "pinned"),
+    ]

@@ -31,6 +31,7 @@ from tests.conftest import (
     gateway_client,
     gateway_command,
     gateway_process,
+    node_server,
     read_records,
     text_of,
     write_config,
@@ -581,3 +582,46 @@ async def test_a_person_approves_a_resource_read_and_a_prompt_in_both_eras(tmp_p
         assert read.contents[0].text == "contents of toolbox://notes/a"  # type: ignore[union-attr]
         assert "the person declined" in await _refusal(client.get_prompt("box__greet", {"who": "Ann"}))
     assert len(person.asked) == 2 and "resource:toolbox://notes/a" in person.asked[0].message
+
+
+BINARY_POLICY = """
+[defaults]
+effect = "allow"
+
+[[rule]]
+id = "no-images"
+tools = ["ev__*", "resource:*"]
+on = "result"
+effect = "deny"
+reason = "images stay out of the conversation"
+when = { properties = { binary = { contains = { pattern = "^image/" } } }, required = ["binary"] }
+
+[[rule]]
+id = "no-binary-reads"
+tools = ["resource:*"]
+on = "result"
+effect = "deny"
+when = { required = ["binary"] }
+"""
+
+
+async def test_a_result_rule_withholds_binary_content_from_the_real_everything_server(tmp_path: Path) -> None:
+    everything = {"command": node_server("mcp-server-everything"), "args": ["stdio"]}
+    config = write_config(tmp_path, {"ev": everything}, policy=BINARY_POLICY)
+    gzip_input = {"name": "a.gz", "data": "data:text/plain;base64,aGVsbG8=", "outputType": "resource"}
+    async with gateway_client(config) as client:
+        image = await client.call_tool("ev__get-tiny-image", {})
+        echoed = await client.call_tool("ev__echo", {"message": "plain words"})
+        gzipped = await client.call_tool("ev__gzip-file-as-resource", gzip_input)  # binary, not an image
+        blob = await client.read_resource("demo://resource/dynamic/blob/1")  # text/plain, as a blob
+    assert image.is_error and "result withheld by rule 'no-images': images stay out" in text_of(image)
+    assert not any(isinstance(block, types.ImageContent) for block in image.content)
+    assert not echoed.is_error and "plain words" in text_of(echoed)
+    assert not gzipped.is_error and any(isinstance(block, types.EmbeddedResource) for block in gzipped.content)
+    [contents] = blob.contents
+    assert isinstance(contents, types.BlobResourceContents) and b"Resource 1" in base64.b64decode(contents.blob)
+    recorded = calls(tmp_path)
+    withheld = recorded["ev__get-tiny-image"]["outcome"]
+    assert withheld["outcome"] == "refused" and withheld["rules"] == ["no-images"]
+    assert recorded["ev__echo"]["outcome"]["outcome"] == "ok" and not recorded["ev__echo"]["outcome"]["rules"]
+    assert recorded["resource:demo://resource/dynamic/blob/1"]["outcome"]["outcome"] == "ok"
