@@ -413,8 +413,11 @@ class Gateway:
             raise ProtocolError(types.INVALID_REQUEST, "this connection cannot receive resource updates")
         uri, upstream, definition, variables = await self._resource(request, str(params.uri))
         target = subscription_target(upstream, uri, definition)
-        await self._mediated(caller, target, {**variables, "uri": uri}, RoundTrip())
-        self.notices.follow(upstream, uri, target.upstream_name, str(params.uri), caller.session, caller.updated)
+        arguments = {**variables, "uri": uri}
+        await self._mediated(caller, target, arguments, RoundTrip())
+        self.notices.follow(
+            upstream, uri, target.upstream_name, str(params.uri), arguments, caller.session, caller.updated
+        )
         return {}
 
     async def unsubscribe(self, request: Request, params: types.UnsubscribeRequestParams) -> Mapping[str, Any]:
@@ -424,6 +427,7 @@ class Gateway:
 
     async def set_log_level(self, request: Request, params: types.SetLevelRequestParams) -> Mapping[str, Any]:
         """The level from which this session receives the log messages of its calls' upstreams."""
+        await self.wait_for_startup()
         await self.notices.choose_level(request.caller.session, params.level)
         return {}
 
@@ -440,6 +444,12 @@ class Gateway:
             prompt = self.pool.catalog.prompts.get(ref.name)
             if prompt is None or not self._visible(PROMPT_PREFIX + ref.name, session):
                 raise await self._unknown(session, PROMPT_PREFIX + ref.name, values, f"Unknown prompt: {ref.name}")
+            declared = {argument.name for argument in prompt.model.arguments or ()}
+            if not values.keys() <= declared:
+                # A rule names the prompt's own arguments: values under another name would pass it unseen.
+                unknown = ", ".join(sorted(values.keys() - declared))
+                why = f"Prompt {ref.name} has no argument {unknown}"
+                raise await self._unknown(session, PROMPT_PREFIX + ref.name, values, why)
             target, arguments = prompt_completion(prompt, params.argument.name, values)
         else:
             found = self.pool.catalog.template(ref.uri)
@@ -450,6 +460,12 @@ class Gateway:
             upstream, template, definition = found
             dumped = definition.model_dump(by_alias=True, mode="json", exclude_none=True)
             target, arguments = template_completion(upstream, template, dumped, params.argument.name, values)
+            made = template.variables(str(arguments["uri"]))
+            if made is None or any(made.get(name) != value for name, value in values.items()):
+                # Only the template's lone variables (`{name}`, `{+path}`) make a URI a read would be
+                # decided on; a value that would not show in it would be decided on another URI.
+                why = f"Resource template {ref.uri} cannot be completed for {params.argument.name}"
+                raise await self._unknown(session, target.name, arguments, why)
             if not self._visible(target.name, session):
                 raise await self._unknown(session, target.name, arguments, f"Unknown resource template: {ref.uri}")
         return await self._mediated(request.caller, target, arguments, RoundTrip())

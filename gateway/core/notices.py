@@ -4,14 +4,14 @@ resource updates; and what sessions ask to receive: their log level, their resou
 Upstream connections are shared by every session, so nothing an upstream sends outside an answer goes
 to "everyone":
 
-- A log message (`notifications/message`) goes to the session whose call is in flight to that
-  upstream, screened by that call's result rules like a progress message, and only at the level that
-  session asked for (`logging/setLevel` on a handshake-era connection; the request's own
-  `io.modelcontextprotocol/logLevel` in 2026-07-28, without which it gets none). With calls of several
-  sessions in flight, or none, which session it concerns cannot be told: it is dropped.
+- A log message (`notifications/message`) carries no request id: it goes to the caller of the one
+  call in flight to that upstream, screened by that call's result rules like a progress message, and
+  only at the level that session asked for (`logging/setLevel` on a handshake-era connection; the
+  request's own `io.modelcontextprotocol/logLevel` in 2026-07-28, without which it gets none). With
+  several calls in flight, or none, which call it concerns cannot be told: it is dropped.
 - A resource update (`notifications/resources/updated`) goes to each session that subscribed to that
   URI at that upstream (a subscription is decided as a read of the URI), and only while the policy in
-  force still lets that session read it.
+  force would still allow that subscription.
 
 Each upstream is asked for the most verbose level any session has asked for; each session then
 receives only what its own level admits. An upstream is subscribed to a URI while any session follows
@@ -21,21 +21,27 @@ it, and unsubscribed when the last one stops (or ends).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import anyio
 import mcp_types as types
 from pydantic import ValidationError
 
-from gateway.calls import LogFn, SessionInfo, ToolCall
+from gateway.calls import Effect, LogFn, SessionInfo, ToolCall
 from gateway.catalog.uris import normal_uri
 from gateway.core.requests import Caller
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.rules import RESOURCE_PREFIX
 
 logger = logging.getLogger(__name__)
+_logger = logger  # for closures whose parameter is named `logger`, as the protocol names it
 
+SEND_LIMIT = 1.0
+"""Seconds a client has to take one notice; one that does not is sent no more of them (for that call, or
+that subscription), so a client that stops reading never holds up what the upstream sends others."""
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 """The protocol's log levels (RFC 5424's severities), least severe first."""
 
@@ -68,12 +74,22 @@ SetLevel = Callable[[str], Awaitable[None]]
 
 
 def _log_relay(send: SendLog, threshold: Callable[[], str | None]) -> LogFn:
+    """Relays a call's log messages at `threshold`; a client that does not take one within `SEND_LIMIT`
+    is sent none of the call's others (its upstream's other callers wait for nobody)."""
+    stalled = False
+
     async def relay(level: str, data: Any, logger: str | None) -> None:
-        if admits(threshold(), level):
-            params: dict[str, Any] = {"level": level, "data": data}
-            if logger is not None:
-                params["logger"] = logger
+        nonlocal stalled
+        if stalled or not admits(threshold(), level):
+            return
+        params: dict[str, Any] = {"level": level, "data": data}
+        if logger is not None:
+            params["logger"] = logger
+        with anyio.move_on_after(SEND_LIMIT) as waited:
             await send(params)
+        if waited.cancelled_caught:
+            stalled = True
+            _logger.warning("a client took no log message for %ss; its call's others are dropped", SEND_LIMIT)
 
     return relay
 
@@ -86,6 +102,8 @@ class _Follower:
     """The URI as the upstream was asked to follow it."""
     asked: str
     """The URI as the session asked to follow it (its updates name it so)."""
+    arguments: Mapping[str, Any]
+    """What the subscription was decided on (`{"uri": ..., **template variables}`), decided so again for each update."""
 
 
 class Notices:
@@ -132,10 +150,18 @@ class Notices:
     # -- subscriptions -------------------------------------------------------------------------
 
     def follow(
-        self, upstream: str, uri: str, forwarded: str, asked: str, session: SessionInfo, updated: Updated
+        self,
+        upstream: str,
+        uri: str,
+        forwarded: str,
+        asked: str,
+        arguments: Mapping[str, Any],
+        session: SessionInfo,
+        updated: Updated,
     ) -> None:
         """`session` now receives the updates of `uri` (normal form) from `upstream`."""
-        self._followers.setdefault((upstream, uri), {})[session.id] = _Follower(session, updated, forwarded, asked)
+        follower = _Follower(session, updated, forwarded, asked, arguments)
+        self._followers.setdefault((upstream, uri), {})[session.id] = follower
 
     async def unfollow(self, uri: str, session_id: str) -> None:
         """`session_id` stops following `uri` (normal form); the last to stop has the upstream unsubscribed."""
@@ -181,13 +207,11 @@ class Notices:
         except ValidationError:
             logger.warning("upstream '%s' sent a malformed log message; dropped", upstream)
             return
-        if len({call.session.id for call in calls}) != 1:
-            logger.debug("a log message from '%s' concerns no one session's call; dropped", upstream)
+        if len(calls) != 1:
+            logger.debug("a log message from '%s' concerns no one call; dropped", upstream)
             return
-        for call in reversed(calls):
-            if call.log is not None:
-                await call.log(message.level, message.data, message.logger)
-                return
+        if calls[0].log is not None:
+            await calls[0].log(message.level, message.data, message.logger)
 
     async def _updated(self, upstream: str, params: Mapping[str, Any]) -> None:
         uri = params.get("uri")
@@ -202,12 +226,19 @@ class Notices:
             return
         for session_id, follower in list((followers or {}).items()):
             session = follower.session
-            if not self._engine.visible(
-                RESOURCE_PREFIX + key[1], client=session.client_name, principal=session.principal
-            ):
-                continue  # the policy in force no longer lets this session read it
+            decision = self._engine.evaluate(
+                RESOURCE_PREFIX + key[1],
+                follower.arguments,
+                now=time.monotonic(),
+                session=session.id,
+                client=session.client_name,
+                principal=session.principal,
+            )
+            if decision.effect is not Effect.ALLOW:
+                continue  # the policy in force would no longer let this session subscribe
             try:
-                await follower.updated(follower.asked)
-            except Exception as exc:  # its connection is gone: so is its subscription
-                logger.info("session %s could not be told of an update (%s); unsubscribed", session_id, exc)
+                with anyio.fail_after(SEND_LIMIT):
+                    await follower.updated(follower.asked)
+            except Exception as exc:  # its connection is gone, or it stopped reading: so is its subscription
+                logger.info("session %s could not be told of an update (%r); unsubscribed", session_id, exc)
                 await self._drop(key, session_id)

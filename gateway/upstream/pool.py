@@ -51,6 +51,8 @@ INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 NOTICES = frozenset({"notifications/message", "notifications/resources/updated"})
 """What an upstream sends on its own that is handed to the listener (in order, per upstream)."""
+NOTICE_WAIT = 2.0
+"""Seconds an answer waits for the notices its upstream sent before it to be passed on."""
 NOTICE_BACKLOG = 256
 """Notices of one upstream waiting for the listener; more are dropped (with a warning)."""
 _LIST_CHANGED = frozenset(
@@ -234,7 +236,8 @@ class UpstreamPool:
         to the agent after the log messages the upstream sent before it, as the upstream ordered them."""
         notices = self._notices.get(upstream)
         if notices is not None:
-            await notices.passed()
+            with anyio.move_on_after(NOTICE_WAIT):  # never held up for long by what others are sent
+                await notices.passed()
 
     async def _hand_over(self, upstream: str, notices: _Notices) -> None:
         """Give the listener each notice of `upstream`, in the order they came (until the connection ends)."""

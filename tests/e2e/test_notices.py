@@ -120,6 +120,13 @@ async def test_a_completion_is_decided_as_what_it_reaches_and_its_values_screene
                     types.PromptReference(type="ref/prompt", name="chatty__nope"), {"name": "a", "value": ""}
                 )
             assert "Unknown prompt" in unknown.value.error.message
+            # Values under a name the prompt or the template does not have would pass the rules unseen.
+            with pytest.raises(MCPError) as undeclared:
+                await client.complete(prompt, {"name": "x", "value": ".e"})
+            assert "has no argument x" in undeclared.value.error.message
+            with pytest.raises(MCPError) as unmade:
+                await client.complete(template, {"name": "x", "value": ".e"})
+            assert "cannot be completed for x" in unmade.value.error.message
     forwarded = upstream_got(record, "completion/complete")
     assert [entry["argument"]["value"] for entry in forwarded] == ["", "n", "key", ""]
     assert forwarded[0]["ref"] == {"type": "ref/prompt", "name": "open"}  # the upstream's own name
