@@ -14,11 +14,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.calls import Decision, Effect
 from gateway.policy.items import when_holds
+from gateway.policy.paths import PathArguments
 from gateway.policy.rates import RateLimiter
 from gateway.policy.results import Screening, screen
 from gateway.policy.rules import Rule, ToolRules
@@ -34,6 +35,8 @@ class PolicySet:
     default: Effect = Effect.DENY
     revision: str = ""
     files: tuple[str, ...] = ()
+    paths: PathArguments = field(default_factory=PathArguments)
+    """The `[[paths]]` declarations: arguments normalised before any rule sees them."""
 
 
 @dataclass(slots=True)
@@ -141,6 +144,11 @@ class PolicyEngine:
         principal: str,
         trace: list[tuple[str, str]] | None,
     ) -> Decision:
+        given = arguments
+        try:
+            arguments = self.policies.paths.normalise(tool, given)
+        except ValueError as exc:  # fail closed, also in monitor mode: no rule can judge such a path
+            return Decision(Effect.DENY, f"{exc}; refused", self.policies.revision)
         enforced: list[_Match] = []
         monitored: list[_Match] = []
         rated: list[str] = []
@@ -184,6 +192,8 @@ class PolicyEngine:
             would = decision.effect
             effect = Effect.REWRITE if decision.arguments is not None else Effect.ALLOW
             decision = replace(decision, effect=effect, reason=f"monitor mode, would {would.value}: {decision.reason}")
+        if arguments is not given and decision.arguments is None and decision.effect is not Effect.DENY:
+            decision = replace(decision, arguments=arguments)  # the upstream gets the paths the rules saw
         if would is None and not monitored and not rated:
             return decision
         return replace(decision, would=would, monitored=tuple(match.rule.id for match in monitored), rated=tuple(rated))
