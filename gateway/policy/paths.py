@@ -5,8 +5,8 @@ A declared path becomes absolute (a relative one joined to the declaration's `ro
 repeated and trailing slashes resolved lexically; `case = "insensitive"` also folds its case and puts
 it in Unicode NFC. The rules see that form and the upstream receives it, so what was decided is what
 is forwarded. A value that cannot be normalised (not a string or an array of strings, empty, holding
-a NUL, relative with no root, or climbing above `/`) refuses the call. Symbolic links are not seen:
-the normalisation reads text, never the file system.
+a NUL or a backslash, relative with no root, or climbing above `/`) refuses the call. Symbolic links
+are not seen: the normalisation reads text, never the file system.
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ def normalise_path(path: str, root: str | None, *, insensitive: bool = False) ->
         raise ValueError("is empty")
     if "\0" in path:
         raise ValueError("holds a NUL character")
+    if "\\" in path:  # a separator to a server on Windows: `a\..\..\x` would climb where the rules see none
+        raise ValueError("holds a backslash (a separator to some servers)")
     if insensitive:
         path = fold(path)
     if not path.startswith("/"):

@@ -77,6 +77,7 @@ def test_dot_segments_resolve_lexically(path: str, normalised: str) -> None:
         ("/ws/../../etc", None, "climbs above /"),
         ("../../x", "/ws", "climbs above /"),
         ("/ws/.env\0.txt", "/ws", "holds a NUL character"),
+        ("/ws/a\\..\\..\\.env", "/ws", "holds a backslash (a separator to some servers)"),
         ("", "/ws", "is empty"),
     ],
 )
