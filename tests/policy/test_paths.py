@@ -13,6 +13,7 @@ from gateway.calls import Effect
 from gateway.errors import PolicyError
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.files import load_policies
+from gateway.policy.lint import lint
 from gateway.policy.paths import globs_overlap, normalise_path
 from tests.conftest import REPO
 
@@ -273,3 +274,13 @@ def test_conflicting_declarations_are_refused_at_load_naming_both_files(tmp_path
 def test_glob_overlap(first: str, second: str, overlap: bool) -> None:
     assert globs_overlap(first, second) is overlap
     assert globs_overlap(second, first) is overlap
+
+
+def test_lint_warns_of_a_declaration_that_names_no_tool_or_no_argument_of_its_tools(tmp_path: Path) -> None:
+    text = '[[paths]]\ntools = ["files__*", "fils__*"]\narguments = ["path", "file_path"]\nroot = "/ws"\n'
+    (tmp_path / "p.toml").write_text(text, encoding="utf-8")
+    schema = {"type": "object", "properties": {"path": {"type": "string"}}}
+    assert lint(load_policies(tmp_path), {"files__read_text_file": schema, "git__git_status": {}}) == [
+        "p.toml: paths: tools: 'fils__*' matches no exposed tool",
+        "p.toml: paths: arguments: 'file_path' is an argument of none of the tools it names",
+    ]
