@@ -146,7 +146,7 @@ class PolicyEngine:
     ) -> Decision:
         given = arguments
         try:
-            arguments = self.policies.paths.normalise(tool, given)
+            arguments, forwarded = self.policies.paths.normalise(tool, given)
         except ValueError as exc:  # fail closed, also in monitor mode: no rule can judge such a path
             return Decision(Effect.DENY, f"{exc}; refused", self.policies.revision)
         enforced: list[_Match] = []
@@ -182,18 +182,18 @@ class PolicyEngine:
             if trace is not None:
                 verdict = match.note or f"matches: {match.effect.value}"
                 trace.append((rule.id, verdict + (" (monitor: recorded, not enforced)" if rule.monitor else "")))
-        decision = self._resolve(tool, arguments, enforced, unmatched)
+        decision = self._resolve(tool, forwarded, enforced, unmatched)
         would: Effect | None = None
         if monitored:
-            with_monitored = self._resolve(tool, arguments, enforced + monitored, unmatched)
+            with_monitored = self._resolve(tool, forwarded, enforced + monitored, unmatched)
             if with_monitored.effect is not decision.effect:
                 would = with_monitored.effect
         if self.monitor_mode and not decision.proceeds:
             would = decision.effect
             effect = Effect.REWRITE if decision.arguments is not None else Effect.ALLOW
             decision = replace(decision, effect=effect, reason=f"monitor mode, would {would.value}: {decision.reason}")
-        if arguments is not given and decision.arguments is None and decision.effect is not Effect.DENY:
-            decision = replace(decision, arguments=arguments)  # the upstream gets the paths the rules saw
+        if forwarded is not given and decision.arguments is None and decision.effect is not Effect.DENY:
+            decision = replace(decision, arguments=forwarded)  # the upstream gets the paths the rules decided on
         if would is None and not monitored and not rated:
             return decision
         return replace(decision, would=would, monitored=tuple(match.rule.id for match in monitored), rated=tuple(rated))

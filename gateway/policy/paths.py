@@ -2,11 +2,14 @@
 any rule sees them, so a condition is written once for the path and not for each way of spelling it.
 
 A declared path becomes absolute (a relative one joined to the declaration's `root`), with `.`, `..`,
-repeated and trailing slashes resolved lexically; `case = "insensitive"` also folds its case and puts
-it in Unicode NFC. The rules see that form and the upstream receives it, so what was decided is what
-is forwarded. A value that cannot be normalised (not a string or an array of strings, empty, holding
-a NUL or a backslash, relative with no root, or climbing above `/`) refuses the call. Symbolic links
-are not seen: the normalisation reads text, never the file system.
+repeated and trailing slashes resolved lexically, and the upstream receives that form, so no second
+reading of the path names another file. The rules see it too; with `case = "insensitive"` they see
+it case-folded in Unicode NFC, while the upstream gets its case as written (a case-insensitive file
+system opens the same file, and a server that compares its allowed directories case-sensitively,
+as `server-filesystem` does, still finds them). A value that cannot be normalised (not a string or
+an array of strings, empty, holding a NUL or a backslash, relative with no root, or climbing above
+`/`) refuses the call. Symbolic links are not seen: the normalisation reads text, never the file
+system.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class PathDeclaration:
     tools_pattern: re.Pattern[str]
     arguments: frozenset[str]
     root: str | None
-    """Normalised (and folded, when insensitive); relative paths are joined to it."""
+    """Normalised (not folded); relative paths are joined to it."""
     insensitive: bool
 
     def concerns(self, tool: str, argument: str) -> bool:
@@ -58,12 +61,14 @@ class PathArguments:
 
     declarations: tuple[PathDeclaration, ...] = ()
 
-    def normalise(self, tool: str, arguments: Mapping[str, Any]) -> Mapping[str, Any]:
-        """`arguments` with every declared path normalised (the same mapping when nothing changes);
-        `ValueError` with the reason when one cannot be."""
+    def normalise(self, tool: str, arguments: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+        """What the rules see and what the upstream is sent: `arguments` with every declared path
+        normalised, folded in the first when its declaration says `case = "insensitive"` (each the
+        same mapping when nothing changes); `ValueError` with the reason when one cannot be."""
         if not self.declarations:
-            return arguments
-        changed: dict[str, Any] = {}
+            return arguments, arguments
+        seen: dict[str, Any] = {}
+        sent: dict[str, Any] = {}
         for key, value in arguments.items():
             declared = {(found.root, found.insensitive) for found in self.declarations if found.concerns(tool, key)}
             if not declared:
@@ -72,13 +77,16 @@ class PathArguments:
             if len(declared) > 1:
                 raise ValueError(f"{where} is declared a path by [[paths]] entries that disagree on root or case")
             ((root, insensitive),) = declared
-            normalised = _normalise_value(value, root, insensitive, where)
+            normalised = _normalise_value(value, root, where)
+            folded = _fold_value(normalised) if insensitive else normalised
             if normalised != value:
-                changed[key] = normalised
-        return {**arguments, **changed} if changed else arguments
+                sent[key] = normalised
+            if folded != value:
+                seen[key] = folded
+        return ({**arguments, **seen} if seen else arguments), ({**arguments, **sent} if sent else arguments)
 
 
-def normalise_path(path: str, root: str | None, *, insensitive: bool = False) -> str:
+def normalise_path(path: str, root: str | None) -> str:
     """One path in its one form; `ValueError` saying what is wrong with it."""
     if not path:
         raise ValueError("is empty")
@@ -86,8 +94,6 @@ def normalise_path(path: str, root: str | None, *, insensitive: bool = False) ->
         raise ValueError("holds a NUL character")
     if "\\" in path:  # a separator to a server on Windows: `a\..\..\x` would climb where the rules see none
         raise ValueError("holds a backslash (a separator to some servers)")
-    if insensitive:
-        path = fold(path)
     if not path.startswith("/"):
         if root is None:
             raise ValueError(f"is relative ({path!r}) and its [[paths]] declaration has no root")
@@ -110,16 +116,20 @@ def fold(text: str) -> str:
     return unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
 
 
-def _normalise_value(value: Any, root: str | None, insensitive: bool, where: str) -> Any:
+def _normalise_value(value: Any, root: str | None, where: str) -> Any:
     """A declared argument: a string, or an array of them (arrays in it too), normalised."""
     if isinstance(value, str):
         try:
-            return normalise_path(value, root, insensitive=insensitive)
+            return normalise_path(value, root)
         except ValueError as exc:
             raise ValueError(f"{where} is a declared path that {exc}") from None
     if isinstance(value, list):
-        return [_normalise_value(item, root, insensitive, f"{where} item {index}") for index, item in enumerate(value)]
+        return [_normalise_value(item, root, f"{where} item {index}") for index, item in enumerate(value)]
     raise ValueError(f"{where} is a declared path but is not a string or an array of strings")
+
+
+def _fold_value(value: Any) -> Any:
+    return fold(value) if isinstance(value, str) else [_fold_value(item) for item in value]
 
 
 def declare_paths(spec: PathsSpec, source: str, where: str) -> PathDeclaration:
@@ -133,7 +143,7 @@ def declare_paths(spec: PathsSpec, source: str, where: str) -> PathDeclaration:
         if not spec.root.startswith("/"):
             raise PolicyError(f"{where}: root: must be an absolute path, got {spec.root!r}")
         try:
-            root = normalise_path(spec.root, None, insensitive=insensitive)
+            root = normalise_path(spec.root, None)
         except ValueError as exc:
             raise PolicyError(f"{where}: root: {spec.root!r} {exc}") from None
     pattern = re.compile("|".join(tool_glob(glob) for glob in spec.tools))

@@ -14,7 +14,7 @@ from gateway.errors import PolicyError
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.files import load_policies
 from gateway.policy.lint import lint
-from gateway.policy.paths import globs_overlap, normalise_path
+from gateway.policy.paths import fold, globs_overlap, normalise_path
 from tests.conftest import REPO
 
 DECLARED = """
@@ -90,9 +90,9 @@ def test_paths_that_cannot_be_normalised(path: str, root: str | None, problem: s
 def test_case_insensitive_paths_fold_case_and_unicode_normal_forms() -> None:
     composed, decomposed = "/WS/Caf\u00e9/.ENV", "/ws/CAFE\u0301/.env"
     assert unicodedata.is_normalized("NFD", decomposed) and composed != decomposed
-    assert normalise_path(composed, None, insensitive=True) == "/ws/caf\u00e9/.env"
-    assert normalise_path(decomposed, None, insensitive=True) == "/ws/caf\u00e9/.env"
-    assert normalise_path(composed, None) == "/WS/Caf\u00e9/.ENV"  # case-sensitive: kept as written
+    assert fold(normalise_path(composed, None)) == "/ws/caf\u00e9/.env"
+    assert fold(normalise_path(decomposed, None)) == "/ws/caf\u00e9/.env"
+    assert normalise_path(composed, None) == "/WS/Caf\u00e9/.ENV"  # normalising alone keeps the case
 
 
 def test_rules_see_and_the_upstream_gets_the_normalised_form(tmp_path: Path) -> None:
@@ -155,14 +155,20 @@ def test_without_a_root_a_relative_path_is_refused(tmp_path: Path) -> None:
     assert "is relative ('a.txt') and its [[paths]] declaration has no root" in relative.reason
 
 
-def test_case_insensitive_declaration_folds_what_the_rules_see(tmp_path: Path) -> None:
+def test_case_insensitive_declaration_folds_what_the_rules_see_and_forwards_the_case_as_written(
+    tmp_path: Path,
+) -> None:
     declared = DECLARED.replace('root = "/ws"', 'root = "/WS"\ncase = "insensitive"')
     engine = engine_for(tmp_path, declared + RULES)
-    for spelling in ("/WS/.ENV", "/ws/.Env/", ".ENV", "sub/../.eNv"):
-        assert decide(engine, {"path": spelling}).effect is Effect.DENY, spelling
-    allowed = decide(engine, {"path": "Docs/CAFE\u0301.md"})
-    assert allowed.effect is Effect.ALLOW
-    assert allowed.arguments == {"path": "/ws/docs/caf\u00e9.md"}
+    for spelling in ("/WS/.ENV", "/ws/.Env/", ".ENV", "sub/../.eNv", "/ws/SUB/../.ENV/"):
+        denied = decide(engine, {"path": spelling})
+        assert (denied.effect, denied.rules) == (Effect.DENY, ("inside-ws", "no-secrets")), spelling
+    allowed = decide(engine, {"path": "Docs//CAFE\u0301.md"})
+    assert (allowed.effect, allowed.rules) == (Effect.ALLOW, ("inside-ws",))
+    assert allowed.arguments == {"path": "/WS/Docs/CAFE\u0301.md"}  # the server's file system folds it alike
+    several = decide(engine, {"paths": ["/Ws/A.txt", ["b.TXT"]]}, "files__read_multiple_files")
+    assert several.arguments == {"paths": ["/Ws/A.txt", ["/WS/b.TXT"]]}
+    assert decide(engine, {"paths": ["/ws/a", "/WS/.Env"]}, "files__read_multiple_files").effect is Effect.DENY
 
 
 def test_normalisation_happens_before_rewrites_and_under_the_default(tmp_path: Path) -> None:
