@@ -149,6 +149,9 @@ class PolicyEngine:
             arguments, forwarded = self.policies.paths.normalise(tool, given)
         except ValueError as exc:  # fail closed, also in monitor mode: no rule can judge such a path
             return Decision(Effect.DENY, f"{exc}; refused", self.policies.revision)
+        except Exception as exc:  # arrays nested past the recursion limit, say
+            reason = f"the declared paths of '{tool}' could not be normalised ({type(exc).__name__})"
+            return Decision(Effect.DENY, reason + "; refused to be safe", self.policies.revision)
         enforced: list[_Match] = []
         monitored: list[_Match] = []
         rated: list[str] = []

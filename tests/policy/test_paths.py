@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,17 @@ def test_a_declared_path_that_cannot_be_normalised_is_refused(
         assert decision.effect is Effect.DENY
         assert decision.reason.startswith(reason)
         assert decision.reason.endswith("; refused")
+
+
+def test_arrays_nested_past_the_recursion_limit_are_refused_not_raised(tmp_path: Path) -> None:
+    nested: list[Any] = ["/ws/a"]
+    for _ in range(sys.getrecursionlimit() * 2):
+        nested = [nested]
+    decision = decide(engine_for(tmp_path, '[defaults]\neffect = "allow"\n' + DECLARED), {"paths": nested})
+    assert decision.effect is Effect.DENY
+    assert decision.reason == (
+        "the declared paths of 'files__read_text_file' could not be normalised (RecursionError); refused to be safe"
+    )
 
 
 def test_without_a_root_a_relative_path_is_refused(tmp_path: Path) -> None:
