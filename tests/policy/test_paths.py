@@ -197,6 +197,14 @@ def test_monitor_mode_forwards_the_normalised_form(tmp_path: Path) -> None:
     decision = decide(engine_for(tmp_path, DECLARED + RULES, monitor_mode=True), {"path": "/ws//.env"})
     assert (decision.effect, decision.would) == (Effect.ALLOW, Effect.DENY)
     assert decision.arguments == {"path": "/ws/.env"}
+    rewrite = '[[rule]]\nid = "tail"\ntools = ["files__*"]\neffect = "rewrite"\nset = { tail = 5 }\n'
+    engine = engine_for(
+        tmp_path,
+        DECLARED + RULES + rewrite + '[[rule]]\nid = "ask"\ntools = ["files__*"]\neffect = "ask"\n',
+        monitor_mode=True,
+    )
+    asked = decide(engine, {"path": "/ws//a"})
+    assert (asked.effect, asked.would, asked.arguments) == (Effect.REWRITE, Effect.ASK, {"path": "/ws/a", "tail": 5})
 
 
 def test_undeclared_tools_arguments_and_resources_are_left_as_written(tmp_path: Path) -> None:
