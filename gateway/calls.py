@@ -52,7 +52,8 @@ class Decision:
     rules: tuple[str, ...] = ()
     """Every enforcing rule that matched (for a default decision: none)."""
     arguments: Mapping[str, Any] | None = None
-    """The arguments after `rewrite` rules; `None` when nothing was rewritten."""
+    """The arguments to forward, when not those the agent sent: declared paths normalised, then `rewrite`
+    rules applied; `None` when nothing changed."""
     would: Effect | None = None
     """What the decision would have been with `monitor` rules (or monitor mode) enforcing, when it differs."""
     monitored: tuple[str, ...] = ()

@@ -142,7 +142,9 @@ def _first_policies(
             note(f"{target} exists and is kept; the rules for upstream '{name}' are yours to write")
             continue
         listing = listings.get(name, Listing(problem="not started: --offline"))
-        policies[target] = upstream_policy(name, listing, written_by=command, separator=config.gateway.separator)
+        policies[target] = upstream_policy(
+            name, listing, written_by=command, separator=config.gateway.separator, table=names[name]
+        )
     with tempfile.TemporaryDirectory() as scratch:
         trial = Path(scratch) / "policies"
         if policy_dir.is_dir():
@@ -185,7 +187,7 @@ def init_command(args: argparse.Namespace) -> int:
     for name in upstreams:
         listing = listings.get(name, Listing(problem="not started: --offline"))
         policies[policy_path(config.policy_dir, name)] = upstream_policy(
-            name, listing, written_by="init", separator=config.gateway.separator
+            name, listing, written_by="init", separator=config.gateway.separator, table=upstreams[name]
         )
     written = [(config_path, StarterFile(text, "the gateway's settings and upstreams")), *policies.items()]
     for target, starter in written:

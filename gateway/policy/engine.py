@@ -14,11 +14,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.calls import Decision, Effect
 from gateway.policy.items import when_holds
+from gateway.policy.paths import PathArguments
 from gateway.policy.rates import RateLimiter
 from gateway.policy.results import Screening, screen
 from gateway.policy.rules import Rule, ToolRules
@@ -34,6 +35,8 @@ class PolicySet:
     default: Effect = Effect.DENY
     revision: str = ""
     files: tuple[str, ...] = ()
+    paths: PathArguments = field(default_factory=PathArguments)
+    """The `[[paths]]` declarations: arguments normalised before any rule sees them."""
 
 
 @dataclass(slots=True)
@@ -141,6 +144,14 @@ class PolicyEngine:
         principal: str,
         trace: list[tuple[str, str]] | None,
     ) -> Decision:
+        given = arguments
+        try:
+            arguments, forwarded = self.policies.paths.normalise(tool, given)
+        except ValueError as exc:  # fail closed, also in monitor mode: no rule can judge such a path
+            return Decision(Effect.DENY, f"{exc}; refused", self.policies.revision)
+        except Exception as exc:  # arrays nested past the recursion limit, say
+            reason = f"the declared paths of '{tool}' could not be normalised ({type(exc).__name__})"
+            return Decision(Effect.DENY, reason + "; refused to be safe", self.policies.revision)
         enforced: list[_Match] = []
         monitored: list[_Match] = []
         rated: list[str] = []
@@ -174,31 +185,42 @@ class PolicyEngine:
             if trace is not None:
                 verdict = match.note or f"matches: {match.effect.value}"
                 trace.append((rule.id, verdict + (" (monitor: recorded, not enforced)" if rule.monitor else "")))
-        decision = self._resolve(tool, arguments, enforced, unmatched)
+        decision = self._resolve(tool, forwarded, given, enforced, unmatched)
         would: Effect | None = None
         if monitored:
-            with_monitored = self._resolve(tool, arguments, enforced + monitored, unmatched)
+            with_monitored = self._resolve(tool, forwarded, given, enforced + monitored, unmatched)
             if with_monitored.effect is not decision.effect:
                 would = with_monitored.effect
         if self.monitor_mode and not decision.proceeds:
             would = decision.effect
-            effect = Effect.REWRITE if decision.arguments is not None else Effect.ALLOW
-            decision = replace(decision, effect=effect, reason=f"monitor mode, would {would.value}: {decision.reason}")
+            rewritten = decision.arguments not in (None, forwarded)
+            effect = Effect.REWRITE if rewritten else Effect.ALLOW
+            sent = decision.arguments if rewritten or forwarded is given else forwarded
+            reason = f"monitor mode, would {would.value}: {decision.reason}"
+            decision = replace(decision, effect=effect, reason=reason, arguments=sent)
         if would is None and not monitored and not rated:
             return decision
         return replace(decision, would=would, monitored=tuple(match.rule.id for match in monitored), rated=tuple(rated))
 
     def _resolve(
-        self, tool: str, arguments: Mapping[str, Any], matches: list[_Match], unmatched: list[str]
+        self,
+        tool: str,
+        arguments: Mapping[str, Any],
+        given: Mapping[str, Any],
+        matches: list[_Match],
+        unmatched: list[str],
     ) -> Decision:
+        """The decision on `arguments` (declared paths normalised) that these matching rules make; a
+        decision that lets the call go on carries them when they are not those `given`."""
         revision = self.policies.revision
+        normalised = arguments if arguments is not given else None
         if not matches:
             default = self.policies.default
             reason = f"no policy rule decides this call to '{tool}', and the default is {default.value}"
             if unmatched:
                 reason += " (rules whose conditions these arguments do not meet: "
                 reason += ", ".join(f"'{rule_id}'" for rule_id in unmatched) + ")"
-            return Decision(default, reason, revision)
+            return Decision(default, reason, revision, arguments=normalised if default is not Effect.DENY else None)
         ids = tuple(match.rule.id for match in matches)
         top = min(matches, key=lambda match: _PRECEDENCE.index(match.effect))
         rewritten: Mapping[str, Any] | None = None
@@ -224,6 +246,8 @@ class PolicyEngine:
             reason = f"arguments rewritten by rule {by}" + (f": {rule.reason}" if rule.reason else "")
         else:
             reason = f"allowed by rule '{rule.id}'" + (f": {rule.reason}" if rule.reason else "")
+        if rewritten is None and top.effect is not Effect.DENY:
+            rewritten = normalised
         return Decision(effect, reason, revision, ids, rewritten)
 
     def charge(self, decision: Decision, session: str, now: float) -> bool:

@@ -28,8 +28,9 @@ from gateway.calls import Effect
 from gateway.config.models import Config, parse_duration
 from gateway.errors import PolicyError
 from gateway.policy.engine import PolicyEngine, PolicySet
+from gateway.policy.paths import PathArguments, PathDeclaration, PathsSpec, check_conflicts, declare_paths
 from gateway.policy.redact import parse_mask_path
-from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX, UPSTREAM_PREFIXES, Rate, Rule
+from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX, UPSTREAM_PREFIXES, Rate, Rule, tool_glob
 from gateway.schema import FORMATS, Matcher, compile_fast, compile_schema, describe_violation
 
 RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
@@ -90,6 +91,8 @@ def load_policies(directory: Path) -> PolicySet:
     seen: dict[str, str] = {}
     default: tuple[Effect, str] | None = None
     loader = _SchemaLoader(directory)
+    paths: list[PathDeclaration] = []
+    labels: dict[str, str] = {}
     for path in files:
         label = str(path)
         data = _read(path, label)
@@ -101,8 +104,13 @@ def load_policies(directory: Path) -> PolicySet:
         except tomllib.TOMLDecodeError as exc:
             raise PolicyError(f"{label}: not valid TOML: {exc}") from None
         for key in raw:
-            if key not in ("rule", "defaults"):
-                raise PolicyError(f"{label}: {key}: unknown key (a policy file holds [[rule]] and [defaults])")
+            if key not in ("rule", "defaults", "paths"):
+                raise PolicyError(
+                    f"{label}: {key}: unknown key (a policy file holds [[rule]], [[paths]] and [defaults])"
+                )
+        if "paths" in raw:
+            paths.extend(_compile_paths(raw["paths"], path.name, label))
+            labels[path.name] = label
         if "defaults" in raw:
             try:
                 effect = Effect(Defaults.model_validate(raw["defaults"]).effect)
@@ -120,6 +128,7 @@ def load_policies(directory: Path) -> PolicySet:
                 raise PolicyError(f"{label}: rule '{rule.id}': id: duplicate (first defined in {seen[rule.id]})")
             seen[rule.id] = path.name
             rules.append(rule)
+    check_conflicts(paths, labels)
     revision = hashlib.sha256()
     for source in sorted([*sources, *loader.sources], key=lambda source: source.name):
         revision.update(source.name.encode() + b"\0" + hashlib.sha256(source.data).digest())
@@ -128,6 +137,7 @@ def load_policies(directory: Path) -> PolicySet:
         default=default[0] if default is not None else Effect.DENY,
         revision=revision.hexdigest()[:16],
         files=tuple(source.name for source in sources),
+        paths=PathArguments(tuple(paths)),
     )
 
 
@@ -155,6 +165,20 @@ def _read(path: Path, label: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise PolicyError(f"{label}: cannot be read: {exc}") from None
+
+
+def _compile_paths(raw: Any, source: str, label: str) -> list[PathDeclaration]:
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise PolicyError(f"{label}: paths: must be an array of tables ([[paths]])")
+    declarations = []
+    for position, table in enumerate(raw, 1):
+        where = f"{label}: paths #{position}"
+        try:
+            spec = PathsSpec.model_validate(table)
+        except ValidationError as exc:
+            raise PolicyError(f"{where}: {_describe(exc)}") from None
+        declarations.append(declare_paths(spec, source, where))
+    return declarations
 
 
 def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, loader: _SchemaLoader) -> Rule:
@@ -267,7 +291,7 @@ def subjects_pattern(
     """One compiled regex for what a rule names: exposed tool names (which never hold a colon), and the
     names the engine knows the rest by: `resource:URI`, `prompt:NAME`, `sampling:UPSTREAM` and
     `elicitation:UPSTREAM`."""
-    parts = [f"(?=[^:]*$)(?:{fnmatch.translate(glob)})" for glob in tools]
+    parts = [tool_glob(glob) for glob in tools]
     for prefix, globs in (
         (RESOURCE_PREFIX, resources),
         (PROMPT_PREFIX, prompts),

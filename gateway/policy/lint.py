@@ -2,8 +2,9 @@
 
 Checked against the tools the upstreams expose now (upstreams change, so these are warnings, not
 errors): a `tools` glob that matches no exposed tool, a `when` that names an argument the tool's
-own input schema does not have (a typo there silently turns a condition off), and an upstream whose
-every tool is hidden (declared, started, and of no use to any client).
+own input schema does not have (a typo there silently turns a condition off), a `[[paths]]` argument
+none of its tools has (a path left as spelled), and an upstream whose every tool is hidden (declared,
+started, and of no use to any client).
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ def lint(policies: PolicySet, tools: Mapping[str, Mapping[str, Any]]) -> list[st
     for rule in policies.rules:
         where = f"{rule.source}: rule '{rule.id}'"
         concerned = [name for name in tools if rule.concerns(name)]
-        for glob in rule.tools:
-            if not any(fnmatch.fnmatchcase(name, glob) for name in tools):
-                findings.append(f"{where}: tools: {glob!r} matches no exposed tool")
+        findings += _unmatched(rule.tools, tools, where)
         if rule.on_result or rule.when_schema is None:
             continue
         named = set(_argument_names(rule.when_schema))
@@ -35,7 +34,22 @@ def lint(policies: PolicySet, tools: Mapping[str, Mapping[str, Any]]) -> list[st
                 continue
             for argument in sorted(named - set(known)):
                 findings.append(f"{where}: when: names argument {argument!r}, which tool '{name}' does not have")
+    for declared in policies.paths.declarations:
+        where = f"{declared.source}: paths"
+        findings += _unmatched(declared.tools, tools, where)
+        schemas = [tools[name].get("properties") for name in tools if declared.tools_pattern.fullmatch(name)]
+        for argument in sorted(declared.arguments):
+            if schemas and not any(isinstance(known, Mapping) and argument in known for known in schemas):
+                findings.append(f"{where}: arguments: {argument!r} is an argument of none of the tools it names")
     return findings
+
+
+def _unmatched(globs: Iterable[str], tools: Mapping[str, Any], where: str) -> list[str]:
+    return [
+        f"{where}: tools: {glob!r} matches no exposed tool"
+        for glob in globs
+        if not any(fnmatch.fnmatchcase(name, glob) for name in tools)
+    ]
 
 
 def hidden_upstreams(engine: PolicyEngine, tools: Iterable[tuple[str, str]]) -> list[str]:

@@ -5,6 +5,7 @@ Built by `policy/files.py` at load time, read by the engine; plain data, no I/O.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,12 @@ PROMPT_PREFIX = "prompt:"
 UPSTREAM_PREFIXES = {"sampling/createMessage": "sampling:", "elicitation/create": "elicitation:"}
 """An upstream's own request, by `sampling:` or `elicitation:` and the upstream's name (`rules.sampling`,
 `rules.elicitation` globs match the name)."""
+
+
+def tool_glob(glob: str) -> str:
+    """The regex for one glob over exposed tool names, which never hold a colon (so `*` names no
+    `resource:URI`, `prompt:NAME`, ...)."""
+    return f"(?=[^:]*$)(?:{fnmatch.translate(glob)})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ not a fact the gateway can check: the file says so, for the person reviewing it.
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections import ChainMap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from gateway.catalog.listing import ExposedTool
 from gateway.config.edit import ConfigText, toml_value, upstream_table
 from gateway.config.models import parse_config
 from gateway.errors import ConfigError
+from gateway.policy.paths import fold, normalise_path
 from gateway.upstream.connect import connect
 
 CONFIG_TEMPLATE = """\
@@ -151,8 +154,24 @@ class StarterFile:
 DEFAULTS = StarterFile(DEFAULTS_TEMPLATE, "default deny; credentials masked in every result")
 
 
-def upstream_policy(upstream: str, listing: Listing, *, written_by: str, separator: str) -> StarterFile:
-    """The first policy file of an upstream: its read-only tools allowed, the rest listed, refused."""
+FILESYSTEM_PACKAGE = "@modelcontextprotocol/server-filesystem"
+SECRET_FILES = (
+    r"(^|/)(\.env(\..*)?|\.netrc|\.npmrc|\.pypirc|id_(rsa|dsa|ecdsa|ed25519)|[^/]*\.(pem|key|p12|pfx)"
+    r"|credentials(\.json)?|\.ssh|\.aws)(/|$)"
+)
+"""A normalised path naming a file that holds secrets, or inside `.ssh`/`.aws` (as `schemas/secret-file.json`)."""
+CASE_INSENSITIVE = sys.platform == "darwin"
+"""Whether a starter `[[paths]]` says `case = "insensitive"` (macOS file systems are, by default)."""
+
+
+def upstream_policy(
+    upstream: str, listing: Listing, *, written_by: str, separator: str, table: Mapping[str, Any] | None = None
+) -> StarterFile:
+    """The first policy file of an upstream: its read-only tools allowed, the rest listed, refused.
+
+    For `server-filesystem` serving absolute directories (`table` is its `[upstreams.NAME]`), its path
+    arguments are declared, the read-only tools allowed only inside those directories, and secret
+    files in them denied."""
     today = datetime.now(UTC).date().isoformat()
     lines = [f"# Upstream '{upstream}': first rules, written by `mcp-armor {written_by}` on {today}."]
     if listing.problem is not None:
@@ -174,10 +193,13 @@ def upstream_policy(upstream: str, listing: Listing, *, written_by: str, separat
         "# Allowed: the tools the server marks read-only (annotations.readOnlyHint). That mark is the",
         "# server's own claim; review the list. Every other tool is refused until a rule allows it.",
     ]
+    roots = _filesystem_roots(table or {})
     if read_only:
         names = [tool.name for tool in read_only]
         listed = [f"    {toml_value(name)}," for name in names]
         lines += ["", "[[rule]]", f'id = "{upstream}-read-only"', "tools = [", *listed, "]", 'effect = "allow"']
+        if roots:
+            lines += _inside(roots)
     else:
         lines += ["# (It marks none of its tools read-only.)"]
     if others:
@@ -195,7 +217,63 @@ def upstream_policy(upstream: str, listing: Listing, *, written_by: str, separat
     summary = (
         f"allows {_count(read_only, 'read-only tool')}; {_count(others, 'other')} refused until a rule allows them"
     )
+    if roots:
+        lines += _paths(upstream, separator, roots)
+        summary += f"; paths normalised, reads only inside {', '.join(roots)}, secret files denied"
     return StarterFile("\n".join(lines) + "\n", summary)
+
+
+def _filesystem_roots(table: Mapping[str, Any]) -> list[str]:
+    """The directories a `server-filesystem` upstream serves, when every one is absolute; else none."""
+    command, args = table.get("command"), table.get("args", [])
+    if not isinstance(command, str) or not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+        return []
+    packages = [
+        index for index, arg in enumerate(args) if arg == FILESYSTEM_PACKAGE or arg.startswith(FILESYSTEM_PACKAGE + "@")
+    ]
+    if packages:
+        rest = args[packages[0] + 1 :]
+    elif Path(command).name == "mcp-server-filesystem":
+        rest = args
+    else:
+        return []
+    try:
+        return [normalise_path(arg, None) for arg in rest if not arg.startswith("-")]
+    except ValueError:  # a relative directory: relative to where the server starts, unknown here
+        return []
+
+
+def _inside(roots: Sequence[str]) -> list[str]:
+    """The read-only rule's condition: every declared path inside one of the directories."""
+    folded = [fold(root) if CASE_INSENSITIVE else root for root in roots]
+    inside = "^(" + "|".join(re.escape(root.rstrip("/")) for root in folded) + ")(/|$)"
+    where = f"{{ pattern = {toml_value(inside)} }}"
+    return [f"when = {{ properties = {{ path = {where}, paths = {where} }} }}  # only inside its directories"]
+
+
+def _paths(upstream: str, separator: str, roots: Sequence[str]) -> list[str]:
+    """The path declaration of a `server-filesystem` upstream, and the secret-file denial."""
+    secret = f"{{ pattern = {toml_value(SECRET_FILES)} }}"
+    return [
+        "",
+        "# Its path arguments, normalised before any rule sees them (and forwarded so): absolute, with",
+        "# '.', '..' and extra slashes resolved. A rule cannot see symlinks: keep none in these directories.",
+        "[[paths]]",
+        f"tools = {toml_value([upstream + separator + '*'])}",
+        'arguments = ["path", "paths", "source", "destination"]',
+        f"root = {toml_value(roots[0])}",
+        *(['case = "insensitive"'] if CASE_INSENSITIVE else []),
+        "",
+        "[[rule]]",
+        f'id = "{upstream}-no-secret-files"',
+        f"tools = {toml_value([upstream + separator + '*'])}",
+        'effect = "deny"',
+        'reason = "secret files (.env, keys, credentials) stay off-limits"',
+        "when = { anyOf = [",
+        f'    {{ required = ["path"], properties = {{ path = {secret} }} }},',
+        f'    {{ required = ["paths"], properties = {{ paths = {secret} }} }},',
+        "] }",
+    ]
 
 
 def _count(items: Sequence[object], noun: str) -> str:

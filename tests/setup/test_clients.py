@@ -20,13 +20,18 @@ import pytest
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
+from gateway.calls import Effect
 from gateway.cli import main
 from gateway.config.environment import environment_for
 from gateway.config.models import load_config
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.files import load_policies
 from gateway.setup import registration as clients
+from gateway.setup import starter
 from gateway.setup.clients import CLIENTS, ClientFormat
 from gateway.setup.registration import launcher
-from tests.conftest import fixture_upstream, http_gateway, text_of, write_config
+from gateway.setup.starter import Listing, upstream_policy
+from tests.conftest import fixture_upstream, http_gateway, node_server, text_of, write_config
 
 CLIENT_NAMES = sorted(CLIENTS)
 PROJECT_CLIENTS = sorted(name for name, client in CLIENTS.items() if client.project_file)
@@ -616,6 +621,65 @@ def test_init_from_a_client_allows_the_tools_its_servers_mark_read_only(
     assert "git__git_commit" not in rule["tools"] and "#   git__git_commit" in policy
     assert "allows" in out and "read-only tool" in out
     assert run(capsys, "policy", "check", "--offline", "--config", str(target / "upstreams.toml"))[0] == 0
+
+
+@pytest.mark.parametrize("insensitive", [False, True], ids=["case-sensitive", "case-insensitive"])
+def test_init_confines_a_filesystem_server_to_its_directories_and_denies_secret_files(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], insensitive: bool
+) -> None:
+    monkeypatch.setattr(starter, "CASE_INSENSITIVE", insensitive)
+    shared = tmp_path / "Shared"
+    shared.mkdir()
+    write_client(
+        CLIENTS["claude-desktop"].user_file(),
+        {"mcpServers": {"files": {"command": node_server("mcp-server-filesystem"), "args": [str(shared)]}}},
+    )
+    target = tmp_path / "fresh"
+    code, out, _ = run(capsys, "init", str(target), "--from", "claude-desktop")
+    assert code == 0 and f"reads only inside {shared}, secret files denied" in out
+    policy = tomllib.loads((target / "policies" / "files.toml").read_text())
+    assert policy["paths"] == [
+        {
+            "tools": ["files__*"],
+            "arguments": ["path", "paths", "source", "destination"],
+            "root": str(shared),
+            **({"case": "insensitive"} if insensitive else {}),
+        }
+    ]
+    engine = PolicyEngine(load_policies(target / "policies"))
+
+    def decide(path: str, tool: str = "files__read_text_file") -> tuple[Effect, tuple[str, ...]]:
+        decision = engine.evaluate(tool, {"path": path}, now=0.0)
+        return decision.effect, decision.rules
+
+    for spelling in (f"{shared}/.env/", f"{shared}/./.env", f"{shared}//.env", f"{shared}/sub/../.env", ".env"):
+        assert decide(spelling) == (Effect.DENY, ("files-read-only", "files-no-secret-files")), spelling
+    assert decide("sub/../notes.txt") == (Effect.ALLOW, ("files-read-only",))
+    assert engine.evaluate("files__read_text_file", {"path": "./a"}, now=0.0).arguments == {"path": f"{shared}/a"}
+    assert decide(f"{shared}/../elsewhere")[0] is Effect.DENY
+    assert decide(f"{shared}/a.txt", "files__write_file")[0] is Effect.DENY  # not read-only: refused as before
+    assert decide(f"{shared}/.ENV")[0] is (Effect.DENY if insensitive else Effect.ALLOW)
+    assert decide(str(shared).lower() + "/a.txt")[0] is (Effect.ALLOW if insensitive else Effect.DENY)
+    assert main(["policy", "check", "--offline", "--config", str(target / "upstreams.toml")]) == 0
+
+
+@pytest.mark.parametrize(
+    ("table", "root"),
+    [
+        ({"command": "npx", "args": ["-y", "@modelcontextprotocol/server-filesystem", "/srv/ws/", "/tmp"]}, "/srv/ws"),
+        ({"command": "npx", "args": ["-y", "@modelcontextprotocol/server-filesystem@2026.8.31", "/a/./b"]}, "/a/b"),
+        ({"command": "/usr/bin/mcp-server-filesystem", "args": ["/data"]}, "/data"),
+        ({"command": "npx", "args": ["-y", "@modelcontextprotocol/server-filesystem", "."]}, None),
+        ({"command": "npx", "args": ["-y", "@modelcontextprotocol/server-filesystem-extra", "/srv"]}, None),
+        ({"command": "uvx", "args": ["mcp-server-git", "/srv"]}, None),
+    ],
+)
+def test_a_filesystem_server_is_known_by_its_package_or_command_and_needs_absolute_directories(
+    table: dict[str, object], root: str | None
+) -> None:
+    text = upstream_policy("files", Listing(), written_by="init", separator="__", table=table).text
+    declared = tomllib.loads(text).get("paths", [])
+    assert [entry["root"] for entry in declared] == ([root] if root else [])
 
 
 def toolbox_command() -> list[str]:
