@@ -189,9 +189,6 @@ class Notices:
         except Exception as exc:  # the upstream may be gone; its subscriptions went with it
             logger.info("unsubscribing '%s' from %s failed (%s)", upstream, forwarded, exc)
 
-    def following(self, session_id: str) -> list[str]:
-        return sorted(uri for (_, uri), followers in self._followers.items() if session_id in followers)
-
     # -- what upstreams send -------------------------------------------------------------------
 
     async def relay(self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]) -> None:
