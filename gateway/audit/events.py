@@ -18,6 +18,7 @@ from gateway.audit.store import FIELDS, now_iso
 from gateway.calls import Decision, Effect, Outcome, SessionInfo, ToolCall
 from gateway.catalog.pins import Assessment
 from gateway.policy.engine import PolicyEngine
+from gateway.policy.nesting import canonical_flat
 from gateway.policy.redact import Redaction, Redactor
 
 ToolEntry = tuple[str, str, Any]
@@ -104,7 +105,7 @@ def outcome_event(
     call: ToolCall, outcome: Outcome, duration_ms: float, redaction: Redaction, recorder: Recorder
 ) -> dict[str, Any]:
     """A call's `outcome` event: how it ended, and a digest of what the agent received."""
-    data = canonical(outcome.result).encode("utf-8", "surrogatepass")  # what the agent received, as stored
+    data = _stored(outcome.result).encode("utf-8", "surrogatepass")  # what the agent received, as stored
     return event(
         "outcome",
         **call_fields(call, redaction, recorder.redactor),
@@ -115,6 +116,14 @@ def outcome_event(
         result_size=len(data),
         result_sha256=hashlib.sha256(data).hexdigest(),
     )
+
+
+def _stored(value: Any) -> str:
+    """`value` in the log's canonical form, however deep it nests (a result may be too deep for `canonical`)."""
+    try:
+        return canonical(value)
+    except RecursionError:
+        return canonical_flat(value)
 
 
 class GatewayEvents:

@@ -37,6 +37,7 @@ from gateway.calls import (
 from gateway.core.targets import candidate, completion_params
 from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy.engine import PolicyEngine
+from gateway.policy.nesting import MAX_NESTING, nests_deeper
 from gateway.upstream.pool import UpstreamPool
 from gateway.wire.results import check_tool_result
 
@@ -68,7 +69,15 @@ def compose(stages: Sequence[Stage], terminal: Handler) -> Handler:
 
 
 async def check_arguments(call: ToolCall, call_next: Handler) -> Outcome:
-    """Refuse arguments that the upstream tool's own inputSchema rejects; they never reach it."""
+    """Refuse arguments nested deeper than `MAX_NESTING` levels (measured without recursion, before
+    anything walks them), and arguments that the upstream tool's own inputSchema rejects; they never
+    reach it."""
+    if nests_deeper(call.arguments):
+        reason = (
+            f"the arguments of '{call.tool.name}' nest deeper than {MAX_NESTING} levels of objects and arrays, "
+            "the most the gateway accepts"
+        )
+        return Outcome.refused(call, reason)
     violation = call.tool.source.violation(call.arguments)
     if violation is not None:
         return Outcome.refused(call, f"arguments do not match the tool's input schema: {violation}")
@@ -152,9 +161,12 @@ class EnforcePolicy:
         if outcome.kind is OutcomeKind.REFUSED:
             self.engine.refund(decision, session.id, stamp)  # refused later on: the call did not happen
         elif outcome.kind in (OutcomeKind.OK, OutcomeKind.ERROR):
-            screening = self.engine.screen_result(
-                call.tool.name, outcome.result, client=session.client_name, principal=session.principal
-            )
+            try:
+                screening = self.engine.screen_result(
+                    call.tool.name, outcome.result, client=session.client_name, principal=session.principal
+                )
+            except RecursionError:  # fail closed: a result too deep to screen is not passed on
+                return Outcome.refused(call, "the upstream's result nests too deep to be screened, so it is withheld")
             if screening.withheld_by is not None:
                 return Outcome.withheld(call, screening.reason, screening.withheld_by)
             result = screening.result
@@ -282,6 +294,9 @@ class Forward:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             reason = f"upstream '{call.tool.upstream}' returned a malformed result ({where}: {first['msg']})"
+            return Outcome.failed(call, OutcomeKind.ERROR, reason)
+        except (ValueError, RecursionError) as exc:  # nested deeper than the result models can check
+            reason = f"upstream '{call.tool.upstream}' returned a result that cannot be checked ({exc})"
             return Outcome.failed(call, OutcomeKind.ERROR, reason)
         return Outcome.completed(result)
 

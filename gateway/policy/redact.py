@@ -22,36 +22,65 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.policy.nesting import MAX_NESTING, canonical_flat, nests_deeper
 from gateway.schema import canonical_text
 
-# Each pattern masks its group "secret" (or the whole match when it has none).
+# Each pattern masks its group "secret" (or the whole match when it has none). Every pattern runs in
+# linear time on any text (an upstream writes the results these scan): a token starts only where no
+# token character precedes it (so a long run is scanned once, not from each of its positions), and
+# repetitions are bounded where a failing match could otherwise rescan what follows.
+_T = r"(?<![A-Za-z0-9_-])"
 PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (kind, re.compile(pattern))
     for kind, pattern in (
-        ("private-key", r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----(?:[\s\S]*?-----END [A-Z0-9 ]*-----|[\s\S]*)"),
+        (
+            "private-key",
+            r"-----BEGIN [A-Z0-9 ]{0,40}PRIVATE KEY( BLOCK)?-----(?:[\s\S]*?-----END [A-Z0-9 ]{0,40}-----|[\s\S]*)",
+        ),
         ("aws-access-key", r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b"),
         ("github-token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})"),
-        ("gitlab-token", r"\bglpat-[A-Za-z0-9_-]{20,}"),
-        ("slack-token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
+        ("gitlab-token", _T + r"glpat-[A-Za-z0-9_-]{20,}"),
+        ("slack-token", _T + r"xox[abposr]-[A-Za-z0-9-]{10,}"),
         ("google-api-key", r"\bAIza[0-9A-Za-z_-]{35}"),
         ("stripe-key", r"\b[rs]k_(?:live|test)_[0-9A-Za-z]{16,}"),
-        ("api-key", r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,}"),
-        ("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
-        ("bearer-token", r"(?i)\b(?:bearer|basic|token)\s+(?P<secret>[A-Za-z0-9._~+/=-]{12,})"),
-        ("url-password", r"\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:(?P<secret>[^/\s@]+)@"),
+        ("api-key", _T + r"sk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,}"),
+        ("jwt", _T + r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+        ("bearer-token", r"(?i)\b(?:bearer|basic|token)\s{1,16}(?P<secret>[A-Za-z0-9._~+/=-]{12,})"),
+        (
+            "url-password",
+            r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://[^/\s:@]{0,256}:(?P<secret>[^/\s@]{1,256})@",
+        ),
         (
             "password",
             r"(?i)(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|client[_-]?secret)"
-            r"\s*[=:]\s*(?P<secret>[^\s&;,'\"]{4,})",
+            r"\s{0,16}[=:]\s{0,16}(?P<secret>[^\s&;,'\"]{4,})",
+        ),
+        (
+            "password-option",  # --password PASS, --db-password 'PASS', --token=T (any length)
+            r"(?i)(?<![\w-])--(?:[a-z0-9]{1,20}-){0,3}(?:password|passwd|pass|secret|token|api-?key)"
+            r"(?:=|[ \t]{1,16})['\"]?(?P<secret>[^\s'\"=-][^\s'\"]*)",
         ),
     )
 )
+_COMMAND = re.compile(r"(?<![\w./-])(?:[\w./-]{0,64}/)?(?P<tool>mysql\w*|mariadb[\w-]*|sshpass|curl)(?![\w-])")
+"""Commands whose short options carry a password: `mysql -pPASS` (attached only: with a space it asks),
+`sshpass -p PASS`, `curl -u user:PASS`."""
+_COMMAND_END = re.compile(r"[\n;|&]")
+_OPTIONS = {
+    "mysql": re.compile(r"(?<!\S)-p['\"]?(?P<secret>[^\s'\"]+)"),
+    "sshpass": re.compile(r"(?<!\S)-p[ \t]{0,16}['\"]?(?P<secret>[^\s'\"]+)"),
+    "curl": re.compile(r"(?<!\S)(?:-u[ \t]{0,16}|--user(?:=|[ \t]{1,16}))['\"]?[^\s:'\"]{0,256}:(?P<secret>[^\s'\"]+)"),
+}
 SHORTEST = 15
-"""No pattern matches fewer characters, except those that need a ':' or '=' (URL passwords, `pwd=...`)."""
+"""No pattern matches fewer characters, except those that need a ':' or '=' (URL passwords, `pwd=...`),
+or an option's `-p` or `--` (`mysql -pPASS`, `--pass X`)."""
+_SHORT_HINTS = re.compile(r"[:=]|-p|--")
 _REMEMBERED = 256
 """Strings up to this long that turned out clean are remembered (policy reasons recur with every call)."""
 _TOKEN = re.compile(r"[A-Za-z0-9+/_=.-]{20,}")
 _MARKER = re.compile(r"\[masked:[a-z-]+:[0-9a-f]{16}\]")
+TOO_DEEP = f"[nested deeper than {MAX_NESTING} levels: not stored]"
+"""What the log stores in place of an object or array nested deeper than `MAX_NESTING` levels."""
 _WORD_RUN = re.compile(r"[a-z]{4,}")
 _KEY_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 _SECRET_WORDS = frozenset(
@@ -104,10 +133,15 @@ class Redactor:
         return f"[masked:{kind}:{mac}]"
 
     def redact(self, value: Any, paths: Sequence[tuple[str, ...]] = ()) -> Redaction:
-        """Mask `value` (call arguments); `paths` are extra paths named by policy rules (`*` = any key)."""
+        """Mask `value` (call arguments); `paths` are extra paths named by policy rules (`*` = any key).
+
+        Object keys are masked by the same patterns as strings (a token used as a key), the structure
+        kept. Objects and arrays nested deeper than `MAX_NESTING` levels are not stored: each becomes
+        `TOO_DEEP` (listed as kind `too-deep`), so nothing deeper is walked, or written to the log.
+        """
         masked: list[Masked] = []
         secrets: dict[str, str] = {}
-        result = self._walk(value, (), paths, masked, secrets, under_secret_key=False)
+        result = self._walk(value, (), (), paths, masked, secrets, under_secret_key=False)
         if not masked:
             return Redaction(value)
         return Redaction(result, tuple(masked), secrets)
@@ -116,53 +150,74 @@ class Redactor:
         self,
         value: Any,
         path: tuple[str, ...],
+        shown: tuple[str, ...],
         paths: Sequence[tuple[str, ...]],
         masked: list[Masked],
         secrets: dict[str, str],
         *,
         under_secret_key: bool,
     ) -> Any:
+        """`path` is where `value` is (what rules name); `shown` the same path with its keys masked (what is stored)."""
+        if isinstance(value, str) and _MARKER.fullmatch(value):
+            return value  # masked already (masking what was masked changes nothing)
         if paths and any(_matches(rule_path, path) for rule_path in paths):
-            text = value if isinstance(value, str) else canonical_text(value)
-            masked.append(Masked(_dotted(path), "policy"))
+            text = value if isinstance(value, str) else _encoded(value)
+            masked.append(Masked(_dotted(shown), "policy"))
             marker = self.marker("policy", text)
             secrets[text] = marker
             return marker
         if isinstance(value, str):
             if under_secret_key and value:
-                masked.append(Masked(_dotted(path), "key-name"))
+                masked.append(Masked(_dotted(shown), "key-name"))
                 marker = self.marker("key-name", value)
                 secrets[value] = marker
                 return marker
-            return self.mask_text(value, _dotted(path), masked, secrets)
+            return self.mask_text(value, _dotted(shown), masked, secrets)
+        if isinstance(value, Mapping | list | tuple) and len(path) >= MAX_NESTING:
+            masked.append(Masked(_dotted(shown), "too-deep"))
+            return TOO_DEEP
         if isinstance(value, Mapping):
-            return {
-                key: self._walk(
+            walked = {}
+            for key, item in value.items():
+                name = str(key)
+                found: list[Masked] = []
+                label = self.mask_text(name, "", found, secrets)
+                masked += [Masked(_dotted((*shown, label)), one.kind) for one in found]  # where the key was
+                walked[label] = self._walk(
                     item,
-                    (*path, str(key)),
+                    (*path, name),
+                    (*shown, label),
                     paths,
                     masked,
                     secrets,
-                    under_secret_key=under_secret_key or names_secret(str(key)),
+                    under_secret_key=under_secret_key or (names_secret(name) and not _MARKER.fullmatch(name)),
                 )
-                for key, item in value.items()
-            }
+            return walked
         if isinstance(value, list | tuple):
             return [
-                self._walk(item, (*path, str(index)), paths, masked, secrets, under_secret_key=under_secret_key)
+                self._walk(
+                    item,
+                    (*path, str(index)),
+                    (*shown, str(index)),
+                    paths,
+                    masked,
+                    secrets,
+                    under_secret_key=under_secret_key,
+                )
                 for index, item in enumerate(value)
             ]
         return value
 
     def mask_text(self, text: str, where: str, masked: list[Masked], secrets: dict[str, str]) -> str:
         """Mask every secret-looking part of one string (overlapping finds are masked once, as one)."""
-        if text in self._clean or (len(text) < SHORTEST and ":" not in text and "=" not in text):
+        if text in self._clean or (len(text) < SHORTEST and _SHORT_HINTS.search(text) is None):
             return text
         spans: list[tuple[int, int, str]] = []
         for kind, pattern in PATTERNS:
             for match in pattern.finditer(text):
                 group = "secret" if match.re.groupindex.get("secret") and match["secret"] is not None else 0
                 spans.append((*match.span(group), kind))
+        spans += _command_spans(text)
         if len(text) >= 20:
             spans += [(*match.span(), "high-entropy") for match in _TOKEN.finditer(text) if looks_random(match[0])]
         if not spans:
@@ -193,6 +248,23 @@ class Redactor:
             end = stop
         pieces.append(text[end:])
         return "".join(pieces)
+
+
+def _command_spans(text: str) -> list[tuple[int, int, str]]:
+    """Passwords given to a command's short options, each looked for only up to the end of that command
+    (a newline, `;`, `|` or `&`, or the next such command): every character is scanned once."""
+    if "-" not in text:
+        return []
+    found = list(_COMMAND.finditer(text))
+    spans: list[tuple[int, int, str]] = []
+    for index, command in enumerate(found):
+        stop = found[index + 1].start() if index + 1 < len(found) else len(text)
+        end = _COMMAND_END.search(text, command.end(), stop)
+        tool = command["tool"]
+        options = _OPTIONS["mysql" if tool.startswith(("mysql", "mariadb")) else tool]
+        for match in options.finditer(text, command.end(), end.start() if end is not None else stop):
+            spans.append((*match.span("secret"), "command-password"))
+    return spans
 
 
 @functools.lru_cache(maxsize=1024)
@@ -233,6 +305,11 @@ def _entropy(text: str) -> float:
 
 def _matches(rule_path: tuple[str, ...], path: tuple[str, ...]) -> bool:
     return len(rule_path) == len(path) and all(want in ("*", got) for want, got in zip(rule_path, path, strict=True))
+
+
+def _encoded(value: Any) -> str:
+    """A value's canonical JSON text, whatever its depth (what a marker of a whole object is the hash of)."""
+    return canonical_flat(value) if nests_deeper(value) else canonical_text(value)
 
 
 def _dotted(path: Iterable[str]) -> str:

@@ -349,6 +349,8 @@ def test_short_strings_skipped_by_the_quick_check_hold_nothing_any_pattern_finds
     for _ in range(20000):
         parts = [rng.choice(words) if rng.random() < 0.3 else rng.choice(alphabet) for _ in range(rng.randint(1, 14))]
         text = "".join(parts)[: SHORTEST - 1]
+        if "-p" in text or "--" in text:
+            continue  # an option's password (`mysql -pX`, `--pass X`): never skipped by the quick check
         assert not any(pattern.search(text) for _, pattern in PATTERNS), text
     redactor = Redactor(b"k" * 32)
     for _ in range(2):  # a string with a secret is never remembered as clean
@@ -405,3 +407,71 @@ def test_paths_named_by_policy_are_masked_whatever_their_type() -> None:
     assert redaction.value["connection"] == {"dsn": "db", "port": redaction.value["connection"]["port"]}
     assert redaction.value["connection"]["port"].startswith("[masked:policy:")
     assert [item.path for item in redaction.masked] == ["connection.port", "items.0.note", "items.1.note"]
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("mysql -uroot -pS3cretPass db", "S3cretPass"),
+        ("cd /srv && /usr/bin/mysqldump -h db -pS3cretPass shop > dump.sql", "S3cretPass"),
+        ("mariadb -p'S3cretPass' -e 'select 1'", "S3cretPass"),
+        ("deploy --password=S3cretPass --verbose", "S3cretPass"),
+        ("deploy --password S3cretPass --verbose", "S3cretPass"),
+        ("psql --db-password 'S3cretPass' -c x", "S3cretPass"),
+        ("curl -u alice:S3cretPass https://api.example.com", "S3cretPass"),
+        ("curl --user alice:S3cretPass https://api.example.com", "S3cretPass"),
+        ("curl -ualice:S3cretPass https://api.example.com", "S3cretPass"),
+        ("sshpass -p S3cretPass ssh host", "S3cretPass"),
+        ("sshpass -pS3cretPass ssh host", "S3cretPass"),
+        ("run psql postgresql://app:S3cretPass@db.internal:5432/prod now", "S3cretPass"),
+        ("mysql://root:S3cretPass@localhost/shop", "S3cretPass"),
+        ("redis://:S3cretPass@cache:6379/0", "S3cretPass"),
+        ("amqp://guest:S3cretPass@rabbit/vhost", "S3cretPass"),
+        ('export DSN="mongodb+srv://u:S3cretPass@c.example.net/db"', "S3cretPass"),
+    ],
+)
+def test_credentials_on_command_lines_and_in_urls_are_masked(text: str, secret: str | None) -> None:
+    masked = REDACTOR.redact({"command": text}).value["command"]
+    assert "[masked:" in masked, masked
+    if secret is not None:
+        assert secret not in masked, masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "docker run -p 8080:80 nginx",
+        "ls -pla /tmp",
+        "mysql -p shop",  # a space after -p: mysql asks for the password, `shop` is the database
+        "ssh user@host.example.com",
+        "git clone git@github.com:org/repo.git",
+        "mkdir -p build/out",
+        "docker run -u 1000:1000 image",
+        "curl https://example.com/path?x=1",
+        "grep --pass-through pattern file",
+        "sort -u names.txt",
+    ],
+)
+def test_command_lines_without_credentials_are_kept(text: str) -> None:
+    assert REDACTOR.redact({"command": text}).masked == ()
+
+
+def test_secrets_used_as_object_keys_are_masked_and_the_structure_kept() -> None:
+    token = "sk-live-" + "a1B2c3D4e5F6g7H8i9J0"
+    arguments = {"env": {token: 1, "HOME": "/root"}, "tokens": {"ghp_" + "a1B2" * 9: "read"}}
+    redaction = REDACTOR.redact(arguments)
+    text = json.dumps(redaction.value)
+    assert token not in text and "a1B2" * 9 not in text
+    env = redaction.value["env"]
+    assert env["HOME"] == "/root" and len(env) == 2
+    (masked_key,) = [key for key in env if key != "HOME"]
+    assert masked_key.startswith("[masked:") and env[masked_key] == 1
+    assert all(token not in item.path for item in redaction.masked)
+    assert REDACTOR.redact(redaction.value).value == redaction.value  # masking again changes nothing
+
+
+def test_masking_patterns_finish_on_hostile_text() -> None:
+    # Each would make a pattern that restarts inside a run rescan the rest from each position: hours, not ms.
+    texts = ["eyJ-" * 50_000, "xoxb-" * 50_000, "sk-" * 70_000, "a." * 100_000, "mysql " * 40_000, "curl -u " * 30_000]
+    for text in texts:
+        assert isinstance(REDACTOR.redact({"value": text}).value["value"], str)
