@@ -86,10 +86,21 @@ def compile_schema(schema: dict[str, Any], registry: Registry[Any] | None = None
     return validator
 
 
-def describe_violation(error: SchemaViolation | SchemaError) -> str:
-    """One line naming where in the instance (or, for a `SchemaError`, the schema) it went wrong, and how."""
-    where = "/".join(str(part) for part in error.absolute_path)
-    text = json_message(error)
+Mask = Callable[[Any, tuple[str, ...]], Any]
+"""Masks a value found at a path of the instance (the keys and indices on the way to it) before it is
+quoted: what a refusal's text may show of a call's arguments."""
+
+
+def describe_violation(error: SchemaViolation | SchemaError, mask: Mask | None = None) -> str:
+    """One line naming where in the instance (or, for a `SchemaError`, the schema) it went wrong, and how.
+
+    With `mask`, every value of the instance quoted (and every key of the path) is masked first, and only
+    then written out and cut to length: no secret reaches the text, whole or in part."""
+    parts = [str(part) for part in error.absolute_path]
+    if mask is not None:
+        parts = [str(mask(part, tuple(parts[:index]))) for index, part in enumerate(parts)]
+    where = "/".join(parts)
+    text = json_message(error, mask)
     message = text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL] + "..."
     return f"at '{where}': {message}" if where else message
 
@@ -99,12 +110,20 @@ _VALUE_KEYWORDS = frozenset(("const", "enum", "not"))
 """Keywords whose own value (a JSON value or schema) jsonschema's message quotes, at its start or end."""
 
 
-def json_message(error: SchemaViolation | SchemaError) -> str:
+def json_message(error: SchemaViolation | SchemaError, mask: Mask | None = None) -> str:
     """jsonschema's message with the values it quotes written as JSON (`null`, `true`, `"x"`), not as Python
     (`None`, `True`, `'x'`): these lines reach agents and people who wrote JSON. Names (`'integer'`, a
-    required property) keep their quotes, as everywhere else in the gateway's messages."""
+    required property) keep their quotes, as everywhere else in the gateway's messages. With `mask`, the
+    instance is masked (see `describe_violation`) before it is written out."""
     message = error.message
     python, spoken = repr(error.instance), _as_json(error.instance)
+    if mask is not None:
+        masked = mask(error.instance, tuple(str(part) for part in error.absolute_path))
+        if masked != error.instance:
+            spoken = _as_json(masked)
+            if not (message.startswith(python) or message == _FALSE_SCHEMA + python):
+                # The value is quoted elsewhere in jsonschema's words: say only what it is and which keyword failed.
+                return f"{spoken} does not satisfy '{error.validator}'"
     if message.startswith(python):
         message = spoken + message[len(python) :]
     elif message == _FALSE_SCHEMA + python:

@@ -27,7 +27,7 @@ from gateway.catalog.uri_template import UriTemplate
 from gateway.catalog.uris import normal_uri
 from gateway.config.models import Config
 from gateway.errors import InvalidUriTemplate
-from gateway.schema import Matcher, compile_fast, compile_schema, describe_violation, digest, json_message
+from gateway.schema import Mask, Matcher, compile_fast, compile_schema, describe_violation, digest, json_message
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +90,13 @@ class UpstreamTool:
     matcher: Matcher | None = field(default=None, compare=False, repr=False)
     """A faster yes/no for the input schema (a `FastSchema` when it can express it); the validator says why."""
 
-    def violation(self, arguments: Mapping[str, Any]) -> str | None:
-        """One line saying how `arguments` break this tool's input schema; `None` when they don't."""
+    def violation(self, arguments: Mapping[str, Any], mask: Mask | None = None) -> str | None:
+        """One line saying how `arguments` break this tool's input schema (the values it quotes masked by
+        `mask`); `None` when they don't."""
         if (self.matcher or self.validator).is_valid(arguments):
             return None
         error = best_match(self.validator.iter_errors(arguments))
-        return None if error is None else describe_violation(error)
+        return None if error is None else describe_violation(error, mask)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 A stage is `async (call, call_next) -> Outcome`; stages are listed outermost first and end in a
 terminal handler that forwards the call upstream:
 
-    audit outcomes -> check_arguments (the upstream tool's own inputSchema) -> enforce_policy
+    audit outcomes -> check arguments (nesting; the upstream tool's own inputSchema) -> enforce_policy
         -> audit decisions (committed, or the call is refused) -> forward
 """
 
@@ -38,6 +38,7 @@ from gateway.core.targets import candidate, completion_params
 from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.nesting import MAX_NESTING, nests_deeper
+from gateway.policy.redact import Redactor
 from gateway.upstream.pool import UpstreamPool
 from gateway.wire.results import check_tool_result
 
@@ -68,20 +69,27 @@ def compose(stages: Sequence[Stage], terminal: Handler) -> Handler:
     return handler
 
 
-async def check_arguments(call: ToolCall, call_next: Handler) -> Outcome:
+class CheckArguments:
     """Refuse arguments nested deeper than `MAX_NESTING` levels (measured without recursion, before
     anything walks them), and arguments that the upstream tool's own inputSchema rejects; they never
-    reach it."""
-    if nests_deeper(call.arguments):
-        reason = (
-            f"the arguments of '{call.tool.name}' nest deeper than {MAX_NESTING} levels of objects and arrays, "
-            "the most the gateway accepts"
-        )
-        return Outcome.refused(call, reason)
-    violation = call.tool.source.violation(call.arguments)
-    if violation is not None:
-        return Outcome.refused(call, f"arguments do not match the tool's input schema: {violation}")
-    return await call_next(call)
+    reach it. A refusal quotes the arguments masked as the audit log stores them."""
+
+    def __init__(self, engine: PolicyEngine, redactor: Callable[[], Redactor]) -> None:
+        self.engine = engine
+        self._redactor = redactor
+
+    async def __call__(self, call: ToolCall, call_next: Handler) -> Outcome:
+        if nests_deeper(call.arguments):
+            reason = (
+                f"the arguments of '{call.tool.name}' nest deeper than {MAX_NESTING} levels of objects and arrays, "
+                "the most the gateway accepts"
+            )
+            return Outcome.refused(call, reason)
+        redactor, paths = self._redactor(), self.engine.rules_for(call.tool.name).mask
+        violation = call.tool.source.violation(call.arguments, partial(redactor.mask_at, paths=paths))
+        if violation is not None:
+            return Outcome.refused(call, f"arguments do not match the tool's input schema: {violation}")
+        return await call_next(call)
 
 
 class EnforcePolicy:
@@ -330,4 +338,5 @@ def _request(call: ToolCall) -> tuple[str, dict[str, Any]]:
 def build_pipeline(pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit) -> Handler:
     ask_timeout = pool.config.gateway.ask_timeout
     policy = EnforcePolicy(engine, ask_timeout=ask_timeout)
-    return compose([audit.outcomes, check_arguments, policy, audit.decisions], Forward(pool))
+    check = CheckArguments(engine, lambda: audit.recorder.redactor)
+    return compose([audit.outcomes, check, policy, audit.decisions], Forward(pool))

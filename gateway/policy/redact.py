@@ -146,6 +146,11 @@ class Redactor:
             return Redaction(value)
         return Redaction(result, tuple(masked), secrets)
 
+    def mask_at(self, value: Any, path: tuple[str, ...], paths: Sequence[tuple[str, ...]] = ()) -> Any:
+        """`value` masked as `redact` masks it where it is in the arguments (`path`): to quote it in a reason."""
+        under = any(names_secret(name) and not _MARKER.fullmatch(name) for name in path)
+        return self._walk(value, path, path, paths, [], {}, under_secret_key=under)
+
     def _walk(
         self,
         value: Any,

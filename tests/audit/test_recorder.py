@@ -475,3 +475,22 @@ def test_masking_patterns_finish_on_hostile_text() -> None:
     texts = ["eyJ-" * 50_000, "xoxb-" * 50_000, "sk-" * 70_000, "a." * 100_000, "mysql " * 40_000, "curl -u " * 30_000]
     for text in texts:
         assert isinstance(REDACTOR.redact({"value": text}).value["value"], str)
+
+
+@pytest.mark.parametrize("secret", ["hunter\\2-secret", "hunter\t2-secret", "hunter\x012-secret", 'hu"nter\\2'])
+@pytest.mark.parametrize(
+    ("schema", "arguments"),
+    [
+        ({"properties": {"x": {"type": "string"}}}, lambda s: {"x": {"a": "y" * 272, "password": s}}),  # cut at 300
+        ({"properties": {"x": {"propertyNames": {"maxLength": 3}}}}, lambda s: {"x": {"ghp_hunter" + "a1B2" * 8: 1}}),
+        ({"properties": {"x": {"additionalProperties": False}}}, lambda s: {"x": {"password=hunter2-secret": 1}}),
+        ({"properties": {"password": {"items": False}}}, lambda s: {"password": [s]}),
+        ({"properties": {"password": {"maxLength": 4}}}, lambda s: {"password": s}),
+    ],
+)
+def test_values_are_masked_before_a_schema_violation_is_written(secret: str, schema: Any, arguments: Any) -> None:
+    given = arguments(secret)
+    error = next(iter(compile_schema({"type": "object", **schema}).iter_errors(given)))
+    text = describe_violation(error, REDACTOR.mask_at)
+    assert "hunt" not in text and "nter" not in text, text
+    assert "[mask" in text, text  # a marker, maybe cut short with the rest of a long line
