@@ -115,8 +115,8 @@ class Redaction:
         if not text:
             return text
         for secret, marker in (self.secrets or {}).items():
-            # As a JSON-spelled message quotes it ('"', '\\' and control characters escaped), then as is.
-            text = text.replace(json.dumps(secret, ensure_ascii=False)[1:-1], marker).replace(secret, marker)
+            for spelling in _spellings(secret):
+                text = text.replace(spelling, marker)
         return redactor.mask_text(text, "", [], {})
 
 
@@ -315,6 +315,18 @@ def _matches(rule_path: tuple[str, ...], path: tuple[str, ...]) -> bool:
 def _encoded(value: Any) -> str:
     """A value's canonical JSON text, whatever its depth (what a marker of a whole object is the hash of)."""
     return canonical_flat(value) if nests_deeper(value) else canonical_text(value)
+
+
+def _spellings(secret: str) -> list[str]:
+    """Every way a message may quote `secret`, longest first: as JSON writes it ('"', '\\' and control
+    characters escaped; non-ASCII as is or escaped), as Python's `repr` writes it (a path message), as is."""
+    spelled = {
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        json.dumps(secret, ensure_ascii=True)[1:-1],
+        repr(secret)[1:-1],
+        secret,
+    }
+    return sorted(spelled, key=len, reverse=True)
 
 
 def _dotted(path: Iterable[str]) -> str:

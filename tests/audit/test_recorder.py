@@ -494,3 +494,14 @@ def test_values_are_masked_before_a_schema_violation_is_written(secret: str, sch
     text = describe_violation(error, REDACTOR.mask_at)
     assert "hunt" not in text and "nter" not in text, text
     assert "[mask" in text, text  # a marker, maybe cut short with the rest of a long line
+
+
+@pytest.mark.parametrize(
+    "secret", ["hunter\t2-secret", "hunter\\2-secret", "hunter\x01zwei-secret", "hünter2-secret\u202e"]
+)
+def test_a_secret_quoted_as_python_or_ascii_json_writes_it_is_scrubbed(secret: str) -> None:
+    # A path message quotes with repr; an ASCII-only JSON writer escapes non-ASCII: neither spelling survives.
+    redaction = REDACTOR.redact({"password": secret})
+    for quoted in (repr(secret), json.dumps(secret), json.dumps(secret, ensure_ascii=False)):
+        scrubbed = redaction.scrub(f"cannot use {quoted} as a path", REDACTOR)
+        assert "hunter" not in scrubbed and "nter2" not in scrubbed and "[masked:key-name:" in scrubbed, scrubbed
