@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sqlite3
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -29,6 +28,7 @@ import anyio.abc
 
 from gateway.audit.chain import canonical
 from gateway.audit.journal import ROTATE_BYTES, Journal, journal_directory, recover, report_recovered
+from gateway.audit.keys import Keys, log_keys
 from gateway.audit.store import AuditStore, Mark, is_locked
 from gateway.config.models import IN_MEMORY
 from gateway.errors import AuditError
@@ -60,7 +60,9 @@ class Recorder:
     def __init__(self, path: Path, *, sync: str = "normal") -> None:
         self.path = path
         self.sync = sync
-        self.redactor = Redactor(os.urandom(32))
+        self.keys = Keys.fresh()
+        """The log's masking and journal keys (gateway.audit.keys), once it is open."""
+        self.redactor = Redactor(self.keys.mask)
         self.failure: str | None = None
         """Why the log cannot be written right now (`None` while it can)."""
         self.store: AuditStore | None = None
@@ -103,11 +105,18 @@ class Recorder:
     def _open(self) -> AuditStore | None:
         if self.store is None:
             try:
-                self.store = AuditStore.open_writer(self.path, sync=self.sync)
+                store = AuditStore.open_writer(self.path, sync=self.sync)
             except AuditError as exc:
                 self.failure = str(exc)
                 return None
-            self.redactor = Redactor(self.store.mask_key())
+            try:
+                self.keys = Keys.fresh() if str(self.path) == IN_MEMORY else log_keys(self.path)
+            except AuditError as exc:
+                store.close()
+                self.failure = str(exc)
+                return None
+            self.store = store
+            self.redactor = Redactor(self.keys.mask)
             self.failure = None
         return self.store
 
@@ -117,8 +126,8 @@ class Recorder:
             return
         directory = journal_directory(self.path)
         try:
-            moved = recover(self.store, directory)
-            self.journal = Journal.create(directory)
+            moved = recover(self.store, directory, self.keys.journal)
+            self.journal = Journal.create(directory, self.keys.journal)
         except (OSError, sqlite3.Error) as exc:
             logger.warning("%s: no audit journal (%s); each call waits for its events' commit", directory, exc)
             return
@@ -305,7 +314,7 @@ class Recorder:
     def _rotate(self, journal: Journal) -> None:
         """Everything in the journal is in the chain: start a fresh one instead of growing it."""
         try:
-            self.journal = Journal.create(journal.path.parent)
+            self.journal = Journal.create(journal.path.parent, self.keys.journal)
         except OSError as exc:
             logger.warning("%s: cannot start a new audit journal, this one keeps growing: %s", journal.path, exc)
             return
