@@ -138,6 +138,7 @@ class GatewayEvents:
                 client_version=session.client_version,
                 principal=session.principal or None,
                 pid=os.getpid(),
+                lease=self.recorder.lease_name,
             )
         )
 

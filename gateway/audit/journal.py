@@ -24,7 +24,6 @@ refused with a warning and kept aside as `<name>.refused`, its events not added 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import logging
@@ -36,6 +35,8 @@ from pathlib import Path
 
 from gateway.audit.chain import body_problem
 from gateway.audit.keys import log_keys
+from gateway.audit.leases import SUFFIX as LEASE
+from gateway.audit.leases import any_orphan, create_locked, lease_directory, orphans, settle
 from gateway.audit.store import AuditStore, Mark
 from gateway.errors import AuditError
 
@@ -73,15 +74,8 @@ class Journal:
     @classmethod
     def create(cls, directory: Path, key: bytes) -> Journal:
         """A new, empty journal in `directory`, locked as this process's, its lines authenticated with `key`."""
-        directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
+        fd = create_locked(path, os.O_WRONLY | os.O_APPEND)
         return cls(path, fd, key)
 
     @property
@@ -135,50 +129,30 @@ def open_settled(log: Path) -> AuditStore:
     directory = journal_directory(log)
     # Read first: an emptied log is reported as such, never filled anew from journals by a reader.
     reader = AuditStore.open_reader(log)
-    if all(_held(path) for path in directory.glob(f"*{SUFFIX}")):
+    leases = lease_directory(log)
+    if not any_orphan(directory, SUFFIX) and not any_orphan(leases, LEASE):
         return reader
     reader.close()
     try:
         store = AuditStore.open_writer(log)
         try:
-            moved = recover(store, directory, log_keys(log).journal)
+            settle_gone(store, log, log_keys(log).journal)
         finally:
             store.close()
     except (AuditError, OSError, sqlite3.Error) as exc:
-        logger.warning("%s: journals of a gateway that stopped early are not in the log yet: %s", directory, exc)
-    else:
-        report_recovered(log, moved)
+        logger.warning("%s: what gateways that stopped early left is not in the log yet: %s", log, exc)
     return AuditStore.open_reader(log)
 
 
-def report_recovered(log: Path, moved: int) -> None:
+def settle_gone(store: AuditStore, log: Path, key: bytes) -> None:
+    """Complete the log after gateway processes that are gone: replay their journals, then end their
+    calls and sessions (gateway.audit.leases). Blocks: run it before serving."""
+    moved = recover(store, journal_directory(log), key)
     if moved:
         logger.warning("%s: %d events journaled by a gateway that stopped early are now in it", log, moved)
-
-
-def _held(path: Path) -> bool:
-    """Whether a live process holds the journal at `path` (or it is gone)."""
-    fd = _orphan(path)
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
-
-
-def _orphan(path: Path) -> int | None:
-    """The journal at `path` opened and locked, if no live process holds it and it is still there."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:  # recovered or removed by another process meanwhile; or a symlink, never followed
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.path.samestat(os.fstat(fd), path.stat()):
-            return fd
-    except (BlockingIOError, FileNotFoundError):  # its process is alive, or it was removed meanwhile
-        pass
-    os.close(fd)
-    return None
+    interrupted = settle(store, lease_directory(log))
+    if interrupted:
+        logger.warning("%s: %d calls of a gateway that stopped early are recorded as interrupted", log, interrupted)
 
 
 def recover(store: AuditStore, directory: Path, key: bytes) -> int:
@@ -187,26 +161,18 @@ def recover(store: AuditStore, directory: Path, key: bytes) -> int:
     A journal whose lines do not all authenticate under `key` is kept aside, not replayed.
     Blocks (it may wait for another process's write lock): run it before serving.
     """
-    if not directory.is_dir():
-        return 0
     moved = 0
-    for path in sorted(directory.glob(f"*{SUFFIX}")):
-        fd = _orphan(path)
-        if fd is None:
-            continue
-        try:
-            replay = _authentic_lines(path, _read_all(fd), key)
-            if isinstance(replay, str):
-                _refuse(path, replay)
-            else:
-                bodies, end = replay.after(store.drained(path.name))
-                if bodies:
-                    store.append_waiting(bodies, journal=(path.name, end))
-                    moved += len(bodies)
-                path.unlink()
-            store.forget_journal(path.name)
-        finally:
-            os.close(fd)
+    for path, fd in orphans(directory, SUFFIX):
+        replay = _authentic_lines(path, _read_all(fd), key)
+        if isinstance(replay, str):
+            _refuse(path, replay)
+        else:
+            bodies, end = replay.after(store.drained(path.name))
+            if bodies:
+                store.append_waiting(bodies, journal=(path.name, end))
+                moved += len(bodies)
+            path.unlink()
+        store.forget_journal(path.name)
     return moved
 
 

@@ -27,8 +27,9 @@ import anyio
 import anyio.abc
 
 from gateway.audit.chain import canonical
-from gateway.audit.journal import ROTATE_BYTES, Journal, journal_directory, recover, report_recovered
+from gateway.audit.journal import ROTATE_BYTES, Journal, journal_directory, settle_gone
 from gateway.audit.keys import Keys, log_keys
+from gateway.audit.leases import Lease, lease_directory
 from gateway.audit.store import AuditStore, Mark, is_locked
 from gateway.config.models import IN_MEMORY
 from gateway.errors import AuditError
@@ -67,6 +68,8 @@ class Recorder:
         """Why the log cannot be written right now (`None` while it can)."""
         self.store: AuditStore | None = None
         """The log, while open (the single writer's own connection)."""
+        self.lease: Lease | None = None
+        """This process's lease on the sessions it records (gateway.audit.leases), while it holds one."""
         self.journal: Journal | None = None
         """Where events become durable at once (`audit_sync = "normal"`, a log on disk, and it could be made)."""
         self._queue: list[str] = []
@@ -97,10 +100,20 @@ class Recorder:
             finally:
                 self._closing = True
                 self._wake.set()
+        settled = not self._pending()
         self._close_journal()
+        if self.lease is not None:
+            # Kept when events are left uncommitted: whoever settles it replays the journal first.
+            self.lease.close(remove=settled)
+            self.lease = None
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    @property
+    def lease_name(self) -> str | None:
+        """The lease the sessions this process records name (`None` without one: a log in memory)."""
+        return self.lease.name if self.lease is not None else None
 
     def _open(self) -> AuditStore | None:
         if self.store is None:
@@ -121,17 +134,25 @@ class Recorder:
         return self.store
 
     def _start_journal(self) -> None:
-        """Replay the journals of gone processes into the chain, then start this process's own."""
-        if self.sync != "normal" or str(self.path) == IN_MEMORY or self.store is None:
+        """Take this process's lease, complete the log after gone processes (their journals, their calls
+        and sessions), then start this process's journal."""
+        if str(self.path) == IN_MEMORY or self.store is None:
+            return
+        try:
+            self.lease = Lease.create(lease_directory(self.path))
+        except OSError as exc:  # its sessions cannot be ended for it if it dies: said, not fatal
+            logger.warning("%s: no audit lease (%s); if this gateway dies, its open calls stay open", self.path, exc)
+        try:
+            settle_gone(self.store, self.path, self.keys.journal)
+        except (OSError, sqlite3.Error) as exc:
+            logger.warning("%s: what gateways that stopped early left is not in the log yet: %s", self.path, exc)
+        if self.sync != "normal":
             return
         directory = journal_directory(self.path)
         try:
-            moved = recover(self.store, directory, self.keys.journal)
             self.journal = Journal.create(directory, self.keys.journal)
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             logger.warning("%s: no audit journal (%s); each call waits for its events' commit", directory, exc)
-            return
-        report_recovered(self.path, moved)
 
     def _close_journal(self) -> None:
         if self._drain is not None:

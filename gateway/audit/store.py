@@ -322,6 +322,29 @@ class AuditStore:
                 )
         return rows
 
+    def unended(self, lease: str) -> list[tuple[str, list[dict[str, Any]], bool]]:
+        """The sessions whose `session_start` names `lease` (gateway.audit.leases): each with its
+        decisions that have no outcome, and whether it has ended."""
+        found = []
+        with self._reading():
+            sql = "SELECT session_id FROM events WHERE kind = 'session_start' AND json_extract(body, '$.lease') = ?"
+            for (session,) in self._db.execute(sql, (lease,)).fetchall():
+                decisions: dict[str, dict[str, Any]] = {}
+                ended, answered = False, set()
+                for kind, call_id, body in self._db.execute(
+                    "SELECT kind, call_id, body FROM events WHERE session_id = ? "
+                    "AND kind IN ('decision', 'outcome', 'session_end') ORDER BY seq",
+                    (session,),
+                ):
+                    if kind == "decision":
+                        decisions.setdefault(call_id, json.loads(body))
+                    elif kind == "outcome":
+                        answered.add(call_id)
+                    else:
+                        ended = True
+                found.append((session, [body for call, body in decisions.items() if call not in answered], ended))
+        return found
+
     def verify(self, anchors: Sequence[tuple[int, str]] = ()) -> Verification:
         """Walk the whole chain; the first sequence number where it breaks, if any."""
         with self._reading():
