@@ -134,7 +134,9 @@ def _check_anchors(anchors: Sequence[tuple[int, str]], hashes: Mapping[int, str]
         if hashes.get(seq) != digest:
             found = hashes.get(seq)
             what = "missing" if found is None else f"has hash {found[:16]}..., not the anchored {digest[:16]}..."
-            return Problem(seq, f"anchored event {what} (the log was rewritten after the anchor was taken)")
+            return Problem(
+                seq, f"anchored event {what} (the log was cut short or rewritten after the anchor was taken)"
+            )
     return None
 
 

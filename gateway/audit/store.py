@@ -110,6 +110,8 @@ class AuditStore:
     def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self._db = connection
         self.path = path
+        self.head: tuple[int, str] | None = None
+        """The chain head this connection last committed (seq, hash), for anchoring it."""
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -252,6 +254,7 @@ class AuditStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self.head = (int(seq), prev)
         return int(seq)
 
     def drained(self, journal: str) -> int:
