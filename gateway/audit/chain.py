@@ -81,7 +81,7 @@ def body_problem(body: object) -> str | None:
     except (ValueError, RecursionError):
         return "body cannot be written canonically (edited)"
     if canonical_body != body:
-        return "body is not in canonical form (key order, spacing, escapes or numbers differ: edited)"
+        return "body is not in its canonical form: key order, spacing, escapes or numbers differ (edited)"
     return None
 
 
