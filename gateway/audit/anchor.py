@@ -29,11 +29,16 @@ COMMAND_TIMEOUT = 10.0
 """How long an anchor command may take before it is given up on (and killed)."""
 
 
-def default_anchor_file(log: Path) -> Path:
+def default_anchor_file(log: Path) -> Path | None:
     """The anchor file of the log at `log` when none is configured: under the user's XDG state directory,
-    keyed by the log's absolute path (so it is outside the log's own directory, and needs no root)."""
+    keyed by the log's absolute path (so it is outside the log's own directory, and needs no root);
+    `None` for a user without a home directory."""
     base = os.environ.get("XDG_STATE_HOME", "")
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "state"
+    try:
+        root = Path(base) if os.path.isabs(base) else Path.home() / ".local" / "state"
+    except (RuntimeError, KeyError):
+        logger.warning("no home directory to anchor the audit log in: set [gateway] audit_anchor")
+        return None
     key = hashlib.sha256(str(log.resolve()).encode()).hexdigest()[:32]
     return root / "mcp-armor" / "anchors" / f"{key}.jsonl"
 

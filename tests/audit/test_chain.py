@@ -10,8 +10,10 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from gateway.audit.anchor import Anchoring, read_anchors
 from gateway.audit.chain import canonical
 from gateway.audit.events import event
 from gateway.audit.journal import Journal, journal_directory, open_settled
@@ -176,3 +178,28 @@ async def test_a_log_holding_its_mask_key_gives_it_to_the_key_file_and_still_ver
     elsewhere.parent.mkdir()
     shutil.copy(log, elsewhere)  # the log alone, without its key
     assert problem(elsewhere) is None
+
+
+# -- anchors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_head_is_anchored_once_what_was_queued_with_a_session_end_is_committed(tmp_path: Path) -> None:
+    log, file = tmp_path / "audit.db", tmp_path / "anchors" / "audit.jsonl"
+    recorder = Recorder(log, anchoring=Anchoring(log, file, interval=3600))  # no periodic anchor meanwhile
+    async with recorder.running():
+        await recorder.record(event("session_start", session_id="s1"))
+        recorder.queue(event("session_end", session_id="s1"))
+        recorder.anchor_soon()
+        await recorder.record(event("upstream", upstream="box"))  # committed: the anchor follows
+        with anyio.fail_after(20):
+            while True:
+                if file.exists():
+                    break
+                await anyio.sleep(0.01)  # a worker thread writes it, under the deadline above
+        (first,) = read_anchors(file, log)[0]
+        store = AuditStore.open_reader(log)
+        assert first == (3, [row["hash"] for row in store.events()][-1])
+        store.close()
+    assert read_anchors(file, log)[0] == [first]  # the head did not move after: not anchored again
+    assert stat.S_IMODE(file.stat().st_mode) == 0o600

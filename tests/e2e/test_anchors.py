@@ -44,7 +44,7 @@ async def test_a_log_cut_short_after_the_gateway_anchored_it_fails_verify_withou
     await serve_two_calls(config)
     log = tmp_path / ".mcp-armor" / "audit.db"
     anchors = default_anchor_file(log)
-    assert not anchors.is_relative_to(tmp_path)  # outside the state directory (and the project)
+    assert anchors is not None and not anchors.is_relative_to(tmp_path)  # outside the state directory (and the project)
     written = [json.loads(line) for line in anchors.read_text().splitlines()]
     head = written[-1]  # at shutdown; the ones before it when the session ended
     verified = cli(config, "audit", "verify")
@@ -68,7 +68,8 @@ async def test_each_anchor_is_also_handed_to_the_anchor_command(tmp_path: Path) 
     )
     await serve_two_calls(config)
     assert shipped.read_text() == anchor.read_text() != ""
-    assert not default_anchor_file(tmp_path / ".mcp-armor" / "audit.db").exists()  # the file configured instead
+    default = default_anchor_file(tmp_path / ".mcp-armor" / "audit.db")
+    assert default is not None and not default.exists()  # the file configured instead
 
 
 @pytest.mark.parametrize("setting", [".mcp-armor/anchors.jsonl", ".mcp-armor", ".mcp-armor/audit.db"])
