@@ -159,6 +159,16 @@ def test_a_new_log_keeps_no_key_and_its_key_file_is_the_owners_only(tmp_path: Pa
     assert stat.S_IMODE(key_path(log).stat().st_mode) == 0o600
 
 
+def test_a_key_file_open_to_others_is_made_the_owners_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log = tmp_path / "audit.db"
+    make_log(log, 1)
+    key_path(log).chmod(0o644)
+    with caplog.at_level(logging.WARNING):
+        assert read_keys(log) is not None
+    assert stat.S_IMODE(key_path(log).stat().st_mode) == 0o600
+    assert "the audit key file was open to others (mode 644)" in caplog.text
+
+
 @pytest.mark.anyio
 async def test_a_log_holding_its_mask_key_gives_it_to_the_key_file_and_still_verifies(tmp_path: Path) -> None:
     log = tmp_path / "audit.db"
