@@ -31,6 +31,12 @@ REPO = Path(__file__).parent.parent
 NODE_BIN = REPO / ".ci" / "node" / "node_modules" / ".bin"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _anchors_kept_apart(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Gateways anchor their audit logs under the user's state directory: in tests, a temporary one."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -87,7 +93,11 @@ def gateway_params(config: Path) -> StdioServerParameters:
     return StdioServerParameters(
         command=command,
         args=args,
-        env={"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")},
+        env={
+            "PYTHONPATH": str(REPO),
+            "PATH": os.environ.get("PATH", ""),
+            "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"],
+        },
     )
 
 

@@ -3,6 +3,11 @@
 Every event is stored as its canonical JSON `body` (sorted keys, no insignificant whitespace, UTF-8)
 with `hash = SHA-256(bytes(prev_hash) + body)`, where `prev_hash` is the hash of the event before it
 (64 zeros for the first); the `head` row records the last sequence number and hash.
+
+Verification holds each stored body to exactly its canonical text: a body that parses to the same
+event but is spelled differently (a duplicate key, which SQLite's `json_extract` reads first and
+Python's parser last; other key order, whitespace or escapes) is reported, never re-encoded into a
+match, so what the hash covers is what every query reads.
 """
 
 from __future__ import annotations
@@ -36,6 +41,50 @@ def _spelled(value: float) -> str:
     return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
 
 
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's members, refusing a key given twice (which readers would disagree about)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(f"key {key!r} appears twice")
+            seen.add(key)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_STRICT = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
+def body_problem(body: object) -> str | None:
+    """Why a stored body is not exactly the canonical text of an event (`None` when it is)."""
+    if not isinstance(body, str):
+        return f"body is stored as {type(body).__name__}, not text (edited)"
+    try:
+        event = _STRICT.decode(body)
+    except _Duplicate as exc:
+        return f"body has a duplicate key: {exc} (edited)"
+    except (ValueError, RecursionError):
+        return "body is not valid JSON (edited)"
+    if not isinstance(event, dict):
+        return "body is not a JSON object (edited)"
+    try:
+        canonical_body = canonical(event)
+    except (ValueError, RecursionError):
+        return "body cannot be written canonically (edited)"
+    if canonical_body != body:
+        return "body is not in its canonical form: key order, spacing, escapes or numbers differ (edited)"
+    return None
+
+
 def chain_hash(prev_hash: str, body: str) -> str:
     return hashlib.sha256(bytes.fromhex(prev_hash) + body.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -62,11 +111,10 @@ def _check_row(seq: int, prev_hash: str, digest: str, body: str, expected: int, 
         return Problem(expected, f"event{'s' if seq > expected + 1 else ''} {span} missing (deleted)")
     if prev_hash != prev:
         return Problem(seq, "prev_hash does not match the event before it (events deleted, reordered or replaced)")
-    try:
-        recomputed = chain_hash(prev, canonical(json.loads(body)))
-    except ValueError:
-        return Problem(seq, "body is not valid JSON (edited)")
-    if recomputed != digest:
+    what = body_problem(body)
+    if what is not None:
+        return Problem(seq, what)
+    if chain_hash(prev, body) != digest:
         return Problem(seq, "hash does not match the event's content (edited)")
     return None
 
@@ -86,7 +134,9 @@ def _check_anchors(anchors: Sequence[tuple[int, str]], hashes: Mapping[int, str]
         if hashes.get(seq) != digest:
             found = hashes.get(seq)
             what = "missing" if found is None else f"has hash {found[:16]}..., not the anchored {digest[:16]}..."
-            return Problem(seq, f"anchored event {what} (the log was rewritten after the anchor was taken)")
+            return Problem(
+                seq, f"anchored event {what} (the log was cut short or rewritten after the anchor was taken)"
+            )
     return None
 
 

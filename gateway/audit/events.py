@@ -147,11 +147,13 @@ class GatewayEvents:
                 client_version=session.client_version,
                 principal=session.principal or None,
                 pid=os.getpid(),
+                lease=self.recorder.lease_name,
             )
         )
 
     def session_ended(self, session_id: str, reason: str) -> None:
         self.recorder.queue(event("session_end", session_id=session_id, reason=reason))
+        self.recorder.anchor_soon()
 
     def catalog_changed(self, before: Mapping[str, ToolEntry], after: Mapping[str, ToolEntry]) -> None:
         """Tools added, removed or changed: name -> (upstream, definition digest, definition)."""

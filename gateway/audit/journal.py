@@ -11,15 +11,21 @@ journaled events into the chain in groups as soon as the event loop waits on the
 Each commit records how many bytes of the journal it holds (`journals` table, same transaction),
 so a journal is replayed exactly once: a journal left behind by a process that died is moved into
 the chain by the next gateway that opens the log, then removed. Journals are files
-`<pid>-<random>.jsonl` in the directory `<log stem>.journal` beside the log, one canonical event
-body per line, each held with an exclusive `flock` while its process lives (a lock that can be
-taken marks a journal whose process is gone).
+`<pid>-<random>.jsonl` in the directory `<log stem>.journal` beside the log, one line per event,
+each held with an exclusive `flock` while its process lives (a lock that can be taken marks a
+journal whose process is gone).
+
+Each line is `MAC BODY`: the canonical event body after an HMAC-SHA256 (hex) under the log's journal
+key (gateway.audit.keys) of the previous line's MAC and the body; the first line's chain starts from
+an HMAC of the journal's name. So only a journal this gateway wrote, whole and in order, under its
+own name, is replayed: any other file, or one with a line added, changed, removed or moved, is
+refused with a warning and kept aside as `<name>.refused`, its events not added to the log.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -27,12 +33,18 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway.audit.chain import body_problem
+from gateway.audit.keys import log_keys
+from gateway.audit.leases import SUFFIX as LEASE
+from gateway.audit.leases import any_orphan, create_locked, lease_directory, orphans, settle
 from gateway.audit.store import AuditStore, Mark
 from gateway.errors import AuditError
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".jsonl"
+REFUSED = ".refused"
+"""Added to the name of a journal that is kept aside, not replayed (it is not one this gateway wrote)."""
 ROTATE_BYTES = 8 * 1024 * 1024
 """A journal this large, once fully moved into the chain, is replaced by a fresh one."""
 
@@ -46,9 +58,12 @@ def journal_directory(log: Path) -> Path:
 class Journal:
     """This process's journal: appended to, and remembering what is not in the chain yet."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, key: bytes) -> None:
         self.path = path
         self._fd = fd
+        self._key = key
+        self._mac = _first_mac(key, path.name)
+        """The MAC of the last line written whole (the next line's is chained to it)."""
         self.size = 0
         """Bytes written so far (the file's length)."""
         self.pending: list[str] = []
@@ -57,18 +72,11 @@ class Journal:
         """A write failed part-way: the next one starts on a new line, so the torn one stays apart."""
 
     @classmethod
-    def create(cls, directory: Path) -> Journal:
-        """A new, empty journal in `directory`, locked as this process's."""
-        directory.mkdir(parents=True, exist_ok=True)
+    def create(cls, directory: Path, key: bytes) -> Journal:
+        """A new, empty journal in `directory`, locked as this process's, its lines authenticated with `key`."""
         path = directory / f"{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        return cls(path, fd)
+        fd = create_locked(path, os.O_WRONLY | os.O_APPEND)
+        return cls(path, fd, key)
 
     @property
     def name(self) -> str:
@@ -76,7 +84,11 @@ class Journal:
 
     def write(self, bodies: Sequence[str]) -> None:
         """Append `bodies` (canonical event bodies) in one write; `OSError` when they are not all written."""
-        text = "".join(f"{body}\n" for body in bodies)
+        lines, mac = [], self._mac
+        for body in bodies:
+            mac = _next_mac(self._key, mac, body)
+            lines.append(f"{mac} {body}\n")
+        text = "".join(lines)
         data = ("\n" + text if self._torn else text).encode("utf-8", "surrogatepass")
         written = 0
         try:
@@ -88,6 +100,7 @@ class Journal:
             raise
         self.size += written
         self._torn = False
+        self._mac = mac
         self.pending.extend(bodies)
 
     def take(self) -> tuple[list[str], Mark | None]:
@@ -116,75 +129,63 @@ def open_settled(log: Path) -> AuditStore:
     directory = journal_directory(log)
     # Read first: an emptied log is reported as such, never filled anew from journals by a reader.
     reader = AuditStore.open_reader(log)
-    if all(_held(path) for path in directory.glob(f"*{SUFFIX}")):
+    leases = lease_directory(log)
+    if not any_orphan(directory, SUFFIX) and not any_orphan(leases, LEASE):
         return reader
     reader.close()
     try:
         store = AuditStore.open_writer(log)
         try:
-            moved = recover(store, directory)
+            settle_gone(store, log, log_keys(log).journal)
         finally:
             store.close()
     except (AuditError, OSError, sqlite3.Error) as exc:
-        logger.warning("%s: journals of a gateway that stopped early are not in the log yet: %s", directory, exc)
-    else:
-        report_recovered(log, moved)
+        logger.warning("%s: what gateways that stopped early left is not in the log yet: %s", log, exc)
     return AuditStore.open_reader(log)
 
 
-def report_recovered(log: Path, moved: int) -> None:
+def settle_gone(store: AuditStore, log: Path, key: bytes) -> None:
+    """Complete the log after gateway processes that are gone: replay their journals, then end their
+    calls and sessions (gateway.audit.leases). Blocks: run it before serving."""
+    moved = recover(store, journal_directory(log), key)
     if moved:
         logger.warning("%s: %d events journaled by a gateway that stopped early are now in it", log, moved)
+    interrupted = settle(store, lease_directory(log))
+    if interrupted:
+        logger.warning("%s: %d calls of a gateway that stopped early are recorded as interrupted", log, interrupted)
 
 
-def _held(path: Path) -> bool:
-    """Whether a live process holds the journal at `path` (or it is gone)."""
-    fd = _orphan(path)
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
-
-
-def _orphan(path: Path) -> int | None:
-    """The journal at `path` opened and locked, if no live process holds it and it is still there."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None  # recovered or removed by another process meanwhile
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.path.samestat(os.fstat(fd), path.stat()):
-            return fd
-    except (BlockingIOError, FileNotFoundError):  # its process is alive, or it was removed meanwhile
-        pass
-    os.close(fd)
-    return None
-
-
-def recover(store: AuditStore, directory: Path) -> int:
+def recover(store: AuditStore, directory: Path, key: bytes) -> int:
     """Move into the chain what journals of gone processes still hold, and remove them; how many events.
 
+    A journal whose lines do not all authenticate under `key` is kept aside, not replayed.
     Blocks (it may wait for another process's write lock): run it before serving.
     """
-    if not directory.is_dir():
-        return 0
     moved = 0
-    for path in sorted(directory.glob(f"*{SUFFIX}")):
-        fd = _orphan(path)
-        if fd is None:
-            continue
-        try:
-            start = store.drained(path.name)
-            bodies, end = _complete_lines(path, _read_all(fd), start)
+    for path, fd in orphans(directory, SUFFIX):
+        replay = _authentic_lines(path, _read_all(fd), key)
+        if isinstance(replay, str):
+            _refuse(path, replay)
+        else:
+            bodies, end = replay.after(store.drained(path.name))
             if bodies:
                 store.append_waiting(bodies, journal=(path.name, end))
                 moved += len(bodies)
             path.unlink()
-            store.forget_journal(path.name)
-        finally:
-            os.close(fd)
+        store.forget_journal(path.name)
     return moved
+
+
+def _refuse(path: Path, why: str) -> None:
+    """Keep a journal this gateway did not write (or not as it is) aside, and say so."""
+    aside = path.with_name(path.name + REFUSED)
+    path.rename(aside)
+    logger.warning(
+        "%s: not a journal this gateway wrote (%s): its events are not added to the audit log; kept as %s",
+        path,
+        why,
+        aside,
+    )
 
 
 def _read_all(fd: int) -> bytes:
@@ -194,25 +195,49 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _complete_lines(path: Path, data: bytes, start: int) -> tuple[list[str], int]:
-    """The event bodies after byte `start`, and the offset after the last complete line.
+def _first_mac(key: bytes, name: str) -> str:
+    return hmac.new(key, b"mcp-armor journal " + name.encode(), hashlib.sha256).hexdigest()
 
-    A line that is not a JSON object (a write torn by a crash or a full disk) is skipped, with a warning.
+
+def _next_mac(key: bytes, previous: str, body: str) -> str:
+    return hmac.new(key, previous.encode() + body.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+
+class _Replay:
+    """A journal's authenticated events, each with the byte offset just after its line."""
+
+    def __init__(self, bodies: list[tuple[str, int]]) -> None:
+        self._bodies = bodies
+
+    def after(self, start: int) -> tuple[list[str], int]:
+        """The events after byte `start` (what the chain holds already), and the offset after the last."""
+        bodies = [body for body, end in self._bodies if end > start]
+        return bodies, max([start, *(end for _, end in self._bodies)])
+
+
+def _authentic_lines(path: Path, data: bytes, key: bytes) -> _Replay | str:
+    """The events of the journal at `path`, every line authenticated in order; why not, when one is not.
+
+    An incomplete last line (a write torn by a crash or a full disk) is not an event: skipped, with a warning.
     """
     end = data.rfind(b"\n") + 1
     if end < len(data):
         logger.warning("%s: an incomplete last line (%d bytes) is not an event; skipped", path, len(data) - end)
-    bodies = []
-    for line in data[start:end].split(b"\n"):
-        if not line:
-            continue
+    bodies: list[tuple[str, int]] = []
+    mac, offset = _first_mac(key, path.name), 0
+    for number, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
+        offset += len(line) + 1
         try:
             text = line.decode("utf-8", "surrogatepass")
-            valid = isinstance(json.loads(text), dict)
-        except ValueError:  # UnicodeDecodeError included
-            text, valid = "", False
-        if valid:
-            bodies.append(text)
-        else:
-            logger.warning("%s: a torn line (%d bytes) is not an event; skipped", path, len(line))
-    return bodies, max(end, start)
+        except UnicodeDecodeError:
+            return f"line {number} is not text"
+        given, _, body = text.partition(" ")
+        expected = _next_mac(key, mac, body)
+        if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode()):
+            return f"line {number} does not authenticate"
+        problem = body_problem(body)
+        if problem is not None:
+            return f"line {number}: {problem}"
+        bodies.append((body, offset))
+        mac = expected
+    return _Replay(bodies)

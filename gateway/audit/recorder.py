@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sqlite3
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -27,8 +26,11 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from gateway.audit.anchor import Anchoring
 from gateway.audit.chain import canonical
-from gateway.audit.journal import ROTATE_BYTES, Journal, journal_directory, recover, report_recovered
+from gateway.audit.journal import ROTATE_BYTES, Journal, journal_directory, settle_gone
+from gateway.audit.keys import Keys, log_keys
+from gateway.audit.leases import Lease, lease_directory
 from gateway.audit.store import AuditStore, Mark, is_locked
 from gateway.config.models import IN_MEMORY
 from gateway.errors import AuditError
@@ -57,14 +59,23 @@ class _Ticket:
 class Recorder:
     """The single writer of one audit log (and of this process's journal in front of it)."""
 
-    def __init__(self, path: Path, *, sync: str = "normal") -> None:
+    def __init__(self, path: Path, *, sync: str = "normal", anchoring: Anchoring | None = None) -> None:
         self.path = path
         self.sync = sync
-        self.redactor = Redactor(os.urandom(32))
+        self.anchoring = anchoring
+        """Where the chain's head is anchored (gateway.audit.anchor); `None`: nowhere."""
+        self._anchored: tuple[int, str] | None = None
+        self._anchor_due = False
+        self._anchor_wake = asyncio.Event()
+        self.keys = Keys.fresh()
+        """The log's masking and journal keys (gateway.audit.keys), once it is open."""
+        self.redactor = Redactor(self.keys.mask)
         self.failure: str | None = None
         """Why the log cannot be written right now (`None` while it can)."""
         self.store: AuditStore | None = None
         """The log, while open (the single writer's own connection)."""
+        self.lease: Lease | None = None
+        """This process's lease on the sessions it records (gateway.audit.leases), while it holds one."""
         self.journal: Journal | None = None
         """Where events become durable at once (`audit_sync = "normal"`, a log on disk, and it could be made)."""
         self._queue: list[str] = []
@@ -90,39 +101,69 @@ class Recorder:
             self._start_journal()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._write_loop, tg)
+            if self.anchoring is not None and self.anchoring.enabled:
+                tg.start_soon(self._anchor_loop, self.anchoring)
             try:
                 yield self
             finally:
                 self._closing = True
                 self._wake.set()
+                self._anchor_wake.set()
+        settled = not self._pending()
+        if self.anchoring is not None and self.anchoring.enabled:
+            self._anchor(self.anchoring)  # the head as the gateway leaves it
         self._close_journal()
+        if self.lease is not None:
+            # Kept when events are left uncommitted: whoever settles it replays the journal first.
+            self.lease.close(remove=settled)
+            self.lease = None
         if self.store is not None:
             self.store.close()
             self.store = None
 
+    @property
+    def lease_name(self) -> str | None:
+        """The lease the sessions this process records name (`None` without one: a log in memory)."""
+        return self.lease.name if self.lease is not None else None
+
     def _open(self) -> AuditStore | None:
         if self.store is None:
             try:
-                self.store = AuditStore.open_writer(self.path, sync=self.sync)
+                store = AuditStore.open_writer(self.path, sync=self.sync)
             except AuditError as exc:
                 self.failure = str(exc)
                 return None
-            self.redactor = Redactor(self.store.mask_key())
+            try:
+                self.keys = Keys.fresh() if str(self.path) == IN_MEMORY else log_keys(self.path)
+            except AuditError as exc:
+                store.close()
+                self.failure = str(exc)
+                return None
+            self.store = store
+            self.redactor = Redactor(self.keys.mask)
             self.failure = None
         return self.store
 
     def _start_journal(self) -> None:
-        """Replay the journals of gone processes into the chain, then start this process's own."""
-        if self.sync != "normal" or str(self.path) == IN_MEMORY or self.store is None:
+        """Take this process's lease, complete the log after gone processes (their journals, their calls
+        and sessions), then start this process's journal."""
+        if str(self.path) == IN_MEMORY or self.store is None:
+            return
+        try:
+            self.lease = Lease.create(lease_directory(self.path))
+        except OSError as exc:  # its sessions cannot be ended for it if it dies: said, not fatal
+            logger.warning("%s: no audit lease (%s); if this gateway dies, its open calls stay open", self.path, exc)
+        try:
+            settle_gone(self.store, self.path, self.keys.journal)
+        except (OSError, sqlite3.Error) as exc:
+            logger.warning("%s: what gateways that stopped early left is not in the log yet: %s", self.path, exc)
+        if self.sync != "normal":
             return
         directory = journal_directory(self.path)
         try:
-            moved = recover(self.store, directory)
-            self.journal = Journal.create(directory)
-        except (OSError, sqlite3.Error) as exc:
+            self.journal = Journal.create(directory, self.keys.journal)
+        except OSError as exc:
             logger.warning("%s: no audit journal (%s); each call waits for its events' commit", directory, exc)
-            return
-        report_recovered(self.path, moved)
 
     def _close_journal(self) -> None:
         if self._drain is not None:
@@ -292,6 +333,9 @@ class Recorder:
         return None
 
     def _committed(self, count: int) -> None:
+        if self._anchor_due:
+            self._anchor_due = False
+            self._anchor_wake.set()
         journal = self.journal
         if journal is not None and not journal.pending and journal.size >= ROTATE_BYTES:
             self._rotate(journal)
@@ -302,10 +346,29 @@ class Recorder:
                 self._checkpointing = True
                 self._tg.start_soon(self._checkpoint)
 
+    def anchor_soon(self) -> None:
+        """Anchor the head once what is queued now is committed (a session ended, say)."""
+        self._anchor_due = True
+
+    async def _anchor_loop(self, anchoring: Anchoring) -> None:
+        """Anchor the head every `interval` while it moves, and when asked to (`anchor_soon`)."""
+        while not self._closing:
+            with anyio.move_on_after(anchoring.interval):
+                await self._anchor_wake.wait()
+            self._anchor_wake = asyncio.Event()
+            if not self._closing:
+                await anyio.to_thread.run_sync(self._anchor, anchoring)
+
+    def _anchor(self, anchoring: Anchoring) -> None:
+        head = self.store.head if self.store is not None else None
+        if head is not None and head != self._anchored:
+            self._anchored = head
+            anchoring.write(*head)
+
     def _rotate(self, journal: Journal) -> None:
         """Everything in the journal is in the chain: start a fresh one instead of growing it."""
         try:
-            self.journal = Journal.create(journal.path.parent)
+            self.journal = Journal.create(journal.path.parent, self.keys.journal)
         except OSError as exc:
             logger.warning("%s: cannot start a new audit journal, this one keeps growing: %s", journal.path, exc)
             return

@@ -12,8 +12,6 @@ records the last sequence number and hash, so removing events from the end is de
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -23,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit.chain import GENESIS, Verification, chain_hash, walk
+from gateway.audit.keys import adopt_mask_key, log_keys
 from gateway.audit.queries import EVERY, Filters, where_clause
 from gateway.config.models import IN_MEMORY
 from gateway.errors import AuditError, EmptyLog, NoLogYet
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 READABLE_VERSIONS = range(1, SCHEMA_VERSION + 1)
-"""Schemas a reader can query: they differ only in indexes."""
+"""Schemas a reader can query: they differ only in indexes and bookkeeping beside the chain."""
 FIELDS = (
     "ts",
     "kind",
@@ -76,6 +75,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         # How far each journal (see gateway.audit.journal) has been moved into the chain.
         "CREATE TABLE IF NOT EXISTS journals (name TEXT PRIMARY KEY, drained INTEGER NOT NULL)",
     ),
+    # The masking key moves out of the log into its key file (gateway.audit.keys, done in `_migrate`),
+    # and journals are authenticated: an older mcp-armor, which would write neither so, must not write here.
+    3: (),
 }
 
 
@@ -108,6 +110,8 @@ class AuditStore:
     def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self._db = connection
         self.path = path
+        self.head: tuple[int, str] | None = None
+        """The chain head this connection last committed (seq, hash), for anchoring it."""
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -178,20 +182,35 @@ class AuditStore:
                     db.execute(statement)
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('mask_key', ?)", (secrets.token_hex(32),))
                 db.execute("INSERT OR IGNORE INTO head VALUES (1, 0, ?)", (GENESIS,))
+            self._move_mask_key(version)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
+    def _move_mask_key(self, version: int) -> None:
+        """A masking key kept in the log (schema 2 and before) moves to the key file, then leaves the log.
+
+        `meta` is not part of the chain, so the chain verifies as before. Inside the migration's
+        transaction: of gateways starting together, one moves it.
+        """
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'mask_key'").fetchone()
+        if row is None:
+            if version == 0 and str(self.path) != IN_MEMORY:
+                log_keys(self.path)  # a new log: its keys from the start
+            return
+        if str(self.path) != IN_MEMORY:
+            try:
+                key = bytes.fromhex(row[0])
+            except ValueError:
+                key = None  # not a key: nothing to keep
+            if key is not None:
+                adopt_mask_key(self.path, key)
+        self._db.execute("DELETE FROM meta WHERE key = 'mask_key'")
+
     def close(self) -> None:
         self._db.close()
-
-    def mask_key(self) -> bytes:
-        """The key of the masking markers: one per audit log, so markers correlate within it only."""
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'mask_key'").fetchone()
-        return bytes.fromhex(row[0]) if row is not None else os.urandom(32)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -235,6 +254,7 @@ class AuditStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self.head = (int(seq), prev)
         return int(seq)
 
     def drained(self, journal: str) -> int:
@@ -304,6 +324,29 @@ class AuditStore:
                     }
                 )
         return rows
+
+    def unended(self, lease: str) -> list[tuple[str, list[dict[str, Any]], bool]]:
+        """The sessions whose `session_start` names `lease` (gateway.audit.leases): each with its
+        decisions that have no outcome, and whether it has ended."""
+        found = []
+        with self._reading():
+            sql = "SELECT session_id FROM events WHERE kind = 'session_start' AND json_extract(body, '$.lease') = ?"
+            for (session,) in self._db.execute(sql, (lease,)).fetchall():
+                decisions: dict[str, dict[str, Any]] = {}
+                ended, answered = False, set()
+                for kind, call_id, body in self._db.execute(
+                    "SELECT kind, call_id, body FROM events WHERE session_id = ? "
+                    "AND kind IN ('decision', 'outcome', 'session_end') ORDER BY seq",
+                    (session,),
+                ):
+                    if kind == "decision":
+                        decisions.setdefault(call_id, json.loads(body))
+                    elif kind == "outcome":
+                        answered.add(call_id)
+                    else:
+                        ended = True
+                found.append((session, [body for call, body in decisions.items() if call not in answered], ended))
+        return found
 
     def verify(self, anchors: Sequence[tuple[int, str]] = ()) -> Verification:
         """Walk the whole chain; the first sequence number where it breaks, if any."""

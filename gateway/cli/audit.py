@@ -12,6 +12,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from gateway.audit.anchor import Anchoring, last_anchor, read_anchors
 from gateway.audit.journal import open_settled
 from gateway.audit.queries import Filters
 from gateway.audit.store import FIELDS, KINDS, AuditStore, iso_utc
@@ -240,26 +241,39 @@ def _folded(run: list[dict[str, Any]]) -> str:
 
 
 def verify(config: Config, anchors: list[str], as_json: bool) -> int:
+    """Walk the chain, holding it to the anchors given and to those the gateway wrote (`audit_anchor`)."""
     parsed = []
     for anchor in anchors:
         match = _ANCHOR.match(anchor)
         if match is None:
             raise GatewayError(f"--anchor: expected SEQ:HASH (as printed by 'audit verify'), got {anchor!r}")
         parsed.append((int(match[1]), match[2]))
+    anchoring = Anchoring.of(config)
+    written, unreadable = read_anchors(anchoring.file, config.audit_path) if anchoring.file else ([], 0)
+    if unreadable:
+        print(f"mcp-armor: {anchoring.file}: {unreadable} lines are not anchors; ignored", file=sys.stderr)
     with _reader(config) as store:
-        result = store.verify(parsed)
+        result = store.verify(parsed + written)
     problem = result.problem
+    anchored = last_anchor(parsed + written)
     if as_json:
         report: dict[str, Any] = {"ok": problem is None, "events": result.events, "head": result.head_seq}
         report["head_hash"] = result.head_hash
+        report["anchored_seq"], report["anchor_file"] = anchored, str(anchoring.file) if anchoring.file else None
         if problem is not None:
             report["first_bad_seq"], report["problem"] = problem.seq, problem.what
         print(json.dumps(report))
     elif problem is None:
         print(f"ok: {result.events} events, chain intact; head {result.head_seq}:{result.head_hash}")
+        if anchored:
+            print(f"anchored up to seq {anchored} ({len(parsed + written)} anchors)")
+        else:
+            print("no anchor yet: events removed from the end, with the head rewritten, would not be noticed")
     else:
         print(f"broken at seq {problem.seq}: {problem.what}")
         print(f"({result.events} events before it verified)")
+        if "anchored" in problem.what and written:  # a log replaced on purpose: its old anchors are in the way
+            print(f"(anchors read from {anchoring.file})")
     return 0 if problem is None else 1
 
 

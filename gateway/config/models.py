@@ -119,6 +119,13 @@ class GatewaySettings(_Model):
     it in memory only (for trials and benchmarks: nothing survives the process)."""
     audit_sync: Literal["normal", "full"] = "normal"
     """`normal`: a committed event survives the gateway crashing or being killed; `full`: also power loss."""
+    audit_anchor: str | None = None
+    """The file the audit log's head is appended to for `audit verify`, relative to this file and outside
+    the state directory; by default one per log under `$XDG_STATE_HOME/mcp-armor/anchors/`; "off": none."""
+    audit_anchor_command: tuple[str, ...] = ()
+    """A command (no shell) given each anchor line on stdin, to ship it off the host (`["logger", ...]`)."""
+    audit_anchor_interval: Duration = 60.0
+    """How often the head is anchored while it moves (also when a session ends, and at shutdown)."""
     pinning: Literal["enforce", "warn", "off"] = "enforce"
     """Upstream definitions held against `upstreams.lock` and the poisoning scan: `enforce` quarantines
     what is new, changed or poisoned; `warn` only reports it; `off` checks nothing."""
@@ -307,7 +314,26 @@ def parse_config(
     except ValidationError as exc:
         raise ConfigError(f"{label}: {_describe(exc)}") from None
     _check_names(config, label)
+    _check_anchor(config, label)
     return _resolve_paths(config)
+
+
+def _check_anchor(config: Config, label: str) -> None:
+    """An anchor beside the log would be rewritten along with it: it must be outside the state directory."""
+    if config.gateway.audit_anchor_interval < 1:
+        raise ConfigError(f'{label}: [gateway] audit_anchor_interval: at least "1s"')
+    anchor = config.gateway.audit_anchor
+    if anchor is None or anchor == "off":
+        return
+    if not anchor.strip():
+        raise ConfigError(f'{label}: [gateway] audit_anchor: empty (give a file, or "off")')
+    where = (config.directory / Path(anchor).expanduser()).resolve()
+    state = config.state_dir.resolve()
+    if where.is_relative_to(state) or (str(config.audit_path) != IN_MEMORY and where == config.audit_path.resolve()):
+        raise ConfigError(
+            f"{label}: [gateway] audit_anchor: {where} is inside the state directory {state}; whoever "
+            "can rewrite the audit log there could rewrite the anchor too: put it elsewhere"
+        )
 
 
 def _check_names(config: Config, label: str) -> None:

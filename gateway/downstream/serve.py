@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 
+from gateway.audit.anchor import Anchoring
 from gateway.audit.events import GatewayEvents
 from gateway.audit.recorder import Recorder
 from gateway.audit.stages import CallAudit
@@ -59,7 +60,8 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
     if engine.monitor_mode:
         logger.warning("monitor mode: policy decisions are recorded, nothing is refused")
     lock = load_lock(config)
-    async with Recorder(config.audit_path, sync=config.gateway.audit_sync).running() as recorder:
+    recorder = Recorder(config.audit_path, sync=config.gateway.audit_sync, anchoring=Anchoring.of(config))
+    async with recorder.running():
         audit = CallAudit(recorder, engine)
         events = GatewayEvents(recorder, engine)
         gateway = Gateway(UpstreamPool(config, lock=lock), engine, audit, events, transport=transport)

@@ -20,8 +20,9 @@ import pytest
 from gateway.audit.chain import GENESIS, canonical, chain_hash
 from gateway.audit.events import event
 from gateway.audit.journal import Journal, journal_directory
+from gateway.audit.keys import log_keys
 from gateway.audit.recorder import Recorder
-from gateway.audit.store import AuditStore
+from gateway.audit.store import SCHEMA_VERSION, AuditStore
 from gateway.errors import AuditError
 from gateway.policy.redact import PATTERNS, SHORTEST, Redactor, looks_random, names_secret
 from gateway.schema import compile_schema, describe_violation
@@ -165,7 +166,7 @@ def test_a_schema_1_log_is_readable_and_migrated_in_place_with_its_chain(tmp_pat
     reader.close()
     make_log(path, 2)  # the writer migrates, and appends on the same chain
     connection = sqlite3.connect(path)
-    assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     connection.close()
     assert "events_call" not in indexes and "events_session" in indexes
@@ -226,7 +227,8 @@ async def test_events_of_a_call_alone_are_journaled_at_once_and_in_the_chain_by_
             await recorder.record(event("decision", call_id=f"c{index}", tool="t"), alone=True)
         (journal,) = journal_directory(path).glob("*.jsonl")
         lines = journal.read_text().splitlines()
-        assert [json.loads(line)["call_id"] for line in lines] == ["c0", "c1", "c2"]  # durable before any commit
+        # durable before any commit, each line authenticated: "MAC BODY"
+        assert [json.loads(line.partition(" ")[2])["call_id"] for line in lines] == ["c0", "c1", "c2"]
     assert chain_texts(path) == ["c0", "c1", "c2"]
     assert list(journal_directory(path).iterdir()) == []  # everything moved: the journal is removed
     assert verify(path) == (None, "")
@@ -240,9 +242,14 @@ async def test_a_journal_left_by_a_gone_process_is_moved_into_the_chain_once(tmp
     directory = journal_directory(path)
     directory.mkdir()
     dead = directory / "4242-0badc0de.jsonl"
-    dead.write_text("".join(f"{body}\n" for body in bodies) + '{"torn": ')  # a write cut short by the crash
+    written = Journal(dead, os.open(dead, os.O_WRONLY | os.O_CREAT, 0o600), log_keys(path).journal)
+    written.write(bodies)
+    written.close(remove=False)
+    with dead.open("a") as file:
+        file.write('0123 {"torn": ')  # a write cut short by the crash
+    first = len(dead.read_bytes().split(b"\n")[0]) + 1
     store = AuditStore.open_writer(path)
-    store.append(bodies[:1], journal=(dead.name, len(bodies[0]) + 1))  # the first one was moved before it died
+    store.append(bodies[:1], journal=(dead.name, first))  # the first one was moved before it died
     store.close()
     live = directory / "4243-0ddba11.jsonl"
     live.write_text(f"{canonical(event('decision', call_id='live', tool='t'))}\n")
@@ -268,7 +275,8 @@ async def test_a_journal_that_cannot_be_written_refuses_the_record_and_keeps_que
     async with recorder.running():
         journal = recorder.journal
         assert journal is not None
-        recorder.journal = Journal(journal.path, os.open("/dev/full", os.O_WRONLY))  # a full disk: ENOSPC
+        full = os.open("/dev/full", os.O_WRONLY)  # a full disk: ENOSPC
+        recorder.journal = Journal(journal.path, full, recorder.keys.journal)
         with pytest.raises(AuditError, match="cannot write the audit journal"):
             await recorder.record(event("decision", call_id="refused", tool="t"), alone=True)
         recorder.queue(event("session_end", call_id="queued"))  # kept in memory, committed later
