@@ -80,7 +80,9 @@ class Gateway:
         self.sessions.on_end.append(self.notices.forget)
         self.transport = transport
         self.pipeline: Handler = build_pipeline(pool, engine, audit)
-        self.desk = ApprovalDesk(pool.config.gateway.ask_timeout)
+        self.desk = ApprovalDesk(
+            pool.config.gateway.ask_timeout, declared=lambda tool: engine.policies.paths.declared(tool)
+        )
         engine.index_tools(pool.catalog.tools)
         self._startup_timeout = pool.config.gateway.startup_timeout
         self._started = False
