@@ -122,12 +122,16 @@ async def replay(config: Config, filters: Filters, as_json: bool) -> int:
                 continue
             replayed += 1
             session, tool, arguments = record["session_id"] or "", record["tool"], record["arguments"] or {}
-            client = clients.get(session, "")
+            # Decided for the client (and principal) the event names; older events name none: their session's.
+            client = record["client"] if isinstance(record.get("client"), str) else clients.get(session, "")
+            principal = record.get("principal") or ""
             now = _epoch(record["ts"])
-            if not engine.visible(tool, client=client):
+            if not engine.visible(tool, client=client, principal=principal):
                 effect, rules, reason = Effect.DENY.value, [], "hidden from this client under today's policies"
             else:
-                decision = engine.evaluate(tool, arguments, now=now, session=session, client=client)
+                decision = engine.evaluate(
+                    tool, arguments, now=now, session=session, client=client, principal=principal
+                )
                 if decision.proceeds:
                     engine.charge(decision, session, now)
                 effect, rules, reason = decision.effect.value, list(decision.rules), decision.reason

@@ -227,6 +227,29 @@ class Gateway:
         reason = held.reason()
         return await self._unknown(session, name, arguments, f"{what} is refused: {reason}", reason)
 
+    async def refuse_misclaimed(
+        self, session: SessionInfo, method: str, params: Mapping[str, Any] | None, error: ProtocolError
+    ) -> ProtocolError:
+        """A request naming another client than its connection's (`session`'s): a call is recorded as
+        refused before any policy decision, under the connection's session; returns `error`, to answer with.
+        A record that cannot be made is logged: the refusal stands."""
+        name = (params or {}).get("name")
+        arguments = (params or {}).get("arguments")
+        if method == "tools/call" and isinstance(name, str):
+            try:
+                self.sessions.note(session)
+                await self.audit.unresolved(
+                    session,
+                    name,
+                    arguments if isinstance(arguments, Mapping) else {},
+                    stage="client-identity",
+                    reason=error.message,
+                    outcome=OutcomeKind.REFUSED,
+                )
+            except Exception as exc:
+                logger.error("a call refused for naming another client could not be recorded (%s)", type(exc).__name__)
+        return error
+
     def _visible(self, name: str, session: SessionInfo) -> bool:
         """Whether policy can ever let this caller reach `name` (a tool, `resource:URI` or `prompt:NAME`)."""
         return self.engine.visible(name, client=session.client_name, principal=session.principal)
