@@ -54,6 +54,7 @@ from gateway.core.targets import (
 from gateway.core.watch import watch_file, watch_policies
 from gateway.errors import GatewayError, LockError, ProtocolError
 from gateway.policy.engine import PolicyEngine, PolicySet
+from gateway.policy.own_files import GatewayFiles
 from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX
 from gateway.upstream.pool import UpstreamPool
 
@@ -79,7 +80,10 @@ class Gateway:
         """Log levels and resource subscriptions per session; what upstreams send on their own."""
         self.sessions.on_end.append(self.notices.forget)
         self.transport = transport
-        self.pipeline: Handler = build_pipeline(pool, engine, audit)
+        own_files = GatewayFiles.of(pool.config)
+        for line in own_files.exposures(pool.config):
+            logger.warning("%s", line)
+        self.pipeline: Handler = build_pipeline(pool, engine, audit, own_files)
         self.desk = ApprovalDesk(
             pool.config.gateway.ask_timeout, declared=lambda tool: engine.policies.paths.declared(tool)
         )
