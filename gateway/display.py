@@ -44,7 +44,7 @@ BUDGET = 4000
 _FIRST_CUT = 2000
 _LAST_CUT = 16
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
-_BARE = re.compile(r"^[\x20-\x7e]*$")
+_BARE = re.compile(r"[\x20-\x7e]*")
 _SIMPLE = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 """Control, format (bidi overrides, zero-width), surrogate, private, unassigned, line and paragraph separators."""
@@ -65,7 +65,7 @@ def escape(text: str, *, quotes: bool = True, ascii_only: bool = False) -> str:
     """`text` with every character that could draw a line, reorder or hide text written as an escape
     (`\\n`, `\\u202e`); `quotes`: `"` and `\\` too (text shown between quotes); `ascii_only`: every
     character past ASCII as well (a name, where a look-alike letter could pass for another)."""
-    if _BARE.match(text) and (not quotes or ('"' not in text and "\\" not in text)):
+    if _BARE.fullmatch(text) and (not quotes or ('"' not in text and "\\" not in text)):
         return text
     out: list[str] = []
     for char in text:

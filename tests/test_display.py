@@ -100,3 +100,7 @@ def test_the_prompt_shows_the_binding_and_escapes_names() -> None:
     assert "'box__write\\nfake'" in text
     assert f"approval bound to sha256 {'ab' * 32}" in text
     assert text.index('"path": "/p"') < text.index('"content"')
+
+
+def test_a_trailing_newline_is_written_out_too() -> None:
+    assert show_arguments({"path\n": "notes.txt\n"}) == '"path\\n": "notes.txt\\n"'
