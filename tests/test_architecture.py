@@ -14,7 +14,7 @@ import pytest
 GATEWAY = Path(__file__).resolve().parent.parent / "gateway"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("gateway", "gateway.errors", "gateway.schema"),
+    ("gateway", "gateway.errors", "gateway.schema", "gateway.display"),
     ("gateway.config",),
     ("gateway.catalog",),
     ("gateway.calls",),

@@ -40,6 +40,12 @@ def call_fields(call: ToolCall, redaction: Redaction, redactor: Redactor) -> dic
     return {"session_id": call.session.id, "call_id": call.id, "upstream": call.tool.upstream, "tool": name}
 
 
+def decided_for(session: SessionInfo) -> dict[str, Any]:
+    """Who a decision was made for: the client as its session named it (what `clients` globs matched),
+    and the principal, when the transport authenticated one."""
+    return {"client": session.client_name, "principal": session.principal or None}
+
+
 _DECIDED_AS = {"completion": "completion/complete", "subscription": "resources/subscribe"}
 """Requests decided under the name of what they reach (a prompt, a resource), by the method they were."""
 
@@ -96,6 +102,7 @@ def decision_event(
         upstream_tool=upstream_tool,
         tool_digest=call.tool.source.digest,
         masked=[item.to_record() for item in masked] or None,
+        **decided_for(call.session),
         **fields,
     )
     return body, redaction
@@ -239,7 +246,7 @@ class GatewayEvents:
         reason = method if detail is None else f"{method}: {detail}"
         fields: dict[str, Any] = {"upstream": upstream, "reason": reason, "outcome": outcome}
         if call is not None:
-            fields.update(session_id=call.session.id, call_id=call.id, tool=call.tool.name)
+            fields.update(session_id=call.session.id, call_id=call.id, tool=call.tool.name, **decided_for(call.session))
         self.recorder.queue(event("upstream_request", **fields))
 
     def upstream_changed(self, name: str, up: bool, detail: str) -> None:

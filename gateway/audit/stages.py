@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from gateway.audit.events import decision_event, event, outcome_event
+from gateway.audit.events import decided_for, decision_event, event, outcome_event
 from gateway.audit.recorder import Recorder
 from gateway.calls import Decision, Effect, Handler, Outcome, OutcomeKind, SessionInfo, ToolCall, decided_call
 from gateway.errors import AuditError
@@ -136,6 +136,7 @@ class CallAudit:
             policy_revision=self.engine.policies.revision,
             masked=[item.to_record() for item in redaction.masked] or None,
             stage=stage,
+            **decided_for(session),
         )
         ended = event("outcome", **common, outcome=outcome.value, reason=reason, duration_ms=0.0)
         try:

@@ -17,6 +17,7 @@ from gateway.config.models import Config
 from gateway.errors import GatewayError
 from gateway.policy.files import load_engine
 from gateway.policy.lint import hidden_upstreams, lint
+from gateway.policy.own_files import RULE, GatewayFiles
 from gateway.upstream.connect import Upstreams, connect
 
 
@@ -33,6 +34,7 @@ async def check(config: Config, offline: bool, as_json: bool) -> int:
         for name, reason in upstreams.down.items()
     ]
     warnings += package_warnings(config)
+    warnings += GatewayFiles.of(config).exposures(config)
     summary = {
         "ok": True,
         "policies": str(config.policy_dir),
@@ -80,6 +82,11 @@ async def explain(config: Config, args: argparse.Namespace) -> int:
     if not engine.visible(args.tool, client=args.client):
         notes.append("no rule can ever allow it for this client: it is hidden from tools/list")
     decision, trace = engine.explain(args.tool, arguments, now=time.monotonic(), client=args.client)
+    upstream = tool.upstream if tool is not None else ""
+    guarded = GatewayFiles.of(config).decide(decision, upstream, arguments, engine.policies.paths.declared(args.tool))
+    if guarded is not decision:
+        decision = guarded
+        trace.append((RULE, decision.reason))
     effect = "deny" if refusal else decision.effect.value
     reason = refusal or decision.reason
     if args.json:
@@ -109,6 +116,7 @@ async def explain(config: Config, args: argparse.Namespace) -> int:
 async def replay(config: Config, filters: Filters, as_json: bool) -> int:
     """Re-decide recorded calls under today's policies; list those whose decision would change."""
     engine = load_engine(config)
+    own_files = GatewayFiles.of(config)
     changed: list[dict[str, Any]] = []
     replayed = skipped = 0
     with closing(open_settled(config.audit_path)) as store:
@@ -122,12 +130,18 @@ async def replay(config: Config, filters: Filters, as_json: bool) -> int:
                 continue
             replayed += 1
             session, tool, arguments = record["session_id"] or "", record["tool"], record["arguments"] or {}
-            client = clients.get(session, "")
+            # Decided for the client (and principal) the event names; older events name none: their session's.
+            client = record["client"] if isinstance(record.get("client"), str) else clients.get(session, "")
+            principal = record.get("principal") or ""
             now = _epoch(record["ts"])
-            if not engine.visible(tool, client=client):
+            if not engine.visible(tool, client=client, principal=principal):
                 effect, rules, reason = Effect.DENY.value, [], "hidden from this client under today's policies"
             else:
-                decision = engine.evaluate(tool, arguments, now=now, session=session, client=client)
+                decision = engine.evaluate(
+                    tool, arguments, now=now, session=session, client=client, principal=principal
+                )
+                declared = engine.policies.paths.declared(tool)
+                decision = own_files.decide(decision, record.get("upstream") or "", arguments, declared)
                 if decision.proceeds:
                     engine.charge(decision, session, now)
                 effect, rules, reason = decision.effect.value, list(decision.rules), decision.reason

@@ -1,6 +1,8 @@
 """Asking a person: what they are shown, and how an approval is bound to the exact call it approves.
 
-An approval covers one call: its session, exposed tool and a SHA-256 of its arguments. On handshake-era
+An approval covers one call: its session, exposed tool, the policy revision that asked, and a SHA-256 of
+its arguments as sent and as the upstream would receive them (after any rewrite); the person is shown
+that digest with the arguments (`gateway.display`). On handshake-era
 connections the person answers an elicitation while the call waits. On 2026-07-28 connections the call
 returns `input_required` with an elicitation and a sealed `requestState` (HMAC-SHA256 under a key that
 never leaves this process, with an expiry and a one-time nonce); the client retries with the person's
@@ -16,10 +18,12 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from typing import Any
 
 from gateway.calls import Answer, Approval, Channel, Decision, ToolCall
+from gateway.display import approval_prompt
 from gateway.errors import format_seconds
 from gateway.schema import canonical_json, digest
 
@@ -38,33 +42,49 @@ REQUESTED_SCHEMA: dict[str, Any] = {
     },
     "required": ["approve"],
 }
-_SHOWN_ARGUMENTS = 2000
 
 
 class ApprovalDesk:
     """Phrases approval requests, seals the state of pending ones, and checks the answers."""
 
-    def __init__(self, ttl: float, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        *,
+        clock: Callable[[], float] = time.time,
+        declared: Callable[[str], Collection[str]] = lambda tool: (),
+    ) -> None:
         self.ttl = ttl
         self._clock = clock
+        self._declared = declared
+        """The arguments of a tool that the policy's `[[paths]]` declare paths: shown first."""
         self._key = secrets.token_bytes(32)
         self._used: dict[str, float] = {}
 
     @staticmethod
     def binding(call: ToolCall) -> str:
         """What an approval is bound to: the session, the exposed name and the upstream behind it, the
-        definition the agent was shown, and a hash of the arguments."""
+        definition the agent was shown, a hash of the arguments, and, once decided, the policy revision
+        and the arguments the upstream would receive (a rewrite under another revision is another call)."""
         target = {"tool": call.tool.name, "upstream": call.tool.upstream, "definition": call.tool.source.digest}
-        return digest({"session": call.session.id, **target, "arguments": call.arguments})
+        bound: dict[str, Any] = {"session": call.session.id, **target, "arguments": call.arguments}
+        if call.decision is not None:
+            bound.update(revision=call.decision.revision, forwarded=call.forwarded_arguments)
+        return digest(bound)
 
     def message(self, call: ToolCall, decision: Decision) -> str:
-        shown = json.dumps(call.forwarded_arguments, ensure_ascii=False, indent=2, sort_keys=True)
-        if len(shown) > _SHOWN_ARGUMENTS:
-            shown = shown[:_SHOWN_ARGUMENTS] + "\n... (truncated)"
-        return (
-            f"The agent wants to call '{call.tool.name}' (tool '{call.tool.upstream_name}' of upstream "
-            f"'{call.tool.upstream}'). Policy: {decision.reason}.\n\nArguments:\n{shown}\n\n"
-            f"Approve this exact call? (call {call.id}; expires in {format_seconds(self.ttl)})"
+        """The person's prompt: every argument the upstream would receive, path-like ones first."""
+        decided = call if call.decision is not None else replace(call, decision=decision)
+        return approval_prompt(
+            tool=call.tool.name,
+            upstream_tool=call.tool.upstream_name,
+            upstream=call.tool.upstream,
+            reason=decision.reason,
+            arguments=decided.forwarded_arguments,
+            paths=self._declared(call.tool.name),
+            binding=self.binding(decided),
+            call_id=call.id,
+            expires=format_seconds(self.ttl),
         )
 
     def answer(self, response: Mapping[str, Any] | None, via: Channel = Channel.ELICITATION) -> Approval:
@@ -118,7 +138,7 @@ class ApprovalDesk:
         if expires <= now:
             return _invalid("the approval expired; call again to ask anew")
         if not hmac.compare_digest(bound, self.binding(call)):
-            return _invalid("the approval was given for a different call (tool or arguments changed)")
+            return _invalid("the approval was given for a different call (tool, arguments or policy changed)")
         if nonce in self._used:
             return _invalid("this approval was already used; each approval covers one call")
         verdict = self.answer(response, Channel.ROUND_TRIP)

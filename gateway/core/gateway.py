@@ -54,6 +54,7 @@ from gateway.core.targets import (
 from gateway.core.watch import watch_file, watch_policies
 from gateway.errors import GatewayError, LockError, ProtocolError
 from gateway.policy.engine import PolicyEngine, PolicySet
+from gateway.policy.own_files import GatewayFiles
 from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX
 from gateway.upstream.pool import UpstreamPool
 
@@ -79,8 +80,13 @@ class Gateway:
         """Log levels and resource subscriptions per session; what upstreams send on their own."""
         self.sessions.on_end.append(self.notices.forget)
         self.transport = transport
-        self.pipeline: Handler = build_pipeline(pool, engine, audit)
-        self.desk = ApprovalDesk(pool.config.gateway.ask_timeout)
+        own_files = GatewayFiles.of(pool.config)
+        for line in own_files.exposures(pool.config):
+            logger.warning("%s", line)
+        self.pipeline: Handler = build_pipeline(pool, engine, audit, own_files)
+        self.desk = ApprovalDesk(
+            pool.config.gateway.ask_timeout, declared=lambda tool: engine.policies.paths.declared(tool)
+        )
         engine.index_tools(pool.catalog.tools)
         self._startup_timeout = pool.config.gateway.startup_timeout
         self._started = False
@@ -224,6 +230,29 @@ class Gateway:
         """Record a call to a quarantined definition; the error, saying why and how to release it."""
         reason = held.reason()
         return await self._unknown(session, name, arguments, f"{what} is refused: {reason}", reason)
+
+    async def refuse_misclaimed(
+        self, session: SessionInfo, method: str, params: Mapping[str, Any] | None, error: ProtocolError
+    ) -> ProtocolError:
+        """A request naming another client than its connection's (`session`'s): a call is recorded as
+        refused before any policy decision, under the connection's session; returns `error`, to answer with.
+        A record that cannot be made is logged: the refusal stands."""
+        name = (params or {}).get("name")
+        arguments = (params or {}).get("arguments")
+        if method == "tools/call" and isinstance(name, str):
+            try:
+                self.sessions.note(session)
+                await self.audit.unresolved(
+                    session,
+                    name,
+                    arguments if isinstance(arguments, Mapping) else {},
+                    stage="client-identity",
+                    reason=error.message,
+                    outcome=OutcomeKind.REFUSED,
+                )
+            except Exception as exc:
+                logger.error("a call refused for naming another client could not be recorded (%s)", type(exc).__name__)
+        return error
 
     def _visible(self, name: str, session: SessionInfo) -> bool:
         """Whether policy can ever let this caller reach `name` (a tool, `resource:URI` or `prompt:NAME`)."""

@@ -5,6 +5,9 @@ terminal handler that forwards the call upstream:
 
     audit outcomes -> check arguments (nesting; the upstream tool's own inputSchema) -> enforce_policy
         -> audit decisions (committed, or the call is refused) -> forward
+
+Every decision `enforce_policy` makes ends with the built-in rule over the gateway's own files
+(`gateway.policy.own_files`), which no policy, rewrite or approval can lift.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from gateway.core.targets import candidate, completion_params
 from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.nesting import MAX_NESTING, nests_deeper
+from gateway.policy.own_files import GatewayFiles
 from gateway.policy.redact import Redactor
 from gateway.upstream.pool import UpstreamPool
 from gateway.wire.results import check_tool_result
@@ -102,22 +106,37 @@ class EnforcePolicy:
     """
 
     def __init__(
-        self, engine: PolicyEngine, *, ask_timeout: float, clock: Callable[[], float] = time.monotonic
+        self,
+        engine: PolicyEngine,
+        *,
+        ask_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        own_files: GatewayFiles | None = None,
     ) -> None:
         self.engine = engine
         self.ask_timeout = ask_timeout
         self._clock = clock
+        self.own_files = own_files
+        """The built-in rule over the gateway's own files, applied after every decision (`None`: not applied)."""
 
-    async def __call__(self, call: ToolCall, call_next: Handler) -> Outcome:
+    def decide(self, call: ToolCall, name: str, arguments: Mapping[str, Any]) -> Decision:
+        """The policy's decision on `call` reaching `name` with `arguments`, then the built-in rule's."""
         session = call.session
         decision = self.engine.evaluate(
-            call.tool.name,
-            call.arguments,
+            name,
+            arguments,
             now=self._clock(),
             session=session.id,
             client=session.client_name,
             principal=session.principal,
         )
+        if self.own_files is None:
+            return decision
+        declared = self.engine.policies.paths.declared(name)
+        return self.own_files.decide(decision, call.tool.upstream, arguments, declared)
+
+    async def __call__(self, call: ToolCall, call_next: Handler) -> Outcome:
+        decision = self.decide(call, call.tool.name, call.arguments)
         call = replace(call, decision=decision)
         try:
             refusal = self._refusal(call, decision)
@@ -197,14 +216,7 @@ class EnforcePolicy:
             name, arguments = candidate(call.tool, call.forwarded_arguments, str(value))
             if not engine.visible(name, client=session.client_name, principal=session.principal):
                 continue
-            decision = engine.evaluate(
-                name,
-                arguments,
-                now=self._clock(),
-                session=session.id,
-                client=session.client_name,
-                principal=session.principal,
-            )
+            decision = self.decide(call, name, arguments)
             if decision.effect is not Effect.DENY:
                 kept.append(value)
         if len(kept) == len(completion["values"]):
@@ -335,8 +347,8 @@ def _request(call: ToolCall) -> tuple[str, dict[str, Any]]:
     return "tools/call", {"name": call.tool.upstream_name, "arguments": arguments}
 
 
-def build_pipeline(pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit) -> Handler:
+def build_pipeline(pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit, own_files: GatewayFiles) -> Handler:
     ask_timeout = pool.config.gateway.ask_timeout
-    policy = EnforcePolicy(engine, ask_timeout=ask_timeout)
+    policy = EnforcePolicy(engine, ask_timeout=ask_timeout, own_files=own_files)
     check = CheckArguments(engine, lambda: audit.recorder.redactor)
     return compose([audit.outcomes, check, policy, audit.decisions], Forward(pool))

@@ -4,7 +4,10 @@ The first request decides the connection's era, as the MCP specification has it:
 a handshake-era connection, a request carrying the 2026-07-28 `_meta` envelope opens a 2026 one, and
 a later claim from the other era is refused. In the handshake era nothing but `ping` passes before
 `initialize` (or a bare `notifications/initialized`) opens the gate; in the 2026 era every request
-names its caller in its own envelope. A method the dispatcher does not serve, or the request's
+names its caller in its own envelope, and the first names the connection's client for good: a later
+request naming another client (name or version) is refused, and recorded when it is a call, so that
+policy's `clients` globs, the audit log's session and `policy replay` all speak of the one client
+behind the pipe. A method the dispatcher does not serve, or the request's
 version does not define, is admitted only to be refused (and recorded) by the dispatcher, ahead of
 the gate, as the SDK server orders it.
 """
@@ -21,6 +24,7 @@ from pydantic import ValidationError
 from gateway.core.dispatch import INVALID_PARAMS, check_spec
 from gateway.core.gateway import Gateway
 from gateway.core.requests import Ask, Caller, Elicit, ToolRequest, relay_for
+from gateway.display import escape
 from gateway.downstream.messages import (
     checked_plain_call,
     envelope,
@@ -50,6 +54,8 @@ class Admitted:
     """The plainest `tools/call`, checked and built already; else the parameters are checked when served."""
     refusal: ProtocolError | None = None
     """A method the gateway does not serve here: refused (and recorded) by the dispatcher, with this error."""
+    misclaimed: bool = False
+    """The refusal is of a request naming another client than the connection's (recorded by the gateway)."""
 
 
 class Eras:
@@ -62,6 +68,8 @@ class Eras:
         self.era: str | None = None
         self.version = LATEST_HANDSHAKE_VERSION
         """The handshake era's negotiated version (the latest until `initialize` says otherwise)."""
+        self.claimed: tuple[str, str] | None = None
+        """The 2026 era's client, as the connection's first request named it (name, version)."""
         self.legacy: Caller | None = None
         """The handshake-era caller, once `initialize` (or a bare `notifications/initialized`) opened the gate."""
         self.capabilities = {
@@ -137,11 +145,15 @@ class Eras:
                     unsupported((params or {}).get("protocolVersion")),
                 )
             version, info, capabilities = envelope(params)
-            session = self.gateway.session_info(
-                self.gateway.stdio_session, version, str(info.get("name", "")), str(info.get("version", ""))
-            )
+            claim = (str(info.get("name", "")), str(info.get("version", "")))
+            if self.claimed is None:
+                self.claimed = claim
+            name, client_version = self.claimed
+            session = self.gateway.session_info(self.gateway.stdio_session, version, name, client_version)
             caller = Caller(session, modern=True, can_elicit=capabilities.get("elicitation") is not None)
             request = Admitted(request_id, method, params, version, caller)
+            if claim != self.claimed:
+                return replace(request, refusal=_misclaim(self.claimed, claim), misclaimed=True)
         refusal = self.gateway.dispatcher.unserved(method, request.version, params)
         if refusal is not None:
             return replace(request, refusal=refusal)
@@ -155,3 +167,21 @@ class Eras:
     def discover(self) -> dict[str, Any]:
         """`server/discover`'s result (2026-07-28)."""
         return {"supportedVersions": list(MODERN_PROTOCOL_VERSIONS), "capabilities": self.capabilities[MODERN]}
+
+
+_SHOWN_CLAIM = 100
+"""Characters of a claimed client name or version an error repeats (the rest is the sender's to know)."""
+
+
+def _misclaim(first: tuple[str, str], claim: tuple[str, str]) -> ProtocolError:
+    """The error for a request naming another client than the connection's first request did."""
+
+    def named(who: tuple[str, str]) -> str:
+        name, version = (escape(part[:_SHOWN_CLAIM], quotes=False) for part in who)
+        return f"'{name}' version '{version}'"
+
+    return ProtocolError(
+        types.INVALID_REQUEST,
+        f"this connection's client is {named(first)}, as its first request said; a request naming client "
+        f"{named(claim)} is refused (one stdio connection serves one client)",
+    )

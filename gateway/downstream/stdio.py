@@ -258,7 +258,8 @@ class StdioConnection(asyncio.Protocol):
         try:
             if request.refusal is not None:
                 session = self._session_of(request)
-                raise await self._dispatcher.refuse(session, request.method, request.params, request.refusal)
+                refuse = self.gateway.refuse_misclaimed if request.misclaimed else self._dispatcher.refuse
+                raise await refuse(session, request.method, request.params, request.refusal)
             if request.method in CONNECTION_METHODS:
                 typed = CONNECTION_METHODS[request.method].model_validate(request.params or {}, by_name=False)
                 result = shape(request.method, request.version, await self._own(request, typed), self._eras.server_info)

@@ -61,6 +61,12 @@ class PathArguments:
 
     declarations: tuple[PathDeclaration, ...] = ()
 
+    def declared(self, tool: str) -> frozenset[str]:
+        """The arguments of `tool` that some declaration says are paths."""
+        return frozenset(
+            name for found in self.declarations if found.tools_pattern.fullmatch(tool) for name in found.arguments
+        )
+
     def normalise(self, tool: str, arguments: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
         """What the rules see and what the upstream is sent: `arguments` with every declared path
         normalised, folded in the first when its declaration says `case = "insensitive"` (each the

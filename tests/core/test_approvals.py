@@ -158,3 +158,32 @@ def test_answers_say_what_the_person_did_and_how_they_were_asked(call: ToolCall)
         (Answer.DECLINED, Channel.ROUND_TRIP),
         (Answer.INVALID, Channel.ROUND_TRIP),  # already used
     ]
+
+
+def test_the_prompt_shows_the_destination_before_a_long_content(call: ToolCall) -> None:
+    long = "line\n" * 2000
+    asked = replace(call, arguments={"content": long, "path": "notes/a"}, decision=DECISION)
+    message = ApprovalDesk(60).message(asked, DECISION)
+    assert '"path": "notes/a"' in message
+    assert message.index('"path": "notes/a"') < message.index('"content":')
+    assert "10,000 characters" in message and "\n" not in message.split('"content":')[1].split("\n\n")[0]
+
+
+def test_the_prompt_shows_declared_paths_first_and_the_digest_the_approval_is_bound_to(call: ToolCall) -> None:
+    desk = ApprovalDesk(60, declared=lambda tool: {"where"} if tool == "box__write" else set())
+    asked = replace(call, arguments={"body": "hi", "where": "/srv/notes"}, decision=DECISION)
+    message = desk.message(asked, DECISION)
+    assert message.index('"where"') < message.index('"body"')
+    assert f"approval bound to sha256 {desk.binding(asked)}" in message
+
+
+def test_an_approval_is_bound_to_the_rewritten_arguments_and_the_policy_revision(call: ToolCall) -> None:
+    desk = ApprovalDesk(60)
+    rewritten = replace(DECISION, arguments={"path": "/srv/notes/a"})
+    asked = replace(call, decision=rewritten)
+    state = desk.seal(asked)
+    elsewhere = replace(asked, decision=replace(rewritten, arguments={"path": "/srv/.mcp-armor/keys"}))
+    assert "given for a different call" in desk.redeem(state, ACCEPT, elsewhere).reason
+    reloaded = replace(asked, decision=replace(rewritten, revision="rev2"))
+    assert "given for a different call" in desk.redeem(state, ACCEPT, reloaded).reason
+    assert desk.redeem(state, ACCEPT, asked).granted
