@@ -18,8 +18,8 @@ from pydantic import ValidationError
 
 from gateway.core.dispatch import INVALID_PARAMS
 from gateway.core.requests import ToolRequest
-from gateway.errors import ProtocolError
-from gateway.wire.framing import NonFiniteNumber, NotJson, Oversize, loads, loads_lenient
+from gateway.errors import NonFiniteNumber, NotJson, ProtocolError
+from gateway.wire.framing import Oversize, loads, loads_lenient
 from gateway.wire.peer import RequestId, is_request_id
 
 logger = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ from typing import IO, Any
 import anyio
 
 from gateway.config.environment import BY_DEFAULT, Passing
-from gateway.errors import ChannelClosed, RemoteError
+from gateway.errors import ChannelClosed, NonFiniteNumber, NotJson, RemoteError
 from gateway.upstream import processes
 from gateway.wire.channel import Channel, NotificationHandler, RequestHandler
-from gateway.wire.framing import MAX_LINE, LineBuffer, NonFiniteNumber, NotJson, Oversize, loads, loads_lenient
+from gateway.wire.framing import MAX_LINE, LineBuffer, Oversize, loads, loads_lenient
 from gateway.wire.peer import INTERNAL_ERROR
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.errors import NonFiniteNumber, NotJson
 from gateway.schema import replace_non_finite
 
 MAX_LINE = 64 * 1024 * 1024
@@ -24,14 +25,6 @@ _KEPT = 4096
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _encode_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
 """Built once (`json.dumps` with options builds an encoder per call); the second for lone surrogates."""
-
-
-class NotJson(ValueError):
-    """A line that is not a JSON text (not UTF-8, not JSON, or nested past what the parser can read)."""
-
-
-class NonFiniteNumber(ValueError):
-    """A line that is JSON but for a number JSON cannot carry (`NaN`, an infinity, or one past a float's range)."""
 
 
 def _non_finite_constant(name: str) -> Any:
