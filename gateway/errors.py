@@ -15,7 +15,10 @@
      │    └── EmptyLog             the file at the path holds no audit log
      ├── ClientFileError          an agent client's configuration file cannot be read or edited
      ├── Unsupported              a client's server entry the gateway cannot front as the client ran it
-     └── InvalidUriTemplate       a resource template that is not RFC 6570 (also a ValueError)
+     ├── InvalidUriTemplate       a resource template that is not RFC 6570 (also a ValueError)
+     └── UnreadableLine           a line off a pipe that is no JSON the gateway takes (also a ValueError)
+          ├── NotJson              not UTF-8, not JSON, or nested past what the parser reads
+          └── NonFiniteNumber      JSON but for a number JSON cannot carry (NaN, an infinity, 1e999)
 
     ChannelError (Exception)      a JSON-RPC link failed underneath; never reported as it is
      ├── RequestTimeout           no answer within the request's timeout
@@ -145,3 +148,15 @@ def format_seconds(seconds: float) -> str:
     if seconds < 120 or seconds % 60:
         return f"{seconds:g}s"
     return f"{seconds / 60:g}m"
+
+
+class UnreadableLine(GatewayError, ValueError):
+    """A line read off a pipe (gateway.wire.framing) that is no JSON the gateway takes."""
+
+
+class NotJson(UnreadableLine):
+    """A line that is not a JSON text (not UTF-8, not JSON, or nested past what the parser can read)."""
+
+
+class NonFiniteNumber(UnreadableLine):
+    """A line that is JSON but for a number JSON cannot carry (`NaN`, an infinity, or one past a float's range)."""

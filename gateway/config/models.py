@@ -52,6 +52,8 @@ IN_MEMORY = ":memory:"
 SEPARATOR = re.compile(r"^[A-Za-z0-9_.-]{1,8}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB)\s*$")
+_UNIT_BYTES = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
 
 def parse_duration(value: object) -> float:
@@ -64,6 +66,21 @@ def parse_duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def parse_size(value: object) -> int:
+    """`"512KB"`, `"64MB"`, `"1GB"` (multiples of 1024), or a number of bytes -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and (match := _SIZE.match(value)):
+        size = int(match[1]) * _UNIT_BYTES[match[2]]
+        if size > 0:
+            return size
+    raise ValueError(f'expected a positive size such as "512KB", "64MB" or "1GB", got {value!r}')
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 
 
 def _pass_env_entry(value: str) -> str:
@@ -131,6 +148,14 @@ class GatewaySettings(_Model):
     what is new, changed or poisoned; `warn` only reports it; `off` checks nothing."""
     http: HttpSettings = HttpSettings()
     pass_env: PassEnv = ()
+    max_message_size: Size = 64 * 1024**2
+    """The largest message a client may send (a stdio line, an HTTP request body); larger is refused."""
+    max_upstream_message_size: Size = 64 * 1024**2
+    """The largest message a stdio upstream may send; a larger answer fails the call it answers."""
+    max_calls_in_flight: PositiveInt = 1024
+    """Requests served at once, over every session; one more is refused as busy (and recorded)."""
+    max_calls_per_session: PositiveInt = 256
+    """Requests served at once for one session; one more is refused as busy (and recorded)."""
     """What every command upstream inherits besides the default variables (gateway.config.environment)."""
 
     @field_validator("separator")

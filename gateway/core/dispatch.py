@@ -30,7 +30,7 @@ from mcp_types import methods as spec_methods
 from pydantic import BaseModel, ValidationError
 
 from gateway.audit.stages import CallAudit
-from gateway.calls import Decision, SessionInfo, ToolCall
+from gateway.calls import Decision, OutcomeKind, SessionInfo, ToolCall
 from gateway.core.requests import RELAYED, Request
 from gateway.errors import ProtocolError
 from gateway.policy.rules import UPSTREAM_PREFIXES
@@ -49,6 +49,18 @@ and carry no agent data."""
 INVALID_PARAMS = ProtocolError(types.INVALID_PARAMS, "Invalid request parameters", "")
 MAX_METHOD_SHOWN = 200
 """Characters of an unserved method's name kept in its record (the rest is cut)."""
+BUSY = -32010
+"""The error a request is refused with while the gateway serves as many as it takes at once (in the
+range JSON-RPC leaves to implementations)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caps:
+    """How many requests the dispatcher serves at once: over every session, and for any one session."""
+
+    total: int = 1024
+    per_session: int = 256
+
 
 Serve = Callable[[Request, Any], Awaitable[BaseModel | Mapping[str, Any]]]
 """A route's handler: the request and its checked parameters; the result (a model, or wire form)."""
@@ -74,10 +86,14 @@ withdrawn by the upstream, or its connection ended, before the client answered),
 class Dispatcher:
     """Routes each request to its handler; a method without one is refused, and recorded."""
 
-    def __init__(self, routes: Mapping[str, Route], audit: CallAudit, record: Record) -> None:
+    def __init__(self, routes: Mapping[str, Route], audit: CallAudit, record: Record, caps: Caps = Caps()) -> None:
         self.routes = dict(routes)
         self._audit = audit
         self._record = record
+        self.caps = caps
+        self.in_flight = 0
+        """Requests being served now, over every session."""
+        self._per_session: dict[str, int] = {}
 
     def unserved(self, method: str, version: str, params: Mapping[str, Any] | None) -> ProtocolError | None:
         """`None` when a request for `method`, speaking `version`, is served: routed here or answered by the
@@ -114,11 +130,51 @@ class Dispatcher:
         route = self.routes.get(request.method)
         if route is None:
             raise await self.refuse(request.caller.session, request.method, request.params, _not_found(request.method))
-        parsed = request.parsed
-        if parsed is None:
-            parsed = route.params.model_validate(request.params or {}, by_name=False)
-        result = await route.serve(request, parsed)
+        session = request.caller.session.id
+        held = self._per_session.get(session, 0)
+        if held >= self.caps.per_session or self.in_flight >= self.caps.total:
+            raise await self._busy(request, held)
+        self.in_flight += 1
+        self._per_session[session] = held + 1
+        try:
+            parsed = request.parsed
+            if parsed is None:
+                parsed = route.params.model_validate(request.params or {}, by_name=False)
+            result = await route.serve(request, parsed)
+        finally:
+            self.in_flight -= 1
+            if (left := self._per_session[session] - 1) > 0:
+                self._per_session[session] = left
+            else:
+                del self._per_session[session]
         return shape(request.method, request.version, result, server_info)
+
+    async def _busy(self, request: Request, held: int) -> ProtocolError:
+        """Refuse a request while the gateway serves as many as it takes (for its session, or in all), and
+        record it: a call as a refused call to its tool, any other request by its method."""
+        if held >= self.caps.per_session:
+            limit = f"[gateway] max_calls_per_session = {self.caps.per_session}"
+            why = f"{held} requests of this session are in flight ({limit})"
+        else:
+            why = f"{self.in_flight} requests are in flight ([gateway] max_calls_in_flight = {self.caps.total})"
+        reason = f"the mcp-armor gateway is busy: {why}; try again once some have ended"
+        logger.warning("a %s request refused: %s", shown(request.method), reason)
+        params = request.params or {}
+        name, arguments = params.get("name"), params.get("arguments")
+        session = request.caller.session
+        try:
+            if request.method == "tools/call" and isinstance(name, str):
+                recorded = arguments if isinstance(arguments, dict) else {}
+                await self._audit.unresolved(session, name, recorded, stage="busy", reason=reason, outcome=REFUSED)
+            else:
+                method = shown(request.method)
+                recorded = {key: value for key, value in params.items() if key != "_meta"}
+                await self._audit.unresolved(
+                    session, method, recorded, stage="busy", reason=reason, outcome=REFUSED, method=method
+                )
+        except Exception as exc:
+            logger.error("a request refused as busy could not be recorded (%s)", type(exc).__name__)
+        return ProtocolError(BUSY, reason)
 
     async def upstream_request(
         self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]
@@ -143,6 +199,9 @@ class Dispatcher:
         if decision.proceeds:
             engine.charge(decision, session.id, now)
         return decision
+
+
+REFUSED = OutcomeKind.REFUSED
 
 
 def _not_found(method: str) -> ProtocolError:

@@ -39,7 +39,7 @@ from gateway.catalog.listing import Catalog, ExposedTool
 from gateway.catalog.pins import Assessment, Lock
 from gateway.catalog.uris import normal_uri
 from gateway.core.approvals import REQUESTED_SCHEMA, ApprovalDesk
-from gateway.core.dispatch import Dispatcher, Route
+from gateway.core.dispatch import Caps, Dispatcher, Route
 from gateway.core.notices import Notices
 from gateway.core.pipeline import build_pipeline
 from gateway.core.requests import Caller, Request, RoundTrip, ToolRequest
@@ -109,6 +109,7 @@ class Gateway:
             },
             audit,
             events.relayed,
+            Caps(pool.config.gateway.max_calls_in_flight, pool.config.gateway.max_calls_per_session),
         )
         """Every downstream request, and every request an upstream sends, goes through it."""
         pool.listen(self)

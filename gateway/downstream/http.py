@@ -54,6 +54,7 @@ from gateway.core.requests import RELAYED, Caller, Request, relay_for
 from gateway.downstream.http_edge import (
     LOOPBACK_NAMES,
     BearerTokenGuard,
+    MessageGuard,
     SessionEnds,
     StoppingInOrder,
     host_patterns,
@@ -247,10 +248,14 @@ async def serve_streamable_http(gateway: Gateway, config: Config, host: str, por
             allowed_hosts=[*host_patterns(host, port), *settings.allowed_hosts],
             allowed_origins=[*(f"http://{name}:*" for name in LOOPBACK_NAMES), *settings.allowed_origins],
         )
+        limit = config.gateway.max_message_size
         app: ASGIApp = GatewayServer(gateway).streamable_http_app(
-            host=host, transport_security=security, session_idle_timeout=settings.session_idle_timeout
+            host=host,
+            transport_security=security,
+            session_idle_timeout=settings.session_idle_timeout,
+            max_request_body_size=limit,
         )
-        app = SessionEnds(app, gateway.sessions)
+        app = SessionEnds(MessageGuard(app, limit), gateway.sessions)
         if settings.token is not None:
             app = BearerTokenGuard(app, settings.token)
         server = StoppingInOrder(

@@ -4,6 +4,9 @@ stopping in order.
 HTTP binds 127.0.0.1 unless told otherwise; `host_patterns` gives the `Host` values the DNS-rebinding
 protection accepts for the bound address. With `[gateway.http] token` set, `BearerTokenGuard` refuses
 any request that does not carry `Authorization: Bearer <token>` (compared in constant time) with 401.
+`MessageGuard` reads each POSTed message as the stdio face reads a line: over `[gateway]
+max_message_size` it is answered 413, and malformed JSON-RPC (or numbers JSON cannot carry) is
+answered with the error JSON-RPC names, before the SDK sees it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import logging
 import signal
 import socket
 import threading
@@ -19,11 +23,15 @@ from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.core.sessions import Sessions
+from gateway.downstream.messages import Unreadable, read_message
 from gateway.downstream.shutdown import stopping
 from gateway.errors import GatewayError
+from gateway.wire.framing import Oversize
+
+logger = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
@@ -106,6 +114,75 @@ class BearerTokenGuard:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class MessageGuard:
+    """ASGI middleware: a POSTed body is read (up to `limit` bytes) and checked as a JSON-RPC message;
+    one over the limit is answered 413, a malformed one 400 with JSON-RPC's error, each with a JSON-RPC
+    error body; what passes goes on to the app, as it was read."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self._app = app
+        self._limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self._app(scope, receive, send)
+            return
+        body = await self._read(scope, receive)
+        message = read_message(body, self._limit)
+        if isinstance(message, Unreadable):
+            error = message.error or {"code": -32602, "message": f"Invalid request parameters: {message.why}"}
+            logger.warning("an HTTP client sent %s; answered with error %s", message.why, error["code"])
+            status = 413 if isinstance(body, Oversize) else 400
+            await _answer(send, status, {"jsonrpc": "2.0", "id": message.id, "error": error})
+            return
+        assert isinstance(body, bytes)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self._app(scope, replay, send)
+
+    async def _read(self, scope: Scope, receive: Receive) -> bytes | Oversize:
+        """The body, or its size and ends once it is over the limit (no more of it is kept)."""
+        declared = next((value for key, value in scope["headers"] if key == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > self._limit:
+            return Oversize(int(declared), b"", b"")
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            event = await receive()
+            if event["type"] != "http.request":
+                break
+            chunk = event.get("body", b"")
+            if size <= self._limit:
+                parts.append(chunk)
+            size += len(chunk)
+            if size > self._limit and len(parts) > 1:
+                parts = [b"".join(parts)[:4096]]  # what is kept to find the id by; the rest is dropped
+            if not event.get("more_body", False):
+                break
+        if size > self._limit:
+            return Oversize(size, parts[0][:4096] if parts else b"", b"")
+        return b"".join(parts)
+
+
+async def _answer(send: Send, status: int, message: dict[str, object]) -> None:
+    body = json.dumps(message).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class StoppingInOrder(uvicorn.Server):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import mcp_types as types
@@ -17,7 +18,8 @@ from pydantic import ValidationError
 
 from gateway.core.dispatch import INVALID_PARAMS
 from gateway.core.requests import ToolRequest
-from gateway.errors import ProtocolError
+from gateway.errors import NonFiniteNumber, NotJson, ProtocolError
+from gateway.wire.framing import Oversize, loads, loads_lenient
 from gateway.wire.peer import RequestId, is_request_id
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,68 @@ def malformed(message: Any) -> str | None:
     if "id" in message and not is_request_id(message["id"]):
         return "a request whose id is not a string or an integer"
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A line that is no message the gateway can act on, and what is done about it: answered with
+    `error` (to `id`: the request's own id where it can be read, else null), or when it answered a
+    request of the gateway's (`answers`), that request fails; a notification is never answered."""
+
+    why: str
+    """What is wrong with it, for the log."""
+    error: dict[str, Any] | None
+    id: RequestId | None = None
+    answers: RequestId | None = None
+
+
+def read_message(line: bytes | Oversize, limit: int) -> dict[str, Any] | Unreadable:
+    """One line from the client: a JSON-RPC 2.0 message the gateway can act on, or `Unreadable` with the
+    error JSON-RPC names for it (`limit`: the largest message accepted, as the error tells it)."""
+    if isinstance(line, Oversize):
+        why = f"a message of {line.size} bytes, over the limit of {limit} bytes ([gateway] max_message_size)"
+        request_id = line.request_id()  # a request's id, or the gateway's request it answers: either way, told
+        error = {"code": types.INVALID_REQUEST, "message": f"Invalid Request: {why}"}
+        return Unreadable(why, error, request_id, answers=request_id)
+    try:
+        message = loads(line)
+    except NotJson as exc:
+        return Unreadable(str(exc), {"code": types.PARSE_ERROR, "message": f"Parse error: {exc}"})
+    except NonFiniteNumber as exc:
+        return _non_finite(loads_lenient(line), str(exc))
+    problem = malformed(message)
+    if problem is not None:
+        return Unreadable(
+            problem, {"code": types.INVALID_REQUEST, "message": f"Invalid Request: {problem}"}, _id(message)
+        )
+    checked: dict[str, Any] = message
+    return checked
+
+
+def _id(message: Any) -> RequestId | None:
+    """A malformed message's id, where it is a request's and readable (a response's id names a request
+    of the gateway's, not one of the client's, and is not answered to)."""
+    if isinstance(message, dict) and "method" in message and is_request_id(request_id := message.get("id")):
+        return request_id
+    return None
+
+
+def _non_finite(message: Any, why: str) -> Unreadable:
+    """A message carrying a number JSON cannot carry: a request is refused as having invalid parameters,
+    an answer fails the request it answers, a notification is dropped."""
+    problem = malformed(message)
+    if problem is not None:
+        return Unreadable(
+            problem, {"code": types.INVALID_REQUEST, "message": f"Invalid Request: {problem}"}, _id(message)
+        )
+    why = f"a number JSON cannot carry ({why})"
+    if "method" not in message:
+        return Unreadable(why, None, answers=message["id"])
+    if "id" not in message:
+        return Unreadable(why, None)
+    return Unreadable(
+        why, {"code": types.INVALID_PARAMS, "message": f"Invalid request parameters: {why}"}, message["id"]
+    )
 
 
 def has_modern_envelope(params: Any) -> bool:

@@ -28,7 +28,6 @@ the connection's own methods (the handshake, `ping`, discovery and listen stream
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -46,13 +45,14 @@ from gateway.core.requests import RELAYED, Request
 from gateway.downstream.eras import LEGACY, Admitted, Eras
 from gateway.downstream.listening import ListenStreams
 from gateway.downstream.messages import (
+    Unreadable,
     error_reply,
-    malformed,
     progress_token,
+    read_message,
 )
 from gateway.downstream.pipes import Writer, agent_pipes
 from gateway.errors import ChannelClosed, ProtocolError, RemoteError, format_seconds
-from gateway.wire.framing import LineBuffer, dumps
+from gateway.wire.framing import LineBuffer, Oversize, dumps
 from gateway.wire.peer import Peer, RequestId, is_request_id
 from gateway.wire.results import dump, shape
 
@@ -75,7 +75,7 @@ class StdioConnection(asyncio.Protocol):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self._dispatcher = gateway.dispatcher
-        self._lines = LineBuffer()
+        self._lines = LineBuffer(gateway.pool.config.gateway.max_message_size)
         self._writer = Writer()
         self._ended = asyncio.Event()
         self._input_ended = False
@@ -159,14 +159,8 @@ class StdioConnection(asyncio.Protocol):
     # -- reading -------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        try:
-            lines = self._lines.feed(data)
-        except ValueError as exc:
-            logger.error("the client sent %s; closing the connection", exc)
-            self._ended.set()
-            return
-        for line in lines:
-            if line.strip():
+        for line in self._lines.feed(data):
+            if isinstance(line, Oversize) or line.strip():
                 self._route(line)
 
     def eof_received(self) -> bool | None:
@@ -178,15 +172,10 @@ class StdioConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended.set()
 
-    def _route(self, line: bytes) -> None:
-        try:
-            message = json.loads(line)
-        except ValueError:
-            logger.warning("the client sent a line that is not JSON; ignored: %.200r", line)
-            return
-        problem = malformed(message)
-        if problem is not None:
-            logger.warning("the client sent %s; ignored: %.200r", problem, line)
+    def _route(self, line: bytes | Oversize) -> None:
+        message = read_message(line, self._lines.limit)
+        if isinstance(message, Unreadable):
+            self._unreadable(message, line.head if isinstance(line, Oversize) else line)
             return
         method = message.get("method")
         params = message.get("params")
@@ -196,6 +185,21 @@ class StdioConnection(asyncio.Protocol):
             self._notified(method, params)
         else:
             self._requested(message["id"], method, params)
+
+    def _unreadable(self, unreadable: Unreadable, line: bytes) -> None:
+        """A line that is no message to act on: answered with the error JSON-RPC names for it (the
+        connection stays up), or failing the gateway's request it answers."""
+        why = unreadable.why
+        answers = unreadable.answers
+        if answers is not None and self._client.fail(
+            answers, RemoteError(types.INVALID_PARAMS, f"the client sent {why}")
+        ):
+            logger.warning("the client answered with %s; the request it answers fails", why)
+        elif unreadable.error is None:
+            logger.warning("the client sent %s; ignored: %.200r", why, line)
+        else:
+            logger.warning("the client sent %s; answered with error %s: %.200r", why, unreadable.error["code"], line)
+            self._reply_error(unreadable.id, unreadable.error)
 
     def _notified(self, method: str, params: dict[str, Any] | None) -> None:
         if method == "notifications/cancelled":
@@ -307,7 +311,7 @@ class StdioConnection(asyncio.Protocol):
     def _reply(self, request_id: RequestId, result: dict[str, Any]) -> None:
         self._writer.write(dumps({"jsonrpc": "2.0", "id": request_id, "result": result}))
 
-    def _reply_error(self, request_id: RequestId, error: dict[str, Any]) -> None:
+    def _reply_error(self, request_id: RequestId | None, error: dict[str, Any]) -> None:
         self._writer.write(dumps({"jsonrpc": "2.0", "id": request_id, "error": error}))
 
     def _notify(self, method: str, params: dict[str, Any] | None = None) -> None:

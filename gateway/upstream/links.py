@@ -13,6 +13,7 @@ from gateway.upstream.processes import command_line
 from gateway.upstream.session import Link
 from gateway.upstream.spawn import spawn
 from gateway.wire.channel import NotificationHandler, RequestHandler
+from gateway.wire.framing import MAX_LINE
 
 
 class Ended(Protocol):
@@ -23,9 +24,15 @@ class Ended(Protocol):
 
 @asynccontextmanager
 async def open_link(
-    spec: UpstreamSpec, passing: Passing, errlog: TextIO, answer: RequestHandler, on_notify: NotificationHandler
+    spec: UpstreamSpec,
+    passing: Passing,
+    errlog: TextIO,
+    answer: RequestHandler,
+    on_notify: NotificationHandler,
+    limit: int = MAX_LINE,
 ) -> AsyncIterator[tuple[Link, Ended]]:
-    """The upstream's `Link`, and an event set when its connection ends.
+    """The upstream's `Link`, and an event set when its connection ends (`limit`: the largest message a
+    child may send, in bytes).
 
     A command runs as a child process spoken to over its pipes directly; a URL goes through the SDK's
     streamable-HTTP client and JSON-RPC dispatcher.
@@ -40,6 +47,7 @@ async def open_link(
             passing=passing,
             on_request=answer,
             on_notify=on_notify,
+            limit=limit,
         ) as child:
             yield child.channel, child.ended
         return

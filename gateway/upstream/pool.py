@@ -276,7 +276,14 @@ class UpstreamPool:
             stack.callback(notices.close)
             errlog = stack.enter_context(self.config.log_path(upstream.name).open("a", encoding="utf-8"))
             link, closed = await stack.enter_async_context(
-                open_link(spec, self.config.passing(spec.name), errlog, self._answerer(spec.name), on_notify)
+                open_link(
+                    spec,
+                    self.config.passing(spec.name),
+                    errlog,
+                    self._answerer(spec.name),
+                    on_notify,
+                    self.config.gateway.max_upstream_message_size,
+                )
             )
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)

@@ -9,7 +9,6 @@ the channel as they arrive.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -23,10 +22,11 @@ from typing import IO, Any
 import anyio
 
 from gateway.config.environment import BY_DEFAULT, Passing
-from gateway.errors import ChannelClosed
+from gateway.errors import ChannelClosed, NonFiniteNumber, NotJson, RemoteError
 from gateway.upstream import processes
 from gateway.wire.channel import Channel, NotificationHandler, RequestHandler
-from gateway.wire.framing import LineBuffer
+from gateway.wire.framing import MAX_LINE, LineBuffer, Oversize, loads, loads_lenient
+from gateway.wire.peer import INTERNAL_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -37,29 +37,50 @@ EXIT_POLL = 0.01
 class _ChildOutput(asyncio.Protocol):
     """An upstream's stdout: lines parsed and handed to its channel as they arrive."""
 
-    def __init__(self, name: str, channel: Channel) -> None:
+    def __init__(self, name: str, channel: Channel, limit: int = MAX_LINE) -> None:
         self.name = name
         self.channel = channel
-        self.lines = LineBuffer()
+        self.lines = LineBuffer(limit)
         self.eof = asyncio.Event()
 
     def data_received(self, data: bytes) -> None:
+        for line in self.lines.feed(data):
+            if isinstance(line, Oversize):
+                why = (
+                    f"an answer of {line.size} bytes, over the limit of {self.lines.limit} bytes "
+                    "([gateway] max_upstream_message_size)"
+                )
+                self._unusable(line.request_id(), why, unread=True)
+            elif line.strip():
+                self._message(line)
+
+    def _message(self, line: bytes) -> None:
         try:
-            lines = self.lines.feed(data)
-        except ValueError as exc:
-            logger.warning("upstream '%s' sent %s; closing it", self.name, exc)
-            self.channel.close(f"sent {exc}")
-            self.eof.set()
+            message = loads(line)
+        except NotJson as exc:
+            logger.warning("upstream '%s' wrote %s; ignored: %.200r", self.name, exc, line)
             return
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                message = json.loads(line)
-            except ValueError:
-                logger.warning("upstream '%s' wrote a line that is not JSON; ignored: %.200r", self.name, line)
-                continue
-            self.channel.receive(message)
+        except NonFiniteNumber as exc:
+            lenient = loads_lenient(line)
+            if isinstance(lenient, dict) and "method" not in lenient:
+                self._unusable(lenient.get("id"), f"a number JSON cannot carry ({exc})")
+            else:
+                logger.warning(
+                    "upstream '%s' wrote a number JSON cannot carry (%s); ignored: %.200r", self.name, exc, line
+                )
+            return
+        self.channel.receive(message)
+
+    def _unusable(self, request_id: object, why: str, *, unread: bool = False) -> None:
+        """An answer that cannot be taken as it came: the call it answers fails, saying why. `unread`:
+        the answer was too large to read its id from, and every call in flight to the upstream fails
+        (the one it answered is never left waiting)."""
+        error = RemoteError(INTERNAL_ERROR, f"the gateway refused its answer: {why}")
+        if request_id is None and unread:
+            failed = self.channel.fail_all(error)
+        else:
+            failed = int(self.channel.fail(request_id, error))
+        logger.warning("upstream '%s' sent %s; %d call(s) waiting for it fail", self.name, why, failed)
 
     def eof_received(self) -> bool | None:
         self._ended()
@@ -94,9 +115,10 @@ async def spawn(
     passing: Passing = BY_DEFAULT,
     on_request: RequestHandler | None = None,
     on_notify: NotificationHandler | None = None,
+    limit: int = MAX_LINE,
 ) -> AsyncIterator[Child]:
     """Start an upstream server (or adopt the one started ahead for it) and yield its channel; on exit
-    stop it (close stdin, SIGTERM, SIGKILL)."""
+    stop it (close stdin, SIGTERM, SIGKILL). `limit`: the largest message it may send (bytes)."""
     loop = asyncio.get_running_loop()
     process = processes.start(name, argv, env=env, cwd=cwd, stderr=stderr, passing=passing)
     assert process.stdin is not None and process.stdout is not None
@@ -112,7 +134,7 @@ async def spawn(
         stdin.write(line)
 
     channel = Channel(name, write, on_request=on_request, on_notify=on_notify)
-    output = _ChildOutput(name, channel)
+    output = _ChildOutput(name, channel, limit)
     reader: asyncio.BaseTransport | None = None
     try:
         reader, _ = await loop.connect_read_pipe(lambda: output, process.stdout)

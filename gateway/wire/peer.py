@@ -151,6 +151,25 @@ class Peer:
             malformed = RemoteError(INTERNAL_ERROR, "a response with neither an object result nor an error")
             pending.future.set_exception(malformed)
 
+    def fail(self, request_id: object, error: RemoteError) -> bool:
+        """An answer to the request `request_id` that cannot be taken as it came (too large, or carrying what
+        JSON cannot): the request fails with `error`. Whether a request in flight had that id."""
+        pending = (
+            self._pending.get(request_id) if is_request_id(request_id) and type(request_id) is self._id_type else None
+        )
+        if pending is None or pending.future.done():
+            return False
+        pending.future.set_exception(error)
+        return True
+
+    def fail_all(self, error: RemoteError) -> int:
+        """An answer that cannot be taken, whose request cannot be told: every request in flight fails
+        with `error`. How many did."""
+        failed = [pending.future for pending in self._pending.values() if not pending.future.done()]
+        for future in failed:
+            future.set_exception(error)
+        return len(failed)
+
     def _received(self, method: str, message: Message) -> None:
         """A request or notification from the far end: this side only asks, so it is ignored."""
         logger.debug("%s sent %s; nothing to do", self.who, method)

@@ -346,18 +346,21 @@ async def call_sloppy(config: Path, *calls: tuple[str, dict[str, Any]]) -> dict[
     return answers
 
 
-async def test_nan_and_infinity_in_arguments_and_results_are_recorded(tmp_path: Path) -> None:
+async def test_nan_and_infinity_in_arguments_are_refused_and_in_results_fail_the_call_recorded(tmp_path: Path) -> None:
+    """Numbers JSON cannot carry: arguments carrying them are refused before any decision (never forwarded
+    as something else); a result carrying them fails its call, and that outcome is recorded."""
     config = write_config(tmp_path, {"sloppy": fixture_upstream("sloppy.py")})
     answers = await call_sloppy(
         config,
         ("sloppy__loose", {"ratio": float("nan"), "cap": float("-inf")}),
         ("sloppy__nan_result", {}),
     )
-    assert all("result" in answer for answer in answers.values()), answers
+    assert answers[1]["error"]["code"] == -32602
+    assert "a number JSON cannot carry" in answers[2]["result"]["content"][0]["text"]
     seen = calls(tmp_path)
-    assert seen["sloppy__loose"]["decision"]["arguments"] == {"ratio": "NaN", "cap": "-Infinity"}
-    assert seen["sloppy__loose"]["outcome"]["outcome"] == "ok"
-    assert seen["sloppy__nan_result"]["outcome"]["outcome"] == "ok"
+    assert "sloppy__loose" not in seen
+    assert seen["sloppy__nan_result"]["outcome"]["outcome"] == "error"
+    assert "upstream 'sloppy'" in seen["sloppy__nan_result"]["outcome"]["reason"]
     assert cli(config, "audit", "verify").returncode == 0
 
 

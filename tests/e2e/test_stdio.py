@@ -155,7 +155,7 @@ async def test_the_handshake_era_gate_errors_and_lists(config: Path) -> None:
         assert (await raw.ask("s-1", "ping", {}))["result"] == {}  # string ids too
 
 
-async def test_malformed_lines_are_ignored_with_a_warning_and_serving_goes_on(config: Path) -> None:
+async def test_malformed_lines_are_answered_with_a_warning_and_serving_goes_on(config: Path) -> None:
     async with session(config) as (raw, log):
         assert raw.proc.stdin is not None
         for line in (
@@ -168,8 +168,18 @@ async def test_malformed_lines_are_ignored_with_a_warning_and_serving_goes_on(co
         await raw.send({"id": None, "method": "ping"})
         await raw.send({"id": True, "method": "ping"})
         await raw.send({"id": 6, "method": "tools/list", "params": "x"})
-        assert (await raw.ask(7, "ping"))["result"] == {}  # the first answer is to the first valid request
-        await log.wait_for(r"a line that is not JSON; ignored")
+        answered = [await raw.receive() for _ in range(7)]
+        assert [(reply["id"], reply["error"]["code"]) for reply in answered] == [
+            (None, -32700),
+            (None, -32600),
+            (None, -32600),  # a response's id names a request of the gateway's: not answered to
+            (5, -32600),
+            (None, -32600),
+            (None, -32600),
+            (6, -32600),
+        ]
+        assert (await raw.ask(7, "ping"))["result"] == {}
+        await log.wait_for(r"a line that is not JSON; answered with error")
         await log.wait_for(r"a JSON value that is not a message object")
         await log.wait_for(r"a response without a valid id")
         await log.wait_for(r'without "jsonrpc": "2.0"')
