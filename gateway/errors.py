@@ -15,7 +15,8 @@
      │    └── EmptyLog             the file at the path holds no audit log
      ├── ClientFileError          an agent client's configuration file cannot be read or edited
      ├── Unsupported              a client's server entry the gateway cannot front as the client ran it
-     └── InvalidUriTemplate       a resource template that is not RFC 6570 (also a ValueError)
+     ├── InvalidUriTemplate       a resource template that is not RFC 6570 (also a ValueError)
+     └── UncheckableSchema        a valid schema not checkable in linear time (also a ValueError)
 
     ChannelError (Exception)      a JSON-RPC link failed underneath; never reported as it is
      ├── RequestTimeout           no answer within the request's timeout
@@ -120,6 +121,11 @@ class Unsupported(GatewayError):
 
 class InvalidUriTemplate(GatewayError, ValueError):
     """A template that is not RFC 6570 (the message says where)."""
+
+
+class UncheckableSchema(GatewayError, ValueError):
+    """A valid schema the gateway cannot check in linear time: a pattern that needs backtracking (a
+    lookaround or a backreference), or a reference it cannot resolve without fetching it."""
 
 
 class ChannelError(Exception):

@@ -29,6 +29,8 @@ from jsonschema.exceptions import ValidationError as SchemaViolation
 from jsonschema.protocols import Validator
 from referencing import Registry
 
+from gateway.errors import UncheckableSchema
+
 _MAX_DETAIL = 300
 _DATE_TIME = re.compile(r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:[^\s\x00-\x1f\x7f]*$")
@@ -95,6 +97,13 @@ def digest(value: Any) -> str:
     return hashlib.sha256(canonical_json(value)).hexdigest()
 
 
+def check_schema(schema: dict[str, Any]) -> type[Validator]:
+    """Raise `SchemaError` unless `schema` is a valid JSON Schema (its patterns ECMA-262); its validator class."""
+    cls = _linear(validators.validator_for(schema, default=Draft202012Validator))
+    cls.check_schema(schema, format_checker=_schema_formats(cls))  # type: ignore[call-arg]
+    return cls
+
+
 def compile_schema(schema: dict[str, Any], registry: Registry[Any] | None = None) -> Validator:
     """Check a JSON Schema and compile a validator for it (draft from `$schema`, else 2020-12): the
     check at load, and the wording of a violation the per-call check (`compile_checker`) found.
@@ -102,8 +111,7 @@ def compile_schema(schema: dict[str, Any], registry: Registry[Any] | None = None
     `format` is asserted, not just annotated; regular expressions are ECMA-262 and run by `search`.
     Raises `SchemaError` for a schema that is not valid.
     """
-    cls = _linear(validators.validator_for(schema, default=Draft202012Validator))
-    cls.check_schema(schema, format_checker=_schema_formats(cls))  # type: ignore[call-arg]
+    cls = check_schema(schema)
     if registry is None:
         validator: Validator = cls(schema, format_checker=FORMATS)
     else:
@@ -154,11 +162,6 @@ class Matcher(Protocol):
     """Anything that says whether an instance satisfies a schema (the per-call check, `compile_checker`)."""
 
     def is_valid(self, instance: Any) -> bool: ...
-
-
-class UncheckableSchema(ValueError):
-    """A valid schema the gateway cannot check in linear time: a pattern that needs backtracking (a
-    lookaround or a backreference), or a reference it cannot resolve without fetching it."""
 
 
 _LINEAR = jsonschema_rs.RegexOptions()

@@ -9,7 +9,8 @@ import pytest
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, best_match
 
-from gateway.schema import FORMATS, UncheckableSchema, compile_checker, compile_schema, describe_violation
+from gateway.errors import UncheckableSchema
+from gateway.schema import FORMATS, compile_checker, compile_schema, describe_violation
 
 SCHEMAS: list[dict[str, Any]] = [
     {"type": "integer"},

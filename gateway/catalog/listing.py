@@ -26,10 +26,9 @@ from pydantic import ValidationError
 from gateway.catalog.uri_template import UriTemplate
 from gateway.catalog.uris import normal_uri
 from gateway.config.models import Config
-from gateway.errors import InvalidUriTemplate
+from gateway.errors import InvalidUriTemplate, UncheckableSchema
 from gateway.schema import (
     Matcher,
-    UncheckableSchema,
     compile_checker,
     compile_schema,
     describe_violation,

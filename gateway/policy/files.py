@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from jsonschema import validators
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from referencing import Registry, Resource
@@ -26,7 +25,7 @@ from referencing.jsonschema import DRAFT202012
 
 from gateway.calls import Effect
 from gateway.config.models import Config, parse_duration
-from gateway.errors import PolicyError
+from gateway.errors import PolicyError, UncheckableSchema
 from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.policy.paths import PathArguments, PathDeclaration, PathsSpec, check_conflicts, declare_paths
 from gateway.policy.redact import parse_mask_path
@@ -34,7 +33,7 @@ from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX, UPSTREAM_PREFIX
 from gateway.schema import (
     FORMATS,
     Matcher,
-    UncheckableSchema,
+    check_schema,
     compile_checker,
     compile_schema,
     describe_violation,
@@ -364,7 +363,7 @@ class _SchemaLoader:
             if not isinstance(contents, dict):
                 raise PolicyError(f"{where}: $ref {ref!r}: {path} must hold a JSON object (a schema)")
             try:
-                validators.validator_for(contents, default=validators.Draft202012Validator).check_schema(contents)
+                check_schema(contents)
             except SchemaError as exc:
                 raise PolicyError(
                     f"{where}: $ref {ref!r}: {path} is not a valid JSON Schema: {describe_violation(exc)}"
