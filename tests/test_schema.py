@@ -9,6 +9,7 @@ import pytest
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, best_match
 
+from gateway.catalog.listing import normalise_listing
 from gateway.errors import UncheckableSchema
 from gateway.schema import FORMATS, compile_checker, compile_schema, describe_violation
 
@@ -178,3 +179,11 @@ def test_schema_errors_quote_values_as_json() -> None:
     assert (
         describe_violation(raised.value) == "at 'properties/a/type': null is not valid under any of the given schemas"
     )
+
+
+def test_arguments_the_check_cannot_read_are_refused_and_lone_surrogates_read_as_replacement() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^x.$"}}}
+    (tool,) = normalise_listing("up", [{"name": "t", "inputSchema": schema}]).tools
+    assert tool.violation({1: "x"}) == "the arguments cannot be checked (ValueError)"
+    assert tool.violation({"a": "x\udcff"}) is None
+    assert tool.violation({"a": "y\udcff"}) == "at 'a': \"y\udcff\" does not match '^x.$'"

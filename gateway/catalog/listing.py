@@ -107,8 +107,8 @@ class UpstreamTool:
         try:
             if self.matcher.is_valid(arguments):
                 return None
-        except ValueError as exc:  # not JSON (a non-string key): fail closed
-            return f"the arguments cannot be checked ({exc})"
+        except (ValueError, RecursionError) as exc:  # not JSON (a non-string key), or nested past reason
+            return f"the arguments cannot be checked ({type(exc).__name__})"
         error = best_match(self.validator.iter_errors(arguments))
         return "the schema refuses them" if error is None else describe_violation(error)
 
