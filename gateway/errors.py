@@ -16,6 +16,7 @@
      ├── ClientFileError          an agent client's configuration file cannot be read or edited
      ├── Unsupported              a client's server entry the gateway cannot front as the client ran it
      ├── InvalidUriTemplate       a resource template that is not RFC 6570 (also a ValueError)
+     ├── UncheckableSchema        a valid schema not checkable in linear time (also a ValueError)
      └── UnreadableLine           a line off a pipe that is no JSON the gateway takes (also a ValueError)
           ├── NotJson              not UTF-8, not JSON, or nested past what the parser reads
           └── NonFiniteNumber      JSON but for a number JSON cannot carry (NaN, an infinity, 1e999)
@@ -123,6 +124,11 @@ class Unsupported(GatewayError):
 
 class InvalidUriTemplate(GatewayError, ValueError):
     """A template that is not RFC 6570 (the message says where)."""
+
+
+class UncheckableSchema(GatewayError, ValueError):
+    """A valid schema the gateway cannot check in linear time: a pattern that needs backtracking (a
+    lookaround or a backreference), or a reference it cannot resolve without fetching it."""
 
 
 class ChannelError(Exception):

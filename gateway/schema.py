@@ -1,23 +1,35 @@
 """JSON helpers shared by the catalogue and the policy engine: canonical form, digests, compiled schemas.
 
-Free of MCP and of I/O, so the sans-IO policy engine can use them.
+Free of MCP and of I/O, so the sans-IO policy engine can use them. A schema is checked at load by
+jsonschema (`compile_schema`, which also words refusals) and checked per call by jsonschema-rs
+(`compile_checker`). Both read every regular expression one way, JSON Schema's (ECMA-262, as
+jsonschema-rs reads it), and run it in linear time: a pattern from an upstream or a policy, or a
+caller's string, cannot stall the gateway's one event loop.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+import jsonschema._keywords
+import jsonschema._legacy_keywords
+import jsonschema._utils
+import jsonschema_rs
 from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema.exceptions import SchemaError
 from jsonschema.exceptions import ValidationError as SchemaViolation
 from jsonschema.protocols import Validator
 from referencing import Registry
+
+from gateway.errors import UncheckableSchema
 
 _MAX_DETAIL = 300
 _DATE_TIME = re.compile(r"^\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
@@ -52,6 +64,19 @@ def _is_hostname(value: object) -> bool:
     return not isinstance(value, str) or _HOSTNAME.match(value) is not None
 
 
+@FORMATS.checks("regex")
+@functools.lru_cache(maxsize=1024)
+def _is_regex(value: object) -> bool:
+    """An ECMA-262 regular expression, as jsonschema-rs reads one (the dialect of every `pattern` here)."""
+    if not isinstance(value, str):
+        return True
+    try:
+        jsonschema_rs.validator_for({"pattern": value})
+    except jsonschema_rs.ValidationError:
+        return False
+    return True
+
+
 _CANONICAL = {
     allow_nan: json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan).encode
     for allow_nan in (True, False)
@@ -72,13 +97,21 @@ def digest(value: Any) -> str:
     return hashlib.sha256(canonical_json(value)).hexdigest()
 
 
-def compile_schema(schema: dict[str, Any], registry: Registry[Any] | None = None) -> Validator:
-    """Check a JSON Schema and compile a validator for it (draft from `$schema`, else 2020-12).
+def check_schema(schema: dict[str, Any]) -> type[Validator]:
+    """Raise `SchemaError` unless `schema` is a valid JSON Schema (its patterns ECMA-262); its validator class."""
+    cls = _linear(validators.validator_for(schema, default=Draft202012Validator))
+    cls.check_schema(schema, format_checker=_schema_formats(cls))  # type: ignore[call-arg]
+    return cls
 
-    `format` is asserted, not just annotated. Raises `SchemaError` for a schema that is not valid.
+
+def compile_schema(schema: dict[str, Any], registry: Registry[Any] | None = None) -> Validator:
+    """Check a JSON Schema and compile a validator for it (draft from `$schema`, else 2020-12): the
+    check at load, and the wording of a violation the per-call check (`compile_checker`) found.
+
+    `format` is asserted, not just annotated; regular expressions are ECMA-262 and run by `search`.
+    Raises `SchemaError` for a schema that is not valid.
     """
-    cls = validators.validator_for(schema, default=Draft202012Validator)
-    cls.check_schema(schema)
+    cls = check_schema(schema)
     if registry is None:
         validator: Validator = cls(schema, format_checker=FORMATS)
     else:
@@ -144,209 +177,186 @@ def _as_json(value: Any) -> str:
         return repr(value)
 
 
-Check = Callable[[Any], bool]
-
-
 class Matcher(Protocol):
-    """Anything that says whether an instance satisfies a schema: a jsonschema validator, or a `FastSchema`."""
+    """Anything that says whether an instance satisfies a schema (the per-call check, `compile_checker`)."""
 
     def is_valid(self, instance: Any) -> bool: ...
 
 
-_ANNOTATIONS = frozenset(
-    ("title", "description", "$comment", "default", "examples", "deprecated", "readOnly", "writeOnly")
-)
-_TYPES: dict[str, Check] = {
-    "string": lambda value: isinstance(value, str),
-    "object": lambda value: isinstance(value, dict),
-    "array": lambda value: isinstance(value, list),
-    "boolean": lambda value: isinstance(value, bool),
-    "null": lambda value: value is None,
-    "number": lambda value: isinstance(value, int | float) and not isinstance(value, bool),
-    "integer": lambda value: (
-        (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
-    ),
-}
+_LINEAR = jsonschema_rs.RegexOptions()
+"""Every pattern of a per-call check runs on the `regex` crate's engine: linear time, no backtracking."""
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")
+"""Keywords whose values are instances, not schemas: nothing inside them is a keyword."""
 
 
-class FastSchema:
-    """A JSON Schema compiled to plain Python predicates, for the keywords policies use most.
+def schema_keywords(schema: Any) -> Iterator[tuple[str, Any]]:
+    """Every (keyword, value) pair of a schema and of the schemas nested in it."""
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            yield key, value
+            if key not in _DATA_KEYWORDS:
+                yield from schema_keywords(value)
+    elif isinstance(schema, list):
+        for item in schema:
+            yield from schema_keywords(item)
 
-    Same verdicts as the jsonschema validator (the tests compare them), several times faster. Made only
-    by `compile_fast`, which declines any schema using a keyword it does not implement.
-    """
 
-    __slots__ = ("_check",)
+def schema_patterns(schema: Any) -> Iterator[str]:
+    """Every regular expression a schema holds: `pattern` values and `patternProperties` names."""
+    for key, value in schema_keywords(schema):
+        if key == "pattern" and isinstance(value, str):
+            yield value
+        elif key == "patternProperties" and isinstance(value, dict):
+            yield from (name for name in value if isinstance(name, str))
 
-    def __init__(self, check: Check) -> None:
-        self._check = check
+
+@functools.lru_cache(maxsize=4096)
+def _searcher(pattern: str) -> Callable[[str], bool]:
+    """`pattern` compiled once: JSON Schema's `pattern` keyword alone, which is a search."""
+    return jsonschema_rs.validator_for({"pattern": pattern}, pattern_options=_LINEAR).is_valid
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why the gateway cannot run `pattern` on a call (`None` when it can)."""
+    try:
+        _searcher(pattern)
+        return None
+    except jsonschema_rs.ValidationError:
+        pass
+    if not _is_regex(pattern):
+        return "not an ECMA-262 regular expression"
+    return "needs backtracking (a lookaround or a backreference), so it cannot be checked in linear time"
+
+
+def search(pattern: str, text: str) -> bool:
+    """Whether `pattern` matches anywhere in `text`, read as JSON Schema reads it (ECMA-262, with
+    jsonschema-rs) and run in linear time. Raises `UncheckableSchema` for a pattern it cannot run."""
+    try:
+        searcher = _searcher(pattern)
+    except jsonschema_rs.ValidationError:
+        raise UncheckableSchema(f"pattern {pattern!r}: {pattern_problem(pattern)}") from None
+    return _Checker(searcher).is_valid(text)
+
+
+LONE_SURROGATES = re.compile("[\ud800-\udfff]+")
+"""What JSON's `\\udcff` escapes and a blob's bytes that are not UTF-8 leave in a Python string."""
+
+
+class _Checker:
+    """A jsonschema-rs check that also takes strings holding lone surrogates, which are not text to it:
+    each is read as U+FFFD (the replacement character), in the check and in the wording of a refusal."""
+
+    __slots__ = ("_is_valid",)
+
+    def __init__(self, is_valid: Callable[[Any], bool]) -> None:
+        self._is_valid = is_valid
 
     def is_valid(self, instance: Any) -> bool:
-        return self._check(instance)
+        try:
+            return self._is_valid(instance)
+        except UnicodeEncodeError:
+            return self._is_valid(_replaced_surrogates(instance))
 
 
-def compile_fast(schema: dict[str, Any]) -> FastSchema | None:
-    """A `FastSchema` for `schema` (already checked), or `None` if it uses anything not implemented here."""
-    if schema.get("$schema") not in (None, "https://json-schema.org/draft/2020-12/schema"):
-        return None
-    check = _compile({key: value for key, value in schema.items() if key != "$schema"})
-    return FastSchema(check) if check is not None else None
+def _replaced_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return LONE_SURROGATES.sub(lambda match: "\ufffd" * len(match[0]), value)
+    if isinstance(value, Mapping):
+        return {_replaced_surrogates(key): _replaced_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_replaced_surrogates(item) for item in value]
+    return value
 
 
-def _compile(schema: Any) -> Check | None:
-    if schema is True or schema is False:
-        verdict = bool(schema)
-        return lambda _: verdict
-    if not isinstance(schema, dict):
-        return None
-    checks: list[Check] = []
-    for key, value in schema.items():
-        if key in _ANNOTATIONS:
-            continue
-        check = _keyword(key, value, schema)
-        if check is None:
-            return None  # a keyword not implemented here: the full validator decides
-        checks.append(check)
-    return _every(checks)
+def compile_checker(schema: dict[str, Any], resources: Sequence[tuple[str, Any]] = ()) -> Matcher:
+    """The per-call check of `schema` (already checked by `compile_schema`): jsonschema-rs, with every
+    pattern run in linear time and every `format` asserted by `FORMATS`; `resources` are the schemas its
+    `$ref`s may name (nothing is fetched). Raises `UncheckableSchema` for what it cannot check so."""
+    for pattern in schema_patterns(schema):
+        if problem := pattern_problem(pattern):
+            raise UncheckableSchema(f"pattern {pattern!r}: {problem}")
+    registry = jsonschema_rs.Registry(list(resources)) if resources else None
+    try:
+        validator = jsonschema_rs.validator_for(
+            schema,
+            formats=_FORMAT_CALLS,
+            validate_formats=True,
+            pattern_options=_LINEAR,
+            registry=registry,
+            offline=True,
+        )
+        return _Checker(validator.is_valid)
+    except (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError) as exc:
+        raise UncheckableSchema(str(exc).split("\n", 1)[0]) from None
 
 
-def _compile_all(schemas: Any) -> list[Check] | None:
-    compiled = [_compile(sub) for sub in schemas] if isinstance(schemas, list) else [None]
-    return None if any(sub is None for sub in compiled) else [sub for sub in compiled if sub is not None]
+def _conforms(name: str, value: Any) -> bool:
+    return FORMATS.conforms(value, name)
 
 
-def _keyword(key: str, value: Any, schema: dict[str, Any]) -> Check | None:
-    """One keyword as a predicate, with jsonschema's semantics (a keyword ignores other JSON types)."""
-    if key == "type":
-        return _some([_TYPES[name] for name in ([value] if isinstance(value, str) else value)])
-    if key == "required":
-        names = frozenset(value)
-        return lambda v: not isinstance(v, dict) or names <= v.keys()
-    if key == "properties":
-        subs = {name: _compile(sub) for name, sub in value.items()}
-        if any(sub is None for sub in subs.values()):
-            return None
-        checks = [(name, sub) for name, sub in subs.items() if sub is not None]
-
-        def properties(v: Any) -> bool:
-            if isinstance(v, dict):
-                for name, sub in checks:
-                    if name in v and not sub(v[name]):
-                        return False
-            return True
-
-        return properties
-    if key == "additionalProperties":
-        extra = _compile(value)
-        if extra is None or "patternProperties" in schema:
-            return None
-        known = frozenset(schema.get("properties", {}))
-
-        def additional(v: Any) -> bool:
-            if isinstance(v, dict):
-                for name, item in v.items():
-                    if name not in known and not extra(item):
-                        return False
-            return True
-
-        return additional
-    if key == "pattern":
-        search = re.compile(value).search
-        return lambda v: not isinstance(v, str) or search(v) is not None
-    if key in ("enum", "const"):
-        options = list(value) if key == "enum" else [value]
-        return lambda v: any(_equal(v, option) for option in options)
-    if key in _BOUNDS:
-        compare, limit = _BOUNDS[key], value
-        return lambda v: not _TYPES["number"](v) or compare(v, limit)
-    if key in _SIZES:
-        kind, at_least, size = _SIZES[key][0], _SIZES[key][1], value
-
-        def sized(v: Any) -> bool:
-            return not isinstance(v, kind) or (len(v) >= size if at_least else len(v) <= size)
-
-        return sized
-    if key in ("items", "contains"):
-        item = _compile(value)
-        if item is None or {"prefixItems", "minContains", "maxContains"} & schema.keys():
-            return None
-        if key == "items":
-            return lambda v: not isinstance(v, list) or all(map(item, v))
-        return lambda v: not isinstance(v, list) or any(map(item, v))
-    if key == "format":
-        name = value
-        return lambda v: FORMATS.conforms(v, name)
-    if key == "not":
-        inner = _compile(value)
-        return None if inner is None else lambda v: not inner(v)
-    if key in ("allOf", "anyOf", "oneOf"):
-        branches = _compile_all(value)
-        if branches is None:
-            return None
-        if key == "allOf":
-            return _every(branches)
-        if key == "anyOf":
-            return _some(branches)
-        return lambda v: sum(1 for sub in branches if sub(v)) == 1
-    return None
-
-
-def _every(checks: list[Check]) -> Check:
-    """All of `checks` (in order, stopping at the first that fails), with no generator per instance."""
-    if len(checks) == 1:
-        return checks[0]
-    if len(checks) == 2:
-        first, second = checks
-        return lambda v: first(v) and second(v)
-
-    def every(v: Any) -> bool:
-        for check in checks:
-            if not check(v):
-                return False
-        return True
-
-    return every
-
-
-def _some(checks: list[Check]) -> Check:
-    """Any of `checks` (in order, stopping at the first that passes)."""
-    if len(checks) == 1:
-        return checks[0]
-
-    def some(v: Any) -> bool:
-        for check in checks:
-            if check(v):
-                return True
-        return False
-
-    return some
-
-
-_BOUNDS: dict[str, Callable[[Any, Any], bool]] = {
-    "minimum": lambda v, limit: bool(v >= limit),
-    "maximum": lambda v, limit: bool(v <= limit),
-    "exclusiveMinimum": lambda v, limit: bool(v > limit),
-    "exclusiveMaximum": lambda v, limit: bool(v < limit),
+_RS_FORMATS = (
+    "date", "date-time", "duration", "email", "hostname", "idn-email", "idn-hostname", "ipv4", "ipv6", "iri",
+    "iri-reference", "json-pointer", "regex", "relative-json-pointer", "time", "uri", "uri-reference",
+    "uri-template", "uuid",
+)  # fmt: skip
+"""The formats jsonschema-rs asserts on its own."""
+_FORMAT_CALLS: dict[str, Callable[..., bool]] = {
+    name: functools.partial(_conforms, name) for name in {*FORMATS.checkers, *_RS_FORMATS}
 }
-_SIZES: dict[str, tuple[type[str] | type[list[Any]], bool]] = {
-    "minLength": (str, True),
-    "maxLength": (str, False),
-    "minItems": (list, True),
-    "maxItems": (list, False),
+"""`FORMATS` as jsonschema-rs takes them, so the per-call check and the wording of a refusal agree: a
+format `FORMATS` cannot check is not asserted by either."""
+
+
+class _Engine:
+    """Stands in for the module `re` in jsonschema's keyword functions: wording a refusal runs the
+    per-call check's engine (linear time, ECMA-262), never Python's backtracking `re` on a caller's text."""
+
+    @staticmethod
+    def search(pattern: str, string: str) -> bool:
+        return search(pattern, string)
+
+
+def _rebound(function: Any, namespace: dict[str, Any]) -> Any:
+    """`function` with its module's names looked up in `namespace` instead."""
+    return types.FunctionType(
+        function.__code__, namespace, function.__name__, function.__defaults__, function.__closure__
+    )
+
+
+_UTILS: dict[str, Any] = {**vars(jsonschema._utils), "re": _Engine}
+for _name in ("find_additional_properties", "find_evaluated_property_keys_by_schema"):
+    _UTILS[_name] = _rebound(getattr(jsonschema._utils, _name), _UTILS)
+_KEYWORD_MODULES = {
+    module.__name__: {
+        **vars(module),
+        "re": _Engine,
+        "find_additional_properties": _UTILS["find_additional_properties"],
+        "find_evaluated_property_keys_by_schema": _UTILS["find_evaluated_property_keys_by_schema"],
+    }
+    for module in (jsonschema._keywords, jsonschema._legacy_keywords)
 }
 
 
-def _equal(one: Any, two: Any) -> bool:
-    """JSON equality: `true` is not `1`, `1.0` is `1`, arrays and objects compare member by member."""
-    if isinstance(one, bool) or isinstance(two, bool):
-        return isinstance(one, bool) and isinstance(two, bool) and one == two
-    if isinstance(one, list) and isinstance(two, list):
-        return len(one) == len(two) and all(_equal(a, b) for a, b in zip(one, two, strict=True))
-    if isinstance(one, dict) and isinstance(two, dict):
-        return one.keys() == two.keys() and all(_equal(one[key], two[key]) for key in one)
-    if isinstance(one, list | dict) or isinstance(two, list | dict):
-        return False
-    return bool(one == two)
+@functools.cache
+def _linear(cls: type[Validator]) -> type[Validator]:
+    """`cls` with every keyword that reads a regular expression (`pattern`, `patternProperties`, and
+    `additionalProperties`/`unevaluatedProperties` beside them) reading it with `search`."""
+    keywords = {
+        name: _rebound(function, _KEYWORD_MODULES[function.__module__])
+        if function.__module__ in _KEYWORD_MODULES
+        else function
+        for name, function in cls.VALIDATORS.items()
+    }
+    linear: type[Validator] = validators.extend(cls, keywords)  # type: ignore[no-untyped-call]
+    return linear
+
+
+@functools.cache
+def _schema_formats(cls: type[Validator]) -> FormatChecker:
+    """The formats `check_schema` asserts for `cls`, `regex` (a `pattern`'s value) read as ECMA-262."""
+    checker = FormatChecker(())
+    checker.checkers = {**cls.FORMAT_CHECKER.checkers, "regex": (_is_regex, ())}
+    return checker
 
 
 def replace_non_finite(value: Any, replacement: Callable[[float], Any]) -> Any:

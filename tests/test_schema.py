@@ -1,14 +1,17 @@
-"""The fast schema matcher gives the same verdict as the jsonschema validator on every case here; violations
-are described in JSON's spelling."""
+"""The per-call check (jsonschema-rs) gives the same verdict as the jsonschema validator on every case here;
+violations are described in JSON's spelling."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError, best_match
 
-from gateway.schema import compile_fast, compile_schema, describe_violation
+from gateway.catalog.listing import normalise_listing
+from gateway.errors import UncheckableSchema
+from gateway.schema import FORMATS, compile_checker, compile_schema, describe_violation
 
 SCHEMAS: list[dict[str, Any]] = [
     {"type": "integer"},
@@ -32,6 +35,19 @@ SCHEMAS: list[dict[str, Any]] = [
     {"properties": {"day": {"format": "date"}, "at": {"format": "date-time"}, "ip": {"format": "ipv4"}}},
     {"title": "annotations only", "description": "x", "default": 1},
     {"properties": {"x": True, "y": False}},
+    {"patternProperties": {"^x": {"type": "integer"}}, "additionalProperties": False},
+    {"if": {"required": ["a"]}, "then": {"required": ["b"]}, "else": {"required": ["s"]}},
+    {"properties": {"a": {"multipleOf": 2}, "n": {"multipleOf": 5}}},
+    {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "dependencies": {"a": ["b"]}},
+    {"properties": {"a": {"prefixItems": [{"type": "integer"}], "items": False}}},
+    {"properties": {"a": {"uniqueItems": True}, "tags": {"uniqueItems": True}}},
+    {"propertyNames": {"pattern": "^[a-z]+$", "maxLength": 4}},
+    {"dependentRequired": {"a": ["debug"]}, "minProperties": 1, "maxProperties": 2},
+    {"properties": {"files": {"contains": {"type": "string"}, "minContains": 2}}},
+    {"$defs": {"p": {"type": "string", "pattern": "^/srv/"}}, "properties": {"path": {"$ref": "#/$defs/p"}}},
+    {"properties": {"at": {"format": "date-time"}, "host": {"format": "hostname"}, "to": {"format": "uri"}}},
+    {"properties": {"a": {"type": "object", "unevaluatedProperties": False, "properties": {"k": {}}}}},
+    {"properties": {"d": {"format": "duration"}, "j": {"format": "json-pointer"}, "u": {"format": "uuid"}}},
 ]
 INSTANCES: list[Any] = [
     None,
@@ -88,31 +104,50 @@ INSTANCES: list[Any] = [
     {"ip": "999.1.1.1"},
     {"x": 1},
     {"y": 1},
+    {"x": 1.5, "xy": 2},
+    {"z": 1},
+    {"a": [1, "x"]},
+    {"a": [1]},
+    {"a": 4, "n": 15.0},
+    {"a": 3},
+    {"a": [1, 1.0]},
+    {"tags": [{"k": 1}, {"k": 1.0}]},
+    {"abcde": 1},
+    {"a": 1, "debug": True, "x": 2},
+    {"files": ["a", "b"]},
+    {"at": "2026-11-23T10:00:00+01:00", "host": "example.com", "to": "https://example.com/x"},
+    {"at": "2026-11-23T25:00:00Z"},
+    {"host": "-bad-.com"},
+    {"host": "a" * 64},
+    {"to": "no scheme"},
+    {"a": {"k": 1, "l": 2}},
+    {"d": "soon", "j": "no/pointer", "u": "not-a-uuid"},
+    {"u": "12345678-1234-5678-1234-567812345678"},
 ]
 
 
 @pytest.mark.parametrize("schema", SCHEMAS, ids=[str(index) for index in range(len(SCHEMAS))])
-def test_fast_matcher_agrees_with_jsonschema(schema: dict[str, Any]) -> None:
-    fast = compile_fast(schema)
-    assert fast is not None
-    reference = compile_schema(schema)
+def test_the_per_call_check_agrees_with_jsonschema(schema: dict[str, Any]) -> None:
+    """jsonschema-rs, the wording validator and jsonschema as shipped give one verdict on every instance."""
+    checker = compile_checker(schema)
+    wording = compile_schema(schema)
+    stock = validators.validator_for(schema, default=Draft202012Validator)(schema, format_checker=FORMATS)
     for instance in INSTANCES:
-        assert fast.is_valid(instance) == reference.is_valid(instance), instance
+        assert checker.is_valid(instance) == stock.is_valid(instance) == wording.is_valid(instance), instance
 
 
 @pytest.mark.parametrize(
-    "schema",
+    ("schema", "problem"),
     [
-        {"$ref": "other.json"},
-        {"patternProperties": {"^x": {}}, "additionalProperties": False},
-        {"if": {"required": ["a"]}, "then": {"required": ["b"]}},
-        {"properties": {"a": {"multipleOf": 2}}},
-        {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object"},
-        {"prefixItems": [{}], "items": False},
+        ({"$ref": "other.json"}, "other.json"),
+        ({"properties": {"a": {"pattern": "^(\\w+)\\1$"}}}, "cannot be checked in linear time"),
+        ({"patternProperties": {"^(?!x)": {}}}, "cannot be checked in linear time"),
     ],
 )
-def test_anything_else_is_left_to_jsonschema(schema: dict[str, Any]) -> None:
-    assert compile_fast(schema) is None
+def test_what_cannot_be_checked_in_linear_time_is_said(schema: dict[str, Any], problem: str) -> None:
+    compile_schema(schema)  # a valid schema
+    with pytest.raises(UncheckableSchema, match=problem.replace("(", ".")):
+        compile_checker(schema)
 
 
 MESSAGES = [
@@ -144,3 +179,11 @@ def test_schema_errors_quote_values_as_json() -> None:
     assert (
         describe_violation(raised.value) == "at 'properties/a/type': null is not valid under any of the given schemas"
     )
+
+
+def test_arguments_the_check_cannot_read_are_refused_and_lone_surrogates_read_as_replacement() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^x.$"}}}
+    (tool,) = normalise_listing("up", [{"name": "t", "inputSchema": schema}]).tools
+    assert tool.violation({1: "x"}) == "the arguments cannot be checked (ValueError)"
+    assert tool.violation({"a": "x\udcff"}) is None
+    assert tool.violation({"a": "y\udcff"}) == "at 'a': \"y\udcff\" does not match '^x.$'"

@@ -26,8 +26,16 @@ from pydantic import ValidationError
 from gateway.catalog.uri_template import UriTemplate
 from gateway.catalog.uris import normal_uri
 from gateway.config.models import Config
-from gateway.errors import InvalidUriTemplate
-from gateway.schema import Mask, Matcher, compile_fast, compile_schema, describe_violation, digest, json_message
+from gateway.errors import InvalidUriTemplate, UncheckableSchema
+from gateway.schema import (
+    Mask,
+    Matcher,
+    compile_checker,
+    compile_schema,
+    describe_violation,
+    digest,
+    json_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,15 +96,23 @@ class UpstreamTool:
     validator: Validator = field(compare=False, repr=False)
     digest: str = ""
     matcher: Matcher | None = field(default=None, compare=False, repr=False)
-    """A faster yes/no for the input schema (a `FastSchema` when it can express it); the validator says why."""
+    """The per-call check of the input schema (`compile_checker`); the validator says why it failed.
+    `None` for a schema the gateway cannot check in linear time: the tool is listed, every call refused."""
+    uncheckable: str = field(default="", compare=False)
+    """Why there is no `matcher`."""
 
     def violation(self, arguments: Mapping[str, Any], mask: Mask | None = None) -> str | None:
         """One line saying how `arguments` break this tool's input schema (the values it quotes masked by
         `mask`); `None` when they don't."""
-        if (self.matcher or self.validator).is_valid(arguments):
-            return None
+        if self.matcher is None:
+            return f"{self.uncheckable}; every call of this tool is refused"
+        try:
+            if self.matcher.is_valid(arguments):
+                return None
+        except (ValueError, RecursionError) as exc:  # not JSON (a non-string key), or nested past reason
+            return f"the arguments cannot be checked ({type(exc).__name__})"
         error = best_match(self.validator.iter_errors(arguments))
-        return None if error is None else describe_violation(error, mask)
+        return "the schema refuses them" if error is None else describe_violation(error, mask)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +216,13 @@ def _normalise_tool(upstream: str, raw: Any, problems: list[str]) -> UpstreamToo
     except ValidationError as exc:
         problems.append(f"tool '{name}' dropped: {_first_error(exc)}")
         return None
-    return UpstreamTool(upstream, name, definition, validator, digest(definition), compile_fast(schema))
+    try:
+        matcher: Matcher | None = compile_checker(schema)
+        uncheckable = ""
+    except UncheckableSchema as exc:
+        matcher, uncheckable = None, f"inputSchema cannot be checked by the gateway: {exc}"
+        problems.append(f"tool '{name}': {uncheckable}; every call of it is refused")
+    return UpstreamTool(upstream, name, definition, validator, digest(definition), matcher, uncheckable)
 
 
 def _validated(model: Any, kind: str, raws: Iterable[Any], problems: list[str]) -> list[Any]:

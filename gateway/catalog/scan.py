@@ -26,7 +26,9 @@ import unicodedata
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
+
+import re2  # type: ignore[import-untyped]
 
 
 class Severity(StrEnum):
@@ -52,10 +54,21 @@ _ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u180e\u00ad]")
 _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_PADDING = re.compile(r"[ \t\u00a0\u3000]{40,}|(?:[ \t]*\r?\n){8,}")
 
-_INSTRUCTIONS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (label, re.compile(pattern, re.IGNORECASE))
+
+def _linear(pattern: str) -> Any:
+    """`pattern`, case-insensitive, run by RE2: linear time on whatever an upstream writes. (Python's `re`
+    spent a second per 200 kB of crafted description in the nested bounded repeats below.)"""
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False
+    return re2.compile(pattern, options)
+
+
+_PADDING = _linear("[ \t\u00a0\u3000]{40,}" r"|(?:[ \t]*\r?\n){8,}")
+
+_INSTRUCTIONS: tuple[tuple[str, Any], ...] = tuple(
+    (label, _linear(pattern))
     for label, pattern in (
         (
             "asks the model to disregard its instructions",
@@ -89,12 +102,8 @@ _SECRET_FILES = re.compile(
     r"\.npmrc\b|\.pypirc\b|(?<![\w.])\.env\b(?!\s*(?:var|variable))",
     re.IGNORECASE,
 )
-_SECRET_WORDS = re.compile(
-    r"\b(?:private\s+key|api[\s_-]?keys?|access\s+tokens?|passwords?|credentials|secret\s+keys?)\b", re.IGNORECASE
-)
-_URGENT = re.compile(
-    r"\b(?:always|never|must|instead|whenever|important|mandatory|required\s+to|bcc|redirect|forward)\b", re.IGNORECASE
-)
+_SECRET_WORDS = _linear(r"\b(?:private\s+key|api[\s_-]?keys?|access\s+tokens?|passwords?|credentials|secret\s+keys?)\b")
+_URGENT = _linear(r"\b(?:always|never|must|instead|whenever|important|mandatory|required\s+to|bcc|redirect|forward)\b")
 _IDENTIFIER = re.compile(r"^(?=.{5,}$)(?:[a-z0-9]+(?:[_.-][a-z0-9]+)+|[a-z]+(?:[A-Z][a-z0-9]*)+)$")
 
 
@@ -205,7 +214,15 @@ def _readable(text: str) -> str:
     return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text))
 
 
-def _excerpt(text: str, match: re.Match[str]) -> str:
+class _Span(Protocol):
+    """A match, of Python's `re` or of RE2."""
+
+    def start(self) -> int: ...
+
+    def end(self) -> int: ...
+
+
+def _excerpt(text: str, match: _Span) -> str:
     start, end = max(0, match.start() - 30), min(len(text), match.end() + 50)
     return ("..." if start else "") + text[start:end].strip() + ("..." if end < len(text) else "")
 

@@ -27,7 +27,7 @@ from gateway.catalog.listing import ExposedPrompt, ExposedTool, UpstreamTool
 from gateway.catalog.uri_template import UriTemplate
 from gateway.catalog.uris import normal_uri
 from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX
-from gateway.schema import compile_fast, compile_schema, digest
+from gateway.schema import compile_checker, compile_schema, digest
 
 RESOURCE_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -44,7 +44,7 @@ class _Kind:
         self.kind = kind
         self.schema = schema
         self.validator = compile_schema(schema)
-        self.fast = compile_fast(schema)
+        self.checker = compile_checker(schema)
 
 
 _RESOURCE = _Kind("resource", RESOURCE_SCHEMA)
@@ -130,6 +130,6 @@ def prompt_target(prompt: ExposedPrompt) -> ExposedTool:
 
 
 def _target(kind: _Kind, name: str, upstream: str, upstream_name: str, definition: Mapping[str, Any]) -> ExposedTool:
-    source = UpstreamTool(upstream, upstream_name, definition, kind.validator, digest(definition), kind.fast)
+    source = UpstreamTool(upstream, upstream_name, definition, kind.validator, digest(definition), kind.checker)
     model = types.Tool.model_construct(name=name, input_schema=kind.schema)
     return ExposedTool(name, source, model, kind.kind)

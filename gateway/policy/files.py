@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from jsonschema import validators
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from referencing import Registry, Resource
@@ -26,12 +25,22 @@ from referencing.jsonschema import DRAFT202012
 
 from gateway.calls import Effect
 from gateway.config.models import Config, parse_duration
-from gateway.errors import PolicyError
+from gateway.errors import PolicyError, UncheckableSchema
 from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.policy.paths import PathArguments, PathDeclaration, PathsSpec, check_conflicts, declare_paths
 from gateway.policy.redact import parse_mask_path
-from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX, UPSTREAM_PREFIXES, Rate, Rule, tool_glob
-from gateway.schema import FORMATS, Matcher, compile_fast, compile_schema, describe_violation
+from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX, UPSTREAM_PREFIXES, Rate, Redaction, Rule, tool_glob
+from gateway.schema import (
+    FORMATS,
+    Matcher,
+    check_schema,
+    compile_checker,
+    compile_schema,
+    describe_violation,
+    pattern_problem,
+    schema_keywords,
+    schema_patterns,
+)
 
 RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day|[0-9][0-9.]*\s*(?:ms|s|m|h))\s*$")
@@ -202,12 +211,12 @@ def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, l
             rate = parse_rate(spec.rate)
         except ValueError as exc:
             raise PolicyError(f"{where}: rate: {exc}") from None
-    redact: list[re.Pattern[str]] = []
+    redact: list[Redaction] = []
     for index, pattern in enumerate(spec.redact or ()):
         try:
-            redact.append(re.compile(pattern))
-        except re.error as exc:
-            raise PolicyError(f"{where}: redact[{index}]: invalid regular expression: {exc}") from None
+            redact.append(Redaction(pattern))
+        except ValueError as exc:
+            raise PolicyError(f"{where}: redact[{index}]: {exc}") from None
     mask: list[tuple[str, ...]] = []
     for index, text in enumerate(spec.mask or ()):
         try:
@@ -314,18 +323,21 @@ class _SchemaLoader:
         self.directory = directory.resolve()
         self.sources: list[_Source] = []
         self._registry: Registry[Any] = Registry(retrieve=_refuse_retrieval)  # type: ignore[call-arg]
+        self._resources: list[tuple[str, Any]] = []
         self._loaded: set[str] = set()
 
     def compile(self, schema: dict[str, Any], where: str) -> Matcher:
-        """The fastest matcher with the validator's verdicts: plain predicates when the keywords allow."""
+        """The per-call check of a `when` schema (jsonschema-rs, every pattern in linear time)."""
         self._load_references(schema, PurePosixPath("."), where)
         try:
-            validator = compile_schema(schema, self._registry)
+            compile_schema(schema, self._registry)
         except SchemaError as exc:
             raise PolicyError(f"{where}: not a valid JSON Schema: {describe_violation(exc)}") from None
         _check_formats(schema, where)
-        fast = compile_fast(schema)
-        return fast if fast is not None else validator
+        try:
+            return compile_checker(schema, self._resources)
+        except UncheckableSchema as exc:
+            raise PolicyError(f"{where}: {exc}") from None
 
     def _load_references(self, schema: Any, base: PurePosixPath, where: str) -> None:
         for ref in _references(schema):
@@ -351,13 +363,15 @@ class _SchemaLoader:
             if not isinstance(contents, dict):
                 raise PolicyError(f"{where}: $ref {ref!r}: {path} must hold a JSON object (a schema)")
             try:
-                validators.validator_for(contents, default=validators.Draft202012Validator).check_schema(contents)
+                check_schema(contents)
             except SchemaError as exc:
                 raise PolicyError(
                     f"{where}: $ref {ref!r}: {path} is not a valid JSON Schema: {describe_violation(exc)}"
                 ) from None
             _check_formats(contents, f"{where}: $ref {ref!r}")
+            _check_patterns(contents, f"{where}: $ref {ref!r}")
             self._loaded.add(uri)
+            self._resources.append((uri, contents))
             self.sources.append(_Source(uri, data))
             resource = Resource.from_contents(contents, default_specification=DRAFT202012)
             self._registry = self._registry.with_resource(uri, resource)
@@ -383,34 +397,26 @@ def _normalise(path: PurePosixPath) -> str | None:
     return "/".join(parts) if parts else None
 
 
-_DATA_KEYWORDS = ("const", "enum", "default", "examples")
-"""Keywords whose values are instances, not schemas: nothing inside them is a keyword."""
-
-
-def _keywords(schema: Any) -> Iterator[tuple[str, Any]]:
-    """Every (keyword, value) pair of a schema and of the schemas nested in it."""
-    if isinstance(schema, dict):
-        for key, value in schema.items():
-            yield key, value
-            if key not in _DATA_KEYWORDS:
-                yield from _keywords(value)
-    elif isinstance(schema, list):
-        for item in schema:
-            yield from _keywords(item)
-
-
 def _references(schema: Any) -> Iterator[str]:
-    for key, value in _keywords(schema):
+    for key, value in schema_keywords(schema):
         if key in ("$ref", "$dynamicRef") and isinstance(value, str):
             yield value
 
 
 def _check_formats(schema: Any, where: str) -> None:
     """A `format` this gateway cannot check would silently match everything: refuse it at load."""
-    for key, value in _keywords(schema):
+    for key, value in schema_keywords(schema):
         if key == "format" and isinstance(value, str) and value not in FORMATS.checkers:
             supported = ", ".join(sorted(FORMATS.checkers))
             raise PolicyError(f"{where}: format {value!r} cannot be checked by the gateway (supported: {supported})")
+
+
+def _check_patterns(schema: Any, where: str) -> None:
+    """A pattern the gateway cannot run in linear time (a lookaround, a backreference) could stall it on
+    a caller's text: refuse it at load."""
+    for pattern in schema_patterns(schema):
+        if problem := pattern_problem(pattern):
+            raise PolicyError(f"{where}: pattern {pattern!r}: {problem}")
 
 
 def _describe(exc: ValidationError) -> str:

@@ -11,8 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import re2  # type: ignore[import-untyped]
+
 from gateway.calls import Effect
-from gateway.schema import Matcher
+from gateway.schema import LONE_SURROGATES, Matcher
 
 RESOURCE_PREFIX = "resource:"
 """The engine knows a resource read by `resource:` and its URI (`rules.resources` globs match the URI)."""
@@ -27,6 +29,48 @@ def tool_glob(glob: str) -> str:
     """The regex for one glob over exposed tool names, which never hold a colon (so `*` names no
     `resource:URI`, `prompt:NAME`, ...)."""
     return f"(?=[^:]*$)(?:{fnmatch.translate(glob)})"
+
+
+_RE2 = re2.Options()
+_RE2.log_errors = False  # a pattern RE2 refuses is reported once, as a PolicyError
+
+
+class Redaction:
+    """One `redact` pattern of a result rule, in RE2's syntax and run by RE2: every match is masked in
+    linear time, whatever text the upstream returns. Raises `ValueError` for a pattern RE2 cannot take
+    (a lookaround or a backreference among them)."""
+
+    __slots__ = ("_regexp", "pattern")
+
+    def __init__(self, pattern: str) -> None:
+        try:
+            self._regexp = re2.compile(pattern, _RE2)
+        except re2.error as exc:
+            reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+            raise ValueError(
+                f"invalid regular expression (RE2 syntax, run in linear time: no lookarounds or backreferences): "
+                f"{reason}"
+            ) from None
+        self.pattern = pattern
+
+    def sub(self, replacement: str, text: str) -> str:
+        """`text` with every match of the pattern replaced by `replacement` (taken literally). A lone
+        surrogate (a byte of a blob that is not UTF-8, kept as an escape) is not text to RE2: a match
+        ends there."""
+        if not LONE_SURROGATES.search(text):
+            return str(self._regexp.sub(lambda _: replacement, text))
+        kept = iter(LONE_SURROGATES.findall(text))
+        parts = [str(self._regexp.sub(lambda _: replacement, part)) for part in LONE_SURROGATES.split(text)]
+        return "".join(part + next(kept, "") for part in parts)
+
+    def __repr__(self) -> str:
+        return f"Redaction({self.pattern!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Redaction) and other.pattern == self.pattern
+
+    def __hash__(self) -> int:
+        return hash(self.pattern)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +102,7 @@ class Rule:
     rate: Rate | None = None
     patch: Mapping[str, Any] | None = None
     on_result: bool = False
-    redact: tuple[re.Pattern[str], ...] = ()
+    redact: tuple[Redaction, ...] = ()
     mask: tuple[tuple[str, ...], ...] = ()
     """Argument paths the audit log stores masked (for every call of the rule's tools)."""
     resources: tuple[str, ...] = ()
