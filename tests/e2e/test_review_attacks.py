@@ -1,0 +1,144 @@
+"""Attacks on the hardening round, each asserting the secure behaviour: a manipulated agent naming the
+gateway's own files in spellings the built-in rule may miss, and secrets written in ways masking may miss."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from gateway.policy.redact import Redactor
+from tests.conftest import events, gateway_client, node_server, text_of, write_config
+
+pytestmark = pytest.mark.anyio
+
+RULE = "builtin:gateway-files"
+EVIL = '[defaults]\neffect = "allow"\n'
+
+
+def files_project(tmp_path: Path, **gateway: str) -> Path:
+    """The README's file server on `.` (the directory holding the configuration), everything allowed."""
+    server = {"command": node_server("mcp-server-filesystem"), "args": ["."]}
+    return write_config(tmp_path, {"files": server}, **gateway)
+
+
+def refused(text: str) -> bool:
+    return f"(built-in rule '{RULE}')" in text
+
+
+async def test_a_relative_path_behind_a_made_up_scheme_is_refused(tmp_path: Path) -> None:
+    """`zz:/../policies/evil.toml` is no URI to the file server: it is the relative path `zz:/..` (the
+    working directory) then `policies/evil.toml`. A value with a non-`file` scheme was not checked at all."""
+    config = files_project(tmp_path)
+    attempts = [
+        ("files__write_file", {"path": "zz:/../policies/evil.toml", "content": EVIL}),
+        ("files__read_text_file", {"path": "http:/../.mcp-armor/audit.key"}),
+    ]
+    async with gateway_client(config) as client:
+        for tool, arguments in attempts:
+            result = await client.call_tool(tool, arguments)
+            assert result.is_error and refused(text_of(result)), (tool, text_of(result))
+    assert sorted(path.name for path in (tmp_path / "policies").iterdir()) == ["test.toml"]
+
+
+async def test_the_audit_logs_key_file_and_leases_outside_the_state_directory_are_refused(tmp_path: Path) -> None:
+    """With `[gateway] audit` outside the state directory the log, its WAL and journal were protected, but
+    not `audit.key` beside it (the masking key: read it and test guesses against every marker; replace it
+    and journals are forged) nor the lease directory (delete a live gateway's lease: its calls are marked
+    interrupted)."""
+    config = files_project(tmp_path, audit="logs/audit.db")
+    async with gateway_client(config) as client:
+        warm = await client.call_tool("files__list_directory", {"path": "logs"})
+        assert not warm.is_error, text_of(warm)
+        assert (tmp_path / "logs" / "audit.key").exists()
+        attempts = [
+            ("files__read_text_file", {"path": "logs/audit.key"}),
+            ("files__write_file", {"path": "logs/audit.key", "content": "{}"}),
+            ("files__list_directory", {"path": "logs/audit.leases"}),
+        ]
+        for tool, arguments in attempts:
+            result = await client.call_tool(tool, arguments)
+            assert result.is_error and refused(text_of(result)), (tool, text_of(result))
+
+
+async def test_held_file_uri_and_path_spellings_are_all_refused(tmp_path: Path) -> None:
+    """Held: `file://localhost/`, percent-encoding, `..` through a directory, a symbolic link to the
+    policies, a trailing slash, a path in an array and in a nested object under a path-like key."""
+    config = files_project(tmp_path)
+    (tmp_path / "sub").mkdir()
+    os.symlink(tmp_path / "policies", tmp_path / "sub" / "link")
+    policies = tmp_path / "policies"
+    attempts = [
+        ("files__read_text_file", {"path": f"file://localhost{policies}/test.toml"}),
+        ("files__read_text_file", {"path": f"FILE:{policies}/%74est.toml"}),
+        ("files__write_file", {"path": "sub/../policies/evil.toml", "content": EVIL}),
+        ("files__write_file", {"path": "sub/link/evil.toml", "content": EVIL}),
+        ("files__list_directory", {"path": "policies/"}),
+        ("files__read_multiple_files", {"paths": ["README.md", "./policies/./test.toml"]}),
+        ("files__edit_file", {"path": "sub/link/test.toml", "edits": [{"oldText": "allow", "newText": "x"}]}),
+    ]
+    async with gateway_client(config) as client:
+        for tool, arguments in attempts:
+            result = await client.call_tool(tool, arguments)
+            assert result.is_error and refused(text_of(result)), (tool, text_of(result))
+    assert sorted(path.name for path in policies.iterdir()) == ["test.toml"]
+    decisions = [event for event in events(tmp_path) if event["kind"] == "decision"]
+    assert [event["rules"] for event in decisions] == [[RULE]] * len(attempts)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a directory holding the gateway's files is not itself protected: moving it away is allowed",
+)
+async def test_moving_the_directory_that_holds_the_configuration_is_refused(tmp_path: Path) -> None:
+    """The file server on the parent of the project: `move_file` on the project directory names none of
+    the protected files, yet takes them all (a fresh `policies/` can then be written in its place)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    config = write_config(project, {"files": {"command": node_server("mcp-server-filesystem"), "args": [".."]}})
+    async with gateway_client(config) as client:
+        result = await client.call_tool(
+            "files__move_file", {"source": str(project), "destination": str(tmp_path / "moved")}
+        )
+        assert result.is_error and refused(text_of(result)), text_of(result)
+    assert (project / "policies" / "test.toml").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ('password="hunter2pw"', "hunter2pw"),
+        ("db_password: 'hunter2pw'", "hunter2pw"),
+        ('{"password": "hunter2pw", "user": "bob"}', "hunter2pw"),
+        ('{"api_key":"hunter2pw"}', "hunter2pw"),
+        ("cmd --password 'correct horse battery'", "horse battery"),
+        ('mysql -u root -p"two words" db', "words"),
+        ("curl -vu admin:hunter2pw https://example.com", "hunter2pw"),
+        ("curl -sSu admin:hunter2pw https://example.com", "hunter2pw"),
+    ],
+)
+def test_quoted_and_combined_option_passwords_are_masked(text: str, secret: str) -> None:
+    """A quoted password (`password="..."`, a JSON or YAML document written by a tool, a quoted option
+    value with spaces) and curl's `-u` among combined short options were kept in clear, in full or in part."""
+    redacted = Redactor(b"k" * 32).redact({"content": text})
+    stored = json.dumps(redacted.value)
+    assert secret not in stored, stored
+    assert redacted.masked
+
+
+def test_held_command_line_and_url_passwords_are_masked() -> None:
+    """Held: the claimed spellings."""
+    texts = [
+        "mysql -uroot -phunter2pw db",
+        "mysql --password hunter2pw",
+        "sshpass -p hunter2pw ssh host",
+        "curl -u admin:hunter2pw https://example.com",
+        "curl --user=admin:hunter2pw https://example.com",
+        "git clone https://bob:hunter2pw@example.com/r.git",
+    ]
+    redactor = Redactor(b"k" * 32)
+    for text in texts:
+        stored = json.dumps(redactor.redact({"command": text}).value)
+        assert "hunter2pw" not in stored, stored
