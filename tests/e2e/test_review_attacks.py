@@ -10,7 +10,19 @@ from pathlib import Path
 import pytest
 
 from gateway.policy.redact import Redactor
-from tests.conftest import events, gateway_client, node_server, text_of, write_config
+from tests.conftest import (
+    RawSession,
+    answers,
+    events,
+    fixture_upstream,
+    gateway_client,
+    gateway_process,
+    node_server,
+    ready,
+    run_cli,
+    text_of,
+    write_config,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -142,3 +154,24 @@ def test_held_command_line_and_url_passwords_are_masked() -> None:
     for text in texts:
         stored = json.dumps(redactor.redact({"command": text}).value)
         assert "hunter2pw" not in stored, stored
+
+
+async def test_a_lone_surrogate_in_a_calls_arguments_is_recorded_and_the_log_goes_on(tmp_path: Path) -> None:
+    """JSON may carry `\\ud800` (no character, not UTF-8): its decision was never committed (SQLite took the
+    text as UTF-8 and raised), and neither was anything batched with it. Now it is recorded escaped, and
+    the calls after it too. (The SDK's upstream cannot read it, and leaves the call unanswered.)"""
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    async with gateway_process(config) as (proc, _):
+        raw = RawSession(proc)
+        await ready(raw)
+        assert proc.stdin is not None
+        await proc.stdin.send(
+            b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", '
+            b'"params": {"name": "box__echo", "arguments": {"text": "a\\ud800b", "\\udfff": "y"}}}\n'
+        )
+        await raw.send(raw.call(2, "box__echo", {"text": "after"}))
+        assert "result" in (await answers(raw, {2}))[2]
+    decisions = [event for event in events(tmp_path) if event["kind"] == "decision"]
+    assert [event["call_id"] is not None for event in decisions] == [True, True], decisions
+    assert decisions[0]["arguments"] == {"text": "a\ud800b", "\udfff": "y"}
+    assert run_cli("audit", "verify", "--config", str(config), cwd=tmp_path).returncode == 0
