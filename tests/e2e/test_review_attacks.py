@@ -175,3 +175,23 @@ async def test_a_lone_surrogate_in_a_calls_arguments_is_recorded_and_the_log_goe
     assert [event["call_id"] is not None for event in decisions] == [True, True], decisions
     assert decisions[0]["arguments"] == {"text": "a\ud800b", "\udfff": "y"}
     assert run_cli("audit", "verify", "--config", str(config), cwd=tmp_path).returncode == 0
+
+
+async def test_a_second_initialize_naming_another_client_is_refused(tmp_path: Path) -> None:
+    """Handshake era: the connection's client is the one `initialize` named; a second `initialize` naming
+    another is refused (as a 2026 request naming another client is), and calls stay recorded for the first."""
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    async with gateway_process(config) as (proc, _):
+        raw = RawSession(proc)
+        await ready(raw)
+        again = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "someone-else", "version": "9"},
+        }
+        await raw.send({"id": 1, "method": "initialize", "params": again})
+        await raw.send(raw.call(2, "box__echo", {"text": "hi"}))
+        found = await answers(raw, {1, 2})
+        assert "error" in found[1], found[1]
+    decisions = [event for event in events(tmp_path) if event["kind"] == "decision"]
+    assert [event["client"] for event in decisions] == ["raw"], decisions
