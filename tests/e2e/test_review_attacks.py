@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gateway.calls import Decision, Effect
+from gateway.config.models import load_config
+from gateway.policy.own_files import GatewayFiles
 from gateway.policy.redact import Redactor
 from tests.conftest import (
     RawSession,
@@ -195,3 +199,20 @@ async def test_a_second_initialize_naming_another_client_is_refused(tmp_path: Pa
         assert "error" in found[1], found[1]
     decisions = [event for event in events(tmp_path) if event["kind"] == "decision"]
     assert [event["client"] for event in decisions] == ["raw"], decisions
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"files": {"policies/evil.toml": EVIL}},  # a tool writing several files: each key a path
+        {"files": [{"name": "upstreams.lock", "content": "{}"}]},
+        {"target": {"location": ".mcp-armor/audit.key"}},
+    ],
+)
+def test_a_path_in_an_object_under_a_path_like_argument_is_refused(tmp_path: Path, arguments: dict[str, Any]) -> None:
+    """Arrays under a path-like argument were checked item by item, but an object under one was not: not
+    its keys (a multi-file write keyed by path) nor the values of its members with other names."""
+    config = load_config(files_project(tmp_path))
+    allowed = Decision(Effect.ALLOW, "allowed", "rev", ("all",))
+    decision = GatewayFiles.of(config).decide(allowed, "files", arguments, set())
+    assert decision.effect is Effect.DENY and decision.rules == (RULE,), decision
