@@ -163,7 +163,8 @@ def _protected(what: str, path: Path, tree: bool) -> Protected:
 
 
 def _paths(arguments: Mapping[str, Any], declared: Collection[str]) -> Iterator[tuple[str, str]]:
-    """Every string under a path argument, at any depth, with the name of the argument holding it."""
+    """Every string under a path argument, at any depth (an object's keys too), with the name of the
+    argument holding it."""
     pending: list[tuple[str, Any, bool]] = [(str(key), value, False) for key, value in arguments.items()]
     while pending:
         key, value, inherited = pending.pop()
@@ -172,7 +173,9 @@ def _paths(arguments: Mapping[str, Any], declared: Collection[str]) -> Iterator[
             if named:
                 yield key, value
         elif isinstance(value, Mapping):
-            pending.extend((str(inner), item, False) for inner, item in value.items())
+            if named:  # an object under a path argument: its keys may be paths too (several files written)
+                pending.extend((str(inner), str(inner), True) for inner in value)
+            pending.extend((str(inner), item, named) for inner, item in value.items())
         elif isinstance(value, list | tuple):
             pending.extend((key, item, named) for item in value)
 
