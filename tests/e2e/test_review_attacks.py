@@ -3,13 +3,18 @@ gateway's own files in spellings the built-in rule may miss, and secrets written
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
+import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from gateway.audit.chain import canonical, chain_hash
 from gateway.calls import Decision, Effect
 from gateway.config.models import load_config
 from gateway.policy.own_files import GatewayFiles
@@ -236,3 +241,31 @@ def test_a_secret_cut_short_in_a_gateway_files_refusal_is_not_stored(tmp_path: P
     reason = GatewayFiles.of(config).refusal("files", arguments, set())
     assert reason is not None
     assert token[:12] not in redaction.scrub(reason, redactor)
+
+
+async def test_held_a_log_rewritten_with_its_chain_recomputed_fails_verify_by_the_anchors(tmp_path: Path) -> None:
+    """Held: a call's decision edited from allow to deny and every hash after it recomputed (the chain needs
+    no key) passes the chain, and is caught by the anchor the gateway wrote when it stopped."""
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    async with gateway_client(config) as client:
+        result = await client.call_tool("box__echo", {"text": "hi"})
+        assert not result.is_error
+    log = tmp_path / ".mcp-armor" / "audit.db"
+    with contextlib.closing(sqlite3.connect(log)) as db, db:
+        rows = db.execute("SELECT seq, body FROM events ORDER BY seq").fetchall()
+        prev = db.execute("SELECT prev_hash FROM events WHERE seq = ?", (rows[0][0],)).fetchone()[0]
+        for seq, body in rows:
+            event = json.loads(body)
+            if event["kind"] == "decision":
+                event["decision"] = "deny"
+            body = canonical(event)
+            digest = chain_hash(prev, body)
+            db.execute("UPDATE events SET prev_hash = ?, hash = ?, body = ? WHERE seq = ?", (prev, digest, body, seq))
+            prev = digest
+        db.execute("UPDATE head SET hash = ? WHERE id = 1", (prev,))
+    command = [sys.executable, "-m", "gateway", "audit", "verify", "--config", str(config)]
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}  # the anchors' XDG_STATE_HOME
+    with anyio.fail_after(120):
+        verified = await anyio.run_process(command, env=environment, check=False)
+    said = (verified.stdout + verified.stderr).decode()
+    assert verified.returncode == 1 and "anchor" in said, said
