@@ -98,9 +98,9 @@ class GatewayFiles:
             for form in _forms(value, base):
                 for entry in self.protected:
                     if entry.holds(form):
-                        shown = escape(value[:_SHOWN], quotes=False)
+                        # The value is not quoted: it may hold a secret, and the masked arguments are recorded.
                         return (
-                            f"argument '{escape(key[:_SHOWN], quotes=False)}' ('{shown}') names the gateway's "
+                            f"argument '{escape(key[:_SHOWN], quotes=False)}' names the gateway's "
                             f"{entry.what}, which no call may read or change (built-in rule '{RULE}')"
                         )
         return None
@@ -164,20 +164,20 @@ def _protected(what: str, path: Path, tree: bool) -> Protected:
 
 def _paths(arguments: Mapping[str, Any], declared: Collection[str]) -> Iterator[tuple[str, str]]:
     """Every string under a path argument, at any depth (an object's keys too), with the name of the
-    argument holding it."""
-    pending: list[tuple[str, Any, bool]] = [(str(key), value, False) for key, value in arguments.items()]
+    top-level argument holding it (a key deeper down may itself be a path, or a secret: never quoted)."""
+    pending: list[tuple[str, str, Any, bool]] = [(str(key), str(key), value, False) for key, value in arguments.items()]
     while pending:
-        key, value, inherited = pending.pop()
+        top, key, value, inherited = pending.pop()
         named = inherited or key in declared or path_like(key)
         if isinstance(value, str):
             if named:
-                yield key, value
+                yield top, value
         elif isinstance(value, Mapping):
             if named:  # an object under a path argument: its keys may be paths too (several files written)
-                pending.extend((str(inner), str(inner), True) for inner in value)
-            pending.extend((str(inner), item, named) for inner, item in value.items())
+                pending.extend((top, str(inner), str(inner), True) for inner in value)
+            pending.extend((top, str(inner), item, named) for inner, item in value.items())
         elif isinstance(value, list | tuple):
-            pending.extend((key, item, named) for item in value)
+            pending.extend((top, key, item, named) for item in value)
 
 
 def _forms(value: str, base: str) -> list[str]:
