@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,18 +24,22 @@ from typing import Any
 from gateway.schema import canonical_text, replace_non_finite
 
 GENESIS = "0" * 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""In canonical text (written with `ensure_ascii=False`) a surrogate can only be a lone one, in a string."""
 
 
 def canonical(event: Mapping[str, Any]) -> str:
     """The canonical JSON form of an event body: what is stored and what is hashed.
 
     Strict JSON: a NaN or infinity (which a tool's arguments or result may carry) is written as the
-    string "NaN", "Infinity" or "-Infinity", so such a call is recorded like any other.
+    string "NaN", "Infinity" or "-Infinity", and a lone surrogate (JSON carries one, UTF-8 cannot) as
+    its escape `\\udXXX`, so such a call is recorded like any other.
     """
     try:
-        return canonical_text(event, allow_nan=False)
+        text = canonical_text(event, allow_nan=False)
     except ValueError:
-        return canonical_text(replace_non_finite(event, _spelled), allow_nan=False)
+        text = canonical_text(replace_non_finite(event, _spelled), allow_nan=False)
+    return _SURROGATE.sub(lambda match: f"\\u{ord(match[0]):04x}", text) if _SURROGATE.search(text) else text
 
 
 def _spelled(value: float) -> str:

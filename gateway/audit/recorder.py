@@ -276,7 +276,7 @@ class Recorder:
         batch = self._take()
         try:
             self.store.append(batch.bodies, journal=batch.mark)
-        except sqlite3.Error as exc:  # the write lock is taken, or worse: the writer task waits, or reports it
+        except Exception as exc:  # the write lock is taken, or worse: the writer task waits, or reports it
             logger.debug("audit commit on the event loop failed, handing over to the writer: %s", exc)
             if self.journal is not None:
                 self.journal.put_back(batch.journaled)
@@ -328,6 +328,10 @@ class Recorder:
         except sqlite3.Error as exc:
             self.failure = f"{self.path}: cannot write the audit log: {exc}"
             logger.error("%s", self.failure)
+            return self.failure
+        except Exception as exc:  # not the database's: still no call may wait for ever, nor go on unrecorded
+            self.failure = f"{self.path}: cannot write the audit log: {type(exc).__name__}: {exc}"
+            logger.exception("%s", self.failure)
             return self.failure
         self.failure = None
         return None

@@ -3,7 +3,8 @@
 The first request decides the connection's era, as the MCP specification has it: `initialize` opens
 a handshake-era connection, a request carrying the 2026-07-28 `_meta` envelope opens a 2026 one, and
 a later claim from the other era is refused. In the handshake era nothing but `ping` passes before
-`initialize` (or a bare `notifications/initialized`) opens the gate; in the 2026 era every request
+`initialize` (or a bare `notifications/initialized`) opens the gate, and a repeated `initialize`
+naming another client is refused; in the 2026 era every request
 names its caller in its own envelope, and the first names the connection's client for good: a later
 request naming another client (name or version) is refused, and recorded when it is a call, so that
 policy's `clients` globs, the audit log's session and `policy replay` all speak of the one client
@@ -99,12 +100,17 @@ class Eras:
             self.legacy = Caller(session, modern=False, can_elicit=False, elicit=self._elicit)
 
     def initialize(self, params: dict[str, Any] | None) -> dict[str, Any]:
-        """The handshake: its result, shaped; the connection is open from here on. Raises `ProtocolError`."""
+        """The handshake: its result, shaped; the connection is open from here on. Raises `ProtocolError`,
+        and for a repeated one naming another client than the connection's."""
         try:
             check_spec("initialize", self.version, params)
             init = types.InitializeRequestParams.model_validate(params or {}, by_name=False)
         except ValidationError:
             raise INVALID_PARAMS from None
+        info = init.client_info
+        known = (self.legacy.session.client_name, self.legacy.session.client_version) if self.legacy else None
+        if known is not None and (info.name, info.version) != known:
+            raise _misclaim(known, (info.name, info.version))  # a repeated handshake may not change the client
         negotiated = init.protocol_version
         if negotiated not in HANDSHAKE_PROTOCOL_VERSIONS:
             negotiated = LATEST_HANDSHAKE_VERSION
@@ -115,7 +121,6 @@ class Eras:
         }
         shaped = shape("initialize", self.version, result)
         self.version = negotiated
-        info = init.client_info
         session = self.gateway.session_info(self.gateway.stdio_session, negotiated, info.name, info.version)
         can_elicit = init.capabilities.elicitation is not None
         relay = relay_for(init.capabilities, self._ask)

@@ -1,14 +1,15 @@
 """The built-in rule no policy can lift: no call may name the gateway's own files.
 
 The configuration file, the policies directory (reloaded as it changes), `upstreams.lock`, the state
-directory (the audit log, its journals, keys) and the audit log wherever it is: a call whose path
-arguments resolve into them is denied under `builtin:gateway-files`, reads too, whatever the
-policies, a rewrite or a person say. Path arguments are those `[[paths]]` declares, those whose names
-say so (`gateway.display.path_like`, at any depth), and so a resource's `uri` too (`file://` URIs;
-other schemes name no local file). A relative path is resolved against the upstream's working
-directory; each path is checked as written (lexically normalised) and with its symbolic links
-resolved (the longest existing prefix), case-folded where the file system holding a protected file
-ignores case, and with backslashes read as separators too.
+directory (the audit log, its journals, keys) and the audit log wherever it is, with its journals, key
+file, leases and anchor file: a call whose path arguments resolve into them is denied under
+`builtin:gateway-files`, reads too, whatever the policies, a rewrite or a person say. Path arguments
+are those `[[paths]]` declares, those whose names say so (`gateway.display.path_like`, at any depth),
+and so a resource's `uri` too (a `file://` URI by its path). Every value, a URI or not, is checked as
+a path too: a file server takes `zz:/../policies` for a relative path. A relative path is resolved
+against the upstream's working directory; each path is checked as written (lexically normalised) and
+with its symbolic links resolved (the longest existing prefix), case-folded where the file system
+holding a protected file ignores case, and with backslashes read as separators too.
 
 Unlike the rest of the engine this module reads the file system (to resolve links); it decides from
 what it finds there and the configuration alone.
@@ -24,6 +25,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from gateway.audit.anchor import Anchoring
+from gateway.audit.journal import journal_directory
+from gateway.audit.keys import key_path
+from gateway.audit.leases import lease_directory
 from gateway.calls import Decision, Effect
 from gateway.config.models import IN_MEMORY, Config
 from gateway.display import escape, path_like
@@ -74,7 +79,12 @@ class GatewayFiles:
             entries.append(("audit log", audit, False))
             entries += [("audit log", audit.with_name(audit.name + suffix), False) for suffix in ("-wal", "-shm")]
             entries += [("audit log", audit.with_name(audit.name + "-journal"), False)]
-            entries.append(("audit journal directory", audit.with_name(f"{audit.stem}.journal"), True))
+            entries.append(("audit journal directory", journal_directory(audit), True))
+            entries.append(("audit key file", key_path(audit), False))
+            entries.append(("audit lease directory", lease_directory(audit), True))
+            anchor = Anchoring.of(config).file
+            if anchor is not None:
+                entries.append(("audit anchor file", anchor, False))
         protected = [_protected(what, path, tree) for what, path, tree in entries]
         working = {
             name: str(spec.cwd) for name, spec in config.upstreams.items() if spec.command is not None and spec.cwd
@@ -88,9 +98,9 @@ class GatewayFiles:
             for form in _forms(value, base):
                 for entry in self.protected:
                     if entry.holds(form):
-                        shown = escape(value[:_SHOWN], quotes=False)
+                        # The value is not quoted: it may hold a secret, and the masked arguments are recorded.
                         return (
-                            f"argument '{escape(key[:_SHOWN], quotes=False)}' ('{shown}') names the gateway's "
+                            f"argument '{escape(key[:_SHOWN], quotes=False)}' names the gateway's "
                             f"{entry.what}, which no call may read or change (built-in rule '{RULE}')"
                         )
         return None
@@ -153,31 +163,31 @@ def _protected(what: str, path: Path, tree: bool) -> Protected:
 
 
 def _paths(arguments: Mapping[str, Any], declared: Collection[str]) -> Iterator[tuple[str, str]]:
-    """Every string under a path argument, at any depth, with the name of the argument holding it."""
-    pending: list[tuple[str, Any, bool]] = [(str(key), value, False) for key, value in arguments.items()]
+    """Every string under a path argument, at any depth (an object's keys too), with the name of the
+    top-level argument holding it (a key deeper down may itself be a path, or a secret: never quoted)."""
+    pending: list[tuple[str, str, Any, bool]] = [(str(key), str(key), value, False) for key, value in arguments.items()]
     while pending:
-        key, value, inherited = pending.pop()
+        top, key, value, inherited = pending.pop()
         named = inherited or key in declared or path_like(key)
         if isinstance(value, str):
             if named:
-                yield key, value
+                yield top, value
         elif isinstance(value, Mapping):
-            pending.extend((str(inner), item, False) for inner, item in value.items())
+            if named:  # an object under a path argument: its keys may be paths too (several files written)
+                pending.extend((top, str(inner), str(inner), True) for inner in value)
+            pending.extend((top, str(inner), item, named) for inner, item in value.items())
         elif isinstance(value, list | tuple):
-            pending.extend((key, item, named) for item in value)
+            pending.extend((top, key, item, named) for item in value)
 
 
 def _forms(value: str, base: str) -> list[str]:
     """The absolute paths `value` can name: as written and with links resolved, backslashes as separators too."""
     value = value.split("\0", 1)[0]
+    written = {value}  # any value, URI or not, also as a path: a server may take `zz:/../x` for a relative one
     match = _SCHEME.match(value)
-    if match is not None:
-        if match[1].lower() != "file":
-            return []
-        value = unquote(urlsplit(value).path)
-    if not value:
-        return []
-    spellings = {value, value.replace("\\", "/")}
+    if match is not None and match[1].lower() == "file":
+        written.add(unquote(urlsplit(value).path))
+    spellings = {spelling for one in written if one for spelling in (one, one.replace("\\", "/"))}
     forms: list[str] = []
     for spelling in spellings:
         absolute = os.path.join(base, os.path.expanduser(spelling))

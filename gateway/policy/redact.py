@@ -30,6 +30,9 @@ from gateway.schema import canonical_text
 # token character precedes it (so a long run is scanned once, not from each of its positions), and
 # repetitions are bounded where a failing match could otherwise rescan what follows.
 _T = r"(?<![A-Za-z0-9_-])"
+_QUOTED = r"(?P<quote>['\"])?(?P<secret>(?(quote)[^'\"\n]{{1,256}}|{}))"
+"""A secret after an opening quote runs to the closing one, spaces and all (`password: "two words"`, a
+JSON document's `"password": "..."`); unquoted, it is what the pattern says (its `{}`)."""
 PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (kind, re.compile(pattern))
     for kind, pattern in (
@@ -53,12 +56,12 @@ PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         (
             "password",
             r"(?i)(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|client[_-]?secret)"
-            r"\s{0,16}[=:]\s{0,16}(?P<secret>[^\s&;,'\"]{4,})",
+            r"['\"]?\s{0,16}[=:]\s{0,16}" + _QUOTED.format(r"[^\s&;,'\"]{4,}"),
         ),
         (
             "password-option",  # --password PASS, --db-password 'PASS', --token=T (any length)
             r"(?i)(?<![\w-])--(?:[a-z0-9]{1,20}-){0,3}(?:password|passwd|pass|secret|token|api-?key)"
-            r"(?:=|[ \t]{1,16})['\"]?(?P<secret>[^\s'\"=-][^\s'\"]*)",
+            r"(?:=|[ \t]{1,16})" + _QUOTED.format(r"[^\s'\"=-][^\s'\"]*"),
         ),
     )
 )
@@ -67,9 +70,12 @@ _COMMAND = re.compile(r"(?<![\w./-])(?:[\w./-]{0,64}/)?(?P<tool>mysql\w*|mariadb
 `sshpass -p PASS`, `curl -u user:PASS`."""
 _COMMAND_END = re.compile(r"[\n;|&]")
 _OPTIONS = {
-    "mysql": re.compile(r"(?<!\S)-p['\"]?(?P<secret>[^\s'\"]+)"),
-    "sshpass": re.compile(r"(?<!\S)-p[ \t]{0,16}['\"]?(?P<secret>[^\s'\"]+)"),
-    "curl": re.compile(r"(?<!\S)(?:-u[ \t]{0,16}|--user(?:=|[ \t]{1,16}))['\"]?[^\s:'\"]{0,256}:(?P<secret>[^\s'\"]+)"),
+    "mysql": re.compile(r"(?<!\S)-p" + _QUOTED.format(r"[^\s'\"]+")),
+    "sshpass": re.compile(r"(?<!\S)-p[ \t]{0,16}" + _QUOTED.format(r"[^\s'\"]+")),
+    "curl": re.compile(  # -u among combined short options too: -su, -vu
+        r"(?<!\S)(?:-[A-Za-z]{0,8}u[ \t]{0,16}|--user(?:=|[ \t]{1,16}))"
+        r"(?P<quote>['\"])?[^\s:'\"]{0,256}:(?P<secret>(?(quote)[^'\"\n]{1,256}|[^\s'\"]+))"
+    ),
 }
 SHORTEST = 15
 """No pattern matches fewer characters, except those that need a ':' or '=' (URL passwords, `pwd=...`),

@@ -198,6 +198,31 @@ async def test_concurrent_records_are_committed_in_groups_in_one_chain(tmp_path:
 
 
 @pytest.mark.anyio
+async def test_a_commit_failing_for_a_reason_not_the_databases_fails_its_callers_and_the_log_goes_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.db"
+    recorder = Recorder(path)
+    async with recorder.running():
+        store = recorder.store
+        assert store is not None
+        append = store.append
+
+        def failing(bodies: Any, **kwargs: Any) -> int:
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+
+        store.append = failing  # type: ignore[method-assign]
+        with anyio.fail_after(10):  # before, the group was dropped and its callers waited for ever
+            with pytest.raises(AuditError, match="cannot write the audit log: UnicodeEncodeError"):
+                await recorder.record(event("decision", call_id="lost", tool="t"))
+        store.append = append  # type: ignore[method-assign]
+        with anyio.fail_after(10):
+            await recorder.record(event("decision", call_id="kept", tool="t"))
+    assert "kept" in chain_texts(path)
+    assert verify(path) == (None, "")
+
+
+@pytest.mark.anyio
 async def test_a_record_that_cannot_be_committed_raises_for_its_caller(tmp_path: Path) -> None:
     (tmp_path / "state").write_text("not a directory")
     recorder = Recorder(tmp_path / "state" / "audit.db")

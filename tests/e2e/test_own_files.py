@@ -68,7 +68,8 @@ async def test_start_up_and_policy_check_say_which_upstream_can_reach_the_gatewa
     config = project(tmp_path)
     line = (
         "upstream 'files': its argument '.' gives it access to the gateway's configuration file, policies "
-        f"directory, lock file, state directory, audit log, audit journal directory; calls naming them are refused "
+        f"directory, lock file, state directory, audit log, audit journal directory, audit key file, "
+        f"audit lease directory; calls naming them are refused "
         f"(built-in rule '{RULE}'), but the server itself can reach them: give it a directory that does not hold them"
     )
     async with gateway_process(config) as (_, log):

@@ -141,13 +141,16 @@ def test_the_upstreams_that_can_reach_the_gateways_files_are_named(project: Path
     lines = GatewayFiles.of(config).exposures(config)
     assert lines == [
         "upstream 'files': its argument '.' gives it access to the gateway's configuration file, policies "
-        f"directory, lock file, state directory, audit log, audit journal directory; calls naming them are refused "
+        f"directory, lock file, state directory, audit log, audit journal directory, audit key file, "
+        f"audit lease directory; calls naming them are refused "
         f"(built-in rule '{RULE}'), but the server itself can reach them: give it a directory that does not hold them",
         f"upstream 'state': its argument '--root={project / '.mcp-armor'}' gives it access to the gateway's state "
-        f"directory, audit log, audit journal directory; calls naming them are refused (built-in rule '{RULE}'), "
+        f"directory, audit log, audit journal directory, audit key file, "
+        f"audit lease directory; calls naming them are refused (built-in rule '{RULE}'), "
         "but the server itself can reach them: give it a directory that does not hold them",
         f"upstream 'above': its working directory '{project.parent}' gives it access to the gateway's configuration "
-        f"file, policies directory, lock file, state directory, audit log, audit journal directory; calls naming "
+        f"file, policies directory, lock file, state directory, audit log, audit journal directory, audit key file, "
+        f"audit lease directory, audit anchor file; calls naming "
         f"them are refused (built-in rule '{RULE}'), but the server itself can reach them: give it a directory "
         "that does not hold them",
     ]
