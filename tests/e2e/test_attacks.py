@@ -1,5 +1,6 @@
-"""Attacks on the hardening round, each asserting the secure behaviour: a manipulated agent naming the
-gateway's own files in spellings the built-in rule may miss, and secrets written in ways masking may miss."""
+"""Attacks, each asserting the secure behaviour: a manipulated agent naming the gateway's own files in
+spellings the built-in rule may miss, secrets written in ways masking may miss, a client renaming
+itself, a lone surrogate in the log, a rewritten chain against its anchors."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ async def test_the_audit_logs_key_file_and_leases_outside_the_state_directory_ar
             assert result.is_error and refused(text_of(result)), (tool, text_of(result))
 
 
-async def test_held_file_uri_and_path_spellings_are_all_refused(tmp_path: Path) -> None:
+async def test_file_uri_and_path_spellings_are_all_refused(tmp_path: Path) -> None:
     """Held: `file://localhost/`, percent-encoding, `..` through a directory, a symbolic link to the
     policies, a trailing slash, a path in an array and in a nested object under a path-like key."""
     config = files_project(tmp_path)
@@ -149,7 +150,7 @@ def test_quoted_and_combined_option_passwords_are_masked(text: str, secret: str)
     assert redacted.masked
 
 
-def test_held_command_line_and_url_passwords_are_masked() -> None:
+def test_command_line_and_url_passwords_are_masked() -> None:
     """Held: the claimed spellings."""
     texts = [
         "mysql -uroot -phunter2pw db",
@@ -240,7 +241,7 @@ def test_a_secret_cut_short_in_a_gateway_files_refusal_is_not_stored(tmp_path: P
     assert keyed is not None and token[:12] not in keyed and "argument 'files'" in keyed
 
 
-async def test_held_a_log_rewritten_with_its_chain_recomputed_fails_verify_by_the_anchors(tmp_path: Path) -> None:
+async def test_a_log_rewritten_with_its_chain_recomputed_fails_verify_by_the_anchors(tmp_path: Path) -> None:
     """Held: a call's decision edited from allow to deny and every hash after it recomputed (the chain needs
     no key) passes the chain, and is caught by the anchor the gateway wrote when it stopped."""
     config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
