@@ -14,10 +14,10 @@ from gateway.audit.queries import Filters
 from gateway.calls import Effect
 from gateway.cli.common import package_warnings, print_table
 from gateway.config.models import Config
+from gateway.core.own_files import RULE, GatewayFiles
 from gateway.errors import GatewayError
 from gateway.policy.files import load_engine
 from gateway.policy.lint import hidden_upstreams, lint
-from gateway.policy.own_files import RULE, GatewayFiles
 from gateway.upstream.connect import Upstreams, connect
 
 

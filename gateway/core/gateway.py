@@ -41,6 +41,7 @@ from gateway.catalog.uris import normal_uri
 from gateway.core.approvals import REQUESTED_SCHEMA, ApprovalDesk
 from gateway.core.dispatch import Caps, Dispatcher, Route
 from gateway.core.notices import Notices
+from gateway.core.own_files import GatewayFiles
 from gateway.core.pipeline import build_pipeline
 from gateway.core.requests import Caller, Request, RoundTrip, ToolRequest
 from gateway.core.sessions import Sessions
@@ -54,7 +55,6 @@ from gateway.core.targets import (
 from gateway.core.watch import watch_file, watch_policies
 from gateway.errors import GatewayError, LockError, ProtocolError
 from gateway.policy.engine import PolicyEngine, PolicySet
-from gateway.policy.own_files import GatewayFiles
 from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX
 from gateway.upstream.pool import UpstreamPool
 

@@ -7,7 +7,7 @@ terminal handler that forwards the call upstream:
         -> audit decisions (committed, or the call is refused) -> forward
 
 Every decision `enforce_policy` makes ends with the built-in rule over the gateway's own files
-(`gateway.policy.own_files`), which no policy, rewrite or approval can lift.
+(`gateway.core.own_files`), which no policy, rewrite or approval can lift.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from gateway.calls import (
     ToolCall,
     mark_decided,
 )
+from gateway.core.own_files import GatewayFiles
 from gateway.core.targets import candidate, completion_params
 from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.nesting import MAX_NESTING, nests_deeper
-from gateway.policy.own_files import GatewayFiles
 from gateway.policy.redact import Redactor
 from gateway.upstream.pool import UpstreamPool
 from gateway.wire.results import check_tool_result

@@ -18,7 +18,7 @@ import pytest
 from gateway.audit.chain import canonical, chain_hash
 from gateway.calls import Decision, Effect
 from gateway.config.models import load_config
-from gateway.policy.own_files import GatewayFiles
+from gateway.core.own_files import GatewayFiles
 from gateway.policy.redact import Redactor
 from tests.conftest import (
     RawSession,

@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.calls import Decision, Effect
+from gateway.core.own_files import GatewayFiles, Protected
 from gateway.display import escape, show_arguments
-from gateway.policy.own_files import GatewayFiles, Protected
 
 TRICKY = st.sampled_from(["\n", "\r", "\u2028", "\u202e", "\u200b", "\u2066", "\ufeff", "\x1b", '"', "\\", "\x00"])
 TEXT = st.lists(st.one_of(st.characters(), TRICKY), max_size=40).map("".join)

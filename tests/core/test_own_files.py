@@ -13,11 +13,11 @@ import pytest
 from gateway.calls import Answer, Approval, Channel, Decision, Effect, Outcome, OutcomeKind, SessionInfo, ToolCall
 from gateway.catalog.listing import Catalog, normalise_listing
 from gateway.config.models import load_config
+from gateway.core.own_files import RULE, GatewayFiles, Protected
 from gateway.core.pipeline import EnforcePolicy
 from gateway.core.targets import resource_target, subscription_target
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.files import load_policies
-from gateway.policy.own_files import RULE, GatewayFiles, Protected
 from tests.conftest import write_config
 
 ALLOWED = Decision(Effect.ALLOW, "allowed by rule 'all'", "rev", ("all",))
