@@ -77,3 +77,23 @@ def test_a_callers_long_regular_expression_is_not_kept_after_its_check() -> None
     held = sys.getrefcount(expression)
     assert FORMATS.conforms(expression, "regex") is False
     assert sys.getrefcount(expression) == held
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an upstream's listing is checked and scanned on the event loop (seconds a megabyte of definitions)",
+)
+async def test_an_upstream_relisting_megabytes_of_tools_cannot_stall_the_gateway(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"crowded": fixture_upstream("crowded.py"), "box": fixture_upstream("toolbox.py")})
+    async with gateway_process(config) as (proc, _):
+        raw = RawSession(proc)
+        await ready(raw)
+        await raw.send(raw.call(1, "crowded__grow", {}))
+        changed, echoes = False, 0
+        while not changed:  # an echo at a time until the new listing reaches the agent: each answered in time
+            echoes += 1
+            await raw.send(raw.call(100 + echoes, "box__echo", {"text": "still here"}))
+            with anyio.fail_after(BOUND):
+                while (message := await raw.receive()).get("id") != 100 + echoes:
+                    changed |= message.get("method") == "notifications/tools/list_changed"
+            assert message["result"]["content"][0]["text"] == "still here"
