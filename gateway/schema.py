@@ -65,13 +65,22 @@ def _is_hostname(value: object) -> bool:
 
 
 @FORMATS.checks("regex")
-@functools.lru_cache(maxsize=1024)
 def _is_regex(value: object) -> bool:
     """An ECMA-262 regular expression, as jsonschema-rs reads one (the dialect of every `pattern` here)."""
     if not isinstance(value, str):
         return True
+    # A caller's string may be megabytes: only short ones (a schema's patterns) are worth keeping.
+    return _compiles(value) if len(value) <= _CACHED_PATTERN else _compiles.__wrapped__(value)
+
+
+_CACHED_PATTERN = 1024
+"""The longest regular expression whose verdict is kept (characters)."""
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiles(pattern: str) -> bool:
     try:
-        jsonschema_rs.validator_for({"pattern": value})
+        jsonschema_rs.validator_for({"pattern": pattern})
     except jsonschema_rs.ValidationError:
         return False
     return True
@@ -307,6 +316,11 @@ _FORMAT_CALLS: dict[str, Callable[..., bool]] = {
 format `FORMATS` cannot check is not asserted by either."""
 
 
+_unique = _Checker(jsonschema_rs.validator_for({"uniqueItems": True}).is_valid).is_valid
+"""Whether an array's items are distinct, by jsonschema-rs (hashing: linear), where jsonschema's own `uniq`
+compares every pair of items that do not sort (objects): seconds for a few thousand."""
+
+
 class _Engine:
     """Stands in for the module `re` in jsonschema's keyword functions: wording a refusal runs the
     per-call check's engine (linear time, ECMA-262), never Python's backtracking `re` on a caller's text."""
@@ -330,6 +344,7 @@ _KEYWORD_MODULES = {
     module.__name__: {
         **vars(module),
         "re": _Engine,
+        "uniq": _unique,
         "find_additional_properties": _UTILS["find_additional_properties"],
         "find_evaluated_property_keys_by_schema": _UTILS["find_evaluated_property_keys_by_schema"],
     }
@@ -340,7 +355,8 @@ _KEYWORD_MODULES = {
 @functools.cache
 def _linear(cls: type[Validator]) -> type[Validator]:
     """`cls` with every keyword that reads a regular expression (`pattern`, `patternProperties`, and
-    `additionalProperties`/`unevaluatedProperties` beside them) reading it with `search`."""
+    `additionalProperties`/`unevaluatedProperties` beside them) reading it with `search`, and
+    `uniqueItems` deciding in linear time."""
     keywords = {
         name: _rebound(function, _KEYWORD_MODULES[function.__module__])
         if function.__module__ in _KEYWORD_MODULES
