@@ -15,7 +15,7 @@ import json
 import math
 import re
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -138,13 +138,18 @@ def describe_violation(error: SchemaViolation | SchemaError, mask: Mask | None =
 
     With `mask`, every value of the instance quoted (and every key of the path) is masked first, and only
     then written out and cut to length: no secret reaches the text, whole or in part."""
-    parts = [str(part) for part in error.absolute_path]
-    if mask is not None:
-        parts = [str(mask(part, tuple(parts[:index]))) for index, part in enumerate(parts)]
-    where = "/".join(parts)
+    where = instance_place(error.absolute_path, mask)
     text = json_message(error, mask)
     message = text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL] + "..."
     return f"at '{where}': {message}" if where else message
+
+
+def instance_place(path: Iterable[str | int], mask: Mask | None = None) -> str:
+    """A place in an instance as `a/0/b`, each key masked first with `mask` (a key may be a secret)."""
+    parts = [str(part) for part in path]
+    if mask is not None:
+        parts = [str(mask(part, tuple(parts[:index]))) for index, part in enumerate(parts)]
+    return "/".join(parts)
 
 
 _FALSE_SCHEMA = "False schema does not allow "
@@ -186,10 +191,32 @@ def _as_json(value: Any) -> str:
         return repr(value)
 
 
+def holds_more_than(value: Any, limit: int) -> bool:
+    """Whether `value` holds more than `limit` values (objects, arrays and their members, at any depth),
+    counted without recursion and no further than `limit`: bounded work however large the value."""
+    stack: list[Any] = [value]
+    count = 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
+
+
 class Matcher(Protocol):
     """Anything that says whether an instance satisfies a schema (the per-call check, `compile_checker`)."""
 
     def is_valid(self, instance: Any) -> bool: ...
+
+    def first_error(self, instance: Any) -> tuple[tuple[str | int, ...], str] | None:
+        """Where the instance first breaks the schema, and the keyword it breaks with the keyword's value
+        (`type: ["object"]`); `None` when it does not."""
+        ...
 
 
 _LINEAR = jsonschema_rs.RegexOptions()
@@ -255,16 +282,37 @@ class _Checker:
     """A jsonschema-rs check that also takes strings holding lone surrogates, which are not text to it:
     each is read as U+FFFD (the replacement character), in the check and in the wording of a refusal."""
 
-    __slots__ = ("_is_valid",)
+    __slots__ = ("_is_valid", "_validator")
 
-    def __init__(self, is_valid: Callable[[Any], bool]) -> None:
+    def __init__(self, is_valid: Callable[[Any], bool], validator: Any = None) -> None:
         self._is_valid = is_valid
+        self._validator = validator
 
     def is_valid(self, instance: Any) -> bool:
         try:
             return self._is_valid(instance)
         except UnicodeEncodeError:
             return self._is_valid(_replaced_surrogates(instance))
+
+    def first_error(self, instance: Any) -> tuple[tuple[str | int, ...], str] | None:
+        if self._validator is None:
+            return None
+        try:
+            errors = self._validator.iter_errors(instance)
+            error = next(errors, None)
+        except UnicodeEncodeError:
+            error = next(self._validator.iter_errors(_replaced_surrogates(instance)), None)
+        if error is None:
+            return None
+        keyword = next((str(part) for part in reversed(error.schema_path) if isinstance(part, str)), "")
+        try:  # what the schema asks there (the upstream's, not the caller's: nothing to mask)
+            value = error.kind.value
+            asked = "" if value is None or isinstance(value, bool) else json.dumps(value, ensure_ascii=False)
+        except (AttributeError, TypeError, ValueError):
+            asked = ""
+        if asked:
+            keyword = f"{keyword}: {asked}" if len(asked) <= _MAX_DETAIL else f"{keyword}: {asked[:_MAX_DETAIL]}..."
+        return tuple(error.instance_path), keyword
 
 
 def _replaced_surrogates(value: Any) -> Any:
@@ -294,7 +342,7 @@ def compile_checker(schema: dict[str, Any], resources: Sequence[tuple[str, Any]]
             registry=registry,
             offline=True,
         )
-        return _Checker(validator.is_valid)
+        return _Checker(validator.is_valid, validator)
     except (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError) as exc:
         raise UncheckableSchema(str(exc).split("\n", 1)[0]) from None
 

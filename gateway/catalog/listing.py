@@ -34,6 +34,8 @@ from gateway.schema import (
     compile_schema,
     describe_violation,
     digest,
+    holds_more_than,
+    instance_place,
     json_message,
 )
 
@@ -86,6 +88,11 @@ def naming(value: Naming | str) -> Naming:
     return value if isinstance(value, Naming) else Naming(value)
 
 
+WORDED_AT_MOST = 10_000
+"""Values (objects, arrays, their members) in a call whose refusal is worded in full by Python's jsonschema;
+a larger call's refusal names the place and the keyword the per-call check found (bounded time)."""
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamTool:
     """One upstream tool, normalised, with its input schema compiled."""
@@ -111,8 +118,21 @@ class UpstreamTool:
                 return None
         except (ValueError, RecursionError) as exc:  # not JSON (a non-string key), or nested past reason
             return f"the arguments cannot be checked ({type(exc).__name__})"
+        if holds_more_than(arguments, WORDED_AT_MOST):
+            return self._briefly(arguments, mask)
         error = best_match(self.validator.iter_errors(arguments))
         return "the schema refuses them" if error is None else describe_violation(error, mask)
+
+    def _briefly(self, arguments: Mapping[str, Any], mask: Mask | None) -> str:
+        """A large call's refusal, from the per-call check's first error alone: where, and which keyword
+        (no value quoted). Wording it as for a small call walks the whole call in Python, seconds per MB."""
+        found = self.matcher.first_error(arguments) if self.matcher is not None else None
+        if found is None:
+            return "the schema refuses them"
+        path, keyword = found
+        where = instance_place(path, mask)
+        what = f"the value does not satisfy {keyword}" if keyword else "the value is refused"
+        return f"at '{where}': {what}" if where else what
 
 
 @dataclass(frozen=True, slots=True)

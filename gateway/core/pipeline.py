@@ -41,8 +41,9 @@ from gateway.core.own_files import GatewayFiles
 from gateway.core.targets import candidate, completion_params
 from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy.engine import PolicyEngine
-from gateway.policy.nesting import MAX_NESTING, nests_deeper
+from gateway.policy.nesting import MAX_NESTING, MAX_VALUES, nests_deeper
 from gateway.policy.redact import Redactor
+from gateway.schema import holds_more_than
 from gateway.upstream.pool import UpstreamPool
 from gateway.wire.results import check_tool_result
 
@@ -74,7 +75,8 @@ def compose(stages: Sequence[Stage], terminal: Handler) -> Handler:
 
 
 class CheckArguments:
-    """Refuse arguments nested deeper than `MAX_NESTING` levels (measured without recursion, before
+    """Refuse arguments nested deeper than `MAX_NESTING` levels, or holding more than `MAX_VALUES`
+    values (both measured without recursion, and no further than the limit, before
     anything walks them), and arguments that the upstream tool's own inputSchema rejects; they never
     reach it. A refusal quotes the arguments masked as the audit log stores them."""
 
@@ -83,6 +85,12 @@ class CheckArguments:
         self._redactor = redactor
 
     async def __call__(self, call: ToolCall, call_next: Handler) -> Outcome:
+        if holds_more_than(call.arguments, MAX_VALUES):
+            reason = (
+                f"the arguments of '{call.tool.name}' hold more than {MAX_VALUES} values (objects, arrays and "
+                "their members), the most the gateway accepts"
+            )
+            return Outcome.refused(call, reason)
         if nests_deeper(call.arguments):
             reason = (
                 f"the arguments of '{call.tool.name}' nest deeper than {MAX_NESTING} levels of objects and arrays, "

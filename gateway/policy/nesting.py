@@ -16,6 +16,10 @@ from typing import Any
 
 MAX_NESTING = 64
 """Levels of objects and arrays a call's arguments may nest (the arguments object is level 1)."""
+MAX_VALUES = 100_000
+"""Values (objects, arrays, and every member of them) a call's arguments may hold. Each is checked,
+decided and masked in Python on the one event loop, tens of microseconds apiece at worst: the bound
+keeps any one call's cost to about a second, whatever `max_message_size` lets in."""
 
 
 def nests_deeper(value: Any, limit: int = MAX_NESTING) -> bool:

@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.policy.nesting import MAX_NESTING, canonical_flat, nests_deeper
-from gateway.schema import canonical_text
+from gateway.policy.nesting import MAX_NESTING, MAX_VALUES, canonical_flat, nests_deeper
+from gateway.schema import canonical_text, holds_more_than
 
 # Each pattern masks its group "secret" (or the whole match when it has none). Every pattern runs in
 # linear time on any text (an upstream writes the results these scan): a token starts only where no
@@ -87,6 +87,8 @@ _TOKEN = re.compile(r"[A-Za-z0-9+/_=.-]{20,}")
 _MARKER = re.compile(r"\[masked:[a-z-]+:[0-9a-f]{16}\]")
 TOO_DEEP = f"[nested deeper than {MAX_NESTING} levels: not stored]"
 """What the log stores in place of an object or array nested deeper than `MAX_NESTING` levels."""
+TOO_MANY = f"[more than {MAX_VALUES} values: not stored]"
+"""What the log stores in place of arguments holding more than `MAX_VALUES` values."""
 _WORD_RUN = re.compile(r"[a-z]{4,}")
 _KEY_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 _SECRET_WORDS = frozenset(
@@ -145,6 +147,8 @@ class Redactor:
         kept. Objects and arrays nested deeper than `MAX_NESTING` levels are not stored: each becomes
         `TOO_DEEP` (listed as kind `too-deep`), so nothing deeper is walked, or written to the log.
         """
+        if holds_more_than(value, MAX_VALUES):  # refused as it is: walking it all would hold up every call
+            return Redaction({"arguments": TOO_MANY}, (Masked("arguments", "too-many"),))
         masked: list[Masked] = []
         secrets: dict[str, str] = {}
         result = self._walk(value, (), (), paths, masked, secrets, under_secret_key=False)
