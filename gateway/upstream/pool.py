@@ -19,6 +19,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -332,7 +333,8 @@ class UpstreamPool:
         async with self._catalog_lock:
             listings = [up.listing for up in self.upstreams.values() if up.listing is not None]
             names = Naming.of(self.config)
-            assessments = assess(listings, self.lock, self._modes, names)
+            # The scan of every definition is pure work: in a worker thread, as listing is (`list_all`).
+            assessments = await anyio.to_thread.run_sync(partial(assess, listings, self.lock, self._modes, names))
             self.quarantined = {
                 names.exposed(a.item.upstream, a.item.name): a
                 for a in assessments

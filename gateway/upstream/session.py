@@ -7,6 +7,7 @@ link's channel errors become `UpstreamError`s naming the upstream.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, Protocol
 
 import anyio
@@ -123,7 +124,11 @@ class UpstreamSession:
         if self.init is not None:
             info = self.init.server_info
             server = {"name": info.name, "version": info.version, "instructions": self.init.instructions}
-        return normalise_listing(self.name, tools, prompts, resources, templates, server)
+        # Compiling every schema of a listing costs seconds a megabyte, and an upstream may re-list at will:
+        # in a worker thread, so the event loop (every other session) keeps its turns meanwhile.
+        return await anyio.to_thread.run_sync(
+            partial(normalise_listing, self.name, tools, prompts, resources, templates, server)
+        )
 
     async def _paginate(self, method: str, key: str) -> list[Any]:
         items: list[Any] = []

@@ -93,10 +93,6 @@ def test_a_callers_long_regular_expression_is_not_kept_after_its_check() -> None
     assert sys.getrefcount(expression) == held
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an upstream's listing is checked and scanned on the event loop (seconds a megabyte of definitions)",
-)
 async def test_an_upstream_relisting_megabytes_of_tools_cannot_stall_the_gateway(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"crowded": fixture_upstream("crowded.py"), "box": fixture_upstream("toolbox.py")})
     async with gateway_process(config) as (proc, _):
