@@ -318,8 +318,10 @@ async def main(calls: int, rounds: int, against: Path | None = None) -> None:
             "bare": ([sys.executable, str(BARE), sys.executable, str(TOOLBOX)], "echo", bare),
             "gateway": (gateway_command(config), "box__echo", gateway),
         }
-        if against is not None:
-            commands["before"] = (gateway_command(config, source=against), "box__echo", before)
+        if against is not None:  # its own directory: its audit log may be of another schema version
+            (Path(directory) / "before").mkdir()
+            other = write_gateway(Path(directory) / "before")
+            commands["before"] = (gateway_command(other, source=against), "box__echo", before)
         for number in range(1, rounds + 1):
             for command, tool, figures in commands.values():
                 await round_of(command, tool, calls, figures)
