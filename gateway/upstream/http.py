@@ -7,6 +7,7 @@ loads the SDK's HTTP client. The link raises what `gateway.wire.channel.Channel`
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +28,8 @@ from gateway.errors import ChannelClosed, ConnectionFailed, RemoteError, Request
 from gateway.wire.channel import NotificationHandler, RequestHandler
 
 _PROTOCOL_VERSION_HEADER = "mcp-protocol-version"
+_strict_json = json.JSONEncoder(allow_nan=False).encode
+"""Raises `ValueError` for a value holding a number JSON cannot carry (the SDK's reader takes them)."""
 
 
 class HttpLink:
@@ -67,6 +70,12 @@ class HttpLink:
             if exc.error.code == types.CONNECTION_CLOSED:
                 raise ChannelClosed(exc.error.message) from None
             raise RemoteError(exc.error.code, exc.error.message, exc.error.data) from None
+        try:
+            _strict_json(result)
+        except ValueError:  # the SDK reads NaN and infinities; passed on, they would turn into null
+            raise RemoteError(
+                types.INTERNAL_ERROR, "the gateway refused its answer: a number JSON cannot carry (NaN or an infinity)"
+            ) from None
         if method == "initialize" and isinstance(version := result.get("protocolVersion"), str):
             self.protocol_version = version
         return result
