@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import anyio
 import httpx2
+import mcp_types as types
 import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
@@ -21,15 +23,19 @@ from starlette.types import Receive, Scope, Send
 from gateway.audit.anchor import default_anchor_file
 from gateway.downstream.http_edge import listening_socket
 from tests.conftest import (
+    ServerLog,
     calls,
+    client_over,
     fixture_upstream,
     gateway_client,
+    gateway_process,
     http_gateway,
     run_cli,
     text_of,
     write_config,
 )
 from tests.e2e.test_http_and_cli import RawHttpSession, answer_of
+from tests.e2e.test_recovery import by_call, settled_by_a_command, start_slow_call, wait_for_decisions
 from tests.e2e.test_wire_faults import ENVELOPE, wire
 
 pytestmark = pytest.mark.anyio
@@ -80,7 +86,8 @@ def _status_and_body(received: bytes) -> tuple[int, bytes]:
 @pytest.mark.parametrize("era", ["handshake", "2026"])
 async def test_odd_bodies_over_http_are_answered_and_serving_goes_on(tmp_path: Path, era: str) -> None:
     config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, max_message_size="4KB")
-    async with http_gateway(config) as url, httpx2.AsyncClient(timeout=30) as http:
+    logs: list[ServerLog] = []
+    async with http_gateway(config, logs) as url, httpx2.AsyncClient(timeout=30) as http:
         headers = await _headers(http, url, era)
         listed = json.dumps(_listed(5, era)).encode()
         wrong: dict[str, Any] = {}
@@ -116,11 +123,13 @@ async def test_odd_bodies_over_http_are_answered_and_serving_goes_on(tmp_path: P
         await expect("a chunked body under the limit", small, 200, None)
         assert "box__echo" in json.dumps(answer_of(await http.post(url, content=listed, headers=headers), 5))
     assert wrong == {}
+    assert "Traceback" not in logs[0].text
 
 
 async def test_a_body_shorter_or_longer_than_its_content_length_is_never_served_half_read(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, max_message_size="4KB")
-    async with http_gateway(config) as url, httpx2.AsyncClient(timeout=30) as http:
+    logs: list[ServerLog] = []
+    async with http_gateway(config, logs) as url, httpx2.AsyncClient(timeout=30) as http:
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         listed = json.dumps(_listed(6, "2026")).encode()
         head = (
@@ -151,6 +160,7 @@ async def test_a_body_shorter_or_longer_than_its_content_length_is_never_served_
         assert status == 400 or (status == 200 and b"box__echo" in body), (status, body[:300])
         headers = {**MODERN, "mcp-method": "tools/list"}
         assert "box__echo" in json.dumps(answer_of(await http.post(url, content=listed, headers=headers), 6))
+    assert "Traceback" not in logs[0].text
 
 
 @pytest.mark.parametrize("era", ["handshake", "2026"])
@@ -196,7 +206,8 @@ async def test_crlf_lines_a_bom_a_lone_cr_and_a_long_blank_line_on_stdio(tmp_pat
 
 # ---- upstreams reached by URL -------------------------------------------------------------------------
 
-WILD_TOOLS = [{"name": name, "inputSchema": {"type": "object"}} for name in ("nan", "inf", "big", "ok")]
+WILD_NAMES = ("nan", "inf", "big", "deep", "garbled", "nanprogress", "nanlog", "ok")
+WILD_TOOLS = [{"name": name, "inputSchema": {"type": "object"}} for name in WILD_NAMES]
 
 
 async def _wild_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -221,7 +232,7 @@ async def _wild_app(scope: Scope, receive: Receive, send: Send) -> None:
     if method == "initialize":
         result = {
             "protocolVersion": "2025-11-25",
-            "capabilities": {"tools": {}},
+            "capabilities": {"tools": {}, "logging": {}},
             "serverInfo": {"name": "wild-http", "version": "1"},
         }
     elif method == "tools/list":
@@ -232,6 +243,29 @@ async def _wild_app(scope: Scope, receive: Receive, send: Send) -> None:
         if name in ("nan", "inf"):
             result["structuredContent"] = {"x": float(name)}
     text = json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}).encode()
+    token = ((message.get("params") or {}).get("_meta") or {}).get("progressToken")
+    if method == "tools/call" and message["params"]["name"] == "nanprogress" and token is not None:
+        stream = b""
+        for progress, total in ((float("nan"), float("inf")), (1.0, 2.0)):
+            params = {"progressToken": token, "progress": progress, "total": total}
+            notice = json.dumps({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})
+            stream += f"event: message\ndata: {notice}\n\n".encode()
+        stream += f"event: message\ndata: {text.decode()}\n\n".encode()
+        await _events(send, stream)
+        return
+    if method == "tools/call" and message["params"]["name"] == "nanlog":
+        stream = b""
+        for data in ({"x": float("nan")}, "fine"):
+            params = {"level": "error", "data": data}
+            notice = json.dumps({"jsonrpc": "2.0", "method": "notifications/message", "params": params})
+            stream += f"event: message\ndata: {notice}\n\n".encode()
+        stream += f"event: message\ndata: {text.decode()}\n\n".encode()
+        await _events(send, stream)
+        return
+    if method == "tools/call" and message["params"]["name"] == "deep":
+        text = text.replace(b'"deep ok"', b"[" * 100_000 + b"]" * 100_000)
+    if method == "tools/call" and message["params"]["name"] == "garbled":
+        text = text[: len(text) // 2]
     await send(
         {
             "type": "http.response.start",
@@ -242,14 +276,19 @@ async def _wild_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": text})
 
 
+async def _events(send: Send, stream: bytes) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await send({"type": "http.response.body", "body": stream})
+
+
 @asynccontextmanager
 async def wild_http_upstream() -> AsyncIterator[str]:
-    sock = listening_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(_wild_app, log_level="warning", lifespan="off"))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])  # the socket listens already: connections wait in its backlog
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
-        server.should_exit = True
+    with listening_socket("127.0.0.1", 0) as sock:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])  # the socket listens already: connections wait in its backlog
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+            server.should_exit = True
 
 
 @pytest.mark.parametrize(("tool", "reason"), [("nan", "JSON cannot carry"), ("inf", "JSON cannot carry")])
@@ -265,6 +304,56 @@ async def test_a_url_upstream_answer_with_a_number_json_cannot_carry_fails_its_c
     assert failed.structured_content is None, failed.structured_content
     outcome = calls(config.parent)[f"wild__{tool}"]["outcome"]
     assert outcome["outcome"] == "error" and reason in outcome["reason"], outcome
+
+
+async def test_a_url_upstream_progress_with_numbers_json_cannot_carry_never_reaches_the_agent_as_other_numbers(
+    tmp_path: Path,
+) -> None:
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with wild_http_upstream() as url:
+        config = write_config(tmp_path, {"wild": {"url": url, "timeout": "30s"}})
+        async with gateway_client(config) as client:
+            done = await client.call_tool("wild__nanprogress", {}, progress_callback=on_progress)
+            assert text_of(await client.call_tool("wild__ok", {})) == "ok ok"
+    assert text_of(done) == "nanprogress ok"
+    assert seen == [(1.0, 2.0, None)], seen  # never null or 0: numbers the upstream did not send
+
+
+@pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
+async def test_a_url_upstream_log_message_with_a_number_json_cannot_carry_is_not_passed_on_as_null(
+    tmp_path: Path,
+) -> None:
+    received: list[Any] = []
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        received.append(params.data)
+
+    async with wild_http_upstream() as url:
+        config = write_config(tmp_path, {"wild": {"url": url, "timeout": "30s"}})
+        async with client_over("stdio", config, "legacy", logging_callback=on_log) as client:
+            await client.list_tools()
+            await client.set_logging_level("debug")
+            assert text_of(await client.call_tool("wild__nanlog", {})) == "nanlog ok"
+            assert text_of(await client.call_tool("wild__ok", {})) == "ok ok"
+    assert "fine" in received and {"x": None} not in received, received
+
+
+@pytest.mark.parametrize("tool", ["deep", "garbled"])
+async def test_a_url_upstream_answer_that_cannot_be_parsed_fails_its_call_at_once_recorded(
+    tmp_path: Path, tool: str
+) -> None:
+    async with wild_http_upstream() as url:
+        config = write_config(tmp_path, {"wild": {"url": url, "timeout": "30s"}})
+        async with gateway_client(config) as client:
+            with anyio.fail_after(10):  # well before the call's timeout
+                failed = await client.call_tool(f"wild__{tool}", {})
+            assert text_of(await client.call_tool("wild__ok", {})) == "ok ok"
+    assert failed.is_error and "upstream 'wild'" in text_of(failed), failed
+    assert calls(config.parent)[f"wild__{tool}"]["outcome"]["outcome"] == "error"
 
 
 @pytest.mark.xfail(
@@ -300,3 +389,53 @@ async def test_verify_of_a_new_log_against_anchors_left_by_a_deleted_one_names_t
     assert "Traceback" not in verified.stdout + verified.stderr
     said = verified.stdout + verified.stderr
     assert said.startswith("broken at seq ") and f"(anchors read from {anchors})" in said, said
+
+
+async def _slow_call_over_http(url: str, started: anyio.Event) -> None:
+    """A handshake-era session over HTTP making a call that runs until its gateway ends; `started` is set
+    at its first progress. Returns when the response ends (however it ends)."""
+    async with httpx2.AsyncClient(timeout=60) as http:
+        session = RawHttpSession(http, url)
+        await session.open()
+        params = {"name": "box__slow", "arguments": {"steps": 100000}, "_meta": {"progressToken": "http"}}
+        message = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}
+        try:
+            async with http.stream("POST", url, json=message, headers=session.headers()) as response:
+                async for line in response.aiter_lines():
+                    if "notifications/progress" in line:
+                        started.set()
+        except httpx2.HTTPError:
+            pass  # the gateway went away mid-answer
+
+
+@pytest.mark.parametrize("killed", ["http", "stdio"])
+async def test_killing_one_face_interrupts_only_its_own_call_on_a_shared_state(tmp_path: Path, killed: str) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    async with (
+        gateway_process(config, "--http", "127.0.0.1:0") as (http_proc, http_log),
+        gateway_process(config) as (stdio_proc, _),
+        anyio.create_task_group() as tg,
+    ):
+        url = (await http_log.wait_for(r"serving streamable HTTP at (http://\S+/mcp)", seconds=30))[1]
+        started = anyio.Event()
+        tg.start_soon(_slow_call_over_http, url, started)
+        with anyio.fail_after(30):
+            await started.wait()
+        await start_slow_call(stdio_proc, "stdio")
+        await wait_for_decisions(config, 2)
+        doomed, live = (http_proc, stdio_proc) if killed == "http" else (stdio_proc, http_proc)
+        doomed.send_signal(signal.SIGKILL)
+        await doomed.wait()
+        await settled_by_a_command(config)
+        per_call = by_call(config)
+        ended = {call[0]["session_id"]: call[1]["outcome"] for call in per_call.values() if len(call) == 2}
+        assert list(ended.values()) == ["interrupted"], per_call
+        open_calls = [call for call in per_call.values() if len(call) == 1]
+        assert len(open_calls) == 1, per_call  # the live face's call goes on, with no outcome yet
+        (interrupted,) = [call for call in per_call.values() if len(call) == 2]
+        assert str(doomed.pid) in interrupted[1]["reason"]
+        live.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            await live.wait()
+        tg.cancel_scope.cancel()
+    assert sorted(call[1]["outcome"] for call in by_call(config).values()) == ["cancelled", "interrupted"]
