@@ -439,3 +439,42 @@ async def test_killing_one_face_interrupts_only_its_own_call_on_a_shared_state(t
             await live.wait()
         tg.cancel_scope.cancel()
     assert sorted(call[1]["outcome"] for call in by_call(config).values()) == ["cancelled", "interrupted"]
+
+
+@pytest.mark.parametrize(
+    "era",
+    [
+        pytest.param(
+            "handshake",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the SDK's handshake-era reader stops at its own depth limit: answered -32700, nothing recorded",
+            ),
+        ),
+        "2026",
+    ],
+)
+@pytest.mark.parametrize("depth", [300, 900])
+async def test_arguments_nested_hundreds_deep_over_http_are_refused_with_a_decision_and_an_outcome(
+    tmp_path: Path, era: str, depth: int
+) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    logs: list[ServerLog] = []
+    async with http_gateway(config, logs) as url, httpx2.AsyncClient(timeout=30) as http:
+        headers = await _headers(http, url, era)
+        params: dict[str, Any] = {"name": "box__echo", "arguments": {"text": "deep"}}
+        if era == "2026":
+            params["_meta"] = ENVELOPE
+            headers = {**headers, "mcp-method": "tools/call", "mcp-name": "box__echo"}
+        call = json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": params})
+        deep = call.replace('"deep"', "[" * depth + "]" * depth).encode()
+        response = await http.post(url, content=deep, headers=headers)
+        assert response.status_code in (200, 400), (response.status_code, response.text[:300])
+        answered = answer_of(response, 9) if response.status_code == 200 else response.json()
+        refused = json.dumps(answered)
+        assert "nest deeper than" in refused or "error" in answered, refused[:300]
+        listing = {**headers, "mcp-method": "tools/list"} if era == "2026" else headers
+        assert "box__echo" in json.dumps(answer_of(await http.post(url, json=_listed(10, era), headers=listing), 10))
+    assert "Traceback" not in logs[0].text
+    recorded = calls(config.parent)
+    assert recorded["box__echo"]["decision"]["decision"] == "deny", recorded
