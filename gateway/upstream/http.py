@@ -7,6 +7,8 @@ loads the SDK's HTTP client. The link raises what `gateway.wire.channel.Channel`
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,6 +29,19 @@ from gateway.errors import ChannelClosed, ConnectionFailed, RemoteError, Request
 from gateway.wire.channel import NotificationHandler, RequestHandler
 
 _PROTOCOL_VERSION_HEADER = "mcp-protocol-version"
+_strict_json = json.JSONEncoder(allow_nan=False).encode
+_NON_FINITE = "a number JSON cannot carry (NaN or an infinity)"
+
+logger = logging.getLogger(__name__)
+
+
+def _carried_by_json(value: Any) -> bool:
+    """Whether `value` holds no NaN or infinity (the SDK's reader takes them; a stdio upstream's are refused)."""
+    try:
+        _strict_json(value)
+    except ValueError:
+        return False
+    return True
 
 
 class HttpLink:
@@ -67,6 +82,8 @@ class HttpLink:
             if exc.error.code == types.CONNECTION_CLOSED:
                 raise ChannelClosed(exc.error.message) from None
             raise RemoteError(exc.error.code, exc.error.message, exc.error.data) from None
+        if not _carried_by_json(result):  # the SDK reads NaN and infinities; passed on, they would turn into null
+            raise RemoteError(types.INTERNAL_ERROR, f"the gateway refused its answer: {_NON_FINITE}")
         if method == "initialize" and isinstance(version := result.get("protocolVersion"), str):
             self.protocol_version = version
         return result
@@ -96,6 +113,8 @@ async def open_http_link(
         async def on_request(
             dctx: DispatchContext[TransportContext], method: str, params: Mapping[str, Any] | None
         ) -> dict[str, Any]:
+            if not _carried_by_json(dict(params or {})):
+                raise MCPError(code=types.INVALID_PARAMS, message=f"Invalid request parameters: {_NON_FINITE}")
             try:
                 return await answer(method, params)
             except RemoteError as exc:
@@ -104,6 +123,9 @@ async def open_http_link(
         async def on_dispatched_notify(
             dctx: DispatchContext[TransportContext], method: str, params: Mapping[str, Any] | None
         ) -> None:
+            if not _carried_by_json(dict(params or {})):
+                logger.warning("upstream '%s' sent %s %s; ignored", spec.name, method, _NON_FINITE)
+                return
             on_notify(method, params)
 
         async def run_dispatcher(*, task_status: anyio.abc.TaskStatus[None]) -> None:
