@@ -95,17 +95,73 @@ class HttpLink:
             raise ConnectionFailed(str(exc)) from None
 
 
+class _Oversize(httpx2.StreamError):
+    """An answer longer than the gateway takes from an upstream (the SDK fails the request it answers)."""
+
+
+class _Bounded(httpx2.AsyncByteStream):
+    """A response body that ends in `_Oversize` once it passes `limit` bytes: never read whole."""
+
+    def __init__(self, stream: httpx2.AsyncByteStream, limit: int, name: str) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._name = name
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        read = 0
+        async for chunk in self._stream:
+            read += len(chunk)
+            if read > self._limit:
+                raise _Oversize(
+                    f"upstream '{self._name}' sent an answer of more than {self._limit} bytes, over the limit "
+                    "([gateway] max_upstream_message_size)"
+                )
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _BoundedTransport(httpx2.AsyncBaseTransport):
+    """Bounds each JSON answer at `limit` bytes as it is read; an event stream is bounded per event by
+    the SDK's reader (`max_sse_event_size`), so a long-lived stream of small events is not cut."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        self._inner = httpx2.AsyncHTTPTransport()
+        self._limit = limit
+        self._name = name
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._inner.handle_async_request(request)
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            return response
+        stream = response.stream
+        assert isinstance(stream, httpx2.AsyncByteStream)
+        return httpx2.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_Bounded(stream, self._limit, self._name),
+            extensions=response.extensions,
+            request=request,
+        )
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 @asynccontextmanager
 async def open_http_link(
-    spec: UpstreamSpec, answer: RequestHandler, on_notify: NotificationHandler
+    spec: UpstreamSpec, answer: RequestHandler, on_notify: NotificationHandler, limit: int
 ) -> AsyncIterator[tuple[HttpLink, anyio.Event]]:
-    """Connect to `spec.url`; yield the link and an event set when the connection ends."""
+    """Connect to `spec.url`; yield the link and an event set when the connection ends. An answer (or an
+    event of a stream) over `limit` bytes fails the request it answers, unread past the limit."""
     assert spec.url is not None
     timeout = httpx2.Timeout(30, read=300)
     closed = anyio.Event()
+    transport = _BoundedTransport(limit, spec.name)
     async with (
-        httpx2.AsyncClient(headers=dict(spec.headers), timeout=timeout) as http,
-        streamable_http_client(spec.url, http_client=http) as (read, write),
+        httpx2.AsyncClient(headers=dict(spec.headers), timeout=timeout, transport=transport) as http,
+        streamable_http_client(spec.url, http_client=http, max_sse_event_size=limit) as (read, write),
         anyio.create_task_group() as link_tg,
     ):
         dispatcher: JSONRPCDispatcher[TransportContext] = JSONRPCDispatcher(read, write)

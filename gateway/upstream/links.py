@@ -55,7 +55,7 @@ async def open_link(
         raise ValueError(f"upstream '{spec.name}' has neither command nor url")
     from gateway.upstream.http import open_http_link  # the SDK's HTTP client loads only for URL upstreams
 
-    async with open_http_link(spec, answer, on_notify) as (link, closed):
+    async with open_http_link(spec, answer, on_notify, limit) as (link, closed):
         yield link, closed
 
 

@@ -356,10 +356,6 @@ async def test_a_url_upstream_answer_that_cannot_be_parsed_fails_its_call_at_onc
     assert calls(config.parent)[f"wild__{tool}"]["outcome"]["outcome"] == "error"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="max_upstream_message_size bounds stdio upstreams only: an answer over HTTP is read whole, however large",
-)
 async def test_a_url_upstream_answer_over_the_upstream_limit_fails_its_call_recorded(tmp_path: Path) -> None:
     async with wild_http_upstream() as url:
         config = write_config(tmp_path, {"wild": {"url": url, "timeout": "30s"}}, max_upstream_message_size="512KB")
