@@ -21,6 +21,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,6 +30,7 @@ from gateway.core.sessions import Sessions
 from gateway.downstream.messages import Unreadable, read_message
 from gateway.downstream.shutdown import stopping
 from gateway.errors import GatewayError
+from gateway.policy.nesting import MAX_NESTING, cut_below, nests_deeper
 from gateway.wire.framing import Oversize
 
 logger = logging.getLogger(__name__)
@@ -138,6 +140,11 @@ class MessageGuard:
             await _answer(send, status, {"jsonrpc": "2.0", "id": message.id, "error": error})
             return
         assert isinstance(body, bytes)
+        cut = _cut_deep_arguments(message, body)
+        if cut is not body:
+            headers = [(key, value) for key, value in scope["headers"] if key != b"content-length"]
+            scope = {**scope, "headers": [*headers, (b"content-length", str(len(cut)).encode())]}
+            body = cut
         replayed = False
 
         async def replay() -> Message:
@@ -171,6 +178,21 @@ class MessageGuard:
         if size > self._limit:
             return Oversize(size, parts[0][:4096] if parts else b"", b"")
         return b"".join(parts)
+
+
+def _cut_deep_arguments(message: dict[str, Any], body: bytes) -> bytes:
+    """The body to pass on: as read, unless a request's arguments nest deeper than the gateway accepts.
+    The SDK's reader stops at its own depth (a few hundred levels) and answers -32700, recording nothing;
+    cut just below the limit, the arguments are still too deep, and the call is refused and recorded as
+    on stdio. Nothing of them is forwarded either way."""
+    params = message.get("params")
+    if not isinstance(params, dict):
+        return body
+    arguments = params.get("arguments")
+    if not isinstance(arguments, dict) or not nests_deeper(arguments):
+        return body
+    cut = {**message, "params": {**params, "arguments": cut_below(arguments, MAX_NESTING)}}
+    return json.dumps(cut, ensure_ascii=False).encode()
 
 
 async def _answer(send: Send, status: int, message: dict[str, object]) -> None:

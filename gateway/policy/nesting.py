@@ -39,6 +39,18 @@ def nests_deeper(value: Any, limit: int = MAX_NESTING) -> bool:
     return False
 
 
+def cut_below(value: Any, levels: int) -> Any:
+    """`value` with its objects and arrays kept `levels` deep, and each one below emptied (`{}`, `[]`):
+    still deeper than `levels`, so refused the same, but small enough for any reader to take."""
+    if not isinstance(value, Mapping | list):
+        return value
+    if levels <= 0:
+        return {} if isinstance(value, Mapping) else []
+    if isinstance(value, Mapping):
+        return {key: cut_below(item, levels - 1) for key, item in value.items()}
+    return [cut_below(item, levels - 1) for item in value]
+
+
 def canonical_flat(value: Any) -> str:
     """The text `gateway.audit.chain.canonical` writes for `value` (sorted keys, no insignificant
     whitespace, non-ASCII as is, a NaN or infinity as the string "NaN", "Infinity" or "-Infinity"),
