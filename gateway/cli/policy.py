@@ -98,7 +98,7 @@ async def explain(config: Config, args: argparse.Namespace) -> int:
         print(f"decision: {effect}")
         print(f"reason:   {reason}")
         if decision.arguments is not None:
-            print(f"rewritten arguments: {json.dumps(decision.arguments, sort_keys=True)}")
+            print(f"forwarded as: {json.dumps(decision.arguments, sort_keys=True)} (paths normalised, then rewritten)")
         if decision.would is not None:
             print(f"monitor:  would {decision.would.value} (rules {', '.join(decision.monitored)})")
         print(f"policy revision: {decision.revision}")

@@ -200,3 +200,19 @@ def test_check_warns_of_a_package_fetched_with_its_version_open(tmp_path: Path) 
         "warning: upstream 'everything' runs package '@example/server' with no exact version: its code can change "
         "under the pins without any definition changing; name it as @example/server@X.Y.Z"
     ) in done.stdout.splitlines()
+
+
+REWRITING = """
+[[rule]]
+id = "quiet-echo"
+tools = ["box__echo"]
+effect = "rewrite"
+set = { text = "quiet" }
+"""
+
+
+def test_explain_shows_the_arguments_as_they_would_be_forwarded(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=REWRITING)
+    done = run("policy", "explain", "box__echo", "--args", '{"text": "loud"}', "--offline", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert 'forwarded as: {"text": "quiet"} (paths normalised, then rewritten)' in done.stdout.splitlines(), done.stdout
