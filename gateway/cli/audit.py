@@ -273,7 +273,10 @@ def verify(config: Config, anchors: list[str], as_json: bool) -> int:
         print(f"broken at seq {problem.seq}: {problem.what}")
         print(f"({result.events} events before it verified)")
         if "anchored" in problem.what and written:  # a log replaced on purpose: its old anchors are in the way
-            print(f"(anchors read from {anchoring.file})")
+            print(
+                f"(anchors read from {anchoring.file}: if this log was deleted and started again on purpose, "
+                "move that file aside)"
+            )
     return 0 if problem is None else 1
 
 

@@ -384,7 +384,8 @@ async def test_verify_of_a_new_log_against_anchors_left_by_a_deleted_one_names_t
     assert verified.returncode == 1
     assert "Traceback" not in verified.stdout + verified.stderr
     said = verified.stdout + verified.stderr
-    assert said.startswith("broken at seq ") and f"(anchors read from {anchors})" in said, said
+    assert said.startswith("broken at seq ") and f"(anchors read from {anchors}: if this log was deleted" in said, said
+    assert "move that file aside" in said, said
 
 
 async def _slow_call_over_http(url: str, started: anyio.Event) -> None:
