@@ -148,15 +148,16 @@ class GatewaySettings(_Model):
     what is new, changed or poisoned; `warn` only reports it; `off` checks nothing."""
     http: HttpSettings = HttpSettings()
     pass_env: PassEnv = ()
+    """What every command upstream inherits besides the default variables (gateway.config.environment)."""
     max_message_size: Size = 64 * 1024**2
     """The largest message a client may send (a stdio line, an HTTP request body); larger is refused."""
     max_upstream_message_size: Size = 64 * 1024**2
-    """The largest message a stdio upstream may send; a larger answer fails the call it answers."""
+    """The largest message an upstream may send (a stdio line, an HTTP answer, one event of a stream); a
+    larger answer fails the call it answers."""
     max_calls_in_flight: PositiveInt = 1024
     """Requests served at once, over every session; one more is refused as busy (and recorded)."""
     max_calls_per_session: PositiveInt = 256
     """Requests served at once for one session; one more is refused as busy (and recorded)."""
-    """What every command upstream inherits besides the default variables (gateway.config.environment)."""
 
     @field_validator("separator")
     @classmethod
