@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.audit.chain import canonical
 from gateway.audit.recorder import Recorder
-from gateway.audit.store import FIELDS, now_iso
+from gateway.audit.store import event
 from gateway.calls import Decision, Effect, Outcome, SessionInfo, ToolCall
 from gateway.catalog.pins import Assessment
 from gateway.policy.engine import PolicyEngine
@@ -23,15 +23,6 @@ from gateway.policy.redact import Redaction, Redactor
 
 ToolEntry = tuple[str, str, Any]
 """An exposed tool as the catalogue events see it: upstream, definition digest, definition."""
-
-
-def event(kind: str, **fields: Any) -> dict[str, Any]:
-    """An event body: every stable field present (null where it does not apply), then the kind's own."""
-    body: dict[str, Any] = dict.fromkeys(FIELDS)
-    body["ts"] = now_iso()
-    body["kind"] = kind
-    body.update(fields)
-    return body
 
 
 def call_fields(call: ToolCall, redaction: Redaction, redactor: Redactor) -> dict[str, Any]:

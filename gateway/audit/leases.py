@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit.chain import canonical
-from gateway.audit.store import FIELDS, AuditStore, now_iso
+from gateway.audit.store import AuditStore, event
 
 SUFFIX = ".lease"
 INTERRUPTED = "interrupted"
@@ -131,14 +131,8 @@ def _endings(store: AuditStore, lease: str) -> list[dict[str, Any]]:
             if decision.get("method") is not None:
                 fields["method"] = decision["method"]
             reason = f"the gateway process {pid} ended without recording an outcome"
-            bodies.append(_event("outcome", **fields, outcome=INTERRUPTED, rules=[], reason=reason))
+            bodies.append(event("outcome", **fields, outcome=INTERRUPTED, rules=[], reason=reason))
         if not ended:
             reason = f"the gateway process {pid} ended without ending the session"
-            bodies.append(_event("session_end", session_id=session, reason=reason))
+            bodies.append(event("session_end", session_id=session, reason=reason))
     return bodies
-
-
-def _event(kind: str, **fields: Any) -> dict[str, Any]:
-    body: dict[str, Any] = dict.fromkeys(FIELDS)
-    body.update(ts=now_iso(), kind=kind, **fields)
-    return body

@@ -18,8 +18,9 @@ from typing import Any
 
 import anyio
 
-from gateway.audit.events import decided_for, decision_event, event, outcome_event
+from gateway.audit.events import decided_for, decision_event, outcome_event
 from gateway.audit.recorder import Recorder
+from gateway.audit.store import event
 from gateway.calls import Decision, Effect, Handler, Outcome, OutcomeKind, SessionInfo, ToolCall, decided_call
 from gateway.errors import AuditError
 from gateway.policy.engine import PolicyEngine

@@ -104,6 +104,15 @@ def now_iso() -> str:
     return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
+def event(kind: str, **fields: Any) -> dict[str, Any]:
+    """An event body: every stable field present (null where it does not apply), then the kind's own."""
+    body: dict[str, Any] = dict.fromkeys(FIELDS)
+    body["ts"] = now_iso()
+    body["kind"] = kind
+    body.update(fields)
+    return body
+
+
 class AuditStore:
     """One connection to the audit file: the writer's (`open_writer`) or a reader's (`open_reader`)."""
 

@@ -16,8 +16,7 @@ from contextlib import closing
 from typing import Any
 
 from gateway.audit.chain import canonical
-from gateway.audit.events import event
-from gateway.audit.store import AuditStore
+from gateway.audit.store import AuditStore, event
 from gateway.catalog.listing import Catalog, Naming, UpstreamListing
 from gateway.catalog.pins import Assessment, Lock, Mode, Verdict, assess, select, server_change, server_identity
 from gateway.catalog.scan import Finding, Severity, scan_definition, visible

@@ -15,12 +15,11 @@ import pytest
 
 from gateway.audit.anchor import Anchoring, read_anchors
 from gateway.audit.chain import canonical
-from gateway.audit.events import event
 from gateway.audit.journal import Journal, journal_directory, open_settled
 from gateway.audit.keys import key_path, log_keys, read_keys
 from gateway.audit.queries import Filters
 from gateway.audit.recorder import Recorder
-from gateway.audit.store import AuditStore
+from gateway.audit.store import AuditStore, event
 from gateway.policy.redact import Redactor
 
 

@@ -18,11 +18,10 @@ import anyio
 import pytest
 
 from gateway.audit.chain import GENESIS, canonical, chain_hash
-from gateway.audit.events import event
 from gateway.audit.journal import Journal, journal_directory
 from gateway.audit.keys import log_keys
 from gateway.audit.recorder import Recorder
-from gateway.audit.store import SCHEMA_VERSION, AuditStore
+from gateway.audit.store import SCHEMA_VERSION, AuditStore, event
 from gateway.errors import AuditError
 from gateway.policy.redact import PATTERNS, SHORTEST, Redactor, looks_random, names_secret
 from gateway.schema import compile_schema, describe_violation

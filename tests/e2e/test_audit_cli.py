@@ -19,9 +19,8 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from gateway.audit.chain import canonical
-from gateway.audit.events import event
 from gateway.audit.journal import SUFFIX, journal_directory
-from gateway.audit.store import KINDS, AuditStore
+from gateway.audit.store import KINDS, AuditStore, event
 from tests.conftest import REPO, fixture_upstream, gateway_client, write_config
 
 SESSION = "5e5510a0" * 4

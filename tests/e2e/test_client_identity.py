@@ -11,9 +11,8 @@ import anyio
 import pytest
 
 from gateway.audit.chain import canonical
-from gateway.audit.events import event
 from gateway.audit.queries import EVERY
-from gateway.audit.store import AuditStore
+from gateway.audit.store import AuditStore, event
 from gateway.cli.policy import replay
 from gateway.config.models import load_config
 from tests.conftest import RawSession, events, fixture_upstream, gateway_process, read_records, write_config
