@@ -50,12 +50,17 @@ class Protected:
 
     def holds(self, path: str) -> bool:
         path = _fold(path) if self.folded else path
-        return any(path == form or (self.tree and path.startswith(form.rstrip("/") + "/")) for form in self.forms)
+        return any(_inside(path, form) if self.tree else path == form for form in self.forms)
 
     def within(self, directory: str) -> bool:
         """Whether this file lies in (or is) `directory`."""
         directory = _fold(directory) if self.folded else directory
-        return any(form == directory or form.startswith(directory.rstrip("/") + "/") for form in self.forms)
+        return any(_inside(form, directory) for form in self.forms)
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or lies under it (both absolute and normalised)."""
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 class GatewayFiles:

@@ -29,7 +29,7 @@ from gateway.errors import PolicyError, UncheckableSchema
 from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.policy.paths import PathArguments, PathDeclaration, PathsSpec, check_conflicts, declare_paths
 from gateway.policy.redact import parse_mask_path
-from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX, UPSTREAM_PREFIXES, Rate, Redaction, Rule, tool_glob
+from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX, UPSTREAM_PREFIXES, Rate, RedactPattern, Rule, tool_glob
 from gateway.schema import (
     FORMATS,
     Matcher,
@@ -211,10 +211,10 @@ def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, l
             rate = parse_rate(spec.rate)
         except ValueError as exc:
             raise PolicyError(f"{where}: rate: {exc}") from None
-    redact: list[Redaction] = []
+    redact: list[RedactPattern] = []
     for index, pattern in enumerate(spec.redact or ()):
         try:
-            redact.append(Redaction(pattern))
+            redact.append(RedactPattern(pattern))
         except ValueError as exc:
             raise PolicyError(f"{where}: redact[{index}]: {exc}") from None
     mask: list[tuple[str, ...]] = []

@@ -35,7 +35,7 @@ _RE2 = re2.Options()
 _RE2.log_errors = False  # a pattern RE2 refuses is reported once, as a PolicyError
 
 
-class Redaction:
+class RedactPattern:
     """One `redact` pattern of a result rule, in RE2's syntax and run by RE2: every match is masked in
     linear time, whatever text the upstream returns. Raises `ValueError` for a pattern RE2 cannot take
     (a lookaround or a backreference among them)."""
@@ -64,10 +64,10 @@ class Redaction:
         return "".join(part + next(kept, "") for part in parts)
 
     def __repr__(self) -> str:
-        return f"Redaction({self.pattern!r})"
+        return f"RedactPattern({self.pattern!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Redaction) and other.pattern == self.pattern
+        return isinstance(other, RedactPattern) and other.pattern == self.pattern
 
     def __hash__(self) -> int:
         return hash(self.pattern)
@@ -102,7 +102,7 @@ class Rule:
     rate: Rate | None = None
     patch: Mapping[str, Any] | None = None
     on_result: bool = False
-    redact: tuple[Redaction, ...] = ()
+    redact: tuple[RedactPattern, ...] = ()
     mask: tuple[tuple[str, ...], ...] = ()
     """Argument paths the audit log stores masked (for every call of the rule's tools)."""
     resources: tuple[str, ...] = ()
