@@ -31,7 +31,7 @@ from gateway.downstream.messages import Unreadable, read_message
 from gateway.downstream.shutdown import stopping
 from gateway.errors import GatewayError
 from gateway.policy.nesting import MAX_NESTING, cut_below, nests_deeper
-from gateway.wire.framing import Oversize
+from gateway.wire.framing import KEPT, Oversize
 
 logger = logging.getLogger(__name__)
 
@@ -172,11 +172,11 @@ class MessageGuard:
                 parts.append(chunk)
             size += len(chunk)
             if size > self._limit and len(parts) > 1:
-                parts = [b"".join(parts)[:4096]]  # what is kept to find the id by; the rest is dropped
+                parts = [b"".join(parts)[:KEPT]]  # what is kept to find the id by; the rest is dropped
             if not event.get("more_body", False):
                 break
         if size > self._limit:
-            return Oversize(size, parts[0][:4096] if parts else b"", b"")
+            return Oversize(size, parts[0][:KEPT] if parts else b"", b"")
         return b"".join(parts)
 
 

@@ -145,11 +145,14 @@ def read_message(line: bytes | Oversize, limit: int) -> dict[str, Any] | Unreada
         return _non_finite(loads_lenient(line), str(exc))
     problem = malformed(message)
     if problem is not None:
-        return Unreadable(
-            problem, {"code": types.INVALID_REQUEST, "message": f"Invalid Request: {problem}"}, _id(message)
-        )
+        return _invalid(problem, message)
     checked: dict[str, Any] = message
     return checked
+
+
+def _invalid(problem: str, message: Any) -> Unreadable:
+    """A message that is not a JSON-RPC 2.0 message the gateway can act on: an Invalid Request."""
+    return Unreadable(problem, {"code": types.INVALID_REQUEST, "message": f"Invalid Request: {problem}"}, _id(message))
 
 
 def _id(message: Any) -> RequestId | None:
@@ -165,9 +168,7 @@ def _non_finite(message: Any, why: str) -> Unreadable:
     an answer fails the request it answers, a notification is dropped."""
     problem = malformed(message)
     if problem is not None:
-        return Unreadable(
-            problem, {"code": types.INVALID_REQUEST, "message": f"Invalid Request: {problem}"}, _id(message)
-        )
+        return _invalid(problem, message)
     why = f"a number JSON cannot carry ({why})"
     if "method" not in message:
         return Unreadable(why, None, answers=message["id"])

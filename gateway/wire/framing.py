@@ -19,7 +19,7 @@ from gateway.schema import replace_non_finite
 
 MAX_LINE = 64 * 1024 * 1024
 """The longest message accepted on a pipe by default (bytes): `[gateway] max_message_size`."""
-_KEPT = 4096
+KEPT = 4096
 """Bytes kept of each end of an oversize line: enough to read the id of a typical message."""
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
@@ -148,12 +148,12 @@ class LineBuffer:
             return
         if self._skipped:
             self._skipped += len(piece)
-            self._tail = (self._tail + piece[-_KEPT:])[-_KEPT:]
+            self._tail = (self._tail + piece[-KEPT:])[-KEPT:]
             return
         if self._size + len(piece) > self.limit:
             partial = b"".join(self._parts)
-            self._head = (partial[:_KEPT] + piece[:_KEPT])[:_KEPT]
-            self._tail = (partial[-_KEPT:] + piece[-_KEPT:])[-_KEPT:]
+            self._head = (partial[:KEPT] + piece[:KEPT])[:KEPT]
+            self._tail = (partial[-KEPT:] + piece[-KEPT:])[-KEPT:]
             self._skipped = self._size + len(piece)
             self._parts, self._size = [], 0
             return
@@ -172,4 +172,4 @@ class LineBuffer:
 
 
 def _oversize(line: bytes) -> Oversize:
-    return Oversize(len(line), line[:_KEPT], line[-_KEPT:])
+    return Oversize(len(line), line[:KEPT], line[-KEPT:])
