@@ -247,9 +247,9 @@ def schema_patterns(schema: Any) -> Iterator[str]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _searcher(pattern: str) -> Callable[[str], bool]:
+def _searcher(pattern: str) -> Callable[[Any], bool]:
     """`pattern` compiled once: JSON Schema's `pattern` keyword alone, which is a search."""
-    return jsonschema_rs.validator_for({"pattern": pattern}, pattern_options=_LINEAR).is_valid
+    return _Checker(jsonschema_rs.validator_for({"pattern": pattern}, pattern_options=_LINEAR).is_valid).is_valid
 
 
 def pattern_problem(pattern: str) -> str | None:
@@ -271,7 +271,7 @@ def search(pattern: str, text: str) -> bool:
         searcher = _searcher(pattern)
     except jsonschema_rs.ValidationError:
         raise UncheckableSchema(f"pattern {pattern!r}: {pattern_problem(pattern)}") from None
-    return _Checker(searcher).is_valid(text)
+    return searcher(text)
 
 
 LONE_SURROGATES = re.compile("[\ud800-\udfff]+")
