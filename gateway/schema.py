@@ -191,21 +191,34 @@ def _as_json(value: Any) -> str:
         return repr(value)
 
 
-def holds_more_than(value: Any, limit: int) -> bool:
-    """Whether `value` holds more than `limit` values (objects, arrays and their members, at any depth),
-    counted without recursion and no further than `limit`: bounded work however large the value."""
-    stack: list[Any] = [value]
-    count = 0
+def past_limits(value: Any, *, values: int | None = None, depth: int | None = None) -> str | None:
+    """`"values"` when `value` holds more than `values` values (objects, arrays and their members, at any
+    depth), else `"depth"` when its objects and arrays nest more than `depth` levels, else `None`. One
+    walk without recursion, never past `values` values: bounded work however large the value."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    count, deep = 0, False
     while stack:
-        item = stack.pop()
+        item, level = stack.pop()
         count += 1
-        if count > limit:
-            return True
+        if values is not None and count > values:
+            return "values"
         if isinstance(item, Mapping):
-            stack.extend(item.values())
+            children: Any = item.values()
         elif isinstance(item, list | tuple):
-            stack.extend(item)
-    return False
+            children = item
+        else:
+            continue
+        if depth is not None and level + 1 > depth:
+            if values is None:
+                return "depth"
+            deep = True  # still counted: holding too many values is said first
+        stack.extend((child, level + 1) for child in children)
+    return "depth" if deep else None
+
+
+def holds_more_than(value: Any, limit: int) -> bool:
+    """Whether `value` holds more than `limit` values (objects, arrays and their members, at any depth)."""
+    return past_limits(value, values=limit) == "values"
 
 
 class Matcher(Protocol):

@@ -41,9 +41,9 @@ from gateway.core.own_files import GatewayFiles
 from gateway.core.targets import candidate, completion_params
 from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy.engine import PolicyEngine
-from gateway.policy.nesting import MAX_NESTING, MAX_VALUES, nests_deeper
+from gateway.policy.nesting import MAX_NESTING, MAX_VALUES
 from gateway.policy.redact import Redactor
-from gateway.schema import holds_more_than
+from gateway.schema import past_limits
 from gateway.upstream.pool import UpstreamPool
 from gateway.wire.results import check_tool_result
 
@@ -85,13 +85,14 @@ class CheckArguments:
         self._redactor = redactor
 
     async def __call__(self, call: ToolCall, call_next: Handler) -> Outcome:
-        if holds_more_than(call.arguments, MAX_VALUES):
+        passed = past_limits(call.arguments, values=MAX_VALUES, depth=MAX_NESTING)  # one walk for both limits
+        if passed == "values":
             reason = (
                 f"the arguments of '{call.tool.name}' hold more than {MAX_VALUES} values (objects, arrays and "
                 "their members), the most the gateway accepts"
             )
             return Outcome.refused(call, reason)
-        if nests_deeper(call.arguments):
+        if passed == "depth":
             reason = (
                 f"the arguments of '{call.tool.name}' nest deeper than {MAX_NESTING} levels of objects and arrays, "
                 "the most the gateway accepts"

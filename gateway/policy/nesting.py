@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from json.encoder import encode_basestring
 from typing import Any
 
+from gateway.schema import past_limits
+
 MAX_NESTING = 64
 """Levels of objects and arrays a call's arguments may nest (the arguments object is level 1)."""
 MAX_VALUES = 100_000
@@ -24,19 +26,7 @@ keeps any one call's cost to about a second, whatever `max_message_size` lets in
 
 def nests_deeper(value: Any, limit: int = MAX_NESTING) -> bool:
     """Whether `value` holds objects or arrays nested more than `limit` levels deep (without recursion)."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, Mapping):
-            children: Any = item.values()
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
-            continue
-        if depth + 1 > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
+    return past_limits(value, depth=limit) == "depth"
 
 
 def cut_below(value: Any, levels: int) -> Any:
