@@ -27,23 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from call_latency import cpu_seconds, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 WILD = ROOT / "tests" / "fixtures" / "wild.py"
 BARE = ROOT / "bench" / "bare_forwarder.py"
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def config(directory: Path, **gateway: Any) -> Path:
