@@ -93,6 +93,8 @@ class SessionInfo:
     client_version: str = ""
     principal: str = ""
     """Who authenticated the connection, when the transport knows (empty otherwise)."""
+    attributes: frozenset[str] = frozenset()
+    """The principal's attributes (`scope:NAME`, `group:NAME`, `role:NAME`) rules can match."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("gateway.calls",),
     ("gateway.policy",),
     ("gateway.audit",),
-    ("gateway.wire",),
+    ("gateway.wire", "gateway.principals"),
     ("gateway.upstream",),
     ("gateway.core",),
     ("gateway.downstream",),

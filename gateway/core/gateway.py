@@ -56,6 +56,7 @@ from gateway.core.watch import watch_file, watch_policies
 from gateway.errors import GatewayError, LockError, ProtocolError
 from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX
+from gateway.principals import Principal
 from gateway.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -365,10 +366,24 @@ class Gateway:
         return by_elicitation
 
     def session_info(
-        self, session_id: str, protocol_version: str, client_name: str, client_version: str
+        self,
+        session_id: str,
+        protocol_version: str,
+        client_name: str,
+        client_version: str,
+        principal: Principal | None = None,
     ) -> SessionInfo:
-        """One downstream connection (noted in the audit log the first time it is seen)."""
-        session = SessionInfo(session_id, self.transport, protocol_version, client_name, client_version)
+        """One downstream connection (noted in the audit log the first time it is seen), with the principal
+        the transport authenticated, if any."""
+        session = SessionInfo(
+            session_id,
+            self.transport,
+            protocol_version,
+            client_name,
+            client_version,
+            principal.name if principal is not None else "",
+            principal.attributes if principal is not None else frozenset(),
+        )
         self.sessions.note(session)
         return session
 

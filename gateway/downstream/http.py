@@ -62,6 +62,7 @@ from gateway.downstream.http_edge import (
     listening_socket,
 )
 from gateway.errors import ProtocolError, format_seconds
+from gateway.principals import principal_in
 from gateway.wire.results import dump
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,8 @@ class GatewayServer(Server[Any]):
         name, version = (info.name, info.version) if info is not None else ("", "")
         header = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else None
         session_id = header or hashlib.sha256(f"{name}\0{version}".encode()).hexdigest()[:32]
-        return self.gateway.session_info(session_id, ctx.protocol_version, name, version)
+        principal = principal_in(ctx.request.scope) if ctx.request is not None else None
+        return self.gateway.session_info(session_id, ctx.protocol_version, name, version, principal)
 
     async def _dispatch(self, method: str, ctx: Context, params: Any) -> dict[str, Any]:
         return await self.dispatcher.dispatch(Request(self._caller(ctx), method, ctx.params, params))

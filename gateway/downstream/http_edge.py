@@ -31,11 +31,14 @@ from gateway.downstream.messages import Unreadable, read_message
 from gateway.downstream.shutdown import stopping
 from gateway.errors import GatewayError
 from gateway.policy.nesting import MAX_NESTING, cut_below, nests_deeper
+from gateway.principals import SCOPE_KEY, Principal
 from gateway.wire.framing import KEPT, Oversize
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+SHARED_TOKEN_PRINCIPAL = "token"
+"""The principal a request carrying `[gateway.http] token` is: one name for everyone who holds it."""
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -101,7 +104,7 @@ class BearerTokenGuard:
             return
         supplied = next((value for key, value in scope["headers"] if key == b"authorization"), b"")
         if hmac.compare_digest(supplied, self._expected):
-            await self._app(scope, receive, send)
+            await self._app({**scope, SCOPE_KEY: Principal(SHARED_TOKEN_PRINCIPAL, via="shared-token")}, receive, send)
             return
         body = json.dumps({"error": "unauthorized", "error_description": "a valid bearer token is required"}).encode()
         await send(
