@@ -53,7 +53,7 @@ from gateway.core.gateway import Gateway, ListKind
 from gateway.core.requests import RELAYED, Caller, Request, relay_for
 from gateway.downstream.http_edge import (
     LOOPBACK_NAMES,
-    BearerTokenGuard,
+    Authenticate,
     MessageGuard,
     SessionEnds,
     StoppingInOrder,
@@ -62,7 +62,7 @@ from gateway.downstream.http_edge import (
     listening_socket,
 )
 from gateway.errors import ProtocolError, format_seconds
-from gateway.principals import principal_in
+from gateway.principals import Authenticator, SharedToken, principal_in
 from gateway.wire.results import dump
 
 logger = logging.getLogger(__name__)
@@ -258,8 +258,11 @@ async def serve_streamable_http(gateway: Gateway, config: Config, host: str, por
             max_request_body_size=limit,
         )
         app = SessionEnds(MessageGuard(app, limit), gateway.sessions)
+        authenticators: list[Authenticator] = []
         if settings.token is not None:
-            app = BearerTokenGuard(app, settings.token)
+            authenticators.append(SharedToken(settings.token))
+        if authenticators:
+            app = Authenticate(app, authenticators, 'Bearer realm="mcp-armor"')
         server = StoppingInOrder(
             uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=STOP_REQUESTS_GRACE)
         )

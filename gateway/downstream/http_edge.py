@@ -2,8 +2,9 @@
 stopping in order.
 
 HTTP binds 127.0.0.1 unless told otherwise; `host_patterns` gives the `Host` values the DNS-rebinding
-protection accepts for the bound address. With `[gateway.http] token` set, `BearerTokenGuard` refuses
-any request that does not carry `Authorization: Bearer <token>` (compared in constant time) with 401.
+protection accepts for the bound address. With credentials configured, `Authenticate` refuses any
+request whose `Authorization: Bearer` credential no authenticator (`gateway.principals`) accepts with
+401, and hands the principal it stands for to everything behind it.
 `MessageGuard` reads each POSTed message as the stdio face reads a line: over `[gateway]
 max_message_size` it is answered 413, and malformed JSON-RPC (or numbers JSON cannot carry) is
 answered with the error JSON-RPC names, before the SDK sees it.
@@ -12,14 +13,13 @@ answered with the error JSON-RPC names, before the SDK sees it.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import ipaddress
 import json
 import logging
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any
 
@@ -31,14 +31,12 @@ from gateway.downstream.messages import Unreadable, read_message
 from gateway.downstream.shutdown import stopping
 from gateway.errors import GatewayError
 from gateway.policy.nesting import MAX_NESTING, cut_below, nests_deeper
-from gateway.principals import SCOPE_KEY, Principal
+from gateway.principals import SCOPE_KEY, Authenticator, Unauthenticated
 from gateway.wire.framing import KEPT, Oversize
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
-SHARED_TOKEN_PRINCIPAL = "token"
-"""The principal a request carrying `[gateway.http] token` is: one name for everyone who holds it."""
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -91,29 +89,44 @@ class SessionEnds:
                 self._sessions.end(session.decode("latin-1"), "the client ended the session")
 
 
-class BearerTokenGuard:
-    """ASGI middleware: every HTTP request must carry the configured bearer token."""
+class Authenticate:
+    """ASGI middleware: every HTTP request must carry `Authorization: Bearer <credential>` that one of
+    the authenticators accepts; the principal it stands for is left in the scope (`SCOPE_KEY`) for
+    everything behind. Anything else is answered 401 with `WWW-Authenticate: <challenge>`."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, authenticators: Sequence[Authenticator], challenge: str) -> None:
         self._app = app
-        self._expected = f"Bearer {token}".encode()
+        self._authenticators = tuple(authenticators)
+        self._challenge = challenge
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
         supplied = next((value for key, value in scope["headers"] if key == b"authorization"), b"")
-        if hmac.compare_digest(supplied, self._expected):
-            await self._app({**scope, SCOPE_KEY: Principal(SHARED_TOKEN_PRINCIPAL, via="shared-token")}, receive, send)
-            return
-        body = json.dumps({"error": "unauthorized", "error_description": "a valid bearer token is required"}).encode()
+        scheme, _, credential = supplied.decode("latin-1").partition(" ")
+        credential = credential.strip()
+        why = "a valid bearer token is required"
+        if scheme.lower() == "bearer" and credential:
+            try:
+                for authenticator in self._authenticators:
+                    principal = await authenticator.authenticate(credential)
+                    if principal is not None:
+                        await self._app({**scope, SCOPE_KEY: principal}, receive, send)
+                        return
+            except Unauthenticated as refused:
+                why = str(refused)
+                logger.warning("an HTTP request was refused: %s", why)
+        error = "invalid_token" if credential else "unauthorized"
+        body = json.dumps({"error": error, "error_description": why}).encode()
+        challenge = self._challenge + (', error="invalid_token"' if credential else "")
         await send(
             {
                 "type": "http.response.start",
                 "status": 401,
                 "headers": [
                     (b"content-type", b"application/json"),
-                    (b"www-authenticate", b'Bearer realm="mcp-armor"'),
+                    (b"www-authenticate", challenge.encode("latin-1")),
                     (b"content-length", str(len(body)).encode()),
                 ],
             }

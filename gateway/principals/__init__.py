@@ -9,12 +9,15 @@ every request before anything else reads it and leaves the principal in the ASGI
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 SCOPE_KEY = "mcp_armor.principal"
 """The ASGI scope key under which the HTTP edge leaves the request's authenticated `Principal`."""
+SHARED_TOKEN_PRINCIPAL = "token"
+"""The principal a request carrying `[gateway.http] token` is: one name for everyone who holds it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +39,29 @@ def principal_in(scope: Mapping[str, Any]) -> Principal | None:
     """The request's authenticated principal; `None` when the gateway serves without credentials."""
     found = scope.get(SCOPE_KEY)
     return found if isinstance(found, Principal) else None
+
+
+class Unauthenticated(Exception):
+    """A credential an authenticator recognises as its kind but refuses (expired, revoked, forged, for
+    another audience...): the request is answered 401, and the reason is logged, never the credential."""
+
+
+class Authenticator(Protocol):
+    """One way of turning a bearer credential into a principal."""
+
+    async def authenticate(self, token: str) -> Principal | None:
+        """The principal `token` stands for; `None` when it is not a credential of this kind (the next
+        authenticator is asked); raises `Unauthenticated` when it is one and is refused."""
+        ...
+
+
+class SharedToken:
+    """`[gateway.http] token`: everyone who holds it is the one principal `SHARED_TOKEN_PRINCIPAL`."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = token.encode()
+
+    async def authenticate(self, token: str) -> Principal | None:
+        if hmac.compare_digest(token.encode(), self._expected):
+            return Principal(SHARED_TOKEN_PRINCIPAL, via="shared-token")
+        return None
