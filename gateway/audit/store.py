@@ -54,6 +54,7 @@ KINDS = (
     "pin",
     "upstream",
     "upstream_request",
+    "principal",
 )
 """Every kind of event the gateway records."""
 

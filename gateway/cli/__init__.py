@@ -6,7 +6,7 @@ what it could; a broken audit chain makes `audit verify` exit 1; servers `import
 the client make it exit 1. Output cut short by its reader (`mcp-armor audit export | head`) ends
 quietly with status 141, as a process killed by SIGPIPE would (`set -o pipefail` scripts see it the
 same way). The arguments are declared in `cli/parser.py`; the commands live in `cli/serve.py`, `cli/tools.py`,
-`cli/policy.py`, `cli/audit.py`, `cli/pins.py`, `cli/register.py`, `cli/importing.py`,
+`cli/policy.py`, `cli/audit.py`, `cli/pins.py`, `cli/principals.py`, `cli/register.py`, `cli/importing.py`,
 `cli/upstreams.py` and `cli/wrap.py`.
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import anyio
 
 from gateway.audit.queries import Filters
-from gateway.cli import audit, importing, pins, policy, register, serve, tools, upstreams, wrap
+from gateway.cli import audit, importing, pins, policy, principals, register, serve, tools, upstreams, wrap
 from gateway.cli import parser as arguments
 from gateway.config.models import Config, load_config
 from gateway.errors import GatewayError
@@ -89,6 +89,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return anyio.run(pins.lock, config, args.force)
         if args.command == "pins":
             return _pins(config, args)
+        if args.command == "principal":
+            return _principal(config, args)
         return anyio.run(tools.tools, config, args.json)
     except GatewayError as exc:
         print(f"mcp-armor: error: {exc}", file=sys.stderr)
@@ -111,6 +113,14 @@ def _pins(config: Config, args: argparse.Namespace) -> int:
     if args.pins_command == "diff":
         return anyio.run(pins.diff, config, args.selector)
     return anyio.run(pins.approve, config, args.selector)
+
+
+def _principal(config: Config, args: argparse.Namespace) -> int:
+    if args.principal_command == "add":
+        return principals.add(config, args.name, args.expires, args.role, args.json)
+    if args.principal_command == "list":
+        return principals.list_principals(config, args.json)
+    return principals.revoke(config, args.selector)
 
 
 def _audit(config: Config, args: argparse.Namespace) -> int:

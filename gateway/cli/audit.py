@@ -9,7 +9,6 @@ import time
 from collections import Counter
 from contextlib import closing
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.audit.anchor import Anchoring, last_anchor, read_anchors
@@ -17,8 +16,8 @@ from gateway.audit.journal import open_settled
 from gateway.audit.queries import Filters
 from gateway.audit.store import FIELDS, KINDS, AuditStore, iso_utc
 from gateway.calls import Answer
-from gateway.cli.common import print_table, visible
-from gateway.config.models import IN_MEMORY, Config, parse_duration
+from gateway.cli.common import parse_moment, print_table, visible
+from gateway.config.models import IN_MEMORY, Config
 from gateway.errors import EmptyLog, GatewayError, NoLogYet
 
 FOLLOW_POLL = 0.25
@@ -32,18 +31,7 @@ _ANCHOR = re.compile(r"^(\d+):([0-9a-f]{64})$")
 
 def parse_since(text: str) -> str:
     """`"15m"` / `"2h"` (that long ago) or an ISO 8601 date or time -> the log's UTC time format."""
-    try:
-        moment = datetime.now(UTC) - timedelta(seconds=parse_duration(text))
-    except ValueError:
-        try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise GatewayError(
-                f'--since: expected a duration ("15m", "2h") or an ISO 8601 time ("2026-11-23T10:00Z"), got {text!r}'
-            ) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-    return iso_utc(moment)
+    return iso_utc(parse_moment(text, "--since", '"15m", "2h"', ahead=False))
 
 
 def sessions(config: Config, filters: Filters, as_json: bool) -> int:

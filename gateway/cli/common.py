@@ -6,9 +6,11 @@ from __future__ import annotations
 import sys
 import unicodedata
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
-from gateway.config.models import Config
+from gateway.config.models import Config, parse_duration
 from gateway.config.packages import unpinned_package
+from gateway.errors import GatewayError
 
 
 def visible(text: str) -> str:
@@ -56,3 +58,20 @@ def package_warnings(config: Config) -> list[str]:
                 f"under the pins without any definition changing; name it as {pinned}"
             )
     return lines
+
+
+def parse_moment(text: str, option: str, examples: str, *, ahead: bool) -> datetime:
+    """A duration (`"15m"`, `"2h"`, `"30d"`: that long ago, or from now when `ahead`) or an ISO 8601 date
+    or time (UTC unless it says otherwise); `GatewayError` naming `option` otherwise."""
+    try:
+        span = timedelta(seconds=parse_duration(text))
+        return datetime.now(UTC) + span if ahead else datetime.now(UTC) - span
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise GatewayError(
+            f'{option}: expected a duration ({examples}) or an ISO 8601 time ("2026-11-23T10:00Z"), got {text!r}'
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment

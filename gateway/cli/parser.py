@@ -156,7 +156,36 @@ def parser() -> argparse.ArgumentParser:
         parents=[common],
         help="pin what is offered now (recorded in the audit log); a running gateway follows",
     ).add_argument("selector", metavar="UPSTREAM[.NAME]", help="a whole upstream, or one tool, prompt or template")
+    _principal_parsers(commands, common, as_json)
     return parser
+
+
+def _principal_parsers(commands: Any, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    principal = commands.add_parser(
+        "principal",
+        help="issue, list and revoke the tokens named callers use over HTTP",
+        description="Principals are the named callers of `serve --http`; each holds one or more tokens "
+        "(Authorization: Bearer <token>). Only a hash of each token is stored, in the state directory.",
+    )
+    principal_commands = principal.add_subparsers(dest="principal_command", required=True, metavar="SUBCOMMAND")
+    add = principal_commands.add_parser(
+        "add",
+        parents=[common, as_json],
+        help="a new token for NAME (made a principal if new; another token for an existing one, to rotate)",
+    )
+    add.add_argument("name", metavar="NAME", help="the principal's name (policy rules match it)")
+    add.add_argument(
+        "--expires", metavar="WHEN", help='a duration ("30d", "12h") or an ISO 8601 time; never, without it'
+    )
+    add.add_argument(
+        "--role", action="append", default=[], metavar="ROLE", help="a role (repeatable): attribute role:ROLE"
+    )
+    principal_commands.add_parser(
+        "list", parents=[common, as_json], help="the principals, their roles and their tokens (never a secret)"
+    )
+    principal_commands.add_parser(
+        "revoke", parents=[common], help="revoke one token (by its id) or every token of a principal (by its name)"
+    ).add_argument("selector", metavar="NAME|TOKEN_ID")
 
 
 def _setup_parsers(commands: Any, common: argparse.ArgumentParser) -> None:

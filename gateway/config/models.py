@@ -50,14 +50,14 @@ from gateway.errors import ConfigError
 
 IN_MEMORY = ":memory:"
 SEPARATOR = re.compile(r"^[A-Za-z0-9_.-]{1,8}$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB)\s*$")
 _UNIT_BYTES = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
 
 def parse_duration(value: object) -> float:
-    """`"500ms"`, `"30s"`, `"2m"`, `"1h"` -> seconds."""
+    """`"500ms"`, `"30s"`, `"2m"`, `"1h"`, `"30d"` -> seconds."""
     if isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match[1]) * _UNIT_SECONDS[match[2]]
         if seconds > 0:
@@ -257,6 +257,11 @@ class Config(_Model):
         if audit is not None and str(audit) == IN_MEMORY:
             return audit
         return self.directory / audit if audit is not None else self.state_dir / "audit.db"
+
+    @property
+    def principals_path(self) -> Path:
+        """The named principals and their tokens' hashes (`mcp-armor principal`), in the state directory."""
+        return self.state_dir / "principals.db"
 
     @property
     def lock_path(self) -> Path:

@@ -63,6 +63,7 @@ from gateway.downstream.http_edge import (
 )
 from gateway.errors import ProtocolError, format_seconds
 from gateway.principals import Authenticator, SharedToken, principal_in
+from gateway.principals.store import LocalTokens
 from gateway.wire.results import dump
 
 logger = logging.getLogger(__name__)
@@ -241,8 +242,13 @@ async def _list_changes_only(
 async def serve_streamable_http(gateway: Gateway, config: Config, host: str, port: int) -> None:
     """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
     settings = config.gateway.http
-    if not is_loopback(host) and settings.token is None:
-        logger.warning("serving on %s without [gateway.http] token: anyone who can reach it can use every tool", host)
+    local = LocalTokens.open(config.principals_path)  # a store that cannot be read stops start-up (fail closed)
+    if not is_loopback(host) and settings.token is None and not local.holds_principals():
+        logger.warning(
+            "serving on %s without [gateway.http] token or any principal (`mcp-armor principal add`): "
+            "anyone who can reach it can use every tool",
+            host,
+        )
     with listening_socket(host, port) as sock:
         port = sock.getsockname()[1]
         security = TransportSecuritySettings(
@@ -261,6 +267,8 @@ async def serve_streamable_http(gateway: Gateway, config: Config, host: str, por
         authenticators: list[Authenticator] = []
         if settings.token is not None:
             authenticators.append(SharedToken(settings.token))
+        if settings.token is not None or local.holds_principals():
+            authenticators.append(local)
         if authenticators:
             app = Authenticate(app, authenticators, 'Bearer realm="mcp-armor"')
         server = StoppingInOrder(

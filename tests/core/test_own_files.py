@@ -59,6 +59,8 @@ def refused(files: GatewayFiles, arguments: dict[str, Any], declared: set[str] |
         ({"path": ".mcp-armor"}, "state directory"),
         ({"source": "notes/a", "destination": "policies/a.toml"}, "policies directory"),
         ({"paths": ["notes/a", ".mcp-armor/audit.db"]}, "state directory"),
+        ({"path": ".mcp-armor/principals.db"}, "state directory"),
+        ({"path": "notes/../.mcp-armor/principals.db-journal"}, "state directory"),
         ({"options": {"target": {"filePath": "policies/a.toml"}}}, "policies directory"),
         ({"path": "policies\\a.toml"}, "policies directory"),
         ({"path": "policies/a.toml\0.txt"}, "policies directory"),
@@ -90,6 +92,12 @@ def test_every_spelling_of_the_gateways_files_is_refused(
 )
 def test_other_paths_and_arguments_are_left_to_the_policy(files: GatewayFiles, arguments: dict[str, Any]) -> None:
     assert refused(files, arguments) is None
+
+
+def test_the_principals_store_is_one_of_the_gateways_files(project: Path) -> None:
+    config = load_config(write_config(project, {}, state="elsewhere/state"))
+    reason = refused(GatewayFiles.of(config), {"path": str(config.principals_path)})
+    assert reason is not None and "names the gateway's state directory" in reason
 
 
 def test_symbolic_links_are_followed(files: GatewayFiles, project: Path) -> None:

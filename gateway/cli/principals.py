@@ -1,0 +1,118 @@
+"""`principal add | list | revoke`: the named callers of `serve --http` and their tokens.
+
+A token is printed once, when it is made; the store keeps its hash. `add` for a principal that exists
+gives it another token (rotation: hand out the new one, then revoke the old by its id). Each token
+added or revoked is recorded in the audit log before the store changes; if it cannot be recorded,
+nothing changes. A running gateway reads the store on every request: a revocation holds at once.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from contextlib import closing
+from typing import Any
+
+from gateway.audit.chain import canonical
+from gateway.audit.store import AuditStore, event
+from gateway.cli.common import parse_moment, print_table
+from gateway.config.models import IN_MEMORY, Config
+from gateway.errors import AuditError
+from gateway.principals.store import Issued, PrincipalsError, PrincipalStore
+
+
+def add(config: Config, name: str, expires: str | None, roles: list[str], as_json: bool) -> int:
+    until = parse_moment(expires, "--expires", '"30d", "12h"', ahead=True) if expires is not None else None
+    command = f"`principal add {name}`"
+
+    def record(issued: Issued) -> None:
+        _record(config, [_event(issued.principal, issued.token_id, "token_added", command, expires=issued.expires)])
+
+    issued = PrincipalStore(config.principals_path).add(name, roles, until, record=record)
+    if as_json:
+        fields = {"principal": issued.principal, "token_id": issued.token_id, "token": issued.token}
+        print(json.dumps({**fields, "expires": issued.expires}))
+        return 0
+    print(f"principal '{issued.principal}': token {issued.token_id}" + _until(issued.expires))
+    print(issued.token)
+    print("this token is shown now and never again: only its hash is stored")
+    return 0
+
+
+def list_principals(config: Config, as_json: bool) -> int:
+    store = PrincipalStore(config.principals_path)
+    now = store.now()
+    found = store.principals()
+    if as_json:
+        listed: list[dict[str, Any]] = [
+            {
+                "name": principal.name,
+                "roles": list(principal.roles),
+                "created": principal.created,
+                "tokens": [
+                    {
+                        "id": token.id,
+                        "created": token.created,
+                        "expires": token.expires,
+                        "revoked": token.revoked,
+                        "state": token.state(now),
+                    }
+                    for token in principal.tokens
+                ],
+            }
+            for principal in found
+        ]
+        print(json.dumps(listed))
+        return 0
+    rows = [
+        (
+            principal.name,
+            ",".join(principal.roles),
+            token.id,
+            token.created,
+            token.expires,
+            token.revoked,
+            token.state(now),
+        )
+        for principal in found
+        for token in principal.tokens
+    ]
+    print_table(
+        ("PRINCIPAL", "ROLES", "TOKEN", "CREATED", "EXPIRES", "REVOKED", "STATE"), rows, empty="(no principals)"
+    )
+    return 0
+
+
+def revoke(config: Config, selector: str) -> int:
+    command = f"`principal revoke {selector}`"
+
+    def record(principal: str, ids: list[str]) -> None:
+        _record(config, [_event(principal, token_id, "token_revoked", command) for token_id in ids])
+
+    principal, ids = PrincipalStore(config.principals_path).revoke(selector, record=record)
+    if not ids:
+        print(f"principal '{principal}': nothing to revoke (its tokens were revoked already)")
+    for token_id in ids:
+        print(f"principal '{principal}': token {token_id} revoked")
+    return 0
+
+
+def _until(expires: str | None) -> str:
+    return f", expires {expires}" if expires is not None else ", does not expire"
+
+
+def _event(principal: str, token_id: str, change: str, command: str, **fields: Any) -> dict[str, Any]:
+    done = change.removeprefix("token_")
+    reason = f"token {token_id} of principal '{principal}' {done} by {getpass.getuser()} ({command})"
+    return event("principal", principal=principal, credential=token_id, change=change, reason=reason, **fields)
+
+
+def _record(config: Config, bodies: list[dict[str, Any]]) -> None:
+    """Record the change before the store commits it; if that cannot be recorded, nothing changes."""
+    if str(config.audit_path) == IN_MEMORY or not bodies:
+        return
+    try:
+        with closing(AuditStore.open_writer(config.audit_path, sync=config.gateway.audit_sync)) as store:
+            store.append_waiting([canonical(body) for body in bodies])
+    except AuditError as exc:
+        raise PrincipalsError(f"the change cannot be recorded in the audit log, so nothing changed: {exc}") from None
