@@ -57,6 +57,7 @@ from gateway.downstream.http_edge import (
     MessageGuard,
     SessionEnds,
     StoppingInOrder,
+    UntilPrincipals,
     host_patterns,
     is_loopback,
     listening_socket,
@@ -239,10 +240,14 @@ async def _list_changes_only(
     return await listen(ctx, params.model_copy(update={"notifications": notifications}))
 
 
-async def serve_streamable_http(gateway: Gateway, config: Config, host: str, port: int) -> None:
-    """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
+async def serve_streamable_http(
+    gateway: Gateway, config: Config, host: str, port: int, principals: LocalTokens | None = None
+) -> None:
+    """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port). Requests
+    must authenticate when `[gateway.http] token` is set or the principals store names anyone (from the
+    first principal added on, with the gateway running)."""
     settings = config.gateway.http
-    local = LocalTokens.open(config.principals_path)  # a store that cannot be read stops start-up (fail closed)
+    local = principals or LocalTokens.open(config.principals_path)  # one that cannot be read stops start-up
     if not is_loopback(host) and settings.token is None and not local.holds_principals():
         logger.warning(
             "serving on %s without [gateway.http] token or any principal (`mcp-armor principal add`): "
@@ -267,10 +272,10 @@ async def serve_streamable_http(gateway: Gateway, config: Config, host: str, por
         authenticators: list[Authenticator] = []
         if settings.token is not None:
             authenticators.append(SharedToken(settings.token))
-        if settings.token is not None or local.holds_principals():
-            authenticators.append(local)
-        if authenticators:
-            app = Authenticate(app, authenticators, 'Bearer realm="mcp-armor"')
+        configured = bool(authenticators)  # credentials the file sets guard from the start
+        authenticators.append(local)  # `principal add` ones, from the first principal on
+        guarded = Authenticate(app, authenticators, 'Bearer realm="mcp-armor"')
+        app = guarded if configured else UntilPrincipals(app, guarded, local)
         server = StoppingInOrder(
             uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=STOP_REQUESTS_GRACE)
         )

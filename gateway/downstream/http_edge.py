@@ -4,7 +4,8 @@ stopping in order.
 HTTP binds 127.0.0.1 unless told otherwise; `host_patterns` gives the `Host` values the DNS-rebinding
 protection accepts for the bound address. With credentials configured, `Authenticate` refuses any
 request whose `Authorization: Bearer` credential no authenticator (`gateway.principals`) accepts with
-401, and hands the principal it stands for to everything behind it.
+401, and hands the principal it stands for to everything behind it; without them, `UntilPrincipals`
+starts requiring it once a principal is added.
 `MessageGuard` reads each POSTed message as the stdio face reads a line: over `[gateway]
 max_message_size` it is answered 413, and malformed JSON-RPC (or numbers JSON cannot carry) is
 answered with the error JSON-RPC names, before the SDK sees it.
@@ -32,6 +33,7 @@ from gateway.downstream.shutdown import stopping
 from gateway.errors import GatewayError
 from gateway.policy.nesting import MAX_NESTING, cut_below, nests_deeper
 from gateway.principals import SCOPE_KEY, Authenticator, Unauthenticated
+from gateway.principals.store import LocalTokens
 from gateway.wire.framing import KEPT, Oversize
 
 logger = logging.getLogger(__name__)
@@ -132,6 +134,26 @@ class Authenticate:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class UntilPrincipals:
+    """ASGI middleware for a gateway started with no credentials: requests pass unauthenticated while the
+    principals store names no one; from the first `mcp-armor principal add` on, every request goes
+    through `guarded` (the running gateway needs no restart). A store that cannot be read guards too."""
+
+    def __init__(self, app: ASGIApp, guarded: ASGIApp, principals: LocalTokens) -> None:
+        self._app = app
+        self._guarded = guarded
+        self._principals = principals
+        self._required = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._required and scope["type"] == "http":
+            try:
+                self._required = self._principals.holds_principals()
+            except GatewayError:
+                self._required = True
+        await (self._guarded if self._required else self._app)(scope, receive, send)
 
 
 class MessageGuard:

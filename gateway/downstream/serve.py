@@ -44,9 +44,11 @@ async def serve_http(config: Config, host: str, port: int) -> None:
     if config.token_unset is not None:  # never serve unguarded what the file meant to guard
         raise ConfigError(config.token_unset)
     from gateway.downstream.http import serve_streamable_http  # the SDK and its web stack load only for HTTP
+    from gateway.principals.store import LocalTokens
 
+    principals = LocalTokens.open(config.principals_path)  # one that cannot be read stops start-up, as a line
     async with gateway_for(config, transport="http") as gateway:
-        await serve_streamable_http(gateway, config, host, port)
+        await serve_streamable_http(gateway, config, host, port, principals)
 
 
 @asynccontextmanager
