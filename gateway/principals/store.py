@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -29,6 +30,8 @@ from pathlib import Path
 from gateway.audit.store import iso_utc
 from gateway.errors import GatewayError
 from gateway.principals import SHARED_TOKEN_PRINCIPAL, Principal, Unauthenticated
+
+logger = logging.getLogger(__name__)
 
 PRINCIPAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 """A principal's (and a role's) name: an upstream's characters and `.` `@` (an e-mail address, `ci.nightly`)."""
@@ -301,8 +304,10 @@ class LocalTokens:
                     (token_id,),
                 ).fetchone()
         except (PrincipalsError, sqlite3.Error) as exc:
+            # The reason reaches the client too: the file and the fault are for the gateway's log alone.
             detail = exc if isinstance(exc, PrincipalsError) else f"{self.path}: {exc}"
-            raise Unauthenticated(f"the principals store cannot be read ({detail})") from None
+            logger.error("token %s refused: the principals store cannot be read (%s)", token_id, detail)
+            raise Unauthenticated("the gateway cannot check this token now") from None
         if row is None or not hmac.compare_digest(row[1], token_digest(token)):
             raise Unauthenticated(f"token {token_id} is not one the gateway issued")
         principal, _, expires, revoked, roles = row

@@ -180,11 +180,14 @@ async def test_a_store_replaced_or_removed_under_a_running_gateway_is_followed(
 
 
 @pytest.mark.anyio
-async def test_an_unreadable_store_stops_start_up_and_refuses_requests(store: PrincipalStore, path: Path) -> None:
+async def test_an_unreadable_store_stops_start_up_and_refuses_requests(
+    store: PrincipalStore, path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     issued = store.add("alice", record=nothing)
     tokens = LocalTokens(path)
     garbled(path)
     with pytest.raises(PrincipalsError, match=f"^{path}: "):
         LocalTokens.open(path)
-    with pytest.raises(Unauthenticated, match="principals store cannot be read"):
+    with pytest.raises(Unauthenticated, match=r"^the gateway cannot check this token now$"):
         await tokens.authenticate(issued.token)
+    assert f"the principals store cannot be read ({path}: " in caplog.text
