@@ -65,9 +65,15 @@ def parse_moment(text: str, option: str, examples: str, *, ahead: bool) -> datet
     or time (UTC unless it says otherwise); `GatewayError` naming `option` otherwise."""
     try:
         span = timedelta(seconds=parse_duration(text))
-        return datetime.now(UTC) + span if ahead else datetime.now(UTC) - span
     except ValueError:
         pass
+    except OverflowError:
+        raise GatewayError(f"{option}: {text!r} is further than a date can be") from None
+    else:
+        try:
+            return datetime.now(UTC) + span if ahead else datetime.now(UTC) - span
+        except OverflowError:
+            raise GatewayError(f"{option}: {text!r} is further than a date can be") from None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

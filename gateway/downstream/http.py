@@ -247,7 +247,9 @@ async def serve_streamable_http(
     must authenticate when `[gateway.http] token` is set or the principals store names anyone (from the
     first principal added on, with the gateway running)."""
     settings = config.gateway.http
-    local = principals or LocalTokens.open(config.principals_path)  # one that cannot be read stops start-up
+    local = (
+        principals if principals is not None else LocalTokens.open(config.principals_path)
+    )  # one that cannot be read stops start-up
     if not is_loopback(host) and settings.token is None and not local.holds_principals():
         logger.warning(
             "serving on %s without [gateway.http] token or any principal (`mcp-armor principal add`): "

@@ -173,6 +173,7 @@ async def test_a_principals_store_that_cannot_be_read_stops_the_gateway_from_sta
         (("add", "bad name"), "principal name 'bad name' must match"),
         (("add", "alice", "--expires", "2020-01-01"), "--expires: 2020-01-01T00:00:00.000Z is not in the future"),
         (("add", "alice", "--expires", "soon"), "--expires: expected a duration"),
+        (("add", "alice", "--expires", "99999999999d"), "--expires: '99999999999d' is further than a date can be"),
         (("revoke", "nobody"), "no principal or token 'nobody'"),
     ],
 )
