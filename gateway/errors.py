@@ -13,6 +13,7 @@
      ├── AuditError               the audit log cannot be opened, written or read
      │    ├── NoLogYet             no audit log at the path (yet)
      │    └── EmptyLog             the file at the path holds no audit log
+     ├── PrincipalsError          the principals store cannot be used, or a principal command is wrong
      ├── ClientFileError          an agent client's configuration file cannot be read or edited
      ├── Unsupported              a client's server entry the gateway cannot front as the client ran it
      ├── InvalidUriTemplate       a resource template that is not RFC 6570 (also a ValueError)
@@ -55,6 +56,10 @@ class PolicyError(ConfigError):
 
 class LockError(ConfigError):
     """`upstreams.lock` cannot be read or does not hold together; the message is one line."""
+
+
+class PrincipalsError(GatewayError):
+    """The principals store cannot be read or written, or a principal command names what is not there."""
 
 
 class ProtocolError(GatewayError):

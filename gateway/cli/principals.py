@@ -17,8 +17,8 @@ from gateway.audit.chain import canonical
 from gateway.audit.store import AuditStore, event
 from gateway.cli.common import parse_moment, print_table
 from gateway.config.models import IN_MEMORY, Config
-from gateway.errors import AuditError
-from gateway.principals.store import Issued, PrincipalsError, PrincipalStore
+from gateway.errors import AuditError, PrincipalsError
+from gateway.principals.store import Issued, PrincipalStore
 
 
 def add(config: Config, name: str, expires: str | None, roles: list[str], as_json: bool) -> int:

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.audit.store import iso_utc
-from gateway.errors import GatewayError
+from gateway.errors import PrincipalsError
 from gateway.principals import SHARED_TOKEN_PRINCIPAL, Principal, Unauthenticated
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,6 @@ def token_digest(token: str) -> str:
     so no guess of one can be checked against the hash faster than the bits can be searched (a slow,
     salted hash protects what people choose, passwords; it would only slow every request down)."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-class PrincipalsError(GatewayError):
-    """The principals store cannot be read or written, or a request of it is wrong (an unknown name...)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.errors import PrincipalsError
 from gateway.principals import Principal, Unauthenticated
-from gateway.principals.store import Issued, LocalTokens, PrincipalsError, PrincipalStore
+from gateway.principals.store import Issued, LocalTokens, PrincipalStore
 
 START = datetime(2027, 1, 1, tzinfo=UTC)
 
