@@ -14,6 +14,7 @@
      │    ├── NoLogYet             no audit log at the path (yet)
      │    └── EmptyLog             the file at the path holds no audit log
      ├── PrincipalsError          the principals store cannot be used, or a principal command is wrong
+     ├── Unauthenticated          a bearer credential of a known kind is refused (expired, revoked, forged)
      ├── ClientFileError          an agent client's configuration file cannot be read or edited
      ├── Unsupported              a client's server entry the gateway cannot front as the client ran it
      ├── InvalidUriTemplate       a resource template that is not RFC 6570 (also a ValueError)
@@ -60,6 +61,11 @@ class LockError(ConfigError):
 
 class PrincipalsError(GatewayError):
     """The principals store cannot be read or written, or a principal command names what is not there."""
+
+
+class Unauthenticated(GatewayError):
+    """A credential an authenticator recognises as its kind but refuses (expired, revoked, forged, for
+    another audience...): the request is answered 401, and the reason is logged, never the credential."""
 
 
 class ProtocolError(GatewayError):

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from gateway.errors import Unauthenticated as Unauthenticated  # re-exported: authenticators raise it
+
 SCOPE_KEY = "mcp_armor.principal"
 """The ASGI scope key under which the HTTP edge leaves the request's authenticated `Principal`."""
 SHARED_TOKEN_PRINCIPAL = "token"
@@ -39,11 +41,6 @@ def principal_in(scope: Mapping[str, Any]) -> Principal | None:
     """The request's authenticated principal; `None` when the gateway serves without credentials."""
     found = scope.get(SCOPE_KEY)
     return found if isinstance(found, Principal) else None
-
-
-class Unauthenticated(Exception):
-    """A credential an authenticator recognises as its kind but refuses (expired, revoked, forged, for
-    another audience...): the request is answered 401, and the reason is logged, never the credential."""
 
 
 class Authenticator(Protocol):
