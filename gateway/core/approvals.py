@@ -5,9 +5,10 @@ its arguments as sent and as the upstream would receive them (after any rewrite)
 that digest with the arguments (`gateway.display`). On handshake-era
 connections the person answers an elicitation while the call waits. On 2026-07-28 connections the call
 returns `input_required` with an elicitation and a sealed `requestState` (HMAC-SHA256 under a key that
-never leaves this process, with an expiry and a one-time nonce); the client retries with the person's
-answer, and the retry is approved only if the state is authentic, unexpired, unused and names this
-very call. MCP-free: `gateway.core.gateway` does the talking.
+never leaves this process, with the authenticated principal it was issued to, an expiry and a one-time
+nonce); the client retries with the person's answer, and the retry is approved only if the state is
+authentic, unexpired, unused, issued to the principal retrying and names this very call. MCP-free:
+`gateway.core.gateway` does the talking.
 """
 
 from __future__ import annotations
@@ -117,7 +118,12 @@ class ApprovalDesk:
 
     def seal(self, call: ToolCall) -> str:
         now = self._clock()
-        claims = {"b": self.binding(call), "exp": now + self.ttl, "n": secrets.token_hex(16)}
+        claims = {
+            "b": self.binding(call),
+            "p": call.session.principal,
+            "exp": now + self.ttl,
+            "n": secrets.token_hex(16),
+        }
         body = base64.urlsafe_b64encode(canonical_json(claims)).decode().rstrip("=")
         return f"{body}.{self._sign(body)}"
 
@@ -130,13 +136,16 @@ class ApprovalDesk:
             return _invalid("the approval state was not issued by this gateway (or was altered)")
         try:
             claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-            bound, expires, nonce = str(claims["b"]), float(claims["exp"]), str(claims["n"])
+            bound, principal = str(claims["b"]), str(claims["p"])
+            expires, nonce = float(claims["exp"]), str(claims["n"])
         except (ValueError, KeyError, TypeError):
             return _invalid("the approval state is malformed")
         now = self._clock()
         self._used = {key: until for key, until in self._used.items() if until > now}
         if expires <= now:
             return _invalid("the approval expired; call again to ask anew")
+        if not hmac.compare_digest(principal.encode(), call.session.principal.encode()):
+            return _invalid("the approval was given to another principal")
         if not hmac.compare_digest(bound, self.binding(call)):
             return _invalid("the approval was given for a different call (tool, arguments or policy changed)")
         if nonce in self._used:

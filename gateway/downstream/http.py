@@ -1,10 +1,11 @@
 """Streamable HTTP: the gateway served by the SDK's dual-era `Server` and its ASGI app.
 
 `GatewayServer` registers the dispatcher's routes, and only those, as the SDK server's handlers;
-its middleware refuses (and records) any other method before the SDK routes it. Sessions come from
-the HTTP `mcp-session-id` (or, stateless, from the client's name), a `ProtocolError` becomes the
-SDK's `MCPError`, and list changes reach handshake-era sessions as notifications and 2026-07-28
-peers on their `subscriptions/listen` streams.
+its middleware refuses (and records) any other method before the SDK routes it. A handshake-era
+session is its `mcp-session-id` (owned by the principal that opened it, `SessionOwners`); stateless
+2026-07-28 requests are one session per authenticated principal, whatever client they declare. A
+`ProtocolError` becomes the SDK's `MCPError`, and list changes reach handshake-era sessions as
+notifications and 2026-07-28 peers on their `subscriptions/listen` streams.
 
 A handshake-era session with no request in flight for `[gateway.http] session_idle_timeout` is
 closed by the SDK (its id then answers 404) and its end recorded; SIGTERM or SIGINT stops the server
@@ -55,7 +56,7 @@ from gateway.downstream.http_edge import (
     LOOPBACK_NAMES,
     Authenticate,
     MessageGuard,
-    SessionEnds,
+    SessionOwners,
     StoppingInOrder,
     UntilPrincipals,
     host_patterns,
@@ -63,7 +64,7 @@ from gateway.downstream.http_edge import (
     listening_socket,
 )
 from gateway.errors import ProtocolError, format_seconds
-from gateway.principals import Authenticator, SharedToken, principal_in
+from gateway.principals import Authenticator, Principal, SharedToken, principal_in
 from gateway.principals.store import LocalTokens
 from gateway.wire.results import dump
 
@@ -102,6 +103,8 @@ class GatewayServer(Server[Any]):
         # Tracing middleware stays off unless someone installs it on purpose; the one below refuses
         # what the gateway does not serve and remembers handshake-era connections for list changes.
         self.middleware = [self._guard]
+        self.on_close: list[Callable[[str], None]] = []
+        """Told of each handshake-era session's close, however it closed (by id), to forget what they kept."""
         gateway.announcers.append(self._announce)
 
     def create_initialization_options(
@@ -128,6 +131,9 @@ class GatewayServer(Server[Any]):
             if isinstance(connection, Connection) and connection not in self._connections:
                 self._connections.add(connection)
                 self._end_when_idle(connection)
+                if connection.session_id is not None:
+                    for forget in self.on_close:
+                        connection.exit_stack.callback(forget, connection.session_id)
         try:
             return await call_next(ctx)
         except ProtocolError as exc:
@@ -166,12 +172,16 @@ class GatewayServer(Server[Any]):
                     await connection.send_resource_list_changed()
 
     def _session_of(self, ctx: Context) -> SessionInfo:
-        """One HTTP session: its `mcp-session-id`, or for stateless HTTP the client's name and version."""
+        """One HTTP session: a handshake-era request's `mcp-session-id` (the SDK has checked it is one of its
+        sessions, `SessionOwners` that this principal opened it); a stateless 2026-07-28 request's
+        authenticated principal. The client a request declares is recorded with it, never its identity."""
         info = ctx.session.client_params.client_info if ctx.session.client_params is not None else None
         name, version = (info.name, info.version) if info is not None else ("", "")
-        header = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else None
-        session_id = header or hashlib.sha256(f"{name}\0{version}".encode()).hexdigest()[:32]
         principal = principal_in(ctx.request.scope) if ctx.request is not None else None
+        header = None
+        if ctx.request is not None and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            header = ctx.request.headers.get("mcp-session-id")
+        session_id = header or principal_session(principal)
         return self.gateway.session_info(session_id, ctx.protocol_version, name, version, principal)
 
     async def _dispatch(self, method: str, ctx: Context, params: Any) -> dict[str, Any]:
@@ -231,6 +241,13 @@ class GatewayServer(Server[Any]):
         return self.gateway.notices.with_logs(caller, ctx.method, ctx.params, send_log)
 
 
+def principal_session(principal: Principal | None) -> str:
+    """The session of a principal's stateless 2026-07-28 requests (one fixed anonymous session when the
+    gateway serves without credentials)."""
+    key = f"principal\0{principal.name}" if principal is not None else "anonymous"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
 async def _list_changes_only(
     listen: ListenHandler, ctx: Context, params: types.SubscriptionsListenRequestParams
 ) -> types.SubscriptionsListenResult:
@@ -264,13 +281,16 @@ async def serve_streamable_http(
             allowed_origins=[*(f"http://{name}:*" for name in LOOPBACK_NAMES), *settings.allowed_origins],
         )
         limit = config.gateway.max_message_size
-        app: ASGIApp = GatewayServer(gateway).streamable_http_app(
+        front = GatewayServer(gateway)
+        app: ASGIApp = front.streamable_http_app(
             host=host,
             transport_security=security,
             session_idle_timeout=settings.session_idle_timeout,
             max_request_body_size=limit,
         )
-        app = SessionEnds(MessageGuard(app, limit), gateway.sessions)
+        owners = SessionOwners(MessageGuard(app, limit), gateway.sessions)
+        front.on_close.append(owners.forget)
+        app = owners
         authenticators: list[Authenticator] = []
         if settings.token is not None:
             authenticators.append(SharedToken(settings.token))

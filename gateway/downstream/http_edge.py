@@ -5,7 +5,8 @@ HTTP binds 127.0.0.1 unless told otherwise; `host_patterns` gives the `Host` val
 protection accepts for the bound address. With credentials configured, `Authenticate` refuses any
 request whose `Authorization: Bearer` credential no authenticator (`gateway.principals`) accepts with
 401, and hands the principal it stands for to everything behind it; without them, `UntilPrincipals`
-starts requiring it once a principal is added.
+starts requiring it once a principal is added. `SessionOwners` keeps each handshake-era session to
+the principal that opened it.
 `MessageGuard` reads each POSTed message as the stdio face reads a line: over `[gateway]
 max_message_size` it is answered 413, and malformed JSON-RPC (or numbers JSON cannot carry) is
 answered with the error JSON-RPC names, before the SDK sees it.
@@ -32,13 +33,15 @@ from gateway.downstream.messages import Unreadable, read_message
 from gateway.downstream.shutdown import stopping
 from gateway.errors import GatewayError
 from gateway.policy.nesting import MAX_NESTING, cut_below, nests_deeper
-from gateway.principals import SCOPE_KEY, Authenticator, Unauthenticated
+from gateway.principals import SCOPE_KEY, Authenticator, Unauthenticated, principal_in
 from gateway.principals.store import LocalTokens
 from gateway.wire.framing import KEPT, Oversize
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+SESSION_NOT_FOUND = {"code": -32600, "message": "Session not found"}
+"""The SDK's answer (with 404) to a request for a session it does not know."""
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -76,19 +79,60 @@ def host_patterns(host: str, port: int) -> list[str]:
     return [f"{host}:{port}"]
 
 
-class SessionEnds:
-    """ASGI middleware: a `DELETE` of an MCP session (the client hanging up) ends its audit session."""
+class SessionOwners:
+    """ASGI middleware: a handshake-era HTTP session belongs to the principal that opened it.
+
+    The `mcp-session-id` the SDK issues in its answer to an opening request is noted with that
+    request's principal; a request (POST, GET, DELETE) carrying the id from any other principal is
+    answered as an unknown session is (404) before the SDK sees it, and logged. A `DELETE` ends the
+    audit session (and drops its rate-limit counts) only once the SDK has accepted it (2xx): one it
+    refuses, for a foreign `Host` say, leaves the session open. Without credentials every request is
+    the same anonymous principal, so nothing tells sessions' owners apart.
+    """
 
     def __init__(self, app: ASGIApp, sessions: Sessions) -> None:
         self._app = app
         self._sessions = sessions
+        self._owners: dict[str, str | None] = {}
+
+    def forget(self, session_id: str) -> None:
+        """The session is closed (its id now answers 404 anyway)."""
+        self._owners.pop(session_id, None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._app(scope, receive, send)
-        if scope["type"] == "http" and scope["method"] == "DELETE":
-            session = next((value for key, value in scope["headers"] if key == b"mcp-session-id"), None)
-            if session is not None:
-                self._sessions.end(session.decode("latin-1"), "the client ended the session")
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        principal = principal_in(scope)
+        owner = principal.name if principal is not None else None
+        presented = _header(scope, b"mcp-session-id")
+        if presented is not None and presented in self._owners and self._owners[presented] != owner:
+            logger.warning(
+                "an HTTP request from %s carried the session id of another principal's session: answered 404",
+                f"principal {owner!r}" if owner is not None else "an unauthenticated client",
+            )
+            await _answer(send, 404, {"jsonrpc": "2.0", "id": None, "error": SESSION_NOT_FOUND})
+            return
+        status = 0
+
+        async def watched(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                issued = next((value for key, value in message.get("headers", ()) if key == b"mcp-session-id"), None)
+                if presented is None and issued is not None and status < 400:
+                    self._owners[issued.decode("latin-1")] = owner
+            await send(message)
+
+        await self._app(scope, receive, watched)
+        if scope["method"] == "DELETE" and presented is not None and 200 <= status < 300:
+            self.forget(presented)
+            self._sessions.end(presented, "the client ended the session")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    value = next((value for key, value in scope["headers"] if key == name), None)
+    return value.decode("latin-1") if value is not None else None
 
 
 class Authenticate:
@@ -234,7 +278,7 @@ def _cut_deep_arguments(message: dict[str, Any], body: bytes) -> bytes:
 
 
 async def _answer(send: Send, status: int, message: dict[str, object]) -> None:
-    body = json.dumps(message).encode()
+    body = json.dumps(message, separators=(",", ":")).encode()  # compact, as the SDK answers
     await send(
         {
             "type": "http.response.start",

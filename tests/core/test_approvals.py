@@ -67,6 +67,18 @@ def test_an_approval_does_not_carry_over(call: ToolCall, change: object, problem
     assert not verdict.granted and problem in verdict.reason
 
 
+@pytest.mark.parametrize("requester", ["bob", ""], ids=["another-principal", "unauthenticated"])
+def test_an_approval_is_redeemed_only_by_the_principal_it_was_issued_to(call: ToolCall, requester: str) -> None:
+    """Same session id, same declared client: only the principal differs, and the state is refused."""
+    issued = replace(call, session=replace(call.session, principal="alice"))
+    desk = ApprovalDesk(60)
+    state = desk.seal(issued)
+    verdict = desk.redeem(state, ACCEPT, replace(issued, session=replace(issued.session, principal=requester)))
+    assert verdict.answer is Answer.INVALID
+    assert verdict.reason == "the approval was given to another principal"
+    assert desk.redeem(state, ACCEPT, issued).granted
+
+
 def test_an_approval_expires_and_approves_once(call: ToolCall) -> None:
     clock = Clock()
     desk = ApprovalDesk(60, clock=clock)
