@@ -61,8 +61,10 @@ from gateway.downstream.http_edge import (
     is_loopback,
     listening_socket,
 )
+from gateway.downstream.resource_server import RequireScopes, ResourceMetadata, challenge
 from gateway.errors import ProtocolError, format_seconds
 from gateway.principals import Authenticator, SharedToken, principal_in
+from gateway.principals.oauth import OAuthBearer
 from gateway.wire.results import dump
 
 logger = logging.getLogger(__name__)
@@ -241,7 +243,7 @@ async def _list_changes_only(
 async def serve_streamable_http(gateway: Gateway, config: Config, host: str, port: int) -> None:
     """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
     settings = config.gateway.http
-    if not is_loopback(host) and settings.token is None:
+    if not is_loopback(host) and settings.token is None and settings.oauth is None:
         logger.warning("serving on %s without [gateway.http] token: anyone who can reach it can use every tool", host)
     with listening_socket(host, port) as sock:
         port = sock.getsockname()[1]
@@ -261,8 +263,13 @@ async def serve_streamable_http(gateway: Gateway, config: Config, host: str, por
         authenticators: list[Authenticator] = []
         if settings.token is not None:
             authenticators.append(SharedToken(settings.token))
+        if (oauth := settings.oauth) is not None:
+            authenticators.append(OAuthBearer(oauth))
+            app = RequireScopes(app, oauth)
         if authenticators:
-            app = Authenticate(app, authenticators, 'Bearer realm="mcp-armor"')
+            app = Authenticate(app, authenticators, 'Bearer realm="mcp-armor"' if oauth is None else challenge(oauth))
+        if oauth is not None:
+            app = ResourceMetadata(app, oauth, security)  # before authentication: it tells where tokens come from
         server = StoppingInOrder(
             uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=STOP_REQUESTS_GRACE)
         )
