@@ -33,6 +33,9 @@ MAX_TOKEN_LENGTH = 16 * 1024
 MAX_DOCUMENT_SIZE = 512 * 1024
 """The largest metadata or JWKS document read from the issuer."""
 FETCH_TIMEOUT = 5.0
+"""Seconds for each step of a fetch (connecting, each read)."""
+FETCH_DEADLINE = 15.0
+"""Seconds for all of one fetch: discovery and the JWKS."""
 KEYS_MAX_AGE = 600.0
 """Keys older than this are fetched again on the next use (rotation without restarting the gateway)."""
 RETRY_AFTER_FAILURE = 30.0
@@ -127,10 +130,15 @@ class IssuerKeys:
             self._next_refresh = time.monotonic() + KEYS_MAX_AGE
 
     async def _fetch(self) -> dict[str, dict[str, jwt.PyJWK]]:
-        async with httpx2.AsyncClient(timeout=httpx2.Timeout(FETCH_TIMEOUT), follow_redirects=False) as http:
-            if self._jwks_uri is None:
-                self._jwks_uri = await self._discover(http)
-            document = await _get_json(http, self._jwks_uri)
+        # The per-read timeout alone would let an issuer trickling bytes hold every request waiting on keys.
+        with anyio.move_on_after(FETCH_DEADLINE):
+            async with httpx2.AsyncClient(timeout=httpx2.Timeout(FETCH_TIMEOUT), follow_redirects=False) as http:
+                if self._jwks_uri is None:
+                    self._jwks_uri = await self._discover(http)
+                return self._read_keys(await _get_json(http, self._jwks_uri))
+        raise _FetchFailed(f"the issuer's metadata and keys took longer than {FETCH_DEADLINE:g} s")
+
+    def _read_keys(self, document: dict[str, Any]) -> dict[str, dict[str, jwt.PyJWK]]:
         listed = document.get("keys")
         if not isinstance(listed, list):
             raise _FetchFailed(f"{self._jwks_uri} is not a JWKS (no 'keys' list)")

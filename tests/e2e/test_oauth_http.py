@@ -43,9 +43,13 @@ async def issuer() -> AsyncIterator[Issuer]:
         yield running
 
 
-def oauth_config(directory: Path, issuer: Issuer, upstreams: dict[str, Any] | None = None, **oauth: Any) -> Path:
-    settings = {"issuer": issuer.url, "audience": AUDIENCE, **oauth}
-    return write_config(directory, upstreams or {"box": fixture_upstream("toolbox.py")}, http={"oauth": settings})
+def oauth_config(
+    directory: Path, issuer: Issuer, upstreams: dict[str, Any] | None = None, token: str | None = None, **oauth: Any
+) -> Path:
+    http: dict[str, Any] = {"oauth": {"issuer": issuer.url, "audience": AUDIENCE, **oauth}}
+    if token is not None:
+        http["token"] = token
+    return write_config(directory, upstreams or {"box": fixture_upstream("toolbox.py")}, http=http)
 
 
 @asynccontextmanager
@@ -125,13 +129,16 @@ async def test_the_protected_resource_metadata_is_served_without_credentials(tmp
 
 
 async def test_a_token_lacking_a_required_scope_is_403_insufficient_scope(tmp_path: Path, issuer: Issuer) -> None:
-    config = oauth_config(tmp_path, issuer, scopes_required=["tools.call"])
+    """The shared `[gateway.http] token` carries no scopes and is not held to them."""
+    shared = "shared-token-0123456789"
+    config = oauth_config(tmp_path, issuer, token=shared, scopes_required=["tools.call"])
     async with http_gateway(config) as url, httpx2.AsyncClient(timeout=10) as http:
         lacking = await _post(http, url, issuer.mint(scope="tools.read"))
         assert lacking.status_code == 403
         assert lacking.headers["www-authenticate"] == (f'{CHALLENGE}, scope="tools.call", error="insufficient_scope"')
         assert lacking.json()["error"] == "insufficient_scope"
         assert (await _post(http, url, issuer.mint(scope="tools.read tools.call"))).status_code == 200
+        assert (await _post(http, url, shared)).status_code == 200
 
 
 async def test_a_rotated_issuer_key_is_accepted_and_invented_kids_do_not_hammer_the_issuer(

@@ -36,6 +36,8 @@ class Issuer:
     """The path of every request the issuer answered, in order."""
     metadata_issuer: str | None = None
     """What the metadata says the issuer is (the real `url` unless set)."""
+    stalled: anyio.Event | None = None
+    """When set, the JWKS is answered only once this event is."""
 
     def publish(self, kind: str = "RSA", kid: str | None = None) -> str:
         kid = kid or uuid.uuid4().hex[:12]
@@ -85,6 +87,8 @@ class Issuer:
             },
             "/jwks": {"keys": self.published},
         }
+        if scope["path"] == "/jwks" and self.stalled is not None:
+            await self.stalled.wait()
         found = documents.get(scope["path"])
         body = json.dumps(found).encode() if found is not None else b"{}"
         await send(

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import jwt
 import pytest
 
@@ -191,6 +192,25 @@ async def test_no_keys_at_all_refuses_every_token(issuer: Issuer) -> None:
     unreachable = OAuthSettings(issuer="http://127.0.0.1:9", audience=AUDIENCE)
     with pytest.raises(Unauthenticated, match="no signing keys from the issuer"):
         await OAuthBearer(unreachable).authenticate(token)
+
+
+async def test_a_stalled_or_oversized_jwks_yields_no_keys(
+    issuer: Issuer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = issuer.mint()
+    monkeypatch.setattr(oauth_module, "FETCH_DEADLINE", 0.5)
+    issuer.stalled = anyio.Event()
+    try:
+        with pytest.raises(Unauthenticated, match="no signing keys from the issuer"):
+            await bearer(issuer).authenticate(token)
+    finally:
+        issuer.stalled.set()
+    assert "took longer than 0.5 s" in caplog.text
+    issuer.stalled = None
+    issuer.published.append({"kty": "oct", "k": "x" * oauth_module.MAX_DOCUMENT_SIZE})
+    with pytest.raises(Unauthenticated, match="no signing keys from the issuer"):
+        await bearer(issuer).authenticate(token)
+    assert f"answered more than {oauth_module.MAX_DOCUMENT_SIZE} bytes" in caplog.text
 
 
 async def test_metadata_naming_another_issuer_yields_no_keys(issuer: Issuer, caplog: pytest.LogCaptureFixture) -> None:
