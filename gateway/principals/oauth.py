@@ -24,7 +24,7 @@ import httpx2
 import jwt
 
 from gateway.config.models import OAuthSettings, served_url
-from gateway.principals import Principal, Unauthenticated
+from gateway.principals import SHARED_TOKEN_PRINCIPAL, Principal, Unauthenticated
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +240,8 @@ class OAuthBearer:
         name = claims.get(self._settings.principal_claim)
         if not isinstance(name, str) or not name.strip() or len(name) > _MAX_NAME or not name.isprintable():
             raise Unauthenticated(f"the access token's {self._settings.principal_claim!r} claim names no principal")
+        if name == SHARED_TOKEN_PRINCIPAL:  # rules written for everyone holding the shared token are not its
+            raise Unauthenticated(f"the access token names {name!r}, the shared token's principal")
         attributes = {f"scope:{scope}" for scope in self._scopes(claims)}
         attributes |= {f"group:{group}" for group in _names(claims.get(self._settings.groups_claim))}
         jti = claims.get("jti")
