@@ -76,7 +76,6 @@ class IssuerKeys:
         self._cooldown = unknown_kid_cooldown
         self._keys: dict[str, dict[str, jwt.PyJWK]] = {}
         """kid -> algorithm -> key; a key without `kid` is under ""."""
-        self._fetched = False
         self._next_refresh = 0.0
         self._last_unknown_kid_fetch = -float("inf")
         self._lock = anyio.Lock()
