@@ -11,6 +11,8 @@ clients start the gateway from anywhere.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -97,6 +99,96 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+"""The JWS algorithms an access token may be signed with: public-key ones only. `none` is no signature,
+and an HMAC algorithm (`HS256`...) checked against an issuer's public key lets anyone who has that
+public key sign (the algorithm confusion attack)."""
+_SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
+"""A scope name as RFC 6749 section 3.3 allows it (printable ASCII but space, `"` and `\\`)."""
+
+
+def served_url(value: str) -> str:
+    """An https URL, or an http one on a loopback host (a local issuer, a test); no fragment, and nothing
+    that could break out of a quoted `WWW-Authenticate` parameter."""
+    parts = urlsplit(value)
+    if any(char in value for char in '"\\') or any(char.isspace() or ord(char) < 0x20 for char in value):
+        raise ValueError(f"{value!r} is not a URL (it holds a quote, a backslash or white space)")
+    if parts.scheme == "https" and parts.hostname:
+        loopback = True
+    elif parts.scheme == "http" and parts.hostname:
+        loopback = parts.hostname == "localhost"
+        with contextlib.suppress(ValueError):
+            loopback = loopback or ipaddress.ip_address(parts.hostname).is_loopback
+    else:
+        raise ValueError(f"{value!r} is not an absolute https URL")
+    if not loopback:
+        raise ValueError(f"{value!r} must be https (plain http only on a loopback host)")
+    if parts.fragment or parts.query:
+        raise ValueError(f"{value!r} must have no query and no fragment")
+    return value
+
+
+ServedUrl = Annotated[StrictStr, AfterValidator(served_url)]
+
+
+class OAuthSettings(_Model):
+    """`[gateway.http.oauth]`: accept OAuth 2.1 access tokens (JWTs) from one authorization server, as
+    the MCP authorization spec asks of a resource server."""
+
+    issuer: ServedUrl
+    """The authorization server: a token's `iss` must equal it exactly."""
+    audience: ServedUrl
+    """The gateway's resource URL as clients reach it (e.g. `https://gw.example/mcp`): a token's `aud` must
+    hold it (RFC 8707). Required: behind a proxy the gateway cannot know the URL clients use."""
+    jwks_uri: ServedUrl | None = None
+    """Where the issuer's signing keys are; by default found in its authorization server metadata."""
+    principal_claim: StrictStr = "sub"
+    scope_claim: StrictStr = "scope"
+    """A space-separated string (`scope`) or a list of names (`scp`); `scp` is read when this is absent."""
+    groups_claim: StrictStr = "groups"
+    algorithms: tuple[StrictStr, ...] = ASYMMETRIC_ALGORITHMS
+    leeway: Duration = 30.0
+    """Clock skew tolerated on `exp`, `nbf` and `iat`."""
+    scopes_required: tuple[StrictStr, ...] = ()
+    """Scopes every token must carry; one lacking any is answered 403 `insufficient_scope`."""
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        refused = [name for name in value if name not in ASYMMETRIC_ALGORITHMS]
+        if refused:
+            raise ValueError(
+                f"{', '.join(map(repr, refused))} not accepted: only public-key algorithms "
+                f"({', '.join(ASYMMETRIC_ALGORITHMS)}); 'none' is no signature, and HMAC (HS*) "
+                "checked with the issuer's public key lets anyone sign"
+            )
+        if not value:
+            raise ValueError("name at least one algorithm")
+        return value
+
+    @field_validator("leeway")
+    @classmethod
+    def _small_leeway(cls, value: float) -> float:
+        if value > 300:
+            raise ValueError("at most 5m: it is clock skew, not a grace period for expired tokens")
+        return value
+
+    @field_validator("scopes_required")
+    @classmethod
+    def _scope_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _SCOPE_TOKEN.match(name):
+                raise ValueError(f"{name!r} is not a scope name (printable ASCII, no space, quote or backslash)")
+        return value
+
+    @field_validator("principal_claim", "scope_claim", "groups_claim")
+    @classmethod
+    def _claim_named(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must name a claim")
+        return value
+
+
 class HttpSettings(_Model):
     """`[gateway.http]`: the streamable HTTP front door (`mcp-armor serve --http`)."""
 
@@ -108,6 +200,8 @@ class HttpSettings(_Model):
     """Extra `Host` values accepted besides the bound address (e.g. `"gateway.internal:8765"`)."""
     session_idle_timeout: Duration = 1800.0
     """A handshake-era session with no request in flight for this long is closed (and its end recorded)."""
+    oauth: OAuthSettings | None = None
+    """Accept access tokens from an OAuth authorization server (`[gateway.http.oauth]`)."""
 
     @field_validator("token")
     @classmethod

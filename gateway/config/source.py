@@ -201,6 +201,8 @@ def location(loc: tuple[str | int, ...]) -> str:
     parts = [str(part) for part in loc]
     if parts[:1] == ["upstreams"] and len(parts) >= 2:
         table, rest = parts[:2], parts[2:]
+    elif parts[:3] == ["gateway", "http", "oauth"]:
+        table, rest = parts[:3], parts[3:]
     elif parts[:2] == ["gateway", "http"]:
         table, rest = parts[:2], parts[2:]
     elif parts[:1] == ["gateway"]:

@@ -63,8 +63,10 @@ from gateway.downstream.http_edge import (
     is_loopback,
     listening_socket,
 )
+from gateway.downstream.resource_server import RequireScopes, ResourceMetadata, challenge
 from gateway.errors import ProtocolError, format_seconds
 from gateway.principals import Authenticator, Principal, SharedToken, principal_in
+from gateway.principals.oauth import OAuthBearer
 from gateway.principals.store import LocalTokens
 from gateway.wire.results import dump
 
@@ -267,7 +269,7 @@ async def serve_streamable_http(
     local = (
         principals if principals is not None else LocalTokens.open(config.principals_path)
     )  # one that cannot be read stops start-up
-    if not is_loopback(host) and settings.token is None and not local.holds_principals():
+    if not is_loopback(host) and settings.token is None and settings.oauth is None and not local.holds_principals():
         logger.warning(
             "serving on %s without [gateway.http] token or any principal (`mcp-armor principal add`): "
             "anyone who can reach it can use every tool",
@@ -294,10 +296,15 @@ async def serve_streamable_http(
         authenticators: list[Authenticator] = []
         if settings.token is not None:
             authenticators.append(SharedToken(settings.token))
+        if (oauth := settings.oauth) is not None:
+            authenticators.append(OAuthBearer(oauth))
+            app = RequireScopes(app, oauth)
         configured = bool(authenticators)  # credentials the file sets guard from the start
         authenticators.append(local)  # `principal add` ones, from the first principal on
-        guarded = Authenticate(app, authenticators, 'Bearer realm="mcp-armor"')
+        guarded = Authenticate(app, authenticators, 'Bearer realm="mcp-armor"' if oauth is None else challenge(oauth))
         app = guarded if configured else UntilPrincipals(app, guarded, local)
+        if oauth is not None:
+            app = ResourceMetadata(app, oauth, security)  # before authentication: it tells where tokens come from
         server = StoppingInOrder(
             uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=STOP_REQUESTS_GRACE)
         )
