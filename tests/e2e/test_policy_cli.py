@@ -108,7 +108,7 @@ def test_explain_names_every_rule_and_why(config: Path) -> None:
     assert record["reason"] == "arguments do not match the tool's input schema: at 'a': \"1\" is not of type 'integer'"
 
     hidden = run("policy", "explain", "box__pid", "--config", str(config), "--offline")
-    assert "note: no rule can ever allow it for this client: it is hidden from tools/list" in hidden.stdout
+    assert "note: no rule can ever allow it for this caller: it is hidden from tools/list" in hidden.stdout
 
 
 def test_explain_offline_says_the_input_schema_was_not_checked(config: Path) -> None:

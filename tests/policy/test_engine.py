@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.calls import Effect
+from gateway.calls import Effect, Who
 from gateway.policy.engine import PolicyEngine, merge_patch
 from gateway.policy.files import load_policies
 from gateway.policy.rules import Rule
@@ -149,7 +149,7 @@ DECISIONS = [
 def test_decisions(
     engine: PolicyEngine, tool: str, arguments: dict[str, Any], client: str, effect: Effect, rules: tuple[str, ...]
 ) -> None:
-    decision = engine.evaluate(tool, arguments, now=0.0, session="s", client=client)
+    decision = engine.evaluate(tool, arguments, now=0.0, who=Who(client, session="s"))
     assert decision.effect is effect
     assert decision.rules == rules
     assert decision.revision == engine.policies.revision
@@ -177,11 +177,11 @@ def test_default_can_be_set(tmp_path: Path) -> None:
 
 
 def test_monitor_rules_record_but_never_change_the_outcome(engine: PolicyEngine) -> None:
-    decision = engine.evaluate("shell__run", {"command": "rm -rf /"}, now=0, client="claude-code")
+    decision = engine.evaluate("shell__run", {"command": "rm -rf /"}, now=0, who=Who("claude-code"))
     assert decision.effect is Effect.ALLOW
     assert decision.would is Effect.DENY
     assert decision.monitored == ("shell-trial-deny",)
-    calm = engine.evaluate("shell__run", {"command": "ls"}, now=0, client="claude-code")
+    calm = engine.evaluate("shell__run", {"command": "ls"}, now=0, who=Who("claude-code"))
     assert calm.would is None and calm.monitored == ()
 
 
@@ -196,13 +196,13 @@ def test_monitor_mode_refuses_nothing_and_records_what_it_would(tmp_path: Path) 
 
 def test_rate_limit_per_session_and_rule_with_a_fake_clock(engine: PolicyEngine) -> None:
     def call(session: str, now: float) -> Effect:
-        decision = engine.evaluate("fetch__get", {}, now=now, session=session)
+        decision = engine.evaluate("fetch__get", {}, now=now, who=Who(session=session))
         if decision.proceeds:
-            assert engine.charge(decision, session, now)
+            assert engine.charge(decision, Who(session=session), now)
         return decision.effect
 
     assert [call("a", t) for t in (0, 1, 2)] == [Effect.ALLOW] * 3
-    limited = engine.evaluate("fetch__get", {}, now=3, session="a")
+    limited = engine.evaluate("fetch__get", {}, now=3, who=Who(session="a"))
     assert limited.effect is Effect.DENY
     assert "allows 3 calls per minute" in limited.reason and "try again in 57s" in limited.reason
     assert call("b", 3) is Effect.ALLOW  # another session has its own budget
@@ -211,18 +211,18 @@ def test_rate_limit_per_session_and_rule_with_a_fake_clock(engine: PolicyEngine)
 
 def test_refused_calls_do_not_consume_the_rate(engine: PolicyEngine) -> None:
     for now in range(10):
-        decision = engine.evaluate("fetch__get", {}, now=now, session="s")
+        decision = engine.evaluate("fetch__get", {}, now=now, who=Who(session="s"))
         assert decision.effect is Effect.ALLOW
-        assert engine.charge(decision, "s", now)
-        engine.refund(decision, "s", now)  # refused later on (e.g. by an approval that never came)
+        assert engine.charge(decision, Who(session="s"), now)
+        engine.refund(decision, Who(session="s"), now)  # refused later on (e.g. by an approval that never came)
 
 
 def test_hidden_tools(engine: PolicyEngine) -> None:
     assert engine.visible("files__read_file")
     assert engine.visible("files__write_file")  # ask can allow
     assert not engine.visible("files__delete")  # default deny, no allowing rule
-    assert not engine.visible("shell__run", client="cursor")
-    assert engine.visible("shell__run", client="claude-code")
+    assert not engine.visible("shell__run", Who("cursor"))
+    assert engine.visible("shell__run", Who("claude-code"))
 
 
 def test_unconditional_deny_hides(tmp_path: Path) -> None:
