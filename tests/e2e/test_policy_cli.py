@@ -134,6 +134,15 @@ def test_tools_shows_what_policy_does(config: Path) -> None:
     assert policy["box__pid"] == "hidden (no rule allows it)"
 
 
+def test_tools_tells_a_tool_hidden_from_everyone_from_one_only_some_callers_reach(tmp_path: Path) -> None:
+    policy = '[[rule]]\nid = "admins"\ntools = ["box__slow"]\nattributes = ["group:admins"]\neffect = "allow"\n'
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=policy)
+    done = run("tools", "--json", "--config", str(config))
+    policy_of = {row["name"]: row["policy"] for row in json.loads(done.stdout)["tools"]}
+    assert policy_of["box__slow"] == "hidden (but from callers some rule names)"
+    assert policy_of["box__pid"] == "hidden (no rule allows it)"
+
+
 ERRORS = [
     pytest.param(
         ["policy", "check", "--offline"],
