@@ -38,6 +38,18 @@ attributes = ["group:admins"]
 effect = "allow"
 
 [[rule]]
+id = "alice-prompts"
+prompts = ["box__*"]
+principals = ["alice"]
+effect = "allow"
+
+[[rule]]
+id = "admins-read"
+resources = ["toolbox://*"]
+attributes = ["group:admins"]
+effect = "allow"
+
+[[rule]]
 id = "calls-itself-alice"
 tools = ["box__pid"]
 clients = ["alice"]
@@ -106,6 +118,23 @@ async def test_two_principals_see_and_call_different_tools(tmp_path: Path) -> No
     ]
     ended = [item for item in events if item["kind"] in ("outcome", "session_end") and item["session_id"] == "s-alice"]
     assert [(item["kind"], item["principal"]) for item in ended] == [("outcome", "alice"), ("session_end", "alice")]
+
+
+async def test_every_list_shows_each_principal_what_some_rule_could_allow_it(tmp_path: Path) -> None:
+    async def lists(session: str, principal: Principal | None) -> tuple[list[str], ...]:
+        prompts = await _request(gateway, session, principal, "prompts/list", {})
+        resources = await _request(gateway, session, principal, "resources/list", {})
+        templates = await _request(gateway, session, principal, "resources/templates/list", {})
+        return (
+            [item["name"] for item in prompts["prompts"]],
+            [item["uri"] for item in resources["resources"]],
+            [item["uriTemplate"] for item in templates["resourceTemplates"]],
+        )
+
+    async with _gateway(tmp_path) as gateway:
+        assert await lists("s-alice", ALICE) == (["box__greet"], [], [])
+        assert await lists("s-bob", BOB) == ([], ["toolbox://readme"], ["toolbox://notes/{name}"])
+        assert await lists("s-nobody", None) == ([], [], [])
 
 
 async def test_a_principal_that_reconnects_keeps_its_rate_budget(tmp_path: Path) -> None:
