@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gateway.calls import Who
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.files import load_policies
 
@@ -59,10 +60,11 @@ def measure(engine: PolicyEngine, tools: list[str], calls: int) -> tuple[float, 
     """p50 and p99 of one decision, in microseconds."""
     samples = []
     clock = time.perf_counter_ns
+    who = Who("agent", "alice", frozenset({"group:users"}), "s")
     for index in range(calls):
         tool = tools[index % len(tools)]
         start = clock()
-        engine.evaluate(tool, ARGUMENTS, now=float(index), session="s")
+        engine.evaluate(tool, ARGUMENTS, now=float(index), who=who)
         samples.append((clock() - start) / 1000)
     samples.sort()
     return statistics.median(samples), samples[int(len(samples) * 0.99)]

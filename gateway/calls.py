@@ -82,6 +82,34 @@ class Decision:
         return record
 
 
+ATTRIBUTE_KINDS = ("scope:", "group:", "role:")
+"""How every attribute of a principal begins: an access token's scopes and groups, a role given to it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Who a policy decision is for: what the client says it is, who authenticated (if anyone) and with
+    which attributes, and the session it comes from."""
+
+    client: str = ""
+    """The client's self-description (`clients` globs match it): never identity."""
+    principal: str = ""
+    """The authenticated principal (`principals` globs match it); empty when none authenticated."""
+    attributes: frozenset[str] = frozenset()
+    """The principal's attributes (`scope:NAME`, `group:NAME`, `role:NAME`: `attributes` globs match them)."""
+    session: str = ""
+
+    @property
+    def counted_as(self) -> tuple[str, str]:
+        """Whose budget a rate-limited call uses: the principal's, across its sessions, when one
+        authenticated; else the session's."""
+        return ("principal", self.principal) if self.principal else ("session", self.session)
+
+
+ANONYMOUS = Who()
+"""A caller no one authenticated, in no session, whose client says nothing of itself."""
+
+
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
     """Who is calling: one downstream MCP connection (see the README for how sessions are told apart)."""
@@ -95,6 +123,11 @@ class SessionInfo:
     """Who authenticated the connection, when the transport knows (empty otherwise)."""
     attributes: frozenset[str] = frozenset()
     """The principal's attributes (`scope:NAME`, `group:NAME`, `role:NAME`) rules can match."""
+
+    @property
+    def who(self) -> Who:
+        """Who calls in this session, as the policy engine matches rules against it."""
+        return Who(self.client_name, self.principal, self.attributes, self.id)
 
 
 @dataclass(frozen=True, slots=True)

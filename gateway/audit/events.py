@@ -33,8 +33,13 @@ def call_fields(call: ToolCall, redaction: Redaction, redactor: Redactor) -> dic
 
 def decided_for(session: SessionInfo) -> dict[str, Any]:
     """Who a decision was made for: the client as its session named it (what `clients` globs matched),
-    and the principal, when the transport authenticated one."""
-    return {"client": session.client_name, "principal": session.principal or None}
+    and the principal with its attributes, when the transport authenticated one (what `principals` and
+    `attributes` globs matched): `policy replay` decides again for them."""
+    return {"client": session.client_name, "principal": session.principal or None, **_attributes(session)}
+
+
+def _attributes(session: SessionInfo) -> dict[str, Any]:
+    return {"attributes": sorted(session.attributes) if session.principal else None}
 
 
 _DECIDED_AS = {"completion": "completion/complete", "subscription": "resources/subscribe"}
@@ -107,6 +112,7 @@ def outcome_event(
     return event(
         "outcome",
         **call_fields(call, redaction, recorder.redactor),
+        principal=call.session.principal or None,
         outcome=outcome.kind.value,
         rules=list(outcome.rules),
         reason=redaction.scrub(outcome.reason, recorder.redactor) or None,
@@ -144,13 +150,16 @@ class GatewayEvents:
                 client_name=session.client_name,
                 client_version=session.client_version,
                 principal=session.principal or None,
+                **_attributes(session),
                 pid=os.getpid(),
                 lease=self.recorder.lease_name,
             )
         )
 
-    def session_ended(self, session_id: str, reason: str) -> None:
-        self.recorder.queue(event("session_end", session_id=session_id, reason=reason))
+    def session_ended(self, session: SessionInfo, reason: str) -> None:
+        self.recorder.queue(
+            event("session_end", session_id=session.id, principal=session.principal or None, reason=reason)
+        )
         self.recorder.anchor_soon()
 
     def catalog_changed(self, before: Mapping[str, ToolEntry], after: Mapping[str, ToolEntry]) -> None:

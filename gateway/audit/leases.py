@@ -127,7 +127,7 @@ def _endings(store: AuditStore, lease: str) -> list[dict[str, Any]]:
     bodies: list[dict[str, Any]] = []
     for session, decisions, ended in store.unended(lease):
         for decision in decisions:
-            fields = {name: decision.get(name) for name in ("session_id", "call_id", "upstream", "tool")}
+            fields = {name: decision.get(name) for name in ("session_id", "call_id", "upstream", "tool", "principal")}
             if decision.get("method") is not None:
                 fields["method"] = decision["method"]
             reason = f"the gateway process {pid} ended without recording an outcome"

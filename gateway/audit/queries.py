@@ -11,6 +11,8 @@ class Filters:
     """Which events a query returns; `None` means no restriction."""
 
     session: str | None = None
+    principal: str | None = None
+    """A glob over the principal a session's start names: only the events of such sessions."""
     tool: str | None = None
     """A glob over exposed tool names (`git__*`)."""
     decision: str | None = None
@@ -32,6 +34,12 @@ def where_clause(filters: Filters) -> tuple[str, list[Any]]:
     if filters.session is not None:
         clauses.append("session_id = ?")
         params.append(filters.session)
+    if filters.principal is not None:
+        clauses.append(
+            "session_id IN (SELECT session_id FROM events WHERE kind = 'session_start' "
+            "AND json_extract(body, '$.principal') GLOB ?)"
+        )
+        params.append(filters.principal)
     if filters.tool is not None:
         clauses.append("tool GLOB ?")
         params.append(filters.tool)

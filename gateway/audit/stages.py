@@ -139,7 +139,14 @@ class CallAudit:
             stage=stage,
             **decided_for(session),
         )
-        ended = event("outcome", **common, outcome=outcome.value, reason=reason, duration_ms=0.0)
+        ended = event(
+            "outcome",
+            **common,
+            principal=session.principal or None,
+            outcome=outcome.value,
+            reason=reason,
+            duration_ms=0.0,
+        )
         try:
             await self.recorder.record(decision, ended)
         except AuditError as exc:

@@ -42,8 +42,12 @@ FIELDS = (
     "reason",
     "outcome",
     "duration_ms",
+    "principal",
+    "attributes",
 )
-"""Every event body has these keys (null where they do not apply); an export adds seq, prev_hash, hash."""
+"""Every event body has these keys (null where they do not apply); an export adds seq, prev_hash, hash.
+`principal` names the authenticated principal of the event's session; `attributes` (a session's start,
+a decision) its attributes."""
 KINDS = (
     "session_start",
     "session_end",
@@ -326,6 +330,7 @@ class AuditStore:
                         "client_name": info.get("client_name") or "",
                         "transport": info.get("transport"),
                         "principal": info.get("principal") or None,
+                        "attributes": info.get("attributes") or [],
                         "start": info.get("ts", first),
                         "end": ended,
                         "last_event": last,

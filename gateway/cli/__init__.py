@@ -127,7 +127,7 @@ def _audit(config: Config, args: argparse.Namespace) -> int:
     command = args.audit_command
     if command == "sessions":
         since = audit.parse_since(args.since) if args.since else None
-        return audit.sessions(config, Filters(since=since), args.json)
+        return audit.sessions(config, Filters(since=since, principal=args.principal), args.json)
     if command == "show":
         return audit.show(config, args.session, _filters(args), args.json)
     if command == "tail":
@@ -141,7 +141,9 @@ def _filters(args: argparse.Namespace) -> Filters:
     since = audit.parse_since(args.since) if args.since else None
     kinds = audit.parse_kinds(getattr(args, "kind", None))
     session = getattr(args, "session", None)
-    return Filters(session=session, tool=args.tool, decision=args.decision, since=since, kinds=kinds)
+    return Filters(
+        session=session, principal=args.principal, tool=args.tool, decision=args.decision, since=since, kinds=kinds
+    )
 
 
 def _configure_logging(*, verbose: bool, quiet: bool) -> None:

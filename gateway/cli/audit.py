@@ -44,6 +44,7 @@ def sessions(config: Config, filters: Filters, as_json: bool) -> int:
         (
             row["session_id"],
             row["client"] or "?",
+            row["principal"] or "-",
             row["transport"] or "?",
             row["start"],
             row["end"] or "(open)",
@@ -52,7 +53,8 @@ def sessions(config: Config, filters: Filters, as_json: bool) -> int:
         )
         for row in rows
     ]
-    print_table(("SESSION", "CLIENT", "TRANSPORT", "START", "END", "CALLS", "REFUSED"), table, empty="(no sessions)")
+    headings = ("SESSION", "CLIENT", "PRINCIPAL", "TRANSPORT", "START", "END", "CALLS", "REFUSED")
+    print_table(headings, table, empty="(no sessions)")
     return 0
 
 
@@ -300,6 +302,8 @@ def _row(record: dict[str, Any]) -> tuple[str, ...]:
         detail = (
             f"{record.get('client_name') or '?'} {record.get('client_version') or ''} over {record.get('transport')}"
         )
+        if record.get("principal"):
+            detail += f" as principal {record['principal']}"
     elif kind == "catalog":
         detail = f"{record.get('change')} {str(record.get('tool_digest'))[:12]}"
     elif kind == "policy_reload" and record.get("policy_revision"):

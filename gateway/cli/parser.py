@@ -80,11 +80,22 @@ def parser() -> argparse.ArgumentParser:
     explain.add_argument("tool", metavar="TOOL", help="the exposed tool name, e.g. git__git_log")
     explain.add_argument("--args", default="{}", metavar="JSON", help="the call's arguments as a JSON object")
     explain.add_argument("--client", default="", metavar="NAME", help="the client's name (for 'clients' globs)")
+    explain.add_argument(
+        "--principal", default="", metavar="NAME", help="the authenticated principal (for 'principals' globs)"
+    )
+    explain.add_argument(
+        "--attribute",
+        action="append",
+        default=[],
+        metavar="ATTR",
+        help="an attribute of the principal, e.g. group:admins (repeatable; for 'attributes' globs)",
+    )
 
     filters = argparse.ArgumentParser(add_help=False)
     filters.add_argument("--tool", metavar="GLOB", help="only calls to tools matching this glob (e.g. 'git__*')")
     filters.add_argument("--decision", choices=["allow", "rewrite", "ask", "deny"], help="only calls decided so")
     filters.add_argument("--since", metavar="WHEN", help='only events since then: "15m", "2h", or an ISO 8601 time')
+    filters.add_argument("--principal", metavar="GLOB", help="only sessions of principals matching this glob")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON")
 
@@ -97,9 +108,11 @@ def parser() -> argparse.ArgumentParser:
 
     audit_parser = commands.add_parser("audit", help="read the audit log: sessions, timelines, live tail, verify")
     audit_commands = audit_parser.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
-    audit_commands.add_parser(
-        "sessions", parents=[common, as_json], help="every session: client, start, end, calls, refusals"
-    ).add_argument("--since", metavar="WHEN", help='only sessions with events since then ("2h", an ISO time)')
+    sessions = audit_commands.add_parser(
+        "sessions", parents=[common, as_json], help="every session: client, principal, start, end, calls, refusals"
+    )
+    sessions.add_argument("--since", metavar="WHEN", help='only sessions with events since then ("2h", an ISO time)')
+    sessions.add_argument("--principal", metavar="GLOB", help="only sessions of principals matching this glob")
     show = audit_commands.add_parser("show", parents=[common, filters, as_json], help="one session's timeline")
     show.add_argument("session", metavar="SESSION", help="a session id (or a unique beginning of one)")
     tail = audit_commands.add_parser("tail", parents=[common, filters, as_json], help="the latest events")

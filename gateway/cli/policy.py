@@ -11,13 +11,13 @@ from typing import Any
 
 from gateway.audit.journal import open_settled
 from gateway.audit.queries import Filters
-from gateway.calls import Effect
+from gateway.calls import Effect, Who
 from gateway.cli.common import package_warnings, print_table
 from gateway.config.models import Config
 from gateway.core.own_files import RULE, GatewayFiles
 from gateway.errors import GatewayError
 from gateway.policy.files import load_engine
-from gateway.policy.lint import hidden_upstreams, lint
+from gateway.policy.lint import hidden_upstreams, lint, unkinded_attributes
 from gateway.upstream.connect import Upstreams, connect
 
 
@@ -27,6 +27,7 @@ async def check(config: Config, offline: bool, as_json: bool) -> int:
     upstreams = Upstreams() if offline else await connect(config)
     schemas = {name: tool.source.definition["inputSchema"] for name, tool in upstreams.catalog.tools.items()}
     warnings = [] if offline else lint(policies, schemas)
+    warnings += unkinded_attributes(policies)
     exposed = [(name, tool.upstream) for name, tool in upstreams.catalog.tools.items()]
     warnings += hidden_upstreams(engine, exposed)  # none in monitor mode, where nothing is hidden
     warnings += [
@@ -63,6 +64,8 @@ async def explain(config: Config, args: argparse.Namespace) -> int:
         raise GatewayError(f"--args: not valid JSON: {exc}") from None
     if not isinstance(arguments, dict):
         raise GatewayError(f"--args: must be a JSON object, got {type(arguments).__name__}")
+    if args.attribute and not args.principal:
+        raise GatewayError("--attribute: attributes are a principal's; give --principal NAME too")
     engine = load_engine(config)
     upstreams = Upstreams() if args.offline else await connect(config)
     engine.index_tools(upstreams.catalog.tools)
@@ -79,9 +82,10 @@ async def explain(config: Config, args: argparse.Namespace) -> int:
     violation = tool.source.violation(arguments) if tool is not None else None
     if violation is not None:
         refusal = f"arguments do not match the tool's input schema: {violation}"
-    if not engine.visible(args.tool, client=args.client):
-        notes.append("no rule can ever allow it for this client: it is hidden from tools/list")
-    decision, trace = engine.explain(args.tool, arguments, now=time.monotonic(), client=args.client)
+    who = Who(args.client, args.principal, frozenset(args.attribute))
+    if not engine.visible(args.tool, who):
+        notes.append("no rule can ever allow it for this caller: it is hidden from tools/list")
+    decision, trace = engine.explain(args.tool, arguments, now=time.monotonic(), who=who)
     upstream = tool.upstream if tool is not None else ""
     guarded = GatewayFiles.of(config).decide(decision, upstream, arguments, engine.policies.paths.declared(args.tool))
     if guarded is not decision:
@@ -121,7 +125,7 @@ async def replay(config: Config, filters: Filters, as_json: bool) -> int:
     replayed = skipped = 0
     with closing(open_settled(config.audit_path)) as store:
         # Taken from the sessions, not the filtered events: a --tool or --decision filter leaves out session starts.
-        clients = {row["session_id"]: row["client_name"] for row in store.sessions()}
+        starts = {row["session_id"]: row for row in store.sessions()}
         for record in store.events(filters):
             if record["kind"] != "decision":
                 continue
@@ -130,20 +134,16 @@ async def replay(config: Config, filters: Filters, as_json: bool) -> int:
                 continue
             replayed += 1
             session, tool, arguments = record["session_id"] or "", record["tool"], record["arguments"] or {}
-            # Decided for the client (and principal) the event names; older events name none: their session's.
-            client = record["client"] if isinstance(record.get("client"), str) else clients.get(session, "")
-            principal = record.get("principal") or ""
+            who = _decided_for(record, starts.get(session, {}))
             now = _epoch(record["ts"])
-            if not engine.visible(tool, client=client, principal=principal):
-                effect, rules, reason = Effect.DENY.value, [], "hidden from this client under today's policies"
+            if not engine.visible(tool, who):
+                effect, rules, reason = Effect.DENY.value, [], "hidden from this caller under today's policies"
             else:
-                decision = engine.evaluate(
-                    tool, arguments, now=now, session=session, client=client, principal=principal
-                )
+                decision = engine.evaluate(tool, arguments, now=now, who=who)
                 declared = engine.policies.paths.declared(tool)
                 decision = own_files.decide(decision, record.get("upstream") or "", arguments, declared)
                 if decision.proceeds:
-                    engine.charge(decision, session, now)
+                    engine.charge(decision, who, now)
                 effect, rules, reason = decision.effect.value, list(decision.rules), decision.reason
             if effect != record["decision"]:
                 changed.append(
@@ -184,6 +184,16 @@ async def replay(config: Config, filters: Filters, as_json: bool) -> int:
         + (f" ({skipped} refused before the policy were skipped)" if skipped else "")
     )
     return 0
+
+
+def _decided_for(record: dict[str, Any], start: dict[str, Any]) -> Who:
+    """Who a recorded decision was made for: the client, principal and attributes the event names;
+    an older event names none of them, and then its session's start speaks for it."""
+    client = record["client"] if isinstance(record.get("client"), str) else start.get("client_name", "")
+    principal = (record["principal"] if "principal" in record else start.get("principal")) or ""
+    attributes = record.get("attributes") if isinstance(record.get("attributes"), list) else start.get("attributes")
+    held = frozenset(item for item in attributes or () if isinstance(item, str)) if principal else frozenset[str]()
+    return Who(client, principal, held, record.get("session_id") or "")
 
 
 def _epoch(ts: str) -> float:

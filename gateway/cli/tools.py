@@ -50,14 +50,16 @@ async def tools(config: Config, as_json: bool) -> int:
 
 
 def _policy_summary(engine: PolicyEngine, tool: str) -> str:
-    """What policy does to a tool, for a client that no `clients` glob names."""
-    if not engine.visible(tool):
+    """What policy does to a tool, for a caller no rule names (by `clients`, `principals` or `attributes`)."""
+    if not engine.reachable(tool):
         return "hidden (no rule allows it)"
+    if not engine.visible(tool):
+        return "hidden (but from callers some rule names)"
     rules = engine.rules_for(tool).call
     if not rules:
         return f"{engine.policies.default.value} (default)"
     effects = sorted({rule.effect.value for rule in rules if rule.effect is not None and not rule.monitor})
-    conditional = any(rule.when is not None or rule.rate is not None or rule.clients for rule in rules)
+    conditional = any(rule.when is not None or rule.rate is not None or not rule.for_every_caller for rule in rules)
     return "/".join(effects) + (" (conditional)" if conditional else "")
 
 

@@ -186,18 +186,11 @@ class Dispatcher:
         )
 
     def _decide_upstream(self, upstream: str, method: str, params: Mapping[str, Any], call: ToolCall) -> Decision:
-        engine, session = self._audit.engine, call.session
+        engine, who = self._audit.engine, call.session.who
         now = time.monotonic()
-        decision = engine.evaluate(
-            UPSTREAM_PREFIXES[method] + upstream,
-            params,
-            now=now,
-            session=session.id,
-            client=session.client_name,
-            principal=session.principal,
-        )
+        decision = engine.evaluate(UPSTREAM_PREFIXES[method] + upstream, params, now=now, who=who)
         if decision.proceeds:
-            engine.charge(decision, session.id, now)
+            engine.charge(decision, who, now)
         return decision
 
 

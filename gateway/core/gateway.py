@@ -258,7 +258,7 @@ class Gateway:
 
     def _visible(self, name: str, session: SessionInfo) -> bool:
         """Whether policy can ever let this caller reach `name` (a tool, `resource:URI` or `prompt:NAME`)."""
-        return self.engine.visible(name, client=session.client_name, principal=session.principal)
+        return self.engine.visible(name, session.who)
 
     async def call_tool(
         self, request: Request, checked: ToolRequest | types.CallToolRequestParams
@@ -425,7 +425,7 @@ class Gateway:
         session = request.caller.session
         await self.wait_for_startup()
         templates: list[types.ResourceTemplate] = []
-        if self.engine.lists_templates(client=session.client_name, principal=session.principal):
+        if self.engine.lists_templates(session.who):
             templates = [template for _, _, template in self.pool.catalog.templates]
         return types.ListResourceTemplatesResult(resource_templates=templates)
 

@@ -227,9 +227,7 @@ class Notices:
                 RESOURCE_PREFIX + key[1],
                 follower.arguments,
                 now=time.monotonic(),
-                session=session.id,
-                client=session.client_name,
-                principal=session.principal,
+                who=session.who,
             )
             if decision.effect is not Effect.ALLOW:
                 continue  # the policy in force would no longer let this session subscribe

@@ -130,15 +130,7 @@ class EnforcePolicy:
 
     def decide(self, call: ToolCall, name: str, arguments: Mapping[str, Any]) -> Decision:
         """The policy's decision on `call` reaching `name` with `arguments`, then the built-in rule's."""
-        session = call.session
-        decision = self.engine.evaluate(
-            name,
-            arguments,
-            now=self._clock(),
-            session=session.id,
-            client=session.client_name,
-            principal=session.principal,
-        )
+        decision = self.engine.evaluate(name, arguments, now=self._clock(), who=call.session.who)
         if self.own_files is None:
             return decision
         declared = self.engine.policies.paths.declared(name)
@@ -186,7 +178,7 @@ class EnforcePolicy:
             if not approval.granted:
                 return Outcome.refused(call, f"{decision.reason}; {approval.reason}")
         stamp = self._clock()
-        if not self.engine.charge(decision, session.id, stamp):
+        if not self.engine.charge(decision, session.who, stamp):
             return Outcome.refused(call, "a rate limit of this call's rules was reached while it waited for approval")
         screened: list[str] = []
         if call.progress is not None:
@@ -195,12 +187,10 @@ class EnforcePolicy:
             call = replace(call, log=self._screened_log(call, call.log, screened))
         outcome = await call_next(call)
         if outcome.kind is OutcomeKind.REFUSED:
-            self.engine.refund(decision, session.id, stamp)  # refused later on: the call did not happen
+            self.engine.refund(decision, session.who, stamp)  # refused later on: the call did not happen
         elif outcome.kind in (OutcomeKind.OK, OutcomeKind.ERROR):
             try:
-                screening = self.engine.screen_result(
-                    call.tool.name, outcome.result, client=session.client_name, principal=session.principal
-                )
+                screening = self.engine.screen_result(call.tool.name, outcome.result, session.who)
             except RecursionError:  # fail closed: a result too deep to screen is not passed on
                 return Outcome.refused(call, "the upstream's result nests too deep to be screened, so it is withheld")
             if screening.withheld_by is not None:
@@ -223,7 +213,7 @@ class EnforcePolicy:
         kept: list[Any] = []
         for value in completion["values"]:
             name, arguments = candidate(call.tool, call.forwarded_arguments, str(value))
-            if not engine.visible(name, client=session.client_name, principal=session.principal):
+            if not engine.visible(name, session.who):
                 continue
             decision = self.decide(call, name, arguments)
             if decision.effect is not Effect.DENY:
@@ -267,11 +257,8 @@ class EnforcePolicy:
     ) -> Mapping[str, Any] | None:
         """A message relayed while `call` runs, screened as a result of its own: masked, or `None` when a
         rule withholds it (or it cannot be screened: fail closed). The rules that acted join `screened`."""
-        session = call.session
         try:
-            screening = self.engine.screen_result(
-                call.tool.name, message, client=session.client_name, principal=session.principal
-            )
+            screening = self.engine.screen_result(call.tool.name, message, call.session.who)
         except Exception:
             logger.exception("a message relayed during call %s could not be screened; not relayed", call.id)
             return None

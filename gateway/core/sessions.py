@@ -10,7 +10,8 @@ from gateway.policy.engine import PolicyEngine
 
 
 class Sessions:
-    """Which sessions are open; a session's end also forgets its rate-limit windows."""
+    """Which sessions are open; a session's end also forgets its own rate-limit windows (a principal's
+    stay: reconnecting does not renew its budget)."""
 
     def __init__(self, events: GatewayEvents, engine: PolicyEngine) -> None:
         self._events = events
@@ -28,11 +29,12 @@ class Sessions:
 
     def end(self, session_id: str, reason: str) -> None:
         """The session is over (a session not open, or ended already, is left alone)."""
-        if self._open.pop(session_id, None) is not None:
+        session = self._open.pop(session_id, None)
+        if session is not None:
             self._engine.limiter.forget(session_id)
             for forget in self.on_end:
                 forget(session_id)
-            self._events.session_ended(session_id, reason)
+            self._events.session_ended(session, reason)
 
     def end_all(self, reason: str) -> None:
         """At shutdown: every session still open ends."""

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gateway.calls import Decision, Effect
+from gateway.calls import ANONYMOUS, Decision, Effect, Who
 from gateway.policy.items import when_holds
 from gateway.policy.paths import PathArguments
 from gateway.policy.rates import RateLimiter
@@ -94,12 +94,10 @@ class PolicyEngine:
         arguments: Mapping[str, Any],
         *,
         now: float,
-        session: str = "",
-        client: str = "",
-        principal: str = "",
+        who: Who = ANONYMOUS,
     ) -> Decision:
-        """The decision on one call. Never raises: an error while evaluating is a `deny`."""
-        return self._decide(tool, arguments, now, session, client, principal, None)
+        """The decision on one call for `who`. Never raises: an error while evaluating is a `deny`."""
+        return self._decide(tool, arguments, now, who, None)
 
     def explain(
         self,
@@ -107,9 +105,7 @@ class PolicyEngine:
         arguments: Mapping[str, Any],
         *,
         now: float,
-        session: str = "",
-        client: str = "",
-        principal: str = "",
+        who: Who = ANONYMOUS,
     ) -> tuple[Decision, list[tuple[str, str]]]:
         """The decision, and for every rule of every file what it made of this call and why."""
         trace: list[tuple[str, str]] = []
@@ -129,7 +125,7 @@ class PolicyEngine:
                 )
                 globs = ", ".join(f"{key} {list(values)}" for key, values in named if values)
                 trace.append((rule.id, f"{globs} do not match '{tool}'"))
-        decision = self._decide(tool, arguments, now, session, client, principal, trace)
+        decision = self._decide(tool, arguments, now, who, trace)
         order = {rule.id: index for index, rule in enumerate(self.policies.rules)}
         trace.sort(key=lambda item: order.get(item[0], -1))
         return decision, trace
@@ -139,9 +135,7 @@ class PolicyEngine:
         tool: str,
         arguments: Mapping[str, Any],
         now: float,
-        session: str,
-        client: str,
-        principal: str,
+        who: Who,
         trace: list[tuple[str, str]] | None,
     ) -> Decision:
         given = arguments
@@ -157,9 +151,10 @@ class PolicyEngine:
         rated: list[str] = []
         unmatched: list[str] = []
         for rule in self.rules_for(tool).call:
-            if not rule.concerns_client(client, principal):
+            unmet = rule.unmet_by(who)
+            if unmet is not None:
                 if trace is not None:
-                    trace.append((rule.id, f"clients {list(rule.clients or ())} do not match {client!r}"))
+                    trace.append((rule.id, _unmet_note(rule, unmet, who)))
                 continue
             if rule.when is not None:
                 try:
@@ -176,9 +171,9 @@ class PolicyEngine:
                     continue
             match = _Match(rule, rule.effect or Effect.DENY)  # call rules always have one (checked at load)
             if rule.rate is not None:
-                wait = self.limiter.wait(session, rule, now)
+                wait = self.limiter.wait(who, rule, now)
                 if wait:
-                    match = _Match(rule, Effect.DENY, _rate_note(rule, wait))
+                    match = _Match(rule, Effect.DENY, _rate_note(rule, wait, who))
                 else:
                     rated.append(rule.id)
             (monitored if rule.monitor else enforced).append(match)
@@ -250,12 +245,12 @@ class PolicyEngine:
             rewritten = normalised
         return Decision(effect, reason, revision, ids, rewritten)
 
-    def charge(self, decision: Decision, session: str, now: float) -> bool:
+    def charge(self, decision: Decision, who: Who, now: float) -> bool:
         """Count a call that goes ahead against its rate-limited rules; `False` if one is now at its limit."""
-        return self.limiter.charge(session, self._rated(decision), now)
+        return self.limiter.charge(who, self._rated(decision), now)
 
-    def refund(self, decision: Decision, session: str, now: float) -> None:
-        self.limiter.refund(session, self._rated(decision), now)
+    def refund(self, decision: Decision, who: Who, now: float) -> None:
+        self.limiter.refund(who, self._rated(decision), now)
 
     def _rated(self, decision: Decision) -> list[Rule]:
         if not decision.rated:
@@ -265,14 +260,14 @@ class PolicyEngine:
 
     # -- visibility ----------------------------------------------------------------------------
 
-    def visible(self, tool: str, *, client: str = "", principal: str = "") -> bool:
-        """False when no rule can ever let this client call `tool`: it is then hidden from `tools/list`."""
+    def visible(self, tool: str, who: Who = ANONYMOUS) -> bool:
+        """False when no rule can ever let this caller call `tool`: it is then hidden from its lists."""
         if self.monitor_mode:
             return True
-        return self._seen(tool, client, principal)
+        return self._seen(tool, who.client, who.principal, who.attributes)
 
-    def lists_templates(self, *, client: str = "", principal: str = "") -> bool:
-        """Whether resource templates are listed for this client: a template stands for URIs known only
+    def lists_templates(self, who: Who = ANONYMOUS) -> bool:
+        """Whether resource templates are listed for this caller: a template stands for URIs known only
         when they are read (each read is then decided on its own), so it is listed when the default, or
         some rule naming resources, can let a read go ahead."""
         if self.monitor_mode or self.policies.default is not Effect.DENY:
@@ -282,24 +277,23 @@ class PolicyEngine:
             and not rule.on_result
             and not rule.monitor
             and rule.effect not in (None, Effect.DENY)
-            and rule.concerns_client(client, principal)
+            and rule.applies_to(who)
             for rule in self.policies.rules
         )
 
     def reachable(self, tool: str) -> bool:
-        """False when no client at all can ever call `tool` (`policy check` warns of an upstream whose every
-        tool is so): a rule denies it to every client whatever the arguments, or none allows it to any."""
-        return self.monitor_mode or self._visible(tool, None, "")
+        """False when no caller at all can ever call `tool` (`policy check` warns of an upstream whose every
+        tool is so): a rule denies it to every caller whatever the arguments, or none allows it to any."""
+        return self.monitor_mode or self._visible(tool, None, "", frozenset())
 
-    def _visible(self, tool: str, client: str | None, principal: str) -> bool:
-        """`client` None: any client, for whom a rule limited to some clients allows but never denies."""
+    def _visible(self, tool: str, client: str | None, principal: str, attributes: frozenset[str]) -> bool:
+        """`client` None: any caller, for whom a rule limited to some callers allows but never denies."""
+        who = Who(client or "", principal, attributes)
         rules = [
-            rule
-            for rule in self.rules_for(tool).call
-            if not rule.monitor and (client is None or rule.concerns_client(client, principal))
+            rule for rule in self.rules_for(tool).call if not rule.monitor and (client is None or rule.applies_to(who))
         ]
         if any(
-            rule.effect is Effect.DENY and rule.when is None and (client is not None or rule.clients is None)
+            rule.effect is Effect.DENY and rule.when is None and (client is not None or rule.for_every_caller)
             for rule in rules
         ):
             return False
@@ -309,11 +303,9 @@ class PolicyEngine:
 
     # -- results -------------------------------------------------------------------------------
 
-    def screen_result(
-        self, tool: str, result: Mapping[str, Any], *, client: str = "", principal: str = ""
-    ) -> Screening:
-        """Apply the result rules to what the upstream returned: withhold it, or mask parts of its text."""
-        rules = [rule for rule in self.rules_for(tool).result if rule.concerns_client(client, principal)]
+    def screen_result(self, tool: str, result: Mapping[str, Any], who: Who = ANONYMOUS) -> Screening:
+        """Apply the result rules for `who` to what the upstream returned: withhold it, or mask parts of its text."""
+        rules = [rule for rule in self.rules_for(tool).result if rule.applies_to(who)]
         return screen(rules, result, monitor_mode=self.monitor_mode)
 
 
@@ -330,6 +322,18 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return merged
 
 
-def _rate_note(rule: Rule, wait: float) -> str:
+def _rate_note(rule: Rule, wait: float, who: Who) -> str:
     limit = rule.rate.text if rule.rate is not None else "a limited number of calls"
-    return f"rule '{rule.id}' allows {limit} per session and that limit is reached; try again in {math.ceil(wait)}s"
+    per = "per principal" if who.principal else "per session"
+    return f"rule '{rule.id}' allows {limit} {per} and that limit is reached; try again in {math.ceil(wait)}s"
+
+
+def _unmet_note(rule: Rule, key: str, who: Who) -> str:
+    """Why a rule does not concern `who`, for `explain`: the key whose globs it does not match."""
+    globs = list(getattr(rule, key) or ())
+    if key == "clients":
+        return f"clients {globs} do not match {who.client!r}"
+    if key == "principals":
+        held = repr(who.principal) if who.principal else "no principal (none authenticated)"
+        return f"principals {globs} do not match {held}"
+    return f"attributes {globs} match none of the caller's {sorted(who.attributes)}"

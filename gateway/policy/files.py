@@ -66,6 +66,11 @@ class RuleSpec(_Model):
     """Upstream name globs: their `elicitation/create` requests to the agent's client."""
     effect: Literal["allow", "deny", "ask", "rewrite"] | None = None
     clients: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)
+    """Globs over the client's self-description (its name): not identity."""
+    principals: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)
+    """Globs over the authenticated principal's name."""
+    attributes: tuple[StrictStr, ...] | None = Field(default=None, min_length=1)
+    """Globs over the principal's attributes (`scope:NAME`, `group:NAME`, `role:NAME`); any one matching."""
     when: dict[str, Any] | None = None
     reason: StrictStr = ""
     mode: Literal["enforce", "monitor"] = "enforce"
@@ -201,7 +206,7 @@ def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, l
         raise PolicyError(f"{where}: id: must match {RULE_ID.pattern}")
     if not (spec.tools or spec.resources or spec.prompts or spec.sampling or spec.elicitation):
         raise PolicyError(f"{where}: tools: required key is missing")  # or resources, or prompts
-    for key in ("tools", "resources", "prompts", "sampling", "elicitation", "clients"):
+    for key in ("tools", "resources", "prompts", "sampling", "elicitation", "clients", "principals", "attributes"):
         if any(not glob.strip() for glob in getattr(spec, key) or ()):
             raise PolicyError(f"{where}: {key}: empty glob")
     _check_combination(spec, where)
@@ -242,6 +247,10 @@ def _compile_rule(raw: dict[str, Any], position: int, source: str, label: str, l
         effect=effect,
         clients=spec.clients,
         clients_pattern=_globs(spec.clients) if spec.clients is not None else None,
+        principals=spec.principals,
+        principals_pattern=_globs(spec.principals) if spec.principals is not None else None,
+        attributes=spec.attributes,
+        attributes_pattern=_globs(spec.attributes) if spec.attributes is not None else None,
         when=when,
         when_schema=spec.when,
         reason=spec.reason,

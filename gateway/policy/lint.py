@@ -4,7 +4,8 @@ Checked against the tools the upstreams expose now (upstreams change, so these a
 errors): a `tools` glob that matches no exposed tool, a `when` that names an argument the tool's
 own input schema does not have (a typo there silently turns a condition off), a `[[paths]]` argument
 none of its tools has (a path left as spelled), and an upstream whose every tool is hidden (declared,
-started, and of no use to any client).
+started, and of no use to any client). Without the upstreams: an `attributes` glob that names no kind
+of attribute. (A `principals` glob matching no one is no finding: principals are not known at load.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import fnmatch
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from gateway.calls import ATTRIBUTE_KINDS
 from gateway.policy.engine import PolicyEngine, PolicySet
 
 _BRANCHES = ("allOf", "anyOf", "oneOf")
@@ -42,6 +44,19 @@ def lint(policies: PolicySet, tools: Mapping[str, Mapping[str, Any]]) -> list[st
             if schemas and not any(isinstance(known, Mapping) and argument in known for known in schemas):
                 findings.append(f"{where}: arguments: {argument!r} is an argument of none of the tools it names")
     return findings
+
+
+def unkinded_attributes(policies: PolicySet) -> list[str]:
+    """One line per `attributes` glob that begins with no kind of attribute (`scope:`, `group:`, `role:`):
+    every attribute a principal holds begins with one, so such a glob most likely matches none."""
+    kinds = ", ".join(ATTRIBUTE_KINDS)
+    return [
+        f"{rule.source}: rule '{rule.id}': attributes: {glob!r} does not begin with {kinds} "
+        "(every attribute of a principal does)"
+        for rule in policies.rules
+        for glob in rule.attributes or ()
+        if not glob.startswith(ATTRIBUTE_KINDS)
+    ]
 
 
 def _unmatched(globs: Iterable[str], tools: Mapping[str, Any], where: str) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import re2  # type: ignore[import-untyped]
 
-from gateway.calls import Effect
+from gateway.calls import Effect, Who
 from gateway.schema import LONE_SURROGATES, Matcher
 
 RESOURCE_PREFIX = "resource:"
@@ -75,7 +75,7 @@ class RedactPattern:
 
 @dataclass(frozen=True, slots=True)
 class Rate:
-    """At most `limit` calls per `period` seconds, per session."""
+    """At most `limit` calls per `period` seconds, per principal (per session for a caller without one)."""
 
     limit: int
     period: float
@@ -94,7 +94,14 @@ class Rule:
     effect: Effect | None
     """The effect of a call rule, or `deny` for a result rule that withholds; `None` for a redacting one."""
     clients: tuple[str, ...] | None = None
+    """Globs over what the client says it is (a self-description, not identity)."""
     clients_pattern: re.Pattern[str] | None = field(default=None, repr=False)
+    principals: tuple[str, ...] | None = None
+    """Globs over the authenticated principal's name; a caller without one matches none."""
+    principals_pattern: re.Pattern[str] | None = field(default=None, repr=False)
+    attributes: tuple[str, ...] | None = None
+    """Globs over the principal's attributes; a caller holding any that matches is concerned."""
+    attributes_pattern: re.Pattern[str] | None = field(default=None, repr=False)
     when: Matcher | None = field(default=None, repr=False)
     when_schema: Mapping[str, Any] | None = field(default=None, repr=False)
     reason: str = ""
@@ -113,12 +120,27 @@ class Rule:
     def concerns(self, tool: str) -> bool:
         return self.tools_pattern.fullmatch(tool) is not None
 
-    def concerns_client(self, client: str, principal: str) -> bool:
-        if self.clients_pattern is None:
-            return True
-        return self.clients_pattern.fullmatch(client) is not None or (
-            bool(principal) and self.clients_pattern.fullmatch(principal) is not None
-        )
+    @property
+    def for_every_caller(self) -> bool:
+        """No `clients`, `principals` or `attributes`: the rule concerns whoever calls."""
+        return self.clients is None and self.principals is None and self.attributes is None
+
+    def applies_to(self, who: Who) -> bool:
+        return self.unmet_by(who) is None
+
+    def unmet_by(self, who: Who) -> str | None:
+        """The key (`clients`, `principals`, `attributes`) whose globs `who` does not match; `None`
+        when the rule concerns it (every key given matches)."""
+        if self.clients_pattern is not None and self.clients_pattern.fullmatch(who.client) is None:
+            return "clients"
+        if self.principals_pattern is not None and (
+            not who.principal or self.principals_pattern.fullmatch(who.principal) is None
+        ):
+            return "principals"
+        attributes = self.attributes_pattern
+        if attributes is not None and not any(attributes.fullmatch(held) for held in who.attributes):
+            return "attributes"
+        return None
 
 
 @dataclass(frozen=True, slots=True)

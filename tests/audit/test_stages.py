@@ -154,15 +154,15 @@ async def test_a_fault_after_the_decision_is_recorded_leaves_one_decision_and_on
 async def test_a_session_starts_once_ends_once_and_its_rate_windows_go_with_it(tmp_path: Path) -> None:
     engine = _engine(tmp_path)
     session = SessionInfo("s1", "http", "2025-06-18", "claude-code", "1.0")
-    decision = engine.evaluate("box__read", {}, now=0.0, session=session.id)
+    decision = engine.evaluate("box__read", {}, now=0.0, who=session.who)
     async with Recorder(tmp_path / "audit.db").running() as recorder:
         sessions = Sessions(GatewayEvents(recorder, engine), engine)
         sessions.note(session)
         sessions.note(session)
-        assert engine.charge(decision, session.id, 0.0) and not engine.charge(decision, session.id, 1.0)
+        assert engine.charge(decision, session.who, 0.0) and not engine.charge(decision, session.who, 1.0)
         sessions.end(session.id, "the client ended the session")
         sessions.end(session.id, "again")
-        assert engine.charge(decision, session.id, 2.0)  # a new session under the same id starts afresh
+        assert engine.charge(decision, session.who, 2.0)  # a new session under the same id starts afresh
         sessions.note(replace(session, id="s2"))
         sessions.end_all("the gateway shut down")
     store = AuditStore.open_reader(tmp_path / "audit.db")

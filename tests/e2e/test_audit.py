@@ -460,7 +460,7 @@ async def test_replay_lists_the_calls_a_policy_change_would_decide_differently(c
     exported = [json.loads(line) for line in cli(config, "audit", "export", "--format", "jsonl").stdout.splitlines()]
     assert [event["seq"] for event in exported] == list(range(1, len(exported) + 1))
     fixed = ["seq", "ts", "kind", "session_id", "call_id", "upstream", "tool", "arguments", "decision", "rules"]
-    fixed += ["reason", "outcome", "duration_ms", "prev_hash", "hash"]
+    fixed += ["reason", "outcome", "duration_ms", "principal", "attributes", "prev_hash", "hash"]
     assert all(set(fixed) <= set(event) for event in exported)
     denied = cli(config, "audit", "export", "--decision", "deny")
     assert {json.loads(line)["tool"] for line in denied.stdout.splitlines()} == {"box__fail", "box__add"}
@@ -468,6 +468,7 @@ async def test_replay_lists_the_calls_a_policy_change_would_decide_differently(c
     assert shown.stdout.splitlines()[0].split() == [
         "SESSION",
         "CLIENT",
+        "PRINCIPAL",
         "TRANSPORT",
         "START",
         "END",

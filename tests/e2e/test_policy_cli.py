@@ -108,7 +108,7 @@ def test_explain_names_every_rule_and_why(config: Path) -> None:
     assert record["reason"] == "arguments do not match the tool's input schema: at 'a': \"1\" is not of type 'integer'"
 
     hidden = run("policy", "explain", "box__pid", "--config", str(config), "--offline")
-    assert "note: no rule can ever allow it for this client: it is hidden from tools/list" in hidden.stdout
+    assert "note: no rule can ever allow it for this caller: it is hidden from tools/list" in hidden.stdout
 
 
 def test_explain_offline_says_the_input_schema_was_not_checked(config: Path) -> None:
@@ -132,6 +132,15 @@ def test_tools_shows_what_policy_does(config: Path) -> None:
     assert policy["box__add"] == "allow"
     assert policy["box__write_note"] == "ask"
     assert policy["box__pid"] == "hidden (no rule allows it)"
+
+
+def test_tools_tells_a_tool_hidden_from_everyone_from_one_only_some_callers_reach(tmp_path: Path) -> None:
+    policy = '[[rule]]\nid = "admins"\ntools = ["box__slow"]\nattributes = ["group:admins"]\neffect = "allow"\n'
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=policy)
+    done = run("tools", "--json", "--config", str(config))
+    policy_of = {row["name"]: row["policy"] for row in json.loads(done.stdout)["tools"]}
+    assert policy_of["box__slow"] == "hidden (but from callers some rule names)"
+    assert policy_of["box__pid"] == "hidden (no rule allows it)"
 
 
 ERRORS = [

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from gateway.calls import Effect
+from gateway.calls import Effect, Who
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.files import load_policies
 from gateway.schema import compile_checker
@@ -100,7 +100,7 @@ def test_decisions_agree_with_a_reference_evaluation(
     with tempfile.TemporaryDirectory() as directory:
         (Path(directory) / "p.toml").write_text(tomli_w.dumps(document), encoding="utf-8")
         engine = PolicyEngine(load_policies(Path(directory)))
-    decision = engine.evaluate(tool, args, now=0, client=client)
+    decision = engine.evaluate(tool, args, now=0, who=Who(client))
     effect, matched = reference(written, default, tool, client, args)
     assert (decision.effect, decision.rules) == (Effect(effect), matched)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.calls import Effect
+from gateway.calls import Effect, Who
 from gateway.policy.engine import PolicyEngine, merge_patch
 from gateway.policy.files import load_policies
 from gateway.policy.rules import Rule
@@ -149,7 +149,7 @@ DECISIONS = [
 def test_decisions(
     engine: PolicyEngine, tool: str, arguments: dict[str, Any], client: str, effect: Effect, rules: tuple[str, ...]
 ) -> None:
-    decision = engine.evaluate(tool, arguments, now=0.0, session="s", client=client)
+    decision = engine.evaluate(tool, arguments, now=0.0, who=Who(client, session="s"))
     assert decision.effect is effect
     assert decision.rules == rules
     assert decision.revision == engine.policies.revision
@@ -177,11 +177,11 @@ def test_default_can_be_set(tmp_path: Path) -> None:
 
 
 def test_monitor_rules_record_but_never_change_the_outcome(engine: PolicyEngine) -> None:
-    decision = engine.evaluate("shell__run", {"command": "rm -rf /"}, now=0, client="claude-code")
+    decision = engine.evaluate("shell__run", {"command": "rm -rf /"}, now=0, who=Who("claude-code"))
     assert decision.effect is Effect.ALLOW
     assert decision.would is Effect.DENY
     assert decision.monitored == ("shell-trial-deny",)
-    calm = engine.evaluate("shell__run", {"command": "ls"}, now=0, client="claude-code")
+    calm = engine.evaluate("shell__run", {"command": "ls"}, now=0, who=Who("claude-code"))
     assert calm.would is None and calm.monitored == ()
 
 
@@ -196,13 +196,13 @@ def test_monitor_mode_refuses_nothing_and_records_what_it_would(tmp_path: Path) 
 
 def test_rate_limit_per_session_and_rule_with_a_fake_clock(engine: PolicyEngine) -> None:
     def call(session: str, now: float) -> Effect:
-        decision = engine.evaluate("fetch__get", {}, now=now, session=session)
+        decision = engine.evaluate("fetch__get", {}, now=now, who=Who(session=session))
         if decision.proceeds:
-            assert engine.charge(decision, session, now)
+            assert engine.charge(decision, Who(session=session), now)
         return decision.effect
 
     assert [call("a", t) for t in (0, 1, 2)] == [Effect.ALLOW] * 3
-    limited = engine.evaluate("fetch__get", {}, now=3, session="a")
+    limited = engine.evaluate("fetch__get", {}, now=3, who=Who(session="a"))
     assert limited.effect is Effect.DENY
     assert "allows 3 calls per minute" in limited.reason and "try again in 57s" in limited.reason
     assert call("b", 3) is Effect.ALLOW  # another session has its own budget
@@ -211,18 +211,18 @@ def test_rate_limit_per_session_and_rule_with_a_fake_clock(engine: PolicyEngine)
 
 def test_refused_calls_do_not_consume_the_rate(engine: PolicyEngine) -> None:
     for now in range(10):
-        decision = engine.evaluate("fetch__get", {}, now=now, session="s")
+        decision = engine.evaluate("fetch__get", {}, now=now, who=Who(session="s"))
         assert decision.effect is Effect.ALLOW
-        assert engine.charge(decision, "s", now)
-        engine.refund(decision, "s", now)  # refused later on (e.g. by an approval that never came)
+        assert engine.charge(decision, Who(session="s"), now)
+        engine.refund(decision, Who(session="s"), now)  # refused later on (e.g. by an approval that never came)
 
 
 def test_hidden_tools(engine: PolicyEngine) -> None:
     assert engine.visible("files__read_file")
     assert engine.visible("files__write_file")  # ask can allow
     assert not engine.visible("files__delete")  # default deny, no allowing rule
-    assert not engine.visible("shell__run", client="cursor")
-    assert engine.visible("shell__run", client="claude-code")
+    assert not engine.visible("shell__run", Who("cursor"))
+    assert engine.visible("shell__run", Who("claude-code"))
 
 
 def test_unconditional_deny_hides(tmp_path: Path) -> None:
@@ -443,3 +443,180 @@ def test_an_argument_given_as_an_array_stands_for_each_of_its_items(tmp_path: Pa
     assert effect("files__read", path=["/ws/a", ["/etc/passwd"]]) == "deny"
     assert effect("files__move", source=["/ws/a"], target=["/ws/.env"]) == "deny"  # every combination
     assert effect("files__move", source=["/ws/a"], target=["/ws/b"]) == "allow"
+
+
+PEOPLE = """
+[[rule]]
+id = "alice-reads"
+tools = ["files__read_file"]
+principals = ["alice"]
+effect = "allow"
+
+[[rule]]
+id = "ci-searches"
+tools = ["search__query"]
+principals = ["ci-*"]
+effect = "allow"
+
+[[rule]]
+id = "admins-write"
+tools = ["files__write_file"]
+attributes = ["group:admins", "scope:files.write"]
+effect = "allow"
+
+[[rule]]
+id = "ops-admins-shell"
+tools = ["shell__run"]
+principals = ["ops-*"]
+attributes = ["role:admin"]
+effect = "allow"
+
+[[rule]]
+id = "by-client-name"
+tools = ["fetch__get"]
+clients = ["alice"]
+effect = "allow"
+"""
+
+
+def _people(directory: Path) -> PolicyEngine:
+    return make_engine(directory, PEOPLE)
+
+
+WHO_DECISIONS = [
+    pytest.param("files__read_file", Who(principal="alice"), Effect.ALLOW, id="named-principal"),
+    pytest.param("files__read_file", Who(principal="alice2"), Effect.DENY, id="glob-is-whole-name"),
+    pytest.param("files__read_file", Who(principal="Alice"), Effect.DENY, id="case-sensitive"),
+    pytest.param("files__read_file", Who(client="alice"), Effect.DENY, id="client-named-alice-is-not-alice"),
+    pytest.param("search__query", Who(principal="ci-nightly"), Effect.ALLOW, id="principal-glob"),
+    pytest.param("search__query", Who(session="ci-nightly"), Effect.DENY, id="no-principal"),
+    pytest.param("files__write_file", Who(principal="bob", attributes=frozenset({"group:admins"})), Effect.ALLOW),
+    pytest.param(
+        "files__write_file", Who(principal="bob", attributes=frozenset({"scope:files.write", "x:y"})), Effect.ALLOW
+    ),
+    pytest.param("files__write_file", Who(principal="bob", attributes=frozenset({"group:admin"})), Effect.DENY),
+    pytest.param("files__write_file", Who(client="group:admins"), Effect.DENY, id="client-named-an-attribute"),
+    pytest.param("shell__run", Who(principal="ops-1", attributes=frozenset({"role:admin"})), Effect.ALLOW, id="both"),
+    pytest.param("shell__run", Who(principal="ops-1"), Effect.DENY, id="principal-without-attribute"),
+    pytest.param("shell__run", Who(principal="dev", attributes=frozenset({"role:admin"})), Effect.DENY),
+    pytest.param("fetch__get", Who(client="alice"), Effect.ALLOW, id="clients-matches-the-client"),
+    pytest.param("fetch__get", Who(client="cursor", principal="alice"), Effect.DENY, id="clients-never-the-principal"),
+]
+
+
+@pytest.mark.parametrize(("tool", "who", "effect"), WHO_DECISIONS)
+def test_principals_and_attributes_concern_only_the_callers_they_match(
+    tmp_path: Path, tool: str, who: Who, effect: Effect
+) -> None:
+    """`principals` globs the authenticated name, `attributes` any one attribute (both given: both must
+    match), `clients` only what the client says it is; a caller no one authenticated matches no `principals`."""
+    engine = _people(tmp_path)
+    assert engine.evaluate(tool, {"path": "/srv/project/a", "q": "x", "command": "ls"}, now=0, who=who).effect is effect
+
+
+def test_a_principals_glob_of_everyone_still_needs_someone_authenticated(tmp_path: Path) -> None:
+    engine = make_engine(
+        tmp_path, '[[rule]]\nid = "anyone"\ntools = ["fetch__get"]\nprincipals = ["*"]\neffect = "allow"\n'
+    )
+    assert engine.evaluate("fetch__get", {}, now=0, who=Who(principal="x")).effect is Effect.ALLOW
+    assert engine.evaluate("fetch__get", {}, now=0, who=Who(client="x", session="s")).effect is Effect.DENY
+    assert engine.visible("fetch__get", Who(principal="x")) and not engine.visible("fetch__get", Who(client="x"))
+
+
+def test_each_principal_sees_only_what_some_rule_could_allow_it(tmp_path: Path) -> None:
+    engine = _people(tmp_path)
+    tools = ["files__read_file", "files__write_file", "search__query", "shell__run", "fetch__get"]
+
+    def listed(who: Who) -> list[str]:
+        return [tool for tool in tools if engine.visible(tool, who)]
+
+    assert listed(Who(principal="alice")) == ["files__read_file"]
+    assert listed(Who(principal="ci-7")) == ["search__query"]
+    assert listed(Who(principal="ops-2", attributes=frozenset({"role:admin", "group:admins"}))) == [
+        "files__write_file",
+        "shell__run",
+    ]
+    assert listed(Who(client="alice")) == ["fetch__get"]
+    assert listed(Who()) == []
+    assert all(engine.reachable(tool) for tool in tools)  # someone can call each
+
+
+def test_a_deny_for_some_principals_hides_the_tool_from_them_only(tmp_path: Path) -> None:
+    engine = make_engine(
+        tmp_path,
+        '[defaults]\neffect = "allow"\n[[rule]]\nid = "not-interns"\ntools = ["shell__run"]\n'
+        'attributes = ["group:interns"]\neffect = "deny"\n',
+    )
+    assert not engine.visible("shell__run", Who(principal="i", attributes=frozenset({"group:interns"})))
+    assert engine.visible("shell__run", Who(principal="alice"))
+    assert engine.reachable("shell__run")
+
+
+def test_explain_says_which_caller_key_a_rule_does_not_match(tmp_path: Path) -> None:
+    engine = _people(tmp_path)
+    _, anonymous = engine.explain("files__read_file", {"path": "/srv/project/a"}, now=0, who=Who(client="alice"))
+    assert dict(anonymous)["alice-reads"] == "principals ['alice'] do not match no principal (none authenticated)"
+    _, bob = engine.explain("files__write_file", {}, now=0, who=Who(principal="bob", attributes=frozenset({"role:x"})))
+    assert (
+        dict(bob)["admins-write"]
+        == "attributes ['group:admins', 'scope:files.write'] match none of the caller's ['role:x']"
+    )
+    _, cursor = engine.explain("fetch__get", {}, now=0, who=Who(client="cursor", principal="alice"))
+    assert dict(cursor)["by-client-name"] == "clients ['alice'] do not match 'cursor'"
+
+
+def test_result_rules_for_a_principal_screen_only_its_results(tmp_path: Path) -> None:
+    engine = make_engine(
+        tmp_path,
+        '[[rule]]\nid = "mask-for-contractors"\ntools = ["search__query"]\non = "result"\n'
+        'attributes = ["group:contractors"]\nredact = ["secret"]\n',
+    )
+    result = {"content": [{"type": "text", "text": "a secret"}]}
+    contractor = Who(principal="c", attributes=frozenset({"group:contractors"}))
+    assert engine.screen_result("search__query", result, contractor).redacted_by == ("mask-for-contractors",)
+    assert engine.screen_result("search__query", result, Who(principal="e")).redacted_by == ()
+
+
+RATED = '[[rule]]\nid = "fetch-budget"\ntools = ["fetch__get"]\neffect = "allow"\nrate = "2/minute"\n'
+
+
+def test_a_principal_has_one_rate_budget_across_its_sessions(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, RATED)
+
+    def call(who: Who, now: float) -> Effect:
+        decision = engine.evaluate("fetch__get", {}, now=now, who=who)
+        if decision.proceeds:
+            assert engine.charge(decision, who, now)
+        return decision.effect
+
+    assert call(Who(principal="alice", session="s1"), 0) is Effect.ALLOW
+    assert call(Who(principal="alice", session="s2"), 1) is Effect.ALLOW
+    refused = engine.evaluate("fetch__get", {}, now=2, who=Who(principal="alice", session="s3"))
+    assert refused.effect is Effect.DENY and "2 calls per minute per principal" in refused.reason
+    assert call(Who(principal="bob", session="s1"), 2) is Effect.ALLOW  # another principal: its own budget
+    assert call(Who(session="s4"), 2) is Effect.ALLOW  # no principal: the session's
+    assert call(Who(session="alice"), 2) is Effect.ALLOW  # a session id is never a principal's budget
+
+
+def test_a_principal_that_reconnects_does_not_get_a_fresh_budget(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, RATED)
+    first = Who(principal="alice", session="s1")
+    for now in (0, 1):
+        assert engine.charge(engine.evaluate("fetch__get", {}, now=now, who=first), first, now)
+    anonymous = Who(session="s1")
+    assert engine.charge(engine.evaluate("fetch__get", {}, now=1, who=anonymous), anonymous, 1)
+    engine.limiter.forget("s1")  # the session ended
+    again = Who(principal="alice", session="s2")
+    assert engine.evaluate("fetch__get", {}, now=2, who=again).effect is Effect.DENY
+    assert engine.evaluate("fetch__get", {}, now=2, who=Who(session="s1")).effect is Effect.ALLOW  # its own: forgotten
+    assert engine.evaluate("fetch__get", {}, now=60.5, who=again).effect is Effect.ALLOW  # the window moved on
+
+
+def test_a_refund_gives_back_the_principals_charge(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, RATED)
+    for now in range(5):
+        who = Who(principal="alice", session=f"s{now}")
+        decision = engine.evaluate("fetch__get", {}, now=now, who=who)
+        assert decision.effect is Effect.ALLOW
+        assert engine.charge(decision, who, now)
+        engine.refund(decision, Who(principal="alice", session="another"), now)  # the principal's count, any session

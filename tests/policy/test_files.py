@@ -118,6 +118,24 @@ CASES = [
     ),
     pytest.param({"p.toml": "rule = 3\n"}, "p.toml: rule: must be an array of tables", id="rule-not-tables"),
     pytest.param({"p.toml": RULE + 'effect = "allow"\nclients = [""]\n'}, "rule 'r': clients: empty glob", id="glob"),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\nprincipals = []\n'},
+        "p.toml: rule 'r': principals: Tuple should have at least 1 item",
+        id="no-principals",
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\nattributes = []\n'},
+        "p.toml: rule 'r': attributes: Tuple should have at least 1 item",
+        id="no-attributes",
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\nprincipals = [" "]\n'}, "rule 'r': principals: empty glob", id="blank"
+    ),
+    pytest.param(
+        {"p.toml": RULE + 'effect = "allow"\nattributes = "group:x"\n'},
+        "p.toml: rule 'r': attributes: Input should be a valid tuple",
+        id="attributes-not-a-list",
+    ),
 ]
 
 
