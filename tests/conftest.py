@@ -189,7 +189,7 @@ async def http_gateway(config: Path, log: list[ServerLog] | None = None) -> Asyn
     async with gateway_process(config, "--http", "127.0.0.1:0") as (_, server_log):
         if log is not None:
             log.append(server_log)
-        match = await server_log.wait_for(r"serving streamable HTTP at (http://\S+/mcp)", seconds=30)
+        match = await server_log.wait_for(r"serving streamable HTTP at (https?://\S+/mcp)", seconds=30)
         yield match[1]
 
 

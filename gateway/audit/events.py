@@ -144,6 +144,7 @@ class GatewayEvents:
                 client_name=session.client_name,
                 client_version=session.client_version,
                 principal=session.principal or None,
+                address=session.address or None,
                 pid=os.getpid(),
                 lease=self.recorder.lease_name,
             )

@@ -23,6 +23,7 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any, get_args
 
 import anyio
@@ -54,9 +55,11 @@ from gateway.core.requests import RELAYED, Caller, Request, relay_for
 from gateway.downstream.http_edge import (
     LOOPBACK_NAMES,
     Authenticate,
+    ClientAddress,
     MessageGuard,
     SessionEnds,
     StoppingInOrder,
+    address_of,
     host_patterns,
     is_loopback,
     listening_socket,
@@ -170,7 +173,8 @@ class GatewayServer(Server[Any]):
         header = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else None
         session_id = header or hashlib.sha256(f"{name}\0{version}".encode()).hexdigest()[:32]
         principal = principal_in(ctx.request.scope) if ctx.request is not None else None
-        return self.gateway.session_info(session_id, ctx.protocol_version, name, version, principal)
+        address = address_of(ctx.request.scope) if ctx.request is not None else ""
+        return self.gateway.session_info(session_id, ctx.protocol_version, name, version, principal, address)
 
     async def _dispatch(self, method: str, ctx: Context, params: Any) -> dict[str, Any]:
         return await self.dispatcher.dispatch(Request(self._caller(ctx), method, ctx.params, params))
@@ -238,17 +242,22 @@ async def _list_changes_only(
     return await listen(ctx, params.model_copy(update={"notifications": notifications}))
 
 
-async def serve_streamable_http(gateway: Gateway, config: Config, host: str, port: int) -> None:
-    """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
+async def serve_streamable_http(
+    gateway: Gateway, config: Config, host: str, port: int, *, tls: tuple[Path, Path] | None
+) -> None:
+    """Serve streamable HTTP at http://HOST:PORT/mcp, or https:// with `tls` (the certificate and key files
+    `http_edge.tls_files` checked), until cancelled (port 0 picks a free port)."""
     settings = config.gateway.http
+    scheme = "https" if tls is not None else "http"
     if not is_loopback(host) and settings.token is None:
         logger.warning("serving on %s without [gateway.http] token: anyone who can reach it can use every tool", host)
     with listening_socket(host, port) as sock:
         port = sock.getsockname()[1]
+        origins = [f"{scheme}://{pattern}" for pattern in host_patterns(host, port)] if tls is not None else []
         security = TransportSecuritySettings(
             enable_dns_rebinding_protection=True,
             allowed_hosts=[*host_patterns(host, port), *settings.allowed_hosts],
-            allowed_origins=[*(f"http://{name}:*" for name in LOOPBACK_NAMES), *settings.allowed_origins],
+            allowed_origins=[*(f"http://{name}:*" for name in LOOPBACK_NAMES), *origins, *settings.allowed_origins],
         )
         limit = config.gateway.max_message_size
         app: ASGIApp = GatewayServer(gateway).streamable_http_app(
@@ -263,11 +272,27 @@ async def serve_streamable_http(gateway: Gateway, config: Config, host: str, por
             authenticators.append(SharedToken(settings.token))
         if authenticators:
             app = Authenticate(app, authenticators, 'Bearer realm="mcp-armor"')
+            if tls is None and not is_loopback(host):
+                logger.warning(
+                    "serving on %s without TLS ([gateway.http] tls_certificate): bearer tokens travel in clear text",
+                    host,
+                )
+        # The client's address is settled in one place, `ClientAddress`: uvicorn's own reading of
+        # X-Forwarded-For (on by default, for loopback peers) is off.
+        app = ClientAddress(app, settings.trusted_proxies)
         server = StoppingInOrder(
-            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=STOP_REQUESTS_GRACE)
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                lifespan="on",
+                timeout_graceful_shutdown=STOP_REQUESTS_GRACE,
+                proxy_headers=False,
+                ssl_certfile=tls[0] if tls is not None else None,
+                ssl_keyfile=tls[1] if tls is not None else None,
+            )
         )
         async with anyio.create_task_group() as tg:
             await tg.start(gateway.run)
-            logger.info("serving streamable HTTP at http://%s:%d/mcp", host, port)
+            logger.info("serving streamable HTTP at %s://%s:%d/mcp", scheme, host, port)
             await server.serve(sockets=[sock])
             tg.cancel_scope.cancel()

@@ -40,13 +40,15 @@ async def serve_stdio(config: Config) -> None:
 
 
 async def serve_http(config: Config, host: str, port: int) -> None:
-    """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
+    """Serve streamable HTTP at http(s)://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
     if config.token_unset is not None:  # never serve unguarded what the file meant to guard
         raise ConfigError(config.token_unset)
     from gateway.downstream.http import serve_streamable_http  # the SDK and its web stack load only for HTTP
+    from gateway.downstream.http_edge import tls_files
 
+    tls = tls_files(config)  # files that cannot serve stop the start here, before anything opens
     async with gateway_for(config, transport="http") as gateway:
-        await serve_streamable_http(gateway, config, host, port)
+        await serve_streamable_http(gateway, config, host, port, tls=tls)
 
 
 @asynccontextmanager
