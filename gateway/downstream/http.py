@@ -11,8 +11,9 @@ closed by the SDK (its id then answers 404) and its end recorded; SIGTERM or SIG
 in order (open requests get `STOP_REQUESTS_GRACE` to finish), and the gateway then records the end
 of every session still open.
 
-HTTP binds 127.0.0.1 unless told otherwise and checks `Host` and `Origin` against the bound address
-(DNS-rebinding protection); the socket and the guards in front of the app are
+HTTP binds 127.0.0.1 unless told otherwise, serves HTTPS with `[gateway.http] tls_certificate` and
+`tls_key`, and checks `Host` and `Origin` against the bound address (DNS-rebinding protection); the
+socket, the TLS files, the client's address and the guards in front of the app are
 `gateway.downstream.http_edge`'s.
 """
 

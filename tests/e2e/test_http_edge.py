@@ -24,6 +24,7 @@ from tests.conftest import (
     ServerLog,
     events,
     fixture_upstream,
+    gateway_client,
     gateway_process,
     http_gateway,
     run_cli,
@@ -291,3 +292,11 @@ async def test_serving_beyond_loopback_with_credentials_but_without_tls_warns_th
     config, _ = _recording_config(tmp_path, token=TOKEN)
     async with gateway_process(config, "--http", "0.0.0.0:0") as (_, log):
         await log.wait_for(r"without TLS \(\[gateway\.http\] tls_certificate\): bearer tokens travel in clear text")
+
+
+async def test_a_stdio_session_records_no_address(tmp_path: Path) -> None:
+    config, _ = _recording_config(tmp_path)
+    async with gateway_client(config) as client:
+        assert "box__echo" in {tool.name for tool in (await client.list_tools()).tools}
+    (start,) = [event for event in events(tmp_path) if event["kind"] == "session_start"]
+    assert start["transport"] == "stdio" and start["address"] is None
