@@ -123,6 +123,8 @@ class SessionInfo:
     """Who authenticated the connection, when the transport knows (empty otherwise)."""
     attributes: frozenset[str] = frozenset()
     """The principal's attributes (`scope:NAME`, `group:NAME`, `role:NAME`) rules can match."""
+    address: str = ""
+    """The client's network address (HTTP: behind a trusted proxy, the one it forwards); empty on stdio."""
 
     @property
     def who(self) -> Who:

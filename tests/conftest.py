@@ -195,7 +195,7 @@ async def http_gateway(
     async with gateway_process(config, "--http", "127.0.0.1:0", entry=entry) as (_, server_log):
         if log is not None:
             log.append(server_log)
-        match = await server_log.wait_for(r"serving streamable HTTP at (http://\S+/mcp)", seconds=30)
+        match = await server_log.wait_for(r"serving streamable HTTP at (https?://\S+/mcp)", seconds=30)
         yield match[1]
 
 

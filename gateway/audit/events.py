@@ -151,6 +151,7 @@ class GatewayEvents:
                 client_version=session.client_version,
                 principal=session.principal or None,
                 **_attributes(session),
+                address=session.address or None,
                 pid=os.getpid(),
                 lease=self.recorder.lease_name,
             )

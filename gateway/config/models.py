@@ -202,6 +202,12 @@ class HttpSettings(_Model):
     """A handshake-era session with no request in flight for this long is closed (and its end recorded)."""
     oauth: OAuthSettings | None = None
     """Accept access tokens from an OAuth authorization server (`[gateway.http.oauth]`)."""
+    tls_certificate: Path | None = None
+    """PEM certificate (chain) to serve HTTPS with, relative to this file; with `tls_key`, or neither."""
+    tls_key: Path | None = None
+    """PEM private key (unencrypted) of `tls_certificate`, relative to this file."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or networks (`"10.0.0.0/8"`) of the proxies whose `Forwarded` / `X-Forwarded-For` names the client."""
 
     @field_validator("token")
     @classmethod
@@ -209,6 +215,28 @@ class HttpSettings(_Model):
         if value is not None and len(value) < MIN_TOKEN_LENGTH:
             raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} characters (an empty or short token guards nothing)")
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for value in values:
+            try:
+                network = ipaddress.ip_network(value)
+            except ValueError:
+                try:
+                    meant = ipaddress.ip_network(value, strict=False)
+                except ValueError:
+                    raise ValueError(f"{value!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+                raise ValueError(f"{value!r} has host bits set (the network is {meant})") from None
+            if network.prefixlen == 0:
+                raise ValueError(f"{value!r} trusts every address: any client could choose the address recorded")
+        return values
+
+    @model_validator(mode="after")
+    def _both_tls_files(self) -> Self:
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise ValueError("give both tls_certificate and tls_key (HTTPS), or neither")
+        return self
 
 
 class GatewaySettings(_Model):

@@ -372,9 +372,10 @@ class Gateway:
         client_name: str,
         client_version: str,
         principal: Principal | None = None,
+        address: str = "",
     ) -> SessionInfo:
         """One downstream connection (noted in the audit log the first time it is seen), with the principal
-        the transport authenticated, if any."""
+        the transport authenticated, if any, and the client's address where the transport has one."""
         session = SessionInfo(
             session_id,
             self.transport,
@@ -383,6 +384,7 @@ class Gateway:
             client_version,
             principal.name if principal is not None else "",
             principal.attributes if principal is not None else frozenset(),
+            address,
         )
         self.sessions.note(session)
         return session

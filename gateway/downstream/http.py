@@ -12,8 +12,9 @@ closed by the SDK (its id then answers 404) and its end recorded; SIGTERM or SIG
 in order (open requests get `STOP_REQUESTS_GRACE` to finish), and the gateway then records the end
 of every session still open.
 
-HTTP binds 127.0.0.1 unless told otherwise and checks `Host` and `Origin` against the bound address
-(DNS-rebinding protection); the socket and the guards in front of the app are
+HTTP binds 127.0.0.1 unless told otherwise, serves HTTPS with `[gateway.http] tls_certificate` and
+`tls_key`, and checks `Host` and `Origin` against the bound address (DNS-rebinding protection); the
+socket, the TLS files, the client's address and the guards in front of the app are
 `gateway.downstream.http_edge`'s.
 """
 
@@ -24,6 +25,7 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any, get_args
 
 import anyio
@@ -55,10 +57,12 @@ from gateway.core.requests import RELAYED, Caller, Request, relay_for
 from gateway.downstream.http_edge import (
     LOOPBACK_NAMES,
     Authenticate,
+    ClientAddress,
     MessageGuard,
     SessionOwners,
     StoppingInOrder,
     UntilPrincipals,
+    address_of,
     host_patterns,
     is_loopback,
     listening_socket,
@@ -184,7 +188,8 @@ class GatewayServer(Server[Any]):
         if ctx.request is not None and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
             header = ctx.request.headers.get("mcp-session-id")
         session_id = header or principal_session(principal)
-        return self.gateway.session_info(session_id, ctx.protocol_version, name, version, principal)
+        address = address_of(ctx.request.scope) if ctx.request is not None else ""
+        return self.gateway.session_info(session_id, ctx.protocol_version, name, version, principal, address)
 
     async def _dispatch(self, method: str, ctx: Context, params: Any) -> dict[str, Any]:
         return await self.dispatcher.dispatch(Request(self._caller(ctx), method, ctx.params, params))
@@ -260,27 +265,41 @@ async def _list_changes_only(
 
 
 async def serve_streamable_http(
-    gateway: Gateway, config: Config, host: str, port: int, principals: LocalTokens | None = None
+    gateway: Gateway,
+    config: Config,
+    host: str,
+    port: int,
+    principals: LocalTokens | None = None,
+    *,
+    tls: tuple[Path, Path] | None,
 ) -> None:
-    """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port). Requests
-    must authenticate when `[gateway.http] token` is set or the principals store names anyone (from the
-    first principal added on, with the gateway running)."""
+    """Serve streamable HTTP at http://HOST:PORT/mcp, or https:// with `tls` (the certificate and key files
+    `http_edge.tls_files` checked), until cancelled (port 0 picks a free port). Requests must authenticate
+    when `[gateway.http] token` or `oauth` is set or the principals store names anyone (from the first
+    principal added on, with the gateway running)."""
     settings = config.gateway.http
+    scheme = "https" if tls is not None else "http"
     local = (
         principals if principals is not None else LocalTokens.open(config.principals_path)
     )  # one that cannot be read stops start-up
-    if not is_loopback(host) and settings.token is None and settings.oauth is None and not local.holds_principals():
+    credentials = settings.token is not None or settings.oauth is not None or local.holds_principals()
+    if not is_loopback(host) and not credentials:
         logger.warning(
             "serving on %s without [gateway.http] token or any principal (`mcp-armor principal add`): "
             "anyone who can reach it can use every tool",
             host,
         )
+    elif not is_loopback(host) and tls is None:
+        logger.warning(
+            "serving on %s without TLS ([gateway.http] tls_certificate): bearer tokens travel in clear text", host
+        )
     with listening_socket(host, port) as sock:
         port = sock.getsockname()[1]
+        origins = [f"{scheme}://{pattern}" for pattern in host_patterns(host, port)] if tls is not None else []
         security = TransportSecuritySettings(
             enable_dns_rebinding_protection=True,
             allowed_hosts=[*host_patterns(host, port), *settings.allowed_hosts],
-            allowed_origins=[*(f"http://{name}:*" for name in LOOPBACK_NAMES), *settings.allowed_origins],
+            allowed_origins=[*(f"http://{name}:*" for name in LOOPBACK_NAMES), *origins, *settings.allowed_origins],
         )
         limit = config.gateway.max_message_size
         front = GatewayServer(gateway)
@@ -305,11 +324,22 @@ async def serve_streamable_http(
         app = guarded if configured else UntilPrincipals(app, guarded, local)
         if oauth is not None:
             app = ResourceMetadata(app, oauth, security)  # before authentication: it tells where tokens come from
+        # The client's address is settled in one place, `ClientAddress`: uvicorn's own reading of
+        # X-Forwarded-For (on by default, for loopback peers) is off.
+        app = ClientAddress(app, settings.trusted_proxies)
         server = StoppingInOrder(
-            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=STOP_REQUESTS_GRACE)
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                lifespan="on",
+                timeout_graceful_shutdown=STOP_REQUESTS_GRACE,
+                proxy_headers=False,
+                ssl_certfile=tls[0] if tls is not None else None,
+                ssl_keyfile=tls[1] if tls is not None else None,
+            )
         )
         async with anyio.create_task_group() as tg:
             await tg.start(gateway.run)
-            logger.info("serving streamable HTTP at http://%s:%d/mcp", host, port)
+            logger.info("serving streamable HTTP at %s://%s:%d/mcp", scheme, host, port)
             await server.serve(sockets=[sock])
             tg.cancel_scope.cancel()

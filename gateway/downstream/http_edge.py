@@ -9,7 +9,10 @@ starts requiring it once a principal is added. `SessionOwners` keeps each handsh
 the principal that opened it.
 `MessageGuard` reads each POSTed message as the stdio face reads a line: over `[gateway]
 max_message_size` it is answered 413, and malformed JSON-RPC (or numbers JSON cannot carry) is
-answered with the error JSON-RPC names, before the SDK sees it.
+answered with the error JSON-RPC names, before the SDK sees it; so is a message whose routing headers
+(`Mcp-Method`, `Mcp-Name`) say something other than its body, in either era.
+`ClientAddress` is the one place the client's address is settled (uvicorn's own proxy handling is off):
+the TCP peer, or, when that peer is one of `[gateway.http] trusted_proxies`, the address it forwards.
 """
 
 from __future__ import annotations
@@ -20,18 +23,30 @@ import json
 import logging
 import signal
 import socket
+import ssl
+import stat
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
+from mcp.shared.inbound import (
+    MCP_METHOD_HEADER,
+    MCP_NAME_HEADER,
+    NAME_BEARING_METHODS,
+    decode_header_value,
+    find_duplicated_routing_header,
+)
+from mcp_types import HEADER_MISMATCH
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.config.models import Config
 from gateway.core.sessions import Sessions
 from gateway.downstream.messages import Unreadable, read_message
 from gateway.downstream.shutdown import stopping
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError
 from gateway.policy.nesting import MAX_NESTING, cut_below, nests_deeper
 from gateway.principals import SCOPE_KEY, Authenticator, Unauthenticated, principal_in
 from gateway.principals.store import LocalTokens
@@ -77,6 +92,136 @@ def host_patterns(host: str, port: int) -> list[str]:
     if is_loopback(host):
         return [f"{name}:{port}" for name in LOOPBACK_NAMES]
     return [f"{host}:{port}"]
+
+
+def tls_files(config: Config) -> tuple[Path, Path] | None:
+    """The certificate and key `[gateway.http]` serves HTTPS with, checked as the server will load them,
+    or `None` for plain HTTP; `ConfigError` naming the key and file for one that cannot serve."""
+    settings = config.gateway.http
+    if settings.tls_certificate is None or settings.tls_key is None:
+        return None
+    certificate, key = config.directory / settings.tls_certificate, config.directory / settings.tls_key
+    where = f"{config.path}: [gateway.http]"
+    for name, path in (("tls_certificate", certificate), ("tls_key", key)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{where} {name}: cannot read {path}: {exc.strerror or exc}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=certificate)
+    except (ssl.SSLError, ValueError):
+        raise ConfigError(f"{where} tls_certificate: {certificate} holds no PEM certificate") from None
+    try:
+        # A password callback that gives none: an encrypted key fails here instead of prompting on a terminal.
+        context.load_cert_chain(certificate, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"{where} tls_key: {key} is not the key of the certificate {certificate}") from None
+        raise ConfigError(f"{where} tls_key: {key} is not an unencrypted PEM private key") from None
+    mode = key.stat().st_mode
+    if mode & 0o077:
+        # Warned, not refused: orchestrators mount secrets readable by the group (Kubernetes: 0644) by
+        # default, where the container's user is the only one; on a shared host, it is the owner's to fix.
+        logger.warning(
+            "%s tls_key: %s can be read by others (mode %o); make it its owner's only (chmod 600)",
+            where,
+            key,
+            stat.S_IMODE(mode),
+        )
+    return certificate, key
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def address_of(scope: Scope) -> str:
+    """The client's address as `ClientAddress` settled it ("" when the server could not tell)."""
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+class ClientAddress:
+    """ASGI middleware: `scope["client"]` becomes the client's address. That is the TCP peer's, unless the
+    peer is a trusted proxy: then the right-most address its forwarding header names that is not itself a
+    trusted proxy (addresses left of it were written by whoever sent the request, and prove nothing).
+
+    A request from a trusted proxy carrying both `Forwarded` and `X-Forwarded-For` is recorded as the
+    proxy's: which one the proxy wrote cannot be told, and the other is the client's to choose. An
+    unreadable hop ends the walk at the last trusted one."""
+
+    def __init__(self, app: ASGIApp, trusted_proxies: Sequence[str]) -> None:
+        self._app = app
+        self._trusted = tuple(ipaddress.ip_network(value) for value in trusted_proxies)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope = {**scope, "client": self._client(scope)}
+        await self._app(scope, receive, send)
+
+    def _trusts(self, address: IPAddress) -> bool:
+        return any(address in network for network in self._trusted)
+
+    def _client(self, scope: Scope) -> tuple[str, int] | None:
+        peer = scope.get("client")
+        if not peer:
+            return None
+        address = _address(str(peer[0]))
+        if address is None or not self._trusts(address):
+            return (str(address or peer[0]), peer[1])
+        forwarded = [value for key, value in scope["headers"] if key == b"forwarded"]
+        listed = [value for key, value in scope["headers"] if key == b"x-forwarded-for"]
+        if forwarded and listed:
+            logger.warning(
+                "a request through the trusted proxy %s carries both Forwarded and X-Forwarded-For; "
+                "recorded as the proxy's (which one the proxy wrote cannot be told)",
+                address,
+            )
+            return (str(address), peer[1])
+        hops = _forwarded_for(forwarded) if forwarded else [_address(hop) for hop in _items(listed)]
+        client = address
+        for hop in reversed(hops):
+            if hop is None:
+                break
+            client = hop
+            if not self._trusts(hop):
+                break
+        return (str(client), peer[1] if client == address else 0)
+
+
+def _items(values: list[bytes]) -> list[str]:
+    """The comma-separated items of every copy of a header, in order."""
+    return [item for value in values for item in value.decode("latin-1").split(",")]
+
+
+def _forwarded_for(values: list[bytes]) -> list[IPAddress | None]:
+    """The `for=` of each element of `Forwarded` (RFC 7239), `None` where an element has none readable."""
+    hops: list[IPAddress | None] = []
+    for element in _items(values):
+        pairs = (pair.partition("=") for pair in element.split(";"))
+        found = [value for key, _, value in pairs if key.strip().lower() == "for"]
+        hops.append(_address(found[0]) if len(found) == 1 else None)
+    return hops
+
+
+def _address(text: str) -> IPAddress | None:
+    """An address as a forwarding header or the server writes it (`"[2001:db8::1]:4711"`, `192.0.2.1:80`),
+    or `None` (`unknown`, an obfuscated name, garbage). An IPv4 address mapped into IPv6 reads as IPv4."""
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        text, bracket, _ = text[1:].partition("]")
+        if not bracket:
+            return None
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 class SessionOwners:
@@ -162,7 +307,7 @@ class Authenticate:
                         return
             except Unauthenticated as refused:
                 why = str(refused)
-                logger.warning("an HTTP request was refused: %s", why)
+        logger.warning("an HTTP request from %s was refused: %s", address_of(scope) or "an unknown address", why)
         error = "invalid_token" if credential else "unauthorized"
         body = json.dumps({"error": error, "error_description": why}).encode()
         challenge = self._challenge + (', error="invalid_token"' if credential else "")
@@ -217,9 +362,19 @@ class MessageGuard:
         message = read_message(body, self._limit)
         if isinstance(message, Unreadable):
             error = message.error or {"code": -32602, "message": f"Invalid request parameters: {message.why}"}
-            logger.warning("an HTTP client sent %s; answered with error %s", message.why, error["code"])
+            logger.warning(
+                "an HTTP client at %s sent %s; answered with error %s", address_of(scope), message.why, error["code"]
+            )
             status = 413 if isinstance(body, Oversize) else 400
             await _answer(send, status, {"jsonrpc": "2.0", "id": message.id, "error": error})
+            return
+        misrouted = _misrouted(scope["headers"], message)
+        if misrouted is not None:
+            logger.warning(
+                "an HTTP client at %s sent %s; answered with error %s", address_of(scope), misrouted, HEADER_MISMATCH
+            )
+            error = {"code": HEADER_MISMATCH, "message": f"Header mismatch: {misrouted}"}
+            await _answer(send, 400, {"jsonrpc": "2.0", "id": message.get("id"), "error": error})
             return
         assert isinstance(body, bytes)
         cut = _cut_deep_arguments(message, body)
@@ -260,6 +415,30 @@ class MessageGuard:
         if size > self._limit:
             return Oversize(size, parts[0][:KEPT] if parts else b"", b"")
         return b"".join(parts)
+
+
+def _misrouted(headers: Sequence[tuple[bytes, bytes]], message: dict[str, Any]) -> str | None:
+    """What is wrong with the message's routing headers, if anything: `Mcp-Method` must name the body's
+    method and `Mcp-Name` the tool, prompt or resource it names, and neither may come twice. Whoever routes
+    or filters on them in front of the gateway must see what the gateway serves. Present, they are checked
+    in either era; a 2026-07-28 request without them is refused by the SDK, which requires them."""
+    named = [(key.decode("latin-1"), value.decode("latin-1")) for key, value in headers]
+    duplicated = find_duplicated_routing_header(named)
+    if duplicated is not None:
+        return f"the {duplicated} header appears more than once"
+    method = message.get("method")
+    if method is None:  # a response to the gateway's own request: nothing routes on it
+        return None
+    given = dict(named)
+    if MCP_METHOD_HEADER in given and given[MCP_METHOD_HEADER] != method:
+        return f"the {MCP_METHOD_HEADER} header does not name the body's method"
+    key = NAME_BEARING_METHODS.get(method)
+    params = message.get("params")
+    if key is not None and MCP_NAME_HEADER in given:
+        value = params.get(key) if isinstance(params, dict) else None
+        if decode_header_value(given[MCP_NAME_HEADER]) != value:
+            return f"the {MCP_NAME_HEADER} header does not name the body's params.{key}"
+    return None
 
 
 def _cut_deep_arguments(message: dict[str, Any], body: bytes) -> bytes:

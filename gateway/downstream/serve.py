@@ -40,15 +40,17 @@ async def serve_stdio(config: Config) -> None:
 
 
 async def serve_http(config: Config, host: str, port: int) -> None:
-    """Serve streamable HTTP at http://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
+    """Serve streamable HTTP at http(s)://HOST:PORT/mcp until cancelled (port 0 picks a free port)."""
     if config.token_unset is not None:  # never serve unguarded what the file meant to guard
         raise ConfigError(config.token_unset)
     from gateway.downstream.http import serve_streamable_http  # the SDK and its web stack load only for HTTP
+    from gateway.downstream.http_edge import tls_files
     from gateway.principals.store import LocalTokens
 
+    tls = tls_files(config)  # files that cannot serve stop the start here, before anything opens
     principals = LocalTokens.open(config.principals_path)  # one that cannot be read stops start-up, as a line
     async with gateway_for(config, transport="http") as gateway:
-        await serve_streamable_http(gateway, config, host, port, principals)
+        await serve_streamable_http(gateway, config, host, port, principals, tls=tls)
 
 
 @asynccontextmanager
