@@ -4,6 +4,7 @@ recorded, never served on another's connection; the agent's own token never reac
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import AsyncIterator
@@ -25,7 +26,8 @@ from gateway.core.gateway import Gateway
 from gateway.core.requests import Caller, Request
 from gateway.downstream.http_edge import listening_socket
 from gateway.downstream.serve import gateway_for
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, ProtocolError
+from gateway.upstream import pool
 from tests.conftest import events, fixture_upstream, http_gateway, text_of, write_config
 
 pytestmark = pytest.mark.anyio
@@ -239,6 +241,21 @@ async def test_each_principals_process_ends_when_the_gateway_shuts_down(whoami_c
     assert not any(_alive(pid) for pid in pids)  # stopped (and waited for) as the gateway shut down
 
 
+async def test_a_principals_idle_process_is_closed_and_its_next_call_starts_another(
+    whoami_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool, "PRINCIPAL_IDLE", 0.2)
+    async with _serving(whoami_config) as gateway:
+        first = _seen(await _call(gateway, "alice"))["pid"]
+        with anyio.fail_after(10):
+            for _ in itertools.count():  # an external process: polled, under the deadline
+                if not _alive(first):
+                    break
+                await anyio.sleep(0.05)
+        second = _seen(await _call(gateway, "alice"))
+    assert second["pid"] != first and second["env"]["UPSTREAM_TOKEN"] == "alice-secret"
+
+
 # ---- a URL upstream that records what it receives ----------------------------------------------
 
 
@@ -346,3 +363,68 @@ async def test_over_http_the_shared_token_principal_runs_with_its_own_table_and_
     assert seen == {"authorization": "Bearer upstream-credential", "x-on-behalf-of": "token"}
     assert recording.requests and all(TOKEN not in json.dumps(headers) for _, headers in recording.requests)
     assert os.environ["TEAM_UPSTREAM_TOKEN"] == "upstream-credential"
+
+
+# ---- reads, gets, completions and subscriptions ---------------------------------------------------
+
+NOTES = "chatty://files/notes.txt"
+
+
+def _recorded(path: Path) -> list[tuple[str, Any]]:
+    if not path.exists():
+        return []
+    return [(line["method"], line["params"]) for line in map(json.loads, path.read_text().splitlines())]
+
+
+async def test_reads_gets_completions_and_subscriptions_follow_the_callers_own_connection(
+    tmp_path: Path,
+) -> None:
+    record = {name: tmp_path / f"{name}.jsonl" for name in ("alice", "bob")}
+    principals = {name: {"env": {"CHATTY_RECORD": str(path)}} for name, path in record.items()}
+    config = write_config(tmp_path, {"chatty": {**fixture_upstream("chatty.py"), "principals": principals}})
+    updates: dict[str, list[str]] = {"alice": [], "bob": []}
+
+    async def ask(principal: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        async def updated(uri: str) -> None:
+            updates[principal].append(uri)
+
+        session = SessionInfo(f"session-of-{principal or 'nobody'}", "http", "2025-11-25", principal=principal)
+        caller = Caller(session, modern=False, can_elicit=False, updated=updated)
+        with anyio.fail_after(30):
+            return await gateway.dispatcher.dispatch(Request(caller, method, params))
+
+    prompt = {"name": "chatty__open", "arguments": {"file": "notes.txt"}}
+    completion = {"ref": {"type": "ref/prompt", "name": "chatty__open"}, "argument": {"name": "file", "value": "n"}}
+    async with _serving(config) as gateway:
+        for method, params in [
+            ("resources/read", {"uri": NOTES}),
+            ("prompts/get", prompt),
+            ("completion/complete", completion),
+            ("resources/subscribe", {"uri": NOTES}),
+        ]:
+            for stranger in ("", "carol"):
+                with pytest.raises(ProtocolError) as refused:
+                    await ask(stranger, method, params)
+                assert "credentials" in refused.value.message
+        assert (await ask("alice", "resources/read", {"uri": NOTES}))["contents"][0]["text"] == f"contents of {NOTES}"
+        assert (await ask("alice", "prompts/get", prompt))["messages"][0]["content"]["text"] == "Open notes.txt"
+        assert (await ask("alice", "completion/complete", completion))["completion"]["values"] == [
+            "notes.txt",
+            "naughty.txt",
+            "news.txt",
+        ]
+        for principal in ("alice", "bob"):
+            await ask(principal, "resources/subscribe", {"uri": NOTES})
+        touched = await ask("alice", "tools/call", {"name": "chatty__touch", "arguments": {"uri": NOTES}})
+        assert touched["content"][0]["text"] == f"touched {NOTES}"
+        # An answer goes after the notices its upstream sent before it: the update has been handed on.
+        assert updates == {"alice": [NOTES], "bob": []}  # alice's connection's update reached her session alone
+        await ask("alice", "resources/unsubscribe", {"uri": NOTES})
+    assert [method for method, _ in _recorded(record["alice"])] == [
+        "completion/complete",
+        "resources/subscribe",
+        "resources/unsubscribe",
+    ]
+    assert _recorded(record["bob"]) == [("resources/subscribe", {"uri": NOTES})]  # bob still follows it
+    refusals = [e for e in events(tmp_path) if e["kind"] == "decision" and e.get("stage") == "credentials"]
+    assert len(refusals) == 8
