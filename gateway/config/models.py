@@ -295,7 +295,10 @@ class UpstreamSpec(_Model):
         def named(values: Mapping[str, str]) -> dict[str, str]:
             return {key: value.replace(PRINCIPAL_MARK, principal) for key, value in values.items()}
 
-        update = {"headers": named({**self.headers, **own.headers}), "env": named({**self.env, **own.env})}
+        # Header names are case-insensitive: the principal's replaces the upstream's however either is spelt.
+        replaced = {key.lower() for key in own.headers}
+        headers = {key: value for key, value in self.headers.items() if key.lower() not in replaced}
+        update = {"headers": named({**headers, **own.headers}), "env": named({**self.env, **own.env})}
         return self.model_copy(update={**update, "principals": {}})
 
     def for_catalogue(self) -> UpstreamSpec:

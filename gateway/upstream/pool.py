@@ -307,15 +307,21 @@ class UpstreamPool:
                     if opened.calls == 0 and anyio.current_time() - opened.used >= PRINCIPAL_IDLE:
                         logger.info("upstream '%s' for principal '%s' idle: closed", upstream.name, principal)
                         break
+                # Retired before it closes (which takes a while): the principal's next call opens another.
+                self._retire(upstream.name, principal, opened)
         except Exception as exc:  # one principal's connection failing never takes the others down
             opened.error = describe_failure(exc)
             logger.warning("upstream '%s' for principal '%s': %s", upstream.name, principal, opened.error)
         finally:
-            opened.ended = True
-            opened.session = None
-            opened.ready.set()
-            if self._opened.get((upstream.name, principal)) is opened:
-                del self._opened[(upstream.name, principal)]
+            self._retire(upstream.name, principal, opened)
+
+    def _retire(self, upstream: str, principal: str, opened: _Opened) -> None:
+        """`principal`'s connection to `upstream` serves no more calls."""
+        opened.ended = True
+        opened.session = None
+        opened.ready.set()
+        if self._opened.get((upstream, principal)) is opened:
+            del self._opened[(upstream, principal)]
 
     def _answerer(self, key: Connection) -> RequestHandler:
         async def answer(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:

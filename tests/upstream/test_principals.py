@@ -112,6 +112,18 @@ def test_an_upstream_with_principal_tables_refuses_callers_without_one_unless_it
     assert not shared.per_principal and shared.refusal("") is None
 
 
+def test_a_principals_header_replaces_the_upstreams_however_either_spells_its_name() -> None:
+    table = {
+        "url": "https://x.example/mcp",
+        "headers": {"authorization": "Bearer listing", "X-Org": "acme"},
+        "principals": {"alice": {"headers": {"AUTHORIZATION": "Bearer alice"}}},
+    }
+    assert _parse({"gh": table}).upstreams["gh"].for_principal("alice").headers == {
+        "X-Org": "acme",
+        "AUTHORIZATION": "Bearer alice",
+    }
+
+
 def test_a_variable_whose_value_is_the_principal_reference_is_not_taken_for_it() -> None:
     config = _parse(
         {
