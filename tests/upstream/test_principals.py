@@ -268,6 +268,21 @@ async def test_a_principals_idle_process_is_closed_and_its_next_call_starts_anot
     assert second["pid"] != first and second["env"]["UPSTREAM_TOKEN"] == "alice-secret"
 
 
+async def test_a_principals_connection_listing_otherwise_is_logged_and_its_calls_follow_the_catalogue(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    principals = {"alice": {"env": {"WHOAMI_EXTRA": "1"}}}
+    config = write_config(tmp_path, {"who": {**fixture_upstream("whoami.py"), "principals": principals}})
+    async with _serving(config) as gateway:
+        assert _seen(await _call(gateway, "alice"))["pid"]
+        with pytest.raises(ProtocolError, match="Unknown tool: who__extra"):  # not in the catalogue
+            await _call(gateway, "alice", "who__extra")
+    assert (
+        "upstream 'who' lists other definitions for principal 'alice' than it is listed with; its calls follow "
+        "the catalogue's"
+    ) in caplog.text
+
+
 # ---- a URL upstream that records what it receives ----------------------------------------------
 
 
