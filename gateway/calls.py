@@ -237,6 +237,8 @@ class Outcome:
     """The call as the policy stage left it (its decision, and the person's answer): the policy stage
     sets it on every outcome it returns, so the audit's outer stage learns what was decided; `None`
     for an outcome that never passed through the policy stage."""
+    stage: str = ""
+    """Which stage refused a call before the policy decided it (recorded with the refusal); "": the input schema."""
 
     @classmethod
     def completed(cls, result: Mapping[str, Any]) -> Outcome:

@@ -9,7 +9,8 @@
      ├── UpstreamError            an upstream server could not serve a request (names the upstream)
      │    ├── UpstreamUnavailable not connected, failed to start, or died
      │    ├── UpstreamTimeout     no answer within the upstream's timeout
-     │    └── UpstreamFault       answered, but with a JSON-RPC error or a malformed result
+     │    ├── UpstreamFault       answered, but with a JSON-RPC error or a malformed result
+     │    └── NoCredentials       served per principal, and it has no values for this caller
      ├── AuditError               the audit log cannot be opened, written or read
      │    ├── NoLogYet             no audit log at the path (yet)
      │    └── EmptyLog             the file at the path holds no audit log
@@ -111,6 +112,11 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamFault(UpstreamError):
     """The upstream answered with a JSON-RPC error or a result that breaks the protocol."""
+
+
+class NoCredentials(UpstreamError):
+    """The upstream runs each principal's calls with that principal's own values, and has none for this
+    caller (unauthenticated, or a principal without a table): the call is refused, never run on another's."""
 
 
 class AuditError(GatewayError):

@@ -163,8 +163,9 @@ class CallAudit:
         if recorded is not None:
             redaction = recorded[1]
         else:
-            # No policy decision: the tool's own input schema (checked first) refused the arguments.
-            stage = "policy" if decision is not None else "input-schema"
+            # No policy decision: the tool's own input schema (checked first) refused the arguments, or
+            # another stage before the policy did (it says which).
+            stage = "policy" if decision is not None else (outcome.stage or "input-schema")
             decision = decision or Decision(Effect.DENY, outcome.reason, self.engine.policies.revision)
             body, redaction = decision_event(call, decision, self.recorder, self.engine, refusal=outcome, stage=stage)
             events.append(body)

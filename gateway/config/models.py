@@ -33,12 +33,13 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.config.environment import Passing
+from gateway.config.environment import Passing, passed_by_default
 from gateway.config.source import (
     DEFAULT_STATE,
     ENV_NAME,
     MIN_TOKEN_LENGTH,
     PASS_ENV_ENTRY,
+    PRINCIPAL_MARK,
     UPSTREAM_NAME,
     location,
     log_directory,
@@ -47,6 +48,7 @@ from gateway.config.source import (
     placement,
     read_toml,
     read_variables,
+    variables,
 )
 from gateway.errors import ConfigError
 
@@ -289,6 +291,29 @@ class GatewaySettings(_Model):
         return value
 
 
+_GLOB = frozenset("*?[")
+MAX_PRINCIPAL_NAME = 256
+
+
+def _principal_name(name: str) -> str:
+    """A principal table's name: the one principal it is for, as the gateway authenticates it."""
+    if not name or len(name) > MAX_PRINCIPAL_NAME:
+        raise ValueError(f"principals: {name!r} is not a principal's name (1 to {MAX_PRINCIPAL_NAME} characters)")
+    if not name.isprintable():
+        raise ValueError(f"principals: {name!r} holds a control character, which no principal's name does")
+    if _GLOB & set(name):
+        raise ValueError(f"principals: {name!r}: a table is for one principal, named exactly (not a glob)")
+    return name
+
+
+class PrincipalCredentials(_Model):
+    """`[upstreams.NAME.principals.PRINCIPAL]`: what one principal's calls to the upstream run with, over
+    (and instead of) the upstream's own `headers` (a URL upstream) or `env` (a command upstream)."""
+
+    headers: Mapping[str, StrictStr] = Field(default_factory=dict)
+    env: Mapping[str, StrictStr] = Field(default_factory=dict)
+
+
 class UpstreamSpec(_Model):
     """`[upstreams.NAME]`: one upstream MCP server, reached over stdio (`command`) or HTTP (`url`)."""
 
@@ -309,6 +334,10 @@ class UpstreamSpec(_Model):
     """This upstream's pinning mode; `[gateway] pinning` when unset."""
     pass_env: PassEnv = ()
     """What this command upstream inherits besides the default variables and `[gateway] pass_env`."""
+    principals: Mapping[str, PrincipalCredentials] = Field(default_factory=dict)
+    """Per principal, the `headers` or `env` its calls run with: the upstream is then served per principal
+    (`per_principal`), and a principal without a table is refused unless the upstream's own values name
+    the caller (`${principal.name}`)."""
     unavailable: str | None = None
     """Set by the reading, never written: why the upstream cannot be started (a variable its table
     takes is not set). Its values are then unknown: only the table's shape is checked."""
@@ -339,7 +368,72 @@ class UpstreamSpec(_Model):
         for key in self.env:
             if not ENV_NAME.match(key):
                 raise ValueError(f"env: {key!r} is not a valid environment variable name")
+        for principal, own in self.principals.items():
+            _principal_name(principal)
+            if self.url is not None and own.env:
+                raise ValueError(f"principals.{principal}.env: applies to 'command' upstreams; give 'headers'")
+            if self.command is not None and own.headers:
+                raise ValueError(f"principals.{principal}.headers: apply to 'url' upstreams; give 'env'")
+            for key in own.env:
+                if not ENV_NAME.match(key):
+                    raise ValueError(f"principals.{principal}.env: {key!r} is not a valid environment variable name")
         return self
+
+    @property
+    def names_principal(self) -> bool:
+        """Whether the upstream's own `headers` or `env` name the calling principal (`${principal.name}`)."""
+        return any(PRINCIPAL_MARK in value for value in (*self.headers.values(), *self.env.values()))
+
+    @property
+    def per_principal(self) -> bool:
+        """Whether each principal's calls run on a connection (or process) of their own, with their values."""
+        return bool(self.principals) or self.names_principal
+
+    def refusal(self, principal: str) -> str | None:
+        """Why a call of `principal` ("": an unauthenticated caller) cannot run on this upstream; `None`
+        when it can. A per-principal upstream never runs a call on another principal's (or a shared)
+        connection: a caller it has no values for is refused."""
+        if not self.per_principal:
+            return None
+        if not principal:
+            return (
+                f"upstream '{self.name}' runs each call with the calling principal's own credentials, and this "
+                "caller is not authenticated as a principal"
+            )
+        if principal not in self.principals and not self.names_principal:
+            return (
+                f"upstream '{self.name}' has no credentials for principal '{principal}' "
+                f"(no [upstreams.{self.name}.principals.{principal}] table)"
+            )
+        if not principal.isprintable():
+            return f"upstream '{self.name}' cannot carry the name of principal {principal!r} (a control character)"
+        return None
+
+    def for_principal(self, principal: str) -> UpstreamSpec:
+        """The upstream as `principal`'s calls run it: its own values, then the principal's table over them,
+        `${principal.name}` read as the principal's name."""
+        own = self.principals.get(principal, PrincipalCredentials())
+
+        def named(values: Mapping[str, str]) -> dict[str, str]:
+            return {key: value.replace(PRINCIPAL_MARK, principal) for key, value in values.items()}
+
+        # Header names are case-insensitive: the principal's replaces the upstream's however either is spelt.
+        replaced = {key.lower() for key in own.headers}
+        headers = {key: value for key, value in self.headers.items() if key.lower() not in replaced}
+        update = {"headers": named({**headers, **own.headers}), "env": named({**self.env, **own.env})}
+        return self.model_copy(update={**update, "principals": {}})
+
+    def for_catalogue(self) -> UpstreamSpec:
+        """The upstream as it is listed: its own values, those naming the principal left out (no principal
+        calls it), and no principal's table."""
+        if not self.per_principal:
+            return self
+
+        def unnamed(values: Mapping[str, str]) -> dict[str, str]:
+            return {key: value for key, value in values.items() if PRINCIPAL_MARK not in value}
+
+        update = {"headers": unnamed(self.headers), "env": unnamed(self.env), "principals": {}}
+        return self.model_copy(update=update)
 
     @property
     def transport(self) -> str:
@@ -357,6 +451,9 @@ class Config(_Model):
     upstream_variables: Mapping[str, frozenset[str]] = Field(default_factory=dict)
     """Set by the reading: the variables each upstream's table takes, passed to no other upstream unless
     it names one exactly in `pass_env`."""
+    principal_variables: Mapping[str, Mapping[str, frozenset[str]]] = Field(default_factory=dict)
+    """Set by the reading: per upstream, per principal table, the variables that table alone takes (its
+    principal's credentials), passed to no other principal's process of that upstream."""
     token_unset: str | None = None
     """Set by the reading: why `[gateway.http] token` is missing (its variable is not set), the line
     `serve --http` refuses to start with."""
@@ -409,10 +506,16 @@ class Config(_Model):
     def enabled_upstreams(self) -> list[UpstreamSpec]:
         return [spec for spec in self.upstreams.values() if spec.enabled]
 
-    def passing(self, upstream: str) -> Passing:
-        """Which of the gateway's environment variables a command upstream inherits."""
+    def passing(self, upstream: str, principal: str | None = None) -> Passing:
+        """Which of the gateway's environment variables a command upstream inherits: its process for
+        `principal` (`None`: the one it is listed with) never those only another principal's table takes."""
         names = (*self.gateway.pass_env, *self.upstreams[upstream].pass_env)
-        return passing_for(upstream, names, self.own_variables, self.upstream_variables)
+        passing = passing_for(upstream, names, self.own_variables, self.upstream_variables)
+        tables = self.principal_variables.get(upstream, {})
+        others = frozenset().union(*(taken for name, taken in tables.items() if name != principal))
+        theirs = others - tables.get(principal or "", frozenset()) if principal is not None else others
+        guarded = frozenset(name for name in theirs if not passed_by_default(name))
+        return passing._replace(guarded=passing.guarded | guarded) if guarded else passing
 
     def call_timeout(self, upstream: str) -> float:
         spec = self.upstreams[upstream]
@@ -426,7 +529,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     return parse_config(raw, path.resolve(), label=str(path), environ=os.environ if environ is None else environ)
 
 
-_READ_KEYS = ("own_variables", "token_unset", "upstream_variables")
+_READ_KEYS = ("own_variables", "principal_variables", "token_unset", "upstream_variables")
 """`Config` fields the reading sets, which the file may not."""
 
 
@@ -462,6 +565,7 @@ def parse_config(
                 "own_variables": reading.own_variables,
                 "token_unset": reading.token_unset,
                 "upstream_variables": reading.upstream_variables,
+                "principal_variables": _principal_variables(raw),
             }
         )
     except ValidationError as exc:
@@ -469,6 +573,18 @@ def parse_config(
     _check_names(config, label)
     _check_anchor(config, label)
     return _resolve_paths(config)
+
+
+def _principal_variables(raw: Mapping[str, Any]) -> dict[str, dict[str, frozenset[str]]]:
+    """Per upstream, per principal table, the variables that table takes and the upstream's own values do not."""
+    found: dict[str, dict[str, frozenset[str]]] = {}
+    upstreams = raw.get("upstreams")
+    for name, table in upstreams.items() if isinstance(upstreams, dict) else ():
+        tables = table.get("principals") if isinstance(table, dict) else None
+        if isinstance(tables, dict):
+            shared = variables({key: value for key, value in table.items() if key != "principals"})
+            found[name] = {principal: frozenset(variables(own)) - shared.keys() for principal, own in tables.items()}
+    return found
 
 
 def _check_anchor(config: Config, label: str) -> None:

@@ -33,6 +33,14 @@ TYPED_KEYS = ("enabled", "timeout", "pinning", "pass_env")
 """`[upstreams.NAME]` keys whose value is not free text: one that holds a variable that is not set is left
 out (the upstream is unavailable, so the value would never be used, and an empty one would not be valid)."""
 _VARIABLE = re.compile(r"\$\$\{|\$\{([^}]*?)(?::-([^}]*))?\}")
+PRINCIPAL_REFERENCE = "${principal.name}"
+"""Stands for the calling principal's name in an upstream's `headers` and `env` values. The dot makes it
+no environment variable's name (a reference to one is `${[A-Za-z_][A-Za-z0-9_]*}`), so it cannot shadow
+a variable of the gateway's environment, and a file written before it meant nothing else by it."""
+PRINCIPAL_MARK = "\x00principal.name\x00"
+"""What `PRINCIPAL_REFERENCE` reads as until a call names the principal: NUL cannot come from the
+environment, so a variable's value holding the reference's text is never taken for it."""
+_PRINCIPAL_NAME = PRINCIPAL_REFERENCE[2:-1]
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -63,6 +71,11 @@ def interpolate(
             name, default = match[1], match[2]
             if name is None:
                 return "${"
+            if name == _PRINCIPAL_NAME:
+                if default is None and _takes_principal(where):
+                    return PRINCIPAL_MARK
+                why = "takes no default" if default is not None else "is only taken in headers and env values"
+                raise ConfigError(f"{label}: {location(where)}: '{match[0]}' {why}")
             if not ENV_NAME.match(name):
                 raise ConfigError(f"{label}: {location(where)}: '{match[0]}' is not a valid variable reference")
             found = environ.get(name)
@@ -82,6 +95,14 @@ def interpolate(
     if isinstance(value, list):
         return [interpolate(item, (*where, str(index)), label, environ, unset) for index, item in enumerate(value)]
     return value
+
+
+def _takes_principal(where: tuple[str, ...]) -> bool:
+    """Whether a value at `where` may name the calling principal: an upstream's (or one of its principals')
+    `headers` or `env` value."""
+    if len(where) == 4 and where[0] == "upstreams":
+        return where[2] in ("headers", "env")
+    return len(where) == 6 and where[0] == "upstreams" and where[2] == "principals" and where[4] in ("headers", "env")
 
 
 class Reading(NamedTuple):
@@ -199,7 +220,9 @@ def variables(raw: Any) -> dict[str, bool]:
 def location(loc: tuple[str | int, ...]) -> str:
     """Render a key path as `[table.sub] key.rest`."""
     parts = [str(part) for part in loc]
-    if parts[:1] == ["upstreams"] and len(parts) >= 2:
+    if parts[:1] == ["upstreams"] and len(parts) >= 4 and parts[2] == "principals":
+        table, rest = parts[:4], parts[4:]
+    elif parts[:1] == ["upstreams"] and len(parts) >= 2:
         table, rest = parts[:2], parts[2:]
     elif parts[:3] == ["gateway", "http", "oauth"]:
         table, rest = parts[:3], parts[3:]
@@ -270,9 +293,11 @@ def early_starts(path: Path, environ: Mapping[str, str], *, serving_http: bool =
             and isinstance(command, str)
             and command
             and "url" not in table
+            and "principals" not in table  # served per principal: started on each principal's first call
             and _strings(args)
             and isinstance(env, dict)
             and _strings(list(env.values()))
+            and not any(PRINCIPAL_MARK in value for value in env.values())
             and isinstance(cwd, str | None)
             and _strings(own)
         ):

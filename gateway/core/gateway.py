@@ -77,7 +77,7 @@ class Gateway:
         self.audit = audit
         self.events = events
         self.sessions = Sessions(events, engine)
-        self.notices = Notices(engine, pool.set_log_level, pool.unsubscribe)
+        self.notices = Notices(engine, pool.set_log_level, pool.unsubscribe, pool.connection)
         """Log levels and resource subscriptions per session; what upstreams send on their own."""
         self.sessions.on_end.append(self.notices.forget)
         self.transport = transport
@@ -170,9 +170,14 @@ class Gateway:
         return await self.dispatcher.upstream_request(upstream, method, params, calls)
 
     async def upstream_notification(
-        self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]
+        self,
+        upstream: str,
+        method: str,
+        params: Mapping[str, Any],
+        calls: Sequence[ToolCall],
+        principal: str | None = None,
     ) -> None:
-        await self.notices.relay(upstream, method, params, calls)
+        await self.notices.relay(upstream, method, params, calls, principal)
 
     async def catalog_changed(self, catalog: Catalog) -> None:
         """Tell every downstream peer what changed: notifications (handshake era) and listen streams (2026)."""

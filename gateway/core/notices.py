@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -67,8 +67,17 @@ def requested_log_level(params: Mapping[str, Any] | None) -> str | None:
 
 
 Updated = Callable[[str], Awaitable[None]]
-Unsubscribe = Callable[[str, str], Awaitable[None]]
-"""Withdraws the gateway's subscription to a URI (as the upstream spelt it) at an upstream."""
+Unsubscribe = Callable[[str, str, str], Awaitable[None]]
+"""Withdraws the gateway's subscription to a URI (as the upstream spelt it) at an upstream, on the
+connection a principal's calls run on."""
+ConnectionOf = Callable[[str, str], tuple[str, str | None]]
+"""The connection a principal's calls to an upstream run on (`UpstreamPool.connection`)."""
+
+
+def _shared(upstream: str, principal: str) -> tuple[str, str | None]:
+    return (upstream, None)
+
+
 SetLevel = Callable[[str], Awaitable[None]]
 """Asks every upstream for log messages from this level up."""
 
@@ -109,10 +118,15 @@ class _Follower:
 class Notices:
     """Per session: its log level and its resource subscriptions; per upstream: what it was asked for."""
 
-    def __init__(self, engine: PolicyEngine, set_level: SetLevel, unsubscribe: Unsubscribe) -> None:
+    def __init__(
+        self, engine: PolicyEngine, set_level: SetLevel, unsubscribe: Unsubscribe, connection: ConnectionOf = _shared
+    ) -> None:
         self._engine = engine
         self._set_level = set_level
         self._unsubscribe = unsubscribe
+        self._connection = connection
+        """Which connection a session's subscription was made on: an upstream served per principal has one
+        per principal, and tells each only of its own principal's subscriptions."""
         self.levels: dict[str, str] = {}
         """Each handshake-era session's chosen level (`logging/setLevel`)."""
         self._asked: str | None = None
@@ -178,25 +192,42 @@ class Notices:
     async def _drop(self, key: tuple[str, str], session_id: str) -> None:
         followers = self._followers.get(key, {})
         follower = followers.pop(session_id, None)
-        if follower is None or followers:
+        if follower is None:
             return
-        del self._followers[key]
-        await self._withdraw(key[0], follower.forwarded)
+        if not followers:
+            del self._followers[key]
+        principal = follower.session.principal
+        if not self._on(key[0], principal, followers.values()):
+            await self._withdraw(key[0], follower.forwarded, principal)
 
-    async def _withdraw(self, upstream: str, forwarded: str) -> None:
+    def _on(self, upstream: str, principal: str | None, followers: Iterable[_Follower]) -> list[_Follower]:
+        """The followers whose subscription was made on the connection `principal`'s calls run on (`None`:
+        on the shared one, or the one an upstream served per principal is listed on)."""
+        connection = self._connection(upstream, principal) if principal is not None else (upstream, None)
+        return [f for f in followers if self._connection(upstream, f.session.principal) == connection]
+
+    async def _withdraw(self, upstream: str, forwarded: str, principal: str) -> None:
         try:
-            await self._unsubscribe(upstream, forwarded)
+            await self._unsubscribe(upstream, forwarded, principal)
         except Exception as exc:  # the upstream may be gone; its subscriptions went with it
             logger.info("unsubscribing '%s' from %s failed (%s)", upstream, forwarded, exc)
 
     # -- what upstreams send -------------------------------------------------------------------
 
-    async def relay(self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]) -> None:
-        """A notification `upstream` sent, to the session it belongs to (see the module's docstring)."""
+    async def relay(
+        self,
+        upstream: str,
+        method: str,
+        params: Mapping[str, Any],
+        calls: Sequence[ToolCall],
+        principal: str | None = None,
+    ) -> None:
+        """A notification `upstream` sent (on `principal`'s connection; `None`: the shared one), to the
+        session it belongs to (see the module's docstring)."""
         if method == "notifications/message":
             await self._log(upstream, params, calls)
         elif method == "notifications/resources/updated":
-            await self._updated(upstream, params)
+            await self._updated(upstream, params, principal)
 
     async def _log(self, upstream: str, params: Mapping[str, Any], calls: Sequence[ToolCall]) -> None:
         try:
@@ -210,18 +241,21 @@ class Notices:
         if calls[0].log is not None:
             await calls[0].log(message.level, message.data, message.logger)
 
-    async def _updated(self, upstream: str, params: Mapping[str, Any]) -> None:
+    async def _updated(self, upstream: str, params: Mapping[str, Any], principal: str | None) -> None:
         uri = params.get("uri")
         if not isinstance(uri, str):
             logger.warning("upstream '%s' sent a resource update without a URI; dropped", upstream)
             return
         key = (upstream, normal_uri(uri))
         followers = self._followers.get(key)
-        if followers is not None and not followers:  # every session following it has ended
-            del self._followers[key]
-            await self._withdraw(upstream, uri)
+        mine = self._on(upstream, principal, (followers or {}).values())
+        if followers is not None and not mine:  # every session following it on this connection has ended
+            if not followers:
+                del self._followers[key]
+            await self._withdraw(upstream, uri, principal or "")
             return
-        for session_id, follower in list((followers or {}).items()):
+        for follower in mine:
+            session_id = follower.session.id
             session = follower.session
             decision = self._engine.evaluate(
                 RESOURCE_PREFIX + key[1],

@@ -3,8 +3,11 @@
 A stage is `async (call, call_next) -> Outcome`; stages are listed outermost first and end in a
 terminal handler that forwards the call upstream:
 
-    audit outcomes -> check arguments (nesting; the upstream tool's own inputSchema) -> enforce_policy
-        -> audit decisions (committed, or the call is refused) -> forward
+    audit outcomes -> check arguments (nesting; the upstream tool's own inputSchema) -> credentials
+        -> enforce_policy -> audit decisions (committed, or the call is refused) -> forward
+
+A call to an upstream served per principal runs on the calling principal's own connection; one whose
+caller it has no values for is refused before anything is decided or asked (`Credentials`).
 
 Every decision `enforce_policy` makes ends with the built-in rule over the gateway's own files
 (`gateway.core.own_files`), which no policy, rewrite or approval can lift.
@@ -39,7 +42,7 @@ from gateway.calls import (
 )
 from gateway.core.own_files import GatewayFiles
 from gateway.core.targets import candidate, completion_params
-from gateway.errors import UpstreamError, UpstreamTimeout, format_seconds
+from gateway.errors import NoCredentials, UpstreamError, UpstreamTimeout, format_seconds
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.nesting import MAX_NESTING, MAX_VALUES
 from gateway.policy.redact import Redactor
@@ -102,6 +105,21 @@ class CheckArguments:
         violation = call.tool.source.violation(call.arguments, partial(redactor.mask_at, paths=paths))
         if violation is not None:
             return Outcome.refused(call, f"arguments do not match the tool's input schema: {violation}")
+        return await call_next(call)
+
+
+class Credentials:
+    """Refuse a call to an upstream served per principal that has no values for its caller (unauthenticated,
+    or a principal without a table): it would otherwise run with another's authority, or none."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+
+    async def __call__(self, call: ToolCall, call_next: Handler) -> Outcome:
+        served = self._pool.upstreams.get(call.tool.upstream)
+        refusal = served.spec.refusal(call.session.principal) if served is not None else None
+        if refusal is not None:
+            return replace(Outcome.refused(call, refusal), stage="credentials")
         return await call_next(call)
 
 
@@ -288,11 +306,14 @@ class Forward:
 
     async def __call__(self, call: ToolCall) -> Outcome:
         method, params = _request(call)
+        upstream, principal = call.tool.upstream, call.session.principal
         try:
-            session = self._pool.get(call.tool.upstream).require_session()
-            with self._pool.relaying(call):
+            session = await self._pool.session_for(upstream, principal)
+            with self._pool.relaying(call), self._pool.in_use(upstream, principal):
                 raw = await session.request(method, params, on_progress=call.progress)
-                await self._pool.notices_passed(call.tool.upstream)
+                await self._pool.notices_passed(upstream, principal)
+        except NoCredentials as exc:
+            return Outcome.refused(call, str(exc))
         except UpstreamTimeout as exc:
             return Outcome.failed(call, OutcomeKind.TIMEOUT, str(exc))
         except UpstreamError as exc:
@@ -347,4 +368,4 @@ def build_pipeline(pool: UpstreamPool, engine: PolicyEngine, audit: CallAudit, o
     ask_timeout = pool.config.gateway.ask_timeout
     policy = EnforcePolicy(engine, ask_timeout=ask_timeout, own_files=own_files)
     check = CheckArguments(engine, lambda: audit.recorder.redactor)
-    return compose([audit.outcomes, check, policy, audit.decisions], Forward(pool))
+    return compose([audit.outcomes, check, Credentials(pool), policy, audit.decisions], Forward(pool))

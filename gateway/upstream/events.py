@@ -34,7 +34,12 @@ class UpstreamListener(Protocol):
         first (a stdio upstream cannot say which call a request belongs to)."""
 
     async def upstream_notification(
-        self, upstream: str, method: str, params: Mapping[str, Any], calls: Sequence[ToolCall]
+        self,
+        upstream: str,
+        method: str,
+        params: Mapping[str, Any],
+        calls: Sequence[ToolCall],
+        principal: str | None = None,
     ) -> None:
-        """A log message or resource update `upstream` sent; `calls`: every call in flight to it when it
-        arrived, oldest first."""
+        """A log message or resource update `upstream` sent; `calls`: every call in flight on its connection
+        when it arrived, oldest first; `principal`: whose connection it came on (`None`: the shared one)."""

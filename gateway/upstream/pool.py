@@ -10,6 +10,12 @@ Each upstream is owned by one supervising task that connects, lists, serves unti
 ends, and reconnects with exponential backoff and jitter. An upstream that fails never takes the
 others down; its tools leave the catalogue and come back with it. What changes is told to the one
 `UpstreamListener` attached, and every request an upstream sends is handed to it.
+
+An upstream served per principal (`UpstreamSpec.per_principal`: principal tables, or `${principal.name}`
+in its values) is listed on a connection of its own values alone, which serves no call; each principal's
+calls run on a connection (a process, for a command) opened on that principal's first call with its
+values, closed once idle for `PRINCIPAL_IDLE` seconds and at shutdown. A caller the upstream has no values
+for is refused (`NoCredentials`): never served on another principal's connection or the listing one.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
@@ -31,9 +37,10 @@ from gateway.catalog.listing import Catalog, Naming, UpstreamListing
 from gateway.catalog.pins import Assessment, Kind, Lock, Mode, assess, screened
 from gateway.catalog.uri_template import UriTemplate
 from gateway.catalog.uris import normal_uri
-from gateway.config.models import Config
+from gateway.config.models import Config, UpstreamSpec
 from gateway.errors import (
     InvalidUriTemplate,
+    NoCredentials,
     ProtocolError,
     RemoteError,
     UpstreamError,
@@ -56,6 +63,8 @@ NOTICE_WAIT = 2.0
 """Seconds an answer waits for the notices its upstream sent before it to be passed on."""
 NOTICE_BACKLOG = 256
 """Notices of one upstream waiting for the listener; more are dropped (with a warning)."""
+PRINCIPAL_IDLE = 600.0
+"""Seconds a principal's connection to an upstream stays open with no call in flight."""
 _LIST_CHANGED = frozenset(
     {
         "notifications/tools/list_changed",
@@ -65,20 +74,38 @@ _LIST_CHANGED = frozenset(
 )
 
 
+Connection = tuple[str, str | None]
+"""One connection to an upstream: its name, and the principal it was opened for (`None`: the shared one,
+or for an upstream served per principal, the one it is listed on)."""
+
+
 class _Relaying:
     """`UpstreamPool.relaying`: a plain context manager, as it is entered for every call."""
 
-    __slots__ = ("_call", "_relays")
+    __slots__ = ("_call", "_key", "_relays")
 
-    def __init__(self, relays: dict[str, list[ToolCall]], call: ToolCall) -> None:
+    def __init__(self, relays: dict[Connection, list[ToolCall]], key: Connection, call: ToolCall) -> None:
         self._relays = relays
+        self._key = key
         self._call = call
 
     def __enter__(self) -> None:
-        self._relays.setdefault(self._call.tool.upstream, []).append(self._call)
+        self._relays.setdefault(self._key, []).append(self._call)
 
     def __exit__(self, *_: object) -> None:
-        self._relays[self._call.tool.upstream].remove(self._call)
+        self._relays[self._key].remove(self._call)
+
+
+class _Opened:
+    """A principal's connection to an upstream: ready once it is up (or has failed); in use while calls run."""
+
+    def __init__(self) -> None:
+        self.ready = anyio.Event()
+        self.session: UpstreamSession | None = None
+        self.error: str | None = None
+        self.calls = 0
+        self.used = anyio.current_time()
+        self.ended = False
 
 
 class UpstreamPool:
@@ -100,10 +127,14 @@ class UpstreamPool:
         self._modes = {name: Mode(config.pinning(name)) for name in config.upstreams}
         self._listener: UpstreamListener | None = None
         self._catalog_lock = anyio.Lock()
-        self._relays: dict[str, list[ToolCall]] = {}
-        """Per upstream, every call in flight to it, oldest first (its requests are handed over with them)."""
-        self._notices: dict[str, _Notices] = {}
-        """Per connected upstream, its notices on their way to the listener."""
+        self._relays: dict[Connection, list[ToolCall]] = {}
+        """Per connection, every call in flight on it, oldest first (its requests are handed over with them)."""
+        self._notices: dict[Connection, _Notices] = {}
+        """Per open connection, its notices on their way to the listener."""
+        self._opened: dict[tuple[str, str], _Opened] = {}
+        """Per upstream served per principal and principal, that principal's connection (up or coming up)."""
+        self._task_group: anyio.abc.TaskGroup | None = None
+        """Where principals' connections run (the pool's own, while it runs): they end with it."""
         self._log_level: str | None = None
         """The log level upstreams are asked for (`set_log_level`), also when they connect later."""
 
@@ -135,6 +166,7 @@ class UpstreamPool:
         """Supervise every upstream until cancelled. Reports started at once: upstreams join as they come up."""
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
         async with anyio.create_task_group() as tg:
+            self._task_group = tg
             for upstream in self.upstreams.values():
                 tg.start_soon(self._supervise, upstream, name=f"upstream {upstream.name}")
             tg.start_soon(self._discard_unadopted)
@@ -199,23 +231,114 @@ class UpstreamPool:
             await anyio.sleep(delay)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
-    def relaying(self, call: ToolCall) -> _Relaying:
-        """While `call` is in flight, its upstream's requests are handed to the listener with it."""
-        return _Relaying(self._relays, call)
+    def connection(self, upstream: str, principal: str) -> Connection:
+        """The connection a call of `principal` to `upstream` runs on: its own, for an upstream served per
+        principal; the shared one otherwise."""
+        served = self.upstreams.get(upstream)
+        return (upstream, principal if served is not None and served.spec.per_principal else None)
 
-    def _answerer(self, upstream: str) -> RequestHandler:
+    def relaying(self, call: ToolCall) -> _Relaying:
+        """While `call` is in flight, its connection's requests are handed to the listener with it."""
+        return _Relaying(self._relays, self.connection(call.tool.upstream, call.session.principal), call)
+
+    async def session_for(self, upstream: str, principal: str) -> UpstreamSession:
+        """The session a call of `principal` ("": unauthenticated) to `upstream` runs on: the shared one, or
+        for an upstream served per principal, that principal's own, opened on its first call. Raises
+        `NoCredentials` for a caller such an upstream has no values for, `UpstreamUnavailable` when down."""
+        served = self.get(upstream)
+        spec = served.spec
+        if not spec.per_principal:
+            return served.require_session()
+        refusal = spec.refusal(principal)
+        if refusal is not None:
+            raise NoCredentials(upstream, refusal.removeprefix(f"upstream '{upstream}' "))
+        if spec.unavailable is not None:
+            raise UpstreamUnavailable(upstream, f"is unavailable: {spec.unavailable}")
+        opened = self._opened.get((upstream, principal))
+        if opened is None or opened.ended:
+            if self._task_group is None:
+                raise UpstreamUnavailable(upstream, "is not running")
+            opened = _Opened()
+            self._opened[(upstream, principal)] = opened
+            self._task_group.start_soon(self._serve_principal, served, principal, opened)
+        with anyio.move_on_after(self.config.gateway.startup_timeout):
+            await opened.ready.wait()
+        if opened.session is None:
+            why = opened.error or f"did not start within {self.config.gateway.startup_timeout:g}s"
+            raise UpstreamUnavailable(upstream, f"is not connected for principal '{principal}': {why}")
+        opened.used = anyio.current_time()
+        return opened.session
+
+    @contextlib.contextmanager
+    def in_use(self, upstream: str, principal: str) -> Iterator[None]:
+        """While a call runs on `principal`'s connection to `upstream`, that connection is not idle."""
+        opened = self._opened.get((upstream, principal))
+        if opened is None:
+            yield
+            return
+        opened.calls += 1
+        try:
+            yield
+        finally:
+            opened.calls -= 1
+            opened.used = anyio.current_time()
+
+    async def _serve_principal(self, upstream: Upstream, principal: str, opened: _Opened) -> None:
+        """Open `principal`'s connection to `upstream`, and keep it until it ends or is idle for `PRINCIPAL_IDLE`."""
+        spec = upstream.spec.for_principal(principal)
+        try:
+            async with self._open(spec, (upstream.name, principal), upstream.timeout) as (session, closed):
+                listing = await session.list_all()
+                if upstream.listing is not None and _offers(listing) != _offers(upstream.listing):
+                    logger.warning(
+                        "upstream '%s' lists other definitions for principal '%s' than it is listed with; "
+                        "its calls follow the catalogue's",
+                        upstream.name,
+                        principal,
+                    )
+                opened.session = session
+                opened.ready.set()
+                logger.info("upstream '%s' up for principal '%s'", upstream.name, principal)
+                while True:
+                    with anyio.move_on_after(PRINCIPAL_IDLE / 4):
+                        await closed.wait()
+                        opened.error = "closed the connection"
+                        break
+                    if opened.calls == 0 and anyio.current_time() - opened.used >= PRINCIPAL_IDLE:
+                        logger.info("upstream '%s' for principal '%s' idle: closed", upstream.name, principal)
+                        break
+                # Retired before it closes (which takes a while): the principal's next call opens another.
+                self._retire(upstream.name, principal, opened)
+        except Exception as exc:  # one principal's connection failing never takes the others down
+            opened.error = describe_failure(exc)
+            logger.warning("upstream '%s' for principal '%s': %s", upstream.name, principal, opened.error)
+        finally:
+            self._retire(upstream.name, principal, opened)
+
+    def _retire(self, upstream: str, principal: str, opened: _Opened) -> None:
+        """`principal`'s connection to `upstream` serves no more calls."""
+        opened.ended = True
+        opened.session = None
+        opened.ready.set()
+        if self._opened.get((upstream, principal)) is opened:
+            del self._opened[(upstream, principal)]
+
+    def _answerer(self, key: Connection) -> RequestHandler:
         async def answer(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-            return await self.answer(upstream, method, params)
+            return await self.answer(key[0], method, params, key[1])
 
         return answer
 
-    async def answer(self, upstream: str, method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-        """What the gateway answers a request `upstream` sent it: the listener's result, asked with every call
-        in flight to that upstream, oldest first. With no listener attached, every request is refused."""
+    async def answer(
+        self, upstream: str, method: str, params: Mapping[str, Any] | None, principal: str | None = None
+    ) -> dict[str, Any]:
+        """What the gateway answers a request `upstream` sent it (on `principal`'s connection; `None`: the
+        shared one): the listener's result, asked with every call in flight on that connection, oldest
+        first. With no listener attached, every request is refused."""
         listener = self._listener
         if listener is None:
             raise RemoteError(types.METHOD_NOT_FOUND, f"mcp-armor does not serve '{method}' to upstream servers")
-        calls = self._relays.get(upstream)
+        calls = self._relays.get((upstream, principal))
         try:
             return await listener.upstream_request(upstream, method, params or {}, tuple(calls or ()))
         except ProtocolError as exc:
@@ -224,29 +347,41 @@ class UpstreamPool:
     async def set_log_level(self, level: str) -> None:
         """Ask every upstream that logs for messages from `level` up (and each that connects later)."""
         self._log_level = level
-        for upstream in self.upstreams.values():
-            if upstream.session is not None:
-                await _set_level(upstream.session, level)
+        sessions = [upstream.session for upstream in self.upstreams.values()]
+        sessions += [opened.session for opened in list(self._opened.values())]
+        for session in sessions:
+            if session is not None:
+                await _set_level(session, level)
 
-    async def unsubscribe(self, upstream: str, uri: str) -> None:
-        """Withdraw the gateway's subscription to `uri` (as the upstream spells it) at `upstream`."""
-        await self.get(upstream).require_session().request("resources/unsubscribe", {"uri": uri})
+    async def unsubscribe(self, upstream: str, uri: str, principal: str = "") -> None:
+        """Withdraw the gateway's subscription to `uri` (as the upstream spells it) at `upstream`, on the
+        connection `principal`'s calls run on."""
+        if self.connection(upstream, principal)[1] is None:
+            session = self.get(upstream).require_session()
+        else:
+            opened = self._opened.get((upstream, principal))
+            if opened is None or opened.session is None:
+                return  # its connection closed, and its subscriptions with it
+            session = opened.session
+        await session.request("resources/unsubscribe", {"uri": uri})
 
-    async def notices_passed(self, upstream: str) -> None:
-        """Wait until every notice `upstream` sent so far has been handed to the listener: an answer goes
-        to the agent after the log messages the upstream sent before it, as the upstream ordered them."""
-        notices = self._notices.get(upstream)
+    async def notices_passed(self, upstream: str, principal: str = "") -> None:
+        """Wait until every notice `upstream` sent so far (on the connection `principal`'s calls run on) has
+        been handed to the listener: an answer goes to the agent after the log messages the upstream sent
+        before it, as the upstream ordered them."""
+        notices = self._notices.get(self.connection(upstream, principal))
         if notices is not None:
             with anyio.move_on_after(NOTICE_WAIT):  # never held up for long by what others are sent
                 await notices.passed()
 
-    async def _hand_over(self, upstream: str, notices: _Notices) -> None:
-        """Give the listener each notice of `upstream`, in the order they came (until the connection ends)."""
+    async def _hand_over(self, key: Connection, notices: _Notices) -> None:
+        """Give the listener each notice of one connection, in the order they came (until it ends)."""
+        upstream, principal = key
         with contextlib.suppress(anyio.ClosedResourceError):
             async for method, params, calls in notices.received:
                 try:
                     if self._listener is not None:
-                        await self._listener.upstream_notification(upstream, method, params, calls)
+                        await self._listener.upstream_notification(upstream, method, params, calls, principal)
                 except Exception:  # one notice that cannot be passed on never stops the next
                     logger.exception("a %s from upstream '%s' could not be passed on", method, upstream)
                 finally:
@@ -261,40 +396,9 @@ class UpstreamPool:
     @asynccontextmanager
     async def _connect(self, upstream: Upstream) -> AsyncIterator[Ended]:
         """Connect, initialise and list one upstream; yield an event that is set when the connection ends."""
-        spec = upstream.spec
+        spec = upstream.spec.for_catalogue()
         relist = _Flag()
-        notices = _Notices()
-
-        def on_notify(method: str, params: Mapping[str, Any] | None) -> None:
-            if method in _LIST_CHANGED:
-                relist.set()
-            elif method in NOTICES:
-                # Whose it is depends on the calls in flight now, as it arrives.
-                if not notices.send((method, dict(params or {}), tuple(self._relays.get(spec.name, ())))):
-                    logger.warning("upstream '%s' sends notices faster than they are passed on; one dropped", spec.name)
-
-        async with AsyncExitStack() as stack:
-            stack.callback(notices.close)
-            errlog = stack.enter_context(self.config.log_path(upstream.name).open("a", encoding="utf-8"))
-            link, closed = await stack.enter_async_context(
-                open_link(
-                    spec,
-                    self.config.passing(spec.name),
-                    errlog,
-                    self._answerer(spec.name),
-                    on_notify,
-                    self.config.gateway.max_upstream_message_size,
-                )
-            )
-            tg = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(tg.cancel_scope.cancel)
-            self._notices[spec.name] = notices
-            stack.callback(self._notices.pop, spec.name, None)
-            tg.start_soon(self._hand_over, spec.name, notices)
-            session = UpstreamSession(spec, link, upstream.timeout)
-            await session.initialize()
-            if self._log_level is not None:
-                await _set_level(session, self._log_level)
+        async with self._open(spec, (spec.name, None), upstream.timeout, relist) as (session, closed):
             upstream.listing = await session.list_all()
             upstream.session = session
             upstream.last_error = None
@@ -311,10 +415,55 @@ class UpstreamPool:
                 self._listener.upstream_changed(upstream.name, True, detail)
             await self._publish()
             upstream.settled.set()
-            tg.start_soon(self._relist_when_changed, upstream, session, relist)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._relist_when_changed, upstream, session, relist)
+                try:
+                    yield closed
+                finally:
+                    tg.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def _open(
+        self, spec: UpstreamSpec, key: Connection, call_timeout: float, relist: _Flag | None = None
+    ) -> AsyncIterator[tuple[UpstreamSession, Ended]]:
+        """Open and initialise one connection to an upstream (`key`: whose it is); yield its session and an
+        event set when it ends. `relist` is set whenever the upstream says its lists changed."""
+        notices = _Notices()
+
+        def on_notify(method: str, params: Mapping[str, Any] | None) -> None:
+            if method in _LIST_CHANGED:
+                if relist is not None:
+                    relist.set()
+            elif method in NOTICES:
+                # Whose it is depends on the calls in flight now, as it arrives.
+                if not notices.send((method, dict(params or {}), tuple(self._relays.get(key, ())))):
+                    logger.warning("upstream '%s' sends notices faster than they are passed on; one dropped", spec.name)
+
+        async with AsyncExitStack() as stack:
+            stack.callback(notices.close)
+            errlog = stack.enter_context(self.config.log_path(spec.name).open("a", encoding="utf-8"))
+            link, closed = await stack.enter_async_context(
+                open_link(
+                    spec,
+                    self.config.passing(spec.name, key[1]),
+                    errlog,
+                    self._answerer(key),
+                    on_notify,
+                    self.config.gateway.max_upstream_message_size,
+                )
+            )
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)
+            self._notices[key] = notices
+            stack.callback(self._notices.pop, key, None)
+            tg.start_soon(self._hand_over, key, notices)
+            session = UpstreamSession(spec, link, call_timeout)
+            await session.initialize()
+            if self._log_level is not None:
+                await _set_level(session, self._log_level)
             if spec.transport == "http":
                 tg.start_soon(keepalive, session)
-            yield closed
+            yield session, closed
 
     async def _relist_when_changed(self, upstream: Upstream, session: UpstreamSession, relist: _Flag) -> None:
         while True:
@@ -423,6 +572,16 @@ async def _set_level(session: UpstreamSession, level: str) -> None:
         await session.request("logging/setLevel", {"level": level})
     except UpstreamError as exc:
         logger.warning("%s (setting its log level)", exc)
+
+
+def _offers(listing: UpstreamListing) -> tuple[Any, ...]:
+    """What a listing offers, to tell whether two listings differ: each tool's digest, the prompts, the
+    resources and the templates."""
+    dumped = [
+        sorted(item.model_dump_json(by_alias=True, exclude_none=True) for item in items)
+        for items in (listing.prompts, listing.resources, listing.templates)
+    ]
+    return (sorted((tool.name, tool.digest) for tool in listing.tools), *dumped)
 
 
 def _log_problems(listing: UpstreamListing) -> None:
