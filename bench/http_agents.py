@@ -1,6 +1,6 @@
 """Many agents at once over streamable HTTP: the SDK's own server vs the gateway, interleaved.
 
-    .venv/bin/python bench/http_agents.py [--rounds 3] [--calls 1200] [--agents 1,16,64] [--quick]
+    .venv/bin/python bench/http_agents.py [--rounds 3] [--calls 600] [--agents 1,16,64] [--quick]
 
 The same upstream (tests/fixtures/toolbox.py) is served two ways, as in bench/http_keepalive.py:
 directly by the SDK's streamable HTTP app under uvicorn, and through `mcp-armor serve --http`
@@ -301,7 +301,7 @@ async def main(rounds: int, calls: int, agent_counts: list[int]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--calls", type=int, default=1200, help="calls per configuration, shared among its agents")
+    parser.add_argument("--calls", type=int, default=600, help="calls per configuration, shared among its agents")
     parser.add_argument("--agents", default="1,16,64", help="comma-separated numbers of agents at once")
     parser.add_argument("--quick", action="store_true", help="one round of 256 calls per configuration")
     args = parser.parse_args()
