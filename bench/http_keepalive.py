@@ -39,8 +39,8 @@ ACCEPT = "application/json, text/event-stream"
 
 
 @contextmanager
-def serving(command: list[str], pattern: str) -> Iterator[str]:
-    """Start a server process and yield the URL its stderr announces."""
+def launched(command: list[str], pattern: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Start a server process and yield the URL its stderr announces, and the process."""
     proc = subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -54,10 +54,17 @@ def serving(command: list[str], pattern: str) -> Iterator[str]:
                 raise SystemExit(f"{command[1]} did not start: {line}")
         else:
             raise SystemExit(f"{command[1]} exited before serving")
-        yield match[1]
+        yield match[1], proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextmanager
+def serving(command: list[str], pattern: str) -> Iterator[str]:
+    """Start a server process and yield the URL its stderr announces."""
+    with launched(command, pattern) as (url, _):
+        yield url
 
 
 def answer(response: httpx.Response) -> dict[str, Any]:
@@ -69,28 +76,39 @@ def answer(response: httpx.Response) -> dict[str, Any]:
     return dict(response.json())
 
 
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 0,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}},
+}
+INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+
+
+def session_headers(response: httpx.Response) -> dict[str, str]:
+    """The headers every later request of the handshake-era session `response` (to `initialize`) opened carries."""
+    answer(response)
+    return {"mcp-session-id": response.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+
+
+def tool_call(tool: str, index: int) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": index,
+        "method": "tools/call",
+        "params": {"name": tool, "arguments": {"text": f"call {index}"}},
+    }
+
+
 def session_calls(url: str, tool: str, calls: int) -> list[float]:
     """Open a session on one kept-alive connection; the latency of each sequential call, in ms."""
     with httpx.Client(timeout=30, headers={"accept": ACCEPT}) as client:
-        init = {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "bench", "version": "1"},
-        }
-        response = client.post(url, json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init})
-        answer(response)
-        headers = {"mcp-session-id": response.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
-        client.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+        headers = session_headers(client.post(url, json=INITIALIZE))
+        client.post(url, json=INITIALIZED, headers=headers)
         samples = []
         for index in range(1, calls + 1):
-            request = {
-                "jsonrpc": "2.0",
-                "id": index,
-                "method": "tools/call",
-                "params": {"name": tool, "arguments": {"text": f"call {index}"}},
-            }
             start = time.perf_counter()
-            reply = answer(client.post(url, json=request, headers=headers))
+            reply = answer(client.post(url, json=tool_call(tool, index), headers=headers))
             samples.append((time.perf_counter() - start) * 1000)
             if reply.get("result", {}).get("isError", True):
                 raise SystemExit(f"{tool} failed: {reply}")

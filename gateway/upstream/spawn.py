@@ -128,12 +128,9 @@ async def spawn(
         await _stop(process, None, name)
         raise
 
-    def write(line: bytes) -> None:
-        if stdin.is_closing():
-            raise ChannelClosed("its stdin is closed")
-        stdin.write(line)
-
-    channel = Channel(name, write, on_request=on_request, on_notify=on_notify)
+    assert isinstance(stdin, asyncio.WriteTransport)
+    lines = Batched(stdin, loop)
+    channel = Channel(name, lines.write, on_request=on_request, on_notify=on_notify)
     output = _ChildOutput(name, channel, limit)
     reader: asyncio.BaseTransport | None = None
     try:
@@ -141,10 +138,36 @@ async def spawn(
         yield Child(channel, process.pid, output.eof)
     finally:
         channel.close("the gateway closed the connection")
+        lines.flush()
         with anyio.CancelScope(shield=True):
             await _stop(process, stdin, name)
         if reader is not None:
             reader.close()
+
+
+class Batched:
+    """An upstream's stdin: the lines written in one turn of the event loop leave in one write. Calls
+    released together (one audit commit settles many) then cost the upstream one wake-up, not one each."""
+
+    def __init__(self, stdin: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop) -> None:
+        self._stdin = stdin
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, line: bytes) -> None:
+        if self._stdin.is_closing():
+            raise ChannelClosed("its stdin is closed")
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(line)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        if not self._stdin.is_closing():
+            self._stdin.write(data)
 
 
 async def _stop(process: subprocess.Popen[bytes], stdin: asyncio.BaseTransport | None, name: str) -> None:
