@@ -32,10 +32,16 @@ def call_fields(call: ToolCall, redaction: Redaction, redactor: Redactor) -> dic
 
 
 def decided_for(session: SessionInfo) -> dict[str, Any]:
-    """Who a decision was made for: the client as its session named it (what `clients` globs matched),
+    """Who a decision was made for: the client as its request named it (what `clients` globs matched),
     and the principal with its attributes, when the transport authenticated one (what `principals` and
-    `attributes` globs matched): `policy replay` decides again for them."""
-    return {"client": session.client_name, "principal": session.principal or None, **_attributes(session)}
+    `attributes` globs matched): `policy replay` decides again for them. Over HTTP, also the address the
+    request came from (a stateless 2026-07-28 session spans requests from wherever its principal is)."""
+    return {
+        "client": session.client_name,
+        "principal": session.principal or None,
+        **_attributes(session),
+        "address": session.address or None,
+    }
 
 
 def _attributes(session: SessionInfo) -> dict[str, Any]:
