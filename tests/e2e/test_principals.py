@@ -155,6 +155,21 @@ async def test_the_first_principal_added_makes_a_running_gateway_require_authent
 
 
 @pytest.mark.anyio
+async def test_a_request_carrying_two_authorization_headers_is_refused_whichever_comes_first(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, http={"token": SHARED})
+    alice = await issue(tmp_path, "alice")
+    accept = ("Accept", "application/json, text/event-stream")
+    body = json.dumps(_INITIALIZE).encode()
+    async with http_gateway(config) as url, httpx2.AsyncClient(timeout=30) as http:
+        for pair in ((alice["token"], SHARED), (alice["token"], "mcpa_0badc0de_" + alice["token"][14:])):
+            for first, second in (pair, pair[::-1]):
+                headers = [accept, ("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
+                answer = await http.post(url, content=body, headers=[*headers, ("Content-Type", "application/json")])
+                assert answer.status_code == 400 and answer.json()["error"] == "invalid_request", answer.text
+        assert await status(http, url, alice["token"]) == 200
+
+
+@pytest.mark.anyio
 async def test_a_gateway_started_with_principals_requires_authentication_while_its_store_is_moved_aside(
     tmp_path: Path,
 ) -> None:
