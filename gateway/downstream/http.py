@@ -318,10 +318,11 @@ async def serve_streamable_http(
         if (oauth := settings.oauth) is not None:
             authenticators.append(OAuthBearer(oauth))
             app = RequireScopes(app, oauth)
-        configured = bool(authenticators)  # credentials the file sets guard from the start
         authenticators.append(local)  # `principal add` ones, from the first principal on
         guarded = Authenticate(app, authenticators, 'Bearer realm="mcp-armor"' if oauth is None else challenge(oauth))
-        app = guarded if configured else UntilPrincipals(app, guarded, local)
+        # Credentials the file sets, or principals the store names at start, guard from the first request:
+        # a store missing for a moment later on (moved aside, restored) must not open the gateway.
+        app = guarded if credentials else UntilPrincipals(app, guarded, local)
         if oauth is not None:
             app = ResourceMetadata(app, oauth, security)  # before authentication: it tells where tokens come from
         # The client's address is settled in one place, `ClientAddress`: uvicorn's own reading of

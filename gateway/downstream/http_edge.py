@@ -283,7 +283,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 class Authenticate:
     """ASGI middleware: every HTTP request must carry `Authorization: Bearer <credential>` that one of
     the authenticators accepts; the principal it stands for is left in the scope (`SCOPE_KEY`) for
-    everything behind. Anything else is answered 401 with `WWW-Authenticate: <challenge>`."""
+    everything behind. Anything else is answered 401 with `WWW-Authenticate: <challenge>`; a request
+    carrying more than one `Authorization` header is answered 400 `invalid_request` (RFC 6750)."""
 
     def __init__(self, app: ASGIApp, authenticators: Sequence[Authenticator], challenge: str) -> None:
         self._app = app
@@ -294,8 +295,14 @@ class Authenticate:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        supplied = next((value for key, value in scope["headers"] if key == b"authorization"), b"")
-        scheme, _, credential = supplied.decode("latin-1").partition(" ")
+        supplied = [value for key, value in scope["headers"] if key == b"authorization"]
+        if len(supplied) > 1:
+            # Which one counts is for each reader to guess (a proxy in front may read the last): none does.
+            why = "the request carries more than one Authorization header"
+            logger.warning("an HTTP request from %s was refused: %s", address_of(scope) or "an unknown address", why)
+            await _answer(send, 400, {"error": "invalid_request", "error_description": why})
+            return
+        scheme, _, credential = (supplied[0] if supplied else b"").decode("latin-1").partition(" ")
         credential = credential.strip()
         why = "a valid bearer token is required"
         if scheme.lower() == "bearer" and credential:

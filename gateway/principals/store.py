@@ -229,15 +229,31 @@ def _check_name(name: str, what: str) -> None:
 
 def _open_reader(path: Path) -> sqlite3.Connection:
     """A read-only connection to the store, checked to be one; `FileNotFoundError` when there is none,
-    `PrincipalsError` for a file that cannot be used."""
+    `PrincipalsError` for a file that cannot be used.
+
+    Whoever can write the store can name themselves any principal: a symbolic link (followed, it would
+    put the store wherever the link's writer chose; `principal add` refuses one too), a file others can
+    write, or one owned by another user (but root) is refused, as one that cannot be read is."""
     try:
-        mode = os.stat(path).st_mode
+        found = os.lstat(path)
     except FileNotFoundError:
         raise
     except OSError as exc:
         raise PrincipalsError(f"{path}: cannot read the principals store: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(mode):
+    if stat.S_ISLNK(found.st_mode):
+        raise PrincipalsError(f"{path}: the principals store is a symbolic link; put the file itself there")
+    if not stat.S_ISREG(found.st_mode):
         raise PrincipalsError(f"{path}: the principals store is not a regular file")
+    if found.st_mode & 0o022:
+        raise PrincipalsError(
+            f"{path}: the principals store can be written by others (mode {stat.S_IMODE(found.st_mode):o}); "
+            "make it its owner's only (chmod 600)"
+        )
+    if found.st_uid not in (os.geteuid(), 0):
+        raise PrincipalsError(
+            f"{path}: the principals store belongs to another user (uid {found.st_uid}), who can write it; "
+            "run the gateway as its owner"
+        )
     try:
         db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=1, check_same_thread=False)
         try:
@@ -317,7 +333,7 @@ class LocalTokens:
     def _current(self) -> sqlite3.Connection | None:
         """The connection to the file now at `path` (reopened when it was replaced); `None` when there is none."""
         try:
-            found = os.stat(self.path)
+            found = os.lstat(self.path)  # a link put in the file's place is noticed (and refused)
         except FileNotFoundError:
             self._close()
             return None
@@ -330,7 +346,7 @@ class LocalTokens:
     def _connect(self) -> None:
         self._close()
         try:
-            found = os.stat(self.path)
+            found = os.lstat(self.path)
             self._db = _open_reader(self.path)
         except FileNotFoundError:
             return

@@ -108,17 +108,28 @@ def _listed_by(client: str, request_id: int) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "method": "tools/list", "params": {"_meta": meta}}
 
 
-async def _list_as_each(url: str, forwarding: dict[str, dict[str, str]]) -> None:
-    """Each client lists the tools once, sending its own forwarding headers."""
+class _Forwarded(RawHttpSession):
+    """A handshake-era session whose every request carries the same forwarding headers."""
+
+    def __init__(self, http: httpx2.AsyncClient, url: str, forwarding: dict[str, str]) -> None:
+        super().__init__(http, url)
+        self.forwarding = forwarding
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), **self.forwarding}
+
+
+async def _list_as_each(url: str, forwarding: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Each client opens a session of its own (stateless 2026-07-28 requests would all be the one
+    anonymous session) and lists the tools, sending its own forwarding headers: its session's id."""
     async with httpx2.AsyncClient(timeout=30) as http:
-        for number, (client, headers) in enumerate(forwarding.items()):
-            sent = {**MODERN, "mcp-method": "tools/list", **headers}
-            listed = await http.post(url, json=_listed_by(client, number), headers=sent)
-            assert "box__echo" in json.dumps(answer_of(listed, number)["result"]), client
+        return {client: await _Forwarded(http, url, headers).open() for client, headers in forwarding.items()}
 
 
-def _recorded_addresses(config_dir: Path) -> dict[str, str | None]:
-    return {event["client_name"]: event["address"] for event in events(config_dir) if event["kind"] == "session_start"}
+def _recorded_addresses(config_dir: Path, sessions: dict[str, str]) -> dict[str, str | None]:
+    starts = [event for event in events(config_dir) if event["kind"] == "session_start"]
+    recorded = {event["session_id"]: event["address"] for event in starts}
+    return {client: recorded.get(session_id) for client, session_id in sessions.items()}
 
 
 SPOOFED = {
@@ -134,8 +145,8 @@ async def test_forwarding_headers_from_a_peer_that_is_not_a_trusted_proxy_are_ig
     proxy handling would have believed X-Forwarded-For from 127.0.0.1)."""
     config, _ = _recording_config(tmp_path)
     async with http_gateway(config) as url:
-        await _list_as_each(url, SPOOFED)
-    assert _recorded_addresses(tmp_path) == dict.fromkeys(SPOOFED, "127.0.0.1")
+        sessions = await _list_as_each(url, SPOOFED)
+    assert _recorded_addresses(tmp_path, sessions) == dict.fromkeys(SPOOFED, "127.0.0.1")
 
 
 FORWARDED_BY_TRUSTED = {
@@ -157,8 +168,9 @@ async def test_a_trusted_proxy_names_the_client_by_the_right_most_address_not_it
     config, _ = _recording_config(tmp_path, trusted_proxies=["127.0.0.1", "10.0.0.0/8"])
     log: list[ServerLog] = []
     async with http_gateway(config, log) as url:
-        await _list_as_each(url, {client: headers for client, (headers, _) in FORWARDED_BY_TRUSTED.items()})
-    assert _recorded_addresses(tmp_path) == {client: address for client, (_, address) in FORWARDED_BY_TRUSTED.items()}
+        sessions = await _list_as_each(url, {client: headers for client, (headers, _) in FORWARDED_BY_TRUSTED.items()})
+    recorded = _recorded_addresses(tmp_path, sessions)
+    assert recorded == {client: address for client, (_, address) in FORWARDED_BY_TRUSTED.items()}
     assert "carries both Forwarded and X-Forwarded-For" in log[0].text
 
 

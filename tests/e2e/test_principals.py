@@ -155,6 +155,38 @@ async def test_the_first_principal_added_makes_a_running_gateway_require_authent
 
 
 @pytest.mark.anyio
+async def test_a_request_carrying_two_authorization_headers_is_refused_whichever_comes_first(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, http={"token": SHARED})
+    alice = await issue(tmp_path, "alice")
+    accept = ("Accept", "application/json, text/event-stream")
+    body = json.dumps(_INITIALIZE).encode()
+    async with http_gateway(config) as url, httpx2.AsyncClient(timeout=30) as http:
+        for pair in ((alice["token"], SHARED), (alice["token"], "mcpa_0badc0de_" + alice["token"][14:])):
+            for first, second in (pair, pair[::-1]):
+                headers = [accept, ("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
+                answer = await http.post(url, content=body, headers=[*headers, ("Content-Type", "application/json")])
+                assert answer.status_code == 400 and answer.json()["error"] == "invalid_request", answer.text
+        assert await status(http, url, alice["token"]) == 200
+
+
+@pytest.mark.anyio
+async def test_a_gateway_started_with_principals_requires_authentication_while_its_store_is_moved_aside(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    alice = await issue(tmp_path, "alice")
+    store = tmp_path / ".mcp-armor" / "principals.db"
+    bare = {"Accept": "application/json, text/event-stream"}
+    async with http_gateway(config) as url, httpx2.AsyncClient(timeout=30) as http:
+        store.rename(store.with_suffix(".old"))  # a restore from backup, say: for a moment there is no store
+        assert (await http.post(url, json=_INITIALIZE, headers=bare)).status_code == 401
+        assert await status(http, url, alice["token"]) == 401
+        store.with_suffix(".old").rename(store)
+        assert (await http.post(url, json=_INITIALIZE, headers=bare)).status_code == 401
+        assert await status(http, url, alice["token"]) == 200
+
+
+@pytest.mark.anyio
 async def test_a_principals_store_that_cannot_be_read_stops_the_gateway_from_starting(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
     store = tmp_path / ".mcp-armor" / "principals.db"

@@ -8,6 +8,7 @@ import os
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,3 +193,31 @@ async def test_an_unreadable_store_stops_start_up_and_refuses_requests(
     with pytest.raises(Unauthenticated, match=r"^the gateway cannot check this token now$"):
         await tokens.authenticate(issued.token)
     assert f"the principals store cannot be read ({path}: " in caplog.text
+
+
+def linked(path: Path, planted: Path) -> None:
+    path.unlink()
+    path.symlink_to(planted)
+
+
+def opened_to_others(path: Path, planted: Path) -> None:
+    os.chmod(planted, 0o666)
+    planted.replace(path)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("plant", [linked, opened_to_others])
+async def test_a_store_others_could_have_written_is_refused_not_read(
+    tmp_path: Path, store: PrincipalStore, path: Path, plant: Any
+) -> None:
+    elsewhere = PrincipalStore(tmp_path / "elsewhere" / "principals.db")
+    planted = elsewhere.add("admin", record=nothing)
+    store.add("alice", record=nothing)
+    tokens = LocalTokens(path)
+    plant(path, elsewhere.path)
+    with pytest.raises(Unauthenticated, match=r"^the gateway cannot check this token now$"):
+        await tokens.authenticate(planted.token)
+    with pytest.raises(PrincipalsError, match=f"^{path}: the principals store (is a symbolic link|can be written by)"):
+        LocalTokens.open(path)
+    with pytest.raises(PrincipalsError):
+        tokens.holds_principals()  # a gateway started without credentials guards, as for an unreadable store
