@@ -5,8 +5,9 @@ HTTP binds 127.0.0.1 unless told otherwise; `host_patterns` gives the `Host` val
 protection accepts for the bound address. With credentials configured, `Authenticate` refuses any
 request whose `Authorization: Bearer` credential no authenticator (`gateway.principals`) accepts with
 401, and hands the principal it stands for to everything behind it; without them, `UntilPrincipals`
-starts requiring it once a principal is added. `SessionOwners` keeps each handshake-era session to
-the principal that opened it.
+starts requiring it once a principal is added; an open GET stream ends once its request would no
+longer be let in (`while_admitted`). `SessionOwners` keeps each handshake-era session to the principal
+that opened it.
 `MessageGuard` reads each POSTed message as the stdio face reads a line: over `[gateway]
 max_message_size` it is answered 413, and malformed JSON-RPC (or numbers JSON cannot carry) is
 answered with the error JSON-RPC names, before the SDK sees it; so is a message whose routing headers
@@ -26,11 +27,12 @@ import socket
 import ssl
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import anyio
 import uvicorn
 from mcp.shared.inbound import (
     MCP_METHOD_HEADER,
@@ -48,7 +50,7 @@ from gateway.downstream.messages import Unreadable, read_message
 from gateway.downstream.shutdown import stopping
 from gateway.errors import ConfigError, GatewayError
 from gateway.policy.nesting import MAX_NESTING, cut_below, nests_deeper
-from gateway.principals import SCOPE_KEY, Authenticator, Unauthenticated, principal_in
+from gateway.principals import SCOPE_KEY, Authenticator, Principal, Unauthenticated, principal_in
 from gateway.principals.store import LocalTokens
 from gateway.wire.framing import KEPT, Oversize
 
@@ -57,6 +59,8 @@ logger = logging.getLogger(__name__)
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 SESSION_NOT_FOUND = {"code": -32600, "message": "Session not found"}
 """The SDK's answer (with 404) to a request for a session it does not know."""
+STREAM_RECHECK = 2.0
+"""Seconds between checks that an open GET stream's request would still be let in."""
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -298,15 +302,28 @@ class Authenticate:
         scheme, _, credential = supplied.decode("latin-1").partition(" ")
         credential = credential.strip()
         why = "a valid bearer token is required"
+        principal = None
         if scheme.lower() == "bearer" and credential:
             try:
-                for authenticator in self._authenticators:
-                    principal = await authenticator.authenticate(credential)
-                    if principal is not None:
-                        await self._app({**scope, SCOPE_KEY: principal}, receive, send)
-                        return
+                principal = await self._authenticate(credential)
             except Unauthenticated as refused:
                 why = str(refused)
+        if principal is not None:
+            scope = {**scope, SCOPE_KEY: principal}
+            if scope["method"] != "GET":
+                await self._app(scope, receive, send)
+                return
+            name = principal.name
+
+            async def admitted() -> bool:
+                try:
+                    again = await self._authenticate(credential)
+                except Unauthenticated:
+                    return False
+                return again is not None and again.name == name
+
+            await while_admitted(self._app, scope, receive, send, admitted)
+            return
         logger.warning("an HTTP request from %s was refused: %s", address_of(scope) or "an unknown address", why)
         error = "invalid_token" if credential else "unauthorized"
         body = json.dumps({"error": error, "error_description": why}).encode()
@@ -324,6 +341,15 @@ class Authenticate:
         )
         await send({"type": "http.response.body", "body": body})
 
+    async def _authenticate(self, credential: str) -> Principal | None:
+        """The principal `credential` stands for, `None` when no authenticator knows its kind; raises
+        `Unauthenticated` when the one that does refuses it."""
+        for authenticator in self._authenticators:
+            principal = await authenticator.authenticate(credential)
+            if principal is not None:
+                return principal
+        return None
+
 
 class UntilPrincipals:
     """ASGI middleware for a gateway started with no credentials: requests pass unauthenticated while the
@@ -337,12 +363,64 @@ class UntilPrincipals:
         self._required = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._required and scope["type"] == "http":
+        if scope["type"] == "http" and not self._requires():
+            if scope["method"] == "GET":
+                await while_admitted(self._app, scope, receive, send, self._unguarded)
+            else:
+                await self._app(scope, receive, send)
+            return
+        await self._guarded(scope, receive, send)
+
+    def _requires(self) -> bool:
+        """Whether requests must authenticate: from the first principal on, for good."""
+        if not self._required:
             try:
                 self._required = self._principals.holds_principals()
             except GatewayError:
                 self._required = True
-        await (self._guarded if self._required else self._app)(scope, receive, send)
+        return self._required
+
+    async def _unguarded(self) -> bool:
+        return not self._requires()
+
+
+async def while_admitted(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, admitted: Callable[[], Awaitable[bool]]
+) -> None:
+    """Serve a GET, a stream that outlasts the check its request passed, only while `admitted()` (asked
+    every `STREAM_RECHECK` seconds and before each event): once refused (a token revoked or expired, a
+    first principal added), the stream reads as hung up by its client and ends, sending nothing more."""
+    refused = False
+    started = completed = False
+
+    async def check() -> bool:
+        nonlocal refused
+        if not refused and not await admitted():
+            refused = True
+            logger.warning(
+                "an open HTTP stream from %s would no longer be let in: ended",
+                address_of(scope) or "an unknown address",
+            )
+        return not refused
+
+    async def receiving() -> Message:
+        while not refused:
+            with anyio.move_on_after(STREAM_RECHECK):
+                return await receive()
+            await check()
+        return {"type": "http.disconnect"}
+
+    async def sending(message: Message) -> None:
+        nonlocal started, completed
+        if message["type"] == "http.response.body" and message.get("more_body", False) and not await check():
+            return  # what the stream would carry next is not sent
+        started = started or message["type"] == "http.response.start"
+        completed = message["type"] == "http.response.body" and not message.get("more_body", False)
+        await send(message)
+
+    await app(scope, receiving, sending)
+    if refused and started and not completed:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class MessageGuard:

@@ -26,6 +26,7 @@ from tests.conftest import (
     text_of,
     write_config,
 )
+from tests.e2e.test_http_and_cli import RawHttpSession
 
 SHARED = "shared-token-0123456789abcdef"
 _INITIALIZE = {
@@ -152,6 +153,55 @@ async def test_the_first_principal_added_makes_a_running_gateway_require_authent
         assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
         assert await status(http, url, SHARED) == 401
         assert await status(http, url, alice["token"]) == 200
+
+
+async def stream_until_closed(http: httpx2.AsyncClient, url: str, session: RawHttpSession, opened: anyio.Event) -> None:
+    """Hold the session's GET stream open until the gateway ends it."""
+    async with http.stream("GET", url, headers=session.headers()) as stream:
+        assert stream.status_code == 200
+        opened.set()
+        async for _ in stream.aiter_bytes():
+            pass
+
+
+async def ended_after(http: httpx2.AsyncClient, url: str, session: RawHttpSession, change: Any) -> None:
+    """Open the session's GET stream, make `change`, and wait (bounded) for the gateway to end the stream."""
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            opened = anyio.Event()
+            tg.start_soon(stream_until_closed, http, url, session, opened)
+            await opened.wait()
+            await change()
+
+
+@pytest.mark.anyio
+async def test_an_open_stream_ends_once_its_request_would_no_longer_be_let_in(tmp_path: Path) -> None:
+    """A GET stream is no request: opened without credentials, it ends once the first principal is added;
+    opened with a token, it ends once that token is revoked. Neither goes on receiving what the gateway
+    sends its session (list changes, resource updates) after that."""
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    timeout = httpx2.Timeout(30, read=None)
+    issued: list[dict[str, Any]] = []
+
+    async def add_alice() -> None:
+        issued.append(await issue(tmp_path, "alice"))
+
+    async def revoke_alice() -> None:
+        assert (await cli(tmp_path, "principal", "revoke", issued[0]["token_id"])).returncode == 0
+
+    log: list[ServerLog] = []
+    async with http_gateway(config, log) as url, httpx2.AsyncClient(timeout=timeout) as anonymous_http:
+        anonymous = RawHttpSession(anonymous_http, url)
+        await anonymous.open()
+        await ended_after(anonymous_http, url, anonymous, add_alice)
+        headers = {"Authorization": f"Bearer {issued[0]['token']}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=timeout) as alice_http:
+            alice = RawHttpSession(alice_http, url)
+            await alice.open()
+            await ended_after(alice_http, url, alice, revoke_alice)
+            assert (await alice_http.get(url, headers=alice.headers())).status_code == 401
+    assert log[0].text.count("an open HTTP stream from 127.0.0.1 would no longer be let in: ended") == 2
+    assert "Traceback" not in log[0].text and "ASGI" not in log[0].text
 
 
 @pytest.mark.anyio
