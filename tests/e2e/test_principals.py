@@ -176,9 +176,9 @@ async def ended_after(http: httpx2.AsyncClient, url: str, session: RawHttpSessio
 
 @pytest.mark.anyio
 async def test_an_open_stream_ends_once_its_request_would_no_longer_be_let_in(tmp_path: Path) -> None:
-    """A GET stream is no request: opened without credentials, it ends once the first principal is added;
-    opened with a token, it ends once that token is revoked. Neither goes on receiving what the gateway
-    sends its session (list changes, resource updates) after that."""
+    """A GET stream is no request: opened without credentials, it ends once the first principal is added
+    (and its session is then no one's); opened with a token, it ends once that token is revoked. Neither
+    goes on receiving what the gateway sends its session (list changes, resource updates) after that."""
     config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
     timeout = httpx2.Timeout(30, read=None)
     issued: list[dict[str, Any]] = []
@@ -198,6 +198,9 @@ async def test_an_open_stream_ends_once_its_request_would_no_longer_be_let_in(tm
         async with httpx2.AsyncClient(headers=headers, timeout=timeout) as alice_http:
             alice = RawHttpSession(alice_http, url)
             await alice.open()
+            # The session opened without credentials is no one's: alice's request carrying its id is refused.
+            adopted = await alice_http.post(url, json=_INITIALIZE, headers=anonymous.headers())
+            assert adopted.status_code == 404
             await ended_after(alice_http, url, alice, revoke_alice)
             assert (await alice_http.get(url, headers=alice.headers())).status_code == 401
     assert log[0].text.count("an open HTTP stream from 127.0.0.1 would no longer be let in: ended") == 2
