@@ -5,8 +5,8 @@ HTTP binds 127.0.0.1 unless told otherwise; `host_patterns` gives the `Host` val
 protection accepts for the bound address. With credentials configured, `Authenticate` refuses any
 request whose `Authorization: Bearer` credential no authenticator (`gateway.principals`) accepts with
 401, and hands the principal it stands for to everything behind it; without them, `UntilPrincipals`
-starts requiring it once a principal is added; an open GET stream ends once its request would no
-longer be let in (`while_admitted`). `SessionOwners` keeps each handshake-era session to the principal
+starts requiring it once a principal is added; an open stream ends once its request would no longer
+be let in (`while_admitted`). `SessionOwners` keeps each handshake-era session to the principal
 that opened it.
 `MessageGuard` reads each POSTed message as the stdio face reads a line: over `[gateway]
 max_message_size` it is answered 413, and malformed JSON-RPC (or numbers JSON cannot carry) is
@@ -309,10 +309,6 @@ class Authenticate:
             except Unauthenticated as refused:
                 why = str(refused)
         if principal is not None:
-            scope = {**scope, SCOPE_KEY: principal}
-            if scope["method"] != "GET":
-                await self._app(scope, receive, send)
-                return
             name = principal.name
 
             async def admitted() -> bool:
@@ -322,7 +318,7 @@ class Authenticate:
                     return False
                 return again is not None and again.name == name
 
-            await while_admitted(self._app, scope, receive, send, admitted)
+            await while_admitted(self._app, {**scope, SCOPE_KEY: principal}, receive, send, admitted)
             return
         logger.warning("an HTTP request from %s was refused: %s", address_of(scope) or "an unknown address", why)
         error = "invalid_token" if credential else "unauthorized"
@@ -364,10 +360,7 @@ class UntilPrincipals:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self._requires():
-            if scope["method"] == "GET":
-                await while_admitted(self._app, scope, receive, send, self._unguarded)
-            else:
-                await self._app(scope, receive, send)
+            await while_admitted(self._app, scope, receive, send, self._unguarded)
             return
         await self._guarded(scope, receive, send)
 
@@ -387,9 +380,10 @@ class UntilPrincipals:
 async def while_admitted(
     app: ASGIApp, scope: Scope, receive: Receive, send: Send, admitted: Callable[[], Awaitable[bool]]
 ) -> None:
-    """Serve a GET, a stream that outlasts the check its request passed, only while `admitted()` (asked
-    every `STREAM_RECHECK` seconds and before each event): once refused (a token revoked or expired, a
-    first principal added), the stream reads as hung up by its client and ends, sending nothing more."""
+    """Serve a request whose answer can outlast the check it passed (a GET stream, a 2026-07-28 listen
+    stream, a long call's events) only while `admitted()`, asked every `STREAM_RECHECK` seconds while
+    the app waits on the client and before each event of a streamed answer: once refused (a token
+    revoked or expired, a first principal added), the client reads as gone and nothing more is sent."""
     refused = False
     started = completed = False
 
