@@ -27,6 +27,7 @@ import socket
 import ssl
 import stat
 import threading
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -42,6 +43,7 @@ from mcp.shared.inbound import (
     find_duplicated_routing_header,
 )
 from mcp_types import HEADER_MISMATCH
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.config.models import Config
@@ -59,6 +61,10 @@ logger = logging.getLogger(__name__)
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 SESSION_NOT_FOUND = {"code": -32600, "message": "Session not found"}
 """The SDK's answer (with 404) to a request for a session it does not know."""
+SESSIONS_PER_PRINCIPAL = 1000
+"""Handshake-era sessions one principal may hold open at once: a tenth of what the SDK holds in all
+(10,000), so no one principal can take every place and leave the others refused."""
+TOO_MANY_SESSIONS = {"code": -32603, "message": "Too many open sessions for this principal"}
 STREAM_RECHECK = 2.0
 """Seconds between checks that an open GET stream's request would still be let in."""
 
@@ -236,17 +242,26 @@ class SessionOwners:
     answered as an unknown session is (404) before the SDK sees it, and logged. A `DELETE` ends the
     audit session (and drops its rate-limit counts) only once the SDK has accepted it (2xx): one it
     refuses, for a foreign `Host` say, leaves the session open. Without credentials every request is
-    the same anonymous principal, so nothing tells sessions' owners apart.
+    the same anonymous principal, so nothing tells sessions' owners apart. A principal holding
+    `SESSIONS_PER_PRINCIPAL` sessions (or opening them) is refused another (503) until one closes.
     """
 
     def __init__(self, app: ASGIApp, sessions: Sessions) -> None:
         self._app = app
         self._sessions = sessions
         self._owners: dict[str, str | None] = {}
+        self._held: Counter[str | None] = Counter()
+        """Per owner, its sessions open and its requests that may open one now."""
 
     def forget(self, session_id: str) -> None:
         """The session is closed (its id now answers 404 anyway)."""
-        self._owners.pop(session_id, None)
+        if session_id in self._owners:
+            self._release(self._owners.pop(session_id))
+
+    def _release(self, owner: str | None) -> None:
+        self._held[owner] -= 1
+        if self._held[owner] <= 0:
+            del self._held[owner]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -262,18 +277,35 @@ class SessionOwners:
             )
             await _answer(send, 404, {"jsonrpc": "2.0", "id": None, "error": SESSION_NOT_FOUND})
             return
+        opening = presented is None and _header(scope, b"mcp-protocol-version") in (None, *HANDSHAKE_PROTOCOL_VERSIONS)
+        if opening:
+            if self._held[owner] >= SESSIONS_PER_PRINCIPAL:
+                logger.warning(
+                    "%s has %d sessions open: a request opening another was answered 503",
+                    f"principal {owner!r}" if owner is not None else "the anonymous principal",
+                    SESSIONS_PER_PRINCIPAL,
+                )
+                await _answer(send, 503, {"jsonrpc": "2.0", "id": None, "error": TOO_MANY_SESSIONS})
+                return
+            self._held[owner] += 1  # held while it is answered, so that simultaneous openings count too
         status = 0
+        kept = False
 
         async def watched(message: Message) -> None:
-            nonlocal status
+            nonlocal status, kept
             if message["type"] == "http.response.start":
                 status = message["status"]
                 issued = next((value for key, value in message.get("headers", ()) if key == b"mcp-session-id"), None)
-                if presented is None and issued is not None and status < 400:
+                if opening and issued is not None and status < 400:
                     self._owners[issued.decode("latin-1")] = owner
+                    kept = True
             await send(message)
 
-        await self._app(scope, receive, watched)
+        try:
+            await self._app(scope, receive, watched)
+        finally:
+            if opening and not kept:
+                self._release(owner)
         if scope["method"] == "DELETE" and presented is not None and 200 <= status < 300:
             self.forget(presented)
             self._sessions.end(presented, "the client ended the session")

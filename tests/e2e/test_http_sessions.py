@@ -22,6 +22,7 @@ from mcp import Client
 from mcp.client.session import DEFAULT_CLIENT_INFO
 from mcp.client.streamable_http import streamable_http_client
 
+from gateway.downstream.http_edge import SESSIONS_PER_PRINCIPAL
 from gateway.schema import canonical_json
 from tests.conftest import ServerLog, events, fixture_upstream, http_gateway, read_records, run_cli, text_of
 from tests.conftest import write_config as write_gateway_config
@@ -46,6 +47,7 @@ effect = "ask"
 reason = "notes are written to disk"
 """
 NOTE = {"path": "notes/a.txt", "body": "hello"}
+_PARAMS = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
 
 
 def write_config(directory: Path, **http: Any) -> Path:
@@ -225,3 +227,35 @@ async def test_an_approval_state_is_redeemed_only_by_the_principal_it_was_issued
         (OWNER, "granted"),
     ]
     assert [record["tool"] for record in read_records(tmp_path / "calls.jsonl")] == ["write_note"]
+
+
+async def test_one_principal_cannot_take_every_session_the_gateway_can_hold(tmp_path: Path) -> None:
+    """The gateway holds at most so many handshake-era sessions at once; one principal opening session
+    after session (never ending them) is refused its own beyond `SESSIONS_PER_PRINCIPAL` (503, logged),
+    while another principal still opens its own, and each one it ends frees a place. Its 2026-07-28
+    requests, which open no session, still go ahead."""
+    config = write_config(tmp_path)
+    owner_headers, intruder_headers = two_principals(tmp_path)
+    logs: list[ServerLog] = []
+    opening = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": _PARAMS}
+    accept = {"accept": "application/json, text/event-stream"}
+    async with (
+        http_gateway(config, logs) as url,
+        httpx2.AsyncClient(headers=owner_headers, timeout=30) as owner_http,
+        httpx2.AsyncClient(headers=intruder_headers, timeout=30) as intruder_http,
+    ):
+        opened = []
+        for _ in range(SESSIONS_PER_PRINCIPAL):
+            answer = await intruder_http.post(url, json=opening, headers=accept)
+            assert answer.status_code == 200
+            opened.append(answer.headers["mcp-session-id"])
+        refused = await intruder_http.post(url, json=opening, headers=accept)
+        assert refused.status_code == 503 and "mcp-session-id" not in refused.headers
+        assert refused.json()["error"]["message"] == "Too many open sessions for this principal"
+        assert (await owner_http.post(url, json=opening, headers=accept)).status_code == 200
+        modern = await intruder_http.post(url, json=modern_echo(1), headers=MODERN)
+        assert went_ahead(answer_of(modern, 1))
+        ended = await intruder_http.delete(url, headers={**accept, "mcp-session-id": opened[0]})
+        assert ended.status_code == 200
+        assert (await intruder_http.post(url, json=opening, headers=accept)).status_code == 200
+    assert logs[0].text.count(f"principal '{OTHER}' has {SESSIONS_PER_PRINCIPAL} sessions open") == 1
