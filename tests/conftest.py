@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -84,9 +84,8 @@ def write_policy(directory: Path, text: str, name: str = "test.toml") -> Path:
     return path
 
 
-def gateway_command(config: Path, *extra: str, entry: Sequence[str] = ("-m", "gateway")) -> list[str]:
-    """`mcp-armor serve`, or with `entry` a script that runs it (one standing in for what is not built yet)."""
-    return [sys.executable, *entry, "serve", "--config", str(config), *extra]
+def gateway_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gateway", "serve", "--config", str(config), *extra]
 
 
 def gateway_params(config: Path) -> StdioServerParameters:
@@ -161,13 +160,10 @@ class ServerLog:
 
 
 @asynccontextmanager
-async def gateway_process(
-    config: Path, *extra: str, entry: Sequence[str] = ("-m", "gateway")
-) -> AsyncIterator[tuple[anyio.abc.Process, ServerLog]]:
+async def gateway_process(config: Path, *extra: str) -> AsyncIterator[tuple[anyio.abc.Process, ServerLog]]:
     """Run `mcp-armor serve` with `extra` arguments as a process, its stderr collected in a `ServerLog`."""
     log = ServerLog()
-    command = gateway_command(config, *extra, entry=entry)
-    async with await anyio.open_process(command, stderr=subprocess.PIPE) as proc:
+    async with await anyio.open_process(gateway_command(config, *extra), stderr=subprocess.PIPE) as proc:
         assert proc.stderr is not None
         stderr = proc.stderr
 
@@ -188,11 +184,9 @@ async def gateway_process(
 
 
 @asynccontextmanager
-async def http_gateway(
-    config: Path, log: list[ServerLog] | None = None, entry: Sequence[str] = ("-m", "gateway")
-) -> AsyncIterator[str]:
+async def http_gateway(config: Path, log: list[ServerLog] | None = None) -> AsyncIterator[str]:
     """Run `mcp-armor serve --http 127.0.0.1:0` and yield its /mcp URL once it is listening."""
-    async with gateway_process(config, "--http", "127.0.0.1:0", entry=entry) as (_, server_log):
+    async with gateway_process(config, "--http", "127.0.0.1:0") as (_, server_log):
         if log is not None:
             log.append(server_log)
         match = await server_log.wait_for(r"serving streamable HTTP at (https?://\S+/mcp)", seconds=30)

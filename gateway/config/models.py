@@ -293,6 +293,9 @@ class GatewaySettings(_Model):
 
 _GLOB = frozenset("*?[")
 MAX_PRINCIPAL_NAME = 256
+_NAMEABLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]*")
+"""A principal name `${principal.name}` is read as: the characters `principal add` allows, none of which
+separates a path, a cookie or a list where the value lands."""
 
 
 def _principal_name(name: str) -> str:
@@ -407,7 +410,21 @@ class UpstreamSpec(_Model):
             )
         if not principal.isprintable():
             return f"upstream '{self.name}' cannot carry the name of principal {principal!r} (a control character)"
+        if self._names(principal) and (not _NAMEABLE.fullmatch(principal) or ".." in principal):
+            # An access token's name can hold anything printable; in a value it could climb a path
+            # (`x/../alice`) or add a cookie or list item (`bob; admin=1`).
+            return (
+                f"upstream '{self.name}' cannot carry the name of principal {principal!r} in ${{principal.name}} "
+                "(only letters, digits and _ . @ -, beginning with a letter or digit, never '..')"
+            )
         return None
+
+    def _names(self, principal: str) -> bool:
+        """Whether the values `principal`'s calls run with hold its name (`${principal.name}`)."""
+        own = self.principals.get(principal, PrincipalCredentials())
+        return self.names_principal or any(
+            PRINCIPAL_MARK in value for value in (*own.headers.values(), *own.env.values())
+        )
 
     def for_principal(self, principal: str) -> UpstreamSpec:
         """The upstream as `principal`'s calls run it: its own values, then the principal's table over them,

@@ -5,8 +5,9 @@ HTTP binds 127.0.0.1 unless told otherwise; `host_patterns` gives the `Host` val
 protection accepts for the bound address. With credentials configured, `Authenticate` refuses any
 request whose `Authorization: Bearer` credential no authenticator (`gateway.principals`) accepts with
 401, and hands the principal it stands for to everything behind it; without them, `UntilPrincipals`
-starts requiring it once a principal is added. `SessionOwners` keeps each handshake-era session to
-the principal that opened it.
+starts requiring it once a principal is added; an open stream ends once its request would no longer
+be let in (`while_admitted`). `SessionOwners` keeps each handshake-era session to the principal
+that opened it.
 `MessageGuard` reads each POSTed message as the stdio face reads a line: over `[gateway]
 max_message_size` it is answered 413, and malformed JSON-RPC (or numbers JSON cannot carry) is
 answered with the error JSON-RPC names, before the SDK sees it; so is a message whose routing headers
@@ -26,11 +27,13 @@ import socket
 import ssl
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import anyio
 import uvicorn
 from mcp.shared.inbound import (
     MCP_METHOD_HEADER,
@@ -40,6 +43,7 @@ from mcp.shared.inbound import (
     find_duplicated_routing_header,
 )
 from mcp_types import HEADER_MISMATCH
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.config.models import Config
@@ -48,7 +52,7 @@ from gateway.downstream.messages import Unreadable, read_message
 from gateway.downstream.shutdown import stopping
 from gateway.errors import ConfigError, GatewayError
 from gateway.policy.nesting import MAX_NESTING, cut_below, nests_deeper
-from gateway.principals import SCOPE_KEY, Authenticator, Unauthenticated, principal_in
+from gateway.principals import SCOPE_KEY, Authenticator, Principal, Unauthenticated, principal_in
 from gateway.principals.store import LocalTokens
 from gateway.wire.framing import KEPT, Oversize
 
@@ -57,6 +61,12 @@ logger = logging.getLogger(__name__)
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 SESSION_NOT_FOUND = {"code": -32600, "message": "Session not found"}
 """The SDK's answer (with 404) to a request for a session it does not know."""
+SESSIONS_PER_PRINCIPAL = 1000
+"""Handshake-era sessions one principal may hold open at once: a tenth of what the SDK holds in all
+(10,000), so no one principal can take every place and leave the others refused."""
+TOO_MANY_SESSIONS = {"code": -32603, "message": "Too many open sessions for this principal"}
+STREAM_RECHECK = 2.0
+"""Seconds between checks that an open GET stream's request would still be let in."""
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -232,17 +242,26 @@ class SessionOwners:
     answered as an unknown session is (404) before the SDK sees it, and logged. A `DELETE` ends the
     audit session (and drops its rate-limit counts) only once the SDK has accepted it (2xx): one it
     refuses, for a foreign `Host` say, leaves the session open. Without credentials every request is
-    the same anonymous principal, so nothing tells sessions' owners apart.
+    the same anonymous principal, so nothing tells sessions' owners apart. A principal holding
+    `SESSIONS_PER_PRINCIPAL` sessions (or opening them) is refused another (503) until one closes.
     """
 
     def __init__(self, app: ASGIApp, sessions: Sessions) -> None:
         self._app = app
         self._sessions = sessions
         self._owners: dict[str, str | None] = {}
+        self._held: Counter[str | None] = Counter()
+        """Per owner, its sessions open and its requests that may open one now."""
 
     def forget(self, session_id: str) -> None:
         """The session is closed (its id now answers 404 anyway)."""
-        self._owners.pop(session_id, None)
+        if session_id in self._owners:
+            self._release(self._owners.pop(session_id))
+
+    def _release(self, owner: str | None) -> None:
+        self._held[owner] -= 1
+        if self._held[owner] <= 0:
+            del self._held[owner]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -258,18 +277,35 @@ class SessionOwners:
             )
             await _answer(send, 404, {"jsonrpc": "2.0", "id": None, "error": SESSION_NOT_FOUND})
             return
+        opening = presented is None and _header(scope, b"mcp-protocol-version") in (None, *HANDSHAKE_PROTOCOL_VERSIONS)
+        if opening:
+            if self._held[owner] >= SESSIONS_PER_PRINCIPAL:
+                logger.warning(
+                    "%s has %d sessions open: a request opening another was answered 503",
+                    f"principal {owner!r}" if owner is not None else "the anonymous principal",
+                    SESSIONS_PER_PRINCIPAL,
+                )
+                await _answer(send, 503, {"jsonrpc": "2.0", "id": None, "error": TOO_MANY_SESSIONS})
+                return
+            self._held[owner] += 1  # held while it is answered, so that simultaneous openings count too
         status = 0
+        kept = False
 
         async def watched(message: Message) -> None:
-            nonlocal status
+            nonlocal status, kept
             if message["type"] == "http.response.start":
                 status = message["status"]
                 issued = next((value for key, value in message.get("headers", ()) if key == b"mcp-session-id"), None)
-                if presented is None and issued is not None and status < 400:
+                if opening and issued is not None and status < 400:
                     self._owners[issued.decode("latin-1")] = owner
+                    kept = True
             await send(message)
 
-        await self._app(scope, receive, watched)
+        try:
+            await self._app(scope, receive, watched)
+        finally:
+            if opening and not kept:
+                self._release(owner)
         if scope["method"] == "DELETE" and presented is not None and 200 <= status < 300:
             self.forget(presented)
             self._sessions.end(presented, "the client ended the session")
@@ -305,15 +341,24 @@ class Authenticate:
         scheme, _, credential = (supplied[0] if supplied else b"").decode("latin-1").partition(" ")
         credential = credential.strip()
         why = "a valid bearer token is required"
+        principal = None
         if scheme.lower() == "bearer" and credential:
             try:
-                for authenticator in self._authenticators:
-                    principal = await authenticator.authenticate(credential)
-                    if principal is not None:
-                        await self._app({**scope, SCOPE_KEY: principal}, receive, send)
-                        return
+                principal = await self._authenticate(credential)
             except Unauthenticated as refused:
                 why = str(refused)
+        if principal is not None:
+            name = principal.name
+
+            async def admitted() -> bool:
+                try:
+                    again = await self._authenticate(credential)
+                except Unauthenticated:
+                    return False
+                return again is not None and again.name == name
+
+            await while_admitted(self._app, {**scope, SCOPE_KEY: principal}, receive, send, admitted)
+            return
         logger.warning("an HTTP request from %s was refused: %s", address_of(scope) or "an unknown address", why)
         error = "invalid_token" if credential else "unauthorized"
         body = json.dumps({"error": error, "error_description": why}).encode()
@@ -331,6 +376,15 @@ class Authenticate:
         )
         await send({"type": "http.response.body", "body": body})
 
+    async def _authenticate(self, credential: str) -> Principal | None:
+        """The principal `credential` stands for, `None` when no authenticator knows its kind; raises
+        `Unauthenticated` when the one that does refuses it."""
+        for authenticator in self._authenticators:
+            principal = await authenticator.authenticate(credential)
+            if principal is not None:
+                return principal
+        return None
+
 
 class UntilPrincipals:
     """ASGI middleware for a gateway started with no credentials: requests pass unauthenticated while the
@@ -344,12 +398,62 @@ class UntilPrincipals:
         self._required = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._required and scope["type"] == "http":
+        if scope["type"] == "http" and not self._requires():
+            await while_admitted(self._app, scope, receive, send, self._unguarded)
+            return
+        await self._guarded(scope, receive, send)
+
+    def _requires(self) -> bool:
+        """Whether requests must authenticate: from the first principal on, for good."""
+        if not self._required:
             try:
                 self._required = self._principals.holds_principals()
             except GatewayError:
                 self._required = True
-        await (self._guarded if self._required else self._app)(scope, receive, send)
+        return self._required
+
+    async def _unguarded(self) -> bool:
+        return not self._requires()
+
+
+async def while_admitted(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, admitted: Callable[[], Awaitable[bool]]
+) -> None:
+    """Serve a request whose answer can outlast the check it passed (a GET stream, a 2026-07-28 listen
+    stream, a long call's events) only while `admitted()`, asked every `STREAM_RECHECK` seconds while
+    the app waits on the client and before each event of a streamed answer: once refused (a token
+    revoked or expired, a first principal added), the client reads as gone and nothing more is sent."""
+    refused = False
+    started = completed = False
+
+    async def check() -> bool:
+        nonlocal refused
+        if not refused and not await admitted():
+            refused = True
+            logger.warning(
+                "an open HTTP stream from %s would no longer be let in: ended",
+                address_of(scope) or "an unknown address",
+            )
+        return not refused
+
+    async def receiving() -> Message:
+        while not refused:
+            with anyio.move_on_after(STREAM_RECHECK):
+                return await receive()
+            await check()
+        return {"type": "http.disconnect"}
+
+    async def sending(message: Message) -> None:
+        nonlocal started, completed
+        if message["type"] == "http.response.body" and message.get("more_body", False) and not await check():
+            return  # what the stream would carry next is not sent
+        started = started or message["type"] == "http.response.start"
+        completed = message["type"] == "http.response.body" and not message.get("more_body", False)
+        await send(message)
+
+    await app(scope, receiving, sending)
+    if refused and started and not completed:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class MessageGuard:

@@ -3,8 +3,8 @@ session id or client the request declares; a handshake-era session answers only 
 opened it, ends only when its DELETE is accepted, and an approval's `requestState` is redeemed only by
 the principal it was issued to. Each attack is tried over real HTTP against a real gateway process.
 
-Two principals come from `tests/fixtures/second_principal.py` (the shared token and one more), standing
-in for named principals; the tests need only two bearer credentials the gateway tells apart.
+The two principals, `alice` and `bob`, are named ones, issued with `mcp-armor principal add` before the
+gateway starts.
 """
 
 from __future__ import annotations
@@ -22,17 +22,15 @@ from mcp import Client
 from mcp.client.session import DEFAULT_CLIENT_INFO
 from mcp.client.streamable_http import streamable_http_client
 
+from gateway.downstream.http_edge import SESSIONS_PER_PRINCIPAL
 from gateway.schema import canonical_json
-from tests.conftest import FIXTURES, ServerLog, events, fixture_upstream, http_gateway, read_records, run_cli, text_of
+from tests.conftest import ServerLog, events, fixture_upstream, http_gateway, read_records, run_cli, text_of
 from tests.conftest import write_config as write_gateway_config
 from tests.e2e.test_http_and_cli import TOKEN, RawHttpSession, _session_end, answer_of
-from tests.fixtures.second_principal import OTHER, OTHER_TOKEN
 
 pytestmark = pytest.mark.anyio
 
-TWO_PRINCIPALS = (str(FIXTURES / "second_principal.py"),)
-OWNER = {"authorization": f"Bearer {TOKEN}"}
-INTRUDER = {"authorization": f"Bearer {OTHER_TOKEN}"}
+OWNER, OTHER = "alice", "bob"
 MODERN = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 MODERN = {**MODERN, "mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call", "mcp-name": "box__echo"}
 POLICY = """
@@ -49,12 +47,24 @@ effect = "ask"
 reason = "notes are written to disk"
 """
 NOTE = {"path": "notes/a.txt", "body": "hello"}
+_PARAMS = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
 
 
 def write_config(directory: Path, **http: Any) -> Path:
     record = str(directory / "calls.jsonl")
     upstreams = {"box": fixture_upstream("toolbox.py", TOOLBOX_RECORD=record)}
     return write_gateway_config(directory, upstreams, policy=POLICY, http=http)
+
+
+def two_principals(directory: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Issue `alice` (the owner) and `bob` (the intruder) with `mcp-armor principal add`: their headers."""
+    headers = []
+    config = str(directory / "upstreams.toml")
+    for name in (OWNER, OTHER):
+        added = run_cli("principal", "add", name, "--json", "--config", config, cwd=directory)
+        assert added.returncode == 0, added.stderr
+        headers.append({"authorization": f"Bearer {json.loads(added.stdout)['token']}"})
+    return headers[0], headers[1]
 
 
 def modern_echo(number: int, client: tuple[str, str] = ("raw", "1")) -> dict[str, Any]:
@@ -89,7 +99,7 @@ async def test_a_stateless_2026_session_is_its_principal_whatever_session_id_or_
     """A fresh `mcp-session-id` or a new client version per call gets no fresh rate budget: 3 of 6 go ahead.
     The client each request declared is recorded with its call, as a label."""
     config = write_config(tmp_path, token=TOKEN) if credentials == "shared token" else write_config(tmp_path)
-    headers = OWNER if credentials == "shared token" else {}
+    headers = {"authorization": f"Bearer {TOKEN}"} if credentials == "shared token" else {}
     async with http_gateway(config) as url, httpx2.AsyncClient(headers=headers, timeout=30) as http:
         answers = []
         for number in range(6):
@@ -107,12 +117,13 @@ async def test_a_stateless_2026_session_is_its_principal_whatever_session_id_or_
 async def test_a_handshake_session_answers_only_the_principal_that_opened_it(tmp_path: Path) -> None:
     """Another principal's POST (either era), GET and DELETE carrying the session's id are answered exactly
     as an unknown session is, logged, recorded nowhere, and use none of the owner's budget."""
-    config = write_config(tmp_path, token=TOKEN)
+    config = write_config(tmp_path)
+    owner_headers, intruder_headers = two_principals(tmp_path)
     logs: list[ServerLog] = []
     async with (
-        http_gateway(config, logs, entry=TWO_PRINCIPALS) as url,
-        httpx2.AsyncClient(headers=OWNER, timeout=30) as owner_http,
-        httpx2.AsyncClient(headers=INTRUDER, timeout=30) as intruder_http,
+        http_gateway(config, logs) as url,
+        httpx2.AsyncClient(headers=owner_headers, timeout=30) as owner_http,
+        httpx2.AsyncClient(headers=intruder_headers, timeout=30) as intruder_http,
     ):
         owner = RawHttpSession(owner_http, url)
         await owner.open()
@@ -131,10 +142,10 @@ async def test_a_handshake_session_answers_only_the_principal_that_opened_it(tmp
     assert logs[0].text.count("carried the session id of another principal's session") == len(tried)
     decided = decisions(tmp_path, "box__echo")
     assert [event["session_id"] for event in decided if event["session_id"] == owner.id] == [owner.id] * 4
-    assert all(event["principal"] == "token" for event in decided)  # the intruder's calls reached nothing
+    assert all(event["principal"] == OWNER for event in decided)  # the intruder's calls reached nothing
     sessions = json.loads(run_cli("audit", "sessions", "--json", cwd=tmp_path).stdout)
     (recorded,) = [session for session in sessions if session["session_id"] == owner.id]
-    assert (recorded["client"], recorded["principal"], recorded["calls"]) == ("raw 1", "token", 4)
+    assert (recorded["client"], recorded["principal"], recorded["calls"]) == ("raw 1", OWNER, 4)
 
 
 async def test_a_delete_the_gateway_refuses_leaves_the_session_open(tmp_path: Path) -> None:
@@ -174,12 +185,13 @@ def altered(state: str, principal: str) -> str:
 async def test_an_approval_state_is_redeemed_only_by_the_principal_it_was_issued_to(tmp_path: Path) -> None:
     """Another principal declaring the same client, an unauthenticated requester, and a state altered to
     name the other principal are each refused (recorded `invalid`); the owner's retry then goes ahead."""
-    config = write_config(tmp_path, token=TOKEN)
+    config = write_config(tmp_path)
+    owner_headers, intruder_headers = two_principals(tmp_path)
     yes = {"mcp-armor-approval": types.ElicitResult(action="accept", content={"approve": True})}
     async with (
-        http_gateway(config, entry=TWO_PRINCIPALS) as url,
-        httpx2.AsyncClient(headers=OWNER, timeout=httpx2.Timeout(30, read=60)) as owner_http,
-        httpx2.AsyncClient(headers=INTRUDER, timeout=httpx2.Timeout(30, read=60)) as intruder_http,
+        http_gateway(config) as url,
+        httpx2.AsyncClient(headers=owner_headers, timeout=httpx2.Timeout(30, read=60)) as owner_http,
+        httpx2.AsyncClient(headers=intruder_headers, timeout=httpx2.Timeout(30, read=60)) as intruder_http,
         Client(streamable_http_client(url, http_client=owner_http), mode="auto", elicitation_callback=approve) as owner,
         Client(
             streamable_http_client(url, http_client=intruder_http), mode="auto", elicitation_callback=approve
@@ -208,10 +220,42 @@ async def test_an_approval_state_is_redeemed_only_by_the_principal_it_was_issued
         (event["principal"], event["approval_request"]["answer"]) for event in decisions(tmp_path, "box__write_note")
     ]
     assert answered == [
-        ("token", "pending"),
+        (OWNER, "pending"),
         (OTHER, "invalid"),
         (OTHER, "invalid"),
-        ("token", "invalid"),
-        ("token", "granted"),
+        (OWNER, "invalid"),
+        (OWNER, "granted"),
     ]
     assert [record["tool"] for record in read_records(tmp_path / "calls.jsonl")] == ["write_note"]
+
+
+async def test_one_principal_cannot_take_every_session_the_gateway_can_hold(tmp_path: Path) -> None:
+    """The gateway holds at most so many handshake-era sessions at once; one principal opening session
+    after session (never ending them) is refused its own beyond `SESSIONS_PER_PRINCIPAL` (503, logged),
+    while another principal still opens its own, and each one it ends frees a place. Its 2026-07-28
+    requests, which open no session, still go ahead."""
+    config = write_config(tmp_path)
+    owner_headers, intruder_headers = two_principals(tmp_path)
+    logs: list[ServerLog] = []
+    opening = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": _PARAMS}
+    accept = {"accept": "application/json, text/event-stream"}
+    async with (
+        http_gateway(config, logs) as url,
+        httpx2.AsyncClient(headers=owner_headers, timeout=30) as owner_http,
+        httpx2.AsyncClient(headers=intruder_headers, timeout=30) as intruder_http,
+    ):
+        opened = []
+        for _ in range(SESSIONS_PER_PRINCIPAL):
+            answer = await intruder_http.post(url, json=opening, headers=accept)
+            assert answer.status_code == 200
+            opened.append(answer.headers["mcp-session-id"])
+        refused = await intruder_http.post(url, json=opening, headers=accept)
+        assert refused.status_code == 503 and "mcp-session-id" not in refused.headers
+        assert refused.json()["error"]["message"] == "Too many open sessions for this principal"
+        assert (await owner_http.post(url, json=opening, headers=accept)).status_code == 200
+        modern = await intruder_http.post(url, json=modern_echo(1), headers=MODERN)
+        assert went_ahead(answer_of(modern, 1))
+        ended = await intruder_http.delete(url, headers={**accept, "mcp-session-id": opened[0]})
+        assert ended.status_code == 200
+        assert (await intruder_http.post(url, json=opening, headers=accept)).status_code == 200
+    assert logs[0].text.count(f"principal '{OTHER}' has {SESSIONS_PER_PRINCIPAL} sessions open") == 1

@@ -26,6 +26,7 @@ from tests.conftest import (
     text_of,
     write_config,
 )
+from tests.e2e.test_http_and_cli import RawHttpSession
 
 SHARED = "shared-token-0123456789abcdef"
 _INITIALIZE = {
@@ -152,6 +153,94 @@ async def test_the_first_principal_added_makes_a_running_gateway_require_authent
         assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
         assert await status(http, url, SHARED) == 401
         assert await status(http, url, alice["token"]) == 200
+
+
+LISTEN = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "subscriptions/listen",
+    "params": {
+        "notifications": {"toolsListChanged": True},
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "probe", "version": "1"},
+        },
+    },
+}
+LISTENING = {
+    "Accept": "application/json, text/event-stream",
+    "mcp-protocol-version": "2026-07-28",
+    "mcp-method": "subscriptions/listen",
+}
+
+
+async def stream_until_closed(
+    http: httpx2.AsyncClient, url: str, session: RawHttpSession | None, opened: anyio.Event
+) -> None:
+    """Hold the session's GET stream (`None`: a 2026-07-28 listen stream) open until the gateway ends it."""
+    if session is not None:
+        opening = http.stream("GET", url, headers=session.headers())
+    else:
+        opening = http.stream("POST", url, json=LISTEN, headers=LISTENING)
+    async with opening as stream:
+        assert stream.status_code == 200
+        opened.set()
+        async for _ in stream.aiter_bytes():
+            pass
+
+
+async def ended_after(http: httpx2.AsyncClient, url: str, session: RawHttpSession | None, change: Any) -> None:
+    """Open the session's GET stream (`None`: a listen stream), make `change`, and wait (bounded) for the
+    gateway to end the stream."""
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            opened = anyio.Event()
+            tg.start_soon(stream_until_closed, http, url, session, opened)
+            await opened.wait()
+            await change()
+
+
+@pytest.mark.anyio
+async def test_an_open_stream_ends_once_its_request_would_no_longer_be_let_in(tmp_path: Path) -> None:
+    """A stream outlasts the check its request passed: a GET stream opened without credentials ends once
+    the first principal is added (and its session is then no one's); one opened with a token, and a
+    2026-07-28 listen stream, end once that token is revoked. None goes on receiving what the gateway
+    sends (list changes, resource updates) after that."""
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    timeout = httpx2.Timeout(30, read=None)
+    issued: list[dict[str, Any]] = []
+
+    async def add_alice() -> None:
+        issued.append(await issue(tmp_path, "alice"))
+
+    async def revoke_alice() -> None:
+        assert (await cli(tmp_path, "principal", "revoke", issued[0]["token_id"])).returncode == 0
+
+    log: list[ServerLog] = []
+    async with http_gateway(config, log) as url, httpx2.AsyncClient(timeout=timeout) as anonymous_http:
+        anonymous = RawHttpSession(anonymous_http, url)
+        await anonymous.open()
+        await ended_after(anonymous_http, url, anonymous, add_alice)
+        headers = {"Authorization": f"Bearer {issued[0]['token']}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=timeout) as alice_http:
+            alice = RawHttpSession(alice_http, url)
+            await alice.open()
+            # The session opened without credentials is no one's: alice's request carrying its id is refused.
+            adopted = await alice_http.post(url, json=_INITIALIZE, headers=anonymous.headers())
+            assert adopted.status_code == 404
+            await issue(tmp_path, "alice")  # another token of alice's: the stream's own token is what is checked
+            await ended_after(alice_http, url, alice, revoke_alice)
+            assert (await alice_http.get(url, headers=alice.headers())).status_code == 401
+        bob = {"Authorization": f"Bearer {(await issue(tmp_path, 'bob'))['token']}"}
+        async with httpx2.AsyncClient(headers=bob, timeout=timeout) as bob_http:
+
+            async def revoke_bob() -> None:
+                assert (await cli(tmp_path, "principal", "revoke", "bob")).returncode == 0
+
+            await ended_after(bob_http, url, None, revoke_bob)
+    assert log[0].text.count("an open HTTP stream from 127.0.0.1 would no longer be let in: ended") == 3
+    assert "Traceback" not in log[0].text and "ASGI" not in log[0].text
 
 
 @pytest.mark.anyio

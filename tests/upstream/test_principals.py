@@ -246,6 +246,27 @@ async def test_an_unauthenticated_caller_and_a_principal_without_a_table_are_ref
     assert set(refusals) == {None, "carol"}
 
 
+@pytest.mark.parametrize("principal", ["x/../alice", "..", "bob; admin=1", "bob, alice", "carol smith", "\u00e5lice"])
+async def test_a_principal_named_like_a_path_or_a_list_is_never_written_into_the_values_that_name_the_caller(
+    tmp_path: Path, principal: str
+) -> None:
+    """An access token can name a principal with any printable characters; `${principal.name}` is a path in
+    one value and a cookie or a list item in another: a name that would mean more there than a name (a
+    path separator, `..`, a separator of cookies or lists, a space, anything outside `principal add`'s
+    characters) is refused and recorded, and no process is started for it."""
+    table = {**fixture_upstream("whoami.py"), "env": {"ON_BEHALF_OF": "/run/credentials/${principal.name}.json"}}
+    config = write_config(tmp_path, {"who": table})
+    async with _serving(config) as gateway:
+        carol = _seen(await _call(gateway, "carol.o-k@example.com"))
+        refused = await _call(gateway, principal)
+        opened = {key[1] for key in gateway.pool._opened}
+    assert carol["env"] == {"ON_BEHALF_OF": "/run/credentials/carol.o-k@example.com.json"}
+    said = refused["content"][0]["text"]
+    assert refused.get("isError") and f"cannot carry the name of principal {principal!r}" in said
+    assert list(_refusals(tmp_path)) == [principal] and _refusals(tmp_path)[principal] in said
+    assert opened == {"carol.o-k@example.com"}
+
+
 async def test_each_principals_process_ends_when_the_gateway_shuts_down(whoami_config: Path) -> None:
     async with _serving(whoami_config) as gateway:
         pids = [_seen(await _call(gateway, name))["pid"] for name in ("alice", "bob")]
