@@ -19,3 +19,11 @@ def _loaded(code: str, prefixes: tuple[str, ...]) -> list[str]:
 
 def test_serving_http_without_oauth_loads_no_jwt_library() -> None:
     assert _loaded(SERVING, ("jwt", "gateway.principals.oauth")) == []
+
+
+def test_serving_loads_no_other_command_of_the_cli() -> None:
+    assert _loaded(SERVING, ("gateway.cli.", "gateway.setup.")) == [
+        "gateway.cli.parser",
+        "gateway.cli.serve",
+        "gateway.setup.clients",  # the parser's list of clients `register` knows
+    ]
