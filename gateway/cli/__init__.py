@@ -17,21 +17,21 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
-from gateway.audit.queries import Filters
-from gateway.cli import audit, importing, pins, policy, principals, register, serve, tools, upstreams, wrap
 from gateway.cli import parser as arguments
+from gateway.cli import serve
 from gateway.config.models import Config, load_config
 from gateway.errors import GatewayError
 
-SETUP_COMMANDS = {
-    "register": register.register_command,
-    "import": importing.import_command,
-    "init": importing.init_command,
-    "upstream": upstreams.upstream_command,
-}
+if TYPE_CHECKING:
+    from gateway.audit.queries import Filters
+
+# Each other command's module loads when that command runs: a serving gateway keeps none of them (nor
+# the setup, registration and audit-reading code they bring).
+SETUP_COMMANDS = ("register", "import", "init", "upstream")
 
 WRAPPING = (("upstream", "add"), ("wrap", None))
 """The commands a server's command line follows `--` in."""
@@ -71,8 +71,10 @@ BROKEN_PIPE = 128 + 13
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.command in SETUP_COMMANDS:
-            return SETUP_COMMANDS[args.command](args)
+            return _setup(args)
         if args.command == "wrap":
+            from gateway.cli import wrap
+
             return wrap.wrap(parser, args)
         # An upstream whose variable is not set is read as unavailable, and `[gateway.http] token` is needed
         # by `serve --http` alone: no command needs the variables of what it does not use.
@@ -83,6 +85,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return _policy(config, args)
         if args.command == "audit":
             return _audit(config, args)
+        from gateway.cli import pins, tools
+
         if args.command == "scan":
             return anyio.run(pins.scan, config, args.json)
         if args.command == "lock":
@@ -99,7 +103,21 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 130
 
 
+def _setup(args: argparse.Namespace) -> int:
+    from gateway.cli import importing, register, upstreams
+
+    if args.command == "register":
+        return register.register_command(args)
+    if args.command == "import":
+        return importing.import_command(args)
+    if args.command == "init":
+        return importing.init_command(args)
+    return upstreams.upstream_command(args)
+
+
 def _policy(config: Config, args: argparse.Namespace) -> int:
+    from gateway.cli import policy
+
     if args.policy_command == "check":
         return anyio.run(policy.check, config, args.offline, args.json)
     if args.policy_command == "explain":
@@ -108,6 +126,8 @@ def _policy(config: Config, args: argparse.Namespace) -> int:
 
 
 def _pins(config: Config, args: argparse.Namespace) -> int:
+    from gateway.cli import pins
+
     if args.pins_command == "status":
         return anyio.run(pins.status, config, args.json)
     if args.pins_command == "diff":
@@ -116,6 +136,8 @@ def _pins(config: Config, args: argparse.Namespace) -> int:
 
 
 def _principal(config: Config, args: argparse.Namespace) -> int:
+    from gateway.cli import principals
+
     if args.principal_command == "add":
         return principals.add(config, args.name, args.expires, args.role, args.json)
     if args.principal_command == "list":
@@ -124,6 +146,9 @@ def _principal(config: Config, args: argparse.Namespace) -> int:
 
 
 def _audit(config: Config, args: argparse.Namespace) -> int:
+    from gateway.audit.queries import Filters
+    from gateway.cli import audit
+
     command = args.audit_command
     if command == "sessions":
         since = audit.parse_since(args.since) if args.since else None
@@ -138,6 +163,9 @@ def _audit(config: Config, args: argparse.Namespace) -> int:
 
 
 def _filters(args: argparse.Namespace) -> Filters:
+    from gateway.audit.queries import Filters
+    from gateway.cli import audit
+
     since = audit.parse_since(args.since) if args.since else None
     kinds = audit.parse_kinds(getattr(args, "kind", None))
     session = getattr(args, "session", None)

@@ -70,7 +70,6 @@ from gateway.downstream.http_edge import (
 from gateway.downstream.resource_server import RequireScopes, ResourceMetadata, challenge
 from gateway.errors import ProtocolError, format_seconds
 from gateway.principals import Authenticator, Principal, SharedToken, principal_in
-from gateway.principals.oauth import OAuthBearer
 from gateway.principals.store import LocalTokens
 from gateway.wire.results import dump
 
@@ -316,6 +315,8 @@ async def serve_streamable_http(
         if settings.token is not None:
             authenticators.append(SharedToken(settings.token))
         if (oauth := settings.oauth) is not None:
+            from gateway.principals.oauth import OAuthBearer  # PyJWT loads only for a gateway that takes its tokens
+
             authenticators.append(OAuthBearer(oauth))
             app = RequireScopes(app, oauth)
         authenticators.append(local)  # `principal add` ones, from the first principal on

@@ -19,6 +19,7 @@ the TCP peer, or, when that peer is one of `[gateway.http] trusted_proxies`, the
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -177,7 +178,7 @@ class ClientAddress:
         peer = scope.get("client")
         if not peer:
             return None
-        address = _address(str(peer[0]))
+        address = _peer_address(str(peer[0]))
         if address is None or not self._trusts(address):
             return (str(address or peer[0]), peer[1])
         forwarded = [value for key, value in scope["headers"] if key == b"forwarded"]
@@ -213,6 +214,12 @@ def _forwarded_for(values: list[bytes]) -> list[IPAddress | None]:
         found = [value for key, _, value in pairs if key.strip().lower() == "for"]
         hops.append(_address(found[0]) if len(found) == 1 else None)
     return hops
+
+
+@functools.lru_cache(maxsize=1024)
+def _peer_address(text: str) -> IPAddress | None:
+    """`_address` of a TCP peer, remembered: a client's requests come from the same few addresses."""
+    return _address(text)
 
 
 def _address(text: str) -> IPAddress | None:

@@ -270,10 +270,12 @@ def _open_reader(path: Path) -> sqlite3.Connection:
 class LocalTokens:
     """The authenticator of the tokens `mcp-armor principal add` issued (`mcpa_<id>_<secret>`).
 
-    One read-only connection is kept, and every request reads the token's row afresh (one indexed
-    lookup): a revocation or an expiry holds from the next request on. A file replaced or removed is
-    noticed (its inode is compared on every request) and reopened; a missing file holds no principals.
-    A store that cannot be read refuses every token of this kind.
+    One read-only connection is kept. The rows read through it are kept until any other connection
+    commits a change to the file (SQLite's `PRAGMA data_version`, asked on every request, says so), then
+    read afresh: a revocation holds from the next request on, and an expiry is compared with the clock
+    on every request. A file replaced or removed is noticed (its inode is compared on every request) and
+    reopened; a missing file holds no principals. A store that cannot be read refuses every token of
+    this kind.
     """
 
     def __init__(self, path: Path, clock: Clock = _now) -> None:
@@ -281,6 +283,9 @@ class LocalTokens:
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
+        self._version: int | None = None
+        self._rows: dict[str, tuple[str, str, str | None, str | None, str]] = {}
+        """Token rows read since the file last changed, by id (only tokens it holds: at most its size)."""
         self._connect()
 
     @classmethod
@@ -310,11 +315,18 @@ class LocalTokens:
             db = self._current()
             row = None
             if db is not None:
+                version = db.execute("PRAGMA data_version").fetchone()[0]
+                if version != self._version:  # another connection committed: what was read may have changed
+                    self._version, self._rows = version, {}
+                row = self._rows.get(token_id)
+            if db is not None and row is None:
                 row = db.execute(
                     "SELECT t.principal, t.hash, t.expires, t.revoked, p.roles FROM tokens t "
                     "JOIN principals p ON p.name = t.principal WHERE t.id = ?",
                     (token_id,),
                 ).fetchone()
+                if row is not None:
+                    self._rows[token_id] = row
         except (PrincipalsError, sqlite3.Error) as exc:
             # The reason reaches the client too: the file and the fault are for the gateway's log alone.
             detail = exc if isinstance(exc, PrincipalsError) else f"{self.path}: {exc}"
@@ -356,3 +368,4 @@ class LocalTokens:
         if self._db is not None:
             self._db.close()
         self._db, self._identity = None, None
+        self._version, self._rows = None, {}

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from gateway.downstream.http_edge import ClientAddress, address_of
+from gateway.downstream.http_edge import ClientAddress, _peer_address, address_of
 
 pytestmark = pytest.mark.anyio
 
@@ -51,3 +51,11 @@ async def test_the_client_address_behind_a_trusted_proxy(
 def test_address_of_a_scope_without_a_client_is_empty() -> None:
     assert address_of({"type": "http", "client": None}) == ""
     assert address_of({"type": "http", "client": ("192.0.2.1", 1)}) == "192.0.2.1"
+
+
+async def test_a_peer_seen_before_is_not_parsed_again_and_reads_the_same() -> None:
+    _peer_address.cache_clear()
+    first = await _settled(("::ffff:192.0.2.8", 5), [], [])
+    again = await _settled(("::ffff:192.0.2.8", 6), [], [])
+    assert (first, again) == (("192.0.2.8", 5), ("192.0.2.8", 6))
+    assert _peer_address.cache_info().hits == 1

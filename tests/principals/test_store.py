@@ -98,6 +98,24 @@ async def test_rotation_revoking_one_token_keeps_the_other(store: PrincipalStore
 
 
 @pytest.mark.anyio
+async def test_an_unchanged_store_is_not_read_again_and_a_change_is_read_on_the_next_request(
+    store: PrincipalStore, path: Path
+) -> None:
+    issued = store.add("alice", record=nothing)
+    tokens = LocalTokens(path)
+    statements: list[str] = []
+    assert tokens._db is not None
+    tokens._db.set_trace_callback(statements.append)
+    for _ in range(3):
+        assert await tokens.authenticate(issued.token) is not None
+    assert sum("FROM tokens" in statement for statement in statements) == 1
+    store.revoke(issued.token_id, record=nothing)
+    with pytest.raises(Unauthenticated, match="revoked"):
+        await tokens.authenticate(issued.token)
+    assert sum("FROM tokens" in statement for statement in statements) == 2
+
+
+@pytest.mark.anyio
 async def test_a_token_is_refused_from_the_moment_it_expires(store: PrincipalStore, path: Path, clock: Clock) -> None:
     issued = store.add("ci", expires=START + timedelta(hours=1), record=nothing)
     tokens = LocalTokens(path, clock)
