@@ -293,9 +293,14 @@ class GatewaySettings(_Model):
 
 _GLOB = frozenset("*?[")
 MAX_PRINCIPAL_NAME = 256
-_NAMEABLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]*")
+_NAME_FIRST, _NAME_NEXT = "[A-Za-z0-9]", "[A-Za-z0-9_.@-]"
+PRINCIPAL_NAME = re.compile(rf"^{_NAME_FIRST}{_NAME_NEXT}{{0,63}}$")
+"""A name `principal add` gives a principal (and a role): an upstream's characters and `.` `@` (an e-mail
+address, `ci.nightly`)."""
+_NAMEABLE = re.compile(rf"{_NAME_FIRST}{_NAME_NEXT}*")
 """A principal name `${principal.name}` is read as: the characters `principal add` allows, none of which
-separates a path, a cookie or a list where the value lands."""
+separates a path, a cookie or a list where the value lands (of any length: an access token's name can be
+longer)."""
 
 
 def _principal_name(name: str) -> str:

@@ -370,18 +370,12 @@ class Authenticate:
         error = "invalid_token" if credential else "unauthorized"
         body = json.dumps({"error": error, "error_description": why}).encode()
         challenge = self._challenge + (', error="invalid_token"' if credential else "")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", challenge.encode("latin-1")),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+        await respond(
+            send,
+            401,
+            body,
+            [(b"content-type", b"application/json"), (b"www-authenticate", challenge.encode("latin-1"))],
         )
-        await send({"type": "http.response.body", "body": body})
 
     async def _authenticate(self, credential: str) -> Principal | None:
         """The principal `credential` stands for, `None` when no authenticator knows its kind; raises
@@ -574,16 +568,21 @@ def _cut_deep_arguments(message: dict[str, Any], body: bytes) -> bytes:
     return json.dumps(cut, ensure_ascii=False).encode()
 
 
-async def _answer(send: Send, status: int, message: dict[str, object]) -> None:
-    body = json.dumps(message, separators=(",", ":")).encode()  # compact, as the SDK answers
+async def respond(send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """Answer a request the app is not to see: `status`, `headers` and `body` (its length added)."""
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def _answer(send: Send, status: int, message: dict[str, object]) -> None:
+    body = json.dumps(message, separators=(",", ":")).encode()  # compact, as the SDK answers
+    await respond(send, status, body, [(b"content-type", b"application/json")])
 
 
 class StoppingInOrder(uvicorn.Server):

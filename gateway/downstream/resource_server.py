@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config.models import OAuthSettings
+from gateway.downstream.http_edge import respond
 from gateway.principals import principal_in
 
 WELL_KNOWN = "/.well-known/oauth-protected-resource"
@@ -69,10 +70,10 @@ class ResourceMetadata:
             await refused(scope, receive, send)
             return
         if scope["method"] != "GET":
-            await _respond(send, 405, b"", [(b"allow", b"GET")])
+            await respond(send, 405, b"", [(b"allow", b"GET")])
             return
         headers = [(b"content-type", b"application/json"), (b"cache-control", b"max-age=3600")]
-        await _respond(send, 200, self._body, headers)
+        await respond(send, 200, self._body, headers)
 
 
 class RequireScopes:
@@ -95,17 +96,6 @@ class RequireScopes:
             {"error": "insufficient_scope", "error_description": f"the access token lacks scope {' '.join(missing)}"}
         ).encode()
         header = self._challenge + ', error="insufficient_scope"'
-        await _respond(
+        await respond(
             send, 403, body, [(b"content-type", b"application/json"), (b"www-authenticate", header.encode("latin-1"))]
         )
-
-
-async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*headers, (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

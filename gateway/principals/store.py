@@ -28,13 +28,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.audit.store import iso_utc
+from gateway.config.models import PRINCIPAL_NAME
 from gateway.errors import PrincipalsError
 from gateway.principals import SHARED_TOKEN_PRINCIPAL, Principal, Unauthenticated
 
 logger = logging.getLogger(__name__)
 
-PRINCIPAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-"""A principal's (and a role's) name: an upstream's characters and `.` `@` (an e-mail address, `ci.nightly`)."""
 TOKEN_ID = re.compile(r"^[0-9a-f]{8}$")
 TOKEN_PREFIX = "mcpa_"
 _TOKEN = re.compile(r"^mcpa_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
