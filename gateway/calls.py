@@ -184,6 +184,8 @@ class Channel(StrEnum):
     """An elicitation request while the call waits (handshake-era connections)."""
     ROUND_TRIP = "input_required"
     """An `input_required` result and the client's retry (2026-07-28 connections)."""
+    QUEUE = "queue"
+    """The approval queue: `mcp-armor approvals`, or the console."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,13 +201,24 @@ class Approval:
     via: Channel | None = None
     """`None`: no channel reached a person."""
     pending: Mapping[str, Any] | None = None
+    entry: str | None = None
+    """The approval queue's id for this ask (`None`: it was not in the queue)."""
+    by: str | None = None
+    """Who decided: the OS user at `approvals`, the console's principal, or the agent's client."""
+    through: str | None = None
+    """Where they decided: `cli`, `console`, `elicitation`, `input_required`."""
+    at: str | None = None
+    """When they decided (ISO 8601, UTC)."""
 
     @property
     def granted(self) -> bool:
         return self.answer is Answer.GRANTED
 
     def to_record(self) -> dict[str, Any]:
-        return {"answer": self.answer.value, "via": self.via.value if self.via else None, "reason": self.reason}
+        record = {"answer": self.answer.value, "via": self.via.value if self.via else None, "reason": self.reason}
+        if self.entry is not None:
+            record.update(entry=self.entry, by=self.by, through=self.through, at=self.at)
+        return record
 
 
 Approver = Callable[[ToolCall, Decision], Awaitable[Approval]]

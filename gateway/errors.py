@@ -64,6 +64,10 @@ class PrincipalsError(GatewayError):
     """The principals store cannot be read or written, or a principal command names what is not there."""
 
 
+class ApprovalsError(GatewayError):
+    """The approval queue cannot be read or written, or an approval command names one not there to decide."""
+
+
 class Unauthenticated(GatewayError):
     """A credential an authenticator recognises as its kind but refuses (expired, revoked, forged, for
     another audience...): the request is answered 401, and the reason is logged, never the credential."""

@@ -241,6 +241,38 @@ class HttpSettings(_Model):
         return self
 
 
+class ApprovalSettings(_Model):
+    """`[gateway.approvals]`: where a person is asked to approve an `ask` call."""
+
+    via: tuple[Literal["client", "queue"], ...] = ("client", "queue")
+    """`client`: the agent's client's elicitation, where it has one; `queue`: the approval queue
+    (`mcp-armor approvals`, the console). With both, the first decision wins."""
+    queue: Literal["always", "fallback"] = "always"
+    """`always`: a call waits in the queue even while the client asks; `fallback`: only when the client cannot."""
+    notify: str | None = None
+    """An `http(s)://` address POSTed a JSON notice (Slack/Teams `text` and the call) when an approval waits."""
+    notify_headers: Mapping[str, StrictStr] = Field(default_factory=dict)
+    """Headers sent with each notice (an `Authorization`, say); `${VAR}` is read from the environment."""
+    console_url: str | None = None
+    """The console's address, for the link a notice carries (e.g. `"https://gateway.internal:8443/console"`)."""
+
+    @field_validator("via")
+    @classmethod
+    def _some_channel(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        if not values:
+            raise ValueError('name at least one of "client", "queue" (no channel: every ask would be refused)')
+        if len(set(values)) != len(values):
+            raise ValueError("names a channel twice")
+        return values
+
+    @field_validator("notify", "console_url")
+    @classmethod
+    def _http_address(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/?#]+", value):
+            raise ValueError(f"{value!r} is not an http:// or https:// address")
+        return value
+
+
 class GatewaySettings(_Model):
     """`[gateway]`: settings of the gateway itself."""
 
@@ -271,6 +303,7 @@ class GatewaySettings(_Model):
     """Upstream definitions held against `upstreams.lock` and the poisoning scan: `enforce` quarantines
     what is new, changed or poisoned; `warn` only reports it; `off` checks nothing."""
     http: HttpSettings = HttpSettings()
+    approvals: ApprovalSettings = ApprovalSettings()
     pass_env: PassEnv = ()
     """What every command upstream inherits besides the default variables (gateway.config.environment)."""
     max_message_size: Size = 64 * 1024**2
@@ -503,6 +536,11 @@ class Config(_Model):
     def principals_path(self) -> Path:
         """The named principals and their tokens' hashes (`mcp-armor principal`), in the state directory."""
         return self.state_dir / "principals.db"
+
+    @property
+    def approvals_path(self) -> Path:
+        """The approval queue (`mcp-armor approvals`, the console), in the state directory."""
+        return self.state_dir / "approvals.db"
 
     @property
     def lock_path(self) -> Path:

@@ -103,8 +103,9 @@ class ApprovalDesk:
             return Approval(Answer.DECLINED, "the person declined it", via)
         return Approval(Answer.DECLINED, "the person dismissed the request without approving it", via)
 
-    def pending(self, call: ToolCall, decision: Decision) -> Approval:
-        """The `input_required` result that asks the client to collect the person's answer."""
+    def pending(self, call: ToolCall, decision: Decision, entry: str | None = None) -> Approval:
+        """The `input_required` result that asks the client to collect the person's answer (`entry`: the
+        call also waits in the approval queue under this id, and the retry's answer is entered there)."""
         request = {
             "method": "elicitation/create",
             "params": {"mode": "form", "message": self.message(call, decision), "requestedSchema": REQUESTED_SCHEMA},
@@ -112,17 +113,19 @@ class ApprovalDesk:
         result = {
             "resultType": "input_required",
             "inputRequests": {REQUEST_KEY: request},
-            "requestState": self.seal(call),
+            "requestState": self.seal(call, entry),
         }
-        return Approval(Answer.PENDING, "waiting for a person's approval", Channel.ROUND_TRIP, pending=result)
+        waiting = "waiting for a person's approval"
+        return Approval(Answer.PENDING, waiting, Channel.ROUND_TRIP, pending=result, entry=entry)
 
-    def seal(self, call: ToolCall) -> str:
+    def seal(self, call: ToolCall, entry: str | None = None) -> str:
         now = self._clock()
         claims = {
             "b": self.binding(call),
             "p": call.session.principal,
             "exp": now + self.ttl,
             "n": secrets.token_hex(16),
+            "q": entry,
         }
         body = base64.urlsafe_b64encode(canonical_json(claims)).decode().rstrip("=")
         return f"{body}.{self._sign(body)}"
@@ -138,6 +141,9 @@ class ApprovalDesk:
             claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
             bound, principal = str(claims["b"]), str(claims["p"])
             expires, nonce = float(claims["exp"]), str(claims["n"])
+            entry = claims.get("q")
+            if entry is not None and not isinstance(entry, str):
+                raise TypeError(entry)
         except (ValueError, KeyError, TypeError):
             return _invalid("the approval state is malformed")
         now = self._clock()
@@ -152,7 +158,7 @@ class ApprovalDesk:
             return _invalid("this approval was already used; each approval covers one call")
         verdict = self.answer(response, Channel.ROUND_TRIP)
         self._used[nonce] = expires
-        return verdict
+        return replace(verdict, entry=entry) if entry is not None else verdict
 
     def _sign(self, body: str) -> str:
         return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()

@@ -21,6 +21,7 @@ import anyio
 import mcp_types as types
 
 from gateway import __version__
+from gateway.audit.approvals import ApprovalQueue, AskedCall
 from gateway.audit.events import GatewayEvents
 from gateway.audit.stages import SHUTDOWN_GRACE, CallAudit
 from gateway.calls import (
@@ -39,6 +40,7 @@ from gateway.catalog.listing import Catalog, ExposedTool
 from gateway.catalog.pins import Assessment, Lock
 from gateway.catalog.uris import normal_uri
 from gateway.core.approvals import REQUESTED_SCHEMA, ApprovalDesk
+from gateway.core.asking import QueueAsker, masked_call
 from gateway.core.dispatch import Caps, Dispatcher, Route
 from gateway.core.notices import Notices
 from gateway.core.own_files import GatewayFiles
@@ -88,6 +90,13 @@ class Gateway:
         self.desk = ApprovalDesk(
             pool.config.gateway.ask_timeout, declared=lambda tool: engine.policies.paths.declared(tool)
         )
+        self.asker = QueueAsker(
+            ApprovalQueue(pool.config.approvals_path),
+            self.desk,
+            self._asked_call,
+            lambda: engine.policies.revision,
+        )
+        """The approval queue as a way of asking (`[gateway.approvals] via`)."""
         engine.index_tools(pool.catalog.tools)
         self._startup_timeout = pool.config.gateway.startup_timeout
         self._started = False
@@ -343,32 +352,53 @@ class Gateway:
         )
 
     def _approver(self, caller: Caller, params: ToolRequest | RoundTrip) -> Approver | None:
-        """How this request can ask a person: elicitation now (handshake era) or input-required (2026:
-        `params` carries the retry's state and answer)."""
-        if not caller.can_elicit:
-            return None
+        """How this request can ask a person: the agent's client (elicitation now in the handshake era,
+        an input-required round trip in 2026-07-28: `params` carries the retry's state and answer), the
+        approval queue, or both (the first decision wins), as `[gateway.approvals]` says."""
+        settings = self.pool.config.gateway.approvals
+        client_asks = caller.can_elicit and "client" in settings.via
+        queue = self.asker if "queue" in settings.via and (settings.queue == "always" or not client_asks) else None
         desk = self.desk
-        if caller.modern:
+        if caller.modern and client_asks:
 
             async def by_round_trip(call: ToolCall, decision: Decision) -> Approval:
                 if params.request_state is None and params.answer is None:
-                    return desk.pending(call, decision)
-                return desk.redeem(params.request_state, params.answer, call)
+                    entry = await queue.enter(call, decision) if queue is not None else None
+                    return desk.pending(call, decision, entry.id if entry is not None else None)
+                verdict = desk.redeem(params.request_state, params.answer, call)
+                if queue is None or verdict.entry is None or verdict.answer is Answer.INVALID:
+                    return verdict
+                return await queue.settle(verdict.entry, verdict, call, decision)
 
             return by_round_trip
-        elicit = caller.elicit
-        if elicit is None:
-            return None
+        elicit = caller.elicit if client_asks and not caller.modern else None
+        client: Callable[[ToolCall, Decision], Awaitable[Approval]] | None = None
+        if elicit is not None:
 
-        async def by_elicitation(call: ToolCall, decision: Decision) -> Approval:
-            try:
-                result = await elicit(desk.message(call, decision), REQUESTED_SCHEMA)
-            except ProtocolError as exc:
-                failed = f"the client could not ask a person ({exc.message})"
-                return Approval(Answer.CANNOT_ASK, failed, Channel.ELICITATION)
-            return desk.answer(result)
+            async def by_elicitation(call: ToolCall, decision: Decision) -> Approval:
+                try:
+                    result = await elicit(desk.message(call, decision), REQUESTED_SCHEMA)
+                except ProtocolError as exc:
+                    failed = f"the client could not ask a person ({exc.message})"
+                    return Approval(Answer.CANNOT_ASK, failed, Channel.ELICITATION)
+                return desk.answer(result)
 
-        return by_elicitation
+            client = by_elicitation
+        if queue is None:
+            return client
+
+        async def by_queue(call: ToolCall, decision: Decision) -> Approval:
+            ask = client
+            return await queue.ask(call, decision, None if ask is None else lambda: ask(call, decision))
+
+        return by_queue
+
+    def _asked_call(self, call: ToolCall, decision: Decision) -> AskedCall:
+        """What the approval queue shows of `call`: masked as its decision event will be."""
+        redactor = self.audit.recorder.redactor
+        rules = self.engine.rules_for(call.tool.name)
+        paths = tuple(self.engine.policies.paths.declared(call.tool.name))
+        return masked_call(call, decision, lambda arguments: redactor.redact(arguments, rules.mask).value, paths)
 
     def session_info(
         self,

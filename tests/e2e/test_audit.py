@@ -157,8 +157,9 @@ async def test_every_call_leaves_exactly_one_decision_and_one_outcome(config: Pa
 
 
 async def test_asked_call_refused_and_input_required_are_recorded(tmp_path: Path) -> None:
-    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=POLICY)
-    async with gateway_client(config) as client:  # no elicitation: the ask cannot be put to a person
+    box = fixture_upstream("toolbox.py")
+    config = write_config(tmp_path, {"box": box}, policy=POLICY, approvals={"via": ["client"]})
+    async with gateway_client(config) as client:  # no elicitation, no queue: the ask cannot be put to a person
         refused = await client.call_tool("box__write_note", {"path": "notes/a", "body": "x"})
         assert "cannot ask a person" in text_of(refused)
     async with gateway_client(config, mode="auto", elicitation=Approve()) as client:

@@ -211,7 +211,10 @@ async def test_an_asked_call_is_forwarded_only_after_approval(config: Path, reco
     assert person.asked[-1].requested_schema["required"] == ["approve"]
 
 
-async def test_a_client_that_cannot_ask_is_refused(config: Path, record: Path) -> None:
+async def test_a_client_that_cannot_ask_is_refused(tmp_path: Path, record: Path) -> None:
+    """With the client as the only channel (`via = ["client"]`), a client without elicitation is refused."""
+    box = fixture_upstream("toolbox.py", TOOLBOX_RECORD=str(record))
+    config = write_config(tmp_path, {"box": box}, policy=POLICY, approvals={"via": ["client"]})
     async with gateway_client(config) as client:
         refused = await client.call_tool("box__write_note", NOTE)
         assert refused.is_error

@@ -368,7 +368,8 @@ async def test_calls_still_running_when_the_piped_input_ends_are_cancelled_after
 async def test_an_approval_cannot_be_asked_once_the_piped_input_ended(tmp_path: Path) -> None:
     """The client declared elicitation, but its input has ended: nobody can answer, so the call is refused."""
     policy = '[defaults]\neffect = "allow"\n\n[[rule]]\nid = "asked"\ntools = ["box__write_note"]\neffect = "ask"\n'
-    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=policy)
+    box = {"box": fixture_upstream("toolbox.py")}
+    config = write_config(tmp_path, box, policy=policy, approvals={"via": ["client"]})
     lines = [
         {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {**INIT, "capabilities": {"elicitation": {}}}},
         {"jsonrpc": "2.0", "method": "notifications/initialized"},
