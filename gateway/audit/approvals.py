@@ -317,6 +317,9 @@ class ApprovalQueue:
         _check_file(self.path)
         try:
             with closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)) as db:
+                if _is_new(db):  # made a moment ago, its tables not yet committed: nothing in it
+                    yield None
+                    return
                 _check_version(db, self.path)
                 yield db
         except sqlite3.Error as exc:
@@ -338,8 +341,7 @@ class ApprovalQueue:
                 db.execute("PRAGMA journal_mode = WAL")
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    version = db.execute("PRAGMA user_version").fetchone()[0]
-                    if version == 0 and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                    if _is_new(db):
                         for statement in _SCHEMA:
                             db.execute(statement)
                     else:
@@ -357,6 +359,13 @@ class ApprovalQueue:
 
 def queue_path(state_dir: Path) -> Path:
     return state_dir / "approvals.db"
+
+
+def _is_new(db: sqlite3.Connection) -> bool:
+    """A file with no schema yet (made by `open`, its first transaction not committed)."""
+    if db.execute("PRAGMA user_version").fetchone()[0] != 0:
+        return False
+    return int(db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]) == 0
 
 
 def _check_version(db: sqlite3.Connection, path: Path) -> None:

@@ -64,11 +64,12 @@ class ApprovalDesk:
 
     @staticmethod
     def binding(call: ToolCall) -> str:
-        """What an approval is bound to: the session, the exposed name and the upstream behind it, the
+        """What an approval is bound to: the session and its principal, the exposed name and the upstream behind it, the
         definition the agent was shown, a hash of the arguments, and, once decided, the policy revision
         and the arguments the upstream would receive (a rewrite under another revision is another call)."""
         target = {"tool": call.tool.name, "upstream": call.tool.upstream, "definition": call.tool.source.digest}
-        bound: dict[str, Any] = {"session": call.session.id, **target, "arguments": call.arguments}
+        who = {"session": call.session.id, "principal": call.session.principal}
+        bound: dict[str, Any] = {**who, **target, "arguments": call.arguments}
         if call.decision is not None:
             bound.update(revision=call.decision.revision, forwarded=call.forwarded_arguments)
         return digest(bound)
