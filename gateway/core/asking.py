@@ -192,9 +192,14 @@ class QueueAsker:
             if expired
             else "the call ended before anyone decided (cancelled, or the gateway shut down)"
         )
+        late = "approved after the call had ended undecided; it did not go ahead"
         try:
             with anyio.move_on_after(5):
-                await anyio.to_thread.run_sync(lambda: self.queue.close_out(entry.id, status, note))
+                if not await anyio.to_thread.run_sync(lambda: self.queue.close_out(entry.id, status, note)):
+                    # Decided in the instant the call ended: an approval nobody will spend must not read as live.
+                    await anyio.to_thread.run_sync(
+                        lambda: self.queue.close_out(entry.id, Status.VOID, late, only=Status.APPROVED)
+                    )
         except ApprovalsError as exc:
             logger.error("%s", exc)
 

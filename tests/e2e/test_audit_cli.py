@@ -323,6 +323,11 @@ class Together:
         return types.ElicitResult(action=self.action, content={"approve": True} if self.action == "accept" else None)
 
 
+def _answer(request: dict[str, Any]) -> dict[str, Any]:
+    """What the person answered, how they were asked, and why (without the queue's bookkeeping)."""
+    return {key: request[key] for key in ("answer", "via", "reason")}
+
+
 @pytest.mark.anyio
 async def test_show_tells_an_approval_granted_from_a_call_then_refused(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=LIMITED)
@@ -345,8 +350,11 @@ async def test_show_tells_an_approval_granted_from_a_call_then_refused(tmp_path:
         for record in map(json.loads, cli(config, "audit", "export").stdout.splitlines())
         if record["kind"] == "decision"
     ]
-    requests = [(record["approval"], record["approval_request"]) for record in decisions]
+    requests = [(record["approval"], _answer(record["approval_request"])) for record in decisions]
     granted = {"answer": "granted", "via": "elicitation", "reason": "approved by a person"}
+    # each answer was also entered in the approval queue, under its id, as the client's
+    assert {record["approval_request"]["through"] for record in decisions} == {"elicitation"}
+    assert len({record["approval_request"]["entry"] for record in decisions}) == 3
     assert sorted(requests[:2], key=str) == [("granted", granted), ("not granted", granted)]
     declined = {"answer": "declined", "via": "elicitation", "reason": "the person declined it"}
     assert requests[2] == ("not granted", declined)
