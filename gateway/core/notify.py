@@ -86,12 +86,11 @@ def notice_text(entry: Entry, link: str | None, now: float) -> str:
     """One or two lines: what waits, for whom, why, for how long, and where to decide it."""
     call = entry.call
     who = f"{_plain(call.principal)} via {_plain(call.client)}" if call.principal else _plain(call.client)
-    rules = ", ".join(call.rules) or "the default"
+    # A rule's reason names the rule ("rule 'x' needs a person's approval: …"): it is not said twice.
+    unnamed = [rule for rule in call.rules if rule not in call.reason]
+    why = f"rule {_plain(', '.join(unnamed))}: {_plain(call.reason)}" if unnamed else _plain(call.reason)
     left = format_seconds(max(0, round(entry.expires - now)))
-    line = (
-        f"Approval waiting: {_plain(call.tool)} for {who}; rule {_plain(rules)}: {_plain(call.reason)}; "
-        f"expires in {left} (id {entry.id})"
-    )
+    line = f"Approval waiting: {_plain(call.tool)} for {who}; {why}; expires in {left} (id {entry.id})"
     return f"{line}\nDecide: {link}" if link is not None else line
 
 

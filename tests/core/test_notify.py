@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -175,7 +176,9 @@ def test_the_notice_says_what_waits_and_links_to_the_console() -> None:
     link = f"{CONSOLE}#approval-abcd2345"
     first, second = payload["text"].split("\n")
     assert "`box__write_note`" in first and "(id abcd2345)" in first and "expires in 100s" in first
-    assert "`writes-need-approval`: `writes change the disk`" in first and "`alice` via " in first
+    assert "; rule `writes-need-approval`: `writes change the disk`; " in first and "`alice` via " in first
+    named = replace(waiting, call=replace(waiting.call, reason="rule 'writes-need-approval' asks: writes"))
+    assert "; `rule 'writes-need-approval' asks: writes`; " in notice(named, None, clock.now)["text"]
     assert "<" not in first and "&lt;!channel&gt;" in first  # no mention, no link the agent chose
     assert second == f"Decide: {link}"
     assert payload["console"] == link
