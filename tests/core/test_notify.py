@@ -83,7 +83,7 @@ def entry(clock: Clock, *, ttl: float = 120.0, client: str = "agent 1.0", entry_
         tool="box__write_note",
         upstream="box",
         upstream_tool="write_note",
-        arguments={"path": "notes/a", "body": "[masked:aws-access-key]"},
+        arguments={"path": "notes/a", "body": "deploy key [masked:aws-access-key:3f0c9a1d5e7b2c84]"},
         rules=("writes-need-approval",),
         reason="writes change the disk",
         revision="r1",
