@@ -272,6 +272,17 @@ class ApprovalSettings(_Model):
             raise ValueError(f"{value!r} is not an http:// or https:// address")
         return value
 
+    @field_validator("notify_headers")
+    @classmethod
+    def _sendable_headers(cls, values: Mapping[str, str]) -> Mapping[str, str]:
+        # Checked here, not when a notice is sent: a value carries a secret, so it is never quoted.
+        for name, value in values.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"{name!r} is not an HTTP header name")
+            if not re.fullmatch(r"[\x20-\x7e\t]*", value):
+                raise ValueError(f"the value of {name!r} has a character no header can carry (non-ASCII, line break)")
+        return values
+
 
 class GatewaySettings(_Model):
     """`[gateway]`: settings of the gateway itself."""

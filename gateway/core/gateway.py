@@ -43,6 +43,7 @@ from gateway.core.approvals import REQUESTED_SCHEMA, ApprovalDesk
 from gateway.core.asking import QueueAsker, masked_call
 from gateway.core.dispatch import Caps, Dispatcher, Route
 from gateway.core.notices import Notices
+from gateway.core.notify import ApprovalNotifier
 from gateway.core.own_files import GatewayFiles
 from gateway.core.pipeline import build_pipeline
 from gateway.core.requests import Caller, Request, RoundTrip, ToolRequest
@@ -90,11 +91,19 @@ class Gateway:
         self.desk = ApprovalDesk(
             pool.config.gateway.ask_timeout, declared=lambda tool: engine.policies.paths.declared(tool)
         )
+        approvals = pool.config.gateway.approvals
+        self.notifier = (
+            ApprovalNotifier(approvals.notify, approvals.notify_headers, approvals.console_url)
+            if approvals.notify is not None
+            else None
+        )
+        """Announces each waiting approval (`[gateway.approvals] notify`), in the background."""
         self.asker = QueueAsker(
             ApprovalQueue(pool.config.approvals_path),
             self.desk,
             self._asked_call,
             lambda: engine.policies.revision,
+            self.notifier.notify if self.notifier is not None else None,
         )
         """The approval queue as a way of asking (`[gateway.approvals] via`)."""
         engine.index_tools(pool.catalog.tools)
@@ -127,9 +136,11 @@ class Gateway:
         self.version = __version__
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run the upstream pool and the policy watcher until cancelled."""
+        """Run the upstream pool, the policy watcher and the approval notices until cancelled."""
         async with anyio.create_task_group() as tg:
             await tg.start(self.pool.run)
+            if self.notifier is not None:
+                await tg.start(self.notifier.run)
             policy_dir = self.pool.config.policy_dir
             tg.start_soon(
                 watch_policies, policy_dir, self._revision, self.install_policies, self.events.policy_reload_failed
