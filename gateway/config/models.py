@@ -269,7 +269,7 @@ class ApprovalSettings(_Model):
     @classmethod
     def _http_address(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^https?://[^\s/?#]+", value):
-            raise ValueError(f"{value!r} is not an http:// or https:// address")
+            raise ValueError("is not an http:// or https:// address (not repeated here: it may hold a secret)")
         return value
 
     @field_validator("notify_headers")
