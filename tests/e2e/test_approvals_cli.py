@@ -334,3 +334,44 @@ async def test_a_queue_file_that_cannot_be_read_is_one_line(config: Path, tmp_pa
     assert listed.returncode == 2
     (line,) = listed.stderr.splitlines()
     assert line.startswith(f"mcp-armor: error: {state / 'approvals.db'}: the approval queue cannot be read: ")
+
+
+REWRITTEN = """
+[defaults]
+effect = "allow"
+
+[[rule]]
+id = "notes"
+tools = ["box__write_note"]
+effect = "ask"
+
+[[rule]]
+id = "append"
+tools = ["box__write_note"]
+effect = "rewrite"
+set = { options = { mode = "append" } }
+"""
+
+
+async def test_show_prints_the_agents_arguments_and_the_rewritten_ones(tmp_path: Path, record: Path) -> None:
+    config = write_config(
+        tmp_path, {"box": fixture_upstream("toolbox.py", TOOLBOX_RECORD=str(record))}, policy=REWRITTEN
+    )
+    results: Results = {}
+    async with gateway_client(config) as client, anyio.create_task_group() as tg:
+        tg.start_soon(caller(client, results), "note", "box__write_note", {"path": "notes/a", "body": "b"})
+        (entry,) = await pending(config, 1)
+        shown = await cli(config, "approve", entry.id, "--yes")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    sent = lines.index("arguments the agent sent (a rule rewrote them):")
+    forwarded = lines.index("arguments the upstream would receive:")
+    assert [line.strip() for line in lines[sent + 1 : forwarded]] == ['"path": "notes/a"', '"body": "b"']
+    assert [line.strip() for line in lines[forwarded + 1 : -1]] == [
+        '"path": "notes/a"',
+        '"body": "b"',
+        '"options": object of 1 key',
+        '"mode": "append"',
+    ]
+    assert text_of(results["note"]) == "stored notes/a"
+    assert read_records(record)[-1]["arguments"]["options"] == {"mode": "append"}
