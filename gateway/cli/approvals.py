@@ -10,9 +10,9 @@ denied by mistake is asked again when the agent retries it.
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
+import pwd
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -96,8 +96,8 @@ def decide(config: Config, entry_id: str, *, approve: bool, note: str, yes: bool
     entry = _entry(queue, entry_id)
     _print_call(entry, queue.now(), sys.stderr if as_json else sys.stdout)
     settled = entry.settled(queue.now())
-    if settled is not None:
-        raise ApprovalsError(settled)
+    if settled is not None:  # who decided may be an agent's client name: written out as escapes
+        raise ApprovalsError(visible(settled))
     if approve and not yes and not _confirmed():
         print(f"approval {entry.id}: not approved; nothing changed")
         return 1
@@ -106,9 +106,12 @@ def decide(config: Config, entry_id: str, *, approve: bool, note: str, yes: bool
     def record(decided: Entry) -> None:
         record_first(config, [_event(decided)], ApprovalsError)
 
-    decided = queue.decide(
-        entry.id, approve=approve, by=by, channel=CHANNEL, note=note, binding=entry.binding, record=record
-    )
+    try:
+        decided = queue.decide(
+            entry.id, approve=approve, by=by, channel=CHANNEL, note=note, binding=entry.binding, record=record
+        )
+    except ApprovalsError as exc:  # decided meanwhile (by an agent's client, perhaps): its name escaped
+        raise ApprovalsError(visible(str(exc))) from None
     if as_json:
         print(json.dumps(decided.to_record(queue.now())))
     else:
@@ -198,11 +201,12 @@ def _event(decided: Entry) -> dict[str, Any]:
 
 
 def _user() -> str:
-    """The OS user deciding (as the queue and the audit log name them)."""
+    """The OS user deciding (as the queue and the audit log name them): the name of the process's user id,
+    not `getpass.getuser()`, which believes `$USER` and `$LOGNAME` (anyone can set those)."""
     try:
-        return getpass.getuser()
-    except (OSError, KeyError):  # no name for this uid (a container's): the uid says who it was
-        return f"uid {os.getuid()}"
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # no name for this uid (a container's): the uid says who it was
+        return f"uid {os.geteuid()}"
 
 
 def _who(entry: Entry) -> str:

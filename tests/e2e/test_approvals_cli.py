@@ -3,11 +3,11 @@ the calls wait in the shared queue, and only the command line (never anything ov
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import os
 import pty
+import pwd
 import select
 import subprocess
 import sys
@@ -21,7 +21,7 @@ import mcp_types as types
 import pytest
 from mcp import Client
 
-from gateway.audit.approvals import ApprovalQueue, Entry, Status
+from gateway.audit.approvals import ApprovalQueue, AskedCall, Entry, Status
 from gateway.config.models import load_config
 from tests.conftest import REPO, events, fixture_upstream, gateway_client, read_records, run_cli, text_of, write_config
 
@@ -42,7 +42,7 @@ id = "echoes"
 tools = ["box__echo"]
 effect = "ask"
 """
-USER = getpass.getuser()
+USER = pwd.getpwuid(os.geteuid()).pw_name
 
 
 @pytest.fixture
@@ -375,3 +375,32 @@ async def test_show_prints_the_agents_arguments_and_the_rewritten_ones(tmp_path:
     ]
     assert text_of(results["note"]) == "stored notes/a"
     assert read_records(record)[-1]["arguments"]["options"] == {"mode": "append"}
+
+
+def test_the_decider_is_the_os_user_and_a_client_chosen_name_is_escaped(config: Path, tmp_path: Path) -> None:
+    """`by` is the process's user whatever `$USER` claims; who decided first, when that is an agent's
+    client (its name its own choice), is written out as escapes."""
+    waiting = queue(config)
+    call = AskedCall("c1", "s1", "client 1", "", "box__write_note", "box", "write_note", {}, ("notes",), "why", "r")
+    first, second = waiting.ask(call, "binding", 600), waiting.ask(call, "binding", 600)
+    claimed = {"USER": "mallory", "LOGNAME": "mallory", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    denied = subprocess.run(
+        [sys.executable, "-m", "gateway", "approvals", "deny", first.id, "--json", "--config", str(config)],
+        env={**claimed, "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"]},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert denied.returncode == 0, denied.stderr
+    assert json.loads(denied.stdout)["decided_by"] == USER != "mallory"
+    assert [row["by"] for row in events(tmp_path) if row["kind"] == "approval"] == [USER]
+
+    waiting.decide(second.id, approve=True, by="agent\x1b[2J (the agent's client)", channel="elicitation")
+    late = run_cli("approvals", "approve", second.id, "--yes", "--config", str(config), cwd=REPO)
+    assert late.returncode == 2 and "\x1b" not in late.stderr
+    assert late.stderr.splitlines()[-1] == (
+        f"mcp-armor: error: approval {second.id} is approved by agent\\x1b[2J (the agent's client) "
+        "(elicitation): nothing to decide"
+    )
