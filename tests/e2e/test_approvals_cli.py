@@ -404,3 +404,18 @@ def test_the_decider_is_the_os_user_and_a_client_chosen_name_is_escaped(config: 
         f"mcp-armor: error: approval {second.id} is approved by agent\\x1b[2J (the agent's client) "
         "(elicitation): nothing to decide"
     )
+
+
+def test_a_decision_the_audit_log_cannot_record_is_not_taken(tmp_path: Path) -> None:
+    """The audit log is a directory here, so nothing can be appended to it: the row stays pending."""
+    (tmp_path / "log-in-the-way").mkdir()
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, policy=POLICY, audit="log-in-the-way")
+    call = AskedCall("c1", "s1", "client 1", "", "box__write_note", "box", "write_note", {}, ("notes",), "why", "r")
+    entry = queue(config).ask(call, "binding", 600)
+    for verb in (["approve", "--yes"], ["deny"]):
+        refused = run_cli("approvals", *verb, entry.id, "--config", str(config), cwd=REPO)
+        assert refused.returncode == 2
+        assert refused.stderr.splitlines()[-1].startswith(
+            "mcp-armor: error: the change cannot be recorded in the audit log, so nothing changed: "
+        )
+        assert queue(config).get(entry.id).status is Status.PENDING  # type: ignore[union-attr]
