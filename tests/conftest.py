@@ -333,6 +333,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args],
         cwd=cwd,
+        stdin=subprocess.DEVNULL,  # never a terminal: a command that would ask someone must not wait
         capture_output=True,
         text=True,
         timeout=120,

@@ -121,6 +121,15 @@ class Entry:
             return Status.EXPIRED
         return self.status
 
+    def settled(self, now: float) -> str | None:
+        """Why this row can no longer be decided as of `now` (one line naming who decided it, and how), or
+        `None` while it is pending."""
+        status = self.shown_status(now)
+        if status is Status.PENDING:
+            return None
+        by_whom = f" by {self.decided_by} ({self.channel})" if self.decided_by else ""
+        return f"approval {self.id} is {status.value}{by_whom}: nothing to decide"
+
     def to_record(self, now: float | None = None) -> dict[str, Any]:
         status = self.shown_status(time.time() if now is None else now)
         return {
@@ -200,10 +209,9 @@ class ApprovalQueue:
             entry = self._row(db, entry_id)
             if entry is None:
                 raise ApprovalsError(f"no approval {entry_id!r} (see `mcp-armor approvals list`)")
-            status = entry.shown_status(now)
-            if status is not Status.PENDING:
-                by_whom = f" by {entry.decided_by} ({entry.channel})" if entry.decided_by else ""
-                raise ApprovalsError(f"approval {entry_id} is {status.value}{by_whom}: nothing to decide")
+            settled = entry.settled(now)
+            if settled is not None:
+                raise ApprovalsError(settled)
             if binding is not None and binding != entry.binding:
                 raise ApprovalsError(f"approval {entry_id} is not the call that was shown (its binding differs)")
             status = Status.APPROVED if approve else Status.DENIED
@@ -317,7 +325,7 @@ class ApprovalQueue:
         _check_file(self.path)
         try:
             with closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)) as db:
-                if _is_new(db):  # made a moment ago, its tables not yet committed: nothing in it
+                if _unmade(db):  # a file a gateway has just created, its tables not yet committed: empty
                     yield None
                     return
                 _check_version(db, self.path)
@@ -330,18 +338,13 @@ class ApprovalQueue:
         """One write transaction, on a file made (0600, in a 0700 directory) and given its tables if new."""
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            try:
-                if os.fstat(fd).st_mode & 0o077:
-                    os.fchmod(fd, 0o600)
-            finally:
-                os.close(fd)
+            _create(self.path)
             _check_file(self.path)
             with closing(sqlite3.connect(self.path, timeout=5, isolation_level=None)) as db:
                 db.execute("PRAGMA journal_mode = WAL")
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    if _is_new(db):
+                    if _unmade(db):
                         for statement in _SCHEMA:
                             db.execute(statement)
                     else:
@@ -361,11 +364,27 @@ def queue_path(state_dir: Path) -> Path:
     return state_dir / "approvals.db"
 
 
-def _is_new(db: sqlite3.Connection) -> bool:
-    """A file with no schema yet (made by `open`, its first transaction not committed)."""
-    if db.execute("PRAGMA user_version").fetchone()[0] != 0:
-        return False
-    return int(db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]) == 0
+def _create(path: Path) -> None:
+    """Make the queue file (0600) if there is none, and take from an existing one what others could read.
+
+    An existing file is never opened here: closing a descriptor of a file drops every POSIX lock the
+    process holds on it, SQLite's too, and a writer elsewhere that then finds no other connection
+    holding the file deletes its WAL and shared memory under this process's open reader (which would
+    never see a decision again)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        info = os.lstat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_mode & 0o077 and info.st_uid == os.geteuid():
+            os.chmod(path, 0o600)
+        return
+    os.close(fd)
+
+
+def _unmade(db: sqlite3.Connection) -> bool:
+    """Whether the file holds nothing yet (no version, no table): a queue still to be made."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    return bool(version == 0 and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0)
 
 
 def _check_version(db: sqlite3.Connection, path: Path) -> None:

@@ -59,8 +59,10 @@ KINDS = (
     "upstream",
     "upstream_request",
     "principal",
+    "approval",
 )
-"""Every kind of event the gateway records."""
+"""Every kind of event the gateway records (`approval`: a person's decision on a queued call, recorded by
+`mcp-armor approvals` before the queue changes)."""
 
 _COLUMNS = ("kind", "session_id", "call_id", "tool", "decision", "outcome", "ts")
 _MIGRATIONS: dict[int, tuple[str, ...]] = {

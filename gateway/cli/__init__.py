@@ -6,8 +6,8 @@ what it could; a broken audit chain makes `audit verify` exit 1; servers `import
 the client make it exit 1. Output cut short by its reader (`mcp-armor audit export | head`) ends
 quietly with status 141, as a process killed by SIGPIPE would (`set -o pipefail` scripts see it the
 same way). The arguments are declared in `cli/parser.py`; the commands live in `cli/serve.py`, `cli/tools.py`,
-`cli/policy.py`, `cli/audit.py`, `cli/pins.py`, `cli/principals.py`, `cli/register.py`, `cli/importing.py`,
-`cli/upstreams.py` and `cli/wrap.py`.
+`cli/policy.py`, `cli/audit.py`, `cli/pins.py`, `cli/principals.py`, `cli/approvals.py`, `cli/register.py`,
+`cli/importing.py`, `cli/upstreams.py` and `cli/wrap.py`.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return _policy(config, args)
         if args.command == "audit":
             return _audit(config, args)
+        if args.command == "approvals":
+            return _approvals(config, args)
         from gateway.cli import pins, tools
 
         if args.command == "scan":
@@ -143,6 +145,18 @@ def _principal(config: Config, args: argparse.Namespace) -> int:
     if args.principal_command == "list":
         return principals.list_principals(config, args.json)
     return principals.revoke(config, args.selector)
+
+
+def _approvals(config: Config, args: argparse.Namespace) -> int:
+    from gateway.cli import approvals
+
+    command = args.approvals_command
+    if command == "list":
+        return approvals.list_approvals(config, args.all, args.since, args.json)
+    if command == "show":
+        return approvals.show(config, args.id, args.json)
+    approve, yes = command == "approve", getattr(args, "yes", False)
+    return approvals.decide(config, args.id, approve=approve, note=args.reason, yes=yes, as_json=args.json)
 
 
 def _audit(config: Config, args: argparse.Namespace) -> int:

@@ -86,7 +86,9 @@ def _approval(record: dict[str, Any], outcome: str | None, asker: str) -> str:
     if record["kind"] != "decision" or (approval is None and request is None):
         return ""
     if isinstance(request, dict):  # what the person answered, whatever then became of the call
-        answer = request.get("answer")
+        answer, through = request.get("answer"), request.get("through")
+        if answer == Answer.GRANTED and through in ("cli", "console"):  # decided in the approval queue
+            return f"granted by {request.get('by') or '?'} ({through})"
         if answer == Answer.GRANTED:
             return f"granted by a person at {asker}"
         if answer == Answer.PENDING:  # a 2026-07-28 round trip: the client's retry is a call of its own
@@ -293,7 +295,8 @@ def _resolve_session(store: AuditStore, prefix: str) -> dict[str, Any]:
 
 def _row(record: dict[str, Any]) -> tuple[str, ...]:
     kind = record["kind"]
-    decision = record.get("decision") or record.get("outcome") or ""
+    # An `approval` event's answer (approved, denied) stands where a decision's effect would.
+    decision = record.get("decision") or record.get("outcome") or record.get("approval") or ""
     if record.get("would"):
         decision += f" (would {record['would']})"
     took = f"{record['duration_ms']:.1f}ms" if record.get("duration_ms") is not None else ""

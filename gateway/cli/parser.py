@@ -170,7 +170,47 @@ def parser() -> argparse.ArgumentParser:
         help="pin what is offered now (recorded in the audit log); a running gateway follows",
     ).add_argument("selector", metavar="UPSTREAM[.NAME]", help="a whole upstream, or one tool, prompt or template")
     _principal_parsers(commands, common, as_json)
+    _approvals_parsers(commands, common, as_json)
     return parser
+
+
+def _approvals_parsers(commands: Any, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    approvals = commands.add_parser(
+        "approvals",
+        help="list, show, approve and deny the calls waiting for a person in the approval queue",
+        description="Calls a rule sends to `ask` wait in the approval queue (<state>/approvals.db), shared by "
+        "every gateway process on the config. A decision taken here is recorded in the audit log first.",
+    )
+    approvals_commands = approvals.add_subparsers(dest="approvals_command", required=True, metavar="SUBCOMMAND")
+    listing = approvals_commands.add_parser(
+        "list",
+        parents=[common, as_json],
+        help="the pending approvals, then per rule how often it asked and what came of it",
+    )
+    listing.add_argument("--all", action="store_true", help="the decided, expired and withdrawn ones too")
+    listing.add_argument(
+        "--since", metavar="WHEN", help='the window of --all and of the counts: "24h" (the default), "7d", an ISO time'
+    )
+    approvals_commands.add_parser(
+        "show", parents=[common, as_json], help="the whole call: who, the tool, every argument, the rule, its state"
+    ).add_argument("id", metavar="ID", help="the approval's id (from `approvals list`)")
+    approve = approvals_commands.add_parser(
+        "approve",
+        parents=[common, as_json],
+        help="show the call, ask for confirmation, and approve it (recorded in the audit log)",
+    )
+    approve.add_argument("id", metavar="ID", help="the approval's id (from `approvals list`)")
+    approve.add_argument(
+        "--yes", action="store_true", help="do not ask for confirmation (required when not on a terminal)"
+    )
+    approve.add_argument("--reason", default="", metavar="TEXT", help="a note kept with the decision")
+    deny = approvals_commands.add_parser(
+        "deny",
+        parents=[common, as_json],
+        help="show the call and deny it (recorded in the audit log); the agent is told the reason",
+    )
+    deny.add_argument("id", metavar="ID", help="the approval's id (from `approvals list`)")
+    deny.add_argument("--reason", default="", metavar="TEXT", help="why: the agent's refusal says it")
 
 
 def _principal_parsers(commands: Any, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:

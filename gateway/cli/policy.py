@@ -35,7 +35,7 @@ async def check(config: Config, offline: bool, as_json: bool) -> int:
         for name, reason in upstreams.down.items()
     ]
     warnings += package_warnings(config)
-    warnings += GatewayFiles.of(config).exposures(config)
+    warnings += GatewayFiles.of(config).exposures(config, unset_cwd=True)
     summary = {
         "ok": True,
         "policies": str(config.policy_dir),

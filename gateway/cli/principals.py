@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import getpass
 import json
-from contextlib import closing
 from typing import Any
 
-from gateway.audit.chain import canonical
-from gateway.audit.store import AuditStore, event
-from gateway.cli.common import parse_moment, print_table
-from gateway.config.models import IN_MEMORY, Config
-from gateway.errors import AuditError, PrincipalsError
+from gateway.audit.store import event
+from gateway.cli.common import parse_moment, print_table, record_first
+from gateway.config.models import Config
+from gateway.errors import PrincipalsError
 from gateway.principals.store import Issued, PrincipalStore
 
 
@@ -109,10 +107,4 @@ def _event(principal: str, token_id: str, change: str, command: str, **fields: A
 
 def _record(config: Config, bodies: list[dict[str, Any]]) -> None:
     """Record the change before the store commits it; if that cannot be recorded, nothing changes."""
-    if str(config.audit_path) == IN_MEMORY or not bodies:
-        return
-    try:
-        with closing(AuditStore.open_writer(config.audit_path, sync=config.gateway.audit_sync)) as store:
-            store.append_waiting([canonical(body) for body in bodies])
-    except AuditError as exc:
-        raise PrincipalsError(f"the change cannot be recorded in the audit log, so nothing changed: {exc}") from None
+    record_first(config, bodies, PrincipalsError)

@@ -129,10 +129,12 @@ class GatewayFiles:
             return decision
         return Decision(Effect.DENY, reason, decision.revision, (RULE,))
 
-    def exposures(self, config: Config) -> list[str]:
+    def exposures(self, config: Config, *, unset_cwd: bool = False) -> list[str]:
         """One line per upstream whose working directory or arguments hold the gateway's files (a file server
         given `.` in the directory holding `policies/`): calls naming them are refused, but the upstream
-        itself can reach them."""
+        itself can reach them. With `unset_cwd`, also an upstream working in the configuration's directory
+        (where one that sets no `cwd` works) that holds the state directory or the audit log: the approval
+        queue and the log are then within its reach (the configuration and policies always are there)."""
         lines = []
         for name, spec in config.upstreams.items():
             if spec.command is None or not spec.enabled:
@@ -156,7 +158,30 @@ class GatewayFiles:
                         "but the server itself can reach them: give it a directory that does not hold them"
                     )
                     break
+            else:
+                if unset_cwd and Path(base) == config.directory:
+                    lines += self._state_in_reach(name, base)
         return lines
+
+    def _state_in_reach(self, name: str, base: str) -> list[str]:
+        """The line for an upstream working in the configuration's directory, if that holds the state."""
+        real = os.path.realpath(base)
+        held = [entry.what for entry in self.protected if entry.what in _STATE and entry.within(real)]
+        if not held:
+            return []
+        return [
+            f"upstream '{name}': its working directory '{escape(base, quotes=False)}' (the configuration's, as it "
+            f"sets no other) holds the gateway's {', '.join(dict.fromkeys(held))}: an agent that can use it could "
+            "reach the approval queue and the audit log there; give it a cwd that does not hold them, or move "
+            "[gateway] state out of that directory"
+        ]
+
+
+_STATE = frozenset(
+    {"state directory", "audit log", "audit journal directory", "audit key file", "audit lease directory"}
+)
+"""The gateway's files an upstream working in the configuration's directory is warned about: the approval
+queue and the audit log live among them (the configuration and the policies are always there)."""
 
 
 def _protected(what: str, path: Path, tree: bool) -> Protected:

@@ -44,10 +44,15 @@ def config(tmp_path: Path) -> Path:
 def test_check_the_shipped_configuration() -> None:
     done = run("policy", "check", "--config", str(REPO / "upstreams.toml"))
     assert done.returncode == 0, done.stderr
-    # The git server is given the repository holding the policies: the one warning, by design.
-    (warning, summary) = done.stdout.splitlines()
+    # The git server is given the repository holding the policies, and the time server works in it (by
+    # default: the configuration's directory), beside the state directory: two warnings, by design.
+    (time_server, warning, summary) = done.stdout.splitlines()
+    assert time_server.startswith(
+        f"warning: upstream 'time': its working directory '{REPO}' (the configuration's, as it sets no other) "
+        "holds the gateway's state directory, "
+    )
     assert warning.startswith("warning: upstream 'git': its argument '.' gives it access to the gateway's ")
-    assert summary.startswith("ok: ") and summary.endswith("(1 warning)")
+    assert summary.startswith("ok: ") and summary.endswith("(2 warnings)")
 
 
 def test_check_warns_about_globs_and_arguments_that_match_nothing(config: Path) -> None:
@@ -57,8 +62,41 @@ def test_check_warns_about_globs_and_arguments_that_match_nothing(config: Path) 
     assert done.stdout.splitlines() == [
         "warning: test.toml: rule 'echo': when: names argument 'txt', which tool 'box__echo' does not have",
         "warning: test.toml: rule 'typo': tools: 'box__ech0' matches no exposed tool",
-        f"ok: 3 rules in 1 files, default deny, revision {revision} (2 warnings)",
+        STATE_IN_REACH.format(upstream="box", directory=config.parent),
+        f"ok: 3 rules in 1 files, default deny, revision {revision} (3 warnings)",
     ]
+
+
+STATE_IN_REACH = (
+    "warning: upstream '{upstream}': its working directory '{directory}' (the configuration's, as it sets no "
+    "other) holds the gateway's state directory, audit log, audit journal directory, audit key file, audit lease "
+    "directory: an agent that can use it could reach the approval queue and the audit log there; give it a cwd "
+    "that does not hold them, or move [gateway] state out of that directory"
+)
+
+
+def test_check_warns_about_upstreams_that_can_reach_the_state_directory(tmp_path: Path) -> None:
+    """The approval queue and the audit log are in the state directory: an upstream working there (as one
+    without a `cwd` does, in the configuration's directory) or given it as an argument is named."""
+    box = fixture_upstream("toolbox.py")
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    upstreams = {
+        "plain": box,  # no cwd: the configuration's directory, which holds .mcp-armor/
+        "moved": {**box, "cwd": str(elsewhere)},
+        "rooted": {**box, "cwd": str(elsewhere), "args": [*box["args"], f"--root={tmp_path / '.mcp-armor'}"]},
+    }
+    config = write_config(tmp_path, upstreams, policy=POLICY)
+    (tmp_path / ".mcp-armor").mkdir()
+    warnings = json.loads(run("policy", "check", "--offline", "--json", "--config", str(config)).stdout)["warnings"]
+    assert warnings[0] == STATE_IN_REACH.format(upstream="plain", directory=tmp_path).removeprefix("warning: ")
+    assert warnings[1].startswith(f"upstream 'rooted': its argument '--root={tmp_path / '.mcp-armor'}' gives it ")
+    assert "state directory" in warnings[1] and len(warnings) == 2
+
+    # With the state kept elsewhere, an upstream working in the configuration's directory is not named.
+    write_config(tmp_path, upstreams, policy=POLICY, state=str(tmp_path.parent / f"{tmp_path.name}-state"))
+    warnings = json.loads(run("policy", "check", "--offline", "--json", "--config", str(config)).stdout)["warnings"]
+    assert not [warning for warning in warnings if "'plain'" in warning or "'moved'" in warning]
 
 
 HIDING = """
