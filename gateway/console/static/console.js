@@ -73,7 +73,7 @@
     row.setAttribute("data-decision", m.decision);
     row.setAttribute("data-outcome", m.outcome);
     cell(row, "time", m.time);
-    cell(row, "session", m.session.slice(0, 8)).title = m.session;
+    cell(row, "session", m.session);
     cell(row, "principal", m.principal);
     cell(row, "client", m.client);
     cell(row, "tool", m.tool);
@@ -92,7 +92,7 @@
       row = el("tr", "session");
       row.setAttribute("data-session", m.session);
       body.insertBefore(row, body.firstChild);
-      cell(row, "id", m.session.slice(0, 8)).title = m.session;
+      cell(row, "id", m.session);
       cell(row, "principal", m.principal);
       cell(row, "client", m.client);
     }
