@@ -231,9 +231,15 @@
     $("policy-reload").textContent = m.reload;
   }
 
+  let pinsLoaded = false;
+
   function hello(m) {
     $("viewer").textContent = m.viewer + (m.approver ? "" : " (watching)");
     window.consoleApprover = m.approver;
+    if (!pinsLoaded) {
+      pinsLoaded = true; // once per page: a review starts every upstream once
+      loadPins();
+    }
     const note = $("audit-note");
     note.hidden = m.on_disk;
     note.textContent = m.on_disk ? "" : "The audit log is not on disk (audit = \":memory:\"): there is nothing to show.";
