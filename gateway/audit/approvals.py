@@ -28,6 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from gateway.audit.store import event
 from gateway.errors import ApprovalsError
 
 _SCHEMA_VERSION = 1
@@ -358,6 +359,29 @@ class ApprovalQueue:
             raise ApprovalsError(f"{self.path}: the approval queue cannot be written: {exc.strerror or exc}") from None
         except sqlite3.Error as exc:
             raise ApprovalsError(f"{self.path}: the approval queue cannot be written: {exc}") from None
+
+
+def decision_event(decided: Entry) -> dict[str, Any]:
+    """The audit event of a decision taken here: what was decided, by whom, on which call."""
+    call = decided.call
+    answer = "approved" if decided.status is Status.APPROVED else "denied"
+    said = f": {decided.note}" if decided.note else ""
+    return event(
+        "approval",
+        session_id=call.session or None,
+        call_id=call.call_id or None,
+        upstream=call.upstream or None,
+        tool=call.tool or None,
+        rules=list(call.rules),
+        principal=call.principal or None,
+        reason=f"approval {decided.id} {answer} by {decided.decided_by} ({decided.channel}){said}",
+        entry=decided.id,
+        approval=answer,
+        by=decided.decided_by,
+        channel=decided.channel,
+        binding=decided.binding,
+        note=decided.note,
+    )
 
 
 def queue_path(state_dir: Path) -> Path:

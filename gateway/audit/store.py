@@ -15,16 +15,16 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.audit.chain import GENESIS, Verification, chain_hash, walk
+from gateway.audit.chain import GENESIS, Verification, canonical, chain_hash, walk
 from gateway.audit.keys import adopt_mask_key, log_keys
 from gateway.audit.queries import EVERY, Filters, where_clause
-from gateway.config.models import IN_MEMORY
-from gateway.errors import AuditError, EmptyLog, NoLogYet
+from gateway.config.models import IN_MEMORY, Config
+from gateway.errors import AuditError, EmptyLog, GatewayError, NoLogYet
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = range(1, SCHEMA_VERSION + 1)
@@ -373,3 +373,15 @@ class AuditStore:
 
 def is_locked(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
+
+
+def record_first(config: Config, bodies: list[dict[str, Any]], refused: type[GatewayError]) -> None:
+    """Record a change in the audit log before its store commits it; if it cannot be recorded, `refused` is
+    raised, so nothing changes."""
+    if str(config.audit_path) == IN_MEMORY or not bodies:
+        return
+    try:
+        with closing(AuditStore.open_writer(config.audit_path, sync=config.gateway.audit_sync)) as store:
+            store.append_waiting([canonical(body) for body in bodies])
+    except AuditError as exc:
+        raise refused(f"the change cannot be recorded in the audit log, so nothing changed: {exc}") from None

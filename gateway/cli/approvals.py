@@ -18,9 +18,9 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from gateway.audit.approvals import ApprovalQueue, Entry, RuleStats, Status
-from gateway.audit.store import event, iso_utc
-from gateway.cli.common import parse_moment, print_table, record_first, visible
+from gateway.audit.approvals import ApprovalQueue, Entry, RuleStats, Status, decision_event
+from gateway.audit.store import iso_utc, record_first
+from gateway.cli.common import parse_moment, print_table, visible
 from gateway.config.models import Config
 from gateway.display import show_arguments
 from gateway.errors import ApprovalsError
@@ -104,7 +104,7 @@ def decide(config: Config, entry_id: str, *, approve: bool, note: str, yes: bool
     by = _user()
 
     def record(decided: Entry) -> None:
-        record_first(config, [_event(decided)], ApprovalsError)
+        record_first(config, [decision_event(decided)], ApprovalsError)
 
     try:
         decided = queue.decide(
@@ -175,29 +175,6 @@ def _print_call(entry: Entry, now: float, out: TextIO) -> None:
         lines.append("arguments (forwarded as the agent sent them):")
     lines.append(_indented(show_arguments(call.arguments, paths=call.paths)))
     print("\n".join(lines), file=out, flush=True)
-
-
-def _event(decided: Entry) -> dict[str, Any]:
-    """The audit event of a decision taken here: what was decided, by whom, on which call."""
-    call = decided.call
-    answer = "approved" if decided.status is Status.APPROVED else "denied"
-    said = f": {decided.note}" if decided.note else ""
-    return event(
-        "approval",
-        session_id=call.session or None,
-        call_id=call.call_id or None,
-        upstream=call.upstream or None,
-        tool=call.tool or None,
-        rules=list(call.rules),
-        principal=call.principal or None,
-        reason=f"approval {decided.id} {answer} by {decided.decided_by} ({decided.channel}){said}",
-        entry=decided.id,
-        approval=answer,
-        by=decided.decided_by,
-        channel=decided.channel,
-        binding=decided.binding,
-        note=decided.note,
-    )
 
 
 def _user() -> str:

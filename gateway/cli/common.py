@@ -6,15 +6,11 @@ from __future__ import annotations
 import sys
 import unicodedata
 from collections.abc import Sequence
-from contextlib import closing
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from gateway.audit.chain import canonical
-from gateway.audit.store import AuditStore
-from gateway.config.models import IN_MEMORY, Config, parse_duration
+from gateway.config.models import Config, parse_duration
 from gateway.config.packages import unpinned_package
-from gateway.errors import AuditError, GatewayError
+from gateway.errors import GatewayError
 
 
 def visible(text: str) -> str:
@@ -85,15 +81,3 @@ def parse_moment(text: str, option: str, examples: str, *, ahead: bool) -> datet
             f'{option}: expected a duration ({examples}) or an ISO 8601 time ("2026-11-23T10:00Z"), got {text!r}'
         ) from None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
-def record_first(config: Config, bodies: list[dict[str, Any]], refused: type[GatewayError]) -> None:
-    """Record a change in the audit log before its store commits it; if it cannot be recorded, `refused` is
-    raised, so nothing changes."""
-    if str(config.audit_path) == IN_MEMORY or not bodies:
-        return
-    try:
-        with closing(AuditStore.open_writer(config.audit_path, sync=config.gateway.audit_sync)) as store:
-            store.append_waiting([canonical(body) for body in bodies])
-    except AuditError as exc:
-        raise refused(f"the change cannot be recorded in the audit log, so nothing changed: {exc}") from None

@@ -12,8 +12,8 @@ import getpass
 import json
 from typing import Any
 
-from gateway.audit.store import event
-from gateway.cli.common import parse_moment, print_table, record_first
+from gateway.audit.store import event, record_first
+from gateway.cli.common import parse_moment, print_table
 from gateway.config.models import Config
 from gateway.errors import PrincipalsError
 from gateway.principals.store import Issued, PrincipalStore

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
-from contextlib import closing
 from importlib.resources import files
 from typing import Any
 
@@ -23,15 +22,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.audit.approvals import ApprovalQueue, Entry
-from gateway.audit.chain import canonical
-from gateway.audit.store import AuditStore, event
+from gateway.audit.approvals import ApprovalQueue, Entry, decision_event
+from gateway.audit.store import record_first
 from gateway.catalog.pins import Assessment
-from gateway.config.models import IN_MEMORY, Config
+from gateway.config.models import Config
 from gateway.console.access import PREFIX, Gate, Guard, Viewer, viewer_of
 from gateway.console.feed import AuditFeed, Message, QueueFeed
 from gateway.downstream.http_edge import respond
-from gateway.errors import ApprovalsError, AuditError, ConfigError, GatewayError
+from gateway.errors import ApprovalsError, ConfigError, GatewayError
 from gateway.upstream import review
 
 POLL = 0.25
@@ -263,28 +261,7 @@ def _pin(selector: str, title: str, diff: list[str], held: list[Assessment], wha
 
 def record_approval(config: Config, decided: Entry) -> None:
     """Record a decision in the audit log before the queue commits it; raises if it cannot be recorded."""
-    if str(config.audit_path) == IN_MEMORY:
-        return
-    call = decided.call
-    body = event(
-        "approval",
-        entry=decided.id,
-        approval="approved" if decided.status.value == "approved" else "denied",
-        by=decided.decided_by,
-        channel=decided.channel,
-        tool=call.tool,
-        session=call.session,
-        principal=call.principal or None,
-        call_id=call.call_id,
-        note=decided.note,
-    )
-    try:
-        with closing(AuditStore.open_writer(config.audit_path, sync=config.gateway.audit_sync)) as store:
-            store.append_waiting([canonical(body)])
-    except AuditError as exc:
-        raise ApprovalsError(
-            f"the decision cannot be recorded in the audit log, so nothing was decided: {exc}"
-        ) from None
+    record_first(config, [decision_event(decided)], ApprovalsError)
 
 
 def _sse(message: Message) -> str:

@@ -165,7 +165,7 @@ async def test_a_denial_is_recorded_before_it_is_taken_and_a_second_decision_is_
     (approval,) = [event for event in events(tmp_path) if event["kind"] == "approval"]
     assert approval["entry"] == entry and approval["approval"] == "denied" and approval["channel"] == "console"
     assert approval["note"] == "not that file" and approval["tool"] == "box__write_note"
-    assert approval["call_id"] == "c1" and approval["session"] == "s1" and approval["by"].startswith("console (")
+    assert approval["call_id"] == "c1" and approval["session_id"] == "s1" and approval["by"].startswith("console (")
 
 
 async def test_an_in_memory_audit_log_is_said_to_be_not_on_disk(tmp_path: Path) -> None:
