@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("gateway.wire", "gateway.principals"),
     ("gateway.upstream",),
     ("gateway.core",),
-    ("gateway.downstream",),
+    ("gateway.downstream", "gateway.console"),
     ("gateway.setup",),
     ("gateway.cli",),
     ("gateway.launch", "gateway.__main__"),

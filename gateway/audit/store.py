@@ -59,6 +59,7 @@ KINDS = (
     "upstream",
     "upstream_request",
     "principal",
+    "approval",
 )
 """Every kind of event the gateway records."""
 

@@ -7,7 +7,7 @@ the client make it exit 1. Output cut short by its reader (`mcp-armor audit expo
 quietly with status 141, as a process killed by SIGPIPE would (`set -o pipefail` scripts see it the
 same way). The arguments are declared in `cli/parser.py`; the commands live in `cli/serve.py`, `cli/tools.py`,
 `cli/policy.py`, `cli/audit.py`, `cli/pins.py`, `cli/principals.py`, `cli/register.py`, `cli/importing.py`,
-`cli/upstreams.py` and `cli/wrap.py`.
+`cli/upstreams.py`, `cli/wrap.py` and `cli/console.py`.
 """
 
 from __future__ import annotations
@@ -81,6 +81,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         config = load_config(args.config)
         if args.command == "serve":
             return serve.serve(parser, config, args.http)
+        if args.command == "console":
+            from gateway.cli import console
+
+            return console.console(parser, config, args.listen)
         if args.command == "policy":
             return _policy(config, args)
         if args.command == "audit":

@@ -44,6 +44,18 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--verbose", action="store_true", help="log upstream traffic details to stderr")
     serve.add_argument("--quiet", action="store_true", help="do not print a line per tool call to stderr")
 
+    console = commands.add_parser(
+        "console",
+        parents=[common],
+        help="the audit log and the approval queue, live in the browser, with approve/deny and pins",
+        description="Serve the console at http://HOST:PORT/console/ and print the URL to open, with a random token "
+        "in it (exchanged for a session cookie). Loopback only, unless [gateway.http] sets TLS and principals exist "
+        "(then principals with role:approver or role:viewer sign in with their own token).",
+    )
+    console.add_argument(
+        "--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="where to listen (default: a free loopback port)"
+    )
+
     wrap = commands.add_parser(
         "wrap",
         help="guard one server in place over stdio: mcp-armor wrap [OPTIONS] -- COMMAND ARGS...",

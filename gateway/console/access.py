@@ -1,0 +1,267 @@
+"""Who may open the console, and the guard in front of every one of its requests.
+
+A browser cannot send a bearer header when it navigates, so the console is opened with a token in the
+URL (`/console/?token=…`), exchanged once for a session cookie (HttpOnly, SameSite=Strict, Path=/console,
+Secure over TLS) and a redirect that takes the token out of the address bar. Standalone, the token is a
+random one printed at start; inside `serve --http`, it is the principal's own token, checked by the
+gateway's authenticators again on every request so that a revocation ends the session. Every request's
+`Host` must be one the console answers to (DNS rebinding), and a POST must carry the session's CSRF
+token and the console's own `Origin`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
+from typing import Protocol
+from urllib.parse import parse_qs
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.downstream.http_edge import respond
+from gateway.principals import Authenticator, Principal, Unauthenticated
+
+PREFIX = "/console"
+COOKIE = "mcpa_console"
+SESSION_LIFETIME = 12 * 3600.0
+"""Seconds a console session lasts; then the URL (or the principal's token) is needed again."""
+VIEWER_KEY = "mcp_armor.console_viewer"
+"""The ASGI scope key under which the guard leaves the request's `Viewer`."""
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+HEADERS = (
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+    (b"x-frame-options", b"DENY"),
+)
+"""Sent with every answer of the console's, whatever it is."""
+APPROVER, VIEWER = "role:approver", "role:viewer"
+
+
+@dataclass(frozen=True, slots=True)
+class Viewer:
+    """Who is looking: the name decisions are recorded under, and whether they may decide."""
+
+    name: str
+    approver: bool
+    credential: str = field(default="", repr=False)
+    """The principal's own token (inside `serve --http`), to check again; empty standalone."""
+
+
+class Refused(Exception):
+    """A credential that is valid but may not open the console (a principal without a console role)."""
+
+
+class Gate(Protocol):
+    """How a token becomes a viewer, and whether a viewer is still let in."""
+
+    async def admit(self, token: str) -> Viewer | None:
+        """The viewer `token` stands for; `None` for a token not accepted; raises `Refused` (403)."""
+        ...
+
+    async def still(self, viewer: Viewer) -> bool: ...
+
+
+class AccessToken:
+    """Standalone: one random token, printed at start; whoever holds it may approve, as the OS user."""
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token or secrets.token_urlsafe(32)
+        self._name = f"console ({getpass.getuser()})"
+
+    async def admit(self, token: str) -> Viewer | None:
+        if hmac.compare_digest(token.encode(), self.token.encode()):
+            return Viewer(self._name, approver=True)
+        return None
+
+    async def still(self, viewer: Viewer) -> bool:
+        return True
+
+
+class PrincipalGate:
+    """Inside `serve --http`: the principal's own token, as the gateway's authenticators take it, with a
+    console role (`role:approver` may decide, `role:viewer` may watch)."""
+
+    def __init__(self, authenticators: Sequence[Authenticator]) -> None:
+        self._authenticators = tuple(authenticators)
+
+    async def admit(self, token: str) -> Viewer | None:
+        principal = await self._principal(token)
+        if principal is None:
+            return None
+        if APPROVER not in principal.attributes and VIEWER not in principal.attributes:
+            raise Refused(f"principal '{principal.name}' has neither role:approver nor role:viewer")
+        return Viewer(principal.name, approver=APPROVER in principal.attributes, credential=token)
+
+    async def still(self, viewer: Viewer) -> bool:
+        try:
+            again = await self.admit(viewer.credential)
+        except Refused:
+            return False
+        return again == viewer
+
+    async def _principal(self, token: str) -> Principal | None:
+        for authenticator in self._authenticators:
+            try:
+                principal = await authenticator.authenticate(token)
+            except Unauthenticated:
+                return None
+            if principal is not None:
+                return principal
+        return None
+
+
+@dataclass(slots=True)
+class Session:
+    viewer: Viewer
+    csrf: str
+    expires: float
+
+
+class Sessions:
+    """The console's sessions, in memory: a restart asks for the URL again."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._sessions: dict[str, Session] = {}
+
+    def open(self, viewer: Viewer) -> tuple[str, Session]:
+        now = self._clock()
+        for key in [key for key, session in self._sessions.items() if session.expires <= now]:
+            del self._sessions[key]
+        key = secrets.token_urlsafe(32)
+        session = Session(viewer, secrets.token_urlsafe(32), now + SESSION_LIFETIME)
+        self._sessions[key] = session
+        return key, session
+
+    def get(self, key: str) -> Session | None:
+        session = self._sessions.get(key)
+        if session is None:
+            return None
+        if session.expires <= self._clock():
+            del self._sessions[key]
+            return None
+        return session
+
+    def drop(self, key: str) -> None:
+        self._sessions.pop(key, None)
+
+
+class Guard:
+    """ASGI middleware in front of the console app: Host, session or token exchange, CSRF and Origin on
+    POST, and the security headers on every answer. The session is left in the scope (`VIEWER_KEY`)."""
+
+    def __init__(
+        self, app: ASGIApp, gate: Gate, allowed_hosts: Sequence[str], *, tls: bool, sessions: Sessions | None = None
+    ) -> None:
+        self._app = app
+        self.gate = gate
+        self.sessions = sessions or Sessions()
+        self._hosts = frozenset(host.lower() for host in allowed_hosts)
+        self._tls = tls
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in dict(HEADERS)]
+                message = {**message, "headers": [*kept, *HEADERS]}
+            await send(message)
+
+        headers = _headers(scope)
+        host = headers.get("host", [""])
+        if len(host) != 1 or host[0].lower() not in self._hosts:
+            await _plain(sending, 421, "this console does not answer to that Host")
+            return
+        path = scope["path"]
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if "token" in query:
+            await self._exchange(scope, query["token"], sending)
+            return
+        key = _cookie(headers)
+        session = self.sessions.get(key) if key else None
+        if session is None or not await self.gate.still(session.viewer):
+            if session is not None:
+                self.sessions.drop(key)
+            await _plain(sending, 401, "open the console with the URL it printed at start (…/console/?token=…)")
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            origin = headers.get("origin", [])
+            own = f"{'https' if self._tls else 'http'}://{host[0].lower()}"
+            csrf = headers.get("x-csrf-token", [""])
+            if len(origin) != 1 or origin[0].lower() != own:
+                await _plain(sending, 403, "refused: the request does not come from the console's own page (Origin)")
+                return
+            if len(csrf) != 1 or not hmac.compare_digest(csrf[0].encode(), session.csrf.encode()):
+                await _plain(sending, 403, "refused: the request lacks the console's CSRF token")
+                return
+        scope = {**scope, VIEWER_KEY: (session, self.gate)}
+        if path in (PREFIX, ""):
+            await _redirect(sending, f"{PREFIX}/", None)
+            return
+        await self._app(scope, receive, sending)
+
+    async def _exchange(self, scope: Scope, tokens: list[str], send: Send) -> None:
+        if scope["method"] != "GET" or len(tokens) != 1:
+            await _plain(send, 400, "the console's token goes in one ?token= of a GET")
+            return
+        try:
+            viewer = await self.gate.admit(tokens[0])
+        except Refused as refused:
+            await _plain(send, 403, f"refused: {refused}")
+            return
+        if viewer is None:
+            await _plain(send, 401, "that token does not open this console")
+            return
+        key, _ = self.sessions.open(viewer)
+        cookie = f"{COOKIE}={key}; HttpOnly; SameSite=Strict; Path={PREFIX}; Max-Age={int(SESSION_LIFETIME)}"
+        await _redirect(send, f"{PREFIX}/", cookie + ("; Secure" if self._tls else ""))
+
+
+def viewer_of(scope: Scope) -> tuple[Session, Gate]:
+    found = scope[VIEWER_KEY]
+    assert isinstance(found, tuple)
+    return found
+
+
+def _headers(scope: Scope) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for key, value in scope["headers"]:
+        found.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+    return found
+
+
+def _cookie(headers: dict[str, list[str]]) -> str:
+    for text in headers.get("cookie", []):
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(text)
+        except Exception:  # a malformed Cookie header: no session in it
+            continue
+        if COOKIE in jar:
+            return jar[COOKIE].value
+    return ""
+
+
+async def _plain(send: Send, status: int, text: str) -> None:
+    await respond(send, status, json.dumps({"error": text}).encode(), [(b"content-type", b"application/json")])
+
+
+async def _redirect(send: Send, location: str, cookie: str | None) -> None:
+    headers = [(b"location", location.encode())]
+    if cookie is not None:
+        headers.append((b"set-cookie", cookie.encode("latin-1")))
+    await respond(send, 303, b"", headers)

@@ -1,0 +1,181 @@
+"""The console's routes: the page, its static files, the live stream, and the decisions made there.
+
+`console_app` is the Starlette app (paths under `/console`), wrapped in the `Guard`; the same app is
+served by `mcp-armor console` and mounted by `serve --http`. A decision made here is recorded in the
+audit log (an `approval` event) inside the queue's transaction, before it takes effect: if it cannot be
+recorded, nothing is decided.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import closing
+from importlib.resources import files
+
+import anyio
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.audit.approvals import ApprovalQueue, Entry
+from gateway.audit.chain import canonical
+from gateway.audit.store import AuditStore, event
+from gateway.config.models import IN_MEMORY, Config
+from gateway.console.access import Gate, Guard, Viewer, viewer_of
+from gateway.console.feed import AuditFeed, Message, QueueFeed
+from gateway.errors import ApprovalsError, AuditError, GatewayError
+
+POLL = 0.25
+"""Seconds between looks at the audit log and the queue while a page is connected."""
+INTEGRITY_EVERY = 10.0
+"""Seconds between walks of the chain while it grows (the walk reads the whole log)."""
+RECHECK_EVERY = 2.0
+"""Seconds between checks that a connected page's session (its principal's token) still holds."""
+STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
+_CSRF_MARK = "__CSRF_TOKEN__"
+
+
+def console_app(config: Config, gate: Gate, allowed_hosts: Sequence[str], *, tls: bool) -> Guard:
+    """The console, guarded: every path under `/console`."""
+    console = Console(config)
+    routes = [
+        Route("/console/", console.page),
+        Route("/console/static/{name}", console.static),
+        Route("/console/events", console.events),
+        Route("/console/state", console.state),
+        Route("/console/approvals/{entry_id}", console.decide, methods=["POST"]),
+    ]
+    return Guard(Starlette(routes=routes), gate, allowed_hosts, tls=tls)
+
+
+class Console:
+    """The console's handlers, over one config's audit log and approval queue."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.queue = ApprovalQueue(config.approvals_path)
+
+    async def page(self, request: Request) -> Response:
+        session, _ = viewer_of(request.scope)
+        text = (files("gateway.console") / "static" / "index.html").read_text(encoding="utf-8")
+        # The CSRF token is URL-safe base64: nothing in it needs escaping in an attribute.
+        return Response(text.replace(_CSRF_MARK, session.csrf), media_type="text/html; charset=utf-8")
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in STATIC:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        body = (files("gateway.console") / "static" / name).read_bytes()
+        return Response(body, media_type=STATIC[name])
+
+    async def state(self, request: Request) -> Response:
+        """Everything a page is sent on connect, as one JSON list (for scripts and tests)."""
+        session, _ = viewer_of(request.scope)
+        feed = AuditFeed(self.config)
+        try:
+            messages = await anyio.to_thread.run_sync(self._first, feed, QueueFeed(self.queue), session.viewer)
+        finally:
+            feed.close()
+        return JSONResponse(messages)
+
+    def _first(self, feed: AuditFeed, queue: QueueFeed, viewer: Viewer) -> list[Message]:
+        hello = {"type": "hello", "viewer": viewer.name, "approver": viewer.approver, "on_disk": feed.on_disk}
+        return [hello, *feed.history(), feed.integrity(), feed.policy(), *queue.poll(force=True)]
+
+    async def events(self, request: Request) -> Response:
+        session, gate = viewer_of(request.scope)
+        return StreamingResponse(
+            self._stream(session.viewer, gate),
+            media_type="text/event-stream",
+            headers={"x-accel-buffering": "no"},
+        )
+
+    async def _stream(self, viewer: Viewer, gate: Gate) -> AsyncIterator[str]:
+        feed, queue = AuditFeed(self.config), QueueFeed(ApprovalQueue(self.config.approvals_path))
+        try:
+            first = await anyio.to_thread.run_sync(self._first, feed, queue, viewer)
+            yield _sse({"type": "batch", "messages": first})
+            clock = anyio.current_time
+            verified = rechecked = clock()
+            grew = False
+            while True:
+                await anyio.sleep(POLL)
+                messages = await anyio.to_thread.run_sync(feed.poll)
+                messages += await anyio.to_thread.run_sync(queue.poll)
+                grew = grew or any(message["type"] != "approvals" for message in messages)
+                if grew and clock() - verified >= INTEGRITY_EVERY:
+                    messages.append(await anyio.to_thread.run_sync(feed.integrity))
+                    verified, grew = clock(), False
+                if clock() - rechecked >= RECHECK_EVERY:
+                    if not await gate.still(viewer):
+                        return  # revoked: the stream ends, and the page's next request is refused
+                    rechecked = clock()
+                yield _sse({"type": "batch", "messages": messages}) if messages else ": keep-alive\n\n"
+        finally:
+            feed.close()
+            queue.queue.close()
+
+    async def decide(self, request: Request) -> Response:
+        session, _ = viewer_of(request.scope)
+        viewer = session.viewer
+        if not viewer.approver:
+            return JSONResponse({"error": f"'{viewer.name}' may watch, not decide (role:approver)"}, status_code=403)
+        try:
+            body = json.loads(await request.body())
+            approve, binding, note = body["approve"], body["binding"], body.get("note", "")
+            if not isinstance(approve, bool) or not isinstance(binding, str) or not isinstance(note, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            error = 'expected {"approve": true|false, "binding": "...", "note": "..."}'
+            return JSONResponse({"error": error}, status_code=400)
+        entry_id = request.path_params["entry_id"]
+
+        def decide() -> Entry:
+            return self.queue.decide(
+                entry_id,
+                approve=approve,
+                by=viewer.name,
+                channel="console",
+                note=note[:500],
+                binding=binding,
+                record=lambda decided: record_approval(self.config, decided),
+            )
+
+        try:
+            decided = await anyio.to_thread.run_sync(decide)
+        except GatewayError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        return JSONResponse({"id": decided.id, "status": decided.status.value, "by": decided.decided_by})
+
+
+def record_approval(config: Config, decided: Entry) -> None:
+    """Record a decision in the audit log before the queue commits it; raises if it cannot be recorded."""
+    if str(config.audit_path) == IN_MEMORY:
+        return
+    call = decided.call
+    body = event(
+        "approval",
+        entry=decided.id,
+        approval="approved" if decided.status.value == "approved" else "denied",
+        by=decided.decided_by,
+        channel=decided.channel,
+        tool=call.tool,
+        session=call.session,
+        principal=call.principal or None,
+        call_id=call.call_id,
+        note=decided.note,
+    )
+    try:
+        with closing(AuditStore.open_writer(config.audit_path, sync=config.gateway.audit_sync)) as store:
+            store.append_waiting([canonical(body)])
+    except AuditError as exc:
+        raise ApprovalsError(
+            f"the decision cannot be recorded in the audit log, so nothing was decided: {exc}"
+        ) from None
+
+
+def _sse(message: Message) -> str:
+    return f"data: {json.dumps(message, ensure_ascii=False)}\n\n"

@@ -1,0 +1,253 @@
+"""What the console shows, read from the audit log and the approval queue: one message per change.
+
+`AuditFeed` follows the log by sequence number (a look is one `max(seq)`), turning events into the
+page's messages: a call (its decision joined to its outcome by call id), a session opened or ended,
+an upstream up or down, a catalogue change (a run of one upstream's catalogue events folded into one
+line), a policy reload. `QueueFeed` follows the queue by `ApprovalQueue.version()`. Both are
+synchronous; the app runs them in a worker thread. Everything here is as the log and the queue hold
+it: masked where they mask.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+from gateway.audit.anchor import Anchoring, last_anchor, read_anchors
+from gateway.audit.approvals import ApprovalQueue, Entry
+from gateway.audit.queries import Filters
+from gateway.audit.store import AuditStore
+from gateway.config.models import IN_MEMORY, Config
+from gateway.display import show_arguments
+from gateway.errors import AuditError, GatewayError, NoLogYet
+from gateway.policy.files import load_policies
+
+Message = dict[str, Any]
+HISTORY_CALLS = 200
+"""How many of the latest calls a page is sent when it connects."""
+HISTORY_EVENTS = 5000
+"""How far back (in events) the first look reads to find them, and the sessions and upstreams around them."""
+ASK_WINDOW = 24 * 3600.0
+"""The asks panel counts the last day's asks."""
+
+
+class AuditFeed:
+    """One page's view of the audit log: where it has read up to, and the calls and sessions seen."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.on_disk = str(config.audit_path) != IN_MEMORY
+        self._store: AuditStore | None = None
+        self._seq = 0
+        self._sessions: dict[str, dict[str, Any]] = {}
+        self._calls: OrderedDict[str, Message] = OrderedDict()
+        self._fold: tuple[str, int, Message] | None = None
+        """The catalogue line being folded: its upstream, the last seq in it, and the line."""
+        self.last_reload: Message | None = None
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def history(self) -> list[Message]:
+        """The recent past: the latest calls, the sessions and upstreams around them, the catalogue changes."""
+        store = self._open()
+        if store is None:
+            return []
+        records = list(store.events(newest=HISTORY_EVENTS))
+        messages = [message for record in records for message in self._message(record)]
+        self._seq = records[-1]["seq"] if records else 0
+        calls = {message["call_id"] for message in list(self._calls.values())[-HISTORY_CALLS:]}
+        return [m for m in messages if m["type"] != "call" or m["call_id"] in calls]
+
+    def poll(self) -> list[Message]:
+        """What was recorded since the last look (nothing, cheaply, when the head has not moved)."""
+        store = self._open()
+        if store is None or store.last_seq() <= self._seq:
+            return []
+        messages = []
+        for record in store.events(Filters(after_seq=self._seq)):
+            self._seq = record["seq"]
+            messages += self._message(record)
+        return messages
+
+    def integrity(self) -> Message:
+        """The chain walked end to end and held to its anchors, as `audit verify` does."""
+        if not self.on_disk:
+            return {
+                "type": "integrity",
+                "status": "the audit log is in memory (:memory:): not on disk, nothing to verify",
+            }
+        store = self._open()
+        if store is None:
+            return {"type": "integrity", "status": "no audit log yet (it is created when the gateway first serves)"}
+        anchoring = Anchoring.of(self.config)
+        anchors = read_anchors(anchoring.file, self.config.audit_path)[0] if anchoring.file else []
+        result = store.verify(anchors)
+        problem = result.problem
+        status = "ok" if problem is None else f"broken at seq {problem.seq}: {problem.what}"
+        anchored = last_anchor(anchors)
+        return {
+            "type": "integrity",
+            "status": status,
+            "head": f"{result.head_seq}:{result.head_hash}" if result.head_seq else "(empty)",
+            "anchor": f"seq {anchored}" if anchored else "no anchor yet",
+        }
+
+    def policy(self) -> Message:
+        """The policy files as they are on disk now, and the last reload the log records."""
+        message: Message = {"type": "policy", "reload": _reload_line(self.last_reload)}
+        try:
+            policies = load_policies(self.config.policy_dir)
+        except GatewayError as exc:
+            return {**message, "revision": "(does not load)", "files": str(exc)}
+        return {**message, "revision": policies.revision, "files": ", ".join(policies.files) or "(none)"}
+
+    def _open(self) -> AuditStore | None:
+        if not self.on_disk:
+            return None
+        if self._store is None:
+            try:
+                self._store = AuditStore.open_reader(self.config.audit_path)
+            except NoLogYet:
+                return None
+            except AuditError:
+                return None  # emptied or half-made: shown by the integrity panel's next look
+        return self._store
+
+    def _message(self, record: dict[str, Any]) -> list[Message]:
+        kind = record["kind"]
+        if kind != "catalog":
+            self._fold = None
+        session = record.get("session_id") or ""
+        if kind == "session_start":
+            client = " ".join(p for p in (record.get("client_name"), record.get("client_version")) if p)
+            self._sessions[session] = {"principal": record.get("principal") or "", "client": client}
+            return [self._session(session, "open", record)]
+        if kind == "session_end":
+            return [self._session(session, "ended", record)]
+        if kind == "decision":
+            known = self._sessions.get(session, {})
+            call: Message = {
+                "type": "call",
+                "call_id": record.get("call_id") or "",
+                "time": record["ts"],
+                "session": session,
+                "principal": record.get("principal") or known.get("principal", ""),
+                "client": known.get("client") or record.get("client") or "",
+                "tool": record.get("tool") or "",
+                "decision": record.get("decision") or "",
+                "outcome": "",
+                "duration": "",
+            }
+            self._calls[call["call_id"]] = call
+            while len(self._calls) > HISTORY_CALLS * 5:
+                self._calls.popitem(last=False)
+            return [call]
+        if kind == "outcome":
+            ended = self._calls.get(record.get("call_id") or "")
+            if ended is None:
+                return []
+            duration = record.get("duration_ms")
+            ended.update(outcome=record.get("outcome") or "", duration=f"{duration} ms" if duration is not None else "")
+            return [dict(ended)]
+        if kind == "upstream":
+            state = "up" if record.get("outcome") == "up" else "down"
+            return [
+                {"type": "upstream", "upstream": record.get("upstream") or "", "state": state, "time": record["ts"]}
+            ]
+        if kind == "catalog":
+            return [self._catalog(record)]
+        if kind == "policy_reload":
+            self.last_reload = record
+            return [self.policy()]
+        return []
+
+    def _session(self, session: str, state: str, record: dict[str, Any]) -> Message:
+        known = self._sessions.get(session, {})
+        return {
+            "type": "session",
+            "session": session,
+            "state": state,
+            "principal": known.get("principal", ""),
+            "client": known.get("client", ""),
+            "time": record["ts"],
+        }
+
+    def _catalog(self, record: dict[str, Any]) -> Message:
+        """One line per change: consecutive catalogue events of one upstream update the same line."""
+        upstream = record.get("upstream") or "?"
+        change = record.get("change") or record.get("outcome") or "changed"
+        name = str(record.get("tool") or record.get("name") or "")
+        if self._fold is not None and self._fold[0] == upstream and self._fold[1] == record["seq"] - 1:
+            line = self._fold[2]
+            line["counts"][change] = line["counts"].get(change, 0) + 1
+            line["names"].append(name)
+        else:
+            line = {"type": "catalog", "id": str(record["seq"]), "upstream": upstream, "time": record["ts"]}
+            line.update(counts={change: 1}, names=[name])
+        self._fold = (upstream, record["seq"], line)
+        counts = ", ".join(f"{count} {what}" for what, count in line["counts"].items())
+        names = line["names"]
+        shown = f" ({', '.join(names)})" if len(names) <= 8 else ""
+        return {**line, "text": f"{line['time']} {upstream}: {counts}{shown}"}
+
+
+def _reload_line(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "no reload recorded"
+    if record.get("outcome") == "ok":
+        return f"{record['ts']}: reloaded, revision {record.get('policy_revision')} ({record.get('reason') or ''})"
+    return f"{record['ts']}: reload failed: {record.get('reason') or ''}"
+
+
+class QueueFeed:
+    """One page's view of the approval queue: the pending approvals and the asks per rule, sent again
+    whenever the queue changed (or a pending one's expiry passed)."""
+
+    def __init__(self, queue: ApprovalQueue) -> None:
+        self.queue = queue
+        self._version: int | None = None
+        self._sent: list[Message] | None = None
+
+    def poll(self, *, force: bool = False) -> list[Message]:
+        version = self.queue.version()
+        if version == self._version and not force and not self._expiring():
+            return []
+        self._version = version
+        pending = [approval(entry) for entry in self.queue.entries(pending_only=True)]
+        if pending == self._sent and not force:
+            return []
+        self._sent = pending
+        stats = self.queue.stats(self.queue.now() - ASK_WINDOW)
+        asks = [
+            {"rule": s.rule, "asked": s.asked, "per_hour": s.per_hour, "approved": s.approved, "denied": s.denied}
+            | {"unanswered": s.unanswered}
+            for s in stats
+        ]
+        return [{"type": "approvals", "pending": pending}, {"type": "asks", "rules": asks}]
+
+    def _expiring(self) -> bool:
+        now = self.queue.now()
+        return any(item["expires_at"] <= now for item in self._sent or [])
+
+
+def approval(entry: Entry) -> Message:
+    """A pending approval as the page shows it (its arguments as text, every one, masked as recorded)."""
+    call = entry.call
+    return {
+        "id": entry.id,
+        "binding": entry.binding,
+        "tool": call.tool,
+        "principal": call.principal or "(none)",
+        "client": call.client,
+        "session": call.session,
+        "args": show_arguments(call.arguments, paths=call.paths),
+        "sent_args": show_arguments(call.sent_arguments, paths=call.paths) if call.sent_arguments is not None else "",
+        "rule": ", ".join(call.rules) or "(no rule)",
+        "reason": call.reason,
+        "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.expires)),
+        "expires_at": entry.expires,
+    }

@@ -1,0 +1,210 @@
+"""The console's guard, against its ASGI app: the token exchange, Host, CSRF and Origin, the headers,
+the roles of principals, and decisions made through it (recorded in the audit log first)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from gateway.audit.approvals import ApprovalQueue, AskedCall, Status
+from gateway.config.models import Config, load_config
+from gateway.console.access import CSP, AccessToken, PrincipalGate
+from gateway.console.app import console_app
+from gateway.principals.store import LocalTokens, PrincipalStore
+from tests.conftest import events, fixture_upstream, write_config
+
+pytestmark = pytest.mark.anyio
+
+HOSTS = ["127.0.0.1:9999", "localhost:9999"]
+BASE = "http://127.0.0.1:9999"
+ORIGIN = {"origin": BASE}
+
+
+def _config(tmp_path: Path, **settings: Any) -> Config:
+    return load_config(write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, **settings))
+
+
+def _client(app: Any) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url=BASE)
+
+
+async def _signed_in(http: httpx2.AsyncClient, token: str) -> str:
+    """Exchange the token for the session cookie; the page's CSRF token."""
+    answer = await http.get("/console/", params={"token": token})
+    assert answer.status_code == 303, answer.text
+    page = await http.get("/console/")
+    assert page.status_code == 200
+    return page.text.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
+
+
+def _ask(config: Config, tool: str = "box__write_note") -> str:
+    call = AskedCall(
+        call_id="c1",
+        session="s1",
+        client="agent",
+        principal="",
+        tool=tool,
+        upstream="box",
+        upstream_tool="write_note",
+        arguments={"path": "notes/a.txt", "body": "<img src=x onerror=alert(1)>"},
+        rules=("writes-need-approval",),
+        reason="writes need a person",
+        revision="r1",
+    )
+    return ApprovalQueue(config.approvals_path).ask(call, "binding-1", 60).id
+
+
+async def test_the_url_token_becomes_an_httponly_strict_cookie_and_leaves_the_address(tmp_path: Path) -> None:
+    gate = AccessToken()
+    async with _client(console_app(_config(tmp_path), gate, HOSTS, tls=False)) as http:
+        answer = await http.get("/console/", params={"token": gate.token})
+        assert answer.status_code == 303
+        assert answer.headers["location"] == "/console/"
+        cookie = answer.headers["set-cookie"]
+        assert cookie.startswith("mcpa_console=") and gate.token not in cookie
+        parts = {part.strip().split("=")[0] for part in cookie.split(";")}
+        assert {"HttpOnly", "SameSite", "Path"} <= parts and "Secure" not in parts
+        assert "SameSite=Strict" in cookie and "Path=/console" in cookie
+        page = await http.get("/console/")
+        assert page.status_code == 200
+        assert page.headers["content-security-policy"] == CSP
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert page.headers["referrer-policy"] == "no-referrer"
+        assert page.headers["cache-control"] == "no-store"
+        assert page.headers["x-frame-options"] == "DENY"
+        assert '<meta name="csrf-token" content="' in page.text and "__CSRF_TOKEN__" not in page.text
+        assert "<script>" not in page.text and "style=" not in page.text  # nothing inline for the CSP to refuse
+        script = await http.get("/console/static/console.js")
+        assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+        assert "innerHTML" not in script.text
+        assert (await http.get("/console/static/../access.py")).status_code == 404
+
+
+async def test_a_secure_cookie_over_tls(tmp_path: Path) -> None:
+    gate = AccessToken()
+    app = console_app(_config(tmp_path), gate, HOSTS, tls=True)
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="https://127.0.0.1:9999") as http:
+        answer = await http.get("/console/", params={"token": gate.token})
+        assert "; Secure" in answer.headers["set-cookie"]
+
+
+async def test_a_wrong_token_or_no_cookie_is_401_and_sets_nothing(tmp_path: Path) -> None:
+    gate = AccessToken()
+    async with _client(console_app(_config(tmp_path), gate, HOSTS, tls=False)) as http:
+        wrong = await http.get("/console/", params={"token": gate.token[:-1] + "x"})
+        assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+        assert wrong.headers["content-security-policy"] == CSP
+        for path in ("/console/", "/console/state", "/console/events", "/console/static/console.js"):
+            assert (await http.get(path)).status_code == 401, path
+        forged = await http.get("/console/state", headers={"cookie": "mcpa_console=made-up"})
+        assert forged.status_code == 401
+
+
+async def test_a_foreign_host_is_refused_before_anything_else(tmp_path: Path) -> None:
+    gate = AccessToken()
+    async with _client(console_app(_config(tmp_path), gate, HOSTS, tls=False)) as http:
+        answer = await http.get("/console/", params={"token": gate.token}, headers={"host": "attacker.example:9999"})
+        assert answer.status_code == 421 and "set-cookie" not in answer.headers
+        await _signed_in(http, gate.token)
+        assert (await http.get("/console/state", headers={"host": "attacker.example"})).status_code == 421
+        assert (await http.get("/console/state", headers={"host": "localhost:9999"})).status_code == 200
+
+
+async def test_a_post_needs_the_csrf_token_and_the_consoles_own_origin(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    entry = _ask(config)
+    gate = AccessToken()
+    body = {"approve": True, "binding": "binding-1"}
+    async with _client(console_app(config, gate, HOSTS, tls=False)) as http:
+        csrf = await _signed_in(http, gate.token)
+        path = f"/console/approvals/{entry}"
+        assert (await http.post(path, json=body, headers=ORIGIN)).status_code == 403
+        assert (await http.post(path, json=body, headers={**ORIGIN, "x-csrf-token": "guess"})).status_code == 403
+        assert (await http.post(path, json=body, headers={"x-csrf-token": csrf})).status_code == 403  # no Origin
+        foreign = {"origin": "http://attacker.example", "x-csrf-token": csrf}
+        assert (await http.post(path, json=body, headers=foreign)).status_code == 403
+        other_port = {"origin": "http://127.0.0.1:1", "x-csrf-token": csrf}
+        assert (await http.post(path, json=body, headers=other_port)).status_code == 403
+        assert ApprovalQueue(config.approvals_path).get(entry).status is Status.PENDING  # type: ignore[union-attr]
+        answer = await http.post(path, json=body, headers={**ORIGIN, "x-csrf-token": csrf})
+        assert answer.status_code == 200, answer.text
+    decided = ApprovalQueue(config.approvals_path).get(entry)
+    assert decided is not None and decided.status is Status.APPROVED and decided.channel == "console"
+    assert decided.decided_by is not None and decided.decided_by.startswith("console (")
+
+
+async def test_a_denial_is_recorded_before_it_is_taken_and_a_second_decision_is_refused(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    entry = _ask(config)
+    gate = AccessToken()
+    async with _client(console_app(config, gate, HOSTS, tls=False)) as http:
+        csrf = await _signed_in(http, gate.token)
+        headers = {**ORIGIN, "x-csrf-token": csrf}
+        state = (await http.get("/console/state")).json()
+        (pending,) = next(m for m in state if m["type"] == "approvals")["pending"]
+        assert pending["id"] == entry and pending["rule"] == "writes-need-approval"
+        assert '"body": "<img src=x onerror=alert(1)>"' in pending["args"]  # as text: the page sets textContent
+        deny = {"approve": False, "binding": pending["binding"], "note": "not that file"}
+        assert (await http.post(f"/console/approvals/{entry}", json=deny, headers=headers)).status_code == 200
+        again = await http.post(f"/console/approvals/{entry}", json={**deny, "approve": True}, headers=headers)
+        assert again.status_code == 409 and "denied" in again.json()["error"]
+        wrong_binding = {"approve": True, "binding": "another-call"}
+        other = _ask(config)
+        assert (await http.post(f"/console/approvals/{other}", json=wrong_binding, headers=headers)).status_code == 409
+        malformed = await http.post(f"/console/approvals/{other}", content=b"approve", headers=headers)
+        assert malformed.status_code == 400
+    (approval,) = [event for event in events(tmp_path) if event["kind"] == "approval"]
+    assert approval["entry"] == entry and approval["approval"] == "denied" and approval["channel"] == "console"
+    assert approval["note"] == "not that file" and approval["tool"] == "box__write_note"
+    assert approval["call_id"] == "c1" and approval["session"] == "s1" and approval["by"].startswith("console (")
+
+
+async def test_an_in_memory_audit_log_is_said_to_be_not_on_disk(tmp_path: Path) -> None:
+    config = _config(tmp_path, audit=":memory:")
+    gate = AccessToken()
+    async with _client(console_app(config, gate, HOSTS, tls=False)) as http:
+        await _signed_in(http, gate.token)
+        state = (await http.get("/console/state")).json()
+    assert state[0] == {"type": "hello", "viewer": state[0]["viewer"], "approver": True, "on_disk": False}
+    integrity = next(m for m in state if m["type"] == "integrity")
+    assert "not on disk" in integrity["status"]
+
+
+def _principal(config: Config, name: str, *roles: str) -> str:
+    return PrincipalStore(config.principals_path).add(name, roles, record=lambda issued: None).token
+
+
+async def test_principals_approve_watch_or_are_refused_by_role_and_a_revocation_ends_the_session(
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path)
+    approver = _principal(config, "alice", "approver")
+    viewer = _principal(config, "bob", "viewer")
+    nobody = _principal(config, "carol", "operator")
+    gate = PrincipalGate([LocalTokens.open(config.principals_path)])
+    app = console_app(config, gate, HOSTS, tls=False)
+    entry = _ask(config)
+    body = {"approve": True, "binding": "binding-1"}
+    async with _client(app) as http:
+        refused = await http.get("/console/", params={"token": nobody})
+        assert refused.status_code == 403 and "set-cookie" not in refused.headers
+        assert (await http.get("/console/", params={"token": "mcpa_00000000_" + "x" * 43})).status_code == 401
+    async with _client(app) as http:
+        csrf = await _signed_in(http, viewer)
+        assert (await http.get("/console/state")).json()[0]["approver"] is False
+        answer = await http.post(f"/console/approvals/{entry}", json=body, headers={**ORIGIN, "x-csrf-token": csrf})
+        assert answer.status_code == 403
+    async with _client(app) as http:
+        csrf = await _signed_in(http, approver)
+        PrincipalStore(config.principals_path).revoke("alice", record=lambda principal, ids: None)
+        answer = await http.post(f"/console/approvals/{entry}", json=body, headers={**ORIGIN, "x-csrf-token": csrf})
+        assert answer.status_code == 401
+    assert ApprovalQueue(config.approvals_path).get(entry).status is Status.PENDING  # type: ignore[union-attr]
+    async with _client(app) as http:
+        csrf = await _signed_in(http, _principal(config, "alice", "approver"))
+        answer = await http.post(f"/console/approvals/{entry}", json=body, headers={**ORIGIN, "x-csrf-token": csrf})
+        assert answer.status_code == 200
+    assert ApprovalQueue(config.approvals_path).get(entry).decided_by == "alice"  # type: ignore[union-attr]
