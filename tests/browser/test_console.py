@@ -8,6 +8,7 @@ import json
 import tomllib
 import urllib.error
 import urllib.request
+from email.message import Message
 from typing import Any
 
 import pytest
@@ -49,17 +50,17 @@ def upstream_received(scene: Scene, body: str) -> bool:
     return any((call["arguments"] or {}).get("body") == body for call in read_records(scene.record))
 
 
-def get(url: str, cookies: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
-    """A plain HTTP GET (no browser): status, headers, body."""
+def get(url: str, cookies: dict[str, str] | None = None) -> tuple[int, Message, str]:
+    """A plain HTTP GET (no browser): status, headers (names in any case), body."""
     request = urllib.request.Request(url)
     if cookies:
         request.add_header("Cookie", "; ".join(f"{name}={value}" for name, value in cookies.items()))
     try:
         with urllib.request.urlopen(request, timeout=WAIT) as response:
-            return response.status, dict(response.headers), response.read(4096).decode(errors="replace")
+            return response.status, response.headers, response.read(4096).decode(errors="replace")
     except urllib.error.HTTPError as refused:
         with refused:
-            return refused.code, dict(refused.headers), refused.read(4096).decode(errors="replace")
+            return refused.code, refused.headers, refused.read(4096).decode(errors="replace")
 
 
 def test_a_call_the_agent_makes_shows_in_calls_without_reloading(scene: Scene, agent: Agent, driver: WebDriver) -> None:
@@ -130,6 +131,8 @@ def test_a_changed_tool_approved_in_the_page_is_served_again(scene: Scene, agent
     with pytest.raises(MCPError, match="quarantined"):
         agent.call("shifty__reads", {})
 
+    for review in css(driver, "#pins-refresh"):  # the page asks the upstreams for their definitions on request
+        review.click()
     pin = until(driver, lambda d: css(d, '#pins li.pin[data-pin="shifty.reads"]'), "shifty.reads in #pins")[0]
     diff = pin.find_element(By.CSS_SELECTOR, ".pin-diff").text
     assert "Read a value." in diff and MARKUP in diff  # the upstream's markup, shown as text
@@ -163,7 +166,7 @@ def test_markup_from_an_agent_shows_as_text_and_runs_nothing(scene: Scene, agent
     cookies = {cookie["name"]: cookie["value"] for cookie in driver.get_cookies()}
     status, headers, _ = get(f"{scene.console.origin}/console/", cookies)
     assert status == 200
-    policy = {part.strip() for part in headers["Content-Security-Policy"].split(";")}
+    policy = {part.strip() for part in (headers["Content-Security-Policy"] or "").split(";")}
     assert {"default-src 'none'", "script-src 'self'", "base-uri 'none'", "frame-ancestors 'none'"} <= policy
 
 
