@@ -56,6 +56,8 @@ def photograph(scene: Scene, profile: Path) -> None:
             until(driver, lambda d: d.find_element(By.ID, "connection").text == "live", "the live stream")
             until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#calls tr.call")) >= 6, "the calls")
             item = until(driver, lambda d: approval_showing(d, "Release moved"), "the waiting call")
+            for review in driver.find_elements(By.ID, "pins-refresh"):
+                review.click()
             until(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#pins li.pin"), "the changed tool")
             docs = REPO / "docs"
             driver.execute_script("window.scrollTo(0, 0)")
