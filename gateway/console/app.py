@@ -96,15 +96,21 @@ class Console:
     async def _stream(self, viewer: Viewer, gate: Gate) -> AsyncIterator[str]:
         feed, queue = AuditFeed(self.config), QueueFeed(ApprovalQueue(self.config.approvals_path))
         try:
-            first = await anyio.to_thread.run_sync(self._first, feed, queue, viewer)
+            try:
+                first = await anyio.to_thread.run_sync(self._first, feed, queue, viewer)
+            except GatewayError as exc:
+                first = [{"type": "error", "text": str(exc)}]
             yield _sse({"type": "batch", "messages": first})
             clock = anyio.current_time
             verified = rechecked = clock()
             grew = False
             while True:
                 await anyio.sleep(POLL)
-                messages = await anyio.to_thread.run_sync(feed.poll)
-                messages += await anyio.to_thread.run_sync(queue.poll)
+                try:
+                    messages = await anyio.to_thread.run_sync(feed.poll)
+                    messages += await anyio.to_thread.run_sync(queue.poll)
+                except GatewayError as exc:  # a file busy or being made: said on the page, looked at again
+                    messages = [{"type": "error", "text": str(exc)}]
                 grew = grew or any(message["type"] != "approvals" for message in messages)
                 if grew and clock() - verified >= INTEGRITY_EVERY:
                     messages.append(await anyio.to_thread.run_sync(feed.integrity))

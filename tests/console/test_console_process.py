@@ -53,6 +53,9 @@ async def console_process(config: Path, *extra: str) -> AsyncIterator[tuple[str,
             try:
                 match = await log.wait_for(r"open (http://127\.0\.0\.1:\d+/console/\?token=[A-Za-z0-9_-]+)", seconds=30)
                 yield match[1], log
+            except BaseException:
+                print(log.text, file=sys.stderr)  # the console's own account, beside the failure
+                raise
             finally:
                 proc.terminate()
                 with anyio.fail_after(20):

@@ -282,7 +282,8 @@
 
   // the stream ----------------------------------------------------------------------------------
 
-  const handlers = { call, session, upstream, catalog, approvals, asks, integrity, policy, hello };
+  const error = (m) => showError(m.text);
+  const handlers = { call, session, upstream, catalog, approvals, asks, integrity, policy, hello, error };
 
   function connect() {
     const stream = new EventSource("/console/events");
