@@ -317,6 +317,9 @@ class ApprovalQueue:
         _check_file(self.path)
         try:
             with closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)) as db:
+                if _untouched(db):  # made by a write that was rolled back (a decision refused): empty
+                    yield None
+                    return
                 _check_version(db, self.path)
                 yield db
         except sqlite3.Error as exc:
@@ -357,6 +360,13 @@ class ApprovalQueue:
 
 def queue_path(state_dir: Path) -> Path:
     return state_dir / "approvals.db"
+
+
+def _untouched(db: sqlite3.Connection) -> bool:
+    """A file with no schema and nothing in it (its first transaction rolled back), not a foreign file."""
+    return bool(db.execute("PRAGMA user_version").fetchone()[0] == 0) and (
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    )
 
 
 def _check_version(db: sqlite3.Connection, path: Path) -> None:

@@ -191,6 +191,10 @@ class Guard:
         if "token" in query:
             await self._exchange(scope, query["token"], sending)
             return
+        bearer = headers.get("authorization", [])
+        if bearer:
+            await self._bearer(scope, receive, sending, bearer)
+            return
         key = _cookie(headers)
         session = self.sessions.get(key) if key else None
         if session is None or not await self.gate.still(session.viewer):
@@ -213,6 +217,24 @@ class Guard:
             await _redirect(sending, f"{PREFIX}/", None)
             return
         await self._app(scope, receive, sending)
+
+    async def _bearer(self, scope: Scope, receive: Receive, send: Send, supplied: list[str]) -> None:
+        """A request carrying the credential itself (a script, not a browser): let in for this request
+        alone. No CSRF token is needed: a browser never adds an Authorization header on its own."""
+        scheme, _, credential = supplied[0].partition(" ")
+        if len(supplied) != 1 or scheme.lower() != "bearer" or not credential.strip():
+            await _plain(send, 401, "expected one Authorization: Bearer <token>")
+            return
+        try:
+            viewer = await self.gate.admit(credential.strip())
+        except Refused as refused:
+            await _plain(send, 403, f"refused: {refused}")
+            return
+        if viewer is None:
+            await _plain(send, 401, "that token does not open this console")
+            return
+        session = Session(viewer, "", 0.0)
+        await self._app({**scope, VIEWER_KEY: (session, self.gate)}, receive, send)
 
     async def _exchange(self, scope: Scope, tokens: list[str], send: Send) -> None:
         if scope["method"] != "GET" or len(tokens) != 1:

@@ -19,13 +19,15 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.audit.approvals import ApprovalQueue, Entry
 from gateway.audit.chain import canonical
 from gateway.audit.store import AuditStore, event
 from gateway.config.models import IN_MEMORY, Config
-from gateway.console.access import Gate, Guard, Viewer, viewer_of
+from gateway.console.access import PREFIX, Gate, Guard, Viewer, viewer_of
 from gateway.console.feed import AuditFeed, Message, QueueFeed
+from gateway.downstream.http_edge import respond
 from gateway.errors import ApprovalsError, AuditError, GatewayError
 
 POLL = 0.25
@@ -49,6 +51,26 @@ def console_app(config: Config, gate: Gate, allowed_hosts: Sequence[str], *, tls
         Route("/console/approvals/{entry_id}", console.decide, methods=["POST"]),
     ]
     return Guard(Starlette(routes=routes), gate, allowed_hosts, tls=tls)
+
+
+class Mounted:
+    """The console's paths (`/console`, `/console/…`) to the console, everything else to `rest` (404 when
+    there is none, without a word about the console)."""
+
+    def __init__(self, console: ASGIApp, rest: ASGIApp | None = None) -> None:
+        self._console = console
+        self._rest = rest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ours = scope["type"] == "http" and (scope["path"] == PREFIX or scope["path"].startswith(PREFIX + "/"))
+        if ours or (self._rest is None and scope["type"] == "http"):
+            await (self._console if ours else _not_here)(scope, receive, send)
+        elif self._rest is not None:
+            await self._rest(scope, receive, send)
+
+
+async def _not_here(scope: Scope, receive: Receive, send: Send) -> None:
+    await respond(send, 404, b'{"error": "not found"}', [(b"content-type", b"application/json")])
 
 
 class Console:
@@ -75,10 +97,7 @@ class Console:
         """Everything a page is sent on connect, as one JSON list (for scripts and tests)."""
         session, _ = viewer_of(request.scope)
         feed = AuditFeed(self.config)
-        try:
-            messages = await anyio.to_thread.run_sync(self._first, feed, QueueFeed(self.queue), session.viewer)
-        finally:
-            feed.close()
+        messages = await anyio.to_thread.run_sync(self._first, feed, QueueFeed(self.queue), session.viewer)
         return JSONResponse(messages)
 
     def _first(self, feed: AuditFeed, queue: QueueFeed, viewer: Viewer) -> list[Message]:
@@ -121,8 +140,7 @@ class Console:
                     rechecked = clock()
                 yield _sse({"type": "batch", "messages": messages}) if messages else ": keep-alive\n\n"
         finally:
-            feed.close()
-            queue.queue.close()
+            await anyio.to_thread.run_sync(queue.queue.close)
 
     async def decide(self, request: Request) -> Response:
         session, _ = viewer_of(request.scope)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from typing import Any
 
 from gateway.audit.anchor import Anchoring, last_anchor, read_anchors
@@ -38,7 +40,6 @@ class AuditFeed:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.on_disk = str(config.audit_path) != IN_MEMORY
-        self._store: AuditStore | None = None
         self._seq = 0
         self._sessions: dict[str, dict[str, Any]] = {}
         self._calls: OrderedDict[str, Message] = OrderedDict()
@@ -46,17 +47,10 @@ class AuditFeed:
         """The catalogue line being folded: its upstream, the last seq in it, and the line."""
         self.last_reload: Message | None = None
 
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-
     def history(self) -> list[Message]:
         """The recent past: the latest calls, the sessions and upstreams around them, the catalogue changes."""
-        store = self._open()
-        if store is None:
-            return []
-        records = list(store.events(newest=HISTORY_EVENTS))
+        with self._open() as store:
+            records = list(store.events(newest=HISTORY_EVENTS)) if store is not None else []
         messages = [message for record in records for message in self._message(record)]
         self._seq = records[-1]["seq"] if records else 0
         calls = {message["call_id"] for message in list(self._calls.values())[-HISTORY_CALLS:]}
@@ -64,11 +58,12 @@ class AuditFeed:
 
     def poll(self) -> list[Message]:
         """What was recorded since the last look (nothing, cheaply, when the head has not moved)."""
-        store = self._open()
-        if store is None or store.last_seq() <= self._seq:
-            return []
+        with self._open() as store:
+            if store is None or store.last_seq() <= self._seq:
+                return []
+            records = list(store.events(Filters(after_seq=self._seq)))
         messages = []
-        for record in store.events(Filters(after_seq=self._seq)):
+        for record in records:
             self._seq = record["seq"]
             messages += self._message(record)
         return messages
@@ -80,12 +75,15 @@ class AuditFeed:
                 "type": "integrity",
                 "status": "the audit log is in memory (:memory:): not on disk, nothing to verify",
             }
-        store = self._open()
-        if store is None:
-            return {"type": "integrity", "status": "no audit log yet (it is created when the gateway first serves)"}
         anchoring = Anchoring.of(self.config)
         anchors = read_anchors(anchoring.file, self.config.audit_path)[0] if anchoring.file else []
-        result = store.verify(anchors)
+        try:
+            with closing(AuditStore.open_reader(self.config.audit_path)) as store:
+                result = store.verify(anchors)
+        except NoLogYet:
+            return {"type": "integrity", "status": "no audit log yet (it is created when the gateway first serves)"}
+        except AuditError as exc:  # emptied, or not a log this mcp-armor reads: the failure is the status
+            return {"type": "integrity", "status": str(exc)}
         problem = result.problem
         status = "ok" if problem is None else f"broken at seq {problem.seq}: {problem.what}"
         anchored = last_anchor(anchors)
@@ -105,17 +103,20 @@ class AuditFeed:
             return {**message, "revision": "(does not load)", "files": str(exc)}
         return {**message, "revision": policies.revision, "files": ", ".join(policies.files) or "(none)"}
 
-    def _open(self) -> AuditStore | None:
-        if not self.on_disk:
-            return None
-        if self._store is None:
+    @contextmanager
+    def _open(self) -> Iterator[AuditStore | None]:
+        """A reader for one look (opened in the worker thread that looks: SQLite connections stay in theirs)."""
+        store = None
+        if self.on_disk:
             try:
-                self._store = AuditStore.open_reader(self.config.audit_path)
-            except NoLogYet:
-                return None
+                store = AuditStore.open_reader(self.config.audit_path)
             except AuditError:
-                return None  # emptied or half-made: shown by the integrity panel's next look
-        return self._store
+                pass  # not made yet, emptied or half-made: nothing to show (the integrity panel says which)
+        try:
+            yield store
+        finally:
+            if store is not None:
+                store.close()
 
     def _message(self, record: dict[str, Any]) -> list[Message]:
         kind = record["kind"]

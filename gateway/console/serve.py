@@ -7,12 +7,11 @@ import sys
 from collections.abc import Callable
 
 import uvicorn
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config.models import Config
 from gateway.console.access import PREFIX, AccessToken, Gate, PrincipalGate
-from gateway.console.app import console_app
-from gateway.downstream.http_edge import host_patterns, is_loopback, listening_socket, respond, tls_files
+from gateway.console.app import Mounted, console_app
+from gateway.downstream.http_edge import host_patterns, is_loopback, listening_socket, tls_files
 from gateway.errors import ConfigError
 from gateway.principals.store import LocalTokens
 
@@ -34,19 +33,6 @@ def console_gate(config: Config, host: str) -> tuple[Gate, tuple[str, str] | Non
     return PrincipalGate([local]), (str(tls[0]), str(tls[1]))
 
 
-class Only:
-    """The console's paths; anything else is not here (404), without a word about the console."""
-
-    def __init__(self, console: ASGIApp) -> None:
-        self._console = console
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == PREFIX or scope["path"].startswith(PREFIX + "/"):
-            await self._console(scope, receive, send)
-            return
-        await respond(send, 404, b'{"error": "not found"}', [(b"content-type", b"application/json")])
-
-
 async def serve_console(config: Config, host: str, port: int, *, announce: Callable[[str], None] | None = None) -> None:
     """Serve the console at http(s)://HOST:PORT/console/ until stopped, announcing the URL to open."""
     gate, tls = console_gate(config, host)
@@ -61,7 +47,7 @@ async def serve_console(config: Config, host: str, port: int, *, announce: Calla
         (announce or _print)(url)
         server = uvicorn.Server(
             uvicorn.Config(
-                Only(app),
+                Mounted(app),
                 log_level="warning",
                 lifespan="off",
                 proxy_headers=False,

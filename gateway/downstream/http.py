@@ -15,7 +15,8 @@ of every session still open.
 HTTP binds 127.0.0.1 unless told otherwise, serves HTTPS with `[gateway.http] tls_certificate` and
 `tls_key`, and checks `Host` and `Origin` against the bound address (DNS-rebinding protection); the
 socket, the TLS files, the client's address and the guards in front of the app are
-`gateway.downstream.http_edge`'s.
+`gateway.downstream.http_edge`'s. The console (`gateway.console`) is mounted at `/console` beside `/mcp`,
+for principals with `role:approver` or `role:viewer`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from starlette.types import ASGIApp
 
 from gateway.calls import SessionInfo
 from gateway.config.models import Config
+from gateway.console.access import PrincipalGate
+from gateway.console.app import Mounted, console_app
 from gateway.core.gateway import Gateway, ListKind
 from gateway.core.requests import RELAYED, Caller, Request, relay_for
 from gateway.downstream.http_edge import (
@@ -326,6 +329,9 @@ async def serve_streamable_http(
         app = guarded if credentials else UntilPrincipals(app, guarded, local)
         if oauth is not None:
             app = ResourceMetadata(app, oauth, security)  # before authentication: it tells where tokens come from
+        # The console at /console: its own guard, for principals with a console role (the same authenticators).
+        hosts = [*host_patterns(host, port), *settings.allowed_hosts]
+        app = Mounted(console_app(config, PrincipalGate(authenticators), hosts, tls=tls is not None), app)
         # The client's address is settled in one place, `ClientAddress`: uvicorn's own reading of
         # X-Forwarded-For (on by default, for loopback peers) is off.
         app = ClientAddress(app, settings.trusted_proxies)

@@ -208,3 +208,16 @@ async def test_principals_approve_watch_or_are_refused_by_role_and_a_revocation_
         answer = await http.post(f"/console/approvals/{entry}", json=body, headers={**ORIGIN, "x-csrf-token": csrf})
         assert answer.status_code == 200
     assert ApprovalQueue(config.approvals_path).get(entry).decided_by == "alice"  # type: ignore[union-attr]
+
+
+async def test_a_refused_decision_on_a_new_queue_leaves_it_readable(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    gate = AccessToken()
+    async with _client(console_app(config, gate, HOSTS, tls=False)) as http:
+        csrf = await _signed_in(http, gate.token)
+        body = {"approve": True, "binding": "b"}
+        answer = await http.post("/console/approvals/abcdefgh", json=body, headers={**ORIGIN, "x-csrf-token": csrf})
+        assert answer.status_code == 409 and "no approval 'abcdefgh'" in answer.json()["error"]
+        state = await http.get("/console/state")
+        assert state.status_code == 200
+        assert next(m for m in state.json() if m["type"] == "approvals")["pending"] == []
