@@ -225,13 +225,8 @@ class Guard:
         if len(supplied) != 1 or scheme.lower() != "bearer" or not credential.strip():
             await _plain(send, 401, "expected one Authorization: Bearer <token>")
             return
-        try:
-            viewer = await self.gate.admit(credential.strip())
-        except Refused as refused:
-            await _plain(send, 403, f"refused: {refused}")
-            return
+        viewer = await self._admit(credential.strip(), send)
         if viewer is None:
-            await _plain(send, 401, "that token does not open this console")
             return
         session = Session(viewer, "", 0.0)
         await self._app({**scope, VIEWER_KEY: (session, self.gate)}, receive, send)
@@ -240,17 +235,23 @@ class Guard:
         if scope["method"] != "GET" or len(tokens) != 1:
             await _plain(send, 400, "the console's token goes in one ?token= of a GET")
             return
-        try:
-            viewer = await self.gate.admit(tokens[0])
-        except Refused as refused:
-            await _plain(send, 403, f"refused: {refused}")
-            return
+        viewer = await self._admit(tokens[0], send)
         if viewer is None:
-            await _plain(send, 401, "that token does not open this console")
             return
         key, _ = self.sessions.open(viewer)
         cookie = f"{COOKIE}={key}; HttpOnly; SameSite=Strict; Path={PREFIX}; Max-Age={int(SESSION_LIFETIME)}"
         await _redirect(send, f"{PREFIX}/", cookie + ("; Secure" if self._tls else ""))
+
+    async def _admit(self, token: str, send: Send) -> Viewer | None:
+        """The viewer `token` stands for; `None` once refused (401 or 403 answered)."""
+        try:
+            viewer = await self.gate.admit(token)
+        except Refused as refused:
+            await _plain(send, 403, f"refused: {refused}")
+            return None
+        if viewer is None:
+            await _plain(send, 401, "that token does not open this console")
+        return viewer
 
 
 def viewer_of(scope: Scope) -> tuple[Session, Gate]:
