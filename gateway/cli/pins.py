@@ -7,24 +7,21 @@ cannot be recorded, nothing is approved); a running gateway picks the new lock u
 
 from __future__ import annotations
 
-import difflib
 import getpass
 import json
 import sys
-from collections.abc import Sequence
-from contextlib import closing
 from typing import Any
 
-from gateway.audit.chain import canonical
-from gateway.audit.store import AuditStore, event
-from gateway.catalog.listing import Catalog, Naming, UpstreamListing
-from gateway.catalog.pins import Assessment, Lock, Mode, Verdict, assess, select, server_change, server_identity
-from gateway.catalog.scan import Finding, Severity, scan_definition, visible
+from gateway.catalog.listing import Catalog, Naming
+from gateway.catalog.pins import Assessment, Lock, Verdict, select, server_identity
+from gateway.catalog.scan import Finding, Severity, scan_definition
 from gateway.cli.common import package_warnings, print_table
-from gateway.config.models import IN_MEMORY, Config
-from gateway.errors import AuditError, ConfigError, LockError
+from gateway.config.models import Config
+from gateway.errors import ConfigError, LockError
 from gateway.setup.files import backup, write_atomically
+from gateway.upstream import review
 from gateway.upstream.connect import Upstreams, connect
+from gateway.upstream.review import definition_diff, server_diff
 
 
 async def scan(config: Config, as_json: bool) -> int:
@@ -83,7 +80,7 @@ async def lock(config: Config, force: bool) -> int:
             "`pins approve`; or pass --force to pin everything as it is now"
         )
     upstreams = await connect(config, pinned=False)
-    assessments = _assess(config, upstreams, None)
+    assessments = review.assess_all(config, upstreams, None)
     new_lock = Lock({name: pins for name, pins in (existing or Lock()).upstreams.items() if name in upstreams.down})
     held: list[Assessment] = []
     for name, listing in upstreams.listings.items():
@@ -136,7 +133,7 @@ async def status(config: Config, as_json: bool) -> int:
         for kind, item in pins.pins:
             if (name, kind, item) not in offered:
                 rows.append({"upstream": name, "kind": str(kind), "name": item, "state": "missing", "findings": []})
-    servers = _servers(config, current, upstreams)
+    servers = review.servers(config, current, upstreams)
     notes = [_server_note(config, server) for server in servers if server["state"] != "pinned"]
     to_review = [server for server in servers if server["state"] in ("quarantined", "warned")]
     if as_json:
@@ -163,33 +160,6 @@ async def status(config: Config, as_json: bool) -> int:
     return 1 if any(a.suspect for a in assessments) or to_review or upstreams.down else 0
 
 
-def _servers(config: Config, current: Lock | None, upstreams: Upstreams) -> list[dict[str, Any]]:
-    """Each answering upstream's server held against the one the lock recorded (`unrecorded`: a lock
-    written before servers were recorded; its definitions are held, its version is not)."""
-    servers = []
-    for name, listing in upstreams.listings.items():
-        pins = current.upstreams.get(name) if current is not None else None
-        if pins is None:
-            continue  # not in the lock at all: everything of it is new
-        mode = Mode(config.pinning(name))
-        change = server_change(current, listing)
-        state = "unrecorded" if not pins.server else "pinned" if not change else _HELD[mode]
-        servers.append(
-            {
-                "upstream": name,
-                "state": state,
-                "mode": str(mode),
-                "pinned": dict(pins.server),
-                "offered": server_identity(listing),
-                "change": change,
-            }
-        )
-    return servers
-
-
-_HELD = {Mode.ENFORCE: "quarantined", Mode.WARN: "warned", Mode.OFF: "ignored"}
-
-
 def _server_note(config: Config, server: dict[str, Any]) -> str:
     name, approve = server["upstream"], f"`mcp-armor pins approve {server['upstream']}`"
     if server["state"] == "unrecorded":
@@ -205,131 +175,44 @@ async def diff(config: Config, selector: str | None) -> int:
     current, upstreams, assessments = await _current(config)
     chosen = [a for a in select(assessments, selector) if a.suspect]
     upstream = (selector or "").partition(".")[0]
-    servers = [s for s in _servers(config, current, upstreams) if s["change"] and upstream in ("", s["upstream"])]
-    if not chosen and not servers:
+    found = [s for s in review.servers(config, current, upstreams) if s["change"] and upstream in ("", s["upstream"])]
+    if not chosen and not found:
         print("(nothing to review)" if not selector else f"(nothing to review for {selector})")
         return 0
-    for server in servers:
+    for server in found:
         print(f"== server {server['upstream']}: not the server pinned ({server['state']})")
-        lines = difflib.unified_diff(
-            _pretty(server["pinned"]), _pretty(server["offered"]), "pinned", "offered now", lineterm=""
-        )
-        for line in lines:
-            print(visible(line))
+        for line in server_diff(server):
+            print(line)
     for assessment in chosen:
-        item = assessment.item
-        pins = current.upstreams.get(item.upstream) if current is not None else None
-        pin = pins.pins.get((item.kind, item.name)) if pins is not None else None
-        before = _pretty(pin.definition) if pin is not None else []
-        print(f"== {item.kind} {item.label}: {assessment.verdict}")
-        lines = difflib.unified_diff(
-            before,
-            _pretty(item.form),
-            fromfile=f"pinned ({pin.digest[:12]})" if pin is not None else "(not pinned)",
-            tofile=f"offered now ({item.digest[:12]})",
-            lineterm="",
-        )
-        for line in lines:
-            print(visible(line))
+        print(f"== {assessment.item.kind} {assessment.item.label}: {assessment.verdict}")
+        for line in definition_diff(current, assessment):
+            print(line)
         for finding in assessment.findings:
             print(f"   {finding.severity}: {finding.kind}: {finding.where}: {finding.detail}")
     return 0
 
 
 async def approve(config: Config, selector: str) -> int:
-    if not config.lock_path.exists():
-        raise ConfigError(
-            f"there is no {config.lock_path.name} yet: run `mcp-armor lock` first (it pins everything on offer but "
-            "poisoned definitions), then approve those one by one"
-        )
-    current, upstreams, assessments = await _current(config)
+    review.lock_needed(config)  # before any upstream is started
+    found = await review.review(config)
     upstream = selector.partition(".")[0]
-    if upstream not in config.upstreams:
-        raise ConfigError(f"there is no upstream named '{upstream}' (write UPSTREAM or UPSTREAM.NAME)")
-    if upstream not in upstreams.listings:
-        raise ConfigError(f"upstream '{upstream}' did not answer; nothing can be approved unseen")
-    chosen = [a for a in select(assessments, selector) if a.suspect]
-    whole = "." not in selector
-    changed = server_change(current, upstreams.listings[upstream])
-    if changed and not whole:
-        raise ConfigError(
-            f"upstream '{upstream}' is not the server pinned ({changed}): review it with `mcp-armor pins diff "
-            f"{upstream}` and approve the server and its definitions at once with `mcp-armor pins approve {upstream}`"
-        )
-    if not chosen and not whole:
-        raise ConfigError(f"nothing to approve for {selector}: it is pinned as offered, or not offered at all")
-    identity = server_identity(upstreams.listings[upstream]) if whole else None
-    _record_approval(config, chosen, selector, (upstream, identity["name"], changed) if identity and changed else None)
-    new_lock = (current or Lock()).pinning(upstream, [a.item for a in chosen], identity)
-    write_atomically(config.lock_path, new_lock.render())
-    for assessment in chosen:
+    approved = review.approve(config, found, selector, who=getpass.getuser(), via=f"`pins approve {selector}`")
+    for assessment in approved.chosen:
         print(
             f"approved {assessment.item.kind} '{assessment.item.label}' "
             f"({assessment.verdict}, {assessment.item.digest[:12]})"
         )
-    if changed and whole:
-        print(f"approved the server of '{upstream}' ({changed})")
-    elif not chosen:
+    if approved.server_change:
+        print(f"approved the server of '{upstream}' ({approved.server_change})")
+    elif not approved.chosen:
         print(f"nothing of '{upstream}' needed approving; its server identity is pinned as it is now")
     print(f"{config.lock_path}: written (a running gateway picks it up within a second or two)")
     return 0
 
 
 async def _current(config: Config) -> tuple[Lock | None, Upstreams, list[Assessment]]:
-    current = Lock.read(config.lock_path)
-    upstreams = await connect(config, pinned=False)
-    return current, upstreams, _assess(config, upstreams, current)
-
-
-def _assess(config: Config, upstreams: Upstreams, current: Lock | None) -> list[Assessment]:
-    listings: Sequence[UpstreamListing] = list(upstreams.listings.values())
-    modes = {name: Mode(config.pinning(name)) for name in config.upstreams}
-    return assess(listings, current, modes, Naming.of(config))
-
-
-def _record_approval(
-    config: Config, chosen: Sequence[Assessment], selector: str, server: tuple[str, str, str] | None
-) -> None:
-    """Record who approved what before the lock changes; if that cannot be recorded, nothing is approved.
-    `server`: the upstream, server name and change of a server approved with it."""
-    if str(config.audit_path) == IN_MEMORY:
-        return
-    who = getpass.getuser()
-    bodies = []
-    if server is not None:
-        upstream, name, change = server
-        reason = f"server changed ({change}); approved by {who} (`pins approve {selector}`)"
-        bodies.append(
-            canonical(
-                event("pin", upstream=upstream, definition_kind="server", name=name, change="approved", reason=reason)
-            )
-        )
-    bodies += [
-        canonical(
-            event(
-                "pin",
-                upstream=a.item.upstream,
-                tool=a.item.label if a.item.kind == "tool" else None,
-                definition_kind=str(a.item.kind),
-                name=a.item.name,
-                change="approved",
-                reason=f"{a.cause}; approved by {who} (`pins approve {selector}`)",
-                tool_digest=a.item.digest,
-            )
-        )
-        for a in chosen
-    ]
-    if not bodies:
-        return
-    try:
-        with closing(AuditStore.open_writer(config.audit_path, sync=config.gateway.audit_sync)) as store:
-            store.append_waiting(bodies)
-    except AuditError as exc:
-        raise ConfigError(f"the approval cannot be recorded in the audit log, so nothing was approved: {exc}") from None
-
-
-def _pretty(definition: Any) -> list[str]:
-    return json.dumps(definition, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
+    found = await review.review(config)
+    return found.lock, found.upstreams, found.assessments
 
 
 def _summary(findings: list[dict[str, str]]) -> str:
