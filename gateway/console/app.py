@@ -8,10 +8,12 @@ recorded, nothing is decided.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import closing
 from importlib.resources import files
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -24,11 +26,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.audit.approvals import ApprovalQueue, Entry
 from gateway.audit.chain import canonical
 from gateway.audit.store import AuditStore, event
+from gateway.catalog.pins import Assessment
 from gateway.config.models import IN_MEMORY, Config
 from gateway.console.access import PREFIX, Gate, Guard, Viewer, viewer_of
 from gateway.console.feed import AuditFeed, Message, QueueFeed
 from gateway.downstream.http_edge import respond
-from gateway.errors import ApprovalsError, AuditError, GatewayError
+from gateway.errors import ApprovalsError, AuditError, ConfigError, GatewayError
+from gateway.upstream import review
 
 POLL = 0.25
 """Seconds between looks at the audit log and the queue while a page is connected."""
@@ -49,6 +53,8 @@ def console_app(config: Config, gate: Gate, allowed_hosts: Sequence[str], *, tls
         Route("/console/events", console.events),
         Route("/console/state", console.state),
         Route("/console/approvals/{entry_id}", console.decide, methods=["POST"]),
+        Route("/console/pins", console.pins),
+        Route("/console/pins/approve", console.approve_pin, methods=["POST"]),
     ]
     return Guard(Starlette(routes=routes), gate, allowed_hosts, tls=tls)
 
@@ -79,6 +85,8 @@ class Console:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.queue = ApprovalQueue(config.approvals_path)
+        self._reviewing = anyio.Lock()
+        """One review at a time: each starts every upstream once."""
 
     async def page(self, request: Request) -> Response:
         session, _ = viewer_of(request.scope)
@@ -145,16 +153,12 @@ class Console:
     async def decide(self, request: Request) -> Response:
         session, _ = viewer_of(request.scope)
         viewer = session.viewer
-        if not viewer.approver:
-            return JSONResponse({"error": f"'{viewer.name}' may watch, not decide (role:approver)"}, status_code=403)
-        try:
-            body = json.loads(await request.body())
-            approve, binding, note = body["approve"], body["binding"], body.get("note", "")
-            if not isinstance(approve, bool) or not isinstance(binding, str) or not isinstance(note, str):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            error = 'expected {"approve": true|false, "binding": "...", "note": "..."}'
-            return JSONResponse({"error": error}, status_code=400)
+        body = await _decision(request, viewer, '{"approve": true|false, "binding": "...", "note": "..."}')
+        if isinstance(body, Response):
+            return body
+        approve, binding, note = body.get("approve"), body.get("binding"), body.get("note", "")
+        if not isinstance(approve, bool) or not isinstance(binding, str) or not isinstance(note, str):
+            return JSONResponse({"error": 'expected {"approve": true|false, "binding": "...", "note": "..."}'}, 400)
         entry_id = request.path_params["entry_id"]
 
         def decide() -> Entry:
@@ -173,6 +177,84 @@ class Console:
         except GatewayError as exc:
             return JSONResponse({"error": str(exc)}, status_code=409)
         return JSONResponse({"id": decided.id, "status": decided.status.value, "by": decided.decided_by})
+
+    async def pins(self, request: Request) -> Response:
+        """What is new, changed or poisoned against `upstreams.lock`: each with its diff and findings."""
+        async with self._reviewing:
+            try:
+                found = await review.review(self.config)
+            except GatewayError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=409)
+        shown = to_review(self.config, found)
+        if found.lock is None:
+            note = f"no {self.config.lock_path.name}: nothing is pinned yet (`mcp-armor lock` pins what is on offer)"
+            return JSONResponse({"pins": [], "note": note})
+        down = "".join(f"; upstream '{name}' did not answer" for name in found.upstreams.down)
+        return JSONResponse({"pins": shown, "note": f"{len(shown)} to review{down}"})
+
+    async def approve_pin(self, request: Request) -> Response:
+        """Pin what was shown for a selector, as `mcp-armor pins approve` does, if it is still what is offered."""
+        session, _ = viewer_of(request.scope)
+        viewer = session.viewer
+        body = await _decision(request, viewer, '{"selector": "UPSTREAM[.NAME]", "digest": "..."}')
+        if isinstance(body, Response):
+            return body
+        selector, digest = body.get("selector"), body.get("digest")
+        if not isinstance(selector, str) or not isinstance(digest, str):
+            return JSONResponse({"error": 'expected {"selector": "UPSTREAM[.NAME]", "digest": "..."}'}, 400)
+        async with self._reviewing:
+            try:
+                review.lock_needed(self.config)
+                found = await review.review(self.config)
+                now = {item["selector"]: item["digest"] for item in to_review(self.config, found)}
+                if now.get(selector) != digest:
+                    raise ConfigError(
+                        f"{selector}: not what the page showed (it changed, or was approved): review again"
+                    )
+                approved = review.approve(self.config, found, selector, who=viewer.name, via="console")
+            except GatewayError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=409)
+        names = ", ".join(a.item.label for a in approved.chosen) or "its server"
+        message = f"approved {names}; {self.config.lock_path.name} written (a running gateway picks it up by itself)"
+        return JSONResponse({"message": message})
+
+
+async def _decision(request: Request, viewer: Viewer, expected: str) -> dict[str, Any] | Response:
+    """A decision's JSON object, from an approver; otherwise the answer refusing it (403, or 400)."""
+    if not viewer.approver:
+        return JSONResponse({"error": f"'{viewer.name}' may watch, not decide (role:approver)"}, status_code=403)
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        body = None
+    return body if isinstance(body, dict) else JSONResponse({"error": f"expected {expected}"}, status_code=400)
+
+
+def to_review(config: Config, found: review.Review) -> list[Message]:
+    """Each thing to approve, by the selector `pins approve` takes: a changed server's whole upstream, or
+    one definition; its diff, its findings, and a digest of what was shown (approved only if still so)."""
+    shown: list[Message] = []
+    changed = {s["upstream"]: s for s in review.servers(config, found.lock, found.upstreams) if s["change"]}
+    for name, server in changed.items():
+        held = [a for a in found.assessments if a.item.upstream == name and a.suspect]
+        diff = [f"== server {name}: not the server pinned ({server['state']})", *review.server_diff(server)]
+        for assessment in held:
+            diff += [f"== {assessment.item.label}", *review.definition_diff(found.lock, assessment)]
+        what = [server["offered"], *(a.item.digest for a in held)]
+        shown.append(_pin(name, f"server {name}: {server['change']}", diff, held, what))
+    for assessment in found.assessments:
+        if assessment.suspect and assessment.item.upstream not in changed:
+            item = assessment.item
+            title = f"{item.kind} {item.label}: {assessment.verdict}"
+            diff = review.definition_diff(found.lock, assessment)
+            shown.append(_pin(item.label, title, diff, [assessment], [item.digest]))
+    return shown
+
+
+def _pin(selector: str, title: str, diff: list[str], held: list[Assessment], what: list[Any]) -> Message:
+    findings = [f"{f.severity}: {f.kind}: {f.where}: {f.detail}" for a in held for f in a.findings]
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    return {"selector": selector, "title": title, "diff": "\n".join(diff), "findings": findings, "digest": digest}
 
 
 def record_approval(config: Config, decided: Entry) -> None:

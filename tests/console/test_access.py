@@ -10,11 +10,12 @@ import httpx2
 import pytest
 
 from gateway.audit.approvals import ApprovalQueue, AskedCall, Status
+from gateway.catalog.pins import Lock
 from gateway.config.models import Config, load_config
 from gateway.console.access import CSP, AccessToken, PrincipalGate
 from gateway.console.app import console_app
 from gateway.principals.store import LocalTokens, PrincipalStore
-from tests.conftest import events, fixture_upstream, write_config
+from tests.conftest import events, fixture_upstream, run_cli, write_config
 
 pytestmark = pytest.mark.anyio
 
@@ -221,3 +222,43 @@ async def test_a_refused_decision_on_a_new_queue_leaves_it_readable(tmp_path: Pa
         state = await http.get("/console/state")
         assert state.status_code == 200
         assert next(m for m in state.json() if m["type"] == "approvals")["pending"] == []
+
+
+async def test_a_pin_approved_in_the_console_is_recorded_then_written_to_the_lock(tmp_path: Path) -> None:
+    write_config(tmp_path, {"box": fixture_upstream("toolbox.py")})
+    assert run_cli("lock", "--config", str(tmp_path / "upstreams.toml"), cwd=tmp_path).returncode == 0
+    # A second upstream, not pinned yet: everything of it is new.
+    config = load_config(
+        write_config(tmp_path, {"box": fixture_upstream("toolbox.py"), "more": fixture_upstream("toolbox.py")})
+    )
+    gate = AccessToken()
+    async with _client(console_app(config, gate, HOSTS, tls=False)) as http:
+        csrf = await _signed_in(http, gate.token)
+        headers = {**ORIGIN, "x-csrf-token": csrf}
+        listed = (await http.get("/console/pins", timeout=60)).json()
+        shown = {pin["selector"]: pin for pin in listed["pins"]}
+        assert "more.echo" in shown and not any(selector.startswith("box.") for selector in shown)
+        echo = shown["more.echo"]
+        assert echo["title"] == "tool more.echo: new" and echo["diff"].startswith("--- (not pinned)")
+        stale = await http.post(
+            "/console/pins/approve", json={"selector": "more.echo", "digest": "0" * 64}, headers=headers, timeout=60
+        )
+        assert stale.status_code == 409 and "not what the page showed" in stale.json()["error"]
+        assert "more" not in Lock.read(config.lock_path).upstreams  # type: ignore[union-attr]
+        answer = await http.post(
+            "/console/pins/approve",
+            json={"selector": "more.echo", "digest": echo["digest"]},
+            headers=headers,
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        again = (await http.get("/console/pins", timeout=60)).json()
+        assert "more.echo" not in {pin["selector"] for pin in again["pins"]}
+    pins = Lock.read(config.lock_path).upstreams["more"].pins  # type: ignore[union-attr]
+    assert [name for _, name in pins] == ["echo"]
+    (pin,) = [event for event in events(tmp_path) if event["kind"] == "pin" and event.get("change") == "approved"]
+    assert (
+        pin["name"] == "echo"
+        and pin["reason"].startswith("new; approved by console (")
+        and pin["reason"].endswith("(console)")
+    )
