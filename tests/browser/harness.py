@@ -168,8 +168,9 @@ class Agent:
 
 class Scene:
     """One config directory: a toolbox upstream (`box`, its `write_note` asked about) and a shifty one
-    (`shifty`, pinned in upstreams.lock, its `reads` changed to `changed_description` by `shifty__mutate`);
-    agents on it, and the console."""
+    (`shifty`, pinned in upstreams.lock by its first start, its `reads` described as `changed_description`
+    from every later start: quarantined by the gateways, shown for review by the console); agents on it,
+    and the console."""
 
     def __init__(self, directory: Path, state: Path, port: int, changed_description: str) -> None:
         self.directory = directory
@@ -189,7 +190,7 @@ class Scene:
             "shifty": fixture_upstream(
                 "shifty.py",
                 SHIFTY_STATE=str(directory / "shifty-starts"),
-                SHIFTY_CHANGE_AT="99",
+                SHIFTY_CHANGE_AT="2",
                 SHIFTY_CHANGED=changed_description,
             ),
         }

@@ -126,16 +126,17 @@ def test_an_approval_nobody_decides_leaves_the_page_and_the_call_is_refused(scen
 
 
 def test_a_changed_tool_approved_in_the_page_is_served_again(scene: Scene, agent: Agent, driver: WebDriver) -> None:
-    agent.call("shifty__mutate", {})  # its `reads` tool now carries markup in its description
-    poll(lambda: "shifty__reads" not in agent.tools(), "shifty__reads to be quarantined")
+    # Since it was pinned, shifty's `reads` has come to carry markup in its description.
+    assert "shifty__reads" not in agent.tools() and "shifty__stable" in agent.tools()
     with pytest.raises(MCPError, match="quarantined"):
         agent.call("shifty__reads", {})
 
     for review in css(driver, "#pins-refresh"):  # the page asks the upstreams for their definitions on request
         review.click()
     pin = until(driver, lambda d: css(d, '#pins li.pin[data-pin="shifty.reads"]'), "shifty.reads in #pins")[0]
-    diff = pin.find_element(By.CSS_SELECTOR, ".pin-diff").text
-    assert "Read a value." in diff and MARKUP in diff  # the upstream's markup, shown as text
+    diff = pin.find_element(By.CSS_SELECTOR, ".pin-diff").get_attribute("textContent")
+    assert '-  "description": "Read a value.",' in diff
+    assert f'+  "description": {json.dumps(f"Read a value. {MARKUP}")},' in diff  # the upstream's markup, as text
     assert not css(driver, "#pins img, #pins script, [onerror]")
     assert driver.execute_script("return window.__pwned") is None
     pin.find_element(By.CSS_SELECTOR, "button.approve-pin").click()
@@ -143,7 +144,8 @@ def test_a_changed_tool_approved_in_the_page_is_served_again(scene: Scene, agent
     poll(lambda: "shifty__reads" in agent.tools(), "the serving gateway to release shifty__reads")
     assert text_of(agent.call("shifty__reads", {})) == "reads done"
     lock = tomllib.loads((scene.directory / "upstreams.lock").read_text())
-    assert MARKUP in json.dumps(lock["upstreams"]["shifty"]["tools"]["reads"]["definition"])
+    pinned = json.loads(lock["upstreams"]["shifty"]["tools"]["reads"]["definition"])
+    assert pinned["description"] == f"Read a value. {MARKUP}"
     until(driver, lambda d: not css(d, '#pins li.pin[data-pin="shifty.reads"]'), "shifty.reads to leave #pins")
 
 
