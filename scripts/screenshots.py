@@ -47,24 +47,24 @@ def photograph(scene: Scene, profile: Path) -> None:
         agent.call("box__delete_everything", {"confirm": True})
     except MCPError:
         pass  # an unknown tool: refused, and shown as such
-    waiting = agent.start("box__write_note", {"path": "notes/standup.md", "body": "Release moved to Thursday."})
-    try:
-        with browser(profile) as driver:
-            driver.get(scene.console.url)
-            until(driver, lambda d: d.find_element(By.ID, "connection").text == "live", "the live stream")
-            until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#calls tr.call")) >= 6, "the calls")
-            item = until(driver, lambda d: approval_showing(d, "Release moved"), "the waiting call")
-            for review in driver.find_elements(By.ID, "pins-refresh"):
-                review.click()
-            until(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#pins li.pin"), "the changed tool")
-            docs = REPO / "docs"
-            driver.execute_script("window.scrollTo(0, 0)")
-            driver.save_screenshot(str(docs / "console-live.png"))
-            driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", item)
+    docs = REPO / "docs"
+    with browser(profile) as driver:
+        driver.get(scene.console.url)
+        until(driver, lambda d: d.find_element(By.ID, "connection").text == "live", "the live stream")
+        last = '#calls tr.call[data-tool="box__delete_everything"]'
+        until(driver, lambda d: d.find_elements(By.CSS_SELECTOR, last), "the calls")
+        for review in driver.find_elements(By.ID, "pins-refresh"):
+            review.click()
+        until(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#pins li.pin"), "the changed tool")
+        driver.save_screenshot(str(docs / "console-live.png"))
+
+        waiting = agent.start("box__write_note", {"path": "notes/standup.md", "body": "Release moved to Thursday."})
+        try:
+            until(driver, lambda d: approval_showing(d, "Release moved"), "the waiting call")
             driver.save_screenshot(str(docs / "console-approval.png"))
-            print(f"screenshots: wrote {docs / 'console-live.png'} and {docs / 'console-approval.png'}")
-    finally:
-        waiting.cancel()
+        finally:
+            waiting.cancel()
+    print(f"screenshots: wrote {docs / 'console-live.png'} and {docs / 'console-approval.png'}")
 
 
 if __name__ == "__main__":
