@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from mcp.shared.exceptions import MCPError
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from tests.browser.conftest import MARKUP
@@ -72,8 +73,21 @@ def test_a_call_the_agent_makes_shows_in_calls_without_reloading(scene: Scene, a
     assert row.get_attribute("data-outcome") == "ok"
     assert row.find_element(By.CSS_SELECTOR, "td.tool").text == "box__echo"
     assert "allow" in row.find_element(By.CSS_SELECTOR, "td.decision").text
-    assert row.get_attribute("data-session")
     assert driver.execute_script("return window.__sameDocument") == "kept"  # no reload brought it
+    session = row.get_attribute("data-session")
+    assert row.find_element(By.CSS_SELECTOR, "td.session").text in session  # shown whole or shortened
+    opened = f'#sessions tr.session[data-session="{session}"] td.state'
+    assert until(driver, lambda d: css(d, opened), "the agent's session in #sessions")[0].text == "open"
+    box = '#upstreams tr.upstream[data-upstream="box"] td.state'
+    assert until(driver, lambda d: css(d, box), "box in #upstreams")[0].text == "up"
+
+    agent.call("box__add", {"a": 1, "b": 2})
+    added = until(driver, lambda d: ended_row(d, "box__add"), "the box__add call in #calls")
+    driver.find_element(By.ID, "filter-tool").send_keys("echo")
+    until(driver, lambda d: not added.is_displayed(), "the filter to hide box__add")
+    assert row.is_displayed()
+    driver.find_element(By.ID, "filter-tool").send_keys(Keys.BACKSPACE * len("echo"))
+    until(driver, lambda d: added.is_displayed(), "box__add to show again without the filter")
 
 
 def test_an_approval_clicked_in_the_page_lets_the_waiting_call_through(
@@ -112,7 +126,7 @@ def test_a_deny_with_a_reason_typed_in_the_page_refuses_the_call_with_it(
     until(driver, gone(approval_id), "the denied call to leave #approvals")
     assert not upstream_received(scene, "deny me")
     asked = decision_of(scene, approval_id)["approval_request"]
-    assert asked["through"] == "console" and asked["answer"] == "declined"
+    assert asked["through"] == "console" and asked["answer"] == "declined" and "not on a Sunday" in asked["reason"]
 
 
 def test_an_approval_nobody_decides_leaves_the_page_and_the_call_is_refused(scene: Scene, driver: WebDriver) -> None:
