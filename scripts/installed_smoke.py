@@ -5,8 +5,8 @@
 Standard library only, and it never imports the gateway: everything goes through the `mcp-armor` on
 PATH (the fresh virtualenv's), run in the current directory, which holds the shipped `upstreams.toml`
 and `policies/` beside a git repository: `--version`, `--help` of every command, a stdio session and a
-streamable HTTP session, then the audit log they wrote. Exits non-zero with one line naming the first
-failure.
+streamable HTTP session, then the audit log they wrote, and the console showing it. Exits non-zero
+with one line naming the first failure.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,36 @@ def main() -> None:
     if decisions != expected or len(outcomes) != 3:
         fail(f"the audit log holds decisions {decisions} and {len(outcomes)} outcomes")
     print(f"installed smoke: {verified.stdout.strip() or verified.stderr.strip()}", file=sys.stderr)
+    check_console(len(expected))
+
+
+def check_console(calls: int) -> None:
+    """`mcp-armor console`: the printed URL opens the page, whose static files the wheel shipped."""
+    command = ["mcp-armor", "console", "--config", "upstreams.toml", "--listen", "127.0.0.1:0"]
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"open (http://\S+/console/)\?token=\S+", line)
+        if match is None:
+            fail(f"console printed {line!r}, not the URL to open")
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        with opener.open(line.split("open ", 1)[1].strip(), timeout=TIMEOUT) as page:  # 303 to the page, a cookie
+            html = page.read().decode()
+            if "default-src 'none'" not in page.headers.get("content-security-policy", ""):
+                fail("the console's page came without its Content-Security-Policy")
+        for name in ("console.js", "console.css"):
+            with opener.open(f"{match[1]}static/{name}", timeout=TIMEOUT) as static:
+                if not static.read().strip():
+                    fail(f"the console's static/{name} is empty")
+        with opener.open(f"{match[1]}state", timeout=TIMEOUT) as state:
+            shown = [message for message in json.load(state) if message["type"] == "call"]
+        if 'name="csrf-token"' not in html or len(shown) != calls:
+            fail(f"the console's page or its state is not what was served ({len(shown)} calls shown)")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT)
+    print(f"installed smoke: the console served its page, static files and {calls} calls", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ RECHECK_EVERY = 2.0
 """Seconds between checks that a connected page's session (its principal's token) still holds."""
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
 _CSRF_MARK = "__CSRF_TOKEN__"
+MAX_BODY = 64 * 1024
+"""The largest decision a page sends (a deny reason is cut to 500 characters)."""
 
 
 def console_app(config: Config, gate: Gate, allowed_hosts: Sequence[str], *, tls: bool) -> Guard:
@@ -223,6 +225,8 @@ async def _decision(request: Request, viewer: Viewer, expected: str) -> dict[str
     """A decision's JSON object, from an approver; otherwise the answer refusing it (403, or 400)."""
     if not viewer.approver:
         return JSONResponse({"error": f"'{viewer.name}' may watch, not decide (role:approver)"}, status_code=403)
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        return JSONResponse({"error": f"a decision is at most {MAX_BODY} bytes"}, status_code=413)
     try:
         body = json.loads(await request.body())
     except ValueError:

@@ -3,19 +3,24 @@ the roles of principals, and decisions made through it (recorded in the audit lo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 
 from gateway.audit.approvals import ApprovalQueue, AskedCall, Status
 from gateway.catalog.pins import Lock
 from gateway.config.models import Config, load_config
-from gateway.console.access import CSP, AccessToken, PrincipalGate
-from gateway.console.app import console_app
+from gateway.console.access import CSP, SESSION_LIFETIME, AccessToken, PrincipalGate, Sessions, Viewer
+from gateway.console.app import MAX_BODY, console_app
+from gateway.console.serve import console_gate
+from gateway.errors import ConfigError
 from gateway.principals.store import LocalTokens, PrincipalStore
 from tests.conftest import events, fixture_upstream, run_cli, write_config
+from tests.e2e.test_http_edge import _self_signed
 
 pytestmark = pytest.mark.anyio
 
@@ -262,3 +267,57 @@ async def test_a_pin_approved_in_the_console_is_recorded_then_written_to_the_loc
         and pin["reason"].startswith("new; approved by console (")
         and pin["reason"].endswith("(console)")
     )
+
+
+async def test_a_session_expires_and_an_oversized_decision_is_refused(tmp_path: Path) -> None:
+    now = [0.0]
+    gate = AccessToken()
+    app = console_app(_config(tmp_path), gate, HOSTS, tls=False)
+    app.sessions = Sessions(clock=lambda: now[0])
+    async with _client(app) as http:
+        csrf = await _signed_in(http, gate.token)
+        big = await http.post(
+            "/console/approvals/abcdefgh", content=b"x" * (MAX_BODY + 1), headers={**ORIGIN, "x-csrf-token": csrf}
+        )
+        assert big.status_code == 413
+        now[0] += SESSION_LIFETIME - 1
+        assert (await http.get("/console/state")).status_code == 200
+        now[0] += 1
+        assert (await http.get("/console/state")).status_code == 401
+
+
+class _Revoked:
+    """A gate that lets a viewer in once, then no longer (as a revoked principal's token)."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    async def admit(self, token: str) -> Viewer | None:
+        return Viewer("dave", approver=False, credential=token) if token == "dave" else None
+
+    async def still(self, viewer: Viewer) -> bool:
+        self.checks += 1
+        return self.checks == 1
+
+
+async def test_the_live_stream_ends_once_its_viewer_is_no_longer_let_in(tmp_path: Path) -> None:
+    async with _client(console_app(_config(tmp_path), _Revoked(), HOSTS, tls=False)) as http:
+        assert (await http.get("/console/", params={"token": "dave"})).status_code == 303
+        with anyio.fail_after(20):
+            stream = await http.get("/console/events")  # ends by itself at the first re-check
+    assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+    first = json.loads(stream.text.split("data: ", 1)[1].split("\n\n", 1)[0])
+    assert first["messages"][0] == {"type": "hello", "viewer": "dave", "approver": False, "on_disk": True}
+
+
+def test_beyond_loopback_only_over_tls_and_only_for_principals(tmp_path: Path) -> None:
+    _self_signed(tmp_path)
+    tls = {"tls_certificate": "gateway.crt", "tls_key": "gateway.key"}
+    assert isinstance(console_gate(_config(tmp_path), "127.0.0.1")[0], AccessToken)
+    with pytest.raises(ConfigError, match="only over TLS"):
+        console_gate(_config(tmp_path, http=tls), "0.0.0.0")  # TLS, but no principal
+    _principal(_config(tmp_path), "alice", "approver")
+    with pytest.raises(ConfigError, match="only over TLS"):
+        console_gate(_config(tmp_path), "0.0.0.0")  # principals, but no TLS
+    gate, files = console_gate(_config(tmp_path, http=tls), "0.0.0.0")
+    assert isinstance(gate, PrincipalGate) and files == (str(tmp_path / "gateway.crt"), str(tmp_path / "gateway.key"))

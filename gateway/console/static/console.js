@@ -73,7 +73,7 @@
     row.setAttribute("data-decision", m.decision);
     row.setAttribute("data-outcome", m.outcome);
     cell(row, "time", m.time);
-    cell(row, "session", m.session.slice(0, 8)).title = m.session;
+    cell(row, "session", m.session);
     cell(row, "principal", m.principal);
     cell(row, "client", m.client);
     cell(row, "tool", m.tool);
@@ -92,7 +92,7 @@
       row = el("tr", "session");
       row.setAttribute("data-session", m.session);
       body.insertBefore(row, body.firstChild);
-      cell(row, "id", m.session.slice(0, 8)).title = m.session;
+      cell(row, "id", m.session);
       cell(row, "principal", m.principal);
       cell(row, "client", m.client);
     }
@@ -231,9 +231,15 @@
     $("policy-reload").textContent = m.reload;
   }
 
+  let pinsLoaded = false;
+
   function hello(m) {
     $("viewer").textContent = m.viewer + (m.approver ? "" : " (watching)");
     window.consoleApprover = m.approver;
+    if (!pinsLoaded) {
+      pinsLoaded = true; // once per page: a review starts every upstream once
+      loadPins();
+    }
     const note = $("audit-note");
     note.hidden = m.on_disk;
     note.textContent = m.on_disk ? "" : "The audit log is not on disk (audit = \":memory:\"): there is nothing to show.";
