@@ -39,11 +39,17 @@ def gone(approval_id: str) -> Any:
 
 
 def decision_of(scene: Scene, approval_id: str) -> dict[str, Any]:
-    [decision] = [
-        event
-        for event in events(scene.directory)
-        if event["kind"] == "decision" and (event.get("approval_request") or {}).get("entry") == approval_id
-    ]
+    """The audit's decision event of the call that waited as `approval_id` (the gateway commits it in the
+    background, so it may land just after the agent has its answer)."""
+
+    def found() -> list[dict[str, Any]]:
+        return [
+            event
+            for event in events(scene.directory)
+            if event["kind"] == "decision" and (event.get("approval_request") or {}).get("entry") == approval_id
+        ]
+
+    [decision] = poll(found, f"the decision event of approval {approval_id}")
     return decision
 
 
