@@ -27,6 +27,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import REPO, fixture_upstream, gateway_client, write_config
 
+os.environ.setdefault("SE_OFFLINE", "true")  # selenium finds nothing online: the system chromedriver is given
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WAIT = 20.0
@@ -154,13 +156,17 @@ class Agent:
     def __init__(self, portal: anyio.from_thread.BlockingPortal, client: Client) -> None:
         self.portal = portal
         self.client = client
+        self.started: list[Future[Any]] = []
 
     def call(self, tool: str, arguments: dict[str, Any]) -> Any:
         return self.portal.call(lambda: self.client.call_tool(tool, arguments))
 
     def start(self, tool: str, arguments: dict[str, Any]) -> Future[Any]:
-        """Start a call that will wait (for an approval) and return at once."""
-        return self.portal.start_task_soon(lambda: self.client.call_tool(tool, arguments))
+        """Start a call that will wait (for an approval) and return at once; cancelled when the scene closes
+        if it is still waiting then (a failed test leaves no call behind)."""
+        started = self.portal.start_task_soon(lambda: self.client.call_tool(tool, arguments))
+        self.started.append(started)
+        return started
 
     def tools(self) -> set[str]:
         return {tool.name for tool in self.portal.call(self.client.list_tools).tools}
@@ -215,7 +221,9 @@ class Scene:
             config.write_text(tomli_w.dumps(data), encoding="utf-8")
         os.environ["XDG_STATE_HOME"] = str(self.state)  # gateway_params passes it on
         client = self.stack.enter_context(self.portal.wrap_async_context_manager(gateway_client(config)))
-        return Agent(self.portal, client)
+        agent = Agent(self.portal, client)
+        self.stack.callback(lambda: [call.cancel() for call in agent.started])
+        return agent
 
     def close(self) -> None:
         self.stack.close()
