@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
 from typing import Protocol
 from urllib.parse import parse_qs
 
@@ -200,7 +200,7 @@ class Guard:
         if session is None or not await self.gate.still(session.viewer):
             if session is not None:
                 self.sessions.drop(key)
-            await _plain(sending, 401, "open the console with the URL it printed at start (…/console/?token=…)")
+            await _plain(sending, 401, "sign in: open /console/?token=… (the URL printed at start, or your own token)")
             return
         if scope["method"] not in ("GET", "HEAD"):
             origin = headers.get("origin", [])
@@ -272,7 +272,7 @@ def _cookie(headers: dict[str, list[str]]) -> str:
         jar: SimpleCookie = SimpleCookie()
         try:
             jar.load(text)
-        except Exception:  # a malformed Cookie header: no session in it
+        except CookieError:  # a malformed Cookie header: no session in it
             continue
         if COOKIE in jar:
             return jar[COOKIE].value

@@ -312,6 +312,7 @@
 
   for (const id of ["filter-session", "filter-principal", "filter-tool", "filter-decision"]) {
     $(id).addEventListener("input", filterCalls);
+    $(id).addEventListener("change", filterCalls);
   }
   $("pins-refresh").addEventListener("click", loadPins);
   connect();
