@@ -154,7 +154,7 @@ def test_a_changed_tool_approved_in_the_page_is_served_again(scene: Scene, agent
     for review in css(driver, "#pins-refresh"):  # the page asks the upstreams for their definitions on request
         review.click()
     pin = until(driver, lambda d: css(d, '#pins li.pin[data-pin="shifty.reads"]'), "shifty.reads in #pins")[0]
-    diff = pin.find_element(By.CSS_SELECTOR, ".pin-diff").get_attribute("textContent")
+    diff = pin.find_element(By.CSS_SELECTOR, ".pin-diff").text  # as the page shows it
     assert '-  "description": "Read a value.",' in diff
     assert f'+  "description": {json.dumps(f"Read a value. {MARKUP}")},' in diff  # the upstream's markup, as text
     assert not css(driver, "#pins img, #pins script, [onerror]")
