@@ -71,14 +71,18 @@ class QueueAsker:
                 return await client()
             unavailable = "the approval queue is unavailable (see the gateway's log)"
             return Approval(Answer.CANNOT_ASK, unavailable, Channel.QUEUE)
+        left = entry.expires - self.queue.now()
         try:
-            final = await self._first_decision(entry, call, client)
-        except BaseException:
-            # Cancelled at the ask's deadline (the pipeline's `ask_timeout`): expired; otherwise withdrawn.
-            timed_out = anyio.current_time() >= anyio.current_effective_deadline()
+            with anyio.move_on_after(left) as waited:
+                final = await self._first_decision(entry, call, client)
+        except BaseException:  # the call was cancelled (its client, or the gateway stopping): withdrawn
             with anyio.CancelScope(shield=True):
-                await self._close_undecided(entry, timed_out)
+                await self._close_undecided(entry, expired=False)
             raise
+        if waited.cancelled_caught:
+            await self._close_undecided(entry, expired=True)
+            no_answer = f"no answer within {format_seconds(self.desk.ttl)}"
+            return Approval(Answer.NO_ANSWER, no_answer, Channel.QUEUE, entry=entry.id)
         return await self._release(final, entry.binding, decision)
 
     async def settle(self, entry_id: str, approval: Approval, call: ToolCall, decision: Decision) -> Approval:

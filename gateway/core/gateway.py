@@ -56,7 +56,7 @@ from gateway.core.targets import (
     template_completion,
 )
 from gateway.core.watch import watch_file, watch_policies
-from gateway.errors import GatewayError, LockError, ProtocolError
+from gateway.errors import GatewayError, LockError, ProtocolError, format_seconds
 from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX
 from gateway.principals import Principal
@@ -387,12 +387,14 @@ class Gateway:
         if elicit is not None:
 
             async def by_elicitation(call: ToolCall, decision: Decision) -> Approval:
-                try:
-                    result = await elicit(desk.message(call, decision), REQUESTED_SCHEMA)
-                except ProtocolError as exc:
-                    failed = f"the client could not ask a person ({exc.message})"
-                    return Approval(Answer.CANNOT_ASK, failed, Channel.ELICITATION)
-                return desk.answer(result)
+                with anyio.move_on_after(desk.ttl):
+                    try:
+                        result = await elicit(desk.message(call, decision), REQUESTED_SCHEMA)
+                    except ProtocolError as exc:
+                        failed = f"the client could not ask a person ({exc.message})"
+                        return Approval(Answer.CANNOT_ASK, failed, Channel.ELICITATION)
+                    return desk.answer(result)
+                return Approval(Answer.NO_ANSWER, f"no answer within {format_seconds(desk.ttl)}", Channel.ELICITATION)
 
             client = by_elicitation
         if queue is None:

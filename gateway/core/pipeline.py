@@ -29,7 +29,6 @@ from pydantic import BaseModel, ValidationError
 from gateway.calls import (
     Answer,
     Approval,
-    Channel,
     Decision,
     Effect,
     Handler,
@@ -121,6 +120,10 @@ class Credentials:
         if refusal is not None:
             return replace(Outcome.refused(call, refusal), stage="credentials")
         return await call_next(call)
+
+
+ASK_GRACE = 5.0
+"""How long past `ask_timeout` the policy stage waits for an approver that has not kept its own time."""
 
 
 class EnforcePolicy:
@@ -288,12 +291,11 @@ class EnforcePolicy:
     async def _approval(self, call: ToolCall, decision: Decision) -> Approval:
         if call.approver is None:
             return Approval(Answer.CANNOT_ASK, "this client cannot ask a person (it does not support elicitation)")
-        with anyio.move_on_after(self.ask_timeout) as waited:
+        # Each channel keeps its own time (and says which it was); this is the backstop.
+        with anyio.move_on_after(self.ask_timeout + ASK_GRACE) as waited:
             approval = await call.approver(call, decision)
         if waited.cancelled_caught:
-            # Only an elicitation waits for the person: a round trip's approver answers at once.
-            no_answer = f"no answer within {format_seconds(self.ask_timeout)}"
-            return Approval(Answer.NO_ANSWER, no_answer, Channel.ELICITATION)
+            return Approval(Answer.NO_ANSWER, f"no answer within {format_seconds(self.ask_timeout)}")
         return approval
 
 

@@ -171,6 +171,8 @@ async def test_an_unanswered_approval_expires_and_the_call_is_refused(tmp_path: 
     assert refused.is_error and "no answer within 1s" in text_of(refused)
     (entry,) = queue.entries()
     assert entry.status is Status.EXPIRED and entry.note == "no decision within 1s"
+    request = calls(tmp_path)["box__write_note"]["decision"]["approval_request"]
+    assert (request["answer"], request["via"], request["entry"]) == ("no answer", "queue", entry.id)
     with pytest.raises(ApprovalsError, match="is expired"):
         queue.decide(entry.id, approve=True, by="late", channel="cli")
     assert received(record) == []
