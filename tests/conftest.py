@@ -62,6 +62,17 @@ def node_server(name: str) -> str:
 
 
 ALLOW_ALL = '[defaults]\neffect = "allow"\n'
+NOTES_NEED_APPROVAL = """
+[defaults]
+effect = "allow"
+
+[[rule]]
+id = "notes-need-approval"
+tools = ["box__write_note"]
+effect = "ask"
+reason = "notes are written to disk"
+"""
+"""Everything allowed but the toolbox's `write_note`, which a person approves."""
 
 
 def write_config(directory: Path, upstreams: dict[str, Any], *, policy: str | None = ALLOW_ALL, **gateway: Any) -> Path:

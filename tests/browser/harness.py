@@ -25,7 +25,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.conftest import REPO, fixture_upstream, gateway_client, write_config
+from tests.conftest import NOTES_NEED_APPROVAL, REPO, fixture_upstream, gateway_client, write_config
 
 os.environ.setdefault("SE_OFFLINE", "true")  # selenium finds nothing online: the system chromedriver is given
 
@@ -34,16 +34,7 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WAIT = 20.0
 """Seconds a browser-side condition may take before a test fails."""
 
-POLICY = """
-[defaults]
-effect = "allow"
-
-[[rule]]
-id = "notes-need-approval"
-tools = ["box__write_note"]
-effect = "ask"
-reason = "a note is written to disk"
-"""
+POLICY = NOTES_NEED_APPROVAL
 
 T = TypeVar("T")
 

@@ -18,20 +18,20 @@ import anyio.abc
 import httpx2
 import pytest
 
-from tests.conftest import REPO, ServerLog, fixture_upstream, gateway_client, run_cli, text_of, write_config
+from tests.conftest import (
+    NOTES_NEED_APPROVAL,
+    REPO,
+    ServerLog,
+    fixture_upstream,
+    gateway_client,
+    run_cli,
+    text_of,
+    write_config,
+)
 
 pytestmark = pytest.mark.anyio
 
-POLICY = """
-[defaults]
-effect = "allow"
-
-[[rule]]
-id = "notes-need-approval"
-tools = ["box__write_note"]
-effect = "ask"
-reason = "a note is written to disk"
-"""
+POLICY = NOTES_NEED_APPROVAL
 
 
 @asynccontextmanager

@@ -24,20 +24,11 @@ from mcp.client.streamable_http import streamable_http_client
 
 from gateway.audit.approvals import ApprovalQueue
 from gateway.config.models import load_config
-from tests.conftest import ServerLog, fixture_upstream, http_gateway, text_of, write_config
+from tests.conftest import NOTES_NEED_APPROVAL, ServerLog, fixture_upstream, http_gateway, text_of, write_config
 
 pytestmark = pytest.mark.anyio
 
-POLICY = """
-[defaults]
-effect = "allow"
-
-[[rule]]
-id = "notes-need-approval"
-tools = ["box__write_note"]
-effect = "ask"
-reason = "notes are written to disk"
-"""
+POLICY = NOTES_NEED_APPROVAL
 SECRET = "AKIAIOSFODNN7EXAMPLE"
 """An argument the audit masks (an AWS access key id): never in a notice."""
 TOKEN = "notice-token-5f1c2a"

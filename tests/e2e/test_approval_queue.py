@@ -18,6 +18,7 @@ import pytest
 from gateway.audit.approvals import ApprovalQueue, Entry, Status
 from gateway.errors import ApprovalsError
 from tests.conftest import (
+    NOTES_NEED_APPROVAL,
     calls,
     client_over,
     events,
@@ -31,16 +32,7 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.anyio
 
-POLICY = """
-[defaults]
-effect = "allow"
-
-[[rule]]
-id = "notes-need-approval"
-tools = ["box__write_note"]
-effect = "ask"
-reason = "notes are written to disk"
-"""
+POLICY = NOTES_NEED_APPROVAL
 NOTE = {"path": "notes/plan.txt", "body": "the plan"}
 
 
