@@ -330,9 +330,13 @@ class ApprovalQueue:
         """One write transaction, on a file made (0600, in a 0700 directory) and given its tables if new."""
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if os.path.lexists(self.path):
+                # Checked before anything is made or changed: a file others could write is refused, never
+                # quietly made private (whatever they wrote, or still hold open, would be taken as ours).
+                _check_file(self.path)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
-                if os.fstat(fd).st_mode & 0o077:
+                if os.fstat(fd).st_mode & 0o077:  # readable by others: the calls it shows are theirs to read
                     os.fchmod(fd, 0o600)
             finally:
                 os.close(fd)

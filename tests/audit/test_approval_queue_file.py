@@ -1,0 +1,91 @@
+"""The approval queue's file refuses to be trusted when anyone but its owner could have written it, or when
+it is not a queue this mcp-armor can use: each one line naming the file, and nothing entered or decided."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.audit.approvals import ApprovalQueue, AskedCall, Status
+from gateway.errors import ApprovalsError
+
+CALL = AskedCall("c1", "s1", "agent 1", "", "box__write_note", "box", "write_note", {"path": "a"}, ("r",), "why", "v1")
+
+
+def made(tmp_path: Path) -> ApprovalQueue:
+    queue = ApprovalQueue(tmp_path / "state" / "approvals.db")
+    queue.ask(CALL, "binding", 60)
+    return queue
+
+
+def group_writable(queue: ApprovalQueue) -> None:
+    os.chmod(queue.path, 0o660)
+
+
+def world_writable(queue: ApprovalQueue) -> None:
+    os.chmod(queue.path, 0o606)
+
+
+def another_users(queue: ApprovalQueue) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user takes root")
+    os.chown(queue.path, 4242, -1)
+
+
+def a_link(queue: ApprovalQueue) -> None:
+    real = queue.path.with_name("elsewhere.db")
+    queue.path.rename(real)
+    queue.path.symlink_to(real)
+
+
+def corrupt(queue: ApprovalQueue) -> None:
+    for extra in ("-wal", "-shm"):
+        queue.path.with_name(queue.path.name + extra).unlink(missing_ok=True)
+    queue.path.write_bytes(b"not a database at all" * 300)
+
+
+def from_the_future(queue: ApprovalQueue) -> None:
+    with sqlite3.connect(queue.path) as db:
+        db.execute("PRAGMA user_version = 2")
+
+
+@pytest.mark.parametrize(
+    ("spoil", "said"),
+    [
+        pytest.param(group_writable, "can be written by others", id="group-writable"),
+        pytest.param(world_writable, "can be written by others", id="world-writable"),
+        pytest.param(another_users, "belongs to another user", id="another-user"),
+        pytest.param(a_link, "is a symbolic link", id="symlink"),
+        pytest.param(corrupt, "the approval queue cannot be", id="corrupt"),
+        pytest.param(from_the_future, "not an approval queue this mcp-armor can use", id="future-schema"),
+    ],
+)
+def test_a_queue_file_that_cannot_be_trusted_is_refused_for_entering_and_deciding(
+    tmp_path: Path, spoil: Callable[[ApprovalQueue], None], said: str
+) -> None:
+    queue = made(tmp_path)
+    (entry,) = queue.entries()
+    spoil(queue)
+    mode = os.lstat(queue.path).st_mode
+    for attempt in (
+        lambda: queue.ask(CALL, "binding", 60),
+        lambda: queue.decide(entry.id, approve=True, by="alice", channel="cli"),
+        lambda: queue.spend(entry.id, "binding"),
+        lambda: queue.get(entry.id),
+    ):
+        with pytest.raises(ApprovalsError, match=said) as refused:
+            attempt()
+        assert str(queue.path) in str(refused.value) and "\n" not in str(refused.value)
+    assert os.lstat(queue.path).st_mode == mode  # left as found: not quietly made private
+
+
+def test_a_queue_file_readable_by_others_is_made_private_when_next_written(tmp_path: Path) -> None:
+    queue = made(tmp_path)
+    os.chmod(queue.path, 0o644)
+    (entry,) = queue.entries()
+    assert queue.decide(entry.id, approve=False, by="alice", channel="cli").status is Status.DENIED
+    assert os.stat(queue.path).st_mode & 0o777 == 0o600

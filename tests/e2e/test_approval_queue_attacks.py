@@ -1,0 +1,40 @@
+"""The approval queue under attack, with real gateway processes and real clients: a queue file others could
+have written, an agent flooding the queue, the queue failing while a call waits. Each proves the call is
+refused (never let through) and the gateway keeps serving."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from gateway.audit.approvals import Status
+from tests.conftest import gateway_client, text_of
+from tests.e2e.test_approval_queue import NOTE, configure, queue_of, received
+
+pytestmark = pytest.mark.anyio
+
+UNAVAILABLE = "the approval queue is unavailable (see the gateway's log)"
+
+
+@pytest.fixture
+def record(tmp_path: Path) -> Path:
+    return tmp_path / "calls.jsonl"
+
+
+async def test_a_group_writable_queue_file_refuses_the_call_and_is_left_as_found(tmp_path: Path, record: Path) -> None:
+    config = configure(tmp_path, record)
+    queue = queue_of(config)
+    queue.close_out("none", Status.VOID, "")  # makes the file, empty
+    os.chmod(queue.path, 0o660)
+    async with gateway_client(config) as client:
+        with anyio.fail_after(30):
+            refused = await client.call_tool("box__write_note", NOTE)
+        assert refused.is_error and UNAVAILABLE in text_of(refused)
+        assert not (await client.call_tool("box__echo", {"text": "still serving"})).is_error
+    assert os.stat(queue.path).st_mode & 0o777 == 0o660
+    os.chmod(queue.path, 0o600)
+    assert queue.entries() == []
+    assert received(record) == [{"text": "still serving"}]
