@@ -286,10 +286,13 @@ class ApprovalQueue:
     def version(self) -> int:
         """A number that changes whenever any connection commits to the file (one `PRAGMA data_version`,
         no table read): a waiter looks at its row again only when it changed. -1 before the file exists."""
-        db = self._reader_connection()
-        if db is None:
-            return -1
-        return int(db.execute("PRAGMA data_version").fetchone()[0])
+        try:
+            db = self._reader_connection()
+            if db is None:
+                return -1
+            return int(db.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise ApprovalsError(f"{self.path}: the approval queue cannot be read: {exc}") from None
 
     def close(self) -> None:
         if self._reader is not None:
@@ -324,6 +327,8 @@ class ApprovalQueue:
                 yield db
         except sqlite3.Error as exc:
             raise ApprovalsError(f"{self.path}: the approval queue cannot be read: {exc}") from None
+        except (ValueError, TypeError) as exc:  # a row no mcp-armor wrote (an unknown status, a call not JSON)
+            raise ApprovalsError(f"{self.path}: the approval queue holds a row it cannot read ({exc})") from None
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:

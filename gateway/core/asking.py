@@ -66,10 +66,10 @@ class QueueAsker:
     async def ask(self, call: ToolCall, decision: Decision, client: ClientAsk | None = None) -> Approval:
         """Enter `call` in the queue and wait for the first decision, from the queue or from `client`."""
         entry = await self.enter(call, decision)
+        unavailable = "the approval queue is unavailable (see the gateway's log)"
         if entry is None:
             if client is not None:  # the queue is unavailable; the client can still ask
                 return await client()
-            unavailable = "the approval queue is unavailable (see the gateway's log)"
             return Approval(Answer.CANNOT_ASK, unavailable, Channel.QUEUE)
         try:
             final = await self._first_decision(entry, call, client)
@@ -79,6 +79,9 @@ class QueueAsker:
             with anyio.CancelScope(shield=True):
                 await self._close_undecided(entry, timed_out)
             raise
+        if final is None:  # the queue failed while the call waited (logged): refused, its row closed if it can be
+            await self._close_undecided(entry, False)
+            return Approval(Answer.CANNOT_ASK, unavailable, Channel.QUEUE, entry=entry.id)
         return await self._release(final, entry.binding, decision)
 
     async def settle(self, entry_id: str, approval: Approval, call: ToolCall, decision: Decision) -> Approval:
@@ -107,13 +110,18 @@ class QueueAsker:
                 raise
             return entry
 
-    async def _first_decision(self, entry: Entry, call: ToolCall, client: ClientAsk | None) -> Entry:
-        """The row once decided, by the queue or by the client's answer (entered as a decision)."""
-        result: list[Entry] = []
+    async def _first_decision(self, entry: Entry, call: ToolCall, client: ClientAsk | None) -> Entry | None:
+        """The row once decided, by the queue or by the client's answer (entered as a decision); `None`
+        (logged) when the queue can no longer be read (an answer could not be entered there either)."""
+        result: list[Entry | None] = []
         async with anyio.create_task_group() as tg:
 
             async def from_queue() -> None:
-                result.append(await self._wait(entry, call.progress))
+                try:
+                    result.append(await self._wait(entry, call.progress))
+                except ApprovalsError as exc:
+                    logger.error("%s", exc)
+                    result.append(None)
                 tg.cancel_scope.cancel()
 
             async def from_client(ask: ClientAsk) -> None:

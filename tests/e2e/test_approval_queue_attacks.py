@@ -5,14 +5,18 @@ refused (never let through) and the gateway keeps serving."""
 from __future__ import annotations
 
 import os
+import sqlite3
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import anyio
+import mcp_types as types
 import pytest
 
 from gateway.audit.approvals import Status
 from tests.conftest import gateway_client, text_of
-from tests.e2e.test_approval_queue import NOTE, configure, queue_of, received
+from tests.e2e.test_approval_queue import NOTE, configure, pending, queue_of, received, until
 
 pytestmark = pytest.mark.anyio
 
@@ -37,4 +41,35 @@ async def test_a_group_writable_queue_file_refuses_the_call_and_is_left_as_found
     assert os.stat(queue.path).st_mode & 0o777 == 0o660
     os.chmod(queue.path, 0o600)
     assert queue.entries() == []
+    assert received(record) == [{"text": "still serving"}]
+
+
+def future_schema(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA user_version = 2")
+
+
+def unknown_status(db: sqlite3.Connection) -> None:
+    db.execute("UPDATE approvals SET status = 'approved-by-mallory'")
+
+
+@pytest.mark.parametrize("spoil", [future_schema, unknown_status])
+async def test_a_queue_spoiled_while_a_call_waits_refuses_it_and_the_gateway_keeps_serving(
+    tmp_path: Path, record: Path, spoil: Callable[[sqlite3.Connection], None]
+) -> None:
+    config = configure(tmp_path, record)
+    queue = queue_of(config)
+    results: list[types.CallToolResult] = []
+    async with gateway_client(config) as client, anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            results.append(await client.call_tool("box__write_note", NOTE))
+
+        tg.start_soon(call)
+        await pending(queue)
+        with closing(sqlite3.connect(queue.path)) as db, db:
+            spoil(db)
+        await until(lambda: results)
+        assert not (await client.call_tool("box__echo", {"text": "still serving"})).is_error
+    (result,) = results
+    assert result.is_error and UNAVAILABLE in text_of(result)
     assert received(record) == [{"text": "still serving"}]
