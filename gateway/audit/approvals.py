@@ -167,10 +167,21 @@ class ApprovalQueue:
     def now(self) -> float:
         return self._clock()
 
-    def ask(self, call: AskedCall, binding: str, ttl: float) -> Entry:
-        """Enter a pending approval for `call`, expiring `ttl` seconds from now."""
+    def ask(self, call: AskedCall, binding: str, ttl: float, *, most: int | None = None) -> Entry:
+        """Enter a pending approval for `call`, expiring `ttl` seconds from now; refused (`ApprovalsError`)
+        when its session already has `most` waiting."""
         now = self._clock()
         with self._writing() as db:
+            if most is not None:
+                waiting = db.execute(
+                    "SELECT count(*) FROM approvals "
+                    "WHERE status = 'pending' AND expires > ? AND json_extract(call, '$.session') = ?",
+                    (now, call.session),
+                ).fetchone()[0]
+                if waiting >= most:
+                    raise ApprovalsError(
+                        f"session {call.session} already has {waiting} approvals waiting; {call.tool} not entered"
+                    )
             while True:  # ~40 bits of id: a clash is rare, and retried
                 entry_id = "".join(secrets.choice(_ALPHABET) for _ in range(ID_LENGTH))
                 if db.execute("SELECT 1 FROM approvals WHERE id = ?", (entry_id,)).fetchone() is None:

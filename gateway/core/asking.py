@@ -50,12 +50,18 @@ class QueueAsker:
     revision: Callable[[], str]
     """The policy revision in force now."""
     notify: Notify | None = None
+    most: int | None = None
+    """Approvals one session may have waiting at once (`[gateway] max_calls_per_session`): a 2026-07-28
+    call asks and returns at once, so no limit on calls in flight bounds how many it leaves in the queue."""
 
     async def enter(self, call: ToolCall, decision: Decision) -> Entry | None:
         """Enter `call` in the queue, and announce it; `None` (logged) when the queue cannot be written."""
         try:
             binding = self.desk.binding(replace_decision(call, decision))
-            entry = await anyio.to_thread.run_sync(self.queue.ask, self.shown(call, decision), binding, self.desk.ttl)
+            shown = self.shown(call, decision)
+            entry = await anyio.to_thread.run_sync(
+                lambda: self.queue.ask(shown, binding, self.desk.ttl, most=self.most)
+            )
         except ApprovalsError as exc:
             logger.error("%s", exc)
             return None

@@ -1,11 +1,13 @@
 """The approval queue's file refuses to be trusted when anyone but its owner could have written it, or when
-it is not a queue this mcp-armor can use: each one line naming the file, and nothing entered or decided."""
+it is not a queue this mcp-armor can use: each one line naming the file, and nothing entered or decided.
+And one session cannot fill it."""
 
 from __future__ import annotations
 
 import os
 import sqlite3
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,18 @@ def test_a_queue_file_readable_by_others_is_made_private_when_next_written(tmp_p
     (entry,) = queue.entries()
     assert queue.decide(entry.id, approve=False, by="alice", channel="cli").status is Status.DENIED
     assert os.stat(queue.path).st_mode & 0o777 == 0o600
+
+
+def test_a_session_has_at_most_most_approvals_waiting_and_others_are_not_held_back(tmp_path: Path) -> None:
+    now = [1000.0]
+    queue = ApprovalQueue(tmp_path / "approvals.db", clock=lambda: now[0])
+    first = queue.ask(CALL, "b", 60, most=2)
+    queue.ask(CALL, "b", 60, most=2)
+    with pytest.raises(ApprovalsError, match="session s1 already has 2 approvals waiting; box__write_note not entered"):
+        queue.ask(CALL, "b", 60, most=2)
+    queue.ask(replace(CALL, session="s2"), "b", 60, most=2)  # another session's count is its own
+    queue.decide(first.id, approve=False, by="alice", channel="cli")
+    queue.ask(CALL, "b", 60, most=2)  # a decided one no longer waits
+    now[0] += 61
+    queue.ask(CALL, "b", 60, most=2)  # nor does an expired one
+    assert len(queue.entries(pending_only=True)) == 1

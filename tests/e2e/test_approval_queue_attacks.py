@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import anyio
 import mcp_types as types
@@ -72,4 +73,27 @@ async def test_a_queue_spoiled_while_a_call_waits_refuses_it_and_the_gateway_kee
         assert not (await client.call_tool("box__echo", {"text": "still serving"})).is_error
     (result,) = results
     assert result.is_error and UNAVAILABLE in text_of(result)
+    assert received(record) == [{"text": "still serving"}]
+
+
+async def test_a_2026_agent_asking_without_end_leaves_at_most_max_calls_per_session_waiting(
+    tmp_path: Path, record: Path
+) -> None:
+    """A 2026-07-28 call that asks returns `input_required` at once, so no limit on calls in flight holds
+    back an agent that never retries: the queue takes `max_calls_per_session` of its session's approvals."""
+    config = configure(tmp_path, record, max_calls_per_session=3)
+    queue = queue_of(config)
+
+    async def never(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        raise AssertionError("the agent never retries")
+
+    async with gateway_client(config, mode="auto", elicitation=never) as client:
+        for number in range(8):
+            asked = await client.session.call_tool(
+                "box__write_note", {**NOTE, "body": str(number)}, allow_input_required=True
+            )
+            assert isinstance(asked, types.InputRequiredResult)  # its own client can still be asked
+        assert not (await client.call_tool("box__echo", {"text": "still serving"})).is_error
+    waiting = queue.entries(pending_only=True)
+    assert sorted(entry.call.arguments["body"] for entry in waiting) == ["0", "1", "2"]
     assert received(record) == [{"text": "still serving"}]
