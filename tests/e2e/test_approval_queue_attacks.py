@@ -16,7 +16,8 @@ import mcp_types as types
 import pytest
 
 from gateway.audit.approvals import Status
-from tests.conftest import gateway_client, text_of
+from gateway.schema import digest
+from tests.conftest import events, fixture_upstream, gateway_client, text_of, write_config
 from tests.e2e.test_approval_queue import NOTE, configure, pending, queue_of, received, until
 
 pytestmark = pytest.mark.anyio
@@ -97,3 +98,36 @@ async def test_a_2026_agent_asking_without_end_leaves_at_most_max_calls_per_sess
     waiting = queue.entries(pending_only=True)
     assert sorted(entry.call.arguments["body"] for entry in waiting) == ["0", "1", "2"]
     assert received(record) == [{"text": "still serving"}]
+
+
+MASKED = """
+[defaults]
+effect = "allow"
+
+[[rule]]
+id = "notes-need-approval"
+tools = ["box__write_note"]
+effect = "ask"
+mask = ["body"]
+"""
+
+
+async def test_a_masked_value_cannot_be_tested_against_the_binding_the_queue_shows(tmp_path: Path) -> None:
+    """The queue (and each notice) shows the binding beside the masked arguments: were it a plain hash of
+    the call, a reader could try guesses of the masked value (a password, a PIN) until one matched."""
+    box = fixture_upstream("toolbox.py")
+    config = write_config(tmp_path, {"box": box}, policy=MASKED)
+    queue = queue_of(config)
+    sent = {"path": "notes/p", "body": "hunter2"}
+    async with gateway_client(config) as client, anyio.create_task_group() as tg:
+        tg.start_soon(client.call_tool, "box__write_note", sent)
+        (entry,) = await pending(queue)
+        tg.cancel_scope.cancel()
+    shown = entry.call
+    assert shown.arguments["body"].startswith("[masked:policy:")
+    catalog = [event for event in events(tmp_path) if event["kind"] == "catalog"]
+    (definition,) = {event["tool_digest"] for event in catalog if event["tool"] == "box__write_note"}
+    who = {"session": shown.session, "principal": shown.principal, "tool": shown.tool, "upstream": shown.upstream}
+    guess = {**who, "definition": definition, "arguments": sent, "revision": shown.revision, "forwarded": sent}
+    assert digest(guess) != entry.binding
+    assert all(b"hunter2" not in file.read_bytes() for file in queue.path.parent.glob("approvals.db*"))
