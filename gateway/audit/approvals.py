@@ -207,25 +207,40 @@ class ApprovalQueue:
         """Approve or deny a pending, unexpired approval: the decided entry. `binding`, when given, must be
         the one the person was shown. Raises `ApprovalsError` (one line) when it is not there to decide."""
         now = self._clock()
+        gone: str | None = None
         with self._writing() as db:
             entry = self._row(db, entry_id)
             if entry is None:
                 raise ApprovalsError(f"no approval {entry_id!r} (see `mcp-armor approvals list`)")
             status = entry.shown_status(now)
-            if status is not Status.PENDING:
-                by_whom = f" by {entry.decided_by} ({entry.channel})" if entry.decided_by else ""
-                raise ApprovalsError(f"approval {entry_id} is {status.value}{by_whom}: nothing to decide")
-            if binding is not None and binding != entry.binding:
-                raise ApprovalsError(f"approval {entry_id} is not the call that was shown (its binding differs)")
-            status = Status.APPROVED if approve else Status.DENIED
-            decided = replace(entry, status=status, decided_at=now, decided_by=by, channel=channel, note=note or None)
-            if record is not None:
-                record(decided)
-            db.execute(
-                "UPDATE approvals SET status = ?, decided_at = ?, decided_by = ?, channel = ?, note = ? "
-                "WHERE id = ? AND status = 'pending'",
-                (status.value, now, by, channel, note or None, entry_id),
-            )
+            if status is Status.PENDING and _gone(entry.call.gateway):
+                # Killed before it could close the row: nobody is left to spend an approval. Closed (and
+                # committed) before refusing, so the queue stops showing it as waiting.
+                gone = f"the gateway holding it ({entry.call.gateway}) is gone"
+                db.execute(
+                    "UPDATE approvals SET status = 'expired', note = ?, decided_at = ? "
+                    "WHERE id = ? AND status = 'pending'",
+                    (gone, now, entry_id),
+                )
+            else:
+                if status is not Status.PENDING:
+                    by_whom = f" by {entry.decided_by} ({entry.channel})" if entry.decided_by else ""
+                    raise ApprovalsError(f"approval {entry_id} is {status.value}{by_whom}: nothing to decide")
+                if binding is not None and binding != entry.binding:
+                    raise ApprovalsError(f"approval {entry_id} is not the call that was shown (its binding differs)")
+                status = Status.APPROVED if approve else Status.DENIED
+                decided = replace(
+                    entry, status=status, decided_at=now, decided_by=by, channel=channel, note=note or None
+                )
+                if record is not None:
+                    record(decided)
+                db.execute(
+                    "UPDATE approvals SET status = ?, decided_at = ?, decided_by = ?, channel = ?, note = ? "
+                    "WHERE id = ? AND status = 'pending'",
+                    (status.value, now, by, channel, note or None, entry_id),
+                )
+        if gone is not None:
+            raise ApprovalsError(f"approval {entry_id} is expired: {gone}")
         return decided
 
     def spend(self, entry_id: str, binding: str) -> bool:
@@ -379,6 +394,21 @@ class ApprovalQueue:
 
 def queue_path(state_dir: Path) -> Path:
     return state_dir / "approvals.db"
+
+
+def _gone(holder: str) -> bool:
+    """Whether the gateway process holding a call (`host:pid`) has ended: only known on its own host, when
+    no process has its id (a process of another host, or one reusing the id, counts as there)."""
+    host, _, pid = holder.rpartition(":")
+    if host != os.uname().nodename or not pid.isdigit() or int(pid) <= 0:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # there, but another user's
+        return False
+    return False
 
 
 def _is_new(db: sqlite3.Connection) -> bool:

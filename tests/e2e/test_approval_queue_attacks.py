@@ -17,7 +17,16 @@ import pytest
 
 from gateway.audit.approvals import Status
 from gateway.schema import digest
-from tests.conftest import events, fixture_upstream, gateway_client, text_of, write_config
+from gateway.errors import ApprovalsError
+from tests.conftest import (
+    RawSession,
+    events,
+    fixture_upstream,
+    gateway_client,
+    gateway_process,
+    text_of,
+    write_config,
+)
 from tests.e2e.test_approval_queue import NOTE, configure, pending, queue_of, received, until
 
 pytestmark = pytest.mark.anyio
@@ -131,3 +140,27 @@ async def test_a_masked_value_cannot_be_tested_against_the_binding_the_queue_sho
     guess = {**who, "definition": definition, "arguments": sent, "revision": shown.revision, "forwarded": sent}
     assert digest(guess) != entry.binding
     assert all(b"hunter2" not in file.read_bytes() for file in queue.path.parent.glob("approvals.db*"))
+
+
+async def test_an_approval_whose_gateway_was_killed_cannot_be_approved_and_reads_as_expired(
+    tmp_path: Path, record: Path
+) -> None:
+    """`kill -9` leaves the row pending (nobody closed it): approving it would read as approved, yet no
+    process is left to spend it. The decision is refused and the row closed, saying why."""
+    config = configure(tmp_path, record)
+    queue = queue_of(config)
+    async with gateway_process(config) as (proc, _):
+        raw = RawSession(proc)
+        await raw.initialize()
+        await raw.send(raw.call(1, "box__write_note", NOTE))
+        (entry,) = await pending(queue)
+        proc.kill()
+        with anyio.fail_after(20):
+            await proc.wait()
+    assert entry.call.gateway == f"{os.uname().nodename}:{proc.pid}"
+    with pytest.raises(ApprovalsError, match=f"the gateway holding it \\({entry.call.gateway}\\) is gone"):
+        queue.decide(entry.id, approve=True, by="alice", channel="cli")
+    gone = queue.get(entry.id)
+    assert gone is not None and gone.status is Status.EXPIRED and gone.decided_by is None
+    assert queue.entries(pending_only=True) == []
+    assert received(record) == []
