@@ -424,17 +424,23 @@ def _check_version(db: sqlite3.Connection, path: Path) -> None:
 
 
 def _check_file(path: Path) -> None:
-    """Refuse a queue anyone but its owner could have written (or a link to one somewhere else)."""
-    try:
-        info = os.lstat(path)
-    except OSError as exc:
-        raise ApprovalsError(f"{path}: {exc.strerror}") from None
-    if stat.S_ISLNK(info.st_mode):
-        raise ApprovalsError(f"{path} is a symbolic link; the approval queue must be a file of its own")
-    if info.st_mode & 0o022:
-        raise ApprovalsError(f"{path} can be written by others; only its owner may decide approvals (chmod 600)")
-    if info.st_uid != os.geteuid():
-        raise ApprovalsError(f"{path} belongs to another user (uid {info.st_uid})")
+    """Refuse a queue anyone but its owner could have written (or a link to one somewhere else), and the
+    same of its journal (`-wal`, `-shm`) when there: one planted beside the file would be read as ours."""
+    for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            info = os.lstat(each)
+        except FileNotFoundError:
+            if each != path:
+                continue
+            raise ApprovalsError(f"{path}: No such file or directory") from None
+        except OSError as exc:
+            raise ApprovalsError(f"{each}: {exc.strerror}") from None
+        if stat.S_ISLNK(info.st_mode):
+            raise ApprovalsError(f"{each} is a symbolic link; the approval queue must be a file of its own")
+        if info.st_mode & 0o022:
+            raise ApprovalsError(f"{each} can be written by others; only its owner may decide approvals (chmod 600)")
+        if info.st_uid != os.geteuid():
+            raise ApprovalsError(f"{each} belongs to another user (uid {info.st_uid})")
 
 
 def _entry(row: Sequence[Any]) -> Entry:

@@ -44,6 +44,13 @@ def a_link(queue: ApprovalQueue) -> None:
     queue.path.symlink_to(real)
 
 
+def a_planted_journal(queue: ApprovalQueue) -> None:
+    """Another user (or anyone, through a group-writable directory) puts a write-ahead log beside the file."""
+    journal = queue.path.with_name(queue.path.name + "-wal")
+    journal.write_bytes(b"")
+    os.chmod(journal, 0o666)
+
+
 def corrupt(queue: ApprovalQueue) -> None:
     for extra in ("-wal", "-shm"):
         queue.path.with_name(queue.path.name + extra).unlink(missing_ok=True)
@@ -62,6 +69,7 @@ def from_the_future(queue: ApprovalQueue) -> None:
         pytest.param(world_writable, "can be written by others", id="world-writable"),
         pytest.param(another_users, "belongs to another user", id="another-user"),
         pytest.param(a_link, "is a symbolic link", id="symlink"),
+        pytest.param(a_planted_journal, "approvals.db-wal can be written by others", id="planted-journal"),
         pytest.param(corrupt, "the approval queue cannot be", id="corrupt"),
         pytest.param(from_the_future, "not an approval queue this mcp-armor can use", id="future-schema"),
     ],
