@@ -361,16 +361,17 @@ class ApprovalQueue:
         """One write transaction, on a file made (0600, in a 0700 directory) and given its tables if new."""
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if os.path.lexists(self.path):
-                # Checked before anything is made or changed: a file others could write is refused, never
-                # quietly made private (whatever they wrote, or still hold open, would be taken as ours).
-                _check_file(self.path)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
-                if os.fstat(fd).st_mode & 0o077:  # readable by others: the calls it shows are theirs to read
-                    os.fchmod(fd, 0o600)
-            finally:
-                os.close(fd)
+                # Made 0600 if new. An existing file is never opened here: closing a descriptor of it would
+                # drop every POSIX lock this process holds on it, a reader's included, and another
+                # process would then take itself for the last one and remove the journal under that reader.
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+            except FileExistsError:
+                # Checked before anything is changed: a file others could write is refused, never quietly
+                # made private (whatever they wrote, or still hold open, would be taken as ours).
+                _check_file(self.path)
+                if os.lstat(self.path).st_mode & 0o077:  # readable by others: the calls it shows are theirs
+                    os.chmod(self.path, 0o600)
             _check_file(self.path)
             with closing(sqlite3.connect(self.path, timeout=5, isolation_level=None)) as db:
                 db.execute("PRAGMA journal_mode = WAL")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -114,3 +116,22 @@ def test_a_session_has_at_most_most_approvals_waiting_and_others_are_not_held_ba
     now[0] += 61
     queue.ask(CALL, "b", 60, most=2)  # nor does an expired one
     assert len(queue.entries(pending_only=True)) == 1
+
+
+def test_a_waiting_gateway_keeps_seeing_decisions_another_process_makes_after_it_wrote(tmp_path: Path) -> None:
+    """A gateway watches the file through one reader (`version`) while it writes (enters, spends); a
+    decision made by another process (`mcp-armor approvals`) must change what the reader sees, each time.
+    Were a write to open and close the file itself, the reader's locks would go with it, and the other
+    process would remove the journal under it: the reader then sees no decision again (or fails)."""
+    queue = made(tmp_path)
+    for _ in range(3):
+        entry = queue.ask(CALL, "binding", 60)
+        before = queue.version()
+        decide = (
+            "import sys; from pathlib import Path; from gateway.audit.approvals import ApprovalQueue; "
+            "ApprovalQueue(Path(sys.argv[1])).decide(sys.argv[2], approve=False, by='alice', channel='cli')"
+        )
+        subprocess.run([sys.executable, "-c", decide, str(queue.path), entry.id], check=True, timeout=60)
+        assert queue.version() != before
+        assert queue.get(entry.id).status is Status.DENIED  # type: ignore[union-attr]
+    queue.close()

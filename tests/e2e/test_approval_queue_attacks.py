@@ -12,22 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from gateway.audit.approvals import Status
-from gateway.schema import digest
 from gateway.errors import ApprovalsError
+from gateway.schema import digest
 from tests.conftest import (
     RawSession,
     events,
     fixture_upstream,
     gateway_client,
     gateway_process,
+    http_gateway,
     text_of,
     write_config,
 )
 from tests.e2e.test_approval_queue import NOTE, configure, pending, queue_of, received, until
+from tests.e2e.test_http_sessions import two_principals
 
 pytestmark = pytest.mark.anyio
 
@@ -164,3 +169,63 @@ async def test_an_approval_whose_gateway_was_killed_cannot_be_approved_and_reads
     assert gone is not None and gone.status is Status.EXPIRED and gone.decided_by is None
     assert queue.entries(pending_only=True) == []
     assert received(record) == []
+
+
+async def test_the_same_call_made_twice_at_once_waits_twice_and_one_approval_releases_one(
+    tmp_path: Path, record: Path
+) -> None:
+    """Both waiting calls have the same binding: each still has its own entry, and an approval is spent by
+    the call it was given for only."""
+    config = configure(tmp_path, record)
+    queue = queue_of(config)
+    results: list[types.CallToolResult] = []
+    async with gateway_client(config) as client, anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            results.append(await client.call_tool("box__write_note", NOTE))
+
+        tg.start_soon(call)
+        tg.start_soon(call)
+        first, second = await pending(queue, 2)
+        assert first.binding == second.binding and first.id != second.id
+        queue.decide(first.id, approve=True, by="alice", channel="cli")
+        await until(lambda: results)
+        assert received(record) == [NOTE]
+        assert queue.get(second.id).status is Status.PENDING  # type: ignore[union-attr]
+        queue.decide(second.id, approve=False, by="alice", channel="cli")
+    assert [result.is_error for result in results] == [False, True]
+    assert received(record) == [NOTE]
+    assert queue.get(first.id).status is Status.USED  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_an_approval_of_one_principals_call_releases_no_other_principals_same_call(
+    tmp_path: Path, record: Path, mode: str
+) -> None:
+    config = configure(tmp_path, record, approvals={"via": ["queue"]})
+    queue = queue_of(config)
+    alice, bob = two_principals(tmp_path)
+    results: dict[str, types.CallToolResult] = {}
+    async with (
+        http_gateway(config) as url,
+        httpx2.AsyncClient(headers=alice, timeout=httpx2.Timeout(30, read=60)) as alice_http,
+        httpx2.AsyncClient(headers=bob, timeout=httpx2.Timeout(30, read=60)) as bob_http,
+        Client(streamable_http_client(url, http_client=alice_http), mode=mode) as alice_client,  # type: ignore[arg-type]
+        Client(streamable_http_client(url, http_client=bob_http), mode=mode) as bob_client,  # type: ignore[arg-type]
+        anyio.create_task_group() as tg,
+    ):
+
+        async def call(who: str, client: Client) -> None:
+            results[who] = await client.call_tool("box__write_note", NOTE)
+
+        tg.start_soon(call, "alice", alice_client)
+        tg.start_soon(call, "bob", bob_client)
+        waiting = {entry.call.principal: entry for entry in await pending(queue, 2)}
+        assert waiting["alice"].binding != waiting["bob"].binding
+        queue.decide(waiting["alice"].id, approve=True, by="carol", channel="cli")
+        await until(lambda: "alice" in results)
+        assert queue.get(waiting["bob"].id).status is Status.PENDING  # type: ignore[union-attr]
+        queue.decide(waiting["bob"].id, approve=False, by="carol", channel="cli")
+        await until(lambda: "bob" in results)
+    assert not results["alice"].is_error and results["bob"].is_error
+    assert received(record) == [NOTE]
