@@ -177,10 +177,21 @@ class ApprovalQueue:
     def now(self) -> float:
         return self._clock()
 
-    def ask(self, call: AskedCall, binding: str, ttl: float) -> Entry:
-        """Enter a pending approval for `call`, expiring `ttl` seconds from now."""
+    def ask(self, call: AskedCall, binding: str, ttl: float, *, most: int | None = None) -> Entry:
+        """Enter a pending approval for `call`, expiring `ttl` seconds from now; refused (`ApprovalsError`)
+        when its session already has `most` waiting."""
         now = self._clock()
         with self._writing() as db:
+            if most is not None:
+                waiting = db.execute(
+                    "SELECT count(*) FROM approvals "
+                    "WHERE status = 'pending' AND expires > ? AND json_extract(call, '$.session') = ?",
+                    (now, call.session),
+                ).fetchone()[0]
+                if waiting >= most:
+                    raise ApprovalsError(
+                        f"session {call.session} already has {waiting} approvals waiting; {call.tool} not entered"
+                    )
             while True:  # ~40 bits of id: a clash is rare, and retried
                 entry_id = "".join(secrets.choice(_ALPHABET) for _ in range(ID_LENGTH))
                 if db.execute("SELECT 1 FROM approvals WHERE id = ?", (entry_id,)).fetchone() is None:
@@ -206,24 +217,40 @@ class ApprovalQueue:
         """Approve or deny a pending, unexpired approval: the decided entry. `binding`, when given, must be
         the one the person was shown. Raises `ApprovalsError` (one line) when it is not there to decide."""
         now = self._clock()
+        gone: str | None = None
         with self._writing() as db:
             entry = self._row(db, entry_id)
             if entry is None:
                 raise ApprovalsError(f"no approval {entry_id!r} (see `mcp-armor approvals list`)")
-            settled = entry.settled(now)
-            if settled is not None:
-                raise ApprovalsError(settled)
-            if binding is not None and binding != entry.binding:
-                raise ApprovalsError(f"approval {entry_id} is not the call that was shown (its binding differs)")
-            status = Status.APPROVED if approve else Status.DENIED
-            decided = replace(entry, status=status, decided_at=now, decided_by=by, channel=channel, note=note or None)
-            if record is not None:
-                record(decided)
-            db.execute(
-                "UPDATE approvals SET status = ?, decided_at = ?, decided_by = ?, channel = ?, note = ? "
-                "WHERE id = ? AND status = 'pending'",
-                (status.value, now, by, channel, note or None, entry_id),
-            )
+            status = entry.shown_status(now)
+            if status is Status.PENDING and _gone(entry.call.gateway):
+                # Killed before it could close the row: nobody is left to spend an approval. Closed (and
+                # committed) before refusing, so the queue stops showing it as waiting.
+                gone = f"the gateway holding it ({entry.call.gateway}) is gone"
+                db.execute(
+                    "UPDATE approvals SET status = 'expired', note = ?, decided_at = ? "
+                    "WHERE id = ? AND status = 'pending'",
+                    (gone, now, entry_id),
+                )
+            else:
+                settled = entry.settled(now)
+                if settled is not None:
+                    raise ApprovalsError(settled)
+                if binding is not None and binding != entry.binding:
+                    raise ApprovalsError(f"approval {entry_id} is not the call that was shown (its binding differs)")
+                status = Status.APPROVED if approve else Status.DENIED
+                decided = replace(
+                    entry, status=status, decided_at=now, decided_by=by, channel=channel, note=note or None
+                )
+                if record is not None:
+                    record(decided)
+                db.execute(
+                    "UPDATE approvals SET status = ?, decided_at = ?, decided_by = ?, channel = ?, note = ? "
+                    "WHERE id = ? AND status = 'pending'",
+                    (status.value, now, by, channel, note or None, entry_id),
+                )
+        if gone is not None:
+            raise ApprovalsError(f"approval {entry_id} is expired: {gone}")
         return decided
 
     def spend(self, entry_id: str, binding: str) -> bool:
@@ -295,10 +322,13 @@ class ApprovalQueue:
     def version(self) -> int:
         """A number that changes whenever any connection commits to the file (one `PRAGMA data_version`,
         no table read): a waiter looks at its row again only when it changed. -1 before the file exists."""
-        db = self._reader_connection()
-        if db is None:
-            return -1
-        return int(db.execute("PRAGMA data_version").fetchone()[0])
+        try:
+            db = self._reader_connection()
+            if db is None:
+                return -1
+            return int(db.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise ApprovalsError(f"{self.path}: the approval queue cannot be read: {exc}") from None
 
     def close(self) -> None:
         if self._reader is not None:
@@ -333,13 +363,25 @@ class ApprovalQueue:
                 yield db
         except sqlite3.Error as exc:
             raise ApprovalsError(f"{self.path}: the approval queue cannot be read: {exc}") from None
+        except (ValueError, TypeError) as exc:  # a row no mcp-armor wrote (an unknown status, a call not JSON)
+            raise ApprovalsError(f"{self.path}: the approval queue holds a row it cannot read ({exc})") from None
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, on a file made (0600, in a 0700 directory) and given its tables if new."""
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _create(self.path)
+            try:
+                # Made 0600 if new. An existing file is never opened here: closing a descriptor of it would
+                # drop every POSIX lock this process holds on it, a reader's included, and another
+                # process would then take itself for the last one and remove the journal under that reader.
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+            except FileExistsError:
+                # Checked before anything is changed: a file others could write is refused, never quietly
+                # made private (whatever they wrote, or still hold open, would be taken as ours).
+                _check_file(self.path)
+                if os.lstat(self.path).st_mode & 0o077:  # readable by others: the calls it shows are theirs
+                    os.chmod(self.path, 0o600)
             _check_file(self.path)
             with closing(sqlite3.connect(self.path, timeout=5, isolation_level=None)) as db:
                 db.execute("PRAGMA journal_mode = WAL")
@@ -388,21 +430,19 @@ def queue_path(state_dir: Path) -> Path:
     return state_dir / "approvals.db"
 
 
-def _create(path: Path) -> None:
-    """Make the queue file (0600) if there is none, and take from an existing one what others could read.
-
-    An existing file is never opened here: closing a descriptor of a file drops every POSIX lock the
-    process holds on it, SQLite's too, and a writer elsewhere that then finds no other connection
-    holding the file deletes its WAL and shared memory under this process's open reader (which would
-    never see a decision again)."""
+def _gone(holder: str) -> bool:
+    """Whether the gateway process holding a call (`host:pid`) has ended: only known on its own host, when
+    no process has its id (a process of another host, or one reusing the id, counts as there)."""
+    host, _, pid = holder.rpartition(":")
+    if host != os.uname().nodename or not pid.isdigit() or int(pid) <= 0:
+        return False
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        info = os.lstat(path)
-        if stat.S_ISREG(info.st_mode) and info.st_mode & 0o077 and info.st_uid == os.geteuid():
-            os.chmod(path, 0o600)
-        return
-    os.close(fd)
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # there, but another user's
+        return False
+    return False
 
 
 def _unmade(db: sqlite3.Connection) -> bool:
@@ -417,17 +457,23 @@ def _check_version(db: sqlite3.Connection, path: Path) -> None:
 
 
 def _check_file(path: Path) -> None:
-    """Refuse a queue anyone but its owner could have written (or a link to one somewhere else)."""
-    try:
-        info = os.lstat(path)
-    except OSError as exc:
-        raise ApprovalsError(f"{path}: {exc.strerror}") from None
-    if stat.S_ISLNK(info.st_mode):
-        raise ApprovalsError(f"{path} is a symbolic link; the approval queue must be a file of its own")
-    if info.st_mode & 0o022:
-        raise ApprovalsError(f"{path} can be written by others; only its owner may decide approvals (chmod 600)")
-    if info.st_uid != os.geteuid():
-        raise ApprovalsError(f"{path} belongs to another user (uid {info.st_uid})")
+    """Refuse a queue anyone but its owner could have written (or a link to one somewhere else), and the
+    same of its journal (`-wal`, `-shm`) when there: one planted beside the file would be read as ours."""
+    for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            info = os.lstat(each)
+        except FileNotFoundError:
+            if each != path:
+                continue
+            raise ApprovalsError(f"{path}: No such file or directory") from None
+        except OSError as exc:
+            raise ApprovalsError(f"{each}: {exc.strerror}") from None
+        if stat.S_ISLNK(info.st_mode):
+            raise ApprovalsError(f"{each} is a symbolic link; the approval queue must be a file of its own")
+        if info.st_mode & 0o022:
+            raise ApprovalsError(f"{each} can be written by others; only its owner may decide approvals (chmod 600)")
+        if info.st_uid != os.geteuid():
+            raise ApprovalsError(f"{each} belongs to another user (uid {info.st_uid})")
 
 
 def _entry(row: Sequence[Any]) -> Entry:

@@ -1,8 +1,8 @@
 """Asking a person: what they are shown, and how an approval is bound to the exact call it approves.
 
-An approval covers one call: its session, exposed tool, the policy revision that asked, and a SHA-256 of
-its arguments as sent and as the upstream would receive them (after any rewrite); the person is shown
-that digest with the arguments (`gateway.display`). On handshake-era
+An approval covers one call: its session, exposed tool, the policy revision that asked, and an
+HMAC-SHA256 (under this process's key) of its arguments as sent and as the upstream would receive them
+(after any rewrite); the person is shown that digest with the arguments (`gateway.display`). On handshake-era
 connections the person answers an elicitation while the call waits. On 2026-07-28 connections the call
 returns `input_required` with an elicitation and a sealed `requestState` (HMAC-SHA256 under a key that
 never leaves this process, with the authenticated principal it was issued to, an expiry and a one-time
@@ -26,7 +26,7 @@ from typing import Any
 from gateway.calls import Answer, Approval, Channel, Decision, ToolCall
 from gateway.display import approval_prompt
 from gateway.errors import format_seconds
-from gateway.schema import canonical_json, digest
+from gateway.schema import canonical_json
 
 REQUEST_KEY = "mcp-armor-approval"
 """The key of the gateway's elicitation in `inputRequests` / `inputResponses`."""
@@ -62,17 +62,18 @@ class ApprovalDesk:
         self._key = secrets.token_bytes(32)
         self._used: dict[str, float] = {}
 
-    @staticmethod
-    def binding(call: ToolCall) -> str:
+    def binding(self, call: ToolCall) -> str:
         """What an approval is bound to: the session and its principal, the exposed name and the upstream behind it, the
         definition the agent was shown, a hash of the arguments, and, once decided, the policy revision
-        and the arguments the upstream would receive (a rewrite under another revision is another call)."""
+        and the arguments the upstream would receive (a rewrite under another revision is another call).
+        Keyed: the queue and its notices show it beside masked arguments, and a plain hash of everything
+        else they show would let a reader test guesses of a masked value."""
         target = {"tool": call.tool.name, "upstream": call.tool.upstream, "definition": call.tool.source.digest}
         who = {"session": call.session.id, "principal": call.session.principal}
         bound: dict[str, Any] = {**who, **target, "arguments": call.arguments}
         if call.decision is not None:
             bound.update(revision=call.decision.revision, forwarded=call.forwarded_arguments)
-        return digest(bound)
+        return hmac.new(self._key, canonical_json(bound), hashlib.sha256).hexdigest()
 
     def message(self, call: ToolCall, decision: Decision) -> str:
         """The person's prompt: every argument the upstream would receive, path-like ones first."""

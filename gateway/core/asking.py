@@ -50,12 +50,18 @@ class QueueAsker:
     revision: Callable[[], str]
     """The policy revision in force now."""
     notify: Notify | None = None
+    most: int | None = None
+    """Approvals one session may have waiting at once (`[gateway] max_calls_per_session`): a 2026-07-28
+    call asks and returns at once, so no limit on calls in flight bounds how many it leaves in the queue."""
 
     async def enter(self, call: ToolCall, decision: Decision) -> Entry | None:
         """Enter `call` in the queue, and announce it; `None` (logged) when the queue cannot be written."""
         try:
             binding = self.desk.binding(replace_decision(call, decision))
-            entry = await anyio.to_thread.run_sync(self.queue.ask, self.shown(call, decision), binding, self.desk.ttl)
+            shown = self.shown(call, decision)
+            entry = await anyio.to_thread.run_sync(
+                lambda: self.queue.ask(shown, binding, self.desk.ttl, most=self.most)
+            )
         except ApprovalsError as exc:
             logger.error("%s", exc)
             return None
@@ -66,10 +72,10 @@ class QueueAsker:
     async def ask(self, call: ToolCall, decision: Decision, client: ClientAsk | None = None) -> Approval:
         """Enter `call` in the queue and wait for the first decision, from the queue or from `client`."""
         entry = await self.enter(call, decision)
+        unavailable = "the approval queue is unavailable (see the gateway's log)"
         if entry is None:
             if client is not None:  # the queue is unavailable; the client can still ask
                 return await client()
-            unavailable = "the approval queue is unavailable (see the gateway's log)"
             return Approval(Answer.CANNOT_ASK, unavailable, Channel.QUEUE)
         left = entry.expires - self.queue.now()
         try:
@@ -83,6 +89,9 @@ class QueueAsker:
             await self._close_undecided(entry, expired=True)
             no_answer = f"no answer within {format_seconds(self.desk.ttl)}"
             return Approval(Answer.NO_ANSWER, no_answer, Channel.QUEUE, entry=entry.id)
+        if final is None:  # the queue failed while the call waited (logged): refused, its row closed if it can be
+            await self._close_undecided(entry, expired=False)
+            return Approval(Answer.CANNOT_ASK, unavailable, Channel.QUEUE, entry=entry.id)
         return await self._release(final, entry.binding, decision)
 
     async def settle(self, entry_id: str, approval: Approval, call: ToolCall, decision: Decision) -> Approval:
@@ -111,13 +120,18 @@ class QueueAsker:
                 raise
             return entry
 
-    async def _first_decision(self, entry: Entry, call: ToolCall, client: ClientAsk | None) -> Entry:
-        """The row once decided, by the queue or by the client's answer (entered as a decision)."""
-        result: list[Entry] = []
+    async def _first_decision(self, entry: Entry, call: ToolCall, client: ClientAsk | None) -> Entry | None:
+        """The row once decided, by the queue or by the client's answer (entered as a decision); `None`
+        (logged) when the queue can no longer be read (an answer could not be entered there either)."""
+        result: list[Entry | None] = []
         async with anyio.create_task_group() as tg:
 
             async def from_queue() -> None:
-                result.append(await self._wait(entry, call.progress))
+                try:
+                    result.append(await self._wait(entry, call.progress))
+                except ApprovalsError as exc:
+                    logger.error("%s", exc)
+                    result.append(None)
                 tg.cancel_scope.cancel()
 
             async def from_client(ask: ClientAsk) -> None:

@@ -104,6 +104,7 @@ class Gateway:
             self._asked_call,
             lambda: engine.policies.revision,
             self.notifier.notify if self.notifier is not None else None,
+            pool.config.gateway.max_calls_per_session,
         )
         """The approval queue as a way of asking (`[gateway.approvals] via`)."""
         engine.index_tools(pool.catalog.tools)

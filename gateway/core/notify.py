@@ -24,6 +24,7 @@ import anyio.abc
 import httpx2
 
 from gateway.audit.approvals import Entry
+from gateway.display import escape
 from gateway.errors import format_seconds
 
 logger = logging.getLogger(__name__)
@@ -73,10 +74,12 @@ def console_link(console_url: str | None, entry_id: str) -> str | None:
 
 def _plain(value: str) -> str:
     """A value from the call as `text` shows it: one line, shortened, with nothing Slack or Teams would
-    turn into a link or a mention (`<!channel>`, `<https://…|…>`, markdown links)."""
+    turn into a link or a mention (`<!channel>`, `<https://…|…>`, markdown links), and nothing able to
+    reorder or hide what follows (a bidi override, a zero-width character: written as escapes)."""
     flat = " ".join(value.split())
     if len(flat) > _SHOWN_VALUE:
         flat = flat[: _SHOWN_VALUE - 1] + "…"
+    flat = escape(flat, quotes=False)
     for raw, escaped in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;")):
         flat = flat.replace(raw, escaped)
     return "`" + flat.replace("`", "'") + "`"

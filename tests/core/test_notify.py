@@ -188,6 +188,15 @@ def test_the_notice_says_what_waits_and_links_to_the_console() -> None:
     assert alone["console"] is None and "\n" not in alone["text"]
 
 
+def test_a_client_name_cannot_reorder_or_hide_what_the_notice_says() -> None:
+    """A bidi override would show `alice via agent` as the agent chose to have it read; a zero-width
+    character would pass one name off as another."""
+    clock = Clock()
+    text = notice(entry(clock, client="agent\u202e\u2066 1.0\u200b\x1b[2J"), None, clock.now)["text"]
+    assert not any(char in text for char in "\u202e\u2066\u200b\x1b")
+    assert "`agent\\u202e\\u2066 1.0\\u200b\\u001b[2J`" in text
+
+
 @pytest.mark.anyio
 async def test_a_notice_answered_500_twice_is_sent_on_the_third_attempt(lines: Lines) -> None:
     clock = Clock()
