@@ -40,6 +40,8 @@ RECHECK_EVERY = 2.0
 """Seconds between checks that a connected page's session (its principal's token) still holds."""
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
 _CSRF_MARK = "__CSRF_TOKEN__"
+MAX_STREAMS = 8
+"""Live streams one viewer may hold open at once (each looks at the log and the queue four times a second)."""
 MAX_BODY = 64 * 1024
 """The largest decision a page sends (a deny reason is cut to 500 characters)."""
 
@@ -87,6 +89,8 @@ class Console:
         self.queue = ApprovalQueue(config.approvals_path)
         self._reviewing = anyio.Lock()
         """One review at a time: each starts every upstream once."""
+        self.streams: dict[str, int] = {}
+        """Live streams open, by viewer."""
 
     async def page(self, request: Request) -> Response:
         session, _ = viewer_of(request.scope)
@@ -114,11 +118,12 @@ class Console:
 
     async def events(self, request: Request) -> Response:
         session, gate = viewer_of(request.scope)
-        return StreamingResponse(
-            self._stream(session.viewer, gate),
-            media_type="text/event-stream",
-            headers={"x-accel-buffering": "no"},
-        )
+        name = session.viewer.name
+        if self.streams.get(name, 0) >= MAX_STREAMS:
+            error = f"'{name}' has {MAX_STREAMS} console pages connected already: close one"
+            return JSONResponse({"error": error}, status_code=429)
+        self.streams[name] = self.streams.get(name, 0) + 1
+        return _Counted(self.streams, name, self._stream(session.viewer, gate))
 
     async def _stream(self, viewer: Viewer, gate: Gate) -> AsyncIterator[str]:
         feed, queue = AuditFeed(self.config), QueueFeed(ApprovalQueue(self.config.approvals_path))
@@ -219,15 +224,36 @@ class Console:
         return JSONResponse({"message": message})
 
 
+class _Counted(StreamingResponse):
+    """A live stream, counted against its viewer until it ends however it ends (the viewer's count is
+    taken before it is returned: nothing can come between)."""
+
+    def __init__(self, streams: dict[str, int], name: str, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"x-accel-buffering": "no"})
+        self._streams, self._name = streams, name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._streams[self._name] -= 1
+
+
 async def _decision(request: Request, viewer: Viewer, expected: str) -> dict[str, Any] | Response:
     """A decision's JSON object, from an approver; otherwise the answer refusing it (403, or 400)."""
     if not viewer.approver:
         return JSONResponse({"error": f"'{viewer.name}' may watch, not decide (role:approver)"}, status_code=403)
+    too_big = JSONResponse({"error": f"a decision is at most {MAX_BODY} bytes"}, status_code=413)
     if int(request.headers.get("content-length") or 0) > MAX_BODY:
-        return JSONResponse({"error": f"a decision is at most {MAX_BODY} bytes"}, status_code=413)
+        return too_big
+    read = bytearray()
+    async for chunk in request.stream():  # a chunked body says no length: counted as it comes
+        read += chunk
+        if len(read) > MAX_BODY:
+            return too_big
     try:
-        body = json.loads(await request.body())
-    except ValueError:
+        body = json.loads(read)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         body = None
     return body if isinstance(body, dict) else JSONResponse({"error": f"expected {expected}"}, status_code=400)
 
