@@ -27,7 +27,7 @@ from gateway.audit.store import record_first
 from gateway.catalog.pins import Assessment
 from gateway.config.models import Config
 from gateway.console.access import PREFIX, Gate, Guard, Viewer, viewer_of
-from gateway.console.feed import AuditFeed, Message, QueueFeed
+from gateway.console.feed import AuditFeed, Message, QueueFeed, Walks
 from gateway.downstream.http_edge import respond
 from gateway.errors import ApprovalsError, ConfigError, GatewayError
 from gateway.upstream import review
@@ -35,7 +35,7 @@ from gateway.upstream import review
 POLL = 0.25
 """Seconds between looks at the audit log and the queue while a page is connected."""
 INTEGRITY_EVERY = 10.0
-"""Seconds between walks of the chain while it grows (the walk reads the whole log)."""
+"""Seconds between walks of the chain while it grows (the walk reads the whole log: longer on a big one)."""
 RECHECK_EVERY = 2.0
 """Seconds between checks that a connected page's session (its principal's token) still holds."""
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
@@ -91,6 +91,7 @@ class Console:
         """One review at a time: each starts every upstream once."""
         self.streams: dict[str, int] = {}
         """Live streams open, by viewer."""
+        self.walks = Walks(INTEGRITY_EVERY)
 
     async def page(self, request: Request) -> Response:
         session, _ = viewer_of(request.scope)
@@ -114,7 +115,8 @@ class Console:
 
     def _first(self, feed: AuditFeed, queue: QueueFeed, viewer: Viewer) -> list[Message]:
         hello = {"type": "hello", "viewer": viewer.name, "approver": viewer.approver, "on_disk": feed.on_disk}
-        return [hello, *feed.history(), feed.integrity(), feed.policy(), *queue.poll(force=True)]
+        walked = self.walks.integrity(feed, self.walks.clock() - self.walks.every())  # never None: one is due
+        return [hello, *feed.history(), *([walked] if walked else []), feed.policy(), *queue.poll(force=True)]
 
     async def events(self, request: Request) -> Response:
         session, gate = viewer_of(request.scope)
@@ -134,19 +136,23 @@ class Console:
                 first = [{"type": "error", "text": str(exc)}]
             yield _sse({"type": "batch", "messages": first})
             clock = anyio.current_time
-            verified = rechecked = clock()
-            grew = False
+            rechecked = clock()
+            unverified: float | None = self.walks.clock()  # the walk sent may be older than the page
             while True:
                 await anyio.sleep(POLL)
                 try:
                     messages = await anyio.to_thread.run_sync(feed.poll)
+                    grew = bool(messages)
                     messages += await anyio.to_thread.run_sync(queue.poll)
                 except GatewayError as exc:  # a file busy or being made: said on the page, looked at again
-                    messages = [{"type": "error", "text": str(exc)}]
-                grew = grew or any(message["type"] != "approvals" for message in messages)
-                if grew and clock() - verified >= INTEGRITY_EVERY:
-                    messages.append(await anyio.to_thread.run_sync(feed.integrity))
-                    verified, grew = clock(), False
+                    messages, grew = [{"type": "error", "text": str(exc)}], True
+                if grew and unverified is None:
+                    unverified = self.walks.clock()
+                if unverified is not None and self.walks.ready(unverified):
+                    walked = await anyio.to_thread.run_sync(self.walks.integrity, feed, unverified)
+                    if walked is not None:
+                        messages.append(walked)
+                        unverified = None
                 if clock() - rechecked >= RECHECK_EVERY:
                     if not await gate.still(viewer):
                         return  # revoked: the stream ends, and the page's next request is refused

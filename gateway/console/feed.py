@@ -10,9 +10,10 @@ it: masked where they mask.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from typing import Any
 
@@ -194,6 +195,46 @@ class AuditFeed:
         names = line["names"]
         shown = f" ({', '.join(names)})" if len(names) <= 8 else ""
         return {**line, "text": f"{line['time']} {upstream}: {counts}{shown}"}
+
+
+class Walks:
+    """The chain's walk, shared by every page of one console. A walk reads the whole log (seconds on a big
+    one, mostly holding the interpreter: inside `serve --http`, the gateway's own time), so pages take the
+    result of one walk, and walks come no closer than `SHARE` times their own cost."""
+
+    SHARE = 10
+
+    def __init__(self, every: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every = every
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last: tuple[float, Message] | None = None
+        """When the last walk started, and what it found."""
+        self.cost = 0.0
+        """Seconds the last walk took."""
+
+    def every(self) -> float:
+        """Seconds at least between walks."""
+        return max(self._every, self.SHARE * self.cost)
+
+    def ready(self, since: float) -> bool:
+        """Whether `integrity(…, since)` would answer (a look without the lock: a hint, saving a thread)."""
+        last = self._last
+        return last is None or last[0] >= since or self.clock() - last[0] >= self.every()
+
+    def integrity(self, feed: AuditFeed, since: float) -> Message | None:
+        """What a walk started at or after `since` found (`feed.integrity()`); `None` while the last walk is
+        older and the next is not due yet (blocks: run it in a thread)."""
+        with self._lock:  # one walk at a time: pages asking meanwhile take its result
+            if self._last is not None and self._last[0] >= since:
+                return self._last[1]
+            started = self.clock()
+            if self._last is not None and started - self._last[0] < self.every():
+                return None
+            message = feed.integrity()
+            self.cost = self.clock() - started
+            self._last = (started, message)
+            return message
 
 
 def _reload_line(record: dict[str, Any] | None) -> str:

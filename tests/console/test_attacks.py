@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2
@@ -18,7 +19,7 @@ from gateway.audit.store import record_first
 from gateway.config.models import Config
 from gateway.console.access import SESSION_LIFETIME, AccessToken, Sessions
 from gateway.console.app import MAX_BODY, MAX_STREAMS, console_app
-from gateway.console.feed import approval
+from gateway.console.feed import AuditFeed, Walks, approval
 from tests.console.test_access import HOSTS, ORIGIN, _client, _config, _signed_in
 from tests.console.test_console_process import console_process
 
@@ -141,3 +142,51 @@ async def test_one_viewer_holds_a_bounded_number_of_live_streams(tmp_path: Path)
                 async with http.stream("GET", events) as answer:
                     if answer.status_code == 200:
                         break
+
+
+async def test_the_pages_of_one_console_share_one_walk_of_the_chain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A walk reads the whole log (about 5 s for 200,000 events here): pages opened together take one."""
+    walked: list[int] = []
+    integrity = AuditFeed.integrity
+
+    def counted(feed: AuditFeed) -> dict[str, Any]:
+        walked.append(1)
+        return integrity(feed)
+
+    monkeypatch.setattr(AuditFeed, "integrity", counted)
+    gate = AccessToken()
+    async with _client(console_app(_config(tmp_path), gate, HOSTS, tls=False)) as http:
+        await _signed_in(http, gate.token)
+        for _ in range(5):
+            state = (await http.get("/console/state")).json()
+            assert any(message["type"] == "integrity" for message in state)
+    assert len(walked) == 1
+
+
+class _Costly:
+    """A feed whose walk takes `cost` seconds of the clock."""
+
+    def __init__(self, now: list[float], cost: float) -> None:
+        self.now, self.cost, self.walks = now, cost, 0
+
+    def integrity(self) -> dict[str, str]:
+        self.now[0] += self.cost
+        self.walks += 1
+        return {"type": "integrity", "status": f"walk {self.walks}"}
+
+
+def test_walks_come_no_closer_than_ten_times_their_cost_and_a_page_takes_one_started_after_it_asked() -> None:
+    now = [100.0]
+    walks = Walks(10.0, clock=lambda: now[0])
+    feed = _Costly(now, 3.0)
+    assert walks.integrity(feed, 100.0) == {"type": "integrity", "status": "walk 1"}  # type: ignore[arg-type]
+    assert walks.every() == 30.0
+    assert walks.integrity(feed, 99.0) == {"type": "integrity", "status": "walk 1"}  # type: ignore[arg-type]
+    now[0] = 120.0
+    assert not walks.ready(110.0) and walks.integrity(feed, 110.0) is None  # type: ignore[arg-type]
+    now[0] = 130.0
+    assert walks.ready(110.0)
+    assert walks.integrity(feed, 110.0) == {"type": "integrity", "status": "walk 2"}  # type: ignore[arg-type]
+    assert feed.walks == 2
