@@ -31,6 +31,8 @@ PREFIX = "/console"
 COOKIE = "mcpa_console"
 SESSION_LIFETIME = 12 * 3600.0
 """Seconds a console session lasts; then the URL (or the principal's token) is needed again."""
+SESSIONS_PER_VIEWER = 32
+"""Sessions one viewer holds at once (each sign-in opens one): a new one past it closes their oldest."""
 VIEWER_KEY = "mcp_armor.console_viewer"
 """The ASGI scope key under which the guard leaves the request's `Viewer`."""
 CSP = (
@@ -138,6 +140,9 @@ class Sessions:
     def open(self, viewer: Viewer) -> tuple[str, Session]:
         now = self._clock()
         for key in [key for key, session in self._sessions.items() if session.expires <= now]:
+            del self._sessions[key]
+        theirs = [key for key, session in self._sessions.items() if session.viewer.name == viewer.name]
+        for key in theirs[: max(0, len(theirs) - SESSIONS_PER_VIEWER + 1)]:  # oldest first: dicts keep their order
             del self._sessions[key]
         key = secrets.token_urlsafe(32)
         session = Session(viewer, secrets.token_urlsafe(32), now + SESSION_LIFETIME)

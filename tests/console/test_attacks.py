@@ -17,7 +17,7 @@ from gateway.audit.approvals import ApprovalQueue, AskedCall, Status
 from gateway.audit.store import event as audit_event
 from gateway.audit.store import record_first
 from gateway.config.models import Config
-from gateway.console.access import SESSION_LIFETIME, AccessToken, Sessions
+from gateway.console.access import SESSION_LIFETIME, SESSIONS_PER_VIEWER, AccessToken, Sessions
 from gateway.console.app import MAX_BODY, MAX_STREAMS, console_app
 from gateway.console.feed import AuditFeed, Walks, approval
 from tests.console.test_access import HOSTS, ORIGIN, _client, _config, _signed_in
@@ -190,3 +190,20 @@ def test_walks_come_no_closer_than_ten_times_their_cost_and_a_page_takes_one_sta
     assert walks.ready(110.0)
     assert walks.integrity(feed, 110.0) == {"type": "integrity", "status": "walk 2"}  # type: ignore[arg-type]
     assert feed.walks == 2
+
+
+async def test_signing_in_again_and_again_keeps_a_bounded_number_of_sessions(tmp_path: Path) -> None:
+    """Each use of the URL opens a session, held in memory for 12 hours: one viewer's are bounded, the
+    oldest closed first."""
+    gate = AccessToken()
+    app = console_app(_config(tmp_path), gate, HOSTS, tls=False)
+    opened = []
+    async with _client(app) as http:
+        for _ in range(SESSIONS_PER_VIEWER + 8):
+            answer = await http.get("/console/", params={"token": gate.token})
+            opened.append(answer.cookies["mcpa_console"])
+        assert len(app.sessions._sessions) == SESSIONS_PER_VIEWER
+        http.cookies.clear()
+        oldest = await http.get("/console/state", headers={"cookie": f"mcpa_console={opened[0]}"})
+        newest = await http.get("/console/state", headers={"cookie": f"mcpa_console={opened[-1]}"})
+    assert oldest.status_code == 401 and newest.status_code == 200
