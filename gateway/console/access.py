@@ -31,6 +31,8 @@ PREFIX = "/console"
 COOKIE = "mcpa_console"
 SESSION_LIFETIME = 12 * 3600.0
 """Seconds a console session lasts; then the URL (or the principal's token) is needed again."""
+SESSIONS_PER_VIEWER = 32
+"""Sessions one viewer holds at once (each sign-in opens one): a new one past it closes their oldest."""
 VIEWER_KEY = "mcp_armor.console_viewer"
 """The ASGI scope key under which the guard leaves the request's `Viewer`."""
 CSP = (
@@ -139,6 +141,9 @@ class Sessions:
         now = self._clock()
         for key in [key for key, session in self._sessions.items() if session.expires <= now]:
             del self._sessions[key]
+        theirs = [key for key, session in self._sessions.items() if session.viewer.name == viewer.name]
+        for key in theirs[: max(0, len(theirs) - SESSIONS_PER_VIEWER + 1)]:  # oldest first: dicts keep their order
+            del self._sessions[key]
         key = secrets.token_urlsafe(32)
         session = Session(viewer, secrets.token_urlsafe(32), now + SESSION_LIFETIME)
         self._sessions[key] = session
@@ -202,6 +207,12 @@ class Guard:
                 self.sessions.drop(key)
             await _plain(sending, 401, "sign in: open /console/?token=… (the URL printed at start, or your own token)")
             return
+        # SameSite ignores ports: a page on another port of this host is same-site, and its <img> or <link>
+        # carries the Strict cookie here. The browser says where a request comes from; only the console's
+        # own pages (or the person, typing the address) may use the session.
+        if headers.get("sec-fetch-site", ["same-origin"])[-1].lower() not in ("same-origin", "none"):
+            await _plain(sending, 403, "refused: the request does not come from the console's own page")
+            return
         if scope["method"] not in ("GET", "HEAD"):
             origin = headers.get("origin", [])
             own = f"{'https' if self._tls else 'http'}://{host[0].lower()}"
@@ -212,7 +223,7 @@ class Guard:
             if len(csrf) != 1 or not hmac.compare_digest(csrf[0].encode(), session.csrf.encode()):
                 await _plain(sending, 403, "refused: the request lacks the console's CSRF token")
                 return
-        scope = {**scope, VIEWER_KEY: (session, self.gate)}
+        scope = {**scope, VIEWER_KEY: (session, _Held(self.gate, self.sessions, key))}
         if path in (PREFIX, ""):
             await _redirect(sending, f"{PREFIX}/", None)
             return
@@ -252,6 +263,20 @@ class Guard:
         if viewer is None:
             await _plain(send, 401, "that token does not open this console")
         return viewer
+
+
+class _Held:
+    """A cookie session's gate: let in while the session lasts and the gate still lets its viewer in (a
+    live stream outlasts the request that opened it)."""
+
+    def __init__(self, gate: Gate, sessions: Sessions, key: str) -> None:
+        self._gate, self._sessions, self._key = gate, sessions, key
+
+    async def admit(self, token: str) -> Viewer | None:
+        return await self._gate.admit(token)
+
+    async def still(self, viewer: Viewer) -> bool:
+        return self._sessions.get(self._key) is not None and await self._gate.still(viewer)
 
 
 def viewer_of(scope: Scope) -> tuple[Session, Gate]:

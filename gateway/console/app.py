@@ -27,7 +27,7 @@ from gateway.audit.store import record_first
 from gateway.catalog.pins import Assessment
 from gateway.config.models import Config
 from gateway.console.access import PREFIX, Gate, Guard, Viewer, viewer_of
-from gateway.console.feed import AuditFeed, Message, QueueFeed
+from gateway.console.feed import AuditFeed, Message, QueueFeed, Walks
 from gateway.downstream.http_edge import respond
 from gateway.errors import ApprovalsError, ConfigError, GatewayError
 from gateway.upstream import review
@@ -35,11 +35,13 @@ from gateway.upstream import review
 POLL = 0.25
 """Seconds between looks at the audit log and the queue while a page is connected."""
 INTEGRITY_EVERY = 10.0
-"""Seconds between walks of the chain while it grows (the walk reads the whole log)."""
+"""Seconds between walks of the chain while it grows (the walk reads the whole log: longer on a big one)."""
 RECHECK_EVERY = 2.0
 """Seconds between checks that a connected page's session (its principal's token) still holds."""
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
 _CSRF_MARK = "__CSRF_TOKEN__"
+MAX_STREAMS = 8
+"""Live streams one viewer may hold open at once (each looks at the log and the queue four times a second)."""
 MAX_BODY = 64 * 1024
 """The largest decision a page sends (a deny reason is cut to 500 characters)."""
 
@@ -87,6 +89,9 @@ class Console:
         self.queue = ApprovalQueue(config.approvals_path)
         self._reviewing = anyio.Lock()
         """One review at a time: each starts every upstream once."""
+        self.streams: dict[str, int] = {}
+        """Live streams open, by viewer."""
+        self.walks = Walks(INTEGRITY_EVERY)
 
     async def page(self, request: Request) -> Response:
         session, _ = viewer_of(request.scope)
@@ -110,15 +115,17 @@ class Console:
 
     def _first(self, feed: AuditFeed, queue: QueueFeed, viewer: Viewer) -> list[Message]:
         hello = {"type": "hello", "viewer": viewer.name, "approver": viewer.approver, "on_disk": feed.on_disk}
-        return [hello, *feed.history(), feed.integrity(), feed.policy(), *queue.poll(force=True)]
+        walked = self.walks.integrity(feed, self.walks.clock() - self.walks.every())  # never None: one is due
+        return [hello, *feed.history(), *([walked] if walked else []), feed.policy(), *queue.poll(force=True)]
 
     async def events(self, request: Request) -> Response:
         session, gate = viewer_of(request.scope)
-        return StreamingResponse(
-            self._stream(session.viewer, gate),
-            media_type="text/event-stream",
-            headers={"x-accel-buffering": "no"},
-        )
+        name = session.viewer.name
+        if self.streams.get(name, 0) >= MAX_STREAMS:
+            error = f"'{name}' has {MAX_STREAMS} console pages connected already: close one"
+            return JSONResponse({"error": error}, status_code=429)
+        self.streams[name] = self.streams.get(name, 0) + 1
+        return _Counted(self.streams, name, self._stream(session.viewer, gate))
 
     async def _stream(self, viewer: Viewer, gate: Gate) -> AsyncIterator[str]:
         feed, queue = AuditFeed(self.config), QueueFeed(ApprovalQueue(self.config.approvals_path))
@@ -129,19 +136,23 @@ class Console:
                 first = [{"type": "error", "text": str(exc)}]
             yield _sse({"type": "batch", "messages": first})
             clock = anyio.current_time
-            verified = rechecked = clock()
-            grew = False
+            rechecked = clock()
+            unverified: float | None = self.walks.clock()  # the walk sent may be older than the page
             while True:
                 await anyio.sleep(POLL)
                 try:
                     messages = await anyio.to_thread.run_sync(feed.poll)
+                    grew = bool(messages)
                     messages += await anyio.to_thread.run_sync(queue.poll)
                 except GatewayError as exc:  # a file busy or being made: said on the page, looked at again
-                    messages = [{"type": "error", "text": str(exc)}]
-                grew = grew or any(message["type"] != "approvals" for message in messages)
-                if grew and clock() - verified >= INTEGRITY_EVERY:
-                    messages.append(await anyio.to_thread.run_sync(feed.integrity))
-                    verified, grew = clock(), False
+                    messages, grew = [{"type": "error", "text": str(exc)}], True
+                if grew and unverified is None:
+                    unverified = self.walks.clock()
+                if unverified is not None and self.walks.ready(unverified):
+                    walked = await anyio.to_thread.run_sync(self.walks.integrity, feed, unverified)
+                    if walked is not None:
+                        messages.append(walked)
+                        unverified = None
                 if clock() - rechecked >= RECHECK_EVERY:
                     if not await gate.still(viewer):
                         return  # revoked: the stream ends, and the page's next request is refused
@@ -219,15 +230,36 @@ class Console:
         return JSONResponse({"message": message})
 
 
+class _Counted(StreamingResponse):
+    """A live stream, counted against its viewer until it ends however it ends (the viewer's count is
+    taken before it is returned: nothing can come between)."""
+
+    def __init__(self, streams: dict[str, int], name: str, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"x-accel-buffering": "no"})
+        self._streams, self._name = streams, name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._streams[self._name] -= 1
+
+
 async def _decision(request: Request, viewer: Viewer, expected: str) -> dict[str, Any] | Response:
     """A decision's JSON object, from an approver; otherwise the answer refusing it (403, or 400)."""
     if not viewer.approver:
         return JSONResponse({"error": f"'{viewer.name}' may watch, not decide (role:approver)"}, status_code=403)
+    too_big = JSONResponse({"error": f"a decision is at most {MAX_BODY} bytes"}, status_code=413)
     if int(request.headers.get("content-length") or 0) > MAX_BODY:
-        return JSONResponse({"error": f"a decision is at most {MAX_BODY} bytes"}, status_code=413)
+        return too_big
+    read = bytearray()
+    async for chunk in request.stream():  # a chunked body says no length: counted as it comes
+        read += chunk
+        if len(read) > MAX_BODY:
+            return too_big
     try:
-        body = json.loads(await request.body())
-    except ValueError:
+        body = json.loads(read)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         body = None
     return body if isinstance(body, dict) else JSONResponse({"error": f"expected {expected}"}, status_code=400)
 

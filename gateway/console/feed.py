@@ -10,9 +10,10 @@ it: masked where they mask.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from typing import Any
 
@@ -21,7 +22,7 @@ from gateway.audit.approvals import ApprovalQueue, Entry
 from gateway.audit.queries import Filters
 from gateway.audit.store import AuditStore
 from gateway.config.models import IN_MEMORY, Config
-from gateway.display import show_arguments
+from gateway.display import escape, show_arguments
 from gateway.errors import AuditError, GatewayError, NoLogYet
 from gateway.policy.files import load_policies
 
@@ -125,7 +126,7 @@ class AuditFeed:
         session = record.get("session_id") or ""
         if kind == "session_start":
             client = " ".join(p for p in (record.get("client_name"), record.get("client_version")) if p)
-            self._sessions[session] = {"principal": record.get("principal") or "", "client": client}
+            self._sessions[session] = {"principal": _shown(record.get("principal")), "client": _shown(client)}
             return [self._session(session, "open", record)]
         if kind == "session_end":
             return [self._session(session, "ended", record)]
@@ -136,9 +137,9 @@ class AuditFeed:
                 "call_id": record.get("call_id") or "",
                 "time": record["ts"],
                 "session": session,
-                "principal": record.get("principal") or known.get("principal", ""),
-                "client": known.get("client") or record.get("client") or "",
-                "tool": record.get("tool") or "",
+                "principal": _shown(record.get("principal")) or known.get("principal", ""),
+                "client": known.get("client") or _shown(record.get("client")),
+                "tool": _shown(record.get("tool")),
                 "decision": record.get("decision") or "",
                 "outcome": "",
                 "duration": "",
@@ -181,7 +182,7 @@ class AuditFeed:
         """One line per change: consecutive catalogue events of one upstream update the same line."""
         upstream = record.get("upstream") or "?"
         change = record.get("change") or record.get("outcome") or "changed"
-        name = str(record.get("tool") or record.get("name") or "")
+        name = _shown(record.get("tool") or record.get("name"))
         if self._fold is not None and self._fold[0] == upstream and self._fold[1] == record["seq"] - 1:
             line = self._fold[2]
             line["counts"][change] = line["counts"].get(change, 0) + 1
@@ -194,6 +195,46 @@ class AuditFeed:
         names = line["names"]
         shown = f" ({', '.join(names)})" if len(names) <= 8 else ""
         return {**line, "text": f"{line['time']} {upstream}: {counts}{shown}"}
+
+
+class Walks:
+    """The chain's walk, shared by every page of one console. A walk reads the whole log (seconds on a big
+    one, mostly holding the interpreter: inside `serve --http`, the gateway's own time), so pages take the
+    result of one walk, and walks come no closer than `SHARE` times their own cost."""
+
+    SHARE = 10
+
+    def __init__(self, every: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every = every
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last: tuple[float, Message] | None = None
+        """When the last walk started, and what it found."""
+        self.cost = 0.0
+        """Seconds the last walk took."""
+
+    def every(self) -> float:
+        """Seconds at least between walks."""
+        return max(self._every, self.SHARE * self.cost)
+
+    def ready(self, since: float) -> bool:
+        """Whether `integrity(…, since)` would answer (a look without the lock: a hint, saving a thread)."""
+        last = self._last
+        return last is None or last[0] >= since or self.clock() - last[0] >= self.every()
+
+    def integrity(self, feed: AuditFeed, since: float) -> Message | None:
+        """What a walk started at or after `since` found (`feed.integrity()`); `None` while the last walk is
+        older and the next is not due yet (blocks: run it in a thread)."""
+        with self._lock:  # one walk at a time: pages asking meanwhile take its result
+            if self._last is not None and self._last[0] >= since:
+                return self._last[1]
+            started = self.clock()
+            if self._last is not None and started - self._last[0] < self.every():
+                return None
+            message = feed.integrity()
+            self.cost = self.clock() - started
+            self._last = (started, message)
+            return message
 
 
 def _reload_line(record: dict[str, Any] | None) -> str:
@@ -241,14 +282,20 @@ def approval(entry: Entry) -> Message:
     return {
         "id": entry.id,
         "binding": entry.binding,
-        "tool": call.tool,
-        "principal": call.principal or "(none)",
-        "client": call.client,
-        "session": call.session,
+        "tool": _shown(call.tool),
+        "principal": _shown(call.principal) or "(none)",
+        "client": _shown(call.client),
+        "session": _shown(call.session),
         "args": show_arguments(call.arguments, paths=call.paths),
         "sent_args": show_arguments(call.sent_arguments, paths=call.paths) if call.sent_arguments is not None else "",
-        "rule": ", ".join(call.rules) or "(no rule)",
-        "reason": call.reason,
+        "rule": _shown(", ".join(call.rules)) or "(no rule)",
+        "reason": _shown(call.reason),
         "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.expires)),
         "expires_at": entry.expires,
     }
+
+
+def _shown(text: object) -> str:
+    """A name or a line from an agent or an upstream, with nothing in it able to draw a line of its own,
+    reorder or hide what follows (as `show_arguments` writes values)."""
+    return escape(str(text or ""), quotes=False)
