@@ -15,7 +15,9 @@
      │    ├── NoLogYet             no audit log at the path (yet)
      │    └── EmptyLog             the file at the path holds no audit log
      ├── PrincipalsError          the principals store cannot be used, or a principal command is wrong
+     ├── ApprovalsError           the approval queue cannot be used, or an approval is not there to decide
      ├── Unauthenticated          a bearer credential of a known kind is refused (expired, revoked, forged)
+     ├── Forbidden                a valid credential that may not do this (no console role)
      ├── ClientFileError          an agent client's configuration file cannot be read or edited
      ├── Unsupported              a client's server entry the gateway cannot front as the client ran it
      ├── InvalidUriTemplate       a resource template that is not RFC 6570 (also a ValueError)
@@ -71,6 +73,11 @@ class ApprovalsError(GatewayError):
 class Unauthenticated(GatewayError):
     """A credential an authenticator recognises as its kind but refuses (expired, revoked, forged, for
     another audience...): the request is answered 401, and the reason is logged, never the credential."""
+
+
+class Forbidden(GatewayError):
+    """A credential that is valid but may not open what it asks for (a principal with no console role):
+    answered 403."""
 
 
 class ProtocolError(GatewayError):

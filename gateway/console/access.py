@@ -25,6 +25,7 @@ from urllib.parse import parse_qs
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.downstream.http_edge import respond
+from gateway.errors import Forbidden
 from gateway.principals import Authenticator, Principal, Unauthenticated
 
 PREFIX = "/console"
@@ -60,15 +61,11 @@ class Viewer:
     """The principal's own token (inside `serve --http`), to check again; empty standalone."""
 
 
-class Refused(Exception):
-    """A credential that is valid but may not open the console (a principal without a console role)."""
-
-
 class Gate(Protocol):
     """How a token becomes a viewer, and whether a viewer is still let in."""
 
     async def admit(self, token: str) -> Viewer | None:
-        """The viewer `token` stands for; `None` for a token not accepted; raises `Refused` (403)."""
+        """The viewer `token` stands for; `None` for a token not accepted; raises `Forbidden` (403)."""
         ...
 
     async def still(self, viewer: Viewer) -> bool: ...
@@ -102,13 +99,13 @@ class PrincipalGate:
         if principal is None:
             return None
         if APPROVER not in principal.attributes and VIEWER not in principal.attributes:
-            raise Refused(f"principal '{principal.name}' has neither role:approver nor role:viewer")
+            raise Forbidden(f"principal '{principal.name}' has neither role:approver nor role:viewer")
         return Viewer(principal.name, approver=APPROVER in principal.attributes, credential=token)
 
     async def still(self, viewer: Viewer) -> bool:
         try:
             again = await self.admit(viewer.credential)
-        except Refused:
+        except Forbidden:
             return False
         return again == viewer
 
@@ -257,7 +254,7 @@ class Guard:
         """The viewer `token` stands for; `None` once refused (401 or 403 answered)."""
         try:
             viewer = await self.gate.admit(token)
-        except Refused as refused:
+        except Forbidden as refused:
             await _plain(send, 403, f"refused: {refused}")
             return None
         if viewer is None:
