@@ -190,7 +190,12 @@ class Console:
         return JSONResponse({"id": decided.id, "status": decided.status.value, "by": decided.decided_by})
 
     async def pins(self, request: Request) -> Response:
-        """What is new, changed or poisoned against `upstreams.lock`: each with its diff and findings."""
+        """What is new, changed or poisoned against `upstreams.lock`: each with its diff and findings. For
+        approvers only: a review starts every upstream once, which watching must not be able to cause."""
+        session, _ = viewer_of(request.scope)
+        if not session.viewer.approver:
+            note = "definitions to review are shown to approvers (a review starts every upstream)"
+            return JSONResponse({"pins": [], "note": note})
         async with self._reviewing:
             try:
                 found = await review.review(self.config)

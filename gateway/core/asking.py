@@ -244,8 +244,10 @@ def masked_call(
     decision: Decision,
     mask: Callable[[Mapping[str, Any]], Mapping[str, Any]],
     paths: tuple[str, ...],
+    scrub: Callable[[str], str] = str,
 ) -> AskedCall:
-    """What the queue shows of `call`: its arguments (and the rewritten ones) through `mask`."""
+    """What the queue shows of `call`: its arguments (and the rewritten ones) through `mask`, its reason
+    through `scrub` (free text that may quote an argument)."""
     decided = replace_decision(call, decision)
     session = call.session
     rewritten = decision.arguments is not None
@@ -259,7 +261,7 @@ def masked_call(
         upstream_tool=call.tool.upstream_name,
         arguments=mask(decided.forwarded_arguments),
         rules=tuple(decision.rules),
-        reason=decision.reason,
+        reason=scrub(decision.reason),
         revision=decision.revision,
         sent_arguments=mask(call.arguments) if rewritten else None,
         paths=paths,

@@ -412,7 +412,15 @@ class Gateway:
         redactor = self.audit.recorder.redactor
         rules = self.engine.rules_for(call.tool.name)
         paths = tuple(self.engine.policies.paths.declared(call.tool.name))
-        return masked_call(call, decision, lambda arguments: redactor.redact(arguments, rules.mask).value, paths)
+        redaction = redactor.redact(call.arguments, rules.mask)
+
+        def mask(arguments: Mapping[str, Any]) -> Mapping[str, Any]:
+            masked: Mapping[str, Any] = (
+                redaction if arguments is call.arguments else redactor.redact(arguments, rules.mask)
+            ).value
+            return masked
+
+        return masked_call(call, decision, mask, paths, lambda text: redaction.scrub(text, redactor))
 
     def session_info(
         self,

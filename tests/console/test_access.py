@@ -201,6 +201,8 @@ async def test_principals_approve_watch_or_are_refused_by_role_and_a_revocation_
     async with _client(app) as http:
         csrf = await _signed_in(http, viewer)
         assert (await http.get("/console/state")).json()[0]["approver"] is False
+        pins = (await http.get("/console/pins")).json()  # a review starts every upstream: not for watching
+        assert pins["pins"] == [] and pins["note"].startswith("definitions to review are shown to approvers")
         answer = await http.post(f"/console/approvals/{entry}", json=body, headers={**ORIGIN, "x-csrf-token": csrf})
         assert answer.status_code == 403
     async with _client(app) as http:

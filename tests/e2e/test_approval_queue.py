@@ -295,3 +295,17 @@ async def test_a_2026_retry_answers_the_call_waiting_in_the_queue(tmp_path: Path
     (entry,) = queue.entries()
     assert entry.status is Status.USED and entry.channel == "input_required"
     assert received(record) == [NOTE]
+
+
+async def test_the_queue_shows_the_reason_masked_as_the_audit_log_records_it(tmp_path: Path, record: Path) -> None:
+    key = "AKIA" + "Q" * 16  # a secret the audit log masks wherever it appears, free text too
+    policy = POLICY.replace("notes are written to disk", f"notes may hold {key}")
+    config = write_config(tmp_path, {"box": fixture_upstream("toolbox.py", TOOLBOX_RECORD=str(record))}, policy=policy)
+    queue = queue_of(config)
+    async with gateway_client(config) as client, anyio.create_task_group() as tg:
+        tg.start_soon(client.call_tool, "box__write_note", NOTE)
+        (entry,) = await pending(queue)
+        queue.decide(entry.id, approve=False, by="alice", channel="cli")
+    decision = calls(tmp_path)["box__write_note"]["decision"]
+    assert key not in entry.call.reason and key not in decision["reason"]
+    assert entry.call.reason == decision["reason"].split("; denied by")[0]
