@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import mcp_types as types
@@ -43,7 +43,6 @@ from gateway.core.approvals import REQUESTED_SCHEMA, ApprovalDesk
 from gateway.core.asking import QueueAsker, masked_call
 from gateway.core.dispatch import Caps, Dispatcher, Route
 from gateway.core.notices import Notices
-from gateway.core.notify import ApprovalNotifier
 from gateway.core.own_files import GatewayFiles
 from gateway.core.pipeline import build_pipeline
 from gateway.core.requests import Caller, Request, RoundTrip, ToolRequest
@@ -61,6 +60,9 @@ from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX
 from gateway.principals import Principal
 from gateway.upstream.pool import UpstreamPool
+
+if TYPE_CHECKING:
+    from gateway.core.notify import ApprovalNotifier
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +94,12 @@ class Gateway:
             pool.config.gateway.ask_timeout, declared=lambda tool: engine.policies.paths.declared(tool)
         )
         approvals = pool.config.gateway.approvals
-        self.notifier = (
-            ApprovalNotifier(approvals.notify, approvals.notify_headers, approvals.console_url)
-            if approvals.notify is not None
-            else None
-        )
+        self.notifier: ApprovalNotifier | None = None
         """Announces each waiting approval (`[gateway.approvals] notify`), in the background."""
+        if approvals.notify is not None:
+            from gateway.core.notify import ApprovalNotifier  # its HTTP client, only when notices are sent
+
+            self.notifier = ApprovalNotifier(approvals.notify, approvals.notify_headers, approvals.console_url)
         self.asker = QueueAsker(
             ApprovalQueue(pool.config.approvals_path),
             self.desk,

@@ -1,4 +1,4 @@
-"""A gateway serving HTTP keeps in memory only the code it serves with: no other command's, no OAuth's unless asked."""
+"""A gateway keeps in memory only the code it serves with: no other command's, no OAuth's or notices' unless asked."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 SERVING = "import sys, gateway.launch, gateway.cli.serve, gateway.downstream.serve, gateway.downstream.http\n"
+STDIO = "import sys, gateway.launch, gateway.cli.serve, gateway.downstream.serve, gateway.downstream.stdio\n"
 
 
 def _loaded(code: str, prefixes: tuple[str, ...]) -> list[str]:
@@ -27,3 +28,7 @@ def test_serving_loads_no_other_command_of_the_cli() -> None:
         "gateway.cli.serve",
         "gateway.setup.clients",  # the parser's list of clients `register` knows
     ]
+
+
+def test_serving_stdio_without_notices_loads_no_http_client_and_no_console() -> None:
+    assert _loaded(STDIO, ("httpx", "gateway.core.notify", "gateway.console", "starlette")) == []
