@@ -12,6 +12,8 @@ records the last sequence number and hash, so removing events from the end is de
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -385,3 +387,12 @@ def record_first(config: Config, bodies: list[dict[str, Any]], refused: type[Gat
             store.append_waiting([canonical(body) for body in bodies])
     except AuditError as exc:
         raise refused(f"the change cannot be recorded in the audit log, so nothing changed: {exc}") from None
+
+
+def os_user() -> str:
+    """The OS user a command acts as (as the audit log and the approval queue name them): the name of the
+    process's user id, not `getpass.getuser()`, which believes `$USER` and `$LOGNAME` (anyone can set those)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # no name for this uid (a container's): the uid says who it was
+        return f"uid {os.geteuid()}"

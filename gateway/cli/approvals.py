@@ -11,15 +11,13 @@ denied by mistake is asked again when the agent retries it.
 from __future__ import annotations
 
 import json
-import os
-import pwd
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from gateway.audit.approvals import ApprovalQueue, Entry, RuleStats, Status, decision_event
-from gateway.audit.store import iso_utc, record_first
+from gateway.audit.store import iso_utc, os_user, record_first
 from gateway.cli.common import parse_moment, print_table, visible
 from gateway.config.models import Config
 from gateway.display import show_arguments
@@ -101,7 +99,7 @@ def decide(config: Config, entry_id: str, *, approve: bool, note: str, yes: bool
     if approve and not yes and not _confirmed():
         print(f"approval {entry.id}: not approved; nothing changed")
         return 1
-    by = _user()
+    by = os_user()
 
     def record(decided: Entry) -> None:
         record_first(config, [decision_event(decided)], ApprovalsError)
@@ -175,15 +173,6 @@ def _print_call(entry: Entry, now: float, out: TextIO) -> None:
         lines.append("arguments (forwarded as the agent sent them):")
     lines.append(_indented(show_arguments(call.arguments, paths=call.paths)))
     print("\n".join(lines), file=out, flush=True)
-
-
-def _user() -> str:
-    """The OS user deciding (as the queue and the audit log name them): the name of the process's user id,
-    not `getpass.getuser()`, which believes `$USER` and `$LOGNAME` (anyone can set those)."""
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:  # no name for this uid (a container's): the uid says who it was
-        return f"uid {os.geteuid()}"
 
 
 def _who(entry: Entry) -> str:

@@ -7,11 +7,11 @@ cannot be recorded, nothing is approved); a running gateway picks the new lock u
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
 from typing import Any
 
+from gateway.audit.store import os_user
 from gateway.catalog.listing import Catalog, Naming
 from gateway.catalog.pins import Assessment, Lock, Verdict, select, server_identity
 from gateway.catalog.scan import Finding, Severity, scan_definition
@@ -196,7 +196,7 @@ async def approve(config: Config, selector: str) -> int:
     review.lock_needed(config)  # before any upstream is started
     found = await review.review(config)
     upstream = selector.partition(".")[0]
-    approved = review.approve(config, found, selector, who=getpass.getuser(), via=f"`pins approve {selector}`")
+    approved = review.approve(config, found, selector, who=os_user(), via=f"`pins approve {selector}`")
     for assessment in approved.chosen:
         print(
             f"approved {assessment.item.kind} '{assessment.item.label}' "

@@ -8,11 +8,10 @@ nothing changes. A running gateway reads the store on every request: a revocatio
 
 from __future__ import annotations
 
-import getpass
 import json
 from typing import Any
 
-from gateway.audit.store import event, record_first
+from gateway.audit.store import event, os_user, record_first
 from gateway.cli.common import parse_moment, print_table
 from gateway.config.models import Config
 from gateway.errors import PrincipalsError
@@ -101,7 +100,7 @@ def _until(expires: str | None) -> str:
 
 def _event(principal: str, token_id: str, change: str, command: str, **fields: Any) -> dict[str, Any]:
     done = change.removeprefix("token_")
-    reason = f"token {token_id} of principal '{principal}' {done} by {getpass.getuser()} ({command})"
+    reason = f"token {token_id} of principal '{principal}' {done} by {os_user()} ({command})"
     return event("principal", principal=principal, credential=token_id, change=change, reason=reason, **fields)
 
 

@@ -11,7 +11,6 @@ token and the console's own `Origin`.
 
 from __future__ import annotations
 
-import getpass
 import hmac
 import json
 import secrets
@@ -24,6 +23,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.audit.store import os_user
 from gateway.downstream.http_edge import respond
 from gateway.errors import Forbidden
 from gateway.principals import Authenticator, Principal, Unauthenticated
@@ -76,7 +76,7 @@ class AccessToken:
 
     def __init__(self, token: str | None = None) -> None:
         self.token = token or secrets.token_urlsafe(32)
-        self._name = f"console ({getpass.getuser()})"
+        self._name = f"console ({os_user()})"
 
     async def admit(self, token: str) -> Viewer | None:
         if hmac.compare_digest(token.encode(), self.token.encode()):

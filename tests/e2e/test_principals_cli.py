@@ -5,13 +5,17 @@ filter of `audit sessions | show | tail | export`, and `policy check`'s findings
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.audit.store import event
-from tests.conftest import fixture_upstream, write_config, write_policy
+from tests.conftest import REPO, events, fixture_upstream, write_config, write_policy
 from tests.e2e.test_audit_cli import cli, record
 
 ALICE, BOB, NOBODY = "a11ce000" * 4, "b0b00000" * 4, "0b0d1000" * 4
@@ -176,3 +180,27 @@ def test_check_warns_of_an_attribute_glob_of_no_kind_and_not_of_an_unknown_princ
         "warning: test.toml: rule 'loose': attributes: 'admins' does not begin with scope:, group:, role: "
         "(every attribute of a principal does)"
     ]
+
+
+def test_a_principal_change_is_recorded_as_by_the_processs_user_whatever_user_claims(
+    config: Path, tmp_path: Path
+) -> None:
+    environment = {
+        "USER": "mallory",
+        "LOGNAME": "mallory",
+        "PYTHONPATH": str(REPO),
+        "PATH": "/usr/bin:/bin",
+        "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"],
+    }
+    added = subprocess.run(
+        [sys.executable, "-m", "gateway", "principal", "add", "alice", "--config", str(config)],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert added.returncode == 0, added.stderr
+    (change,) = [row for row in events(tmp_path) if row["kind"] == "principal"]
+    assert f"by {pwd.getpwuid(os.geteuid()).pw_name} " in change["reason"] and "mallory" not in change["reason"]
