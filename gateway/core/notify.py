@@ -12,6 +12,7 @@ wrong; header values (a token, say) never are.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,7 +25,7 @@ import anyio.abc
 import httpx2
 
 from gateway.audit.approvals import Entry
-from gateway.display import escape
+from gateway.display import escape, show_arguments
 from gateway.errors import format_seconds
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ _SHOWN_VALUE = 200
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+MAX_APPROVAL = 32 * 1024
+"""Characters of JSON a notice's `approval` may take with its arguments as they are; past that they are
+sent as the approval prompt shows them (every key, long values shortened with their size and digest)."""
 
 
 def shown_address(url: str) -> str:
@@ -100,7 +104,15 @@ def notice_text(entry: Entry, link: str | None, now: float) -> str:
 def notice(entry: Entry, console_url: str | None, now: float) -> dict[str, Any]:
     """The JSON a notice POSTs: `text` for chat webhooks, and the approval (masked) for anything else."""
     link = console_link(console_url, entry.id)
-    return {"text": notice_text(entry, link, now), "approval": entry.to_record(now), "console": link}
+    approval = entry.to_record(now)
+    if len(json.dumps(approval, ensure_ascii=False)) > MAX_APPROVAL:
+        # Arguments can be as large as a message (64 MiB by default), and up to 100 notices wait at once:
+        # past the bound, a notice carries them as the approval prompt shows them, and says so.
+        for key in ("arguments", "sent_arguments"):
+            if approval.get(key) is not None:
+                approval[key] = show_arguments(approval[key], paths=entry.call.paths)
+        approval["arguments_shown_as_text"] = True
+    return {"text": notice_text(entry, link, now), "approval": approval, "console": link}
 
 
 def retry_delay(

@@ -188,6 +188,19 @@ def test_the_notice_says_what_waits_and_links_to_the_console() -> None:
     assert alone["console"] is None and "\n" not in alone["text"]
 
 
+def test_a_notice_of_huge_arguments_carries_them_as_the_prompt_shows_them() -> None:
+    """Arguments may be as large as a message, and a hundred notices may wait: past the bound a notice
+    carries every key, long values shortened with their size and digest."""
+    clock = Clock()
+    waiting = entry(clock)
+    huge = replace(waiting, call=replace(waiting.call, arguments={"path": "notes/a", "body": "x" * 1_000_000}))
+    approval = notice(huge, None, clock.now)["approval"]
+    assert len(json.dumps(approval)) < 16_000 and approval["arguments_shown_as_text"] is True
+    shown = approval["arguments"]
+    assert shown.startswith('"path": "notes/a"') and "1,000,000 characters" in shown
+    assert "arguments_shown_as_text" not in notice(waiting, None, clock.now)["approval"]
+
+
 def test_a_client_name_cannot_reorder_or_hide_what_the_notice_says() -> None:
     """A bidi override would show `alice via agent` as the agent chose to have it read; a zero-width
     character would pass one name off as another."""
