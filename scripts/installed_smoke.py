@@ -230,9 +230,11 @@ def check_console(calls: int) -> None:
                 if not static.read().strip():
                     fail(f"the console's static/{name} is empty")
         with opener.open(f"{match[1]}state", timeout=TIMEOUT) as state:
-            shown = [message for message in json.load(state) if message["type"] == "call"]
-        if 'name="csrf-token"' not in html or len(shown) != calls:
-            fail(f"the console's page or its state is not what was served ({len(shown)} calls shown)")
+            # a call's decision, then its outcome: the latest message of each call holds both
+            shown = {message["call_id"]: message for message in json.load(state) if message["type"] == "call"}
+        ended = [call for call in shown.values() if call["decision"] and call["outcome"]]
+        if 'name="csrf-token"' not in html or len(shown) != calls or len(ended) != calls:
+            fail(f"the console's page or its state is not what was served ({len(shown)} calls, {len(ended)} ended)")
     finally:
         proc.terminate()
         proc.wait(timeout=TIMEOUT)
