@@ -277,7 +277,8 @@ class ApprovalQueue:
             return None if db is None else self._row(db, entry_id)
 
     def entries(self, *, pending_only: bool = False, since: float | None = None, limit: int = 200) -> list[Entry]:
-        """The newest entries first (only the pending, unexpired ones with `pending_only`)."""
+        """The newest entries first (with `pending_only`, only those still to decide: pending, unexpired,
+        and held by a gateway process that is still there)."""
         where, params = ["1"], []  # type: list[str], list[Any]
         if pending_only:
             where.append("status = 'pending' AND expires > ?")
@@ -292,7 +293,10 @@ class ApprovalQueue:
                 f"SELECT * FROM approvals WHERE {' AND '.join(where)} ORDER BY created DESC LIMIT ?",
                 (*params, limit),
             ).fetchall()
-            return [_entry(row) for row in rows]
+            found = [_entry(row) for row in rows]
+        if pending_only:  # a killed gateway left its rows pending: nobody is left to spend them
+            found = [entry for entry in found if not _gone(entry.call.gateway)]
+        return found
 
     def stats(self, since: float) -> list[RuleStats]:
         """Per rule, since `since`: how often it asked, and how many were approved, denied, left unanswered."""

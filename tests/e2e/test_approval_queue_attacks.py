@@ -163,6 +163,7 @@ async def test_an_approval_whose_gateway_was_killed_cannot_be_approved_and_reads
         with anyio.fail_after(20):
             await proc.wait()
     assert entry.call.gateway == f"{os.uname().nodename}:{proc.pid}"
+    assert queue.entries(pending_only=True) == []  # not offered to anyone to decide
     with pytest.raises(ApprovalsError, match=f"the gateway holding it \\({entry.call.gateway}\\) is gone"):
         queue.decide(entry.id, approve=True, by="alice", channel="cli")
     gone = queue.get(entry.id)
