@@ -109,7 +109,7 @@ async def test_a_2026_agent_asking_without_end_leaves_at_most_max_calls_per_sess
             )
             assert isinstance(asked, types.InputRequiredResult)  # its own client can still be asked
         assert not (await client.call_tool("box__echo", {"text": "still serving"})).is_error
-    waiting = queue.entries(pending_only=True)
+        waiting = queue.entries(pending_only=True)  # while its gateway holds them
     assert sorted(entry.call.arguments["body"] for entry in waiting) == ["0", "1", "2"]
     assert received(record) == [{"text": "still serving"}]
 
