@@ -77,7 +77,7 @@ class ApprovalDesk:
 
     def message(self, call: ToolCall, decision: Decision) -> str:
         """The person's prompt: every argument the upstream would receive, path-like ones first."""
-        decided = call if call.decision is not None else replace(call, decision=decision)
+        decided = replace_decision(call, decision)
         return approval_prompt(
             tool=call.tool.name,
             upstream_tool=call.tool.upstream_name,
@@ -164,6 +164,11 @@ class ApprovalDesk:
 
     def _sign(self, body: str) -> str:
         return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+
+
+def replace_decision(call: ToolCall, decision: Decision) -> ToolCall:
+    """`call` as decided (its binding then covers the revision and the forwarded arguments)."""
+    return call if call.decision is not None else replace(call, decision=decision)
 
 
 def _invalid(reason: str) -> Approval:

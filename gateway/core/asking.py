@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,8 +23,9 @@ import anyio
 import anyio.to_thread
 
 from gateway.audit.approvals import POLL, ApprovalQueue, AskedCall, Entry, Status
+from gateway.audit.store import iso_utc
 from gateway.calls import Answer, Approval, Channel, Decision, ProgressFn, ToolCall
-from gateway.core.approvals import ApprovalDesk
+from gateway.core.approvals import ApprovalDesk, replace_decision
 from gateway.errors import ApprovalsError, format_seconds
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,9 @@ class QueueAsker:
         """What the decided row means for the call: granted only once, for this call, under its revision."""
         client_channels = {Channel.ELICITATION.value: Channel.ELICITATION, Channel.ROUND_TRIP.value: Channel.ROUND_TRIP}
         via = client_channels.get(entry.channel or "", Channel.QUEUE)
-        by, through, at = entry.decided_by, entry.channel, _iso(entry.decided_at)
+        decided = entry.decided_at
+        at = None if decided is None else iso_utc(datetime.fromtimestamp(decided, UTC))
+        by, through = entry.decided_by, entry.channel
 
         def approval(answer: Answer, reason: str) -> Approval:
             return Approval(answer, reason, via, entry=entry.id, by=by, through=through, at=at)
@@ -226,17 +229,6 @@ def _client_of(call: ToolCall) -> str:
     """Who answered through the agent's client: its principal, else the client's name."""
     session = call.session
     return session.principal or f"{session.client_name} (the agent's client)"
-
-
-def replace_decision(call: ToolCall, decision: Decision) -> ToolCall:
-    """`call` as decided (its binding then covers the revision and the forwarded arguments)."""
-    return call if call.decision is not None else replace(call, decision=decision)
-
-
-def _iso(moment: float | None) -> str | None:
-    if moment is None:
-        return None
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def masked_call(
