@@ -227,11 +227,7 @@ class ApprovalQueue:
                 # Killed before it could close the row: nobody is left to spend an approval. Closed (and
                 # committed) before refusing, so the queue stops showing it as waiting.
                 gone = f"the gateway holding it ({entry.call.gateway}) is gone"
-                db.execute(
-                    "UPDATE approvals SET status = 'expired', note = ?, decided_at = ? "
-                    "WHERE id = ? AND status = 'pending'",
-                    (gone, now, entry_id),
-                )
+                _close(db, entry_id, Status.EXPIRED, gone, now, Status.PENDING)
             else:
                 settled = entry.settled(now)
                 if settled is not None:
@@ -265,12 +261,7 @@ class ApprovalQueue:
     def close_out(self, entry_id: str, status: Status, note: str, *, only: Status = Status.PENDING) -> bool:
         """Move a row from `only` to `status` (expired, withdrawn, void), saying why: `True` if it moved."""
         with self._writing() as db:
-            cursor = db.execute(
-                "UPDATE approvals SET status = ?, note = ?, decided_at = coalesce(decided_at, ?) "
-                "WHERE id = ? AND status = ?",
-                (status.value, note, self._clock(), entry_id, only.value),
-            )
-            return cursor.rowcount == 1
+            return _close(db, entry_id, status, note, self._clock(), only)
 
     def get(self, entry_id: str) -> Entry | None:
         with self._reading() as db:
@@ -432,6 +423,15 @@ def decision_event(decided: Entry) -> dict[str, Any]:
 
 def queue_path(state_dir: Path) -> Path:
     return state_dir / "approvals.db"
+
+
+def _close(db: sqlite3.Connection, entry_id: str, status: Status, note: str, now: float, only: Status) -> bool:
+    """Inside a write: move a row from `only` to `status`, saying why (its decision time kept if it had one)."""
+    cursor = db.execute(
+        "UPDATE approvals SET status = ?, note = ?, decided_at = coalesce(decided_at, ?) WHERE id = ? AND status = ?",
+        (status.value, note, now, entry_id, only.value),
+    )
+    return cursor.rowcount == 1
 
 
 def _gone(holder: str) -> bool:
