@@ -16,6 +16,7 @@
      │    └── EmptyLog             the file at the path holds no audit log
      ├── PrincipalsError          the principals store cannot be used, or a principal command is wrong
      ├── ApprovalsError           the approval queue cannot be used, or an approval is not there to decide
+     ├── StoreError               the shared store (PostgreSQL) cannot be reached, set up or used
      ├── Unauthenticated          a bearer credential of a known kind is refused (expired, revoked, forged)
      ├── Forbidden                a valid credential that may not do this (no console role)
      ├── ClientFileError          an agent client's configuration file cannot be read or edited
@@ -64,6 +65,10 @@ class LockError(ConfigError):
 
 class PrincipalsError(GatewayError):
     """The principals store cannot be read or written, or a principal command names what is not there."""
+
+
+class StoreError(GatewayError):
+    """The shared store cannot be reached, set up or used; the message names the store (never its password)."""
 
 
 class ApprovalsError(GatewayError):

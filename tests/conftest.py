@@ -26,6 +26,8 @@ from mcp.client.streamable_http import streamable_http_client
 
 from gateway.audit.store import AuditStore
 
+pytest_plugins = ["tests.postgres"]
+
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
 NODE_BIN = REPO / ".ci" / "node" / "node_modules" / ".bin"

@@ -16,6 +16,7 @@ GATEWAY = Path(__file__).resolve().parent.parent / "gateway"
 LAYERS: list[tuple[str, ...]] = [
     ("gateway", "gateway.errors", "gateway.schema", "gateway.display"),
     ("gateway.config",),
+    ("gateway.store",),
     ("gateway.catalog",),
     ("gateway.calls",),
     ("gateway.policy",),

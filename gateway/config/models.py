@@ -301,6 +301,10 @@ class GatewaySettings(_Model):
     audit: Path | None = None
     """The audit database, relative to this file; `STATE/audit.db` when unset; `":memory:"` keeps
     it in memory only (for trials and benchmarks: nothing survives the process)."""
+    store: str | None = None
+    """A PostgreSQL database shared by gateway replicas (`postgresql://user:${PASSWORD}@host:port/name`):
+    the audit log, approval queue, rate-limit counts, session records and approval keys live there
+    instead of in the state directory's SQLite files (gateway.store)."""
     audit_sync: Literal["normal", "full"] = "normal"
     """`normal`: a committed event survives the gateway crashing or being killed; `full`: also power loss."""
     audit_anchor: str | None = None
@@ -326,6 +330,16 @@ class GatewaySettings(_Model):
     """Requests served at once, over every session; one more is refused as busy (and recorded)."""
     max_calls_per_session: PositiveInt = 256
     """Requests served at once for one session; one more is refused as busy (and recorded)."""
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, _, rest = value.partition("://")
+        if scheme not in ("postgresql", "postgres") or not rest:
+            raise ValueError("must be a PostgreSQL URL: postgresql://user:${PASSWORD}@host:port/database")
+        return value
 
     @field_validator("separator")
     @classmethod

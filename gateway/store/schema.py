@@ -1,0 +1,162 @@
+"""The shared store's schema, by version: every table the replicas share, in the schema `mcp_armor`.
+
+`Database.migrate` applies the steps a store lacks, in one transaction; `schema_version` says which
+version a store holds. Each part's tables are described where they are used: the audit chain in
+`gateway/audit/shared.py`, the approval queue in `gateway/audit/shared_approvals.py`, rate-limit counts
+in `gateway/policy/shared_rates.py`, session records in `gateway/core/shared_sessions.py`.
+"""
+
+from __future__ import annotations
+
+SCHEMA = "mcp_armor"
+GENESIS = "0" * 64
+
+AUDIT = (
+    # The chain: one row per event, `body` its canonical text (what the hash covers); the other columns
+    # are copies of body fields for queries, checked against the body by `audit verify`.
+    """CREATE TABLE events (
+        seq bigint PRIMARY KEY,
+        prev_hash text NOT NULL,
+        hash text NOT NULL,
+        body text NOT NULL,
+        kind text NOT NULL,
+        session_id text,
+        call_id text,
+        tool text,
+        decision text,
+        outcome text,
+        ts text NOT NULL,
+        principal text,
+        lease text
+    )""",
+    "CREATE INDEX events_session ON events (session_id, seq)",
+    "CREATE INDEX events_lease ON events (lease) WHERE lease IS NOT NULL",
+    # Exactly one decision and one outcome per call, one start and one end per session: a second one (a
+    # batch retried after a commit whose answer was lost, a late outcome of a call already settled as
+    # interrupted) is skipped by `append_events`, never stored.
+    "CREATE UNIQUE INDEX events_call_once ON events (call_id, kind) WHERE kind IN ('decision', 'outcome')",
+    "CREATE UNIQUE INDEX events_session_once ON events (session_id, kind) "
+    "WHERE kind IN ('session_start', 'session_end')",
+    "CREATE TABLE head (id int PRIMARY KEY CHECK (id = 1), seq bigint NOT NULL, hash text NOT NULL)",
+    f"INSERT INTO head VALUES (1, 0, '{GENESIS}')",
+    # Events are appended, never changed: a mistake (or a script) that tries is refused by the server.
+    # Whoever owns the table can drop the trigger; the chain and its anchors catch what they do then.
+    """CREATE FUNCTION events_append_only() RETURNS trigger LANGUAGE plpgsql AS $fn$
+    BEGIN
+        RAISE EXCEPTION 'mcp-armor: audit events are appended, never changed or removed';
+    END $fn$""",
+    "CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events "
+    "FOR EACH ROW EXECUTE FUNCTION events_append_only()",
+    "CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events "
+    "FOR EACH STATEMENT EXECUTE FUNCTION events_append_only()",
+    # One group of events appended to the chain in the caller's transaction: the head row is locked,
+    # so appends from every replica take turns and the chain stays one. Each event's hash is
+    # SHA-256(prev hash bytes || UTF-8 body), as gateway/audit/chain.py computes it.
+    """CREATE FUNCTION append_events(
+        bodies text[], kinds text[], sessions text[], calls text[], tools text[], decisions text[],
+        outcomes text[], stamps text[], principals text[], leases text[]
+    ) RETURNS TABLE (head_seq bigint, head_hash text, appended int) LANGUAGE plpgsql AS $fn$
+    #variable_conflict use_column
+    DECLARE
+        s bigint;
+        h text;
+        n int;
+        first_seq bigint;
+        first_hash text;
+        e record;
+        seen text[] := '{}';
+        once text;
+        keep int[];
+        prevs text[];
+        hashes text[];
+    BEGIN
+        SELECT seq, hash INTO first_seq, first_hash FROM head WHERE id = 1 FOR UPDATE;
+        BEGIN
+            -- Nearly always no event is there already: chain them all and insert them at once (the unique
+            -- indexes check, and a duplicate sends the group down the careful path below).
+            s := first_seq;
+            h := first_hash;
+            prevs := '{}';
+            hashes := '{}';
+            FOREACH once IN ARRAY bodies LOOP
+                prevs := prevs || h;
+                h := encode(sha256(decode(h, 'hex') || convert_to(once, 'UTF8')), 'hex');
+                hashes := hashes || h;
+            END LOOP;
+            n := coalesce(array_length(bodies, 1), 0);
+            INSERT INTO events (seq, prev_hash, hash, body, kind, session_id, call_id, tool, decision, outcome,
+                                ts, principal, lease)
+            SELECT first_seq + i, prevs[i], hashes[i], bodies[i], kinds[i], sessions[i], calls[i], tools[i],
+                   decisions[i], outcomes[i], stamps[i], principals[i], leases[i]
+            FROM generate_series(1, n) AS i;
+            s := first_seq + n;
+        EXCEPTION WHEN unique_violation THEN
+            -- Some event is one of a kind that is there already (a batch retried after a lost answer, a
+            -- late outcome of a call settled as interrupted): leave each such event out.
+            s := first_seq;
+            h := first_hash;
+            n := 0;
+            keep := '{}';
+            prevs := '{}';
+            hashes := '{}';
+            FOR e IN SELECT * FROM unnest(kinds, sessions, calls, bodies) WITH ORDINALITY
+                     AS t (kind, session_id, call_id, body, i) LOOP
+                once := CASE WHEN e.kind IN ('decision', 'outcome') THEN e.kind || ' ' || e.call_id
+                             WHEN e.kind IN ('session_start', 'session_end') THEN e.kind || ' ' || e.session_id END;
+                IF once IS NOT NULL THEN
+                    -- Each kind spelled out, so that the partial unique indexes serve the lookups.
+                    IF once = ANY (seen)
+                       OR (e.kind = 'decision' AND EXISTS (
+                           SELECT 1 FROM events WHERE call_id = e.call_id AND kind = 'decision'))
+                       OR (e.kind = 'outcome' AND EXISTS (
+                           SELECT 1 FROM events WHERE call_id = e.call_id AND kind = 'outcome'))
+                       OR (e.kind = 'session_start' AND EXISTS (
+                           SELECT 1 FROM events WHERE session_id = e.session_id AND kind = 'session_start'))
+                       OR (e.kind = 'session_end' AND EXISTS (
+                           SELECT 1 FROM events WHERE session_id = e.session_id AND kind = 'session_end')) THEN
+                        CONTINUE;
+                    END IF;
+                    seen := seen || once;
+                END IF;
+                prevs := prevs || h;
+                h := encode(sha256(decode(h, 'hex') || convert_to(e.body, 'UTF8')), 'hex');
+                hashes := hashes || h;
+                keep := keep || e.i::int;
+                n := n + 1;
+            END LOOP;
+            INSERT INTO events (seq, prev_hash, hash, body, kind, session_id, call_id, tool, decision, outcome,
+                                ts, principal, lease)
+            SELECT first_seq + j, prevs[j], hashes[j], bodies[k], kinds[k], sessions[k], calls[k], tools[k],
+                   decisions[k], outcomes[k], stamps[k], principals[k], leases[k]
+            FROM unnest(keep) WITH ORDINALITY AS w (k, j);
+            s := first_seq + n;
+        END;
+        IF n > 0 THEN
+            UPDATE head SET seq = s, hash = h WHERE id = 1;
+        END IF;
+        RETURN QUERY SELECT s, h, n;
+    END $fn$""",
+    # Replicas: each live gateway process holds a session-level advisory lock on `lock_key` for as long
+    # as its connection lives; one whose lock is free and that has not been seen for a while is gone,
+    # and the calls and sessions it left open are settled by a survivor (gateway/audit/shared.py).
+    """CREATE TABLE replicas (
+        name text PRIMARY KEY,
+        lock_key bigint NOT NULL UNIQUE,
+        host text NOT NULL,
+        pid int NOT NULL,
+        started timestamptz NOT NULL DEFAULT now(),
+        seen timestamptz NOT NULL DEFAULT now(),
+        settled timestamptz
+    )""",
+    # Keys every replica must share (the audit's masking key, the approval state's keys): made once,
+    # by whichever replica asks first.
+    "CREATE TABLE keys (name text PRIMARY KEY, value bytea NOT NULL)",
+)
+
+APPROVALS: tuple[str, ...] = ()
+RATES: tuple[str, ...] = ()
+SESSIONS: tuple[str, ...] = ()
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: AUDIT + APPROVALS + RATES + SESSIONS}
+"""The statements that bring a store from the version before to each version."""
+SCHEMA_VERSION = max(MIGRATIONS)

@@ -1,0 +1,74 @@
+"""The shared store's database: connecting, the schema and its versions, and what a message may show."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import StoreError
+from gateway.store.postgres import Database, shown
+from gateway.store.schema import SCHEMA_VERSION
+from tests.postgres import PASSWORD, Cluster
+
+
+def test_a_new_store_is_migrated_once_and_then_found_current(store_url: str) -> None:
+    database = Database(store_url)
+    assert database.migrate() == (0, SCHEMA_VERSION)
+    assert database.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)
+    with database.session() as db:
+        database.check_schema(db)
+        assert db.execute("SELECT seq, hash FROM head").fetchone() == (0, "0" * 64)
+
+
+def test_a_schema_from_a_newer_gateway_is_refused_and_left_as_it_is(store_url: str) -> None:
+    database = Database(store_url)
+    database.migrate()
+    with database.session() as db:
+        db.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match=f"schema {SCHEMA_VERSION + 1} was written by a newer mcp-armor"):
+        database.migrate()
+    with database.session() as db, pytest.raises(StoreError, match="store migrate"):
+        database.check_schema(db)
+
+
+def test_a_reader_of_a_store_never_set_up_is_told_how_to_set_it_up(store_url: str) -> None:
+    database = Database(store_url)
+    with database.session() as db, pytest.raises(StoreError, match="no mcp-armor schema yet"):
+        database.check_schema(db)
+
+
+def test_a_wrong_password_is_reported_without_any_password(postgres: Cluster) -> None:
+    url = postgres.url("postgres", password="not-the-password")
+    with pytest.raises(StoreError) as raised:
+        Database(url).connect()
+    assert "password authentication failed" in str(raised.value)
+    assert "not-the-password" not in str(raised.value) and PASSWORD not in str(raised.value)
+    assert str(raised.value).startswith(f"postgresql://armor@127.0.0.1:{postgres.port}/postgres: ")
+
+
+def test_an_unreachable_store_is_one_line_naming_it(postgres: Cluster) -> None:
+    from tests.postgres import free_port
+
+    url = f"postgresql://armor:{PASSWORD}@127.0.0.1:{free_port()}/armor"
+    with pytest.raises(StoreError, match=r"^postgresql://armor@127\.0\.0\.1:\d+/armor: cannot connect") as raised:
+        Database(url).connect()
+    assert "\n" not in str(raised.value) and PASSWORD not in str(raised.value)
+
+
+def test_the_shown_url_keeps_user_host_and_database_and_drops_password_and_query() -> None:
+    assert shown("postgresql://armor:s3cret@db.example:5432/armor?sslmode=require&password=x") == (
+        "postgresql://armor@db.example:5432/armor"
+    )
+    assert shown("postgres://db/armor") == "postgres://db/armor"
+
+
+def test_events_cannot_be_changed_or_removed_through_sql(store_url: str) -> None:
+    database = Database(store_url)
+    database.migrate()
+    with database.session() as db:
+        db.execute(
+            "SELECT * FROM append_events(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (['{"kind":"catalog"}'], ["catalog"], [None], [None], [None], [None], [None], ["t"], [None], [None]),
+        )
+    for statement in ("UPDATE events SET body = '{}'", "DELETE FROM events", "TRUNCATE events"):
+        with pytest.raises(StoreError, match="appended, never changed or removed"), database.session() as db:
+            db.execute(statement)
