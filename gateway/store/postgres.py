@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -169,6 +170,29 @@ class Database:
                 f"{self.shown}: store schema {version}, this mcp-armor uses schema {SCHEMA_VERSION} "
                 "(run `mcp-armor store migrate` with the newer of the two)"
             )
+
+
+KEY_BYTES = 32
+
+
+def shared_key(db: psycopg.Connection[Any], name: str) -> bytes:
+    """The key every replica shares under `name` (made by whichever replica asks first; blocks)."""
+    db.execute(
+        "INSERT INTO keys VALUES (%s, %s) ON CONFLICT (name) DO NOTHING", (name, secrets.token_bytes(KEY_BYTES))
+    )
+    row = db.execute("SELECT value FROM keys WHERE name = %s", (name,)).fetchone()
+    assert row is not None  # inserted just now, or by another replica first; keys are never removed
+    return bytes(row[0])
+
+
+async def shared_key_async(db: psycopg.AsyncConnection[Any], name: str) -> bytes:
+    """`shared_key` on the event loop."""
+    await db.execute(
+        "INSERT INTO keys VALUES (%s, %s) ON CONFLICT (name) DO NOTHING", (name, secrets.token_bytes(KEY_BYTES))
+    )
+    row = await (await db.execute("SELECT value FROM keys WHERE name = %s", (name,))).fetchone()
+    assert row is not None
+    return bytes(row[0])
 
 
 def require_driver() -> None:

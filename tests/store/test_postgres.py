@@ -72,3 +72,15 @@ def test_events_cannot_be_changed_or_removed_through_sql(store_url: str) -> None
     for statement in ("UPDATE events SET body = '{}'", "DELETE FROM events", "TRUNCATE events"):
         with pytest.raises(StoreError, match="appended, never changed or removed"), database.session() as db:
             db.execute(statement)
+
+
+def test_a_shared_key_is_made_once_and_every_replica_reads_the_same(store_url: str) -> None:
+    from gateway.store.postgres import shared_key
+
+    database = Database(store_url)
+    database.migrate()
+    with database.session() as first, database.session() as second:
+        key = shared_key(first, "approvals")
+        assert len(key) == 32
+        assert shared_key(second, "approvals") == key
+        assert shared_key(second, "mask") != key
