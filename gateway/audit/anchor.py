@@ -22,6 +22,7 @@ from pathlib import Path
 
 from gateway.audit.store import now_iso
 from gateway.config.models import IN_MEMORY, Config
+from gateway.store.postgres import shown
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,12 @@ COMMAND_TIMEOUT = 10.0
 """How long an anchor command may take before it is given up on (and killed)."""
 
 
-def default_anchor_file(log: Path) -> Path | None:
+def log_identity(log: Path | str) -> str:
+    """How anchor lines name a log: a file by its absolute path, the shared store by its URL (no password)."""
+    return log if isinstance(log, str) else str(log.resolve())
+
+
+def default_anchor_file(log: Path | str) -> Path | None:
     """The anchor file of the log at `log` when none is configured: under the user's XDG state directory,
     keyed by the log's absolute path (so it is outside the log's own directory, and needs no root);
     `None` for a user without a home directory."""
@@ -39,7 +45,7 @@ def default_anchor_file(log: Path) -> Path | None:
     except (RuntimeError, KeyError):
         logger.warning("no home directory to anchor the audit log in: set [gateway] audit_anchor")
         return None
-    key = hashlib.sha256(str(log.resolve()).encode()).hexdigest()[:32]
+    key = hashlib.sha256(log_identity(log).encode()).hexdigest()[:32]
     return root / "mcp-armor" / "anchors" / f"{key}.jsonl"
 
 
@@ -47,14 +53,15 @@ def default_anchor_file(log: Path) -> Path | None:
 class Anchoring:
     """Where the gateway anchors a log's head, and how often."""
 
-    log: Path
+    log: Path | str
+    """The log: its file, or the shared store's URL without its password."""
     file: Path | None
     command: tuple[str, ...] = ()
     interval: float = 60.0
 
     @classmethod
     def of(cls, config: Config) -> Anchoring:
-        log = config.audit_path
+        log: Path | str = shown(config.gateway.store) if config.gateway.store else config.audit_path
         setting = config.gateway.audit_anchor
         if str(log) == IN_MEMORY or setting == "off":
             file = None
@@ -71,7 +78,7 @@ class Anchoring:
     def write(self, seq: int, digest: str) -> None:
         """Append the head `seq`:`digest` to the anchor file and hand it to the command (blocks: run it in a
         thread). Failing is said, never raised: the log itself is intact either way."""
-        line = json.dumps({"log": str(self.log.resolve()), "seq": seq, "hash": digest, "ts": now_iso()}) + "\n"
+        line = json.dumps({"log": log_identity(self.log), "seq": seq, "hash": digest, "ts": now_iso()}) + "\n"
         if self.file is not None:
             try:
                 self.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -91,7 +98,7 @@ class Anchoring:
                 logger.warning("audit_anchor_command %s failed: %s", self.command[0], exc)
 
 
-def read_anchors(file: Path, log: Path) -> tuple[list[tuple[int, str]], int]:
+def read_anchors(file: Path, log: Path | str) -> tuple[list[tuple[int, str]], int]:
     """The anchors of the log at `log` in `file` (none when it does not exist), and how many lines were
     unreadable (a write torn by a crash, or not an anchor)."""
     try:
@@ -100,7 +107,7 @@ def read_anchors(file: Path, log: Path) -> tuple[list[tuple[int, str]], int]:
         return [], 0
     anchors: list[tuple[int, str]] = []
     unreadable = 0
-    where = str(log.resolve())
+    where = log_identity(log)
     for line in text.splitlines():
         try:
             record = json.loads(line)

@@ -17,7 +17,7 @@ import json
 import math
 import re
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,21 +150,43 @@ def walk(db: sqlite3.Connection, anchors: Sequence[tuple[int, str]] = ()) -> Ver
     db.execute("BEGIN")  # one snapshot for the walk and the head
     try:
         head_seq, head_hash = db.execute("SELECT seq, hash FROM head WHERE id = 1").fetchone()
-        expected, prev, count = 1, GENESIS, 0
-        problem: Problem | None = None
-        hashes: dict[int, str] = {}
-        wanted = {seq for seq, _ in anchors}
-        for seq, prev_hash, digest, body in db.execute("SELECT seq, prev_hash, hash, body FROM events ORDER BY seq"):
-            problem = _check_row(seq, prev_hash, digest, body, expected, prev)
-            if problem is not None:
-                break
-            if seq in wanted:
-                hashes[seq] = digest
-            expected, prev, count = seq + 1, digest, count + 1
-        if problem is None:
-            problem = _check_head(expected - 1, prev, head_seq, head_hash)
-        if problem is None:
-            problem = _check_anchors(anchors, hashes)
+        rows = db.execute("SELECT seq, prev_hash, hash, body FROM events ORDER BY seq")
+        return walk_rows(rows, head_seq, head_hash, anchors)
     finally:
         db.execute("COMMIT")
+
+
+Row = tuple[int, str, str, str]
+"""An event as stored: seq, prev_hash, hash, body."""
+
+
+def walk_rows(
+    rows: Iterable[Row],
+    head_seq: int,
+    head_hash: str,
+    anchors: Sequence[tuple[int, str]] = (),
+    check: Callable[[Row], str | None] | None = None,
+) -> Verification:
+    """Walk a chain's rows in order against its head and anchors; the first place where it breaks, if any.
+
+    `check` looks at each row that holds together otherwise (what the store keeps beside the body)."""
+    expected, prev, count = 1, GENESIS, 0
+    problem: Problem | None = None
+    hashes: dict[int, str] = {}
+    wanted = {seq for seq, _ in anchors}
+    for row in rows:
+        seq, prev_hash, digest, body = row
+        problem = _check_row(seq, prev_hash, digest, body, expected, prev)
+        if problem is None and check is not None:
+            what = check(row)
+            problem = Problem(seq, what) if what is not None else None
+        if problem is not None:
+            break
+        if seq in wanted:
+            hashes[seq] = digest
+        expected, prev, count = seq + 1, digest, count + 1
+    if problem is None:
+        problem = _check_head(expected - 1, prev, head_seq, head_hash)
+    if problem is None:
+        problem = _check_anchors(anchors, hashes)
     return Verification(count, head_seq, head_hash, problem)

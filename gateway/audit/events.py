@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.audit.chain import canonical
-from gateway.audit.recorder import Recorder
+from gateway.audit.recorder import AuditWriter
 from gateway.audit.store import event
 from gateway.calls import Decision, Effect, Outcome, SessionInfo, ToolCall
 from gateway.catalog.pins import Assessment
@@ -55,7 +55,7 @@ _DECIDED_AS = {"completion": "completion/complete", "subscription": "resources/s
 def decision_event(
     call: ToolCall,
     decision: Decision | None,
-    recorder: Recorder,
+    recorder: AuditWriter,
     engine: PolicyEngine,
     *,
     refusal: Outcome | None = None,
@@ -111,7 +111,7 @@ def decision_event(
 
 
 def outcome_event(
-    call: ToolCall, outcome: Outcome, duration_ms: float, redaction: Redaction, recorder: Recorder
+    call: ToolCall, outcome: Outcome, duration_ms: float, redaction: Redaction, recorder: AuditWriter
 ) -> dict[str, Any]:
     """A call's `outcome` event: how it ended, and a digest of what the agent received."""
     data = _stored(outcome.result).encode("utf-8", "surrogatepass")  # what the agent received, as stored
@@ -140,7 +140,7 @@ class GatewayEvents:
     """The gateway's own events, queued (the next commit takes them): sessions, catalogue, policy, pins,
     upstreams."""
 
-    def __init__(self, recorder: Recorder, engine: PolicyEngine) -> None:
+    def __init__(self, recorder: AuditWriter, engine: PolicyEngine) -> None:
         self.recorder = recorder
         self.engine = engine
         self._pins: dict[tuple[str, str, str], tuple[str, str, str]] = {}

@@ -16,12 +16,18 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.audit.chain import canonical
 from gateway.audit.store import AuditStore, event
 
 SUFFIX = ".lease"
+
+
+class Unended(Protocol):
+    def unended(self, lease: str) -> list[tuple[str, list[dict[str, Any]], bool]]: ...
+
+
 INTERRUPTED = "interrupted"
 """The outcome of a call whose gateway process ended before recording one."""
 
@@ -112,7 +118,7 @@ def settle(store: AuditStore, directory: Path) -> int:
     the leases; how many calls were interrupted. Blocks: run it before serving."""
     interrupted = 0
     for path, _ in orphans(directory, SUFFIX):
-        bodies = _endings(store, path.stem)
+        bodies = endings(store, path.stem, f"the gateway process {path.stem.partition('-')[0]}")
         if bodies:
             store.append_waiting([canonical(body) for body in bodies])
             interrupted += sum(body["kind"] == "outcome" for body in bodies)
@@ -120,19 +126,18 @@ def settle(store: AuditStore, directory: Path) -> int:
     return interrupted
 
 
-def _endings(store: AuditStore, lease: str) -> list[dict[str, Any]]:
-    """An `interrupted` outcome for each call the lease's process decided and never ended, and a
-    `session_end` for each of its sessions still open."""
-    pid = lease.partition("-")[0]
+def endings(store: Unended, lease: str, who: str) -> list[dict[str, Any]]:
+    """An `interrupted` outcome for each call the lease's process (`who`, as the reason names it) decided and
+    never ended, and a `session_end` for each of its sessions still open."""
     bodies: list[dict[str, Any]] = []
     for session, decisions, ended in store.unended(lease):
         for decision in decisions:
             fields = {name: decision.get(name) for name in ("session_id", "call_id", "upstream", "tool", "principal")}
             if decision.get("method") is not None:
                 fields["method"] = decision["method"]
-            reason = f"the gateway process {pid} ended without recording an outcome"
+            reason = f"{who} ended without recording an outcome"
             bodies.append(event("outcome", **fields, outcome=INTERRUPTED, rules=[], reason=reason))
         if not ended:
-            reason = f"the gateway process {pid} ended without ending the session"
+            reason = f"{who} ended without ending the session"
             bodies.append(event("session_end", session_id=session, reason=reason))
     return bodies

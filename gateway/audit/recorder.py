@@ -21,7 +21,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -44,6 +44,22 @@ DRAIN_DELAY = 0.02
 """How long journaled events wait to be moved into the chain, so that one commit takes many."""
 DRAIN_BATCH = 256
 """Journaled events that are moved at once, without waiting for the delay."""
+
+
+class AuditWriter(Protocol):
+    """What the call path records through: this module's `Recorder` (SQLite), or the shared store's
+    (gateway/audit/shared.py)."""
+
+    redactor: Redactor
+
+    @property
+    def lease_name(self) -> str | None: ...
+
+    def queue(self, *bodies: Mapping[str, Any]) -> None: ...
+
+    async def record(self, *bodies: Mapping[str, Any], alone: bool = False) -> None: ...
+
+    def anchor_soon(self) -> None: ...
 
 
 class _Ticket:

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 
 from gateway.audit.events import decided_for, decision_event, outcome_event
-from gateway.audit.recorder import Recorder
+from gateway.audit.recorder import AuditWriter
 from gateway.audit.store import event
 from gateway.calls import Decision, Effect, Handler, Outcome, OutcomeKind, SessionInfo, ToolCall, decided_call
 from gateway.errors import AuditError
@@ -37,7 +37,7 @@ SHUTDOWN_GRACE = 5.0
 class CallAudit:
     """The recorder in the call path: the pipeline's two audit stages, and calls refused before it."""
 
-    def __init__(self, recorder: Recorder, engine: PolicyEngine) -> None:
+    def __init__(self, recorder: AuditWriter, engine: PolicyEngine) -> None:
         self.recorder = recorder
         self.engine = engine
         self._recorded: dict[str, tuple[ToolCall, Redaction]] = {}

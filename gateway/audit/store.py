@@ -17,16 +17,16 @@ import pwd
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.audit.chain import GENESIS, Verification, canonical, chain_hash, walk
+from gateway.audit.chain import GENESIS, Verification, chain_hash, walk
 from gateway.audit.keys import adopt_mask_key, log_keys
 from gateway.audit.queries import EVERY, Filters, where_clause
-from gateway.config.models import IN_MEMORY, Config
-from gateway.errors import AuditError, EmptyLog, GatewayError, NoLogYet
+from gateway.config.models import IN_MEMORY
+from gateway.errors import AuditError, EmptyLog, NoLogYet
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = range(1, SCHEMA_VERSION + 1)
@@ -324,24 +324,8 @@ class AuditStore:
         """
         rows = []
         with self._reading():
-            for session, first, last, start, ended, calls, refusals in self._db.execute(sql, params):
-                info = json.loads(start) if start is not None else {}
-                client = " ".join(part for part in (info.get("client_name"), info.get("client_version")) if part)
-                rows.append(
-                    {
-                        "session_id": session,
-                        "client": client,
-                        "client_name": info.get("client_name") or "",
-                        "transport": info.get("transport"),
-                        "principal": info.get("principal") or None,
-                        "attributes": info.get("attributes") or [],
-                        "start": info.get("ts", first),
-                        "end": ended,
-                        "last_event": last,
-                        "calls": calls or 0,
-                        "refusals": refusals or 0,
-                    }
-                )
+            for row in self._db.execute(sql, params):
+                rows.append(session_row(*row))
         return rows
 
     def unended(self, lease: str) -> list[tuple[str, list[dict[str, Any]], bool]]:
@@ -373,20 +357,30 @@ class AuditStore:
             return walk(self._db, anchors)
 
 
+def session_row(
+    session: str, first: str, last: str, start: str | None, ended: str | None, calls: int | None, refusals: int | None
+) -> dict[str, Any]:
+    """A session as `sessions` lists it, from its first and last event times, the body of its start, the
+    time of its end, and its counts of calls and refusals."""
+    info = json.loads(start) if start is not None else {}
+    client = " ".join(part for part in (info.get("client_name"), info.get("client_version")) if part)
+    return {
+        "session_id": session,
+        "client": client,
+        "client_name": info.get("client_name") or "",
+        "transport": info.get("transport"),
+        "principal": info.get("principal") or None,
+        "attributes": info.get("attributes") or [],
+        "start": info.get("ts", first),
+        "end": ended,
+        "last_event": last,
+        "calls": calls or 0,
+        "refusals": refusals or 0,
+    }
+
+
 def is_locked(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
-
-
-def record_first(config: Config, bodies: list[dict[str, Any]], refused: type[GatewayError]) -> None:
-    """Record a change in the audit log before its store commits it; if it cannot be recorded, `refused` is
-    raised, so nothing changes."""
-    if str(config.audit_path) == IN_MEMORY or not bodies:
-        return
-    try:
-        with closing(AuditStore.open_writer(config.audit_path, sync=config.gateway.audit_sync)) as store:
-            store.append_waiting([canonical(body) for body in bodies])
-    except AuditError as exc:
-        raise refused(f"the change cannot be recorded in the audit log, so nothing changed: {exc}") from None
 
 
 def os_user() -> str:

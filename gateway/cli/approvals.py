@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from gateway.audit.approvals import ApprovalQueue, Entry, RuleStats, Status, decision_event
-from gateway.audit.store import iso_utc, os_user, record_first
+from gateway.audit.logs import record_first
+from gateway.audit.store import iso_utc, os_user
 from gateway.cli.common import parse_moment, print_table, visible
 from gateway.config.models import Config
 from gateway.display import show_arguments

@@ -13,8 +13,9 @@ from typing import Any
 
 from gateway.audit.anchor import Anchoring, last_anchor, read_anchors
 from gateway.audit.journal import open_settled
+from gateway.audit.logs import AuditLog, open_reading
 from gateway.audit.queries import Filters
-from gateway.audit.store import FIELDS, KINDS, AuditStore, iso_utc
+from gateway.audit.store import FIELDS, KINDS, iso_utc
 from gateway.calls import Answer
 from gateway.cli.common import parse_moment, print_table, visible
 from gateway.config.models import IN_MEMORY, Config
@@ -113,7 +114,7 @@ def tail(config: Config, filters: Filters, lines: int, follow: bool, as_json: bo
     if lines < 0:
         raise GatewayError(f"-n: expected how many lines to show (0 or more), got {lines}")
     fold = not as_json and filters.kinds is None
-    store, created = _following(config) if follow else (open_settled(config.audit_path), False)
+    store, created = _following(config) if follow else (open_reading(config), False)
     with closing(store):
         head = store.last_seq()
         count = head if created else lines  # a log created while waiting: every event in it is new
@@ -143,13 +144,15 @@ def parse_kinds(values: list[str] | None) -> tuple[str, ...] | None:
     return kinds or None
 
 
-def _following(config: Config) -> tuple[AuditStore, bool]:
+def _following(config: Config) -> tuple[AuditLog, bool]:
     """The log to follow, waiting for it to be created if there is none yet; whether it was waited for.
 
     It waits as long as there is no file. A file without the log's schema is given `SCHEMA_WAIT`
     seconds (a gateway creates the file, then the schema in its first transaction) and is then
     reported as empty: a log emptied after the fact must not look like one still to come.
     """
+    if config.gateway.store is not None:
+        return open_reading(config), False
     path = config.audit_path
     if str(path) == IN_MEMORY:
         raise GatewayError('the audit log is kept in memory (audit = ":memory:"): there is no file to follow')
@@ -169,7 +172,7 @@ def _following(config: Config) -> tuple[AuditStore, bool]:
         time.sleep(FOLLOW_POLL)
 
 
-def _show_latest(store: AuditStore, filters: Filters, lines: int, as_json: bool, fold: bool) -> int:
+def _show_latest(store: AuditLog, filters: Filters, lines: int, as_json: bool, fold: bool) -> int:
     """Print the last `lines` lines (folded lines count once); the sequence number of the last event shown."""
     fetch = lines
     while True:
@@ -241,7 +244,7 @@ def verify(config: Config, anchors: list[str], as_json: bool) -> int:
             raise GatewayError(f"--anchor: expected SEQ:HASH (as printed by 'audit verify'), got {anchor!r}")
         parsed.append((int(match[1]), match[2]))
     anchoring = Anchoring.of(config)
-    written, unreadable = read_anchors(anchoring.file, config.audit_path) if anchoring.file else ([], 0)
+    written, unreadable = read_anchors(anchoring.file, anchoring.log) if anchoring.file else ([], 0)
     if unreadable:
         print(f"mcp-armor: {anchoring.file}: {unreadable} lines are not anchors; ignored", file=sys.stderr)
     with _reader(config) as store:
@@ -279,11 +282,11 @@ def export(config: Config, filters: Filters) -> int:
     return 0
 
 
-def _reader(config: Config) -> closing[AuditStore]:
-    return closing(open_settled(config.audit_path))
+def _reader(config: Config) -> closing[AuditLog]:
+    return closing(open_reading(config))
 
 
-def _resolve_session(store: AuditStore, prefix: str) -> dict[str, Any]:
+def _resolve_session(store: AuditLog, prefix: str) -> dict[str, Any]:
     """The `sessions` row of the one session whose id begins with `prefix`."""
     matches = [row for row in store.sessions() if row["session_id"].startswith(prefix)]
     if len(matches) == 1:

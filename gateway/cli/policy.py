@@ -9,7 +9,7 @@ from contextlib import closing
 from datetime import datetime
 from typing import Any
 
-from gateway.audit.journal import open_settled
+from gateway.audit.logs import open_reading
 from gateway.audit.queries import Filters
 from gateway.calls import Effect, Who
 from gateway.cli.common import package_warnings, print_table
@@ -123,7 +123,7 @@ async def replay(config: Config, filters: Filters, as_json: bool) -> int:
     own_files = GatewayFiles.of(config)
     changed: list[dict[str, Any]] = []
     replayed = skipped = 0
-    with closing(open_settled(config.audit_path)) as store:
+    with closing(open_reading(config)) as store:
         # Taken from the sessions, not the filtered events: a --tool or --decision filter leaves out session starts.
         starts = {row["session_id"]: row for row in store.sessions()}
         for record in store.events(filters):

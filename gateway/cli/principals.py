@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gateway.audit.store import event, os_user, record_first
+from gateway.audit.logs import record_first
+from gateway.audit.store import event, os_user
 from gateway.cli.common import parse_moment, print_table
 from gateway.config.models import Config
 from gateway.errors import PrincipalsError

@@ -23,7 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.audit.approvals import ApprovalQueue, Entry, decision_event
-from gateway.audit.store import record_first
+from gateway.audit.logs import record_first
 from gateway.catalog.pins import Assessment
 from gateway.config.models import Config
 from gateway.console.access import PREFIX, Gate, Guard, Viewer, viewer_of
@@ -110,7 +110,10 @@ class Console:
         """Everything a page is sent on connect, as one JSON list (for scripts and tests)."""
         session, _ = viewer_of(request.scope)
         feed = AuditFeed(self.config)
-        messages = await anyio.to_thread.run_sync(self._first, feed, QueueFeed(self.queue), session.viewer)
+        try:
+            messages = await anyio.to_thread.run_sync(self._first, feed, QueueFeed(self.queue), session.viewer)
+        finally:
+            await anyio.to_thread.run_sync(feed.close)
         return JSONResponse(messages)
 
     def _first(self, feed: AuditFeed, queue: QueueFeed, viewer: Viewer) -> list[Message]:
@@ -160,6 +163,7 @@ class Console:
                 yield _sse({"type": "batch", "messages": messages}) if messages else ": keep-alive\n\n"
         finally:
             await anyio.to_thread.run_sync(queue.queue.close)
+            await anyio.to_thread.run_sync(feed.close)
 
     async def decide(self, request: Request) -> Response:
         session, _ = viewer_of(request.scope)

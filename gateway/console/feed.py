@@ -19,12 +19,15 @@ from typing import Any
 
 from gateway.audit.anchor import Anchoring, last_anchor, read_anchors
 from gateway.audit.approvals import ApprovalQueue, Entry
+from gateway.audit.logs import AuditLog
 from gateway.audit.queries import Filters
+from gateway.audit.shared import SharedAuditStore
 from gateway.audit.store import AuditStore
 from gateway.config.models import IN_MEMORY, Config
 from gateway.display import escape, show_arguments
 from gateway.errors import AuditError, GatewayError, NoLogYet
 from gateway.policy.files import load_policies
+from gateway.store.postgres import database
 
 Message = dict[str, Any]
 HISTORY_CALLS = 200
@@ -40,7 +43,9 @@ class AuditFeed:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.on_disk = str(config.audit_path) != IN_MEMORY
+        self.on_disk = config.gateway.store is not None or str(config.audit_path) != IN_MEMORY
+        self._shared: SharedAuditStore | None = None
+        """The page's connection to the shared store's log (kept: a connection per look would cost more)."""
         self._seq = 0
         self._sessions: dict[str, dict[str, Any]] = {}
         self._calls: OrderedDict[str, Message] = OrderedDict()
@@ -77,9 +82,9 @@ class AuditFeed:
                 "status": "the audit log is in memory (:memory:): not on disk, nothing to verify",
             }
         anchoring = Anchoring.of(self.config)
-        anchors = read_anchors(anchoring.file, self.config.audit_path)[0] if anchoring.file else []
+        anchors = read_anchors(anchoring.file, anchoring.log)[0] if anchoring.file else []
         try:
-            with closing(AuditStore.open_reader(self.config.audit_path)) as store:
+            with closing(self._reader()) as store:
                 result = store.verify(anchors)
         except NoLogYet:
             return {"type": "integrity", "status": "no audit log yet (it is created when the gateway first serves)"}
@@ -104,9 +109,30 @@ class AuditFeed:
             return {**message, "revision": "(does not load)", "files": str(exc)}
         return {**message, "revision": policies.revision, "files": ", ".join(policies.files) or "(none)"}
 
+    def _reader(self) -> AuditLog:
+        shared = database(self.config)
+        if shared is not None:
+            return SharedAuditStore.open_reader(shared)
+        return AuditStore.open_reader(self.config.audit_path)
+
     @contextmanager
-    def _open(self) -> Iterator[AuditStore | None]:
-        """A reader for one look (opened in the worker thread that looks: SQLite connections stay in theirs)."""
+    def _open(self) -> Iterator[AuditLog | None]:
+        """A reader for one look (opened in the worker thread that looks: SQLite connections stay in theirs;
+        the shared store's connection is kept from look to look, and dropped when a look fails)."""
+        shared = database(self.config)
+        if shared is not None:
+            if self._shared is None:
+                try:
+                    self._shared = SharedAuditStore.open_reader(shared)
+                except AuditError:
+                    yield None  # unreachable, or not set up: nothing to show (the integrity panel says which)
+                    return
+            try:
+                yield self._shared
+            except AuditError:
+                self.close()
+                raise
+            return
         store = None
         if self.on_disk:
             try:
@@ -118,6 +144,12 @@ class AuditFeed:
         finally:
             if store is not None:
                 store.close()
+
+    def close(self) -> None:
+        """Let go of the shared store's connection, if one is kept."""
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.close()
 
     def _message(self, record: dict[str, Any]) -> list[Message]:
         kind = record["kind"]

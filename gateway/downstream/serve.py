@@ -16,6 +16,7 @@ import anyio
 from gateway.audit.anchor import Anchoring
 from gateway.audit.events import GatewayEvents
 from gateway.audit.recorder import Recorder
+from gateway.audit.shared import SharedRecorder
 from gateway.audit.stages import CallAudit
 from gateway.catalog.pins import load_lock
 from gateway.config.models import Config
@@ -24,6 +25,7 @@ from gateway.downstream.shutdown import stop_on_signal
 from gateway.downstream.stdio import serve_stdio_connection
 from gateway.errors import ConfigError
 from gateway.policy.files import load_engine
+from gateway.store.postgres import database
 from gateway.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,12 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
     if engine.monitor_mode:
         logger.warning("monitor mode: policy decisions are recorded, nothing is refused")
     lock = load_lock(config)
-    recorder = Recorder(config.audit_path, sync=config.gateway.audit_sync, anchoring=Anchoring.of(config))
+    shared = database(config)
+    recorder: Recorder | SharedRecorder
+    if shared is not None:
+        recorder = SharedRecorder(shared, anchoring=Anchoring.of(config))
+    else:
+        recorder = Recorder(config.audit_path, sync=config.gateway.audit_sync, anchoring=Anchoring.of(config))
     async with recorder.running():
         audit = CallAudit(recorder, engine)
         events = GatewayEvents(recorder, engine)

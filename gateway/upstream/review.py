@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.audit.chain import canonical
-from gateway.audit.store import AuditStore, event
+from gateway.audit.logs import open_appending
+from gateway.audit.store import event
 from gateway.catalog.listing import Naming, UpstreamListing
 from gateway.catalog.pins import Assessment, Lock, Mode, assess, select, server_change, server_identity
 from gateway.catalog.scan import visible
@@ -149,7 +150,7 @@ def _record_approval(
 ) -> None:
     """Record who approved what before the lock changes; if that cannot be recorded, nothing is approved.
     `server`: the upstream, server name and change of a server approved with it."""
-    if str(config.audit_path) == IN_MEMORY:
+    if config.gateway.store is None and str(config.audit_path) == IN_MEMORY:
         return
     bodies = []
     if server is not None:
@@ -178,8 +179,8 @@ def _record_approval(
     if not bodies:
         return
     try:
-        with closing(AuditStore.open_writer(config.audit_path, sync=config.gateway.audit_sync)) as store:
-            store.append_waiting(bodies)
+        with closing(open_appending(config)) as log:
+            log.append_waiting(bodies)
     except AuditError as exc:
         raise ConfigError(f"the approval cannot be recorded in the audit log, so nothing was approved: {exc}") from None
 

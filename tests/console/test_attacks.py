@@ -14,8 +14,8 @@ import httpx2
 import pytest
 
 from gateway.audit.approvals import ApprovalQueue, AskedCall, Status
+from gateway.audit.logs import record_first
 from gateway.audit.store import event as audit_event
-from gateway.audit.store import record_first
 from gateway.config.models import Config
 from gateway.console.access import SESSION_LIFETIME, SESSIONS_PER_VIEWER, AccessToken, Sessions
 from gateway.console.app import MAX_BODY, MAX_STREAMS, console_app

@@ -1,0 +1,624 @@
+"""The audit log in the shared store (`[gateway] store`): one hash chain for every replica, in PostgreSQL.
+
+Every replica appends to the one chain through the database function `append_events`
+(gateway/store/schema.py), which locks the chain's head row, chains each event's hash to the one
+before and inserts them, in one statement: replicas take turns on the head, and each turn takes a
+whole group of events (group commit), so the chain stays one total order however many replicas write.
+There is no local journal: a call's decision is committed in the database before the call is
+forwarded, so a replica lost with its disk loses no decision.
+
+A replica is alive while it holds a session-level advisory lock on its own key (the `replicas` table);
+the server drops the lock when the replica's connection ends, however the process ended. A replica
+whose lock is free and that has not been seen for `GONE_AFTER` seconds is gone: a survivor (or the
+next replica to start) records an `interrupted` outcome for each call it decided and never ended, and
+ends its sessions, as the SQLite log's leases do. A call's decision and outcome and a session's start
+and end are each stored once (a second one, such as a late outcome of a call settled as interrupted,
+or a group retried after the answer to its commit was lost, is left out by `append_events`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import socket
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+
+from gateway.audit.anchor import Anchoring
+from gateway.audit.chain import Row, Verification, canonical, walk_rows
+from gateway.audit.leases import endings
+from gateway.audit.queries import EVERY, Filters
+from gateway.audit.store import session_row
+from gateway.errors import AuditError, StoreError
+from gateway.policy.redact import Redactor
+from gateway.store.postgres import Database, first_line, require_driver, shared_key, shared_key_async
+
+if TYPE_CHECKING:
+    import psycopg
+
+logger = logging.getLogger(__name__)
+
+MASK_KEY = "audit-mask"
+"""The shared key the masking markers are made with, so that every replica's markers agree."""
+HEARTBEAT = 2.0
+"""How often a replica says it is alive, and looks for replicas that are gone."""
+GONE_AFTER = 10.0
+"""How long a replica whose lock is free must also have been silent before it is taken for gone: long
+enough that a database restart (every lock dropped at once) does not make live replicas look gone."""
+COMMIT_TIMEOUT = 5.0
+"""How long a group's commit may take before the database is taken for unreachable (the callers are refused)."""
+RETRY_AFTER = (0.05, 0.2, 0.5, 1.0, 2.0)
+"""Waits between attempts to reach the database again while it is away."""
+MAX_WAITING = 200_000
+"""Events held in memory while the database is away; past that the oldest are dropped, each drop logged."""
+
+_COLUMNS = ("kind", "session_id", "call_id", "tool", "decision", "outcome", "ts", "principal", "lease")
+APPEND = "SELECT head_seq, head_hash, appended FROM append_events(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+
+
+def _column(value: Any) -> str | None:
+    """A body field as its query column holds it: text PostgreSQL can store (no NUL, no lone surrogate)."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value)
+    if "\x00" in text or not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+    return text
+
+
+def columns(body: Mapping[str, Any]) -> tuple[str | None, ...]:
+    """The query columns of an event body, in `_COLUMNS` order."""
+    return tuple(_column(body.get(name)) for name in _COLUMNS)
+
+
+class _Event:
+    """An event ready to append: its canonical text and its query columns."""
+
+    __slots__ = ("columns", "text")
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        self.text = canonical(body)
+        self.columns = columns(body)
+
+    @classmethod
+    def of_text(cls, text: str) -> _Event:
+        self = cls.__new__(cls)
+        self.text = text
+        self.columns = columns(json.loads(text))
+        return self
+
+
+def _arrays(events: Sequence[_Event]) -> tuple[list[Any], ...]:
+    """The arguments of `append_events`: the bodies, then one array per column."""
+    return ([event.text for event in events], *([event.columns[i] for event in events] for i in range(len(_COLUMNS))))
+
+
+def glob_regex(pattern: str) -> str:
+    """A glob (`*`, `?`, `[...]`, as SQLite's GLOB reads them) as an anchored POSIX regular expression."""
+    out, i = ["^"], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "*":
+            out.append(".*")
+        elif char == "?":
+            out.append(".")
+        elif char == "[" and (end := pattern.find("]", i + 2)) != -1:
+            inner = pattern[i + 1 : end]
+            negate = inner.startswith("^")
+            inner = inner[1:] if negate else inner
+            out.append("[" + ("^" if negate else "") + inner.replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out) + "$"
+
+
+def where_clause(filters: Filters) -> tuple[str, list[Any]]:
+    """The filters as a PostgreSQL condition on `events` (gateway.audit.queries makes SQLite's)."""
+    clauses: list[str] = ["seq > %s"]
+    params: list[Any] = [filters.after_seq]
+    if filters.session is not None:
+        clauses.append("session_id = %s")
+        params.append(filters.session)
+    if filters.principal is not None:
+        clauses.append("session_id IN (SELECT session_id FROM events WHERE kind = 'session_start' AND principal ~ %s)")
+        params.append(glob_regex(filters.principal))
+    if filters.tool is not None:
+        clauses.append("tool ~ %s")
+        params.append(glob_regex(filters.tool))
+    if filters.decision is not None:
+        clauses.append("call_id IN (SELECT call_id FROM events WHERE kind = 'decision' AND decision = %s)")
+        params.append(filters.decision)
+    if filters.since is not None:
+        clauses.append("ts >= %s")
+        params.append(filters.since)
+    if filters.kinds is not None:
+        clauses.append("kind = ANY(%s)")
+        params.append(list(filters.kinds))
+    return " AND ".join(clauses), params
+
+
+def _columns_problem(row: Row, stored: tuple[Any, ...]) -> str | None:
+    """Why the columns stored beside a body do not say what the body says (`None` when they do)."""
+    expected = columns(json.loads(row[3]))
+    for name, want, have in zip(_COLUMNS, expected, stored, strict=True):
+        if want != have:
+            return f"column {name} does not match the event's body (edited)"
+    return None
+
+
+class SharedAuditStore:
+    """One connection to the audit log in the shared store: for reading, and for appending outside a
+    running gateway (a command recording what it changes, settling, `audit migrate`)."""
+
+    def __init__(self, database: Database, connection: psycopg.Connection[Any]) -> None:
+        self.database = database
+        self._db = connection
+        self.path = database.shown
+        """What messages name the log by (the store's URL without its password)."""
+        self.head: tuple[int, str] | None = None
+
+    @classmethod
+    def open_writer(cls, database: Database) -> SharedAuditStore:
+        """Open for appending, creating or migrating the schema as needed."""
+        try:
+            database.migrate()
+            return cls(database, database.connect())
+        except StoreError as exc:
+            raise AuditError(f"cannot write the audit log: {exc}") from None
+
+    @classmethod
+    def open_reader(cls, database: Database) -> SharedAuditStore:
+        try:
+            connection = database.connect()
+        except StoreError as exc:
+            raise AuditError(f"cannot read the audit log: {exc}") from None
+        try:
+            database.check_schema(connection)
+        except StoreError as exc:
+            connection.close()
+            raise AuditError(f"cannot read the audit log: {exc}") from None
+        return cls(database, connection)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _using(self, doing: str) -> Iterator[None]:
+        require_driver()
+        import psycopg
+
+        try:
+            yield
+        except psycopg.Error as exc:
+            raise AuditError(f"{self.path}: cannot {doing} the audit log: {first_line(exc)}") from None
+
+    def append(self, bodies: Sequence[str], *, journal: object = None) -> int:
+        """Append canonical event bodies to the chain in one transaction; the last sequence number."""
+        del journal  # the shared log has no journals
+        events = [_Event.of_text(text) for text in bodies]
+        with self._using("write"):
+            row = self._db.execute(APPEND, _arrays(events)).fetchone()
+        assert row is not None
+        self.head = (int(row[0]), str(row[1]))
+        return int(row[0])
+
+    append_waiting = append
+    """The database waits for the head's lock itself."""
+
+    def mask_key(self) -> bytes:
+        with self._using("write"):
+            return shared_key(self._db, MASK_KEY)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def events(self, filters: Filters = EVERY, *, newest: int | None = None) -> Iterator[dict[str, Any]]:
+        where, params = where_clause(filters)
+        sql = f"SELECT seq, prev_hash, hash, body FROM events WHERE {where} ORDER BY seq"
+        if newest is not None:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT {int(newest)}) AS latest ORDER BY seq"
+        with self._using("read"):
+            rows = self._db.execute(sql, params).fetchall()
+        for seq, prev_hash, digest, body in rows:
+            yield {"seq": seq, **json.loads(body), "prev_hash": prev_hash, "hash": digest}
+
+    def last_seq(self) -> int:
+        with self._using("read"):
+            row = self._db.execute("SELECT max(seq) FROM events").fetchone()
+        return int(row[0] or 0) if row is not None else 0
+
+    def sessions(self, filters: Filters = EVERY) -> list[dict[str, Any]]:
+        where, params = where_clause(filters)
+        sql = f"""
+            SELECT session_id, min(ts), max(ts),
+                   (SELECT body FROM events s WHERE s.session_id = e.session_id AND s.kind = 'session_start'
+                    ORDER BY s.seq LIMIT 1),
+                   (SELECT ts FROM events s WHERE s.session_id = e.session_id AND s.kind = 'session_end'
+                    ORDER BY s.seq DESC LIMIT 1),
+                   count(*) FILTER (WHERE kind = 'decision'),
+                   count(*) FILTER (WHERE kind = 'outcome' AND outcome = 'refused')
+            FROM events e WHERE session_id IS NOT NULL AND {where}
+            GROUP BY session_id ORDER BY min(seq)
+        """
+        with self._using("read"):
+            return [session_row(*row) for row in self._db.execute(sql, params).fetchall()]
+
+    def unended(self, lease: str) -> list[tuple[str, list[dict[str, Any]], bool]]:
+        """The sessions whose start names `lease` (a replica): each with its decisions that have no outcome,
+        and whether it has ended."""
+        with self._using("read"):
+            return _Unended(self._db.execute(UNENDED, (lease,)).fetchall()).unended(lease)
+
+    def verify(self, anchors: Sequence[tuple[int, str]] = ()) -> Verification:
+        """Walk the whole chain in one snapshot; the first sequence number where it breaks, if any."""
+        require_driver()
+        import psycopg
+
+        with self._using("read"):
+            self._db.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            try:
+                with self._db.transaction():
+                    head = self._db.execute("SELECT seq, hash FROM head WHERE id = 1").fetchone()
+                    assert head is not None
+                    with self._db.cursor(name="walk") as cursor:
+                        cursor.itersize = 5000
+                        cursor.execute(
+                            f"SELECT seq, prev_hash, hash, body, {', '.join(_COLUMNS)} FROM events ORDER BY seq"
+                        )
+                        extra: dict[int, tuple[Any, ...]] = {}
+
+                        def rows() -> Iterator[Row]:
+                            for record in cursor:
+                                extra[record[0]] = tuple(record[4:])
+                                yield (record[0], record[1], record[2], record[3])
+
+                        def check(row: Row) -> str | None:
+                            return _columns_problem(row, extra.pop(row[0]))
+
+                        return walk_rows(rows(), int(head[0]), str(head[1]), anchors, check)
+            finally:
+                self._db.isolation_level = None
+
+
+UNENDED = """
+    SELECT s.session_id,
+           EXISTS (SELECT 1 FROM events x WHERE x.session_id = s.session_id AND x.kind = 'session_end'),
+           d.body
+    FROM events s
+    LEFT JOIN events d ON d.session_id = s.session_id AND d.kind = 'decision'
+        AND NOT EXISTS (SELECT 1 FROM events o WHERE o.call_id = d.call_id AND o.kind = 'outcome')
+    WHERE s.kind = 'session_start' AND s.lease = %s
+    ORDER BY s.seq, d.seq
+"""
+"""Each session a replica started: whether it ended, and each of its decisions without an outcome."""
+
+
+class _Unended:
+    """The sessions a replica started that have something open, from the rows of `UNENDED`."""
+
+    def __init__(self, rows: Sequence[tuple[str, bool, str | None]]) -> None:
+        found: dict[str, tuple[list[dict[str, Any]], bool]] = {}
+        for session, ended, decision in rows:
+            decisions, _ = found.setdefault(session, ([], bool(ended)))
+            if decision is not None:
+                decisions.append(json.loads(decision))
+        self.found = [(session, decisions, ended) for session, (decisions, ended) in found.items()]
+
+    def unended(self, lease: str) -> list[tuple[str, list[dict[str, Any]], bool]]:
+        del lease  # read for that lease already
+        return self.found
+
+
+class _Ticket:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.error: str | None = None
+
+
+class SharedRecorder:
+    """This replica's writer of the shared audit log: every event committed in the database, in groups."""
+
+    def __init__(self, database: Database, *, anchoring: Anchoring | None = None) -> None:
+        self.database = database
+        self.path = database.shown
+        self.anchoring = anchoring
+        self.name = f"{socket.gethostname()}:{os.getpid()}/{secrets.token_hex(4)}"
+        """This replica's name in the store (`host:pid/random`): its sessions' starts name it as their lease."""
+        self._lock_key = secrets.randbits(63)
+        self.redactor = Redactor(secrets.token_bytes(32))
+        """Masks with the store's shared key once it has been read (a key of its own until then)."""
+        self.failure: str | None = None
+        """Why the log cannot be written right now (`None` while it can)."""
+        self.head: tuple[int, str] | None = None
+        self._waiting: list[_Event] = []
+        self._tickets: list[_Ticket] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._writer: psycopg.AsyncConnection[Any] | None = None
+        self._keeper: psycopg.AsyncConnection[Any] | None = None
+        """The connection that holds this replica's lock, says it is alive, and settles gone replicas."""
+        self._keyed = False
+        self._failed_at = -math.inf
+        self._attempts = 0
+        self._anchored: tuple[int, str] | None = None
+        self._anchor_wake = asyncio.Event()
+        self._anchor_due = False
+        self._stopping = asyncio.Event()
+
+    @property
+    def lease_name(self) -> str:
+        return self.name
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[SharedRecorder]:
+        """Set up the schema, join the replicas (settling any that are gone) and run the writer; on exit,
+        commit everything still waiting and leave."""
+        try:
+            await anyio.to_thread.run_sync(self.database.migrate)
+        except StoreError as exc:
+            self.failure = f"cannot write the audit log: {exc}"
+            logger.error("%s; every tool call will be refused until it can be written", self.failure)
+        else:
+            await self._keep()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._write_loop)
+            tg.start_soon(self._keep_loop)
+            if self.anchoring is not None and self.anchoring.enabled:
+                tg.start_soon(self._anchor_loop, self.anchoring)
+            try:
+                yield self
+            finally:
+                self._closing = True
+                self._wake.set()
+                self._anchor_wake.set()
+                self._stopping.set()
+        if self.anchoring is not None and self.anchoring.enabled:
+            self._anchor(self.anchoring)
+        await self._leave()
+
+    async def _leave(self) -> None:
+        """Close the connections; a replica that leaves with nothing open is marked settled by itself."""
+        if self._waiting:
+            logger.error(
+                "%s: %d audit events could not be committed before the gateway stopped", self.path, len(self._waiting)
+            )
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(COMMIT_TIMEOUT):
+                try:
+                    if not self._waiting:
+                        await keeper.execute("UPDATE replicas SET settled = now() WHERE name = %s", (self.name,))
+                except Exception as exc:  # leaving anyway: the survivors settle it
+                    logger.debug("could not mark replica %s as left: %s", self.name, exc)
+            await keeper.close()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await writer.close()
+
+    # -- recording -----------------------------------------------------------------------------
+
+    def queue(self, *bodies: Mapping[str, Any]) -> None:
+        """Queue events without waiting for their commit (order is kept with everything else queued)."""
+        self._add([_Event(body) for body in bodies])
+        self._wake.set()
+
+    async def record(self, *bodies: Mapping[str, Any], alone: bool = False) -> None:
+        """Record events before the caller goes on: committed in the database (with whatever else waits
+        at that moment); `AuditError` when they could not be, at once while the database is away."""
+        del alone  # every event waits for its commit: there is no local journal to make it durable first
+        if self._closing:
+            raise AuditError(f"{self.path}: the audit log is closed (the gateway is shutting down)")
+        events = [_Event(body) for body in bodies]
+        if self.failure is not None and anyio.current_time() - self._failed_at < self._retry_wait():
+            self._add(events)  # kept, in order, for when the database is back
+            raise AuditError(self.failure)
+        ticket = _Ticket()
+        self._tickets.append(ticket)
+        self._add(events)
+        self._wake.set()
+        await ticket.done.wait()
+        if ticket.error is not None:
+            raise AuditError(ticket.error)
+
+    def _add(self, events: list[_Event]) -> None:
+        """Wait in line for the next commit (trimmed, with a log line, past what memory may hold)."""
+        self._waiting.extend(events)
+        excess = len(self._waiting) - MAX_WAITING
+        if excess > 0:
+            del self._waiting[:excess]
+            logger.error("%s: %d audit events dropped: the database has been away too long", self.path, excess)
+
+    def _retry_wait(self) -> float:
+        return RETRY_AFTER[min(self._attempts, len(RETRY_AFTER)) - 1] if self._attempts else 0.0
+
+    def anchor_soon(self) -> None:
+        self._anchor_due = True
+
+    async def _write_loop(self) -> None:
+        """Commit what waits, in groups, until the gateway stops (then once more, unless the database is away)."""
+        while True:
+            if not self._closing:
+                await self._wake.wait()
+                self._wake = asyncio.Event()
+            error = None
+            while self._waiting or self._tickets:
+                events, tickets = self._waiting, self._tickets
+                self._waiting, self._tickets = [], []
+                error = await self._commit(events) if events else None
+                for ticket in tickets:
+                    ticket.error = error
+                    ticket.done.set()
+                if error is not None:
+                    self._waiting[:0] = events  # committed later, once the database is back
+                    self._add([])
+                    if self._closing:
+                        break
+                    with anyio.move_on_after(self._retry_wait()):
+                        await self._stopping.wait()
+            if self._closing:
+                return
+
+    async def _commit(self, events: list[_Event]) -> str | None:
+        """Append one group; why not, when it could not be committed."""
+        require_driver()
+        import psycopg
+
+        try:
+            with anyio.fail_after(COMMIT_TIMEOUT):
+                writer = await self._connection()
+                cursor = await writer.execute(APPEND, _arrays(events))
+                row = await cursor.fetchone()
+        except (psycopg.Error, StoreError, TimeoutError, OSError) as exc:
+            return await self._failed(exc)
+        assert row is not None
+        self.head = (int(row[0]), str(row[1]))
+        if self.failure is not None:
+            logger.warning("%s: the audit log can be written again", self.path)
+        self.failure = None
+        self._attempts = 0
+        if self._anchor_due:
+            self._anchor_due = False
+            self._anchor_wake.set()
+        return None
+
+    async def _failed(self, exc: BaseException) -> str:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with anyio.CancelScope(shield=True):
+                await writer.close()
+        what = first_line(exc) if not isinstance(exc, TimeoutError) else f"no answer within {COMMIT_TIMEOUT:g}s"
+        if isinstance(exc, StoreError):
+            failure = f"cannot write the audit log: {exc}"
+        else:
+            failure = f"{self.path}: cannot write the audit log: {what}"
+        if self.failure is None:
+            logger.error("%s; tool calls are refused until it can be written", failure)
+        self.failure = failure
+        self._failed_at = anyio.current_time()
+        self._attempts += 1
+        return failure
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._writer is None or self._writer.closed:
+            self._writer = await self.database.connect_async()
+            if not self._keyed:
+                await self._read_key(self._writer)
+        return self._writer
+
+    async def _read_key(self, db: psycopg.AsyncConnection[Any]) -> None:
+        """Mask with the key every replica shares (before the first event this replica records)."""
+        self.redactor = Redactor(await shared_key_async(db, MASK_KEY))
+        self._keyed = True
+
+    # -- replicas ------------------------------------------------------------------------------
+
+    async def _keep(self) -> None:
+        """Hold this replica's lock, say it is alive, and settle replicas that are gone (connecting first
+        if need be). Failing is logged, never raised: the writer reports the database being away."""
+        require_driver()
+        import psycopg
+
+        try:
+            with anyio.fail_after(COMMIT_TIMEOUT):
+                keeper = self._keeper
+                if keeper is None or keeper.closed:
+                    self._keeper = keeper = await self.database.connect_async()
+                    if not self._keyed:
+                        await self._read_key(keeper)
+                    await self._join(keeper)
+                await keeper.execute("UPDATE replicas SET seen = now() WHERE name = %s", (self.name,))
+                await self._settle_gone(keeper)
+        except (psycopg.Error, StoreError, TimeoutError, OSError) as exc:
+            lost, self._keeper = self._keeper, None
+            if lost is not None:
+                with anyio.CancelScope(shield=True):
+                    await lost.close()
+            logger.debug("replica %s cannot reach the store: %s", self.name, exc)
+
+    async def _join(self, keeper: psycopg.AsyncConnection[Any]) -> None:
+        host, _, pid = self.name.partition("/")[0].rpartition(":")
+        await keeper.execute(
+            "INSERT INTO replicas (name, lock_key, host, pid) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET seen = now()",
+            (self.name, self._lock_key, host, int(pid)),
+        )
+        cursor = await keeper.execute("SELECT pg_try_advisory_lock(%s)", (self._lock_key,))
+        row = await cursor.fetchone()
+        if row is None or not row[0]:
+            raise StoreError(f"{self.path}: replica {self.name}'s lock is held by another connection")
+        cursor = await keeper.execute("SELECT settled FROM replicas WHERE name = %s", (self.name,))
+        row = await cursor.fetchone()
+        if row is not None and row[0] is not None:
+            logger.warning(
+                "%s: this replica (%s) was away from the store long enough to be taken for gone: the calls it "
+                "had open were recorded as interrupted",
+                self.path,
+                self.name,
+            )
+            await keeper.execute("UPDATE replicas SET settled = NULL WHERE name = %s", (self.name,))
+
+    async def _settle_gone(self, keeper: psycopg.AsyncConnection[Any]) -> None:
+        cursor = await keeper.execute(
+            "SELECT name, lock_key FROM replicas WHERE settled IS NULL AND name <> %s "
+            "AND seen < now() - make_interval(secs => %s)",
+            (self.name, GONE_AFTER),
+        )
+        for name, lock_key in await cursor.fetchall():
+            async with keeper.transaction():
+                cursor = await keeper.execute("SELECT pg_try_advisory_xact_lock(%s)", (lock_key,))
+                free = await cursor.fetchone()
+                if free is None or not free[0]:
+                    continue  # alive (reconnected meanwhile), or being settled by another replica
+                cursor = await keeper.execute("SELECT settled FROM replicas WHERE name = %s FOR UPDATE", (name,))
+                state = await cursor.fetchone()
+                if state is None or state[0] is not None:
+                    continue
+                bodies = await _endings_async(keeper, name)
+                if bodies:
+                    await keeper.execute(APPEND, _arrays([_Event(body) for body in bodies]))
+                await keeper.execute("UPDATE replicas SET settled = now() WHERE name = %s", (name,))
+            interrupted = sum(body["kind"] == "outcome" for body in bodies)
+            logger.warning(
+                "%s: replica %s is gone; %d of its calls are recorded as interrupted", self.path, name, interrupted
+            )
+
+    async def _keep_loop(self) -> None:
+        while not self._closing:
+            with anyio.move_on_after(HEARTBEAT):
+                await self._stopping.wait()
+            if not self._closing:
+                await self._keep()
+
+    # -- anchoring -----------------------------------------------------------------------------
+
+    async def _anchor_loop(self, anchoring: Anchoring) -> None:
+        while not self._closing:
+            with anyio.move_on_after(anchoring.interval):
+                await self._anchor_wake.wait()
+            self._anchor_wake = asyncio.Event()
+            if not self._closing:
+                await anyio.to_thread.run_sync(self._anchor, anchoring)
+
+    def _anchor(self, anchoring: Anchoring) -> None:
+        head = self.head
+        if head is not None and head != self._anchored:
+            self._anchored = head
+            anchoring.write(*head)
+
+
+async def _endings_async(db: psycopg.AsyncConnection[Any], lease: str) -> list[dict[str, Any]]:
+    """`leases.endings` for a gone replica, read through an async connection."""
+    cursor = await db.execute(UNENDED, (lease,))
+    return endings(_Unended(await cursor.fetchall()), lease, f"replica {lease}")
