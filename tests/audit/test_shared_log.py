@@ -181,7 +181,8 @@ async def test_a_gone_replicas_open_calls_and_sessions_are_settled_by_a_survivor
     database.migrate()
     with database.session() as db:  # a replica that died long ago: no lock held, not seen for a minute
         db.execute(
-            "INSERT INTO replicas (name, lock_key, host, pid, seen) VALUES ('old:1/x', 42, 'old', 1, now() - '1 min'::interval)"
+            "INSERT INTO replicas (name, lock_key, host, pid, seen) "
+            "VALUES ('old:1/x', 42, 'old', 1, now() - '1 min'::interval)"
         )
     with closing(SharedAuditStore.open_writer(database)) as log:
         from gateway.audit.chain import canonical
