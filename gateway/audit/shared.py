@@ -26,7 +26,7 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -317,6 +317,38 @@ class _Unended:
     def unended(self, lease: str) -> list[tuple[str, list[dict[str, Any]], bool]]:
         del lease  # read for that lease already
         return self.found
+
+
+COPY_BATCH = 2000
+
+
+def copy_chain(rows: Iterable[Row], head: tuple[int, str], database: Database, mask: bytes | None) -> int:
+    """Copy a whole chain (a SQLite log's rows, verified already) into the store's empty chain, each event
+    with its own sequence number and hashes, in one transaction; how many events. `mask`: the log's
+    masking key, kept as the store's when the store has none yet, so markers stay comparable."""
+    database.migrate()
+    with database.session() as db, db.transaction():
+        found = db.execute("SELECT seq FROM head WHERE id = 1 FOR UPDATE").fetchone()
+        if found is None or found[0] != 0:
+            raise StoreError(
+                f"{database.shown}: the store's audit chain holds {found[0] if found else '?'} events already; "
+                "a log can only be copied into an empty one"
+            )
+        names = ["seq", "prev_hash", "hash", "body", *_COLUMNS]
+        insert = f"INSERT INTO events ({', '.join(names)}) VALUES ({', '.join(['%s'] * len(names))})"
+        count, batch = 0, []
+        with db.cursor() as cursor:
+            for row in rows:
+                batch.append((*row, *columns(json.loads(row[3]))))
+                if len(batch) >= COPY_BATCH:
+                    cursor.executemany(insert, batch)
+                    count, batch = count + len(batch), []
+            cursor.executemany(insert, batch)
+            count += len(batch)
+        db.execute("UPDATE head SET seq = %s, hash = %s WHERE id = 1", head)
+        if mask is not None:
+            db.execute("INSERT INTO keys VALUES (%s, %s) ON CONFLICT (name) DO NOTHING", (MASK_KEY, mask))
+    return count
 
 
 class _Ticket:

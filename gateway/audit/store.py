@@ -304,6 +304,11 @@ class AuditStore:
             for seq, prev_hash, digest, body in self._db.execute(sql, params):
                 yield {"seq": seq, **json.loads(body), "prev_hash": prev_hash, "hash": digest}
 
+    def rows(self) -> Iterator[tuple[int, str, str, str]]:
+        """Every event as stored (seq, prev_hash, hash, body), in chain order."""
+        with self._reading():
+            yield from self._db.execute("SELECT seq, prev_hash, hash, body FROM events ORDER BY seq")
+
     def last_seq(self) -> int:
         with self._reading():
             row = self._db.execute("SELECT max(seq) FROM events").fetchone()

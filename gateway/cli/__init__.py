@@ -91,6 +91,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return _audit(config, args)
         if args.command == "approvals":
             return _approvals(config, args)
+        if args.command == "store":
+            from gateway.cli import store
+
+            return store.migrate(config)
         from gateway.cli import pins, tools
 
         if args.command == "scan":
@@ -177,6 +181,8 @@ def _audit(config: Config, args: argparse.Namespace) -> int:
         return audit.tail(config, _filters(args), args.lines, args.follow, args.json)
     if command == "verify":
         return audit.verify(config, args.anchor, args.json)
+    if command == "migrate":
+        return audit.migrate(config, args.to)
     return audit.export(config, _filters(args))
 
 

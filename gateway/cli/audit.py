@@ -11,15 +11,18 @@ from contextlib import closing
 from dataclasses import replace
 from typing import Any
 
-from gateway.audit.anchor import Anchoring, last_anchor, read_anchors
+from gateway.audit.anchor import Anchoring, default_anchor_file, last_anchor, read_anchors
 from gateway.audit.journal import open_settled
+from gateway.audit.keys import read_keys
 from gateway.audit.logs import AuditLog, open_reading
 from gateway.audit.queries import Filters
+from gateway.audit.shared import SharedAuditStore, copy_chain
 from gateway.audit.store import FIELDS, KINDS, iso_utc
 from gateway.calls import Answer
 from gateway.cli.common import parse_moment, print_table, visible
 from gateway.config.models import IN_MEMORY, Config
 from gateway.errors import EmptyLog, GatewayError, NoLogYet
+from gateway.store.postgres import Database, shown
 
 FOLLOW_POLL = 0.25
 SCHEMA_WAIT = 5.0
@@ -273,6 +276,37 @@ def verify(config: Config, anchors: list[str], as_json: bool) -> int:
                 "move that file aside)"
             )
     return 0 if problem is None else 1
+
+
+def migrate(config: Config, to: str) -> int:
+    """Copy the config's SQLite log into the store at `to`, so the chain verifies there as it did here."""
+    if config.gateway.store is not None:
+        raise GatewayError(f"this config's audit log is in the store already ({shown(config.gateway.store)})")
+    if str(config.audit_path) == IN_MEMORY:
+        raise GatewayError('the audit log is kept in memory (audit = ":memory:"): there is nothing to copy')
+    target = Database(to)
+    with closing(open_settled(config.audit_path)) as source:
+        checked = source.verify()
+        if checked.problem is not None:
+            raise GatewayError(
+                f"{config.audit_path} does not verify (broken at seq {checked.problem.seq}: {checked.problem.what}); "
+                "nothing was copied"
+            )
+        keys = read_keys(config.audit_path)
+        head = (checked.head_seq, checked.head_hash)
+        count = copy_chain(source.rows(), head, target, keys.mask if keys is not None else None)
+    with closing(SharedAuditStore.open_reader(target)) as copied:
+        result = copied.verify([head] if head[0] else [])
+    if result.problem is not None or (result.head_seq, result.head_hash) != head:
+        what = result.problem.what if result.problem is not None else "its head differs"
+        raise GatewayError(f"{target.shown}: the copied chain does not verify ({what})")
+    anchoring = Anchoring.of(config)
+    if head[0] and anchoring.enabled:  # the store's anchors start where the file's ended
+        own = default_anchor_file(target.shown) if config.gateway.audit_anchor is None else anchoring.file
+        replace(anchoring, log=target.shown, file=own).write(*head)
+    print(f"copied {count} events into {target.shown}; the chain verifies there, head {head[0]}:{head[1]}")
+    print(f"to use it, set [gateway] store to that URL in {config.path} (the password as ${{VARIABLE}})")
+    return 0
 
 
 def export(config: Config, filters: Filters) -> int:

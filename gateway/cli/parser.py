@@ -151,6 +151,24 @@ def parser() -> argparse.ArgumentParser:
     export = audit_commands.add_parser("export", parents=[common, filters], help="events as JSON lines")
     export.add_argument("--format", choices=["jsonl"], default="jsonl", help="one event per line (the default)")
     export.add_argument("--session", metavar="ID", help="only this session's events")
+    migrate = audit_commands.add_parser(
+        "migrate",
+        parents=[common],
+        help="copy this config's SQLite audit log into a PostgreSQL store, chain and all",
+        description="Copy every event of the config's audit log (the SQLite file) into the shared store at URL, "
+        "keeping each event's sequence number and hash, so the chain verifies in its new home. The log must verify "
+        "first, and the store's chain must be empty. Then set [gateway] store = URL.",
+    )
+    migrate.add_argument("--to", required=True, metavar="URL", help="postgresql://user:password@host:port/database")
+    store = commands.add_parser("store", help="the shared PostgreSQL store ([gateway] store)")
+    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
+    store_commands.add_parser(
+        "migrate",
+        parents=[common],
+        help="create or update the store's schema (the gateway does it too when it starts)",
+        description="Create the mcp_armor schema in the store [gateway] store names, or bring it to this version. "
+        "Run it with a role that may create tables when the gateway's own role may not.",
+    )
     _setup_parsers(commands, common)
     commands.add_parser(
         "scan",
