@@ -104,9 +104,10 @@ class Recorder:
         """The journal's next move into the chain, when one is scheduled."""
         self._writing = False
         """The writer task is committing (maybe in a worker thread): nobody else may touch the store."""
-        self._tg: anyio.abc.TaskGroup | None = None
         self._since_checkpoint = 0
         self._checkpointing = False
+        """A checkpoint is due or running."""
+        self._checkpoint_running = False
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Recorder]:
@@ -305,11 +306,13 @@ class Recorder:
         self._committed(len(batch.bodies))
 
     async def _write_loop(self, tg: anyio.abc.TaskGroup) -> None:
-        self._tg = tg
         while True:
             if not self._closing:
                 await self._wake.wait()
                 self._wake = asyncio.Event()
+            if self._checkpointing and not self._checkpoint_running:
+                self._checkpoint_running = True
+                tg.start_soon(self._checkpoint)
             error = None
             if self._pending():
                 batch = self._take()
@@ -362,9 +365,10 @@ class Recorder:
         self._since_checkpoint += count
         if self._since_checkpoint >= CHECKPOINT_EVERY and not self._checkpointing and str(self.path) != IN_MEMORY:
             self._since_checkpoint = 0
-            if self._tg is not None:
-                self._checkpointing = True
-                self._tg.start_soon(self._checkpoint)
+            self._checkpointing = True
+            # Started by the writer task: a commit made in an event-loop callback is outside any task,
+            # where a task group cannot start one (the checkpoint would never run, and the WAL would grow).
+            self._wake.set()
 
     def anchor_soon(self) -> None:
         """Anchor the head once what is queued now is committed (a session ended, say)."""
@@ -401,7 +405,7 @@ class Recorder:
         except sqlite3.Error as exc:
             logger.warning("audit log checkpoint failed (the WAL file keeps growing until one succeeds): %s", exc)
         finally:
-            self._checkpointing = False
+            self._checkpointing = self._checkpoint_running = False
 
 
 class _Batch:

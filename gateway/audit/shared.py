@@ -62,7 +62,7 @@ MAX_WAITING = 200_000
 """Events held in memory while the database is away; past that the oldest are dropped, each drop logged."""
 
 _COLUMNS = ("kind", "session_id", "call_id", "tool", "decision", "outcome", "ts", "principal", "lease")
-APPEND = "SELECT head_seq, head_hash, appended FROM append_events(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+APPEND = "SELECT head_seq, head_hash, appended FROM append_events(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 
 
 def _column(value: Any) -> str | None:
@@ -97,9 +97,11 @@ class _Event:
         return self
 
 
-def _arrays(events: Sequence[_Event]) -> tuple[list[Any], ...]:
-    """The arguments of `append_events`: the bodies, then one array per column."""
-    return ([event.text for event in events], *([event.columns[i] for event in events] for i in range(len(_COLUMNS))))
+def _arrays(events: Sequence[_Event], *, durable: bool = True) -> tuple[Any, ...]:
+    """The arguments of `append_events`: the bodies, one array per column, and whether the commit waits for
+    the disk."""
+    texts = [event.text for event in events]
+    return (texts, *([event.columns[i] for event in events] for i in range(len(_COLUMNS))), durable)
 
 
 def glob_regex(pattern: str) -> str:
@@ -362,9 +364,13 @@ class _Ticket:
 class SharedRecorder:
     """This replica's writer of the shared audit log: every event committed in the database, in groups."""
 
-    def __init__(self, database: Database, *, anchoring: Anchoring | None = None) -> None:
+    def __init__(self, database: Database, *, sync: str = "normal", anchoring: Anchoring | None = None) -> None:
         self.database = database
         self.path = database.shown
+        self.sync = sync
+        """`normal`: a group holding a decision is on the database's disk before its callers go on, other
+        groups once the server has them (its WAL writer puts them on disk a moment later); `full`: every group
+        is on disk first."""
         self.anchoring = anchoring
         self.name = f"{socket.gethostname()}:{os.getpid()}/{secrets.token_hex(4)}"
         """This replica's name in the store (`host:pid/random`): its sessions' starts name it as their lease."""
@@ -510,7 +516,8 @@ class SharedRecorder:
         try:
             with anyio.fail_after(COMMIT_TIMEOUT):
                 writer = await self._connection()
-                cursor = await writer.execute(APPEND, _arrays(events))
+                durable = self.sync == "full" or any(event.columns[0] == "decision" for event in events)
+                cursor = await writer.execute(APPEND, _arrays(events, durable=durable))
                 row = await cursor.fetchone()
         except (psycopg.Error, StoreError, TimeoutError, OSError) as exc:
             return await self._failed(exc)

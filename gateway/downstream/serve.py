@@ -75,7 +75,7 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
     shared = database(config)
     recorder: Recorder | SharedRecorder
     if shared is not None:
-        recorder = SharedRecorder(shared, anchoring=Anchoring.of(config))
+        recorder = SharedRecorder(shared, sync=config.gateway.audit_sync, anchoring=Anchoring.of(config))
     else:
         recorder = Recorder(config.audit_path, sync=config.gateway.audit_sync, anchoring=Anchoring.of(config))
     async with recorder.running():

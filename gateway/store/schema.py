@@ -52,10 +52,16 @@ AUDIT = (
     # One group of events appended to the chain in the caller's transaction: the head row is locked,
     # so appends from every replica take turns and the chain stays one. Each event's hash is
     # SHA-256(prev hash bytes || UTF-8 body), as gateway/audit/chain.py computes it.
+    # One group of events appended to the chain in the caller's transaction: the head row is locked,
+    # so appends from every replica take turns and the chain stays one. Each event's hash is
+    # SHA-256(prev hash bytes || UTF-8 body), as gateway/audit/chain.py computes it. `durable` false: the
+    # commit is acknowledged once the server has it, and written to disk by its WAL writer a moment later
+    # (for groups that hold no decision: a decision is always on disk before its call is forwarded).
     """CREATE FUNCTION append_events(
         bodies text[], kinds text[], sessions text[], calls text[], tools text[], decisions text[],
-        outcomes text[], stamps text[], principals text[], leases text[]
-    ) RETURNS TABLE (head_seq bigint, head_hash text, appended int) LANGUAGE plpgsql AS $fn$
+        outcomes text[], stamps text[], principals text[], leases text[], durable boolean,
+        OUT head_seq bigint, OUT head_hash text, OUT appended int
+    ) LANGUAGE plpgsql AS $fn$
     #variable_conflict use_column
     DECLARE
         s bigint;
@@ -70,30 +76,39 @@ AUDIT = (
         prevs text[];
         hashes text[];
     BEGIN
+        IF NOT durable THEN
+            PERFORM set_config('synchronous_commit', 'off', true);
+        END IF;
         SELECT seq, hash INTO first_seq, first_hash FROM head WHERE id = 1 FOR UPDATE;
+        n := coalesce(array_length(bodies, 1), 0);
+        h := first_hash;
         BEGIN
             -- Nearly always no event is there already: chain them all and insert them at once (the unique
             -- indexes check, and a duplicate sends the group down the careful path below).
-            s := first_seq;
-            h := first_hash;
-            prevs := '{}';
-            hashes := '{}';
-            FOREACH once IN ARRAY bodies LOOP
-                prevs := prevs || h;
-                h := encode(sha256(decode(h, 'hex') || convert_to(once, 'UTF8')), 'hex');
-                hashes := hashes || h;
-            END LOOP;
-            n := coalesce(array_length(bodies, 1), 0);
-            INSERT INTO events (seq, prev_hash, hash, body, kind, session_id, call_id, tool, decision, outcome,
-                                ts, principal, lease)
-            SELECT first_seq + i, prevs[i], hashes[i], bodies[i], kinds[i], sessions[i], calls[i], tools[i],
-                   decisions[i], outcomes[i], stamps[i], principals[i], leases[i]
-            FROM generate_series(1, n) AS i;
+            IF n = 1 THEN
+                h := encode(sha256(decode(first_hash, 'hex') || convert_to(bodies[1], 'UTF8')), 'hex');
+                INSERT INTO events (seq, prev_hash, hash, body, kind, session_id, call_id, tool, decision, outcome,
+                                    ts, principal, lease)
+                VALUES (first_seq + 1, first_hash, h, bodies[1], kinds[1], sessions[1], calls[1], tools[1],
+                        decisions[1], outcomes[1], stamps[1], principals[1], leases[1]);
+            ELSIF n > 1 THEN
+                prevs := '{}';
+                hashes := '{}';
+                FOREACH once IN ARRAY bodies LOOP
+                    prevs := prevs || h;
+                    h := encode(sha256(decode(h, 'hex') || convert_to(once, 'UTF8')), 'hex');
+                    hashes := hashes || h;
+                END LOOP;
+                INSERT INTO events (seq, prev_hash, hash, body, kind, session_id, call_id, tool, decision, outcome,
+                                    ts, principal, lease)
+                SELECT first_seq + i, prevs[i], hashes[i], bodies[i], kinds[i], sessions[i], calls[i], tools[i],
+                       decisions[i], outcomes[i], stamps[i], principals[i], leases[i]
+                FROM generate_series(1, n) AS i;
+            END IF;
             s := first_seq + n;
         EXCEPTION WHEN unique_violation THEN
-            -- Some event is one of a kind that is there already (a batch retried after a lost answer, a
-            -- late outcome of a call settled as interrupted): leave each such event out.
-            s := first_seq;
+            -- Some event is one of a kind that is there already (a group retried after the answer to its
+            -- commit was lost, a late outcome of a call settled as interrupted): leave each such event out.
             h := first_hash;
             n := 0;
             keep := '{}';
@@ -134,7 +149,9 @@ AUDIT = (
         IF n > 0 THEN
             UPDATE head SET seq = s, hash = h WHERE id = 1;
         END IF;
-        RETURN QUERY SELECT s, h, n;
+        head_seq := s;
+        head_hash := h;
+        appended := n;
     END $fn$""",
     # Replicas: each live gateway process holds a session-level advisory lock on `lock_key` for as long
     # as its connection lives; one whose lock is free and that has not been seen for a while is gone,

@@ -537,3 +537,20 @@ def test_a_secret_quoted_as_python_or_ascii_json_writes_it_is_scrubbed(secret: s
     for quoted in (repr(secret), json.dumps(secret), json.dumps(secret, ensure_ascii=False)):
         scrubbed = redaction.scrub(f"cannot use {quoted} as a path", REDACTOR)
         assert "hunter" not in scrubbed and "nter2" not in scrubbed and "[masked:key-name:" in scrubbed, scrubbed
+
+
+@pytest.mark.anyio
+async def test_a_checkpoint_falls_due_in_a_commit_made_on_the_event_loop_and_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.audit.recorder as recorder_module
+
+    ran = anyio.Event()
+    monkeypatch.setattr(recorder_module, "CHECKPOINT_EVERY", 5)
+    monkeypatch.setattr(recorder_module, "_checkpoint", lambda path: ran.set())
+    recorder = Recorder(tmp_path / "audit.db")
+    with anyio.fail_after(20):
+        async with recorder.running():
+            for n in range(12):  # alone: journaled, then moved into the chain by an event-loop callback
+                await recorder.record(event("decision", call_id=f"c{n}"), alone=True)
+            await ran.wait()
