@@ -15,6 +15,7 @@ from gateway.audit.store import os_user
 from gateway.catalog.listing import Catalog, Naming
 from gateway.catalog.pins import Assessment, Lock, Verdict, select, server_identity
 from gateway.catalog.scan import Finding, Severity, scan_definition
+from gateway.catalog.shared_pins import pins_needed
 from gateway.cli.common import package_warnings, print_table
 from gateway.config.models import Config
 from gateway.errors import ConfigError, LockError
@@ -193,7 +194,7 @@ async def diff(config: Config, selector: str | None) -> int:
 
 
 async def approve(config: Config, selector: str) -> int:
-    review.lock_needed(config)  # before any upstream is started
+    pins_needed(config)  # before any upstream is started
     found = await review.review(config)
     upstream = selector.partition(".")[0]
     approved = review.approve(config, found, selector, who=os_user(), via=f"`pins approve {selector}`")
@@ -206,7 +207,7 @@ async def approve(config: Config, selector: str) -> int:
         print(f"approved the server of '{upstream}' ({approved.server_change})")
     elif not approved.chosen:
         print(f"nothing of '{upstream}' needed approving; its server identity is pinned as it is now")
-    print(f"{config.lock_path}: written (a running gateway picks it up within a second or two)")
+    print(f"{approved.written}: written (a running gateway picks it up within a second or two)")
     return 0
 
 

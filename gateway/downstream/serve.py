@@ -17,7 +17,7 @@ from gateway.audit.anchor import Anchoring
 from gateway.audit.events import GatewayEvents
 from gateway.audit.recorder import Recorder
 from gateway.audit.stages import CallAudit
-from gateway.catalog.pins import load_lock
+from gateway.catalog.shared_pins import serving_pins
 from gateway.config.models import Config
 from gateway.core.gateway import Gateway
 from gateway.downstream.shutdown import stop_on_signal
@@ -69,7 +69,7 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
     engine = load_engine(config)
     if engine.monitor_mode:
         logger.warning("monitor mode: policy decisions are recorded, nothing is refused")
-    lock = load_lock(config)
+    lock = await anyio.to_thread.run_sync(serving_pins, config)
     recorder = Recorder(config.audit_path, sync=config.gateway.audit_sync, anchoring=Anchoring.of(config))
     async with recorder.running():
         audit = CallAudit(recorder, engine)
