@@ -77,6 +77,14 @@ class SharedPins:
                     return revision + 1
         raise StoreError(f"{self.label}: other replicas kept changing the pins; nothing was written, try again")
 
+    def replace(self, lock: Lock) -> int:
+        """Write `lock` in place of whatever the store holds (`mcp-armor lock`); the new revision. Blocks."""
+        with self.store.session() as db:
+            self.store.check_schema(db)
+            row = db.execute(_REPLACE, (lock.render(),)).fetchone()
+        assert row is not None  # an upsert returns its row
+        return int(row[0])
+
     def _row(self, db: psycopg.Connection[Any]) -> tuple[int, str] | None:
         """The store's (revision, document), seeding it from the lock file if it has none."""
         row = db.execute("SELECT revision, document FROM pins WHERE id = 1").fetchone()
@@ -154,6 +162,10 @@ class SharedPins:
 
 
 _FIRST = "INSERT INTO pins (id, revision, document) VALUES (1, 1, %s) ON CONFLICT (id) DO NOTHING"
+_REPLACE = (
+    "INSERT INTO pins (id, revision, document) VALUES (1, 1, %s) ON CONFLICT (id) "
+    "DO UPDATE SET revision = pins.revision + 1, document = excluded.document, written = now() RETURNING revision"
+)
 _NEXT = "UPDATE pins SET revision = revision + 1, document = %s, written = now() WHERE id = 1 AND revision = %s"
 
 
