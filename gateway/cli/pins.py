@@ -71,11 +71,14 @@ async def lock(config: Config, force: bool) -> int:
     those with high findings."""
     path, shared = config.lock_path, shared_pins(config)
     where = str(path) if shared is None else shared.label
+    if shared is not None:
+        shared.store.migrate()  # the first lock may well come before the first gateway, which sets it up
     try:
         existing = read_pins(config)
     except LockError as exc:
         if not force:
-            raise LockError(f"{exc}; pass --force to write a new one (the old one is backed up)") from None
+            kept = " (the old one is backed up)" if shared is None else ""
+            raise LockError(f"{exc}; pass --force to write a new one{kept}") from None
         existing = None
     if existing is not None and not force:
         raise ConfigError(

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.audit.approvals import ApprovalQueue, Entry, decision_event
 from gateway.audit.store import record_first
 from gateway.catalog.pins import Assessment
-from gateway.catalog.shared_pins import pins_needed
+from gateway.catalog.shared_pins import pins_needed, shared_pins
 from gateway.config.models import Config
 from gateway.console.access import PREFIX, Gate, Guard, Viewer, viewer_of
 from gateway.console.feed import AuditFeed, Message, QueueFeed, Walks
@@ -235,7 +235,9 @@ class Console:
             except GatewayError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=409)
         names = ", ".join(a.item.label for a in approved.chosen) or "its server"
-        message = f"approved {names}; {approved.written} written (a running gateway picks it up by itself)"
+        shared = shared_pins(self.config)
+        where = self.config.lock_path.name if shared is None else shared.label
+        message = f"approved {names}; {where} written (a running gateway picks it up by itself)"
         return JSONResponse({"message": message})
 
 
