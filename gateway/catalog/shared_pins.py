@@ -118,6 +118,8 @@ class SharedPins:
         seen: int | None = None
         """The revision last read (0: none), `None` before the first read."""
         trouble = ""
+        damaged = False
+        """Whether `trouble` is the lock at revision `seen` (it stays until another revision reads well)."""
         try:
             while True:
                 revision = seen
@@ -128,8 +130,8 @@ class SharedPins:
                     revision = 0 if row is None else int(row[0])
                     if revision != seen:
                         await self._take(seen, current, install)
-                        seen = revision
-                    if trouble:
+                        seen, damaged = revision, False
+                    if trouble and not damaged:
                         logger.info("%s: readable again", self.label)
                         trouble = ""
                 except (StoreError, LockError, psycopg.Error) as exc:
@@ -139,7 +141,7 @@ class SharedPins:
                         logger.error("%s; the pins in force stay", text)
                         failed(f"{text}; the pins in force stay")
                     if isinstance(exc, LockError):
-                        seen = revision  # damaged (or gone) at this revision: wait for the next one
+                        seen, damaged = revision, True  # damaged (or gone) at this revision: wait for the next one
                     elif connection is not None:
                         await connection.close()
                         connection = None

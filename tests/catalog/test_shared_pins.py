@@ -166,8 +166,10 @@ async def test_a_serving_replica_follows_the_store_and_keeps_its_pins_while_it_i
             installed = anyio.Event()
 
         def failed(detail: str) -> None:
+            nonlocal trouble
             troubles.append(detail)
             trouble.set()
+            trouble = anyio.Event()
 
         async def until(event: Callable[[], anyio.Event], done: Callable[[], bool]) -> None:
             with anyio.fail_after(30):
@@ -189,4 +191,12 @@ async def test_a_serving_replica_follows_the_store_and_keeps_its_pins_while_it_i
             await anyio.to_thread.run_sync(writer.update, approving("notes", item("notes", "read")))
             await until(lambda: installed, lambda: in_force[0] is not None and "notes" in in_force[0].upstreams)
             assert len(troubles) == 1  # one line for the outage, however long it lasted
+
+            good = in_force[0]
+            with Database(url).session() as db:  # a lock damaged in the store by hand: never "no pins"
+                db.execute("UPDATE pins SET revision = revision + 1, document = 'version = 1\n[[['")
+            await until(lambda: trouble, lambda: len(troubles) == 2)
+            assert "not valid TOML" in troubles[1] and in_force[0] == good
+            await anyio.to_thread.run_sync(writer.replace, Lock().pinning("files", [item("files", "read")]))
+            await until(lambda: installed, lambda: in_force[0] is not None and "notes" not in in_force[0].upstreams)
             tg.cancel_scope.cancel()
