@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -132,14 +132,21 @@ class Lock:
     def read(cls, path: Path) -> Lock | None:
         """The lock file, or `None` if there is none; `LockError` (one line) if it is damaged."""
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as exc:
             raise LockError(f"{path}: cannot be read: {exc}") from None
+        return cls.loads(text, str(path))
+
+    @classmethod
+    def loads(cls, text: str, label: str) -> Lock:
+        """A lock document (TOML) named `label` in messages; `LockError` (one line) if it is damaged."""
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise LockError(f"{path}: not valid TOML: {exc}") from None
-        return cls.parse(data, str(path))
+            raise LockError(f"{label}: not valid TOML: {exc}") from None
+        return cls.parse(data, label)
 
     @classmethod
     def parse(cls, data: Mapping[str, Any], label: str) -> Lock:
@@ -214,12 +221,13 @@ def _parse_pin(entry: Any, where: str) -> Pin:
     return Pin(recorded, definition)
 
 
-def load_lock(config: Config) -> Lock | None:
-    """The pins to enforce. A damaged lock stops start-up where any upstream enforces pinning (trusting
-    everything instead would be the silent failure a lock exists to prevent)."""
+def load_lock(config: Config, read: Callable[[], Lock | None] | None = None) -> Lock | None:
+    """The pins to enforce (from `read`, when given: the shared store's). A damaged lock stops start-up
+    where any upstream enforces pinning (trusting everything instead would be the silent failure a lock
+    exists to prevent)."""
     enforcing = any(config.pinning(name) == "enforce" for name in config.upstreams)
     try:
-        lock = Lock.read(config.lock_path)
+        lock = Lock.read(config.lock_path) if read is None else read()
     except LockError as exc:
         if enforcing:
             raise LockError(f"{exc} (pinning is enforced: fix it, or recreate it with `mcp-armor lock`)") from None

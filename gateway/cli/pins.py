@@ -15,6 +15,7 @@ from gateway.audit.store import os_user
 from gateway.catalog.listing import Catalog, Naming
 from gateway.catalog.pins import Assessment, Lock, Verdict, select, server_identity
 from gateway.catalog.scan import Finding, Severity, scan_definition
+from gateway.catalog.shared_pins import pins_needed, read_pins, shared_pins
 from gateway.cli.common import package_warnings, print_table
 from gateway.config.models import Config
 from gateway.errors import ConfigError, LockError
@@ -66,17 +67,22 @@ async def scan(config: Config, as_json: bool) -> int:
 
 
 async def lock(config: Config, force: bool) -> int:
-    """Write `upstreams.lock` pinning every definition on offer, except those with high findings."""
-    path = config.lock_path
+    """Write `upstreams.lock` (the store's lock, with a store) pinning every definition on offer, except
+    those with high findings."""
+    path, shared = config.lock_path, shared_pins(config)
+    where = str(path) if shared is None else shared.label
+    if shared is not None:
+        shared.store.migrate()  # the first lock may well come before the first gateway, which sets it up
     try:
-        existing = Lock.read(path)
+        existing = read_pins(config)
     except LockError as exc:
         if not force:
-            raise LockError(f"{exc}; pass --force to write a new one (the old one is backed up)") from None
+            kept = " (the old one is backed up)" if shared is None else ""
+            raise LockError(f"{exc}; pass --force to write a new one{kept}") from None
         existing = None
     if existing is not None and not force:
         raise ConfigError(
-            f"{path} exists: review what changed with `mcp-armor pins status` and `pins diff`, approve it with "
+            f"{where} exists: review what changed with `mcp-armor pins status` and `pins diff`, approve it with "
             "`pins approve`; or pass --force to pin everything as it is now"
         )
     upstreams = await connect(config, pinned=False)
@@ -89,11 +95,14 @@ async def lock(config: Config, force: bool) -> int:
         clean = [a.item for a in mine if a.verdict is not Verdict.POISONED]
         new_lock = new_lock.pinning(name, clean, server_identity(listing))
         print(f"{name}: {len(clean)} definition{'s' * (len(clean) != 1)} pinned")
-    if path.exists():
-        saved = backup(path)
-        print(f"the previous {path.name} is in {saved}")
-    write_atomically(path, new_lock.render())
-    print(f"{path}: written")
+    if shared is not None:
+        print(f"{shared.label}: revision {shared.replace(new_lock)} written")
+    else:
+        if path.exists():
+            saved = backup(path)
+            print(f"the previous {path.name} is in {saved}")
+        write_atomically(path, new_lock.render())
+        print(f"{path}: written")
     for assessment in held:
         print(
             f"mcp-armor: not pinned: {assessment.item.kind} '{assessment.item.label}' has high-severity findings "
@@ -193,7 +202,7 @@ async def diff(config: Config, selector: str | None) -> int:
 
 
 async def approve(config: Config, selector: str) -> int:
-    review.lock_needed(config)  # before any upstream is started
+    pins_needed(config)  # before any upstream is started
     found = await review.review(config)
     upstream = selector.partition(".")[0]
     approved = review.approve(config, found, selector, who=os_user(), via=f"`pins approve {selector}`")
@@ -206,7 +215,7 @@ async def approve(config: Config, selector: str) -> int:
         print(f"approved the server of '{upstream}' ({approved.server_change})")
     elif not approved.chosen:
         print(f"nothing of '{upstream}' needed approving; its server identity is pinned as it is now")
-    print(f"{config.lock_path}: written (a running gateway picks it up within a second or two)")
+    print(f"{approved.written}: written (a running gateway picks it up within a second or two)")
     return 0
 
 

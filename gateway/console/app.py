@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from importlib.resources import files
 from typing import Any
 
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.audit.approvals import ApprovalQueue, Entry, decision_event
 from gateway.audit.logs import record_first
 from gateway.catalog.pins import Assessment
+from gateway.catalog.shared_pins import pins_needed, shared_pins
 from gateway.config.models import Config
 from gateway.console.access import PREFIX, Gate, Guard, Viewer, viewer_of
 from gateway.console.feed import AuditFeed, Message, QueueFeed, Walks
@@ -224,18 +226,22 @@ class Console:
             return JSONResponse({"error": 'expected {"selector": "UPSTREAM[.NAME]", "digest": "..."}'}, 400)
         async with self._reviewing:
             try:
-                review.lock_needed(self.config)
+                await anyio.to_thread.run_sync(pins_needed, self.config)
                 found = await review.review(self.config)
                 now = {item["selector"]: item["digest"] for item in to_review(self.config, found)}
                 if now.get(selector) != digest:
                     raise ConfigError(
                         f"{selector}: not what the page showed (it changed, or was approved): review again"
                     )
-                approved = review.approve(self.config, found, selector, who=viewer.name, via="console")
+                approved = await anyio.to_thread.run_sync(
+                    partial(review.approve, self.config, found, selector, who=viewer.name, via="console")
+                )
             except GatewayError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=409)
         names = ", ".join(a.item.label for a in approved.chosen) or "its server"
-        message = f"approved {names}; {self.config.lock_path.name} written (a running gateway picks it up by itself)"
+        shared = shared_pins(self.config)
+        where = self.config.lock_path.name if shared is None else shared.label
+        message = f"approved {names}; {where} written (a running gateway picks it up by itself)"
         return JSONResponse({"message": message})
 
 

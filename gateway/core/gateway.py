@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -38,6 +39,7 @@ from gateway.calls import (
 )
 from gateway.catalog.listing import Catalog, ExposedTool
 from gateway.catalog.pins import Assessment, Lock
+from gateway.catalog.shared_pins import shared_pins
 from gateway.catalog.uris import normal_uri
 from gateway.core.approvals import REQUESTED_SCHEMA, ApprovalDesk
 from gateway.core.asking import QueueAsker, masked_call
@@ -148,7 +150,12 @@ class Gateway:
             tg.start_soon(
                 watch_policies, policy_dir, self._revision, self.install_policies, self.events.policy_reload_failed
             )
-            tg.start_soon(watch_file, self.pool.config.lock_path, self.reload_lock)
+            shared = shared_pins(self.pool.config)
+            if shared is None:
+                tg.start_soon(watch_file, self.pool.config.lock_path, self.reload_lock)
+            else:
+                install = partial(self.put_lock_in_force, source=shared.label)
+                tg.start_soon(shared.watch, lambda: self.pool.lock, install, self._lock_failed)
             task_status.started()
 
     async def reload_lock(self) -> None:
@@ -164,10 +171,17 @@ class Gateway:
             logger.error("%s disappeared; the pins in force stay until the gateway restarts", path)
             self.events.lock_reloaded("error", "the lock file disappeared; the pins in force stay")
             return
+        await self.put_lock_in_force(lock, source=str(path))
+
+    async def put_lock_in_force(self, lock: Lock | None, *, source: str) -> None:
+        """New pins (from the lock file, or the store's): in force now, and the definitions screened again."""
         await self.pool.install_lock(lock)
         held = len(self.pool.quarantined)
-        logger.info("pins reloaded from %s: %d tools quarantined", path, held)
+        logger.info("pins reloaded from %s: %d tools quarantined", source, held)
         self.events.lock_reloaded("ok", f"{held} tools quarantined")
+
+    def _lock_failed(self, detail: str) -> None:
+        self.events.lock_reloaded("error", detail)
 
     def _revision(self) -> str:
         return self.engine.policies.revision

@@ -18,7 +18,7 @@ from gateway.audit.events import GatewayEvents
 from gateway.audit.recorder import Recorder
 from gateway.audit.shared import SharedRecorder
 from gateway.audit.stages import CallAudit
-from gateway.catalog.pins import load_lock
+from gateway.catalog.shared_pins import serving_pins
 from gateway.config.models import Config
 from gateway.core.gateway import Gateway
 from gateway.downstream.shutdown import stop_on_signal
@@ -71,7 +71,7 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
     engine = load_engine(config)
     if engine.monitor_mode:
         logger.warning("monitor mode: policy decisions are recorded, nothing is refused")
-    lock = load_lock(config)
+    lock = await anyio.to_thread.run_sync(serving_pins, config)
     shared = database(config)
     recorder: Recorder | SharedRecorder
     if shared is not None:

@@ -3,7 +3,8 @@
 `Database.migrate` applies the steps a store lacks, in one transaction; `schema_version` says which
 version a store holds. Each part's tables are described where they are used: the audit chain in
 `gateway/audit/shared.py`, the approval queue in `gateway/audit/shared_approvals.py`, rate-limit counts
-in `gateway/policy/shared_rates.py`, session records in `gateway/core/shared_sessions.py`.
+in `gateway/policy/shared_rates.py`, session records in `gateway/core/shared_sessions.py`, approved pins in
+`gateway/catalog/shared_pins.py`.
 """
 
 from __future__ import annotations
@@ -174,6 +175,18 @@ APPROVALS: tuple[str, ...] = ()
 RATES: tuple[str, ...] = ()
 SESSIONS: tuple[str, ...] = ()
 
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: AUDIT + APPROVALS + RATES + SESSIONS}
+PINS = (
+    # The approved upstream definitions (`upstreams.lock`'s document, as TOML) in one row; `revision`
+    # goes up by one on every write, and a write names the revision it changed, so two replicas
+    # approving at once never lose one another's approval (gateway/catalog/shared_pins.py).
+    """CREATE TABLE pins (
+        id int PRIMARY KEY CHECK (id = 1),
+        revision bigint NOT NULL,
+        document text NOT NULL,
+        written timestamptz NOT NULL DEFAULT now()
+    )""",
+)
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: AUDIT + APPROVALS + RATES + SESSIONS + PINS}
 """The statements that bring a store from the version before to each version."""
 SCHEMA_VERSION = max(MIGRATIONS)

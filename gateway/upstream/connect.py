@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import anyio
 
 from gateway.catalog.listing import Catalog, UpstreamListing
-from gateway.catalog.pins import Assessment, load_lock
+from gateway.catalog.pins import Assessment
+from gateway.catalog.shared_pins import load_pins
 from gateway.config.models import Config
 from gateway.upstream.pool import UpstreamPool
 
@@ -37,7 +38,8 @@ class Upstreams:
 async def connect(config: Config, *, pinned: bool = True) -> Upstreams:
     """Start the upstreams once, hold their definitions against `upstreams.lock` as serving would (unless
     not `pinned`), and list them."""
-    pool = UpstreamPool(config, lock=load_lock(config) if pinned else None)
+    lock = await anyio.to_thread.run_sync(load_pins, config) if pinned else None
+    pool = UpstreamPool(config, lock=lock)
     async with anyio.create_task_group() as tg:
         await tg.start(pool.run)
         await pool.wait_settled(max(config.gateway.startup_timeout, 30.0))

@@ -12,19 +12,20 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.audit.chain import canonical
-from gateway.audit.logs import open_appending
+import anyio
+import anyio.to_thread
+
+from gateway.audit.logs import record_first
 from gateway.audit.store import event
 from gateway.catalog.listing import Naming, UpstreamListing
 from gateway.catalog.pins import Assessment, Lock, Mode, assess, select, server_change, server_identity
 from gateway.catalog.scan import visible
-from gateway.config.files import write_atomically
-from gateway.config.models import IN_MEMORY, Config
-from gateway.errors import AuditError, ConfigError
+from gateway.catalog.shared_pins import pins_needed, read_pins, write_pins
+from gateway.config.models import Config
+from gateway.errors import ConfigError
 from gateway.upstream.connect import Upstreams, connect
 
 
@@ -38,7 +39,7 @@ class Review:
 
 
 async def review(config: Config) -> Review:
-    current = Lock.read(config.lock_path)
+    current = await anyio.to_thread.run_sync(read_pins, config)
     upstreams = await connect(config, pinned=False)
     return Review(current, upstreams, assess_all(config, upstreams, current))
 
@@ -105,13 +106,16 @@ class Approved:
     chosen: list[Assessment]
     server_change: str
     """How the upstream's server differs from the one pinned, approved with it; empty: it did not."""
+    written: str
+    """Where the new lock went: the lock file, or the store (and its revision)."""
 
 
 def approve(config: Config, found: Review, selector: str, *, who: str, via: str) -> Approved:
     """Pin what is offered now for `selector` (an upstream, or UPSTREAM.NAME), recorded in the audit log
-    as approved by `who` through `via` before the lock is written; `ConfigError` (one line) when there
-    is nothing to approve or it cannot be approved as asked."""
-    lock_needed(config)
+    as approved by `who` through `via` before the lock is written (blocks); `ConfigError` (one line) when
+    there is nothing to approve or it cannot be approved as asked. With a store, the approval is applied
+    to the store's lock as it is when written (another replica's approval made meanwhile stays)."""
+    pins_needed(config)
     current, upstreams = found.lock, found.upstreams
     upstream = selector.partition(".")[0]
     if upstream not in config.upstreams:
@@ -131,18 +135,9 @@ def approve(config: Config, found: Review, selector: str, *, who: str, via: str)
     identity = server_identity(upstreams.listings[upstream]) if whole else None
     server = (upstream, identity["name"], changed) if identity and changed else None
     _record_approval(config, chosen, server, f"approved by {who} ({via})")
-    new_lock = (current or Lock()).pinning(upstream, [a.item for a in chosen], identity)
-    write_atomically(config.lock_path, new_lock.render())
-    return Approved(chosen, changed if whole else "")
-
-
-def lock_needed(config: Config) -> None:
-    """Approving needs a lock to approve into (`ConfigError` saying how to make one)."""
-    if not config.lock_path.exists():
-        raise ConfigError(
-            f"there is no {config.lock_path.name} yet: run `mcp-armor lock` first (it pins everything on offer but "
-            "poisoned definitions), then approve those one by one"
-        )
+    items = [a.item for a in chosen]
+    written = write_pins(config, lambda now: (now or Lock()).pinning(upstream, items, identity))
+    return Approved(chosen, changed if whole else "", written)
 
 
 def _record_approval(
@@ -150,39 +145,27 @@ def _record_approval(
 ) -> None:
     """Record who approved what before the lock changes; if that cannot be recorded, nothing is approved.
     `server`: the upstream, server name and change of a server approved with it."""
-    if config.gateway.store is None and str(config.audit_path) == IN_MEMORY:
-        return
     bodies = []
     if server is not None:
         upstream, name, change = server
         reason = f"server changed ({change}); {approved}"
         bodies.append(
-            canonical(
-                event("pin", upstream=upstream, definition_kind="server", name=name, change="approved", reason=reason)
-            )
+            event("pin", upstream=upstream, definition_kind="server", name=name, change="approved", reason=reason)
         )
     bodies += [
-        canonical(
-            event(
-                "pin",
-                upstream=a.item.upstream,
-                tool=a.item.label if a.item.kind == "tool" else None,
-                definition_kind=str(a.item.kind),
-                name=a.item.name,
-                change="approved",
-                reason=f"{a.cause}; {approved}",
-                tool_digest=a.item.digest,
-            )
+        event(
+            "pin",
+            upstream=a.item.upstream,
+            tool=a.item.label if a.item.kind == "tool" else None,
+            definition_kind=str(a.item.kind),
+            name=a.item.name,
+            change="approved",
+            reason=f"{a.cause}; {approved}",
+            tool_digest=a.item.digest,
         )
         for a in chosen
     ]
-    if not bodies:
-        return
-    try:
-        with closing(open_appending(config)) as log:
-            log.append_waiting(bodies)
-    except AuditError as exc:
-        raise ConfigError(f"the approval cannot be recorded in the audit log, so nothing was approved: {exc}") from None
+    record_first(config, bodies, ConfigError)
 
 
 def pretty(definition: Any) -> list[str]:

@@ -323,3 +323,36 @@ def test_beyond_loopback_only_over_tls_and_only_for_principals(tmp_path: Path) -
         console_gate(_config(tmp_path), "0.0.0.0")  # principals, but no TLS
     gate, files = console_gate(_config(tmp_path, http=tls), "0.0.0.0")
     assert isinstance(gate, PrincipalGate) and files == (str(tmp_path / "gateway.crt"), str(tmp_path / "gateway.key"))
+
+
+async def test_a_pin_approved_in_the_console_with_a_store_is_written_to_the_stores_lock(
+    tmp_path: Path, store_url: str
+) -> None:
+    from gateway.catalog.shared_pins import shared_pins
+
+    config_path = write_config(tmp_path, {"box": fixture_upstream("toolbox.py")}, store=store_url)
+    locked = run_cli("lock", "--config", str(config_path), cwd=tmp_path)
+    assert locked.returncode == 0, locked.stderr
+    config = load_config(
+        write_config(
+            tmp_path, {"box": fixture_upstream("toolbox.py"), "more": fixture_upstream("toolbox.py")}, store=store_url
+        )
+    )
+    store = shared_pins(config)
+    assert store is not None and store.read()[0] == 1
+    gate = AccessToken()
+    async with _client(console_app(config, gate, HOSTS, tls=False)) as http:
+        csrf = await _signed_in(http, gate.token)
+        shown = {pin["selector"]: pin for pin in (await http.get("/console/pins", timeout=60)).json()["pins"]}
+        assert "more.echo" in shown and not any(selector.startswith("box.") for selector in shown)
+        answer = await http.post(
+            "/console/pins/approve",
+            json={"selector": "more.echo", "digest": shown["more.echo"]["digest"]},
+            headers={**ORIGIN, "x-csrf-token": csrf},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        assert f"{store.label} written" in answer.json()["message"] and "armor-test-secret" not in answer.text
+    revision, lock = store.read()
+    assert revision == 2 and lock is not None and [name for _, name in lock.upstreams["more"].pins] == ["echo"]
+    assert not config.lock_path.exists()

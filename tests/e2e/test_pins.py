@@ -448,3 +448,49 @@ def test_a_definition_held_for_a_new_cause_is_recorded_again() -> None:
         ("quarantined", "server changed (version '1.0' -> '3.0')"),
         ("released", "pinned"),
     ]
+
+
+# Replicas sharing a store -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_an_approval_through_one_replica_is_served_by_another_sharing_the_store(
+    tmp_path: Path, store_url: str
+) -> None:
+    upstream = shifty(tmp_path)  # one count of starts for both replicas: the first start is pinned
+    configs = []
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+        configs.append(write_config(tmp_path / side, {"shifty": upstream}, store=store_url))
+    first, second = configs
+    locked = await cli(first, "lock")
+    assert locked.returncode == 0, locked.stderr
+    assert "(pins): revision 1 written" in locked.stdout and store_url not in locked.stdout
+    notifications = Notifications()
+    async with gateway_client(first) as one, gateway_client(second, notifications=notifications) as other:
+        for client in (one, other):  # both started after the rug pull: quarantined on both
+            assert "shifty__reads" not in await names(client)
+        approved = await cli(first, "pins", "approve", "shifty.reads")
+        assert approved.returncode == 0, approved.stderr
+        assert "(pins): revision 2: written" in approved.stdout
+        with anyio.fail_after(20):
+            while "shifty__reads" not in await names(other):
+                await notifications.wait_for(types.ToolListChangedNotification)
+        assert text_of(await other.call_tool("shifty__reads", {})) == "reads done"
+    assert not (tmp_path / "a" / "upstreams.lock").exists() and not (tmp_path / "b" / "upstreams.lock").exists()
+
+
+@pytest.mark.anyio
+async def test_approving_with_the_store_unreachable_is_one_line_naming_it(tmp_path: Path) -> None:
+    from tests.postgres import PASSWORD, free_port
+
+    url = f"postgresql://armor:{PASSWORD}@127.0.0.1:{free_port()}/armor"
+    config = write_config(tmp_path, {"shifty": shifty(tmp_path)}, store=url)
+    (tmp_path / "upstreams.lock").write_text(Lock().render())  # the file does not stand in for the store
+    for args in (("pins", "approve", "shifty.reads"), ("pins", "status")):
+        result = await cli(config, *args)
+        assert result.returncode != 0
+        [line] = result.stderr.splitlines()
+        assert re.match(r"mcp-armor: (error: )?postgresql://armor@127\.0\.0\.1:\d+/armor: cannot connect", line), line
+        assert PASSWORD not in line
+    assert not (tmp_path / "starts").exists()  # refused before any upstream started
