@@ -24,6 +24,8 @@ from gateway.downstream.shutdown import stop_on_signal
 from gateway.downstream.stdio import serve_stdio_connection
 from gateway.errors import ConfigError
 from gateway.policy.files import load_engine
+from gateway.policy.shared_rates import SharedRates
+from gateway.store.postgres import database
 from gateway.upstream.pool import UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,9 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
     their outcome recorded; then every session still open is recorded as ended.
     """
     engine = load_engine(config)
+    store = database(config)
+    if store is not None:  # rate limits counted in the store, across every replica
+        engine.shared = SharedRates(store)
     if engine.monitor_mode:
         logger.warning("monitor mode: policy decisions are recorded, nothing is refused")
     lock = load_lock(config)
@@ -84,3 +89,5 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
         finally:
             audit.end_calls("the gateway shut down")
             gateway.sessions.end_all("the gateway shut down")
+            if engine.shared is not None:
+                await engine.shared.close()
