@@ -11,12 +11,16 @@ from pathlib import Path
 import anyio
 import pytest
 
-from gateway.calls import Effect, Who
+from gateway.audit.recorder import Recorder
+from gateway.audit.stages import CallAudit
+from gateway.calls import Effect, Outcome, OutcomeKind, ToolCall, Who
+from gateway.core.pipeline import EnforcePolicy, compose
 from gateway.policy import shared_rates
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.rates import Charge
 from gateway.policy.shared_rates import SharedRates
 from gateway.store.postgres import Database
+from tests.audit.test_stages import _call, _engine, _events, _forward
 from tests.policy.test_engine import make_engine
 from tests.postgres import PASSWORD, Cluster, cluster, server_missing
 
@@ -182,3 +186,28 @@ async def test_the_database_away_refuses_rated_calls_until_it_is_back(tmp_path: 
         own_cluster.start()
         assert (await call(engine, ALICE)).refusal is None  # no restart: the next charge connects anew
     assert hits(url) == 2
+
+
+async def test_a_call_over_a_shared_limit_is_recorded_as_denied_and_a_refused_one_refunded(
+    tmp_path: Path, store: str
+) -> None:
+    engine = _engine(tmp_path)  # rule 'slow-down': box__read, 1/minute
+    engine.shared = SharedRates(Database(store))
+
+    async def refuse(call: ToolCall) -> Outcome:
+        return Outcome.refused(call, "refused further on")
+
+    try:
+        async with Recorder(tmp_path / "audit.db").running() as recorder:
+            audit = CallAudit(recorder, engine)
+            stages = [audit.outcomes, EnforcePolicy(engine, ask_timeout=60), audit.decisions]
+            assert (await compose(stages, refuse)(_call("read"))).kind is OutcomeKind.REFUSED  # refunded
+            assert (await compose(stages, _forward)(_call("read"))).kind is OutcomeKind.OK
+            over = await compose(stages, _forward)(_call("read"))
+    finally:
+        await engine.shared.close()
+    assert over.kind is OutcomeKind.REFUSED and "rule 'slow-down' allows 1 call per minute" in (over.reason or "")
+    decision, outcome = _events(tmp_path)[-2:]
+    assert (decision["decision"], decision["rules"], decision["reason"]) == ("deny", ["slow-down"], over.reason)
+    assert outcome["outcome"] == "refused"
+    assert hits(store, "slow-down") == 1
