@@ -187,11 +187,16 @@ RATES = (
         refused boolean := false;
         n int := coalesce(array_length(rules, 1), 0);
     BEGIN
+        -- Rows another transaction is deleting already are skipped, so that two sweeps never wait on
+        -- each other (a row left by one that failed is swept the next time).
         IF coalesce(array_length(forget, 1), 0) > 0 THEN
-            DELETE FROM rate_hits WHERE counted_as = 'session' AND name = ANY (forget);
+            DELETE FROM rate_hits WHERE id IN (
+                SELECT id FROM rate_hits WHERE counted_as = 'session' AND name = ANY (forget)
+                FOR UPDATE SKIP LOCKED);
         END IF;
         IF prune THEN
-            DELETE FROM rate_hits WHERE expires <= clock_timestamp();
+            DELETE FROM rate_hits WHERE id IN (
+                SELECT id FROM rate_hits WHERE expires <= clock_timestamp() FOR UPDATE SKIP LOCKED);
         END IF;
         -- The two-key form (class 'rate'), apart from the one-key advisory locks the replicas hold.
         FOR key IN SELECT DISTINCT hashtext(who_kind || chr(31) || who_name || chr(31) || r)
