@@ -165,6 +165,11 @@ class EnforcePolicy:
             if refusal is not None:
                 return replace(refusal, call=call)
             if decision.effect is Effect.ASK:
+                standing = await self.engine.before_asking(decision, call.session.who)
+                if standing is not decision:  # shared counts: a rule at its limit (or noted, monitored)
+                    decision, call = standing, replace(call, decision=standing)
+                    if decision.effect is Effect.DENY:
+                        return replace(Outcome.refused(call, decision.reason), call=call)
                 call = replace(call, approval=await self._approval(call, decision))
             outcome = await self._proceed(call, decision, call_next)
         except BaseException as exc:

@@ -270,18 +270,29 @@ class PolicyEngine:
         if not rules:
             return Charge(who)
         if self.shared is not None:
-            return await self._charge_shared(self.shared, who, rules, now)
+            return await self._charge_shared(self.shared, who, rules, now, count=True)
         if self.limiter.charge(who, rules, now):
             return Charge(who, tuple(rules), now)
         limited = next(rule for rule in rules if self.limiter.wait(who, rule, now))
         return Charge(who, refusal=_rate_note(limited, self.limiter.wait(who, limited, now), who))
 
-    async def _charge_shared(self, shared: SharedRates, who: Who, rules: list[Rule], now: float) -> Charge:
-        """The charge counted in the store: its answer decides, as `wait` does in memory (fail closed:
-        counts that cannot be reached refuse every call an enforced rate applies to)."""
+    async def before_asking(self, decision: Decision, who: Who) -> Decision:
+        """`decision` (an ask) as shared counts stand now: denied when a rule is at its limit, as `evaluate`
+        denies it from counts in memory, so that nobody is asked about a call that could not go ahead."""
+        rules = self._rated(decision)
+        if self.shared is None or not rules:
+            return decision
+        return self.charged(decision, await self._charge_shared(self.shared, who, rules, 0.0, count=False))
+
+    async def _charge_shared(
+        self, shared: SharedRates, who: Who, rules: list[Rule], now: float, *, count: bool
+    ) -> Charge:
+        """The charge counted in the store (or, not `count`ing, the counts looked at): its answer decides,
+        as `wait` does in memory (fail closed: counts that cannot be reached refuse every call an enforced
+        rate applies to)."""
         enforced = [not (rule.monitor or self.monitor_mode) for rule in rules]
         try:
-            counted = await shared.charge(who, rules, enforced)
+            counted = await (shared.charge(who, rules, enforced) if count else shared.waits(who, rules))
         except StoreError as exc:
             if not any(enforced):
                 logger.warning("monitored rate limits not counted: %s", exc)

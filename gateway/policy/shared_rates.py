@@ -34,6 +34,7 @@ PRUNE_EVERY = 60.0
 """Seconds between two sweeps of every expired hit (each charge counts only its own window anyway)."""
 
 _FORGET = "DELETE FROM rate_hits WHERE counted_as = 'session' AND name = ANY (%s)"
+_WAITS = "SELECT rate_waits(%s, %s, %s, %s, %s, clock_timestamp())"
 _CHARGE = "SELECT rule, hit, wait FROM charge_rates(%s, %s, %s, %s, %s, %s, %s, %s)"
 
 
@@ -59,21 +60,10 @@ class SharedRates:
     async def charge(self, who: Who, rules: Sequence[Rule], enforced: Sequence[bool]) -> Counted:
         """Count one call of `who` against `rules`: all or none of the enforced ones (`StoreError` when the
         store cannot be reached; nothing is counted then)."""
-        kind, name = who.counted_as
         forget, self._forget = sorted(self._forget), set()
         prune = time.monotonic() - self._pruned >= PRUNE_EVERY
-        params = (
-            kind,
-            name,
-            [rule.id for rule in rules],
-            [rule.rate.limit if rule.rate is not None else 1 for rule in rules],
-            [rule.rate.period if rule.rate is not None else 0.0 for rule in rules],
-            list(enforced),
-            forget,
-            prune,
-        )
         try:
-            rows = await self._run(_CHARGE, params)
+            rows = await self._run(_CHARGE, (*_keyed(who, rules), list(enforced), forget, prune))
         except BaseException:
             self._forget.update(forget)  # not applied: with the next charge
             raise
@@ -81,6 +71,13 @@ class SharedRates:
             self._pruned = time.monotonic()
         hits = tuple(row[1] for row in rows if row[1] is not None)
         return Counted(hits, {row[0]: row[2] for row in rows if row[2] > 0})
+
+    async def waits(self, who: Who, rules: Sequence[Rule]) -> Counted:
+        """The rules at their limit for `who` now, counting nothing (before a person is asked about a call
+        that would then be refused anyway)."""
+        rows = await self._run(_WAITS, _keyed(who, rules))
+        waits = rows[0][0] if rows else []
+        return Counted((), {rule.id: wait for rule, wait in zip(rules, waits, strict=True) if wait > 0})
 
     async def refund(self, hits: Sequence[int]) -> None:
         """Take back the hits of a charge whose call was refused after all (`StoreError` when it cannot)."""
@@ -139,3 +136,11 @@ class SharedRates:
             raise
         if not connection.closed:
             self._idle.append(connection)
+
+
+def _keyed(who: Who, rules: Sequence[Rule]) -> tuple[str, str, list[str], list[int], list[float]]:
+    """The parameters naming `who`'s counts under `rules`: its key, the rules' ids, limits and periods."""
+    kind, name = who.counted_as
+    rates = [rule.rate for rule in rules]
+    limits = [rate.limit if rate is not None else 1 for rate in rates]
+    return kind, name, [rule.id for rule in rules], limits, [rate.period if rate is not None else 0.0 for rate in rates]

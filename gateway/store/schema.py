@@ -167,13 +167,24 @@ RATES = (
     )""",
     "CREATE INDEX rate_hits_window ON rate_hits (counted_as, name, rule, at)",
     "CREATE INDEX rate_hits_expires ON rate_hits (expires)",
+    # For each rule, the seconds until it lets another call of the caller through at `stamp` (0: it
+    # would now). A rule is at its limit while its `limit`-th newest hit is still inside the window.
+    """CREATE FUNCTION rate_waits(
+        who_kind text, who_name text, rules text[], limits int[], periods float8[], stamp timestamptz
+    ) RETURNS float8[] LANGUAGE sql AS $fn$
+        SELECT coalesce(array_agg(coalesce((
+            SELECT greatest(extract(epoch FROM at - stamp) + periods[i], 0.001) FROM rate_hits
+            WHERE counted_as = who_kind AND name = who_name AND rule = rules[i]
+              AND at > stamp - make_interval(secs => periods[i])
+            ORDER BY at DESC OFFSET limits[i] - 1 LIMIT 1
+        ), 0) ORDER BY i), '{}')
+        FROM generate_series(1, coalesce(array_length(rules, 1), 0)) AS i
+    $fn$""",
     # One call counted against its rules, all or none, in one statement (one transaction): each key
     # (caller, rule) is locked in one order, so charges of one key from every replica take turns and
-    # each counts what the one before it inserted; the time is read once the locks are held. A rule is
-    # at its limit when its `limit`-th newest hit is still inside the window; its `wait` says how long
-    # until that one leaves it. At the limit an enforced rule refuses the whole charge (nothing is
-    # inserted); a monitored one is only not counted. `forget`: sessions whose own hits go first;
-    # `prune`: every expired hit goes too.
+    # each counts what the one before it inserted; the time is read once the locks are held. At its
+    # limit an enforced rule refuses the whole charge (nothing is inserted); a monitored one is only
+    # not counted. `forget`: sessions whose own hits go first; `prune`: every expired hit goes too.
     """CREATE FUNCTION charge_rates(
         who_kind text, who_name text, rules text[], limits int[], periods float8[], enforced boolean[],
         forget text[], prune boolean
@@ -182,9 +193,8 @@ RATES = (
     DECLARE
         key int;
         stamp timestamptz;
-        newest timestamptz;
-        waits float8[] := '{}';
-        refused boolean := false;
+        waits float8[];
+        refused boolean;
         n int := coalesce(array_length(rules, 1), 0);
     BEGIN
         -- Rows another transaction is deleting already are skipped, so that two sweeps never wait on
@@ -204,18 +214,8 @@ RATES = (
             PERFORM pg_advisory_xact_lock(1918989413, key);
         END LOOP;
         stamp := clock_timestamp();
-        FOR i IN 1 .. n LOOP
-            SELECT at INTO newest FROM rate_hits
-            WHERE counted_as = who_kind AND name = who_name AND rule = rules[i]
-              AND at > stamp - make_interval(secs => periods[i])
-            ORDER BY at DESC OFFSET limits[i] - 1 LIMIT 1;
-            IF FOUND THEN
-                waits[i] := greatest(extract(epoch FROM newest - stamp) + periods[i], 0.001);
-                refused := refused OR enforced[i];
-            ELSE
-                waits[i] := 0;
-            END IF;
-        END LOOP;
+        waits := rate_waits(who_kind, who_name, rules, limits, periods, stamp);
+        refused := EXISTS (SELECT FROM generate_series(1, n) AS i WHERE waits[i] > 0 AND enforced[i]);
         IF refused THEN
             RETURN QUERY SELECT rules[i], NULL::bigint, waits[i] FROM generate_series(1, n) AS i;
             RETURN;

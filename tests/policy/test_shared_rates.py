@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -13,7 +14,7 @@ import pytest
 
 from gateway.audit.recorder import Recorder
 from gateway.audit.stages import CallAudit
-from gateway.calls import Effect, Outcome, OutcomeKind, ToolCall, Who
+from gateway.calls import Answer, Approval, Channel, Decision, Effect, Outcome, OutcomeKind, ToolCall, Who
 from gateway.core.pipeline import EnforcePolicy, compose
 from gateway.policy import shared_rates
 from gateway.policy.engine import PolicyEngine
@@ -211,3 +212,22 @@ async def test_a_call_over_a_shared_limit_is_recorded_as_denied_and_a_refused_on
     assert (decision["decision"], decision["rules"], decision["reason"]) == ("deny", ["slow-down"], over.reason)
     assert outcome["outcome"] == "refused"
     assert hits(store, "slow-down") == 1
+
+
+async def test_nobody_is_asked_about_a_call_a_shared_limit_would_refuse(tmp_path: Path, store: str) -> None:
+    asked: list[str] = []
+
+    async def approve(call: ToolCall, decision: Decision) -> Approval:
+        asked.append(call.id)
+        return Approval(Answer.GRANTED, "approved by a person", Channel.ELICITATION)
+
+    policy = '[[rule]]\nid = "careful"\ntools = ["box__ask"]\neffect = "ask"\nrate = "1/minute"\n'
+    async with replica(tmp_path, store, policy) as engine:
+        enforce = EnforcePolicy(engine, ask_timeout=60)
+        assert (await enforce(replace(_call("ask"), approver=approve), _forward)).kind is OutcomeKind.OK
+        over = await enforce(replace(_call("ask"), approver=approve), _forward)
+    assert len(asked) == 1  # the second was refused before anyone was asked
+    assert over.kind is OutcomeKind.REFUSED and over.call is not None and over.call.decision is not None
+    assert over.call.decision.effect is Effect.DENY and over.call.approval is None
+    assert "rule 'careful' allows 1 call per minute per session and that limit is reached" in (over.reason or "")
+    assert hits(store, "careful") == 1
