@@ -104,7 +104,8 @@ class SharedRates:
 
     async def _run(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """`query`'s rows, on an idle connection or a new one. A reused connection that fails is dropped
-        and the query tried once more on a new one (the server may have restarted since it was used)."""
+        and the query tried once more on a new one (the server may have restarted since it was used; a
+        charge whose answer was lost after its commit then counts twice: never more calls than allowed)."""
         import psycopg
 
         async with self._slots:
