@@ -2,7 +2,9 @@
 
 No networking, no clock, no MCP: the caller passes the time, so decisions are deterministic and the
 engine is tested from tables and measured in microseconds. Rules are indexed per exposed tool whenever
-the catalogue changes; a call only looks at the rules whose `tools` globs match its tool.
+the catalogue changes; a call only looks at the rules whose `tools` globs match its tool. The one
+exception: with a store configured, a rate-limited call's charge awaits the counts every replica
+shares (`gateway.policy.shared_rates`).
 
 Precedence: `deny` beats `ask` beats `rewrite`/`allow`; no matching rule means the default effect;
 an error while evaluating means `deny`. `monitor` rules (and the whole gateway in monitor mode) only
