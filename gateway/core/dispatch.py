@@ -185,12 +185,12 @@ class Dispatcher:
             upstream, method, params, calls, record=self._record, decide=self._decide_upstream
         )
 
-    def _decide_upstream(self, upstream: str, method: str, params: Mapping[str, Any], call: ToolCall) -> Decision:
+    async def _decide_upstream(self, upstream: str, method: str, params: Mapping[str, Any], call: ToolCall) -> Decision:
         engine, who = self._audit.engine, call.session.who
         now = time.monotonic()
         decision = engine.evaluate(UPSTREAM_PREFIXES[method] + upstream, params, now=now, who=who)
         if decision.proceeds:
-            engine.charge(decision, who, now)
+            decision = engine.charged(decision, await engine.charge_call(decision, who, now))
         return decision
 
 
@@ -225,7 +225,7 @@ def check_spec(method: str, version: str, params: Mapping[str, Any] | None) -> N
         raise INVALID_PARAMS from None
 
 
-Decide = Callable[[str, str, Mapping[str, Any], ToolCall], Decision]
+Decide = Callable[[str, str, Mapping[str, Any], ToolCall], Awaitable[Decision]]
 """The policy's decision on an upstream's request (upstream, method, parameters, the call it came with)."""
 
 
@@ -259,7 +259,7 @@ async def answer_upstream_request(
         why = f"no call to '{upstream}' is in flight from a client that can answer {method}"
         raise _refused(record, upstream, method, None, types.INVALID_REQUEST, why)
     if decide is not None:
-        decision = decide(upstream, method, params, call)
+        decision = await decide(upstream, method, params, call)
         if not decision.proceeds:
             why = f"refused by the mcp-armor gateway's policy: {decision.reason}"
             raise _refused(record, upstream, method, call, types.INVALID_REQUEST, why)

@@ -165,12 +165,17 @@ class EnforcePolicy:
             if refusal is not None:
                 return replace(refusal, call=call)
             if decision.effect is Effect.ASK:
+                standing = await self.engine.before_asking(decision, call.session.who)
+                if standing is not decision:  # shared counts: a rule at its limit (or noted, monitored)
+                    decision, call = standing, replace(call, decision=standing)
+                    if decision.effect is Effect.DENY:
+                        return replace(Outcome.refused(call, decision.reason), call=call)
                 call = replace(call, approval=await self._approval(call, decision))
             outcome = await self._proceed(call, decision, call_next)
         except BaseException as exc:
             mark_decided(exc, call)
             raise
-        return replace(outcome, call=call)
+        return replace(outcome, call=call) if outcome.call is None else outcome
 
     def _refusal(self, call: ToolCall, decision: Decision) -> Outcome | None:
         """The outcome of a call the decision itself refuses; `None` when it may go on."""
@@ -198,9 +203,16 @@ class EnforcePolicy:
                 return Outcome.input_required(approval.pending)
             if not approval.granted:
                 return Outcome.refused(call, f"{decision.reason}; {approval.reason}")
-        stamp = self._clock()
-        if not self.engine.charge(decision, session.who, stamp):
-            return Outcome.refused(call, "a rate limit of this call's rules was reached while it waited for approval")
+        charge = await self.engine.charge_call(decision, session.who, self._clock())
+        if charge.refusal is not None:
+            if approval is not None:
+                reason = f"a rate limit of this call's rules was reached while it waited for approval: {charge.refusal}"
+                return Outcome.refused(call, reason)
+            # Only shared counts decide here (in memory, `evaluate` did): recorded as the deny it is.
+            denied = replace(call, decision=self.engine.charged(decision, charge))
+            return replace(Outcome.refused(call, charge.refusal), call=denied)
+        if charge.would_deny:
+            call = replace(call, decision=self.engine.charged(decision, charge))
         screened: list[str] = []
         if call.progress is not None:
             call = replace(call, progress=self._screened_progress(call, call.progress, screened))
@@ -208,7 +220,7 @@ class EnforcePolicy:
             call = replace(call, log=self._screened_log(call, call.log, screened))
         outcome = await call_next(call)
         if outcome.kind is OutcomeKind.REFUSED:
-            self.engine.refund(decision, session.who, stamp)  # refused later on: the call did not happen
+            await self.engine.refund_call(charge)  # refused later on: the call did not happen
         elif outcome.kind in (OutcomeKind.OK, OutcomeKind.ERROR):
             try:
                 screening = self.engine.screen_result(call.tool.name, outcome.result, session.who)

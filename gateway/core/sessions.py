@@ -31,7 +31,7 @@ class Sessions:
         """The session is over (a session not open, or ended already, is left alone)."""
         session = self._open.pop(session_id, None)
         if session is not None:
-            self._engine.limiter.forget(session_id)
+            self._engine.forget(session_id)
             for forget in self.on_end:
                 forget(session_id)
             self._events.session_ended(session, reason)

@@ -25,6 +25,7 @@ from gateway.downstream.shutdown import stop_on_signal
 from gateway.downstream.stdio import serve_stdio_connection
 from gateway.errors import ConfigError
 from gateway.policy.files import load_engine
+from gateway.policy.shared_rates import SharedRates
 from gateway.store.postgres import database
 from gateway.upstream.pool import UpstreamPool
 
@@ -69,13 +70,15 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
     their outcome recorded; then every session still open is recorded as ended.
     """
     engine = load_engine(config)
+    store = database(config)
+    if store is not None:  # rate limits counted in the store, across every replica
+        engine.shared = SharedRates(store)
     if engine.monitor_mode:
         logger.warning("monitor mode: policy decisions are recorded, nothing is refused")
     lock = await anyio.to_thread.run_sync(serving_pins, config)
-    shared = database(config)
     recorder: Recorder | SharedRecorder
-    if shared is not None:
-        recorder = SharedRecorder(shared, sync=config.gateway.audit_sync, anchoring=Anchoring.of(config))
+    if store is not None:
+        recorder = SharedRecorder(store, sync=config.gateway.audit_sync, anchoring=Anchoring.of(config))
     else:
         recorder = Recorder(config.audit_path, sync=config.gateway.audit_sync, anchoring=Anchoring.of(config))
     async with recorder.running():
@@ -91,3 +94,5 @@ async def gateway_for(config: Config, *, transport: str) -> AsyncIterator[Gatewa
         finally:
             audit.end_calls("the gateway shut down")
             gateway.sessions.end_all("the gateway shut down")
+            if engine.shared is not None:
+                await engine.shared.close()

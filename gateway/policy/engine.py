@@ -2,7 +2,9 @@
 
 No networking, no clock, no MCP: the caller passes the time, so decisions are deterministic and the
 engine is tested from tables and measured in microseconds. Rules are indexed per exposed tool whenever
-the catalogue changes; a call only looks at the rules whose `tools` globs match its tool.
+the catalogue changes; a call only looks at the rules whose `tools` globs match its tool. The one
+exception: with a store configured, a rate-limited call's charge awaits the counts every replica
+shares (`gateway.policy.shared_rates`).
 
 Precedence: `deny` beats `ask` beats `rewrite`/`allow`; no matching rule means the default effect;
 an error while evaluating means `deny`. `monitor` rules (and the whole gateway in monitor mode) only
@@ -12,17 +14,24 @@ record what they would have done.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.calls import ANONYMOUS, Decision, Effect, Who
+from gateway.errors import StoreError
 from gateway.policy.items import when_holds
 from gateway.policy.paths import PathArguments
-from gateway.policy.rates import RateLimiter
+from gateway.policy.rates import Charge, RateLimiter
 from gateway.policy.results import Screening, screen
 from gateway.policy.rules import Rule, ToolRules
+
+if TYPE_CHECKING:
+    from gateway.policy.shared_rates import SharedRates
+
+logger = logging.getLogger(__name__)
 
 _PRECEDENCE = (Effect.DENY, Effect.ASK, Effect.REWRITE, Effect.ALLOW)
 
@@ -53,6 +62,8 @@ class PolicyEngine:
         self.policies = policies
         self.monitor_mode = monitor_mode
         self.limiter = RateLimiter()
+        self.shared: SharedRates | None = None
+        """The counts every replica shares, with a store configured: they decide at charge time."""
         self._by_id = {rule.id: rule for rule in policies.rules}
         self._tools: tuple[str, ...] = ()
         self._index: dict[str, ToolRules] = {}
@@ -246,11 +257,80 @@ class PolicyEngine:
         return Decision(effect, reason, revision, ids, rewritten)
 
     def charge(self, decision: Decision, who: Who, now: float) -> bool:
-        """Count a call that goes ahead against its rate-limited rules; `False` if one is now at its limit."""
+        """Count a call that goes ahead against its rate-limited rules in memory; `False` if one is now at
+        its limit (a dry run's counts; a gateway's go through `charge_call`)."""
         return self.limiter.charge(who, self._rated(decision), now)
 
     def refund(self, decision: Decision, who: Who, now: float) -> None:
         self.limiter.refund(who, self._rated(decision), now)
+
+    async def charge_call(self, decision: Decision, who: Who, now: float) -> Charge:
+        """Count a call that goes ahead against its rate-limited rules, all or none; `Charge.refusal` says
+        why it may not go ahead after all (a rule now at its limit, or shared counts out of reach). A call
+        no rate applies to costs nothing, and in memory nothing waits."""
+        rules = self._rated(decision)
+        if not rules:
+            return Charge(who)
+        if self.shared is not None:
+            return await self._charge_shared(self.shared, who, rules, now, count=True)
+        if self.limiter.charge(who, rules, now):
+            return Charge(who, tuple(rules), now)
+        limited = next(rule for rule in rules if self.limiter.wait(who, rule, now))
+        return Charge(who, refusal=_rate_note(limited, self.limiter.wait(who, limited, now), who))
+
+    async def before_asking(self, decision: Decision, who: Who) -> Decision:
+        """`decision` (an ask) as shared counts stand now: denied when a rule is at its limit, as `evaluate`
+        denies it from counts in memory, so that nobody is asked about a call that could not go ahead."""
+        rules = self._rated(decision)
+        if self.shared is None or not rules:
+            return decision
+        return self.charged(decision, await self._charge_shared(self.shared, who, rules, 0.0, count=False))
+
+    async def _charge_shared(
+        self, shared: SharedRates, who: Who, rules: list[Rule], now: float, *, count: bool
+    ) -> Charge:
+        """The charge counted in the store (or, not `count`ing, the counts looked at): its answer decides,
+        as `wait` does in memory (fail closed: counts that cannot be reached refuse every call an enforced
+        rate applies to)."""
+        enforced = [not (rule.monitor or self.monitor_mode) for rule in rules]
+        try:
+            counted = await (shared.charge(who, rules, enforced) if count else shared.waits(who, rules))
+        except StoreError as exc:
+            if not any(enforced):
+                logger.warning("monitored rate limits not counted: %s", exc)
+                return Charge(who)
+            by = ", ".join(f"'{rule.id}'" for rule, on in zip(rules, enforced, strict=True) if on)
+            return Charge(who, refusal=f"the rate limits of rule {by} cannot be counted ({exc}); refused to be safe")
+        for rule, on in zip(rules, enforced, strict=True):
+            if on and rule.id in counted.waits:
+                return Charge(who, refusal=_rate_note(rule, counted.waits[rule.id], who))
+        return Charge(who, tuple(rules), now, counted.hits, would_deny=bool(counted.waits))
+
+    def charged(self, decision: Decision, charge: Charge) -> Decision:
+        """`decision` as its charge leaves it: a deny when a rule was at its limit (or the counts out of
+        reach), noting a monitored rule that was."""
+        if charge.refusal is not None:
+            return replace(decision, effect=Effect.DENY, reason=charge.refusal, arguments=None, rated=())
+        if charge.would_deny and decision.would is None:
+            return replace(decision, would=Effect.DENY)
+        return decision
+
+    async def refund_call(self, charge: Charge) -> None:
+        """Take back a charge whose call was refused after all."""
+        if self.shared is not None:
+            if charge.hits:
+                try:
+                    await self.shared.refund(charge.hits)
+                except StoreError as exc:  # the hits stay counted until they expire: never more calls than allowed
+                    logger.warning("a refused call's rate-limit count could not be taken back: %s", exc)
+        elif charge.rules:
+            self.limiter.refund(charge.who, charge.rules, charge.at)
+
+    def forget(self, session: str) -> None:
+        """Drop a finished session's own rate-limit counts (a principal's outlive its sessions)."""
+        self.limiter.forget(session)
+        if self.shared is not None:
+            self.shared.forget(session)
 
     def _rated(self, decision: Decision) -> list[Rule]:
         if not decision.rated:

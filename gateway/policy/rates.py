@@ -5,12 +5,28 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from gateway.calls import Who
 from gateway.policy.rules import Rule
 
 _Key = tuple[str, str, str]
 """(`Who.counted_as`: "principal" or "session", its name or id; the rule's id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One call counted against its rate-limited rules (what a refund takes back), or why it may not go
+    ahead after all (`refusal`)."""
+
+    who: Who
+    rules: tuple[Rule, ...] = ()
+    at: float = 0.0
+    hits: tuple[int, ...] = ()
+    """The rows a shared store counted (none in memory)."""
+    refusal: str | None = None
+    would_deny: bool = False
+    """A monitored rule was at its limit (only counted by a shared store: in memory, the decision says so)."""
 
 
 class RateLimiter:

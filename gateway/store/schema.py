@@ -172,7 +172,83 @@ AUDIT = (
 )
 
 APPROVALS: tuple[str, ...] = ()
-RATES: tuple[str, ...] = ()
+RATES = (
+    # One row per call counted against a rate-limited rule, stamped by the database's clock (never a
+    # replica's); `expires` (the stamp plus the rule's period) is when the row stops counting and may go.
+    """CREATE TABLE rate_hits (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        counted_as text NOT NULL CHECK (counted_as IN ('principal', 'session')),
+        name text NOT NULL,
+        rule text NOT NULL,
+        at timestamptz NOT NULL,
+        expires timestamptz NOT NULL
+    )""",
+    "CREATE INDEX rate_hits_window ON rate_hits (counted_as, name, rule, at)",
+    "CREATE INDEX rate_hits_expires ON rate_hits (expires)",
+    # For each rule, the seconds until it lets another call of the caller through at `stamp` (0: it
+    # would now). A rule is at its limit while its `limit`-th newest hit is still inside the window.
+    """CREATE FUNCTION rate_waits(
+        who_kind text, who_name text, rules text[], limits int[], periods float8[], stamp timestamptz
+    ) RETURNS float8[] LANGUAGE sql AS $fn$
+        SELECT coalesce(array_agg(coalesce((
+            SELECT greatest(extract(epoch FROM at - stamp) + periods[i], 0.001) FROM rate_hits
+            WHERE counted_as = who_kind AND name = who_name AND rule = rules[i]
+              AND at > stamp - make_interval(secs => periods[i])
+            ORDER BY at DESC OFFSET limits[i] - 1 LIMIT 1
+        ), 0) ORDER BY i), '{}')
+        FROM generate_series(1, coalesce(array_length(rules, 1), 0)) AS i
+    $fn$""",
+    # One call counted against its rules, all or none, in one statement (one transaction): each key
+    # (caller, rule) is locked in one order, so charges of one key from every replica take turns and
+    # each counts what the one before it inserted; the time is read once the locks are held. At its
+    # limit an enforced rule refuses the whole charge (nothing is inserted); a monitored one is only
+    # not counted. `forget`: sessions whose own hits go first; `prune`: every expired hit goes too.
+    """CREATE FUNCTION charge_rates(
+        who_kind text, who_name text, rules text[], limits int[], periods float8[], enforced boolean[],
+        forget text[], prune boolean
+    ) RETURNS TABLE (rule text, hit bigint, wait float8) LANGUAGE plpgsql AS $fn$
+    #variable_conflict use_column
+    DECLARE
+        key int;
+        stamp timestamptz;
+        waits float8[];
+        refused boolean;
+        n int := coalesce(array_length(rules, 1), 0);
+    BEGIN
+        -- Rows another transaction is deleting already are skipped, so that two sweeps never wait on
+        -- each other (a row left by one that failed is swept the next time).
+        IF coalesce(array_length(forget, 1), 0) > 0 THEN
+            DELETE FROM rate_hits WHERE id IN (
+                SELECT id FROM rate_hits WHERE counted_as = 'session' AND name = ANY (forget)
+                FOR UPDATE SKIP LOCKED);
+        END IF;
+        IF prune THEN
+            DELETE FROM rate_hits WHERE id IN (
+                SELECT id FROM rate_hits WHERE expires <= clock_timestamp() FOR UPDATE SKIP LOCKED);
+        END IF;
+        -- The two-key form (class 'rate'), apart from the one-key advisory locks the replicas hold.
+        FOR key IN SELECT DISTINCT hashtext(who_kind || chr(31) || who_name || chr(31) || r)
+                   FROM unnest(rules) AS r ORDER BY 1 LOOP
+            PERFORM pg_advisory_xact_lock(1918989413, key);
+        END LOOP;
+        stamp := clock_timestamp();
+        waits := rate_waits(who_kind, who_name, rules, limits, periods, stamp);
+        refused := EXISTS (SELECT FROM generate_series(1, n) AS i WHERE waits[i] > 0 AND enforced[i]);
+        IF refused THEN
+            RETURN QUERY SELECT rules[i], NULL::bigint, waits[i] FROM generate_series(1, n) AS i;
+            RETURN;
+        END IF;
+        RETURN QUERY
+            WITH counted AS (
+                INSERT INTO rate_hits (counted_as, name, rule, at, expires)
+                SELECT who_kind, who_name, rules[i], stamp, stamp + make_interval(secs => periods[i])
+                FROM generate_series(1, n) AS i WHERE waits[i] = 0
+                RETURNING id, rule
+            )
+            SELECT rules[i], counted.id, waits[i]
+            FROM generate_series(1, n) AS i LEFT JOIN counted ON counted.rule = rules[i] AND waits[i] = 0;
+    END $fn$""",
+)
 SESSIONS: tuple[str, ...] = ()
 
 PINS = (
