@@ -61,6 +61,7 @@ from gateway.downstream.http_edge import (
     LOOPBACK_NAMES,
     Authenticate,
     ClientAddress,
+    Health,
     MessageGuard,
     SessionOwners,
     StoppingInOrder,
@@ -335,6 +336,7 @@ async def serve_streamable_http(
         # The client's address is settled in one place, `ClientAddress`: uvicorn's own reading of
         # X-Forwarded-For (on by default, for loopback peers) is off.
         app = ClientAddress(app, settings.trusted_proxies)
+        app = Health(app)  # a load balancer's checks: no credentials, no log line
         server = StoppingInOrder(
             uvicorn.Config(
                 app,

@@ -153,6 +153,24 @@ def address_of(scope: Scope) -> str:
     return str(client[0]) if client else ""
 
 
+HEALTH_PATH = "/healthz"
+
+
+class Health:
+    """ASGI middleware: `GET /healthz` (or `HEAD`) is answered 200 `ok` before anything else sees it, so a
+    load balancer can tell a replica is serving without credentials and without a log line per check.
+    It says nothing about the gateway beyond that it answers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == HEALTH_PATH and scope["method"] in ("GET", "HEAD"):
+            await respond(send, 200, b"ok\n", [(b"content-type", b"text/plain"), (b"cache-control", b"no-store")])
+            return
+        await self._app(scope, receive, send)
+
+
 class ClientAddress:
     """ASGI middleware: `scope["client"]` becomes the client's address. That is the TCP peer's, unless the
     peer is a trusted proxy: then the right-most address its forwarding header names that is not itself a

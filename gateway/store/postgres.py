@@ -177,9 +177,7 @@ KEY_BYTES = 32
 
 def shared_key(db: psycopg.Connection[Any], name: str) -> bytes:
     """The key every replica shares under `name` (made by whichever replica asks first; blocks)."""
-    db.execute(
-        "INSERT INTO keys VALUES (%s, %s) ON CONFLICT (name) DO NOTHING", (name, secrets.token_bytes(KEY_BYTES))
-    )
+    db.execute("INSERT INTO keys VALUES (%s, %s) ON CONFLICT (name) DO NOTHING", (name, secrets.token_bytes(KEY_BYTES)))
     row = db.execute("SELECT value FROM keys WHERE name = %s", (name,)).fetchone()
     assert row is not None  # inserted just now, or by another replica first; keys are never removed
     return bytes(row[0])
