@@ -127,7 +127,12 @@ async def running_replicas(
         "trusted_proxies": ["127.0.0.1"],
         **(http or {}),
     }
-    gateway: dict[str, Any] = {"store": store_url} if store_url is not None else {}
+    gateway: dict[str, Any] = {}
+    if store_url is not None:
+        from gateway.store.postgres import Database
+
+        Database(store_url).migrate()  # before the replicas, which would otherwise race to make the schema
+        gateway["store"] = store_url
     config = write_config(directory, upstreams, policy=policy, http=settings, **gateway)
     async with AsyncExitStack() as stack:
         started = []

@@ -155,7 +155,20 @@ AUDIT = (
 
 APPROVALS: tuple[str, ...] = ()
 RATES: tuple[str, ...] = ()
-SESSIONS: tuple[str, ...] = ()
+SESSIONS: tuple[str, ...] = (
+    # Handshake-era HTTP sessions, by the replica holding them (`host:pid`): a request for a session that
+    # reaches another replica is told where it lives. Written off the event loop, never before a session
+    # opens: a row can lag behind, or be missing after the store was away; the audit log is the record.
+    """CREATE TABLE sessions (
+        id text PRIMARY KEY,
+        replica text NOT NULL,
+        principal text,
+        transport text NOT NULL,
+        opened timestamptz NOT NULL DEFAULT now(),
+        closed timestamptz
+    )""",
+    "CREATE INDEX sessions_open ON sessions (replica) WHERE closed IS NULL",
+)
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {1: AUDIT + APPROVALS + RATES + SESSIONS}
 """The statements that bring a store from the version before to each version."""

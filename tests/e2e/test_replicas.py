@@ -8,8 +8,11 @@ Which replica served a call is told by the toolbox's `pid` tool: each replica ru
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,11 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from gateway.downstream.http_edge import SESSION_NOT_FOUND
+from gateway.store.postgres import Database
 from tests.conftest import ALLOW_ALL, REPO, fixture_upstream, text_of
+from tests.e2e.test_approval_queue import until
 from tests.e2e.test_http_and_cli import RawHttpSession
+from tests.postgres import Cluster
 from tests.replicas import Replicas, proxy_config, running_replicas
 
 pytestmark = pytest.mark.anyio
@@ -145,3 +151,60 @@ def test_the_shipped_config_is_used_with_only_its_addresses_and_servers_replaced
         "bind :443 ssl crt /etc/haproxy/certs/mcp-armor.pem alpn http/1.1",
         f"bind 127.0.0.1:4711 ssl crt {tmp_path / 'proxy.pem'} alpn http/1.1",
     }
+
+
+def session_rows(store_url: str) -> dict[str, tuple[Any, ...]]:
+    """The store's session records, by id: (replica, principal, transport, closed)."""
+    with Database(store_url).session() as db:
+        rows = db.execute("SELECT id, replica, principal, transport, closed FROM sessions").fetchall()
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+async def test_with_a_store_a_request_at_the_wrong_replica_is_told_which_replica_holds_its_session(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Two replicas on one store: each records the sessions it opens; a session's request sent straight to
+    the other replica is answered 404 naming the replica that holds it, with one warning line there. A
+    made-up id is answered as ever; the records are closed when the replicas stop."""
+    async with running_replicas(tmp_path, UPSTREAMS, 2, policy=ALLOW_ALL, store_url=store_url) as gateways:
+        first, second = gateways.replicas
+        holder = f"{socket.gethostname()}:{first.process.pid}"
+        async with gateways.client() as http:
+            session = RawHttpSession(http, first.url)
+            await session.open()
+            await until(lambda: session.id in session_rows(store_url))  # written off the request's path
+            assert session_rows(store_url)[session.id] == (holder, None, "http", None)
+            session.url = second.url
+            misrouted = await session.post({"jsonrpc": "2.0", "id": 7, "method": "tools/list"})
+            assert misrouted.status_code == 404
+            error = misrouted.json()["error"]
+            assert error["code"] == SESSION_NOT_FOUND["code"]
+            assert f"lives on replica {holder}" in error["message"] and "mcp-session-id" in error["message"]
+            await second.log.wait_for(rf"a request for a session held by replica {re.escape(holder)} reached replica")
+            assert second.log.text.count("a request for a session held by replica") == 1
+            session.id = uuid.uuid4().hex
+            unknown = await session.post({"jsonrpc": "2.0", "id": 8, "method": "tools/list"})
+            assert (unknown.status_code, unknown.json()["error"]) == (404, SESSION_NOT_FOUND)
+    (row,) = session_rows(store_url).values()
+    assert row[0] == holder and row[3] is not None
+
+
+async def test_a_session_opens_while_the_store_is_away_and_its_record_follows(
+    tmp_path: Path, store_url: str, postgres: Cluster
+) -> None:
+    """The store stopped: a session still opens and is served, the replica logs one line; once the store is
+    back the record is written."""
+    async with running_replicas(tmp_path, UPSTREAMS, 1, policy=ALLOW_ALL, store_url=store_url) as gateways:
+        (replica,) = gateways.replicas
+        postgres.stop("fast")
+        try:
+            async with gateways.client() as http:
+                session = RawHttpSession(http, gateways.url)
+                await session.open()
+                assert (await session.reply(2, "tools/call", {"name": "box__pid", "arguments": {}}))["result"]
+            await replica.log.wait_for(r"session records: .* sessions are served as ever")
+        finally:
+            postgres.start()
+        await until(lambda: session.id in session_rows(store_url))  # the writer retries every RETRY seconds
+        assert replica.log.text.count("sessions are served as ever") == 1
+        assert "armor-test-secret" not in replica.log.text
