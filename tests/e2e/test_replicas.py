@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from gateway.downstream.http_edge import SESSION_NOT_FOUND
 from gateway.store.postgres import Database
-from tests.conftest import ALLOW_ALL, REPO, fixture_upstream, text_of
+from tests.conftest import ALLOW_ALL, REPO, ServerLog, fixture_upstream, http_gateway, text_of, write_config
 from tests.e2e.test_approval_queue import until
-from tests.e2e.test_http_and_cli import RawHttpSession
+from tests.e2e.test_http_and_cli import TOKEN, RawHttpSession
 from tests.postgres import Cluster
 from tests.replicas import Replicas, proxy_config, running_replicas
 
@@ -208,3 +209,21 @@ async def test_a_session_opens_while_the_store_is_away_and_its_record_follows(
         await until(lambda: session.id in session_rows(store_url))  # the writer retries every RETRY seconds
         assert replica.log.text.count("sessions are served as ever") == 1
         assert "armor-test-secret" not in replica.log.text
+
+
+async def test_the_health_endpoint_answers_without_credentials_and_logs_nothing(tmp_path: Path) -> None:
+    """A gateway that requires a token answers `GET /healthz` (and `HEAD`) 200 `ok` without one, with no log
+    line; every other path still requires the token, and `/healthz` takes nothing but GET and HEAD."""
+    config = write_config(tmp_path, UPSTREAMS, http={"token": TOKEN})
+    logs: list[ServerLog] = []
+    async with http_gateway(config, logs) as url, httpx2.AsyncClient(timeout=10) as http:
+        health = url.removesuffix("/mcp") + "/healthz"
+        checked = await http.get(health)
+        assert (checked.status_code, checked.text, checked.headers["cache-control"]) == (200, "ok\n", "no-store")
+        assert (await http.head(health)).status_code == 200
+        assert (await http.post(health, json={})).status_code == 401
+        assert (await http.get(url)).status_code == 401
+        assert (await http.get(health + "/x")).status_code == 401
+        # The health checks came first: any line of theirs would be in the log before these three.
+        await logs[0].wait_for(r"(?s)(was refused.*){3}")
+    assert logs[0].text.count("was refused") == 3
