@@ -58,13 +58,16 @@ async def one_session(gateways: Replicas, served: dict[int, list[str]], number: 
             served.setdefault(number, []).append(text_of(answered))
 
 
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 async def test_many_handshake_sessions_through_the_proxy_each_stay_with_the_replica_that_opened_it(
-    tmp_path: Path,
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
 ) -> None:
     """60 concurrent sessions of 5 calls each: every call is answered by its session's replica, the sessions
-    spread over all three replicas, and the audit log holds one decision and one outcome per call."""
+    spread over all three replicas, and the audit log holds one decision and one outcome per call. With a
+    shared store, each session is recorded as held by one replica, and closed once the replicas stop."""
+    store_url = request.getfixturevalue("store_url") if store == "postgresql" else None
     served: dict[int, list[str]] = {}
-    async with running_replicas(tmp_path, UPSTREAMS, 3, policy=ALLOW_ALL) as gateways:
+    async with running_replicas(tmp_path, UPSTREAMS, 3, policy=ALLOW_ALL, store_url=store_url) as gateways:
         with anyio.fail_after(240):
             async with anyio.create_task_group() as tg:
                 for number in range(SESSIONS):
@@ -80,6 +83,12 @@ async def test_many_handshake_sessions_through_the_proxy_each_stay_with_the_repl
     decided = [event for event in events if event["kind"] == "decision"]
     assert {event["tool"] for event in decided} == {"box__pid"}
     assert len({event["session_id"] for event in decided}) == SESSIONS
+    if store_url is not None:
+        rows = session_rows(store_url)
+        assert len(rows) == SESSIONS and all(row[3] is not None for row in rows.values())
+        held = Counter(row[0] for row in rows.values())
+        pids = {f"{socket.gethostname()}:{replica.process.pid}" for replica in gateways.replicas}
+        assert set(held) == pids
 
 
 async def test_stateless_2026_requests_are_served_by_every_replica(tmp_path: Path) -> None:
@@ -97,7 +106,8 @@ async def test_stateless_2026_requests_are_served_by_every_replica(tmp_path: Pat
 
 async def test_a_session_id_at_a_replica_that_does_not_hold_it_is_answered_404(tmp_path: Path) -> None:
     """The id of a session opened through the proxy, sent straight to another replica, is answered as an
-    unknown session (404), so the client opens a new one; at its own replica it is served."""
+    unknown session (404), so the client opens a new one; at its own replica it is served. A foreign Host
+    or Origin through the proxy is refused by the replica."""
     async with running_replicas(tmp_path, UPSTREAMS, 2, policy=ALLOW_ALL) as gateways, gateways.client() as http:
         session = RawHttpSession(http, gateways.url)
         await session.open()
@@ -111,6 +121,15 @@ async def test_a_session_id_at_a_replica_that_does_not_hold_it_is_answered_404(t
                 assert answer.status_code == 404
                 assert answer.json()["error"]["code"] == SESSION_NOT_FOUND["code"]
         assert holder is not None
+        # Host and Origin pass the proxy unchanged and are the replicas' to check: only `allowed_hosts` pass.
+        session.url = gateways.url
+        ping = {"jsonrpc": "2.0", "id": 8, "method": "ping"}
+        foreign_host = await http.post(gateways.url, json=ping, headers={**session.headers(), "host": "evil.example"})
+        foreign_origin = {**session.headers(), "origin": "https://evil.example"}
+        assert (
+            foreign_host.status_code,
+            (await http.post(gateways.url, json=ping, headers=foreign_origin)).status_code,
+        ) == (421, 403)
 
 
 async def test_a_killed_replica_is_taken_out_and_its_sessions_answer_404_elsewhere(tmp_path: Path) -> None:
