@@ -127,20 +127,24 @@ class SessionRecords:
 
         row = None
         try:
-            async with self._reading:
-                with anyio.fail_after(LOOKUP_TIMEOUT):
-                    if self._reader is None:
-                        self._reader = await self.db.connect_async()
-                    found = await self._reader.execute(
-                        "SELECT replica, principal FROM sessions WHERE id = %s AND closed IS NULL", (session_id,)
-                    )
-                    row = await found.fetchone()
+            with anyio.fail_after(LOOKUP_TIMEOUT):  # waiting for the lookups ahead of this one included
+                async with self._reading:
+                    try:
+                        if self._reader is None:
+                            self._reader = await self.db.connect_async()
+                        found = await self._reader.execute(
+                            "SELECT replica, principal FROM sessions WHERE id = %s AND closed IS NULL", (session_id,)
+                        )
+                        row = await found.fetchone()
+                    except (StoreError, psycopg.Error, anyio.get_cancelled_exc_class()):
+                        # A connection that failed, or was cut off mid-query, is not used again.
+                        reader, self._reader = self._reader, None
+                        if reader is not None:
+                            with anyio.CancelScope(shield=True):
+                                await reader.close()
+                        raise
         except (StoreError, psycopg.Error, TimeoutError) as exc:
             self._gone(exc)
-            if self._reader is not None:
-                reader, self._reader = self._reader, None
-                with anyio.CancelScope(shield=True):
-                    await reader.close()
             return None
         self._back()
         # Another principal's session is not this one's to hear about: answered as unknown.

@@ -212,8 +212,8 @@ async def test_with_a_store_a_request_at_the_wrong_replica_is_told_which_replica
 async def test_a_session_opens_while_the_store_is_away_and_its_record_follows(
     tmp_path: Path, store_url: str, postgres: Cluster
 ) -> None:
-    """The store stopped: a session still opens and is served, the replica logs one line; once the store is
-    back the record is written."""
+    """The store stopped: a session still opens and is served, an unknown session id is answered 404 as
+    ever, the replica logs one line; once the store is back the record is written."""
     async with running_replicas(tmp_path, UPSTREAMS, 1, policy=ALLOW_ALL, store_url=store_url) as gateways:
         (replica,) = gateways.replicas
         postgres.stop("fast")
@@ -222,6 +222,12 @@ async def test_a_session_opens_while_the_store_is_away_and_its_record_follows(
                 session = RawHttpSession(http, gateways.url)
                 await session.open()
                 assert (await session.reply(2, "tools/call", {"name": "box__pid", "arguments": {}}))["result"]
+                # Where an unknown session lives cannot be asked: it is answered as unknown, as ever.
+                unknown = {**session.headers(), "mcp-session-id": uuid.uuid4().hex}
+                answer = await http.post(
+                    gateways.url, json={"jsonrpc": "2.0", "id": 3, "method": "ping"}, headers=unknown
+                )
+                assert (answer.status_code, answer.json()["error"]) == (404, SESSION_NOT_FOUND)
             await replica.log.wait_for(r"session records: .* sessions are served as ever")
         finally:
             postgres.start()
