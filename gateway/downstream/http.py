@@ -57,10 +57,12 @@ from gateway.console.access import PrincipalGate
 from gateway.console.app import Mounted, console_app
 from gateway.core.gateway import Gateway, ListKind
 from gateway.core.requests import RELAYED, Caller, Request, relay_for
+from gateway.core.shared_sessions import SessionRecords
 from gateway.downstream.http_edge import (
     LOOPBACK_NAMES,
     Authenticate,
     ClientAddress,
+    Health,
     MessageGuard,
     SessionOwners,
     StoppingInOrder,
@@ -74,6 +76,7 @@ from gateway.downstream.resource_server import RequireScopes, ResourceMetadata, 
 from gateway.errors import ProtocolError, format_seconds
 from gateway.principals import Authenticator, Principal, SharedToken, principal_in
 from gateway.principals.store import LocalTokens
+from gateway.store.postgres import database
 from gateway.wire.results import dump
 
 logger = logging.getLogger(__name__)
@@ -311,7 +314,9 @@ async def serve_streamable_http(
             session_idle_timeout=settings.session_idle_timeout,
             max_request_body_size=limit,
         )
-        owners = SessionOwners(MessageGuard(app, limit), gateway.sessions)
+        store = database(config)
+        records = SessionRecords(store) if store is not None else None  # where each session lives, for the others
+        owners = SessionOwners(MessageGuard(app, limit), gateway.sessions, records)
         front.on_close.append(owners.forget)
         app = owners
         authenticators: list[Authenticator] = []
@@ -335,6 +340,7 @@ async def serve_streamable_http(
         # The client's address is settled in one place, `ClientAddress`: uvicorn's own reading of
         # X-Forwarded-For (on by default, for loopback peers) is off.
         app = ClientAddress(app, settings.trusted_proxies)
+        app = Health(app)  # a load balancer's checks: no credentials, no log line
         server = StoppingInOrder(
             uvicorn.Config(
                 app,
@@ -348,6 +354,8 @@ async def serve_streamable_http(
         )
         async with anyio.create_task_group() as tg:
             await tg.start(gateway.run)
+            if records is not None:
+                await tg.start(records.run)
             logger.info("serving streamable HTTP at %s://%s:%d/mcp", scheme, host, port)
             await server.serve(sockets=[sock])
             tg.cancel_scope.cancel()

@@ -44,11 +44,12 @@ from mcp.shared.inbound import (
     find_duplicated_routing_header,
 )
 from mcp_types import HEADER_MISMATCH
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.config.models import Config
 from gateway.core.sessions import Sessions
+from gateway.core.shared_sessions import SessionRecords
 from gateway.downstream.messages import Unreadable, read_message
 from gateway.downstream.shutdown import stopping
 from gateway.errors import ConfigError, GatewayError
@@ -153,6 +154,24 @@ def address_of(scope: Scope) -> str:
     return str(client[0]) if client else ""
 
 
+HEALTH_PATH = "/healthz"
+
+
+class Health:
+    """ASGI middleware: `GET /healthz` (or `HEAD`) is answered 200 `ok` before anything else sees it, so a
+    load balancer can tell a replica is serving without credentials and without a log line per check.
+    It says nothing about the gateway beyond that it answers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == HEALTH_PATH and scope["method"] in ("GET", "HEAD"):
+            await respond(send, 200, b"ok\n", [(b"content-type", b"text/plain"), (b"cache-control", b"no-store")])
+            return
+        await self._app(scope, receive, send)
+
+
 class ClientAddress:
     """ASGI middleware: `scope["client"]` becomes the client's address. That is the TCP peer's, unless the
     peer is a trusted proxy: then the right-most address its forwarding header names that is not itself a
@@ -251,11 +270,16 @@ class SessionOwners:
     refuses, for a foreign `Host` say, leaves the session open. Without credentials every request is
     the same anonymous principal, so nothing tells sessions' owners apart. A principal holding
     `SESSIONS_PER_PRINCIPAL` sessions (or opening them) is refused another (503) until one closes.
+
+    With a shared store (`records`), the sessions it opens and closes are recorded there, and a
+    handshake-era request for a session another replica holds is answered 404 saying which replica
+    that is: the load balancer in front must route by `mcp-session-id` (docs/deploy.md).
     """
 
-    def __init__(self, app: ASGIApp, sessions: Sessions) -> None:
+    def __init__(self, app: ASGIApp, sessions: Sessions, records: SessionRecords | None = None) -> None:
         self._app = app
         self._sessions = sessions
+        self._records = records
         self._owners: dict[str, str | None] = {}
         self._held: Counter[str | None] = Counter()
         """Per owner, its sessions open and its requests that may open one now."""
@@ -264,6 +288,8 @@ class SessionOwners:
         """The session is closed (its id now answers 404 anyway)."""
         if session_id in self._owners:
             self._release(self._owners.pop(session_id))
+            if self._records is not None:
+                self._records.closed(session_id)
 
     def _release(self, owner: str | None) -> None:
         self._held[owner] -= 1
@@ -283,6 +309,12 @@ class SessionOwners:
                 f"principal {owner!r}" if owner is not None else "an unauthenticated client",
             )
             await _answer(send, 404, {"jsonrpc": "2.0", "id": None, "error": SESSION_NOT_FOUND})
+            return
+        if (
+            presented is not None
+            and presented not in self._owners
+            and await self._elsewhere(scope, send, presented, owner)
+        ):
             return
         opening = presented is None and _header(scope, b"mcp-protocol-version") in (None, *HANDSHAKE_PROTOCOL_VERSIONS)
         if opening:
@@ -306,6 +338,8 @@ class SessionOwners:
                 if opening and issued is not None and status < 400:
                     self._owners[issued.decode("latin-1")] = owner
                     kept = True
+                    if self._records is not None:
+                        self._records.opened(issued.decode("latin-1"), owner)
             await send(message)
 
         try:
@@ -316,6 +350,28 @@ class SessionOwners:
         if scope["method"] == "DELETE" and presented is not None and 200 <= status < 300:
             self.forget(presented)
             self._sessions.end(presented, "the client ended the session")
+
+    async def _elsewhere(self, scope: Scope, send: Send, presented: str, owner: str | None) -> bool:
+        """Whether a handshake-era request for a session this replica does not hold was answered 404 here
+        because the store says another replica holds it (a stateless 2026-07-28 request's id names nothing)."""
+        if self._records is None or _header(scope, b"mcp-protocol-version") in MODERN_PROTOCOL_VERSIONS:
+            return False
+        holder = await self._records.holder(presented, owner)
+        if holder is None:
+            return False
+        logger.warning(
+            "a request for a session held by replica %s reached replica %s: the load balancer must route "
+            "requests by mcp-session-id (docs/deploy.md); answered 404",
+            holder,
+            self._records.replica,
+        )
+        message = (
+            f"Session not found: it lives on replica {holder}, and the load balancer must route requests "
+            "by mcp-session-id (docs/deploy.md)"
+        )
+        error = {**SESSION_NOT_FOUND, "message": message}
+        await _answer(send, 404, {"jsonrpc": "2.0", "id": None, "error": error})
+        return True
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

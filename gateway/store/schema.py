@@ -249,7 +249,20 @@ RATES = (
             FROM generate_series(1, n) AS i LEFT JOIN counted ON counted.rule = rules[i] AND waits[i] = 0;
     END $fn$""",
 )
-SESSIONS: tuple[str, ...] = ()
+SESSIONS: tuple[str, ...] = (
+    # Handshake-era HTTP sessions, by the replica holding them (`host:pid`): a request for a session that
+    # reaches another replica is told where it lives. Written off the event loop, never before a session
+    # opens: a row can lag behind, or be missing after the store was away; the audit log is the record.
+    """CREATE TABLE sessions (
+        id text PRIMARY KEY,
+        replica text NOT NULL,
+        principal text,
+        transport text NOT NULL,
+        opened timestamptz NOT NULL DEFAULT now(),
+        closed timestamptz
+    )""",
+    "CREATE INDEX sessions_open ON sessions (replica) WHERE closed IS NULL",
+)
 
 PINS = (
     # The approved upstream definitions (`upstreams.lock`'s document, as TOML) in one row; `revision`
