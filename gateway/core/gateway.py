@@ -18,11 +18,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
+import anyio.to_thread
 import mcp_types as types
 
 from gateway import __version__
-from gateway.audit.approvals import ApprovalQueue, AskedCall
+from gateway.audit.approvals import AskedCall
 from gateway.audit.events import GatewayEvents
+from gateway.audit.shared_approvals import approval_queue, approval_states
 from gateway.audit.stages import SHUTDOWN_GRACE, CallAudit
 from gateway.calls import (
     Answer,
@@ -55,7 +57,7 @@ from gateway.core.targets import (
     template_completion,
 )
 from gateway.core.watch import watch_file, watch_policies
-from gateway.errors import GatewayError, LockError, ProtocolError, format_seconds
+from gateway.errors import ApprovalsError, GatewayError, LockError, ProtocolError, format_seconds
 from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX
 from gateway.principals import Principal
@@ -91,7 +93,9 @@ class Gateway:
             logger.warning("%s", line)
         self.pipeline: Handler = build_pipeline(pool, engine, audit, own_files)
         self.desk = ApprovalDesk(
-            pool.config.gateway.ask_timeout, declared=lambda tool: engine.policies.paths.declared(tool)
+            pool.config.gateway.ask_timeout,
+            declared=lambda tool: engine.policies.paths.declared(tool),
+            states=approval_states(pool.config),
         )
         approvals = pool.config.gateway.approvals
         self.notifier: ApprovalNotifier | None = None
@@ -101,7 +105,7 @@ class Gateway:
 
             self.notifier = ApprovalNotifier(approvals.notify, approvals.notify_headers, approvals.console_url)
         self.asker = QueueAsker(
-            ApprovalQueue(pool.config.approvals_path),
+            approval_queue(pool.config),
             self.desk,
             self._asked_call,
             lambda: engine.policies.revision,
@@ -366,6 +370,23 @@ class Gateway:
         )
 
     def _approver(self, caller: Caller, params: ToolRequest | RoundTrip) -> Approver | None:
+        """How this request can ask a person (`_asking`), once the approval key is at hand: with a shared
+        store it is read from there the first time, and a store that cannot be reached refuses the call."""
+        asking = self._asking(caller, params)
+        desk = self.desk
+        if asking is None or not desk.blocking:
+            return asking
+
+        async def key_first(call: ToolCall, decision: Decision) -> Approval:
+            try:
+                await anyio.to_thread.run_sync(desk.ready)
+            except ApprovalsError as exc:
+                return Approval(Answer.CANNOT_ASK, str(exc), Channel.QUEUE)
+            return await asking(call, decision)
+
+        return key_first
+
+    def _asking(self, caller: Caller, params: ToolRequest | RoundTrip) -> Approver | None:
         """How this request can ask a person: the agent's client (elicitation now in the handshake era,
         an input-required round trip in 2026-07-28: `params` carries the retry's state and answer), the
         approval queue, or both (the first decision wins), as `[gateway.approvals]` says."""
@@ -379,7 +400,11 @@ class Gateway:
                 if params.request_state is None and params.answer is None:
                     entry = await queue.enter(call, decision) if queue is not None else None
                     return desk.pending(call, decision, entry.id if entry is not None else None)
-                verdict = desk.redeem(params.request_state, params.answer, call)
+                if desk.blocking:  # the used-once record is in the shared store
+                    redeem = desk.redeem
+                    verdict = await anyio.to_thread.run_sync(redeem, params.request_state, params.answer, call)
+                else:
+                    verdict = desk.redeem(params.request_state, params.answer, call)
                 if queue is None or verdict.entry is None or verdict.answer is Answer.INVALID:
                     return verdict
                 return await queue.settle(verdict.entry, verdict, call, decision)
