@@ -292,6 +292,10 @@ class SharedApprovalStates:
                 self._key = shared_key(db, STATE_KEY)
         return self._key
 
+    def close(self) -> None:
+        with self._link._lock:
+            self._link.close()
+
     def first_use(self, nonce: str, until: float, now: float) -> bool:
         """Record `nonce` as redeemed, until `until`: `True` only the first time, on any replica."""
         with self._link() as db:

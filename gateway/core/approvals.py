@@ -57,6 +57,8 @@ class States(Protocol):
         """Record `nonce` as redeemed until `until`: `True` only the first time."""
         ...
 
+    def close(self) -> None: ...
+
 
 class LocalStates:
     """This process's own: a key that never leaves it, and the nonces redeemed here (in memory)."""
@@ -76,6 +78,9 @@ class LocalStates:
             return False
         self._used[nonce] = until
         return True
+
+    def close(self) -> None:
+        pass
 
 
 class ApprovalDesk:
@@ -100,6 +105,10 @@ class ApprovalDesk:
     def ready(self) -> None:
         """Have the key at hand (from the shared store, the first time): `ApprovalsError` when it cannot be."""
         self._states.key()
+
+    def close(self) -> None:
+        """Let go of the shared store's connection, if any (the gateway is stopping)."""
+        self._states.close()
 
     def binding(self, call: ToolCall) -> str:
         """What an approval is bound to: the session and its principal, the exposed name and the upstream behind it, the

@@ -144,16 +144,22 @@ class Gateway:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the upstream pool, the policy watcher and the approval notices until cancelled."""
-        async with anyio.create_task_group() as tg:
-            await tg.start(self.pool.run)
-            if self.notifier is not None:
-                await tg.start(self.notifier.run)
-            policy_dir = self.pool.config.policy_dir
-            tg.start_soon(
-                watch_policies, policy_dir, self._revision, self.install_policies, self.events.policy_reload_failed
-            )
-            tg.start_soon(watch_file, self.pool.config.lock_path, self.reload_lock)
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.pool.run)
+                if self.notifier is not None:
+                    await tg.start(self.notifier.run)
+                policy_dir = self.pool.config.policy_dir
+                tg.start_soon(
+                    watch_policies, policy_dir, self._revision, self.install_policies, self.events.policy_reload_failed
+                )
+                tg.start_soon(watch_file, self.pool.config.lock_path, self.reload_lock)
+                task_status.started()
+        finally:
+            if self.asker.queue.remote:  # the shared store's connections, let go of off the event loop
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.asker.queue.close)
+                    await anyio.to_thread.run_sync(self.desk.close)
 
     async def reload_lock(self) -> None:
         """`upstreams.lock` changed (an approval, say): put its pins in force; a damaged one changes nothing."""
