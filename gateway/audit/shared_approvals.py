@@ -56,6 +56,8 @@ PRUNE_EVERY = 60.0
 """Seconds between removals of expired used-once records (by each replica, as it redeems)."""
 CLOCK_SLACK = 300.0
 """Seconds a used-once record is kept past its state's expiry: replicas' clocks may differ by that much."""
+IDLE_CHECK = 1.0
+"""Seconds a connection may sit unused before it is tried before its next use."""
 _SESSION_LOCKS = 0x6170
 """The first key of the advisory locks under which one session's approvals are counted and entered."""
 _COLUMNS = ("id", "created", "expires", "status", "binding", "call", "decided_at", "decided_by", "channel", "note")
@@ -77,12 +79,14 @@ def approval_states(config: Config) -> SharedApprovalStates | None:
 
 class _Link:
     """One connection to the store for one caller at a time: made when first needed, dropped when it fails
-    (the next use makes another)."""
+    (the next use makes another), and tried before use after a while idle (the server may have restarted
+    since, and a first statement failing on a connection it closed would refuse a call for nothing)."""
 
     def __init__(self, store: Database, what: str) -> None:
         self.store = store
         self._what = what
         self._connection: psycopg.Connection[Any] | None = None
+        self._used = 0.0
         self._lock = threading.Lock()
 
     @contextmanager
@@ -92,6 +96,11 @@ class _Link:
 
         with self._lock:
             try:
+                if self._connection is not None and time.monotonic() - self._used >= IDLE_CHECK:
+                    try:
+                        self._connection.execute("SELECT 1")
+                    except psycopg.Error:
+                        self.close()
                 if self._connection is None or self._connection.closed:
                     self._connection = None
                     connection = self.store.connect()
@@ -101,6 +110,7 @@ class _Link:
                         connection.close()
                         raise
                     self._connection = connection
+                self._used = time.monotonic()
                 yield self._connection
             except StoreError as exc:
                 self.close()
