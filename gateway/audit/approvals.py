@@ -21,12 +21,12 @@ import secrets
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.audit.store import event
 from gateway.errors import ApprovalsError
@@ -166,11 +166,45 @@ Record = Callable[[Entry], None]
 (so a decision the audit log cannot record is not taken)."""
 
 
+class Queue(Protocol):
+    """What the gateway, the console and the command line use of an approval queue: the SQLite file
+    (`ApprovalQueue`) or the shared store's (`gateway.audit.shared_approvals.SharedApprovalQueue`)."""
+
+    remote: bool
+    """Its calls wait on a server: the gateway makes every one of them in a worker thread."""
+    where: str
+    """The queue as messages name it: its file, or the store (never with a password)."""
+
+    def now(self) -> float: ...
+    def ask(self, call: AskedCall, binding: str, ttl: float, *, most: int | None = None) -> Entry: ...
+    def decide(
+        self,
+        entry_id: str,
+        *,
+        approve: bool,
+        by: str,
+        channel: str,
+        note: str = "",
+        binding: str | None = None,
+        record: Record | None = None,
+    ) -> Entry: ...
+    def spend(self, entry_id: str, binding: str) -> bool: ...
+    def close_out(self, entry_id: str, status: Status, note: str, *, only: Status = Status.PENDING) -> bool: ...
+    def get(self, entry_id: str) -> Entry | None: ...
+    def entries(self, *, pending_only: bool = False, since: float | None = None, limit: int = 200) -> list[Entry]: ...
+    def stats(self, since: float) -> list[RuleStats]: ...
+    def version(self) -> int: ...
+    def close(self) -> None: ...
+
+
 class ApprovalQueue:
     """The queue file: entering, deciding, spending and listing approvals."""
 
+    remote = False
+
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = path
+        self.where = str(path)
         self._clock = clock
         self._reader: sqlite3.Connection | None = None
 
@@ -188,12 +222,9 @@ class ApprovalQueue:
                     "WHERE status = 'pending' AND expires > ? AND json_extract(call, '$.session') = ?",
                     (now, call.session),
                 ).fetchone()[0]
-                if waiting >= most:
-                    raise ApprovalsError(
-                        f"session {call.session} already has {waiting} approvals waiting; {call.tool} not entered"
-                    )
+                refuse_crowding(call, waiting, most)
             while True:  # ~40 bits of id: a clash is rare, and retried
-                entry_id = "".join(secrets.choice(_ALPHABET) for _ in range(ID_LENGTH))
+                entry_id = new_id()
                 if db.execute("SELECT 1 FROM approvals WHERE id = ?", (entry_id,)).fetchone() is None:
                     break
             entry = Entry(entry_id, now, now + ttl, Status.PENDING, binding, call)
@@ -229,11 +260,7 @@ class ApprovalQueue:
                 gone = f"the gateway holding it ({entry.call.gateway}) is gone"
                 _close(db, entry_id, Status.EXPIRED, gone, now, Status.PENDING)
             else:
-                settled = entry.settled(now)
-                if settled is not None:
-                    raise ApprovalsError(settled)
-                if binding is not None and binding != entry.binding:
-                    raise ApprovalsError(f"approval {entry_id} is not the call that was shown (its binding differs)")
+                refuse_undecidable(entry, now, binding)
                 status = Status.APPROVED if approve else Status.DENIED
                 decided = replace(
                     entry, status=status, decided_at=now, decided_by=by, channel=channel, note=note or None
@@ -291,28 +318,12 @@ class ApprovalQueue:
 
     def stats(self, since: float) -> list[RuleStats]:
         """Per rule, since `since`: how often it asked, and how many were approved, denied, left unanswered."""
-        counts: dict[str, list[int]] = {}
         now = self._clock()
         with self._reading() as db:
             if db is None:
                 return []
-            for row in db.execute("SELECT * FROM approvals WHERE created >= ?", (since,)):
-                entry = _entry(row)
-                status = entry.shown_status(now)
-                for rule in entry.call.rules or ("(no rule)",):
-                    tally = counts.setdefault(rule, [0, 0, 0, 0])
-                    tally[0] += 1
-                    if status in (Status.APPROVED, Status.USED, Status.VOID):
-                        tally[1] += 1
-                    elif status is Status.DENIED:
-                        tally[2] += 1
-                    elif status is not Status.PENDING:
-                        tally[3] += 1
-        hours = max((now - since) / 3600, 1 / 60)
-        return [
-            RuleStats(rule, asked, approved, denied, unanswered, round(asked / hours, 2))
-            for rule, (asked, approved, denied, unanswered) in sorted(counts.items(), key=lambda item: -item[1][0])
-        ]
+            found = [_entry(row) for row in db.execute("SELECT * FROM approvals WHERE created >= ?", (since,))]
+        return tally(found, since, now)
 
     def version(self) -> int:
         """A number that changes whenever any connection commits to the file (one `PRAGMA data_version`,
@@ -419,6 +430,47 @@ def decision_event(decided: Entry) -> dict[str, Any]:
         binding=decided.binding,
         note=decided.note,
     )
+
+
+def tally(entries: Iterable[Entry], since: float, now: float) -> list[RuleStats]:
+    """Per rule, of `entries` (those asked since `since`): how often it asked, and what came of it."""
+    counts: dict[str, list[int]] = {}
+    for entry in entries:
+        status = entry.shown_status(now)
+        for rule in entry.call.rules or ("(no rule)",):
+            tally = counts.setdefault(rule, [0, 0, 0, 0])
+            tally[0] += 1
+            if status in (Status.APPROVED, Status.USED, Status.VOID):
+                tally[1] += 1
+            elif status is Status.DENIED:
+                tally[2] += 1
+            elif status is not Status.PENDING:
+                tally[3] += 1
+    hours = max((now - since) / 3600, 1 / 60)
+    return [
+        RuleStats(rule, asked, approved, denied, unanswered, round(asked / hours, 2))
+        for rule, (asked, approved, denied, unanswered) in sorted(counts.items(), key=lambda item: -item[1][0])
+    ]
+
+
+def new_id() -> str:
+    """A new approval id (a clash with one in the queue is rare, and the caller draws again)."""
+    return "".join(secrets.choice(_ALPHABET) for _ in range(ID_LENGTH))
+
+
+def refuse_crowding(call: AskedCall, waiting: int, most: int) -> None:
+    """Refuse to enter `call` when its session already has `most` approvals waiting."""
+    if waiting >= most:
+        raise ApprovalsError(f"session {call.session} already has {waiting} approvals waiting; {call.tool} not entered")
+
+
+def refuse_undecidable(entry: Entry, now: float, binding: str | None) -> None:
+    """Refuse to decide `entry` when it is settled, or (given `binding`) is not the call that was shown."""
+    settled = entry.settled(now)
+    if settled is not None:
+        raise ApprovalsError(settled)
+    if binding is not None and binding != entry.binding:
+        raise ApprovalsError(f"approval {entry.id} is not the call that was shown (its binding differs)")
 
 
 def queue_path(state_dir: Path) -> Path:

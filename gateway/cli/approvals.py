@@ -16,8 +16,9 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from gateway.audit.approvals import ApprovalQueue, Entry, RuleStats, Status, decision_event
+from gateway.audit.approvals import Entry, Queue, RuleStats, Status, decision_event
 from gateway.audit.logs import record_first
+from gateway.audit.shared_approvals import approval_queue
 from gateway.audit.store import iso_utc, os_user
 from gateway.cli.common import parse_moment, print_table, visible
 from gateway.config.models import Config
@@ -34,7 +35,7 @@ def list_approvals(config: Config, show_all: bool, since: str | None, as_json: b
     it asked since `since` and what came of it."""
     window = since or DEFAULT_SINCE
     start = parse_moment(window, "--since", '"24h", "7d"', ahead=False).timestamp()
-    queue = ApprovalQueue(config.approvals_path)
+    queue = approval_queue(config)
     now = queue.now()
     pending = queue.entries(pending_only=True)
     decided = [e for e in queue.entries(since=start) if e.shown_status(now) is not Status.PENDING] if show_all else []
@@ -80,7 +81,7 @@ def list_approvals(config: Config, show_all: bool, since: str | None, as_json: b
 
 
 def show(config: Config, entry_id: str, as_json: bool) -> int:
-    queue = ApprovalQueue(config.approvals_path)
+    queue = approval_queue(config)
     entry = _entry(queue, entry_id)
     if as_json:
         print(json.dumps(entry.to_record(queue.now())))
@@ -91,7 +92,7 @@ def show(config: Config, entry_id: str, as_json: bool) -> int:
 
 def decide(config: Config, entry_id: str, *, approve: bool, note: str, yes: bool, as_json: bool) -> int:
     """Print the whole call, confirm (an approval), then decide it for the binding that was printed."""
-    queue = ApprovalQueue(config.approvals_path)
+    queue = approval_queue(config)
     entry = _entry(queue, entry_id)
     _print_call(entry, queue.now(), sys.stderr if as_json else sys.stdout)
     settled = entry.settled(queue.now())
@@ -132,10 +133,10 @@ def _confirmed() -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _entry(queue: ApprovalQueue, entry_id: str) -> Entry:
+def _entry(queue: Queue, entry_id: str) -> Entry:
     entry = queue.get(entry_id.strip().lower())
     if entry is None:
-        raise ApprovalsError(f"no approval {entry_id!r} in {queue.path} (see `mcp-armor approvals list --all`)")
+        raise ApprovalsError(f"no approval {entry_id!r} in {queue.where} (see `mcp-armor approvals list --all`)")
     return entry
 
 

@@ -23,8 +23,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.audit.approvals import ApprovalQueue, Entry, decision_event
+from gateway.audit.approvals import Entry, decision_event
 from gateway.audit.logs import record_first
+from gateway.audit.shared_approvals import approval_queue
 from gateway.catalog.pins import Assessment
 from gateway.catalog.shared_pins import pins_needed, shared_pins
 from gateway.config.models import Config
@@ -88,7 +89,7 @@ class Console:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.queue = ApprovalQueue(config.approvals_path)
+        self.queue = approval_queue(config)
         self._reviewing = anyio.Lock()
         """One review at a time: each starts every upstream once."""
         self.streams: dict[str, int] = {}
@@ -133,7 +134,7 @@ class Console:
         return _Counted(self.streams, name, self._stream(session.viewer, gate))
 
     async def _stream(self, viewer: Viewer, gate: Gate) -> AsyncIterator[str]:
-        feed, queue = AuditFeed(self.config), QueueFeed(ApprovalQueue(self.config.approvals_path))
+        feed, queue = AuditFeed(self.config), QueueFeed(approval_queue(self.config))
         try:
             try:
                 first = await anyio.to_thread.run_sync(self._first, feed, queue, viewer)

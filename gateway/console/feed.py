@@ -18,7 +18,7 @@ from contextlib import closing, contextmanager
 from typing import Any
 
 from gateway.audit.anchor import Anchoring, last_anchor, read_anchors
-from gateway.audit.approvals import ApprovalQueue, Entry
+from gateway.audit.approvals import Entry, Queue
 from gateway.audit.logs import AuditLog
 from gateway.audit.queries import Filters
 from gateway.audit.shared import SharedAuditStore
@@ -281,7 +281,7 @@ class QueueFeed:
     """One page's view of the approval queue: the pending approvals and the asks per rule, sent again
     whenever the queue changed (or a pending one's expiry passed)."""
 
-    def __init__(self, queue: ApprovalQueue) -> None:
+    def __init__(self, queue: Queue) -> None:
         self.queue = queue
         self._version: int | None = None
         self._sent: list[Message] | None = None

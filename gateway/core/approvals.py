@@ -1,13 +1,14 @@
 """Asking a person: what they are shown, and how an approval is bound to the exact call it approves.
 
 An approval covers one call: its session, exposed tool, the policy revision that asked, and an
-HMAC-SHA256 (under this process's key) of its arguments as sent and as the upstream would receive them
-(after any rewrite); the person is shown that digest with the arguments (`gateway.display`). On handshake-era
-connections the person answers an elicitation while the call waits. On 2026-07-28 connections the call
-returns `input_required` with an elicitation and a sealed `requestState` (HMAC-SHA256 under a key that
-never leaves this process, with the authenticated principal it was issued to, an expiry and a one-time
-nonce); the client retries with the person's answer, and the retry is approved only if the state is
-authentic, unexpired, unused, issued to the principal retrying and names this very call. MCP-free:
+HMAC-SHA256 (under this process's key, or with a shared store the key every replica shares) of its
+arguments as sent and as the upstream would receive them (after any rewrite); the person is shown that
+digest with the arguments (`gateway.display`). On handshake-era connections the person answers an
+elicitation while the call waits. On 2026-07-28 connections the call returns `input_required` with an
+elicitation and a sealed `requestState` (HMAC-SHA256 under that key, with the authenticated principal it
+was issued to, an expiry and a one-time nonce); the client retries with the person's answer, and the
+retry is approved only if the state is authentic, unexpired, unused (on any replica, with a store),
+issued to the principal retrying and names this very call. MCP-free:
 `gateway.core.gateway` does the talking.
 """
 
@@ -21,11 +22,11 @@ import secrets
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.calls import Answer, Approval, Channel, Decision, ToolCall
 from gateway.display import approval_prompt
-from gateway.errors import format_seconds
+from gateway.errors import ApprovalsError, format_seconds
 from gateway.schema import canonical_json
 
 REQUEST_KEY = "mcp-armor-approval"
@@ -45,6 +46,43 @@ REQUESTED_SCHEMA: dict[str, Any] = {
 }
 
 
+class States(Protocol):
+    """The key approvals are bound and sealed under, and the record of the sealed states redeemed."""
+
+    blocking: bool
+    """Its calls wait on a server (the gateway makes them in a worker thread)."""
+
+    def key(self) -> bytes: ...
+    def first_use(self, nonce: str, until: float, now: float) -> bool:
+        """Record `nonce` as redeemed until `until`: `True` only the first time."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalStates:
+    """This process's own: a key that never leaves it, and the nonces redeemed here (in memory)."""
+
+    blocking = False
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+        self._used: dict[str, float] = {}
+
+    def key(self) -> bytes:
+        return self._key
+
+    def first_use(self, nonce: str, until: float, now: float) -> bool:
+        self._used = {key: expiry for key, expiry in self._used.items() if expiry > now}
+        if nonce in self._used:
+            return False
+        self._used[nonce] = until
+        return True
+
+    def close(self) -> None:
+        pass
+
+
 class ApprovalDesk:
     """Phrases approval requests, seals the state of pending ones, and checks the answers."""
 
@@ -54,13 +92,23 @@ class ApprovalDesk:
         *,
         clock: Callable[[], float] = time.time,
         declared: Callable[[str], Collection[str]] = lambda tool: (),
+        states: States | None = None,
     ) -> None:
         self.ttl = ttl
         self._clock = clock
         self._declared = declared
         """The arguments of a tool that the policy's `[[paths]]` declare paths: shown first."""
-        self._key = secrets.token_bytes(32)
-        self._used: dict[str, float] = {}
+        self._states = states if states is not None else LocalStates()
+        self.blocking = self._states.blocking
+        """Whether `ready` and `redeem` wait on the shared store (to be called in a worker thread)."""
+
+    def ready(self) -> None:
+        """Have the key at hand (from the shared store, the first time): `ApprovalsError` when it cannot be."""
+        self._states.key()
+
+    def close(self) -> None:
+        """Let go of the shared store's connection, if any (the gateway is stopping)."""
+        self._states.close()
 
     def binding(self, call: ToolCall) -> str:
         """What an approval is bound to: the session and its principal, the exposed name and the upstream behind it, the
@@ -73,7 +121,7 @@ class ApprovalDesk:
         bound: dict[str, Any] = {**who, **target, "arguments": call.arguments}
         if call.decision is not None:
             bound.update(revision=call.decision.revision, forwarded=call.forwarded_arguments)
-        return hmac.new(self._key, canonical_json(bound), hashlib.sha256).hexdigest()
+        return hmac.new(self._states.key(), canonical_json(bound), hashlib.sha256).hexdigest()
 
     def message(self, call: ToolCall, decision: Decision) -> str:
         """The person's prompt: every argument the upstream would receive, path-like ones first."""
@@ -149,21 +197,23 @@ class ApprovalDesk:
         except (ValueError, KeyError, TypeError):
             return _invalid("the approval state is malformed")
         now = self._clock()
-        self._used = {key: until for key, until in self._used.items() if until > now}
         if expires <= now:
             return _invalid("the approval expired; call again to ask anew")
         if not hmac.compare_digest(principal.encode(), call.session.principal.encode()):
             return _invalid("the approval was given to another principal")
         if not hmac.compare_digest(bound, self.binding(call)):
             return _invalid("the approval was given for a different call (tool, arguments or policy changed)")
-        if nonce in self._used:
+        try:
+            first = self._states.first_use(nonce, expires, now)
+        except ApprovalsError as exc:  # the store is unreachable: whether it was used cannot be known
+            return _invalid(str(exc))
+        if not first:
             return _invalid("this approval was already used; each approval covers one call")
         verdict = self.answer(response, Channel.ROUND_TRIP)
-        self._used[nonce] = expires
         return replace(verdict, entry=entry) if entry is not None else verdict
 
     def _sign(self, body: str) -> str:
-        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self._states.key(), body.encode(), hashlib.sha256).hexdigest()
 
 
 def replace_decision(call: ToolCall, decision: Decision) -> ToolCall:

@@ -17,18 +17,19 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from gateway.audit.approvals import POLL, ApprovalQueue, AskedCall, Entry, Status
+from gateway.audit.approvals import POLL, AskedCall, Entry, Queue, Status
 from gateway.audit.store import iso_utc
 from gateway.calls import Answer, Approval, Channel, Decision, ProgressFn, ToolCall
 from gateway.core.approvals import ApprovalDesk, replace_decision
 from gateway.errors import ApprovalsError, format_seconds
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 PROGRESS_EVERY = 5.0
 """Seconds between the progress notifications a waiting call sends its caller (when it gave a token)."""
@@ -45,7 +46,7 @@ ClientAsk = Callable[[], Awaitable[Approval]]
 class QueueAsker:
     """The approval queue as a way of asking a person, for one gateway process."""
 
-    queue: ApprovalQueue
+    queue: Queue
     desk: ApprovalDesk
     shown: Shown
     revision: Callable[[], str]
@@ -74,6 +75,8 @@ class QueueAsker:
         """Enter `call` in the queue and wait for the first decision, from the queue or from `client`."""
         entry = await self.enter(call, decision)
         unavailable = "the approval queue is unavailable (see the gateway's log)"
+        if self.queue.remote:  # one line naming the store (without its password)
+            unavailable = f"the approval queue in {self.queue.where} is unavailable (see the gateway's log)"
         if entry is None:
             if client is not None:  # the queue is unavailable; the client can still ask
                 return await client()
@@ -152,15 +155,16 @@ class QueueAsker:
         return result[0]
 
     async def _wait(self, entry: Entry, progress: ProgressFn | None) -> Entry:
-        """Watch the row until it is decided (a look every `POLL` seconds costs one `PRAGMA`)."""
+        """Watch the row until it is decided (a look every `POLL` seconds costs one `PRAGMA`, or with a
+        shared store one row read, made in a worker thread)."""
         started = time.monotonic()
         next_progress = started + PROGRESS_EVERY
         version = -1
         while True:
-            now = self.queue.version()
+            now = await self._look(self.queue.version)
             if now != version:
                 version = now
-                current = self.queue.get(entry.id)
+                current = await self._look(lambda: self.queue.get(entry.id))
                 if current is None:
                     raise ApprovalsError(f"approval {entry.id} vanished from the queue")
                 if current.status is not Status.PENDING:
@@ -172,6 +176,10 @@ class QueueAsker:
                 message = f"waiting for a person's approval ({entry.id}; {left} left)"
                 await progress(round(waited, 1), self.desk.ttl, message)
             await anyio.sleep(POLL)
+
+    async def _look(self, read: Callable[[], _T]) -> _T:
+        """A read of the queue: at once from its file, in a worker thread from a shared store's server."""
+        return await anyio.to_thread.run_sync(read) if self.queue.remote else read()
 
     async def _release(self, entry: Entry, binding: str, decision: Decision) -> Approval:
         """What the decided row means for the call: granted only once, for this call, under its revision."""

@@ -19,11 +19,13 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
+import anyio.to_thread
 import mcp_types as types
 
 from gateway import __version__
-from gateway.audit.approvals import ApprovalQueue, AskedCall
+from gateway.audit.approvals import AskedCall
 from gateway.audit.events import GatewayEvents
+from gateway.audit.shared_approvals import approval_queue, approval_states
 from gateway.audit.stages import SHUTDOWN_GRACE, CallAudit
 from gateway.calls import (
     Answer,
@@ -57,7 +59,7 @@ from gateway.core.targets import (
     template_completion,
 )
 from gateway.core.watch import watch_file, watch_policies
-from gateway.errors import GatewayError, LockError, ProtocolError, format_seconds
+from gateway.errors import ApprovalsError, GatewayError, LockError, ProtocolError, format_seconds
 from gateway.policy.engine import PolicyEngine, PolicySet
 from gateway.policy.rules import PROMPT_PREFIX, RESOURCE_PREFIX
 from gateway.principals import Principal
@@ -93,7 +95,9 @@ class Gateway:
             logger.warning("%s", line)
         self.pipeline: Handler = build_pipeline(pool, engine, audit, own_files)
         self.desk = ApprovalDesk(
-            pool.config.gateway.ask_timeout, declared=lambda tool: engine.policies.paths.declared(tool)
+            pool.config.gateway.ask_timeout,
+            declared=lambda tool: engine.policies.paths.declared(tool),
+            states=approval_states(pool.config),
         )
         approvals = pool.config.gateway.approvals
         self.notifier: ApprovalNotifier | None = None
@@ -103,7 +107,7 @@ class Gateway:
 
             self.notifier = ApprovalNotifier(approvals.notify, approvals.notify_headers, approvals.console_url)
         self.asker = QueueAsker(
-            ApprovalQueue(pool.config.approvals_path),
+            approval_queue(pool.config),
             self.desk,
             self._asked_call,
             lambda: engine.policies.revision,
@@ -142,21 +146,27 @@ class Gateway:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the upstream pool, the policy watcher and the approval notices until cancelled."""
-        async with anyio.create_task_group() as tg:
-            await tg.start(self.pool.run)
-            if self.notifier is not None:
-                await tg.start(self.notifier.run)
-            policy_dir = self.pool.config.policy_dir
-            tg.start_soon(
-                watch_policies, policy_dir, self._revision, self.install_policies, self.events.policy_reload_failed
-            )
-            shared = shared_pins(self.pool.config)
-            if shared is None:
-                tg.start_soon(watch_file, self.pool.config.lock_path, self.reload_lock)
-            else:
-                install = partial(self.put_lock_in_force, source=shared.label)
-                tg.start_soon(shared.watch, lambda: self.pool.lock, install, self._lock_failed)
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.pool.run)
+                if self.notifier is not None:
+                    await tg.start(self.notifier.run)
+                policy_dir = self.pool.config.policy_dir
+                tg.start_soon(
+                    watch_policies, policy_dir, self._revision, self.install_policies, self.events.policy_reload_failed
+                )
+                shared = shared_pins(self.pool.config)
+                if shared is None:
+                    tg.start_soon(watch_file, self.pool.config.lock_path, self.reload_lock)
+                else:
+                    install = partial(self.put_lock_in_force, source=shared.label)
+                    tg.start_soon(shared.watch, lambda: self.pool.lock, install, self._lock_failed)
+                task_status.started()
+        finally:
+            if self.asker.queue.remote:  # the shared store's connections, let go of off the event loop
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.asker.queue.close)
+                    await anyio.to_thread.run_sync(self.desk.close)
 
     async def reload_lock(self) -> None:
         """`upstreams.lock` changed (an approval, say): put its pins in force; a damaged one changes nothing."""
@@ -380,6 +390,23 @@ class Gateway:
         )
 
     def _approver(self, caller: Caller, params: ToolRequest | RoundTrip) -> Approver | None:
+        """How this request can ask a person (`_asking`), once the approval key is at hand: with a shared
+        store it is read from there the first time, and a store that cannot be reached refuses the call."""
+        asking = self._asking(caller, params)
+        desk = self.desk
+        if asking is None or not desk.blocking:
+            return asking
+
+        async def key_first(call: ToolCall, decision: Decision) -> Approval:
+            try:
+                await anyio.to_thread.run_sync(desk.ready)
+            except ApprovalsError as exc:
+                return Approval(Answer.CANNOT_ASK, str(exc), Channel.QUEUE)
+            return await asking(call, decision)
+
+        return key_first
+
+    def _asking(self, caller: Caller, params: ToolRequest | RoundTrip) -> Approver | None:
         """How this request can ask a person: the agent's client (elicitation now in the handshake era,
         an input-required round trip in 2026-07-28: `params` carries the retry's state and answer), the
         approval queue, or both (the first decision wins), as `[gateway.approvals]` says."""
@@ -393,7 +420,11 @@ class Gateway:
                 if params.request_state is None and params.answer is None:
                     entry = await queue.enter(call, decision) if queue is not None else None
                     return desk.pending(call, decision, entry.id if entry is not None else None)
-                verdict = desk.redeem(params.request_state, params.answer, call)
+                if desk.blocking:  # the used-once record is in the shared store
+                    redeem = desk.redeem
+                    verdict = await anyio.to_thread.run_sync(redeem, params.request_state, params.answer, call)
+                else:
+                    verdict = desk.redeem(params.request_state, params.answer, call)
                 if queue is None or verdict.entry is None or verdict.answer is Answer.INVALID:
                     return verdict
                 return await queue.settle(verdict.entry, verdict, call, decision)

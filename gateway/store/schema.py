@@ -171,7 +171,35 @@ AUDIT = (
     "CREATE TABLE keys (name text PRIMARY KEY, value bytea NOT NULL)",
 )
 
-APPROVALS: tuple[str, ...] = ()
+APPROVALS: tuple[str, ...] = (
+    # The approval queue, as `approvals.db` holds it (gateway/audit/approvals.py), with the session and
+    # the holding gateway (`host:pid`, a `replicas` name) copied out of `call` for the queries.
+    """CREATE TABLE approvals (
+        id text PRIMARY KEY,
+        created double precision NOT NULL,
+        expires double precision NOT NULL,
+        status text NOT NULL,
+        binding text NOT NULL,
+        call text NOT NULL,
+        decided_at double precision,
+        decided_by text,
+        channel text,
+        note text,
+        session_id text NOT NULL,
+        holder text NOT NULL
+    )""",
+    "CREATE INDEX approvals_status ON approvals (status, created)",
+    "CREATE INDEX approvals_created ON approvals (created)",
+    "CREATE INDEX approvals_waiting ON approvals (session_id) WHERE status = 'pending'",
+    # Bumped in the transaction of every change to the queue: a waiting gateway or a console page reads
+    # this one row to learn whether anything changed.
+    "CREATE TABLE approvals_version (id int PRIMARY KEY CHECK (id = 1), version bigint NOT NULL)",
+    "INSERT INTO approvals_version VALUES (1, 0)",
+    # The one-time nonces of 2026-07-28 approval states already redeemed, on any replica, kept until
+    # the state has expired.
+    "CREATE TABLE approval_states_used (nonce text PRIMARY KEY, expires double precision NOT NULL)",
+    "CREATE INDEX approval_states_used_expires ON approval_states_used (expires)",
+)
 RATES = (
     # One row per call counted against a rate-limited rule, stamped by the database's clock (never a
     # replica's); `expires` (the stamp plus the rule's period) is when the row stops counting and may go.
