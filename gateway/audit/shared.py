@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -56,8 +55,9 @@ GONE_AFTER = 10.0
 enough that a database restart (every lock dropped at once) does not make live replicas look gone."""
 COMMIT_TIMEOUT = 5.0
 """How long a group's commit may take before the database is taken for unreachable (the callers are refused)."""
-RETRY_AFTER = (0.05, 0.2, 0.5, 1.0, 2.0)
-"""Waits between attempts to reach the database again while it is away."""
+RETRY_AFTER = (0.05, 0.1, 0.2, 0.5)
+"""Waits between attempts to reach the database again while it is away and nobody is recording (a caller
+recording makes the next attempt at once: the callers waiting meanwhile share it)."""
 MAX_WAITING = 200_000
 """Events held in memory while the database is away; past that the oldest are dropped, each drop logged."""
 
@@ -388,7 +388,6 @@ class SharedRecorder:
         self._keeper: psycopg.AsyncConnection[Any] | None = None
         """The connection that holds this replica's lock, says it is alive, and settles gone replicas."""
         self._keyed = False
-        self._failed_at = -math.inf
         self._attempts = 0
         self._anchored: tuple[int, str] | None = None
         self._anchor_wake = asyncio.Event()
@@ -454,14 +453,12 @@ class SharedRecorder:
 
     async def record(self, *bodies: Mapping[str, Any], alone: bool = False) -> None:
         """Record events before the caller goes on: committed in the database (with whatever else waits
-        at that moment); `AuditError` when they could not be, at once while the database is away."""
+        at that moment); `AuditError` when they could not be (the events stay in line, committed once the
+        database is back)."""
         del alone  # every event waits for its commit: there is no local journal to make it durable first
         if self._closing:
             raise AuditError(f"{self.path}: the audit log is closed (the gateway is shutting down)")
         events = [_Event(body) for body in bodies]
-        if self.failure is not None and anyio.current_time() - self._failed_at < self._retry_wait():
-            self._add(events)  # kept, in order, for when the database is back
-            raise AuditError(self.failure)
         ticket = _Ticket()
         self._tickets.append(ticket)
         self._add(events)
@@ -503,8 +500,10 @@ class SharedRecorder:
                     self._add([])
                     if self._closing:
                         break
-                    with anyio.move_on_after(self._retry_wait()):
-                        await self._stopping.wait()
+                    if not self._tickets:  # nobody waits: try again in a while, or as soon as someone records
+                        self._wake = asyncio.Event()
+                        with anyio.move_on_after(self._retry_wait()):
+                            await self._wake.wait()
             if self._closing:
                 return
 
@@ -545,7 +544,6 @@ class SharedRecorder:
         if self.failure is None:
             logger.error("%s; tool calls are refused until it can be written", failure)
         self.failure = failure
-        self._failed_at = anyio.current_time()
         self._attempts += 1
         return failure
 

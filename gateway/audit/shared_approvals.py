@@ -22,6 +22,7 @@ store is an `ApprovalsError` naming it (never with its password).
 from __future__ import annotations
 
 import json
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -96,7 +97,9 @@ class _Link:
 
         with self._lock:
             try:
-                if self._connection is not None and time.monotonic() - self._used >= IDLE_CHECK:
+                if self._connection is not None and (
+                    time.monotonic() - self._used >= IDLE_CHECK or _has_news(self._connection)
+                ):
                     try:
                         self._connection.execute("SELECT 1")
                     except psycopg.Error:
@@ -123,6 +126,16 @@ class _Link:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+def _has_news(connection: psycopg.Connection[Any]) -> bool:
+    """Whether the server has said something on an idle connection (it says why it ends one: a restart, an
+    administrator), so that it is tried before use however recently it was used."""
+    try:
+        readable, _, _ = select.select([connection.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _require_driver(what: str) -> None:
