@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import tomli_w  # noqa: E402
-from call_latency import TOOLBOX, call, check, open_session, stop  # noqa: E402
+from call_latency import TOOLBOX, call, check, hold_poll_idle, open_session, stop  # noqa: E402
 
 from tests.postgres import cluster  # noqa: E402
 
@@ -144,38 +144,44 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--only", choices=["chain", "calls"], help="measure only the chain or only the calls")
+    parser.add_argument(
+        "--poll-idle", action="store_true", help="hold /dev/cpu_dma_latency at 0: idle CPUs poll (root; see call_latency)"
+    )
+    parser.add_argument(
+        "--socket", action="store_true", help="gateways reach the database over its Unix socket instead of TCP"
+    )
     parser.add_argument("--replica", help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.replica:
         asyncio.run(_replica(args.replica, args.seconds, args.concurrency, args.start_at))
         return
+    held = hold_poll_idle() if args.poll_idle else None
     with cluster() as server, tempfile.TemporaryDirectory() as scratch:
         url = server.url(server.new_database())
         from gateway.store.postgres import Database
 
         Database(url).migrate()
         log = Path(scratch) / "audit.db"
-        rates: dict[str, list[float]] = {
-            "sqlite, 1 process": [],
-            "postgresql, 1 replica": [],
-            "postgresql, 3 replicas": [],
-        }
-        for round_ in range(args.rounds):
-            rates[SQLITE].append(chain_rate(str(log), 1, args.seconds, args.concurrency, lambda: sqlite_count(log)))
-            rates[ONE].append(chain_rate(url, 1, args.seconds, args.concurrency, lambda: pg_count(url)))
-            rates[THREE].append(chain_rate(url, 3, args.seconds, args.concurrency, lambda: pg_count(url)))
-            print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} events/s" for k, v in rates.items()))
-        print("\nevents/s into the chain (median of rounds; each caller waits for its commit):")
-        for name, values in rates.items():
-            print(f"  {name:24} {statistics.median(values):>10,.0f}")
-        base = statistics.median(rates["sqlite, 1 process"])
-        print(
-            f"  ratio postgresql 3 replicas / sqlite: {statistics.median(rates['postgresql, 3 replicas']) / base:.2f}x"
-        )
-
+        rates: dict[str, list[float]] = {name: [] for name in (SQLITE, ONE, THREE)}
+        if args.only != "calls":
+            for round_ in range(args.rounds):
+                rates[SQLITE].append(chain_rate(str(log), 1, args.seconds, args.concurrency, lambda: sqlite_count(log)))
+                rates[ONE].append(chain_rate(url, 1, args.seconds, args.concurrency, lambda: pg_count(url)))
+                rates[THREE].append(chain_rate(url, 3, args.seconds, args.concurrency, lambda: pg_count(url)))
+                print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} events/s" for k, v in rates.items()))
+            print("\nevents/s into the chain (median of rounds; each caller waits for its commit):")
+            for name, values in rates.items():
+                print(f"  {name:24} {statistics.median(values):>10,.0f}")
+            three = statistics.median(rates[THREE])
+            print(f"  {THREE} / {SQLITE}: {three / statistics.median(rates[SQLITE]):.2f}x (target: >= 10,000 events/s)")
+        if args.only == "chain":
+            return
         lite_config = gateway_config(Path(scratch) / "lite", None)
-        pg_config = gateway_config(Path(scratch) / "pg", server.url(server.new_database()))
+        name = server.new_database()
+        where = f"?host={server.data.parent}" if args.socket else ""
+        pg_config = gateway_config(Path(scratch) / "pg", server.url(name) + where)
         lite, pg = asyncio.run(latencies(lite_config, pg_config, args.calls))
         print(f"\none call at a time through a gateway over stdio ({args.calls} each, interleaved):")
         print(f"  sqlite store      p50 {statistics.median(lite):6.2f} ms  p99 {pct(lite, 0.99):6.2f} ms")

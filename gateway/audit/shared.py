@@ -62,16 +62,22 @@ MAX_WAITING = 200_000
 """Events held in memory while the database is away; past that the oldest are dropped, each drop logged."""
 
 _COLUMNS = ("kind", "session_id", "call_id", "tool", "decision", "outcome", "ts", "principal", "lease")
-APPEND = "SELECT head_seq, head_hash, appended FROM append_events(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+APPEND = "SELECT head_seq, head_hash, appended FROM append_events(%s, %s)"
+_EVENTS, _FIELDS, _NULL = "\x1e", "\x1f", "\x1d"
+"""How `append_events` reads a group (gateway/store/schema.py): events apart, fields apart, a NULL field."""
+_CONTROL = re.compile("[\x00-\x1f]")
 
 
 def _column(value: Any) -> str | None:
-    """A body field as its query column holds it: text PostgreSQL can store (no NUL, no lone surrogate)."""
+    """A body field as its query column holds it: text PostgreSQL can store and `append_events` can read (no
+    control character, no lone surrogate: each is written U+FFFD)."""
     if value is None:
         return None
     text = value if isinstance(value, str) else json.dumps(value)
-    if "\x00" in text or not text.isascii():
-        text = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    if _CONTROL.search(text):
+        text = _CONTROL.sub("\ufffd", text)
     return text
 
 
@@ -81,27 +87,26 @@ def columns(body: Mapping[str, Any]) -> tuple[str | None, ...]:
 
 
 class _Event:
-    """An event ready to append: its canonical text and its query columns."""
+    """An event ready to append: its canonical text and its query columns, as `append_events` reads them."""
 
-    __slots__ = ("columns", "text")
+    __slots__ = ("kind", "line")
 
-    def __init__(self, body: Mapping[str, Any]) -> None:
-        self.text = canonical(body)
-        self.columns = columns(body)
+    def __init__(self, text: str, fields: tuple[str | None, ...]) -> None:
+        self.kind = fields[0]
+        self.line = _FIELDS.join((text, *(_NULL if field is None else field for field in fields)))
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> _Event:
+        return cls(canonical(body), columns(body))
 
     @classmethod
     def of_text(cls, text: str) -> _Event:
-        self = cls.__new__(cls)
-        self.text = text
-        self.columns = columns(json.loads(text))
-        return self
+        return cls(text, columns(json.loads(text)))
 
 
-def _arrays(events: Sequence[_Event], *, durable: bool = True) -> tuple[Any, ...]:
-    """The arguments of `append_events`: the bodies, one array per column, and whether the commit waits for
-    the disk."""
-    texts = [event.text for event in events]
-    return (texts, *([event.columns[i] for event in events] for i in range(len(_COLUMNS))), durable)
+def _group(events: Sequence[_Event], *, durable: bool = True) -> tuple[str, bool]:
+    """The arguments of `append_events`: the events as one text, and whether the commit waits for the disk."""
+    return _EVENTS.join(event.line for event in events), durable
 
 
 def glob_regex(pattern: str) -> str:
@@ -210,7 +215,7 @@ class SharedAuditStore:
         del journal  # the shared log has no journals
         events = [_Event.of_text(text) for text in bodies]
         with self._using("write"):
-            row = self._db.execute(APPEND, _arrays(events)).fetchone()
+            row = self._db.execute(APPEND, _group(events)).fetchone()
         assert row is not None
         self.head = (int(row[0]), str(row[1]))
         return int(row[0])
@@ -393,6 +398,8 @@ class SharedRecorder:
         self._anchor_wake = asyncio.Event()
         self._anchor_due = False
         self._stopping = asyncio.Event()
+        self._committing = False
+        """A group is being committed, by the writer task or by a caller committing its own."""
 
     @property
     def lease_name(self) -> str:
@@ -448,7 +455,7 @@ class SharedRecorder:
 
     def queue(self, *bodies: Mapping[str, Any]) -> None:
         """Queue events without waiting for their commit (order is kept with everything else queued)."""
-        self._add([_Event(body) for body in bodies])
+        self._add([_Event.of(body) for body in bodies])
         self._wake.set()
 
     async def record(self, *bodies: Mapping[str, Any], alone: bool = False) -> None:
@@ -458,11 +465,19 @@ class SharedRecorder:
         del alone  # every event waits for its commit: there is no local journal to make it durable first
         if self._closing:
             raise AuditError(f"{self.path}: the audit log is closed (the gateway is shutting down)")
-        events = [_Event(body) for body in bodies]
+        events = [_Event.of(body) for body in bodies]
         ticket = _Ticket()
         self._tickets.append(ticket)
         self._add(events)
-        self._wake.set()
+        if self._committing:
+            self._wake.set()  # a commit is under way: the writer takes these with whatever else comes meanwhile
+        else:
+            # Nobody is committing: commit here, saving the hops to the writer task and back. Shielded: a
+            # caller cancelled mid-commit must not leave the connection in the middle of a statement.
+            with anyio.CancelScope(shield=True):
+                error = await self._flush()
+            if error is not None or self._waiting:
+                self._wake.set()  # what came meanwhile, or a retry later
         await ticket.done.wait()
         if ticket.error is not None:
             raise AuditError(ticket.error)
@@ -487,17 +502,11 @@ class SharedRecorder:
             if not self._closing:
                 await self._wake.wait()
                 self._wake = asyncio.Event()
-            error = None
             while self._waiting or self._tickets:
-                events, tickets = self._waiting, self._tickets
-                self._waiting, self._tickets = [], []
-                error = await self._commit(events) if events else None
-                for ticket in tickets:
-                    ticket.error = error
-                    ticket.done.set()
+                if self._committing:
+                    break  # a caller is committing its own: it wakes this task if more waits when it is done
+                error = await self._flush()
                 if error is not None:
-                    self._waiting[:0] = events  # committed later, once the database is back
-                    self._add([])
                     if self._closing:
                         break
                     if not self._tickets:  # nobody waits: try again in a while, or as soon as someone records
@@ -507,6 +516,24 @@ class SharedRecorder:
             if self._closing:
                 return
 
+    async def _flush(self) -> str | None:
+        """Commit everything waiting as one group and tell its callers how it went. One commit at a time
+        (`_committing`), so the groups reach the chain in the order they were recorded."""
+        events, tickets = self._waiting, self._tickets
+        self._waiting, self._tickets = [], []
+        self._committing = True
+        try:
+            error = await self._commit(events) if events else None
+        finally:
+            self._committing = False
+        for ticket in tickets:
+            ticket.error = error
+            ticket.done.set()
+        if error is not None:
+            self._waiting[:0] = events  # committed later, once the database is back
+            self._add([])
+        return error
+
     async def _commit(self, events: list[_Event]) -> str | None:
         """Append one group; why not, when it could not be committed."""
         require_driver()
@@ -515,8 +542,8 @@ class SharedRecorder:
         try:
             with anyio.fail_after(COMMIT_TIMEOUT):
                 writer = await self._connection()
-                durable = self.sync == "full" or any(event.columns[0] == "decision" for event in events)
-                cursor = await writer.execute(APPEND, _arrays(events, durable=durable))
+                durable = self.sync == "full" or any(event.kind == "decision" for event in events)
+                cursor = await writer.execute(APPEND, _group(events, durable=durable))
                 row = await cursor.fetchone()
         except (psycopg.Error, StoreError, TimeoutError, OSError) as exc:
             return await self._failed(exc)
@@ -624,7 +651,7 @@ class SharedRecorder:
                     continue
                 bodies = await _endings_async(keeper, name)
                 if bodies:
-                    await keeper.execute(APPEND, _arrays([_Event(body) for body in bodies]))
+                    await keeper.execute(APPEND, _group([_Event.of(body) for body in bodies]))
                 await keeper.execute("UPDATE replicas SET settled = now() WHERE name = %s", (name,))
             interrupted = sum(body["kind"] == "outcome" for body in bodies)
             logger.warning(

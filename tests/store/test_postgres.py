@@ -66,8 +66,8 @@ def test_events_cannot_be_changed_or_removed_through_sql(store_url: str) -> None
     database.migrate()
     with database.session() as db:
         db.execute(
-            "SELECT * FROM append_events(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (['{"kind":"catalog"}'], ["catalog"], [None], [None], [None], [None], [None], ["t"], [None], [None], True),
+            "SELECT * FROM append_events(%s, true)",
+            ("\x1f".join(['{"kind":"catalog"}', "catalog", *["\x1d"] * 5, "t", "\x1d", "\x1d"]),),
         )
     for statement in ("UPDATE events SET body = '{}'", "DELETE FROM events", "TRUNCATE events"):
         with pytest.raises(StoreError, match="appended, never changed or removed"), database.session() as db:
