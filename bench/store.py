@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import tomli_w  # noqa: E402
-from call_latency import TOOLBOX, call, check, hold_poll_idle, open_session, stop  # noqa: E402
+from call_latency import TOOLBOX, Peer, call, check, hold_poll_idle, open_session, stop  # noqa: E402
 
 from tests.postgres import cluster  # noqa: E402
 
@@ -112,21 +113,29 @@ def gateway_config(directory: Path, store: str | None) -> Path:
     return config
 
 
-async def latencies(sqlite_config: Path, pg_config: Path, calls: int) -> tuple[list[float], list[float]]:
+async def timed(peer: Peer, index: int, into: list[float] | None) -> None:
+    started = time.perf_counter()
+    reply = await call(peer, "box__echo", index)
+    if into is not None:
+        into.append((time.perf_counter() - started) * 1000)
+    check(reply, "box__echo")
+
+
+async def latencies(
+    sqlite_config: Path, pg_config: Path, calls: int, in_flight: int
+) -> tuple[list[float], list[float]]:
+    """Per-call latency on each gateway, `in_flight` calls outstanding at a time on one session, the two
+    gateways taking turns in blocks of `in_flight` calls (one call at a time: they alternate call by call)."""
     command = [sys.executable, "-m", "gateway", "serve", "--quiet", "--config"]
     lite = await open_session([*command, str(sqlite_config)], "box__echo")
     pg = await open_session([*command, str(pg_config)], "box__echo")
     samples: tuple[list[float], list[float]] = ([], [])
     try:
-        for index in range(calls + 20):
-            for peer, into in (
-                ((lite, samples[0]), (pg, samples[1])) if index % 2 else ((pg, samples[1]), (lite, samples[0]))
-            ):
-                started = time.perf_counter()
-                reply = await call(peer, "box__echo", index)
-                if index >= 20:  # warmed up
-                    into.append((time.perf_counter() - started) * 1000)
-                check(reply, "box__echo")
+        for block in range(calls // in_flight + 20):
+            order = ((lite, samples[0]), (pg, samples[1]))
+            for peer, into in order if block % 2 else order[::-1]:
+                kept = into if block >= 20 else None  # the first blocks warm up
+                await asyncio.gather(*(timed(peer, block * in_flight + n, kept) for n in range(in_flight)))
     finally:
         await stop(lite)
         await stop(pg)
@@ -146,7 +155,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--only", choices=["chain", "calls"], help="measure only the chain or only the calls")
     parser.add_argument(
-        "--poll-idle", action="store_true", help="hold /dev/cpu_dma_latency at 0: idle CPUs poll (root; see call_latency)"
+        "--poll-idle",
+        action="store_true",
+        help="hold /dev/cpu_dma_latency at 0: idle CPUs poll (root; see call_latency)",
     )
     parser.add_argument(
         "--socket", action="store_true", help="gateways reach the database over its Unix socket instead of TCP"
@@ -182,13 +193,16 @@ def main() -> None:
         name = server.new_database()
         where = f"?host={server.data.parent}" if args.socket else ""
         pg_config = gateway_config(Path(scratch) / "pg", server.url(name) + where)
-        lite, pg = asyncio.run(latencies(lite_config, pg_config, args.calls))
-        print(f"\none call at a time through a gateway over stdio ({args.calls} each, interleaved):")
-        print(f"  sqlite store      p50 {statistics.median(lite):6.2f} ms  p99 {pct(lite, 0.99):6.2f} ms")
-        print(f"  postgresql store  p50 {statistics.median(pg):6.2f} ms  p99 {pct(pg, 0.99):6.2f} ms")
-        print(
-            f"  ratio p50 postgresql / sqlite: {statistics.median(pg) / statistics.median(lite):.2f}x (target <= 1.3x)"
-        )
+        for in_flight in (1, 16):
+            lite, pg = asyncio.run(latencies(lite_config, pg_config, args.calls, in_flight))
+            what = "one call at a time" if in_flight == 1 else f"{in_flight} calls in flight on one session"
+            print(f"\n{what}, through a gateway over stdio ({len(lite)} calls each, interleaved):")
+            print(f"  sqlite store      p50 {statistics.median(lite):6.2f} ms  p99 {pct(lite, 0.99):6.2f} ms")
+            print(f"  postgresql store  p50 {statistics.median(pg):6.2f} ms  p99 {pct(pg, 0.99):6.2f} ms")
+            ratio = statistics.median(pg) / statistics.median(lite)
+            print(f"  ratio p50 postgresql / sqlite: {ratio:.2f}x (target <= 1.3x)")
+    if held is not None:
+        os.close(held)
 
 
 if __name__ == "__main__":
