@@ -107,10 +107,9 @@ def cluster() -> Iterator[Cluster]:
     found = Cluster(binaries, root / "data", free_port(), owner)
     try:
         found._run("initdb", "-D", str(found.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
-        # Only the superuser over the Unix socket is trusted; every TCP connection needs a password.
-        (found.data / "pg_hba.conf").write_text(
-            "local all postgres trust\nlocal all all scram-sha-256\nhost all all 127.0.0.1/32 scram-sha-256\n", encoding="utf-8"
-        )
+        # Only the superuser over the Unix socket is trusted; every other connection needs a password.
+        rules = ["local all postgres trust", "local all all scram-sha-256", "host all all 127.0.0.1/32 scram-sha-256"]
+        (found.data / "pg_hba.conf").write_text("\n".join(rules) + "\n", encoding="utf-8")
         found.start()
         found.psql(f"CREATE ROLE armor LOGIN PASSWORD '{PASSWORD}'")
         yield found

@@ -32,3 +32,8 @@ def test_serving_loads_no_other_command_of_the_cli() -> None:
 
 def test_serving_stdio_without_notices_loads_no_http_client_and_no_console() -> None:
     assert _loaded(STDIO, ("httpx", "gateway.core.notify", "gateway.console", "starlette")) == []
+
+
+def test_serving_without_a_store_loads_no_database_driver() -> None:
+    assert _loaded(SERVING, ("psycopg", "psycopg_pool")) == []
+    assert _loaded(STDIO, ("psycopg", "psycopg_pool")) == []
