@@ -62,7 +62,7 @@ class AuditWriter(Protocol):
     def anchor_soon(self) -> None: ...
 
 
-class _Ticket:
+class Ticket:
     """One caller's wait for its events to be committed."""
 
     __slots__ = ("done", "error")
@@ -96,7 +96,7 @@ class Recorder:
         """Where events become durable at once (`audit_sync = "normal"`, a log on disk, and it could be made)."""
         self._queue: list[str] = []
         """Events to commit that are not in the journal (no journal, or the log is failing), after its own."""
-        self._tickets: list[_Ticket] = []
+        self._tickets: list[Ticket] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._commit_due = False
@@ -244,7 +244,7 @@ class Recorder:
                 raise AuditError(f"{self.path}: cannot write the audit journal: {exc}") from None
             self._drain_later()
             return
-        ticket = _Ticket()
+        ticket = Ticket()
         self._tickets.append(ticket)
         self._queue.extend(texts)
         if self.sync != "normal" or self._writing or self.store is None:
@@ -413,7 +413,7 @@ class _Batch:
 
     __slots__ = ("bodies", "journaled", "mark", "queued", "tickets")
 
-    def __init__(self, journaled: list[str], queued: list[str], mark: Mark | None, tickets: list[_Ticket]) -> None:
+    def __init__(self, journaled: list[str], queued: list[str], mark: Mark | None, tickets: list[Ticket]) -> None:
         self.journaled = journaled
         self.queued = queued
         self.bodies = journaled + queued

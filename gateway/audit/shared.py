@@ -35,7 +35,8 @@ import anyio.abc
 from gateway.audit.anchor import Anchoring
 from gateway.audit.chain import Row, Verification, canonical, walk_rows
 from gateway.audit.leases import endings
-from gateway.audit.queries import EVERY, Filters
+from gateway.audit.queries import EVERY, SESSIONS, Filters, where_clause
+from gateway.audit.recorder import Ticket
 from gateway.audit.store import session_row
 from gateway.errors import AuditError, StoreError
 from gateway.policy.redact import Redactor
@@ -107,52 +108,6 @@ class _Event:
 def _group(events: Sequence[_Event], *, durable: bool = True) -> tuple[str, bool]:
     """The arguments of `append_events`: the events as one text, and whether the commit waits for the disk."""
     return _EVENTS.join(event.line for event in events), durable
-
-
-def glob_regex(pattern: str) -> str:
-    """A glob (`*`, `?`, `[...]`, as SQLite's GLOB reads them) as an anchored POSIX regular expression."""
-    out, i = ["^"], 0
-    while i < len(pattern):
-        char = pattern[i]
-        if char == "*":
-            out.append(".*")
-        elif char == "?":
-            out.append(".")
-        elif char == "[" and (end := pattern.find("]", i + 2)) != -1:
-            inner = pattern[i + 1 : end]
-            negate = inner.startswith("^")
-            inner = inner[1:] if negate else inner
-            out.append("[" + ("^" if negate else "") + inner.replace("\\", "\\\\") + "]")
-            i = end
-        else:
-            out.append(re.escape(char))
-        i += 1
-    return "".join(out) + "$"
-
-
-def where_clause(filters: Filters) -> tuple[str, list[Any]]:
-    """The filters as a PostgreSQL condition on `events` (gateway.audit.queries makes SQLite's)."""
-    clauses: list[str] = ["seq > %s"]
-    params: list[Any] = [filters.after_seq]
-    if filters.session is not None:
-        clauses.append("session_id = %s")
-        params.append(filters.session)
-    if filters.principal is not None:
-        clauses.append("session_id IN (SELECT session_id FROM events WHERE kind = 'session_start' AND principal ~ %s)")
-        params.append(glob_regex(filters.principal))
-    if filters.tool is not None:
-        clauses.append("tool ~ %s")
-        params.append(glob_regex(filters.tool))
-    if filters.decision is not None:
-        clauses.append("call_id IN (SELECT call_id FROM events WHERE kind = 'decision' AND decision = %s)")
-        params.append(filters.decision)
-    if filters.since is not None:
-        clauses.append("ts >= %s")
-        params.append(filters.since)
-    if filters.kinds is not None:
-        clauses.append("kind = ANY(%s)")
-        params.append(list(filters.kinds))
-    return " AND ".join(clauses), params
 
 
 def _columns_problem(row: Row, stored: tuple[Any, ...]) -> str | None:
@@ -230,7 +185,7 @@ class SharedAuditStore:
     # -- reading -------------------------------------------------------------------------------
 
     def events(self, filters: Filters = EVERY, *, newest: int | None = None) -> Iterator[dict[str, Any]]:
-        where, params = where_clause(filters)
+        where, params = where_clause(filters, postgres=True)
         sql = f"SELECT seq, prev_hash, hash, body FROM events WHERE {where} ORDER BY seq"
         if newest is not None:
             sql = f"SELECT * FROM ({sql} DESC LIMIT {int(newest)}) AS latest ORDER BY seq"
@@ -245,20 +200,9 @@ class SharedAuditStore:
         return int(row[0] or 0) if row is not None else 0
 
     def sessions(self, filters: Filters = EVERY) -> list[dict[str, Any]]:
-        where, params = where_clause(filters)
-        sql = f"""
-            SELECT session_id, min(ts), max(ts),
-                   (SELECT body FROM events s WHERE s.session_id = e.session_id AND s.kind = 'session_start'
-                    ORDER BY s.seq LIMIT 1),
-                   (SELECT ts FROM events s WHERE s.session_id = e.session_id AND s.kind = 'session_end'
-                    ORDER BY s.seq DESC LIMIT 1),
-                   count(*) FILTER (WHERE kind = 'decision'),
-                   count(*) FILTER (WHERE kind = 'outcome' AND outcome = 'refused')
-            FROM events e WHERE session_id IS NOT NULL AND {where}
-            GROUP BY session_id ORDER BY min(seq)
-        """
+        where, params = where_clause(filters, postgres=True)
         with self._using("read"):
-            return [session_row(*row) for row in self._db.execute(sql, params).fetchall()]
+            return [session_row(*row) for row in self._db.execute(SESSIONS.format(where=where), params).fetchall()]
 
     def unended(self, lease: str) -> list[tuple[str, list[dict[str, Any]], bool]]:
         """The sessions whose start names `lease` (a replica): each with its decisions that have no outcome,
@@ -358,14 +302,6 @@ def copy_chain(rows: Iterable[Row], head: tuple[int, str], database: Database, m
     return count
 
 
-class _Ticket:
-    __slots__ = ("done", "error")
-
-    def __init__(self) -> None:
-        self.done = asyncio.Event()
-        self.error: str | None = None
-
-
 class SharedRecorder:
     """This replica's writer of the shared audit log: every event committed in the database, in groups."""
 
@@ -386,7 +322,7 @@ class SharedRecorder:
         """Why the log cannot be written right now (`None` while it can)."""
         self.head: tuple[int, str] | None = None
         self._waiting: list[_Event] = []
-        self._tickets: list[_Ticket] = []
+        self._tickets: list[Ticket] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._writer: psycopg.AsyncConnection[Any] | None = None
@@ -466,7 +402,7 @@ class SharedRecorder:
         if self._closing:
             raise AuditError(f"{self.path}: the audit log is closed (the gateway is shutting down)")
         events = [_Event.of(body) for body in bodies]
-        ticket = _Ticket()
+        ticket = Ticket()
         self._tickets.append(ticket)
         self._add(events)
         if self._committing:

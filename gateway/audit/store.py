@@ -24,7 +24,7 @@ from typing import Any
 
 from gateway.audit.chain import GENESIS, Verification, chain_hash, walk
 from gateway.audit.keys import adopt_mask_key, log_keys
-from gateway.audit.queries import EVERY, Filters, where_clause
+from gateway.audit.queries import EVERY, SESSIONS, Filters, where_clause
 from gateway.config.models import IN_MEMORY
 from gateway.errors import AuditError, EmptyLog, NoLogYet
 
@@ -317,16 +317,7 @@ class AuditStore:
     def sessions(self, filters: Filters = EVERY) -> list[dict[str, Any]]:
         """One row per session: who, when, how many calls and refusals."""
         where, params = where_clause(filters)
-        sql = f"""
-            SELECT session_id, min(ts), max(ts),
-                   (SELECT body FROM events s WHERE s.session_id = e.session_id AND s.kind = 'session_start'
-                    ORDER BY s.seq LIMIT 1),
-                   (SELECT ts FROM events s WHERE s.session_id = e.session_id AND s.kind = 'session_end'
-                    ORDER BY s.seq DESC LIMIT 1),
-                   sum(kind = 'decision'), sum(kind = 'outcome' AND outcome = 'refused')
-            FROM events e WHERE session_id IS NOT NULL AND {where}
-            GROUP BY session_id ORDER BY min(seq)
-        """
+        sql = SESSIONS.format(where=where)
         rows = []
         with self._reading():
             for row in self._db.execute(sql, params):

@@ -13,8 +13,8 @@ from typing import Any
 import anyio
 import pytest
 
-from gateway.audit.queries import Filters
-from gateway.audit.shared import SharedAuditStore, SharedRecorder, glob_regex
+from gateway.audit.queries import Filters, glob_regex
+from gateway.audit.shared import SharedAuditStore, SharedRecorder
 from gateway.audit.store import event
 from gateway.errors import AuditError
 from gateway.store.postgres import Database
