@@ -11,14 +11,18 @@ call's path.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import anyio
+import anyio.to_thread
 
 from gateway.audit.store import now_iso
 from gateway.config.models import IN_MEMORY, Config
@@ -96,6 +100,47 @@ class Anchoring:
                 )
             except (OSError, subprocess.SubprocessError) as exc:
                 logger.warning("audit_anchor_command %s failed: %s", self.command[0], exc)
+
+
+class HeadAnchor:
+    """A recorder's anchoring: the head it committed, anchored every `interval` while it moves, soon after
+    `soon()` once the next commit lands (`committed`), and when it stops (`write`)."""
+
+    def __init__(self, anchoring: Anchoring, head: Callable[[], tuple[int, str] | None]) -> None:
+        self.anchoring = anchoring
+        self._head = head
+        self._anchored: tuple[int, str] | None = None
+        self._wake = asyncio.Event()
+        self._due = False
+        self._stopped = False
+
+    def soon(self) -> None:
+        """Anchor once what is queued now is committed (a session ended, say)."""
+        self._due = True
+
+    def committed(self) -> None:
+        if self._due:
+            self._due = False
+            self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopped:
+            with anyio.move_on_after(self.anchoring.interval):
+                await self._wake.wait()
+            self._wake = asyncio.Event()
+            if not self._stopped:
+                await anyio.to_thread.run_sync(self.write)
+
+    def write(self) -> None:
+        """Anchor the head now, if it moved since the last anchor (blocks: in a thread, or at the end)."""
+        head = self._head()
+        if head is not None and head != self._anchored:
+            self._anchored = head
+            self.anchoring.write(*head)
 
 
 def read_anchors(file: Path, log: Path | str) -> tuple[list[tuple[int, str]], int]:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
-from gateway.audit.anchor import Anchoring
+from gateway.audit.anchor import Anchoring, HeadAnchor
 from gateway.audit.chain import canonical
 from gateway.audit.journal import ROTATE_BYTES, Journal, journal_directory, settle_gone
 from gateway.audit.keys import Keys, log_keys
@@ -80,9 +80,11 @@ class Recorder:
         self.sync = sync
         self.anchoring = anchoring
         """Where the chain's head is anchored (gateway.audit.anchor); `None`: nowhere."""
-        self._anchored: tuple[int, str] | None = None
-        self._anchor_due = False
-        self._anchor_wake = asyncio.Event()
+        self._anchor = (
+            HeadAnchor(anchoring, lambda: self.store.head if self.store is not None else None)
+            if anchoring is not None and anchoring.enabled
+            else None
+        )
         self.keys = Keys.fresh()
         """The log's masking and journal keys (gateway.audit.keys), once it is open."""
         self.redactor = Redactor(self.keys.mask)
@@ -118,17 +120,18 @@ class Recorder:
             self._start_journal()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._write_loop, tg)
-            if self.anchoring is not None and self.anchoring.enabled:
-                tg.start_soon(self._anchor_loop, self.anchoring)
+            if self._anchor is not None:
+                tg.start_soon(self._anchor.run)
             try:
                 yield self
             finally:
                 self._closing = True
                 self._wake.set()
-                self._anchor_wake.set()
+                if self._anchor is not None:
+                    self._anchor.stop()
         settled = not self._pending()
-        if self.anchoring is not None and self.anchoring.enabled:
-            self._anchor(self.anchoring)  # the head as the gateway leaves it
+        if self._anchor is not None:
+            self._anchor.write()  # the head as the gateway leaves it
         self._close_journal()
         if self.lease is not None:
             # Kept when events are left uncommitted: whoever settles it replays the journal first.
@@ -356,9 +359,8 @@ class Recorder:
         return None
 
     def _committed(self, count: int) -> None:
-        if self._anchor_due:
-            self._anchor_due = False
-            self._anchor_wake.set()
+        if self._anchor is not None:
+            self._anchor.committed()
         journal = self.journal
         if journal is not None and not journal.pending and journal.size >= ROTATE_BYTES:
             self._rotate(journal)
@@ -372,22 +374,8 @@ class Recorder:
 
     def anchor_soon(self) -> None:
         """Anchor the head once what is queued now is committed (a session ended, say)."""
-        self._anchor_due = True
-
-    async def _anchor_loop(self, anchoring: Anchoring) -> None:
-        """Anchor the head every `interval` while it moves, and when asked to (`anchor_soon`)."""
-        while not self._closing:
-            with anyio.move_on_after(anchoring.interval):
-                await self._anchor_wake.wait()
-            self._anchor_wake = asyncio.Event()
-            if not self._closing:
-                await anyio.to_thread.run_sync(self._anchor, anchoring)
-
-    def _anchor(self, anchoring: Anchoring) -> None:
-        head = self.store.head if self.store is not None else None
-        if head is not None and head != self._anchored:
-            self._anchored = head
-            anchoring.write(*head)
+        if self._anchor is not None:
+            self._anchor.soon()
 
     def _rotate(self, journal: Journal) -> None:
         """Everything in the journal is in the chain: start a fresh one instead of growing it."""

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 
-from gateway.audit.anchor import Anchoring
+from gateway.audit.anchor import Anchoring, HeadAnchor
 from gateway.audit.chain import Row, Verification, canonical, walk_rows
 from gateway.audit.leases import endings
 from gateway.audit.queries import EVERY, SESSIONS, Filters, where_clause
@@ -330,9 +330,7 @@ class SharedRecorder:
         """The connection that holds this replica's lock, says it is alive, and settles gone replicas."""
         self._keyed = False
         self._attempts = 0
-        self._anchored: tuple[int, str] | None = None
-        self._anchor_wake = asyncio.Event()
-        self._anchor_due = False
+        self._anchor = HeadAnchor(anchoring, lambda: self.head) if anchoring is not None and anchoring.enabled else None
         self._stopping = asyncio.Event()
         self._committing = False
         """A group is being committed, by the writer task or by a caller committing its own."""
@@ -355,17 +353,18 @@ class SharedRecorder:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._write_loop)
             tg.start_soon(self._keep_loop)
-            if self.anchoring is not None and self.anchoring.enabled:
-                tg.start_soon(self._anchor_loop, self.anchoring)
+            if self._anchor is not None:
+                tg.start_soon(self._anchor.run)
             try:
                 yield self
             finally:
                 self._closing = True
                 self._wake.set()
-                self._anchor_wake.set()
+                if self._anchor is not None:
+                    self._anchor.stop()
                 self._stopping.set()
-        if self.anchoring is not None and self.anchoring.enabled:
-            self._anchor(self.anchoring)
+        if self._anchor is not None:
+            self._anchor.write()  # the head as the gateway leaves it
         await self._leave()
 
     async def _leave(self) -> None:
@@ -430,7 +429,9 @@ class SharedRecorder:
         return RETRY_AFTER[min(self._attempts, len(RETRY_AFTER)) - 1] if self._attempts else 0.0
 
     def anchor_soon(self) -> None:
-        self._anchor_due = True
+        """Anchor the head once what is queued now is committed (a session ended, say)."""
+        if self._anchor is not None:
+            self._anchor.soon()
 
     async def _write_loop(self) -> None:
         """Commit what waits, in groups, until the gateway stops (then once more, unless the database is away)."""
@@ -489,9 +490,8 @@ class SharedRecorder:
             logger.warning("%s: the audit log can be written again", self.path)
         self.failure = None
         self._attempts = 0
-        if self._anchor_due:
-            self._anchor_due = False
-            self._anchor_wake.set()
+        if self._anchor is not None:
+            self._anchor.committed()
         return None
 
     async def _failed(self, exc: BaseException) -> str:
@@ -600,22 +600,6 @@ class SharedRecorder:
                 await self._stopping.wait()
             if not self._closing:
                 await self._keep()
-
-    # -- anchoring -----------------------------------------------------------------------------
-
-    async def _anchor_loop(self, anchoring: Anchoring) -> None:
-        while not self._closing:
-            with anyio.move_on_after(anchoring.interval):
-                await self._anchor_wake.wait()
-            self._anchor_wake = asyncio.Event()
-            if not self._closing:
-                await anyio.to_thread.run_sync(self._anchor, anchoring)
-
-    def _anchor(self, anchoring: Anchoring) -> None:
-        head = self.head
-        if head is not None and head != self._anchored:
-            self._anchored = head
-            anchoring.write(*head)
 
 
 async def _endings_async(db: psycopg.AsyncConnection[Any], lease: str) -> list[dict[str, Any]]:
