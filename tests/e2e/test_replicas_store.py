@@ -1,0 +1,141 @@
+"""Three gateway replicas on one PostgreSQL store behind a real HAProxy (docs/deploy/haproxy.cfg), end to
+end: many sessions make one audit chain, a rate limit is one budget, a replica killed mid-load loses no
+decision, and the database restarted under load loses nothing and forwards nothing unrecorded.
+
+Which replica served a call is told by the toolbox's `pid` tool (each replica runs its own toolbox, whose
+parent is the replica); which replica a session lives on, by its `session_start` (`pid`, `lease`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from gateway.audit.shared import SharedAuditStore
+from gateway.store.postgres import Database
+from tests.conftest import ALLOW_ALL, REPO, fixture_upstream, text_of
+from tests.replicas import Replicas, running_replicas
+
+pytestmark = pytest.mark.anyio
+
+UPSTREAMS = {"box": fixture_upstream("toolbox.py")}
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "gateway", *args, "--config", str(config)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+
+
+def store_events(url: str) -> list[dict[str, Any]]:
+    log = SharedAuditStore.open_reader(Database(url))
+    try:
+        return list(log.events())
+    finally:
+        log.close()
+
+
+def verified(config: Path, url: str) -> dict[str, Any]:
+    """The chain checked twice, by `mcp-armor audit verify` and by a reader: its report."""
+    checked = cli(config, "audit", "verify", "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    log = SharedAuditStore.open_reader(Database(url))
+    try:
+        walked = log.verify()
+    finally:
+        log.close()
+    report: dict[str, Any] = json.loads(checked.stdout)
+    assert walked.problem is None and (walked.events, walked.head_seq) == (report["events"], report["head"])
+    return report
+
+
+def per_call(events: list[dict[str, Any]]) -> dict[str, Counter[str]]:
+    """For each call id: how many decisions and outcomes the chain holds."""
+    kinds: dict[str, Counter[str]] = {}
+    for event in events:
+        if event["kind"] in ("decision", "outcome"):
+            kinds.setdefault(event["call_id"], Counter())[event["kind"]] += 1
+    return kinds
+
+
+def starts(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {event["session_id"]: event for event in events if event["kind"] == "session_start"}
+
+
+def parent_of(pid: int) -> int:
+    """The parent process of a running process (a toolbox's is the replica that started it)."""
+    stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+async def until(done: Callable[[], object], seconds: float) -> None:
+    """Poll `done()` (state in other processes: no event to await) until it holds, within `seconds`."""
+    with anyio.fail_after(seconds):
+        while not done():  # noqa: ASYNC110 - the state is another process's
+            await anyio.sleep(0.2)
+
+
+SESSIONS = 200
+CALLS = 10
+AT_ONCE = 25
+
+
+async def test_200_sessions_of_10_calls_over_3_replicas_make_one_chain_that_verifies(
+    tmp_path: Path, store_url: str
+) -> None:
+    """200 real SDK sessions of 10 calls each, 25 at a time through the proxy: every call is answered by the
+    toolbox of the replica its session started on, all three replicas serve, and the one chain holds exactly
+    one decision and one outcome per call, with every replica's events, and verifies."""
+    served: dict[str, list[int]] = {}
+    limiter = anyio.CapacityLimiter(AT_ONCE)
+
+    async def one_session(gateways: Replicas, number: int) -> None:
+        async with (
+            limiter,
+            gateways.client() as http,
+            Client(streamable_http_client(gateways.url, http_client=http), mode="legacy") as client,
+        ):
+            for call in range(CALLS):
+                answered = await client.call_tool("box__pid", {"tag": f"s{number}c{call}"})
+                assert not answered.is_error, text_of(answered)
+                served.setdefault(f"s{number}", []).append(int(text_of(answered)))
+
+    async with running_replicas(tmp_path, UPSTREAMS, 3, policy=ALLOW_ALL, store_url=store_url) as gateways:
+        replica_pids = {replica.process.pid for replica in gateways.replicas}
+        with anyio.fail_after(300):
+            async with anyio.create_task_group() as tg:
+                for number in range(SESSIONS):
+                    tg.start_soon(one_session, gateways, number)
+        # Each toolbox answered as the child of one replica (read while they run).
+        toolbox_of = {pid: parent_of(pid) for pids in served.values() for pid in set(pids)}
+    assert set(toolbox_of.values()) == replica_pids
+    assert len(served) == SESSIONS and all(len(pids) == CALLS and len(set(pids)) == 1 for pids in served.values())
+
+    events = store_events(store_url)
+    counted = per_call(events)
+    assert len(counted) == SESSIONS * CALLS
+    assert all(kinds == Counter(decision=1, outcome=1) for kinds in counted.values())
+    decisions = [event for event in events if event["kind"] == "decision"]
+    started = starts(events)
+    # Each call's decision is in the session of the replica whose toolbox answered it.
+    for decision in decisions:
+        tag = decision["arguments"]["tag"]
+        session = tag.split("c")[0]
+        assert started[decision["session_id"]]["pid"] == toolbox_of[served[session][0]], decision
+    assert len({decision["session_id"] for decision in decisions}) == SESSIONS
+    assert sorted(decision["arguments"]["tag"] for decision in decisions) == sorted(
+        f"s{number}c{call}" for number in range(SESSIONS) for call in range(CALLS)
+    )
+    leases = {start["lease"] for start in started.values()}
+    assert len(leases) == 3 and {int(lease.split(":")[1].split("/")[0]) for lease in leases} == replica_pids
+    report = verified(gateways.config, store_url)
+    assert report["events"] == len(events)
