@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from gateway.audit.shared import SharedAuditStore
 from gateway.store.postgres import Database
-from tests.conftest import ALLOW_ALL, REPO, fixture_upstream, text_of
+from tests.conftest import ALLOW_ALL, REPO, fixture_upstream, read_records, text_of
 from tests.replicas import Replicas, running_replicas
 
 pytestmark = pytest.mark.anyio
@@ -139,3 +140,60 @@ async def test_200_sessions_of_10_calls_over_3_replicas_make_one_chain_that_veri
     assert len(leases) == 3 and {int(lease.split(":")[1].split("/")[0]) for lease in leases} == replica_pids
     report = verified(gateways.config, store_url)
     assert report["events"] == len(events)
+
+
+BUDGET = 7
+RATED = f"""
+[defaults]
+effect = "allow"
+
+[[rule]]
+id = "echo-budget"
+tools = ["box__echo"]
+effect = "allow"
+rate = "{BUDGET}/minute"
+"""
+
+
+async def test_a_rate_of_7_per_minute_for_one_principal_admits_exactly_7_across_the_replicas(
+    tmp_path: Path, store_url: str
+) -> None:
+    """One principal's 30 calls from six sessions spread over the three replicas: exactly 7 go ahead (and
+    reach the upstream), 23 are refused naming the rule, and the chain holds a decision for each of the 30.
+    The principal is issued with `mcp-armor principal add` into the state directory the replicas share."""
+    record = tmp_path / "calls.jsonl"
+    upstreams = {"box": fixture_upstream("toolbox.py", TOOLBOX_RECORD=str(record))}
+    answers: list[tuple[bool, str]] = []
+    async with running_replicas(tmp_path, upstreams, 3, policy=RATED, store_url=store_url) as gateways:
+        added = cli(gateways.config, "principal", "add", "alice", "--json")
+        assert added.returncode == 0, added.stderr
+        headers = {"authorization": f"Bearer {json.loads(added.stdout)['token']}"}
+        async with AsyncExitStack() as stack:
+            clients = []
+            for _ in range(6):  # opened one after another: the proxy deals them to the replicas in turn
+                http = await stack.enter_async_context(gateways.client(headers))
+                transport = streamable_http_client(gateways.url, http_client=http)
+                clients.append(await stack.enter_async_context(Client(transport, mode="legacy")))
+
+            async def five_calls(client: Client, number: int) -> None:
+                for call in range(5):
+                    answered = await client.call_tool("box__echo", {"text": f"s{number}c{call}"})
+                    answers.append((not answered.is_error, text_of(answered)))
+
+            with anyio.fail_after(120):
+                async with anyio.create_task_group() as tg:
+                    for number, client in enumerate(clients):
+                        tg.start_soon(five_calls, client, number)
+        replica_pids = {replica.process.pid for replica in gateways.replicas}
+    assert Counter(ok for ok, _ in answers) == {True: BUDGET, False: 30 - BUDGET}
+    refusals = [text for ok, text in answers if not ok]
+    limit = f"rule 'echo-budget' allows {BUDGET} calls per minute per principal and that limit is reached"
+    assert all(limit in text for text in refusals), refusals
+    assert len(read_records(record)) == BUDGET
+    events = store_events(store_url)
+    decisions = [event for event in events if event["kind"] == "decision"]
+    assert len(decisions) == 30 and {event["principal"] for event in decisions} == {"alice"}
+    assert Counter(event["decision"] for event in decisions) == {"allow": BUDGET, "deny": 30 - BUDGET}
+    sessions = {event["session_id"] for event in decisions}
+    assert {start["pid"] for id, start in starts(events).items() if id in sessions} == replica_pids
+    verified(gateways.config, store_url)
