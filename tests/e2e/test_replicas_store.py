@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from gateway.audit.shared import SharedAuditStore
+from gateway.audit.shared import GONE_AFTER, SharedAuditStore
 from gateway.store.postgres import Database
 from tests.conftest import ALLOW_ALL, REPO, fixture_upstream, read_records, text_of
+from tests.e2e.test_http_and_cli import RawHttpSession
 from tests.replicas import Replicas, running_replicas
 
 pytestmark = pytest.mark.anyio
@@ -197,3 +199,118 @@ async def test_a_rate_of_7_per_minute_for_one_principal_admits_exactly_7_across_
     sessions = {event["session_id"] for event in decisions}
     assert {start["pid"] for id, start in starts(events).items() if id in sessions} == replica_pids
     verified(gateways.config, store_url)
+
+
+class Load:
+    """Sessions through the proxy calling until told to stop; what each call's client saw, by its tag:
+    `ok`, `error` (an error result) or `lost` (no answer: the replica went away under it)."""
+
+    def __init__(self, gateways: Replicas) -> None:
+        self.gateways = gateways
+        self.seen: dict[str, tuple[str, str]] = {}
+        """tag -> (what the client saw, the result's text)"""
+        self.times: dict[str, tuple[float, float]] = {}
+        """tag -> (when the call was sent, when its answer (or its loss) came), monotonic"""
+        self.stop = anyio.Event()
+
+    async def session(self, number: int, calls: Callable[[int], tuple[str, dict[str, Any]]]) -> None:
+        """One session calling `calls(n)` (a tool and its arguments, the tag among them) until `stop`, or
+        until its replica is gone (its next request reaches another one, which does not know it)."""
+        async with self.gateways.client() as http:
+            session = RawHttpSession(http, self.gateways.url)
+            await session.open()
+            n = 0
+            while not self.stop.is_set():
+                tool, arguments = calls(n)
+                tag = f"s{number}c{n}"
+                n += 1
+                sent = anyio.current_time()
+                params = {"name": tool, "arguments": {**arguments, "tag": tag}}
+                try:
+                    response = await session.post({"jsonrpc": "2.0", "id": n, "method": "tools/call", "params": params})
+                except httpx2.TransportError:
+                    response = None
+                answer = answer_in(response, n)
+                self.times[tag] = (sent, anyio.current_time())
+                if answer is None:
+                    self.seen[tag] = ("lost", "")
+                    return
+                result = answer["result"]
+                text = "".join(block.get("text", "") for block in result["content"])
+                self.seen[tag] = ("error" if result.get("isError") else "ok", text)
+
+    def count(self, what: str, since: float = 0.0) -> int:
+        return sum(seen == what and self.times[tag][0] >= since for tag, (seen, _) in self.seen.items())
+
+
+def answer_in(response: httpx2.Response | None, request_id: int) -> dict[str, Any] | None:
+    """The answer to `request_id` in a whole 200 response (as JSON or a server-sent event), else `None`."""
+    if response is None or response.status_code != 200:
+        return None
+    if response.headers["content-type"].startswith("application/json"):
+        return dict(response.json())
+    for line in response.text.splitlines():
+        if line.startswith("data:") and (answer := json.loads(line[5:])).get("id") == request_id:
+            return dict(answer)
+    return None
+
+
+def slow_and_quick(n: int) -> tuple[str, dict[str, Any]]:
+    return ("box__slow", {"steps": 30}) if n % 2 else ("box__echo", {"text": f"call {n}"})
+
+
+async def test_kill_9_of_a_replica_mid_load_loses_no_decision(tmp_path: Path, store_url: str) -> None:
+    """30 sessions over three replicas, half their calls slow; one replica is killed with SIGKILL while calls
+    are in flight on it. Every call a client saw answered has its decision and outcome in the chain; the
+    killed replica's calls in flight are recorded as interrupted by the survivors and its sessions ended;
+    no call has two outcomes; the chain verifies."""
+    async with running_replicas(tmp_path, UPSTREAMS, 3, policy=ALLOW_ALL, store_url=store_url) as gateways:
+        load = Load(gateways)
+        async with anyio.create_task_group() as tg:
+            for number in range(30):
+                tg.start_soon(load.session, number, slow_and_quick)
+            victim = gateways.replicas[0]
+
+            def in_flight_on_victim() -> list[dict[str, Any]]:
+                events = store_events(store_url)
+                on_victim = {id for id, start in starts(events).items() if start["pid"] == victim.process.pid}
+                counted = per_call(events)
+                return [
+                    event
+                    for event in events
+                    if event["kind"] == "decision"
+                    and event["tool"] == "box__slow"
+                    and event["session_id"] in on_victim
+                    and counted[event["call_id"]]["outcome"] == 0
+                ]
+
+            await until(lambda: len(in_flight_on_victim()) >= 3, 60)
+            await gateways.kill(victim)
+            killed = anyio.current_time()
+            await until(lambda: load.count("ok", since=killed) >= 30, 60)  # the survivors go on serving
+            load.stop.set()
+        # The survivors take the killed replica for gone once its lock is free and it has been silent long enough.
+        victim_leases = {s["lease"] for s in starts(store_events(store_url)).values() if s["pid"] == victim.process.pid}
+
+        def settled() -> bool:
+            events = store_events(store_url)
+            ended = {event["session_id"] for event in events if event["kind"] == "session_end"}
+            victims = {id for id, start in starts(events).items() if start["lease"] in victim_leases}
+            return victims <= ended and all(kinds["outcome"] for kinds in per_call(events).values())
+
+        await until(settled, GONE_AFTER + 30)
+        events = store_events(store_url)
+    verified(gateways.config, store_url)
+    counted = per_call(events)
+    assert all(kinds == Counter(decision=1, outcome=1) for kinds in counted.values()), counted
+    decisions = {event["arguments"]["tag"]: event for event in events if event["kind"] == "decision"}
+    outcomes = {event["call_id"]: event for event in events if event["kind"] == "outcome"}
+    answered = [tag for tag, (seen, _) in load.seen.items() if seen != "lost"]
+    assert answered and all(load.seen[tag][0] == "ok" for tag in answered)
+    assert all(tag in decisions for tag in answered)
+    interrupted = {tag for tag, event in decisions.items() if outcomes[event["call_id"]]["outcome"] == "interrupted"}
+    victim_sessions = {id for id, start in starts(events).items() if start["lease"] in victim_leases}
+    assert len(interrupted) >= 3
+    assert all(decisions[tag]["session_id"] in victim_sessions for tag in interrupted)
+    assert all(load.seen[tag][0] == "lost" for tag in interrupted)  # none was answered, and each was cut off
+    assert all(outcomes[decisions[tag]["call_id"]]["outcome"] != "interrupted" for tag in answered)
