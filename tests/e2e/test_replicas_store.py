@@ -314,6 +314,12 @@ async def test_kill_9_of_a_replica_mid_load_loses_no_decision(tmp_path: Path, st
     assert len(interrupted) >= 3
     assert all(decisions[tag]["session_id"] in victim_sessions for tag in interrupted)
     assert all(load.seen[tag][0] == "lost" for tag in interrupted)  # none was answered, and each was cut off
+    assert all(
+        "ended without recording an outcome" in outcomes[decisions[tag]["call_id"]]["reason"] for tag in interrupted
+    )
+    # The sessions ended by a survivor for the killed replica are its own, and only its own.
+    settled_sessions = {e["session_id"] for e in events if e["kind"] == "session_end" and "ended without" in str(e)}
+    assert settled_sessions == victim_sessions
     assert all(outcomes[decisions[tag]["call_id"]]["outcome"] != "interrupted" for tag in answered)
 
 
