@@ -90,11 +90,14 @@ def columns(body: Mapping[str, Any]) -> tuple[str | None, ...]:
 class _Event:
     """An event ready to append: its canonical text and its query columns, as `append_events` reads them."""
 
-    __slots__ = ("kind", "line")
+    __slots__ = ("kept", "kind", "line")
 
     def __init__(self, text: str, fields: tuple[str | None, ...]) -> None:
         self.kind = fields[0]
         self.line = _FIELDS.join((text, *(_NULL if field is None else field for field in fields)))
+        self.kept = False
+        """Queued without a caller waiting: kept and committed later when a commit fails (a recorded
+        event whose commit fails is its caller's to handle: it was told)."""
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> _Event:
@@ -389,14 +392,18 @@ class SharedRecorder:
     # -- recording -----------------------------------------------------------------------------
 
     def queue(self, *bodies: Mapping[str, Any]) -> None:
-        """Queue events without waiting for their commit (order is kept with everything else queued)."""
-        self._add([_Event.of(body) for body in bodies])
+        """Queue events without waiting for their commit (order is kept with everything else queued); while
+        the database is away they wait, and are committed once it is back."""
+        events = [_Event.of(body) for body in bodies]
+        for event in events:
+            event.kept = True
+        self._add(events)
         self._wake.set()
 
     async def record(self, *bodies: Mapping[str, Any], alone: bool = False) -> None:
         """Record events before the caller goes on: committed in the database (with whatever else waits
-        at that moment); `AuditError` when they could not be (the events stay in line, committed once the
-        database is back)."""
+        at that moment); `AuditError` when they could not be (the caller decides what to record instead:
+        gateway/audit/stages.py queues what the agent was told)."""
         del alone  # every event waits for its commit: there is no local journal to make it durable first
         if self._closing:
             raise AuditError(f"{self.path}: the audit log is closed (the gateway is shutting down)")
@@ -467,7 +474,7 @@ class SharedRecorder:
             ticket.error = error
             ticket.done.set()
         if error is not None:
-            self._waiting[:0] = events  # committed later, once the database is back
+            self._waiting[:0] = [event for event in events if event.kept]  # committed once the database is back
             self._add([])
         return error
 

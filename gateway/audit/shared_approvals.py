@@ -127,6 +127,13 @@ class _Link:
             self._connection.close()
             self._connection = None
 
+    def __del__(self) -> None:
+        # A queue dropped without `close` (a console's, at the end of its process) lets go of its connection
+        # here, rather than leaving the driver to warn about it.
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.closed:
+            connection.close()
+
 
 def _has_news(connection: psycopg.Connection[Any]) -> bool:
     """Whether the server has said something on an idle connection (it says why it ends one: a restart, an

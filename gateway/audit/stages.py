@@ -150,7 +150,8 @@ class CallAudit:
         try:
             await self.recorder.record(decision, ended)
         except AuditError as exc:
-            logger.error("a call to '%s' (%s) could not be recorded: %s", name, stage, exc)
+            logger.error("a call to '%s' (%s) could not be recorded yet: %s", name, stage, exc)
+            self.recorder.queue(decision, ended)  # recorded once the log can be written again
         _print_line(session.id, common.get("tool") or common.get("method", ""), "deny", "", outcome.value, 0.0)
 
     async def _finish(self, call: ToolCall, outcome: Outcome, started: float) -> Outcome:
@@ -173,10 +174,12 @@ class CallAudit:
         try:
             await self.recorder.record(*events, alone=self._in_flight == 0)
         except AuditError as exc:
-            logger.error("the outcome of call %s to %s could not be recorded: %s", call.id, call.tool.name, exc)
+            logger.error("the outcome of call %s to %s could not be recorded yet: %s", call.id, call.tool.name, exc)
             if outcome.kind in (OutcomeKind.OK, OutcomeKind.ERROR):
                 reason = f"the call ran, but its outcome cannot be recorded in the audit log, so it is withheld ({exc})"
                 outcome = Outcome.refused(call, reason)
+                events[-1] = outcome_event(call, outcome, duration_ms, redaction, self.recorder)
+            self.recorder.queue(*events)  # what the agent was told, recorded once the log can be written again
         effect = decision.effect.value if decision is not None else "?"
         rules = ",".join(decision.rules) if decision is not None else ""
         if decision is not None and decision.would is not None:

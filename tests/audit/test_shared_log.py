@@ -238,7 +238,8 @@ async def test_the_database_away_refuses_at_once_and_nothing_is_lost_when_it_is_
                 with pytest.raises(AuditError, match="cannot write the audit log"):
                     await recorder.record(_decision("away"))
                 assert recorder.failure is not None and "armor-test-secret" not in recorder.failure
-                recorder.queue(_outcome("away", outcome="refused"))
+                # The caller was told; what it queues instead (the refusal it gave) waits for the database.
+                recorder.queue(_decision("away", reason="refused"), _outcome("away", outcome="refused"))
                 own.start()
                 while True:  # the writer comes back by itself
                     try:
@@ -248,6 +249,7 @@ async def test_the_database_away_refuses_at_once_and_nothing_is_lost_when_it_is_
                         await anyio.sleep(0.1)
         with _log(url) as log:
             calls = [(e["kind"], e["call_id"]) for e in log.events()]
+            reasons = [e["reason"] for e in log.events()]
             assert log.verify().problem is None
     assert calls == [
         ("decision", "before"),
@@ -255,6 +257,7 @@ async def test_the_database_away_refuses_at_once_and_nothing_is_lost_when_it_is_
         ("outcome", "away"),
         ("decision", "after"),
     ]
+    assert reasons == [None, "refused", None, None]
 
 
 async def test_a_reader_of_an_unreachable_store_gets_one_line(store_url: str) -> None:

@@ -372,7 +372,12 @@ async def test_the_database_restarted_under_load_loses_nothing_and_forwards_noth
     succeeded = {tag for tag, (seen, _) in load.seen.items() if seen == "ok"}
     assert succeeded <= decided and set(forwarded) <= decided
     # A call forwarded as the database went away has its result withheld (its outcome could not be
-    # acknowledged): the client sees an error; its outcome is in the chain all the same.
+    # acknowledged): the client sees an error, and the chain says so once the database is back.
     withheld = set(forwarded) - succeeded
     assert all(load.seen[tag][0] == "error" and "audit log" in load.seen[tag][1] for tag in withheld)
     assert not withheld & after
+    call_of = {event["arguments"]["tag"]: event["call_id"] for event in events if event["kind"] == "decision"}
+    outcome_of = {event["call_id"]: event for event in events if event["kind"] == "outcome"}
+    for tag in withheld:
+        recorded = outcome_of[call_of[tag]]
+        assert recorded["outcome"] == "refused" and "withheld" in recorded["reason"], recorded
