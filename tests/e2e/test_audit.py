@@ -281,8 +281,14 @@ async def test_calls_resume_once_the_audit_log_can_be_written_again(tmp_path: Pa
         (tmp_path / "state").unlink()
         assert text_of(await client.call_tool("box__echo", {"text": "recorded"})) == "recorded"
     store = AuditStore.open_reader(tmp_path / "state" / "audit.db")
-    decisions = [event for event in store.events() if event["kind"] == "decision"]
-    assert [event["arguments"]["text"] for event in decisions] == ["recorded"]
+    events = list(store.events())
+    decisions = [event for event in events if event["kind"] == "decision"]
+    # The refused call is in the log too, recorded once it could be written, as the agent was told.
+    assert [event["arguments"]["text"] for event in decisions] == ["blocked", "recorded"]
+    outcomes = {event["call_id"]: event for event in events if event["kind"] == "outcome"}
+    blocked = outcomes[decisions[0]["call_id"]]
+    assert blocked["outcome"] == "refused" and "the audit log cannot record this call" in blocked["reason"]
+    assert outcomes[decisions[1]["call_id"]]["outcome"] == "ok"
 
 
 async def test_calls_in_flight_at_shutdown_are_recorded_as_cancelled(config: Path) -> None:
