@@ -264,7 +264,7 @@ class SharedAuditStore:
         """The sessions whose start names `lease` (a replica): each with its decisions that have no outcome,
         and whether it has ended."""
         with self._using("read"):
-            return _Unended(self._db.execute(UNENDED, (lease,)).fetchall()).unended(lease)
+            return _Unended(self._db.execute(UNENDED, {"lease": lease}).fetchall()).unended(lease)
 
     def verify(self, anchors: Sequence[tuple[int, str]] = ()) -> Verification:
         """Walk the whole chain in one snapshot; the first sequence number where it breaks, if any."""
@@ -298,16 +298,28 @@ class SharedAuditStore:
 
 
 UNENDED = """
-    SELECT s.session_id,
-           EXISTS (SELECT 1 FROM events x WHERE x.session_id = s.session_id AND x.kind = 'session_end'),
-           d.body
-    FROM events s
-    LEFT JOIN events d ON d.session_id = s.session_id AND d.kind = 'decision'
-        AND NOT EXISTS (SELECT 1 FROM events o WHERE o.call_id = d.call_id AND o.kind = 'outcome')
-    WHERE s.kind = 'session_start' AND s.lease = %s
-    ORDER BY s.seq, d.seq
+    SELECT session_id, ended, body FROM (
+        SELECT s.seq AS started, d.seq, s.session_id,
+               EXISTS (SELECT 1 FROM events x WHERE x.session_id = s.session_id AND x.kind = 'session_end') AS ended,
+               d.body
+        FROM events s
+        LEFT JOIN events d ON d.session_id = s.session_id AND d.kind = 'decision'
+            AND (d.lease = %(lease)s OR d.lease IS NULL)
+            AND NOT EXISTS (SELECT 1 FROM events o WHERE o.call_id = d.call_id AND o.kind = 'outcome')
+        WHERE s.kind = 'session_start' AND s.lease = %(lease)s
+        UNION ALL
+        SELECT d.seq, d.seq, d.session_id, true, d.body
+        FROM events d
+        WHERE d.kind = 'decision' AND d.lease = %(lease)s
+          AND NOT EXISTS (SELECT 1 FROM events o WHERE o.call_id = d.call_id AND o.kind = 'outcome')
+          AND NOT EXISTS (SELECT 1 FROM events s
+                          WHERE s.session_id = d.session_id AND s.kind = 'session_start' AND s.lease = %(lease)s)
+    ) AS open ORDER BY started, seq
 """
-"""Each session a replica started: whether it ended, and each of its decisions without an outcome."""
+"""Each session a replica started: whether it ended, and each of its decisions without an outcome that this
+replica made (a decision names its replica's lease; one recorded before decisions did is the session's);
+then each decision without an outcome it made in a session another replica started (ended: not its to end).
+A stateless session has one id on every replica, and its start is stored once, naming one of them."""
 
 
 class _Unended:
@@ -684,5 +696,5 @@ class SharedRecorder:
 
 async def _endings_async(db: psycopg.AsyncConnection[Any], lease: str) -> list[dict[str, Any]]:
     """`leases.endings` for a gone replica, read through an async connection."""
-    cursor = await db.execute(UNENDED, (lease,))
+    cursor = await db.execute(UNENDED, {"lease": lease})
     return endings(_Unended(await cursor.fetchall()), lease, f"replica {lease}")
