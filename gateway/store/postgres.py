@@ -154,6 +154,19 @@ class Database:
                 )
             db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             db.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+            # A schema another role made first (one allowed to create schemas in this database) is that
+            # role's: as its owner it could drop and replace the chain's tables and functions at will.
+            owner = db.execute(
+                "SELECT r.rolname, r.rolsuper OR pg_has_role(current_user, r.oid, 'MEMBER') "
+                "FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner WHERE n.nspname = %s",
+                (SCHEMA,),
+            ).fetchone()
+            if owner is None or not owner[1]:
+                raise StoreError(
+                    f"{self.shown}: schema {SCHEMA} belongs to role {owner[0] if owner else '?'}, which could change "
+                    f"the audit log's tables; drop it, or have this store's user own it "
+                    f"(ALTER SCHEMA {SCHEMA} OWNER TO ...)"
+                )
             db.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version (id int PRIMARY KEY CHECK (id = 1), version int NOT NULL)"
             )

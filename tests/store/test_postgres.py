@@ -109,3 +109,15 @@ def test_a_url_shown_never_carries_its_query_or_a_password_in_it() -> None:
     assert shown("postgresql://armor:pw@h1:5432,h2:5433/armor") == "postgresql://armor@h1:5432,h2:5433/armor"
     assert shown("host=db password=s3cret") == "the store URL"
     assert shown("postgresql://armor:a[b@db/armor") == "postgresql://armor@db/armor"
+
+
+def test_a_schema_another_role_made_first_is_refused_never_used(postgres: Cluster, store_url: str) -> None:
+    # A role allowed to create schemas in the database makes `mcp_armor` before the first gateway, and
+    # lets the store's user create in it: as its owner it could later drop and replace the chain's tables.
+    name = store_url.rsplit("/", 1)[1]
+    intruder = f"intruder_{name}"
+    postgres.psql(f"CREATE ROLE {intruder}; GRANT CREATE ON DATABASE {name} TO {intruder}")
+    postgres.psql(f"CREATE SCHEMA mcp_armor AUTHORIZATION {intruder}; GRANT ALL ON SCHEMA mcp_armor TO armor", name)
+    with pytest.raises(StoreError, match=f"schema mcp_armor belongs to role {intruder}, which could change"):
+        Database(store_url).migrate()
+    assert "events" not in postgres.psql("SELECT tablename FROM pg_tables WHERE schemaname = 'mcp_armor'", name)
