@@ -51,8 +51,8 @@ MASK_KEY = "audit-mask"
 HEARTBEAT = 2.0
 """How often a replica says it is alive, and looks for replicas that are gone."""
 GONE_AFTER = 10.0
-"""How long a replica whose lock is free must also have been silent before it is taken for gone: long
-enough that a database restart (every lock dropped at once) does not make live replicas look gone."""
+"""How long a replica whose lock is free must also have been silent (and the database server up) before
+it is taken for gone: a database restart drops every lock at once, and live replicas take theirs again."""
 COMMIT_TIMEOUT = 5.0
 """How long a group's commit may take before the database is taken for unreachable (the callers are refused)."""
 RETRY_AFTER = (0.05, 0.1, 0.2, 0.5)
@@ -646,9 +646,11 @@ class SharedRecorder:
             await keeper.execute("UPDATE replicas SET settled = NULL WHERE name = %s", (self.name,))
 
     async def _settle_gone(self, keeper: psycopg.AsyncConnection[Any]) -> None:
+        # A replica last seen before the database server (re)started is given `GONE_AFTER` from the start to
+        # take its lock again: the restart dropped every lock, and a live replica's `seen` stopped with it.
         cursor = await keeper.execute(
             "SELECT name, lock_key FROM replicas WHERE settled IS NULL AND name <> %s "
-            "AND seen < now() - make_interval(secs => %s)",
+            "AND greatest(seen, pg_postmaster_start_time()) < now() - make_interval(secs => %s)",
             (self.name, GONE_AFTER),
         )
         for name, lock_key in await cursor.fetchall():
