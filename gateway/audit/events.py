@@ -105,6 +105,9 @@ def decision_event(
         tool_digest=call.tool.source.digest,
         masked=[item.to_record() for item in masked] or None,
         **decided_for(call.session),
+        # The process that forwards the call: should it die, its calls are settled by its lease, never
+        # by the session's (a stateless session's calls reach every replica).
+        lease=recorder.lease_name,
         **fields,
     )
     return body, redaction

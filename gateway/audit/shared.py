@@ -52,8 +52,8 @@ MASK_KEY = "audit-mask"
 HEARTBEAT = 2.0
 """How often a replica says it is alive, and looks for replicas that are gone."""
 GONE_AFTER = 10.0
-"""How long a replica whose lock is free must also have been silent before it is taken for gone: long
-enough that a database restart (every lock dropped at once) does not make live replicas look gone."""
+"""How long a replica whose lock is free must also have been silent (and the database server up) before
+it is taken for gone: a database restart drops every lock at once, and live replicas take theirs again."""
 COMMIT_TIMEOUT = 5.0
 """How long a group's commit may take before the database is taken for unreachable (the callers are refused)."""
 RETRY_AFTER = (0.05, 0.1, 0.2, 0.5)
@@ -211,7 +211,7 @@ class SharedAuditStore:
         """The sessions whose start names `lease` (a replica): each with its decisions that have no outcome,
         and whether it has ended."""
         with self._using("read"):
-            return _Unended(self._db.execute(UNENDED, (lease,)).fetchall()).unended(lease)
+            return _Unended(self._db.execute(UNENDED, {"lease": lease}).fetchall()).unended(lease)
 
     def verify(self, anchors: Sequence[tuple[int, str]] = ()) -> Verification:
         """Walk the whole chain in one snapshot; the first sequence number where it breaks, if any."""
@@ -245,16 +245,28 @@ class SharedAuditStore:
 
 
 UNENDED = """
-    SELECT s.session_id,
-           EXISTS (SELECT 1 FROM events x WHERE x.session_id = s.session_id AND x.kind = 'session_end'),
-           d.body
-    FROM events s
-    LEFT JOIN events d ON d.session_id = s.session_id AND d.kind = 'decision'
-        AND NOT EXISTS (SELECT 1 FROM events o WHERE o.call_id = d.call_id AND o.kind = 'outcome')
-    WHERE s.kind = 'session_start' AND s.lease = %s
-    ORDER BY s.seq, d.seq
+    SELECT session_id, ended, body FROM (
+        SELECT s.seq AS started, d.seq, s.session_id,
+               EXISTS (SELECT 1 FROM events x WHERE x.session_id = s.session_id AND x.kind = 'session_end') AS ended,
+               d.body
+        FROM events s
+        LEFT JOIN events d ON d.session_id = s.session_id AND d.kind = 'decision'
+            AND (d.lease = %(lease)s OR d.lease IS NULL)
+            AND NOT EXISTS (SELECT 1 FROM events o WHERE o.call_id = d.call_id AND o.kind = 'outcome')
+        WHERE s.kind = 'session_start' AND s.lease = %(lease)s
+        UNION ALL
+        SELECT d.seq, d.seq, d.session_id, true, d.body
+        FROM events d
+        WHERE d.kind = 'decision' AND d.lease = %(lease)s
+          AND NOT EXISTS (SELECT 1 FROM events o WHERE o.call_id = d.call_id AND o.kind = 'outcome')
+          AND NOT EXISTS (SELECT 1 FROM events s
+                          WHERE s.session_id = d.session_id AND s.kind = 'session_start' AND s.lease = %(lease)s)
+    ) AS open ORDER BY started, seq
 """
-"""Each session a replica started: whether it ended, and each of its decisions without an outcome."""
+"""Each session a replica started: whether it ended, and each of its decisions without an outcome that this
+replica made (a decision names its replica's lease; one recorded before decisions did is the session's);
+then each decision without an outcome it made in a session another replica started (ended: not its to end).
+A stateless session has one id on every replica, and its start is stored once, naming one of them."""
 
 
 class _Unended:
@@ -577,9 +589,11 @@ class SharedRecorder:
             await keeper.execute("UPDATE replicas SET settled = NULL WHERE name = %s", (self.name,))
 
     async def _settle_gone(self, keeper: psycopg.AsyncConnection[Any]) -> None:
+        # A replica last seen before the database server (re)started is given `GONE_AFTER` from the start to
+        # take its lock again: the restart dropped every lock, and a live replica's `seen` stopped with it.
         cursor = await keeper.execute(
             "SELECT name, lock_key FROM replicas WHERE settled IS NULL AND name <> %s "
-            "AND seen < now() - make_interval(secs => %s)",
+            "AND greatest(seen, pg_postmaster_start_time()) < now() - make_interval(secs => %s)",
             (self.name, GONE_AFTER),
         )
         for name, lock_key in await cursor.fetchall():
@@ -611,5 +625,5 @@ class SharedRecorder:
 
 async def _endings_async(db: psycopg.AsyncConnection[Any], lease: str) -> list[dict[str, Any]]:
     """`leases.endings` for a gone replica, read through an async connection."""
-    cursor = await db.execute(UNENDED, (lease,))
+    cursor = await db.execute(UNENDED, {"lease": lease})
     return endings(_Unended(await cursor.fetchall()), lease, f"replica {lease}")

@@ -266,18 +266,15 @@ class SharedApprovalQueue:
         """The newest entries first (with `pending_only`, only those still to decide: pending, unexpired,
         and held by a replica that is still there)."""
         where, params = ["true"], []  # type: list[str], list[Any]
-        joined = ""
         if pending_only:
-            joined = " LEFT JOIN replicas AS r ON r.name = a.holder"
-            where.append("a.status = 'pending' AND a.expires > %s AND r.settled IS NULL")
+            where.append(f"a.status = 'pending' AND a.expires > %s AND NOT {_SETTLED % 'a.holder'}")
             params.append(self._clock())
         if since is not None:
             where.append("a.created >= %s")
             params.append(since)
         with self._link() as db:
             rows = db.execute(
-                f"SELECT {_ROW} FROM approvals AS a{joined} WHERE {' AND '.join(where)} "
-                "ORDER BY a.created DESC LIMIT %s",
+                f"SELECT {_ROW} FROM approvals AS a WHERE {' AND '.join(where)} ORDER BY a.created DESC LIMIT %s",
                 (*params, limit),
             ).fetchall()
         found = [_read(row) for row in rows]
@@ -371,5 +368,12 @@ def _holder_gone(db: psycopg.Connection[Any], holder: str) -> bool:
     host, its process has ended."""
     if _gone(holder):
         return True
-    row = db.execute("SELECT settled IS NOT NULL FROM replicas WHERE name = %s", (holder,)).fetchone()
+    row = db.execute(f"SELECT {_SETTLED % '%s'}", (holder,)).fetchone()
     return bool(row is not None and row[0])
+
+
+_SETTLED = (
+    "coalesce((SELECT bool_and(r.settled IS NOT NULL) FROM replicas AS r WHERE split_part(r.name, '/', 1) = %s), false)"
+)
+"""Whether the holder (`host:pid`) has replicas in the audit's `replicas` table (each named `host:pid/random`),
+all settled as gone: a live one of the same name is a process reusing the id (a container restarted)."""

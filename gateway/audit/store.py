@@ -339,7 +339,11 @@ class AuditStore:
                     (session,),
                 ):
                     if kind == "decision":
-                        decisions.setdefault(call_id, json.loads(body))
+                        decided = json.loads(body)
+                        # Another process's call in a session both serve (a principal's stateless
+                        # session is one id in every process): not this lease's to settle.
+                        if decided.get("lease") in (None, lease):
+                            decisions.setdefault(call_id, decided)
                     elif kind == "outcome":
                         answered.add(call_id)
                     else:

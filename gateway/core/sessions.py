@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
 from gateway.audit.events import GatewayEvents
 from gateway.calls import SessionInfo
 from gateway.policy.engine import PolicyEngine
@@ -11,7 +13,9 @@ from gateway.policy.engine import PolicyEngine
 
 class Sessions:
     """Which sessions are open; a session's end also forgets its own rate-limit windows (a principal's
-    stay: reconnecting does not renew its budget)."""
+    stay: reconnecting does not renew its budget). A principal's stateless 2026-07-28 session keeps them:
+    its id is the same on every replica and in every run, so one replica stopping must not renew the
+    budget the others count against (they expire with their windows)."""
 
     def __init__(self, events: GatewayEvents, engine: PolicyEngine) -> None:
         self._events = events
@@ -31,7 +35,8 @@ class Sessions:
         """The session is over (a session not open, or ended already, is left alone)."""
         session = self._open.pop(session_id, None)
         if session is not None:
-            self._engine.forget(session_id)
+            if not (session.transport == "http" and session.protocol_version in MODERN_PROTOCOL_VERSIONS):
+                self._engine.forget(session_id)
             for forget in self.on_end:
                 forget(session_id)
             self._events.session_ended(session, reason)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import secrets
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from gateway.config.models import Config
 from gateway.errors import StoreError
@@ -36,17 +36,33 @@ EXTRA = "pip install 'mcp-armor[postgres]'"
 
 
 def is_store_url(value: str) -> bool:
-    return urlsplit(value).scheme in SCHEMES
+    return value.partition("://")[0] in SCHEMES and "://" in value
 
 
 def shown(url: str) -> str:
-    """`url` as it may be printed: the password (and any query, which may carry one) left out."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.partition(':')[0]}@{host}" if user else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    """`url` as it may be printed: the password (and any query, which may carry one) left out.
+
+    Read as libpq reads a password with `#`, `?` or `/` in it (everything up to the last `@` is the user
+    and password): a URL parser would take part of such a password for the host, path or query."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "the store URL"
+    credentials, at, place = rest.rpartition("@")
+    user = credentials.partition(":")[0] if at else ""
+    if re.search(r"[/?#]", user):  # the `@` is in the path or the query: no user name before it
+        user, place = "", re.split(r"[?#]", rest, maxsplit=1)[0].rpartition("@")[2]
+    place = re.split(r"[?#]", place, maxsplit=1)[0]
+    return f"{scheme}://{user}@{place}" if user else f"{scheme}://{place}"
+
+
+def _unreadable_password(url: str) -> bool:
+    """Whether libpq would read part of the URL's password as its host or database (a `@` or `/` in it), or
+    refuse the URL in a message quoting the password (a `%` not followed by two hex digits)."""
+    if re.search(r"%(?![0-9A-Fa-f]{2})", url):
+        return True
+    rest = url.partition("://")[2]
+    end = re.search(r"[@/]", rest)
+    return end is not None and "@" in re.split(r"[?#]", rest[end.end() :], maxsplit=1)[0]
 
 
 def replica_name() -> str:
@@ -66,6 +82,11 @@ class Database:
     def __init__(self, url: str) -> None:
         if not is_store_url(url):
             raise StoreError(f"{shown(url)}: not a PostgreSQL URL (postgresql://user:password@host:port/database)")
+        if _unreadable_password(url):
+            raise StoreError(
+                f"{shown(url)}: the password in the store URL must be percent-encoded "
+                "(it holds '@', '/', or a '%' not followed by two hex digits)"
+            )
         self.url = url
         self.shown = shown(url)
 
@@ -133,6 +154,19 @@ class Database:
                 )
             db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             db.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+            # A schema another role made first (one allowed to create schemas in this database) is that
+            # role's: as its owner it could drop and replace the chain's tables and functions at will.
+            owner = db.execute(
+                "SELECT r.rolname, r.rolsuper OR pg_has_role(current_user, r.oid, 'MEMBER') "
+                "FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner WHERE n.nspname = %s",
+                (SCHEMA,),
+            ).fetchone()
+            if owner is None or not owner[1]:
+                raise StoreError(
+                    f"{self.shown}: schema {SCHEMA} belongs to role {owner[0] if owner else '?'}, which could change "
+                    f"the audit log's tables; drop it, or have this store's user own it "
+                    f"(ALTER SCHEMA {SCHEMA} OWNER TO ...)"
+                )
             db.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version (id int PRIMARY KEY CHECK (id = 1), version int NOT NULL)"
             )

@@ -554,3 +554,23 @@ async def test_a_checkpoint_falls_due_in_a_commit_made_on_the_event_loop_and_run
             for n in range(12):  # alone: journaled, then moved into the chain by an event-loop callback
                 await recorder.record(event("decision", call_id=f"c{n}"), alone=True)
             await ran.wait()
+
+
+def test_a_gone_process_settles_only_its_own_calls_of_a_session_another_process_serves(tmp_path: Path) -> None:
+    # Two HTTP gateways on one state: a principal's stateless 2026-07-28 session has one id in both.
+    from gateway.audit.leases import endings
+
+    store = AuditStore.open_writer(tmp_path / "audit.db")
+    try:
+        store.append(
+            [
+                canonical(event("session_start", session_id="s", lease="gone")),
+                canonical(event("session_start", session_id="s", lease="live")),
+                canonical(event("decision", session_id="s", call_id="mine", tool="t", decision="allow", lease="gone")),
+                canonical(event("decision", session_id="s", call_id="other", tool="t", decision="allow", lease="live")),
+            ]
+        )
+        settled = endings(store, "gone", "the gateway process 1")
+    finally:
+        store.close()
+    assert [(body["kind"], body.get("call_id")) for body in settled] == [("outcome", "mine"), ("session_end", None)]

@@ -169,22 +169,39 @@ def test_a_failed_record_leaves_the_approval_pending_for_every_replica(
     assert [entry.id for entry in a.entries(pending_only=True)] == [asked.id]
 
 
+# The audit's replica is named `host:pid/random` (SharedRecorder.name), the call's holder `host:pid`.
+@pytest.mark.parametrize("replica", ["elsewhere:4242", "elsewhere:4242/1a2b3c4d"])
 def test_an_approval_held_by_a_replica_settled_as_gone_is_not_offered(
-    store: Database, replicas: tuple[SharedApprovalQueue, SharedApprovalQueue]
+    store: Database, replicas: tuple[SharedApprovalQueue, SharedApprovalQueue], replica: str
 ) -> None:
     a, b = replicas
     held = AskedCall(**{**CALL.to_record(), "gateway": "elsewhere:4242", "rules": ("r",), "paths": ()})
     asked = a.ask(held, "binding", 600)
     with store.session() as db:
-        db.execute("INSERT INTO replicas (name, lock_key, host, pid) VALUES ('elsewhere:4242', 1, 'elsewhere', 4242)")
+        db.execute("INSERT INTO replicas (name, lock_key, host, pid) VALUES (%s, 1, 'elsewhere', 4242)", (replica,))
     assert [entry.id for entry in b.entries(pending_only=True)] == [asked.id]  # live on its host
     with store.session() as db:
-        db.execute("UPDATE replicas SET settled = now() WHERE name = 'elsewhere:4242'")
+        db.execute("UPDATE replicas SET settled = now() WHERE name = %s", (replica,))
     assert b.entries(pending_only=True) == []
     with pytest.raises(ApprovalsError, match=r"is expired: the gateway holding it \(elsewhere:4242\) is gone"):
         b.decide(asked.id, approve=True, by="alice", channel="cli")
     closed = a.get(asked.id)
     assert closed is not None and closed.status is Status.EXPIRED
+
+
+def test_a_holder_whose_process_id_a_live_replica_reuses_is_still_offered(
+    store: Database, replicas: tuple[SharedApprovalQueue, SharedApprovalQueue]
+) -> None:
+    # A container restarted keeps its host name and pid 1: the settled replica before it is not this one.
+    a, b = replicas
+    held = AskedCall(**{**CALL.to_record(), "gateway": "box:1", "rules": ("r",), "paths": ()})
+    asked = a.ask(held, "binding", 600)
+    with store.session() as db:
+        db.execute(
+            "INSERT INTO replicas (name, lock_key, host, pid, settled) VALUES "
+            "('box:1/old', 1, 'box', 1, now()), ('box:1/new', 2, 'box', 1, NULL), ('box:10/x', 3, 'box', 10, now())"
+        )
+    assert [entry.id for entry in b.entries(pending_only=True)] == [asked.id]
 
 
 @pytest.mark.anyio

@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from gateway.audit.queries import Filters, glob_regex
-from gateway.audit.shared import SharedAuditStore, SharedRecorder
+from gateway.audit.shared import GONE_AFTER, SharedAuditStore, SharedRecorder
 from gateway.audit.store import event
 from gateway.errors import AuditError
 from gateway.store.postgres import Database
@@ -176,10 +176,22 @@ def test_globs_read_as_sqlite_reads_them() -> None:
         assert re.search(regex, yes) and not re.search(regex, no), (pattern, regex)
 
 
-async def test_a_gone_replicas_open_calls_and_sessions_are_settled_by_a_survivor(store_url: str) -> None:
-    database = Database(store_url)
+async def _server_up_long_enough(database: Database) -> None:
+    """Wait until the database server has been up for `GONE_AFTER`: a replica last seen before it started
+    is given that long to come back before it is taken for gone."""
+    with anyio.fail_after(GONE_AFTER + 30):
+        while True:
+            with database.session() as db:
+                row = db.execute("SELECT now() - pg_postmaster_start_time() > make_interval(secs => %s)", (GONE_AFTER,))
+                if row.fetchone() == (True,):
+                    return
+            await anyio.sleep(0.2)
+
+
+def _left_by_silent_replica(database: Database, *bodies: dict[str, Any]) -> None:
+    """`bodies` in the chain, and replica `old:1/x` silent: no lock held, not seen for a minute."""
     database.migrate()
-    with database.session() as db:  # a replica that died long ago: no lock held, not seen for a minute
+    with database.session() as db:
         db.execute(
             "INSERT INTO replicas (name, lock_key, host, pid, seen) "
             "VALUES ('old:1/x', 42, 'old', 1, now() - '1 min'::interval)"
@@ -187,14 +199,19 @@ async def test_a_gone_replicas_open_calls_and_sessions_are_settled_by_a_survivor
     with closing(SharedAuditStore.open_writer(database)) as log:
         from gateway.audit.chain import canonical
 
-        log.append(
-            [
-                canonical(event("session_start", session_id="s-old", lease="old:1/x")),
-                canonical(_decision("open", session="s-old")),
-                canonical(_decision("done", session="s-old")),
-                canonical(_outcome("done", session="s-old")),
-            ]
-        )
+        log.append([canonical(body) for body in bodies])
+
+
+async def test_a_gone_replicas_open_calls_and_sessions_are_settled_by_a_survivor(store_url: str) -> None:
+    database = Database(store_url)
+    await _server_up_long_enough(database)
+    _left_by_silent_replica(
+        database,
+        event("session_start", session_id="s-old", lease="old:1/x"),
+        _decision("open", session="s-old"),
+        _decision("done", session="s-old"),
+        _outcome("done", session="s-old"),
+    )
     survivor = SharedRecorder(database)
     async with survivor.running():
         pass
@@ -209,6 +226,56 @@ async def test_a_gone_replicas_open_calls_and_sessions_are_settled_by_a_survivor
     with database.session() as db:
         row = db.execute("SELECT settled IS NOT NULL FROM replicas WHERE name = 'old:1/x'").fetchone()
     assert row == (True,)
+
+
+async def test_a_gone_replica_settles_only_its_own_calls_of_a_session_every_replica_serves(store_url: str) -> None:
+    # A principal's stateless 2026-07-28 requests have one session id on every replica: the replica that
+    # recorded its start going away must not settle (and so hide the real outcome of) another's calls.
+    database = Database(store_url)
+    database.migrate()
+    with database.session() as db:
+        db.execute("INSERT INTO replicas (name, lock_key, host, pid) VALUES ('old:1/x', 42, 'old', 1)")
+    with closing(SharedAuditStore.open_writer(database)) as log:
+        from gateway.audit.chain import canonical
+
+        log.append(
+            [
+                canonical(event("session_start", session_id="s-shared", lease="old:1/x")),
+                canonical(_decision("old-open", session="s-shared", lease="old:1/x")),
+            ]
+        )
+    live = SharedRecorder(database)
+    async with live.running():
+        await live.record(
+            event("session_start", session_id="s-shared", lease=live.lease_name),
+            _decision("live-call", session="s-shared", lease=live.lease_name),
+        )
+        await _server_up_long_enough(database)
+        with database.session() as db:  # the replica that started the session goes away now
+            db.execute("UPDATE replicas SET seen = now() - '1 min'::interval WHERE name = 'old:1/x'")
+        survivor = SharedRecorder(database)
+        async with survivor.running():
+            pass
+        await live.record(_outcome("live-call", session="s-shared"))
+    with _log(store_url) as log:
+        outcomes = {e["call_id"]: e["outcome"] for e in log.events(Filters(kinds=("outcome",)))}
+        assert log.verify().problem is None
+    assert outcomes == {"old-open": "interrupted", "live-call": "ok"}
+
+
+async def test_a_gone_replicas_open_call_in_a_session_another_replica_started_is_settled(store_url: str) -> None:
+    database = Database(store_url)
+    await _server_up_long_enough(database)
+    _left_by_silent_replica(
+        database,
+        event("session_start", session_id="s-shared", lease="elsewhere:2/y"),
+        _decision("old-open", session="s-shared", lease="old:1/x"),
+    )
+    async with SharedRecorder(database).running():
+        pass
+    with _log(store_url) as log:
+        settled = [(e["kind"], e.get("call_id"), e.get("outcome")) for e in log.events() if e["seq"] > 2]
+    assert settled == [("outcome", "old-open", "interrupted")]  # the session is not its to end
 
 
 async def test_a_live_replica_is_never_settled_however_long_it_was_silent(store_url: str) -> None:
@@ -258,6 +325,24 @@ async def test_the_database_away_refuses_at_once_and_nothing_is_lost_when_it_is_
         ("decision", "after"),
     ]
     assert reasons == [None, "refused", None, None]
+
+
+@pytest.mark.skipif(server_missing() is not None, reason=server_missing() or "")
+async def test_replicas_are_not_taken_for_gone_while_the_database_server_has_just_started() -> None:
+    # A database restarted after an outage longer than GONE_AFTER: every replica's lock was dropped and its
+    # `seen` is old, but the live ones are only now reconnecting. The first survivor back settles none.
+    with cluster() as own:
+        url = own.url(own.new_database())
+        database = Database(url)
+        _left_by_silent_replica(database, event("session_start", session_id="s", lease="old:1/x"), _decision("c"))
+        with anyio.fail_after(60):
+            async with SharedRecorder(database).running():
+                pass
+        with database.session() as db:
+            settled = db.execute("SELECT settled FROM replicas WHERE name = 'old:1/x'").fetchone()
+        with _log(url) as log:
+            kinds = [e["kind"] for e in log.events()]
+    assert settled == (None,) and kinds == ["session_start", "decision"]
 
 
 async def test_a_reader_of_an_unreachable_store_gets_one_line(store_url: str) -> None:

@@ -150,14 +150,21 @@ async def test_a_fault_after_the_decision_is_recorded_leaves_one_decision_and_on
     assert outcome["outcome"] == "error" and outcome["call_id"] == decision["call_id"]
 
 
-@pytest.mark.anyio
-async def test_a_session_starts_once_ends_once_and_its_rate_windows_go_with_it(tmp_path: Path) -> None:
+@asynccontextmanager
+async def _noted(tmp_path: Path, session: SessionInfo) -> AsyncIterator[tuple[PolicyEngine, Decision, Sessions]]:
+    """A session noted by a gateway's sessions, with the decision of a rate-limited call in it."""
     engine = _engine(tmp_path)
-    session = SessionInfo("s1", "http", "2025-06-18", "claude-code", "1.0")
     decision = engine.evaluate("box__read", {}, now=0.0, who=session.who)
     async with Recorder(tmp_path / "audit.db").running() as recorder:
         sessions = Sessions(GatewayEvents(recorder, engine), engine)
         sessions.note(session)
+        yield engine, decision, sessions
+
+
+@pytest.mark.anyio
+async def test_a_session_starts_once_ends_once_and_its_rate_windows_go_with_it(tmp_path: Path) -> None:
+    session = SessionInfo("s1", "http", "2025-06-18", "claude-code", "1.0")
+    async with _noted(tmp_path, session) as (engine, decision, sessions):
         sessions.note(session)
         assert engine.charge(decision, session.who, 0.0) and not engine.charge(decision, session.who, 1.0)
         sessions.end(session.id, "the client ended the session")
@@ -176,6 +183,17 @@ async def test_a_session_starts_once_ends_once_and_its_rate_windows_go_with_it(t
         ("session_start", "s2", None),
         ("session_end", "s2", "the gateway shut down"),
     ]
+
+
+@pytest.mark.anyio
+async def test_a_stateless_sessions_end_leaves_its_rate_windows_to_the_replicas_sharing_its_id(tmp_path: Path) -> None:
+    # Unauthenticated 2026-07-28 requests are one session, with one id, on every replica, counted as that
+    # session: one replica stopping (its sessions ending) must not give them a fresh budget everywhere.
+    session = SessionInfo("anonymous-hash", "http", "2026-07-28", "claude-code", "1.0")
+    async with _noted(tmp_path, session) as (engine, decision, sessions):
+        assert engine.charge(decision, session.who, 0.0)
+        sessions.end_all("the gateway shut down")
+        assert not engine.charge(decision, session.who, 1.0)
 
 
 class _BrokenRefusalCheck(EnforcePolicy):

@@ -84,3 +84,40 @@ def test_a_shared_key_is_made_once_and_every_replica_reads_the_same(store_url: s
         assert len(key) == 32
         assert shared_key(second, "approvals") == key
         assert shared_key(second, "mask") != key
+
+
+@pytest.mark.parametrize("password", ["Qx#Zq", "Qx?Zq", "Qx/Zq", "Qx@Zq", "Qx%zzZq", "Qx#?/@%zzZq"])
+def test_no_part_of_a_password_with_url_characters_in_it_is_ever_shown(password: str) -> None:
+    url = f"postgresql://armor:{password}@db.example:5432/armor"
+    assert shown(url) == "postgresql://armor@db.example:5432/armor"
+    try:
+        Database(url)
+    except StoreError as exc:  # one libpq would misread: refused, naming the fix and not the password
+        assert str(exc).startswith("postgresql://armor@db.example:5432/armor: the password in the store URL must")
+        assert "Qx" not in str(exc) and "Zq" not in str(exc)
+
+
+def test_a_password_libpq_would_read_as_the_host_is_refused_before_connecting() -> None:
+    for url in ("postgresql://armor:p@ss@db/armor", "postgresql://armor:p/ss@db/armor", "postgresql://a:p%zz@db/x"):
+        with pytest.raises(StoreError, match="must be percent-encoded"):
+            Database(url)
+    Database("postgresql://armor:p%40ss@db/armor?password=x")  # percent-encoded: read as it is written
+
+
+def test_a_url_shown_never_carries_its_query_or_a_password_in_it() -> None:
+    assert shown("postgresql://db/armor?password=a@b") == "postgresql://db/armor"
+    assert shown("postgresql://armor:pw@h1:5432,h2:5433/armor") == "postgresql://armor@h1:5432,h2:5433/armor"
+    assert shown("host=db password=s3cret") == "the store URL"
+    assert shown("postgresql://armor:a[b@db/armor") == "postgresql://armor@db/armor"
+
+
+def test_a_schema_another_role_made_first_is_refused_never_used(postgres: Cluster, store_url: str) -> None:
+    # A role allowed to create schemas in the database makes `mcp_armor` before the first gateway, and
+    # lets the store's user create in it: as its owner it could later drop and replace the chain's tables.
+    name = store_url.rsplit("/", 1)[1]
+    intruder = f"intruder_{name}"
+    postgres.psql(f"CREATE ROLE {intruder}; GRANT CREATE ON DATABASE {name} TO {intruder}")
+    postgres.psql(f"CREATE SCHEMA mcp_armor AUTHORIZATION {intruder}; GRANT ALL ON SCHEMA mcp_armor TO armor", name)
+    with pytest.raises(StoreError, match=f"schema mcp_armor belongs to role {intruder}, which could change"):
+        Database(store_url).migrate()
+    assert "events" not in postgres.psql("SELECT tablename FROM pg_tables WHERE schemaname = 'mcp_armor'", name)
