@@ -368,12 +368,6 @@ async def test_with_a_store_the_console_shows_the_stores_log_and_queue_and_decid
 
     config = _config(tmp_path, store=store_url)
     recorder = SharedRecorder(Database(store_url))
-    async with recorder.running():
-        await recorder.record(
-            event("session_start", session_id="s1", client_name="agent", lease=recorder.lease_name),
-            event("decision", session_id="s1", call_id="c0", tool="box__echo", decision="allow", rules=["r"]),
-            event("outcome", session_id="s1", call_id="c0", tool="box__echo", outcome="ok", duration_ms=1.0),
-        )
     call = AskedCall(
         call_id="c1",
         session="s1",
@@ -388,19 +382,27 @@ async def test_with_a_store_the_console_shows_the_stores_log_and_queue_and_decid
         revision="r1",
     )
     queue = approval_queue(config)
-    entry = await anyio.to_thread.run_sync(lambda: queue.ask(call, "binding-1", 60).id)
     gate = AccessToken()
-    async with _client(console_app(config, gate, HOSTS, tls=False)) as http:
-        csrf = await _signed_in(http, gate.token)
-        state = (await http.get("/console/state")).json()
-        integrity = next(m for m in state if m["type"] == "integrity")
-        assert integrity["status"] == "ok" and integrity["head"].startswith("3:")
-        assert any(m["type"] == "call" and m["call_id"] == "c0" for m in state)
-        (pending,) = next(m for m in state if m["type"] == "approvals")["pending"]
-        assert pending["id"] == entry
-        approve = {"approve": True, "binding": pending["binding"]}
-        answer = await http.post(f"/console/approvals/{entry}", json=approve, headers={**ORIGIN, "x-csrf-token": csrf})
-        assert answer.status_code == 200, answer.text
+    # The recorder stands for this process's gateway: the queue offers only calls whose holder is alive.
+    async with recorder.running():
+        await recorder.record(
+            event("session_start", session_id="s1", client_name="agent", lease=recorder.lease_name),
+            event("decision", session_id="s1", call_id="c0", tool="box__echo", decision="allow", rules=["r"]),
+            event("outcome", session_id="s1", call_id="c0", tool="box__echo", outcome="ok", duration_ms=1.0),
+        )
+        entry = await anyio.to_thread.run_sync(lambda: queue.ask(call, "binding-1", 60).id)
+        async with _client(console_app(config, gate, HOSTS, tls=False)) as http:
+            csrf = await _signed_in(http, gate.token)
+            state = (await http.get("/console/state")).json()
+            integrity = next(m for m in state if m["type"] == "integrity")
+            assert integrity["status"] == "ok" and integrity["head"].startswith("3:")
+            assert any(m["type"] == "call" and m["call_id"] == "c0" for m in state)
+            (pending,) = next(m for m in state if m["type"] == "approvals")["pending"]
+            assert pending["id"] == entry
+            approve = {"approve": True, "binding": pending["binding"]}
+            headers = {**ORIGIN, "x-csrf-token": csrf}
+            answer = await http.post(f"/console/approvals/{entry}", json=approve, headers=headers)
+            assert answer.status_code == 200, answer.text
     decided = await anyio.to_thread.run_sync(lambda: queue.get(entry))
     assert decided is not None and decided.status is Status.APPROVED and decided.channel == "console"
     log = SharedAuditStore.open_reader(Database(store_url))
