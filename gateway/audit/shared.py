@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -347,6 +348,8 @@ class SharedRecorder:
         self._attempts = 0
         self._anchor = HeadAnchor(anchoring, lambda: self.head) if anchoring is not None and anchoring.enabled else None
         self._stopping = asyncio.Event()
+        self._seen_at = -math.inf
+        """When this replica last said it is alive (`replicas.seen`)."""
         self._committing = False
         """A group is being committed, by the writer task or by a caller committing its own."""
 
@@ -501,6 +504,8 @@ class SharedRecorder:
                 durable = self.sync == "full" or any(event.kind == "decision" for event in events)
                 cursor = await writer.execute(APPEND, _group(events, durable=durable))
                 row = await cursor.fetchone()
+                if self._keeper is None and anyio.current_time() - self._seen_at >= HEARTBEAT:
+                    await self._seen(writer)  # the keeper cannot reach the store, but this replica writes
         except (psycopg.Error, StoreError, TimeoutError, OSError) as exc:
             return await self._failed(exc)
         assert row is not None
@@ -534,6 +539,8 @@ class SharedRecorder:
             self._writer = await self.database.connect_async()
             if not self._keyed:
                 await self._read_key(self._writer)
+            # The row its sessions name exists before the first of them is recorded, keeper or not.
+            await self._seen(self._writer)
         return self._writer
 
     async def _read_key(self, db: psycopg.AsyncConnection[Any]) -> None:
@@ -566,13 +573,18 @@ class SharedRecorder:
                     await lost.close()
             logger.debug("replica %s cannot reach the store: %s", self.name, exc)
 
-    async def _join(self, keeper: psycopg.AsyncConnection[Any]) -> None:
+    async def _seen(self, db: psycopg.AsyncConnection[Any]) -> None:
+        """This replica is alive: its row made if need be, its `seen` now."""
         host, _, pid = self.name.partition("/")[0].rpartition(":")
-        await keeper.execute(
+        await db.execute(
             "INSERT INTO replicas (name, lock_key, host, pid) VALUES (%s, %s, %s, %s) "
             "ON CONFLICT (name) DO UPDATE SET seen = now()",
             (self.name, self._lock_key, host, int(pid)),
         )
+        self._seen_at = anyio.current_time()
+
+    async def _join(self, keeper: psycopg.AsyncConnection[Any]) -> None:
+        await self._seen(keeper)
         cursor = await keeper.execute("SELECT pg_try_advisory_lock(%s)", (self._lock_key,))
         row = await cursor.fetchone()
         if row is None or not row[0]:

@@ -352,3 +352,27 @@ async def test_a_reader_of_an_unreachable_store_gets_one_line(store_url: str) ->
     with pytest.raises(AuditError, match=r"^cannot read the audit log: postgresql://armor@127\.0\.0\.1:\d+/armor: "):
         SharedAuditStore.open_reader(Database(url))
     assert os.environ.get("PGPASSWORD") is None
+
+
+async def test_a_replica_whose_keeper_cannot_reach_the_store_is_still_known_and_seen_while_it_writes(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.audit.shared as shared
+
+    async def unreachable(self: SharedRecorder) -> None:  # its liveness connection never gets through
+        return None
+
+    monkeypatch.setattr(SharedRecorder, "_keep", unreachable)
+    monkeypatch.setattr(shared, "HEARTBEAT", 0.0)  # every commit says it is alive
+    database = Database(store_url)
+    recorder = SharedRecorder(database)
+    async with recorder.running():
+        await recorder.record(event("session_start", session_id="s", lease=recorder.lease_name))
+        with database.session() as db:
+            db.execute("UPDATE replicas SET seen = now() - '1 min'::interval WHERE name = %s", (recorder.name,))
+        await recorder.record(_decision("c", session="s"))
+        with database.session() as db:
+            row = db.execute(
+                "SELECT seen > now() - '10 s'::interval FROM replicas WHERE name = %s", (recorder.name,)
+            ).fetchone()
+    assert row == (True,)  # known (the sessions it records name it) and not silent: never settled while it writes
