@@ -35,5 +35,5 @@ def test_serving_stdio_without_notices_loads_no_http_client_and_no_console() -> 
 
 
 def test_serving_without_a_store_loads_no_database_driver() -> None:
-    assert _loaded(SERVING, ("psycopg", "psycopg_pool")) == []
-    assert _loaded(STDIO, ("psycopg", "psycopg_pool")) == []
+    assert _loaded(SERVING, ("psycopg",)) == []
+    assert _loaded(STDIO, ("psycopg",)) == []
