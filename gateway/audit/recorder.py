@@ -222,7 +222,7 @@ class Recorder:
             else:
                 self._drain_later()
                 return
-        self._queue.extend(texts)
+        self._queue.extend(_Kept(text) for text in texts)
         self._wake.set()
 
     async def record(self, *bodies: Mapping[str, Any], alone: bool = False) -> None:
@@ -327,11 +327,22 @@ class Recorder:
                     self._writing = False
                 if error is None:
                     self._committed(len(batch.bodies))
-                elif self.journal is not None:
-                    self.journal.put_back(batch.journaled)  # durable already: they wait for the log to recover
+                else:
+                    if self.journal is not None:
+                        self.journal.put_back(batch.journaled)  # durable already: they wait for the log to recover
+                    self._keep(batch.queued)
                 batch.settle(error)
             if self._closing and (error is not None or not self._pending()):
                 return
+
+    def _keep(self, queued: list[str]) -> None:
+        """Queued events of a failed commit: first in line for the next one."""
+        kept = [text for text in queued if isinstance(text, _Kept)]
+        self._queue[:0] = kept
+        excess = len(self._queue) - MAX_KEPT
+        if excess > 0:
+            del self._queue[:excess]
+            logger.error("%s: %d audit events dropped: the log has not been writable for too long", self.path, excess)
 
     async def _commit(self, bodies: list[str], mark: Mark | None) -> str | None:
         """Append one group; the reason when it could not be committed."""
@@ -394,6 +405,17 @@ class Recorder:
             logger.warning("audit log checkpoint failed (the WAL file keeps growing until one succeeds): %s", exc)
         finally:
             self._checkpointing = self._checkpoint_running = False
+
+
+class _Kept(str):
+    """The text of an event queued without a caller waiting for it: when its commit fails it waits for the
+    next one (an event a caller recorded is the caller's to handle: it was told)."""
+
+    __slots__ = ()
+
+
+MAX_KEPT = 200_000
+"""Queued events held in memory while the log cannot be written; past that the oldest go, with a log line."""
 
 
 class _Batch:

@@ -574,3 +574,26 @@ def test_a_gone_process_settles_only_its_own_calls_of_a_session_another_process_
     finally:
         store.close()
     assert [(body["kind"], body.get("call_id")) for body in settled] == [("outcome", "mine"), ("session_end", None)]
+
+
+@pytest.mark.anyio
+async def test_events_queued_while_the_log_cannot_be_written_wait_for_it_and_recorded_ones_are_their_callers(
+    tmp_path: Path,
+) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the log's directory should be")
+    recorder = Recorder(blocker / "audit.db")
+    with anyio.fail_after(20):
+        async with recorder.running():
+            recorder.queue(event("decision", call_id="queued"))
+            with pytest.raises(AuditError):  # the same failed commit took the queued event along
+                await recorder.record(event("decision", call_id="recorded-while-blocked"))
+            with pytest.raises(AuditError):  # and failed again: still kept
+                await recorder.record(event("decision", call_id="again"))
+            blocker.unlink()
+            await recorder.record(event("decision", call_id="after"))
+    store = AuditStore.open_reader(blocker / "audit.db")
+    try:
+        assert [e["call_id"] for e in store.events()] == ["queued", "after"]
+    finally:
+        store.close()
