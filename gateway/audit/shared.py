@@ -614,9 +614,15 @@ class SharedRecorder:
                 free = await cursor.fetchone()
                 if free is None or not free[0]:
                     continue  # alive (reconnected meanwhile), or being settled by another replica
-                cursor = await keeper.execute("SELECT settled FROM replicas WHERE name = %s FOR UPDATE", (name,))
+                # Looked at again under the row's lock: a replica rejoining since the list above was read has
+                # said it is alive (its `seen` is written before it takes its lock again).
+                cursor = await keeper.execute(
+                    "SELECT settled IS NULL AND greatest(seen, pg_postmaster_start_time()) "
+                    "< clock_timestamp() - make_interval(secs => %s) FROM replicas WHERE name = %s FOR UPDATE",
+                    (GONE_AFTER, name),
+                )
                 state = await cursor.fetchone()
-                if state is None or state[0] is not None:
+                if state is None or not state[0]:
                     continue
                 bodies = await _endings_async(keeper, name)
                 if bodies:

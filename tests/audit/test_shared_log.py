@@ -376,3 +376,37 @@ async def test_a_replica_whose_keeper_cannot_reach_the_store_is_still_known_and_
                 "SELECT seen > now() - '10 s'::interval FROM replicas WHERE name = %s", (recorder.name,)
             ).fetchone()
     assert row == (True,)  # known (the sessions it records name it) and not silent: never settled while it writes
+
+
+async def test_a_replica_rejoining_while_a_survivor_settles_it_is_left_alone(store_url: str) -> None:
+    database = Database(store_url)
+    await _server_up_long_enough(database)
+    _left_by_silent_replica(database, event("session_start", session_id="s", lease="old:1/x"), _decision("c"))
+    survivor = SharedRecorder(database)
+    with database.session() as rejoining, anyio.fail_after(30):
+        # The silent replica comes back: it says it is alive (its row locked until that commits) just as the
+        # survivor, having listed it as gone and found its lock free, takes its row to settle it.
+        rejoining.execute("BEGIN")
+        rejoining.execute("UPDATE replicas SET seen = now() WHERE name = 'old:1/x'")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_run_briefly, survivor)
+            while True:  # the survivor waits on the row
+                with database.session() as db:
+                    waiting = db.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                        ("%FROM replicas WHERE name = %",),
+                    ).fetchone()
+                if waiting == (1,):
+                    break
+                await anyio.sleep(0.02)
+            rejoining.execute("COMMIT")
+    with database.session() as db:
+        settled = db.execute("SELECT settled FROM replicas WHERE name = 'old:1/x'").fetchone()
+    with _log(store_url) as log:
+        kinds = [e["kind"] for e in log.events()]
+    assert settled == (None,) and kinds == ["session_start", "decision"]
+
+
+async def _run_briefly(recorder: SharedRecorder) -> None:
+    async with recorder.running():  # joining settles what is gone
+        pass
