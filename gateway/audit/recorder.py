@@ -337,12 +337,8 @@ class Recorder:
 
     def _keep(self, queued: list[str]) -> None:
         """Queued events of a failed commit: first in line for the next one."""
-        kept = [text for text in queued if isinstance(text, _Kept)]
-        self._queue[:0] = kept
-        excess = len(self._queue) - MAX_KEPT
-        if excess > 0:
-            del self._queue[:excess]
-            logger.error("%s: %d audit events dropped: the log has not been writable for too long", self.path, excess)
+        self._queue[:0] = [text for text in queued if isinstance(text, _Kept)]
+        hold_within(self._queue, self.path)
 
     async def _commit(self, bodies: list[str], mark: Mark | None) -> str | None:
         """Append one group; the reason when it could not be committed."""
@@ -414,8 +410,17 @@ class _Kept(str):
     __slots__ = ()
 
 
-MAX_KEPT = 200_000
-"""Queued events held in memory while the log cannot be written; past that the oldest go, with a log line."""
+MAX_HELD = 200_000
+"""Events held in memory while the log cannot be written (this recorder's or the shared store's); past that
+the oldest go, with a log line."""
+
+
+def hold_within(waiting: list[Any], log: object) -> None:
+    """Trim events waiting for a log that cannot be written to `MAX_HELD`, the oldest first, saying so."""
+    excess = len(waiting) - MAX_HELD
+    if excess > 0:
+        del waiting[:excess]
+        logger.error("%s: %d audit events dropped: the log could not be written for too long", log, excess)
 
 
 class _Batch:

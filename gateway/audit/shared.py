@@ -37,11 +37,11 @@ from gateway.audit.anchor import Anchoring, HeadAnchor
 from gateway.audit.chain import Row, Verification, canonical, walk_rows
 from gateway.audit.leases import endings
 from gateway.audit.queries import EVERY, SESSIONS, Filters, where_clause
-from gateway.audit.recorder import Ticket
+from gateway.audit.recorder import Ticket, hold_within
 from gateway.audit.store import session_row
 from gateway.errors import AuditError, StoreError
 from gateway.policy.redact import Redactor
-from gateway.store.postgres import Database, first_line, require_driver, shared_key, shared_key_async
+from gateway.store.postgres import Database, first_line, require_driver, shared_key_async
 
 if TYPE_CHECKING:
     import psycopg
@@ -60,9 +60,6 @@ COMMIT_TIMEOUT = 5.0
 RETRY_AFTER = (0.05, 0.1, 0.2, 0.5)
 """Waits between attempts to reach the database again while it is away and nobody is recording (a caller
 recording makes the next attempt at once: the callers waiting meanwhile share it)."""
-MAX_WAITING = 200_000
-"""Events held in memory while the database is away; past that the oldest are dropped, each drop logged."""
-
 _COLUMNS = ("kind", "session_id", "call_id", "tool", "decision", "outcome", "ts", "principal", "lease")
 APPEND = "SELECT head_seq, head_hash, appended FROM append_events(%s, %s)"
 _EVENTS, _FIELDS, _NULL = "\x1e", "\x1f", "\x1d"
@@ -71,8 +68,8 @@ _CONTROL = re.compile("[\x00-\x1f]")
 
 
 def _column(value: Any) -> str | None:
-    """A body field as its query column holds it: text PostgreSQL can store and `append_events` can read (no
-    control character, no lone surrogate: each is written U+FFFD)."""
+    """A body field as its query column holds it: text PostgreSQL can store and `append_events` can read (a
+    control character is written U+FFFD, a lone surrogate `?`)."""
     if value is None:
         return None
     text = value if isinstance(value, str) else json.dumps(value)
@@ -132,7 +129,6 @@ class SharedAuditStore:
         self._db = connection
         self.path = database.shown
         """What messages name the log by (the store's URL without its password)."""
-        self.head: tuple[int, str] | None = None
 
     @classmethod
     def open_writer(cls, database: Database) -> SharedAuditStore:
@@ -176,15 +172,10 @@ class SharedAuditStore:
         with self._using("write"):
             row = self._db.execute(APPEND, _group(events)).fetchone()
         assert row is not None
-        self.head = (int(row[0]), str(row[1]))
         return int(row[0])
 
     append_waiting = append
     """The database waits for the head's lock itself."""
-
-    def mask_key(self) -> bytes:
-        with self._using("write"):
-            return shared_key(self._db, MASK_KEY)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -340,7 +331,6 @@ class SharedRecorder:
         self._waiting: list[_Event] = []
         self._tickets: list[Ticket] = []
         self._wake = asyncio.Event()
-        self._closing = False
         self._writer: psycopg.AsyncConnection[Any] | None = None
         self._keeper: psycopg.AsyncConnection[Any] | None = None
         """The connection that holds this replica's lock, says it is alive, and settles gone replicas."""
@@ -348,6 +338,7 @@ class SharedRecorder:
         self._attempts = 0
         self._anchor = HeadAnchor(anchoring, lambda: self.head) if anchoring is not None and anchoring.enabled else None
         self._stopping = asyncio.Event()
+        """Set when the gateway stops: no new recording, the writer's last round, the loops end."""
         self._seen_at = -math.inf
         """When this replica last said it is alive (`replicas.seen`)."""
         self._committing = False
@@ -376,11 +367,10 @@ class SharedRecorder:
             try:
                 yield self
             finally:
-                self._closing = True
+                self._stopping.set()
                 self._wake.set()
                 if self._anchor is not None:
                     self._anchor.stop()
-                self._stopping.set()
         if self._anchor is not None:
             self._anchor.write()  # the head as the gateway leaves it
         await self._leave()
@@ -420,7 +410,7 @@ class SharedRecorder:
         at that moment); `AuditError` when they could not be (the caller decides what to record instead:
         gateway/audit/stages.py queues what the agent was told)."""
         del alone  # every event waits for its commit: there is no local journal to make it durable first
-        if self._closing:
+        if self._stopping.is_set():
             raise AuditError(f"{self.path}: the audit log is closed (the gateway is shutting down)")
         events = [_Event.of(body) for body in bodies]
         ticket = Ticket()
@@ -442,10 +432,7 @@ class SharedRecorder:
     def _add(self, events: list[_Event]) -> None:
         """Wait in line for the next commit (trimmed, with a log line, past what memory may hold)."""
         self._waiting.extend(events)
-        excess = len(self._waiting) - MAX_WAITING
-        if excess > 0:
-            del self._waiting[:excess]
-            logger.error("%s: %d audit events dropped: the database has been away too long", self.path, excess)
+        hold_within(self._waiting, self.path)
 
     def _retry_wait(self) -> float:
         return RETRY_AFTER[min(self._attempts, len(RETRY_AFTER)) - 1] if self._attempts else 0.0
@@ -458,7 +445,7 @@ class SharedRecorder:
     async def _write_loop(self) -> None:
         """Commit what waits, in groups, until the gateway stops (then once more, unless the database is away)."""
         while True:
-            if not self._closing:
+            if not self._stopping.is_set():
                 await self._wake.wait()
                 self._wake = asyncio.Event()
             while self._waiting or self._tickets:
@@ -466,13 +453,13 @@ class SharedRecorder:
                     break  # a caller is committing its own: it wakes this task if more waits when it is done
                 error = await self._flush()
                 if error is not None:
-                    if self._closing:
+                    if self._stopping.is_set():
                         break
                     if not self._tickets:  # nobody waits: try again in a while, or as soon as someone records
                         self._wake = asyncio.Event()
                         with anyio.move_on_after(self._retry_wait()):
                             await self._wake.wait()
-            if self._closing:
+            if self._stopping.is_set():
                 return
 
     async def _flush(self) -> str | None:
@@ -634,10 +621,10 @@ class SharedRecorder:
             )
 
     async def _keep_loop(self) -> None:
-        while not self._closing:
+        while not self._stopping.is_set():
             with anyio.move_on_after(HEARTBEAT):
                 await self._stopping.wait()
-            if not self._closing:
+            if not self._stopping.is_set():
                 await self._keep()
 
 
