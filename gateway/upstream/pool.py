@@ -200,26 +200,27 @@ class UpstreamPool:
             return
         backoff = INITIAL_BACKOFF
         while True:
-            was_up = False
+            was_up = reported = False
             try:
                 async with self._connect(upstream) as closed:
                     was_up = True
                     backoff = INITIAL_BACKOFF
                     await closed.wait()
-                    # Withdraw its tools now: shutting the transport down can take seconds.
+                    # Say so and withdraw its tools now: shutting the transport down can take seconds, and
+                    # a gateway stopping meanwhile would otherwise never record that the upstream went down.
+                    upstream.last_error = "closed the connection"
+                    reported = self._report_down(upstream, was_up)
                     await self._withdraw(upstream)
-                upstream.last_error = "closed the connection"
             except Exception as exc:  # supervision boundary: any failure of one upstream restarts it
-                upstream.last_error = describe_failure(exc)
+                if not reported:
+                    upstream.last_error = describe_failure(exc)
             finally:
                 upstream.settled.set()
                 with anyio.CancelScope(shield=True):
                     await self._withdraw(upstream)
+            if not reported:
+                self._report_down(upstream, was_up)
             delay = backoff * random.uniform(0.8, 1.2)
-            if self._listener is not None:
-                self._listener.upstream_changed(
-                    upstream.name, False, f"{'went down' if was_up else 'failed to start'}: {upstream.last_error}"
-                )
             logger.warning(
                 "upstream '%s' %s %s; retrying in %.1fs (log: %s)",
                 upstream.name,
@@ -230,6 +231,13 @@ class UpstreamPool:
             )
             await anyio.sleep(delay)
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _report_down(self, upstream: Upstream, was_up: bool) -> bool:
+        if self._listener is not None:
+            self._listener.upstream_changed(
+                upstream.name, False, f"{'went down' if was_up else 'failed to start'}: {upstream.last_error}"
+            )
+        return True
 
     def connection(self, upstream: str, principal: str) -> Connection:
         """The connection a call of `principal` to `upstream` runs on: its own, for an upstream served per

@@ -156,6 +156,16 @@ async def test_every_call_leaves_exactly_one_decision_and_one_outcome(config: Pa
     assert verified.stdout.startswith(f"ok: {len(all_events)} events, chain intact")
 
 
+async def test_an_upstream_that_hangs_up_is_recorded_down_though_the_gateway_stops_while_it_lingers(
+    config: Path,
+) -> None:
+    # The upstream closes its stdout but takes seconds to stop; the gateway is stopped meanwhile.
+    async with gateway_client(config) as client:
+        assert (await client.call_tool("box__crash", {"linger": True})).is_error
+    changes = [(event["upstream"], event["outcome"]) for event in events(config.parent) if event["kind"] == "upstream"]
+    assert changes == [("box", "up"), ("box", "down")]
+
+
 async def test_asked_call_refused_and_input_required_are_recorded(tmp_path: Path) -> None:
     box = fixture_upstream("toolbox.py")
     config = write_config(tmp_path, {"box": box}, policy=POLICY, approvals={"via": ["client"]})
