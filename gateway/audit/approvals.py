@@ -28,7 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.audit.store import event
+from gateway.audit.store import event, use_wal
 from gateway.errors import ApprovalsError
 
 _SCHEMA_VERSION = 1
@@ -390,7 +390,7 @@ class ApprovalQueue:
                     os.chmod(self.path, 0o600)
             _check_file(self.path)
             with closing(sqlite3.connect(self.path, timeout=5, isolation_level=None)) as db:
-                db.execute("PRAGMA journal_mode = WAL")
+                use_wal(db, 5)
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     if _unmade(db):

@@ -122,6 +122,22 @@ def event(kind: str, **fields: Any) -> dict[str, Any]:
     return body
 
 
+def use_wal(connection: sqlite3.Connection, within: float) -> str:
+    """Put the file in WAL mode (it stays so) and say which mode it is in. The switch, made by whichever
+    process opens a new file first, needs the file to itself, and SQLite answers "locked" at once instead
+    of waiting: another process opening the same new file is then waited for, up to `within` seconds."""
+    deadline = time.monotonic() + within
+    pause = 0.001
+    while True:
+        try:
+            return str(connection.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)  # blocking, as SQLite's own busy timeout is
+        pause = min(pause * 2, 0.05)
+
+
 class AuditStore:
     """One connection to the audit file: the writer's (`open_writer`) or a reader's (`open_reader`)."""
 
@@ -146,7 +162,7 @@ class AuditStore:
         store = cls(connection, path)
         try:
             connection.execute("PRAGMA busy_timeout = 10000")
-            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = use_wal(connection, 10)
             if mode != "wal" and not in_memory:
                 raise AuditError(f"{path}: cannot switch the audit log to WAL mode (it stays {mode})")
             connection.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")

@@ -135,3 +135,28 @@ def test_a_waiting_gateway_keeps_seeing_decisions_another_process_makes_after_it
         assert queue.version() != before
         assert queue.get(entry.id).status is Status.DENIED  # type: ignore[union-attr]
     queue.close()
+
+
+def test_a_new_queue_file_another_process_is_still_making_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process has just made the file and holds it; switching a file to WAL needs it alone, and
+    # SQLite answers "locked" at once rather than wait. The queue waits (its pause lets the other go).
+    path = tmp_path / "state" / "approvals.db"
+    path.parent.mkdir(mode=0o700)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if other.in_transaction:
+            other.execute("COMMIT")
+
+    monkeypatch.setattr("gateway.audit.store.time.sleep", pause)
+    entry = ApprovalQueue(path).ask(CALL, "binding", 60)
+    assert pauses and not other.in_transaction
+    assert ApprovalQueue(path).get(entry.id) == entry
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other.close()

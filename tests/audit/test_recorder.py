@@ -597,3 +597,26 @@ async def test_events_queued_while_the_log_cannot_be_written_wait_for_it_and_rec
         assert [e["call_id"] for e in store.events()] == ["queued", "after"]
     finally:
         store.close()
+
+
+def test_a_new_log_another_process_is_still_making_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two replicas starting at once on one new log: the one that has it holds it while the other would
+    # switch it to WAL, which SQLite refuses at once ("locked") rather than wait. The other waits.
+    path = tmp_path / "audit.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if other.in_transaction:
+            other.execute("COMMIT")
+
+    monkeypatch.setattr("gateway.audit.store.time.sleep", pause)
+    store = AuditStore.open_writer(path)
+    store.append([json.dumps(event("session_start", session_id="s1"))])
+    assert pauses and not other.in_transaction
+    assert [record["kind"] for record in AuditStore.open_reader(path).events()] == ["session_start"]
+    other.close()
