@@ -141,7 +141,12 @@ async def running_replicas(
             process, log = await stack.enter_async_context(gateway_process(config, "--http", f"127.0.0.1:{port}"))
             started.append(Replica(f"replica{number}", port, process, log))
         for replica in started:
-            await replica.log.wait_for(r"serving streamable HTTP at", seconds=READY_SECONDS)
+            try:
+                await replica.log.wait_for(r"serving streamable HTTP at", seconds=READY_SECONDS)
+            except TimeoutError:
+                raise AssertionError(
+                    f"{replica.name} did not start within {READY_SECONDS}s:\n{replica.log.text}"
+                ) from None
         certificate, tls = proxy_certificate(directory)
         cfg = directory / "haproxy.cfg"
         text = proxy_config(
