@@ -105,6 +105,26 @@ async def _until_healthy(url: str, tls: ssl.SSLContext | bool, seconds: float = 
                 await anyio.sleep(0.1)  # polling an external process, bounded by the deadline above
 
 
+async def serving_port(process: anyio.abc.Process, log: ServerLog) -> int:
+    """The port a gateway started with `--http 127.0.0.1:0` serves on, once it says so; a gateway that
+    exits first, or stays silent for `READY_SECONDS`, fails the test with its log."""
+    async with anyio.create_task_group() as tg:
+
+        async def exited() -> None:
+            await process.wait()
+            raise AssertionError(f"a replica exited ({process.returncode}) before serving:\n{log.text}")
+
+        tg.start_soon(exited)
+        try:
+            found = await log.wait_for(
+                r"serving streamable HTTP at http://127\.0\.0\.1:(\d+)/mcp", seconds=READY_SECONDS
+            )
+        except TimeoutError:
+            raise AssertionError(f"a replica did not start within {READY_SECONDS}s:\n{log.text}") from None
+        tg.cancel_scope.cancel()
+    return int(found.group(1))
+
+
 @asynccontextmanager
 async def running_replicas(
     directory: Path,
@@ -135,18 +155,14 @@ async def running_replicas(
         gateway["store"] = store_url
     config = write_config(directory, upstreams, policy=policy, http=settings, **gateway)
     async with AsyncExitStack() as stack:
-        started = []
-        for number in range(1, count + 1):
-            port = free_port()
-            process, log = await stack.enter_async_context(gateway_process(config, "--http", f"127.0.0.1:{port}"))
-            started.append(Replica(f"replica{number}", port, process, log))
-        for replica in started:
-            try:
-                await replica.log.wait_for(r"serving streamable HTTP at", seconds=READY_SECONDS)
-            except TimeoutError:
-                raise AssertionError(
-                    f"{replica.name} did not start within {READY_SECONDS}s:\n{replica.log.text}"
-                ) from None
+        processes = [
+            await stack.enter_async_context(gateway_process(config, "--http", "127.0.0.1:0")) for _ in range(count)
+        ]
+        # Each picks its own port (0): one chosen here ahead could be taken by another process meanwhile.
+        started = [
+            Replica(f"replica{number}", await serving_port(process, log), process, log)
+            for number, (process, log) in enumerate(processes, start=1)
+        ]
         certificate, tls = proxy_certificate(directory)
         cfg = directory / "haproxy.cfg"
         text = proxy_config(
