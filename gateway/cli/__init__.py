@@ -109,8 +109,21 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except GatewayError as exc:
         print(f"mcp-armor: error: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:  # raised inside a task group (`serve`: a port already taken, say)
+        found, rest = group.split(GatewayError)
+        if found is None or rest is not None:
+            raise
+        for error in _leaves(found):
+            print(f"mcp-armor: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [
+        leaf for exc in group.exceptions for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]
 
 
 def _setup(args: argparse.Namespace) -> int:

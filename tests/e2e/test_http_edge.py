@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,19 @@ def test_tls_files_that_cannot_serve_stop_the_gateway_with_one_line_naming_the_k
     assert case == "certificate without key" or any(
         name in lines[0] for name in (named["tls_certificate"], named["tls_key"])
     )
+
+
+def test_a_port_already_taken_stops_the_gateway_with_one_line_naming_it(tmp_path: Path) -> None:
+    config, _ = _recording_config(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--config", str(config), "--http", f"127.0.0.1:{port}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert lines == [f"mcp-armor: error: cannot listen on 127.0.0.1:{port}: Address already in use"], result.stderr
 
 
 async def test_a_key_file_others_can_read_is_warned_about(tmp_path: Path) -> None:
