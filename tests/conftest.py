@@ -7,10 +7,11 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +353,25 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=120,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "XDG_STATE_HOME": os.environ["XDG_STATE_HOME"]},
     )
+
+
+@contextmanager
+def held_while_new(path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+    """Another connection holds the new SQLite file `path` (as a process still making it would), so that
+    switching it to WAL is refused at once ("locked"); the first pause `gateway.audit.store.use_wal` takes
+    lets it go. Yields the pauses taken; on exit, the holder has let go."""
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if other.in_transaction:
+            other.execute("COMMIT")
+
+    monkeypatch.setattr("gateway.audit.store.time.sleep", pause)
+    try:
+        yield pauses
+        assert not other.in_transaction
+    finally:
+        other.close()

@@ -16,6 +16,7 @@ import pytest
 
 from gateway.audit.approvals import ApprovalQueue, AskedCall, Status
 from gateway.errors import ApprovalsError
+from tests.conftest import held_while_new
 
 CALL = AskedCall("c1", "s1", "agent 1", "", "box__write_note", "box", "write_note", {"path": "a"}, ("r",), "why", "v1")
 
@@ -145,18 +146,8 @@ def test_a_new_queue_file_another_process_is_still_making_is_waited_for(
     path = tmp_path / "state" / "approvals.db"
     path.parent.mkdir(mode=0o700)
     os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    other.execute("BEGIN IMMEDIATE")
-    pauses: list[float] = []
-
-    def pause(seconds: float) -> None:
-        pauses.append(seconds)
-        if other.in_transaction:
-            other.execute("COMMIT")
-
-    monkeypatch.setattr("gateway.audit.store.time.sleep", pause)
-    entry = ApprovalQueue(path).ask(CALL, "binding", 60)
-    assert pauses and not other.in_transaction
+    with held_while_new(path, monkeypatch) as pauses:
+        entry = ApprovalQueue(path).ask(CALL, "binding", 60)
+    assert pauses
     assert ApprovalQueue(path).get(entry.id) == entry
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    other.close()

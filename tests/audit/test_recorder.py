@@ -25,7 +25,7 @@ from gateway.audit.store import SCHEMA_VERSION, AuditStore, event
 from gateway.errors import AuditError
 from gateway.policy.redact import PATTERNS, SHORTEST, Redactor, looks_random, names_secret
 from gateway.schema import compile_schema, describe_violation
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, held_while_new, write_config
 
 
 def make_log(path: Path, count: int = 8) -> None:
@@ -605,18 +605,8 @@ def test_a_new_log_another_process_is_still_making_is_waited_for(
     # Two replicas starting at once on one new log: the one that has it holds it while the other would
     # switch it to WAL, which SQLite refuses at once ("locked") rather than wait. The other waits.
     path = tmp_path / "audit.db"
-    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    other.execute("BEGIN IMMEDIATE")
-    pauses: list[float] = []
-
-    def pause(seconds: float) -> None:
-        pauses.append(seconds)
-        if other.in_transaction:
-            other.execute("COMMIT")
-
-    monkeypatch.setattr("gateway.audit.store.time.sleep", pause)
-    store = AuditStore.open_writer(path)
+    with held_while_new(path, monkeypatch) as pauses:
+        store = AuditStore.open_writer(path)
     store.append([json.dumps(event("session_start", session_id="s1"))])
-    assert pauses and not other.in_transaction
+    assert pauses
     assert [record["kind"] for record in AuditStore.open_reader(path).events()] == ["session_start"]
-    other.close()
