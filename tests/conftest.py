@@ -200,11 +200,28 @@ async def gateway_process(config: Path, *extra: str) -> AsyncIterator[tuple[anyi
 @asynccontextmanager
 async def http_gateway(config: Path, log: list[ServerLog] | None = None) -> AsyncIterator[str]:
     """Run `mcp-armor serve --http 127.0.0.1:0` and yield its /mcp URL once it is listening."""
-    async with gateway_process(config, "--http", "127.0.0.1:0") as (_, server_log):
+    async with gateway_process(config, "--http", "127.0.0.1:0") as (process, server_log):
         if log is not None:
             log.append(server_log)
-        match = await server_log.wait_for(r"serving streamable HTTP at (https?://\S+/mcp)", seconds=30)
-        yield match[1]
+        yield await serving_url(process, server_log)
+
+
+async def serving_url(process: anyio.abc.Process, log: ServerLog, seconds: float = 30) -> str:
+    """The /mcp URL a gateway started with `--http` serves at, once it says so. One that exits first fails
+    the test at once, and one silent for `seconds` fails it too, each with its log."""
+    async with anyio.create_task_group() as tg:
+
+        async def exited() -> None:
+            await process.wait()
+            raise AssertionError(f"the gateway exited ({process.returncode}) before serving:\n{log.text}")
+
+        tg.start_soon(exited)
+        try:
+            match = await log.wait_for(r"serving streamable HTTP at (https?://\S+/mcp)", seconds=seconds)
+        except TimeoutError:
+            raise AssertionError(f"the gateway did not start within {seconds:g}s:\n{log.text}") from None
+        tg.cancel_scope.cancel()
+    return match[1]
 
 
 @asynccontextmanager

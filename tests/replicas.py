@@ -19,13 +19,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
 import httpx2
 import pytest
 
-from tests.conftest import REPO, ServerLog, free_port, gateway_process, write_config
+from tests.conftest import REPO, ServerLog, free_port, gateway_process, serving_url, write_config
 
 SHIPPED = REPO / "docs" / "deploy" / "haproxy.cfg"
 BIND = re.compile(r"^(\s*bind )\S+( ssl crt )\S+(.*)$", re.MULTILINE)
@@ -105,24 +106,10 @@ async def _until_healthy(url: str, tls: ssl.SSLContext | bool, seconds: float = 
                 await anyio.sleep(0.1)  # polling an external process, bounded by the deadline above
 
 
-async def serving_port(process: anyio.abc.Process, log: ServerLog) -> int:
-    """The port a gateway started with `--http 127.0.0.1:0` serves on, once it says so; a gateway that
-    exits first, or stays silent for `READY_SECONDS`, fails the test with its log."""
-    async with anyio.create_task_group() as tg:
-
-        async def exited() -> None:
-            await process.wait()
-            raise AssertionError(f"a replica exited ({process.returncode}) before serving:\n{log.text}")
-
-        tg.start_soon(exited)
-        try:
-            found = await log.wait_for(
-                r"serving streamable HTTP at http://127\.0\.0\.1:(\d+)/mcp", seconds=READY_SECONDS
-            )
-        except TimeoutError:
-            raise AssertionError(f"a replica did not start within {READY_SECONDS}s:\n{log.text}") from None
-        tg.cancel_scope.cancel()
-    return int(found.group(1))
+def _port(url: str) -> int:
+    port = urlsplit(url).port
+    assert port is not None, url
+    return port
 
 
 @asynccontextmanager
@@ -160,7 +147,7 @@ async def running_replicas(
         ]
         # Each picks its own port (0): one chosen here ahead could be taken by another process meanwhile.
         started = [
-            Replica(f"replica{number}", await serving_port(process, log), process, log)
+            Replica(f"replica{number}", _port(await serving_url(process, log, READY_SECONDS)), process, log)
             for number, (process, log) in enumerate(processes, start=1)
         ]
         certificate, tls = proxy_certificate(directory)

@@ -209,7 +209,8 @@ class UpstreamPool:
                     # Say so and withdraw its tools now: shutting the transport down can take seconds, and
                     # a gateway stopping meanwhile would otherwise never record that the upstream went down.
                     upstream.last_error = "closed the connection"
-                    reported = self._report_down(upstream, was_up)
+                    self._report_down(upstream, was_up)
+                    reported = True
                     await self._withdraw(upstream)
             except Exception as exc:  # supervision boundary: any failure of one upstream restarts it
                 if not reported:
@@ -232,12 +233,11 @@ class UpstreamPool:
             await anyio.sleep(delay)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
-    def _report_down(self, upstream: Upstream, was_up: bool) -> bool:
+    def _report_down(self, upstream: Upstream, was_up: bool) -> None:
         if self._listener is not None:
             self._listener.upstream_changed(
                 upstream.name, False, f"{'went down' if was_up else 'failed to start'}: {upstream.last_error}"
             )
-        return True
 
     def connection(self, upstream: str, principal: str) -> Connection:
         """The connection a call of `principal` to `upstream` runs on: its own, for an upstream served per
